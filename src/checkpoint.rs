@@ -1,0 +1,280 @@
+//! The LSN checkpoint: which position may be confirmed to the server.
+//!
+//! Deliveries complete out of order across partitions, so the confirmable
+//! position is the end LSN of the newest transaction that — together with
+//! every transaction before it — has no unacknowledged event: a contiguous
+//! prefix. Confirming past an earlier unacknowledged event would lose it on a
+//! crash, because the server never resends anything at or before the
+//! confirmed position.
+//!
+//! Pure bookkeeping, no I/O: the pipeline feeds it Begin/event/Commit/ack
+//! calls and reads [`Checkpoint::confirmed`].
+
+use std::collections::VecDeque;
+
+use crate::lsn::Lsn;
+
+/// Identifies a transaction for the lifetime of its events in flight. Carried
+/// through the producer as each record's delivery opaque.
+pub type TxnSeq = u64;
+
+#[derive(Debug)]
+struct Txn {
+    /// Commit LSN from Begin, for error messages.
+    final_lsn: Lsn,
+    /// Set once Commit arrived.
+    end_lsn: Option<Lsn>,
+    outstanding: u64,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CheckpointError {
+    #[error("Begin for a new transaction while transaction {0} is still open")]
+    NestedBegin(TxnSeq),
+    #[error("event or Commit outside a transaction")]
+    NoOpenTransaction,
+    #[error("acknowledgement for unknown transaction {0}")]
+    UnknownTransaction(TxnSeq),
+    #[error("more acknowledgements than events for transaction {0}")]
+    ExtraAck(TxnSeq),
+}
+
+/// Tracks transactions from Begin until all their events are acknowledged.
+#[derive(Debug)]
+pub struct Checkpoint {
+    /// Transactions not yet confirmable, oldest first; `txns[i]` has
+    /// sequence number `base + i`.
+    txns: VecDeque<Txn>,
+    base: TxnSeq,
+    open: Option<TxnSeq>,
+    confirmed: Lsn,
+    inflight: u64,
+}
+
+impl Checkpoint {
+    /// Starts from the position the slot was confirmed at.
+    pub fn new(confirmed: Lsn) -> Self {
+        Checkpoint {
+            txns: VecDeque::new(),
+            base: 0,
+            open: None,
+            confirmed,
+            inflight: 0,
+        }
+    }
+
+    /// The newest position whose every event is acknowledged.
+    pub fn confirmed(&self) -> Lsn {
+        self.confirmed
+    }
+
+    /// Events handed to the producer and not yet acknowledged.
+    pub fn inflight(&self) -> u64 {
+        self.inflight
+    }
+
+    /// True while a transaction's Begin arrived without its Commit.
+    pub fn in_transaction(&self) -> bool {
+        self.open.is_some()
+    }
+
+    pub fn begin(&mut self, final_lsn: Lsn) -> Result<TxnSeq, CheckpointError> {
+        if let Some(open) = self.open {
+            return Err(CheckpointError::NestedBegin(open));
+        }
+        let seq = self.base + self.txns.len() as u64;
+        self.txns.push_back(Txn {
+            final_lsn,
+            end_lsn: None,
+            outstanding: 0,
+        });
+        self.open = Some(seq);
+        Ok(seq)
+    }
+
+    /// Registers one event of the open transaction as handed to the producer.
+    pub fn event(&mut self) -> Result<TxnSeq, CheckpointError> {
+        let seq = self.open.ok_or(CheckpointError::NoOpenTransaction)?;
+        let idx = (seq - self.base) as usize;
+        self.txns[idx].outstanding += 1;
+        self.inflight += 1;
+        Ok(seq)
+    }
+
+    /// Undoes [`Checkpoint::event`] for a record the producer refused to
+    /// enqueue (it will be enqueued again).
+    pub fn unevent(&mut self, seq: TxnSeq) {
+        if let Some(t) = seq
+            .checked_sub(self.base)
+            .and_then(|i| self.txns.get_mut(i as usize))
+        {
+            t.outstanding = t.outstanding.saturating_sub(1);
+            self.inflight = self.inflight.saturating_sub(1);
+        }
+    }
+
+    pub fn commit(&mut self, end_lsn: Lsn) -> Result<(), CheckpointError> {
+        let seq = self.open.take().ok_or(CheckpointError::NoOpenTransaction)?;
+        let idx = (seq - self.base) as usize;
+        self.txns[idx].end_lsn = Some(end_lsn);
+        self.advance();
+        Ok(())
+    }
+
+    /// Records the broker's acknowledgement of one event of `seq`.
+    pub fn ack(&mut self, seq: TxnSeq) -> Result<(), CheckpointError> {
+        let idx = seq
+            .checked_sub(self.base)
+            .filter(|i| (*i as usize) < self.txns.len())
+            .ok_or(CheckpointError::UnknownTransaction(seq))? as usize;
+        let txn = &mut self.txns[idx];
+        if txn.outstanding == 0 {
+            return Err(CheckpointError::ExtraAck(seq));
+        }
+        txn.outstanding -= 1;
+        self.inflight -= 1;
+        if idx == 0 {
+            self.advance();
+        }
+        Ok(())
+    }
+
+    /// The commit LSN of a tracked transaction, for diagnostics.
+    pub fn commit_lsn_of(&self, seq: TxnSeq) -> Option<Lsn> {
+        seq.checked_sub(self.base)
+            .and_then(|i| self.txns.get(i as usize))
+            .map(|t| t.final_lsn)
+    }
+
+    /// A keepalive reported `wal_end` as sent. With nothing in flight and no
+    /// open transaction, everything before it was delivered or was not ours,
+    /// so it may be confirmed: this keeps an idle outbox from retaining WAL.
+    pub fn idle(&mut self, wal_end: Lsn) {
+        if self.txns.is_empty() && self.open.is_none() && wal_end > self.confirmed {
+            self.confirmed = wal_end;
+        }
+    }
+
+    fn advance(&mut self) {
+        while let Some(front) = self.txns.front() {
+            match front.end_lsn {
+                Some(end) if front.outstanding == 0 => {
+                    if end > self.confirmed {
+                        self.confirmed = end;
+                    }
+                    self.txns.pop_front();
+                    self.base += 1;
+                }
+                _ => break,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn confirms_only_a_contiguous_prefix() {
+        let mut c = Checkpoint::new(Lsn(10));
+        let t1 = c.begin(Lsn(100)).unwrap();
+        assert_eq!(c.event().unwrap(), t1);
+        c.commit(Lsn(110)).unwrap();
+        let t2 = c.begin(Lsn(200)).unwrap();
+        c.event().unwrap();
+        c.event().unwrap();
+        c.commit(Lsn(210)).unwrap();
+        // The later transaction is fully acknowledged first: nothing moves.
+        c.ack(t2).unwrap();
+        c.ack(t2).unwrap();
+        assert_eq!(c.confirmed(), Lsn(10));
+        c.idle(Lsn(500));
+        assert_eq!(c.confirmed(), Lsn(10), "idle must not skip in-flight events");
+        c.ack(t1).unwrap();
+        assert_eq!(c.confirmed(), Lsn(210));
+        assert_eq!(c.inflight(), 0);
+        c.idle(Lsn(500));
+        assert_eq!(c.confirmed(), Lsn(500));
+    }
+
+    #[test]
+    fn open_transaction_blocks_confirmation() {
+        let mut c = Checkpoint::new(Lsn(0));
+        let t = c.begin(Lsn(100)).unwrap();
+        c.event().unwrap();
+        c.ack(t).unwrap();
+        assert_eq!(c.confirmed(), Lsn(0), "acked but not committed");
+        c.idle(Lsn(90));
+        assert_eq!(c.confirmed(), Lsn(0));
+        c.commit(Lsn(120)).unwrap();
+        assert_eq!(c.confirmed(), Lsn(120));
+    }
+
+    #[test]
+    fn empty_transactions_confirm_at_commit() {
+        let mut c = Checkpoint::new(Lsn(0));
+        c.begin(Lsn(5)).unwrap();
+        c.commit(Lsn(8)).unwrap();
+        assert_eq!(c.confirmed(), Lsn(8));
+    }
+
+    #[test]
+    fn misuse_is_an_error() {
+        let mut c = Checkpoint::new(Lsn(0));
+        assert_eq!(c.event(), Err(CheckpointError::NoOpenTransaction));
+        assert_eq!(c.commit(Lsn(1)), Err(CheckpointError::NoOpenTransaction));
+        assert_eq!(c.ack(7), Err(CheckpointError::UnknownTransaction(7)));
+        let t = c.begin(Lsn(1)).unwrap();
+        assert_eq!(c.begin(Lsn(2)), Err(CheckpointError::NestedBegin(t)));
+        assert_eq!(c.ack(t), Err(CheckpointError::ExtraAck(t)));
+    }
+
+    /// Random interleavings against a model: the confirmed position never
+    /// passes a transaction with an unacknowledged event.
+    #[test]
+    fn never_confirms_past_an_unacknowledged_event() {
+        let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut rand = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for _ in 0..200 {
+            let mut c = Checkpoint::new(Lsn(0));
+            // (seq, end_lsn) of every event not yet acknowledged.
+            let mut pending: Vec<(TxnSeq, u64)> = Vec::new();
+            let mut lsn = 0u64;
+            for _ in 0..50 {
+                lsn += 10;
+                let t = c.begin(Lsn(lsn)).unwrap();
+                let n = rand(4);
+                for _ in 0..n {
+                    c.event().unwrap();
+                }
+                lsn += 5;
+                c.commit(Lsn(lsn)).unwrap();
+                for _ in 0..n {
+                    pending.push((t, lsn));
+                }
+                // Acknowledge a random subset, in random order.
+                for _ in 0..rand(4) {
+                    if pending.is_empty() {
+                        break;
+                    }
+                    let i = rand(pending.len() as u64) as usize;
+                    let (seq, _) = pending.swap_remove(i);
+                    c.ack(seq).unwrap();
+                }
+                if let Some(oldest) = pending.iter().map(|p| p.1).min() {
+                    assert!(c.confirmed().0 < oldest, "confirmed past a pending event");
+                }
+            }
+            while let Some((seq, _)) = pending.pop() {
+                c.ack(seq).unwrap();
+            }
+            assert_eq!(c.confirmed(), Lsn(lsn));
+        }
+    }
+}

@@ -1,0 +1,380 @@
+//! Configuration: command-line flags, `OUTBOX_RELAY_*` environment variables
+//! and an optional TOML file, resolved into one validated [`RelayConfig`].
+//!
+//! Precedence, highest first: flag, environment variable, TOML file, preset,
+//! built-in default. Every option has all three spellings: `--key-column`,
+//! `OUTBOX_RELAY_KEY_COLUMN`, `key_column`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::router::{HeaderColumn, RouterConfig, TableName, TopicTemplate};
+
+/// The two table shapes users have today.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Preset {
+    /// The classic polling table: id BIGSERIAL, event_id, event_type,
+    /// aggregate_id, payload JSONB, occurred_at, processed_at, created_at.
+    Classic,
+    /// Debezium's Outbox Event Router table: id, aggregatetype, aggregateid,
+    /// type, payload.
+    Debezium,
+}
+
+struct PresetDefaults {
+    table: &'static str,
+    id: &'static str,
+    key: &'static str,
+    payload: &'static str,
+    topic: &'static str,
+    headers: &'static [&'static str],
+}
+
+impl Preset {
+    fn defaults(self) -> PresetDefaults {
+        match self {
+            Preset::Classic => PresetDefaults {
+                table: "public.outbox",
+                id: "event_id",
+                key: "aggregate_id",
+                payload: "payload",
+                topic: "events.{event_type}",
+                headers: &["event_type"],
+            },
+            Preset::Debezium => PresetDefaults {
+                table: "public.outboxevent",
+                id: "id",
+                key: "aggregateid",
+                payload: "payload",
+                topic: "outbox.event.{aggregatetype}",
+                headers: &[],
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Every option, each optional so that the layers can be merged. Field names
+/// are the TOML keys.
+#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Options {
+    /// PostgreSQL connection, as a libpq URL (postgres://user:pass@host:5432/db)
+    /// or keyword string (host=… user=… dbname=…).
+    #[arg(long, env = "OUTBOX_RELAY_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Kafka bootstrap servers, comma-separated host:port.
+    #[arg(long, env = "OUTBOX_RELAY_KAFKA_BROKERS")]
+    pub kafka_brokers: Option<String>,
+
+    /// Table shape whose defaults to use for every column and the topic.
+    #[arg(long, env = "OUTBOX_RELAY_PRESET", value_enum)]
+    pub preset: Option<Preset>,
+
+    /// Outbox table, `table` or `schema.table` [default: from the preset].
+    #[arg(long, env = "OUTBOX_RELAY_TABLE")]
+    pub table: Option<String>,
+
+    /// Publication over the outbox table [default: outbox_pub].
+    #[arg(long, env = "OUTBOX_RELAY_PUBLICATION")]
+    pub publication: Option<String>,
+
+    /// Logical replication slot (pgoutput) [default: outbox_relay].
+    #[arg(long, env = "OUTBOX_RELAY_SLOT")]
+    pub slot: Option<String>,
+
+    /// Topic, or a template over columns such as `outbox.event.{aggregatetype}`.
+    #[arg(long, env = "OUTBOX_RELAY_TOPIC")]
+    pub topic: Option<String>,
+
+    /// Column whose value is the record key (the aggregate id).
+    #[arg(long, env = "OUTBOX_RELAY_KEY_COLUMN")]
+    pub key_column: Option<String>,
+
+    /// Column holding the event id; sent as the `id` header.
+    #[arg(long, env = "OUTBOX_RELAY_ID_COLUMN")]
+    pub id_column: Option<String>,
+
+    /// Column whose value (as stored) is the record value.
+    #[arg(long, env = "OUTBOX_RELAY_PAYLOAD_COLUMN")]
+    pub payload_column: Option<String>,
+
+    /// Columns sent as headers, comma-separated `column` or `column:header-name`.
+    #[arg(long, env = "OUTBOX_RELAY_HEADER_COLUMNS", value_delimiter = ',')]
+    pub header_columns: Option<Vec<String>>,
+
+    /// librdkafka producer property KEY=VALUE, passed as is (repeatable; `;`
+    /// separates several in one value).
+    #[arg(long, env = "OUTBOX_RELAY_KAFKA_PROPERTY", value_delimiter = ';')]
+    pub kafka_property: Option<Vec<String>>,
+
+    /// Most events handed to the producer and not yet acknowledged; reading
+    /// the WAL pauses at this limit [default: 20000].
+    #[arg(long, env = "OUTBOX_RELAY_MAX_INFLIGHT")]
+    pub max_inflight: Option<u64>,
+
+    /// Seconds between standby status updates; capped at half the server's
+    /// wal_sender_timeout [default: 10].
+    #[arg(long, env = "OUTBOX_RELAY_STATUS_INTERVAL")]
+    pub status_interval: Option<f64>,
+
+    /// Seconds a graceful shutdown waits for in-flight deliveries [default: 30].
+    #[arg(long, env = "OUTBOX_RELAY_SHUTDOWN_TIMEOUT")]
+    pub shutdown_timeout: Option<f64>,
+
+    /// Log format [default: text].
+    #[arg(long, env = "OUTBOX_RELAY_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+macro_rules! merge_fields {
+    ($hi:ident, $lo:ident, $($f:ident),*) => {
+        Options { $($f: $hi.$f.or($lo.$f)),* }
+    };
+}
+
+impl Options {
+    /// Fills every option not set here from `lower`.
+    pub fn or(self, lower: Options) -> Options {
+        let hi = self;
+        let lo = lower;
+        merge_fields!(
+            hi, lo, database_url, kafka_brokers, preset, table, publication, slot, topic,
+            key_column, id_column, payload_column, header_columns, kafka_property,
+            max_inflight, status_interval, shutdown_timeout, log_format
+        )
+    }
+
+    /// Reads a TOML file of options.
+    pub fn from_file(path: &Path) -> Result<Options, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::File {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{option} is required: pass --{flag} or set OUTBOX_RELAY_{env} (or `{key}` in the --config file)", flag = option.replace('_', "-"), env = option.to_uppercase(), key = option)]
+    Missing { option: &'static str },
+    #[error("invalid {option} {value:?}: {reason}")]
+    Invalid {
+        option: &'static str,
+        value: String,
+        reason: String,
+    },
+    #[error("config file {path}: {reason}")]
+    File { path: PathBuf, reason: String },
+}
+
+/// The validated configuration of one relay.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    pub database: tokio_postgres::Config,
+    pub kafka_brokers: String,
+    pub publication: String,
+    pub slot: String,
+    pub router: RouterConfig,
+    pub kafka_properties: Vec<(String, String)>,
+    pub max_inflight: u64,
+    pub status_interval: Duration,
+    pub shutdown_timeout: Duration,
+    pub log_format: LogFormat,
+}
+
+fn seconds(option: &'static str, v: f64) -> Result<Duration, ConfigError> {
+    Duration::try_from_secs_f64(v)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| ConfigError::Invalid {
+            option,
+            value: v.to_string(),
+            reason: "expected a positive number of seconds".into(),
+        })
+}
+
+fn sql_name(option: &'static str, v: String) -> Result<String, ConfigError> {
+    if v.is_empty() || v.len() > 63 || v.contains('\0') {
+        return Err(ConfigError::Invalid {
+            option,
+            value: v,
+            reason: "expected a name of 1 to 63 bytes".into(),
+        });
+    }
+    Ok(v)
+}
+
+impl RelayConfig {
+    /// Resolves merged options into a configuration, or says what is wrong.
+    pub fn resolve(o: Options) -> Result<RelayConfig, ConfigError> {
+        let url = o.database_url.ok_or(ConfigError::Missing { option: "database_url" })?;
+        let database: tokio_postgres::Config = url.parse().map_err(|e| ConfigError::Invalid {
+            option: "database_url",
+            // Never echo the URL: it may hold a password.
+            value: "<redacted>".into(),
+            reason: format!("{e}; expected postgres://user[:password]@host[:port]/dbname or host=… user=… dbname=…"),
+        })?;
+        if database.get_user().is_none() {
+            return Err(ConfigError::Invalid {
+                option: "database_url",
+                value: "<redacted>".into(),
+                reason: "it names no user".into(),
+            });
+        }
+        let kafka_brokers = o.kafka_brokers.ok_or(ConfigError::Missing { option: "kafka_brokers" })?;
+        if kafka_brokers.trim().is_empty() {
+            return Err(ConfigError::Missing { option: "kafka_brokers" });
+        }
+        let preset = o.preset.unwrap_or(Preset::Classic).defaults();
+        let table_text = o.table.unwrap_or_else(|| preset.table.to_string());
+        let table = TableName::parse(&table_text).map_err(|reason| ConfigError::Invalid {
+            option: "table",
+            value: table_text.clone(),
+            reason,
+        })?;
+        let topic_text = o.topic.unwrap_or_else(|| preset.topic.to_string());
+        let topic = TopicTemplate::parse(&topic_text).map_err(|reason| ConfigError::Invalid {
+            option: "topic",
+            value: topic_text.clone(),
+            reason,
+        })?;
+        let headers = match o.header_columns {
+            Some(list) => list
+                .iter()
+                .filter(|s| !s.trim().is_empty())
+                .map(|s| {
+                    HeaderColumn::parse(s).map_err(|reason| ConfigError::Invalid {
+                        option: "header_columns",
+                        value: s.clone(),
+                        reason,
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+            None => preset
+                .headers
+                .iter()
+                .map(|h| HeaderColumn { column: h.to_string(), header: h.to_string() })
+                .collect(),
+        };
+        let column = |option: &'static str, v: Option<String>, default: &str| {
+            let v = v.unwrap_or_else(|| default.to_string());
+            sql_name(option, v)
+        };
+        let router = RouterConfig {
+            table,
+            id_column: column("id_column", o.id_column, preset.id)?,
+            key_column: column("key_column", o.key_column, preset.key)?,
+            payload_column: column("payload_column", o.payload_column, preset.payload)?,
+            topic,
+            headers,
+        };
+        let kafka_properties = o
+            .kafka_property
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|s| !s.trim().is_empty())
+            .map(|kv| match kv.split_once('=') {
+                Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+                _ => Err(ConfigError::Invalid {
+                    option: "kafka_property",
+                    value: kv.clone(),
+                    reason: "expected KEY=VALUE, e.g. compression.type=lz4".into(),
+                }),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let max_inflight = o.max_inflight.unwrap_or(20_000);
+        if max_inflight == 0 {
+            return Err(ConfigError::Invalid {
+                option: "max_inflight",
+                value: "0".into(),
+                reason: "must be at least 1".into(),
+            });
+        }
+        Ok(RelayConfig {
+            database,
+            kafka_brokers,
+            publication: sql_name("publication", o.publication.unwrap_or_else(|| "outbox_pub".into()))?,
+            slot: sql_name("slot", o.slot.unwrap_or_else(|| "outbox_relay".into()))?,
+            router,
+            kafka_properties,
+            max_inflight,
+            status_interval: seconds("status_interval", o.status_interval.unwrap_or(10.0))?,
+            shutdown_timeout: seconds("shutdown_timeout", o.shutdown_timeout.unwrap_or(30.0))?,
+            log_format: o.log_format.unwrap_or_default(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> Options {
+        Options {
+            database_url: Some("postgres://u:secret@localhost/db".into()),
+            kafka_brokers: Some("localhost:9092".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn presets_fill_the_columns() {
+        let c = RelayConfig::resolve(Options { preset: Some(Preset::Debezium), ..base() }).unwrap();
+        assert_eq!(c.router.table.to_string(), "public.outboxevent");
+        assert_eq!(c.router.key_column, "aggregateid");
+        assert_eq!(c.router.topic.to_string(), "outbox.event.{aggregatetype}");
+        let c = RelayConfig::resolve(base()).unwrap();
+        assert_eq!(c.router.id_column, "event_id");
+        assert_eq!(c.router.topic.to_string(), "events.{event_type}");
+    }
+
+    #[test]
+    fn higher_layers_win() {
+        let file: Options = toml::from_str(
+            "key_column = \"from_file\"\ntopic = \"file-topic\"\nkafka_property = [\"linger.ms=1\"]\n",
+        )
+        .unwrap();
+        let cli = Options { key_column: Some("from_cli".into()), ..base() };
+        let c = RelayConfig::resolve(cli.or(file)).unwrap();
+        assert_eq!(c.router.key_column, "from_cli");
+        assert_eq!(c.router.topic.fixed(), Some("file-topic"));
+        assert_eq!(c.kafka_properties, vec![("linger.ms".to_string(), "1".to_string())]);
+    }
+
+    #[test]
+    fn errors_name_the_option_and_hide_passwords() {
+        let e = RelayConfig::resolve(Options { kafka_brokers: None, ..base() }).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "kafka_brokers is required: pass --kafka-brokers or set OUTBOX_RELAY_KAFKA_BROKERS (or `kafka_brokers` in the --config file)"
+        );
+        let e = RelayConfig::resolve(Options {
+            database_url: Some("postgres://u:secret@host:notaport/db".into()),
+            ..base()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("database_url") && !e.contains("secret"), "{e}");
+        let e = RelayConfig::resolve(Options { kafka_property: Some(vec!["nokey".into()]), ..base() })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("KEY=VALUE"), "{e}");
+        assert!(toml::from_str::<Options>("no_such_option = 1").is_err());
+    }
+}

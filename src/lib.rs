@@ -1,0 +1,19 @@
+//! outbox-relay: the transactional outbox, published by change data capture.
+//!
+//! The pipeline, one module per stage:
+//!
+//! ```text
+//! replication (source) -> pgoutput (decoder) -> router -> sink (Kafka) -> checkpoint (LSN)
+//! ```
+//!
+//! `pipeline` drives the stages; `config` and `setup` sit beside them.
+
+pub mod checkpoint;
+pub mod config;
+pub mod lsn;
+pub mod pgoutput;
+pub mod pipeline;
+pub mod replication;
+pub mod router;
+pub mod setup;
+pub mod sink;

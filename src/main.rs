@@ -1,0 +1,97 @@
+//! The `outbox-relay` binary: CLI parsing, logging, signals. Errors become
+//! one clear line and a non-zero exit code here, at the edge.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use outbox_relay::config::{LogFormat, Options, RelayConfig};
+use outbox_relay::{pipeline, setup};
+
+#[derive(Parser)]
+#[command(name = "outbox-relay", version, about = "Publishes outbox-table INSERTs from PostgreSQL logical replication to Kafka, in commit order, confirming the slot only after the broker acknowledged.")]
+struct Cli {
+    /// TOML file with options (keys are the long flag names with `_`).
+    #[arg(long, global = true, env = "OUTBOX_RELAY_CONFIG")]
+    config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the publication and the replication slot if missing (idempotent).
+    Setup(Options),
+    /// Stream outbox events to Kafka until SIGTERM/SIGINT.
+    Run(Options),
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("OUTBOX_RELAY_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Resolves on the first SIGTERM or SIGINT; a second one exits at once.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without signal handlers the relay still runs; it just cannot stop gracefully.
+        return std::future::pending().await;
+    };
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+    tokio::spawn(async move {
+        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+        tracing::warn!("second signal: exiting without waiting for deliveries");
+        std::process::exit(130);
+    });
+}
+
+fn load(config: Option<PathBuf>, opts: Options) -> anyhow::Result<RelayConfig> {
+    let merged = match config {
+        Some(path) => opts.or(Options::from_file(&path)?),
+        None => opts,
+    };
+    Ok(RelayConfig::resolve(merged)?)
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let (opts, is_setup) = match cli.command {
+        Command::Setup(o) => (o, true),
+        Command::Run(o) => (o, false),
+    };
+    let cfg = match load(cli.config, opts) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("outbox-relay: configuration error: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    init_logging(cfg.log_format);
+    let result: anyhow::Result<()> = if is_setup {
+        setup::run(&cfg)
+            .await
+            .map(|lines| lines.iter().for_each(|l| println!("{l}")))
+            .context("setup failed")
+    } else {
+        pipeline::run(&cfg, shutdown_signal())
+            .await
+            .map(|_| ())
+            .context("relay stopped")
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

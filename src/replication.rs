@@ -1,0 +1,692 @@
+//! The logical replication connection: the relay's source.
+//!
+//! No published tokio-postgres speaks the streaming replication (CopyBoth)
+//! sub-protocol, so this module writes it on top of `postgres-protocol`'s
+//! message codecs and authentication: startup with `replication=database`,
+//! trust / cleartext / md5 / SCRAM-SHA-256 authentication, simple queries
+//! (`IDENTIFY_SYSTEM`, `SHOW`), `START_REPLICATION … LOGICAL`, and then the
+//! CopyBoth stream of XLogData and primary keepalive messages, answered with
+//! standby status updates.
+//!
+//! This is the only module that touches the replication socket.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::authentication::{md5_hash, sasl};
+use postgres_protocol::message::backend::{ErrorFields, Message};
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio_postgres::config::Host;
+
+use crate::lsn::Lsn;
+use crate::pgoutput::PG_EPOCH_OFFSET_SECS;
+
+/// Typed errors of the replication connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicationError {
+    #[error("cannot connect to Postgres at {target}: {source}")]
+    Connect {
+        target: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("I/O error on the replication connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the server closed the replication connection")]
+    Closed,
+    #[error("{0}")]
+    Server(ServerError),
+    #[error("authentication: {0}")]
+    Auth(String),
+    #[error("replication protocol violation: {0}")]
+    Protocol(String),
+    #[error("invalid database configuration: {0}")]
+    Config(String),
+}
+
+impl ReplicationError {
+    /// The SQLSTATE of a server error, if this is one.
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            ReplicationError::Server(e) => Some(&e.code),
+            _ => None,
+        }
+    }
+}
+
+/// An ErrorResponse from the server, with the fields operators need.
+#[derive(Debug, Clone, Default)]
+pub struct ServerError {
+    pub severity: String,
+    pub code: String,
+    pub message: String,
+    pub detail: Option<String>,
+    pub hint: Option<String>,
+}
+
+impl std::fmt::Display for ServerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {} (SQLSTATE {})", self.severity, self.message, self.code)?;
+        if let Some(d) = &self.detail {
+            write!(f, "; detail: {d}")?;
+        }
+        if let Some(h) = &self.hint {
+            write!(f, "; hint: {h}")?;
+        }
+        Ok(())
+    }
+}
+
+fn server_error(mut fields: ErrorFields<'_>) -> ReplicationError {
+    let mut e = ServerError::default();
+    loop {
+        match fields.next() {
+            Ok(Some(field)) => {
+                let value = String::from_utf8_lossy(field.value_bytes()).into_owned();
+                match field.type_() {
+                    b'V' => e.severity = value,
+                    b'S' if e.severity.is_empty() => e.severity = value,
+                    b'C' => e.code = value,
+                    b'M' => e.message = value,
+                    b'D' => e.detail = Some(value),
+                    b'H' => e.hint = Some(value),
+                    _ => {}
+                }
+            }
+            Ok(None) => break,
+            Err(err) => return ReplicationError::Protocol(format!("malformed ErrorResponse: {err}")),
+        }
+    }
+    ReplicationError::Server(e)
+}
+
+/// What the relay needs to open a replication connection, taken from a
+/// libpq-style URL or keyword string (parsed by tokio-postgres).
+#[derive(Clone)]
+pub struct ConnectParams {
+    pub host: HostAddr,
+    pub port: u16,
+    pub user: String,
+    pub password: Option<Vec<u8>>,
+    pub dbname: String,
+    pub application_name: String,
+    pub connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for ConnectParams {
+    // Hand-written so that a password can never reach a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectParams")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("dbname", &self.dbname)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum HostAddr {
+    Tcp(String),
+    #[cfg(unix)]
+    Unix(std::path::PathBuf),
+}
+
+impl ConnectParams {
+    pub fn from_config(cfg: &tokio_postgres::Config) -> Result<Self, ReplicationError> {
+        let host = match cfg.get_hosts().first() {
+            Some(Host::Tcp(h)) => HostAddr::Tcp(h.clone()),
+            #[cfg(unix)]
+            Some(Host::Unix(p)) => HostAddr::Unix(p.clone()),
+            None => HostAddr::Tcp("localhost".to_string()),
+        };
+        let port = cfg.get_ports().first().copied().unwrap_or(5432);
+        let user = cfg
+            .get_user()
+            .map(str::to_string)
+            .ok_or_else(|| ReplicationError::Config("the database URL names no user".into()))?;
+        let dbname = cfg.get_dbname().map(str::to_string).unwrap_or_else(|| user.clone());
+        Ok(ConnectParams {
+            host,
+            port,
+            user,
+            password: cfg.get_password().map(<[u8]>::to_vec),
+            dbname,
+            application_name: cfg
+                .get_application_name()
+                .unwrap_or("outbox-relay")
+                .to_string(),
+            connect_timeout: cfg.get_connect_timeout().copied().unwrap_or(Duration::from_secs(10)),
+        })
+    }
+
+    fn target(&self) -> String {
+        match &self.host {
+            HostAddr::Tcp(h) => format!("{h}:{}", self.port),
+            #[cfg(unix)]
+            HostAddr::Unix(p) => format!("{}/.s.PGSQL.{}", p.display(), self.port),
+        }
+    }
+}
+
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+type BoxStream = Box<dyn Stream>;
+
+/// Result of IDENTIFY_SYSTEM.
+#[derive(Debug, Clone)]
+pub struct SystemInfo {
+    pub system_id: String,
+    pub timeline: u32,
+    pub xlogpos: Lsn,
+    pub dbname: Option<String>,
+}
+
+/// One row of a simple-query result, text format.
+pub type Row = Vec<Option<String>>;
+
+/// A replication connection before START_REPLICATION.
+pub struct ReplicationConnection {
+    stream: BoxStream,
+    buf: BytesMut,
+    out: BytesMut,
+}
+
+enum Frame {
+    CopyBothResponse,
+    CopyData(Bytes),
+    Other(Message),
+}
+
+const READ_CHUNK: usize = 64 * 1024;
+
+async fn read_frame<R: AsyncRead + Unpin + ?Sized>(
+    r: &mut R,
+    buf: &mut BytesMut,
+) -> Result<Frame, ReplicationError> {
+    loop {
+        if let Some(frame) = parse_frame(buf)? {
+            return Ok(frame);
+        }
+        buf.reserve(READ_CHUNK);
+        // read_buf is cancellation safe: dropping this future loses nothing.
+        if r.read_buf(buf).await? == 0 {
+            return Err(ReplicationError::Closed);
+        }
+    }
+}
+
+fn parse_frame(buf: &mut BytesMut) -> Result<Option<Frame>, ReplicationError> {
+    if buf.len() < 5 {
+        return Ok(None);
+    }
+    let tag = buf[0];
+    let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+    if len < 4 {
+        return Err(ReplicationError::Protocol(format!("message length {len} < 4")));
+    }
+    if buf.len() < len + 1 {
+        buf.reserve(len + 1 - buf.len());
+        return Ok(None);
+    }
+    match tag {
+        // postgres-protocol's backend parser does not know CopyBothResponse,
+        // and CopyData is the hot path: take both apart here.
+        b'W' => {
+            buf.advance(len + 1);
+            Ok(Some(Frame::CopyBothResponse))
+        }
+        b'd' => {
+            buf.advance(5);
+            Ok(Some(Frame::CopyData(buf.split_to(len - 4).freeze())))
+        }
+        _ => match Message::parse(buf)? {
+            Some(m) => Ok(Some(Frame::Other(m))),
+            None => Ok(None),
+        },
+    }
+}
+
+impl ReplicationConnection {
+    /// Connects, authenticates and waits until the server is ready.
+    pub async fn connect(params: &ConnectParams) -> Result<Self, ReplicationError> {
+        let target = params.target();
+        let connect = async {
+            let s: BoxStream = match &params.host {
+                HostAddr::Tcp(h) => {
+                    let s = tokio::net::TcpStream::connect((h.as_str(), params.port)).await?;
+                    s.set_nodelay(true)?;
+                    Box::new(s)
+                }
+                #[cfg(unix)]
+                HostAddr::Unix(dir) => {
+                    let path = dir.join(format!(".s.PGSQL.{}", params.port));
+                    Box::new(tokio::net::UnixStream::connect(path).await?)
+                }
+            };
+            Ok::<_, std::io::Error>(s)
+        };
+        let stream = match tokio::time::timeout(params.connect_timeout, connect).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(source)) => return Err(ReplicationError::Connect { target, source }),
+            Err(_) => {
+                return Err(ReplicationError::Connect {
+                    target,
+                    source: std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
+                })
+            }
+        };
+        let mut conn = ReplicationConnection {
+            stream,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            out: BytesMut::new(),
+        };
+        conn.startup(params).await?;
+        Ok(conn)
+    }
+
+    async fn flush(&mut self) -> Result<(), ReplicationError> {
+        self.stream.write_all(&self.out).await?;
+        self.stream.flush().await?;
+        self.out.clear();
+        Ok(())
+    }
+
+    async fn next_message(&mut self) -> Result<Message, ReplicationError> {
+        match read_frame(&mut self.stream, &mut self.buf).await? {
+            Frame::Other(m) => Ok(m),
+            Frame::CopyBothResponse => Err(ReplicationError::Protocol(
+                "unexpected CopyBothResponse".into(),
+            )),
+            Frame::CopyData(_) => Err(ReplicationError::Protocol("unexpected CopyData".into())),
+        }
+    }
+
+    async fn startup(&mut self, p: &ConnectParams) -> Result<(), ReplicationError> {
+        let params = [
+            ("user", p.user.as_str()),
+            ("database", p.dbname.as_str()),
+            ("replication", "database"),
+            ("application_name", p.application_name.as_str()),
+            ("client_encoding", "UTF8"),
+        ];
+        frontend::startup_message(params.iter().copied(), &mut self.out)?;
+        self.flush().await?;
+
+        let password = || {
+            p.password.clone().ok_or_else(|| {
+                ReplicationError::Auth(format!(
+                    "the server requires a password for user {:?} but the database URL has none",
+                    p.user
+                ))
+            })
+        };
+        let mut scram: Option<sasl::ScramSha256> = None;
+        loop {
+            match self.next_message().await? {
+                Message::AuthenticationOk => break,
+                Message::AuthenticationCleartextPassword => {
+                    frontend::password_message(&password()?, &mut self.out)?;
+                    self.flush().await?;
+                }
+                Message::AuthenticationMd5Password(body) => {
+                    let hash = md5_hash(p.user.as_bytes(), &password()?, body.salt());
+                    frontend::password_message(hash.as_bytes(), &mut self.out)?;
+                    self.flush().await?;
+                }
+                Message::AuthenticationSasl(body) => {
+                    let mut mechanisms = body.mechanisms();
+                    let mut found = false;
+                    while let Some(m) = mechanisms
+                        .next()
+                        .map_err(|e| ReplicationError::Protocol(e.to_string()))?
+                    {
+                        found |= m == sasl::SCRAM_SHA_256;
+                    }
+                    if !found {
+                        return Err(ReplicationError::Auth(
+                            "the server offers no SASL mechanism this relay supports (SCRAM-SHA-256 without channel binding)".into(),
+                        ));
+                    }
+                    let s = sasl::ScramSha256::new(&password()?, sasl::ChannelBinding::unsupported());
+                    frontend::sasl_initial_response(sasl::SCRAM_SHA_256, s.message(), &mut self.out)?;
+                    self.flush().await?;
+                    scram = Some(s);
+                }
+                Message::AuthenticationSaslContinue(body) => {
+                    let s = scram.as_mut().ok_or_else(|| {
+                        ReplicationError::Protocol("SASL continue before SASL start".into())
+                    })?;
+                    s.update(body.data())
+                        .map_err(|e| ReplicationError::Auth(format!("SCRAM: {e}")))?;
+                    frontend::sasl_response(s.message(), &mut self.out)?;
+                    self.flush().await?;
+                }
+                Message::AuthenticationSaslFinal(body) => {
+                    let s = scram.as_mut().ok_or_else(|| {
+                        ReplicationError::Protocol("SASL final before SASL start".into())
+                    })?;
+                    s.finish(body.data())
+                        .map_err(|e| ReplicationError::Auth(format!("SCRAM server signature: {e}")))?;
+                }
+                Message::ErrorResponse(body) => return Err(server_error(body.fields())),
+                Message::NoticeResponse(_) => {}
+                _ => {
+                    return Err(ReplicationError::Auth(
+                        "the server asked for an authentication method this relay does not support (supported: trust, password, md5, SCRAM-SHA-256)".into(),
+                    ))
+                }
+            }
+        }
+        // ParameterStatus and BackendKeyData follow; wait for ReadyForQuery.
+        loop {
+            match self.next_message().await? {
+                Message::ReadyForQuery(_) => return Ok(()),
+                Message::ErrorResponse(body) => return Err(server_error(body.fields())),
+                _ => {}
+            }
+        }
+    }
+
+    /// Runs one simple query and returns its rows as text.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<Row>, ReplicationError> {
+        frontend::query(sql, &mut self.out)?;
+        self.flush().await?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            match self.next_message().await? {
+                Message::DataRow(body) => {
+                    let mut row = Vec::new();
+                    let mut ranges = body.ranges();
+                    while let Some(range) =
+                        ranges.next().map_err(|e| ReplicationError::Protocol(e.to_string()))?
+                    {
+                        row.push(range.map(|r| {
+                            String::from_utf8_lossy(&body.buffer()[r]).into_owned()
+                        }));
+                    }
+                    rows.push(row);
+                }
+                Message::ErrorResponse(body) => error = Some(server_error(body.fields())),
+                Message::ReadyForQuery(_) => break,
+                _ => {}
+            }
+        }
+        match error {
+            Some(e) => Err(e),
+            None => Ok(rows),
+        }
+    }
+
+    pub async fn identify_system(&mut self) -> Result<SystemInfo, ReplicationError> {
+        let rows = self.simple_query("IDENTIFY_SYSTEM").await?;
+        let row = rows
+            .first()
+            .filter(|r| r.len() >= 3)
+            .ok_or_else(|| ReplicationError::Protocol("IDENTIFY_SYSTEM returned no row".into()))?;
+        let field = |i: usize| row.get(i).cloned().flatten();
+        let timeline = field(1)
+            .and_then(|t| t.parse().ok())
+            .ok_or_else(|| ReplicationError::Protocol("IDENTIFY_SYSTEM: bad timeline".into()))?;
+        let xlogpos = field(2)
+            .and_then(|t| t.parse().ok())
+            .ok_or_else(|| ReplicationError::Protocol("IDENTIFY_SYSTEM: bad xlogpos".into()))?;
+        Ok(SystemInfo {
+            system_id: field(0).unwrap_or_default(),
+            timeline,
+            xlogpos,
+            dbname: field(3),
+        })
+    }
+
+    /// Reads a server setting (replication connections accept SHOW).
+    pub async fn show(&mut self, setting: &str) -> Result<String, ReplicationError> {
+        let rows = self.simple_query(&format!("SHOW {setting}")).await?;
+        rows.into_iter()
+            .next()
+            .and_then(|r| r.into_iter().next().flatten())
+            .ok_or_else(|| ReplicationError::Protocol(format!("SHOW {setting} returned nothing")))
+    }
+
+    /// Starts logical replication from `slot`. With `start` = 0/0 the server
+    /// resumes from the slot's `confirmed_flush_lsn`.
+    pub async fn start_logical(
+        mut self,
+        slot: &str,
+        start: Lsn,
+        options: &[(&str, String)],
+    ) -> Result<ReplicationStream, ReplicationError> {
+        let opts: Vec<String> = options
+            .iter()
+            .map(|(k, v)| format!("\"{}\" {}", k, quote_literal(v)))
+            .collect();
+        let sql = format!(
+            "START_REPLICATION SLOT {} LOGICAL {} ({})",
+            quote_ident(slot),
+            start,
+            opts.join(", ")
+        );
+        frontend::query(&sql, &mut self.out)?;
+        self.flush().await?;
+        loop {
+            match read_frame(&mut self.stream, &mut self.buf).await? {
+                Frame::CopyBothResponse => break,
+                Frame::Other(Message::ErrorResponse(body)) => {
+                    let err = server_error(body.fields());
+                    return Err(err);
+                }
+                Frame::Other(Message::NoticeResponse(_)) => {}
+                Frame::Other(_) => {
+                    return Err(ReplicationError::Protocol(
+                        "unexpected reply to START_REPLICATION".into(),
+                    ))
+                }
+                Frame::CopyData(_) => {
+                    return Err(ReplicationError::Protocol("CopyData before CopyBothResponse".into()))
+                }
+            }
+        }
+        let (r, w) = tokio::io::split(self.stream);
+        Ok(ReplicationStream {
+            reader: ReplicationReader { r, buf: self.buf },
+            writer: ReplicationWriter { w, out: BytesMut::with_capacity(64) },
+        })
+    }
+}
+
+/// Double-quotes an identifier for replication commands.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Single-quotes a literal for replication command options.
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// What the server sends inside the CopyBoth stream.
+#[derive(Debug, Clone)]
+pub enum ReplicationMessage {
+    XLogData {
+        wal_start: Lsn,
+        wal_end: Lsn,
+        send_time: i64,
+        data: Bytes,
+    },
+    Keepalive {
+        wal_end: Lsn,
+        send_time: i64,
+        reply_requested: bool,
+    },
+    /// The server ended the copy (CopyDone).
+    CopyDone,
+}
+
+/// The open CopyBoth stream, split so that status updates can be written
+/// while a read is pending.
+pub struct ReplicationStream {
+    pub reader: ReplicationReader,
+    pub writer: ReplicationWriter,
+}
+
+pub struct ReplicationReader {
+    r: ReadHalf<BoxStream>,
+    buf: BytesMut,
+}
+
+pub struct ReplicationWriter {
+    w: WriteHalf<BoxStream>,
+    out: BytesMut,
+}
+
+impl ReplicationReader {
+    /// The next message of the stream. Cancellation safe.
+    pub async fn next(&mut self) -> Result<ReplicationMessage, ReplicationError> {
+        loop {
+            match read_frame(&mut self.r, &mut self.buf).await? {
+                Frame::CopyData(data) => return parse_copy_data(data),
+                Frame::Other(Message::CopyDone) => return Ok(ReplicationMessage::CopyDone),
+                Frame::Other(Message::ErrorResponse(body)) => return Err(server_error(body.fields())),
+                Frame::Other(Message::NoticeResponse(_)) | Frame::Other(Message::ParameterStatus(_)) => {}
+                Frame::Other(Message::CommandComplete(_)) | Frame::Other(Message::ReadyForQuery(_)) => {}
+                Frame::Other(_) | Frame::CopyBothResponse => {
+                    return Err(ReplicationError::Protocol(
+                        "unexpected message inside the replication stream".into(),
+                    ))
+                }
+            }
+        }
+    }
+}
+
+fn parse_copy_data(mut data: Bytes) -> Result<ReplicationMessage, ReplicationError> {
+    let short = |what: &str| ReplicationError::Protocol(format!("truncated {what} message"));
+    if !data.has_remaining() {
+        return Err(short("CopyData"));
+    }
+    match data.get_u8() {
+        b'w' => {
+            if data.remaining() < 24 {
+                return Err(short("XLogData"));
+            }
+            let wal_start = Lsn(data.get_u64());
+            let wal_end = Lsn(data.get_u64());
+            let send_time = data.get_i64();
+            Ok(ReplicationMessage::XLogData { wal_start, wal_end, send_time, data })
+        }
+        b'k' => {
+            if data.remaining() < 17 {
+                return Err(short("primary keepalive"));
+            }
+            Ok(ReplicationMessage::Keepalive {
+                wal_end: Lsn(data.get_u64()),
+                send_time: data.get_i64(),
+                reply_requested: data.get_u8() == 1,
+            })
+        }
+        tag => Err(ReplicationError::Protocol(format!(
+            "unknown replication message {:?}",
+            char::from(tag)
+        ))),
+    }
+}
+
+/// Microseconds since the Postgres epoch, for status updates.
+pub fn pg_now() -> i64 {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    now.as_micros() as i64 - PG_EPOCH_OFFSET_SECS * 1_000_000
+}
+
+impl ReplicationWriter {
+    /// Sends a standby status update reporting `confirmed` as written,
+    /// flushed and applied: the server moves the slot's `confirmed_flush_lsn`
+    /// to it and will never send anything at or before it again.
+    pub async fn send_status(&mut self, confirmed: Lsn, reply: bool) -> Result<(), ReplicationError> {
+        self.out.clear();
+        self.out.put_u8(b'd');
+        self.out.put_u32(4 + 34);
+        self.out.put_u8(b'r');
+        self.out.put_u64(confirmed.0);
+        self.out.put_u64(confirmed.0);
+        self.out.put_u64(confirmed.0);
+        self.out.put_i64(pg_now());
+        self.out.put_u8(u8::from(reply));
+        self.w.write_all(&self.out).await?;
+        self.w.flush().await?;
+        Ok(())
+    }
+
+    /// Ends the copy from our side (CopyDone) so the server can finish cleanly.
+    pub async fn send_copy_done(&mut self) -> Result<(), ReplicationError> {
+        self.out.clear();
+        frontend::copy_done(&mut self.out);
+        self.w.write_all(&self.out).await?;
+        self.w.flush().await?;
+        Ok(())
+    }
+
+    pub async fn send_terminate(&mut self) -> Result<(), ReplicationError> {
+        self.out.clear();
+        frontend::terminate(&mut self.out);
+        self.w.write_all(&self.out).await?;
+        self.w.flush().await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_copy_data_and_copy_both() {
+        let mut buf = BytesMut::new();
+        buf.put_u8(b'W');
+        buf.put_u32(7);
+        buf.put_slice(&[0, 0, 0]);
+        buf.put_u8(b'd');
+        buf.put_u32(4 + 18);
+        buf.put_u8(b'k');
+        buf.put_u64(0x1_0000_0010);
+        buf.put_i64(5);
+        buf.put_u8(1);
+        assert!(matches!(parse_frame(&mut buf).unwrap(), Some(Frame::CopyBothResponse)));
+        match parse_frame(&mut buf).unwrap() {
+            Some(Frame::CopyData(d)) => match parse_copy_data(d).unwrap() {
+                ReplicationMessage::Keepalive { wal_end, send_time, reply_requested } => {
+                    assert_eq!(wal_end, Lsn(0x1_0000_0010));
+                    assert_eq!(send_time, 5);
+                    assert!(reply_requested);
+                }
+                other => panic!("{other:?}"),
+            },
+            _ => panic!("expected CopyData"),
+        }
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn partial_frames_wait_for_more_bytes() {
+        let mut buf = BytesMut::from(&b"d\0\0\0\x10kab"[..]);
+        assert!(parse_frame(&mut buf).unwrap().is_none());
+        assert_eq!(buf.len(), 8);
+    }
+
+    #[test]
+    fn truncated_replication_messages_are_errors() {
+        assert!(parse_copy_data(Bytes::from_static(b"w\0\0")).is_err());
+        assert!(parse_copy_data(Bytes::from_static(b"k")).is_err());
+        assert!(parse_copy_data(Bytes::from_static(b"")).is_err());
+        assert!(parse_copy_data(Bytes::from_static(b"?")).is_err());
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+}

@@ -1,0 +1,619 @@
+//! The outbox router: turns a decoded outbox row into a Kafka record.
+//!
+//! Which column is the event id, the key, the value, which columns become
+//! headers and how the topic is named are configuration. The router resolves
+//! column names to positions once per Relation message and keeps that plan, so
+//! routing a row is index lookups and slicing, not name matching.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+
+use crate::pgoutput::{Insert, Relation, TupleValue};
+
+/// Postgres type OID of `bytea`: its text form is hex and is decoded so the
+/// record value is the stored bytes (Avro or Protobuf payloads).
+const BYTEA_OID: u32 = 17;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableName {
+    pub schema: String,
+    pub name: String,
+}
+
+impl TableName {
+    /// Parses `schema.table` or `table` (schema `public`). Quoted identifiers
+    /// keep their case and may contain dots.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let parts = split_ident(s)?;
+        match parts.as_slice() {
+            [name] => Ok(TableName { schema: "public".into(), name: name.clone() }),
+            [schema, name] => Ok(TableName { schema: schema.clone(), name: name.clone() }),
+            _ => Err(format!("{s:?} is not a table name: expected table or schema.table")),
+        }
+    }
+
+    /// The name quoted for SQL.
+    pub fn quoted(&self) -> String {
+        format!(
+            "\"{}\".\"{}\"",
+            self.schema.replace('"', "\"\""),
+            self.name.replace('"', "\"\"")
+        )
+    }
+}
+
+impl std::fmt::Display for TableName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.schema, self.name)
+    }
+}
+
+fn split_ident(s: &str) -> Result<Vec<String>, String> {
+    let mut parts = Vec::new();
+    let mut cur = String::new();
+    let mut chars = s.trim().chars().peekable();
+    let mut quoted_part = false;
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {
+                quoted_part = true;
+                loop {
+                    match chars.next() {
+                        Some('"') if chars.peek() == Some(&'"') => {
+                            chars.next();
+                            cur.push('"');
+                        }
+                        Some('"') => break,
+                        Some(c) => cur.push(c),
+                        None => return Err(format!("unterminated quote in {s:?}")),
+                    }
+                }
+            }
+            '.' => {
+                if cur.is_empty() {
+                    return Err(format!("empty name part in {s:?}"));
+                }
+                parts.push(std::mem::take(&mut cur));
+                quoted_part = false;
+            }
+            // Unquoted identifiers fold to lower case, as in SQL.
+            c if !quoted_part => cur.extend(c.to_lowercase()),
+            c => cur.push(c),
+        }
+    }
+    if cur.is_empty() {
+        return Err(format!("empty name part in {s:?}"));
+    }
+    parts.push(cur);
+    Ok(parts)
+}
+
+/// A header taken from a column: `column` or `column:header-name`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderColumn {
+    pub column: String,
+    pub header: String,
+}
+
+impl HeaderColumn {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (column, header) = match s.split_once(':') {
+            Some((c, h)) => (c.trim(), h.trim()),
+            None => (s.trim(), s.trim()),
+        };
+        if column.is_empty() || header.is_empty() {
+            return Err(format!(
+                "header column {s:?} must be `column` or `column:header-name`"
+            ));
+        }
+        Ok(HeaderColumn { column: column.into(), header: header.into() })
+    }
+}
+
+/// A topic name template: literal text with `{column}` placeholders.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicTemplate {
+    source: String,
+    parts: Vec<TemplatePart>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum TemplatePart {
+    Literal(String),
+    Column(String),
+}
+
+impl TopicTemplate {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut parts = Vec::new();
+        let mut rest = s;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                parts.push(TemplatePart::Literal(rest[..open].to_string()));
+            }
+            let close = rest[open..]
+                .find('}')
+                .ok_or_else(|| format!("topic template {s:?} has an unclosed '{{'"))?;
+            let column = rest[open + 1..open + close].trim();
+            if column.is_empty() || column.contains('{') {
+                return Err(format!("topic template {s:?} has an empty or nested placeholder"));
+            }
+            parts.push(TemplatePart::Column(column.to_string()));
+            rest = &rest[open + close + 1..];
+        }
+        if rest.contains('}') {
+            return Err(format!("topic template {s:?} has a '}}' without '{{'"));
+        }
+        if !rest.is_empty() {
+            parts.push(TemplatePart::Literal(rest.to_string()));
+        }
+        if parts.is_empty() {
+            return Err("the topic template is empty".into());
+        }
+        for p in &parts {
+            if let TemplatePart::Literal(l) = p {
+                if let Err(reason) = check_topic_chars(l) {
+                    return Err(format!("topic template {s:?}: {reason}"));
+                }
+            }
+        }
+        Ok(TopicTemplate { source: s.to_string(), parts })
+    }
+
+    pub fn columns(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().filter_map(|p| match p {
+            TemplatePart::Column(c) => Some(c.as_str()),
+            TemplatePart::Literal(_) => None,
+        })
+    }
+
+    /// A topic without placeholders, if this template is one.
+    pub fn fixed(&self) -> Option<&str> {
+        match self.parts.as_slice() {
+            [TemplatePart::Literal(l)] => Some(l),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for TopicTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.source)
+    }
+}
+
+fn check_topic_chars(s: &str) -> Result<(), String> {
+    match s
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        Some(c) => Err(format!(
+            "{c:?} is not allowed in a Kafka topic name (allowed: ASCII letters, digits, '.', '_', '-')"
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Kafka's own rules for a topic name.
+pub fn validate_topic(topic: &str) -> Result<(), String> {
+    if topic.is_empty() {
+        return Err("the topic name is empty".into());
+    }
+    if topic == "." || topic == ".." {
+        return Err(format!("{topic:?} is not a valid topic name"));
+    }
+    if topic.len() > 249 {
+        return Err(format!("topic name is {} characters long (at most 249)", topic.len()));
+    }
+    check_topic_chars(topic)
+}
+
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    pub table: TableName,
+    pub id_column: String,
+    pub key_column: String,
+    pub payload_column: String,
+    pub topic: TopicTemplate,
+    pub headers: Vec<HeaderColumn>,
+}
+
+impl RouterConfig {
+    /// Every column the configuration refers to, with the option naming it.
+    pub fn referenced_columns(&self) -> Vec<(String, &'static str)> {
+        let mut cols = vec![
+            (self.id_column.clone(), "--id-column"),
+            (self.key_column.clone(), "--key-column"),
+            (self.payload_column.clone(), "--payload-column"),
+        ];
+        cols.extend(self.topic.columns().map(|c| (c.to_string(), "--topic")));
+        cols.extend(self.headers.iter().map(|h| (h.column.clone(), "--header-columns")));
+        cols
+    }
+}
+
+/// A record ready for the producer. Values are slices of the WAL buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRecord {
+    pub topic: String,
+    pub key: Bytes,
+    pub payload: Option<Bytes>,
+    pub event_id: Bytes,
+    pub headers: Vec<(String, Option<Bytes>)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    #[error("outbox table {table} has no column {missing} (set by {option}); its columns are: {existing}")]
+    MissingColumn {
+        table: String,
+        missing: String,
+        option: &'static str,
+        existing: String,
+    },
+    #[error("an INSERT arrived for relation OID {0} before its Relation message")]
+    UnknownRelation(u32),
+    #[error("the publication publishes table {0}, which is not the configured outbox table {1}: remove it from the publication or point --table at it")]
+    NotOutboxTable(String, String),
+    #[error("row of {table} has {got} columns but its Relation message announced {expected}")]
+    ColumnCount { table: String, got: usize, expected: usize },
+    #[error("column {column} (the {role}) is NULL")]
+    Null { column: String, role: &'static str },
+    #[error("column {column} (the key) is empty: every event needs an aggregate id so its aggregate's events stay in one partition")]
+    EmptyKey { column: String },
+    #[error("column {column} arrived as an unchanged TOAST value, which an INSERT never sends")]
+    UnchangedToast { column: String },
+    #[error("topic template {template} gave {topic:?} for this event: {reason}")]
+    InvalidTopic { template: String, topic: String, reason: String },
+    #[error("column {column} is bytea but its value is not hex text: {reason}")]
+    BadBytea { column: String, reason: String },
+}
+
+#[derive(Debug, Clone)]
+enum TopicPlan {
+    Literal(String),
+    Column(usize),
+}
+
+#[derive(Debug, Clone)]
+struct Plan {
+    ncols: usize,
+    id: usize,
+    key: usize,
+    payload: usize,
+    payload_bytea: bool,
+    topic: Vec<TopicPlan>,
+    headers: Vec<(String, usize)>,
+}
+
+/// What an insert turned into.
+#[derive(Debug)]
+pub enum Routed {
+    Record(OutboxRecord),
+}
+
+#[derive(Debug)]
+enum RelationPlan {
+    Outbox(Plan),
+    Other(String),
+}
+
+pub struct Router {
+    cfg: RouterConfig,
+    relations: HashMap<u32, RelationPlan>,
+}
+
+impl Router {
+    pub fn new(cfg: RouterConfig) -> Self {
+        Router { cfg, relations: HashMap::new() }
+    }
+
+    pub fn config(&self) -> &RouterConfig {
+        &self.cfg
+    }
+
+    /// Takes a Relation message: resolves the configured columns against the
+    /// table's current shape. Sent before the first change of a table and
+    /// again after its schema changed, so a dropped or renamed column is
+    /// caught here.
+    pub fn on_relation(&mut self, rel: &Relation) -> Result<(), RouteError> {
+        let is_outbox = rel.namespace == self.cfg.table.schema && rel.name == self.cfg.table.name;
+        let full_name = format!("{}.{}", rel.namespace, rel.name);
+        if !is_outbox {
+            self.relations.insert(rel.oid, RelationPlan::Other(full_name));
+            return Ok(());
+        }
+        let find = |col: &str, option: &'static str| {
+            rel.columns.iter().position(|c| c.name == col).ok_or_else(|| {
+                RouteError::MissingColumn {
+                    table: full_name.clone(),
+                    missing: col.to_string(),
+                    option,
+                    existing: rel
+                        .columns
+                        .iter()
+                        .map(|c| c.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                }
+            })
+        };
+        let payload = find(&self.cfg.payload_column, "--payload-column")?;
+        let plan = Plan {
+            ncols: rel.columns.len(),
+            id: find(&self.cfg.id_column, "--id-column")?,
+            key: find(&self.cfg.key_column, "--key-column")?,
+            payload,
+            payload_bytea: rel.columns[payload].type_oid == BYTEA_OID,
+            topic: self
+                .cfg
+                .topic
+                .parts
+                .iter()
+                .map(|p| match p {
+                    TemplatePart::Literal(l) => Ok(TopicPlan::Literal(l.clone())),
+                    TemplatePart::Column(c) => find(c, "--topic").map(TopicPlan::Column),
+                })
+                .collect::<Result<_, _>>()?,
+            headers: self
+                .cfg
+                .headers
+                .iter()
+                .map(|h| find(&h.column, "--header-columns").map(|i| (h.header.clone(), i)))
+                .collect::<Result<_, _>>()?,
+        };
+        self.relations.insert(rel.oid, RelationPlan::Outbox(plan));
+        Ok(())
+    }
+
+    /// Maps one inserted row to a record.
+    pub fn route(&self, insert: Insert) -> Result<Routed, RouteError> {
+        let plan = match self.relations.get(&insert.relation_oid) {
+            Some(RelationPlan::Outbox(p)) => p,
+            Some(RelationPlan::Other(name)) => {
+                return Err(RouteError::NotOutboxTable(name.clone(), self.cfg.table.to_string()))
+            }
+            None => return Err(RouteError::UnknownRelation(insert.relation_oid)),
+        };
+        if insert.tuple.len() != plan.ncols {
+            return Err(RouteError::ColumnCount {
+                table: self.cfg.table.to_string(),
+                got: insert.tuple.len(),
+                expected: plan.ncols,
+            });
+        }
+        let tuple = insert.tuple;
+        let text = |idx: usize, column: &str, role: &'static str| -> Result<Bytes, RouteError> {
+            match &tuple[idx] {
+                TupleValue::Text(b) | TupleValue::Binary(b) => Ok(b.clone()),
+                TupleValue::Null => Err(RouteError::Null { column: column.to_string(), role }),
+                TupleValue::UnchangedToast => {
+                    Err(RouteError::UnchangedToast { column: column.to_string() })
+                }
+            }
+        };
+        let event_id = text(plan.id, &self.cfg.id_column, "event id")?;
+        let key = text(plan.key, &self.cfg.key_column, "key")?;
+        if key.is_empty() {
+            return Err(RouteError::EmptyKey { column: self.cfg.key_column.clone() });
+        }
+        let payload = match &tuple[plan.payload] {
+            TupleValue::Null => None,
+            TupleValue::UnchangedToast => {
+                return Err(RouteError::UnchangedToast { column: self.cfg.payload_column.clone() })
+            }
+            TupleValue::Text(b) if plan.payload_bytea => Some(
+                decode_bytea_hex(b).map_err(|reason| RouteError::BadBytea {
+                    column: self.cfg.payload_column.clone(),
+                    reason,
+                })?,
+            ),
+            TupleValue::Text(b) | TupleValue::Binary(b) => Some(b.clone()),
+        };
+        let mut topic = String::new();
+        for part in &plan.topic {
+            match part {
+                TopicPlan::Literal(l) => topic.push_str(l),
+                TopicPlan::Column(i) => match &tuple[*i] {
+                    TupleValue::Text(b) | TupleValue::Binary(b) if !b.is_empty() => {
+                        topic.push_str(&String::from_utf8_lossy(b))
+                    }
+                    value => {
+                        return Err(RouteError::InvalidTopic {
+                            template: self.cfg.topic.to_string(),
+                            topic,
+                            reason: format!(
+                                "a placeholder's column is {}",
+                                if matches!(value, TupleValue::Null) { "NULL" } else { "empty" }
+                            ),
+                        })
+                    }
+                },
+            }
+        }
+        if let Err(reason) = validate_topic(&topic) {
+            return Err(RouteError::InvalidTopic {
+                template: self.cfg.topic.to_string(),
+                topic,
+                reason,
+            });
+        }
+        let mut headers = Vec::with_capacity(plan.headers.len() + 1);
+        headers.push(("id".to_string(), Some(event_id.clone())));
+        for (name, idx) in &plan.headers {
+            let value = match &tuple[*idx] {
+                TupleValue::Text(b) | TupleValue::Binary(b) => Some(b.clone()),
+                _ => None,
+            };
+            headers.push((name.clone(), value));
+        }
+        Ok(Routed::Record(OutboxRecord { topic, key, payload, event_id, headers }))
+    }
+}
+
+fn decode_bytea_hex(b: &Bytes) -> Result<Bytes, String> {
+    let hex = b
+        .strip_prefix(b"\\x")
+        .ok_or_else(|| "expected the hex format (bytea_output = 'hex')".to_string())?;
+    if hex.len() % 2 != 0 {
+        return Err("odd number of hex digits".into());
+    }
+    let nibble = |c: u8| match c {
+        b'0'..=b'9' => Ok(c - b'0'),
+        b'a'..=b'f' => Ok(c - b'a' + 10),
+        b'A'..=b'F' => Ok(c - b'A' + 10),
+        _ => Err(format!("{:?} is not a hex digit", char::from(c))),
+    };
+    let mut out = Vec::with_capacity(hex.len() / 2);
+    for pair in hex.chunks_exact(2) {
+        out.push(nibble(pair[0])? << 4 | nibble(pair[1])?);
+    }
+    Ok(Bytes::from(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pgoutput::Column;
+
+    fn col(name: &str, type_oid: u32) -> Column {
+        Column { flags: 0, name: name.into(), type_oid, type_modifier: -1 }
+    }
+
+    fn debezium_router() -> Router {
+        let mut r = Router::new(RouterConfig {
+            table: TableName::parse("public.outboxevent").unwrap(),
+            id_column: "id".into(),
+            key_column: "aggregateid".into(),
+            payload_column: "payload".into(),
+            topic: TopicTemplate::parse("outbox.event.{aggregatetype}").unwrap(),
+            headers: vec![HeaderColumn::parse("type:eventType").unwrap()],
+        });
+        r.on_relation(&Relation {
+            oid: 7,
+            namespace: "public".into(),
+            name: "outboxevent".into(),
+            replica_identity: b'd',
+            columns: vec![
+                col("id", 2950),
+                col("aggregatetype", 1043),
+                col("aggregateid", 1043),
+                col("type", 1043),
+                col("payload", 3802),
+            ],
+        })
+        .unwrap();
+        r
+    }
+
+    fn t(s: &str) -> TupleValue {
+        TupleValue::Text(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    #[test]
+    fn routes_a_debezium_row() {
+        let r = debezium_router();
+        let Routed::Record(rec) = r
+            .route(Insert {
+                relation_oid: 7,
+                tuple: vec![t("u-1"), t("Order"), t("o-9"), t("OrderCreated"), t("{\"a\": 1}")],
+            })
+            .unwrap();
+        assert_eq!(rec.topic, "outbox.event.Order");
+        assert_eq!(rec.key, "o-9");
+        assert_eq!(rec.payload.as_deref(), Some(&b"{\"a\": 1}"[..]));
+        assert_eq!(
+            rec.headers,
+            vec![
+                ("id".to_string(), Some(Bytes::from_static(b"u-1"))),
+                ("eventType".to_string(), Some(Bytes::from_static(b"OrderCreated")))
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_rows_are_typed_errors() {
+        let r = debezium_router();
+        let row = |agg_type: TupleValue, key: TupleValue, id: TupleValue| Insert {
+            relation_oid: 7,
+            tuple: vec![id, agg_type, key, t("x"), TupleValue::Null],
+        };
+        assert!(matches!(
+            r.route(row(t("Order"), TupleValue::Null, t("1"))),
+            Err(RouteError::Null { role: "key", .. })
+        ));
+        assert!(matches!(
+            r.route(row(t("Order"), t(""), t("1"))),
+            Err(RouteError::EmptyKey { .. })
+        ));
+        assert!(matches!(
+            r.route(row(t("Order"), t("k"), TupleValue::Null)),
+            Err(RouteError::Null { role: "event id", .. })
+        ));
+        assert!(matches!(
+            r.route(row(t("Or der"), t("k"), t("1"))),
+            Err(RouteError::InvalidTopic { .. })
+        ));
+        assert!(matches!(
+            r.route(row(TupleValue::Null, t("k"), t("1"))),
+            Err(RouteError::InvalidTopic { .. })
+        ));
+        assert!(matches!(
+            r.route(row(t(""), t("k"), t("1"))),
+            Err(RouteError::InvalidTopic { .. })
+        ));
+        assert!(matches!(
+            r.route(Insert { relation_oid: 99, tuple: vec![] }),
+            Err(RouteError::UnknownRelation(99))
+        ));
+    }
+
+    #[test]
+    fn missing_column_lists_the_existing_ones() {
+        let mut r = debezium_router();
+        let err = r
+            .on_relation(&Relation {
+                oid: 8,
+                namespace: "public".into(),
+                name: "outboxevent".into(),
+                replica_identity: b'd',
+                columns: vec![col("id", 2950), col("payload", 3802)],
+            })
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("no column aggregateid"), "{msg}");
+        assert!(msg.contains("its columns are: id, payload"), "{msg}");
+    }
+
+    #[test]
+    fn other_tables_are_refused_not_dropped() {
+        let mut r = debezium_router();
+        r.on_relation(&Relation {
+            oid: 9,
+            namespace: "public".into(),
+            name: "orders".into(),
+            replica_identity: b'd',
+            columns: vec![col("id", 20)],
+        })
+        .unwrap();
+        assert!(matches!(
+            r.route(Insert { relation_oid: 9, tuple: vec![t("1")] }),
+            Err(RouteError::NotOutboxTable(..))
+        ));
+    }
+
+    #[test]
+    fn templates_and_names_parse() {
+        assert!(TopicTemplate::parse("events.{event_type}").is_ok());
+        assert_eq!(TopicTemplate::parse("fixed").unwrap().fixed(), Some("fixed"));
+        for bad in ["", "a{b", "a}b", "{}", "bad topic.{x}"] {
+            assert!(TopicTemplate::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(TableName::parse("outbox").unwrap().to_string(), "public.outbox");
+        assert_eq!(TableName::parse("App.\"Out.Box\"").unwrap().to_string(), "app.Out.Box");
+        assert!(TableName::parse("a.b.c").is_err());
+        assert_eq!(decode_bytea_hex(&Bytes::from_static(b"\\x00fF")).unwrap(), Bytes::from_static(&[0, 255]));
+        assert!(decode_bytea_hex(&Bytes::from_static(b"00")).is_err());
+    }
+}

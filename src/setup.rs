@@ -1,0 +1,207 @@
+//! `outbox-relay setup`: creates the publication and the slot if missing.
+//!
+//! Idempotent, over an ordinary SQL connection. It checks what the relay
+//! needs (wal_level, the table and every configured column) and reports each
+//! thing it found or did, so that a DBA can see exactly what changed.
+
+use tokio_postgres::{Client, NoTls};
+
+use crate::config::RelayConfig;
+use crate::replication::quote_ident;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("cannot connect to Postgres: {0}")]
+    Connect(#[source] tokio_postgres::Error),
+    #[error("{context}: {source}")]
+    Sql {
+        context: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("wal_level is {0:?} but logical replication needs 'logical': set wal_level = logical in postgresql.conf (or ALTER SYSTEM SET wal_level = logical) and restart Postgres")]
+    WalLevel(String),
+    #[error("table {table} does not exist in database {database}; create it (see sql/ in the outbox-relay repository) or set --table")]
+    NoTable { table: String, database: String },
+    #[error("table {table} has no column {column} (set by {option}); its columns are: {existing}")]
+    NoColumn {
+        table: String,
+        column: String,
+        option: &'static str,
+        existing: String,
+    },
+    #[error("publication {0} exists but does not publish inserts: run ALTER PUBLICATION {0} SET (publish = 'insert')")]
+    NoInserts(String),
+    #[error("replication slot {slot} exists but uses plugin {plugin:?}; the relay needs pgoutput: drop it (SELECT pg_drop_replication_slot('{slot}')) or choose another --slot")]
+    WrongPlugin { slot: String, plugin: String },
+    #[error("replication slot {slot} belongs to database {other:?}, not {ours:?}: choose another --slot")]
+    WrongDatabase { slot: String, other: String, ours: String },
+    #[error("replication slot {slot} is physical; the relay needs a logical slot: choose another --slot")]
+    PhysicalSlot { slot: String },
+}
+
+fn sql(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> SetupError {
+    let context = context.into();
+    move |source| SetupError::Sql { context, source }
+}
+
+/// Opens an ordinary SQL connection (the relay's own, not replication).
+pub async fn connect(cfg: &RelayConfig) -> Result<Client, SetupError> {
+    let (client, connection) = cfg.database.connect(NoTls).await.map_err(SetupError::Connect)?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "SQL connection ended");
+        }
+    });
+    Ok(client)
+}
+
+/// Checks the table and its configured columns exist.
+pub async fn check_table(client: &Client, cfg: &RelayConfig) -> Result<(), SetupError> {
+    let table = &cfg.router.table;
+    let database: String = client
+        .query_one("SELECT current_database()", &[])
+        .await
+        .map_err(sql("reading the database name"))?
+        .get(0);
+    let rows = client
+        .query(
+            "SELECT a.attname FROM pg_attribute a
+               JOIN pg_class c ON c.oid = a.attrelid
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = $1 AND c.relname = $2 AND a.attnum > 0 AND NOT a.attisdropped
+              ORDER BY a.attnum",
+            &[&table.schema, &table.name],
+        )
+        .await
+        .map_err(sql(format!("reading the columns of {table}")))?;
+    if rows.is_empty() {
+        return Err(SetupError::NoTable { table: table.to_string(), database });
+    }
+    let columns: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    for (column, option) in cfg.router.referenced_columns() {
+        if !columns.contains(&column) {
+            return Err(SetupError::NoColumn {
+                table: table.to_string(),
+                column,
+                option,
+                existing: columns.join(", "),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Runs the setup and returns the lines that explain what it did.
+pub async fn run(cfg: &RelayConfig) -> Result<Vec<String>, SetupError> {
+    let client = connect(cfg).await?;
+    let mut report = Vec::new();
+
+    let wal_level: String = client
+        .query_one("SHOW wal_level", &[])
+        .await
+        .map_err(sql("reading wal_level"))?
+        .get(0);
+    if wal_level != "logical" {
+        return Err(SetupError::WalLevel(wal_level));
+    }
+    report.push("wal_level is logical".to_string());
+
+    check_table(&client, cfg).await?;
+    let table = &cfg.router.table;
+    report.push(format!("table {table} has every configured column"));
+
+    let publication = &cfg.publication;
+    let pub_row = client
+        .query_opt(
+            "SELECT pubinsert FROM pg_publication WHERE pubname = $1",
+            &[publication],
+        )
+        .await
+        .map_err(sql("reading pg_publication"))?;
+    match pub_row {
+        None => {
+            client
+                .batch_execute(&format!(
+                    "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert')",
+                    quote_ident(publication),
+                    table.quoted()
+                ))
+                .await
+                .map_err(sql(format!("creating publication {publication}")))?;
+            report.push(format!(
+                "created publication {publication} for table {table} (publish = 'insert')"
+            ));
+        }
+        Some(row) => {
+            let inserts: bool = row.get(0);
+            if !inserts {
+                return Err(SetupError::NoInserts(publication.clone()));
+            }
+            let covered = client
+                .query_opt(
+                    "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+                    &[publication, &table.schema, &table.name],
+                )
+                .await
+                .map_err(sql("reading pg_publication_tables"))?
+                .is_some();
+            if covered {
+                report.push(format!("publication {publication} exists and covers {table}"));
+            } else {
+                client
+                    .batch_execute(&format!(
+                        "ALTER PUBLICATION {} ADD TABLE {}",
+                        quote_ident(publication),
+                        table.quoted()
+                    ))
+                    .await
+                    .map_err(sql(format!("adding {table} to publication {publication}")))?;
+                report.push(format!("added table {table} to existing publication {publication}"));
+            }
+        }
+    }
+
+    let slot = &cfg.slot;
+    let slot_row = client
+        .query_opt(
+            "SELECT slot_type, coalesce(plugin, ''), coalesce(database, ''), current_database(),
+                    coalesce(confirmed_flush_lsn::text, '')
+               FROM pg_replication_slots WHERE slot_name = $1",
+            &[slot],
+        )
+        .await
+        .map_err(sql("reading pg_replication_slots"))?;
+    match slot_row {
+        None => {
+            let row = client
+                .query_one(
+                    "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+                    &[slot],
+                )
+                .await
+                .map_err(sql(format!("creating replication slot {slot}")))?;
+            let lsn: String = row.get(0);
+            report.push(format!(
+                "created logical replication slot {slot} (pgoutput) at {lsn}: events committed from now on will be published"
+            ));
+        }
+        Some(row) => {
+            let (kind, plugin, db, ours, lsn): (String, String, String, String, String) =
+                (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+            if kind != "logical" {
+                return Err(SetupError::PhysicalSlot { slot: slot.clone() });
+            }
+            if plugin != "pgoutput" {
+                return Err(SetupError::WrongPlugin { slot: slot.clone(), plugin });
+            }
+            if db != ours {
+                return Err(SetupError::WrongDatabase { slot: slot.clone(), other: db, ours });
+            }
+            report.push(format!(
+                "replication slot {slot} exists (pgoutput), confirmed up to {lsn}"
+            ));
+        }
+    }
+    Ok(report)
+}
