@@ -221,8 +221,18 @@ fn sql_name(option: &'static str, v: String) -> Result<String, ConfigError> {
 }
 
 impl RelayConfig {
-    /// Resolves merged options into a configuration, or says what is wrong.
+    /// Resolves merged options for `run`, which needs every setting.
     pub fn resolve(o: Options) -> Result<RelayConfig, ConfigError> {
+        Self::resolve_with(o, true)
+    }
+
+    /// Resolves merged options for `setup`, which never talks to Kafka and
+    /// so does not need the brokers.
+    pub fn resolve_for_setup(o: Options) -> Result<RelayConfig, ConfigError> {
+        Self::resolve_with(o, false)
+    }
+
+    fn resolve_with(o: Options, need_kafka: bool) -> Result<RelayConfig, ConfigError> {
         let url = o.database_url.ok_or(ConfigError::Missing { option: "database_url" })?;
         let database: tokio_postgres::Config = url.parse().map_err(|e| ConfigError::Invalid {
             option: "database_url",
@@ -237,8 +247,8 @@ impl RelayConfig {
                 reason: "it names no user".into(),
             });
         }
-        let kafka_brokers = o.kafka_brokers.ok_or(ConfigError::Missing { option: "kafka_brokers" })?;
-        if kafka_brokers.trim().is_empty() {
+        let kafka_brokers = o.kafka_brokers.unwrap_or_default();
+        if need_kafka && kafka_brokers.trim().is_empty() {
             return Err(ConfigError::Missing { option: "kafka_brokers" });
         }
         let preset = o.preset.unwrap_or(Preset::Classic).defaults();
@@ -342,6 +352,13 @@ mod tests {
         let c = RelayConfig::resolve(base()).unwrap();
         assert_eq!(c.router.id_column, "event_id");
         assert_eq!(c.router.topic.to_string(), "events.{event_type}");
+    }
+
+    #[test]
+    fn setup_does_not_need_kafka() {
+        let o = Options { kafka_brokers: None, ..base() };
+        assert!(RelayConfig::resolve_for_setup(o.clone()).is_ok());
+        assert!(RelayConfig::resolve(o).is_err());
     }
 
     #[test]

@@ -17,3 +17,4 @@ pub mod replication;
 pub mod router;
 pub mod setup;
 pub mod sink;
+pub mod tail;

@@ -25,6 +25,8 @@ enum Command {
     Setup(Options),
     /// Stream outbox events to Kafka until SIGTERM/SIGINT.
     Run(Options),
+    /// Print records as they arrive in Kafka (topic, key, headers, payload).
+    Tail(outbox_relay::tail::TailOptions),
 }
 
 fn init_logging(format: LogFormat) {
@@ -53,12 +55,42 @@ async fn shutdown_signal() {
     });
 }
 
-fn load(config: Option<PathBuf>, opts: Options) -> anyhow::Result<RelayConfig> {
+async fn tail(opts: outbox_relay::tail::TailOptions) -> std::process::ExitCode {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        flag.store(true, Ordering::Relaxed);
+    });
+    let result = tokio::task::spawn_blocking(move || {
+        outbox_relay::tail::run(&opts, stop, &mut std::io::stdout().lock())
+    })
+    .await;
+    match result {
+        Ok(Ok(_)) => std::process::ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("outbox-relay tail: {e}");
+            std::process::ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("outbox-relay tail: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn load(config: Option<PathBuf>, opts: Options, for_setup: bool) -> anyhow::Result<RelayConfig> {
     let merged = match config {
         Some(path) => opts.or(Options::from_file(&path)?),
         None => opts,
     };
-    Ok(RelayConfig::resolve(merged)?)
+    Ok(if for_setup {
+        RelayConfig::resolve_for_setup(merged)?
+    } else {
+        RelayConfig::resolve(merged)?
+    })
 }
 
 #[tokio::main]
@@ -67,8 +99,9 @@ async fn main() -> std::process::ExitCode {
     let (opts, is_setup) = match cli.command {
         Command::Setup(o) => (o, true),
         Command::Run(o) => (o, false),
+        Command::Tail(t) => return tail(t).await,
     };
-    let cfg = match load(cli.config, opts) {
+    let cfg = match load(cli.config, opts, is_setup) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("outbox-relay: configuration error: {e:#}");

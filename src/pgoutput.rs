@@ -149,6 +149,8 @@ pub enum DecodeError {
     InvalidUtf8 { what: &'static str },
     #[error("{what} has no NUL terminator")]
     UnterminatedString { what: &'static str },
+    #[error("{left} unexpected bytes after a complete {tag:?} message")]
+    Trailing { tag: char, left: usize },
     #[error("negative {what}: {value}")]
     NegativeLength { what: &'static str, value: i64 },
 }
@@ -159,7 +161,16 @@ pub fn decode(mut buf: Bytes) -> Result<LogicalMessage, DecodeError> {
         return Err(DecodeError::Empty);
     }
     let tag = buf.get_u8();
-    let r = &mut buf;
+    let msg = decode_body(tag, &mut buf)?;
+    // Bytes left over mean the message is not the shape we think it is (a
+    // protocol version mismatch, say): refuse rather than guess.
+    if !matches!(msg, LogicalMessage::Other(_)) && buf.has_remaining() {
+        return Err(DecodeError::Trailing { tag: char::from(tag), left: buf.remaining() });
+    }
+    Ok(msg)
+}
+
+fn decode_body(tag: u8, r: &mut Bytes) -> Result<LogicalMessage, DecodeError> {
     match tag {
         b'B' => Ok(LogicalMessage::Begin(Begin {
             final_lsn: Lsn(read_u64(r, "Begin final LSN")?),
@@ -340,6 +351,13 @@ mod tests {
                 ],
             })
         );
+    }
+
+    #[test]
+    fn trailing_bytes_are_an_error() {
+        let mut b = BytesMut::from(&insert_bytes()[..]);
+        b.put_u8(0);
+        assert!(matches!(decode(b.freeze()), Err(DecodeError::Trailing { tag: 'I', left: 1 })));
     }
 
     #[test]

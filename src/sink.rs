@@ -7,9 +7,11 @@
 //! librdkafka keeps at most 5 requests in flight per partition and retries
 //! without reordering, so a partition receives its records in commit order.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
@@ -54,9 +56,68 @@ const REQUIRED: &[(&str, &str)] = &[("enable.idempotence", "true"), ("acks", "al
 
 struct AckContext {
     acks: mpsc::UnboundedSender<Ack>,
+    /// librdkafka reports a down broker many times a second; say it once per
+    /// interval, with how many reports were folded into the line.
+    quiet: Mutex<HashMap<String, (Instant, u64)>>,
 }
 
-impl ClientContext for AckContext {}
+const REPEAT_INTERVAL: Duration = Duration::from_secs(30);
+
+impl AckContext {
+    /// True when a report of this kind should be logged now; otherwise counts it.
+    fn should_log(&self, kind: &str) -> Option<u64> {
+        let mut quiet = self.quiet.lock().unwrap_or_else(|p| p.into_inner());
+        match quiet.get_mut(kind) {
+            Some((at, suppressed)) if at.elapsed() < REPEAT_INTERVAL => {
+                *suppressed += 1;
+                None
+            }
+            Some((at, suppressed)) => {
+                let n = *suppressed;
+                *at = Instant::now();
+                *suppressed = 0;
+                Some(n)
+            }
+            None => {
+                quiet.insert(kind.to_string(), (Instant::now(), 0));
+                Some(0)
+            }
+        }
+    }
+}
+
+impl ClientContext for AckContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error
+            | RDKafkaLogLevel::Warning => {
+                if let Some(suppressed) = self.should_log(fac) {
+                    tracing::warn!(target: "librdkafka", facility = fac, suppressed, "{message}");
+                }
+            }
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(target: "librdkafka", facility = fac, "{message}")
+            }
+            RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", facility = fac, "{message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        let kind = match error.rdkafka_error_code() {
+            Some(code) => format!("{code:?}"),
+            None => error.to_string(),
+        };
+        if let Some(suppressed) = self.should_log(&kind) {
+            tracing::warn!(
+                suppressed,
+                "Kafka client error: {error}: {reason}; undelivered events stay in flight and the slot does not move past them"
+            );
+        }
+    }
+}
 
 impl ProducerContext for AckContext {
     type DeliveryOpaque = usize;
@@ -105,7 +166,8 @@ impl KafkaSink {
         }
         for (k, v) in REQUIRED {
             if let Some(user) = cfg.get(k) {
-                if user != *v {
+                let same = user.eq_ignore_ascii_case(v) || (*k == "acks" && user == "-1");
+                if !same {
                     return Err(SinkError::Weakened {
                         key: k.to_string(),
                         value: user.to_string(),
@@ -117,7 +179,7 @@ impl KafkaSink {
         }
         let (tx, rx) = mpsc::unbounded_channel();
         let producer = cfg
-            .create_with_context(AckContext { acks: tx })
+            .create_with_context(AckContext { acks: tx, quiet: Mutex::new(HashMap::new()) })
             .map_err(SinkError::Config)?;
         Ok((KafkaSink { producer }, rx))
     }
@@ -150,5 +212,32 @@ impl KafkaSink {
 
     pub fn in_flight(&self) -> i32 {
         self.producer.in_flight_count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn props(kv: &[(&str, &str)]) -> Vec<(String, String)> {
+        kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn guarantees_cannot_be_weakened() {
+        let err = KafkaSink::new("127.0.0.1:1", &props(&[("enable.idempotence", "false")]))
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("enable.idempotence=false"), "{err}");
+        assert!(KafkaSink::new("127.0.0.1:1", &props(&[("acks", "1")])).is_err());
+        assert!(KafkaSink::new("127.0.0.1:1", &props(&[("acks", "-1"), ("compression.type", "zstd")])).is_ok());
+    }
+
+    #[test]
+    fn unknown_properties_are_a_config_error() {
+        let err = KafkaSink::new("127.0.0.1:1", &props(&[("no.such.property", "1")]))
+            .err()
+            .expect("refused");
+        assert!(matches!(err, SinkError::Config(_)), "{err}");
     }
 }

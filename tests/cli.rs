@@ -1,0 +1,100 @@
+//! The command line: configuration layering and the errors a user sees.
+
+mod support;
+
+use support::*;
+
+#[test]
+fn missing_options_name_flag_env_and_config_key() {
+    let (code, _, err) = relay_cmd(&["run", "--kafka-brokers", "x:1"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("database_url is required: pass --database-url or set OUTBOX_RELAY_DATABASE_URL"),
+        "{err}"
+    );
+}
+
+#[test]
+fn invalid_values_are_refused_before_connecting() {
+    let (code, _, err) = relay_cmd(&[
+        "run", "--database-url", "postgres://u@h/db", "--kafka-brokers", "x:1", "--kafka-property", "linger.ms",
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("invalid kafka_property \"linger.ms\": expected KEY=VALUE"), "{err}");
+    let (code, _, err) = relay_cmd(&[
+        "run", "--database-url", "postgres://u@h/db", "--kafka-brokers", "x:1", "--topic", "bad topic",
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("invalid topic"), "{err}");
+    let (code, _, err) = relay_cmd(&["run", "--database-url", "postgres://u:hunter2@h:notaport/db", "--kafka-brokers", "x:1"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("invalid database_url") && !err.contains("hunter2"), "{err}");
+}
+
+#[test]
+fn config_file_is_a_layer_below_env_and_flags() {
+    let dir = std::env::temp_dir().join(unique("cfg"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("relay.toml");
+    std::fs::write(&file, "database_url = \"postgres://u@h/db\"\nkafka_brokers = \"x:1\"\nnot_an_option = 1\n").unwrap();
+    let (code, _, err) = relay_cmd(&["--config", file.to_str().unwrap(), "run"]);
+    assert_eq!(code, 2);
+    assert!(err.contains(&format!("config file {}", file.display())) && err.contains("not_an_option"), "{err}");
+
+    // The file supplies what flags do not; a flag overrides the file. The
+    // relay then fails on the (bad) value from the file, proving it was read.
+    std::fs::write(&file, "database_url = \"postgres://u@h/db\"\nkafka_brokers = \"x:1\"\ntopic = \"from file\"\n").unwrap();
+    let (code, _, err) = relay_cmd(&["--config", file.to_str().unwrap(), "run"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("invalid topic \"from file\""), "{err}");
+    let out = std::process::Command::new(relay_bin())
+        .args(["--config", file.to_str().unwrap(), "run", "--topic", "bad flag"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("invalid topic \"bad flag\""), "{err}");
+    // An environment variable sits between the file and the flags.
+    let out = std::process::Command::new(relay_bin())
+        .args(["--config", file.to_str().unwrap(), "run"])
+        .env("OUTBOX_RELAY_TOPIC", "bad env")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("invalid topic \"bad env\""), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_without_setup_says_to_run_setup() {
+    let db = TestDb::new("cli_noslot").await;
+    db.exec(CLASSIC_TABLE).await;
+    let (code, _, err) = relay_cmd(&["run", "--database-url", &db.url, "--kafka-brokers", &brokers(), "--slot", "nope"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("replication slot \"nope\" does not exist: run `outbox-relay setup` first"), "{err}");
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_names_a_missing_column_and_lists_the_real_ones() {
+    let db = TestDb::new("cli_nocol").await;
+    db.exec(CLASSIC_TABLE).await;
+    let (code, _, err) = relay_cmd(&[
+        "setup", "--database-url", &db.url, "--kafka-brokers", "x:1", "--key-column", "customer_id",
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("table public.outbox has no column customer_id (set by --key-column); its columns are: id, event_id, event_type, aggregate_id, payload"),
+        "{err}"
+    );
+    let (code, _, err) = relay_cmd(&["setup", "--database-url", &db.url, "--kafka-brokers", "x:1", "--table", "missing"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("table public.missing does not exist"), "{err}");
+    // Nothing was created by the failed runs.
+    let n: i64 = db
+        .client
+        .query_one("SELECT count(*) FROM pg_replication_slots WHERE database = current_database()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0);
+    db.drop().await;
+}

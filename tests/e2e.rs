@@ -1,0 +1,443 @@
+//! End to end: Postgres → relay (the real binary) → broker, read back and
+//! checked event by event.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use support::*;
+
+/// Kafka's default partitioner (murmur2, as the Java client computes it).
+fn murmur2_partition(key: &[u8], partitions: u32) -> i32 {
+    const M: u32 = 0x5bd1_e995;
+    let mut h: u32 = 0x9747_b28c ^ key.len() as u32;
+    let chunks = key.chunks_exact(4);
+    let tail = chunks.remainder();
+    for c in chunks {
+        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        k = k.wrapping_mul(M);
+        k ^= k >> 24;
+        k = k.wrapping_mul(M);
+        h = h.wrapping_mul(M);
+        h ^= k;
+    }
+    if tail.len() >= 3 {
+        h ^= u32::from(tail[2]) << 16;
+    }
+    if tail.len() >= 2 {
+        h ^= u32::from(tail[1]) << 8;
+    }
+    if !tail.is_empty() {
+        h ^= u32::from(tail[0]);
+        h = h.wrapping_mul(M);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(M);
+    h ^= h >> 15;
+    ((h & 0x7fff_ffff) % partitions) as i32
+}
+
+/// Classic outbox with its publication and slot, via the CLI's `setup`.
+async fn classic_db(name: &str) -> (TestDb, String) {
+    let db = TestDb::new(name).await;
+    db.exec(CLASSIC_TABLE).await;
+    // Slot names are global to the cluster; the database name is unique.
+    let slot = format!("s_{}", db.name);
+    let (code, out, err) = relay_cmd(&[
+        "setup",
+        "--database-url",
+        &db.url,
+        "--kafka-brokers",
+        "unused:9092",
+        "--slot",
+        &slot,
+    ]);
+    assert_eq!(code, 0, "setup failed: {out}{err}");
+    assert!(out.contains("created publication outbox_pub"), "{out}");
+    assert!(out.contains(&format!("created logical replication slot {slot}")), "{out}");
+    (db, slot)
+}
+
+/// Inserts `n` events in one transaction; returns their event ids.
+async fn insert_events(db: &TestDb, aggregates: &[(String, String)], first_seq: usize, n: usize) {
+    let mut sql = String::from("BEGIN;");
+    for i in 0..n {
+        let seq = first_seq + i;
+        let (agg, ty) = &aggregates[seq * 7 % aggregates.len()];
+        sql.push_str(&format!(
+            "INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('{ty}', '{agg}', '{{\"seq\": {seq}, \"aggregate\": \"{agg}\", \"note\": \"ünïcødé ✓\", \"empty\": \"\"}}');"
+        ));
+    }
+    sql.push_str("COMMIT;");
+    db.exec(&sql).await;
+}
+
+struct Expected {
+    event_id: String,
+    event_type: String,
+    aggregate: String,
+    payload: String,
+    id: i64,
+}
+
+async fn expected_rows(db: &TestDb) -> Vec<Expected> {
+    db.client
+        .query(
+            "SELECT event_id::text, event_type, aggregate_id, payload::text, id FROM outbox ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| Expected {
+            event_id: r.get(0),
+            event_type: r.get(1),
+            aggregate: r.get(2),
+            payload: r.get(3),
+            id: r.get(4),
+        })
+        .collect()
+}
+
+/// Every event exactly once (or at least once when `allow_duplicates`),
+/// routed, keyed, with headers and payload bytes as stored, and each
+/// partition holding its aggregates' events in commit order.
+fn check_delivery(expected: &[Expected], records: &[Record], prefix: &str, partitions: u32, allow_duplicates: bool) -> usize {
+    let by_id: HashMap<&str, &Expected> = expected.iter().map(|e| (e.event_id.as_str(), e)).collect();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for r in records {
+        let id = r.header("id").expect("every record has an id header");
+        let e = by_id
+            .get(id.as_str())
+            .unwrap_or_else(|| panic!("record with unknown event id {id}: {r:?}"));
+        assert_eq!(r.topic, format!("{prefix}.{}", e.event_type), "routed topic");
+        assert_eq!(r.key_str(), e.aggregate, "key is the aggregate id");
+        assert_eq!(r.header("event_type").as_deref(), Some(e.event_type.as_str()));
+        assert_eq!(
+            String::from_utf8(r.payload.clone().unwrap()).unwrap(),
+            e.payload,
+            "payload bytes are the stored JSON text"
+        );
+        assert_eq!(
+            r.partition,
+            murmur2_partition(e.aggregate.as_bytes(), partitions),
+            "key {} on Kafka's default partition",
+            e.aggregate
+        );
+        *seen.entry(id).or_default() += 1;
+    }
+    let missing: Vec<_> = expected.iter().filter(|e| !seen.contains_key(&e.event_id)).collect();
+    assert!(missing.is_empty(), "{} events lost, first: id {}", missing.len(), missing[0].id);
+    let dups = seen.values().filter(|&&n| n > 1).count();
+    if !allow_duplicates {
+        assert_eq!(dups, 0, "duplicates without a crash");
+    }
+    // Commit order per aggregate within its partition: the outbox id grows
+    // with commit order here (one writer). Duplicates may repeat a suffix.
+    let mut per_partition: BTreeMap<(String, i32), Vec<&Record>> = BTreeMap::new();
+    for r in records {
+        per_partition.entry((r.topic.clone(), r.partition)).or_default().push(r);
+    }
+    for recs in per_partition.values_mut() {
+        recs.sort_by_key(|r| r.offset);
+        let mut last: HashMap<String, i64> = HashMap::new();
+        let mut delivered: HashSet<String> = HashSet::new();
+        for r in recs.iter() {
+            let id = r.header("id").unwrap();
+            let e = by_id[id.as_str()];
+            let first_time = delivered.insert(id.clone());
+            if first_time {
+                if let Some(prev) = last.get(&e.aggregate) {
+                    assert!(*prev < e.id, "aggregate {} out of order: {} after {}", e.aggregate, e.id, prev);
+                }
+                last.insert(e.aggregate.clone(), e.id);
+            }
+        }
+    }
+    dups
+}
+
+fn aggregates(n: usize) -> Vec<(String, String)> {
+    (0..n).map(|i| (format!("agg-{i}"), ["OrderCreated", "OrderPaid", "OrderShipped"][i % 3].to_string())).collect()
+}
+
+fn topics(prefix: &str) -> Vec<String> {
+    ["OrderCreated", "OrderPaid", "OrderShipped"].iter().map(|t| format!("{prefix}.{t}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_events_arrive_once_in_order_and_the_slot_follows() {
+    let (db, slot) = classic_db("e2e_thousand").await;
+    let prefix = unique("e2e");
+    let topics = topics(&prefix);
+    let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+    create_topics(&brokers(), &topic_refs, 4).await;
+    let template = format!("{prefix}.{{event_type}}");
+    let mut relay = Relay::start(&relay_args(&db, &brokers(), &["--slot", &slot, "--topic", &template]));
+
+    // 1,000 events in 100 transactions of mixed size (1..19) over 20 aggregates.
+    let aggs = aggregates(20);
+    let sizes: Vec<usize> = (0..100).map(|i| [1, 5, 19, 10, 15][i % 5]).collect();
+    assert_eq!(sizes.iter().sum::<usize>(), 1000);
+    let mut seq = 0;
+    for n in &sizes {
+        insert_events(&db, &aggs, seq, *n).await;
+        seq += n;
+    }
+    let after_last_commit = db.current_wal_lsn().await;
+
+    let records = consume(&brokers(), &topics, 1000, Duration::from_secs(90)).await;
+    let expected = expected_rows(&db).await;
+    assert_eq!(expected.len(), 1000);
+    assert_eq!(records.len(), 1000, "exactly one record per event");
+    check_delivery(&expected, &records, &prefix, 4, false);
+
+    wait_until(Duration::from_secs(30), "confirmed_flush_lsn to reach the last commit", || async {
+        db.confirmed_flush_lsn(&slot).await >= after_last_commit
+    })
+    .await;
+    assert!(relay.is_running(), "relay died: {}", relay.log_text());
+    relay.signal("TERM");
+    assert_eq!(relay.wait(Duration::from_secs(30)).await, Some(0), "{}", relay.log_text());
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slot_does_not_move_while_the_broker_is_unreachable() {
+    let (db, slot) = classic_db("e2e_unreachable").await;
+    let prefix = unique("unreach");
+    let template = format!("{prefix}.{{event_type}}");
+    let port = free_port();
+    let mut relay = Relay::start(&relay_args(
+        &db,
+        &format!("127.0.0.1:{port}"),
+        &["--slot", &slot, "--topic", &template],
+    ));
+    wait_until(Duration::from_secs(30), "the relay to stream", || async { db.slot_active(&slot).await }).await;
+
+    let before = db.current_wal_lsn().await;
+    let aggs = aggregates(6);
+    insert_events(&db, &aggs, 0, 30).await;
+    let after = db.current_wal_lsn().await;
+    // The walsender has sent the transaction: the relay holds it in flight.
+    wait_until(Duration::from_secs(30), "the walsender to send the events", || async {
+        db.sent_lsn(&slot).await.is_some_and(|s| s >= after)
+    })
+    .await;
+    // Several status intervals pass; the confirmed position must not cover
+    // the undelivered transaction.
+    for _ in 0..30 {
+        let confirmed = db.confirmed_flush_lsn(&slot).await;
+        assert!(confirmed <= before, "slot confirmed {confirmed} past undelivered events (before insert: {before})");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(relay.is_running(), "relay died: {}", relay.log_text());
+
+    // The broker appears: the events are delivered and the slot moves on.
+    let broker = Broker::start(port).await;
+    let topics = topics(&prefix);
+    let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+    create_topics(&broker.brokers(), &topic_refs, 2).await;
+    let records = consume(&broker.brokers(), &topics, 30, Duration::from_secs(90)).await;
+    check_delivery(&expected_rows(&db).await, &records, &prefix, 2, false);
+    wait_until(Duration::from_secs(30), "confirmed_flush_lsn to pass the delivered commit", || async {
+        db.confirmed_flush_lsn(&slot).await >= after
+    })
+    .await;
+    relay.signal("TERM");
+    assert_eq!(relay.wait(Duration::from_secs(30)).await, Some(0), "{}", relay.log_text());
+    db.drop().await;
+}
+
+/// Writes `txns` transactions of `per_txn` events in the background,
+/// reporting how many have committed, and the WAL position after each.
+fn spawn_writer(url: String, txns: usize, per_txn: usize) -> (tokio::task::JoinHandle<Vec<outbox_relay::lsn::Lsn>>, tokio::sync::watch::Receiver<Vec<outbox_relay::lsn::Lsn>>) {
+    let (tx, rx) = tokio::sync::watch::channel(Vec::new());
+    let handle = tokio::spawn(async move {
+        let client = sql_client(&url).await;
+        let aggs = aggregates(20);
+        let mut after = Vec::new();
+        for t in 0..txns {
+            let mut sql = String::from("BEGIN;");
+            for i in 0..per_txn {
+                let seq = t * per_txn + i;
+                let (agg, ty) = &aggs[seq * 7 % aggs.len()];
+                sql.push_str(&format!(
+                    "INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('{ty}', '{agg}', '{{\"seq\": {seq}}}');"
+                ));
+            }
+            sql.push_str("COMMIT;");
+            client.batch_execute(&sql).await.unwrap();
+            let lsn: String = client.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
+            after.push(lsn.parse().unwrap());
+            tx.send_replace(after.clone());
+            // Pace the load so the relay is stopped while events are still
+            // being written and delivered (load shaping, not synchronisation).
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        after
+    });
+    (handle, rx)
+}
+
+async fn stop_and_restart(signal: &str) {
+    let (db, slot) = classic_db(&format!("e2e_{}", signal.to_lowercase())).await;
+    let prefix = unique(&format!("restart_{}", signal.to_lowercase()));
+    let topics = topics(&prefix);
+    let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+    create_topics(&brokers(), &topic_refs, 3).await;
+    let template = format!("{prefix}.{{event_type}}");
+    let args = relay_args(&db, &brokers(), &["--slot", &slot, "--topic", &template]);
+    let mut relay = Relay::start(&args);
+
+    let (writer, mut progress) = spawn_writer(db.url.clone(), 300, 5);
+    // Stop the relay mid-stream: a third of the transactions are committed
+    // and the relay has confirmed some of them.
+    let fiftieth = progress.wait_for(|after| after.len() >= 100).await.unwrap()[49];
+    wait_until(Duration::from_secs(30), "the relay to confirm 50 transactions", || async {
+        db.confirmed_flush_lsn(&slot).await >= fiftieth
+    })
+    .await;
+    let written_at_stop = progress.borrow().len();
+    relay.signal(signal);
+    assert!(written_at_stop < 300, "the writer finished before the stop: not mid-stream");
+    let code = relay.wait(Duration::from_secs(60)).await;
+    let log = relay.log_text();
+    drop(relay);
+    let confirmed_at_stop = db.confirmed_flush_lsn(&slot).await;
+    if signal == "TERM" {
+        assert_eq!(code, Some(0), "graceful stop exits 0: {log}");
+        assert!(log.contains("replication stopped"), "{log}");
+    } else {
+        assert_eq!(code, None, "killed by the signal");
+    }
+
+    let mut relay = Relay::start(&args);
+    let after = writer.await.unwrap();
+    let expected = expected_rows(&db).await;
+    assert_eq!(expected.len(), 1500);
+    let records = consume(&brokers(), &topics, 1500, Duration::from_secs(120)).await;
+    let dups = check_delivery(&expected, &records, &prefix, 3, signal == "KILL");
+    // A repeat may only be an event of a transaction the slot had not
+    // confirmed when the relay stopped: transactions whose commit ended
+    // before the confirmed position are never sent twice.
+    let confirmed_txns = after.iter().filter(|l| **l <= confirmed_at_stop).count();
+    let mut count: HashMap<String, usize> = HashMap::new();
+    for r in &records {
+        *count.entry(r.header("id").unwrap()).or_default() += 1;
+    }
+    let seq_of = |r: &Record| r.payload_json()["seq"].as_u64().unwrap() as usize;
+    for r in &records {
+        if count[&r.header("id").unwrap()] > 1 {
+            let txn = seq_of(r) / 5;
+            assert!(txn >= confirmed_txns, "event of confirmed transaction {txn} delivered twice");
+        }
+    }
+    assert!(confirmed_txns < 300, "stopped mid-stream");
+    eprintln!("{signal}: {} records for 1500 events, {dups} duplicated events, {written_at_stop} transactions written and {confirmed_txns} confirmed at the stop", records.len());
+    relay.signal("TERM");
+    assert_eq!(relay.wait(Duration::from_secs(30)).await, Some(0), "{}", relay.log_text());
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_stream_then_restart_loses_and_repeats_nothing() {
+    stop_and_restart("TERM").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_stream_then_restart_loses_nothing() {
+    stop_and_restart("KILL").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_outbox_keeps_confirming_while_other_tables_take_writes() {
+    let (db, slot) = classic_db("e2e_idle").await;
+    db.exec("CREATE TABLE busy (id serial PRIMARY KEY, note text)").await;
+    let prefix = unique("idle");
+    let template = format!("{prefix}.{{event_type}}");
+    let mut relay = Relay::start(&relay_args(&db, &brokers(), &["--slot", &slot, "--topic", &template]));
+    wait_until(Duration::from_secs(30), "the relay to stream", || async { db.slot_active(&slot).await }).await;
+    for round in 0..3 {
+        db.exec(&format!("INSERT INTO busy (note) SELECT 'round {round} ' || g FROM generate_series(1, 200) g")).await;
+        let target = db.current_wal_lsn().await;
+        wait_until(Duration::from_secs(30), "confirmed_flush_lsn to follow writes to another table", || async {
+            db.confirmed_flush_lsn(&slot).await >= target
+        })
+        .await;
+    }
+    assert!(relay.is_running(), "{}", relay.log_text());
+    relay.signal("TERM");
+    assert_eq!(relay.wait(Duration::from_secs(30)).await, Some(0));
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debezium_preset_end_to_end_with_insert_then_delete() {
+    let db = TestDb::new("e2e_debezium").await;
+    db.exec(DEBEZIUM_TABLE).await;
+    let slot = format!("s_{}", db.name);
+    let (code, out, err) = relay_cmd(&[
+        "setup",
+        "--database-url",
+        &db.url,
+        "--kafka-brokers",
+        "unused:9092",
+        "--preset",
+        "debezium",
+        "--publication",
+        "dbz_pub",
+        "--slot",
+        &slot,
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("created publication dbz_pub for table public.outboxevent"), "{out}");
+    // Idempotent: a second run changes nothing and says so.
+    let (code, out, _) = relay_cmd(&[
+        "setup", "--database-url", &db.url, "--kafka-brokers", "unused:9092", "--preset", "debezium",
+        "--publication", "dbz_pub", "--slot", &slot,
+    ]);
+    assert_eq!(code, 0);
+    assert!(out.contains("publication dbz_pub exists") && out.contains(&format!("slot {slot} exists")), "{out}");
+
+    // Topics follow Debezium's default route: outbox.event.{aggregatetype}.
+    let run = unique("dbz");
+    let types = [format!("Order{run}"), format!("Customer{run}")];
+    let topics: Vec<String> = types.iter().map(|t| format!("outbox.event.{t}")).collect();
+    let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+    create_topics(&brokers(), &topic_refs, 2).await;
+    let mut relay = Relay::start(&relay_args(
+        &db,
+        &brokers(),
+        &["--preset", "debezium", "--publication", "dbz_pub", "--slot", &slot],
+    ));
+    for i in 0..100 {
+        let ty = &types[i % 2];
+        // The Debezium pattern: insert and delete in one transaction, so the
+        // table stays empty; only the insert is published.
+        db.exec(&format!(
+            "BEGIN;
+             INSERT INTO outboxevent (id, aggregatetype, aggregateid, type, payload)
+               VALUES ('00000000-0000-4000-8000-{i:012}', '{ty}', 'a{}', 'Created', '{{\"n\": {i}}}');
+             DELETE FROM outboxevent WHERE id = '00000000-0000-4000-8000-{i:012}';
+             COMMIT;",
+            i % 7
+        ))
+        .await;
+    }
+    let records = consume(&brokers(), &topics, 100, Duration::from_secs(60)).await;
+    assert_eq!(records.len(), 100);
+    let mut ids = HashSet::new();
+    for r in &records {
+        let n = r.payload_json()["n"].as_u64().unwrap() as usize;
+        assert_eq!(r.topic, format!("outbox.event.{}", types[n % 2]));
+        assert_eq!(r.key_str(), format!("a{}", n % 7));
+        assert_eq!(r.header("id").unwrap(), format!("00000000-0000-4000-8000-{n:012}"));
+        ids.insert(n);
+    }
+    assert_eq!(ids.len(), 100);
+    relay.signal("TERM");
+    assert_eq!(relay.wait(Duration::from_secs(30)).await, Some(0), "{}", relay.log_text());
+    db.drop().await;
+}
