@@ -190,7 +190,11 @@ mod tests {
         c.ack(t2).unwrap();
         assert_eq!(c.confirmed(), Lsn(10));
         c.idle(Lsn(500));
-        assert_eq!(c.confirmed(), Lsn(10), "idle must not skip in-flight events");
+        assert_eq!(
+            c.confirmed(),
+            Lsn(10),
+            "idle must not skip in-flight events"
+        );
         c.ack(t1).unwrap();
         assert_eq!(c.confirmed(), Lsn(210));
         assert_eq!(c.inflight(), 0);

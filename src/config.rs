@@ -150,9 +150,24 @@ impl Options {
         let hi = self;
         let lo = lower;
         merge_fields!(
-            hi, lo, database_url, kafka_brokers, preset, table, publication, slot, topic,
-            key_column, id_column, payload_column, header_columns, kafka_property,
-            max_inflight, status_interval, shutdown_timeout, log_format
+            hi,
+            lo,
+            database_url,
+            kafka_brokers,
+            preset,
+            table,
+            publication,
+            slot,
+            topic,
+            key_column,
+            id_column,
+            payload_column,
+            header_columns,
+            kafka_property,
+            max_inflight,
+            status_interval,
+            shutdown_timeout,
+            log_format
         )
     }
 
@@ -233,7 +248,9 @@ impl RelayConfig {
     }
 
     fn resolve_with(o: Options, need_kafka: bool) -> Result<RelayConfig, ConfigError> {
-        let url = o.database_url.ok_or(ConfigError::Missing { option: "database_url" })?;
+        let url = o.database_url.ok_or(ConfigError::Missing {
+            option: "database_url",
+        })?;
         let database: tokio_postgres::Config = url.parse().map_err(|e| ConfigError::Invalid {
             option: "database_url",
             // Never echo the URL: it may hold a password.
@@ -249,7 +266,9 @@ impl RelayConfig {
         }
         let kafka_brokers = o.kafka_brokers.unwrap_or_default();
         if need_kafka && kafka_brokers.trim().is_empty() {
-            return Err(ConfigError::Missing { option: "kafka_brokers" });
+            return Err(ConfigError::Missing {
+                option: "kafka_brokers",
+            });
         }
         let preset = o.preset.unwrap_or(Preset::Classic).defaults();
         let table_text = o.table.unwrap_or_else(|| preset.table.to_string());
@@ -279,7 +298,10 @@ impl RelayConfig {
             None => preset
                 .headers
                 .iter()
-                .map(|h| HeaderColumn { column: h.to_string(), header: h.to_string() })
+                .map(|h| HeaderColumn {
+                    column: h.to_string(),
+                    header: h.to_string(),
+                })
                 .collect(),
         };
         let column = |option: &'static str, v: Option<String>, default: &str| {
@@ -319,7 +341,10 @@ impl RelayConfig {
         Ok(RelayConfig {
             database,
             kafka_brokers,
-            publication: sql_name("publication", o.publication.unwrap_or_else(|| "outbox_pub".into()))?,
+            publication: sql_name(
+                "publication",
+                o.publication.unwrap_or_else(|| "outbox_pub".into()),
+            )?,
             slot: sql_name("slot", o.slot.unwrap_or_else(|| "outbox_relay".into()))?,
             router,
             kafka_properties,
@@ -345,7 +370,11 @@ mod tests {
 
     #[test]
     fn presets_fill_the_columns() {
-        let c = RelayConfig::resolve(Options { preset: Some(Preset::Debezium), ..base() }).unwrap();
+        let c = RelayConfig::resolve(Options {
+            preset: Some(Preset::Debezium),
+            ..base()
+        })
+        .unwrap();
         assert_eq!(c.router.table.to_string(), "public.outboxevent");
         assert_eq!(c.router.key_column, "aggregateid");
         assert_eq!(c.router.topic.to_string(), "outbox.event.{aggregatetype}");
@@ -356,7 +385,10 @@ mod tests {
 
     #[test]
     fn setup_does_not_need_kafka() {
-        let o = Options { kafka_brokers: None, ..base() };
+        let o = Options {
+            kafka_brokers: None,
+            ..base()
+        };
         assert!(RelayConfig::resolve_for_setup(o.clone()).is_ok());
         assert!(RelayConfig::resolve(o).is_err());
     }
@@ -367,16 +399,26 @@ mod tests {
             "key_column = \"from_file\"\ntopic = \"file-topic\"\nkafka_property = [\"linger.ms=1\"]\n",
         )
         .unwrap();
-        let cli = Options { key_column: Some("from_cli".into()), ..base() };
+        let cli = Options {
+            key_column: Some("from_cli".into()),
+            ..base()
+        };
         let c = RelayConfig::resolve(cli.or(file)).unwrap();
         assert_eq!(c.router.key_column, "from_cli");
         assert_eq!(c.router.topic.fixed(), Some("file-topic"));
-        assert_eq!(c.kafka_properties, vec![("linger.ms".to_string(), "1".to_string())]);
+        assert_eq!(
+            c.kafka_properties,
+            vec![("linger.ms".to_string(), "1".to_string())]
+        );
     }
 
     #[test]
     fn errors_name_the_option_and_hide_passwords() {
-        let e = RelayConfig::resolve(Options { kafka_brokers: None, ..base() }).unwrap_err();
+        let e = RelayConfig::resolve(Options {
+            kafka_brokers: None,
+            ..base()
+        })
+        .unwrap_err();
         assert_eq!(
             e.to_string(),
             "kafka_brokers is required: pass --kafka-brokers or set OUTBOX_RELAY_KAFKA_BROKERS (or `kafka_brokers` in the --config file)"
@@ -388,9 +430,12 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("database_url") && !e.contains("secret"), "{e}");
-        let e = RelayConfig::resolve(Options { kafka_property: Some(vec!["nokey".into()]), ..base() })
-            .unwrap_err()
-            .to_string();
+        let e = RelayConfig::resolve(Options {
+            kafka_property: Some(vec!["nokey".into()]),
+            ..base()
+        })
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("KEY=VALUE"), "{e}");
         assert!(toml::from_str::<Options>("no_such_option = 1").is_err());
     }

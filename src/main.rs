@@ -9,7 +9,11 @@ use outbox_relay::config::{LogFormat, Options, RelayConfig};
 use outbox_relay::{pipeline, setup};
 
 #[derive(Parser)]
-#[command(name = "outbox-relay", version, about = "Publishes outbox-table INSERTs from PostgreSQL logical replication to Kafka, in commit order, confirming the slot only after the broker acknowledged.")]
+#[command(
+    name = "outbox-relay",
+    version,
+    about = "Publishes outbox-table INSERTs from PostgreSQL logical replication to Kafka, in commit order, confirming the slot only after the broker acknowledged."
+)]
 struct Cli {
     /// TOML file with options (keys are the long flag names with `_`).
     #[arg(long, global = true, env = "OUTBOX_RELAY_CONFIG")]
@@ -33,7 +37,9 @@ fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("OUTBOX_RELAY_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -43,7 +49,10 @@ fn init_logging(format: LogFormat) {
 /// Resolves on the first SIGTERM or SIGINT; a second one exits at once.
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         // Without signal handlers the relay still runs; it just cannot stop gracefully.
         return std::future::pending().await;
     };

@@ -133,7 +133,9 @@ pub enum TupleValue {
 pub enum DecodeError {
     #[error("pgoutput message is empty")]
     Empty,
-    #[error("pgoutput message truncated while reading {what} ({needed} bytes needed, {available} left)")]
+    #[error(
+        "pgoutput message truncated while reading {what} ({needed} bytes needed, {available} left)"
+    )]
     Truncated {
         what: &'static str,
         needed: usize,
@@ -165,7 +167,10 @@ pub fn decode(mut buf: Bytes) -> Result<LogicalMessage, DecodeError> {
     // Bytes left over mean the message is not the shape we think it is (a
     // protocol version mismatch, say): refuse rather than guess.
     if !matches!(msg, LogicalMessage::Other(_)) && buf.has_remaining() {
-        return Err(DecodeError::Trailing { tag: char::from(tag), left: buf.remaining() });
+        return Err(DecodeError::Trailing {
+            tag: char::from(tag),
+            left: buf.remaining(),
+        });
     }
     Ok(msg)
 }
@@ -357,7 +362,10 @@ mod tests {
     fn trailing_bytes_are_an_error() {
         let mut b = BytesMut::from(&insert_bytes()[..]);
         b.put_u8(0);
-        assert!(matches!(decode(b.freeze()), Err(DecodeError::Trailing { tag: 'I', left: 1 })));
+        assert!(matches!(
+            decode(b.freeze()),
+            Err(DecodeError::Trailing { tag: 'I', left: 1 })
+        ));
     }
 
     #[test]
@@ -382,7 +390,10 @@ mod tests {
         b.put_u8(b'x');
         assert!(matches!(
             decode(b.freeze()),
-            Err(DecodeError::UnknownTupleKind { kind: b'x', column: 0 })
+            Err(DecodeError::UnknownTupleKind {
+                kind: b'x',
+                column: 0
+            })
         ));
     }
 

@@ -50,13 +50,8 @@ pub enum PipelineError {
     Checkpoint(#[from] CheckpointError),
     #[error(transparent)]
     Sink(#[from] SinkError),
-    #[error("Kafka did not accept an event for topic {topic} (transaction committed at {commit_lsn}): {error}; the slot stays at {confirmed}, so the event will be sent again after a restart")]
-    Delivery {
-        topic: String,
-        commit_lsn: String,
-        error: KafkaError,
-        confirmed: Lsn,
-    },
+    #[error(transparent)]
+    Delivery(Box<DeliveryFailure>),
     #[error("replication slot {slot:?} does not exist: run `outbox-relay setup` first")]
     SlotMissing { slot: String },
     #[error("replication slot {slot:?} uses plugin {plugin:?}, not pgoutput: drop it or choose another --slot")]
@@ -65,6 +60,16 @@ pub enum PipelineError {
     ShutdownTimeout { inflight: u64, confirmed: Lsn },
     #[error("the server ended the replication stream")]
     ServerEnded,
+}
+
+/// A record the broker did not accept after the client's own retries.
+#[derive(Debug, thiserror::Error)]
+#[error("Kafka did not accept an event for topic {topic} (transaction committed at {commit_lsn}): {error}; the slot stays at {confirmed}, so the event will be sent again after a restart")]
+pub struct DeliveryFailure {
+    pub topic: String,
+    pub commit_lsn: String,
+    pub error: KafkaError,
+    pub confirmed: Lsn,
 }
 
 /// Figures of one run, for the exit log line and tests.
@@ -102,10 +107,15 @@ async fn check_slot(conn: &mut ReplicationConnection, slot: &str) -> Result<Slot
             quote_literal(slot)
         ))
         .await?;
-    let row = rows.first().ok_or_else(|| PipelineError::SlotMissing { slot: slot.into() })?;
+    let row = rows
+        .first()
+        .ok_or_else(|| PipelineError::SlotMissing { slot: slot.into() })?;
     let plugin = row.first().cloned().flatten().unwrap_or_default();
     if plugin != "pgoutput" {
-        return Err(PipelineError::WrongPlugin { slot: slot.into(), plugin });
+        return Err(PipelineError::WrongPlugin {
+            slot: slot.into(),
+            plugin,
+        });
     }
     let confirmed = row
         .get(1)
@@ -132,7 +142,7 @@ impl State {
                 self.checkpoint.ack(ack.txn)?;
                 Ok(())
             }
-            Err(error) => Err(PipelineError::Delivery {
+            Err(error) => Err(PipelineError::Delivery(Box::new(DeliveryFailure {
                 topic: ack.topic,
                 commit_lsn: self
                     .checkpoint
@@ -141,7 +151,7 @@ impl State {
                     .unwrap_or_else(|| "?".into()),
                 error,
                 confirmed: self.checkpoint.confirmed(),
-            }),
+            }))),
         }
     }
 
@@ -153,7 +163,10 @@ impl State {
     }
 
     async fn on_xlog(&mut self, wal_start: Lsn, data: bytes::Bytes) -> Result<(), PipelineError> {
-        let msg = pgoutput::decode(data).map_err(|source| PipelineError::Decode { lsn: wal_start, source })?;
+        let msg = pgoutput::decode(data).map_err(|source| PipelineError::Decode {
+            lsn: wal_start,
+            source,
+        })?;
         match msg {
             LogicalMessage::Begin(b) => {
                 self.checkpoint.begin(b.final_lsn)?;
@@ -165,13 +178,19 @@ impl State {
             LogicalMessage::Relation(rel) => {
                 self.router
                     .on_relation(&rel)
-                    .map_err(|source| PipelineError::Route { lsn: wal_start, source })?;
+                    .map_err(|source| PipelineError::Route {
+                        lsn: wal_start,
+                        source,
+                    })?;
             }
             LogicalMessage::Insert(ins) => {
-                let Routed::Record(rec) = self
-                    .router
-                    .route(ins)
-                    .map_err(|source| PipelineError::Route { lsn: wal_start, source })?;
+                let Routed::Record(rec) =
+                    self.router
+                        .route(ins)
+                        .map_err(|source| PipelineError::Route {
+                            lsn: wal_start,
+                            source,
+                        })?;
                 let seq: TxnSeq = self.checkpoint.event()?;
                 loop {
                     match self.sink.enqueue(&rec, seq)? {
@@ -212,7 +231,13 @@ pub async fn run(
     let mut conn = ReplicationConnection::connect(&params).await?;
     let system = conn.identify_system().await?;
     let slot = check_slot(&mut conn, &cfg.slot).await?;
-    let status_interval = match conn.show("wal_sender_timeout").await.ok().as_deref().and_then(parse_pg_duration) {
+    let status_interval = match conn
+        .show("wal_sender_timeout")
+        .await
+        .ok()
+        .as_deref()
+        .and_then(parse_pg_duration)
+    {
         Some(t) if !t.is_zero() => cfg.status_interval.min(t / 2),
         _ => cfg.status_interval,
     };
@@ -240,11 +265,21 @@ pub async fn run(
         acks,
         summary: Summary::default(),
     };
-    let result = stream_loop(cfg, status_interval, &mut state, &mut reader, &mut writer, shutdown).await;
+    let result = stream_loop(
+        cfg,
+        status_interval,
+        &mut state,
+        &mut reader,
+        &mut writer,
+        shutdown,
+    )
+    .await;
     state.summary.confirmed = state.checkpoint.confirmed();
     // Whatever happened, report the last safe position; a failure here only
     // means the connection is already gone.
-    let _ = writer.send_status(state.checkpoint.confirmed(), false).await;
+    let _ = writer
+        .send_status(state.checkpoint.confirmed(), false)
+        .await;
     if result.is_ok() {
         close(&mut reader, &mut writer).await;
     }

@@ -68,7 +68,11 @@ pub struct ServerError {
 
 impl std::fmt::Display for ServerError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {} (SQLSTATE {})", self.severity, self.message, self.code)?;
+        write!(
+            f,
+            "{}: {} (SQLSTATE {})",
+            self.severity, self.message, self.code
+        )?;
         if let Some(d) = &self.detail {
             write!(f, "; detail: {d}")?;
         }
@@ -96,7 +100,9 @@ fn server_error(mut fields: ErrorFields<'_>) -> ReplicationError {
                 }
             }
             Ok(None) => break,
-            Err(err) => return ReplicationError::Protocol(format!("malformed ErrorResponse: {err}")),
+            Err(err) => {
+                return ReplicationError::Protocol(format!("malformed ErrorResponse: {err}"))
+            }
         }
     }
     ReplicationError::Server(e)
@@ -148,7 +154,10 @@ impl ConnectParams {
             .get_user()
             .map(str::to_string)
             .ok_or_else(|| ReplicationError::Config("the database URL names no user".into()))?;
-        let dbname = cfg.get_dbname().map(str::to_string).unwrap_or_else(|| user.clone());
+        let dbname = cfg
+            .get_dbname()
+            .map(str::to_string)
+            .unwrap_or_else(|| user.clone());
         Ok(ConnectParams {
             host,
             port,
@@ -159,7 +168,10 @@ impl ConnectParams {
                 .get_application_name()
                 .unwrap_or("outbox-relay")
                 .to_string(),
-            connect_timeout: cfg.get_connect_timeout().copied().unwrap_or(Duration::from_secs(10)),
+            connect_timeout: cfg
+                .get_connect_timeout()
+                .copied()
+                .unwrap_or(Duration::from_secs(10)),
         })
     }
 
@@ -226,7 +238,9 @@ fn parse_frame(buf: &mut BytesMut) -> Result<Option<Frame>, ReplicationError> {
     let tag = buf[0];
     let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
     if len < 4 {
-        return Err(ReplicationError::Protocol(format!("message length {len} < 4")));
+        return Err(ReplicationError::Protocol(format!(
+            "message length {len} < 4"
+        )));
     }
     if buf.len() < len + 1 {
         buf.reserve(len + 1 - buf.len());
@@ -402,12 +416,13 @@ impl ReplicationConnection {
                 Message::DataRow(body) => {
                     let mut row = Vec::new();
                     let mut ranges = body.ranges();
-                    while let Some(range) =
-                        ranges.next().map_err(|e| ReplicationError::Protocol(e.to_string()))?
+                    while let Some(range) = ranges
+                        .next()
+                        .map_err(|e| ReplicationError::Protocol(e.to_string()))?
                     {
-                        row.push(range.map(|r| {
-                            String::from_utf8_lossy(&body.buffer()[r]).into_owned()
-                        }));
+                        row.push(
+                            range.map(|r| String::from_utf8_lossy(&body.buffer()[r]).into_owned()),
+                        );
                     }
                     rows.push(row);
                 }
@@ -486,14 +501,19 @@ impl ReplicationConnection {
                     ))
                 }
                 Frame::CopyData(_) => {
-                    return Err(ReplicationError::Protocol("CopyData before CopyBothResponse".into()))
+                    return Err(ReplicationError::Protocol(
+                        "CopyData before CopyBothResponse".into(),
+                    ))
                 }
             }
         }
         let (r, w) = tokio::io::split(self.stream);
         Ok(ReplicationStream {
             reader: ReplicationReader { r, buf: self.buf },
-            writer: ReplicationWriter { w, out: BytesMut::with_capacity(64) },
+            writer: ReplicationWriter {
+                w,
+                out: BytesMut::with_capacity(64),
+            },
         })
     }
 }
@@ -550,9 +570,13 @@ impl ReplicationReader {
             match read_frame(&mut self.r, &mut self.buf).await? {
                 Frame::CopyData(data) => return parse_copy_data(data),
                 Frame::Other(Message::CopyDone) => return Ok(ReplicationMessage::CopyDone),
-                Frame::Other(Message::ErrorResponse(body)) => return Err(server_error(body.fields())),
-                Frame::Other(Message::NoticeResponse(_)) | Frame::Other(Message::ParameterStatus(_)) => {}
-                Frame::Other(Message::CommandComplete(_)) | Frame::Other(Message::ReadyForQuery(_)) => {}
+                Frame::Other(Message::ErrorResponse(body)) => {
+                    return Err(server_error(body.fields()))
+                }
+                Frame::Other(Message::NoticeResponse(_))
+                | Frame::Other(Message::ParameterStatus(_)) => {}
+                Frame::Other(Message::CommandComplete(_))
+                | Frame::Other(Message::ReadyForQuery(_)) => {}
                 Frame::Other(_) | Frame::CopyBothResponse => {
                     return Err(ReplicationError::Protocol(
                         "unexpected message inside the replication stream".into(),
@@ -576,7 +600,12 @@ fn parse_copy_data(mut data: Bytes) -> Result<ReplicationMessage, ReplicationErr
             let wal_start = Lsn(data.get_u64());
             let wal_end = Lsn(data.get_u64());
             let send_time = data.get_i64();
-            Ok(ReplicationMessage::XLogData { wal_start, wal_end, send_time, data })
+            Ok(ReplicationMessage::XLogData {
+                wal_start,
+                wal_end,
+                send_time,
+                data,
+            })
         }
         b'k' => {
             if data.remaining() < 17 {
@@ -597,7 +626,9 @@ fn parse_copy_data(mut data: Bytes) -> Result<ReplicationMessage, ReplicationErr
 
 /// Microseconds since the Postgres epoch, for status updates.
 pub fn pg_now() -> i64 {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
     now.as_micros() as i64 - PG_EPOCH_OFFSET_SECS * 1_000_000
 }
 
@@ -605,7 +636,11 @@ impl ReplicationWriter {
     /// Sends a standby status update reporting `confirmed` as written,
     /// flushed and applied: the server moves the slot's `confirmed_flush_lsn`
     /// to it and will never send anything at or before it again.
-    pub async fn send_status(&mut self, confirmed: Lsn, reply: bool) -> Result<(), ReplicationError> {
+    pub async fn send_status(
+        &mut self,
+        confirmed: Lsn,
+        reply: bool,
+    ) -> Result<(), ReplicationError> {
         self.out.clear();
         self.out.put_u8(b'd');
         self.out.put_u32(4 + 34);
@@ -654,10 +689,17 @@ mod tests {
         buf.put_u64(0x1_0000_0010);
         buf.put_i64(5);
         buf.put_u8(1);
-        assert!(matches!(parse_frame(&mut buf).unwrap(), Some(Frame::CopyBothResponse)));
+        assert!(matches!(
+            parse_frame(&mut buf).unwrap(),
+            Some(Frame::CopyBothResponse)
+        ));
         match parse_frame(&mut buf).unwrap() {
             Some(Frame::CopyData(d)) => match parse_copy_data(d).unwrap() {
-                ReplicationMessage::Keepalive { wal_end, send_time, reply_requested } => {
+                ReplicationMessage::Keepalive {
+                    wal_end,
+                    send_time,
+                    reply_requested,
+                } => {
                     assert_eq!(wal_end, Lsn(0x1_0000_0010));
                     assert_eq!(send_time, 5);
                     assert!(reply_requested);

@@ -27,9 +27,17 @@ impl TableName {
     pub fn parse(s: &str) -> Result<Self, String> {
         let parts = split_ident(s)?;
         match parts.as_slice() {
-            [name] => Ok(TableName { schema: "public".into(), name: name.clone() }),
-            [schema, name] => Ok(TableName { schema: schema.clone(), name: name.clone() }),
-            _ => Err(format!("{s:?} is not a table name: expected table or schema.table")),
+            [name] => Ok(TableName {
+                schema: "public".into(),
+                name: name.clone(),
+            }),
+            [schema, name] => Ok(TableName {
+                schema: schema.clone(),
+                name: name.clone(),
+            }),
+            _ => Err(format!(
+                "{s:?} is not a table name: expected table or schema.table"
+            )),
         }
     }
 
@@ -107,7 +115,10 @@ impl HeaderColumn {
                 "header column {s:?} must be `column` or `column:header-name`"
             ));
         }
-        Ok(HeaderColumn { column: column.into(), header: header.into() })
+        Ok(HeaderColumn {
+            column: column.into(),
+            header: header.into(),
+        })
     }
 }
 
@@ -137,7 +148,9 @@ impl TopicTemplate {
                 .ok_or_else(|| format!("topic template {s:?} has an unclosed '{{'"))?;
             let column = rest[open + 1..open + close].trim();
             if column.is_empty() || column.contains('{') {
-                return Err(format!("topic template {s:?} has an empty or nested placeholder"));
+                return Err(format!(
+                    "topic template {s:?} has an empty or nested placeholder"
+                ));
             }
             parts.push(TemplatePart::Column(column.to_string()));
             rest = &rest[open + close + 1..];
@@ -158,7 +171,10 @@ impl TopicTemplate {
                 }
             }
         }
-        Ok(TopicTemplate { source: s.to_string(), parts })
+        Ok(TopicTemplate {
+            source: s.to_string(),
+            parts,
+        })
     }
 
     pub fn columns(&self) -> impl Iterator<Item = &str> {
@@ -204,7 +220,10 @@ pub fn validate_topic(topic: &str) -> Result<(), String> {
         return Err(format!("{topic:?} is not a valid topic name"));
     }
     if topic.len() > 249 {
-        return Err(format!("topic name is {} characters long (at most 249)", topic.len()));
+        return Err(format!(
+            "topic name is {} characters long (at most 249)",
+            topic.len()
+        ));
     }
     check_topic_chars(topic)
 }
@@ -228,7 +247,11 @@ impl RouterConfig {
             (self.payload_column.clone(), "--payload-column"),
         ];
         cols.extend(self.topic.columns().map(|c| (c.to_string(), "--topic")));
-        cols.extend(self.headers.iter().map(|h| (h.column.clone(), "--header-columns")));
+        cols.extend(
+            self.headers
+                .iter()
+                .map(|h| (h.column.clone(), "--header-columns")),
+        );
         cols
     }
 }
@@ -257,7 +280,11 @@ pub enum RouteError {
     #[error("the publication publishes table {0}, which is not the configured outbox table {1}: remove it from the publication or point --table at it")]
     NotOutboxTable(String, String),
     #[error("row of {table} has {got} columns but its Relation message announced {expected}")]
-    ColumnCount { table: String, got: usize, expected: usize },
+    ColumnCount {
+        table: String,
+        got: usize,
+        expected: usize,
+    },
     #[error("column {column} (the {role}) is NULL")]
     Null { column: String, role: &'static str },
     #[error("column {column} (the key) is empty: every event needs an aggregate id so its aggregate's events stay in one partition")]
@@ -265,7 +292,11 @@ pub enum RouteError {
     #[error("column {column} arrived as an unchanged TOAST value, which an INSERT never sends")]
     UnchangedToast { column: String },
     #[error("topic template {template} gave {topic:?} for this event: {reason}")]
-    InvalidTopic { template: String, topic: String, reason: String },
+    InvalidTopic {
+        template: String,
+        topic: String,
+        reason: String,
+    },
     #[error("column {column} is bytea but its value is not hex text: {reason}")]
     BadBytea { column: String, reason: String },
 }
@@ -306,7 +337,10 @@ pub struct Router {
 
 impl Router {
     pub fn new(cfg: RouterConfig) -> Self {
-        Router { cfg, relations: HashMap::new() }
+        Router {
+            cfg,
+            relations: HashMap::new(),
+        }
     }
 
     pub fn config(&self) -> &RouterConfig {
@@ -321,12 +355,15 @@ impl Router {
         let is_outbox = rel.namespace == self.cfg.table.schema && rel.name == self.cfg.table.name;
         let full_name = format!("{}.{}", rel.namespace, rel.name);
         if !is_outbox {
-            self.relations.insert(rel.oid, RelationPlan::Other(full_name));
+            self.relations
+                .insert(rel.oid, RelationPlan::Other(full_name));
             return Ok(());
         }
         let find = |col: &str, option: &'static str| {
-            rel.columns.iter().position(|c| c.name == col).ok_or_else(|| {
-                RouteError::MissingColumn {
+            rel.columns
+                .iter()
+                .position(|c| c.name == col)
+                .ok_or_else(|| RouteError::MissingColumn {
                     table: full_name.clone(),
                     missing: col.to_string(),
                     option,
@@ -336,8 +373,7 @@ impl Router {
                         .map(|c| c.name.as_str())
                         .collect::<Vec<_>>()
                         .join(", "),
-                }
-            })
+                })
         };
         let payload = find(&self.cfg.payload_column, "--payload-column")?;
         let plan = Plan {
@@ -372,7 +408,10 @@ impl Router {
         let plan = match self.relations.get(&insert.relation_oid) {
             Some(RelationPlan::Outbox(p)) => p,
             Some(RelationPlan::Other(name)) => {
-                return Err(RouteError::NotOutboxTable(name.clone(), self.cfg.table.to_string()))
+                return Err(RouteError::NotOutboxTable(
+                    name.clone(),
+                    self.cfg.table.to_string(),
+                ))
             }
             None => return Err(RouteError::UnknownRelation(insert.relation_oid)),
         };
@@ -387,28 +426,35 @@ impl Router {
         let text = |idx: usize, column: &str, role: &'static str| -> Result<Bytes, RouteError> {
             match &tuple[idx] {
                 TupleValue::Text(b) | TupleValue::Binary(b) => Ok(b.clone()),
-                TupleValue::Null => Err(RouteError::Null { column: column.to_string(), role }),
-                TupleValue::UnchangedToast => {
-                    Err(RouteError::UnchangedToast { column: column.to_string() })
-                }
+                TupleValue::Null => Err(RouteError::Null {
+                    column: column.to_string(),
+                    role,
+                }),
+                TupleValue::UnchangedToast => Err(RouteError::UnchangedToast {
+                    column: column.to_string(),
+                }),
             }
         };
         let event_id = text(plan.id, &self.cfg.id_column, "event id")?;
         let key = text(plan.key, &self.cfg.key_column, "key")?;
         if key.is_empty() {
-            return Err(RouteError::EmptyKey { column: self.cfg.key_column.clone() });
+            return Err(RouteError::EmptyKey {
+                column: self.cfg.key_column.clone(),
+            });
         }
         let payload = match &tuple[plan.payload] {
             TupleValue::Null => None,
             TupleValue::UnchangedToast => {
-                return Err(RouteError::UnchangedToast { column: self.cfg.payload_column.clone() })
+                return Err(RouteError::UnchangedToast {
+                    column: self.cfg.payload_column.clone(),
+                })
             }
-            TupleValue::Text(b) if plan.payload_bytea => Some(
-                decode_bytea_hex(b).map_err(|reason| RouteError::BadBytea {
+            TupleValue::Text(b) if plan.payload_bytea => {
+                Some(decode_bytea_hex(b).map_err(|reason| RouteError::BadBytea {
                     column: self.cfg.payload_column.clone(),
                     reason,
-                })?,
-            ),
+                })?)
+            }
             TupleValue::Text(b) | TupleValue::Binary(b) => Some(b.clone()),
         };
         let mut topic = String::new();
@@ -425,7 +471,11 @@ impl Router {
                             topic,
                             reason: format!(
                                 "a placeholder's column is {}",
-                                if matches!(value, TupleValue::Null) { "NULL" } else { "empty" }
+                                if matches!(value, TupleValue::Null) {
+                                    "NULL"
+                                } else {
+                                    "empty"
+                                }
                             ),
                         })
                     }
@@ -448,7 +498,13 @@ impl Router {
             };
             headers.push((name.clone(), value));
         }
-        Ok(Routed::Record(OutboxRecord { topic, key, payload, event_id, headers }))
+        Ok(Routed::Record(OutboxRecord {
+            topic,
+            key,
+            payload,
+            event_id,
+            headers,
+        }))
     }
 }
 
@@ -478,7 +534,12 @@ mod tests {
     use crate::pgoutput::Column;
 
     fn col(name: &str, type_oid: u32) -> Column {
-        Column { flags: 0, name: name.into(), type_oid, type_modifier: -1 }
+        Column {
+            flags: 0,
+            name: name.into(),
+            type_oid,
+            type_modifier: -1,
+        }
     }
 
     fn debezium_router() -> Router {
@@ -517,7 +578,13 @@ mod tests {
         let Routed::Record(rec) = r
             .route(Insert {
                 relation_oid: 7,
-                tuple: vec![t("u-1"), t("Order"), t("o-9"), t("OrderCreated"), t("{\"a\": 1}")],
+                tuple: vec![
+                    t("u-1"),
+                    t("Order"),
+                    t("o-9"),
+                    t("OrderCreated"),
+                    t("{\"a\": 1}"),
+                ],
             })
             .unwrap();
         assert_eq!(rec.topic, "outbox.event.Order");
@@ -527,7 +594,10 @@ mod tests {
             rec.headers,
             vec![
                 ("id".to_string(), Some(Bytes::from_static(b"u-1"))),
-                ("eventType".to_string(), Some(Bytes::from_static(b"OrderCreated")))
+                (
+                    "eventType".to_string(),
+                    Some(Bytes::from_static(b"OrderCreated"))
+                )
             ]
         );
     }
@@ -549,7 +619,10 @@ mod tests {
         ));
         assert!(matches!(
             r.route(row(t("Order"), t("k"), TupleValue::Null)),
-            Err(RouteError::Null { role: "event id", .. })
+            Err(RouteError::Null {
+                role: "event id",
+                ..
+            })
         ));
         assert!(matches!(
             r.route(row(t("Or der"), t("k"), t("1"))),
@@ -564,7 +637,10 @@ mod tests {
             Err(RouteError::InvalidTopic { .. })
         ));
         assert!(matches!(
-            r.route(Insert { relation_oid: 99, tuple: vec![] }),
+            r.route(Insert {
+                relation_oid: 99,
+                tuple: vec![]
+            }),
             Err(RouteError::UnknownRelation(99))
         ));
     }
@@ -598,7 +674,10 @@ mod tests {
         })
         .unwrap();
         assert!(matches!(
-            r.route(Insert { relation_oid: 9, tuple: vec![t("1")] }),
+            r.route(Insert {
+                relation_oid: 9,
+                tuple: vec![t("1")]
+            }),
             Err(RouteError::NotOutboxTable(..))
         ));
     }
@@ -606,14 +685,26 @@ mod tests {
     #[test]
     fn templates_and_names_parse() {
         assert!(TopicTemplate::parse("events.{event_type}").is_ok());
-        assert_eq!(TopicTemplate::parse("fixed").unwrap().fixed(), Some("fixed"));
+        assert_eq!(
+            TopicTemplate::parse("fixed").unwrap().fixed(),
+            Some("fixed")
+        );
         for bad in ["", "a{b", "a}b", "{}", "bad topic.{x}"] {
             assert!(TopicTemplate::parse(bad).is_err(), "{bad}");
         }
-        assert_eq!(TableName::parse("outbox").unwrap().to_string(), "public.outbox");
-        assert_eq!(TableName::parse("App.\"Out.Box\"").unwrap().to_string(), "app.Out.Box");
+        assert_eq!(
+            TableName::parse("outbox").unwrap().to_string(),
+            "public.outbox"
+        );
+        assert_eq!(
+            TableName::parse("App.\"Out.Box\"").unwrap().to_string(),
+            "app.Out.Box"
+        );
         assert!(TableName::parse("a.b.c").is_err());
-        assert_eq!(decode_bytea_hex(&Bytes::from_static(b"\\x00fF")).unwrap(), Bytes::from_static(&[0, 255]));
+        assert_eq!(
+            decode_bytea_hex(&Bytes::from_static(b"\\x00fF")).unwrap(),
+            Bytes::from_static(&[0, 255])
+        );
         assert!(decode_bytea_hex(&Bytes::from_static(b"00")).is_err());
     }
 }

@@ -35,7 +35,11 @@ pub enum SetupError {
     #[error("replication slot {slot} exists but uses plugin {plugin:?}; the relay needs pgoutput: drop it (SELECT pg_drop_replication_slot('{slot}')) or choose another --slot")]
     WrongPlugin { slot: String, plugin: String },
     #[error("replication slot {slot} belongs to database {other:?}, not {ours:?}: choose another --slot")]
-    WrongDatabase { slot: String, other: String, ours: String },
+    WrongDatabase {
+        slot: String,
+        other: String,
+        ours: String,
+    },
     #[error("replication slot {slot} is physical; the relay needs a logical slot: choose another --slot")]
     PhysicalSlot { slot: String },
 }
@@ -47,7 +51,11 @@ fn sql(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Setu
 
 /// Opens an ordinary SQL connection (the relay's own, not replication).
 pub async fn connect(cfg: &RelayConfig) -> Result<Client, SetupError> {
-    let (client, connection) = cfg.database.connect(NoTls).await.map_err(SetupError::Connect)?;
+    let (client, connection) = cfg
+        .database
+        .connect(NoTls)
+        .await
+        .map_err(SetupError::Connect)?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "SQL connection ended");
@@ -76,7 +84,10 @@ pub async fn check_table(client: &Client, cfg: &RelayConfig) -> Result<(), Setup
         .await
         .map_err(sql(format!("reading the columns of {table}")))?;
     if rows.is_empty() {
-        return Err(SetupError::NoTable { table: table.to_string(), database });
+        return Err(SetupError::NoTable {
+            table: table.to_string(),
+            database,
+        });
     }
     let columns: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
     for (column, option) in cfg.router.referenced_columns() {
@@ -147,7 +158,9 @@ pub async fn run(cfg: &RelayConfig) -> Result<Vec<String>, SetupError> {
                 .map_err(sql("reading pg_publication_tables"))?
                 .is_some();
             if covered {
-                report.push(format!("publication {publication} exists and covers {table}"));
+                report.push(format!(
+                    "publication {publication} exists and covers {table}"
+                ));
             } else {
                 client
                     .batch_execute(&format!(
@@ -157,7 +170,9 @@ pub async fn run(cfg: &RelayConfig) -> Result<Vec<String>, SetupError> {
                     ))
                     .await
                     .map_err(sql(format!("adding {table} to publication {publication}")))?;
-                report.push(format!("added table {table} to existing publication {publication}"));
+                report.push(format!(
+                    "added table {table} to existing publication {publication}"
+                ));
             }
         }
     }
@@ -193,10 +208,17 @@ pub async fn run(cfg: &RelayConfig) -> Result<Vec<String>, SetupError> {
                 return Err(SetupError::PhysicalSlot { slot: slot.clone() });
             }
             if plugin != "pgoutput" {
-                return Err(SetupError::WrongPlugin { slot: slot.clone(), plugin });
+                return Err(SetupError::WrongPlugin {
+                    slot: slot.clone(),
+                    plugin,
+                });
             }
             if db != ours {
-                return Err(SetupError::WrongDatabase { slot: slot.clone(), other: db, ours });
+                return Err(SetupError::WrongDatabase {
+                    slot: slot.clone(),
+                    other: db,
+                    ours,
+                });
             }
             report.push(format!(
                 "replication slot {slot} exists (pgoutput), confirmed up to {lsn}"

@@ -101,7 +101,9 @@ impl ClientContext for AckContext {
             RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
                 tracing::info!(target: "librdkafka", facility = fac, "{message}")
             }
-            RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", facility = fac, "{message}"),
+            RDKafkaLogLevel::Debug => {
+                tracing::debug!(target: "librdkafka", facility = fac, "{message}")
+            }
         }
     }
 
@@ -126,13 +128,20 @@ impl ProducerContext for AckContext {
         let (topic, result) = match result {
             Ok(m) => (
                 m.topic().to_string(),
-                Ok(Delivered { partition: m.partition(), offset: m.offset() }),
+                Ok(Delivered {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                }),
             ),
             Err((e, m)) => (m.topic().to_string(), Err(e.clone())),
         };
         // The receiver is gone only when the pipeline stopped; the record's
         // transaction then stays unconfirmed, which is the safe outcome.
-        let _ = self.acks.send(Ack { txn: txn as TxnSeq, result, topic });
+        let _ = self.acks.send(Ack {
+            txn: txn as TxnSeq,
+            result,
+            topic,
+        });
     }
 }
 
@@ -179,7 +188,10 @@ impl KafkaSink {
         }
         let (tx, rx) = mpsc::unbounded_channel();
         let producer = cfg
-            .create_with_context(AckContext { acks: tx, quiet: Mutex::new(HashMap::new()) })
+            .create_with_context(AckContext {
+                acks: tx,
+                quiet: Mutex::new(HashMap::new()),
+            })
             .map_err(SinkError::Config)?;
         Ok((KafkaSink { producer }, rx))
     }
@@ -188,7 +200,10 @@ impl KafkaSink {
     pub fn enqueue(&self, rec: &OutboxRecord, txn: TxnSeq) -> Result<Enqueued, SinkError> {
         let mut headers = OwnedHeaders::new_with_capacity(rec.headers.len());
         for (name, value) in &rec.headers {
-            headers = headers.insert(Header { key: name, value: value.as_deref() });
+            headers = headers.insert(Header {
+                key: name,
+                value: value.as_deref(),
+            });
         }
         let mut record = BaseRecord::with_opaque_to(&rec.topic, txn as usize)
             .key(&rec.key[..])
@@ -201,7 +216,10 @@ impl KafkaSink {
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                 Ok(Enqueued::QueueFull)
             }
-            Err((error, _)) => Err(SinkError::Enqueue { topic: rec.topic.clone(), error }),
+            Err((error, _)) => Err(SinkError::Enqueue {
+                topic: rec.topic.clone(),
+                error,
+            }),
         }
     }
 
@@ -220,7 +238,9 @@ mod tests {
     use super::*;
 
     fn props(kv: &[(&str, &str)]) -> Vec<(String, String)> {
-        kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -228,9 +248,16 @@ mod tests {
         let err = KafkaSink::new("127.0.0.1:1", &props(&[("enable.idempotence", "false")]))
             .err()
             .expect("refused");
-        assert!(err.to_string().contains("enable.idempotence=false"), "{err}");
+        assert!(
+            err.to_string().contains("enable.idempotence=false"),
+            "{err}"
+        );
         assert!(KafkaSink::new("127.0.0.1:1", &props(&[("acks", "1")])).is_err());
-        assert!(KafkaSink::new("127.0.0.1:1", &props(&[("acks", "-1"), ("compression.type", "zstd")])).is_ok());
+        assert!(KafkaSink::new(
+            "127.0.0.1:1",
+            &props(&[("acks", "-1"), ("compression.type", "zstd")])
+        )
+        .is_ok());
     }
 
     #[test]

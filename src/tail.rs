@@ -29,7 +29,11 @@ pub struct TailOptions {
 }
 
 /// Follows the topics until `stop` is set or `max` records were printed.
-pub fn run(opts: &TailOptions, stop: Arc<AtomicBool>, out: &mut dyn Write) -> Result<u64, KafkaError> {
+pub fn run(
+    opts: &TailOptions,
+    stop: Arc<AtomicBool>,
+    out: &mut dyn Write,
+) -> Result<u64, KafkaError> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &opts.kafka_brokers)
         .set("group.id", "outbox-relay-tail")
@@ -62,7 +66,9 @@ pub fn run(opts: &TailOptions, stop: Arc<AtomicBool>, out: &mut dyn Write) -> Re
                 }
             }
         }
-        let Some(m) = consumer.poll(Duration::from_millis(200)) else { continue };
+        let Some(m) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
         let m = m?;
         let text = |b: Option<&[u8]>| match b {
             Some(b) => String::from_utf8_lossy(b).into_owned(),

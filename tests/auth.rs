@@ -7,7 +7,9 @@ mod support;
 use outbox_relay::replication::{ConnectParams, ReplicationConnection};
 use support::*;
 
-async fn connect(url: &str) -> Result<ReplicationConnection, outbox_relay::replication::ReplicationError> {
+async fn connect(
+    url: &str,
+) -> Result<ReplicationConnection, outbox_relay::replication::ReplicationError> {
     let cfg: tokio_postgres::Config = url.parse().unwrap();
     ReplicationConnection::connect(&ConnectParams::from_config(&cfg).unwrap()).await
 }
@@ -41,7 +43,9 @@ async fn trust_md5_and_scram_authenticate_replication_connections() {
         ("relay_pw", Some("plain secret")),
     ] {
         let url = cluster.url(user, password.map(|p| p.replace(' ', "%20")).as_deref());
-        let mut conn = connect(&url).await.unwrap_or_else(|e| panic!("{user}: {e}"));
+        let mut conn = connect(&url)
+            .await
+            .unwrap_or_else(|e| panic!("{user}: {e}"));
         let sys = conn.identify_system().await.unwrap();
         assert!(sys.timeline >= 1, "{user}: {sys:?}");
         assert_eq!(sys.dbname.as_deref(), Some("postgres"));
@@ -52,12 +56,18 @@ async fn trust_md5_and_scram_authenticate_replication_connections() {
             Ok(_) => panic!("{user}: a wrong password was accepted"),
             Err(e) => e.to_string(),
         };
-        assert!(err.contains("password authentication failed") && err.contains("28P01"), "{user}: {err}");
+        assert!(
+            err.contains("password authentication failed") && err.contains("28P01"),
+            "{user}: {err}"
+        );
         assert!(!err.contains("wrong-password-xyz"), "{err}");
         let err = match connect(&cluster.url(user, None)).await {
             Ok(_) => panic!("{user}: no password was accepted"),
             Err(e) => e.to_string(),
         };
-        assert!(err.contains("requires a password") && err.contains(user), "{err}");
+        assert!(
+            err.contains("requires a password") && err.contains(user),
+            "{err}"
+        );
     }
 }

@@ -9,7 +9,9 @@ fn missing_options_name_flag_env_and_config_key() {
     let (code, _, err) = relay_cmd(&["run", "--kafka-brokers", "x:1"]);
     assert_eq!(code, 2);
     assert!(
-        err.contains("database_url is required: pass --database-url or set OUTBOX_RELAY_DATABASE_URL"),
+        err.contains(
+            "database_url is required: pass --database-url or set OUTBOX_RELAY_DATABASE_URL"
+        ),
         "{err}"
     );
 }
@@ -17,18 +19,42 @@ fn missing_options_name_flag_env_and_config_key() {
 #[test]
 fn invalid_values_are_refused_before_connecting() {
     let (code, _, err) = relay_cmd(&[
-        "run", "--database-url", "postgres://u@h/db", "--kafka-brokers", "x:1", "--kafka-property", "linger.ms",
+        "run",
+        "--database-url",
+        "postgres://u@h/db",
+        "--kafka-brokers",
+        "x:1",
+        "--kafka-property",
+        "linger.ms",
     ]);
     assert_eq!(code, 2);
-    assert!(err.contains("invalid kafka_property \"linger.ms\": expected KEY=VALUE"), "{err}");
+    assert!(
+        err.contains("invalid kafka_property \"linger.ms\": expected KEY=VALUE"),
+        "{err}"
+    );
     let (code, _, err) = relay_cmd(&[
-        "run", "--database-url", "postgres://u@h/db", "--kafka-brokers", "x:1", "--topic", "bad topic",
+        "run",
+        "--database-url",
+        "postgres://u@h/db",
+        "--kafka-brokers",
+        "x:1",
+        "--topic",
+        "bad topic",
     ]);
     assert_eq!(code, 2);
     assert!(err.contains("invalid topic"), "{err}");
-    let (code, _, err) = relay_cmd(&["run", "--database-url", "postgres://u:hunter2@h:notaport/db", "--kafka-brokers", "x:1"]);
+    let (code, _, err) = relay_cmd(&[
+        "run",
+        "--database-url",
+        "postgres://u:hunter2@h:notaport/db",
+        "--kafka-brokers",
+        "x:1",
+    ]);
     assert_eq!(code, 2);
-    assert!(err.contains("invalid database_url") && !err.contains("hunter2"), "{err}");
+    assert!(
+        err.contains("invalid database_url") && !err.contains("hunter2"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -36,19 +62,36 @@ fn config_file_is_a_layer_below_env_and_flags() {
     let dir = std::env::temp_dir().join(unique("cfg"));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("relay.toml");
-    std::fs::write(&file, "database_url = \"postgres://u@h/db\"\nkafka_brokers = \"x:1\"\nnot_an_option = 1\n").unwrap();
+    std::fs::write(
+        &file,
+        "database_url = \"postgres://u@h/db\"\nkafka_brokers = \"x:1\"\nnot_an_option = 1\n",
+    )
+    .unwrap();
     let (code, _, err) = relay_cmd(&["--config", file.to_str().unwrap(), "run"]);
     assert_eq!(code, 2);
-    assert!(err.contains(&format!("config file {}", file.display())) && err.contains("not_an_option"), "{err}");
+    assert!(
+        err.contains(&format!("config file {}", file.display())) && err.contains("not_an_option"),
+        "{err}"
+    );
 
     // The file supplies what flags do not; a flag overrides the file. The
     // relay then fails on the (bad) value from the file, proving it was read.
-    std::fs::write(&file, "database_url = \"postgres://u@h/db\"\nkafka_brokers = \"x:1\"\ntopic = \"from file\"\n").unwrap();
+    std::fs::write(
+        &file,
+        "database_url = \"postgres://u@h/db\"\nkafka_brokers = \"x:1\"\ntopic = \"from file\"\n",
+    )
+    .unwrap();
     let (code, _, err) = relay_cmd(&["--config", file.to_str().unwrap(), "run"]);
     assert_eq!(code, 2);
     assert!(err.contains("invalid topic \"from file\""), "{err}");
     let out = std::process::Command::new(relay_bin())
-        .args(["--config", file.to_str().unwrap(), "run", "--topic", "bad flag"])
+        .args([
+            "--config",
+            file.to_str().unwrap(),
+            "run",
+            "--topic",
+            "bad flag",
+        ])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -67,9 +110,20 @@ fn config_file_is_a_layer_below_env_and_flags() {
 async fn run_without_setup_says_to_run_setup() {
     let db = TestDb::new("cli_noslot").await;
     db.exec(CLASSIC_TABLE).await;
-    let (code, _, err) = relay_cmd(&["run", "--database-url", &db.url, "--kafka-brokers", &brokers(), "--slot", "nope"]);
+    let (code, _, err) = relay_cmd(&[
+        "run",
+        "--database-url",
+        &db.url,
+        "--kafka-brokers",
+        &brokers(),
+        "--slot",
+        "nope",
+    ]);
     assert_eq!(code, 1);
-    assert!(err.contains("replication slot \"nope\" does not exist: run `outbox-relay setup` first"), "{err}");
+    assert!(
+        err.contains("replication slot \"nope\" does not exist: run `outbox-relay setup` first"),
+        "{err}"
+    );
     db.drop().await;
 }
 
@@ -78,20 +132,37 @@ async fn setup_names_a_missing_column_and_lists_the_real_ones() {
     let db = TestDb::new("cli_nocol").await;
     db.exec(CLASSIC_TABLE).await;
     let (code, _, err) = relay_cmd(&[
-        "setup", "--database-url", &db.url, "--kafka-brokers", "x:1", "--key-column", "customer_id",
+        "setup",
+        "--database-url",
+        &db.url,
+        "--kafka-brokers",
+        "x:1",
+        "--key-column",
+        "customer_id",
     ]);
     assert_eq!(code, 1);
     assert!(
         err.contains("table public.outbox has no column customer_id (set by --key-column); its columns are: id, event_id, event_type, aggregate_id, payload"),
         "{err}"
     );
-    let (code, _, err) = relay_cmd(&["setup", "--database-url", &db.url, "--kafka-brokers", "x:1", "--table", "missing"]);
+    let (code, _, err) = relay_cmd(&[
+        "setup",
+        "--database-url",
+        &db.url,
+        "--kafka-brokers",
+        "x:1",
+        "--table",
+        "missing",
+    ]);
     assert_eq!(code, 1);
     assert!(err.contains("table public.missing does not exist"), "{err}");
     // Nothing was created by the failed runs.
     let n: i64 = db
         .client
-        .query_one("SELECT count(*) FROM pg_replication_slots WHERE database = current_database()", &[])
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);

@@ -44,18 +44,13 @@ async fn classic_db(name: &str) -> (TestDb, String) {
     db.exec(CLASSIC_TABLE).await;
     // Slot names are global to the cluster; the database name is unique.
     let slot = format!("s_{}", db.name);
-    let (code, out, err) = relay_cmd(&[
-        "setup",
-        "--database-url",
-        &db.url,
-        "--kafka-brokers",
-        "unused:9092",
-        "--slot",
-        &slot,
-    ]);
+    let (code, out, err) = relay_cmd(&["setup", "--database-url", &db.url, "--slot", &slot]);
     assert_eq!(code, 0, "setup failed: {out}{err}");
     assert!(out.contains("created publication outbox_pub"), "{out}");
-    assert!(out.contains(&format!("created logical replication slot {slot}")), "{out}");
+    assert!(
+        out.contains(&format!("created logical replication slot {slot}")),
+        "{out}"
+    );
     (db, slot)
 }
 
@@ -103,17 +98,31 @@ async fn expected_rows(db: &TestDb) -> Vec<Expected> {
 /// Every event exactly once (or at least once when `allow_duplicates`),
 /// routed, keyed, with headers and payload bytes as stored, and each
 /// partition holding its aggregates' events in commit order.
-fn check_delivery(expected: &[Expected], records: &[Record], prefix: &str, partitions: u32, allow_duplicates: bool) -> usize {
-    let by_id: HashMap<&str, &Expected> = expected.iter().map(|e| (e.event_id.as_str(), e)).collect();
+fn check_delivery(
+    expected: &[Expected],
+    records: &[Record],
+    prefix: &str,
+    partitions: u32,
+    allow_duplicates: bool,
+) -> usize {
+    let by_id: HashMap<&str, &Expected> =
+        expected.iter().map(|e| (e.event_id.as_str(), e)).collect();
     let mut seen: HashMap<String, usize> = HashMap::new();
     for r in records {
         let id = r.header("id").expect("every record has an id header");
         let e = by_id
             .get(id.as_str())
             .unwrap_or_else(|| panic!("record with unknown event id {id}: {r:?}"));
-        assert_eq!(r.topic, format!("{prefix}.{}", e.event_type), "routed topic");
+        assert_eq!(
+            r.topic,
+            format!("{prefix}.{}", e.event_type),
+            "routed topic"
+        );
         assert_eq!(r.key_str(), e.aggregate, "key is the aggregate id");
-        assert_eq!(r.header("event_type").as_deref(), Some(e.event_type.as_str()));
+        assert_eq!(
+            r.header("event_type").as_deref(),
+            Some(e.event_type.as_str())
+        );
         assert_eq!(
             String::from_utf8(r.payload.clone().unwrap()).unwrap(),
             e.payload,
@@ -127,8 +136,16 @@ fn check_delivery(expected: &[Expected], records: &[Record], prefix: &str, parti
         );
         *seen.entry(id).or_default() += 1;
     }
-    let missing: Vec<_> = expected.iter().filter(|e| !seen.contains_key(&e.event_id)).collect();
-    assert!(missing.is_empty(), "{} events lost, first: id {}", missing.len(), missing[0].id);
+    let missing: Vec<_> = expected
+        .iter()
+        .filter(|e| !seen.contains_key(&e.event_id))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} events lost, first: id {}",
+        missing.len(),
+        missing[0].id
+    );
     let dups = seen.values().filter(|&&n| n > 1).count();
     if !allow_duplicates {
         assert_eq!(dups, 0, "duplicates without a crash");
@@ -137,7 +154,10 @@ fn check_delivery(expected: &[Expected], records: &[Record], prefix: &str, parti
     // with commit order here (one writer). Duplicates may repeat a suffix.
     let mut per_partition: BTreeMap<(String, i32), Vec<&Record>> = BTreeMap::new();
     for r in records {
-        per_partition.entry((r.topic.clone(), r.partition)).or_default().push(r);
+        per_partition
+            .entry((r.topic.clone(), r.partition))
+            .or_default()
+            .push(r);
     }
     for recs in per_partition.values_mut() {
         recs.sort_by_key(|r| r.offset);
@@ -149,7 +169,13 @@ fn check_delivery(expected: &[Expected], records: &[Record], prefix: &str, parti
             let first_time = delivered.insert(id.clone());
             if first_time {
                 if let Some(prev) = last.get(&e.aggregate) {
-                    assert!(*prev < e.id, "aggregate {} out of order: {} after {}", e.aggregate, e.id, prev);
+                    assert!(
+                        *prev < e.id,
+                        "aggregate {} out of order: {} after {}",
+                        e.aggregate,
+                        e.id,
+                        prev
+                    );
                 }
                 last.insert(e.aggregate.clone(), e.id);
             }
@@ -159,11 +185,21 @@ fn check_delivery(expected: &[Expected], records: &[Record], prefix: &str, parti
 }
 
 fn aggregates(n: usize) -> Vec<(String, String)> {
-    (0..n).map(|i| (format!("agg-{i}"), ["OrderCreated", "OrderPaid", "OrderShipped"][i % 3].to_string())).collect()
+    (0..n)
+        .map(|i| {
+            (
+                format!("agg-{i}"),
+                ["OrderCreated", "OrderPaid", "OrderShipped"][i % 3].to_string(),
+            )
+        })
+        .collect()
 }
 
 fn topics(prefix: &str) -> Vec<String> {
-    ["OrderCreated", "OrderPaid", "OrderShipped"].iter().map(|t| format!("{prefix}.{t}")).collect()
+    ["OrderCreated", "OrderPaid", "OrderShipped"]
+        .iter()
+        .map(|t| format!("{prefix}.{t}"))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -174,7 +210,11 @@ async fn thousand_events_arrive_once_in_order_and_the_slot_follows() {
     let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
     create_topics(&brokers(), &topic_refs, 4).await;
     let template = format!("{prefix}.{{event_type}}");
-    let mut relay = Relay::start(&relay_args(&db, &brokers(), &["--slot", &slot, "--topic", &template]));
+    let mut relay = Relay::start(&relay_args(
+        &db,
+        &brokers(),
+        &["--slot", &slot, "--topic", &template],
+    ));
 
     // 1,000 events in 100 transactions of mixed size (1..19) over 20 aggregates.
     let aggs = aggregates(20);
@@ -193,13 +233,20 @@ async fn thousand_events_arrive_once_in_order_and_the_slot_follows() {
     assert_eq!(records.len(), 1000, "exactly one record per event");
     check_delivery(&expected, &records, &prefix, 4, false);
 
-    wait_until(Duration::from_secs(30), "confirmed_flush_lsn to reach the last commit", || async {
-        db.confirmed_flush_lsn(&slot).await >= after_last_commit
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "confirmed_flush_lsn to reach the last commit",
+        || async { db.confirmed_flush_lsn(&slot).await >= after_last_commit },
+    )
     .await;
     assert!(relay.is_running(), "relay died: {}", relay.log_text());
     relay.signal("TERM");
-    assert_eq!(relay.wait(Duration::from_secs(30)).await, Some(0), "{}", relay.log_text());
+    assert_eq!(
+        relay.wait(Duration::from_secs(30)).await,
+        Some(0),
+        "{}",
+        relay.log_text()
+    );
     db.drop().await;
 }
 
@@ -214,22 +261,30 @@ async fn slot_does_not_move_while_the_broker_is_unreachable() {
         &format!("127.0.0.1:{port}"),
         &["--slot", &slot, "--topic", &template],
     ));
-    wait_until(Duration::from_secs(30), "the relay to stream", || async { db.slot_active(&slot).await }).await;
+    wait_until(Duration::from_secs(30), "the relay to stream", || async {
+        db.slot_active(&slot).await
+    })
+    .await;
 
     let before = db.current_wal_lsn().await;
     let aggs = aggregates(6);
     insert_events(&db, &aggs, 0, 30).await;
     let after = db.current_wal_lsn().await;
     // The walsender has sent the transaction: the relay holds it in flight.
-    wait_until(Duration::from_secs(30), "the walsender to send the events", || async {
-        db.sent_lsn(&slot).await.is_some_and(|s| s >= after)
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "the walsender to send the events",
+        || async { db.sent_lsn(&slot).await.is_some_and(|s| s >= after) },
+    )
     .await;
     // Several status intervals pass; the confirmed position must not cover
     // the undelivered transaction.
     for _ in 0..30 {
         let confirmed = db.confirmed_flush_lsn(&slot).await;
-        assert!(confirmed <= before, "slot confirmed {confirmed} past undelivered events (before insert: {before})");
+        assert!(
+            confirmed <= before,
+            "slot confirmed {confirmed} past undelivered events (before insert: {before})"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(relay.is_running(), "relay died: {}", relay.log_text());
@@ -241,18 +296,32 @@ async fn slot_does_not_move_while_the_broker_is_unreachable() {
     create_topics(&broker.brokers(), &topic_refs, 2).await;
     let records = consume(&broker.brokers(), &topics, 30, Duration::from_secs(90)).await;
     check_delivery(&expected_rows(&db).await, &records, &prefix, 2, false);
-    wait_until(Duration::from_secs(30), "confirmed_flush_lsn to pass the delivered commit", || async {
-        db.confirmed_flush_lsn(&slot).await >= after
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "confirmed_flush_lsn to pass the delivered commit",
+        || async { db.confirmed_flush_lsn(&slot).await >= after },
+    )
     .await;
     relay.signal("TERM");
-    assert_eq!(relay.wait(Duration::from_secs(30)).await, Some(0), "{}", relay.log_text());
+    assert_eq!(
+        relay.wait(Duration::from_secs(30)).await,
+        Some(0),
+        "{}",
+        relay.log_text()
+    );
     db.drop().await;
 }
 
 /// Writes `txns` transactions of `per_txn` events in the background,
 /// reporting how many have committed, and the WAL position after each.
-fn spawn_writer(url: String, txns: usize, per_txn: usize) -> (tokio::task::JoinHandle<Vec<outbox_relay::lsn::Lsn>>, tokio::sync::watch::Receiver<Vec<outbox_relay::lsn::Lsn>>) {
+fn spawn_writer(
+    url: String,
+    txns: usize,
+    per_txn: usize,
+) -> (
+    tokio::task::JoinHandle<Vec<outbox_relay::lsn::Lsn>>,
+    tokio::sync::watch::Receiver<Vec<outbox_relay::lsn::Lsn>>,
+) {
     let (tx, rx) = tokio::sync::watch::channel(Vec::new());
     let handle = tokio::spawn(async move {
         let client = sql_client(&url).await;
@@ -269,7 +338,11 @@ fn spawn_writer(url: String, txns: usize, per_txn: usize) -> (tokio::task::JoinH
             }
             sql.push_str("COMMIT;");
             client.batch_execute(&sql).await.unwrap();
-            let lsn: String = client.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.unwrap().get(0);
+            let lsn: String = client
+                .query_one("SELECT pg_current_wal_lsn()::text", &[])
+                .await
+                .unwrap()
+                .get(0);
             after.push(lsn.parse().unwrap());
             tx.send_replace(after.clone());
             // Pace the load so the relay is stopped while events are still
@@ -295,13 +368,18 @@ async fn stop_and_restart(signal: &str) {
     // Stop the relay mid-stream: a third of the transactions are committed
     // and the relay has confirmed some of them.
     let fiftieth = progress.wait_for(|after| after.len() >= 100).await.unwrap()[49];
-    wait_until(Duration::from_secs(30), "the relay to confirm 50 transactions", || async {
-        db.confirmed_flush_lsn(&slot).await >= fiftieth
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "the relay to confirm 50 transactions",
+        || async { db.confirmed_flush_lsn(&slot).await >= fiftieth },
+    )
     .await;
     let written_at_stop = progress.borrow().len();
     relay.signal(signal);
-    assert!(written_at_stop < 300, "the writer finished before the stop: not mid-stream");
+    assert!(
+        written_at_stop < 300,
+        "the writer finished before the stop: not mid-stream"
+    );
     let code = relay.wait(Duration::from_secs(60)).await;
     let log = relay.log_text();
     drop(relay);
@@ -331,13 +409,21 @@ async fn stop_and_restart(signal: &str) {
     for r in &records {
         if count[&r.header("id").unwrap()] > 1 {
             let txn = seq_of(r) / 5;
-            assert!(txn >= confirmed_txns, "event of confirmed transaction {txn} delivered twice");
+            assert!(
+                txn >= confirmed_txns,
+                "event of confirmed transaction {txn} delivered twice"
+            );
         }
     }
     assert!(confirmed_txns < 300, "stopped mid-stream");
     eprintln!("{signal}: {} records for 1500 events, {dups} duplicated events, {written_at_stop} transactions written and {confirmed_txns} confirmed at the stop", records.len());
     relay.signal("TERM");
-    assert_eq!(relay.wait(Duration::from_secs(30)).await, Some(0), "{}", relay.log_text());
+    assert_eq!(
+        relay.wait(Duration::from_secs(30)).await,
+        Some(0),
+        "{}",
+        relay.log_text()
+    );
     db.drop().await;
 }
 
@@ -354,17 +440,30 @@ async fn sigkill_mid_stream_then_restart_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_outbox_keeps_confirming_while_other_tables_take_writes() {
     let (db, slot) = classic_db("e2e_idle").await;
-    db.exec("CREATE TABLE busy (id serial PRIMARY KEY, note text)").await;
+    db.exec("CREATE TABLE busy (id serial PRIMARY KEY, note text)")
+        .await;
     let prefix = unique("idle");
     let template = format!("{prefix}.{{event_type}}");
-    let mut relay = Relay::start(&relay_args(&db, &brokers(), &["--slot", &slot, "--topic", &template]));
-    wait_until(Duration::from_secs(30), "the relay to stream", || async { db.slot_active(&slot).await }).await;
+    let mut relay = Relay::start(&relay_args(
+        &db,
+        &brokers(),
+        &["--slot", &slot, "--topic", &template],
+    ));
+    wait_until(Duration::from_secs(30), "the relay to stream", || async {
+        db.slot_active(&slot).await
+    })
+    .await;
     for round in 0..3 {
-        db.exec(&format!("INSERT INTO busy (note) SELECT 'round {round} ' || g FROM generate_series(1, 200) g")).await;
+        db.exec(&format!(
+            "INSERT INTO busy (note) SELECT 'round {round} ' || g FROM generate_series(1, 200) g"
+        ))
+        .await;
         let target = db.current_wal_lsn().await;
-        wait_until(Duration::from_secs(30), "confirmed_flush_lsn to follow writes to another table", || async {
-            db.confirmed_flush_lsn(&slot).await >= target
-        })
+        wait_until(
+            Duration::from_secs(30),
+            "confirmed_flush_lsn to follow writes to another table",
+            || async { db.confirmed_flush_lsn(&slot).await >= target },
+        )
         .await;
     }
     assert!(relay.is_running(), "{}", relay.log_text());
@@ -378,28 +477,33 @@ async fn debezium_preset_end_to_end_with_insert_then_delete() {
     let db = TestDb::new("e2e_debezium").await;
     db.exec(DEBEZIUM_TABLE).await;
     let slot = format!("s_{}", db.name);
-    let (code, out, err) = relay_cmd(&[
-        "setup",
-        "--database-url",
-        &db.url,
-        "--kafka-brokers",
-        "unused:9092",
-        "--preset",
-        "debezium",
-        "--publication",
-        "dbz_pub",
-        "--slot",
-        &slot,
-    ]);
+    // setup needs no Kafka settings: it never talks to the broker.
+    let setup = || {
+        relay_cmd(&[
+            "setup",
+            "--database-url",
+            &db.url,
+            "--preset",
+            "debezium",
+            "--publication",
+            "dbz_pub",
+            "--slot",
+            &slot,
+        ])
+    };
+    let (code, out, err) = setup();
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("created publication dbz_pub for table public.outboxevent"), "{out}");
+    assert!(
+        out.contains("created publication dbz_pub for table public.outboxevent"),
+        "{out}"
+    );
     // Idempotent: a second run changes nothing and says so.
-    let (code, out, _) = relay_cmd(&[
-        "setup", "--database-url", &db.url, "--kafka-brokers", "unused:9092", "--preset", "debezium",
-        "--publication", "dbz_pub", "--slot", &slot,
-    ]);
+    let (code, out, _) = setup();
     assert_eq!(code, 0);
-    assert!(out.contains("publication dbz_pub exists") && out.contains(&format!("slot {slot} exists")), "{out}");
+    assert!(
+        out.contains("publication dbz_pub exists") && out.contains(&format!("slot {slot} exists")),
+        "{out}"
+    );
 
     // Topics follow Debezium's default route: outbox.event.{aggregatetype}.
     let run = unique("dbz");
@@ -410,7 +514,14 @@ async fn debezium_preset_end_to_end_with_insert_then_delete() {
     let mut relay = Relay::start(&relay_args(
         &db,
         &brokers(),
-        &["--preset", "debezium", "--publication", "dbz_pub", "--slot", &slot],
+        &[
+            "--preset",
+            "debezium",
+            "--publication",
+            "dbz_pub",
+            "--slot",
+            &slot,
+        ],
     ));
     for i in 0..100 {
         let ty = &types[i % 2];
@@ -433,11 +544,19 @@ async fn debezium_preset_end_to_end_with_insert_then_delete() {
         let n = r.payload_json()["n"].as_u64().unwrap() as usize;
         assert_eq!(r.topic, format!("outbox.event.{}", types[n % 2]));
         assert_eq!(r.key_str(), format!("a{}", n % 7));
-        assert_eq!(r.header("id").unwrap(), format!("00000000-0000-4000-8000-{n:012}"));
+        assert_eq!(
+            r.header("id").unwrap(),
+            format!("00000000-0000-4000-8000-{n:012}")
+        );
         ids.insert(n);
     }
     assert_eq!(ids.len(), 100);
     relay.signal("TERM");
-    assert_eq!(relay.wait(Duration::from_secs(30)).await, Some(0), "{}", relay.log_text());
+    assert_eq!(
+        relay.wait(Duration::from_secs(30)).await,
+        Some(0),
+        "{}",
+        relay.log_text()
+    );
     db.drop().await;
 }

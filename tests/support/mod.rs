@@ -83,7 +83,11 @@ impl TestDb {
             _ => panic!("OUTBOX_RELAY_DATABASE_URL must end in /dbname: {base}"),
         };
         let client = sql_client(&url).await;
-        TestDb { name: db, url, client }
+        TestDb {
+            name: db,
+            url,
+            client,
+        }
     }
 
     pub async fn exec(&self, sql: &str) {
@@ -151,7 +155,10 @@ impl TestDb {
             ))
             .await;
         let _ = admin
-            .batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
             .await;
     }
 }
@@ -236,7 +243,10 @@ impl Relay {
                 return status.code();
             }
             if Instant::now() > deadline {
-                panic!("relay did not exit within {timeout:?}; log:\n{}", self.log_text());
+                panic!(
+                    "relay did not exit within {timeout:?}; log:\n{}",
+                    self.log_text()
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -278,7 +288,10 @@ pub async fn create_topics(brokers: &str, topics: &[&str], partitions: i32) {
         .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
         .collect();
     let res = admin
-        .create_topics(&new, &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))))
+        .create_topics(
+            &new,
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
         .await
         .expect("create topics");
     for r in res {
@@ -321,7 +334,12 @@ impl Record {
 
 /// Reads every record of `topics` from the beginning until at least
 /// `at_least` arrived and every partition is read to its high watermark.
-pub async fn consume(brokers: &str, topics: &[String], at_least: usize, timeout: Duration) -> Vec<Record> {
+pub async fn consume(
+    brokers: &str,
+    topics: &[String],
+    at_least: usize,
+    timeout: Duration,
+) -> Vec<Record> {
     let brokers = brokers.to_string();
     let topics = topics.to_vec();
     tokio::task::spawn_blocking(move || consume_blocking(&brokers, &topics, at_least, timeout))
@@ -329,7 +347,12 @@ pub async fn consume(brokers: &str, topics: &[String], at_least: usize, timeout:
         .unwrap()
 }
 
-fn consume_blocking(brokers: &str, topics: &[String], at_least: usize, timeout: Duration) -> Vec<Record> {
+fn consume_blocking(
+    brokers: &str,
+    topics: &[String],
+    at_least: usize,
+    timeout: Duration,
+) -> Vec<Record> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", unique("test"))
@@ -420,7 +443,11 @@ pub fn nisshi_bin() -> String {
 
 /// A free loopback port (bound then released).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A broker of the test's own, on a given port (memory storage).
@@ -448,9 +475,11 @@ impl Broker {
             .spawn()
             .expect("spawn nisshi");
         let broker = Broker { child, port };
-        wait_until(Duration::from_secs(30), "the test broker to listen", || async {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        })
+        wait_until(
+            Duration::from_secs(30),
+            "the test broker to listen",
+            || async { std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() },
+        )
         .await;
         broker
     }
@@ -483,16 +512,25 @@ impl TempCluster {
         std::fs::create_dir_all(&dir).unwrap();
         let port = free_port();
         let run = |args: Vec<String>| {
-            let is_root = Command::new("id").arg("-u").output().map(|o| o.stdout == b"0\n").unwrap_or(false);
+            let is_root = Command::new("id")
+                .arg("-u")
+                .output()
+                .map(|o| o.stdout == b"0\n")
+                .unwrap_or(false);
             let status = if is_root {
-                Command::new("runuser").args(["-u", "postgres", "--"]).args(&args).status()
+                Command::new("runuser")
+                    .args(["-u", "postgres", "--"])
+                    .args(&args)
+                    .status()
             } else {
                 Command::new(&args[0]).args(&args[1..]).status()
             }
             .unwrap();
             assert!(status.success(), "{args:?}");
         };
-        let _ = Command::new("chown").args(["postgres", dir.to_str().unwrap()]).status();
+        let _ = Command::new("chown")
+            .args(["postgres", dir.to_str().unwrap()])
+            .status();
         let data = dir.join("data");
         run(vec![
             bin.join("initdb").display().to_string(),
@@ -543,11 +581,25 @@ impl Drop for TempCluster {
         let data = self.dir.join("data").display().to_string();
         let pg_ctl = self.bin.join("pg_ctl").display().to_string();
         let _ = Command::new("runuser")
-            .args(["-u", "postgres", "--", &pg_ctl, "-D", &data, "-m", "immediate", "stop"])
+            .args([
+                "-u",
+                "postgres",
+                "--",
+                &pg_ctl,
+                "-D",
+                &data,
+                "-m",
+                "immediate",
+                "stop",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
-            .or_else(|_| Command::new(&pg_ctl).args(["-D", &data, "-m", "immediate", "stop"]).status());
+            .or_else(|_| {
+                Command::new(&pg_ctl)
+                    .args(["-D", &data, "-m", "immediate", "stop"])
+                    .status()
+            });
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
