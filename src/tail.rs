@@ -26,6 +26,9 @@ pub struct TailOptions {
     /// Stop after this many records.
     #[arg(long)]
     pub max: Option<u64>,
+    /// Print what the topics already hold too, not only new records.
+    #[arg(long)]
+    pub from_beginning: bool,
 }
 
 /// Follows the topics until `stop` is set or `max` records were printed.
@@ -44,6 +47,7 @@ pub fn run(
     let mut tpl = TopicPartitionList::new();
     let mut last_scan: Option<Instant> = None;
     let mut printed = 0u64;
+    let mut first_scan = true;
     while !stop.load(Ordering::Relaxed) {
         if last_scan.map_or(true, |t| t.elapsed() > Duration::from_secs(1)) {
             last_scan = Some(Instant::now());
@@ -55,7 +59,17 @@ pub fn run(
                     }
                     for p in t.partitions() {
                         if assigned.insert((t.name().to_string(), p.id())) {
-                            tpl.add_partition_offset(t.name(), p.id(), Offset::Beginning)?;
+                            let offset = if first_scan && !opts.from_beginning {
+                                let (_, high) = consumer.fetch_watermarks(
+                                    t.name(),
+                                    p.id(),
+                                    Duration::from_secs(5),
+                                )?;
+                                Offset::Offset(high)
+                            } else {
+                                Offset::Beginning
+                            };
+                            tpl.add_partition_offset(t.name(), p.id(), offset)?;
                             changed = true;
                         }
                     }
@@ -63,6 +77,14 @@ pub fn run(
                 if changed {
                     consumer.incremental_assign(&tpl)?;
                     tpl = TopicPartitionList::new();
+                }
+                if first_scan {
+                    first_scan = false;
+                    eprintln!(
+                        "tail: following {} partitions{}; topics created from now on are read from their start",
+                        assigned.len(),
+                        if opts.from_beginning { " from their start" } else { " from their end" }
+                    );
                 }
             }
         }
