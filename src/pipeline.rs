@@ -212,10 +212,24 @@ impl State {
                     "event enqueued"
                 );
             }
-            LogicalMessage::Other(kind) => {
+            other @ (LogicalMessage::Origin(_)
+            | LogicalMessage::Type(_)
+            | LogicalMessage::Update(_)
+            | LogicalMessage::Delete(_)
+            | LogicalMessage::Truncate(_)
+            | LogicalMessage::Message(_)
+            | LogicalMessage::StreamStart(_)
+            | LogicalMessage::StreamStop
+            | LogicalMessage::StreamCommit(_)
+            | LogicalMessage::StreamAbort(_)
+            | LogicalMessage::BeginPrepare(_)
+            | LogicalMessage::Prepare(_)
+            | LogicalMessage::CommitPrepared(_)
+            | LogicalMessage::RollbackPrepared(_)
+            | LogicalMessage::StreamPrepare(_)) => {
                 // Updates, deletes (the insert-then-delete outbox pattern),
                 // truncates and the rest are not events.
-                tracing::trace!(?kind, lsn = %wal_start, "ignored change");
+                tracing::trace!(kind = other.kind(), lsn = %wal_start, "ignored change");
             }
         }
         Ok(())

@@ -11,7 +11,8 @@
 use bytes::Bytes;
 use outbox_relay::lsn::Lsn;
 use outbox_relay::pgoutput::{
-    decode, Begin, Column, Commit, Insert, LogicalMessage, OtherKind, Relation, TupleValue,
+    decode, Begin, Column, Commit, Insert, LogicalMessage, Message, OldTupleKind, Relation,
+    TupleValue,
 };
 
 const FIXTURE: &str = include_str!("fixtures/pgoutput_pg15_proto1.txt");
@@ -58,11 +59,11 @@ fn kind(m: &LogicalMessage) -> &'static str {
         LogicalMessage::Commit(_) => "Commit",
         LogicalMessage::Relation(_) => "Relation",
         LogicalMessage::Insert(_) => "Insert",
-        LogicalMessage::Other(OtherKind::Update) => "Update",
-        LogicalMessage::Other(OtherKind::Delete) => "Delete",
-        LogicalMessage::Other(OtherKind::Truncate) => "Truncate",
-        LogicalMessage::Other(OtherKind::Message) => "Message",
-        LogicalMessage::Other(other) => panic!("unexpected kind in the capture: {other:?}"),
+        LogicalMessage::Update(_) => "Update",
+        LogicalMessage::Delete(_) => "Delete",
+        LogicalMessage::Truncate(_) => "Truncate",
+        LogicalMessage::Message(_) => "Message",
+        other => panic!("unexpected kind in the capture: {other:?}"),
     }
 }
 
@@ -334,42 +335,89 @@ fn inserts_carry_the_exact_text_values() {
 }
 
 #[test]
-fn update_delete_truncate_and_message_are_other_kinds() {
+fn update_delete_truncate_and_message_are_decoded() {
     let msgs = decoded();
-    assert_eq!(msgs[13], LogicalMessage::Other(OtherKind::Update));
-    assert_eq!(msgs[16], LogicalMessage::Other(OtherKind::Delete));
-    assert_eq!(msgs[19], LogicalMessage::Other(OtherKind::Message));
-    assert_eq!(msgs[24], LogicalMessage::Other(OtherKind::Truncate));
+    let outbox_oid = as_relation(&msgs[1]).oid;
+    let dbz_oid = as_relation(&msgs[9]).oid;
 
-    // Sanity of the capture itself: the message is transactional, prefix "p",
-    // content "hello" (the decoder does not look inside Other kinds).
-    let raw = &captured()[19];
-    assert_eq!(raw[1], 1, "transactional flag");
-    assert!(raw.ends_with(b"p\0\0\0\0\x05hello"));
+    // UPDATE outbox SET processed_at = ... WHERE id = 2: the key did not
+    // change and the replica identity is the default, so no old tuple.
+    let LogicalMessage::Update(update) = &msgs[13] else {
+        panic!("expected an Update, got {:?}", msgs[13])
+    };
+    assert_eq!(update.xid, None);
+    assert_eq!(update.relation_oid, outbox_oid);
+    assert_eq!(update.old, None);
+    assert_eq!(update.new.len(), 8);
+    assert_eq!(update.new[0], text("2"));
+    assert_eq!(update.new[6], text("2024-05-03 00:00:00+00"));
+
+    // DELETE FROM outboxevent: the old key ('K'), non-key columns null.
+    let LogicalMessage::Delete(delete) = &msgs[16] else {
+        panic!("expected a Delete, got {:?}", msgs[16])
+    };
+    assert_eq!(delete.relation_oid, dbz_oid);
+    assert_eq!(delete.old.kind, OldTupleKind::Key);
+    assert_eq!(
+        delete.old.tuple,
+        vec![
+            text("3e9b6d85-bf4a-4ca1-8d6e-8a5f4b3c7d44"),
+            TupleValue::Null,
+            TupleValue::Null,
+            TupleValue::Null,
+            TupleValue::Null,
+        ]
+    );
+
+    // pg_logical_emit_message(true, 'p', 'hello'), inside its transaction.
+    let LogicalMessage::Message(message) = &msgs[19] else {
+        panic!("expected a Message, got {:?}", msgs[19])
+    };
+    let (LogicalMessage::Begin(begin), LogicalMessage::Commit(commit)) = (&msgs[18], &msgs[20])
+    else {
+        panic!("the message is not wrapped in Begin/Commit")
+    };
+    assert_eq!(
+        *message,
+        Message {
+            xid: None,
+            flags: 1,
+            lsn: message.lsn,
+            prefix: "p".into(),
+            content: Bytes::from_static(b"hello"),
+        }
+    );
+    assert!(message.transactional());
+    // The server reports the end of the message's WAL record, which here is
+    // where the commit record starts.
+    assert!(message.lsn <= begin.final_lsn);
+    assert_eq!(begin.final_lsn, commit.commit_lsn);
+
+    // TRUNCATE outbox, outboxevent: no CASCADE, no RESTART IDENTITY.
+    let LogicalMessage::Truncate(truncate) = &msgs[24] else {
+        panic!("expected a Truncate, got {:?}", msgs[24])
+    };
+    let mut oids = truncate.relation_oids.clone();
+    oids.sort_unstable();
+    let mut expected = vec![outbox_oid, dbz_oid];
+    expected.sort_unstable();
+    assert_eq!((truncate.xid, truncate.options, oids), (None, 0, expected));
+    assert!(!truncate.cascade() && !truncate.restart_identity());
 }
 
-/// Begin, Commit, Relation and Insert are decoded field by field, and their last
-/// field ends the message, so every strict prefix must be an error. The other
-/// kinds are recognised by their tag alone (see `OtherKind`): only the empty
-/// prefix is an error, and any non-empty prefix still reports the same kind.
+/// Every message is decoded field by field and its last field ends it, so
+/// every strict prefix must be an error.
 #[test]
-fn every_strict_prefix_is_an_error_or_the_same_other_kind() {
+fn every_strict_prefix_is_an_error() {
     for (i, (full, msg)) in captured().into_iter().zip(decoded()).enumerate() {
         for n in 0..full.len() {
             let result = decode(full.slice(..n));
-            match (&msg, n) {
-                (LogicalMessage::Other(kind), 1..) => assert_eq!(
-                    result,
-                    Ok(LogicalMessage::Other(*kind)),
-                    "message {i}, prefix of {n} bytes"
-                ),
-                _ => assert!(
-                    result.is_err(),
-                    "message {i} ({}), prefix of {n}/{} bytes decoded to {result:?}",
-                    kind(&msg),
-                    full.len()
-                ),
-            }
+            assert!(
+                result.is_err(),
+                "message {i} ({}), prefix of {n}/{} bytes decoded to {result:?}",
+                kind(&msg),
+                full.len()
+            );
         }
     }
 }
