@@ -133,6 +133,17 @@ pub struct Options {
     #[arg(long, env = "OUTBOX_RELAY_SHUTDOWN_TIMEOUT")]
     pub shutdown_timeout: Option<f64>,
 
+    /// On "replication slot … is active for PID n", terminate that walsender
+    /// instead of waiting for it: use when a crashed relay's connection
+    /// lingers. Without it the relay waits as a standby.
+    #[arg(long, env = "OUTBOX_RELAY_TERMINATE_STALE_WALSENDER", num_args = 0..=1, default_missing_value = "true")]
+    pub terminate_stale_walsender: Option<bool>,
+
+    /// Longest wait, in seconds, between reconnection attempts after a lost
+    /// connection [default: 30].
+    #[arg(long, env = "OUTBOX_RELAY_RECONNECT_MAX_BACKOFF")]
+    pub reconnect_max_backoff: Option<f64>,
+
     /// Log format [default: text].
     #[arg(long, env = "OUTBOX_RELAY_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -167,6 +178,8 @@ impl Options {
             max_inflight,
             status_interval,
             shutdown_timeout,
+            terminate_stale_walsender,
+            reconnect_max_backoff,
             log_format
         )
     }
@@ -210,6 +223,8 @@ pub struct RelayConfig {
     pub max_inflight: u64,
     pub status_interval: Duration,
     pub shutdown_timeout: Duration,
+    pub terminate_stale_walsender: bool,
+    pub reconnect_max_backoff: Duration,
     pub log_format: LogFormat,
 }
 
@@ -351,6 +366,11 @@ impl RelayConfig {
             max_inflight,
             status_interval: seconds("status_interval", o.status_interval.unwrap_or(10.0))?,
             shutdown_timeout: seconds("shutdown_timeout", o.shutdown_timeout.unwrap_or(30.0))?,
+            terminate_stale_walsender: o.terminate_stale_walsender.unwrap_or(false),
+            reconnect_max_backoff: seconds(
+                "reconnect_max_backoff",
+                o.reconnect_max_backoff.unwrap_or(30.0),
+            )?,
             log_format: o.log_format.unwrap_or_default(),
         })
     }

@@ -17,4 +17,5 @@ pub mod replication;
 pub mod router;
 pub mod setup;
 pub mod sink;
+pub mod supervisor;
 pub mod tail;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use outbox_relay::config::{LogFormat, Options, RelayConfig};
-use outbox_relay::{pipeline, setup};
+use outbox_relay::{setup, supervisor};
 
 #[derive(Parser)]
 #[command(
@@ -62,6 +62,18 @@ async fn shutdown_signal() {
         tracing::warn!("second signal: exiting without waiting for deliveries");
         std::process::exit(130);
     });
+}
+
+/// The shutdown signal as a flag every session can watch.
+fn shutdown_flag() -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = tx.send(true);
+        // Keep the sender alive so receivers never see a closed channel.
+        std::future::pending::<()>().await;
+    });
+    rx
 }
 
 async fn tail(opts: outbox_relay::tail::TailOptions) -> std::process::ExitCode {
@@ -124,7 +136,7 @@ async fn main() -> std::process::ExitCode {
             .map(|lines| lines.iter().for_each(|l| println!("{l}")))
             .context("setup failed")
     } else {
-        pipeline::run(&cfg, shutdown_signal())
+        supervisor::run(&cfg, shutdown_flag())
             .await
             .map(|_| ())
             .context("relay stopped")

@@ -56,10 +56,96 @@ pub enum PipelineError {
     SlotMissing { slot: String },
     #[error("replication slot {slot:?} uses plugin {plugin:?}, not pgoutput: drop it or choose another --slot")]
     WrongPlugin { slot: String, plugin: String },
+    #[error("replication slot {slot:?} is at {found}, past {ours}, the position this relay had confirmed: something advanced the slot over events that were never delivered. Check who moved it (pg_replication_slot_advance, another consumer of the slot such as a second relay that took over and released it), publish the events between {ours} and {found} from the table, then restart")]
+    SlotMovedAhead { slot: String, found: Lsn, ours: Lsn },
+    #[error("replication slot {slot:?} was invalidated (wal_status = 'lost'): the WAL it needed was removed (max_slot_wal_keep_size). Events committed while it was lost cannot be streamed: drop and recreate the slot (outbox-relay setup), then republish pending rows from the table")]
+    SlotInvalidated { slot: String },
     #[error("shutdown timed out with {inflight} events unacknowledged; the slot stays at {confirmed} and they will be sent again")]
     ShutdownTimeout { inflight: u64, confirmed: Lsn },
     #[error("the server ended the replication stream")]
     ServerEnded,
+}
+
+impl PipelineError {
+    /// Whether a new session (fresh connection and producer, resuming from the
+    /// slot) can be expected to succeed. Everything else needs a person: a
+    /// bad row, a missing slot, a configuration the server refuses.
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            PipelineError::Replication(e) => match e {
+                ReplicationError::Connect { .. }
+                | ReplicationError::Io(_)
+                | ReplicationError::Closed => true,
+                ReplicationError::Server(s) => {
+                    // 55006: slot active for another PID (a standby waits);
+                    // 57P0x: administrator/crash shutdown, server starting;
+                    // 08xxx: connection failures; 53300: too many connections
+                    // or walsenders; 40001/40P01 cannot happen here but are
+                    // transient by definition.
+                    matches!(
+                        s.code.as_str(),
+                        "55006" | "57P01" | "57P02" | "57P03" | "53300"
+                    ) || s.code.starts_with("08")
+                }
+                ReplicationError::Auth(_)
+                | ReplicationError::Protocol(_)
+                | ReplicationError::Config(_) => false,
+            },
+            PipelineError::Delivery(d) => delivery_is_retriable(&d.error),
+            PipelineError::ServerEnded => true,
+            _ => false,
+        }
+    }
+
+    /// "replication slot … is active for PID …": another connection has it.
+    pub fn slot_in_use(&self) -> bool {
+        matches!(self, PipelineError::Replication(ReplicationError::Server(s)) if s.code == "55006")
+    }
+
+    /// An operator's next step for a server error, where one is known.
+    pub fn hint(&self) -> Option<String> {
+        let PipelineError::Replication(ReplicationError::Server(s)) = self else {
+            return None;
+        };
+        match s.code.as_str() {
+            "55006" => Some(format!(
+                "another connection holds the slot ({}); this relay waits and retries, so it is a standby. If that connection is a stale walsender, end it with pg_terminate_backend(pid) or start with --terminate-stale-walsender",
+                s.message
+            )),
+            "42501" => Some("the role needs the REPLICATION attribute: ALTER ROLE <role> REPLICATION (see sql/04_relay_role.sql)".into()),
+            "53300" => Some("the server has no free walsender or connection: raise max_wal_senders / max_connections or stop an unused replication client".into()),
+            "42704" => Some("the replication slot or publication does not exist: run `outbox-relay setup`".into()),
+            _ => None,
+        }
+    }
+}
+
+/// Delivery errors a fresh producer can overcome (the broker was down or
+/// changed leaders for longer than message.timeout.ms, or the idempotent
+/// producer lost its state). Anything else (too large, not authorised,
+/// invalid topic) fails again on the same record, so retrying would loop.
+fn delivery_is_retriable(e: &KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::MessageTimedOut
+                | C::BrokerTransportFailure
+                | C::AllBrokersDown
+                | C::RequestTimedOut
+                | C::NetworkException
+                | C::LeaderNotAvailable
+                | C::NotLeaderForPartition
+                | C::NotEnoughReplicas
+                | C::NotEnoughReplicasAfterAppend
+                | C::UnknownProducerId
+                | C::OutOfOrderSequenceNumber
+                | C::InvalidProducerEpoch
+                | C::Fatal
+                | C::PurgeQueue
+                | C::PurgeInflight
+        )
+    )
 }
 
 /// A record the broker did not accept after the client's own retries.
@@ -75,6 +161,8 @@ pub struct DeliveryFailure {
 /// Figures of one run, for the exit log line and tests.
 #[derive(Debug, Clone, Default)]
 pub struct Summary {
+    /// The session got as far as streaming (it held the slot).
+    pub streamed: bool,
     pub events: u64,
     pub transactions: u64,
     pub confirmed: Lsn,
@@ -98,12 +186,13 @@ pub fn parse_pg_duration(s: &str) -> Option<Duration> {
 
 struct Slot {
     confirmed: Lsn,
+    active_pid: Option<i32>,
 }
 
 async fn check_slot(conn: &mut ReplicationConnection, slot: &str) -> Result<Slot, PipelineError> {
     let rows = conn
         .simple_query(&format!(
-            "SELECT coalesce(plugin, ''), coalesce(confirmed_flush_lsn::text, '0/0') FROM pg_replication_slots WHERE slot_name = {}",
+            "SELECT coalesce(plugin, ''), coalesce(confirmed_flush_lsn::text, '0/0'), active_pid::text, coalesce(wal_status, '') FROM pg_replication_slots WHERE slot_name = {}",
             quote_literal(slot)
         ))
         .await?;
@@ -117,16 +206,22 @@ async fn check_slot(conn: &mut ReplicationConnection, slot: &str) -> Result<Slot
             plugin,
         });
     }
-    let confirmed = row
-        .get(1)
-        .cloned()
-        .flatten()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_default();
-    Ok(Slot { confirmed })
+    let field = |i: usize| row.get(i).cloned().flatten();
+    if field(3).as_deref() == Some("lost") {
+        return Err(PipelineError::SlotInvalidated { slot: slot.into() });
+    }
+    let confirmed = field(1).and_then(|s| s.parse().ok()).unwrap_or_default();
+    let active_pid = field(2).and_then(|s| s.parse().ok());
+    Ok(Slot {
+        confirmed,
+        active_pid,
+    })
 }
 
 struct State {
+    /// The slot's confirmed position when this session started.
+    resumed_from: Lsn,
+    first_begin_seen: bool,
     router: Router,
     checkpoint: Checkpoint,
     sink: KafkaSink,
@@ -169,6 +264,19 @@ impl State {
         })?;
         match msg {
             LogicalMessage::Begin(b) => {
+                if !self.first_begin_seen {
+                    self.first_begin_seen = true;
+                    // The server resumes after the slot's confirmed position;
+                    // a transaction at or before it means the server is
+                    // resending confirmed work (duplicates, not loss): say so.
+                    if b.final_lsn <= self.resumed_from {
+                        tracing::warn!(
+                            first_commit = %b.final_lsn,
+                            resumed_from = %self.resumed_from,
+                            "the server sent a transaction at or before the resume position; it will be published again"
+                        );
+                    }
+                }
                 self.checkpoint.begin(b.final_lsn)?;
             }
             LogicalMessage::Commit(c) => {
@@ -236,15 +344,56 @@ impl State {
     }
 }
 
-/// Streams the outbox until `shutdown` resolves or an error stops it.
+/// One replication session: connect, check the slot, stream until
+/// `shutdown` resolves or an error stops it.
+///
+/// `resume` is the position this process confirmed in an earlier session, if
+/// any: the slot must not be found past it, or someone moved the slot over
+/// events this relay never delivered. Returns the figures of the session
+/// alongside its outcome, so a supervisor can resume from them.
 pub async fn run(
     cfg: &RelayConfig,
+    resume: Option<Lsn>,
     shutdown: impl Future<Output = ()>,
-) -> Result<Summary, PipelineError> {
+) -> (Summary, Result<(), PipelineError>) {
+    let mut summary = Summary {
+        confirmed: resume.unwrap_or_default(),
+        ..Summary::default()
+    };
+    let result = session(cfg, resume, shutdown, &mut summary).await;
+    (summary, result)
+}
+
+async fn session(
+    cfg: &RelayConfig,
+    resume: Option<Lsn>,
+    shutdown: impl Future<Output = ()>,
+    summary: &mut Summary,
+) -> Result<(), PipelineError> {
     let params = ConnectParams::from_config(&cfg.database)?;
     let mut conn = ReplicationConnection::connect(&params).await?;
     let system = conn.identify_system().await?;
     let slot = check_slot(&mut conn, &cfg.slot).await?;
+    if let Some(ours) = resume {
+        if slot.confirmed > ours {
+            return Err(PipelineError::SlotMovedAhead {
+                slot: cfg.slot.clone(),
+                found: slot.confirmed,
+                ours,
+            });
+        }
+    }
+    if cfg.terminate_stale_walsender {
+        if let Some(pid) = slot.active_pid {
+            tracing::warn!(
+                slot = %cfg.slot,
+                pid,
+                "terminating the walsender holding the slot (--terminate-stale-walsender)"
+            );
+            conn.simple_query(&format!("SELECT pg_terminate_backend({pid})"))
+                .await?;
+        }
+    }
     let status_interval = match conn
         .show("wal_sender_timeout")
         .await
@@ -269,8 +418,15 @@ pub async fn run(
         ("proto_version", "1".to_string()),
         ("publication_names", quote_ident(&cfg.publication)),
     ];
-    let stream = conn.start_logical(&cfg.slot, Lsn::ZERO, &options).await?;
+    // Ask for the position we expect explicitly rather than 0/0, so the
+    // server log shows it; the server never starts before the slot's
+    // confirmed_flush_lsn anyway.
+    let stream = conn
+        .start_logical(&cfg.slot, slot.confirmed, &options)
+        .await?;
     let (mut reader, mut writer) = (stream.reader, stream.writer);
+    summary.streamed = true;
+    summary.confirmed = slot.confirmed;
 
     let mut state = State {
         router: Router::new(cfg.router.clone()),
@@ -278,6 +434,8 @@ pub async fn run(
         sink,
         acks,
         summary: Summary::default(),
+        resumed_from: slot.confirmed,
+        first_begin_seen: false,
     };
     let result = stream_loop(
         cfg,
@@ -289,6 +447,8 @@ pub async fn run(
     )
     .await;
     state.summary.confirmed = state.checkpoint.confirmed();
+    state.summary.streamed = true;
+    *summary = state.summary.clone();
     // Whatever happened, report the last safe position; a failure here only
     // means the connection is already gone.
     let _ = writer
@@ -303,7 +463,7 @@ pub async fn run(
         confirmed = %state.summary.confirmed,
         "replication stopped"
     );
-    result.map(|()| state.summary)
+    result
 }
 
 async fn stream_loop(

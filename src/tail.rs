@@ -49,7 +49,7 @@ pub fn run(
     let mut printed = 0u64;
     let mut first_scan = true;
     while !stop.load(Ordering::Relaxed) {
-        if last_scan.map_or(true, |t| t.elapsed() > Duration::from_secs(1)) {
+        if last_scan.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
             last_scan = Some(Instant::now());
             if let Ok(md) = consumer.fetch_metadata(None, Duration::from_secs(3)) {
                 let mut changed = false;

@@ -1,0 +1,129 @@
+//! Keeps the pipeline running: after a lost connection, a terminated
+//! walsender, a broker outage longer than the producer's timeout or a slot
+//! held by another relay, start a new session with bounded exponential
+//! backoff. Each session resumes from the slot, so nothing is skipped and
+//! repeats stay within the unacknowledged window. Errors that would fail
+//! again the same way (a bad row, a missing slot, bad credentials) stop the
+//! relay instead of looping.
+
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use crate::config::RelayConfig;
+use crate::lsn::Lsn;
+use crate::pipeline::{self, PipelineError, Summary};
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+
+/// A session that streamed this long counts as healthy: the next failure
+/// starts the backoff from the beginning again.
+const HEALTHY_SESSION: Duration = Duration::from_secs(60);
+
+/// Totals over all sessions.
+#[derive(Debug, Clone, Default)]
+pub struct Totals {
+    pub events: u64,
+    pub transactions: u64,
+    pub sessions: u64,
+    pub confirmed: Lsn,
+}
+
+/// Doubles up to `max`.
+#[derive(Debug)]
+pub struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    pub fn new(max: Duration) -> Self {
+        Backoff {
+            next: FIRST_BACKOFF.min(max),
+            max,
+        }
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        d
+    }
+
+    pub fn reset(&mut self) {
+        self.next = FIRST_BACKOFF.min(self.max);
+    }
+}
+
+/// Runs sessions until `shutdown` turns true or a non-retriable error.
+pub async fn run(
+    cfg: &RelayConfig,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<Totals, PipelineError> {
+    let mut totals = Totals::default();
+    let mut backoff = Backoff::new(cfg.reconnect_max_backoff);
+    let mut resume: Option<Lsn> = None;
+    loop {
+        let started = Instant::now();
+        let mut rx = shutdown.clone();
+        let stop = async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        let (summary, result): (Summary, _) = pipeline::run(cfg, resume, stop).await;
+        totals.sessions += 1;
+        totals.events += summary.events;
+        totals.transactions += summary.transactions;
+        totals.confirmed = summary.confirmed;
+        // Only a session that held the slot knows where it must be found
+        // next time; one that never got it has nothing to compare.
+        if summary.streamed {
+            resume = Some(summary.confirmed);
+        }
+        let err = match result {
+            Ok(()) => return Ok(totals),
+            Err(e) => e,
+        };
+        if err.slot_in_use() {
+            // Another consumer holds the slot (a standby that took over, say):
+            // from now on its progress is legitimate, so trust the slot.
+            resume = None;
+        }
+        if !err.is_retriable() || *shutdown.borrow() {
+            if let Some(hint) = err.hint() {
+                tracing::error!("{hint}");
+            }
+            return Err(err);
+        }
+        if started.elapsed() >= HEALTHY_SESSION {
+            backoff.reset();
+        }
+        let delay = backoff.next_delay();
+        match err.hint() {
+            Some(hint) => tracing::warn!(error = %err, retry_in = ?delay, "{hint}"),
+            None => tracing::warn!(
+                error = %err,
+                retry_in = ?delay,
+                confirmed = %totals.confirmed,
+                "replication session ended; reconnecting and resuming from the slot"
+            ),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.wait_for(|stop| *stop) => return Ok(totals),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_its_cap_and_resets() {
+        let mut b = Backoff::new(Duration::from_secs(3));
+        let seq: Vec<_> = (0..5).map(|_| b.next_delay().as_millis()).collect();
+        assert_eq!(seq, vec![500, 1000, 2000, 3000, 3000]);
+        b.reset();
+        assert_eq!(b.next_delay(), Duration::from_millis(500));
+    }
+}
