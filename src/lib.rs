@@ -19,3 +19,4 @@ pub mod setup;
 pub mod sink;
 pub mod supervisor;
 pub mod tail;
+pub mod verify;

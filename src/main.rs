@@ -31,6 +31,8 @@ enum Command {
     Run(Options),
     /// Print records as they arrive in Kafka (topic, key, headers, payload).
     Tail(outbox_relay::tail::TailOptions),
+    /// Check Kafka against the outbox table: missing, duplicated, reordered or altered events; exit 1 on loss, disorder or mismatch.
+    Verify(outbox_relay::verify::VerifyArgs),
 }
 
 fn init_logging(format: LogFormat) {
@@ -121,6 +123,11 @@ async fn main() -> std::process::ExitCode {
         Command::Setup(o) => (o, true),
         Command::Run(o) => (o, false),
         Command::Tail(t) => return tail(t).await,
+        Command::Verify(v) => {
+            return outbox_relay::verify::command(cli.config.as_deref(), v)
+                .await
+                .into()
+        }
     };
     let cfg = match load(cli.config, opts, is_setup) {
         Ok(c) => c,
