@@ -8,6 +8,7 @@
 //!
 //! `pipeline` drives the stages; `config` and `setup` sit beside them.
 
+pub mod check;
 pub mod checkpoint;
 pub mod config;
 pub mod lsn;
@@ -17,6 +18,7 @@ pub mod replication;
 pub mod router;
 pub mod setup;
 pub mod sink;
+pub mod status;
 pub mod supervisor;
 pub mod tail;
 pub mod verify;

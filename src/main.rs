@@ -33,6 +33,30 @@ enum Command {
     Tail(outbox_relay::tail::TailOptions),
     /// Check Kafka against the outbox table: missing, duplicated, reordered or altered events; exit 1 on loss, disorder or mismatch.
     Verify(outbox_relay::verify::VerifyArgs),
+    /// Show the slot (position, retained WAL, activity) and the publication; exit 1 if the slot is missing.
+    Status(outbox_relay::status::StatusOptions),
+    /// Preflight: check everything `run` needs (PASS/WARN/FAIL, with fixes); exit 1 on any FAIL.
+    Check(Options),
+}
+
+/// `status` and `check`: read-only reports; Kafka settings are optional.
+async fn report(config: Option<PathBuf>, command: Command) -> std::process::ExitCode {
+    let (opts, json) = match command {
+        Command::Status(s) => (s.options, Some(s.json)),
+        Command::Check(o) => (o, None),
+        _ => unreachable!("only status and check are reports"),
+    };
+    let cfg = match load(config, opts, true) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("outbox-relay: configuration error: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    std::process::ExitCode::from(match json {
+        Some(json) => outbox_relay::status::command(&cfg, json).await,
+        None => outbox_relay::check::command(&cfg).await,
+    })
 }
 
 fn init_logging(format: LogFormat) {
@@ -123,6 +147,7 @@ async fn main() -> std::process::ExitCode {
         Command::Setup(o) => (o, true),
         Command::Run(o) => (o, false),
         Command::Tail(t) => return tail(t).await,
+        c @ (Command::Status(_) | Command::Check(_)) => return report(cli.config, c).await,
         Command::Verify(v) => {
             return outbox_relay::verify::command(cli.config.as_deref(), v)
                 .await

@@ -1,0 +1,794 @@
+//! `outbox-relay check`: a preflight of everything `run` needs, one line per
+//! requirement (PASS, WARN or FAIL), each failing line with its fix.
+//!
+//! It reads Postgres over an ordinary SQL connection and asks the brokers for
+//! metadata; it changes nothing. The answer it gives is "would `run` start and
+//! stream now?", so a missing publication or slot is a FAIL whose fix is
+//! `outbox-relay setup`.
+
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{BaseProducer, Producer};
+use serde::Serialize;
+use tokio_postgres::Client;
+
+use crate::config::RelayConfig;
+use crate::router::TableName;
+use crate::setup::{self, SetupError};
+
+/// How long the broker has to answer a metadata request.
+pub const BROKER_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Pass,
+    Warn,
+    Fail,
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Outcome::Pass => "PASS",
+            Outcome::Warn => "WARN",
+            Outcome::Fail => "FAIL",
+        })
+    }
+}
+
+/// One requirement and how it stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CheckResult {
+    /// Stable short name, e.g. `wal_level`, `publication`, `kafka brokers`.
+    pub name: String,
+    pub outcome: Outcome,
+    /// What was found.
+    pub detail: String,
+    /// What to do about it (set on every FAIL, and on WARNs with advice).
+    pub fix: Option<String>,
+}
+
+impl CheckResult {
+    fn pass(name: &str, detail: impl Into<String>) -> Self {
+        CheckResult {
+            name: name.into(),
+            outcome: Outcome::Pass,
+            detail: detail.into(),
+            fix: None,
+        }
+    }
+    fn warn(name: &str, detail: impl Into<String>, fix: Option<String>) -> Self {
+        CheckResult {
+            name: name.into(),
+            outcome: Outcome::Warn,
+            detail: detail.into(),
+            fix,
+        }
+    }
+    fn fail(name: &str, detail: impl Into<String>, fix: impl Into<String>) -> Self {
+        CheckResult {
+            name: name.into(),
+            outcome: Outcome::Fail,
+            detail: detail.into(),
+            fix: Some(fix.into()),
+        }
+    }
+    fn unknown(name: &str, e: tokio_postgres::Error) -> Self {
+        Self::fail(
+            name,
+            format!("could not check: {}", pg_error(&e)),
+            "run the check as the relay's role with read access to the pg_catalog views",
+        )
+    }
+}
+
+fn pg_error(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => db.message().to_string(),
+        None => e.to_string(),
+    }
+}
+
+/// An identifier as it would be typed in SQL: bare when that is unambiguous.
+fn ident(s: &str) -> String {
+    let plain = s
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if plain {
+        s.to_string()
+    } else {
+        crate::replication::quote_ident(s)
+    }
+}
+
+fn table_sql(t: &TableName) -> String {
+    format!("{}.{}", ident(&t.schema), ident(&t.name))
+}
+
+/// Runs every check. Never fails: problems are FAIL lines.
+pub async fn run(cfg: &RelayConfig) -> Vec<CheckResult> {
+    let mut results = match connect(cfg).await {
+        Ok(client) => postgres_checks(&client, cfg).await,
+        Err(e) => vec![CheckResult::fail(
+            "postgres connection",
+            format!("cannot connect: {e}"),
+            "check --database-url (host, port, database, user, password) and that pg_hba.conf admits this user to this database",
+        )],
+    };
+    let cfg = cfg.clone();
+    match tokio::task::spawn_blocking(move || kafka_checks(&cfg)).await {
+        Ok(mut r) => results.append(&mut r),
+        Err(e) => results.push(CheckResult::fail(
+            "kafka brokers",
+            format!("the broker check did not complete: {e}"),
+            "run the check again",
+        )),
+    }
+    results
+}
+
+async fn connect(cfg: &RelayConfig) -> Result<Client, String> {
+    let mut cfg = cfg.clone();
+    if cfg.database.get_connect_timeout().is_none() {
+        cfg.database.connect_timeout(Duration::from_secs(10));
+    }
+    setup::connect(&cfg).await.map_err(|e| match e {
+        SetupError::Connect(e) => pg_error(&e),
+        other => other.to_string(),
+    })
+}
+
+async fn postgres_checks(client: &Client, cfg: &RelayConfig) -> Vec<CheckResult> {
+    let mut out = Vec::new();
+    let info = match client
+        .query_one(
+            "SELECT current_database()::text, current_user::text, current_setting('server_version'),
+                    current_setting('server_version_num')::int",
+            &[],
+        )
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            out.push(CheckResult::unknown("postgres connection", e));
+            return out;
+        }
+    };
+    let (database, user, version, version_num): (String, String, String, i32) =
+        (info.get(0), info.get(1), info.get(2), info.get(3));
+    out.push(CheckResult::pass(
+        "postgres connection",
+        format!("connected to database {database} as {user} (PostgreSQL {version})"),
+    ));
+
+    out.push(wal_level(client).await);
+
+    // The slot first: whether it exists decides what the capacity checks need.
+    let slot = slot_row(client, cfg).await;
+    let (slot_exists, slot_active) = match &slot {
+        Ok(Some(s)) => (true, s.active),
+        _ => (false, false),
+    };
+    out.extend(capacity(client, slot_exists, slot_active).await);
+    out.push(keep_size(client).await);
+
+    let table = match setup::check_table(client, cfg).await {
+        Ok(()) => {
+            out.push(CheckResult::pass(
+                "outbox table",
+                format!(
+                    "{} has every configured column ({})",
+                    cfg.router.table,
+                    referenced_columns(cfg).join(", ")
+                ),
+            ));
+            true
+        }
+        Err(e) => {
+            let fix = match &e {
+                SetupError::NoTable { .. } => format!(
+                    "create {} (sql/01_outbox_classic.sql or sql/02_outbox_debezium.sql), or point --table at the outbox table",
+                    cfg.router.table
+                ),
+                SetupError::NoColumn { option, .. } => format!(
+                    "set {option} to one of the table's columns, or add the column"
+                ),
+                _ => "check --database-url and --table".to_string(),
+            };
+            out.push(CheckResult::fail("outbox table", e.to_string(), fix));
+            false
+        }
+    };
+
+    out.push(publication(client, cfg, version_num).await);
+    out.push(match slot {
+        Ok(s) => slot_check(cfg, &database, s),
+        Err(e) => CheckResult::unknown("slot", e),
+    });
+    out.extend(privileges(client, cfg, &user, table).await);
+    out
+}
+
+/// The configured columns, each once, in configuration order.
+fn referenced_columns(cfg: &RelayConfig) -> Vec<String> {
+    let mut columns: Vec<String> = Vec::new();
+    for (c, _) in cfg.router.referenced_columns() {
+        if !columns.contains(&c) {
+            columns.push(c);
+        }
+    }
+    columns
+}
+
+async fn wal_level(client: &Client) -> CheckResult {
+    match client.query_one("SHOW wal_level", &[]).await {
+        Ok(r) => {
+            let level: String = r.get(0);
+            if level == "logical" {
+                CheckResult::pass("wal_level", "wal_level = logical")
+            } else {
+                CheckResult::fail(
+                    "wal_level",
+                    format!("wal_level = {level}, but logical replication needs logical"),
+                    "ALTER SYSTEM SET wal_level = logical; then restart Postgres (a reload is not enough)",
+                )
+            }
+        }
+        Err(e) => CheckResult::unknown("wal_level", e),
+    }
+}
+
+async fn capacity(client: &Client, slot_exists: bool, slot_active: bool) -> Vec<CheckResult> {
+    let row = match client
+        .query_one(
+            "SELECT current_setting('max_replication_slots')::int,
+                    (SELECT count(*)::int FROM pg_replication_slots),
+                    current_setting('max_wal_senders')::int,
+                    (SELECT count(*)::int FROM pg_stat_replication)",
+            &[],
+        )
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            let detail = format!("could not check: {}", pg_error(&e));
+            let fix = "run the check as the relay's role with read access to the pg_catalog views";
+            return vec![
+                CheckResult::fail("free slots", detail.clone(), fix),
+                CheckResult::fail("free walsenders", detail, fix),
+            ];
+        }
+    };
+    let (max_slots, used_slots, max_senders, used_senders): (i32, i32, i32, i32) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    let free_slots = max_slots - used_slots;
+    let free_senders = max_senders - used_senders;
+    let slots = if slot_exists {
+        CheckResult::pass(
+            "free slots",
+            format!("the relay's slot exists, so it needs none ({used_slots} of max_replication_slots = {max_slots} used)"),
+        )
+    } else if free_slots >= 1 {
+        CheckResult::pass(
+            "free slots",
+            format!("{free_slots} free ({used_slots} of max_replication_slots = {max_slots} used); the relay needs 1"),
+        )
+    } else {
+        CheckResult::fail(
+            "free slots",
+            format!("no free replication slot ({used_slots} of max_replication_slots = {max_slots} used); the relay needs 1"),
+            format!(
+                "ALTER SYSTEM SET max_replication_slots = {}; then restart Postgres, or drop a slot nobody uses (SELECT slot_name FROM pg_replication_slots WHERE NOT active)",
+                max_slots + 1
+            ),
+        )
+    };
+    let senders = if slot_active {
+        CheckResult::pass(
+            "free walsenders",
+            format!("the relay's slot is already streaming, so a restart reuses its walsender ({used_senders} of max_wal_senders = {max_senders} used)"),
+        )
+    } else if free_senders >= 1 {
+        CheckResult::pass(
+            "free walsenders",
+            format!("{free_senders} free ({used_senders} of max_wal_senders = {max_senders} used); the relay needs 1"),
+        )
+    } else {
+        CheckResult::fail(
+            "free walsenders",
+            format!("no free walsender ({used_senders} of max_wal_senders = {max_senders} used); the relay needs 1"),
+            format!(
+                "ALTER SYSTEM SET max_wal_senders = {}; then restart Postgres",
+                max_senders + 1
+            ),
+        )
+    };
+    vec![slots, senders]
+}
+
+async fn keep_size(client: &Client) -> CheckResult {
+    const NAME: &str = "max_slot_wal_keep_size";
+    match client
+        .query_one(
+            "SELECT setting::bigint, current_setting('max_slot_wal_keep_size')
+               FROM pg_settings WHERE name = 'max_slot_wal_keep_size'",
+            &[],
+        )
+        .await
+    {
+        Ok(r) => {
+            let mb: i64 = r.get(0);
+            let shown: String = r.get(1);
+            if mb < 0 {
+                CheckResult::warn(
+                    NAME,
+                    "max_slot_wal_keep_size = -1 (unlimited): a stopped or stuck relay keeps WAL until the disk fills",
+                    Some("ALTER SYSTEM SET max_slot_wal_keep_size = '50GB'; SELECT pg_reload_conf(); (no restart; pick a size well below the WAL volume's free space, and alert on the slot's retained WAL; see docs/operations.md)".into()),
+                )
+            } else {
+                CheckResult::pass(
+                    NAME,
+                    format!("max_slot_wal_keep_size = {shown}: a slot retaining more is invalidated (its events must then be recovered by hand)"),
+                )
+            }
+        }
+        Err(e) => CheckResult::unknown(NAME, e),
+    }
+}
+
+async fn publication(client: &Client, cfg: &RelayConfig, version_num: i32) -> CheckResult {
+    const NAME: &str = "publication";
+    let name = &cfg.publication;
+    let table = &cfg.router.table;
+    let add = format!(
+        "ALTER PUBLICATION {} ADD TABLE {};",
+        ident(name),
+        table_sql(table)
+    );
+    let row = match client
+        .query_opt(
+            "SELECT pubinsert, puballtables FROM pg_publication WHERE pubname = $1",
+            &[name],
+        )
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => return CheckResult::unknown(NAME, e),
+    };
+    let Some(row) = row else {
+        return CheckResult::fail(
+            NAME,
+            format!("publication {name} does not exist"),
+            format!(
+                "outbox-relay setup (or CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert');)",
+                ident(name),
+                table_sql(table)
+            ),
+        );
+    };
+    let (inserts, all_tables): (bool, bool) = (row.get(0), row.get(1));
+    if !inserts {
+        return CheckResult::fail(
+            NAME,
+            format!("publication {name} does not publish inserts"),
+            format!(
+                "ALTER PUBLICATION {} SET (publish = 'insert');",
+                ident(name)
+            ),
+        );
+    }
+    // PostgreSQL 15 added column lists; a list must keep every mapped column.
+    let columns_sql = if version_num >= 150000 {
+        "SELECT attnames::text[] FROM pg_publication_tables
+          WHERE pubname = $1 AND schemaname = $2 AND tablename = $3"
+    } else {
+        "SELECT NULL::text[] FROM pg_publication_tables
+          WHERE pubname = $1 AND schemaname = $2 AND tablename = $3"
+    };
+    let covered = match client
+        .query_opt(columns_sql, &[name, &table.schema, &table.name])
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => return CheckResult::unknown(NAME, e),
+    };
+    let Some(covered) = covered else {
+        return CheckResult::fail(
+            NAME,
+            format!("publication {name} does not include {table}"),
+            format!("{add} (or run outbox-relay setup, which adds it)"),
+        );
+    };
+    if let Some(published) = covered.get::<_, Option<Vec<String>>>(0) {
+        let missing: Vec<String> = referenced_columns(cfg)
+            .into_iter()
+            .filter(|c| !published.contains(c))
+            .collect();
+        if !missing.is_empty() {
+            return CheckResult::fail(
+                NAME,
+                format!(
+                    "publication {name} publishes only some columns of {table}, not {}",
+                    missing.join(", ")
+                ),
+                format!(
+                    "ALTER PUBLICATION {} SET TABLE {};  (without a column list)",
+                    ident(name),
+                    table_sql(table)
+                ),
+            );
+        }
+    }
+    CheckResult::pass(
+        NAME,
+        format!(
+            "publication {name} {} and publishes inserts",
+            if all_tables {
+                format!("is FOR ALL TABLES (so covers {table})")
+            } else {
+                format!("covers {table}")
+            }
+        ),
+    )
+}
+
+struct SlotRow {
+    kind: String,
+    plugin: Option<String>,
+    database: Option<String>,
+    active: bool,
+    active_pid: Option<i32>,
+    wal_status: Option<String>,
+    confirmed: Option<String>,
+}
+
+async fn slot_row(
+    client: &Client,
+    cfg: &RelayConfig,
+) -> Result<Option<SlotRow>, tokio_postgres::Error> {
+    Ok(client
+        .query_opt(
+            "SELECT slot_type, plugin::text, database::text, active, active_pid, wal_status,
+                    confirmed_flush_lsn::text
+               FROM pg_replication_slots WHERE slot_name = $1",
+            &[&cfg.slot],
+        )
+        .await?
+        .map(|r| SlotRow {
+            kind: r.get(0),
+            plugin: r.get(1),
+            database: r.get(2),
+            active: r.get(3),
+            active_pid: r.get(4),
+            wal_status: r.get(5),
+            confirmed: r.get(6),
+        }))
+}
+
+fn slot_check(cfg: &RelayConfig, database: &str, slot: Option<SlotRow>) -> CheckResult {
+    const NAME: &str = "slot";
+    let name = &cfg.slot;
+    let Some(s) = slot else {
+        return CheckResult::fail(
+            NAME,
+            format!("replication slot {name} does not exist"),
+            format!("outbox-relay setup (or SELECT pg_create_logical_replication_slot('{name}', 'pgoutput');); events committed before it exists are never published"),
+        );
+    };
+    if s.kind != "logical" {
+        return CheckResult::fail(
+            NAME,
+            format!("replication slot {name} is {}, not logical", s.kind),
+            "choose another --slot",
+        );
+    }
+    if s.plugin.as_deref() != Some("pgoutput") {
+        return CheckResult::fail(
+            NAME,
+            format!(
+                "replication slot {name} uses plugin {}, not pgoutput",
+                s.plugin.as_deref().unwrap_or("-")
+            ),
+            format!(
+                "choose another --slot, or drop it: SELECT pg_drop_replication_slot('{name}');"
+            ),
+        );
+    }
+    if s.database.as_deref() != Some(database) {
+        return CheckResult::fail(
+            NAME,
+            format!(
+                "replication slot {name} belongs to database {}, not {database}",
+                s.database.as_deref().unwrap_or("-")
+            ),
+            "choose another --slot, or put the slot's database in --database-url",
+        );
+    }
+    if s.wal_status.as_deref() == Some("lost") {
+        return CheckResult::fail(
+            NAME,
+            format!("replication slot {name} is lost: the WAL it needed was removed (max_slot_wal_keep_size)"),
+            format!("SELECT pg_drop_replication_slot('{name}'); then outbox-relay setup, and republish by hand what was committed after {}", s.confirmed.as_deref().unwrap_or("its confirmed position")),
+        );
+    }
+    let confirmed = s.confirmed.as_deref().unwrap_or("-");
+    if s.active {
+        return CheckResult::warn(
+            NAME,
+            format!(
+                "replication slot {name} (pgoutput, confirmed up to {confirmed}) is in use by PID {}: another relay would wait for it",
+                s.active_pid.map_or("-".to_string(), |p| p.to_string())
+            ),
+            None,
+        );
+    }
+    CheckResult::pass(
+        NAME,
+        format!(
+            "replication slot {name} exists (pgoutput, confirmed up to {confirmed}, wal_status {})",
+            s.wal_status.as_deref().unwrap_or("-")
+        ),
+    )
+}
+
+async fn privileges(
+    client: &Client,
+    cfg: &RelayConfig,
+    user: &str,
+    table_exists: bool,
+) -> Vec<CheckResult> {
+    let mut out = Vec::new();
+    let role = client
+        .query_one(
+            "SELECT rolsuper, rolreplication FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await;
+    let superuser = match role {
+        Ok(r) => {
+            let (superuser, replication): (bool, bool) = (r.get(0), r.get(1));
+            out.push(if superuser {
+                CheckResult::pass(
+                    "replication privilege",
+                    format!("role {user} is a superuser"),
+                )
+            } else if replication {
+                CheckResult::pass(
+                    "replication privilege",
+                    format!("role {user} has REPLICATION"),
+                )
+            } else {
+                CheckResult::fail(
+                    "replication privilege",
+                    format!("role {user} has neither REPLICATION nor superuser, so it cannot stream from a slot"),
+                    format!("ALTER ROLE {} REPLICATION;  (as a superuser)", ident(user)),
+                )
+            });
+            superuser
+        }
+        Err(e) => {
+            out.push(CheckResult::unknown("replication privilege", e));
+            false
+        }
+    };
+    let table = &cfg.router.table;
+    if !table_exists {
+        out.push(CheckResult::warn(
+            "table privilege",
+            format!("not checked, because {table} does not exist or lacks a column"),
+            None,
+        ));
+        return out;
+    }
+    if superuser {
+        out.push(CheckResult::pass(
+            "table privilege",
+            format!("role {user} is a superuser, so it can read {table}"),
+        ));
+        return out;
+    }
+    let privs = client
+        .query_one(
+            "SELECT has_schema_privilege($1, 'USAGE'), has_table_privilege($2, 'SELECT')",
+            &[&table.schema, &table.quoted()],
+        )
+        .await;
+    out.push(match privs {
+        Ok(r) => {
+            let (usage, select): (bool, bool) = (r.get(0), r.get(1));
+            if usage && select {
+                CheckResult::pass(
+                    "table privilege",
+                    format!("role {user} may SELECT from {table}"),
+                )
+            } else {
+                let mut missing = Vec::new();
+                let mut fix = Vec::new();
+                if !usage {
+                    missing.push(format!("USAGE on schema {}", table.schema));
+                    fix.push(format!(
+                        "GRANT USAGE ON SCHEMA {} TO {};",
+                        ident(&table.schema),
+                        ident(user)
+                    ));
+                }
+                if !select {
+                    missing.push(format!("SELECT on {table}"));
+                    fix.push(format!(
+                        "GRANT SELECT ON {} TO {};",
+                        table_sql(table),
+                        ident(user)
+                    ));
+                }
+                CheckResult::fail(
+                    "table privilege",
+                    format!("role {user} lacks {}", missing.join(" and ")),
+                    fix.join(" "),
+                )
+            }
+        }
+        Err(e) => CheckResult::unknown("table privilege", e),
+    });
+    out
+}
+
+/// Broker reachability and topics, from one metadata request for all topics
+/// (a request naming a topic could make the broker auto-create it).
+fn kafka_checks(cfg: &RelayConfig) -> Vec<CheckResult> {
+    let brokers = cfg.kafka_brokers.trim();
+    if brokers.is_empty() {
+        return vec![CheckResult::fail(
+            "kafka brokers",
+            "no brokers configured",
+            "pass --kafka-brokers host:port,… or set OUTBOX_RELAY_KAFKA_BROKERS (or kafka_brokers in the --config file)",
+        )];
+    }
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", brokers)
+        .set("client.id", "outbox-relay-check");
+    for (k, v) in &cfg.kafka_properties {
+        client.set(k, v);
+    }
+    client.set("allow.auto.create.topics", "false");
+    let producer: BaseProducer = match client.create() {
+        Ok(p) => p,
+        Err(e) => {
+            return vec![CheckResult::fail(
+                "kafka brokers",
+                format!("the Kafka client refuses the configuration: {e}"),
+                "fix the --kafka-property values",
+            )]
+        }
+    };
+    let metadata = match producer.client().fetch_metadata(None, BROKER_TIMEOUT) {
+        Ok(m) => m,
+        Err(e) => {
+            return vec![CheckResult::fail(
+                "kafka brokers",
+                format!(
+                    "no answer from {brokers} within {} s: {e}",
+                    BROKER_TIMEOUT.as_secs()
+                ),
+                "check --kafka-brokers (host:port of a listener reachable from here), that the brokers run, firewalls, and the brokers' advertised.listeners",
+            )]
+        }
+    };
+    let mut out = vec![CheckResult::pass(
+        "kafka brokers",
+        format!(
+            "{brokers} answered: {} broker(s), {} topic(s)",
+            metadata.brokers().len(),
+            metadata.topics().len()
+        ),
+    )];
+    let topics: Vec<(&str, usize)> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.error().is_none())
+        .map(|t| (t.name(), t.partitions().len()))
+        .collect();
+    let template = &cfg.router.topic;
+    out.push(match template.fixed() {
+        Some(topic) => match topics.iter().find(|(t, _)| *t == topic) {
+            Some((_, partitions)) => CheckResult::pass(
+                "kafka topic",
+                format!("topic {topic} exists ({partitions} partition(s))"),
+            ),
+            None => CheckResult::warn(
+                "kafka topic",
+                format!("topic {topic} does not exist: the first event fails and stops the relay unless the brokers auto-create topics"),
+                Some(format!("create it with the partition count you want (e.g. kafka-topics.sh --create --topic {topic} --partitions 6), or enable auto.create.topics.enable on the brokers")),
+            ),
+        },
+        None => {
+            let source = template.to_string();
+            let prefix = &source[..source.find('{').unwrap_or(source.len())];
+            let columns: Vec<&str> = template.columns().collect();
+            let mut matching: Vec<&str> = topics
+                .iter()
+                .map(|(t, _)| *t)
+                .filter(|t| t.starts_with(prefix))
+                .collect();
+            matching.sort_unstable();
+            let existing = if matching.is_empty() {
+                format!("no existing topic starts with {prefix:?}")
+            } else {
+                format!("existing topics starting with {prefix:?}: {}", matching.join(", "))
+            };
+            CheckResult::warn(
+                "kafka topic",
+                format!(
+                    "topic template {source}: each row's topic comes from column(s) {}; {existing}; whether the brokers auto-create the others cannot be known from a client",
+                    columns.join(", ")
+                ),
+                Some("create every topic the rows can route to up front, or make sure the brokers auto-create topics (auto.create.topics.enable)".into()),
+            )
+        }
+    });
+    out
+}
+
+/// One line per result: `OUTCOME  name  detail; fix: …`, then a summary.
+pub fn render(results: &[CheckResult]) -> String {
+    let width = results.iter().map(|r| r.name.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for r in results {
+        out.push_str(&format!("{}  {:<width$}  {}", r.outcome, r.name, r.detail));
+        if let Some(fix) = &r.fix {
+            out.push_str(&format!("; fix: {fix}"));
+        }
+        out.push('\n');
+    }
+    let count = |o: Outcome| results.iter().filter(|r| r.outcome == o).count();
+    out.push_str(&format!(
+        "{} passed, {} warning(s), {} failed\n",
+        count(Outcome::Pass),
+        count(Outcome::Warn),
+        count(Outcome::Fail)
+    ));
+    out
+}
+
+/// `outbox-relay check`: prints the results; exit code 1 if any failed.
+pub async fn command(cfg: &RelayConfig) -> u8 {
+    let results = run(cfg).await;
+    print!("{}", render(&results));
+    u8::from(results.iter().any(|r| r.outcome == Outcome::Fail))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_are_quoted_only_when_needed() {
+        assert_eq!(ident("outbox_pub"), "outbox_pub");
+        assert_eq!(ident("Outbox"), "\"Outbox\"");
+        assert_eq!(ident("my-pub"), "\"my-pub\"");
+        assert_eq!(ident("1x"), "\"1x\"");
+    }
+
+    #[test]
+    fn render_puts_the_fix_on_the_failing_line() {
+        let text = render(&[
+            CheckResult::pass("wal_level", "wal_level = logical"),
+            CheckResult::fail(
+                "publication",
+                "publication p does not exist",
+                "outbox-relay setup",
+            ),
+        ]);
+        assert_eq!(
+            text,
+            "PASS  wal_level    wal_level = logical\n\
+             FAIL  publication  publication p does not exist; fix: outbox-relay setup\n\
+             1 passed, 0 warning(s), 1 failed\n"
+        );
+    }
+}

@@ -1,0 +1,421 @@
+//! `outbox-relay status`: the replication slot and publication as Postgres
+//! sees them, over an ordinary SQL connection (Kafka is not contacted).
+//!
+//! The slot is the source of truth for how far the relay got: its
+//! `confirmed_flush_lsn` is what the relay confirmed after Kafka acknowledged,
+//! and its `restart_lsn` is how much WAL the server keeps for it.
+
+use serde::Serialize;
+use tokio_postgres::{Client, NoTls};
+
+use crate::config::RelayConfig;
+
+/// `outbox-relay status` options: the relay's options (Kafka ones unused)
+/// and the output format.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StatusOptions {
+    #[command(flatten)]
+    pub options: crate::config::Options,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error("cannot connect to Postgres: {0}")]
+    Connect(#[source] tokio_postgres::Error),
+    #[error("{context}: {source}")]
+    Sql {
+        context: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
+fn sql(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StatusError {
+    move |source| StatusError::Sql { context, source }
+}
+
+/// Everything `status` reports. Serialized as one JSON object whose keys are
+/// stable; slot fields are `null` when the slot does not exist.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Status {
+    /// The configured slot name.
+    pub slot: String,
+    pub slot_exists: bool,
+    /// `logical` or `physical`.
+    pub slot_type: Option<String>,
+    pub plugin: Option<String>,
+    /// The database the slot belongs to (slots are per database).
+    pub slot_database: Option<String>,
+    pub active: Option<bool>,
+    pub active_pid: Option<i32>,
+    pub confirmed_flush_lsn: Option<String>,
+    pub restart_lsn: Option<String>,
+    /// WAL the server keeps for this slot: current position minus `restart_lsn`.
+    pub retained_wal_bytes: Option<i64>,
+    /// Current position minus `confirmed_flush_lsn`.
+    pub unconfirmed_bytes: Option<i64>,
+    /// `reserved`, `extended`, `unreserved` or `lost`.
+    pub wal_status: Option<String>,
+    /// Bytes that can still be written before the slot is lost; `null` when
+    /// `max_slot_wal_keep_size` is -1 (unlimited).
+    pub safe_wal_size: Option<i64>,
+    /// `pg_current_wal_lsn()` when this was read.
+    pub current_wal_lsn: String,
+    pub publication: String,
+    pub publication_exists: bool,
+    pub publishes_inserts: Option<bool>,
+    /// `FOR ALL TABLES` publication.
+    pub publication_all_tables: Option<bool>,
+    /// Tables in the publication, `schema.table`, sorted.
+    pub publication_tables: Vec<String>,
+    /// The configured outbox table.
+    pub table: String,
+    /// Whether the publication covers the configured table.
+    pub table_published: bool,
+    /// The database the connection is on.
+    pub database: String,
+    /// `server_version`, e.g. `15.18 (Debian 15.18-0+deb12u1)`.
+    pub server_version: String,
+    pub server_version_num: i32,
+}
+
+/// Reads the slot, the publication and the server's position.
+pub async fn collect(client: &Client, cfg: &RelayConfig) -> Result<Status, StatusError> {
+    let server = client
+        .query_one(
+            "SELECT current_database()::text, current_setting('server_version'),
+                    current_setting('server_version_num')::int,
+                    (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
+                          ELSE pg_current_wal_lsn() END)::text",
+            &[],
+        )
+        .await
+        .map_err(sql("reading the server version and WAL position"))?;
+    let database: String = server.get(0);
+    let current_wal_lsn: Option<String> = server.get(3);
+
+    let slot = client
+        .query_opt(
+            "SELECT slot_type, plugin, database::text, active, active_pid,
+                    confirmed_flush_lsn::text, restart_lsn::text,
+                    pg_wal_lsn_diff(cur, restart_lsn)::bigint,
+                    pg_wal_lsn_diff(cur, confirmed_flush_lsn)::bigint,
+                    wal_status, safe_wal_size
+               FROM pg_replication_slots,
+                    LATERAL (SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
+                                         ELSE pg_current_wal_lsn() END AS cur) AS c
+              WHERE slot_name = $1",
+            &[&cfg.slot],
+        )
+        .await
+        .map_err(sql("reading pg_replication_slots"))?;
+
+    let publication = client
+        .query_opt(
+            "SELECT pubinsert, puballtables FROM pg_publication WHERE pubname = $1",
+            &[&cfg.publication],
+        )
+        .await
+        .map_err(sql("reading pg_publication"))?;
+    let publication_tables: Vec<String> = client
+        .query(
+            "SELECT schemaname::text, tablename::text FROM pg_publication_tables
+              WHERE pubname = $1 ORDER BY 1, 2",
+            &[&cfg.publication],
+        )
+        .await
+        .map_err(sql("reading pg_publication_tables"))?
+        .iter()
+        .map(|r| format!("{}.{}", r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect();
+    let table = &cfg.router.table;
+    let table_published = client
+        .query_opt(
+            "SELECT 1 FROM pg_publication_tables
+              WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+            &[&cfg.publication, &table.schema, &table.name],
+        )
+        .await
+        .map_err(sql("reading pg_publication_tables"))?
+        .is_some();
+
+    let s = slot.as_ref();
+    Ok(Status {
+        slot: cfg.slot.clone(),
+        slot_exists: slot.is_some(),
+        slot_type: s.map(|r| r.get(0)),
+        plugin: s.and_then(|r| r.get(1)),
+        slot_database: s.and_then(|r| r.get(2)),
+        active: s.map(|r| r.get(3)),
+        active_pid: s.and_then(|r| r.get(4)),
+        confirmed_flush_lsn: s.and_then(|r| r.get(5)),
+        restart_lsn: s.and_then(|r| r.get(6)),
+        retained_wal_bytes: s.and_then(|r| r.get(7)),
+        unconfirmed_bytes: s.and_then(|r| r.get(8)),
+        wal_status: s.and_then(|r| r.get(9)),
+        safe_wal_size: s.and_then(|r| r.get(10)),
+        current_wal_lsn: current_wal_lsn.unwrap_or_default(),
+        publication: cfg.publication.clone(),
+        publication_exists: publication.is_some(),
+        publishes_inserts: publication.as_ref().map(|r| r.get(0)),
+        publication_all_tables: publication.as_ref().map(|r| r.get(1)),
+        publication_tables,
+        table: table.to_string(),
+        table_published,
+        database,
+        server_version: server.get(1),
+        server_version_num: server.get(2),
+    })
+}
+
+/// `1234567` → `1234567 (1.2 MiB)`; small values stay bare.
+fn bytes(n: i64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n.abs() < 1024 {
+        return n.to_string();
+    }
+    let mut v = n as f64;
+    let mut unit = "B";
+    for u in UNITS {
+        if v.abs() < 1024.0 {
+            break;
+        }
+        v /= 1024.0;
+        unit = u;
+    }
+    format!("{n} ({v:.1} {unit})")
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+fn or_dash<T: ToString>(v: &Option<T>) -> String {
+    v.as_ref().map_or_else(|| "-".to_string(), T::to_string)
+}
+
+/// The status as `label  value` lines with aligned values.
+pub fn render_table(s: &Status) -> String {
+    let mut rows: Vec<(&str, String)> = Vec::new();
+    rows.push(("slot", s.slot.clone()));
+    if s.slot_exists {
+        rows.push(("slot exists", "yes".into()));
+        rows.push((
+            "slot type",
+            format!(
+                "{} ({})",
+                or_dash(&s.slot_type),
+                s.plugin.as_deref().unwrap_or("no plugin")
+            ),
+        ));
+        let db = or_dash(&s.slot_database);
+        let db = if s.slot_database.as_deref() == Some(&s.database) || s.slot_database.is_none() {
+            db
+        } else {
+            format!("{db} (not this connection's database {})", s.database)
+        };
+        rows.push(("slot database", db));
+        rows.push((
+            "active",
+            match s.active {
+                Some(true) => "yes".into(),
+                Some(false) => "no (no relay is connected)".into(),
+                None => "-".into(),
+            },
+        ));
+        rows.push(("active pid", or_dash(&s.active_pid)));
+        rows.push(("confirmed flush lsn", or_dash(&s.confirmed_flush_lsn)));
+        rows.push(("restart lsn", or_dash(&s.restart_lsn)));
+        rows.push(("current wal lsn", s.current_wal_lsn.clone()));
+        rows.push((
+            "retained wal bytes",
+            s.retained_wal_bytes.map_or_else(|| "-".into(), bytes),
+        ));
+        rows.push((
+            "unconfirmed bytes",
+            s.unconfirmed_bytes.map_or_else(|| "-".into(), bytes),
+        ));
+        rows.push(("wal status", or_dash(&s.wal_status)));
+        rows.push((
+            "safe wal size",
+            match s.safe_wal_size {
+                Some(n) => bytes(n),
+                None => "unlimited (max_slot_wal_keep_size = -1)".into(),
+            },
+        ));
+    } else {
+        rows.push((
+            "slot exists",
+            "no: run `outbox-relay setup` (check --slot and the database in the URL)".into(),
+        ));
+        rows.push(("current wal lsn", s.current_wal_lsn.clone()));
+    }
+    rows.push(("publication", s.publication.clone()));
+    if s.publication_exists {
+        rows.push(("publication exists", "yes".into()));
+        rows.push((
+            "publishes inserts",
+            s.publishes_inserts.map_or("-", yes_no).into(),
+        ));
+        let tables = if s.publication_all_tables == Some(true) {
+            "all tables".to_string()
+        } else if s.publication_tables.is_empty() {
+            "none".to_string()
+        } else {
+            s.publication_tables.join(", ")
+        };
+        rows.push(("publication tables", tables));
+    } else {
+        rows.push(("publication exists", "no".into()));
+    }
+    rows.push(("table", s.table.clone()));
+    rows.push(("table published", yes_no(s.table_published).into()));
+    rows.push(("database", s.database.clone()));
+    rows.push(("server version", s.server_version.clone()));
+
+    let width = rows.iter().map(|(l, _)| l.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for (label, value) in rows {
+        out.push_str(&format!("{label:<width$}  {value}\n"));
+    }
+    out
+}
+
+/// Why the relay could not stream from this slot, if it could not: the slot
+/// is missing, or belongs to another database (slot names are per cluster).
+pub fn slot_problem(s: &Status) -> Option<String> {
+    if !s.slot_exists {
+        return Some(format!(
+            "replication slot {:?} does not exist (database {:?}): run `outbox-relay setup` first, or check --slot and the database in the URL",
+            s.slot, s.database
+        ));
+    }
+    match &s.slot_database {
+        Some(db) if *db != s.database => Some(format!(
+            "replication slot {:?} belongs to database {db:?}, not {:?}: choose another --slot, or put {db} in the URL",
+            s.slot, s.database
+        )),
+        _ => None,
+    }
+}
+
+/// Opens an ordinary SQL connection, giving up after 10 s unless the URL sets
+/// `connect_timeout`.
+pub async fn connect(cfg: &RelayConfig) -> Result<Client, StatusError> {
+    let mut db = cfg.database.clone();
+    if db.get_connect_timeout().is_none() {
+        db.connect_timeout(std::time::Duration::from_secs(10));
+    }
+    let (client, connection) = db.connect(NoTls).await.map_err(StatusError::Connect)?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "SQL connection ended");
+        }
+    });
+    Ok(client)
+}
+
+/// `outbox-relay status [--json]`: prints the status to stdout and returns
+/// the exit code: 0, or 1 when the slot is missing or unusable, or Postgres
+/// cannot be read.
+pub async fn command(cfg: &RelayConfig, json: bool) -> u8 {
+    let status = match connect(cfg).await {
+        Ok(client) => collect(&client, cfg).await,
+        Err(e) => Err(e),
+    };
+    let status = match status {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("outbox-relay status: {e}");
+            return 1;
+        }
+    };
+    if json {
+        match serde_json::to_string_pretty(&status) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("outbox-relay status: {e}");
+                return 1;
+            }
+        }
+    } else {
+        print!("{}", render_table(&status));
+    }
+    match slot_problem(&status) {
+        None => 0,
+        Some(problem) => {
+            eprintln!("outbox-relay status: {problem}");
+            1
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Status {
+        Status {
+            slot: "outbox_relay".into(),
+            slot_exists: true,
+            slot_type: Some("logical".into()),
+            plugin: Some("pgoutput".into()),
+            slot_database: Some("shop".into()),
+            active: Some(false),
+            active_pid: None,
+            confirmed_flush_lsn: Some("0/1A2B3C4".into()),
+            restart_lsn: Some("0/1A2B300".into()),
+            retained_wal_bytes: Some(3 * 1024 * 1024),
+            unconfirmed_bytes: Some(0),
+            wal_status: Some("reserved".into()),
+            safe_wal_size: None,
+            current_wal_lsn: "0/1A2B3C4".into(),
+            publication: "outbox_pub".into(),
+            publication_exists: true,
+            publishes_inserts: Some(true),
+            publication_all_tables: Some(false),
+            publication_tables: vec!["public.outbox".into()],
+            table: "public.outbox".into(),
+            table_published: true,
+            database: "shop".into(),
+            server_version: "15.18".into(),
+            server_version_num: 150018,
+        }
+    }
+
+    #[test]
+    fn table_is_aligned() {
+        let t = render_table(&sample());
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines[0], "slot                 outbox_relay");
+        assert!(lines.contains(&"unconfirmed bytes    0"), "{t}");
+        assert!(
+            lines.contains(&"retained wal bytes   3145728 (3.0 MiB)"),
+            "{t}"
+        );
+        assert!(
+            lines.contains(&"safe wal size        unlimited (max_slot_wal_keep_size = -1)"),
+            "{t}"
+        );
+        assert!(
+            lines.contains(&"active               no (no relay is connected)"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn json_keys_are_snake_case_and_stable() {
+        let v = serde_json::to_value(sample()).unwrap();
+        assert_eq!(v["retained_wal_bytes"], 3145728);
+        assert_eq!(v["unconfirmed_bytes"], 0);
+        assert_eq!(v["safe_wal_size"], serde_json::Value::Null);
+        assert_eq!(v["publication_tables"][0], "public.outbox");
+    }
+}
