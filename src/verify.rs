@@ -419,7 +419,13 @@ impl fmt::Display for Report {
                 m.topic,
                 m.order_value
                     .as_ref()
-                    .map(|o| format!(", order {o}"))
+                    .map(|o| format!(
+                        ", {} {o}",
+                        self.order_checked_by
+                            .as_deref()
+                            .and_then(|b| b.strip_prefix("column "))
+                            .unwrap_or("order")
+                    ))
                     .unwrap_or_default()
             )?;
         }
