@@ -31,6 +31,7 @@ struct PresetDefaults {
     payload: &'static str,
     topic: &'static str,
     headers: &'static [&'static str],
+    event_type: &'static str,
 }
 
 impl Preset {
@@ -43,6 +44,7 @@ impl Preset {
                 payload: "payload",
                 topic: "events.{event_type}",
                 headers: &["event_type"],
+                event_type: "event_type",
             },
             Preset::Debezium => PresetDefaults {
                 table: "public.outboxevent",
@@ -51,6 +53,7 @@ impl Preset {
                 payload: "payload",
                 topic: "outbox.event.{aggregatetype}",
                 headers: &[],
+                event_type: "type",
             },
         }
     }
@@ -144,6 +147,16 @@ pub struct Options {
     #[arg(long, env = "OUTBOX_RELAY_RECONNECT_MAX_BACKOFF")]
     pub reconnect_max_backoff: Option<f64>,
 
+    /// Column whose value labels events in metrics and logs [default: from
+    /// the preset; `none` for no label].
+    #[arg(long, env = "OUTBOX_RELAY_EVENT_TYPE_COLUMN")]
+    pub event_type_column: Option<String>,
+
+    /// Address of the HTTP endpoint (/metrics, /healthz, /readyz), or `off`
+    /// [default: 127.0.0.1:9464; use 0.0.0.0:9464 in a container].
+    #[arg(long, env = "OUTBOX_RELAY_HTTP_ADDRESS")]
+    pub http_address: Option<String>,
+
     /// Log format [default: text].
     #[arg(long, env = "OUTBOX_RELAY_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
@@ -180,6 +193,8 @@ impl Options {
             shutdown_timeout,
             terminate_stale_walsender,
             reconnect_max_backoff,
+            event_type_column,
+            http_address,
             log_format
         )
     }
@@ -225,6 +240,8 @@ pub struct RelayConfig {
     pub shutdown_timeout: Duration,
     pub terminate_stale_walsender: bool,
     pub reconnect_max_backoff: Duration,
+    /// None when the HTTP endpoint is off.
+    pub http_address: Option<std::net::SocketAddr>,
     pub log_format: LogFormat,
 }
 
@@ -330,6 +347,11 @@ impl RelayConfig {
             payload_column: column("payload_column", o.payload_column, preset.payload)?,
             topic,
             headers,
+            event_type_column: match o.event_type_column {
+                Some(c) if c.eq_ignore_ascii_case("none") => None,
+                Some(c) => Some(sql_name("event_type_column", c)?),
+                None => Some(preset.event_type.to_string()),
+            },
         };
         let kafka_properties = o
             .kafka_property
@@ -371,6 +393,15 @@ impl RelayConfig {
                 "reconnect_max_backoff",
                 o.reconnect_max_backoff.unwrap_or(30.0),
             )?,
+            http_address: match o.http_address.as_deref().map(str::trim) {
+                Some("off") | Some("") => None,
+                Some(a) => Some(a.parse().map_err(|_| ConfigError::Invalid {
+                    option: "http_address",
+                    value: a.to_string(),
+                    reason: "expected host:port such as 0.0.0.0:9464, or `off`".into(),
+                })?),
+                None => Some(std::net::SocketAddr::from(([127, 0, 0, 1], 9464))),
+            },
             log_format: o.log_format.unwrap_or_default(),
         })
     }

@@ -11,7 +11,9 @@
 pub mod check;
 pub mod checkpoint;
 pub mod config;
+pub mod http;
 pub mod lsn;
+pub mod metrics;
 pub mod pgoutput;
 pub mod pipeline;
 pub mod replication;

@@ -63,7 +63,10 @@ fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("OUTBOX_RELAY_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only on a terminal: a log file or collector gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
+        .with_ansi(ansi)
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match format {
@@ -128,6 +131,23 @@ async fn tail(opts: outbox_relay::tail::TailOptions) -> std::process::ExitCode {
     }
 }
 
+/// `run`: the HTTP endpoint, then the supervised pipeline.
+async fn run(cfg: &RelayConfig) -> anyhow::Result<()> {
+    let metrics = std::sync::Arc::new(outbox_relay::metrics::Metrics::new());
+    if let Some(addr) = cfg.http_address {
+        let bound = outbox_relay::http::serve(addr, metrics.clone())
+            .await
+            .with_context(|| {
+                format!("cannot listen on {addr} for /metrics, /healthz and /readyz: choose another --http-address, or `off`")
+            })?;
+        tracing::info!(address = %bound, "HTTP endpoint listening (/metrics, /healthz, /readyz)");
+    }
+    supervisor::run(cfg, metrics, shutdown_flag())
+        .await
+        .map(|_| ())
+        .context("relay stopped")
+}
+
 fn load(config: Option<PathBuf>, opts: Options, for_setup: bool) -> anyhow::Result<RelayConfig> {
     let merged = match config {
         Some(path) => opts.or(Options::from_file(&path)?),
@@ -168,10 +188,7 @@ async fn main() -> std::process::ExitCode {
             .map(|lines| lines.iter().for_each(|l| println!("{l}")))
             .context("setup failed")
     } else {
-        supervisor::run(&cfg, shutdown_flag())
-            .await
-            .map(|_| ())
-            .context("relay stopped")
+        run(&cfg).await
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

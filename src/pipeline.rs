@@ -9,8 +9,12 @@
 //! — even while reading is paused, so a slow broker never gets the walsender
 //! killed for replication timeout.
 
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use prometheus_client::metrics::counter::Counter;
 
 use rdkafka::error::KafkaError;
 use tokio::sync::mpsc;
@@ -18,6 +22,7 @@ use tokio::sync::mpsc;
 use crate::checkpoint::{Checkpoint, CheckpointError, TxnSeq};
 use crate::config::RelayConfig;
 use crate::lsn::Lsn;
+use crate::metrics::Metrics;
 use crate::pgoutput::{self, DecodeError, LogicalMessage};
 use crate::replication::{
     quote_ident, quote_literal, ConnectParams, ReplicationConnection, ReplicationError,
@@ -218,6 +223,14 @@ async fn check_slot(conn: &mut ReplicationConnection, slot: &str) -> Result<Slot
     })
 }
 
+/// An event handed to the producer, until its delivery report arrives.
+struct Pending {
+    txn: TxnSeq,
+    enqueued: Instant,
+    commit_time: i64,
+    event_type: Option<bytes::Bytes>,
+}
+
 struct State {
     /// The slot's confirmed position when this session started.
     resumed_from: Lsn,
@@ -227,27 +240,78 @@ struct State {
     sink: KafkaSink,
     acks: mpsc::UnboundedReceiver<Ack>,
     summary: Summary,
+    metrics: Arc<Metrics>,
+    /// Events in flight by tag (`pending_base + index`); acknowledgements
+    /// arrive out of order, so slots empty in any order and the front is
+    /// trimmed. Bounded by `max_inflight`.
+    pending: VecDeque<Option<Pending>>,
+    pending_base: u64,
+    /// Commit timestamp of the open transaction (from Begin).
+    commit_time: i64,
+    /// The newest server WAL position the walsender reported.
+    server_wal: Lsn,
+    published: HashMap<Option<bytes::Bytes>, Counter>,
 }
 
 impl State {
     fn on_ack(&mut self, ack: Ack) -> Result<(), PipelineError> {
+        let pending = ack
+            .tag
+            .checked_sub(self.pending_base)
+            .and_then(|i| self.pending.get_mut(i as usize))
+            .and_then(Option::take)
+            .ok_or(PipelineError::Checkpoint(CheckpointError::UnknownTransaction(ack.tag)))?;
+        while matches!(self.pending.front(), Some(None)) {
+            self.pending.pop_front();
+            self.pending_base += 1;
+        }
         match ack.result {
             Ok(d) => {
                 tracing::trace!(topic = %ack.topic, partition = d.partition, offset = d.offset, "delivered");
-                self.checkpoint.ack(ack.txn)?;
+                self.checkpoint.ack(pending.txn)?;
+                self.metrics.set_broker_reachable(true);
+                let metrics = &self.metrics;
+                self.published
+                    .entry(pending.event_type.clone())
+                    .or_insert_with(|| metrics.published(&label(&pending.event_type)))
+                    .inc();
+                self.metrics
+                    .publish_duration
+                    .observe(pending.enqueued.elapsed().as_secs_f64());
+                let since_commit = (crate::replication::pg_now() - pending.commit_time) as f64 / 1e6;
+                self.metrics.commit_to_ack.observe(since_commit.max(0.0));
                 Ok(())
             }
-            Err(error) => Err(PipelineError::Delivery(Box::new(DeliveryFailure {
-                topic: ack.topic,
-                commit_lsn: self
-                    .checkpoint
-                    .commit_lsn_of(ack.txn)
-                    .map(|l| l.to_string())
-                    .unwrap_or_else(|| "?".into()),
-                error,
-                confirmed: self.checkpoint.confirmed(),
-            }))),
+            Err(error) => {
+                let kind = match error.rdkafka_error_code() {
+                    Some(code) => format!("{code:?}"),
+                    None => "Other".to_string(),
+                };
+                self.metrics.publish_error(&label(&pending.event_type), &kind);
+                Err(PipelineError::Delivery(Box::new(DeliveryFailure {
+                    topic: ack.topic,
+                    commit_lsn: self
+                        .checkpoint
+                        .commit_lsn_of(pending.txn)
+                        .map(|l| l.to_string())
+                        .unwrap_or_else(|| "?".into()),
+                    error,
+                    confirmed: self.checkpoint.confirmed(),
+                })))
+            }
         }
+    }
+
+    /// Refreshes the gauges that describe the stream's state.
+    fn update_gauges(&self) {
+        let confirmed = self.checkpoint.confirmed();
+        self.metrics.confirmed_lsn.set(confirmed.0 as i64);
+        self.metrics
+            .inflight_events
+            .set(self.checkpoint.inflight() as i64);
+        self.metrics
+            .replication_lag_bytes
+            .set(self.server_wal.0.saturating_sub(confirmed.0) as i64);
     }
 
     fn drain_acks(&mut self) -> Result<(), PipelineError> {
@@ -264,6 +328,7 @@ impl State {
         })?;
         match msg {
             LogicalMessage::Begin(b) => {
+                self.commit_time = b.commit_time;
                 if !self.first_begin_seen {
                     self.first_begin_seen = true;
                     // The server resumes after the slot's confirmed position;
@@ -299,9 +364,16 @@ impl State {
                             lsn: wal_start,
                             source,
                         })?;
-                let seq: TxnSeq = self.checkpoint.event()?;
+                let txn: TxnSeq = self.checkpoint.event()?;
+                let tag = self.pending_base + self.pending.len() as u64;
+                self.pending.push_back(Some(Pending {
+                    txn,
+                    enqueued: Instant::now(),
+                    commit_time: self.commit_time,
+                    event_type: rec.event_type.clone(),
+                }));
                 loop {
-                    match self.sink.enqueue(&rec, seq)? {
+                    match self.sink.enqueue(&rec, tag)? {
                         Enqueued::Yes => break,
                         // The local queue is full: wait for a delivery report
                         // to make room, then try again.
@@ -314,9 +386,11 @@ impl State {
                 self.summary.events += 1;
                 tracing::debug!(
                     event_id = %String::from_utf8_lossy(&rec.event_id),
+                    event_type = %label(&rec.event_type),
+                    aggregate_id = %String::from_utf8_lossy(&rec.key),
                     topic = %rec.topic,
-                    key = %String::from_utf8_lossy(&rec.key),
                     lsn = %wal_start,
+                    since_commit_ms = (crate::replication::pg_now() - self.commit_time) / 1000,
                     "event enqueued"
                 );
             }
@@ -344,6 +418,14 @@ impl State {
     }
 }
 
+/// The metrics label of an event type (`unknown` without a column).
+fn label(event_type: &Option<bytes::Bytes>) -> String {
+    match event_type {
+        Some(b) => String::from_utf8_lossy(b).into_owned(),
+        None => "unknown".to_string(),
+    }
+}
+
 /// One replication session: connect, check the slot, stream until
 /// `shutdown` resolves or an error stops it.
 ///
@@ -354,19 +436,22 @@ impl State {
 pub async fn run(
     cfg: &RelayConfig,
     resume: Option<Lsn>,
+    metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) -> (Summary, Result<(), PipelineError>) {
     let mut summary = Summary {
         confirmed: resume.unwrap_or_default(),
         ..Summary::default()
     };
-    let result = session(cfg, resume, shutdown, &mut summary).await;
+    let result = session(cfg, resume, metrics.clone(), shutdown, &mut summary).await;
+    metrics.set_streaming(false);
     (summary, result)
 }
 
 async fn session(
     cfg: &RelayConfig,
     resume: Option<Lsn>,
+    metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
     summary: &mut Summary,
 ) -> Result<(), PipelineError> {
@@ -427,6 +512,24 @@ async fn session(
     let (mut reader, mut writer) = (stream.reader, stream.writer);
     summary.streamed = true;
     summary.confirmed = slot.confirmed;
+    metrics.set_streaming(true);
+    // Readiness needs to know the broker answers even when no event flows.
+    let mut prober = sink.prober();
+    let probe_metrics = metrics.clone();
+    let probe = tokio::spawn(async move {
+        loop {
+            // The metadata request blocks: keep it off the runtime's threads.
+            let asked = tokio::task::spawn_blocking(move || {
+                let reachable = prober.probe(Duration::from_secs(3));
+                (reachable, prober)
+            })
+            .await;
+            let Ok((reachable, back)) = asked else { return };
+            prober = back;
+            probe_metrics.set_broker_reachable(reachable);
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+    });
 
     let mut state = State {
         router: Router::new(cfg.router.clone()),
@@ -436,6 +539,12 @@ async fn session(
         summary: Summary::default(),
         resumed_from: slot.confirmed,
         first_begin_seen: false,
+        metrics,
+        pending: VecDeque::new(),
+        pending_base: 0,
+        commit_time: 0,
+        server_wal: slot.confirmed,
+        published: HashMap::new(),
     };
     let result = stream_loop(
         cfg,
@@ -446,8 +555,10 @@ async fn session(
         shutdown,
     )
     .await;
+    probe.abort();
     state.summary.confirmed = state.checkpoint.confirmed();
     state.summary.streamed = true;
+    state.update_gauges();
     *summary = state.summary.clone();
     // Whatever happened, report the last safe position; a failure here only
     // means the connection is already gone.
@@ -502,10 +613,12 @@ async fn stream_loop(
                 state.drain_acks()?;
             }
             msg = reader.next(), if can_read => match msg? {
-                ReplicationMessage::XLogData { wal_start, data, .. } => {
+                ReplicationMessage::XLogData { wal_start, wal_end, data, .. } => {
+                    state.server_wal = state.server_wal.max(wal_end);
                     state.on_xlog(wal_start, data).await?;
                 }
                 ReplicationMessage::Keepalive { wal_end, reply_requested, .. } => {
+                    state.server_wal = state.server_wal.max(wal_end);
                     state.checkpoint.idle(wal_end);
                     if reply_requested {
                         last_sent = state.checkpoint.confirmed();
@@ -516,6 +629,7 @@ async fn stream_loop(
                 ReplicationMessage::CopyDone => return Err(PipelineError::ServerEnded),
             },
             _ = tick.tick() => {
+                state.update_gauges();
                 let confirmed = state.checkpoint.confirmed();
                 if confirmed != last_sent || last_sent_at.elapsed() >= status_interval {
                     writer.send_status(confirmed, false).await?;

@@ -236,6 +236,8 @@ pub struct RouterConfig {
     pub payload_column: String,
     pub topic: TopicTemplate,
     pub headers: Vec<HeaderColumn>,
+    /// Column whose value labels the event in metrics and logs.
+    pub event_type_column: Option<String>,
 }
 
 impl RouterConfig {
@@ -264,6 +266,8 @@ pub struct OutboxRecord {
     pub payload: Option<Bytes>,
     pub event_id: Bytes,
     pub headers: Vec<(String, Option<Bytes>)>,
+    /// The event-type column's value, for metrics and logs.
+    pub event_type: Option<Bytes>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -316,6 +320,7 @@ struct Plan {
     payload_bytea: bool,
     topic: Vec<TopicPlan>,
     headers: Vec<(String, usize)>,
+    event_type: Option<usize>,
 }
 
 /// What an insert turned into.
@@ -398,6 +403,10 @@ impl Router {
                 .iter()
                 .map(|h| find(&h.column, "--header-columns").map(|i| (h.header.clone(), i)))
                 .collect::<Result<_, _>>()?,
+            event_type: match &self.cfg.event_type_column {
+                Some(c) => Some(find(c, "--event-type-column")?),
+                None => None,
+            },
         };
         self.relations.insert(rel.oid, RelationPlan::Outbox(plan));
         Ok(())
@@ -498,12 +507,17 @@ impl Router {
             };
             headers.push((name.clone(), value));
         }
+        let event_type = plan.event_type.and_then(|i| match &tuple[i] {
+            TupleValue::Text(b) | TupleValue::Binary(b) => Some(b.clone()),
+            _ => None,
+        });
         Ok(Routed::Record(OutboxRecord {
             topic,
             key,
             payload,
             event_id,
             headers,
+            event_type,
         }))
     }
 }
@@ -550,6 +564,7 @@ mod tests {
             payload_column: "payload".into(),
             topic: TopicTemplate::parse("outbox.event.{aggregatetype}").unwrap(),
             headers: vec![HeaderColumn::parse("type:eventType").unwrap()],
+            event_type_column: Some("type".into()),
         });
         r.on_relation(&Relation {
             oid: 7,

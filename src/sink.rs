@@ -19,13 +19,12 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Message};
 use tokio::sync::mpsc;
 
-use crate::checkpoint::TxnSeq;
 use crate::router::OutboxRecord;
 
-/// A delivery report: the transaction the record belonged to and the outcome.
+/// A delivery report: the tag the record was enqueued with and the outcome.
 #[derive(Debug)]
 pub struct Ack {
-    pub txn: TxnSeq,
+    pub tag: u64,
     pub result: Result<Delivered, KafkaError>,
     pub topic: String,
 }
@@ -124,7 +123,7 @@ impl ClientContext for AckContext {
 impl ProducerContext for AckContext {
     type DeliveryOpaque = usize;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, txn: usize) {
+    fn delivery(&self, result: &DeliveryResult<'_>, tag: usize) {
         let (topic, result) = match result {
             Ok(m) => (
                 m.topic().to_string(),
@@ -138,7 +137,7 @@ impl ProducerContext for AckContext {
         // The receiver is gone only when the pipeline stopped; the record's
         // transaction then stays unconfirmed, which is the safe outcome.
         let _ = self.acks.send(Ack {
-            txn: txn as TxnSeq,
+            tag: tag as u64,
             result,
             topic,
         });
@@ -196,8 +195,8 @@ impl KafkaSink {
         Ok((KafkaSink { producer }, rx))
     }
 
-    /// Enqueues one record; its delivery report will carry `txn`.
-    pub fn enqueue(&self, rec: &OutboxRecord, txn: TxnSeq) -> Result<Enqueued, SinkError> {
+    /// Enqueues one record; its delivery report will carry `tag`.
+    pub fn enqueue(&self, rec: &OutboxRecord, tag: u64) -> Result<Enqueued, SinkError> {
         let mut headers = OwnedHeaders::new_with_capacity(rec.headers.len());
         for (name, value) in &rec.headers {
             headers = headers.insert(Header {
@@ -205,7 +204,7 @@ impl KafkaSink {
                 value: value.as_deref(),
             });
         }
-        let mut record = BaseRecord::with_opaque_to(&rec.topic, txn as usize)
+        let mut record = BaseRecord::with_opaque_to(&rec.topic, tag as usize)
             .key(&rec.key[..])
             .headers(headers);
         if let Some(p) = &rec.payload {
@@ -230,6 +229,27 @@ impl KafkaSink {
 
     pub fn in_flight(&self) -> i32 {
         self.producer.in_flight_count()
+    }
+
+    /// A handle for [`KafkaSink::probe`] on another thread.
+    pub fn prober(&self) -> Prober {
+        Prober {
+            producer: self.producer.clone(),
+        }
+    }
+}
+
+/// Asks the cluster for metadata to tell whether a broker answers. Blocking:
+/// run it off the async runtime.
+pub struct Prober {
+    producer: ThreadedProducer<AckContext>,
+}
+
+impl Prober {
+    pub fn probe(&self, timeout: Duration) -> bool {
+        // One topic that does not exist would be auto-created by some
+        // brokers; asking for all topics never creates one.
+        self.producer.client().fetch_metadata(None, timeout).is_ok()
     }
 }
 

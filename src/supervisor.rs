@@ -6,12 +6,14 @@
 //! again the same way (a bad row, a missing slot, bad credentials) stop the
 //! relay instead of looping.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
 use crate::config::RelayConfig;
 use crate::lsn::Lsn;
+use crate::metrics::Metrics;
 use crate::pipeline::{self, PipelineError, Summary};
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
@@ -58,6 +60,7 @@ impl Backoff {
 /// Runs sessions until `shutdown` turns true or a non-retriable error.
 pub async fn run(
     cfg: &RelayConfig,
+    metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<Totals, PipelineError> {
     let mut totals = Totals::default();
@@ -69,7 +72,11 @@ pub async fn run(
         let stop = async move {
             let _ = rx.wait_for(|stop| *stop).await;
         };
-        let (summary, result): (Summary, _) = pipeline::run(cfg, resume, stop).await;
+        if totals.sessions > 0 {
+            metrics.reconnects.inc();
+        }
+        let (summary, result): (Summary, _) =
+            pipeline::run(cfg, resume, metrics.clone(), stop).await;
         totals.sessions += 1;
         totals.events += summary.events;
         totals.transactions += summary.transactions;

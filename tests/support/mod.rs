@@ -191,6 +191,8 @@ pub fn relay_cmd(args: &[&str]) -> (i32, String, String) {
         .args(args)
         .env_remove("OUTBOX_RELAY_DATABASE_URL")
         .env_remove("OUTBOX_RELAY_KAFKA_BROKERS")
+        // Tests run relays side by side: never the fixed default port.
+        .env("OUTBOX_RELAY_HTTP_ADDRESS", "127.0.0.1:0")
         .output()
         .expect("run outbox-relay");
     (
@@ -216,6 +218,7 @@ impl Relay {
             .env_remove("OUTBOX_RELAY_DATABASE_URL")
             .env_remove("OUTBOX_RELAY_KAFKA_BROKERS")
             .env("OUTBOX_RELAY_LOG", "info,outbox_relay=debug")
+            .env("OUTBOX_RELAY_HTTP_ADDRESS", "127.0.0.1:0")
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()
@@ -250,6 +253,23 @@ impl Relay {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// The address of the relay's HTTP endpoint, once it logged it.
+    pub async fn http_address(&self) -> String {
+        let mut found = None;
+        wait_until(Duration::from_secs(30), "the HTTP endpoint to listen", || {
+            let log = self.log_text();
+            found = log
+                .lines()
+                .find(|l| l.contains("HTTP endpoint listening"))
+                .and_then(|l| l.split("address=").nth(1))
+                .map(|rest| rest.split_whitespace().next().unwrap_or("").to_string());
+            let ok = found.is_some();
+            async move { ok }
+        })
+        .await;
+        found.unwrap()
     }
 
     pub fn is_running(&mut self) -> bool {
@@ -602,4 +622,24 @@ impl Drop for TempCluster {
             });
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A plain HTTP/1.0 GET: (status code, body).
+pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect to the HTTP endpoint");
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+/// The value of one sample line of a Prometheus exposition.
+pub fn metric(text: &str, sample: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(sample) && l[sample.len()..].starts_with(' '))
+        .and_then(|l| l[sample.len()..].trim().parse().ok())
 }

@@ -1,0 +1,57 @@
+//! The HTTP endpoint: `/metrics` (Prometheus), `/healthz` (the process is
+//! alive) and `/readyz` (streaming from the slot and the broker reachable).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+
+use crate::metrics::Metrics;
+
+async fn metrics_text(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        m.encode(),
+    )
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    match (m.streaming(), m.broker_reachable()) {
+        (true, true) => (StatusCode::OK, "ready\n".to_string()),
+        (streaming, broker) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "not ready: streaming={streaming} broker_reachable={broker}\n"
+            ),
+        ),
+    }
+}
+
+/// Binds `addr` and serves until the process ends. Returns the bound
+/// address (useful with port 0).
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let app = Router::new()
+        .route("/metrics", get(metrics_text))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(metrics);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "HTTP endpoint stopped");
+        }
+    });
+    Ok(local)
+}

@@ -1,0 +1,212 @@
+//! Prometheus metrics and the readiness state, shared by the pipeline (which
+//! records) and the HTTP endpoint (which reads). Uses the official
+//! `prometheus-client` crate for the exposition format.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EventTypeLabels {
+    pub event_type: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub event_type: String,
+    pub error_type: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub events_published: Family<EventTypeLabels, Counter>,
+    pub publish_errors: Family<ErrorLabels, Counter>,
+    /// Enqueue to broker acknowledgement.
+    pub publish_duration: Histogram,
+    /// Commit timestamp in the WAL to broker acknowledgement.
+    pub commit_to_ack: Histogram,
+    pub replication_lag_bytes: Gauge,
+    pub confirmed_lsn: Gauge,
+    pub inflight_events: Gauge,
+    pub dead_lettered: Counter,
+    pub up: Gauge,
+    pub reconnects: Counter,
+    streaming: AtomicBool,
+    broker_reachable: AtomicBool,
+    /// Per event type counters, so the hot path does not build label sets.
+    published_by_type: Mutex<HashMap<String, Counter>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let events_published = Family::<EventTypeLabels, Counter>::default();
+        let publish_errors = Family::<ErrorLabels, Counter>::default();
+        // 100 µs .. ~52 s
+        let publish_duration = Histogram::new(exponential_buckets(0.0001, 2.0, 20));
+        let commit_to_ack = Histogram::new(exponential_buckets(0.0001, 2.0, 20));
+        let replication_lag_bytes = Gauge::default();
+        let confirmed_lsn = Gauge::default();
+        let inflight_events = Gauge::default();
+        let dead_lettered = Counter::default();
+        let up = Gauge::default();
+        let reconnects = Counter::default();
+        registry.register(
+            "outbox_events_published",
+            "Events acknowledged by Kafka",
+            events_published.clone(),
+        );
+        registry.register(
+            "outbox_publish_errors",
+            "Events Kafka did not accept, by error",
+            publish_errors.clone(),
+        );
+        registry.register(
+            "outbox_publish_duration_seconds",
+            "Time from handing an event to the producer to its acknowledgement",
+            publish_duration.clone(),
+        );
+        registry.register(
+            "outbox_commit_to_ack_seconds",
+            "Time from the transaction's commit (WAL timestamp) to the event's acknowledgement",
+            commit_to_ack.clone(),
+        );
+        registry.register(
+            "outbox_replication_lag_bytes",
+            "Server WAL position (as last reported by the walsender) minus the confirmed position",
+            replication_lag_bytes.clone(),
+        );
+        registry.register(
+            "outbox_confirmed_lsn",
+            "Position confirmed to the server (the slot's confirmed_flush_lsn), as a number",
+            confirmed_lsn.clone(),
+        );
+        registry.register(
+            "outbox_inflight_events",
+            "Events handed to the producer and not yet acknowledged",
+            inflight_events.clone(),
+        );
+        registry.register(
+            "outbox_dead_lettered",
+            "Events sent to the dead-letter topic",
+            dead_lettered.clone(),
+        );
+        registry.register(
+            "outbox_up",
+            "1 while the relay is streaming from the slot",
+            up.clone(),
+        );
+        registry.register(
+            "outbox_reconnects",
+            "Replication sessions started again after an error",
+            reconnects.clone(),
+        );
+        Metrics {
+            registry,
+            events_published,
+            publish_errors,
+            publish_duration,
+            commit_to_ack,
+            replication_lag_bytes,
+            confirmed_lsn,
+            inflight_events,
+            dead_lettered,
+            up,
+            reconnects,
+            streaming: AtomicBool::new(false),
+            broker_reachable: AtomicBool::new(false),
+            published_by_type: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The counter of one event type, created on first use.
+    pub fn published(&self, event_type: &str) -> Counter {
+        let mut map = self.published_by_type.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = map.get(event_type) {
+            return c.clone();
+        }
+        let c = self
+            .events_published
+            .get_or_create(&EventTypeLabels {
+                event_type: event_type.to_string(),
+            })
+            .clone();
+        map.insert(event_type.to_string(), c.clone());
+        c
+    }
+
+    pub fn publish_error(&self, event_type: &str, error_type: &str) {
+        self.publish_errors
+            .get_or_create(&ErrorLabels {
+                event_type: event_type.to_string(),
+                error_type: error_type.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn set_streaming(&self, on: bool) {
+        self.streaming.store(on, Ordering::Relaxed);
+        self.up.set(i64::from(on));
+    }
+
+    pub fn set_broker_reachable(&self, ok: bool) {
+        self.broker_reachable.store(ok, Ordering::Relaxed);
+    }
+
+    pub fn streaming(&self) -> bool {
+        self.streaming.load(Ordering::Relaxed)
+    }
+
+    pub fn broker_reachable(&self) -> bool {
+        self.broker_reachable.load(Ordering::Relaxed)
+    }
+
+    /// The OpenMetrics text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposes_the_documented_names() {
+        let m = Metrics::new();
+        m.published("OrderCreated").inc();
+        m.publish_error("OrderCreated", "MessageSizeTooLarge");
+        m.commit_to_ack.observe(0.003);
+        m.set_streaming(true);
+        let text = m.encode();
+        for name in [
+            "outbox_events_published_total{event_type=\"OrderCreated\"} 1",
+            "outbox_publish_errors_total{event_type=\"OrderCreated\",error_type=\"MessageSizeTooLarge\"} 1",
+            "outbox_publish_duration_seconds_bucket",
+            "outbox_commit_to_ack_seconds_count 1",
+            "outbox_replication_lag_bytes 0",
+            "outbox_confirmed_lsn 0",
+            "outbox_inflight_events 0",
+            "outbox_dead_lettered_total 0",
+            "outbox_up 1",
+        ] {
+            assert!(text.contains(name), "{name} missing from:\n{text}");
+        }
+    }
+}

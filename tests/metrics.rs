@@ -1,0 +1,82 @@
+//! /metrics, /healthz and /readyz of a running relay, scraped and asserted.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+async fn setup(db: &TestDb, slot: &str) {
+    db.exec(CLASSIC_TABLE).await;
+    let (code, out, err) = relay_cmd(&["setup", "--database-url", &db.url, "--slot", slot]);
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_what_was_published_and_follow_the_slot() {
+    let db = TestDb::new("metrics_ok").await;
+    let slot = format!("s_{}", db.name);
+    setup(&db, &slot).await;
+    let prefix = unique("metrics");
+    let template = format!("{prefix}.{{event_type}}");
+    let mut relay = Relay::start(&relay_args(&db, &brokers(), &["--slot", &slot, "--topic", &template]));
+    let addr = relay.http_address().await;
+    assert_eq!(http_get(&addr, "/healthz").await, (200, "ok\n".to_string()));
+    wait_until(Duration::from_secs(30), "/readyz to say ready", || async {
+        http_get(&addr, "/readyz").await.0 == 200
+    })
+    .await;
+
+    db.exec(
+        "INSERT INTO outbox (event_type, aggregate_id, payload)
+         SELECT CASE WHEN g % 3 = 0 THEN 'Paid' ELSE 'Created' END, 'a' || (g % 4), '{}' FROM generate_series(1, 30) g",
+    )
+    .await;
+    let after = db.current_wal_lsn().await;
+    consume(&brokers(), &[format!("{prefix}.Created"), format!("{prefix}.Paid")], 30, Duration::from_secs(60)).await;
+    wait_until(Duration::from_secs(30), "the counters and the confirmed LSN", || async {
+        let (_, text) = http_get(&addr, "/metrics").await;
+        metric(&text, "outbox_events_published_total{event_type=\"Created\"}") == Some(20.0)
+            && metric(&text, "outbox_events_published_total{event_type=\"Paid\"}") == Some(10.0)
+            && metric(&text, "outbox_confirmed_lsn").is_some_and(|v| v as u64 >= after.0)
+    })
+    .await;
+    let (status, text) = http_get(&addr, "/metrics").await;
+    assert_eq!(status, 200);
+    assert_eq!(metric(&text, "outbox_commit_to_ack_seconds_count"), Some(30.0), "{text}");
+    assert_eq!(metric(&text, "outbox_publish_duration_seconds_count"), Some(30.0), "{text}");
+    assert_eq!(metric(&text, "outbox_inflight_events"), Some(0.0), "{text}");
+    assert_eq!(metric(&text, "outbox_up"), Some(1.0), "{text}");
+    // The exported position is the slot's, as Postgres reports it.
+    let confirmed = metric(&text, "outbox_confirmed_lsn").unwrap() as u64;
+    wait_until(Duration::from_secs(10), "the slot to match the metric", || async {
+        db.confirmed_flush_lsn(&slot).await.0 >= confirmed
+    })
+    .await;
+    relay.signal("TERM");
+    assert_eq!(relay.wait(Duration::from_secs(30)).await, Some(0));
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_and_in_flight_gauge_show_an_unreachable_broker() {
+    let db = TestDb::new("metrics_down").await;
+    let slot = format!("s_{}", db.name);
+    setup(&db, &slot).await;
+    let relay = Relay::start(&relay_args(&db, &format!("127.0.0.1:{}", free_port()), &["--slot", &slot]));
+    let addr = relay.http_address().await;
+    wait_until(Duration::from_secs(30), "streaming", || async { db.slot_active(&slot).await }).await;
+    db.exec("INSERT INTO outbox (event_type, aggregate_id, payload) SELECT 'T', 'a', '{}' FROM generate_series(1, 7)").await;
+    wait_until(Duration::from_secs(30), "7 events in flight", || async {
+        metric(&http_get(&addr, "/metrics").await.1, "outbox_inflight_events") == Some(7.0)
+    })
+    .await;
+    let (status, body) = http_get(&addr, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("broker_reachable=false"), "{body}");
+    let text = http_get(&addr, "/metrics").await.1;
+    assert!(metric(&text, "outbox_replication_lag_bytes").is_some_and(|v| v > 0.0), "{text}");
+    assert_eq!(http_get(&addr, "/healthz").await.0, 200);
+    relay.signal("KILL");
+    db.drop().await;
+}
