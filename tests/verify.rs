@@ -364,3 +364,68 @@ async fn the_real_relay_passes_verification() {
     );
     db.drop().await;
 }
+
+/// Debezium's insert-then-delete leaves the table empty: only Kafka-side
+/// checks apply, and the report says so instead of calling every record
+/// unexpected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_outbox_gets_kafka_side_checks_only() {
+    let db = TestDb::new("verify_empty").await;
+    db.exec(DEBEZIUM_TABLE).await;
+    db.exec(
+        "BEGIN;
+         INSERT INTO outboxevent (id, aggregatetype, aggregateid, type, payload)
+           VALUES ('00000000-0000-4000-8000-000000000001', 'Order', 'o1', 'Created', '{}');
+         DELETE FROM outboxevent;
+         COMMIT;",
+    )
+    .await;
+    let prefix = unique("verify_empty");
+    let topic = format!("{prefix}.Order");
+    create_topics(&brokers(), &[&topic], 1).await;
+    let rec = |n: u32| Rec {
+        topic: topic.clone(),
+        partition: 0,
+        key: "o1".into(),
+        payload: format!("{{\"n\": {n}}}").into_bytes(),
+        event_id: format!("00000000-0000-4000-8000-{n:012}"),
+        // Sent as the `event_type` header: used here as the order header.
+        event_type: n.to_string(),
+    };
+    // Events 1..4, event 3 before event 2, event 4 redelivered.
+    produce(&[rec(1), rec(3), rec(2), rec(4), rec(4)]).await;
+    let s = Scenario {
+        db,
+        template: format!("{prefix}.{{aggregatetype}}"),
+        records: vec![],
+    };
+    let (code, r) = verify(&s, &["--preset", "debezium"]);
+    assert_eq!(code, 0, "{r:#}");
+    assert_eq!(count(&r, "/rows"), 0);
+    assert_eq!(count(&r, "/records"), 5);
+    assert_eq!(r["topics"], serde_json::json!([topic]));
+    assert_eq!(r["order_checked_by"], Value::Null);
+    assert!(
+        r["notes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n.as_str().unwrap().contains("outbox table is empty")),
+        "{r:#}"
+    );
+    assert_eq!(problem_counts(&r), vec![("/duplicates/events", 1)], "{r:#}");
+    assert_eq!(count(&r, "/duplicates/redeliveries"), 1);
+
+    // Ordered by a header, the swap is found.
+    let (code, r) = verify(
+        &s,
+        &["--preset", "debezium", "--order-header", "event_type"],
+    );
+    assert_eq!(code, 1, "{r:#}");
+    assert_eq!(count(&r, "/order_violations/count"), 1, "{r:#}");
+    assert_eq!(
+        r["order_violations"]["examples"][0]["detail"],
+        "event_type 2 after event_type 3"
+    );
+    s.db.drop().await;
+}
