@@ -101,6 +101,18 @@ impl Checkpoint {
         Ok(seq)
     }
 
+    /// Adds one event to a transaction still tracked (open, or committed with
+    /// events in flight): the dead-letter record that replaces a failed one.
+    pub fn add_event(&mut self, seq: TxnSeq) -> Result<(), CheckpointError> {
+        let txn = seq
+            .checked_sub(self.base)
+            .and_then(|i| self.txns.get_mut(i as usize))
+            .ok_or(CheckpointError::UnknownTransaction(seq))?;
+        txn.outstanding += 1;
+        self.inflight += 1;
+        Ok(())
+    }
+
     /// Undoes [`Checkpoint::event`] for a record the producer refused to
     /// enqueue (it will be enqueued again).
     pub fn unevent(&mut self, seq: TxnSeq) {

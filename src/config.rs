@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::router::{HeaderColumn, RouterConfig, TableName, TopicTemplate};
+use crate::policy::{ErrorPolicy, Policy};
+use crate::router::{validate_topic, HeaderColumn, RouterConfig, TableName, TopicTemplate};
 
 /// The two table shapes users have today.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
@@ -57,6 +58,14 @@ impl Preset {
             },
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PayloadFormat {
+    #[default]
+    Any,
+    Json,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize, Default)]
@@ -147,6 +156,26 @@ pub struct Options {
     #[arg(long, env = "OUTBOX_RELAY_RECONNECT_MAX_BACKOFF")]
     pub reconnect_max_backoff: Option<f64>,
 
+    /// What to do with an event that cannot be published as configured:
+    /// `halt` (stop; the slot stays before it) or `dead-letter` [default: halt].
+    #[arg(long, env = "OUTBOX_RELAY_ON_ERROR", value_enum)]
+    pub on_error: Option<Policy>,
+
+    /// Per-kind policy KIND=POLICY (repeatable; kinds: key, event-id, topic,
+    /// too-large, payload-json, topic-missing, authorization).
+    #[arg(long, env = "OUTBOX_RELAY_ON_ERROR_OVERRIDE", value_delimiter = ',')]
+    pub on_error_override: Option<Vec<String>>,
+
+    /// Topic for dead-lettered events [default: outbox.dead-letter].
+    #[arg(long, env = "OUTBOX_RELAY_DEAD_LETTER_TOPIC")]
+    pub dead_letter_topic: Option<String>,
+
+    /// `json` refuses payloads that are not valid JSON (checked for text
+    /// columns; json/jsonb are valid by construction), `any` sends them as
+    /// stored [default: any].
+    #[arg(long, env = "OUTBOX_RELAY_PAYLOAD_FORMAT", value_enum)]
+    pub payload_format: Option<PayloadFormat>,
+
     /// Column whose value labels events in metrics and logs [default: from
     /// the preset; `none` for no label].
     #[arg(long, env = "OUTBOX_RELAY_EVENT_TYPE_COLUMN")]
@@ -195,6 +224,10 @@ impl Options {
             reconnect_max_backoff,
             event_type_column,
             http_address,
+            on_error,
+            on_error_override,
+            dead_letter_topic,
+            payload_format,
             log_format
         )
     }
@@ -242,6 +275,7 @@ pub struct RelayConfig {
     pub reconnect_max_backoff: Duration,
     /// None when the HTTP endpoint is off.
     pub http_address: Option<std::net::SocketAddr>,
+    pub error_policy: ErrorPolicy,
     pub log_format: LogFormat,
 }
 
@@ -352,7 +386,34 @@ impl RelayConfig {
                 Some(c) => Some(sql_name("event_type_column", c)?),
                 None => Some(preset.event_type.to_string()),
             },
+            require_json: o.payload_format == Some(PayloadFormat::Json),
         };
+        let mut error_policy = ErrorPolicy {
+            default: o.on_error.unwrap_or_default(),
+            overrides: Default::default(),
+            dead_letter_topic: o
+                .dead_letter_topic
+                .unwrap_or_else(|| "outbox.dead-letter".to_string()),
+        };
+        if let Err(reason) = validate_topic(&error_policy.dead_letter_topic) {
+            return Err(ConfigError::Invalid {
+                option: "dead_letter_topic",
+                value: error_policy.dead_letter_topic,
+                reason,
+            });
+        }
+        for o in o.on_error_override.unwrap_or_default() {
+            if o.trim().is_empty() {
+                continue;
+            }
+            let (kind, policy) =
+                ErrorPolicy::parse_override(&o).map_err(|reason| ConfigError::Invalid {
+                    option: "on_error_override",
+                    value: o.clone(),
+                    reason,
+                })?;
+            error_policy.overrides.insert(kind, policy);
+        }
         let kafka_properties = o
             .kafka_property
             .unwrap_or_default()
@@ -402,6 +463,7 @@ impl RelayConfig {
                 })?),
                 None => Some(std::net::SocketAddr::from(([127, 0, 0, 1], 9464))),
             },
+            error_policy,
             log_format: o.log_format.unwrap_or_default(),
         })
     }

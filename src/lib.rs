@@ -16,6 +16,7 @@ pub mod lsn;
 pub mod metrics;
 pub mod pgoutput;
 pub mod pipeline;
+pub mod policy;
 pub mod replication;
 pub mod router;
 pub mod setup;

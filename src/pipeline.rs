@@ -24,11 +24,12 @@ use crate::config::RelayConfig;
 use crate::lsn::Lsn;
 use crate::metrics::Metrics;
 use crate::pgoutput::{self, DecodeError, LogicalMessage};
+use crate::policy::{self, ErrorKind, ErrorPolicy, Failed, Policy};
 use crate::replication::{
     quote_ident, quote_literal, ConnectParams, ReplicationConnection, ReplicationError,
     ReplicationMessage, ReplicationReader, ReplicationWriter,
 };
-use crate::router::{RouteError, Routed, Router};
+use crate::router::{OutboxRecord, RouteError, Routed, Router};
 use crate::sink::{Ack, Enqueued, KafkaSink, SinkError};
 
 /// How often the task checks whether the confirmed position moved; bounds the
@@ -229,6 +230,11 @@ struct Pending {
     enqueued: Instant,
     commit_time: i64,
     event_type: Option<bytes::Bytes>,
+    /// Position of the change, for dead-letter headers.
+    lsn: Lsn,
+    /// Kept only while a delivery failure could be dead-lettered.
+    record: Option<OutboxRecord>,
+    dead_letter: bool,
 }
 
 struct State {
@@ -251,6 +257,11 @@ struct State {
     /// The newest server WAL position the walsender reported.
     server_wal: Lsn,
     published: HashMap<Option<bytes::Bytes>, Counter>,
+    policy: ErrorPolicy,
+    /// Keep records in flight, because a delivery failure may be dead-lettered.
+    keep_records: bool,
+    /// Dead-letter records waiting to be enqueued (from delivery reports).
+    redo: Vec<(OutboxRecord, TxnSeq, Lsn)>,
 }
 
 impl State {
@@ -260,7 +271,9 @@ impl State {
             .checked_sub(self.pending_base)
             .and_then(|i| self.pending.get_mut(i as usize))
             .and_then(Option::take)
-            .ok_or(PipelineError::Checkpoint(CheckpointError::UnknownTransaction(ack.tag)))?;
+            .ok_or(PipelineError::Checkpoint(
+                CheckpointError::UnknownTransaction(ack.tag),
+            ))?;
         while matches!(self.pending.front(), Some(None)) {
             self.pending.pop_front();
             self.pending_base += 1;
@@ -270,6 +283,9 @@ impl State {
                 tracing::trace!(topic = %ack.topic, partition = d.partition, offset = d.offset, "delivered");
                 self.checkpoint.ack(pending.txn)?;
                 self.metrics.set_broker_reachable(true);
+                if pending.dead_letter {
+                    self.metrics.dead_lettered.inc();
+                }
                 let metrics = &self.metrics;
                 self.published
                     .entry(pending.event_type.clone())
@@ -278,16 +294,35 @@ impl State {
                 self.metrics
                     .publish_duration
                     .observe(pending.enqueued.elapsed().as_secs_f64());
-                let since_commit = (crate::replication::pg_now() - pending.commit_time) as f64 / 1e6;
+                let since_commit =
+                    (crate::replication::pg_now() - pending.commit_time) as f64 / 1e6;
                 self.metrics.commit_to_ack.observe(since_commit.max(0.0));
                 Ok(())
             }
             Err(error) => {
-                let kind = match error.rdkafka_error_code() {
-                    Some(code) => format!("{code:?}"),
-                    None => "Other".to_string(),
-                };
-                self.metrics.publish_error(&label(&pending.event_type), &kind);
+                self.metrics
+                    .publish_error(&label(&pending.event_type), &kafka_code(&error));
+                let kind = ErrorKind::of_kafka(&error)
+                    .filter(|k| self.policy.for_kind(*k) == Policy::DeadLetter);
+                if let (Some(kind), Some(rec), false) = (kind, &pending.record, pending.dead_letter)
+                {
+                    // Count the dead-letter record before releasing the
+                    // failed one, so the transaction cannot be confirmed in
+                    // between.
+                    self.checkpoint.add_event(pending.txn)?;
+                    self.checkpoint.ack(pending.txn)?;
+                    let reason = format!("Kafka refused the record for {}: {error}", ack.topic);
+                    tracing::warn!(lsn = %pending.lsn, kind = %kind, "dead-lettering an event: {reason}");
+                    let dlq = policy::dead_letter(
+                        Failed::from(rec),
+                        kind,
+                        &reason,
+                        pending.lsn,
+                        &self.policy.dead_letter_topic,
+                    );
+                    self.redo.push((dlq, pending.txn, pending.lsn));
+                    return Ok(());
+                }
                 Err(PipelineError::Delivery(Box::new(DeliveryFailure {
                     topic: ack.topic,
                     commit_lsn: self
@@ -300,6 +335,68 @@ impl State {
                 })))
             }
         }
+    }
+
+    /// Hands a record to the producer, tracked for its delivery report. The
+    /// checkpoint must already count it as an event of `txn`. A record the
+    /// producer refuses outright (too large, say) goes to the error policy.
+    async fn enqueue_tracked(
+        &mut self,
+        mut rec: OutboxRecord,
+        txn: TxnSeq,
+        lsn: Lsn,
+        mut is_dead_letter: bool,
+    ) -> Result<(), PipelineError> {
+        loop {
+            let tag = self.pending_base + self.pending.len() as u64;
+            self.pending.push_back(Some(Pending {
+                txn,
+                enqueued: Instant::now(),
+                commit_time: self.commit_time,
+                event_type: rec.event_type.clone(),
+                lsn,
+                record: (self.keep_records && !is_dead_letter).then(|| rec.clone()),
+                dead_letter: is_dead_letter,
+            }));
+            let refused = loop {
+                match self.sink.enqueue(&rec, tag) {
+                    Ok(Enqueued::Yes) => return Ok(()),
+                    // The local queue is full: wait for a delivery report
+                    // to make room, then try again.
+                    Ok(Enqueued::QueueFull) => match self.acks.recv().await {
+                        Some(ack) => self.on_ack(ack)?,
+                        None => return Err(PipelineError::ServerEnded),
+                    },
+                    Err(SinkError::Enqueue { topic, error }) => break (topic, error),
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            // Not enqueued: forget the tracking entry (it is the newest).
+            self.pending.pop_back();
+            let (topic, error) = refused;
+            let kind = ErrorKind::of_kafka(&error)
+                .filter(|k| !is_dead_letter && self.policy.for_kind(*k) == Policy::DeadLetter);
+            let Some(kind) = kind else {
+                self.metrics
+                    .publish_error(&label(&rec.event_type), &kafka_code(&error));
+                return Err(SinkError::Enqueue { topic, error }.into());
+            };
+            self.metrics
+                .publish_error(&label(&rec.event_type), &kafka_code(&error));
+            let reason = format!("the producer refused the record for {topic}: {error}");
+            tracing::warn!(lsn = %lsn, kind = %kind, "dead-lettering an event: {reason}");
+            let failed = Failed::from(&rec);
+            rec = policy::dead_letter(failed, kind, &reason, lsn, &self.policy.dead_letter_topic);
+            is_dead_letter = true;
+        }
+    }
+
+    /// Dead-letters records whose delivery failed, queued by `on_ack`.
+    async fn flush_redo(&mut self) -> Result<(), PipelineError> {
+        while let Some((rec, txn, lsn)) = self.redo.pop() {
+            self.enqueue_tracked(rec, txn, lsn, true).await?;
+        }
+        Ok(())
     }
 
     /// Refreshes the gauges that describe the stream's state.
@@ -357,33 +454,37 @@ impl State {
                     })?;
             }
             LogicalMessage::Insert(ins) => {
-                let Routed::Record(rec) =
-                    self.router
-                        .route(ins)
-                        .map_err(|source| PipelineError::Route {
-                            lsn: wal_start,
-                            source,
-                        })?;
-                let txn: TxnSeq = self.checkpoint.event()?;
-                let tag = self.pending_base + self.pending.len() as u64;
-                self.pending.push_back(Some(Pending {
-                    txn,
-                    enqueued: Instant::now(),
-                    commit_time: self.commit_time,
-                    event_type: rec.event_type.clone(),
-                }));
-                loop {
-                    match self.sink.enqueue(&rec, tag)? {
-                        Enqueued::Yes => break,
-                        // The local queue is full: wait for a delivery report
-                        // to make room, then try again.
-                        Enqueued::QueueFull => match self.acks.recv().await {
-                            Some(ack) => self.on_ack(ack)?,
-                            None => return Err(PipelineError::ServerEnded),
-                        },
+                let rec = match self.router.route(&ins) {
+                    Ok(Routed::Record(rec)) => rec,
+                    Err(source) => {
+                        let kind = ErrorKind::of_route(&source)
+                            .filter(|k| self.policy.for_kind(*k) == Policy::DeadLetter);
+                        let Some(kind) = kind else {
+                            return Err(PipelineError::Route {
+                                lsn: wal_start,
+                                source,
+                            });
+                        };
+                        let reason = source.to_string();
+                        let failed = self.router.salvage(&ins);
+                        tracing::warn!(
+                            lsn = %wal_start,
+                            kind = %kind,
+                            event_id = %failed.event_id.as_deref().map(String::from_utf8_lossy).unwrap_or_default(),
+                            "dead-lettering an event: {reason}"
+                        );
+                        let dlq = policy::dead_letter(
+                            failed,
+                            kind,
+                            &reason,
+                            wal_start,
+                            &self.policy.dead_letter_topic,
+                        );
+                        let txn = self.checkpoint.event()?;
+                        return self.enqueue_tracked(dlq, txn, wal_start, true).await;
                     }
-                }
-                self.summary.events += 1;
+                };
+                let txn: TxnSeq = self.checkpoint.event()?;
                 tracing::debug!(
                     event_id = %String::from_utf8_lossy(&rec.event_id),
                     event_type = %label(&rec.event_type),
@@ -393,6 +494,8 @@ impl State {
                     since_commit_ms = (crate::replication::pg_now() - self.commit_time) / 1000,
                     "event enqueued"
                 );
+                self.enqueue_tracked(rec, txn, wal_start, false).await?;
+                self.summary.events += 1;
             }
             other @ (LogicalMessage::Origin(_)
             | LogicalMessage::Type(_)
@@ -415,6 +518,14 @@ impl State {
             }
         }
         Ok(())
+    }
+}
+
+/// An error's code as a metrics label.
+fn kafka_code(e: &KafkaError) -> String {
+    match e.rdkafka_error_code() {
+        Some(code) => format!("{code:?}"),
+        None => "Other".to_string(),
     }
 }
 
@@ -545,6 +656,9 @@ async fn session(
         commit_time: 0,
         server_wal: slot.confirmed,
         published: HashMap::new(),
+        policy: cfg.error_policy.clone(),
+        keep_records: cfg.error_policy.may_dead_letter_deliveries(),
+        redo: Vec::new(),
     };
     let result = stream_loop(
         cfg,
@@ -611,6 +725,7 @@ async fn stream_loop(
             Some(ack) = state.acks.recv() => {
                 state.on_ack(ack)?;
                 state.drain_acks()?;
+                state.flush_redo().await?;
             }
             msg = reader.next(), if can_read => match msg? {
                 ReplicationMessage::XLogData { wal_start, wal_end, data, .. } => {

@@ -14,6 +14,8 @@ use crate::pgoutput::{Insert, Relation, TupleValue};
 /// Postgres type OID of `bytea`: its text form is hex and is decoded so the
 /// record value is the stored bytes (Avro or Protobuf payloads).
 const BYTEA_OID: u32 = 17;
+const JSON_OID: u32 = 114;
+const JSONB_OID: u32 = 3802;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableName {
@@ -238,6 +240,9 @@ pub struct RouterConfig {
     pub headers: Vec<HeaderColumn>,
     /// Column whose value labels the event in metrics and logs.
     pub event_type_column: Option<String>,
+    /// Refuse payloads that are not JSON (checked only for columns whose
+    /// type does not already guarantee it).
+    pub require_json: bool,
 }
 
 impl RouterConfig {
@@ -303,6 +308,8 @@ pub enum RouteError {
     },
     #[error("column {column} is bytea but its value is not hex text: {reason}")]
     BadBytea { column: String, reason: String },
+    #[error("the payload in column {column} is not valid JSON ({reason}) and --payload-format json requires it")]
+    InvalidJson { column: String, reason: String },
 }
 
 #[derive(Debug, Clone)]
@@ -318,6 +325,8 @@ struct Plan {
     key: usize,
     payload: usize,
     payload_bytea: bool,
+    /// The payload column's type does not guarantee JSON and JSON is required.
+    check_json: bool,
     topic: Vec<TopicPlan>,
     headers: Vec<(String, usize)>,
     event_type: Option<usize>,
@@ -387,6 +396,8 @@ impl Router {
             key: find(&self.cfg.key_column, "--key-column")?,
             payload,
             payload_bytea: rel.columns[payload].type_oid == BYTEA_OID,
+            check_json: self.cfg.require_json
+                && !matches!(rel.columns[payload].type_oid, JSON_OID | JSONB_OID),
             topic: self
                 .cfg
                 .topic
@@ -413,7 +424,7 @@ impl Router {
     }
 
     /// Maps one inserted row to a record.
-    pub fn route(&self, insert: Insert) -> Result<Routed, RouteError> {
+    pub fn route(&self, insert: &Insert) -> Result<Routed, RouteError> {
         let plan = match self.relations.get(&insert.relation_oid) {
             Some(RelationPlan::Outbox(p)) => p,
             Some(RelationPlan::Other(name)) => {
@@ -431,7 +442,7 @@ impl Router {
                 expected: plan.ncols,
             });
         }
-        let tuple = insert.tuple;
+        let tuple = &insert.tuple;
         let text = |idx: usize, column: &str, role: &'static str| -> Result<Bytes, RouteError> {
             match &tuple[idx] {
                 TupleValue::Text(b) | TupleValue::Binary(b) => Ok(b.clone()),
@@ -466,6 +477,16 @@ impl Router {
             }
             TupleValue::Text(b) | TupleValue::Binary(b) => Some(b.clone()),
         };
+        if plan.check_json {
+            if let Some(p) = &payload {
+                if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(p) {
+                    return Err(RouteError::InvalidJson {
+                        column: self.cfg.payload_column.clone(),
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        }
         let mut topic = String::new();
         for part in &plan.topic {
             match part {
@@ -522,6 +543,46 @@ impl Router {
     }
 }
 
+impl Router {
+    /// Whatever can be read from a row that failed to route, for its
+    /// dead-letter record: raw values, no validation.
+    pub fn salvage(&self, insert: &Insert) -> crate::policy::Failed {
+        let Some(RelationPlan::Outbox(plan)) = self.relations.get(&insert.relation_oid) else {
+            return crate::policy::Failed::default();
+        };
+        let value = |i: usize| match insert.tuple.get(i) {
+            Some(TupleValue::Text(b)) | Some(TupleValue::Binary(b)) => Some(b.clone()),
+            _ => None,
+        };
+        let event_id = value(plan.id);
+        let mut headers = vec![("id".to_string(), event_id.clone())];
+        headers.extend(
+            plan.headers
+                .iter()
+                .map(|(name, i)| (name.clone(), value(*i))),
+        );
+        let mut topic = String::new();
+        for part in &plan.topic {
+            match part {
+                TopicPlan::Literal(l) => topic.push_str(l),
+                TopicPlan::Column(i) => {
+                    if let Some(v) = value(*i) {
+                        topic.push_str(&String::from_utf8_lossy(&v));
+                    }
+                }
+            }
+        }
+        crate::policy::Failed {
+            key: value(plan.key),
+            payload: value(plan.payload),
+            event_id,
+            headers,
+            event_type: plan.event_type.and_then(value),
+            intended_topic: topic,
+        }
+    }
+}
+
 fn decode_bytea_hex(b: &Bytes) -> Result<Bytes, String> {
     let hex = b
         .strip_prefix(b"\\x")
@@ -565,6 +626,7 @@ mod tests {
             topic: TopicTemplate::parse("outbox.event.{aggregatetype}").unwrap(),
             headers: vec![HeaderColumn::parse("type:eventType").unwrap()],
             event_type_column: Some("type".into()),
+            require_json: false,
         });
         r.on_relation(&Relation {
             oid: 7,
@@ -591,7 +653,7 @@ mod tests {
     fn routes_a_debezium_row() {
         let r = debezium_router();
         let Routed::Record(rec) = r
-            .route(Insert {
+            .route(&Insert {
                 relation_oid: 7,
                 tuple: vec![
                     t("u-1"),
@@ -625,34 +687,34 @@ mod tests {
             tuple: vec![id, agg_type, key, t("x"), TupleValue::Null],
         };
         assert!(matches!(
-            r.route(row(t("Order"), TupleValue::Null, t("1"))),
+            r.route(&row(t("Order"), TupleValue::Null, t("1"))),
             Err(RouteError::Null { role: "key", .. })
         ));
         assert!(matches!(
-            r.route(row(t("Order"), t(""), t("1"))),
+            r.route(&row(t("Order"), t(""), t("1"))),
             Err(RouteError::EmptyKey { .. })
         ));
         assert!(matches!(
-            r.route(row(t("Order"), t("k"), TupleValue::Null)),
+            r.route(&row(t("Order"), t("k"), TupleValue::Null)),
             Err(RouteError::Null {
                 role: "event id",
                 ..
             })
         ));
         assert!(matches!(
-            r.route(row(t("Or der"), t("k"), t("1"))),
+            r.route(&row(t("Or der"), t("k"), t("1"))),
             Err(RouteError::InvalidTopic { .. })
         ));
         assert!(matches!(
-            r.route(row(TupleValue::Null, t("k"), t("1"))),
+            r.route(&row(TupleValue::Null, t("k"), t("1"))),
             Err(RouteError::InvalidTopic { .. })
         ));
         assert!(matches!(
-            r.route(row(t(""), t("k"), t("1"))),
+            r.route(&row(t(""), t("k"), t("1"))),
             Err(RouteError::InvalidTopic { .. })
         ));
         assert!(matches!(
-            r.route(Insert {
+            r.route(&Insert {
                 relation_oid: 99,
                 tuple: vec![]
             }),
@@ -689,7 +751,7 @@ mod tests {
         })
         .unwrap();
         assert!(matches!(
-            r.route(Insert {
+            r.route(&Insert {
                 relation_oid: 9,
                 tuple: vec![t("1")]
             }),

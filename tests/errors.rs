@@ -1,0 +1,350 @@
+//! Bad events: each either stops the relay with the slot before it (halt)
+//! or goes to the dead-letter topic, and the slot moves past it only once
+//! the dead-letter record is acknowledged. Never a silent skip.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+struct Case {
+    db: TestDb,
+    slot: String,
+    prefix: String,
+    dlq: String,
+}
+
+/// A classic outbox whose columns accept the bad values under test.
+async fn case(name: &str) -> Case {
+    let db = TestDb::new(name).await;
+    db.exec(CLASSIC_TABLE).await;
+    db.exec("ALTER TABLE outbox ALTER COLUMN aggregate_id DROP NOT NULL; ALTER TABLE outbox ADD COLUMN body text").await;
+    let slot = format!("s_{}", db.name);
+    let (code, out, err) = relay_cmd(&["setup", "--database-url", &db.url, "--slot", &slot]);
+    assert_eq!(code, 0, "{out}{err}");
+    let prefix = unique("err");
+    let dlq = format!("{prefix}.dlq");
+    create_topics(&brokers(), &[&dlq, &format!("{prefix}.Good")], 1).await;
+    Case {
+        db,
+        slot,
+        prefix,
+        dlq,
+    }
+}
+
+impl Case {
+    fn args(&self, extra: &[&str]) -> Vec<String> {
+        let template = format!("{}.{{event_type}}", self.prefix);
+        let mut a = vec![
+            "--slot",
+            &self.slot,
+            "--topic",
+            &template,
+            "--dead-letter-topic",
+            &self.dlq,
+        ];
+        a.extend_from_slice(extra);
+        relay_args(&self.db, &brokers(), &a)
+    }
+
+    async fn good(&self, n: usize) {
+        self.db
+            .exec(&format!(
+                "INSERT INTO outbox (event_type, aggregate_id, payload) SELECT 'Good', 'a', jsonb_build_object('n', g) FROM generate_series(1, {n}) g"
+            ))
+            .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_null_key_halts_by_default_and_the_slot_stays_before_it() {
+    let c = case("err_halt").await;
+    let mut relay = Relay::start(&c.args(&[]));
+    wait_until(Duration::from_secs(30), "streaming", || async {
+        c.db.slot_active(&c.slot).await
+    })
+    .await;
+    c.good(3).await;
+    let before = c.db.current_wal_lsn().await;
+    c.db.exec("INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('Good', NULL, '{}')")
+        .await;
+    assert_eq!(relay.wait(Duration::from_secs(60)).await, Some(1));
+    let log = relay.log_text();
+    assert!(
+        log.contains("column aggregate_id (the key) is NULL"),
+        "{log}"
+    );
+    assert!(log.contains("cannot route the change at"), "{log}");
+    assert!(
+        c.db.confirmed_flush_lsn(&c.slot).await <= before,
+        "slot moved past the bad event"
+    );
+    // The good events before it were delivered.
+    assert_eq!(
+        consume(
+            &brokers(),
+            &[format!("{}.Good", c.prefix)],
+            3,
+            Duration::from_secs(60)
+        )
+        .await
+        .len(),
+        3
+    );
+    c.db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_rows_go_to_the_dead_letter_topic_with_the_reason() {
+    let c = case("err_dlq").await;
+    let mut relay = Relay::start(&c.args(&["--on-error", "dead-letter"]));
+    wait_until(Duration::from_secs(30), "streaming", || async {
+        c.db.slot_active(&c.slot).await
+    })
+    .await;
+    c.good(2).await;
+    c.db.exec(
+        "BEGIN;
+         INSERT INTO outbox (event_id, event_type, aggregate_id, payload) VALUES ('00000000-0000-4000-8000-000000000001', 'Good', NULL, '{\"bad\": \"null key\"}');
+         INSERT INTO outbox (event_id, event_type, aggregate_id, payload) VALUES ('00000000-0000-4000-8000-000000000002', 'Good', '', '{\"bad\": \"empty key\"}');
+         INSERT INTO outbox (event_id, event_type, aggregate_id, payload) VALUES ('00000000-0000-4000-8000-000000000003', 'bad type', 'a', '{\"bad\": \"topic\"}');
+         COMMIT;",
+    )
+    .await;
+    c.good(2).await;
+    let after = c.db.current_wal_lsn().await;
+    let dead = consume(&brokers(), std::slice::from_ref(&c.dlq), 3, Duration::from_secs(60)).await;
+    assert_eq!(dead.len(), 3);
+    let by_id = |id: &str| {
+        dead.iter()
+            .find(|r| r.header("outbox.original.id").as_deref() == Some(id))
+            .unwrap_or_else(|| panic!("{id} not dead-lettered: {dead:?}"))
+    };
+    let null_key = by_id("00000000-0000-4000-8000-000000000001");
+    assert_eq!(null_key.header("outbox.error.kind").as_deref(), Some("key"));
+    assert!(null_key
+        .header("outbox.error")
+        .unwrap()
+        .contains("column aggregate_id (the key) is NULL"));
+    assert_eq!(
+        null_key.header("outbox.original.topic").unwrap(),
+        format!("{}.Good", c.prefix)
+    );
+    assert!(null_key.header("outbox.lsn").unwrap().contains('/'));
+    assert_eq!(
+        null_key.payload.as_deref(),
+        Some(&b"{\"bad\": \"null key\"}"[..]),
+        "original value kept"
+    );
+    assert_eq!(
+        by_id("00000000-0000-4000-8000-000000000002")
+            .header("outbox.error.kind")
+            .as_deref(),
+        Some("key")
+    );
+    let topic = by_id("00000000-0000-4000-8000-000000000003");
+    assert_eq!(topic.header("outbox.error.kind").as_deref(), Some("topic"));
+    assert_eq!(
+        topic.header("outbox.original.topic").unwrap(),
+        format!("{}.bad type", c.prefix)
+    );
+    assert_eq!(
+        consume(
+            &brokers(),
+            &[format!("{}.Good", c.prefix)],
+            4,
+            Duration::from_secs(60)
+        )
+        .await
+        .len(),
+        4
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "the slot to move past the dead-lettered events",
+        || async { c.db.confirmed_flush_lsn(&c.slot).await >= after },
+    )
+    .await;
+    let text = http_get(&relay.http_address().await, "/metrics").await.1;
+    assert_eq!(
+        metric(&text, "outbox_dead_lettered_total"),
+        Some(3.0),
+        "{text}"
+    );
+    assert!(relay.is_running());
+    relay.signal("TERM");
+    assert_eq!(relay.wait(Duration::from_secs(30)).await, Some(0));
+    c.db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_record_is_dead_lettered_without_its_value_or_halts() {
+    let c = case("err_large").await;
+    // The producer's own limit (message.max.bytes, 1 MB by default) refuses it.
+    let big = |n: u32| {
+        format!("INSERT INTO outbox (event_id, event_type, aggregate_id, payload) VALUES ('00000000-0000-4000-8000-0000000000b{n}', 'Good', 'a', jsonb_build_object('blob', repeat('x', 1500000)))")
+    };
+    let mut relay = Relay::start(&c.args(&["--on-error-override", "too-large=dead-letter"]));
+    wait_until(Duration::from_secs(30), "streaming", || async {
+        c.db.slot_active(&c.slot).await
+    })
+    .await;
+    c.db.exec(&big(1)).await;
+    c.good(1).await;
+    let dead = consume(&brokers(), std::slice::from_ref(&c.dlq), 1, Duration::from_secs(60)).await;
+    assert_eq!(
+        dead[0].header("outbox.error.kind").as_deref(),
+        Some("too-large")
+    );
+    assert!(
+        dead[0].payload.is_none(),
+        "an oversized value cannot be kept"
+    );
+    assert!(
+        dead[0]
+            .header("outbox.original.size")
+            .unwrap()
+            .parse::<usize>()
+            .unwrap()
+            > 1_500_000
+    );
+    assert_eq!(
+        consume(
+            &brokers(),
+            &[format!("{}.Good", c.prefix)],
+            1,
+            Duration::from_secs(60)
+        )
+        .await
+        .len(),
+        1
+    );
+    relay.signal("TERM");
+    assert_eq!(relay.wait(Duration::from_secs(30)).await, Some(0));
+
+    // With the producer's limit raised, the broker refuses it (the topic's
+    // max.message.bytes): a delivery report, dead-lettered the same way.
+    let mut relay = Relay::start(&c.args(&[
+        "--on-error-override",
+        "too-large=dead-letter",
+        "--kafka-property",
+        "message.max.bytes=5000000",
+    ]));
+    wait_until(Duration::from_secs(30), "streaming", || async {
+        c.db.slot_active(&c.slot).await
+    })
+    .await;
+    c.db.exec(&big(3)).await;
+    let dead = consume(&brokers(), std::slice::from_ref(&c.dlq), 2, Duration::from_secs(60)).await;
+    let broker_refused = dead
+        .iter()
+        .find(|r| {
+            r.header("outbox.original.id").as_deref()
+                == Some("00000000-0000-4000-8000-0000000000b3")
+        })
+        .expect("dead-lettered after the broker refused it");
+    assert!(
+        broker_refused
+            .header("outbox.error")
+            .unwrap()
+            .contains("Kafka refused"),
+        "{broker_refused:?}"
+    );
+    assert!(broker_refused.payload.is_none());
+    relay.signal("TERM");
+    assert_eq!(relay.wait(Duration::from_secs(30)).await, Some(0));
+
+    // The same event under the default policy stops the relay.
+    let mut relay = Relay::start(&c.args(&[]));
+    wait_until(Duration::from_secs(30), "streaming", || async {
+        c.db.slot_active(&c.slot).await
+    })
+    .await;
+    let before = c.db.current_wal_lsn().await;
+    c.db.exec(&big(2)).await;
+    assert_eq!(relay.wait(Duration::from_secs(60)).await, Some(1));
+    assert!(
+        relay.log_text().contains("MessageSizeTooLarge") || relay.log_text().contains("too large"),
+        "{}",
+        relay.log_text()
+    );
+    assert!(c.db.confirmed_flush_lsn(&c.slot).await <= before);
+    c.db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_payload_that_is_not_json_is_refused_when_json_is_required() {
+    let c = case("err_json").await;
+    let mut relay = Relay::start(&c.args(&[
+        "--payload-column",
+        "body",
+        "--payload-format",
+        "json",
+        "--on-error-override",
+        "payload-json=dead-letter",
+    ]));
+    wait_until(Duration::from_secs(30), "streaming", || async {
+        c.db.slot_active(&c.slot).await
+    })
+    .await;
+    c.db.exec(
+        "INSERT INTO outbox (event_type, aggregate_id, payload, body) VALUES
+           ('Good', 'a', '{}', '{\"ok\": true}'),
+           ('Good', 'a', '{}', 'not json {')",
+    )
+    .await;
+    let dead = consume(&brokers(), std::slice::from_ref(&c.dlq), 1, Duration::from_secs(60)).await;
+    assert_eq!(
+        dead[0].header("outbox.error.kind").as_deref(),
+        Some("payload-json")
+    );
+    assert_eq!(dead[0].payload.as_deref(), Some(&b"not json {"[..]));
+    let good = consume(
+        &brokers(),
+        &[format!("{}.Good", c.prefix)],
+        1,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(good.len(), 1);
+    assert_eq!(good[0].payload.as_deref(), Some(&b"{\"ok\": true}"[..]));
+    relay.signal("TERM");
+    assert_eq!(relay.wait(Duration::from_secs(30)).await, Some(0));
+    c.db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_topic_without_auto_creation_is_dead_lettered() {
+    let c = case("err_notopic").await;
+    let mut relay = Relay::start(&c.args(&[
+        "--on-error-override",
+        "topic-missing=dead-letter",
+        "--kafka-property",
+        "allow.auto.create.topics=false",
+        "--kafka-property",
+        "topic.metadata.propagation.max.ms=2000",
+    ]));
+    wait_until(Duration::from_secs(30), "streaming", || async {
+        c.db.slot_active(&c.slot).await
+    })
+    .await;
+    c.db.exec("INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('Nowhere', 'a', '{\"n\": 1}')").await;
+    c.good(1).await;
+    let dead = consume(&brokers(), std::slice::from_ref(&c.dlq), 1, Duration::from_secs(60)).await;
+    assert_eq!(
+        dead[0].header("outbox.error.kind").as_deref(),
+        Some("topic-missing"),
+        "{:?}",
+        dead[0]
+    );
+    assert_eq!(
+        dead[0].header("outbox.original.topic").unwrap(),
+        format!("{}.Nowhere", c.prefix)
+    );
+    assert_eq!(dead[0].payload.as_deref(), Some(&b"{\"n\": 1}"[..]));
+    relay.signal("TERM");
+    assert_eq!(relay.wait(Duration::from_secs(30)).await, Some(0));
+    c.db.drop().await;
+}
