@@ -1,0 +1,1988 @@
+//! outbox-bench: the measurement side of issue 6.
+//!
+//! Runs against a stack that `scripts/bench` brings up (Postgres + nisshi), with the
+//! relay's release binary as a child process, and writes `report.md`, `report.json`
+//! and SVG plots. Every scenario uses a database and topics of its own. Figures are
+//! meant to be read as ratios against the baselines measured in the same run: the
+//! machines this runs on are small and shared.
+//!
+//! Scenarios: backlog drain (relay vs `pg_recvlogical` vs a plain rdkafka producer
+//! vs two polling publishers), latency (commit → record visible to a consumer),
+//! sustained (lag in bytes and seconds while writers insert flat out), and the
+//! relay's CPU time per event and peak RSS in each.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Parser;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{
+    BaseRecord, DeliveryResult, FutureProducer, FutureRecord, Producer, ProducerContext,
+    ThreadedProducer,
+};
+use rdkafka::{ClientContext, Message, Offset, Timestamp, TopicPartitionList};
+use serde_json::{json, Value};
+use tokio_postgres::{Client, NoTls};
+
+const CLASSIC_TABLE: &str = include_str!("../sql/01_outbox_classic.sql");
+/// `repeat('x', PAD)` in a `{"pad": …, "seq": n}` jsonb gives ~500 B of JSON text.
+const PAD: usize = 473;
+const AGGREGATES: i64 = 1000;
+
+#[derive(Parser, Debug, Clone)]
+#[command(about = "Benchmark of outbox-relay against its limits (issue 6)")]
+struct Args {
+    /// Backlog size for the drain scenario (default 200000 with --quick, 300000 otherwise).
+    #[arg(long)]
+    events: Option<u64>,
+    /// Shorter runs: latency at 2k events/s, sustained 60 s, pollers 20 s.
+    #[arg(long)]
+    quick: bool,
+    /// The relay's release binary.
+    #[arg(long)]
+    relay_bin: PathBuf,
+    /// Where report.md, report.json and the plots go.
+    #[arg(long, default_value = "docs/bench")]
+    out: PathBuf,
+    /// Admin URL of the stack (superuser, any database).
+    #[arg(long, env = "OUTBOX_RELAY_DATABASE_URL")]
+    database_url: String,
+    #[arg(long, env = "OUTBOX_RELAY_KAFKA_BROKERS")]
+    brokers: String,
+    #[arg(long, env = "PG_BIN_DIR", default_value = "/usr/lib/postgresql/15/bin")]
+    pg_bin_dir: PathBuf,
+    /// Where the relay's logs go.
+    #[arg(long, default_value = "/tmp")]
+    log_dir: PathBuf,
+    /// Latency scenario: events/s (default 2000 with --quick, 5000 otherwise).
+    #[arg(long)]
+    latency_rate: Option<u64>,
+    #[arg(long, default_value_t = 30)]
+    latency_secs: u64,
+    /// Sustained scenario length (default 60 with --quick, 300 otherwise).
+    #[arg(long)]
+    sustained_secs: Option<u64>,
+    /// Writer connections in the sustained scenario.
+    #[arg(long, default_value_t = 4)]
+    sustained_writers: usize,
+    /// Length of each poller run (default 20 with --quick, 60 otherwise).
+    #[arg(long)]
+    poll_secs: Option<u64>,
+    /// Partitions of every topic.
+    #[arg(long, default_value_t = 4)]
+    partitions: i32,
+    /// The latency consumer's fetch.wait.max.ms.
+    #[arg(long, default_value_t = 10)]
+    fetch_wait_ms: u64,
+    /// Run only these scenarios (comma-separated: drain,pollers,latency,sustained).
+    #[arg(long, default_value = "drain,pollers,latency,sustained")]
+    only: String,
+}
+
+struct Cfg {
+    a: Args,
+    events: u64,
+    latency_rate: u64,
+    sustained_secs: u64,
+    poll_secs: u64,
+    clk_tck: f64,
+}
+
+/// Topics are per run (a memory broker keeps them until it stops).
+fn topic_name(name: &str) -> String {
+    static RUN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let run = RUN.get_or_init(|| format!("{:x}", now_us() / 1_000_000));
+    format!("bench.{run}.{name}")
+}
+
+fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64
+}
+
+fn parse_lsn(s: &str) -> Result<u64> {
+    let (hi, lo) = s.split_once('/').ok_or_else(|| anyhow!("bad LSN {s}"))?;
+    Ok((u64::from_str_radix(hi, 16)? << 32) | u64::from_str_radix(lo, 16)?)
+}
+
+fn fmt_lsn(v: u64) -> String {
+    format!("{:X}/{:X}", v >> 32, v & 0xffff_ffff)
+}
+
+fn log(msg: impl AsRef<str>) {
+    eprintln!("[bench {}] {}", chrono_like(), msg.as_ref());
+}
+
+fn chrono_like() -> String {
+    let s = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        % 86400;
+    format!("{:02}:{:02}:{:02}", s / 3600, (s / 60) % 60, s % 60)
+}
+
+// ------------------------------------------------------------------ Postgres helpers
+
+fn db_url(admin: &str, db: &str) -> String {
+    match admin.rfind('/') {
+        Some(i) => format!("{}/{db}", &admin[..i]),
+        None => panic!("database URL must end in /dbname: {admin}"),
+    }
+}
+
+/// tokio-postgres errors print as "db error"; keep the server's message.
+fn pg_err(e: tokio_postgres::Error) -> anyhow::Error {
+    match e.as_db_error() {
+        Some(db) => anyhow!("{}: {}", db.severity(), db.message()),
+        None => anyhow!(e),
+    }
+}
+
+async fn connect(url: &str) -> Result<Client> {
+    let (client, conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .with_context(|| format!("connect to {url}"))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+/// A fresh database with the classic outbox table; returns its URL.
+async fn fresh_db(cfg: &Cfg, name: &str) -> Result<String> {
+    let admin = connect(&cfg.a.database_url).await?;
+    for sql in [
+        format!("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = '{name}' AND NOT active"),
+        format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+        format!("CREATE DATABASE {name}"),
+    ] {
+        admin.batch_execute(&sql).await.map_err(pg_err).with_context(|| sql.clone())?;
+    }
+    let url = db_url(&cfg.a.database_url, name);
+    connect(&url).await?.batch_execute(CLASSIC_TABLE).await?;
+    Ok(url)
+}
+
+async fn drop_slots(url: &str) -> Result<()> {
+    let c = connect(url).await?;
+    c.batch_execute(
+        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE database = current_database() AND active_pid IS NOT NULL",
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.batch_execute(
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = current_database()",
+    )
+    .await?;
+    Ok(())
+}
+
+async fn current_wal(c: &Client) -> Result<u64> {
+    let s: String = c
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await?
+        .get(0);
+    parse_lsn(&s)
+}
+
+async fn confirmed(c: &Client, slot: &str) -> Result<u64> {
+    let s: String = c
+        .query_one(
+            "SELECT coalesce(confirmed_flush_lsn::text, '0/0') FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()",
+            &[&slot],
+        )
+        .await?
+        .get(0);
+    parse_lsn(&s)
+}
+
+// ------------------------------------------------------------------ Kafka helpers
+
+async fn create_topic(brokers: &str, topic: &str, partitions: i32) -> Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let res = admin
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await?;
+    for r in res {
+        if let Err((t, e)) = r {
+            bail!("create topic {t}: {e}");
+        }
+    }
+    Ok(())
+}
+
+/// Sum of the high watermarks of every partition of `topic`: records in the topic.
+fn hw_sum(brokers: &str, topic: &str) -> Result<i64> {
+    hw_sum_with(&watermark_client(brokers)?, topic)
+}
+
+fn watermark_client(brokers: &str) -> Result<BaseConsumer> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "outbox-bench-watermarks")
+        .create()?)
+}
+
+fn hw_sum_with(c: &BaseConsumer, topic: &str) -> Result<i64> {
+    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let t = md
+        .topics()
+        .first()
+        .ok_or_else(|| anyhow!("no metadata for {topic}"))?;
+    let mut sum = 0;
+    for p in t.partitions() {
+        let (lo, hi) = c.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
+        sum += hi - lo;
+    }
+    Ok(sum)
+}
+
+async fn hw_sum_async(brokers: &str, topic: &str) -> Result<i64> {
+    let (b, t) = (brokers.to_string(), topic.to_string());
+    tokio::task::spawn_blocking(move || hw_sum(&b, &t)).await?
+}
+
+/// Waits until the topic holds `want` records (or `timeout`); returns the count.
+async fn wait_records(brokers: &str, topic: &str, want: i64, timeout: Duration) -> Result<i64> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let n = hw_sum_async(brokers, topic).await?;
+        if n >= want || Instant::now() > deadline {
+            return Ok(n);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn producer_config(brokers: &str) -> ClientConfig {
+    // The relay's own producer settings (src/sink.rs), so the baseline differs only in
+    // where the records come from.
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers)
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "5")
+        .set("enable.idempotence", "true")
+        .set("acks", "all");
+    c
+}
+
+// ------------------------------------------------------------------ processes
+
+fn proc_cpu_secs(pid: u32, clk_tck: f64) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // fields after "pid (comm) ": state is [0], utime is field 14 overall -> [11], stime [12]
+    let ut: f64 = f.get(11)?.parse().ok()?;
+    let st: f64 = f.get(12)?.parse().ok()?;
+    Some((ut + st) / clk_tck)
+}
+
+fn proc_status_kb(pid: u32, key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with(key))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+struct Relay {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Relay {
+    fn args(url: &str, brokers: &str, topic: &str) -> Vec<String> {
+        [
+            "--database-url",
+            url,
+            "--kafka-brokers",
+            brokers,
+            "--topic",
+            topic,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    fn setup(cfg: &Cfg, url: &str, topic: &str) -> Result<()> {
+        let out = Command::new(&cfg.a.relay_bin)
+            .arg("setup")
+            .args(Relay::args(url, &cfg.a.brokers, topic))
+            .env_remove("OUTBOX_RELAY_DATABASE_URL")
+            .env_remove("OUTBOX_RELAY_KAFKA_BROKERS")
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "outbox-relay setup failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    fn start(cfg: &Cfg, url: &str, topic: &str, name: &str) -> Result<Relay> {
+        let log = cfg.a.log_dir.join(format!("bench-relay-{name}.log"));
+        let child = Command::new(&cfg.a.relay_bin)
+            .arg("run")
+            .args(Relay::args(url, &cfg.a.brokers, topic))
+            .env_remove("OUTBOX_RELAY_DATABASE_URL")
+            .env_remove("OUTBOX_RELAY_KAFKA_BROKERS")
+            .env_remove("OUTBOX_RELAY_LOG")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("spawn outbox-relay run")?;
+        Ok(Relay { child, log })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn check_alive(&mut self) -> Result<()> {
+        if let Some(st) = self.child.try_wait()? {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(20).collect();
+            bail!(
+                "the relay exited ({st}); last lines of {}:\n{}",
+                self.log.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        Ok(())
+    }
+
+    /// CPU seconds and peak RSS (MB) so far.
+    fn resources(&self, clk_tck: f64) -> (f64, f64) {
+        (
+            proc_cpu_secs(self.pid(), clk_tck).unwrap_or(f64::NAN),
+            proc_status_kb(self.pid(), "VmHWM:")
+                .map(|k| k as f64 / 1024.0)
+                .unwrap_or(f64::NAN),
+        )
+    }
+
+    async fn stop(mut self) -> Result<()> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            if let Some(st) = self.child.try_wait()? {
+                if !st.success() {
+                    log(format!(
+                        "relay exited with {st} on SIGTERM (log {})",
+                        self.log.display()
+                    ));
+                }
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                bail!("relay did not stop within 40 s of SIGTERM");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+// ------------------------------------------------------------------ statistics
+
+fn pct(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i]
+}
+
+fn summary(mut v: Vec<f64>) -> Value {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    json!({
+        "n": v.len(),
+        "p50": pct(&v, 0.50), "p90": pct(&v, 0.90), "p99": pct(&v, 0.99),
+        "p999": pct(&v, 0.999), "max": v.last().copied().unwrap_or(f64::NAN),
+        "mean": if v.is_empty() { f64::NAN } else { v.iter().sum::<f64>() / v.len() as f64 },
+    })
+}
+
+/// (percentile, value) pairs for a percentile plot.
+fn pct_curve(v: &[f64]) -> Vec<(f64, f64)> {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let mut out = Vec::new();
+    for i in 0..=200 {
+        let q = i as f64 / 200.0;
+        out.push((q * 100.0, pct(&s, q.max(0.0001))));
+    }
+    out
+}
+
+// ------------------------------------------------------------------ scenario: drain
+
+fn backlog_sql() -> String {
+    format!(
+        "INSERT INTO outbox (event_type, aggregate_id, payload) \
+         SELECT 'bench', 'agg-' || (g % {AGGREGATES}), jsonb_build_object('seq', g, 'pad', repeat('x', {PAD})) \
+         FROM generate_series($1::bigint, $2::bigint) g"
+    )
+}
+
+/// Writes `n` events in 100-event transactions; returns (seconds, LSN inside the last
+/// transaction after its inserts, i.e. just before its commit record).
+async fn write_backlog(url: &str, n: u64) -> Result<(f64, u64)> {
+    let c = connect(url).await?;
+    let stmt = c.prepare(&backlog_sql()).await?;
+    let t0 = Instant::now();
+    let txns = n.div_ceil(100);
+    let mut last_lsn = 0;
+    for t in 0..txns {
+        let lo = (t * 100) as i64;
+        let hi = ((t * 100 + 100).min(n) - 1) as i64;
+        if t + 1 < txns {
+            c.execute(&stmt, &[&lo, &hi]).await?;
+        } else {
+            c.batch_execute("BEGIN").await?;
+            c.execute(&stmt, &[&lo, &hi]).await?;
+            last_lsn = current_wal(&c).await?;
+            c.batch_execute("COMMIT").await?;
+        }
+    }
+    Ok((t0.elapsed().as_secs_f64(), last_lsn))
+}
+
+async fn scenario_drain(cfg: &Cfg, report: &mut Value) -> Result<()> {
+    let n = cfg.events;
+    let url = fresh_db(cfg, "bench_drain").await?;
+    let c = connect(&url).await?;
+    let topic = &topic_name("drain");
+    create_topic(&cfg.a.brokers, topic, cfg.a.partitions).await?;
+    Relay::setup(cfg, &url, topic)?;
+    c.batch_execute("SELECT pg_create_logical_replication_slot('bench_recvlogical', 'pgoutput')")
+        .await?;
+    log(format!(
+        "drain: writing a backlog of {n} events (100-event transactions) with the relay stopped"
+    ));
+    let wal0 = current_wal(&c).await?;
+    let (write_s, end_lsn) = write_backlog(&url, n).await?;
+    let wal1 = current_wal(&c).await?;
+    let payload_bytes: f64 = c
+        .query_one("SELECT avg(octet_length(payload::text))::float8 FROM (SELECT payload FROM outbox LIMIT 1000) s", &[])
+        .await?
+        .get(0);
+    log(format!(
+        "drain: wrote {n} events in {write_s:.1} s ({:.0}/s), {:.1} MB of WAL, payload {payload_bytes:.0} B; last commit after {}",
+        n as f64 / write_s,
+        (wal1 - wal0) as f64 / 1e6,
+        fmt_lsn(end_lsn)
+    ));
+
+    // Baseline 1: Postgres's own decode rate.
+    let pg_conn = {
+        let u = url
+            .trim_start_matches("postgres://")
+            .trim_start_matches("postgresql://");
+        let (userhost, db) = u.split_once('/').unwrap();
+        let (user, hostport) = userhost.split_once('@').unwrap();
+        let (host, port) = hostport.split_once(':').unwrap_or((hostport, "5432"));
+        format!("host={host} port={port} user={user} dbname={db}")
+    };
+    log("drain: pg_recvlogical over the same backlog (its own slot, created before the backlog)");
+    let t0 = Instant::now();
+    let st = Command::new(cfg.a.pg_bin_dir.join("pg_recvlogical"))
+        .args([
+            "-d",
+            &pg_conn,
+            "-S",
+            "bench_recvlogical",
+            "--start",
+            "-P",
+            "pgoutput",
+        ])
+        .args([
+            "-o",
+            "proto_version=1",
+            "-o",
+            "publication_names=outbox_pub",
+        ])
+        .args([
+            "-E",
+            &fmt_lsn(end_lsn),
+            "-f",
+            "/dev/null",
+            "-F",
+            "0",
+            "--no-loop",
+        ])
+        .stdout(Stdio::null())
+        .status()
+        .context("run pg_recvlogical")?;
+    let recv_s = t0.elapsed().as_secs_f64();
+    if !st.success() {
+        bail!("pg_recvlogical failed: {st}");
+    }
+    let recv_rate = n as f64 / recv_s;
+    log(format!(
+        "drain: pg_recvlogical {recv_s:.2} s, {recv_rate:.0} events/s"
+    ));
+
+    // The relay.
+    log("drain: starting the relay over the backlog");
+    let t0 = Instant::now();
+    let mut relay = Relay::start(cfg, &url, topic, "drain")?;
+    let mut last_progress = Instant::now();
+    loop {
+        relay.check_alive()?;
+        if confirmed(&c, "outbox_relay").await? >= end_lsn {
+            break;
+        }
+        if last_progress.elapsed() > Duration::from_secs(10) {
+            log(format!(
+                "drain: {:.0} s, {} records in Kafka so far",
+                t0.elapsed().as_secs_f64(),
+                hw_sum_async(&cfg.a.brokers, topic).await.unwrap_or(-1)
+            ));
+            last_progress = Instant::now();
+        }
+        if t0.elapsed() > Duration::from_secs(1800) {
+            bail!("the relay did not drain the backlog within 30 min");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let relay_s = t0.elapsed().as_secs_f64();
+    let (cpu, rss) = relay.resources(cfg.clk_tck);
+    relay.stop().await?;
+    let verified = wait_records(&cfg.a.brokers, topic, n as i64, Duration::from_secs(30)).await?;
+    let relay_rate = n as f64 / relay_s;
+    log(format!(
+        "drain: relay {relay_s:.2} s, {relay_rate:.0} events/s, {verified} records in Kafka, cpu {cpu:.2} s, peak RSS {rss:.1} MB"
+    ));
+
+    // Baseline 2: the broker's intake, same number of records, same size, same producer settings.
+    log("drain: plain rdkafka producer, same records");
+    let intake = broker_intake(cfg, n).await?;
+    log(format!(
+        "drain: broker intake {:.0} records/s",
+        intake["events_per_s"].as_f64().unwrap_or(0.0)
+    ));
+
+    drop_slots(&url).await?;
+    report["drain"] = json!({
+        "events": n,
+        "payload_bytes": payload_bytes,
+        "wal_bytes": wal1 - wal0,
+        "write": {"seconds": write_s, "events_per_s": n as f64 / write_s},
+        "end_lsn": fmt_lsn(end_lsn),
+        "pg_recvlogical": {"seconds": recv_s, "events_per_s": recv_rate},
+        "relay": {
+            "seconds": relay_s, "events_per_s": relay_rate, "verified_in_kafka": verified,
+            "cpu_s": cpu, "cpu_us_per_event": cpu * 1e6 / n as f64, "peak_rss_mb": rss,
+        },
+        "broker_intake": intake,
+    });
+    Ok(())
+}
+
+struct CountCtx {
+    ok: AtomicU64,
+    err: AtomicU64,
+}
+impl ClientContext for CountCtx {}
+impl ProducerContext for CountCtx {
+    type DeliveryOpaque = ();
+    fn delivery(&self, r: &DeliveryResult<'_>, _: ()) {
+        match r {
+            Ok(_) => self.ok.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.err.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+}
+
+async fn broker_intake(cfg: &Cfg, n: u64) -> Result<Value> {
+    let topic_s = topic_name("intake");
+    create_topic(&cfg.a.brokers, &topic_s, cfg.a.partitions).await?;
+    let brokers = cfg.a.brokers.clone();
+    let topic_b = topic_s.clone();
+    let clk = cfg.clk_tck;
+    let r = tokio::task::spawn_blocking(move || -> Result<Value> {
+        let p: ThreadedProducer<CountCtx> =
+            producer_config(&brokers).create_with_context(CountCtx {
+                ok: AtomicU64::new(0),
+                err: AtomicU64::new(0),
+            })?;
+        let payload = format!("{{\"pad\": \"{}\", \"seq\": 1234567}}", "x".repeat(PAD));
+        let cpu0 = proc_cpu_secs(std::process::id(), clk).unwrap_or(0.0);
+        let t0 = Instant::now();
+        for i in 0..n {
+            let key = format!("agg-{}", i as i64 % AGGREGATES);
+            let id = format!("00000000-0000-4000-8000-{i:012}");
+            let headers = OwnedHeaders::new_with_capacity(2)
+                .insert(Header {
+                    key: "id",
+                    value: Some(id.as_bytes()),
+                })
+                .insert(Header {
+                    key: "event_type",
+                    value: Some("bench".as_bytes()),
+                });
+            let mut rec = BaseRecord::to(&topic_b)
+                .key(&key)
+                .payload(&payload)
+                .headers(headers);
+            loop {
+                match p.send(rec) {
+                    Ok(()) => break,
+                    Err((
+                        rdkafka::error::KafkaError::MessageProduction(
+                            rdkafka::types::RDKafkaErrorCode::QueueFull,
+                        ),
+                        r,
+                    )) => {
+                        rec = r;
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err((e, _)) => bail!("produce: {e}"),
+                }
+            }
+        }
+        p.flush(Duration::from_secs(120))?;
+        let secs = t0.elapsed().as_secs_f64();
+        let cpu = proc_cpu_secs(std::process::id(), clk).unwrap_or(0.0) - cpu0;
+        let ok = p.context().ok.load(Ordering::Relaxed);
+        let err = p.context().err.load(Ordering::Relaxed);
+        Ok(
+            json!({"seconds": secs, "events_per_s": n as f64 / secs, "acked": ok, "failed": err,
+                  "bench_process_cpu_s": cpu}),
+        )
+    })
+    .await??;
+    let verified =
+        wait_records(&cfg.a.brokers, &topic_s, n as i64, Duration::from_secs(10)).await?;
+    let mut r = r;
+    r["verified_in_kafka"] = json!(verified);
+    Ok(r)
+}
+
+// ------------------------------------------------------------------ pollers
+
+#[derive(Clone, Copy)]
+struct PollerKind {
+    name: &'static str,
+    interval: Duration,
+    batch: i64,
+    skip_locked: bool,
+}
+
+const CLASSIC: PollerKind = PollerKind {
+    name: "classic",
+    interval: Duration::from_secs(5),
+    batch: 100,
+    skip_locked: false,
+};
+const TUNED: PollerKind = PollerKind {
+    name: "tuned",
+    interval: Duration::from_millis(100),
+    batch: 500,
+    skip_locked: true,
+};
+
+/// A polling publisher as commonly written: every `interval`, in one transaction,
+/// select up to `batch` unprocessed rows in id order, publish them, wait for every
+/// acknowledgement, mark them processed, commit. Runs until `stop` or until the table
+/// has nothing left when `until_empty`. Returns rows published.
+async fn poller(
+    url: String,
+    brokers: String,
+    topic: String,
+    kind: PollerKind,
+    stop: Arc<AtomicBool>,
+    until_empty: bool,
+) -> Result<u64> {
+    let mut c = connect(&url).await?;
+    let producer: FutureProducer = producer_config(&brokers).create()?;
+    let sel = format!(
+        "SELECT id, event_id::text, event_type, aggregate_id, payload::text FROM outbox \
+         WHERE processed_at IS NULL ORDER BY id LIMIT $1{}",
+        if kind.skip_locked {
+            " FOR UPDATE SKIP LOCKED"
+        } else {
+            ""
+        }
+    );
+    let mut published = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let tx = c.transaction().await?;
+        let rows = tx.query(sel.as_str(), &[&kind.batch]).await?;
+        if rows.is_empty() && until_empty {
+            tx.commit().await?;
+            break;
+        }
+        let mut futs = Vec::with_capacity(rows.len());
+        let mut ids: Vec<i64> = Vec::with_capacity(rows.len());
+        for r in &rows {
+            ids.push(r.get(0));
+            let event_id: String = r.get(1);
+            let event_type: String = r.get(2);
+            let key: String = r.get(3);
+            let payload: String = r.get(4);
+            let headers = OwnedHeaders::new_with_capacity(2)
+                .insert(Header {
+                    key: "id",
+                    value: Some(event_id.as_bytes()),
+                })
+                .insert(Header {
+                    key: "event_type",
+                    value: Some(event_type.as_bytes()),
+                });
+            let rec = FutureRecord::to(&topic)
+                .key(&key)
+                .payload(&payload)
+                .headers(headers);
+            match producer.send_result(rec) {
+                Ok(f) => futs.push(f),
+                Err((e, _)) => bail!("poller produce: {e}"),
+            }
+        }
+        for f in futs {
+            match f.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => bail!("poller delivery: {e}"),
+                Err(_) => bail!("poller delivery canceled"),
+            }
+        }
+        if !ids.is_empty() {
+            tx.execute(
+                "UPDATE outbox SET processed_at = now() WHERE id = ANY($1)",
+                &[&ids],
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        published += ids.len() as u64;
+        // Sleep in small steps so a stop is seen promptly.
+        let wake = Instant::now() + kind.interval;
+        while Instant::now() < wake && !stop.load(Ordering::Relaxed) {
+            tokio::time::sleep((wake - Instant::now()).min(Duration::from_millis(50))).await;
+        }
+    }
+    Ok(published)
+}
+
+/// Throughput of both pollers, time-boxed, over the drain scenario's backlog (the same
+/// rows the relay drained, unprocessed as far as a poller can tell).
+async fn scenario_pollers(cfg: &Cfg, report: &mut Value) -> Result<()> {
+    let url = db_url(&cfg.a.database_url, "bench_drain");
+    let c = connect(&url).await?;
+    let backlog: i64 = c
+        .query_one(
+            "SELECT count(*) FROM outbox WHERE processed_at IS NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    if backlog == 0 {
+        bail!("pollers need the drain scenario's backlog");
+    }
+    let mut out = json!({});
+    for kind in [CLASSIC, TUNED] {
+        let topic = topic_name(&format!("poll.{}", kind.name));
+        create_topic(&cfg.a.brokers, &topic, cfg.a.partitions).await?;
+        log(format!(
+            "pollers: {} poller ({} ms, {} rows) over the backlog for {} s",
+            kind.name,
+            kind.interval.as_millis(),
+            kind.batch,
+            cfg.poll_secs
+        ));
+        let stop = Arc::new(AtomicBool::new(false));
+        let t0 = Instant::now();
+        let h = tokio::spawn(poller(
+            url.clone(),
+            cfg.a.brokers.clone(),
+            topic.clone(),
+            kind,
+            stop.clone(),
+            true,
+        ));
+        while t0.elapsed() < Duration::from_secs(cfg.poll_secs) && !h.is_finished() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        stop.store(true, Ordering::Relaxed);
+        let published = h.await??;
+        let secs = t0.elapsed().as_secs_f64();
+        let verified = wait_records(
+            &cfg.a.brokers,
+            &topic,
+            published as i64,
+            Duration::from_secs(10),
+        )
+        .await?;
+        log(format!(
+            "pollers: {} published {published} in {secs:.1} s ({:.0}/s)",
+            kind.name,
+            published as f64 / secs
+        ));
+        out[kind.name] = json!({
+            "interval_ms": kind.interval.as_millis() as u64, "batch": kind.batch,
+            "skip_locked": kind.skip_locked, "seconds": secs, "published": published,
+            "events_per_s": published as f64 / secs, "verified_in_kafka": verified,
+        });
+    }
+    report["pollers"] = out;
+    Ok(())
+}
+
+// ------------------------------------------------------------------ latency
+
+/// One received record: seq, receive time (epoch µs), record timestamp (epoch ms), kind.
+type Received = (i64, i64, i64, &'static str);
+
+fn parse_seq(payload: &[u8]) -> Option<i64> {
+    let s = std::str::from_utf8(payload).ok()?;
+    let i = s.find("\"seq\":")? + 6;
+    let digits: String = s[i..]
+        .trim_start()
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    digits.parse().ok()
+}
+
+fn consume_until(
+    brokers: String,
+    topic: String,
+    partitions: i32,
+    fetch_wait_ms: u64,
+    expected: Arc<AtomicU64>,
+    give_up: Arc<AtomicBool>,
+) -> Result<Vec<Received>> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", format!("outbox-bench-{}", now_us()))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .set("fetch.wait.max.ms", fetch_wait_ms.to_string())
+        .set("fetch.min.bytes", "1")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(&topic, p, Offset::Beginning)?;
+    }
+    c.assign(&tpl)?;
+    let mut got: Vec<Received> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    loop {
+        if let Some(m) = c.poll(Duration::from_millis(20)) {
+            let recv = now_us();
+            let m = m?;
+            let (ts, kind) = match m.timestamp() {
+                Timestamp::CreateTime(t) => (t, "CreateTime"),
+                Timestamp::LogAppendTime(t) => (t, "LogAppendTime"),
+                Timestamp::NotAvailable => (0, "none"),
+            };
+            if let Some(seq) = m.payload().and_then(parse_seq) {
+                if seen.insert(seq) {
+                    got.push((seq, recv, ts, kind));
+                }
+            }
+        }
+        if seen.len() as u64 >= expected.load(Ordering::Relaxed) || give_up.load(Ordering::Relaxed)
+        {
+            return Ok(got);
+        }
+    }
+}
+
+enum Publisher {
+    Relay,
+    Poller(PollerKind),
+}
+
+/// Writers at `rate` events/s of one-event transactions for `secs`; `publisher` moves
+/// them to Kafka; a consumer on the same host records when each becomes visible.
+async fn latency_run(
+    cfg: &Cfg,
+    name: &str,
+    publisher: Publisher,
+    rate: u64,
+    secs: u64,
+) -> Result<Value> {
+    let db = format!("bench_lat_{name}");
+    let url = fresh_db(cfg, &db).await?;
+    let topic = topic_name(&format!("latency.{name}"));
+    create_topic(&cfg.a.brokers, &topic, cfg.a.partitions).await?;
+    let mut relay = None;
+    let mut poll = None;
+    let stop_poll = Arc::new(AtomicBool::new(false));
+    match publisher {
+        Publisher::Relay => {
+            Relay::setup(cfg, &url, &topic)?;
+            let r = Relay::start(cfg, &url, &topic, &format!("latency-{name}"))?;
+            relay = Some(r);
+        }
+        Publisher::Poller(kind) => {
+            poll = Some(tokio::spawn(poller(
+                url.clone(),
+                cfg.a.brokers.clone(),
+                topic.clone(),
+                kind,
+                stop_poll.clone(),
+                false,
+            )));
+        }
+    }
+    let expected = Arc::new(AtomicU64::new(u64::MAX));
+    let give_up = Arc::new(AtomicBool::new(false));
+    let consumer = {
+        let (b, t, p, w) = (
+            cfg.a.brokers.clone(),
+            topic.clone(),
+            cfg.a.partitions,
+            cfg.a.fetch_wait_ms,
+        );
+        let (e, g) = (expected.clone(), give_up.clone());
+        tokio::task::spawn_blocking(move || consume_until(b, t, p, w, e, g))
+    };
+    // Let the relay connect and the consumer join before the clock starts.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    if let Some(r) = relay.as_mut() {
+        r.check_alive()?;
+    }
+    let cpu0 = relay.as_ref().map(|r| r.resources(cfg.clk_tck).0);
+
+    let writers = if rate >= 1000 { 4 } else { 1 };
+    let per_writer = rate as f64 / writers as f64;
+    let total = rate * secs;
+    log(format!("latency/{name}: {rate} events/s of one-event transactions for {secs} s ({writers} writers)"));
+    let start = tokio::time::Instant::now() + Duration::from_millis(100);
+    let mut hs = Vec::new();
+    for w in 0..writers {
+        let url = url.clone();
+        hs.push(tokio::spawn(async move {
+            let c = connect(&url).await?;
+            let stmt = c
+                .prepare(&format!(
+                    "INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('bench', $1, jsonb_build_object('seq', $2::bigint, 'pad', repeat('x', {PAD})))"
+                ))
+                .await?;
+            let mut commits: Vec<(i64, i64)> = Vec::new();
+            let mut i = 0u64;
+            loop {
+                let seq = (i * writers as u64 + w as u64) as i64;
+                if seq as u64 >= total {
+                    break;
+                }
+                tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / per_writer)).await;
+                let key = format!("agg-{}", seq % AGGREGATES);
+                // Autocommit: the statement is the one-event transaction; when execute()
+                // returns, COMMIT has returned.
+                c.execute(&stmt, &[&key, &seq]).await?;
+                commits.push((seq, now_us()));
+                i += 1;
+            }
+            anyhow::Ok(commits)
+        }));
+    }
+    let mut commits: HashMap<i64, i64> = HashMap::new();
+    for h in hs {
+        commits.extend(h.await??);
+    }
+    let write_s = (tokio::time::Instant::now() - start).as_secs_f64();
+    expected.store(commits.len() as u64, Ordering::Relaxed);
+    let gu = give_up.clone();
+    let waiter = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        gu.store(true, Ordering::Relaxed);
+    });
+    let got = consumer.await??;
+    waiter.abort();
+    let mut res = json!({});
+    if let Some(r) = relay.take() {
+        let (cpu, rss) = r.resources(cfg.clk_tck);
+        let cpu_run = cpu - cpu0.unwrap_or(0.0);
+        r.stop().await?;
+        res["relay_cpu_s"] = json!(cpu_run);
+        res["relay_cpu_us_per_event"] = json!(cpu_run * 1e6 / commits.len() as f64);
+        res["relay_peak_rss_mb"] = json!(rss);
+        drop_slots(&url).await?;
+    }
+    if let Some(h) = poll.take() {
+        stop_poll.store(true, Ordering::Relaxed);
+        h.await??;
+    }
+    let mut e2e = Vec::new();
+    let mut to_ts = Vec::new();
+    let mut ts_kind = "none";
+    for (seq, recv, ts, kind) in &got {
+        if let Some(c) = commits.get(seq) {
+            e2e.push((recv - c) as f64 / 1000.0);
+            if *ts > 0 {
+                to_ts.push((ts * 1000 - c) as f64 / 1000.0);
+                ts_kind = kind;
+            }
+        }
+    }
+    let verified = hw_sum_async(&cfg.a.brokers, &topic).await?;
+    log(format!(
+        "latency/{name}: {} committed ({:.0}/s achieved), {} received; e2e {}",
+        commits.len(),
+        commits.len() as f64 / write_s,
+        got.len(),
+        summary(e2e.clone())
+    ));
+    res["rate_target"] = json!(rate);
+    res["seconds"] = json!(secs);
+    res["writers"] = json!(writers);
+    res["committed"] = json!(commits.len());
+    res["achieved_rate"] = json!(commits.len() as f64 / write_s);
+    res["received"] = json!(got.len());
+    res["verified_in_kafka"] = json!(verified);
+    res["commit_to_consumer_ms"] = summary(e2e.clone());
+    res["commit_to_record_timestamp_ms"] = summary(to_ts);
+    res["record_timestamp_type"] = json!(ts_kind);
+    res["curve"] = json!(pct_curve(&e2e));
+    Ok(res)
+}
+
+async fn scenario_latency(cfg: &Cfg, report: &mut Value) -> Result<()> {
+    let mut out = json!({});
+    out["relay"] = latency_run(
+        cfg,
+        "relay",
+        Publisher::Relay,
+        cfg.latency_rate,
+        cfg.a.latency_secs,
+    )
+    .await?;
+    // The tuned poller moves at most 500 rows per 100 ms: the relay's rate is within it.
+    out["tuned_poller"] = latency_run(
+        cfg,
+        "tuned",
+        Publisher::Poller(TUNED),
+        cfg.latency_rate.min(2000),
+        cfg.poll_secs,
+    )
+    .await?;
+    // The classic poller moves at most 20 events/s: run it at half that.
+    out["classic_poller"] = latency_run(
+        cfg,
+        "classic",
+        Publisher::Poller(CLASSIC),
+        10,
+        cfg.poll_secs,
+    )
+    .await?;
+    report["latency"] = out;
+    Ok(())
+}
+
+// ------------------------------------------------------------------ sustained
+
+async fn scenario_sustained(cfg: &Cfg, report: &mut Value) -> Result<()> {
+    let url = fresh_db(cfg, "bench_sustained").await?;
+    let topic = &topic_name("sustained");
+    create_topic(&cfg.a.brokers, topic, cfg.a.partitions).await?;
+    Relay::setup(cfg, &url, topic)?;
+    let mut relay = Relay::start(cfg, &url, topic, "sustained")?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    relay.check_alive()?;
+    let cpu0 = relay.resources(cfg.clk_tck).0;
+    let c = connect(&url).await?;
+    let secs = cfg.sustained_secs;
+    let nw = cfg.a.sustained_writers;
+    log(format!(
+        "sustained: {nw} writers inserting one-event transactions flat out for {secs} s"
+    ));
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let mut hs = Vec::new();
+    for w in 0..nw {
+        let (url, stop, count) = (url.clone(), stop.clone(), count.clone());
+        hs.push(tokio::spawn(async move {
+            let c = connect(&url).await?;
+            let stmt = c
+                .prepare(&format!(
+                    "INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('bench', $1, jsonb_build_object('seq', $2::bigint, 'pad', repeat('x', {PAD})))"
+                ))
+                .await?;
+            let mut i = 0i64;
+            while !stop.load(Ordering::Relaxed) {
+                let seq = i * nw as i64 + w as i64;
+                let key = format!("agg-{}", seq % AGGREGATES);
+                c.execute(&stmt, &[&key, &seq]).await?;
+                count.fetch_add(1, Ordering::Relaxed);
+                i += 1;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    // Sample every 100 ms: (t s, events written, wal lsn, confirmed lsn).
+    let t0 = Instant::now();
+    // And every 500 ms the records in Kafka, to tell delivery lag from confirmation lag.
+    let kstop = Arc::new(AtomicBool::new(false));
+    let ksampler = {
+        let (b, t, stop) = (cfg.a.brokers.clone(), topic.to_string(), kstop.clone());
+        tokio::task::spawn_blocking(move || -> Result<Vec<(f64, i64)>> {
+            let c = watermark_client(&b)?;
+            let mut out = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let n = hw_sum_with(&c, &t)?;
+                out.push((t0.elapsed().as_secs_f64(), n));
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            Ok(out)
+        })
+    };
+    let mut samples: Vec<(f64, u64, u64, u64)> = Vec::new();
+    while t0.elapsed() < Duration::from_secs(secs) {
+        relay.check_alive()?;
+        let row = c
+            .query_one(
+                "SELECT pg_current_wal_lsn()::text, coalesce(confirmed_flush_lsn::text,'0/0') FROM pg_replication_slots WHERE slot_name = 'outbox_relay' AND database = current_database()",
+                &[],
+            )
+            .await?;
+        let wal = parse_lsn(row.get::<_, &str>(0))?;
+        let conf = parse_lsn(row.get::<_, &str>(1))?;
+        samples.push((
+            t0.elapsed().as_secs_f64(),
+            count.load(Ordering::Relaxed),
+            wal,
+            conf,
+        ));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    kstop.store(true, Ordering::Relaxed);
+    for h in hs {
+        h.await??;
+    }
+    let ksamples = ksampler.await??;
+    let written = count.load(Ordering::Relaxed);
+    let write_s = t0.elapsed().as_secs_f64();
+    let end = current_wal(&c).await?;
+    // Catch-up after the writers stopped: everything confirmed (the relay confirms the
+    // server's sent position once idle, so this reaches `end`).
+    let tc = Instant::now();
+    let mut caught_up = None;
+    while tc.elapsed() < Duration::from_secs(300) {
+        relay.check_alive()?;
+        if confirmed(&c, "outbox_relay").await? >= end {
+            caught_up = Some(tc.elapsed().as_secs_f64());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (cpu, rss) = relay.resources(cfg.clk_tck);
+    relay.stop().await?;
+    let verified = wait_records(
+        &cfg.a.brokers,
+        topic,
+        written as i64,
+        Duration::from_secs(30),
+    )
+    .await?;
+    drop_slots(&url).await?;
+
+    // Lag in seconds at sample i: how long ago the WAL insert position was where the
+    // confirmed position is now (linear between samples).
+    let mut series = Vec::new();
+    for (i, &(t, n, wal, conf)) in samples.iter().enumerate() {
+        let lag_b = wal.saturating_sub(conf);
+        let lag_s = if conf >= wal {
+            0.0
+        } else {
+            let j = samples[..=i].iter().position(|s| s.2 >= conf);
+            match j {
+                Some(0) | None => t,
+                Some(j) => {
+                    let (ta, _, wa, _) = samples[j - 1];
+                    let (tb, _, wb, _) = samples[j];
+                    let f = if wb > wa {
+                        (conf - wa) as f64 / (wb - wa) as f64
+                    } else {
+                        1.0
+                    };
+                    t - (ta + f * (tb - ta))
+                }
+            }
+        };
+        series.push((t, n, lag_b, lag_s));
+    }
+    // Delivery lag: how long ago the writers had committed as many events as Kafka holds.
+    let delivery: Vec<(f64, f64)> = ksamples
+        .iter()
+        .map(|&(t, n)| {
+            let n = n.max(0) as u64;
+            let j = samples.iter().position(|s| s.1 >= n);
+            let lag = match j {
+                Some(0) => 0.0,
+                None => samples.last().map(|l| t - l.0).unwrap_or(0.0),
+                Some(j) => {
+                    let (ta, na, _, _) = samples[j - 1];
+                    let (tb, nb, _, _) = samples[j];
+                    let f = if nb > na {
+                        (n - na) as f64 / (nb - na) as f64
+                    } else {
+                        1.0
+                    };
+                    (t - (ta + f * (tb - ta))).max(0.0)
+                }
+            };
+            (t, lag)
+        })
+        .collect();
+    let delivery_steady: Vec<f64> = delivery
+        .iter()
+        .filter(|x| x.0 >= 1.0)
+        .map(|x| x.1)
+        .collect();
+    // Per second: max lag in that second and inserts in that second.
+    let mut per_sec: Vec<Value> = Vec::new();
+    let mut prev_n = 0;
+    for s in 0..secs {
+        let in_sec: Vec<_> = series
+            .iter()
+            .filter(|x| x.0 >= s as f64 && x.0 < (s + 1) as f64)
+            .collect();
+        if in_sec.is_empty() {
+            continue;
+        }
+        let last_n = in_sec.last().unwrap().1;
+        per_sec.push(json!({
+            "t": s + 1,
+            "inserts_per_s": last_n - prev_n,
+            "lag_bytes_max": in_sec.iter().map(|x| x.2).max().unwrap(),
+            "lag_s_max": in_sec.iter().map(|x| x.3).fold(0.0, f64::max),
+        }));
+        prev_n = last_n;
+    }
+    // Ignore the first second (writers connecting) for the "throughout" figures.
+    let steady: Vec<f64> = series.iter().filter(|x| x.0 >= 1.0).map(|x| x.3).collect();
+    let steady_b: Vec<f64> = series
+        .iter()
+        .filter(|x| x.0 >= 1.0)
+        .map(|x| x.2 as f64)
+        .collect();
+    log(format!(
+        "sustained: {written} events ({:.0}/s), lag max {:.2} s, caught up {:?} s after stop, verified {verified}",
+        written as f64 / write_s,
+        steady.iter().cloned().fold(0.0, f64::max),
+        caught_up
+    ));
+    report["sustained"] = json!({
+        "seconds": secs, "writers": nw, "written": written,
+        "insert_rate": written as f64 / write_s,
+        "lag_s": summary(steady), "lag_bytes": summary(steady_b),
+        "delivery_lag_s": summary(delivery_steady),
+        "delivery_samples": delivery.iter().map(|x| json!([x.0, x.1])).collect::<Vec<_>>(),
+        "caught_up_after_stop_s": caught_up,
+        "verified_in_kafka": verified,
+        "relay_cpu_s": cpu - cpu0,
+        "relay_cpu_us_per_event": (cpu - cpu0) * 1e6 / written as f64,
+        "relay_peak_rss_mb": rss,
+        "per_second": per_sec,
+        "samples": series.iter().map(|x| json!([x.0, x.1, x.2, x.3])).collect::<Vec<_>>(),
+    });
+    Ok(())
+}
+
+// ------------------------------------------------------------------ SVG
+
+const COLORS: &[&str] = &["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd"];
+
+fn nice_step(range: f64) -> f64 {
+    let raw = range / 5.0;
+    let mag = 10f64.powf(raw.log10().floor());
+    let r = raw / mag;
+    mag * if r < 1.5 {
+        1.0
+    } else if r < 3.5 {
+        2.0
+    } else if r < 7.5 {
+        5.0
+    } else {
+        10.0
+    }
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+fn fmt_num(v: f64) -> String {
+    if v.abs() >= 1e6 {
+        format!("{:.1}M", v / 1e6)
+    } else if v.abs() >= 1e4 {
+        format!("{:.0}k", v / 1e3)
+    } else if v.abs() >= 1000.0 {
+        format!("{:.1}k", v / 1e3)
+    } else if v.abs() >= 10.0 || v == 0.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 1.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// A line chart; `log_y` uses a base-10 axis (values ≤ 0 are clipped).
+fn svg_lines(
+    title: &str,
+    xl: &str,
+    yl: &str,
+    series: &[(&str, Vec<(f64, f64)>)],
+    log_y: bool,
+) -> String {
+    let (w, h, ml, mr, mt, mb) = (820.0, 420.0, 70.0, 170.0, 40.0, 50.0);
+    let pts = series
+        .iter()
+        .flat_map(|s| s.1.iter())
+        .filter(|p| p.1.is_finite());
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for &(x, y) in pts {
+        x0 = x0.min(x);
+        x1 = x1.max(x);
+        y0 = y0.min(y);
+        y1 = y1.max(y);
+    }
+    if x0 > x1 {
+        (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
+    }
+    if x1 <= x0 {
+        x1 = x0 + 1.0;
+    }
+    let ty = |y: f64| if log_y { y.max(1e-3).log10() } else { y };
+    let (ly0, ly1) = if log_y {
+        (
+            ty(y0.max(1e-3)).floor(),
+            ty(y1.max(1e-3)).ceil().max(ty(y0.max(1e-3)).floor() + 1.0),
+        )
+    } else {
+        let step = nice_step((y1.max(0.0) - 0.0).max(1e-9));
+        (0.0, ((y1.max(0.0) / step).ceil() * step).max(step))
+    };
+    let px = |x: f64| ml + (x - x0) / (x1 - x0) * (w - ml - mr);
+    let py = |y: f64| h - mb - (ty(y) - ly0) / (ly1 - ly0) * (h - mt - mb);
+    let mut s = String::new();
+    let _ = write!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">
+<rect width="{w}" height="{h}" fill="white"/>
+<text x="{}" y="22" font-size="15" text-anchor="middle">{}</text>
+"#,
+        (w - mr + ml) / 2.0,
+        esc(title)
+    );
+    // axes and grid
+    let xs = nice_step(x1 - x0);
+    let mut xv = (x0 / xs).ceil() * xs;
+    while xv <= x1 + 1e-9 {
+        let x = px(xv);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{x:.1}" y1="{mt}" x2="{x:.1}" y2="{}" stroke="#eee"/><text x="{x:.1}" y="{}" text-anchor="middle">{}</text>"##,
+            h - mb,
+            h - mb + 16.0,
+            fmt_num(xv)
+        );
+        xv += xs;
+    }
+    let yticks: Vec<f64> = if log_y {
+        (ly0 as i32..=ly1 as i32).map(|e| 10f64.powi(e)).collect()
+    } else {
+        let st = nice_step(ly1 - ly0);
+        (0..=((ly1 - ly0) / st).round() as i32)
+            .map(|i| ly0 + i as f64 * st)
+            .collect()
+    };
+    for yv in yticks {
+        let y = py(yv);
+        let _ = writeln!(
+            s,
+            r##"<line x1="{ml}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="#eee"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
+            w - mr,
+            ml - 6.0,
+            y + 4.0,
+            fmt_num(yv)
+        );
+    }
+    let _ = writeln!(
+        s,
+        r##"<rect x="{ml}" y="{mt}" width="{}" height="{}" fill="none" stroke="#444"/>"##,
+        w - ml - mr,
+        h - mt - mb
+    );
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
+        (w - mr + ml) / 2.0,
+        h - 12.0,
+        esc(xl)
+    );
+    let _ = writeln!(
+        s,
+        r#"<text x="16" y="{}" text-anchor="middle" transform="rotate(-90 16 {})">{}</text>"#,
+        (h - mb + mt) / 2.0,
+        (h - mb + mt) / 2.0,
+        esc(yl)
+    );
+    for (i, (name, pts)) in series.iter().enumerate() {
+        let col = COLORS[i % COLORS.len()];
+        let path: Vec<String> = pts
+            .iter()
+            .filter(|p| p.1.is_finite())
+            .map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y)))
+            .collect();
+        let _ = writeln!(
+            s,
+            r#"<polyline fill="none" stroke="{col}" stroke-width="1.8" points="{}"/>"#,
+            path.join(" ")
+        );
+        let ly = mt + 10.0 + i as f64 * 18.0;
+        let _ = writeln!(
+            s,
+            r#"<line x1="{}" y1="{ly}" x2="{}" y2="{ly}" stroke="{col}" stroke-width="3"/><text x="{}" y="{}">{}</text>"#,
+            w - mr + 10.0,
+            w - mr + 30.0,
+            w - mr + 35.0,
+            ly + 4.0,
+            esc(name)
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+/// Horizontal bars on a log axis (rates spanning 20/s to 100k+/s).
+fn svg_bars(title: &str, unit: &str, bars: &[(String, f64)]) -> String {
+    let (w, ml, mr, bh) = (820.0, 230.0, 110.0, 26.0);
+    let h = 70.0 + bars.len() as f64 * (bh + 10.0) + 30.0;
+    let vmax = bars.iter().map(|b| b.1).fold(1.0, f64::max);
+    let vmin = bars
+        .iter()
+        .map(|b| b.1)
+        .filter(|v| *v > 0.0)
+        .fold(vmax, f64::min);
+    let (l0, l1) = (vmin.log10().floor().min(0.0).max(0.0), vmax.log10().ceil());
+    let px = |v: f64| ml + (v.max(1.0).log10() - l0) / (l1 - l0) * (w - ml - mr);
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12"><rect width="{w}" height="{h}" fill="white"/>"#
+    );
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="22" font-size="15" text-anchor="middle">{}</text>"#,
+        w / 2.0,
+        esc(title)
+    );
+    let top = 45.0;
+    let bottom = h - 30.0;
+    for e in l0 as i32..=l1 as i32 {
+        let x = px(10f64.powi(e));
+        let _ = writeln!(
+            s,
+            r##"<line x1="{x:.1}" y1="{top}" x2="{x:.1}" y2="{bottom}" stroke="#ddd"/><text x="{x:.1}" y="{}" text-anchor="middle">{}</text>"##,
+            bottom + 15.0,
+            fmt_num(10f64.powi(e))
+        );
+    }
+    for (i, (label, v)) in bars.iter().enumerate() {
+        let y = top + 10.0 + i as f64 * (bh + 10.0);
+        let col = COLORS[i % COLORS.len()];
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{:.1}" text-anchor="end">{}</text><rect x="{ml}" y="{y:.1}" width="{:.1}" height="{bh}" fill="{col}"/><text x="{:.1}" y="{:.1}">{} {}</text>"#,
+            ml - 8.0,
+            y + bh / 2.0 + 4.0,
+            esc(label),
+            (px(*v) - ml).max(1.0),
+            px(*v) + 6.0,
+            y + bh / 2.0 + 4.0,
+            fmt_num(*v),
+            esc(unit)
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+// ------------------------------------------------------------------ report
+
+fn f(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(f64::NAN)
+}
+
+fn write_plots(out: &Path, r: &Value) -> Result<Vec<String>> {
+    let mut files = Vec::new();
+    let d = &r["drain"];
+    if !d.is_null() {
+        let mut bars = vec![
+            (
+                "pg_recvlogical (decode only)".to_string(),
+                f(&d["pg_recvlogical"]["events_per_s"]),
+            ),
+            (
+                "rdkafka producer (broker intake)".to_string(),
+                f(&d["broker_intake"]["events_per_s"]),
+            ),
+            ("outbox-relay".to_string(), f(&d["relay"]["events_per_s"])),
+        ];
+        if !r["pollers"].is_null() {
+            bars.push((
+                "tuned poller (100 ms, 500)".into(),
+                f(&r["pollers"]["tuned"]["events_per_s"]),
+            ));
+            bars.push((
+                "classic poller (5 s, 100)".into(),
+                f(&r["pollers"]["classic"]["events_per_s"]),
+            ));
+        }
+        std::fs::write(
+            out.join("throughput.svg"),
+            svg_bars(
+                &format!(
+                    "Backlog drain, {} events of ~500 B (log scale)",
+                    d["events"]
+                ),
+                "events/s",
+                &bars,
+            ),
+        )?;
+        files.push("throughput.svg".into());
+    }
+    let l = &r["latency"];
+    if !l.is_null() {
+        let curve = |v: &Value| -> Vec<(f64, f64)> {
+            v.as_array()
+                .map(|a| a.iter().map(|p| (f(&p[0]), f(&p[1]))).collect())
+                .unwrap_or_default()
+        };
+        let series = vec![
+            ("outbox-relay", curve(&l["relay"]["curve"])),
+            ("tuned poller", curve(&l["tuned_poller"]["curve"])),
+            ("classic poller", curve(&l["classic_poller"]["curve"])),
+        ];
+        std::fs::write(
+            out.join("latency.svg"),
+            svg_lines(
+                "Commit → record received by a consumer",
+                "percentile",
+                "latency, ms (log)",
+                &series,
+                true,
+            ),
+        )?;
+        files.push("latency.svg".into());
+    }
+    let s = &r["sustained"];
+    if let Some(ps) = s["samples"].as_array() {
+        let pick = |i: usize, scale: f64| -> Vec<(f64, f64)> {
+            ps.iter().map(|p| (f(&p[0]), f(&p[i]) / scale)).collect()
+        };
+        let dl: Vec<(f64, f64)> = s["delivery_samples"]
+            .as_array()
+            .map(|a| a.iter().map(|p| (f(&p[0]), f(&p[1]))).collect())
+            .unwrap_or_default();
+        std::fs::write(
+            out.join("sustained_lag_seconds.svg"),
+            svg_lines(
+                "Sustained: relay lag in seconds",
+                "time, s",
+                "lag, s",
+                &[
+                    ("confirmed (slot)", pick(3, 1.0)),
+                    ("delivered (Kafka)", dl),
+                ],
+                false,
+            ),
+        )?;
+        std::fs::write(
+            out.join("sustained_lag_bytes.svg"),
+            svg_lines(
+                "Sustained: unconfirmed WAL (pg_current_wal_lsn − confirmed_flush_lsn)",
+                "time, s",
+                "lag, MB",
+                &[("lag (MB)", pick(2, 1e6))],
+                false,
+            ),
+        )?;
+        let rate: Vec<(f64, f64)> = s["per_second"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (f(&p["t"]), f(&p["inserts_per_s"])))
+            .collect();
+        std::fs::write(
+            out.join("sustained_rate.svg"),
+            svg_lines(
+                "Sustained: inserts per second (one-event transactions)",
+                "time, s",
+                "events/s",
+                &[("inserts/s", rate)],
+                false,
+            ),
+        )?;
+        files.extend([
+            "sustained_lag_seconds.svg".into(),
+            "sustained_lag_bytes.svg".into(),
+            "sustained_rate.svg".into(),
+        ]);
+    }
+    Ok(files)
+}
+
+fn yes(b: bool) -> &'static str {
+    if b {
+        "met"
+    } else {
+        "**missed**"
+    }
+}
+
+fn write_markdown(out: &Path, r: &Value, plots: &[String]) -> Result<()> {
+    let mut m = String::new();
+    let env = &r["environment"];
+    let _ = writeln!(m, "# outbox-relay benchmark report\n");
+    let _ = writeln!(m, "Generated by `scripts/bench {}` on {} (UTC). Raw figures: [report.json](report.json). How to read it and what limits the relay: [README.md](README.md).\n", env["args"].as_str().unwrap_or(""), env["started_utc"].as_str().unwrap_or(""));
+    let _ = writeln!(m, "**Machine:** {} cores, {} — **shared with other work while this ran** (load average {} at the start, {} at the end). Absolute numbers drift from run to run on such a machine; the ratios against the baselines measured in this same run are the figures to compare.\n",
+        env["cores"], env["cpu"].as_str().unwrap_or("?"), env["loadavg_start"].as_str().unwrap_or("?"), env["loadavg_end"].as_str().unwrap_or("?"));
+    let _ = writeln!(m, "Relay: release build of `{}`{}; PostgreSQL {}; broker nisshi {} (memory storage); librdkafka {}. Relay run with default settings except `--topic` (log level info, `linger.ms=5`, `--max-inflight 20000`).\n",
+        env["git_head"].as_str().unwrap_or("?"), if env["src_dirty"].as_bool() == Some(true) { " **plus uncommitted changes in src/ or Cargo.toml** (the working tree)" } else { "" },
+        env["postgres"].as_str().unwrap_or("?"), env["nisshi"].as_str().unwrap_or("?"), env["librdkafka"].as_str().unwrap_or("?"));
+
+    // Targets
+    let d = &r["drain"];
+    let lat = &r["latency"]["relay"]["commit_to_consumer_ms"];
+    let relay_rate = f(&d["relay"]["events_per_s"]);
+    let recv = f(&d["pg_recvlogical"]["events_per_s"]);
+    let intake = f(&d["broker_intake"]["events_per_s"]);
+    let tuned = f(&r["pollers"]["tuned"]["events_per_s"]);
+    let tuned_p50 = f(&r["latency"]["tuned_poller"]["commit_to_consumer_ms"]["p50"]);
+    let max_lag = f(&r["sustained"]["lag_s"]["max"]);
+    let rss = [
+        f(&d["relay"]["peak_rss_mb"]),
+        f(&r["latency"]["relay"]["relay_peak_rss_mb"]),
+        f(&r["sustained"]["relay_peak_rss_mb"]),
+    ]
+    .into_iter()
+    .filter(|v| v.is_finite())
+    .fold(f64::NAN, f64::max);
+    let _ = writeln!(m, "## Targets (issue 6)\n");
+    let _ = writeln!(
+        m,
+        "| target | measured | target | same-run baseline | result |\n|---|---|---|---|---|"
+    );
+    let _ = writeln!(m, "| drain vs Postgres's decode rate | {:.2} × pg_recvlogical ({} events/s) | ≥ 0.8 × | pg_recvlogical {} events/s | {} |", relay_rate / recv, fmt_num(relay_rate), fmt_num(recv), yes(relay_rate >= 0.8 * recv));
+    let _ = writeln!(m, "| drain, absolute | {} events/s | ≥ 100k events/s | broker intake {} records/s ({:.2} × relay) | {} |", fmt_num(relay_rate), fmt_num(intake), intake / relay_rate, yes(relay_rate >= 100_000.0));
+    let _ = writeln!(m, "| sustained lag | max {:.2} s (p99 {:.2} s) at {} inserts/s | < 1 s throughout | Postgres insert rate of the run | {} |", max_lag, f(&r["sustained"]["lag_s"]["p99"]), fmt_num(f(&r["sustained"]["insert_rate"])), yes(max_lag < 1.0));
+    let _ = writeln!(
+        m,
+        "| latency p50 at {} events/s | {:.2} ms | ≤ 2 ms | tuned poller p50 {:.0} ms | {} |",
+        r["latency"]["relay"]["rate_target"],
+        f(&lat["p50"]),
+        tuned_p50,
+        yes(f(&lat["p50"]) <= 2.0)
+    );
+    let _ = writeln!(
+        m,
+        "| latency p99 | {:.2} ms | ≤ 10 ms | — | {} |",
+        f(&lat["p99"]),
+        yes(f(&lat["p99"]) <= 10.0)
+    );
+    let _ = writeln!(
+        m,
+        "| throughput vs tuned poller | {:.1} × | ≥ 5 × | tuned poller {} events/s | {} |",
+        relay_rate / tuned,
+        fmt_num(tuned),
+        yes(relay_rate >= 5.0 * tuned)
+    );
+    let _ = writeln!(m, "| p50 latency vs tuned poller | {:.1} × lower | ≥ 100 × lower | tuned poller p50 {:.1} ms | {} |", tuned_p50 / f(&lat["p50"]), tuned_p50, yes(tuned_p50 >= 100.0 * f(&lat["p50"])));
+    let _ = writeln!(
+        m,
+        "| peak RSS | {:.1} MB (max of the scenarios) | ≤ 32 MB | — | {} |\n",
+        rss,
+        yes(rss <= 32.0)
+    );
+
+    let _ = writeln!(m, "## Backlog drain\n");
+    let _ = writeln!(m, "{} events, {:.0} B of JSON payload each, in 100-event transactions, written with the relay stopped ({:.0} MB of WAL; Postgres wrote them at {} events/s). Rate = events / (time from start to the end LSN confirmed or reached).\n",
+        d["events"], f(&d["payload_bytes"]), f(&d["wal_bytes"]) / 1e6, fmt_num(f(&d["write"]["events_per_s"])));
+    let _ = writeln!(m, "| reader | seconds | events/s | vs pg_recvlogical | events verified |\n|---|---|---|---|---|");
+    let _ = writeln!(
+        m,
+        "| pg_recvlogical → /dev/null | {:.2} | {} | 1.00 | (decode only) |",
+        f(&d["pg_recvlogical"]["seconds"]),
+        fmt_num(recv)
+    );
+    let _ = writeln!(
+        m,
+        "| rdkafka producer, same records (broker intake) | {:.2} | {} | {:.2} | {} |",
+        f(&d["broker_intake"]["seconds"]),
+        fmt_num(intake),
+        intake / recv,
+        d["broker_intake"]["verified_in_kafka"]
+    );
+    let _ = writeln!(
+        m,
+        "| **outbox-relay** | {:.2} | {} | {:.2} | {} of {} |",
+        f(&d["relay"]["seconds"]),
+        fmt_num(relay_rate),
+        relay_rate / recv,
+        d["relay"]["verified_in_kafka"],
+        d["events"]
+    );
+    for k in ["tuned", "classic"] {
+        let p = &r["pollers"][k];
+        if !p.is_null() {
+            let _ = writeln!(
+                m,
+                "| {k} poller ({} ms, {} rows{}), time-boxed | {:.1} | {} | {:.4} | {} |",
+                p["interval_ms"],
+                p["batch"],
+                if p["skip_locked"].as_bool() == Some(true) {
+                    ", SKIP LOCKED"
+                } else {
+                    ""
+                },
+                f(&p["seconds"]),
+                fmt_num(f(&p["events_per_s"])),
+                f(&p["events_per_s"]) / recv,
+                p["verified_in_kafka"]
+            );
+        }
+    }
+    let _ = writeln!(m);
+
+    let _ = writeln!(m, "## Latency\n");
+    let _ = writeln!(m, "What is measured: the writer takes the client-side wall-clock time right after the one-event transaction's COMMIT returned (autocommit INSERT, `synchronous_commit=on`); a consumer in the same process (same host clock, `fetch.wait.max.ms={}`) takes the time it received the record. Latency = receive − commit, so it includes the relay's whole path, the broker append, the broker acknowledgement and the consumer fetch; it is an upper bound on commit → broker acknowledgement. The record timestamp column is the Kafka record's timestamp (librdkafka's CreateTime = when the producer enqueued it, 1 ms resolution) minus the commit time: roughly the commit → enqueue part.\n", r["environment"]["fetch_wait_ms"]);
+    let _ = writeln!(m, "| publisher | rate (achieved) | received / committed | p50 | p90 | p99 | p99.9 | max | commit → record timestamp p50 / p99 |\n|---|---|---|---|---|---|---|---|---|");
+    for (k, label) in [
+        ("relay", "**outbox-relay**"),
+        ("tuned_poller", "tuned poller"),
+        ("classic_poller", "classic poller"),
+    ] {
+        let x = &r["latency"][k];
+        if x.is_null() {
+            continue;
+        }
+        let e = &x["commit_to_consumer_ms"];
+        let t = &x["commit_to_record_timestamp_ms"];
+        let _ = writeln!(m, "| {label} | {}/s ({:.0}/s) | {} / {} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.1} / {:.1} ms |", x["rate_target"], f(&x["achieved_rate"]), x["received"], x["committed"], f(&e["p50"]), f(&e["p90"]), f(&e["p99"]), f(&e["p999"]), f(&e["max"]), f(&t["p50"]), f(&t["p99"]));
+    }
+    let _ = writeln!(m, "\nThe classic poller runs at 10 events/s because it cannot move more than 20 events/s (100 rows per 5 s); the tuned poller at the relay's rate (capped at 2000/s, within its 5000/s ceiling).\n");
+
+    let s = &r["sustained"];
+    if !s.is_null() {
+        let _ = writeln!(m, "## Sustained\n");
+        let _ = writeln!(m, "{} writer connections inserting one-event transactions as fast as they can for {} s: {} events, {} inserts/s. Sampled every 100 ms: lag bytes = `pg_current_wal_lsn() − confirmed_flush_lsn`; lag seconds = how long ago the WAL insert position was where the confirmed position is now (interpolated between samples). The first second is left out of the summary.\n",
+            s["writers"], s["seconds"], s["written"], fmt_num(f(&s["insert_rate"])));
+        let _ = writeln!(m, "| lag | p50 | p99 | max |\n|---|---|---|---|");
+        let _ = writeln!(
+            m,
+            "| seconds | {:.3} | {:.3} | {:.3} |",
+            f(&s["lag_s"]["p50"]),
+            f(&s["lag_s"]["p99"]),
+            f(&s["lag_s"]["max"])
+        );
+        let _ = writeln!(
+            m,
+            "| MB | {:.2} | {:.2} | {:.2} |",
+            f(&s["lag_bytes"]["p50"]) / 1e6,
+            f(&s["lag_bytes"]["p99"]) / 1e6,
+            f(&s["lag_bytes"]["max"]) / 1e6
+        );
+        let _ = writeln!(
+            m,
+            "| delivery, seconds | {:.3} | {:.3} | {:.3} |\n",
+            f(&s["delivery_lag_s"]["p50"]),
+            f(&s["delivery_lag_s"]["p99"]),
+            f(&s["delivery_lag_s"]["max"])
+        );
+        let _ = writeln!(m, "The first two rows are what Postgres sees (the slot's confirmed position). The delivery row is sampled every 500 ms from Kafka: how long ago the writers had committed as many events as the topic holds (sum of high watermarks), i.e. the lag of delivery as opposed to confirmation. When the two differ, the relay has delivered but not yet told Postgres.\n");
+        let _ = writeln!(m, "After the writers stopped the relay confirmed the final WAL position in {} s; {} of {} events verified in Kafka.\n",
+            s["caught_up_after_stop_s"].as_f64().map(|v| format!("{v:.2}")).unwrap_or("(did not within 300)".into()), s["verified_in_kafka"], s["written"]);
+    }
+
+    let _ = writeln!(m, "## Resources of the relay\n");
+    let _ = writeln!(m, "CPU = utime + stime from `/proc/PID/stat` over the scenario (user + kernel, all threads incl. librdkafka's); peak RSS = `VmHWM` from `/proc/PID/status` (a fresh relay process per scenario).\n");
+    let _ = writeln!(
+        m,
+        "| scenario | events | CPU s | CPU µs/event | peak RSS MB |\n|---|---|---|---|---|"
+    );
+    let _ = writeln!(
+        m,
+        "| drain | {} | {:.2} | {:.1} | {:.1} |",
+        d["events"],
+        f(&d["relay"]["cpu_s"]),
+        f(&d["relay"]["cpu_us_per_event"]),
+        f(&d["relay"]["peak_rss_mb"])
+    );
+    let l = &r["latency"]["relay"];
+    let _ = writeln!(
+        m,
+        "| latency | {} | {:.2} | {:.1} | {:.1} |",
+        l["committed"],
+        f(&l["relay_cpu_s"]),
+        f(&l["relay_cpu_us_per_event"]),
+        f(&l["relay_peak_rss_mb"])
+    );
+    let _ = writeln!(
+        m,
+        "| sustained | {} | {:.2} | {:.1} | {:.1} |\n",
+        s["written"],
+        f(&s["relay_cpu_s"]),
+        f(&s["relay_cpu_us_per_event"]),
+        f(&s["relay_peak_rss_mb"])
+    );
+    let _ = writeln!(m, "For scale: the plain rdkafka producer used {:.2} s of CPU (whole bench process) for the same {} records.\n", f(&d["broker_intake"]["bench_process_cpu_s"]), d["events"]);
+
+    let _ = writeln!(m, "## Plots\n");
+    for p in plots {
+        let _ = writeln!(m, "![{p}]({p})\n");
+    }
+    std::fs::write(out.join("report.md"), m)?;
+    Ok(())
+}
+
+fn sh(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> std::process::ExitCode {
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            let db = e
+                .chain()
+                .find_map(|c| c.downcast_ref::<tokio_postgres::Error>())
+                .and_then(|p| p.as_db_error())
+                .map(|d| format!(" (server: {}: {})", d.severity(), d.message()))
+                .unwrap_or_default();
+            eprintln!("outbox-bench: {e:#}{db}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run() -> Result<()> {
+    let a = Args::parse();
+    let events = a.events.unwrap_or(if a.quick { 200_000 } else { 300_000 });
+    let cfg = Cfg {
+        events,
+        latency_rate: a.latency_rate.unwrap_or(if a.quick { 2000 } else { 5000 }),
+        sustained_secs: a.sustained_secs.unwrap_or(if a.quick { 60 } else { 300 }),
+        poll_secs: a.poll_secs.unwrap_or(if a.quick { 20 } else { 60 }),
+        clk_tck: sh("getconf", &["CLK_TCK"]).parse().unwrap_or(100.0),
+        a,
+    };
+    std::fs::create_dir_all(&cfg.a.out)?;
+    let loadavg = || {
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .unwrap_or("?")
+        .trim()
+        .to_string();
+    let args_str: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|s| s == "--quick" || s.starts_with("--events") || s.parse::<u64>().is_ok())
+        .collect();
+    let mut report = json!({
+        "environment": {
+            "started_utc": sh("date", &["-u", "+%Y-%m-%d %H:%M"]),
+            "args": std::env::var("BENCH_ARGS").unwrap_or(args_str.join(" ")),
+            "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "cpu": cpu,
+            "shared_machine": true,
+            "loadavg_start": loadavg(),
+            "git_head": std::env::var("BENCH_GIT_REV").unwrap_or_else(|_| sh("git", &["rev-parse", "--short", "HEAD"])),
+            "src_dirty": std::env::var("BENCH_GIT_REV").is_err()
+                && !sh("git", &["status", "--porcelain", "src", "Cargo.toml"]).is_empty(),
+            "postgres": sh(cfg.a.pg_bin_dir.join("postgres").to_str().unwrap(), &["--version"]),
+            "nisshi": std::env::var("NISSHI_BIN").ok().map(|b| sh(&b, &["--version"])).unwrap_or_default(),
+            "librdkafka": rdkafka::util::get_rdkafka_version().1,
+            "fetch_wait_ms": cfg.a.fetch_wait_ms,
+            "events": cfg.events, "latency_rate": cfg.latency_rate,
+            "sustained_secs": cfg.sustained_secs, "poll_secs": cfg.poll_secs,
+        }
+    });
+    let only: Vec<&str> = cfg.a.only.split(',').map(str::trim).collect();
+    let t0 = Instant::now();
+    if only.contains(&"drain") {
+        scenario_drain(&cfg, &mut report).await?;
+    }
+    if only.contains(&"pollers") {
+        scenario_pollers(&cfg, &mut report).await?;
+    }
+    if only.contains(&"latency") {
+        scenario_latency(&cfg, &mut report).await?;
+    }
+    if only.contains(&"sustained") {
+        scenario_sustained(&cfg, &mut report).await?;
+    }
+    report["environment"]["loadavg_end"] = json!(loadavg());
+    report["environment"]["bench_seconds"] = json!(t0.elapsed().as_secs_f64());
+    let plots = write_plots(&cfg.a.out, &report)?;
+    std::fs::write(
+        cfg.a.out.join("report.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    write_markdown(&cfg.a.out, &report, &plots)?;
+    log(format!(
+        "report written to {} in {:.0} s",
+        cfg.a.out.display(),
+        t0.elapsed().as_secs_f64()
+    ));
+    Ok(())
+}
