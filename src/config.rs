@@ -136,6 +136,16 @@ pub struct Options {
     #[arg(long, env = "OUTBOX_RELAY_MAX_INFLIGHT")]
     pub max_inflight: Option<u64>,
 
+    /// Most payload and key bytes in flight; reading pauses at this limit
+    /// [default: 64 MiB].
+    #[arg(long, env = "OUTBOX_RELAY_MAX_INFLIGHT_BYTES")]
+    pub max_inflight_bytes: Option<u64>,
+
+    /// pgoutput protocol version (1-4) [default: the newest the server
+    /// supports: 1 before PostgreSQL 14, 2 on 14, 3 on 15, 4 from 16].
+    #[arg(long, env = "OUTBOX_RELAY_PROTOCOL_VERSION")]
+    pub protocol_version: Option<u32>,
+
     /// Seconds between standby status updates; capped at half the server's
     /// wal_sender_timeout [default: 10].
     #[arg(long, env = "OUTBOX_RELAY_STATUS_INTERVAL")]
@@ -218,6 +228,8 @@ impl Options {
             header_columns,
             kafka_property,
             max_inflight,
+            max_inflight_bytes,
+            protocol_version,
             status_interval,
             shutdown_timeout,
             terminate_stale_walsender,
@@ -269,6 +281,9 @@ pub struct RelayConfig {
     pub router: RouterConfig,
     pub kafka_properties: Vec<(String, String)>,
     pub max_inflight: u64,
+    pub max_inflight_bytes: u64,
+    /// None: chosen from the server version.
+    pub protocol_version: Option<u32>,
     pub status_interval: Duration,
     pub shutdown_timeout: Duration,
     pub terminate_stale_walsender: bool,
@@ -436,6 +451,21 @@ impl RelayConfig {
                 reason: "must be at least 1".into(),
             });
         }
+        let max_inflight_bytes = o.max_inflight_bytes.unwrap_or(64 << 20);
+        if max_inflight_bytes == 0 {
+            return Err(ConfigError::Invalid {
+                option: "max_inflight_bytes",
+                value: "0".into(),
+                reason: "must be at least 1".into(),
+            });
+        }
+        if let Some(v) = o.protocol_version.filter(|v| !(1..=4).contains(v)) {
+            return Err(ConfigError::Invalid {
+                option: "protocol_version",
+                value: v.to_string(),
+                reason: "pgoutput knows protocol versions 1 to 4".into(),
+            });
+        }
         Ok(RelayConfig {
             database,
             kafka_brokers,
@@ -447,6 +477,8 @@ impl RelayConfig {
             router,
             kafka_properties,
             max_inflight,
+            max_inflight_bytes,
+            protocol_version: o.protocol_version,
             status_interval: seconds("status_interval", o.status_interval.unwrap_or(10.0))?,
             shutdown_timeout: seconds("shutdown_timeout", o.shutdown_timeout.unwrap_or(30.0))?,
             terminate_stale_walsender: o.terminate_stale_walsender.unwrap_or(false),

@@ -235,6 +235,8 @@ struct Pending {
     /// Kept only while a delivery failure could be dead-lettered.
     record: Option<OutboxRecord>,
     dead_letter: bool,
+    /// Key and payload bytes, for the in-flight byte budget.
+    size: u64,
 }
 
 struct State {
@@ -257,6 +259,9 @@ struct State {
     /// The newest server WAL position the walsender reported.
     server_wal: Lsn,
     published: HashMap<Option<bytes::Bytes>, Counter>,
+    decoder: pgoutput::Decoder,
+    /// Key and payload bytes handed to the producer and not yet acknowledged.
+    inflight_bytes: u64,
     policy: ErrorPolicy,
     /// Keep records in flight, because a delivery failure may be dead-lettered.
     keep_records: bool,
@@ -274,6 +279,7 @@ impl State {
             .ok_or(PipelineError::Checkpoint(
                 CheckpointError::UnknownTransaction(ack.tag),
             ))?;
+        self.inflight_bytes -= pending.size;
         while matches!(self.pending.front(), Some(None)) {
             self.pending.pop_front();
             self.pending_base += 1;
@@ -357,7 +363,9 @@ impl State {
                 lsn,
                 record: (self.keep_records && !is_dead_letter).then(|| rec.clone()),
                 dead_letter: is_dead_letter,
+                size: record_size(&rec),
             }));
+            self.inflight_bytes += record_size(&rec);
             let refused = loop {
                 match self.sink.enqueue(&rec, tag) {
                     Ok(Enqueued::Yes) => return Ok(()),
@@ -372,7 +380,9 @@ impl State {
                 }
             };
             // Not enqueued: forget the tracking entry (it is the newest).
-            self.pending.pop_back();
+            if let Some(Some(p)) = self.pending.pop_back() {
+                self.inflight_bytes -= p.size;
+            }
             let (topic, error) = refused;
             let kind = ErrorKind::of_kafka(&error)
                 .filter(|k| !is_dead_letter && self.policy.for_kind(*k) == Policy::DeadLetter);
@@ -419,7 +429,7 @@ impl State {
     }
 
     async fn on_xlog(&mut self, wal_start: Lsn, data: bytes::Bytes) -> Result<(), PipelineError> {
-        let msg = pgoutput::decode(data).map_err(|source| PipelineError::Decode {
+        let msg = self.decoder.decode(data).map_err(|source| PipelineError::Decode {
             lsn: wal_start,
             source,
         })?;
@@ -521,12 +531,28 @@ impl State {
     }
 }
 
+/// The newest pgoutput protocol a server version speaks. Streaming stays
+/// off, so every version delivers whole committed transactions; the newer
+/// protocols only make the decoder ready for the options that need them.
+pub fn protocol_for(server_version_num: u32) -> u32 {
+    match server_version_num {
+        160000.. => 4,
+        150000.. => 3,
+        140000.. => 2,
+        _ => 1,
+    }
+}
+
 /// An error's code as a metrics label.
 fn kafka_code(e: &KafkaError) -> String {
     match e.rdkafka_error_code() {
         Some(code) => format!("{code:?}"),
         None => "Other".to_string(),
     }
+}
+
+fn record_size(r: &OutboxRecord) -> u64 {
+    (r.key.len() + r.payload.as_ref().map_or(0, |p| p.len())) as u64
 }
 
 /// The metrics label of an event type (`unknown` without a column).
@@ -600,8 +626,19 @@ async fn session(
         Some(t) if !t.is_zero() => cfg.status_interval.min(t / 2),
         _ => cfg.status_interval,
     };
+    let server_version: u32 = conn
+        .show("server_version_num")
+        .await?
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    let protocol = cfg
+        .protocol_version
+        .unwrap_or_else(|| protocol_for(server_version));
     let (sink, acks) = KafkaSink::new(&cfg.kafka_brokers, &cfg.kafka_properties)?;
     tracing::info!(
+        server_version,
+        protocol,
         slot = %cfg.slot,
         publication = %cfg.publication,
         resume_from = %slot.confirmed,
@@ -611,7 +648,7 @@ async fn session(
         "starting replication"
     );
     let options = [
-        ("proto_version", "1".to_string()),
+        ("proto_version", protocol.to_string()),
         ("publication_names", quote_ident(&cfg.publication)),
     ];
     // Ask for the position we expect explicitly rather than 0/0, so the
@@ -656,6 +693,8 @@ async fn session(
         commit_time: 0,
         server_wal: slot.confirmed,
         published: HashMap::new(),
+        decoder: pgoutput::Decoder::new(protocol),
+        inflight_bytes: 0,
         policy: cfg.error_policy.clone(),
         keep_records: cfg.error_policy.may_dead_letter_deliveries(),
         redo: Vec::new(),
@@ -715,6 +754,7 @@ async fn stream_loop(
             return Ok(());
         }
         let can_read = state.checkpoint.inflight() < cfg.max_inflight
+            && state.inflight_bytes < cfg.max_inflight_bytes
             && (!stopping || state.checkpoint.in_transaction());
         tokio::select! {
             biased;
@@ -789,6 +829,15 @@ async fn close(reader: &mut ReplicationReader, writer: &mut ReplicationWriter) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn protocol_follows_the_server_version() {
+        assert_eq!(protocol_for(130012), 1);
+        assert_eq!(protocol_for(140023), 2);
+        assert_eq!(protocol_for(150019), 3);
+        assert_eq!(protocol_for(160015), 4);
+        assert_eq!(protocol_for(180006), 4);
+    }
 
     #[test]
     fn parses_postgres_durations() {

@@ -80,3 +80,45 @@ async fn readiness_and_in_flight_gauge_show_an_unreachable_broker() {
     relay.signal("KILL");
     db.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_pauses_at_the_in_flight_byte_budget() {
+    let db = TestDb::new("metrics_bytes").await;
+    let slot = format!("s_{}", db.name);
+    setup(&db, &slot).await;
+    // No broker: nothing is acknowledged, so in-flight only grows until the
+    // budget stops the reading of the WAL.
+    let relay = Relay::start(&relay_args(
+        &db,
+        &format!("127.0.0.1:{}", free_port()),
+        &["--slot", &slot, "--max-inflight-bytes", "2000"],
+    ));
+    let addr = relay.http_address().await;
+    wait_until(Duration::from_secs(30), "streaming", || async { db.slot_active(&slot).await }).await;
+    // 50 events of about 500 bytes each, one transaction each.
+    for i in 0..50 {
+        db.exec(&format!(
+            "INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('T', 'a', jsonb_build_object('pad', repeat('x', 480), 'i', {i}))"
+        ))
+        .await;
+    }
+    wait_until(Duration::from_secs(30), "some events in flight", || async {
+        metric(&http_get(&addr, "/metrics").await.1, "outbox_inflight_events").is_some_and(|v| v > 0.0)
+    })
+    .await;
+    // The walsender has sent far more than the relay took in.
+    let after = db.current_wal_lsn().await;
+    wait_until(Duration::from_secs(30), "the walsender to have sent everything it can", || async {
+        db.sent_lsn(&slot).await.is_some_and(|s| s >= after)
+            || metric(&http_get(&addr, "/metrics").await.1, "outbox_inflight_events") == Some(5.0)
+    })
+    .await;
+    for _ in 0..10 {
+        let inflight = metric(&http_get(&addr, "/metrics").await.1, "outbox_inflight_events").unwrap();
+        // 2000 bytes / ~500 per event: the budget is crossed by the 5th.
+        assert!(inflight <= 5.0, "{inflight} events in flight past a 2000-byte budget");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(relay);
+    db.drop().await;
+}
