@@ -86,6 +86,34 @@ pub struct Options {
     #[arg(long, env = "OUTBOX_RELAY_DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
 
+    /// Database password, overriding the URL's (prefer the environment
+    /// variable or --database-password-file to the flag).
+    #[arg(long, env = "OUTBOX_RELAY_DATABASE_PASSWORD", hide_env_values = true)]
+    pub database_password: Option<String>,
+
+    /// File holding the database password (one trailing newline is ignored).
+    #[arg(long, env = "OUTBOX_RELAY_DATABASE_PASSWORD_FILE")]
+    pub database_password_file: Option<PathBuf>,
+
+    /// TLS to Postgres, as libpq's sslmode; overrides the URL's `sslmode`
+    /// [default: prefer].
+    #[arg(long, env = "OUTBOX_RELAY_SSL_MODE", value_enum)]
+    pub ssl_mode: Option<crate::tls::SslMode>,
+
+    /// CA certificate(s) (PEM) for the server's certificate; overrides the
+    /// URL's `sslrootcert`.
+    #[arg(long, env = "OUTBOX_RELAY_SSL_ROOT_CERT")]
+    pub ssl_root_cert: Option<PathBuf>,
+
+    /// Client certificate (PEM) for `cert` authentication; overrides the
+    /// URL's `sslcert`.
+    #[arg(long, env = "OUTBOX_RELAY_SSL_CERT")]
+    pub ssl_cert: Option<PathBuf>,
+
+    /// The client certificate's private key (PEM); overrides the URL's `sslkey`.
+    #[arg(long, env = "OUTBOX_RELAY_SSL_KEY")]
+    pub ssl_key: Option<PathBuf>,
+
     /// Kafka bootstrap servers, comma-separated host:port.
     #[arg(long, env = "OUTBOX_RELAY_KAFKA_BROKERS")]
     pub kafka_brokers: Option<String>,
@@ -216,6 +244,12 @@ impl Options {
             hi,
             lo,
             database_url,
+            database_password,
+            database_password_file,
+            ssl_mode,
+            ssl_root_cert,
+            ssl_cert,
+            ssl_key,
             kafka_brokers,
             preset,
             table,
@@ -274,7 +308,8 @@ pub enum ConfigError {
 /// The validated configuration of one relay.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
-    pub database: tokio_postgres::Config,
+    /// Connection settings, TLS and password included.
+    pub database: crate::tls::DatabaseConfig,
     pub kafka_brokers: String,
     pub publication: String,
     pub slot: String,
@@ -332,12 +367,24 @@ impl RelayConfig {
         let url = o.database_url.ok_or(ConfigError::Missing {
             option: "database_url",
         })?;
-        let database: tokio_postgres::Config = url.parse().map_err(|e| ConfigError::Invalid {
-            option: "database_url",
-            // Never echo the URL: it may hold a password.
-            value: "<redacted>".into(),
-            reason: format!("{e}; expected postgres://user[:password]@host[:port]/dbname or host=… user=… dbname=…"),
-        })?;
+        let overrides = crate::tls::Overrides {
+            ssl_mode: o.ssl_mode,
+            ssl_root_cert: o.ssl_root_cert,
+            ssl_cert: o.ssl_cert,
+            ssl_key: o.ssl_key,
+            password: o.database_password,
+            password_file: o.database_password_file,
+            pgpassword: std::env::var("PGPASSWORD").ok(),
+        };
+        let database =
+            crate::tls::DatabaseConfig::resolve(&url, overrides).map_err(|(option, reason)| {
+                ConfigError::Invalid {
+                    option,
+                    // Never echo the URL or a password.
+                    value: "<redacted>".into(),
+                    reason,
+                }
+            })?;
         if database.get_user().is_none() {
             return Err(ConfigError::Invalid {
                 option: "database_url",

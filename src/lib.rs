@@ -24,4 +24,5 @@ pub mod sink;
 pub mod status;
 pub mod supervisor;
 pub mod tail;
+pub mod tls;
 pub mod verify;

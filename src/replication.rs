@@ -8,6 +8,9 @@
 //! CopyBoth stream of XLogData and primary keepalive messages, answered with
 //! standby status updates.
 //!
+//! TLS (libpq's sslmode semantics, see `tls`) is negotiated with an
+//! SSLRequest before the startup message, as libpq does.
+//!
 //! This is the only module that touches the replication socket.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -22,6 +25,7 @@ use tokio_postgres::config::Host;
 
 use crate::lsn::Lsn;
 use crate::pgoutput::PG_EPOCH_OFFSET_SECS;
+use crate::tls::{DatabaseSource, SslMode, TlsSettings};
 
 /// Typed errors of the replication connection.
 #[derive(Debug, thiserror::Error)]
@@ -109,7 +113,8 @@ fn server_error(mut fields: ErrorFields<'_>) -> ReplicationError {
 }
 
 /// What the relay needs to open a replication connection, taken from a
-/// libpq-style URL or keyword string (parsed by tokio-postgres).
+/// libpq-style URL or keyword string (parsed by tokio-postgres) and the TLS
+/// settings.
 #[derive(Clone)]
 pub struct ConnectParams {
     pub host: HostAddr,
@@ -119,6 +124,7 @@ pub struct ConnectParams {
     pub dbname: String,
     pub application_name: String,
     pub connect_timeout: Duration,
+    pub tls: TlsSettings,
 }
 
 impl std::fmt::Debug for ConnectParams {
@@ -130,6 +136,7 @@ impl std::fmt::Debug for ConnectParams {
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("dbname", &self.dbname)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -142,7 +149,10 @@ pub enum HostAddr {
 }
 
 impl ConnectParams {
-    pub fn from_config(cfg: &tokio_postgres::Config) -> Result<Self, ReplicationError> {
+    /// From a [`crate::tls::DatabaseConfig`] (TLS settings included) or a
+    /// bare `tokio_postgres::Config` (its sslmode, no certificate files).
+    pub fn from_config<D: DatabaseSource + ?Sized>(db: &D) -> Result<Self, ReplicationError> {
+        let cfg = db.pg_config();
         let host = match cfg.get_hosts().first() {
             Some(Host::Tcp(h)) => HostAddr::Tcp(h.clone()),
             #[cfg(unix)]
@@ -172,6 +182,7 @@ impl ConnectParams {
                 .get_connect_timeout()
                 .copied()
                 .unwrap_or(Duration::from_secs(10)),
+            tls: db.tls_settings(),
         })
     }
 
@@ -182,6 +193,64 @@ impl ConnectParams {
             HostAddr::Unix(p) => format!("{}/.s.PGSQL.{}", p.display(), self.port),
         }
     }
+}
+
+/// SSLRequest, then the TLS handshake if the server agrees; plain TCP for
+/// `disable`, and for `prefer` when the server declines.
+async fn negotiate_tls(
+    mut s: tokio::net::TcpStream,
+    host: &str,
+    params: &ConnectParams,
+    target: &str,
+) -> Result<BoxStream, ReplicationError> {
+    let mode = params.tls.mode;
+    if mode == SslMode::Disable {
+        return Ok(Box::new(s));
+    }
+    // Built (files read) before anything is sent, so a bad file is a
+    // configuration error, not a half-open connection.
+    let config = params
+        .tls
+        .client_config()
+        .map_err(|e| ReplicationError::Config(e.0))?;
+    let name = params
+        .tls
+        .server_name(host)
+        .map_err(|e| ReplicationError::Config(e.0))?;
+    let io_err = |source| ReplicationError::Connect {
+        target: target.to_string(),
+        source,
+    };
+    let mut req = BytesMut::new();
+    frontend::ssl_request(&mut req);
+    s.write_all(&req).await.map_err(io_err)?;
+    // Exactly one byte: nothing after it may be read before the handshake.
+    let answer = s.read_u8().await.map_err(io_err)?;
+    match answer {
+        b'S' => {}
+        b'N' if mode == SslMode::Prefer => return Ok(Box::new(s)),
+        b'N' => {
+            return Err(ReplicationError::Config(format!(
+                "the server at {target} does not accept TLS connections but sslmode is {mode}: enable ssl on the server, or use sslmode=prefer or disable"
+            )))
+        }
+        other => {
+            return Err(ReplicationError::Protocol(format!(
+                "unexpected answer {:?} to SSLRequest",
+                char::from(other)
+            )))
+        }
+    }
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, s)
+        .await
+        .map_err(|e| match crate::tls::describe_handshake_error(&e, mode) {
+            // A certificate that does not verify will not start to on a
+            // retry: not retryable, like a failed password.
+            Some(why) => ReplicationError::Auth(why),
+            None => io_err(e),
+        })?;
+    Ok(Box::new(tls))
 }
 
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -268,24 +337,31 @@ impl ReplicationConnection {
     /// Connects, authenticates and waits until the server is ready.
     pub async fn connect(params: &ConnectParams) -> Result<Self, ReplicationError> {
         let target = params.target();
+        let io_err = |source| ReplicationError::Connect {
+            target: target.clone(),
+            source,
+        };
         let connect = async {
             let s: BoxStream = match &params.host {
                 HostAddr::Tcp(h) => {
-                    let s = tokio::net::TcpStream::connect((h.as_str(), params.port)).await?;
-                    s.set_nodelay(true)?;
-                    Box::new(s)
+                    let s = tokio::net::TcpStream::connect((h.as_str(), params.port))
+                        .await
+                        .map_err(io_err)?;
+                    s.set_nodelay(true).map_err(io_err)?;
+                    negotiate_tls(s, h, params, &target).await?
                 }
+                // No TLS over Unix-domain sockets, as in libpq.
                 #[cfg(unix)]
                 HostAddr::Unix(dir) => {
                     let path = dir.join(format!(".s.PGSQL.{}", params.port));
-                    Box::new(tokio::net::UnixStream::connect(path).await?)
+                    Box::new(tokio::net::UnixStream::connect(path).await.map_err(io_err)?)
                 }
             };
-            Ok::<_, std::io::Error>(s)
+            Ok::<_, ReplicationError>(s)
         };
         let stream = match tokio::time::timeout(params.connect_timeout, connect).await {
             Ok(Ok(s)) => s,
-            Ok(Err(source)) => return Err(ReplicationError::Connect { target, source }),
+            Ok(Err(e)) => return Err(e),
             Err(_) => {
                 return Err(ReplicationError::Connect {
                     target,
@@ -333,7 +409,7 @@ impl ReplicationConnection {
         let password = || {
             p.password.clone().ok_or_else(|| {
                 ReplicationError::Auth(format!(
-                    "the server requires a password for user {:?} but the database URL has none",
+                    "the server requires a password for user {:?} but none was given (in the database URL, --database-password-file, OUTBOX_RELAY_DATABASE_PASSWORD or PGPASSWORD)",
                     p.user
                 ))
             })

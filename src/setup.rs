@@ -4,7 +4,7 @@
 //! needs (wal_level, the table and every configured column) and reports each
 //! thing it found or did, so that a DBA can see exactly what changed.
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::config::RelayConfig;
 use crate::replication::quote_ident;
@@ -49,18 +49,12 @@ fn sql(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Setu
     move |source| SetupError::Sql { context, source }
 }
 
-/// Opens an ordinary SQL connection (the relay's own, not replication).
+/// Opens an ordinary SQL connection (the relay's own, not replication),
+/// with the configured TLS.
 pub async fn connect(cfg: &RelayConfig) -> Result<Client, SetupError> {
-    let (client, connection) = cfg
-        .database
-        .connect(NoTls)
+    let (client, _connection) = crate::tls::connect_sql(&cfg.database)
         .await
         .map_err(SetupError::Connect)?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "SQL connection ended");
-        }
-    });
     Ok(client)
 }
 

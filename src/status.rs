@@ -6,7 +6,7 @@
 //! and its `restart_lsn` is how much WAL the server keeps for it.
 
 use serde::Serialize;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::config::RelayConfig;
 
@@ -313,12 +313,9 @@ pub async fn connect(cfg: &RelayConfig) -> Result<Client, StatusError> {
     if db.get_connect_timeout().is_none() {
         db.connect_timeout(std::time::Duration::from_secs(10));
     }
-    let (client, connection) = db.connect(NoTls).await.map_err(StatusError::Connect)?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "SQL connection ended");
-        }
-    });
+    let (client, _connection) = crate::tls::connect_sql(&db)
+        .await
+        .map_err(StatusError::Connect)?;
     Ok(client)
 }
 

@@ -34,7 +34,6 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Headers;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::Serialize;
-use tokio_postgres::NoTls;
 
 use crate::config::{Options, RelayConfig};
 use crate::router::{validate_topic, RouterConfig, TopicTemplate};
@@ -1193,14 +1192,9 @@ pub fn compare(
 /// Runs the whole check: the table first, then the topics up to the high
 /// watermarks taken after it.
 pub async fn verify(cfg: &RelayConfig, settings: &VerifySettings) -> Result<Report, VerifyError> {
-    let (client, connection) = cfg
-        .database
-        .connect(NoTls)
+    let (client, conn) = crate::tls::connect_sql(&cfg.database)
         .await
         .map_err(VerifyError::Connect)?;
-    let conn = tokio::spawn(async move {
-        let _ = connection.await;
-    });
     let outbox = read_outbox(&client, &cfg.router, &settings.order).await;
     drop(client);
     let _ = conn.await;
