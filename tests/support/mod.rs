@@ -643,3 +643,179 @@ pub fn metric(text: &str, sample: &str) -> Option<f64> {
         .find(|l| l.starts_with(sample) && l[sample.len()..].starts_with(' '))
         .and_then(|l| l[sample.len()..].trim().parse().ok())
 }
+
+// ---------------------------------------------------------------------------
+// Fault injection (tests/faults.rs): a TCP fault proxy, a broker of the test's
+// own that can be killed and restarted on its port with persistent storage,
+// and restarts of a TempCluster.
+
+pub mod proxy;
+
+/// A broker of the test's own that can be SIGKILLed and started again on the
+/// same port. With `sqlite://…` storage (a path relative to the broker's
+/// working directory, a temp dir of its own) what it acknowledged survives
+/// `kill -9`, and idempotent producers recover; memory storage forgets
+/// everything. `advertised_port` may differ from `listen_port` to put a
+/// proxy in the path of every connection a client makes after bootstrap
+/// (clients connect to the address the broker advertises in its metadata).
+pub struct OwnBroker {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub listen_port: u16,
+    pub advertised_port: u16,
+    pub storage: String,
+    pub log: PathBuf,
+}
+
+impl OwnBroker {
+    pub async fn start(listen_port: u16, advertised_port: u16, storage: &str) -> OwnBroker {
+        let dir = std::env::temp_dir().join(unique("broker"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut b = OwnBroker {
+            child: None,
+            log: dir.join("broker.log"),
+            dir,
+            listen_port,
+            advertised_port,
+            storage: storage.to_string(),
+        };
+        b.spawn().await;
+        b
+    }
+
+    /// `sqlite://broker.db` in a temp dir of its own, listening and
+    /// advertising on `port`.
+    pub async fn persistent(port: u16) -> OwnBroker {
+        OwnBroker::start(port, port, "sqlite://broker.db").await
+    }
+
+    async fn spawn(&mut self) {
+        assert!(self.child.is_none(), "broker already running");
+        let listen = format!("tcp://127.0.0.1:{}", self.listen_port);
+        let advertised = format!("tcp://127.0.0.1:{}", self.advertised_port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(nisshi_bin())
+            .current_dir(&self.dir)
+            .args([
+                "broker",
+                "--storage-engine",
+                &self.storage,
+                "--listener-url",
+                &listen,
+                "--advertised-listener-url",
+                &advertised,
+                "--group-initial-rebalance-delay",
+                "0s",
+            ])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn nisshi");
+        self.child = Some(child);
+        let port = self.listen_port;
+        wait_until(
+            Duration::from_secs(30),
+            "the test broker to listen",
+            || async { std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() },
+        )
+        .await;
+    }
+
+    /// SIGKILL, and wait until it is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same ports, storage and directory.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    /// Bootstrap address for clients: the advertised one.
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.advertised_port)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs a Postgres binary as `postgres` when we are root (initdb, pg_ctl and
+/// the server refuse root); returns whether it succeeded.
+fn run_as_postgres(program: &std::path::Path, args: &[String]) -> bool {
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false);
+    let mut cmd = if is_root {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    };
+    cmd.args(args)
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+impl TempCluster {
+    /// `pg_ctl restart -m <mode>` (`fast`: a clean shutdown; `immediate`: a
+    /// crash). Same port and settings. Blocks until the server accepts
+    /// connections again. Either way a logical slot may come back at an
+    /// older confirmed position than its consumer reported: PostgreSQL
+    /// before 17 writes the slot to disk only when more than that changed.
+    pub fn restart(&self, mode: &str) {
+        let data = self.dir.join("data").display().to_string();
+        let log = self.dir.join("pg.log").display().to_string();
+        let ok = run_as_postgres(
+            &self.bin.join("pg_ctl"),
+            &[
+                "-D".into(),
+                data,
+                "-w".into(),
+                "-t".into(),
+                "60".into(),
+                "-m".into(),
+                mode.into(),
+                "-l".into(),
+                log,
+                "restart".into(),
+            ],
+        );
+        assert!(
+            ok,
+            "pg_ctl restart -m {mode} failed; log in {}",
+            self.dir.display()
+        );
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.join("pg.log")).unwrap_or_default()
+    }
+}
