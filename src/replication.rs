@@ -354,7 +354,11 @@ impl ReplicationConnection {
                 #[cfg(unix)]
                 HostAddr::Unix(dir) => {
                     let path = dir.join(format!(".s.PGSQL.{}", params.port));
-                    Box::new(tokio::net::UnixStream::connect(path).await.map_err(io_err)?)
+                    Box::new(
+                        tokio::net::UnixStream::connect(path)
+                            .await
+                            .map_err(io_err)?,
+                    )
                 }
             };
             Ok::<_, ReplicationError>(s)

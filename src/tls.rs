@@ -31,7 +31,9 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_postgres::config::Host;
 use tokio_postgres::tls::MakeTlsConnect;
@@ -144,13 +146,14 @@ impl TlsSettings {
             })?;
             let mut roots = RootCertStore::empty();
             for cert in read_certs("sslrootcert", path)? {
-                roots.add(cert).map_err(|e| {
-                    TlsError(format!("sslrootcert {}: {e}", path.display()))
-                })?;
+                roots
+                    .add(cert)
+                    .map_err(|e| TlsError(format!("sslrootcert {}: {e}", path.display())))?;
             }
-            let webpki = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                .build()
-                .map_err(|e| TlsError(format!("sslrootcert {}: {e}", path.display())))?;
+            let webpki =
+                WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                    .build()
+                    .map_err(|e| TlsError(format!("sslrootcert {}: {e}", path.display())))?;
             Arc::new(ChainVerifier {
                 inner: webpki,
                 check_name: self.mode == SslMode::VerifyFull,
@@ -186,7 +189,8 @@ impl TlsSettings {
             }
             (Some(_), None) => {
                 return Err(TlsError(
-                    "sslcert is set but sslkey is not: a client certificate needs its private key".into(),
+                    "sslcert is set but sslkey is not: a client certificate needs its private key"
+                        .into(),
                 ))
             }
             (None, Some(_)) => {
@@ -218,7 +222,9 @@ impl TlsSettings {
 fn pem_error(e: &rustls::pki_types::pem::Error) -> String {
     match e {
         rustls::pki_types::pem::Error::Io(io) => io.to_string(),
-        rustls::pki_types::pem::Error::NoItemsFound => "no PEM item of the expected kind in it".into(),
+        rustls::pki_types::pem::Error::NoItemsFound => {
+            "no PEM item of the expected kind in it".into()
+        }
         other => format!("{other:?}"),
     }
 }
@@ -565,10 +571,12 @@ where
 
     fn make_tls_connect(&mut self, hostname: &str) -> Result<Self::TlsConnect, std::io::Error> {
         match self {
-            SqlTls::Ready(m) => match <MakeRustlsConnect as MakeTlsConnect<S>>::make_tls_connect(m, hostname) {
-                Ok(c) => Ok(c),
-                Err(never) => match never {},
-            },
+            SqlTls::Ready(m) => {
+                match <MakeRustlsConnect as MakeTlsConnect<S>>::make_tls_connect(m, hostname) {
+                    Ok(c) => Ok(c),
+                    Err(never) => match never {},
+                }
+            }
             SqlTls::Failed(msg) => Err(std::io::Error::other(msg.clone())),
         }
     }
@@ -620,8 +628,10 @@ impl DatabaseConfig {
     /// one may be set), then the URL's, then `PGPASSWORD`. Errors
     /// (`(option, reason)`) never contain the URL or a password.
     pub fn resolve(url: &str, o: Overrides) -> Result<DatabaseConfig, (&'static str, String)> {
-        const EXPECTED: &str = "expected postgres://user[:password]@host[:port]/dbname or host=… user=… dbname=…";
-        let (rest, ssl) = split_ssl_params(url).map_err(|e| ("database_url", format!("{e}; {EXPECTED}")))?;
+        const EXPECTED: &str =
+            "expected postgres://user[:password]@host[:port]/dbname or host=… user=… dbname=…";
+        let (rest, ssl) =
+            split_ssl_params(url).map_err(|e| ("database_url", format!("{e}; {EXPECTED}")))?;
         let mut pg: tokio_postgres::Config = rest
             .parse()
             .map_err(|e| ("database_url", format!("{e}; {EXPECTED}")))?;
@@ -721,9 +731,15 @@ mod tests {
     #[test]
     fn passwords_come_from_the_options_the_url_or_pgpassword() {
         let resolve = |url: &str, o: Overrides| DatabaseConfig::resolve(url, o).unwrap();
-        let pw = |d: DatabaseConfig| d.get_password().map(|p| String::from_utf8(p.to_vec()).unwrap());
+        let pw = |d: DatabaseConfig| {
+            d.get_password()
+                .map(|p| String::from_utf8(p.to_vec()).unwrap())
+        };
         let url = "postgres://u:fromurl@h/db?sslmode=disable";
-        assert_eq!(pw(resolve(url, Overrides::default())).as_deref(), Some("fromurl"));
+        assert_eq!(
+            pw(resolve(url, Overrides::default())).as_deref(),
+            Some("fromurl")
+        );
         let o = || Overrides {
             pgpassword: Some("pg".into()),
             ..Overrides::default()
@@ -754,7 +770,10 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(option, "database_password_file");
-        assert!(reason.contains("cannot read") && reason.contains("missing"), "{reason}");
+        assert!(
+            reason.contains("cannot read") && reason.contains("missing"),
+            "{reason}"
+        );
         assert!(DatabaseConfig::resolve(
             url,
             Overrides {
@@ -769,7 +788,8 @@ mod tests {
 
     #[test]
     fn tls_settings_come_from_the_url_and_the_options_win() {
-        let d = DatabaseConfig::resolve("postgres://u@h/db?sslmode=require", Overrides::default()).unwrap();
+        let d = DatabaseConfig::resolve("postgres://u@h/db?sslmode=require", Overrides::default())
+            .unwrap();
         assert_eq!(d.tls.mode, SslMode::Require);
         let d = DatabaseConfig::resolve("postgres://u@h/db", Overrides::default()).unwrap();
         assert_eq!(d.tls.mode, SslMode::Prefer);
@@ -783,11 +803,16 @@ mod tests {
         .unwrap();
         assert_eq!(d.tls.mode, SslMode::Disable);
         // verify-* without a root certificate is a configuration error.
-        let (option, reason) =
-            DatabaseConfig::resolve("postgres://u:secret@h/db?sslmode=verify-full", Overrides::default())
-                .unwrap_err();
+        let (option, reason) = DatabaseConfig::resolve(
+            "postgres://u:secret@h/db?sslmode=verify-full",
+            Overrides::default(),
+        )
+        .unwrap_err();
         assert_eq!(option, "database_url");
-        assert!(reason.contains("sslrootcert") && !reason.contains("secret"), "{reason}");
+        assert!(
+            reason.contains("sslrootcert") && !reason.contains("secret"),
+            "{reason}"
+        );
         let (_, reason) = DatabaseConfig::resolve(
             "postgres://u@h/db?sslmode=require&sslrootcert=/nonexistent/ca.pem",
             Overrides::default(),
@@ -795,7 +820,8 @@ mod tests {
         .unwrap_err();
         assert!(reason.contains("/nonexistent/ca.pem"), "{reason}");
         let (_, reason) =
-            DatabaseConfig::resolve("postgres://u@h/db?sslcert=/c.pem", Overrides::default()).unwrap_err();
+            DatabaseConfig::resolve("postgres://u@h/db?sslcert=/c.pem", Overrides::default())
+                .unwrap_err();
         assert!(reason.contains("sslkey"), "{reason}");
     }
 }

@@ -37,7 +37,13 @@ impl Pki {
     fn new() -> Pki {
         let dir = std::env::temp_dir().join(unique("pki"));
         std::fs::create_dir_all(&dir).unwrap();
-        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
         for ca in ["ca", "other_ca"] {
             let (key, crt, subj) = (
                 format!("{ca}.key"),
@@ -99,8 +105,11 @@ impl Pki {
             .args(["-R", "postgres", dir.to_str().unwrap()])
             .status();
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir.join("server.key"), std::fs::Permissions::from_mode(0o600))
-            .unwrap();
+        std::fs::set_permissions(
+            dir.join("server.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
         Pki { dir }
     }
 
@@ -213,37 +222,72 @@ async fn sslmodes_root_certificates_and_client_certificates() {
         ),
         (
             "require with the wrong CA verifies the chain, as libpq",
-            url("127.0.0.1", port, "postgres", &format!("sslmode=require&sslrootcert={other_ca}")),
+            url(
+                "127.0.0.1",
+                port,
+                "postgres",
+                &format!("sslmode=require&sslrootcert={other_ca}"),
+            ),
             Err("certificate"),
         ),
         (
             "verify-ca",
-            url("127.0.0.1", port, "postgres", &format!("sslmode=verify-ca&sslrootcert={ca}")),
+            url(
+                "127.0.0.1",
+                port,
+                "postgres",
+                &format!("sslmode=verify-ca&sslrootcert={ca}"),
+            ),
             Ok(()),
         ),
         (
             "verify-full",
-            url("127.0.0.1", port, "postgres", &format!("sslmode=verify-full&sslrootcert={ca}")),
+            url(
+                "127.0.0.1",
+                port,
+                "postgres",
+                &format!("sslmode=verify-full&sslrootcert={ca}"),
+            ),
             Ok(()),
         ),
         (
             "verify-full by DNS name",
-            url("localhost", port, "postgres", &format!("sslmode=verify-full&sslrootcert={ca}")),
+            url(
+                "localhost",
+                port,
+                "postgres",
+                &format!("sslmode=verify-full&sslrootcert={ca}"),
+            ),
             Ok(()),
         ),
         (
             "verify-full with the wrong CA",
-            url("127.0.0.1", port, "postgres", &format!("sslmode=verify-full&sslrootcert={other_ca}")),
+            url(
+                "127.0.0.1",
+                port,
+                "postgres",
+                &format!("sslmode=verify-full&sslrootcert={other_ca}"),
+            ),
             Err("certificate"),
         ),
         (
             "verify-full to an address the certificate does not name",
-            url("127.0.0.2", port, "postgres", &format!("sslmode=verify-full&sslrootcert={ca}")),
+            url(
+                "127.0.0.2",
+                port,
+                "postgres",
+                &format!("sslmode=verify-full&sslrootcert={ca}"),
+            ),
             Err("not valid for name"),
         ),
         (
             "verify-ca to an address the certificate does not name",
-            url("127.0.0.2", port, "postgres", &format!("sslmode=verify-ca&sslrootcert={ca}")),
+            url(
+                "127.0.0.2",
+                port,
+                "postgres",
+                &format!("sslmode=verify-ca&sslrootcert={ca}"),
+            ),
             Ok(()),
         ),
         (
@@ -263,7 +307,12 @@ async fn sslmodes_root_certificates_and_client_certificates() {
         ),
         (
             "no client certificate",
-            url("127.0.0.1", port, "relay_cert", &format!("sslmode=verify-full&sslrootcert={ca}")),
+            url(
+                "127.0.0.1",
+                port,
+                "relay_cert",
+                &format!("sslmode=verify-full&sslrootcert={ca}"),
+            ),
             Err("certificate"),
         ),
         (
@@ -288,7 +337,9 @@ async fn sslmodes_root_certificates_and_client_certificates() {
                 _ => false,
             };
             if !ok {
-                failures.push(format!("{what} ({conn}): expected {expected:?}, got {got:?}"));
+                failures.push(format!(
+                    "{what} ({conn}): expected {expected:?}, got {got:?}"
+                ));
             }
         }
     }
@@ -314,7 +365,10 @@ async fn sslmodes_root_certificates_and_client_certificates() {
             "--ssl-root-cert",
             &ca,
         ],
-        &[("OUTBOX_RELAY_SSL_CERT", &cert), ("OUTBOX_RELAY_SSL_KEY", &key)],
+        &[
+            ("OUTBOX_RELAY_SSL_CERT", &cert),
+            ("OUTBOX_RELAY_SSL_KEY", &key),
+        ],
     ) {
         failures.push(format!("options (setup): {e}"));
     }
@@ -389,30 +443,70 @@ async fn passwords_from_a_file_and_the_environment() {
     let ok = |args: &[&str], env: &[(&str, &str)]| {
         setup(args, env).unwrap_or_else(|e| panic!("{args:?} {env:?}: {e}"));
     };
-    ok(&["--database-url", &no_pw, "--database-password-file", &good], &[]);
-    ok(&["--database-url", &no_pw], &[("OUTBOX_RELAY_DATABASE_PASSWORD_FILE", &good)]);
-    ok(&["--database-url", &no_pw], &[("OUTBOX_RELAY_DATABASE_PASSWORD", "pw from the file")]);
-    ok(&["--database-url", &no_pw], &[("PGPASSWORD", "pw from the file")]);
+    ok(
+        &["--database-url", &no_pw, "--database-password-file", &good],
+        &[],
+    );
+    ok(
+        &["--database-url", &no_pw],
+        &[("OUTBOX_RELAY_DATABASE_PASSWORD_FILE", &good)],
+    );
+    ok(
+        &["--database-url", &no_pw],
+        &[("OUTBOX_RELAY_DATABASE_PASSWORD", "pw from the file")],
+    );
+    ok(
+        &["--database-url", &no_pw],
+        &[("PGPASSWORD", "pw from the file")],
+    );
     // The file wins over the URL's password; PGPASSWORD does not.
-    ok(&["--database-url", &wrong_in_url, "--database-password-file", &good], &[]);
-    let e = setup(&["--database-url", &wrong_in_url], &[("PGPASSWORD", "pw from the file")])
-        .unwrap_err();
+    ok(
+        &[
+            "--database-url",
+            &wrong_in_url,
+            "--database-password-file",
+            &good,
+        ],
+        &[],
+    );
+    let e = setup(
+        &["--database-url", &wrong_in_url],
+        &[("PGPASSWORD", "pw from the file")],
+    )
+    .unwrap_err();
     assert!(e.contains("password authentication failed"), "{e}");
     assert!(!e.contains("Wr0ngPassw0rd"), "{e}");
 
-    let e = setup(&["--database-url", &no_pw, "--database-password-file", &bad], &[]).unwrap_err();
+    let e = setup(
+        &["--database-url", &no_pw, "--database-password-file", &bad],
+        &[],
+    )
+    .unwrap_err();
     assert!(e.contains("password authentication failed"), "{e}");
     assert!(!e.contains("Wr0ngPassw0rd"), "{e}");
 
     let missing = dir.join("missing").display().to_string();
-    let e = setup(&["--database-url", &no_pw, "--database-password-file", &missing], &[])
-        .unwrap_err();
+    let e = setup(
+        &[
+            "--database-url",
+            &no_pw,
+            "--database-password-file",
+            &missing,
+        ],
+        &[],
+    )
+    .unwrap_err();
     assert!(
-        e.starts_with("exit Some(2)") && e.contains("database_password_file") && e.contains(&missing),
+        e.starts_with("exit Some(2)")
+            && e.contains("database_password_file")
+            && e.contains(&missing),
         "{e}"
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// (name, arguments, environment)
+type Way<'a> = (&'a str, Vec<&'a str>, Vec<(&'a str, &'a str)>);
 
 /// Every command, with the password in each place it can come from, and a
 /// host that does not exist or a port nobody listens on: the password is
@@ -429,11 +523,28 @@ async fn passwords_never_reach_the_output() {
     for host in ["no-such-host.invalid", "127.0.0.1"] {
         let with_pw = format!("postgres://relay:{SECRET}@{host}:{dead_port}/db?connect_timeout=2");
         let without = format!("postgres://relay@{host}:{dead_port}/db?connect_timeout=2");
-        let ways: [(&str, Vec<&str>, Vec<(&str, &str)>); 4] = [
+        let ways: [Way; 4] = [
             ("url", vec!["--database-url", &with_pw], vec![]),
-            ("file", vec!["--database-url", &without, "--database-password-file", &file], vec![]),
-            ("env", vec!["--database-url", &without], vec![("OUTBOX_RELAY_DATABASE_PASSWORD", SECRET)]),
-            ("PGPASSWORD", vec!["--database-url", &without], vec![("PGPASSWORD", SECRET)]),
+            (
+                "file",
+                vec![
+                    "--database-url",
+                    &without,
+                    "--database-password-file",
+                    &file,
+                ],
+                vec![],
+            ),
+            (
+                "env",
+                vec!["--database-url", &without],
+                vec![("OUTBOX_RELAY_DATABASE_PASSWORD", SECRET)],
+            ),
+            (
+                "PGPASSWORD",
+                vec!["--database-url", &without],
+                vec![("PGPASSWORD", SECRET)],
+            ),
         ];
         for (way, args, env) in &ways {
             for cmd in ["setup", "check", "status", "verify"] {
