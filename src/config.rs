@@ -164,6 +164,17 @@ pub struct Options {
     #[arg(long, env = "OUTBOX_RELAY_MAX_INFLIGHT")]
     pub max_inflight: Option<u64>,
 
+    /// Publish logical decoding messages whose prefix starts with this, as
+    /// events without an outbox row: pg_logical_emit_message(true,
+    /// 'PREFIX' || 'TYPE:KEY', payload) [default: off].
+    #[arg(long, env = "OUTBOX_RELAY_MESSAGE_PREFIX")]
+    pub message_prefix: Option<String>,
+
+    /// Topic for message events; `{type}` is the TYPE from the prefix
+    /// [default: outbox.event.{type}].
+    #[arg(long, env = "OUTBOX_RELAY_MESSAGE_TOPIC")]
+    pub message_topic: Option<String>,
+
     /// Most payload and key bytes in flight; reading pauses at this limit
     /// [default: 64 MiB].
     #[arg(long, env = "OUTBOX_RELAY_MAX_INFLIGHT_BYTES")]
@@ -264,6 +275,8 @@ impl Options {
             max_inflight,
             max_inflight_bytes,
             protocol_version,
+            message_prefix,
+            message_topic,
             status_interval,
             shutdown_timeout,
             terminate_stale_walsender,
@@ -319,6 +332,7 @@ pub struct RelayConfig {
     pub max_inflight_bytes: u64,
     /// None: chosen from the server version.
     pub protocol_version: Option<u32>,
+    pub messages: Option<crate::messages::MessageConfig>,
     pub status_interval: Duration,
     pub shutdown_timeout: Duration,
     pub terminate_stale_walsender: bool,
@@ -506,6 +520,27 @@ impl RelayConfig {
                 reason: "must be at least 1".into(),
             });
         }
+        let messages = match o.message_prefix {
+            None => None,
+            Some(prefix) => {
+                let text = o
+                    .message_topic
+                    .unwrap_or_else(|| "outbox.event.{type}".to_string());
+                let topic = TopicTemplate::parse(&text).map_err(|reason| ConfigError::Invalid {
+                    option: "message_topic",
+                    value: text.clone(),
+                    reason,
+                })?;
+                if let Some(c) = topic.columns().find(|c| *c != "type") {
+                    return Err(ConfigError::Invalid {
+                        option: "message_topic",
+                        value: text.clone(),
+                        reason: format!("message topics know only {{type}}, not {{{c}}}"),
+                    });
+                }
+                Some(crate::messages::MessageConfig { prefix, topic })
+            }
+        };
         if let Some(v) = o.protocol_version.filter(|v| !(1..=4).contains(v)) {
             return Err(ConfigError::Invalid {
                 option: "protocol_version",
@@ -526,6 +561,7 @@ impl RelayConfig {
             max_inflight,
             max_inflight_bytes,
             protocol_version: o.protocol_version,
+            messages,
             status_interval: seconds("status_interval", o.status_interval.unwrap_or(10.0))?,
             shutdown_timeout: seconds("shutdown_timeout", o.shutdown_timeout.unwrap_or(30.0))?,
             terminate_stale_walsender: o.terminate_stale_walsender.unwrap_or(false),

@@ -13,6 +13,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod http;
 pub mod lsn;
+pub mod messages;
 pub mod metrics;
 pub mod pgoutput;
 pub mod pipeline;

@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use crate::checkpoint::{Checkpoint, CheckpointError, TxnSeq};
 use crate::config::RelayConfig;
 use crate::lsn::Lsn;
+use crate::messages::MessageConfig;
 use crate::metrics::Metrics;
 use crate::pgoutput::{self, DecodeError, LogicalMessage};
 use crate::policy::{self, ErrorKind, ErrorPolicy, Failed, Policy};
@@ -260,6 +261,8 @@ struct State {
     server_wal: Lsn,
     published: HashMap<Option<bytes::Bytes>, Counter>,
     decoder: pgoutput::Decoder,
+    /// Logical decoding messages as events, when configured.
+    messages: Option<MessageConfig>,
     /// Key and payload bytes handed to the producer and not yet acknowledged.
     inflight_bytes: u64,
     policy: ErrorPolicy,
@@ -401,6 +404,31 @@ impl State {
         }
     }
 
+    /// A change that cannot become a record: dead-letter it when the policy
+    /// says so (counted in the open transaction), otherwise stop.
+    async fn unroutable(
+        &mut self,
+        source: RouteError,
+        failed: Failed,
+        lsn: Lsn,
+    ) -> Result<(), PipelineError> {
+        let kind =
+            ErrorKind::of_route(&source).filter(|k| self.policy.for_kind(*k) == Policy::DeadLetter);
+        let Some(kind) = kind else {
+            return Err(PipelineError::Route { lsn, source });
+        };
+        let reason = source.to_string();
+        tracing::warn!(
+            lsn = %lsn,
+            kind = %kind,
+            event_id = %failed.event_id.as_deref().map(String::from_utf8_lossy).unwrap_or_default(),
+            "dead-lettering an event: {reason}"
+        );
+        let dlq = policy::dead_letter(failed, kind, &reason, lsn, &self.policy.dead_letter_topic);
+        let txn = self.checkpoint.event()?;
+        self.enqueue_tracked(dlq, txn, lsn, true).await
+    }
+
     /// Dead-letters records whose delivery failed, queued by `on_ack`.
     async fn flush_redo(&mut self) -> Result<(), PipelineError> {
         while let Some((rec, txn, lsn)) = self.redo.pop() {
@@ -429,10 +457,13 @@ impl State {
     }
 
     async fn on_xlog(&mut self, wal_start: Lsn, data: bytes::Bytes) -> Result<(), PipelineError> {
-        let msg = self.decoder.decode(data).map_err(|source| PipelineError::Decode {
-            lsn: wal_start,
-            source,
-        })?;
+        let msg = self
+            .decoder
+            .decode(data)
+            .map_err(|source| PipelineError::Decode {
+                lsn: wal_start,
+                source,
+            })?;
         match msg {
             LogicalMessage::Begin(b) => {
                 self.commit_time = b.commit_time;
@@ -467,31 +498,8 @@ impl State {
                 let rec = match self.router.route(&ins) {
                     Ok(Routed::Record(rec)) => rec,
                     Err(source) => {
-                        let kind = ErrorKind::of_route(&source)
-                            .filter(|k| self.policy.for_kind(*k) == Policy::DeadLetter);
-                        let Some(kind) = kind else {
-                            return Err(PipelineError::Route {
-                                lsn: wal_start,
-                                source,
-                            });
-                        };
-                        let reason = source.to_string();
                         let failed = self.router.salvage(&ins);
-                        tracing::warn!(
-                            lsn = %wal_start,
-                            kind = %kind,
-                            event_id = %failed.event_id.as_deref().map(String::from_utf8_lossy).unwrap_or_default(),
-                            "dead-lettering an event: {reason}"
-                        );
-                        let dlq = policy::dead_letter(
-                            failed,
-                            kind,
-                            &reason,
-                            wal_start,
-                            &self.policy.dead_letter_topic,
-                        );
-                        let txn = self.checkpoint.event()?;
-                        return self.enqueue_tracked(dlq, txn, wal_start, true).await;
+                        return self.unroutable(source, failed, wal_start).await;
                     }
                 };
                 let txn: TxnSeq = self.checkpoint.event()?;
@@ -507,12 +515,45 @@ impl State {
                 self.enqueue_tracked(rec, txn, wal_start, false).await?;
                 self.summary.events += 1;
             }
+            LogicalMessage::Message(m) => {
+                let Some(route) = self.messages.as_ref().and_then(|c| c.route(&m)) else {
+                    tracing::trace!(prefix = %m.prefix, lsn = %m.lsn, "ignored logical decoding message");
+                    return Ok(());
+                };
+                // A non-transactional message is published at once; it is
+                // its own unit for the checkpoint, confirmed just past its
+                // position (confirming the position itself would have it
+                // decoded again after a restart).
+                let standalone = !m.transactional();
+                if standalone {
+                    self.checkpoint.begin(m.lsn)?;
+                }
+                let result = match route {
+                    Ok(rec) => {
+                        let txn = self.checkpoint.event()?;
+                        self.summary.events += 1;
+                        self.enqueue_tracked(rec, txn, m.lsn, false).await
+                    }
+                    Err(source) => {
+                        let failed = Failed {
+                            payload: Some(m.content.clone()),
+                            event_id: Some(bytes::Bytes::from(format!("lsn:{}", m.lsn))),
+                            intended_topic: m.prefix.clone(),
+                            ..Failed::default()
+                        };
+                        self.unroutable(source, failed, m.lsn).await
+                    }
+                };
+                if standalone {
+                    self.checkpoint.commit(Lsn(m.lsn.0 + 1))?;
+                }
+                result?;
+            }
             other @ (LogicalMessage::Origin(_)
             | LogicalMessage::Type(_)
             | LogicalMessage::Update(_)
             | LogicalMessage::Delete(_)
             | LogicalMessage::Truncate(_)
-            | LogicalMessage::Message(_)
             | LogicalMessage::StreamStart(_)
             | LogicalMessage::StreamStop
             | LogicalMessage::StreamCommit(_)
@@ -647,10 +688,13 @@ async fn session(
         topic = %cfg.router.topic,
         "starting replication"
     );
-    let options = [
+    let mut options = vec![
         ("proto_version", protocol.to_string()),
         ("publication_names", quote_ident(&cfg.publication)),
     ];
+    if cfg.messages.is_some() {
+        options.push(("messages", "true".to_string()));
+    }
     // Ask for the position we expect explicitly rather than 0/0, so the
     // server log shows it; the server never starts before the slot's
     // confirmed_flush_lsn anyway.
@@ -694,6 +738,7 @@ async fn session(
         server_wal: slot.confirmed,
         published: HashMap::new(),
         decoder: pgoutput::Decoder::new(protocol),
+        messages: cfg.messages.clone(),
         inflight_bytes: 0,
         policy: cfg.error_policy.clone(),
         keep_records: cfg.error_policy.may_dead_letter_deliveries(),
