@@ -175,6 +175,12 @@ pub struct Options {
     #[arg(long, env = "OUTBOX_RELAY_MESSAGE_TOPIC")]
     pub message_topic: Option<String>,
 
+    /// Seconds between heartbeat messages written to the relay's database
+    /// (pg_logical_emit_message), so the slot advances even when the
+    /// database sees no writes for a long time [default: off].
+    #[arg(long, env = "OUTBOX_RELAY_HEARTBEAT_INTERVAL")]
+    pub heartbeat_interval: Option<f64>,
+
     /// Most payload and key bytes in flight; reading pauses at this limit
     /// [default: 64 MiB].
     #[arg(long, env = "OUTBOX_RELAY_MAX_INFLIGHT_BYTES")]
@@ -277,6 +283,7 @@ impl Options {
             protocol_version,
             message_prefix,
             message_topic,
+            heartbeat_interval,
             status_interval,
             shutdown_timeout,
             terminate_stale_walsender,
@@ -333,6 +340,7 @@ pub struct RelayConfig {
     /// None: chosen from the server version.
     pub protocol_version: Option<u32>,
     pub messages: Option<crate::messages::MessageConfig>,
+    pub heartbeat_interval: Option<Duration>,
     pub status_interval: Duration,
     pub shutdown_timeout: Duration,
     pub terminate_stale_walsender: bool,
@@ -562,6 +570,10 @@ impl RelayConfig {
             max_inflight_bytes,
             protocol_version: o.protocol_version,
             messages,
+            heartbeat_interval: o
+                .heartbeat_interval
+                .map(|v| seconds("heartbeat_interval", v))
+                .transpose()?,
             status_interval: seconds("status_interval", o.status_interval.unwrap_or(10.0))?,
             shutdown_timeout: seconds("shutdown_timeout", o.shutdown_timeout.unwrap_or(30.0))?,
             terminate_stale_walsender: o.terminate_stale_walsender.unwrap_or(false),

@@ -515,6 +515,9 @@ impl State {
                 self.enqueue_tracked(rec, txn, wal_start, false).await?;
                 self.summary.events += 1;
             }
+            LogicalMessage::Message(m) if m.prefix == HEARTBEAT_PREFIX => {
+                tracing::trace!(lsn = %m.lsn, "heartbeat");
+            }
             LogicalMessage::Message(m) => {
                 let Some(route) = self.messages.as_ref().and_then(|c| c.route(&m)) else {
                     tracing::trace!(prefix = %m.prefix, lsn = %m.lsn, "ignored logical decoding message");
@@ -569,6 +572,35 @@ impl State {
             }
         }
         Ok(())
+    }
+}
+
+/// Prefix of the relay's own heartbeat messages; never an event.
+pub const HEARTBEAT_PREFIX: &str = "outbox-relay-heartbeat";
+
+/// Writes a small non-transactional message into the relay's database every
+/// `every`. On a server where other databases write all the WAL, the
+/// walsender then has something of ours to decode and report, so the slot's
+/// position keeps up even if keepalives alone would not move it.
+async fn heartbeat(cfg: RelayConfig, every: Duration) {
+    let mut client = None;
+    loop {
+        tokio::time::sleep(every).await;
+        if client.is_none() {
+            match crate::setup::connect(&cfg).await {
+                Ok(c) => client = Some(c),
+                Err(e) => {
+                    tracing::warn!(error = %e, "heartbeat: cannot connect; will retry");
+                    continue;
+                }
+            }
+        }
+        let Some(c) = &client else { continue };
+        let sql = format!("SELECT pg_logical_emit_message(false, '{HEARTBEAT_PREFIX}', '')");
+        if let Err(e) = c.batch_execute(&sql).await {
+            tracing::warn!(error = %e, "heartbeat failed; will reconnect");
+            client = None;
+        }
     }
 }
 
@@ -723,6 +755,10 @@ async fn session(
         }
     });
 
+    let heartbeat = cfg
+        .heartbeat_interval
+        .map(|every| tokio::spawn(heartbeat(cfg.clone(), every)));
+
     let mut state = State {
         router: Router::new(cfg.router.clone()),
         checkpoint: Checkpoint::new(slot.confirmed),
@@ -754,6 +790,9 @@ async fn session(
     )
     .await;
     probe.abort();
+    if let Some(h) = heartbeat {
+        h.abort();
+    }
     state.summary.confirmed = state.checkpoint.confirmed();
     state.summary.streamed = true;
     state.update_gauges();
