@@ -8,8 +8,10 @@
 //!
 //! `pipeline` drives the stages; `config` and `setup` sit beside them.
 
+pub mod backfill;
 pub mod check;
 pub mod checkpoint;
+pub mod cleanup;
 pub mod config;
 pub mod http;
 pub mod lsn;

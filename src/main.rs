@@ -37,6 +37,10 @@ enum Command {
     Status(outbox_relay::status::StatusOptions),
     /// Preflight: check everything `run` needs (PASS/WARN/FAIL, with fixes); exit 1 on any FAIL.
     Check(Options),
+    /// Cutover from a polling publisher: create the slot with an exported snapshot and publish the rows still pending in it.
+    Backfill(outbox_relay::backfill::BackfillArgs),
+    /// Delete outbox rows already published (confirmed by the slot), or older than a retention; in batches.
+    Cleanup(outbox_relay::cleanup::CleanupArgs),
 }
 
 /// `status` and `check`: read-only reports; Kafka settings are optional.
@@ -168,6 +172,16 @@ async fn main() -> std::process::ExitCode {
         Command::Run(o) => (o, false),
         Command::Tail(t) => return tail(t).await,
         c @ (Command::Status(_) | Command::Check(_)) => return report(cli.config, c).await,
+        Command::Backfill(b) => {
+            return outbox_relay::backfill::command(cli.config.as_deref(), b)
+                .await
+                .into()
+        }
+        Command::Cleanup(c) => {
+            return outbox_relay::cleanup::command(cli.config.as_deref(), c)
+                .await
+                .into()
+        }
         Command::Verify(v) => {
             return outbox_relay::verify::command(cli.config.as_deref(), v)
                 .await

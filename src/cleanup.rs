@@ -1,0 +1,427 @@
+//! `outbox-relay cleanup`: deletes outbox rows that are already published.
+//!
+//! Two modes:
+//!
+//! - `--published` (the default) deletes exactly the rows the relay has
+//!   confirmed. It opens a REPEATABLE READ transaction and reads
+//!   `pg_current_wal_insert_lsn()` (L0) in it. A row visible in that snapshot
+//!   was committed before the snapshot was taken, so its commit record ends
+//!   at or before L0. It then waits (bounded by `--wait`) until the slot's
+//!   `confirmed_flush_lsn` is at least L0: the relay confirms a position only
+//!   after the broker acknowledged every event before it, so from then on
+//!   every row of the snapshot is published. Then it deletes those rows (by
+//!   the key read in the snapshot) from a second connection, in batches. A
+//!   row committed later is not in the snapshot and is never touched. If the
+//!   slot does not reach L0 in time (relay down or lagging), nothing is
+//!   deleted.
+//! - `--older-than 7d` deletes rows whose `--time-column` (created_at) is
+//!   older than that: the classic retention rule. It does not consult the
+//!   slot.
+//!
+//! Precondition of `--published`: rows committed before the slot existed
+//! were published some other way (by the old poller, or by `backfill`).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+use crate::config::RelayConfig;
+use crate::lsn::Lsn;
+use crate::replication::quote_ident;
+
+/// A duration such as `7d`, `12h`, `30m`, `45s`, `500ms` or `90` (seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration: expected e.g. 7d, 12h, 30m, 45s"))?;
+    let secs = match unit.trim() {
+        "" | "s" | "sec" | "secs" => n,
+        "ms" => n / 1000.0,
+        "m" | "min" | "mins" => n * 60.0,
+        "h" | "hour" | "hours" => n * 3600.0,
+        "d" | "day" | "days" => n * 86_400.0,
+        "w" | "week" | "weeks" => n * 7.0 * 86_400.0,
+        other => {
+            return Err(format!(
+                "{s:?}: unknown unit {other:?} (use ms, s, m, h, d or w)"
+            ))
+        }
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+}
+
+/// `outbox-relay cleanup`: the relay's options (Kafka unused) plus the mode.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CleanupArgs {
+    #[command(flatten)]
+    pub options: crate::config::Options,
+
+    /// Delete the rows the relay has confirmed (the default mode).
+    #[arg(long, conflicts_with = "older_than")]
+    pub published: bool,
+
+    /// Delete rows whose --time-column is older than this (7d, 12h, 30m …),
+    /// without consulting the slot.
+    #[arg(long, value_parser = parse_duration)]
+    pub older_than: Option<Duration>,
+
+    /// Timestamp column of --older-than.
+    #[arg(long, default_value = "created_at")]
+    pub time_column: String,
+
+    /// Rows deleted per transaction.
+    #[arg(long, default_value_t = 1000)]
+    pub batch_size: u32,
+
+    /// --published: how long to wait for the slot to confirm the snapshot's
+    /// position before giving up (nothing deleted).
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    pub wait: Duration,
+
+    /// Column identifying a row for the delete [default: the table's
+    /// single-column primary key].
+    #[arg(long)]
+    pub row_column: Option<String>,
+
+    /// Extra SQL condition a row must meet to be deleted (both modes).
+    #[arg(long = "where")]
+    pub filter: Option<String>,
+
+    /// Say what would be deleted; delete nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CleanupError {
+    #[error("configuration error: {0}")]
+    Config(String),
+    #[error("cannot connect to Postgres: {0}")]
+    Connect(#[source] tokio_postgres::Error),
+    #[error("{context}: {source}")]
+    Sql {
+        context: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("replication slot {0} does not exist: without it there is no record of what the relay published, so --published deletes nothing (create it with `outbox-relay setup` or `backfill`, or use --older-than)")]
+    NoSlot(String),
+    #[error("the slot {slot} did not confirm {target} within {waited:?} (it is at {confirmed}): the relay is stopped or lagging, so rows in the snapshot may not be published yet; nothing was deleted. Check `outbox-relay status`, start or fix the relay, or pass a longer --wait")]
+    NotConfirmed {
+        slot: String,
+        target: Lsn,
+        confirmed: String,
+        waited: Duration,
+    },
+}
+
+fn sql(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> CleanupError {
+    let context = context.into();
+    move |source| CleanupError::Sql { context, source }
+}
+
+/// What a cleanup did.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    pub deleted: u64,
+    pub batches: u64,
+    /// --published: the snapshot's position the slot confirmed.
+    pub confirmed_target: Option<Lsn>,
+}
+
+/// The row column and its SQL type.
+async fn row_column(
+    client: &Client,
+    cfg: &RelayConfig,
+    args: &CleanupArgs,
+) -> Result<(String, String), CleanupError> {
+    let table = &cfg.router.table;
+    let columns: Vec<(String, String, bool)> = client
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
+                    coalesce((SELECT i.indisprimary AND i.indnatts = 1 FROM pg_index i
+                               WHERE i.indrelid = a.attrelid AND i.indisprimary
+                                 AND a.attnum = ANY(i.indkey)), false)
+               FROM pg_attribute a
+              WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
+              ORDER BY a.attnum",
+            &[&table.quoted()],
+        )
+        .await
+        .map_err(sql(format!("reading the columns of {table}")))?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    if columns.is_empty() {
+        return Err(CleanupError::Config(format!(
+            "table {table} does not exist (or is not visible to this user)"
+        )));
+    }
+    let found = match &args.row_column {
+        Some(c) => columns.iter().find(|(name, _, _)| name == c),
+        None => columns.iter().find(|(_, _, pk)| *pk),
+    };
+    match found {
+        Some((name, ty, _)) => Ok((name.clone(), ty.clone())),
+        None => Err(CleanupError::Config(match &args.row_column {
+            Some(c) => format!("--row-column {c} is not a column of {table}"),
+            None => format!(
+                "{table} has no single-column primary key: pass --row-column (a unique, never updated column)"
+            ),
+        })),
+    }
+}
+
+async fn slot_confirmed(client: &Client, slot: &str) -> Result<Option<Lsn>, CleanupError> {
+    let row = client
+        .query_opt(
+            "SELECT coalesce(confirmed_flush_lsn::text, '0/0') FROM pg_replication_slots
+              WHERE slot_name = $1 AND database = current_database()",
+            &[&slot],
+        )
+        .await
+        .map_err(sql("reading pg_replication_slots"))?;
+    Ok(row.and_then(|r| r.get::<_, String>(0).parse().ok()))
+}
+
+/// Runs the cleanup; `say` receives one line per batch and step.
+pub async fn run(
+    cfg: &RelayConfig,
+    args: &CleanupArgs,
+    say: &mut dyn FnMut(String),
+) -> Result<Summary, CleanupError> {
+    let table = cfg.router.table.clone();
+    let batch = args.batch_size.max(1) as usize;
+    let (reader, _c1) = crate::tls::connect_sql(&cfg.database)
+        .await
+        .map_err(CleanupError::Connect)?;
+    let (writer, _c2) = crate::tls::connect_sql(&cfg.database)
+        .await
+        .map_err(CleanupError::Connect)?;
+    let (col, col_type) = row_column(&reader, cfg, args).await?;
+    let qcol = quote_ident(&col);
+    let filter = args
+        .filter
+        .as_deref()
+        .map(|f| format!(" AND ({f})"))
+        .unwrap_or_default();
+    let delete = format!(
+        "DELETE FROM {} WHERE {qcol} = ANY($1::text[]::{col_type}[])",
+        table.quoted()
+    );
+    let mut summary = Summary::default();
+
+    if let Some(age) = args.older_than {
+        let tcol = quote_ident(&args.time_column);
+        let secs = age.as_secs_f64();
+        let cond = format!("{tcol} < now() - $1::float8 * interval '1 second'{filter}");
+        if args.dry_run {
+            let n: i64 = reader
+                .query_one(
+                    &format!("SELECT count(*) FROM {} WHERE {cond}", table.quoted()),
+                    &[&secs],
+                )
+                .await
+                .map_err(sql("counting the old rows"))?
+                .get(0);
+            say(format!(
+                "dry run: would delete {n} row(s) of {table} with {} older than {}",
+                args.time_column,
+                humanize(age)
+            ));
+            return Ok(summary);
+        }
+        let sql_batch = format!(
+            "DELETE FROM {t} WHERE {qcol} IN (SELECT {qcol} FROM {t} WHERE {cond} LIMIT {batch})",
+            t = table.quoted()
+        );
+        loop {
+            let n = writer
+                .execute(&sql_batch, &[&secs])
+                .await
+                .map_err(sql(format!("deleting old rows of {table}")))?;
+            if n == 0 {
+                break;
+            }
+            summary.batches += 1;
+            summary.deleted += n;
+            say(format!(
+                "batch {}: deleted {n} row(s) with {} older than {}",
+                summary.batches,
+                args.time_column,
+                humanize(age)
+            ));
+        }
+        return Ok(summary);
+    }
+
+    // --published.
+    if slot_confirmed(&reader, &cfg.slot).await?.is_none() {
+        return Err(CleanupError::NoSlot(cfg.slot.clone()));
+    }
+    reader
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await
+        .map_err(sql("starting the snapshot"))?;
+    // The first statement takes the snapshot; the position is read after it,
+    // so every commit the snapshot sees ends at or before it.
+    let target: Lsn = reader
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .map_err(sql("reading the WAL position"))?
+        .get::<_, String>(0)
+        .parse()
+        .map_err(|e| CleanupError::Config(format!("{e}")))?;
+    summary.confirmed_target = Some(target);
+    let started = Instant::now();
+    loop {
+        // Read on the other connection: the reader's snapshot would show the
+        // slot as it was.
+        let confirmed = slot_confirmed(&writer, &cfg.slot).await?;
+        match confirmed {
+            Some(c) if c >= target => {
+                say(format!(
+                    "slot {} confirmed {c} ≥ {target}: every row committed before {target} is published",
+                    cfg.slot
+                ));
+                break;
+            }
+            None => return Err(CleanupError::NoSlot(cfg.slot.clone())),
+            Some(c) if started.elapsed() >= args.wait => {
+                return Err(CleanupError::NotConfirmed {
+                    slot: cfg.slot.clone(),
+                    target,
+                    confirmed: c.to_string(),
+                    waited: args.wait,
+                })
+            }
+            Some(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    reader
+        .batch_execute(&format!(
+            "DECLARE outbox_cleanup NO SCROLL CURSOR FOR SELECT {qcol}::text AS cleanup_key FROM {} WHERE true{filter} ORDER BY {qcol}",
+            table.quoted()
+        ))
+        .await
+        .map_err(sql("opening the cursor over the published rows"))?;
+    let fetch = format!("FETCH {batch} FROM outbox_cleanup");
+    let mut would = 0u64;
+    loop {
+        let keys: Vec<String> = reader
+            .simple_query(&fetch)
+            .await
+            .map_err(sql("reading the published rows"))?
+            .into_iter()
+            .filter_map(|m| match m {
+                SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                _ => None,
+            })
+            .collect();
+        if keys.is_empty() {
+            break;
+        }
+        let (first, last) = (keys[0].clone(), keys[keys.len() - 1].clone());
+        if args.dry_run {
+            would += keys.len() as u64;
+            continue;
+        }
+        let n = writer
+            .execute(&delete, &[&keys])
+            .await
+            .map_err(sql(format!("deleting published rows of {table}")))?;
+        summary.batches += 1;
+        summary.deleted += n;
+        say(format!(
+            "batch {}: deleted {n} row(s) ({col} {first} … {last})",
+            summary.batches
+        ));
+    }
+    let _ = reader.batch_execute("COMMIT").await;
+    if args.dry_run {
+        say(format!(
+            "dry run: would delete {would} published row(s) of {table}"
+        ));
+    }
+    Ok(summary)
+}
+
+fn humanize(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s >= 86_400.0 && s % 86_400.0 == 0.0 {
+        format!("{}d", s / 86_400.0)
+    } else if s >= 3600.0 && s % 3600.0 == 0.0 {
+        format!("{}h", s / 3600.0)
+    } else if s >= 60.0 && s % 60.0 == 0.0 {
+        format!("{}m", s / 60.0)
+    } else {
+        format!("{s}s")
+    }
+}
+
+/// The `cleanup` subcommand; returns the exit code (0 done, 1 refused or
+/// failed, 2 configuration error).
+pub async fn command(config: Option<&Path>, args: CleanupArgs) -> u8 {
+    let cfg = match crate::backfill::load_config(config, args.options.clone(), false) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("outbox-relay cleanup: configuration error: {e}");
+            return 2;
+        }
+    };
+    let mut say = |line: String| println!("{line}");
+    match run(&cfg, &args, &mut say).await {
+        Ok(s) if !args.dry_run => {
+            println!(
+                "cleanup done: deleted {} row(s) of {} in {} batch(es){}",
+                s.deleted,
+                cfg.router.table,
+                s.batches,
+                match s.confirmed_target {
+                    Some(t) => format!(
+                        " (published: committed before {t}, confirmed by slot {})",
+                        cfg.slot
+                    ),
+                    None => String::new(),
+                }
+            );
+            0
+        }
+        Ok(_) => 0,
+        Err(CleanupError::Config(e)) => {
+            eprintln!("outbox-relay cleanup: {e}");
+            2
+        }
+        Err(e) => {
+            eprintln!("outbox-relay cleanup: {e}");
+            1
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(
+            parse_duration("7d").unwrap(),
+            Duration::from_secs(7 * 86_400)
+        );
+        assert_eq!(parse_duration("12h").unwrap(), Duration::from_secs(43_200));
+        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("1.5m").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert!(parse_duration("7 fortnights").is_err());
+        assert!(parse_duration("d").is_err());
+        assert_eq!(humanize(Duration::from_secs(7 * 86_400)), "7d");
+    }
+}
