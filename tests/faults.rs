@@ -41,12 +41,8 @@ use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 const PARTITIONS: i32 = 3;
 const AGGREGATES: u64 = 16;
 
-/// One scenario at a time.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
+/// One scenario at a time (a tokio mutex: a failed test does not poison it).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn env_number(name: &str, default: u64) -> u64 {
     match std::env::var(name) {
@@ -623,7 +619,7 @@ fn pg_addr(url: &str) -> SocketAddr {
 /// four while the previous relay is still starting or catching up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_sigkill_at_random_moments() {
-    let _serial = serial();
+    let _serial = SERIAL.lock().await;
     let name = "relay SIGKILL";
     let kills = env_number("OUTBOX_RELAY_KILLS", 20);
     let mut rng = Rng::new(name);
@@ -672,7 +668,7 @@ async fn relay_sigkill_at_random_moments() {
 /// new session with a fresh producer).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_sigkill_and_restart_with_persistent_storage() {
-    let _serial = serial();
+    let _serial = SERIAL.lock().await;
     let name = "broker SIGKILL";
     let mut rng = Rng::new(name);
     let (db, slot) = outbox_db("fault_broker").await;
@@ -718,7 +714,7 @@ async fn broker_sigkill_and_restart_with_persistent_storage() {
 /// past what was committed before the outage, and everything arrives after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_unreachable_for_a_while() {
-    let _serial = serial();
+    let _serial = SERIAL.lock().await;
     let name = "broker outage";
     let outage = Duration::from_secs(env_number("OUTBOX_RELAY_OUTAGE_SECS", 20));
     let rng = Rng::new(name);
@@ -779,7 +775,7 @@ async fn broker_unreachable_for_a_while() {
 /// from.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_restarted_and_walsender_terminated() {
-    let _serial = serial();
+    let _serial = SERIAL.lock().await;
     let name = "postgres restart";
     let mut rng = Rng::new(name);
     let cluster = TempCluster::start(&[], &["wal_sender_timeout=60s"]);
@@ -834,7 +830,7 @@ async fn postgres_restarted_and_walsender_terminated() {
 /// connection goes through it): cut, slow, stall and refuse on each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_cuts_stalls_and_slows_both_connections() {
-    let _serial = serial();
+    let _serial = SERIAL.lock().await;
     let name = "proxy";
     let mut rng = Rng::new(name);
     let (db, slot) = outbox_db("fault_proxy").await;
