@@ -303,7 +303,7 @@ impl Progress {
             self.last_draw = None;
             self.update(done);
             eprintln!();
-        } else if done % self.every != 0 || done == 0 {
+        } else if !done.is_multiple_of(self.every) || done == 0 {
             eprintln!("{}", self.text(done));
         }
     }

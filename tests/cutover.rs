@@ -1,0 +1,375 @@
+//! Cutover from a polling publisher (`backfill`) and `cleanup`, against the
+//! real Postgres and broker: a poller stopped mid-backlog, a writer running
+//! through the backfill, then `run`; every event exactly once.
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::Value;
+use support::*;
+
+const TYPES: [&str; 2] = ["created", "paid"];
+
+/// A database with the classic table, a slot name and a topic template of
+/// its own (the slot and publication are not created).
+async fn classic(name: &str) -> (TestDb, String, String, String) {
+    let db = TestDb::new(name).await;
+    db.exec(CLASSIC_TABLE).await;
+    let slot = format!("s_{}", db.name);
+    let prefix = unique(name);
+    let template = format!("{prefix}.{{event_type}}");
+    let topics: Vec<String> = TYPES.iter().map(|t| format!("{prefix}.{t}")).collect();
+    let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+    create_topics(&brokers(), &refs, 3).await;
+    (db, slot, prefix, template)
+}
+
+/// `n` events over a few aggregates, in transactions of `per_txn` rows.
+async fn insert(client: &tokio_postgres::Client, first: usize, n: usize, per_txn: usize) {
+    let mut i = 0;
+    while i < n {
+        let mut sql = String::from("BEGIN;");
+        for seq in first + i..first + (i + per_txn).min(n) {
+            let ty = TYPES[seq % 2];
+            sql.push_str(&format!(
+                "INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('{ty}', 'agg-{}', '{{\"seq\": {seq}}}');",
+                seq % 11
+            ));
+        }
+        sql.push_str("COMMIT;");
+        client.batch_execute(&sql).await.unwrap();
+        i += per_txn;
+    }
+}
+
+async fn count(db: &TestDb, sql: &str) -> i64 {
+    db.client.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+/// A polling publisher as people write them: oldest pending rows first,
+/// produced with the relay's topic/key/header layout, then marked processed.
+async fn poll_once(db: &TestDb, prefix: &str, limit: i64) -> usize {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("partitioner", "murmur2_random")
+        .set("enable.idempotence", "true")
+        .create()
+        .expect("producer");
+    let rows = db
+        .client
+        .query(
+            "SELECT id, event_id::text, event_type, aggregate_id, payload::text FROM outbox
+              WHERE processed_at IS NULL ORDER BY id LIMIT $1",
+            &[&limit],
+        )
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for r in &rows {
+        let (id, event_id, ty, key, payload): (i64, String, String, String, String) =
+            (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "id",
+                value: Some(event_id.as_bytes()),
+            })
+            .insert(Header {
+                key: "event_type",
+                value: Some(ty.as_bytes()),
+            });
+        let topic = format!("{prefix}.{ty}");
+        producer
+            .send(
+                FutureRecord::to(&topic)
+                    .key(key.as_bytes())
+                    .payload(payload.as_bytes())
+                    .headers(headers),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .expect("poller produce");
+        ids.push(id);
+    }
+    db.client
+        .execute(
+            "UPDATE outbox SET processed_at = now() WHERE id = ANY($1)",
+            &[&ids],
+        )
+        .await
+        .unwrap();
+    ids.len()
+}
+
+async fn wait_caught_up(db: &TestDb, slot: &str) {
+    let target = db.current_wal_lsn().await;
+    wait_until(
+        Duration::from_secs(60),
+        "the relay to confirm the current WAL position",
+        || async { db.confirmed_flush_lsn(slot).await >= target },
+    )
+    .await;
+}
+
+async fn cmd(args: Vec<String>) -> (i32, String, String) {
+    tokio::task::spawn_blocking(move || {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        relay_cmd(&refs)
+    })
+    .await
+    .unwrap()
+}
+
+fn args(db: &TestDb, slot: &str, template: &str, command: &str, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = vec![
+        command.into(),
+        "--database-url".into(),
+        db.url.clone(),
+        "--slot".into(),
+        slot.into(),
+        "--topic".into(),
+        template.into(),
+    ];
+    if matches!(command, "backfill" | "verify") {
+        a.extend(["--kafka-brokers".into(), brokers()]);
+    }
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poller_stopped_mid_backlog_then_backfill_then_run_publishes_each_event_once() {
+    let (db, slot, prefix, template) = classic("cut_mid").await;
+    insert(&db.client, 0, 500, 50).await;
+    assert_eq!(poll_once(&db, &prefix, 200).await, 200);
+    // The poller is stopped: 300 rows pending under the old scheme.
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM outbox WHERE processed_at IS NULL"
+        )
+        .await,
+        300
+    );
+
+    // A writer that keeps inserting, in small transactions, through the
+    // backfill: some of its rows land before the slot's consistent point
+    // (backfilled), the rest after it (streamed by `run`).
+    let writer = sql_client(&db.url).await;
+    let writing = tokio::spawn(async move {
+        for i in 0..50 {
+            insert(&writer, 1000 + 2 * i, 2, 2).await;
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+    });
+    wait_until(Duration::from_secs(10), "the writer to start", || async {
+        count(&db, "SELECT count(*) FROM outbox").await >= 510
+    })
+    .await;
+    let (code, out, err) = cmd(args(
+        &db,
+        &slot,
+        &template,
+        "backfill",
+        &["--batch-size", "64", "--progress-every", "100"],
+    ))
+    .await;
+    assert_eq!(code, 0, "backfill failed:\n{out}\n{err}");
+    let still_writing = !writing.is_finished();
+    writing.await.unwrap();
+    assert!(
+        still_writing,
+        "the writer finished before the backfill did; the test proves less than it should"
+    );
+    assert!(out.contains("created publication outbox_pub"), "{out}");
+    assert!(
+        out.contains(&format!("created logical replication slot {slot}")),
+        "{out}"
+    );
+    // Progress without a terminal: plain lines.
+    assert!(err.contains("backfill: 100 of "), "{err}");
+    assert!(
+        !err.contains('\r'),
+        "no redraws without a terminal: {err:?}"
+    );
+    let published: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("backfill done: "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no summary line: {out}"));
+    assert!(
+        published > 300 && published < 400,
+        "the backfill should take the 300 pending rows plus the writer's rows committed before the slot: {published}\n{out}"
+    );
+
+    let relay_args = relay_args(&db, &brokers(), &["--slot", &slot, "--topic", &template]);
+    let mut relay = Relay::start(&relay_args);
+    wait_until(Duration::from_secs(30), "the relay to stream", || async {
+        db.slot_active(&slot).await
+    })
+    .await;
+    insert(&db.client, 2000, 5, 1).await;
+    let total = 500 + 100 + 5;
+    assert_eq!(count(&db, "SELECT count(*) FROM outbox").await, total);
+    wait_caught_up(&db, &slot).await;
+
+    let topics: Vec<String> = TYPES.iter().map(|t| format!("{prefix}.{t}")).collect();
+    let records = consume(&brokers(), &topics, total as usize, Duration::from_secs(60)).await;
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for r in &records {
+        *seen.entry(r.header("id").expect("id header")).or_default() += 1;
+    }
+    let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "published twice: {twice:?}");
+    assert_eq!(records.len(), total as usize, "every event exactly once");
+    assert_eq!(seen.len(), total as usize);
+
+    // The relay's own checker agrees: nothing missing, reordered, altered or
+    // duplicated.
+    let (code, out, err) = cmd(args(
+        &db,
+        &slot,
+        &template,
+        "verify",
+        &["--json", "--fail-on-duplicates"],
+    ))
+    .await;
+    let report: Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("verify: {e}: {out}\n{err}"));
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(report["rows"], total);
+    assert_eq!(report["delivered"], total);
+
+    relay.signal("TERM");
+    assert_eq!(relay.wait(Duration::from_secs(30)).await, Some(0));
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_refuses_when_the_slot_exists() {
+    let (db, slot, _prefix, template) = classic("cut_exists").await;
+    let (code, out, err) = relay_cmd(&["setup", "--database-url", &db.url, "--slot", &slot]);
+    assert_eq!(code, 0, "{out}{err}");
+    insert(&db.client, 0, 10, 10).await;
+    let (code, out, err) = cmd(args(&db, &slot, &template, "backfill", &[])).await;
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(
+        err.contains(&format!("replication slot {slot} already exists"))
+            && err.contains("must create the slot itself")
+            && err.contains(&format!("pg_drop_replication_slot('{slot}')")),
+        "{err}"
+    );
+    assert!(!out.contains("published"), "{out}");
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_deletes_only_what_the_slot_confirmed_and_old_rows_by_age() {
+    let (db, slot, _prefix, template) = classic("cut_clean").await;
+    let (code, out, err) = relay_cmd(&["setup", "--database-url", &db.url, "--slot", &slot]);
+    assert_eq!(code, 0, "{out}{err}");
+    let relay_args = relay_args(&db, &brokers(), &["--slot", &slot, "--topic", &template]);
+
+    // Published and confirmed, then the relay stops.
+    let mut relay = Relay::start(&relay_args);
+    insert(&db.client, 0, 50, 10).await;
+    wait_caught_up(&db, &slot).await;
+    relay.signal("TERM");
+    assert_eq!(relay.wait(Duration::from_secs(30)).await, Some(0));
+    // Committed after the relay's last confirmation: not published yet.
+    insert(&db.client, 50, 30, 10).await;
+
+    let (code, out, err) = cmd(args(
+        &db,
+        &slot,
+        &template,
+        "cleanup",
+        &["--published", "--wait", "2s"],
+    ))
+    .await;
+    assert_eq!(code, 1, "cleanup must refuse:\n{out}\n{err}");
+    assert!(
+        err.contains("did not confirm") && err.contains("nothing was deleted"),
+        "{err}"
+    );
+    assert!(!out.contains("deleted"), "{out}");
+    assert_eq!(count(&db, "SELECT count(*) FROM outbox").await, 80);
+
+    // Running and caught up: everything is published, deleted in batches.
+    let mut relay = Relay::start(&relay_args);
+    wait_caught_up(&db, &slot).await;
+    let (code, out, err) = cmd(args(&db, &slot, &template, "cleanup", &["--dry-run"])).await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains("dry run: would delete 80 published row(s)"),
+        "{out}"
+    );
+    assert_eq!(count(&db, "SELECT count(*) FROM outbox").await, 80);
+    let (code, out, err) = cmd(args(
+        &db,
+        &slot,
+        &template,
+        "cleanup",
+        &["--batch-size", "25"],
+    ))
+    .await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    let batches: Vec<&str> = out.lines().filter(|l| l.starts_with("batch ")).collect();
+    assert_eq!(batches.len(), 4, "{out}");
+    assert!(
+        batches[0].starts_with("batch 1: deleted 25 row(s) (id 1 … 25)"),
+        "{out}"
+    );
+    assert!(
+        batches[3].starts_with("batch 4: deleted 5 row(s) (id 76 … 80)"),
+        "{out}"
+    );
+    assert!(out.contains("cleanup done: deleted 80 row(s)"), "{out}");
+    assert_eq!(count(&db, "SELECT count(*) FROM outbox").await, 0);
+
+    // By age: only rows whose created_at is older than the retention.
+    insert(&db.client, 100, 10, 10).await;
+    db.exec("UPDATE outbox SET created_at = now() - interval '8 days' WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT 4)")
+        .await;
+    let (code, out, err) = cmd(args(
+        &db,
+        &slot,
+        &template,
+        "cleanup",
+        &["--older-than", "7d", "--dry-run"],
+    ))
+    .await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("would delete 4 row(s)"), "{out}");
+    let (code, out, err) = cmd(args(
+        &db,
+        &slot,
+        &template,
+        "cleanup",
+        &["--older-than", "7d", "--batch-size", "3"],
+    ))
+    .await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("batch 1: deleted 3 row(s)"), "{out}");
+    assert!(out.contains("batch 2: deleted 1 row(s)"), "{out}");
+    assert!(out.contains("cleanup done: deleted 4 row(s)"), "{out}");
+    assert_eq!(count(&db, "SELECT count(*) FROM outbox").await, 6);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM outbox WHERE created_at < now() - interval '1 day'"
+        )
+        .await,
+        0
+    );
+
+    relay.signal("TERM");
+    assert_eq!(relay.wait(Duration::from_secs(30)).await, Some(0));
+    db.drop().await;
+}
