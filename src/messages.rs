@@ -38,6 +38,16 @@ impl MessageConfig {
             Some((t, k)) => (t, k),
             None => (rest, ""),
         };
+        if event_type.is_empty() {
+            return Err(RouteError::InvalidTopic {
+                template: self.topic.to_string(),
+                topic: String::new(),
+                reason: format!(
+                    "message prefix {:?} has no type: expected {}TYPE:KEY",
+                    rest, self.prefix
+                ),
+            });
+        }
         if key.is_empty() {
             return Err(RouteError::EmptyKey {
                 column: format!(
@@ -46,17 +56,9 @@ impl MessageConfig {
                 ),
             });
         }
-        let mut topic = String::new();
-        for column in self.topic.columns() {
-            if column != "type" {
-                return Err(RouteError::InvalidTopic {
-                    template: self.topic.to_string(),
-                    topic: String::new(),
-                    reason: format!("message topics know only {{type}}, not {{{column}}}"),
-                });
-            }
-        }
-        topic.push_str(&self.topic.to_string().replace("{type}", event_type));
+        let topic = self
+            .topic
+            .render(|column| (column == "type").then_some(event_type));
         if let Err(reason) = validate_topic(&topic) {
             return Err(RouteError::InvalidTopic {
                 template: self.topic.to_string(),
@@ -125,5 +127,18 @@ mod tests {
             cfg().route(&msg("outbox:Or der:k")),
             Some(Err(RouteError::InvalidTopic { .. }))
         ));
+        assert!(matches!(
+            cfg().route(&msg("outbox::k")),
+            Some(Err(RouteError::InvalidTopic { .. }))
+        ));
+        // Spaces inside the placeholder are trimmed as the template parser does.
+        let spaced = MessageConfig {
+            prefix: "outbox:".into(),
+            topic: TopicTemplate::parse("events.{ type }").unwrap(),
+        };
+        assert_eq!(
+            spaced.route(&msg("outbox:Order:k")).unwrap().unwrap().topic,
+            "events.Order"
+        );
     }
 }

@@ -293,13 +293,15 @@ impl State {
                 self.checkpoint.ack(pending.txn)?;
                 self.metrics.set_broker_reachable(true);
                 if pending.dead_letter {
+                    // Counted once, as dead-lettered, not also as published.
                     self.metrics.dead_lettered.inc();
+                } else {
+                    let metrics = &self.metrics;
+                    self.published
+                        .entry(pending.event_type.clone())
+                        .or_insert_with(|| metrics.published(&label(&pending.event_type)))
+                        .inc();
                 }
-                let metrics = &self.metrics;
-                self.published
-                    .entry(pending.event_type.clone())
-                    .or_insert_with(|| metrics.published(&label(&pending.event_type)))
-                    .inc();
                 self.metrics
                     .publish_duration
                     .observe(pending.enqueued.elapsed().as_secs_f64());
@@ -431,7 +433,8 @@ impl State {
 
     /// Dead-letters records whose delivery failed, queued by `on_ack`.
     async fn flush_redo(&mut self) -> Result<(), PipelineError> {
-        while let Some((rec, txn, lsn)) = self.redo.pop() {
+        // In the order the failures were reported.
+        for (rec, txn, lsn) in std::mem::take(&mut self.redo) {
             self.enqueue_tracked(rec, txn, lsn, true).await?;
         }
         Ok(())
@@ -530,6 +533,8 @@ impl State {
                 let standalone = !m.transactional();
                 if standalone {
                     self.checkpoint.begin(m.lsn)?;
+                    // No commit time in the WAL for it: it counts from now.
+                    self.commit_time = crate::replication::pg_now();
                 }
                 let result = match route {
                     Ok(rec) => {
@@ -789,6 +794,14 @@ async fn session(
         shutdown,
     )
     .await;
+    if let Err(e) = &result {
+        if !matches!(e, PipelineError::Replication(_) | PipelineError::ServerEnded) {
+            // Stopping on a bad event: let what was already handed to the
+            // producer arrive, so the slot stops right before the bad event
+            // rather than at an older position (fewer repeats on restart).
+            settle_in_flight(&mut state, cfg.shutdown_timeout).await;
+        }
+    }
     probe.abort();
     if let Some(h) = heartbeat {
         h.abort();
@@ -887,6 +900,23 @@ async fn stream_loop(
                     }
                 }
             }
+        }
+    }
+}
+
+/// Waits (up to `limit`) for the delivery reports of events in flight, so
+/// the checkpoint covers everything delivered before a stop. Failures here
+/// only leave the position where it is.
+async fn settle_in_flight(state: &mut State, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while state.checkpoint.inflight() > 0 {
+        match tokio::time::timeout_at(deadline, state.acks.recv()).await {
+            Ok(Some(ack)) => {
+                if let Err(e) = state.on_ack(ack) {
+                    tracing::debug!(error = %e, "delivery failed while stopping");
+                }
+            }
+            Ok(None) | Err(_) => break,
         }
     }
 }

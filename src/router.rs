@@ -186,6 +186,19 @@ impl TopicTemplate {
         })
     }
 
+    /// Fills the placeholders from `value`; a placeholder it has no value
+    /// for is left empty (the caller validates the result).
+    pub fn render<'a>(&self, value: impl Fn(&str) -> Option<&'a str>) -> String {
+        let mut out = String::new();
+        for p in &self.parts {
+            match p {
+                TemplatePart::Literal(l) => out.push_str(l),
+                TemplatePart::Column(c) => out.push_str(value(c).unwrap_or("")),
+            }
+        }
+        out
+    }
+
     /// A topic without placeholders, if this template is one.
     pub fn fixed(&self) -> Option<&str> {
         match self.parts.as_slice() {

@@ -22,6 +22,10 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 /// starts the backoff from the beginning again.
 const HEALTHY_SESSION: Duration = Duration::from_secs(60);
 
+/// A session that got as far as streaming and lasted this long counts as
+/// healthy too.
+const STREAMED_OK: Duration = Duration::from_secs(5);
+
 /// Totals over all sessions.
 #[derive(Debug, Clone, Default)]
 pub struct Totals {
@@ -101,7 +105,13 @@ pub async fn run(
             }
             return Err(err);
         }
-        if started.elapsed() >= HEALTHY_SESSION {
+        // A session that streamed and got something done was healthy: the
+        // next failure is a new incident, not the same one retried, so the
+        // wait starts short again (repeated walsender terminations would
+        // otherwise climb to the cap).
+        if started.elapsed() >= HEALTHY_SESSION
+            || (summary.streamed && (summary.events > 0 || started.elapsed() >= STREAMED_OK))
+        {
             backoff.reset();
         }
         let delay = backoff.next_delay();

@@ -258,16 +258,20 @@ impl Relay {
     /// The address of the relay's HTTP endpoint, once it logged it.
     pub async fn http_address(&self) -> String {
         let mut found = None;
-        wait_until(Duration::from_secs(30), "the HTTP endpoint to listen", || {
-            let log = self.log_text();
-            found = log
-                .lines()
-                .find(|l| l.contains("HTTP endpoint listening"))
-                .and_then(|l| l.split("address=").nth(1))
-                .map(|rest| rest.split_whitespace().next().unwrap_or("").to_string());
-            let ok = found.is_some();
-            async move { ok }
-        })
+        wait_until(
+            Duration::from_secs(30),
+            "the HTTP endpoint to listen",
+            || {
+                let log = self.log_text();
+                found = log
+                    .lines()
+                    .find(|l| l.contains("HTTP endpoint listening"))
+                    .and_then(|l| l.split("address=").nth(1))
+                    .map(|rest| rest.split_whitespace().next().unwrap_or("").to_string());
+                let ok = found.is_some();
+                async move { ok }
+            },
+        )
         .await;
         found.unwrap()
     }
@@ -627,13 +631,24 @@ impl Drop for TempCluster {
 /// A plain HTTP/1.0 GET: (status code, body).
 pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect to the HTTP endpoint");
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await.unwrap();
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the HTTP endpoint");
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await.unwrap();
     let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
