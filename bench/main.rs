@@ -38,6 +38,8 @@ const CLASSIC_TABLE: &str = include_str!("../sql/01_outbox_classic.sql");
 /// `repeat('x', PAD)` in a `{"pad": …, "seq": n}` jsonb gives ~500 B of JSON text.
 const PAD: usize = 473;
 const AGGREGATES: i64 = 1000;
+/// Latency runs write to a new topic every this many seconds (see latency_run).
+const LATENCY_WINDOW_S: u64 = 5;
 
 #[derive(Parser, Debug, Clone)]
 #[command(about = "Benchmark of outbox-relay against its limits (issue 6)")]
@@ -767,6 +769,7 @@ async fn poller(
                     key: "event_type",
                     value: Some(event_type.as_bytes()),
                 });
+            let topic = topic.replace("{event_type}", &event_type);
             let rec = FutureRecord::to(&topic)
                 .key(&key)
                 .payload(&payload)
@@ -883,7 +886,7 @@ fn parse_seq(payload: &[u8]) -> Option<i64> {
 
 fn consume_until(
     brokers: String,
-    topic: String,
+    topics: Vec<String>,
     partitions: i32,
     fetch_wait_ms: u64,
     expected: Arc<AtomicU64>,
@@ -898,8 +901,10 @@ fn consume_until(
         .set("fetch.min.bytes", "1")
         .create()?;
     let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition_offset(&topic, p, Offset::Beginning)?;
+    for topic in &topics {
+        for p in 0..partitions {
+            tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+        }
     }
     c.assign(&tpl)?;
     let mut got: Vec<Received> = Vec::new();
@@ -946,8 +951,17 @@ async fn latency_run(
 ) -> Result<Value> {
     let db = format!("bench_lat_{name}");
     let url = fresh_db(cfg, &db).await?;
-    let topic = topic_name(&format!("latency.{name}"));
-    create_topic(&cfg.a.brokers, &topic, cfg.a.partitions).await?;
+    // One topic per 5-second window, routed by event_type (the relay's topic
+    // template): nisshi's fetches slow down as a partition fills with the many small
+    // batches a 2k-5k/s trickle makes, and after ~15 s the consumer, not the
+    // publisher, became the bottleneck. Small topics keep the consumer honest.
+    let base = topic_name(&format!("latency.{name}"));
+    let topic = format!("{base}.{{event_type}}");
+    let windows = secs.div_ceil(LATENCY_WINDOW_S).max(1);
+    let topics: Vec<String> = (0..windows).map(|w| format!("{base}.w{w}")).collect();
+    for t in &topics {
+        create_topic(&cfg.a.brokers, t, cfg.a.partitions).await?;
+    }
     let mut relay = None;
     let mut poll = None;
     let mut direct: Option<Arc<ThreadedProducer<rdkafka::producer::DefaultProducerContext>>> = None;
@@ -959,7 +973,7 @@ async fn latency_run(
             // Warm up (metadata, producer id) as the relay does before its first
             // event; the consumer ignores a record without a seq.
             p.send(
-                BaseRecord::to(&topic)
+                BaseRecord::to(&topics[0])
                     .key("warmup")
                     .payload("{\"seq\": -1}"),
             )
@@ -988,7 +1002,7 @@ async fn latency_run(
     let consumer = {
         let (b, t, p, w) = (
             cfg.a.brokers.clone(),
-            topic.clone(),
+            topics.clone(),
             cfg.a.partitions,
             cfg.a.fetch_wait_ms,
         );
@@ -1011,13 +1025,13 @@ async fn latency_run(
     for w in 0..writers {
         let url = url.clone();
         let direct = direct.clone();
-        let topic = topic.clone();
+        let base = base.clone();
         let pad = "x".repeat(PAD);
         hs.push(tokio::spawn(async move {
             let c = connect(&url).await?;
             let stmt = c
                 .prepare(&format!(
-                    "INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('bench', $1, jsonb_build_object('seq', $2::bigint, 'pad', repeat('x', {PAD})))"
+                    "INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ($3, $1, jsonb_build_object('seq', $2::bigint, 'pad', repeat('x', {PAD})))"
                 ))
                 .await?;
             let mut commits: Vec<(i64, i64)> = Vec::new();
@@ -1029,11 +1043,13 @@ async fn latency_run(
                 }
                 tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / per_writer)).await;
                 let key = format!("agg-{}", seq % AGGREGATES);
+                let etype = format!("w{}", seq as u64 / (rate * LATENCY_WINDOW_S));
                 // Autocommit: the statement is the one-event transaction; when execute()
                 // returns, COMMIT has returned.
-                c.execute(&stmt, &[&key, &seq]).await?;
+                c.execute(&stmt, &[&key, &seq, &etype]).await?;
                 commits.push((seq, now_us()));
                 if let Some(p) = &direct {
+                    let topic = format!("{base}.{etype}");
                     let payload = format!("{{\"pad\": \"{pad}\", \"seq\": {seq}}}");
                     let mut rec = BaseRecord::to(&topic).key(&key).payload(&payload);
                     loop {
@@ -1091,7 +1107,10 @@ async fn latency_run(
             }
         }
     }
-    let verified = hw_sum_async(&cfg.a.brokers, &topic).await?;
+    let mut verified = 0;
+    for t in &topics {
+        verified += hw_sum_async(&cfg.a.brokers, t).await?;
+    }
     log(format!(
         "latency/{name}: {} committed ({:.0}/s achieved), {} received; e2e {}",
         commits.len(),
@@ -1839,7 +1858,7 @@ fn write_markdown(out: &Path, r: &Value, plots: &[String]) -> Result<()> {
     let _ = writeln!(m);
 
     let _ = writeln!(m, "## Latency\n");
-    let _ = writeln!(m, "What is measured: the writer takes the client-side wall-clock time right after the one-event transaction's COMMIT returned (autocommit INSERT, `synchronous_commit=on`); a consumer in the same process (same host clock, `fetch.wait.max.ms={}`) takes the time it received the record. Latency = receive − commit, so it includes the relay's whole path, the broker append, the broker acknowledgement and the consumer fetch; it is an upper bound on commit → broker acknowledgement. The record timestamp column is the Kafka record's timestamp (librdkafka's CreateTime = when the producer enqueued it) minus the commit time: roughly the commit → enqueue part; the timestamp is truncated to whole milliseconds, so these figures read about 0.5 ms low and can be negative. The commit time is taken when the writer task resumes after COMMIT returned, so on a busy machine it can be late by the scheduling delay (which biases every latency here slightly low, never high). The consumer uses `fetch.wait.max.ms=1` because nisshi does not answer a parked fetch as soon as data arrives (a trial with 100 ms gave a 32 ms p50 instead of 7 ms), so a longer wait would be measured as relay latency. The baseline row is the same writers, topic layout and consumer, but the writer produces each event itself right after its COMMIT returned, with the relay's producer settings (`linger.ms=5`, idempotent, `acks=all`): the Kafka path alone, which the relay cannot beat.\n", r["environment"]["fetch_wait_ms"]);
+    let _ = writeln!(m, "What is measured: the writer takes the client-side wall-clock time right after the one-event transaction's COMMIT returned (autocommit INSERT, `synchronous_commit=on`); a consumer in the same process (same host clock, `fetch.wait.max.ms={}`) takes the time it received the record. Latency = receive − commit, so it includes the relay's whole path, the broker append, the broker acknowledgement and the consumer fetch; it is an upper bound on commit → broker acknowledgement. The record timestamp column is the Kafka record's timestamp (librdkafka's CreateTime = when the producer enqueued it) minus the commit time: roughly the commit → enqueue part; the timestamp is truncated to whole milliseconds, so these figures read about 0.5 ms low and can be negative. The commit time is taken when the writer task resumes after COMMIT returned, so on a busy machine it can be late by the scheduling delay (which biases every latency here slightly low, never high). The consumer uses `fetch.wait.max.ms=1` because nisshi does not answer a parked fetch as soon as data arrives (a trial with 100 ms gave a 32 ms p50 instead of 7 ms), so a longer wait would be measured as relay latency. The baseline row is the same writers, topic layout and consumer, but the writer produces each event itself right after its COMMIT returned, with the relay's producer settings (`linger.ms=5`, idempotent, `acks=all`): the Kafka path alone, which the relay cannot beat. Every latency run moves to a new topic every 5 s (`w0`, `w1`, … as the event_type, routed by the relay's topic template `….{event_type}`): with one topic, nisshi's fetches slowed down as the partitions filled with small batches and after ~15 s at 2k/s the consumer fell behind (half the records unread 60 s after the last commit, for the direct baseline as much as for the relay).\n", r["environment"]["fetch_wait_ms"]);
     let _ = writeln!(m, "| publisher | rate (achieved) | received / committed | p50 | p90 | p99 | p99.9 | max | commit → record timestamp p50 / p99 |\n|---|---|---|---|---|---|---|---|---|");
     for (k, label) in [
         ("direct", "baseline: writer produces right after COMMIT"),
