@@ -59,6 +59,8 @@ pub enum PipelineError {
     Sink(#[from] SinkError),
     #[error(transparent)]
     Delivery(Box<DeliveryFailure>),
+    #[error("{0}")]
+    Publication(String),
     #[error("replication slot {slot:?} does not exist: run `outbox-relay setup` first")]
     SlotMissing { slot: String },
     #[error("replication slot {slot:?} uses plugin {plugin:?}, not pgoutput: drop it or choose another --slot")]
@@ -223,6 +225,47 @@ async fn check_slot(conn: &mut ReplicationConnection, slot: &str) -> Result<Slot
         confirmed,
         active_pid,
     })
+}
+
+/// The publication must exist, publish inserts and cover the outbox table:
+/// otherwise the stream is silently empty and events would never arrive.
+async fn check_publication(
+    conn: &mut ReplicationConnection,
+    cfg: &RelayConfig,
+) -> Result<(), PipelineError> {
+    let table = &cfg.router.table;
+    let rows = conn
+        .simple_query(&format!(
+            "SELECT p.pubinsert::text, EXISTS (SELECT 1 FROM pg_publication_tables t
+                      WHERE t.pubname = p.pubname AND t.schemaname = {} AND t.tablename = {})::text
+               FROM pg_publication p WHERE p.pubname = {}",
+            quote_literal(&table.schema),
+            quote_literal(&table.name),
+            quote_literal(&cfg.publication)
+        ))
+        .await?;
+    let problem = match rows.first() {
+        None => Some(format!(
+            "publication {:?} does not exist: run `outbox-relay setup`",
+            cfg.publication
+        )),
+        Some(row) if row.first().cloned().flatten().as_deref() != Some("true") => Some(format!(
+            "publication {0:?} does not publish inserts: ALTER PUBLICATION {1} SET (publish = 'insert')",
+            cfg.publication,
+            quote_ident(&cfg.publication)
+        )),
+        Some(row) if row.get(1).cloned().flatten().as_deref() != Some("true") => Some(format!(
+            "publication {0:?} does not cover the outbox table {table}: ALTER PUBLICATION {1} ADD TABLE {2} (or run `outbox-relay setup`)",
+            cfg.publication,
+            quote_ident(&cfg.publication),
+            table.quoted()
+        )),
+        Some(_) => None,
+    };
+    match problem {
+        Some(p) => Err(PipelineError::Publication(p)),
+        None => Ok(()),
+    }
 }
 
 /// An event handed to the producer, until its delivery report arrives.
@@ -674,6 +717,7 @@ async fn session(
     let mut conn = ReplicationConnection::connect(&params).await?;
     let system = conn.identify_system().await?;
     let slot = check_slot(&mut conn, &cfg.slot).await?;
+    check_publication(&mut conn, cfg).await?;
     if let Some(ours) = resume {
         if slot.confirmed > ours {
             return Err(PipelineError::SlotMovedAhead {
@@ -795,7 +839,10 @@ async fn session(
     )
     .await;
     if let Err(e) = &result {
-        if !matches!(e, PipelineError::Replication(_) | PipelineError::ServerEnded) {
+        if !matches!(
+            e,
+            PipelineError::Replication(_) | PipelineError::ServerEnded
+        ) {
             // Stopping on a bad event: let what was already handed to the
             // producer arrive, so the slot stops right before the bad event
             // rather than at an older position (fewer repeats on restart).

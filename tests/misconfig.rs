@@ -1,0 +1,204 @@
+//! Misconfiguration is refused at start with a message that says what to
+//! fix, and the process behaves as an operator expects on signals and with
+//! machine-readable logs.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+async fn setup_db(name: &str) -> (TestDb, String) {
+    let db = TestDb::new(name).await;
+    db.exec(CLASSIC_TABLE).await;
+    let slot = format!("s_{}", db.name);
+    let (code, out, err) = relay_cmd(&["setup", "--database-url", &db.url, "--slot", &slot]);
+    assert_eq!(code, 0, "{out}{err}");
+    (db, slot)
+}
+
+fn run(db: &TestDb, slot: &str, extra: &[&str]) -> (i32, String) {
+    let brokers = brokers();
+    let mut args = vec![
+        "run",
+        "--database-url",
+        &db.url,
+        "--kafka-brokers",
+        &brokers,
+        "--slot",
+        slot,
+    ];
+    args.extend_from_slice(extra);
+    let (code, _, err) = relay_cmd(&args);
+    (code, err)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publication_that_would_stream_nothing_is_refused() {
+    let (db, slot) = setup_db("mis_pub").await;
+    let before = db.confirmed_flush_lsn(&slot).await;
+    db.exec("ALTER PUBLICATION outbox_pub DROP TABLE outbox")
+        .await;
+    let (code, err) = run(&db, &slot, &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("publication \"outbox_pub\" does not cover the outbox table public.outbox: ALTER PUBLICATION \"outbox_pub\" ADD TABLE \"public\".\"outbox\""),
+        "{err}"
+    );
+    db.exec("ALTER PUBLICATION outbox_pub ADD TABLE outbox; ALTER PUBLICATION outbox_pub SET (publish = 'delete')").await;
+    let (code, err) = run(&db, &slot, &[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(
+            "does not publish inserts: ALTER PUBLICATION \"outbox_pub\" SET (publish = 'insert')"
+        ),
+        "{err}"
+    );
+    let (code, err) = run(&db, &slot, &["--publication", "nope"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("publication \"nope\" does not exist: run `outbox-relay setup`"),
+        "{err}"
+    );
+    assert_eq!(
+        db.confirmed_flush_lsn(&slot).await,
+        before,
+        "nothing was confirmed"
+    );
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_without_replication_gets_the_fix() {
+    let (db, slot) = setup_db("mis_role").await;
+    db.exec("DO $$ BEGIN CREATE ROLE no_repl_role LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$").await;
+    let url = db.url.replacen("postgres@", "no_repl_role@", 1);
+    let brokers = brokers();
+    let (code, _, err) = relay_cmd(&[
+        "run",
+        "--database-url",
+        &url,
+        "--kafka-brokers",
+        &brokers,
+        "--slot",
+        &slot,
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("ALTER ROLE <role> REPLICATION"), "{err}");
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_on_a_server_without_logical_wal_says_what_to_set() {
+    let cluster = TempCluster::start(&[], &["wal_level=replica"]);
+    let url = cluster.url("postgres", None);
+    sql_client(&url)
+        .await
+        .batch_execute(CLASSIC_TABLE)
+        .await
+        .unwrap();
+    let (code, _, err) = relay_cmd(&["setup", "--database-url", &url]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("wal_level is \"replica\" but logical replication needs 'logical'")
+            && err.contains("restart Postgres"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_the_event_fields() {
+    let (db, slot) = setup_db("mis_json").await;
+    let prefix = unique("json");
+    let template = format!("{prefix}.{{event_type}}");
+    let mut relay = Relay::start(&relay_args(
+        &db,
+        &brokers(),
+        &[
+            "--slot",
+            &slot,
+            "--topic",
+            &template,
+            "--log-format",
+            "json",
+        ],
+    ));
+    wait_until(Duration::from_secs(30), "streaming", || async {
+        db.slot_active(&slot).await
+    })
+    .await;
+    db.exec(
+        "INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('T', 'agg-json', '{}')",
+    )
+    .await;
+    consume(
+        &brokers(),
+        &[format!("{prefix}.T")],
+        1,
+        Duration::from_secs(60),
+    )
+    .await;
+    relay.signal("TERM");
+    assert_eq!(relay.wait(Duration::from_secs(30)).await, Some(0));
+    let log = relay.log_text();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let event = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "event enqueued")
+        .expect("a per-event debug line");
+    assert_eq!(event["fields"]["aggregate_id"], "agg-json");
+    assert_eq!(event["fields"]["event_type"], "T");
+    assert!(event["fields"]["event_id"]
+        .as_str()
+        .is_some_and(|s| s.len() == 36));
+    assert!(event["fields"]["lsn"]
+        .as_str()
+        .is_some_and(|s| s.contains('/')));
+    assert!(event["fields"]["since_commit_ms"].is_number());
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_exits_at_once() {
+    let (db, slot) = setup_db("mis_signal").await;
+    // The broker is unreachable, so a graceful stop would wait for the
+    // shutdown timeout (60 s here) with the event in flight.
+    let mut relay = Relay::start(&relay_args(
+        &db,
+        &format!("127.0.0.1:{}", free_port()),
+        &["--slot", &slot, "--shutdown-timeout", "60"],
+    ));
+    wait_until(Duration::from_secs(30), "streaming", || async {
+        db.slot_active(&slot).await
+    })
+    .await;
+    db.exec("INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('T', 'a', '{}')")
+        .await;
+    wait_until(Duration::from_secs(30), "the event in flight", || async {
+        relay.log_text().contains("event enqueued")
+    })
+    .await;
+    relay.signal("TERM");
+    wait_until(
+        Duration::from_secs(30),
+        "the graceful stop to begin",
+        || async { relay.log_text().contains("shutting down") },
+    )
+    .await;
+    relay.signal("TERM");
+    assert_eq!(
+        relay.wait(Duration::from_secs(10)).await,
+        Some(130),
+        "{}",
+        relay.log_text()
+    );
+    assert!(
+        relay.log_text().contains("second signal"),
+        "{}",
+        relay.log_text()
+    );
+    db.drop().await;
+}
