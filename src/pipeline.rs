@@ -956,7 +956,9 @@ async fn stream_loop(
 /// only leave the position where it is.
 async fn settle_in_flight(state: &mut State, limit: Duration) {
     let deadline = tokio::time::Instant::now() + limit;
-    while state.checkpoint.inflight() > 0 {
+    // Wait for reports still owed; a failed event already reported is not
+    // owed one, though the checkpoint still counts it as unconfirmed.
+    while state.pending.iter().any(Option::is_some) {
         match tokio::time::timeout_at(deadline, state.acks.recv()).await {
             Ok(Some(ack)) => {
                 if let Err(e) = state.on_ack(ack) {

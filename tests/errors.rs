@@ -115,7 +115,13 @@ async fn bad_rows_go_to_the_dead_letter_topic_with_the_reason() {
     .await;
     c.good(2).await;
     let after = c.db.current_wal_lsn().await;
-    let dead = consume(&brokers(), std::slice::from_ref(&c.dlq), 3, Duration::from_secs(60)).await;
+    let dead = consume(
+        &brokers(),
+        std::slice::from_ref(&c.dlq),
+        3,
+        Duration::from_secs(60),
+    )
+    .await;
     assert_eq!(dead.len(), 3);
     let by_id = |id: &str| {
         dead.iter()
@@ -193,7 +199,13 @@ async fn an_oversized_record_is_dead_lettered_without_its_value_or_halts() {
     .await;
     c.db.exec(&big(1)).await;
     c.good(1).await;
-    let dead = consume(&brokers(), std::slice::from_ref(&c.dlq), 1, Duration::from_secs(60)).await;
+    let dead = consume(
+        &brokers(),
+        std::slice::from_ref(&c.dlq),
+        1,
+        Duration::from_secs(60),
+    )
+    .await;
     assert_eq!(
         dead[0].header("outbox.error.kind").as_deref(),
         Some("too-large")
@@ -237,7 +249,13 @@ async fn an_oversized_record_is_dead_lettered_without_its_value_or_halts() {
     })
     .await;
     c.db.exec(&big(3)).await;
-    let dead = consume(&brokers(), std::slice::from_ref(&c.dlq), 2, Duration::from_secs(60)).await;
+    let dead = consume(
+        &brokers(),
+        std::slice::from_ref(&c.dlq),
+        2,
+        Duration::from_secs(60),
+    )
+    .await;
     let broker_refused = dead
         .iter()
         .find(|r| {
@@ -295,7 +313,13 @@ async fn a_payload_that_is_not_json_is_refused_when_json_is_required() {
            ('Good', 'a', '{}', 'not json {')",
     )
     .await;
-    let dead = consume(&brokers(), std::slice::from_ref(&c.dlq), 1, Duration::from_secs(60)).await;
+    let dead = consume(
+        &brokers(),
+        std::slice::from_ref(&c.dlq),
+        1,
+        Duration::from_secs(60),
+    )
+    .await;
     assert_eq!(
         dead[0].header("outbox.error.kind").as_deref(),
         Some("payload-json")
@@ -332,7 +356,13 @@ async fn a_missing_topic_without_auto_creation_is_dead_lettered() {
     .await;
     c.db.exec("INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('Nowhere', 'a', '{\"n\": 1}')").await;
     c.good(1).await;
-    let dead = consume(&brokers(), std::slice::from_ref(&c.dlq), 1, Duration::from_secs(60)).await;
+    let dead = consume(
+        &brokers(),
+        std::slice::from_ref(&c.dlq),
+        1,
+        Duration::from_secs(60),
+    )
+    .await;
     assert_eq!(
         dead[0].header("outbox.error.kind").as_deref(),
         Some("topic-missing"),
@@ -346,5 +376,93 @@ async fn a_missing_topic_without_auto_creation_is_dead_lettered() {
     assert_eq!(dead[0].payload.as_deref(), Some(&b"{\"n\": 1}"[..]));
     relay.signal("TERM");
     assert_eq!(relay.wait(Duration::from_secs(30)).await, Some(0));
+    c.db.drop().await;
+}
+
+/// Authorization failures cannot be staged on the test broker (it has no
+/// ACLs), so librdkafka's mock cluster plays the broker here: it runs in
+/// this process, listens on loopback, and the relay process connects to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unauthorised_topic_is_dead_lettered_or_halts() {
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::RDKafkaRespErr;
+    let c = case("err_auth").await;
+    let mock = MockCluster::new(1).expect("mock cluster");
+    let secret = format!("{}.Secret", c.prefix);
+    mock.create_topic(&c.dlq, 1, 1).unwrap();
+    mock.create_topic(&format!("{}.Good", c.prefix), 1, 1)
+        .unwrap();
+    mock.create_topic(&secret, 1, 1).unwrap();
+    mock.topic_error(
+        &secret,
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
+    )
+    .unwrap();
+    let servers = mock.bootstrap_servers();
+    let template = format!("{}.{{event_type}}", c.prefix);
+    let args = |extra: &[&str]| {
+        let mut a = vec![
+            "--slot",
+            &c.slot,
+            "--topic",
+            &template,
+            "--dead-letter-topic",
+            &c.dlq,
+        ];
+        a.extend_from_slice(extra);
+        relay_args(&c.db, &servers, &a)
+    };
+    let mut relay = Relay::start(&args(&["--on-error-override", "authorization=dead-letter"]));
+    wait_until(Duration::from_secs(30), "streaming", || async {
+        c.db.slot_active(&c.slot).await
+    })
+    .await;
+    c.db.exec("INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('Secret', 'a', '{\"s\": 1}')").await;
+    c.good(1).await;
+    let after = c.db.current_wal_lsn().await;
+    let dead = consume(
+        &servers,
+        std::slice::from_ref(&c.dlq),
+        1,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(
+        dead[0].header("outbox.error.kind").as_deref(),
+        Some("authorization"),
+        "{:?}",
+        dead[0]
+    );
+    assert_eq!(dead[0].header("outbox.original.topic").unwrap(), secret);
+    wait_until(
+        Duration::from_secs(30),
+        "the slot to pass the dead-lettered event",
+        || async { c.db.confirmed_flush_lsn(&c.slot).await >= after },
+    )
+    .await;
+    relay.signal("TERM");
+    assert_eq!(
+        relay.wait(Duration::from_secs(30)).await,
+        Some(0),
+        "{}",
+        relay.log_text()
+    );
+
+    // Under the default policy the relay stops and the slot stays.
+    let mut relay = Relay::start(&args(&[]));
+    wait_until(Duration::from_secs(30), "streaming", || async {
+        c.db.slot_active(&c.slot).await
+    })
+    .await;
+    let before = c.db.current_wal_lsn().await;
+    c.db.exec("INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('Secret', 'a', '{\"s\": 2}')").await;
+    assert_eq!(relay.wait(Duration::from_secs(60)).await, Some(1));
+    assert!(
+        relay.log_text().contains("TopicAuthorizationFailed")
+            || relay.log_text().contains("authoriz"),
+        "{}",
+        relay.log_text()
+    );
+    assert!(c.db.confirmed_flush_lsn(&c.slot).await <= before);
     c.db.drop().await;
 }
