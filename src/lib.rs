@@ -25,6 +25,7 @@ pub mod router;
 pub mod setup;
 pub mod sink;
 pub mod status;
+pub mod stream_buffer;
 pub mod supervisor;
 pub mod tail;
 pub mod tls;

@@ -1,0 +1,1024 @@
+//! Bounded buffering of streamed, still uncommitted transactions
+//! (`streaming 'on'`, pgoutput protocol ≥ 2).
+//!
+//! With streaming on, the walsender sends a large transaction in chunks
+//! *before* it commits: blocks of changes between Stream Start (top-level xid)
+//! and Stream Stop, interleaved with other streamed transactions' blocks and
+//! with ordinary committed transactions (Begin … Commit). Later a Stream Commit
+//! or a Stream Abort settles it. Nothing of a streamed transaction may be
+//! published before its Stream Commit, so its changes are kept here until
+//! then; aborted transactions and aborted subtransactions are discarded.
+//!
+//! Memory is bounded by a byte budget over the payloads of every buffered
+//! change. Whenever a [`StreamBuffer::push`] takes the total over it, the
+//! transaction holding the most bytes in memory (the oldest on a tie) moves all
+//! its in-memory changes to the end of its spill file, until the total is back
+//! within the budget. A transaction's spill file therefore always holds a
+//! *prefix* of its changes and memory the rest, so reading the file and then
+//! memory gives arrival order. A spill file is a sequence of records:
+//!
+//! ```text
+//! subxid u32 | seq u64 | lsn u64 | len u32 | len bytes of the raw pgoutput message   (big-endian)
+//! ```
+//!
+//! `seq` numbers the transaction's changes in arrival order. An aborted
+//! subtransaction's changes are removed from memory at once; spilled ones stay
+//! on disk and are skipped when the file is read back (a change is dropped if
+//! its subxid was aborted after the change arrived).
+//!
+//! Spill files are named `stream-{pid}-{n}-{xid}-{m}.spill` inside the
+//! configured directory (created on first use) and are deleted when their
+//! transaction aborts, when its [`Replay`] is exhausted or dropped, and when
+//! the buffer is dropped. Only a killed process leaves files behind; give each
+//! relay its own directory if that matters. I/O happens only when a push
+//! spills, and while a [`Replay`] reads a spill file back.
+//!
+//! # Integration with the pipeline
+//!
+//! The buffer keeps the *raw* message bytes (what [`Decoder::decode`] was
+//! given), so the spill format is just the wire format. One buffer per
+//! replication session: on reconnect the server streams every unfinished
+//! transaction again from its first segment, so drop the buffer with the
+//! session (that deletes its files).
+//!
+//! Requesting streaming: add `("streaming", "on")` to the `START_REPLICATION`
+//! options, only with protocol ≥ 2 (`parallel` needs protocol 4 and is not
+//! needed: the relay applies nothing in parallel).
+//!
+//! For each XLogData message, decode with the session's [`Decoder`] as today,
+//! then:
+//!
+//! - **Stream Start** `s`: `buffer.start(s.xid, s.first_segment)?`. This also
+//!   registers transactions whose blocks carry nothing for us (the captured
+//!   PG 17 stream has many empty blocks), so their Stream Commit is not "unknown".
+//! - **Inside a block** (`decoder.in_stream()`), for Relation, Insert and a
+//!   transactional Message (the kinds the pipeline acts on; Type, Update,
+//!   Delete and Truncate may be skipped to save memory):
+//!   `buffer.push(decoder.stream_xid().unwrap(), decoder.last_xid().unwrap_or(stream_xid), wal_start, raw)`,
+//!   where `raw` is a clone of the `Bytes` handed to `decode` (cloning `Bytes`
+//!   is a reference count). Do **not** route, enqueue, touch the checkpoint or
+//!   apply a streamed Relation to the router now: a streamed Relation can
+//!   describe a schema changed by the uncommitted transaction itself, and
+//!   concurrent committed transactions must still be routed with the old plan.
+//!   `last_xid` is the *subtransaction's* xid, which is what Stream Abort
+//!   names; `stream_xid` is the top-level xid that Stream Commit names.
+//! - **Stream Stop**: nothing.
+//! - **Stream Abort** `a`: `buffer.abort(a.xid, a.subxid)`. `subxid == xid`
+//!   drops the whole transaction. `UnknownTransaction` here means nothing was
+//!   buffered for it: log it, nothing to discard. Subtransaction Relations are
+//!   dropped with their subtransaction, as PostgreSQL's own subscriber does
+//!   (it truncates its stream file); the server sends the Relation again
+//!   before the next change (pgoutput clears its per-transaction "schema sent"
+//!   marks on every Stream Abort).
+//! - **Stream Commit** `c`: this is where the streamed transaction becomes a
+//!   transaction, in commit order with the ordinary ones around it:
+//!   `let replay = buffer.commit(c.xid)?;` then `checkpoint.begin(c.commit_lsn)`,
+//!   `commit_time = c.commit_time`, and for each `change` of `replay` decode
+//!   `change.data` with [`replay_decoder`]`(protocol, c.xid)` (a decoder put in
+//!   stream state, because streamed messages carry the xid prefix; not the
+//!   session decoder, whose state belongs to the live stream) and handle the
+//!   result exactly like the same message of an ordinary transaction
+//!   (Relation → `router.on_relation`, Insert → route + `checkpoint.event()` +
+//!   enqueue, with `change.lsn` as the change's position); finally
+//!   `checkpoint.commit(c.end_lsn)` and count the transaction. Only then does
+//!   the transaction have events and an end LSN; the contiguous-prefix rule
+//!   applies to it unchanged.
+//! - A Stream Commit for an unknown xid is a protocol error: stop (the relay
+//!   would otherwise confirm past changes it never had).
+//!
+//! Backpressure: a replay can be large and `enqueue_tracked` waits for acks
+//! when the producer queue is full. Keep the [`Replay`] in the pipeline state
+//! and feed it from the same place that reads WAL (when `can_read`), and do not
+//! read the next WAL message until the replay is finished: what follows a
+//! Stream Commit in the WAL must be published after it.
+//!
+//! Checkpoint: an open streamed transaction has no place in the checkpoint
+//! (its commit LSN is unknown until Stream Commit), so `checkpoint.begin` is
+//! never called for Stream Start. Committed transactions around it confirm as
+//! usual: an open streamed transaction commits after them, so after a restart
+//! the server sends it again in full. For the keepalive shortcut
+//! (`checkpoint.idle(wal_end)`), treat `buffer.open_transactions() > 0` as an
+//! open transaction and skip it: the server keeps the WAL of an open
+//! transaction anyway (its restart_lsn cannot pass it), so this costs no
+//! retention and keeps "never confirm past something not delivered" simple.
+//! On shutdown, open streamed transactions are simply dropped (with their
+//! files): they will be streamed again.
+//!
+//! Memory: [`StreamBuffer::memory_bytes`] counts message payload bytes only
+//! (about 50 bytes of bookkeeping per change come on top). After every
+//! successful push it is at most the budget; during one it exceeds it by at
+//! most that one message. A committed transaction's remaining in-memory
+//! changes move into its [`Replay`] and no longer count.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+
+use crate::lsn::Lsn;
+use crate::pgoutput::Decoder;
+
+/// Bytes of a spill record before the message: subxid, seq, lsn, length.
+const RECORD_HEADER: usize = 4 + 8 + 8 + 4;
+
+/// Distinguishes the buffers of one process in spill file names.
+static INSTANCE: AtomicU64 = AtomicU64::new(0);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StreamBufferError {
+    #[error("streamed transaction {xid} is not open (no Stream Start for it in this session)")]
+    UnknownTransaction { xid: u32 },
+    #[error(
+        "Stream Start for transaction {xid} is marked as its first segment, but it is already open"
+    )]
+    AlreadyOpen { xid: u32 },
+    #[error("Stream Start for transaction {xid} is not its first segment, but no earlier segment was seen: its first changes were missed")]
+    MissedFirstSegment { xid: u32 },
+    #[error(
+        "a change of streamed transaction {xid} is {len} bytes, more than a spill record can hold"
+    )]
+    TooLarge { xid: u32, len: usize },
+    #[error("spill file {} of streamed transaction {xid}: {source}", path.display())]
+    Io {
+        xid: u32,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("spill file {} of streamed transaction {xid} is corrupt: {reason}", path.display())]
+    Corrupt {
+        xid: u32,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("streamed transaction {xid} lost changes when spilling them failed earlier")]
+    Poisoned { xid: u32 },
+}
+
+/// One buffered change, as pushed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BufferedChange {
+    /// The (sub)transaction that made the change ([`Decoder::last_xid`]).
+    pub subxid: u32,
+    /// Position of the change (the XLogData `wal_start`), for diagnostics.
+    pub lsn: Lsn,
+    /// The raw pgoutput message, streamed layout (with its xid prefix).
+    pub data: Bytes,
+}
+
+/// Buffers the changes of streamed transactions until Stream Commit or Stream
+/// Abort, within a memory budget, spilling to files beyond it.
+#[derive(Debug)]
+pub struct StreamBuffer {
+    budget: usize,
+    spill_dir: PathBuf,
+    txns: HashMap<u32, Txn>,
+    /// Payload bytes in memory, over all open transactions.
+    memory: usize,
+    /// Bytes in the spill files of open transactions.
+    spilled: u64,
+    /// Bytes ever written to spill files.
+    spilled_total: u64,
+    /// Order of Stream Start, for "oldest"; also numbers spill files.
+    counter: u64,
+    instance: u64,
+}
+
+#[derive(Debug)]
+struct Txn {
+    /// When its first segment arrived (smaller is older).
+    order: u64,
+    /// Sequence number of the next change.
+    next_seq: u64,
+    /// The changes after those in the spill file, oldest first.
+    memory: VecDeque<(u64, BufferedChange)>,
+    mem_bytes: usize,
+    spill: Option<Spill>,
+    /// Aborted subxid → the `seq` of the next change when it aborted: its
+    /// spilled changes numbered below are skipped on read-back.
+    aborted: HashMap<u32, u64>,
+    /// A spill failed: changes were lost, the transaction cannot commit.
+    poisoned: bool,
+}
+
+/// Deletes the file when dropped.
+#[derive(Debug)]
+struct SpillPath(PathBuf);
+
+impl Drop for SpillPath {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.0) {
+            if e.kind() != io::ErrorKind::NotFound {
+                tracing::warn!(path = %self.0.display(), error = %e, "cannot remove a spill file");
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Spill {
+    // Declared before the path so the handle closes before the file is removed.
+    writer: BufWriter<File>,
+    path: SpillPath,
+    /// Bytes written (and flushed) so far.
+    bytes: u64,
+    records: u64,
+}
+
+impl StreamBuffer {
+    /// A buffer keeping at most `memory_budget` payload bytes in memory and
+    /// spilling into `spill_dir` (created when first needed). No I/O here.
+    pub fn new(memory_budget: usize, spill_dir: PathBuf) -> Self {
+        Self {
+            budget: memory_budget,
+            spill_dir,
+            txns: HashMap::new(),
+            memory: 0,
+            spilled: 0,
+            spilled_total: 0,
+            counter: 0,
+            instance: INSTANCE.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
+    /// Stream Start of top-level transaction `xid`. The first segment opens
+    /// it; later segments must find it open.
+    pub fn start(&mut self, xid: u32, first_segment: bool) -> Result<(), StreamBufferError> {
+        match (first_segment, self.txns.contains_key(&xid)) {
+            (true, true) => Err(StreamBufferError::AlreadyOpen { xid }),
+            (false, false) => Err(StreamBufferError::MissedFirstSegment { xid }),
+            (false, true) => Ok(()),
+            (true, false) => {
+                self.counter += 1;
+                self.txns.insert(
+                    xid,
+                    Txn {
+                        order: self.counter,
+                        next_seq: 0,
+                        memory: VecDeque::new(),
+                        mem_bytes: 0,
+                        spill: None,
+                        aborted: HashMap::new(),
+                        poisoned: false,
+                    },
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// One change of the open streamed transaction `xid` (top-level, from
+    /// Stream Start), made by `subxid` (its xid prefix, [`Decoder::last_xid`]).
+    /// May spill to stay within the budget.
+    pub fn push(
+        &mut self,
+        xid: u32,
+        subxid: u32,
+        lsn: Lsn,
+        raw_message: Bytes,
+    ) -> Result<(), StreamBufferError> {
+        let txn = self
+            .txns
+            .get_mut(&xid)
+            .ok_or(StreamBufferError::UnknownTransaction { xid })?;
+        if txn.poisoned {
+            return Err(StreamBufferError::Poisoned { xid });
+        }
+        let len = raw_message.len();
+        if u32::try_from(len).is_err() {
+            return Err(StreamBufferError::TooLarge { xid, len });
+        }
+        let seq = txn.next_seq;
+        txn.next_seq += 1;
+        txn.memory.push_back((
+            seq,
+            BufferedChange {
+                subxid,
+                lsn,
+                data: raw_message,
+            },
+        ));
+        txn.mem_bytes += len;
+        self.memory += len;
+        self.enforce_budget()
+    }
+
+    /// Stream Abort: drops `subxid`'s changes so far, or the whole
+    /// transaction (and its spill file) when `subxid == xid`. A subxid with no
+    /// buffered changes is fine; an unknown `xid` is an error (nothing done).
+    pub fn abort(&mut self, xid: u32, subxid: u32) -> Result<(), StreamBufferError> {
+        if subxid == xid {
+            let txn = self
+                .txns
+                .remove(&xid)
+                .ok_or(StreamBufferError::UnknownTransaction { xid })?;
+            self.forget(&txn);
+            return Ok(()); // dropping `txn` deletes its file
+        }
+        let txn = self
+            .txns
+            .get_mut(&xid)
+            .ok_or(StreamBufferError::UnknownTransaction { xid })?;
+        let mut freed = 0;
+        txn.memory.retain(|(_, c)| {
+            let keep = c.subxid != subxid;
+            if !keep {
+                freed += c.data.len();
+            }
+            keep
+        });
+        txn.mem_bytes -= freed;
+        self.memory -= freed;
+        if txn.spill.is_some() {
+            txn.aborted.insert(subxid, txn.next_seq);
+        }
+        Ok(())
+    }
+
+    /// Stream Commit: closes `xid` and hands back its changes in arrival
+    /// order, minus those of aborted subtransactions. Spilled changes are read
+    /// back lazily by the [`Replay`], which deletes the file when done or
+    /// dropped.
+    pub fn commit(&mut self, xid: u32) -> Result<Replay, StreamBufferError> {
+        let mut txn = self
+            .txns
+            .remove(&xid)
+            .ok_or(StreamBufferError::UnknownTransaction { xid })?;
+        self.forget(&txn);
+        if txn.poisoned {
+            return Err(StreamBufferError::Poisoned { xid });
+        }
+        let spill = match txn.spill.take() {
+            None => None,
+            Some(Spill {
+                writer,
+                path,
+                bytes,
+                records,
+            }) => {
+                let io_err = |source: io::Error, path: &SpillPath| StreamBufferError::Io {
+                    xid,
+                    path: path.0.clone(),
+                    source,
+                };
+                let mut file = writer
+                    .into_inner()
+                    .map_err(|e| io_err(e.into_error(), &path))?;
+                file.seek(SeekFrom::Start(0))
+                    .map_err(|e| io_err(e, &path))?;
+                Some(SpillReader {
+                    reader: BufReader::new(file),
+                    path,
+                    records_left: records,
+                    bytes_left: bytes,
+                })
+            }
+        };
+        Ok(Replay {
+            xid,
+            spill,
+            aborted: std::mem::take(&mut txn.aborted),
+            memory: std::mem::take(&mut txn.memory),
+            failed: false,
+        })
+    }
+
+    /// True if `xid` is an open streamed transaction.
+    pub fn is_open(&self, xid: u32) -> bool {
+        self.txns.contains_key(&xid)
+    }
+
+    /// Payload bytes of the changes held in memory.
+    pub fn memory_bytes(&self) -> usize {
+        self.memory
+    }
+
+    /// Bytes in the spill files of open transactions (including spilled
+    /// changes of aborted subtransactions, skipped only on read-back).
+    pub fn spilled_bytes(&self) -> u64 {
+        self.spilled
+    }
+
+    /// Bytes ever written to spill files by this buffer (for a counter metric).
+    pub fn spilled_bytes_total(&self) -> u64 {
+        self.spilled_total
+    }
+
+    /// Streamed transactions started and not yet committed or aborted.
+    pub fn open_transactions(&self) -> usize {
+        self.txns.len()
+    }
+
+    /// The memory budget given to [`StreamBuffer::new`].
+    pub fn budget(&self) -> usize {
+        self.budget
+    }
+
+    /// Removes a closed transaction's bytes from the totals.
+    fn forget(&mut self, txn: &Txn) {
+        self.memory -= txn.mem_bytes;
+        if let Some(s) = &txn.spill {
+            self.spilled -= s.bytes;
+        }
+    }
+
+    fn enforce_budget(&mut self) -> Result<(), StreamBufferError> {
+        while self.memory > self.budget {
+            let victim = self
+                .txns
+                .iter()
+                .filter(|(_, t)| t.mem_bytes > 0)
+                .max_by(|(_, a), (_, b)| a.mem_bytes.cmp(&b.mem_bytes).then(b.order.cmp(&a.order)))
+                .map(|(xid, _)| *xid);
+            let Some(xid) = victim else {
+                // Unreachable: memory > 0 means some transaction holds bytes.
+                break;
+            };
+            self.spill(xid)?;
+        }
+        Ok(())
+    }
+
+    /// Appends all in-memory changes of `xid` to its spill file.
+    fn spill(&mut self, xid: u32) -> Result<(), StreamBufferError> {
+        let Some(txn) = self.txns.get_mut(&xid) else {
+            return Ok(());
+        };
+        if txn.spill.is_none() {
+            match create_spill_file(&self.spill_dir, self.instance, xid, &mut self.counter) {
+                Ok(s) => txn.spill = Some(s),
+                Err((path, source)) => {
+                    self.memory -= txn.mem_bytes;
+                    poison(txn);
+                    return Err(StreamBufferError::Io { xid, path, source });
+                }
+            }
+        }
+        let Some(spill) = txn.spill.as_mut() else {
+            return Ok(());
+        };
+        let written: io::Result<u64> = (|| {
+            let mut n = 0u64;
+            for (seq, c) in &txn.memory {
+                let mut header = [0u8; RECORD_HEADER];
+                header[0..4].copy_from_slice(&c.subxid.to_be_bytes());
+                header[4..12].copy_from_slice(&seq.to_be_bytes());
+                header[12..20].copy_from_slice(&c.lsn.0.to_be_bytes());
+                // push() refused anything longer than u32::MAX.
+                header[20..24].copy_from_slice(&(c.data.len() as u32).to_be_bytes());
+                spill.writer.write_all(&header)?;
+                spill.writer.write_all(&c.data)?;
+                n += (RECORD_HEADER + c.data.len()) as u64;
+            }
+            spill.writer.flush()?;
+            Ok(n)
+        })();
+        match written {
+            Ok(n) => {
+                spill.bytes += n;
+                spill.records += txn.memory.len() as u64;
+                self.spilled += n;
+                self.spilled_total += n;
+                self.memory -= txn.mem_bytes;
+                txn.mem_bytes = 0;
+                txn.memory.clear();
+                Ok(())
+            }
+            Err(source) => {
+                let path = spill.path.0.clone();
+                self.spilled -= spill.bytes;
+                self.memory -= txn.mem_bytes;
+                poison(txn);
+                Err(StreamBufferError::Io { xid, path, source })
+            }
+        }
+    }
+}
+
+/// Frees what a transaction whose spill failed holds; its file goes too.
+fn poison(txn: &mut Txn) {
+    txn.poisoned = true;
+    txn.memory = VecDeque::new();
+    txn.mem_bytes = 0;
+    txn.spill = None;
+    txn.aborted.clear();
+}
+
+fn create_spill_file(
+    dir: &std::path::Path,
+    instance: u64,
+    xid: u32,
+    counter: &mut u64,
+) -> Result<Spill, (PathBuf, io::Error)> {
+    std::fs::create_dir_all(dir).map_err(|e| (dir.to_path_buf(), e))?;
+    let pid = std::process::id();
+    let mut attempts = 0;
+    loop {
+        *counter += 1;
+        let path = dir.join(format!("stream-{pid}-{instance}-{xid}-{counter}.spill"));
+        match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
+            Ok(file) => {
+                return Ok(Spill {
+                    writer: BufWriter::new(file),
+                    path: SpillPath(path),
+                    bytes: 0,
+                    records: 0,
+                })
+            }
+            // A leftover of a killed process with the same pid: pick another name.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempts < 100 => attempts += 1,
+            Err(e) => return Err((path, e)),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct SpillReader {
+    reader: BufReader<File>,
+    path: SpillPath,
+    records_left: u64,
+    bytes_left: u64,
+}
+
+/// The changes of a committed streamed transaction, in arrival order: first
+/// those read back from its spill file, then those that were in memory.
+/// Yields an error at most once, then ends. Deletes the spill file when the
+/// file is exhausted or the replay dropped.
+#[derive(Debug)]
+pub struct Replay {
+    xid: u32,
+    spill: Option<SpillReader>,
+    aborted: HashMap<u32, u64>,
+    memory: VecDeque<(u64, BufferedChange)>,
+    failed: bool,
+}
+
+impl Replay {
+    /// The top-level xid of the transaction.
+    pub fn xid(&self) -> u32 {
+        self.xid
+    }
+
+    /// Reads the next kept record of the spill file, if any is left.
+    fn next_spilled(&mut self) -> Option<Result<BufferedChange, StreamBufferError>> {
+        let xid = self.xid;
+        loop {
+            let sp = self.spill.as_mut()?;
+            if sp.records_left == 0 {
+                let left = sp.bytes_left;
+                let path = sp.path.0.clone();
+                self.spill = None; // deletes the file
+                if left != 0 {
+                    return Some(Err(StreamBufferError::Corrupt {
+                        xid,
+                        path,
+                        reason: format!("{left} bytes left after the last record"),
+                    }));
+                }
+                return None;
+            }
+            let corrupt = |sp: &SpillReader, reason: String| StreamBufferError::Corrupt {
+                xid,
+                path: sp.path.0.clone(),
+                reason,
+            };
+            let read_err = |sp: &SpillReader, e: io::Error| {
+                if e.kind() == io::ErrorKind::UnexpectedEof {
+                    corrupt(
+                        sp,
+                        format!("truncated, {} records missing", sp.records_left),
+                    )
+                } else {
+                    StreamBufferError::Io {
+                        xid,
+                        path: sp.path.0.clone(),
+                        source: e,
+                    }
+                }
+            };
+            let mut header = [0u8; RECORD_HEADER];
+            if let Err(e) = sp.reader.read_exact(&mut header) {
+                return Some(Err(read_err(sp, e)));
+            }
+            let word = |r: std::ops::Range<usize>| {
+                header[r]
+                    .iter()
+                    .fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
+            };
+            let subxid = word(0..4) as u32;
+            let seq = word(4..12);
+            let lsn = Lsn(word(12..20));
+            let len = word(20..24);
+            let need = RECORD_HEADER as u64 + len;
+            if need > sp.bytes_left {
+                let reason = format!(
+                    "a record of {need} bytes with only {} bytes left",
+                    sp.bytes_left
+                );
+                return Some(Err(corrupt(sp, reason)));
+            }
+            let mut data = vec![0u8; len as usize];
+            if let Err(e) = sp.reader.read_exact(&mut data) {
+                return Some(Err(read_err(sp, e)));
+            }
+            sp.records_left -= 1;
+            sp.bytes_left -= need;
+            if self.aborted.get(&subxid).is_some_and(|&until| seq < until) {
+                continue;
+            }
+            return Some(Ok(BufferedChange {
+                subxid,
+                lsn,
+                data: Bytes::from(data),
+            }));
+        }
+    }
+}
+
+impl Iterator for Replay {
+    type Item = Result<BufferedChange, StreamBufferError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.failed {
+            return None;
+        }
+        if let Some(r) = self.next_spilled() {
+            if r.is_err() {
+                self.failed = true;
+                self.spill = None;
+                self.memory.clear();
+            }
+            return Some(r);
+        }
+        self.memory.pop_front().map(|(_, c)| Ok(c))
+    }
+}
+
+/// A decoder for re-decoding the buffered changes of streamed transaction
+/// `xid`: in stream state, as when the changes arrived (so the xid prefix of
+/// streamed Relation, Insert, … messages is expected). Use a fresh one per
+/// replay, never the session's decoder.
+pub fn replay_decoder(protocol_version: u32, xid: u32) -> Decoder {
+    let mut d = Decoder::new(protocol_version);
+    let mut start = Vec::with_capacity(6);
+    start.push(b'S');
+    start.extend_from_slice(&xid.to_be_bytes());
+    start.push(1);
+    // A well-formed Stream Start always decodes (tested below).
+    let _ = d.decode(Bytes::from(start));
+    d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use crate::pgoutput::LogicalMessage;
+
+    /// A fresh directory under the system temp dir, removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(tag: &str) -> Self {
+            static N: AtomicU64 = AtomicU64::new(0);
+            let p = std::env::temp_dir().join(format!(
+                "outbox-relay-sb-{tag}-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            let _ = std::fs::remove_dir_all(&p);
+            TempDir(p)
+        }
+
+        fn files(&self) -> usize {
+            std::fs::read_dir(&self.0).map_or(0, |d| d.count())
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn msg(tag: &str, size: usize) -> Bytes {
+        let mut v = tag.as_bytes().to_vec();
+        v.resize(size.max(v.len()), b'.');
+        Bytes::from(v)
+    }
+
+    fn drain(r: Replay) -> Vec<Bytes> {
+        r.map(|c| c.expect("replay").data).collect()
+    }
+
+    fn tags(v: &[Bytes]) -> Vec<String> {
+        v.iter()
+            .map(|b| String::from_utf8_lossy(b).trim_end_matches('.').to_string())
+            .collect()
+    }
+
+    #[test]
+    fn interleaved_transactions_stay_apart_and_in_order() {
+        let dir = TempDir::new("interleave");
+        let mut b = StreamBuffer::new(1 << 20, dir.0.clone());
+        b.start(10, true).unwrap();
+        b.push(10, 10, Lsn(1), msg("a1", 4)).unwrap();
+        b.start(20, true).unwrap();
+        b.push(20, 20, Lsn(2), msg("b1", 4)).unwrap();
+        b.start(10, false).unwrap();
+        b.push(10, 11, Lsn(3), msg("a2", 4)).unwrap();
+        b.push(10, 10, Lsn(4), msg("a3", 4)).unwrap();
+        b.start(20, false).unwrap();
+        b.push(20, 20, Lsn(5), msg("b2", 4)).unwrap();
+        assert_eq!(b.open_transactions(), 2);
+        assert_eq!(b.memory_bytes(), 20);
+
+        let r = b.commit(20).unwrap();
+        assert_eq!(r.xid(), 20);
+        let changes: Vec<_> = r.map(Result::unwrap).collect();
+        assert_eq!(
+            tags(&changes.iter().map(|c| c.data.clone()).collect::<Vec<_>>()),
+            ["b1", "b2"]
+        );
+        assert_eq!(changes[1].lsn, Lsn(5));
+        assert_eq!(b.memory_bytes(), 12);
+        assert_eq!(tags(&drain(b.commit(10).unwrap())), ["a1", "a2", "a3"]);
+        assert_eq!((b.open_transactions(), b.memory_bytes()), (0, 0));
+        assert_eq!(dir.files(), 0, "nothing spilled");
+    }
+
+    #[test]
+    fn subtransaction_abort_drops_only_its_changes() {
+        let dir = TempDir::new("subabort");
+        let mut b = StreamBuffer::new(1 << 20, dir.0.clone());
+        b.start(100, true).unwrap();
+        b.push(100, 100, Lsn(1), msg("kept", 4)).unwrap();
+        b.push(100, 101, Lsn(2), msg("sub1", 4)).unwrap();
+        b.push(100, 102, Lsn(3), msg("sub2", 4)).unwrap();
+        b.push(100, 101, Lsn(4), msg("sub1b", 5)).unwrap();
+        b.abort(100, 101).unwrap();
+        assert_eq!(b.memory_bytes(), 8);
+        // A subxid that never made a change: nothing to do.
+        b.abort(100, 999).unwrap();
+        b.push(100, 100, Lsn(5), msg("after", 5)).unwrap();
+        assert_eq!(
+            tags(&drain(b.commit(100).unwrap())),
+            ["kept", "sub2", "after"]
+        );
+    }
+
+    #[test]
+    fn whole_abort_drops_the_transaction_and_its_file() {
+        let dir = TempDir::new("abort");
+        let mut b = StreamBuffer::new(10, dir.0.clone());
+        b.start(7, true).unwrap();
+        b.start(8, true).unwrap();
+        for i in 0..5 {
+            b.push(7, 7, Lsn(i), msg("x", 8)).unwrap();
+        }
+        b.push(8, 8, Lsn(9), msg("y", 3)).unwrap();
+        assert!(b.spilled_bytes() > 0);
+        assert_eq!(dir.files(), 1);
+        b.abort(7, 7).unwrap();
+        assert_eq!(dir.files(), 0);
+        assert_eq!(b.spilled_bytes(), 0);
+        assert!(!b.is_open(7));
+        assert!(matches!(
+            b.commit(7),
+            Err(StreamBufferError::UnknownTransaction { xid: 7 })
+        ));
+        assert_eq!(tags(&drain(b.commit(8).unwrap())), ["y"]);
+        assert_eq!(b.memory_bytes(), 0);
+    }
+
+    #[test]
+    fn spill_and_read_back_in_order_within_a_tiny_budget() {
+        let dir = TempDir::new("spill");
+        let mut b = StreamBuffer::new(1024, dir.0.clone());
+        b.start(1, true).unwrap();
+        b.start(2, true).unwrap();
+        for i in 0..100u64 {
+            let xid = if i % 3 == 0 { 2 } else { 1 };
+            // Subtransaction 5 of xid 1 makes every tenth change.
+            let sub = if xid == 1 && i % 10 == 1 { 5 } else { xid };
+            b.push(xid, sub, Lsn(i), msg(&format!("{xid}-{i}"), 100))
+                .unwrap();
+            assert!(
+                b.memory_bytes() <= 1024,
+                "after push {i}: {}",
+                b.memory_bytes()
+            );
+        }
+        assert!(b.spilled_bytes() > 0);
+        assert_eq!(b.spilled_bytes_total(), b.spilled_bytes());
+        assert_eq!(dir.files(), 2);
+        // Abort the subtransaction: some of its changes are on disk, some may
+        // be in memory.
+        b.abort(1, 5).unwrap();
+        let expect = |xid: u32| -> Vec<String> {
+            (0..100u64)
+                .filter(|i| (if i % 3 == 0 { 2 } else { 1 }) == xid)
+                .filter(|i| !(xid == 1 && i % 10 == 1))
+                .map(|i| format!("{xid}-{i}"))
+                .collect()
+        };
+        let r1 = b.commit(1).unwrap();
+        assert_eq!(dir.files(), 2, "the replay owns the file until done");
+        let got: Vec<_> = r1.map(Result::unwrap).collect();
+        let lsns: Vec<u64> = got.iter().map(|c| c.lsn.0).collect();
+        assert!(lsns.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(
+            tags(&got.into_iter().map(|c| c.data).collect::<Vec<_>>()),
+            expect(1)
+        );
+        assert_eq!(dir.files(), 1);
+        assert_eq!(tags(&drain(b.commit(2).unwrap())), expect(2));
+        assert_eq!(dir.files(), 0);
+        assert_eq!((b.memory_bytes(), b.spilled_bytes()), (0, 0));
+    }
+
+    #[test]
+    fn budget_is_respected_and_the_largest_spills_first() {
+        let dir = TempDir::new("budget");
+        let mut b = StreamBuffer::new(300, dir.0.clone());
+        b.start(1, true).unwrap();
+        b.start(2, true).unwrap();
+        b.push(1, 1, Lsn(1), msg("big", 200)).unwrap();
+        b.push(2, 2, Lsn(2), msg("small", 50)).unwrap();
+        assert_eq!(b.spilled_bytes(), 0);
+        b.push(2, 2, Lsn(3), msg("small2", 60)).unwrap();
+        // 310 > 300: xid 1 (200 bytes) is the largest and goes to disk.
+        assert_eq!(b.memory_bytes(), 110);
+        assert_eq!(b.spilled_bytes(), (RECORD_HEADER + 200) as u64);
+        // A change bigger than the whole budget goes straight to disk.
+        b.push(2, 2, Lsn(4), msg("huge", 1000)).unwrap();
+        assert_eq!(b.memory_bytes(), 0);
+        assert_eq!(dir.files(), 2);
+        // Zero budget: everything spills, order still holds.
+        let mut z = StreamBuffer::new(0, dir.0.clone());
+        z.start(3, true).unwrap();
+        for i in 0..5 {
+            z.push(3, 3, Lsn(i), msg(&format!("z{i}"), 2)).unwrap();
+            assert_eq!(z.memory_bytes(), 0);
+        }
+        assert_eq!(
+            tags(&drain(z.commit(3).unwrap())),
+            ["z0", "z1", "z2", "z3", "z4"]
+        );
+        drop(b);
+        assert_eq!(dir.files(), 0, "drop removes the spill files");
+    }
+
+    #[test]
+    fn a_dropped_replay_removes_its_file() {
+        let dir = TempDir::new("dropreplay");
+        let mut b = StreamBuffer::new(0, dir.0.clone());
+        b.start(1, true).unwrap();
+        b.push(1, 1, Lsn(1), msg("a", 10)).unwrap();
+        b.push(1, 1, Lsn(2), msg("b", 10)).unwrap();
+        let mut r = b.commit(1).unwrap();
+        assert_eq!(tags(&[r.next().unwrap().unwrap().data]), ["a"]);
+        assert_eq!(dir.files(), 1);
+        drop(r);
+        assert_eq!(dir.files(), 0);
+    }
+
+    #[test]
+    fn odd_sequences_are_errors_not_panics() {
+        let dir = TempDir::new("odd");
+        let mut b = StreamBuffer::new(100, dir.0.clone());
+        assert!(matches!(
+            b.push(1, 1, Lsn(0), msg("x", 1)),
+            Err(StreamBufferError::UnknownTransaction { xid: 1 })
+        ));
+        assert!(matches!(
+            b.abort(1, 1),
+            Err(StreamBufferError::UnknownTransaction { .. })
+        ));
+        assert!(matches!(
+            b.abort(1, 2),
+            Err(StreamBufferError::UnknownTransaction { .. })
+        ));
+        assert!(matches!(
+            b.commit(1),
+            Err(StreamBufferError::UnknownTransaction { .. })
+        ));
+        assert!(matches!(
+            b.start(1, false),
+            Err(StreamBufferError::MissedFirstSegment { xid: 1 })
+        ));
+        b.start(1, true).unwrap();
+        assert!(matches!(
+            b.start(1, true),
+            Err(StreamBufferError::AlreadyOpen { xid: 1 })
+        ));
+        b.start(1, false).unwrap();
+        // An empty transaction commits to nothing.
+        assert_eq!(b.commit(1).unwrap().count(), 0);
+        assert!(matches!(
+            b.commit(1),
+            Err(StreamBufferError::UnknownTransaction { .. })
+        ));
+        assert_eq!(b.open_transactions(), 0);
+    }
+
+    #[test]
+    fn an_unusable_spill_dir_poisons_the_transaction_only() {
+        let dir = TempDir::new("baddir");
+        std::fs::create_dir_all(&dir.0).unwrap();
+        // A file where the directory should be.
+        let not_a_dir = dir.0.join("file");
+        std::fs::write(&not_a_dir, b"x").unwrap();
+        let mut b = StreamBuffer::new(10, not_a_dir.join("spill"));
+        b.start(1, true).unwrap();
+        b.start(2, true).unwrap();
+        b.push(2, 2, Lsn(0), msg("ok", 2)).unwrap();
+        assert!(matches!(
+            b.push(1, 1, Lsn(1), msg("too big", 20)),
+            Err(StreamBufferError::Io { xid: 1, .. })
+        ));
+        assert_eq!(b.memory_bytes(), 2);
+        assert!(matches!(
+            b.push(1, 1, Lsn(2), msg("x", 1)),
+            Err(StreamBufferError::Poisoned { xid: 1 })
+        ));
+        assert!(matches!(
+            b.commit(1),
+            Err(StreamBufferError::Poisoned { xid: 1 })
+        ));
+        assert_eq!(tags(&drain(b.commit(2).unwrap())), ["ok"]);
+    }
+
+    #[test]
+    fn a_corrupt_spill_file_is_an_error() {
+        let dir = TempDir::new("corrupt");
+        // Cut 0: a forged length instead; 3 and 26: the second record is cut;
+        // 40: the first one is.
+        for cut in [0u64, 3, RECORD_HEADER as u64 + 2, 40] {
+            let mut b = StreamBuffer::new(0, dir.0.clone());
+            b.start(1, true).unwrap();
+            b.push(1, 1, Lsn(1), msg("a", 10)).unwrap();
+            b.push(1, 1, Lsn(2), msg("b", 10)).unwrap();
+            let path = std::fs::read_dir(&dir.0)
+                .unwrap()
+                .next()
+                .unwrap()
+                .unwrap()
+                .path();
+            let full = std::fs::metadata(&path).unwrap().len();
+            OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_len(full - cut)
+                .unwrap();
+            if cut == 0 {
+                // Intact: a forged length in the second header instead.
+                let mut bytes = std::fs::read(&path).unwrap();
+                let at = RECORD_HEADER + 10 + 20;
+                bytes[at..at + 4].copy_from_slice(&u32::MAX.to_be_bytes());
+                std::fs::write(&path, bytes).unwrap();
+            }
+            let mut r = b.commit(1).unwrap();
+            let first = r.next().unwrap();
+            if cut < RECORD_HEADER as u64 + 10 {
+                assert!(first.is_ok(), "cut {cut}");
+                assert!(matches!(
+                    r.next(),
+                    Some(Err(StreamBufferError::Corrupt { .. }))
+                ));
+            } else {
+                assert!(matches!(first, Err(StreamBufferError::Corrupt { .. })));
+            }
+            assert!(r.next().is_none(), "ends after an error");
+            assert_eq!(dir.files(), 0);
+        }
+    }
+
+    #[test]
+    fn replay_decoder_is_in_stream_state() {
+        for v in 2..=4 {
+            let mut d = replay_decoder(v, 0x2e8);
+            assert!(d.in_stream());
+            assert_eq!(d.stream_xid(), Some(0x2e8));
+            // A streamed Insert: 'I', xid, relation oid, 'N', zero columns.
+            let mut raw = vec![b'I'];
+            raw.extend_from_slice(&0x2e9u32.to_be_bytes());
+            raw.extend_from_slice(&16390u32.to_be_bytes());
+            raw.extend_from_slice(&[b'N', 0, 0]);
+            assert!(matches!(
+                d.decode(Bytes::from(raw)),
+                Ok(LogicalMessage::Insert(_))
+            ));
+            assert_eq!(d.last_xid(), Some(0x2e9));
+        }
+    }
+}
