@@ -53,7 +53,7 @@ async fn report(config: Option<PathBuf>, command: Command) -> std::process::Exit
     let cfg = match load(config, opts, true) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("outbox-relay: configuration error: {e:#}");
+            eprintln!("outbox-relay: configuration error: {}", describe(&e));
             return std::process::ExitCode::from(2);
         }
     };
@@ -61,6 +61,24 @@ async fn report(config: Option<PathBuf>, command: Command) -> std::process::Exit
         Some(json) => outbox_relay::status::command(&cfg, json).await,
         None => outbox_relay::check::command(&cfg).await,
     })
+}
+
+/// An error and its causes on one line, without repeating a cause whose
+/// text the message before it already includes (our error messages embed
+/// their cause so they read well on their own).
+fn describe(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 fn init_logging(format: LogFormat) {
@@ -191,7 +209,7 @@ async fn main() -> std::process::ExitCode {
     let cfg = match load(cli.config, opts, is_setup) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("outbox-relay: configuration error: {e:#}");
+            eprintln!("outbox-relay: configuration error: {}", describe(&e));
             return std::process::ExitCode::from(2);
         }
     };
@@ -207,7 +225,7 @@ async fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
+            tracing::error!("{}", describe(&e));
             std::process::ExitCode::FAILURE
         }
     }

@@ -405,6 +405,10 @@ impl ReplicationConnection {
             ("database", p.dbname.as_str()),
             ("replication", "database"),
             ("application_name", p.application_name.as_str()),
+            // The walsender renders bytea with this session's setting; a
+            // database or role default of 'escape' would change the bytes
+            // the router decodes. Startup options outrank those defaults.
+            ("options", "-c bytea_output=hex"),
             ("client_encoding", "UTF8"),
         ];
         frontend::startup_message(params.iter().copied(), &mut self.out)?;

@@ -868,7 +868,6 @@ async fn published_records_equal_a_select_of_the_same_rows() {
 /// for bytea. The record value must still be the stored bytes. (The bytea
 /// header is not checked here: pinning `bytea_output = hex` on the
 /// replication connection, one way to fix this, changes its text.)
-#[ignore = "relay bug: under bytea_output = 'escape' (database, role or server setting) every bytea payload halts the relay with BadBytea 'expected the hex format'"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bytea_payload_is_the_stored_bytes_whatever_bytea_output_says() {
     let db = TestDb::new("diff_escape").await;
