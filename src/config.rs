@@ -175,6 +175,21 @@ pub struct Options {
     #[arg(long, env = "OUTBOX_RELAY_MESSAGE_TOPIC")]
     pub message_topic: Option<String>,
 
+    /// Have the server stream large transactions before they commit
+    /// (pgoutput `streaming`, PostgreSQL 14+). They are buffered here, within
+    /// --stream-memory-budget and spilled to --spill-dir beyond it, and
+    /// published only at commit [default: off].
+    #[arg(long, env = "OUTBOX_RELAY_STREAMING", num_args = 0..=1, default_missing_value = "true")]
+    pub streaming: Option<bool>,
+
+    /// Bytes of streamed, uncommitted changes kept in memory [default: 64 MiB].
+    #[arg(long, env = "OUTBOX_RELAY_STREAM_MEMORY_BUDGET")]
+    pub stream_memory_budget: Option<u64>,
+
+    /// Directory for spilled streamed changes [default: the system temp dir].
+    #[arg(long, env = "OUTBOX_RELAY_SPILL_DIR")]
+    pub spill_dir: Option<std::path::PathBuf>,
+
     /// Seconds between heartbeat messages written to the relay's database
     /// (pg_logical_emit_message), so the slot advances even when the
     /// database sees no writes for a long time [default: off].
@@ -284,6 +299,9 @@ impl Options {
             message_prefix,
             message_topic,
             heartbeat_interval,
+            streaming,
+            stream_memory_budget,
+            spill_dir,
             status_interval,
             shutdown_timeout,
             terminate_stale_walsender,
@@ -325,6 +343,12 @@ pub enum ConfigError {
     File { path: PathBuf, reason: String },
 }
 
+#[derive(Debug, Clone)]
+pub struct StreamingConfig {
+    pub memory_budget: usize,
+    pub spill_dir: PathBuf,
+}
+
 /// The validated configuration of one relay.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
@@ -341,6 +365,8 @@ pub struct RelayConfig {
     pub protocol_version: Option<u32>,
     pub messages: Option<crate::messages::MessageConfig>,
     pub heartbeat_interval: Option<Duration>,
+    /// Some when in-progress transactions are streamed.
+    pub streaming: Option<StreamingConfig>,
     pub status_interval: Duration,
     pub shutdown_timeout: Duration,
     pub terminate_stale_walsender: bool,
@@ -570,6 +596,13 @@ impl RelayConfig {
             max_inflight_bytes,
             protocol_version: o.protocol_version,
             messages,
+            streaming: o.streaming.unwrap_or(false).then(|| StreamingConfig {
+                memory_budget: o.stream_memory_budget.unwrap_or(64 << 20) as usize,
+                spill_dir: o
+                    .spill_dir
+                    .clone()
+                    .unwrap_or_else(|| std::env::temp_dir().join("outbox-relay-spill")),
+            }),
             heartbeat_interval: o
                 .heartbeat_interval
                 .map(|v| seconds("heartbeat_interval", v))

@@ -38,6 +38,9 @@ pub struct Metrics {
     pub dead_lettered: Counter,
     pub up: Gauge,
     pub reconnects: Counter,
+    /// Streamed, uncommitted changes held in memory / spilled to disk.
+    pub stream_buffer_bytes: Gauge,
+    pub stream_spilled_bytes: Gauge,
     streaming: AtomicBool,
     broker_reachable: AtomicBool,
     /// Per event type counters, so the hot path does not build label sets.
@@ -64,6 +67,18 @@ impl Metrics {
         let dead_lettered = Counter::default();
         let up = Gauge::default();
         let reconnects = Counter::default();
+        let stream_buffer_bytes = Gauge::default();
+        let stream_spilled_bytes = Gauge::default();
+        registry.register(
+            "outbox_stream_buffer_bytes",
+            "Bytes of streamed, not yet committed changes held in memory (--streaming)",
+            stream_buffer_bytes.clone(),
+        );
+        registry.register(
+            "outbox_stream_spilled_bytes",
+            "Bytes of streamed changes spilled to disk since start (--streaming)",
+            stream_spilled_bytes.clone(),
+        );
         registry.register(
             "outbox_events_published",
             "Events acknowledged by Kafka",
@@ -126,6 +141,8 @@ impl Metrics {
             dead_lettered,
             up,
             reconnects,
+            stream_buffer_bytes,
+            stream_spilled_bytes,
             streaming: AtomicBool::new(false),
             broker_reachable: AtomicBool::new(false),
             published_by_type: Mutex::new(HashMap::new()),
@@ -134,7 +151,10 @@ impl Metrics {
 
     /// The counter of one event type, created on first use.
     pub fn published(&self, event_type: &str) -> Counter {
-        let mut map = self.published_by_type.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self
+            .published_by_type
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if let Some(c) = map.get(event_type) {
             return c.clone();
         }

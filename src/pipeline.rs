@@ -32,10 +32,15 @@ use crate::replication::{
 };
 use crate::router::{OutboxRecord, RouteError, Routed, Router};
 use crate::sink::{Ack, Enqueued, KafkaSink, SinkError};
+use crate::stream_buffer::{self, StreamBuffer, StreamBufferError};
 
 /// How often the task checks whether the confirmed position moved; bounds the
 /// delay between an acknowledgement and the slot moving.
 const FEEDBACK_TICK: Duration = Duration::from_millis(100);
+
+/// Changes of a committed streamed transaction handed over per turn of the
+/// loop.
+const REPLAY_SLICE: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -61,6 +66,8 @@ pub enum PipelineError {
     Delivery(Box<DeliveryFailure>),
     #[error("{0}")]
     Publication(String),
+    #[error("streamed transaction: {0}")]
+    Stream(#[from] StreamBufferError),
     #[error("replication slot {slot:?} does not exist: run `outbox-relay setup` first")]
     SlotMissing { slot: String },
     #[error("replication slot {slot:?} uses plugin {plugin:?}, not pgoutput: drop it or choose another --slot")]
@@ -283,7 +290,17 @@ struct Pending {
     size: u64,
 }
 
+/// A committed streamed transaction being handed to the pipeline.
+struct Replaying {
+    replay: stream_buffer::Replay,
+    decoder: pgoutput::Decoder,
+    end_lsn: Lsn,
+}
+
 struct State {
+    /// Buffers streamed in-progress transactions (with --streaming).
+    stream: Option<StreamBuffer>,
+    replaying: Option<Replaying>,
     /// The slot's confirmed position when this session started.
     resumed_from: Lsn,
     first_begin_seen: bool,
@@ -493,6 +510,14 @@ impl State {
         self.metrics
             .replication_lag_bytes
             .set(self.server_wal.0.saturating_sub(confirmed.0) as i64);
+        if let Some(b) = &self.stream {
+            self.metrics
+                .stream_buffer_bytes
+                .set(b.memory_bytes() as i64);
+            self.metrics
+                .stream_spilled_bytes
+                .set(b.spilled_bytes_total() as i64);
+        }
     }
 
     fn drain_acks(&mut self) -> Result<(), PipelineError> {
@@ -503,6 +528,7 @@ impl State {
     }
 
     async fn on_xlog(&mut self, wal_start: Lsn, data: bytes::Bytes) -> Result<(), PipelineError> {
+        let raw = data.clone();
         let msg = self
             .decoder
             .decode(data)
@@ -510,6 +536,95 @@ impl State {
                 lsn: wal_start,
                 source,
             })?;
+        if let Some(buffer) = self.stream.as_mut() {
+            match &msg {
+                LogicalMessage::StreamStart(s) => {
+                    buffer.start(s.xid, s.first_segment)?;
+                    return Ok(());
+                }
+                LogicalMessage::StreamStop => return Ok(()),
+                LogicalMessage::StreamAbort(a) => {
+                    if let Err(e) = buffer.abort(a.xid, a.subxid) {
+                        tracing::debug!(error = %e, "stream abort of a transaction with nothing buffered");
+                    }
+                    return Ok(());
+                }
+                LogicalMessage::StreamCommit(c) => {
+                    let replay = buffer.commit(c.xid)?;
+                    self.commit_time = c.commit_time;
+                    self.checkpoint.begin(c.commit_lsn)?;
+                    self.replaying = Some(Replaying {
+                        replay,
+                        decoder: stream_buffer::replay_decoder(
+                            self.decoder.protocol_version(),
+                            c.xid,
+                        ),
+                        end_lsn: c.end_lsn,
+                    });
+                    return Ok(());
+                }
+                // Inside a streamed block, keep what makes events until the
+                // transaction commits; the rest (updates, deletes, types)
+                // never does.
+                LogicalMessage::Relation(_)
+                | LogicalMessage::Insert(_)
+                | LogicalMessage::Message(_)
+                    if self.decoder.in_stream() =>
+                {
+                    let top = self
+                        .decoder
+                        .stream_xid()
+                        .ok_or(PipelineError::ServerEnded)?;
+                    let subxid = self.decoder.last_xid().unwrap_or(top);
+                    buffer.push(top, subxid, wal_start, raw)?;
+                    return Ok(());
+                }
+                _ if self.decoder.in_stream() => return Ok(()),
+                _ => {}
+            }
+        }
+        self.apply(msg, wal_start).await
+    }
+
+    /// Replays up to `budget` changes of a committed streamed transaction,
+    /// as if they had arrived between Begin and Commit. Returns when the
+    /// budget or the in-flight limit is reached, so backpressure holds.
+    async fn replay_some(
+        &mut self,
+        mut budget: usize,
+        max_inflight: u64,
+    ) -> Result<(), PipelineError> {
+        while budget > 0 && self.checkpoint.inflight() < max_inflight {
+            let Some(r) = self.replaying.as_mut() else {
+                return Ok(());
+            };
+            match r.replay.next() {
+                Some(change) => {
+                    let change = change?;
+                    let msg =
+                        r.decoder
+                            .decode(change.data)
+                            .map_err(|source| PipelineError::Decode {
+                                lsn: change.lsn,
+                                source,
+                            })?;
+                    self.apply(msg, change.lsn).await?;
+                    budget -= 1;
+                }
+                None => {
+                    let end = r.end_lsn;
+                    self.replaying = None;
+                    self.checkpoint.commit(end)?;
+                    self.summary.transactions += 1;
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Acts on one decoded message of a committed transaction (or outside).
+    async fn apply(&mut self, msg: LogicalMessage, wal_start: Lsn) -> Result<(), PipelineError> {
         match msg {
             LogicalMessage::Begin(b) => {
                 self.commit_time = b.commit_time;
@@ -776,6 +891,14 @@ async fn session(
     if cfg.messages.is_some() {
         options.push(("messages", "true".to_string()));
     }
+    if cfg.streaming.is_some() {
+        if protocol < 2 {
+            return Err(PipelineError::Publication(format!(
+                "--streaming needs pgoutput protocol 2 or later (PostgreSQL 14+); this session uses {protocol}"
+            )));
+        }
+        options.push(("streaming", "on".to_string()));
+    }
     // Ask for the position we expect explicitly rather than 0/0, so the
     // server log shows it; the server never starts before the slot's
     // confirmed_flush_lsn anyway.
@@ -823,6 +946,11 @@ async fn session(
         server_wal: slot.confirmed,
         published: HashMap::new(),
         decoder: pgoutput::Decoder::new(protocol),
+        stream: cfg
+            .streaming
+            .as_ref()
+            .map(|s| StreamBuffer::new(s.memory_budget, s.spill_dir.join(&cfg.slot))),
+        replaying: None,
         messages: cfg.messages.clone(),
         inflight_bytes: 0,
         policy: cfg.error_policy.clone(),
@@ -897,9 +1025,27 @@ async fn stream_loop(
         if stopping && !state.checkpoint.in_transaction() && state.checkpoint.inflight() == 0 {
             return Ok(());
         }
-        let can_read = state.checkpoint.inflight() < cfg.max_inflight
+        let replaying = state.replaying.is_some();
+        let can_replay = replaying && state.checkpoint.inflight() < cfg.max_inflight;
+        let can_read = !replaying
+            && state.checkpoint.inflight() < cfg.max_inflight
             && state.inflight_bytes < cfg.max_inflight_bytes
             && (!stopping || state.checkpoint.in_transaction());
+        if can_replay {
+            // A committed streamed transaction is handed over in slices;
+            // between slices, delivery reports and status updates go on.
+            state.replay_some(REPLAY_SLICE, cfg.max_inflight).await?;
+            state.drain_acks()?;
+            state.flush_redo().await?;
+            if last_sent_at.elapsed() >= FEEDBACK_TICK {
+                state.update_gauges();
+                let confirmed = state.checkpoint.confirmed();
+                writer.send_status(confirmed, false).await?;
+                last_sent = confirmed;
+                last_sent_at = Instant::now();
+            }
+            continue;
+        }
         tokio::select! {
             biased;
             () = &mut shutdown, if !stopping => {
@@ -918,7 +1064,12 @@ async fn stream_loop(
                 }
                 ReplicationMessage::Keepalive { wal_end, reply_requested, .. } => {
                     state.server_wal = state.server_wal.max(wal_end);
-                    state.checkpoint.idle(wal_end);
+                    // An open streamed transaction commits later and is sent
+                    // again whole after a crash, but confirming past its
+                    // start would let a restart begin decoding after it.
+                    if state.stream.as_ref().is_none_or(|b| b.open_transactions() == 0) {
+                        state.checkpoint.idle(wal_end);
+                    }
                     if reply_requested {
                         last_sent = state.checkpoint.confirmed();
                         writer.send_status(last_sent, false).await?;

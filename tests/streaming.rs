@@ -1,0 +1,157 @@
+//! --streaming: the server sends large transactions before they commit; the
+//! relay buffers them within a memory budget (spilling beyond it), publishes
+//! them only at commit and in commit order, and drops aborted transactions
+//! and rolled-back savepoints.
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_transactions_are_published_at_commit_in_commit_order() {
+    // 64 kB of decoding memory makes the server stream any sizeable
+    // transaction while it is still open.
+    let cluster = TempCluster::start(&[], &["logical_decoding_work_mem=64kB"]);
+    let url = cluster.url("postgres", None);
+    let a = sql_client(&url).await;
+    let b = sql_client(&url).await;
+    a.batch_execute(CLASSIC_TABLE).await.unwrap();
+    let (code, out, err) = relay_cmd(&["setup", "--database-url", &url]);
+    assert_eq!(code, 0, "{out}{err}");
+    let prefix = unique("stream");
+    let topic = format!("{prefix}.T");
+    create_topics(&brokers(), &[&topic], 1).await;
+    let spill = std::env::temp_dir().join(unique("spill"));
+    let relay = Relay::start(&[
+        "--database-url".into(),
+        url.clone(),
+        "--kafka-brokers".into(),
+        brokers(),
+        "--topic".into(),
+        format!("{prefix}.{{event_type}}"),
+        "--streaming".into(),
+        "--stream-memory-budget".into(),
+        "4096".into(),
+        "--spill-dir".into(),
+        spill.display().to_string(),
+        "--status-interval".into(),
+        "1".into(),
+    ]);
+    let addr = relay.http_address().await;
+    let insert = |tag: &str, n: usize| {
+        format!(
+            "INSERT INTO outbox (event_type, aggregate_id, payload)
+             SELECT 'T', 'x', jsonb_build_object('tag', '{tag}', 'n', g, 'pad', repeat('p', 200)) FROM generate_series(1, {n}) g"
+        )
+    };
+    // A: a big transaction that streams while open; B commits small ones
+    // in the meantime, so B's events must come first.
+    a.batch_execute(&format!("BEGIN; {}", insert("A1", 1500)))
+        .await
+        .unwrap();
+    b.batch_execute(&insert("B", 3)).await.unwrap();
+    a.batch_execute(&format!(
+        "SAVEPOINT s; {}; ROLLBACK TO SAVEPOINT s; {}; COMMIT",
+        insert("A-rolled-back", 800),
+        insert("A2", 500)
+    ))
+    .await
+    .unwrap();
+    // An aborted big transaction: nothing of it may appear.
+    a.batch_execute(&format!("BEGIN; {}; ROLLBACK", insert("aborted", 1500)))
+        .await
+        .unwrap();
+    b.batch_execute(&insert("C", 2)).await.unwrap();
+    let after = a
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get::<_, String>(0);
+
+    let expected = 3 + 1500 + 500 + 2;
+    let records = consume(
+        &brokers(),
+        std::slice::from_ref(&topic),
+        expected,
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_eq!(
+        records.len(),
+        expected,
+        "each committed event once, nothing aborted"
+    );
+    let mut sorted: Vec<&Record> = records.iter().collect();
+    sorted.sort_by_key(|r| r.offset);
+    let tags: Vec<String> = sorted
+        .iter()
+        .map(|r| r.payload_json()["tag"].as_str().unwrap().to_string())
+        .collect();
+    // Commit order: B, then A (first part, then the part after the
+    // rolled-back savepoint), then C.
+    let mut runs: Vec<(String, usize)> = Vec::new();
+    for t in &tags {
+        match runs.last_mut() {
+            Some((last, n)) if last == t => *n += 1,
+            _ => runs.push((t.clone(), 1)),
+        }
+    }
+    assert_eq!(
+        runs,
+        vec![
+            ("B".into(), 3),
+            ("A1".into(), 1500),
+            ("A2".into(), 500),
+            ("C".into(), 2)
+        ]
+    );
+    // Within the streamed transaction, statement order is kept.
+    let ns: Vec<u64> = sorted
+        .iter()
+        .filter(|r| r.payload_json()["tag"] == "A1")
+        .map(|r| r.payload_json()["n"].as_u64().unwrap())
+        .collect();
+    assert!(ns.windows(2).all(|w| w[0] < w[1]));
+
+    let text = http_get(&addr, "/metrics").await.1;
+    let spilled = metric(&text, "outbox_stream_spilled_bytes").unwrap_or(0.0);
+    assert!(
+        spilled > 100_000.0,
+        "the big transactions were streamed and spilled: {spilled}\n{text}"
+    );
+    assert!(
+        metric(&text, "outbox_stream_buffer_bytes").unwrap_or(f64::MAX) <= 4096.0,
+        "{text}"
+    );
+    let target: outbox_relay::lsn::Lsn = after.parse().unwrap();
+    wait_until(Duration::from_secs(30), "the slot to pass everything", || async {
+        let c: String = a
+            .query_one("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'outbox_relay'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        c.parse::<outbox_relay::lsn::Lsn>().unwrap() >= target
+    })
+    .await;
+    let leftovers: HashMap<String, u64> = std::fs::read_dir(spill.join("outbox_relay"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| {
+                    (
+                        e.file_name().to_string_lossy().into_owned(),
+                        e.metadata().map(|m| m.len()).unwrap_or(0),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        leftovers.is_empty(),
+        "spill files left after commit/abort: {leftovers:?}"
+    );
+    relay.signal("TERM");
+    let _ = std::fs::remove_dir_all(&spill);
+}
