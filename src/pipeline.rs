@@ -38,6 +38,10 @@ use crate::stream_buffer::{self, StreamBuffer, StreamBufferError};
 /// delay between an acknowledgement and the slot moving.
 const FEEDBACK_TICK: Duration = Duration::from_millis(100);
 
+/// Most WAL messages handled per turn of the loop when they are already
+/// buffered; delivery reports and status updates get their turn in between.
+const READ_BURST: usize = 1024;
+
 /// Changes of a committed streamed transaction handed over per turn of the
 /// loop.
 const REPLAY_SLICE: usize = 256;
@@ -320,6 +324,11 @@ struct State {
     /// The newest server WAL position the walsender reported.
     server_wal: Lsn,
     published: HashMap<Option<bytes::Bytes>, Counter>,
+    /// The counter of the last event type acknowledged: consecutive events
+    /// mostly share a type, and comparing a few bytes beats hashing them.
+    last_published: Option<(Option<bytes::Bytes>, Counter)>,
+    /// Clock readings shared by a batch of delivery reports.
+    ack_clock: (Instant, i64),
     decoder: pgoutput::Decoder,
     /// Logical decoding messages as events, when configured.
     messages: Option<MessageConfig>,
@@ -349,24 +358,34 @@ impl State {
         }
         match ack.result {
             Ok(d) => {
-                tracing::trace!(topic = %ack.topic, partition = d.partition, offset = d.offset, "delivered");
+                tracing::trace!(partition = d.partition, offset = d.offset, "delivered");
                 self.checkpoint.ack(pending.txn)?;
                 self.metrics.set_broker_reachable(true);
                 if pending.dead_letter {
                     // Counted once, as dead-lettered, not also as published.
                     self.metrics.dead_lettered.inc();
                 } else {
-                    let metrics = &self.metrics;
-                    self.published
-                        .entry(pending.event_type.clone())
-                        .or_insert_with(|| metrics.published(&label(&pending.event_type)))
-                        .inc();
+                    let counter = match &self.last_published {
+                        Some((t, c)) if *t == pending.event_type => c.clone(),
+                        _ => {
+                            let metrics = &self.metrics;
+                            let c = self
+                                .published
+                                .entry(pending.event_type.clone())
+                                .or_insert_with(|| metrics.published(&label(&pending.event_type)))
+                                .clone();
+                            self.last_published = Some((pending.event_type.clone(), c.clone()));
+                            c
+                        }
+                    };
+                    counter.inc();
                 }
-                self.metrics
-                    .publish_duration
-                    .observe(pending.enqueued.elapsed().as_secs_f64());
-                let since_commit =
-                    (crate::replication::pg_now() - pending.commit_time) as f64 / 1e6;
+                let (now, pg_now) = self.ack_clock;
+                self.metrics.publish_duration.observe(
+                    now.saturating_duration_since(pending.enqueued)
+                        .as_secs_f64(),
+                );
+                let since_commit = (pg_now - pending.commit_time) as f64 / 1e6;
                 self.metrics.commit_to_ack.observe(since_commit.max(0.0));
                 Ok(())
             }
@@ -437,7 +456,10 @@ impl State {
                     // The local queue is full: wait for a delivery report
                     // to make room, then try again.
                     Ok(Enqueued::QueueFull) => match self.acks.recv().await {
-                        Some(ack) => self.on_ack(ack)?,
+                        Some(ack) => {
+                            self.refresh_ack_clock();
+                            self.on_ack(ack)?
+                        }
                         None => return Err(PipelineError::ServerEnded),
                     },
                     Err(SinkError::Enqueue { topic, error }) => break (topic, error),
@@ -520,7 +542,13 @@ impl State {
         }
     }
 
+    /// Reads the clocks once for the delivery reports about to be handled.
+    fn refresh_ack_clock(&mut self) {
+        self.ack_clock = (Instant::now(), crate::replication::pg_now());
+    }
+
     fn drain_acks(&mut self) -> Result<(), PipelineError> {
+        self.refresh_ack_clock();
         while let Ok(ack) = self.acks.try_recv() {
             self.on_ack(ack)?;
         }
@@ -945,6 +973,8 @@ async fn session(
         commit_time: 0,
         server_wal: slot.confirmed,
         published: HashMap::new(),
+        last_published: None,
+        ack_clock: (Instant::now(), crate::replication::pg_now()),
         decoder: pgoutput::Decoder::new(protocol),
         stream: cfg
             .streaming
@@ -1053,31 +1083,13 @@ async fn stream_loop(
                 shutdown_deadline = Some(Instant::now() + cfg.shutdown_timeout);
             }
             Some(ack) = state.acks.recv() => {
+                state.refresh_ack_clock();
                 state.on_ack(ack)?;
                 state.drain_acks()?;
                 state.flush_redo().await?;
             }
-            msg = reader.next(), if can_read => match msg? {
-                ReplicationMessage::XLogData { wal_start, wal_end, data, .. } => {
-                    state.server_wal = state.server_wal.max(wal_end);
-                    state.on_xlog(wal_start, data).await?;
-                }
-                ReplicationMessage::Keepalive { wal_end, reply_requested, .. } => {
-                    state.server_wal = state.server_wal.max(wal_end);
-                    // An open streamed transaction commits later and is sent
-                    // again whole after a crash, but confirming past its
-                    // start would let a restart begin decoding after it.
-                    if state.stream.as_ref().is_none_or(|b| b.open_transactions() == 0) {
-                        state.checkpoint.idle(wal_end);
-                    }
-                    if reply_requested {
-                        last_sent = state.checkpoint.confirmed();
-                        writer.send_status(last_sent, false).await?;
-                        last_sent_at = Instant::now();
-                    }
-                }
-                ReplicationMessage::CopyDone => return Err(PipelineError::ServerEnded),
-            },
+            // Before the WAL: under a continuous stream the read branch is
+            // always ready, and status updates must not wait behind it.
             _ = tick.tick() => {
                 state.update_gauges();
                 let confirmed = state.checkpoint.confirmed();
@@ -1098,6 +1110,45 @@ async fn stream_loop(
                     }
                 }
             }
+            msg = reader.next(), if can_read => {
+                // Handle what the socket already delivered in one go, within
+                // the same limits as reading: one turn of the loop per burst
+                // instead of per message.
+                let mut next = Some(msg?);
+                let mut burst = 0;
+                while let Some(m) = next.take() {
+                    match m {
+                        ReplicationMessage::XLogData { wal_start, wal_end, data, .. } => {
+                            state.server_wal = state.server_wal.max(wal_end);
+                            state.on_xlog(wal_start, data).await?;
+                        }
+                        ReplicationMessage::Keepalive { wal_end, reply_requested, .. } => {
+                            state.server_wal = state.server_wal.max(wal_end);
+                            // An open streamed transaction commits later and is sent
+                            // again whole after a crash, but confirming past its
+                            // start would let a restart begin decoding after it.
+                            if state.stream.as_ref().is_none_or(|b| b.open_transactions() == 0) {
+                                state.checkpoint.idle(wal_end);
+                            }
+                            if reply_requested {
+                                last_sent = state.checkpoint.confirmed();
+                                writer.send_status(last_sent, false).await?;
+                                last_sent_at = Instant::now();
+                            }
+                        }
+                        ReplicationMessage::CopyDone => return Err(PipelineError::ServerEnded),
+                    }
+                    burst += 1;
+                    let keep_reading = burst < READ_BURST
+                        && state.replaying.is_none()
+                        && state.checkpoint.inflight() < cfg.max_inflight
+                        && state.inflight_bytes < cfg.max_inflight_bytes
+                        && (!stopping || state.checkpoint.in_transaction());
+                    if keep_reading {
+                        next = reader.try_next()?;
+                    }
+                }
+            }
         }
     }
 }
@@ -1112,6 +1163,7 @@ async fn settle_in_flight(state: &mut State, limit: Duration) {
     while state.pending.iter().any(Option::is_some) {
         match tokio::time::timeout_at(deadline, state.acks.recv()).await {
             Ok(Some(ack)) => {
+                state.refresh_ack_clock();
                 if let Err(e) = state.on_ack(ack) {
                     tracing::debug!(error = %e, "delivery failed while stopping");
                 }

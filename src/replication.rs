@@ -651,9 +651,30 @@ impl ReplicationReader {
     /// The next message of the stream. Cancellation safe.
     pub async fn next(&mut self) -> Result<ReplicationMessage, ReplicationError> {
         loop {
-            match read_frame(&mut self.r, &mut self.buf).await? {
-                Frame::CopyData(data) => return parse_copy_data(data),
-                Frame::Other(Message::CopyDone) => return Ok(ReplicationMessage::CopyDone),
+            let frame = read_frame(&mut self.r, &mut self.buf).await?;
+            if let Some(m) = Self::message(frame)? {
+                return Ok(m);
+            }
+        }
+    }
+
+    /// The next message if it is already buffered, without waiting for the
+    /// socket: lets the pipeline handle a burst of messages in one turn.
+    pub fn try_next(&mut self) -> Result<Option<ReplicationMessage>, ReplicationError> {
+        while let Some(frame) = parse_frame(&mut self.buf)? {
+            if let Some(m) = Self::message(frame)? {
+                return Ok(Some(m));
+            }
+        }
+        Ok(None)
+    }
+
+    /// A frame's meaning inside the stream; None for frames to skip.
+    fn message(frame: Frame) -> Result<Option<ReplicationMessage>, ReplicationError> {
+        {
+            match frame {
+                Frame::CopyData(data) => return parse_copy_data(data).map(Some),
+                Frame::Other(Message::CopyDone) => return Ok(Some(ReplicationMessage::CopyDone)),
                 Frame::Other(Message::ErrorResponse(body)) => {
                     return Err(server_error(body.fields()))
                 }
@@ -668,6 +689,7 @@ impl ReplicationReader {
                 }
             }
         }
+        Ok(None)
     }
 }
 

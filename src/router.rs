@@ -6,6 +6,28 @@
 //! routing a row is index lookups and slicing, not name matching.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// Identity hashing for relation OIDs (u32 keys only).
+#[derive(Default)]
+pub struct OidHasher(u64);
+
+impl Hasher for OidHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8) | u64::from(*b);
+        }
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        // Spread the bits over the whole word: the table uses the top bits.
+        self.0 = u64::from(n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
 
 use bytes::Bytes;
 
@@ -359,14 +381,16 @@ enum RelationPlan {
 
 pub struct Router {
     cfg: RouterConfig,
-    relations: HashMap<u32, RelationPlan>,
+    /// By relation OID. OIDs are spread well enough to be their own hash,
+    /// and this lookup runs once per row.
+    relations: HashMap<u32, RelationPlan, BuildHasherDefault<OidHasher>>,
 }
 
 impl Router {
     pub fn new(cfg: RouterConfig) -> Self {
         Router {
             cfg,
-            relations: HashMap::new(),
+            relations: HashMap::default(),
         }
     }
 

@@ -26,6 +26,7 @@ use crate::router::OutboxRecord;
 pub struct Ack {
     pub tag: u64,
     pub result: Result<Delivered, KafkaError>,
+    /// The record's topic, filled only for a failed delivery.
     pub topic: String,
 }
 
@@ -124,9 +125,11 @@ impl ProducerContext for AckContext {
     type DeliveryOpaque = usize;
 
     fn delivery(&self, result: &DeliveryResult<'_>, tag: usize) {
+        // The topic is only needed to explain a failure: no allocation per
+        // successful delivery.
         let (topic, result) = match result {
             Ok(m) => (
-                m.topic().to_string(),
+                String::new(),
                 Ok(Delivered {
                     partition: m.partition(),
                     offset: m.offset(),
