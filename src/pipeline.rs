@@ -443,9 +443,11 @@ impl State {
                 txn,
                 enqueued: Instant::now(),
                 commit_time: self.commit_time,
-                event_type: rec.event_type.clone(),
+                // Copied out: a slice would pin the whole socket read buffer
+                // it came from for as long as the event is in flight.
+                event_type: rec.event_type.as_deref().map(bytes::Bytes::copy_from_slice),
                 lsn,
-                record: (self.keep_records && !is_dead_letter).then(|| rec.clone()),
+                record: (self.keep_records && !is_dead_letter).then(|| rec.detached()),
                 dead_letter: is_dead_letter,
                 size: record_size(&rec),
             }));

@@ -310,6 +310,28 @@ pub struct OutboxRecord {
     pub event_type: Option<Bytes>,
 }
 
+impl OutboxRecord {
+    /// A copy that owns its bytes. The record's values are slices of the
+    /// buffer the WAL message was read into; keeping one alive keeps that
+    /// whole buffer (tens of kilobytes) alive, so a record held while in
+    /// flight is detached first.
+    pub fn detached(&self) -> OutboxRecord {
+        let own = |b: &Bytes| Bytes::copy_from_slice(b);
+        OutboxRecord {
+            topic: self.topic.clone(),
+            key: own(&self.key),
+            payload: self.payload.as_ref().map(own),
+            event_id: own(&self.event_id),
+            headers: self
+                .headers
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_ref().map(own)))
+                .collect(),
+            event_type: self.event_type.as_ref().map(own),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RouteError {
     #[error("outbox table {table} has no column {missing} (set by {option}); its columns are: {existing}")]
