@@ -341,6 +341,14 @@ pub enum RouteError {
         option: &'static str,
         existing: String,
     },
+    #[error("the type of column {column} of {table} (set by {option}) changed under the running relay (type OID {before} -> {after}): check the consumers of its events, then restart the relay to accept the new type")]
+    ColumnTypeChanged {
+        table: String,
+        column: String,
+        option: &'static str,
+        before: u32,
+        after: u32,
+    },
     #[error("an INSERT arrived for relation OID {0} before its Relation message")]
     UnknownRelation(u32),
     #[error("the publication publishes table {0}, which is not the configured outbox table {1}: remove it from the publication or point --table at it")]
@@ -403,6 +411,9 @@ enum RelationPlan {
 
 pub struct Router {
     cfg: RouterConfig,
+    /// Type OIDs of the mapped columns as first seen in this session: a
+    /// change under a running relay changes what the bytes mean.
+    mapped_types: Option<HashMap<String, u32>>,
     /// By relation OID. OIDs are spread well enough to be their own hash,
     /// and this lookup runs once per row.
     relations: HashMap<u32, RelationPlan, BuildHasherDefault<OidHasher>>,
@@ -412,6 +423,7 @@ impl Router {
     pub fn new(cfg: RouterConfig) -> Self {
         Router {
             cfg,
+            mapped_types: None,
             relations: HashMap::default(),
         }
     }
@@ -448,6 +460,24 @@ impl Router {
                         .join(", "),
                 })
         };
+        let mut types = HashMap::new();
+        for (column, option) in self.cfg.referenced_columns() {
+            let idx = find(&column, option)?;
+            let type_oid = rel.columns[idx].type_oid;
+            if let Some(before) = self.mapped_types.as_ref().and_then(|t| t.get(&column)) {
+                if *before != type_oid {
+                    return Err(RouteError::ColumnTypeChanged {
+                        table: full_name,
+                        column,
+                        option,
+                        before: *before,
+                        after: type_oid,
+                    });
+                }
+            }
+            types.insert(column, type_oid);
+        }
+        self.mapped_types = Some(types);
         let payload = find(&self.cfg.payload_column, "--payload-column")?;
         let plan = Plan {
             ncols: rel.columns.len(),
@@ -796,6 +826,33 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.contains("no column aggregateid"), "{msg}");
         assert!(msg.contains("its columns are: id, payload"), "{msg}");
+    }
+
+    #[test]
+    fn a_mapped_column_changing_type_is_refused_an_unmapped_one_is_not() {
+        let mut r = debezium_router();
+        let rel = |payload_type: u32, extra: u32| Relation {
+            oid: 7,
+            namespace: "public".into(),
+            name: "outboxevent".into(),
+            replica_identity: b'd',
+            columns: vec![
+                col("id", 2950),
+                col("aggregatetype", 1043),
+                col("aggregateid", 1043),
+                col("type", 1043),
+                col("payload", payload_type),
+                col("note", extra),
+            ],
+        };
+        // An unmapped column may come and change.
+        r.on_relation(&rel(3802, 25)).unwrap();
+        r.on_relation(&rel(3802, 23)).unwrap();
+        let err = r.on_relation(&rel(17, 23)).unwrap_err().to_string();
+        assert!(
+            err.contains("the type of column payload of public.outboxevent (set by --payload-column) changed"),
+            "{err}"
+        );
     }
 
     #[test]

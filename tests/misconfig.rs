@@ -181,6 +181,12 @@ async fn a_second_signal_exits_at_once() {
         relay.log_text().contains("event enqueued")
     })
     .await;
+    // An unreachable broker is a clear warning, not a crash loop.
+    wait_until(Duration::from_secs(30), "the broker warning", || async {
+        relay.log_text().contains("Kafka client error")
+    })
+    .await;
+    assert!(relay.is_running());
     relay.signal("TERM");
     wait_until(
         Duration::from_secs(30),

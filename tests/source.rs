@@ -419,3 +419,44 @@ async fn status_updates_keep_the_walsender_alive_while_the_broker_is_down() {
     );
     relay.signal("KILL");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mapped_columns_type_change_stops_the_relay_and_the_slot_stays() {
+    let db = TestDb::new("src_type").await;
+    let slot = format!("s_{}", db.name);
+    setup(&db, &slot).await;
+    let prefix = unique("type");
+    let mut relay = Relay::start(&args(&db, &brokers(), &topic_args(&prefix, &slot)));
+    wait_until(Duration::from_secs(30), "streaming", || async {
+        active_pid(&db, &slot).await.is_some()
+    })
+    .await;
+    insert(&db, 3, "before").await;
+    consume(
+        &brokers(),
+        &[format!("{prefix}.T")],
+        3,
+        Duration::from_secs(60),
+    )
+    .await;
+    // The payload column becomes text: its bytes would mean something else.
+    db.exec("ALTER TABLE outbox ALTER COLUMN payload TYPE text")
+        .await;
+    let before = db.current_wal_lsn().await;
+    db.exec(
+        "INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('T', 'a', 'plain text')",
+    )
+    .await;
+    assert_eq!(
+        relay.wait(Duration::from_secs(30)).await,
+        Some(1),
+        "the relay stops"
+    );
+    let log = relay.log_text();
+    assert!(
+        log.contains("the type of column payload of public.outbox (set by --payload-column) changed under the running relay"),
+        "{log}"
+    );
+    assert!(db.confirmed_flush_lsn(&slot).await <= before);
+    db.drop().await;
+}
