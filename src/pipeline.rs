@@ -998,16 +998,17 @@ async fn session(
         shutdown,
     )
     .await;
-    if let Err(e) = &result {
-        if !matches!(
-            e,
-            PipelineError::Replication(_) | PipelineError::ServerEnded
-        ) {
-            // Stopping on a bad event: let what was already handed to the
-            // producer arrive, so the slot stops right before the bad event
-            // rather than at an older position (fewer repeats on restart).
-            settle_in_flight(&mut state, cfg.shutdown_timeout).await;
-        }
+    match &result {
+        // A delivery failed: records enqueued after it must not reach the
+        // broker before it is sent again, or a partition would hold them out
+        // of commit order. Abandon the producer now; the next session
+        // resumes from the slot.
+        Err(PipelineError::Delivery(_)) => state.sink.abandon(),
+        Err(PipelineError::Replication(_) | PipelineError::ServerEnded) | Ok(()) => {}
+        // Stopping on a bad event: let what was already handed to the
+        // producer arrive, so the slot stops right before the bad event
+        // rather than at an older position (fewer repeats on restart).
+        Err(_) => settle_in_flight(&mut state, cfg.shutdown_timeout).await,
     }
     probe.abort();
     if let Some(h) = heartbeat {

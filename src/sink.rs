@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{
+    BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig, ThreadedProducer,
+};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Message};
 use tokio::sync::mpsc;
@@ -232,6 +234,15 @@ impl KafkaSink {
 
     pub fn in_flight(&self) -> i32 {
         self.producer.in_flight_count()
+    }
+
+    /// Drops every record not yet delivered, queued or in flight. After a
+    /// failed delivery nothing enqueued later may reach the broker before
+    /// the failed record is sent again (that would break commit order), so
+    /// the session abandons its producer at once and resumes from the slot.
+    pub fn abandon(&self) {
+        self.producer
+            .purge(PurgeConfig::default().queue().inflight());
     }
 
     /// A handle for [`KafkaSink::probe`] on another thread.
