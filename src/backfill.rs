@@ -185,64 +185,6 @@ async fn table_columns(
     Ok((oid, columns))
 }
 
-/// Creates the publication, or adds the table to it, as `setup` does.
-async fn ensure_publication(client: &Client, cfg: &RelayConfig) -> Result<String, BackfillError> {
-    let publication = &cfg.publication;
-    let table = &cfg.router.table;
-    let row = client
-        .query_opt(
-            "SELECT pubinsert FROM pg_publication WHERE pubname = $1",
-            &[publication],
-        )
-        .await
-        .map_err(sql("reading pg_publication"))?;
-    match row {
-        None => {
-            client
-                .batch_execute(&format!(
-                    "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert')",
-                    quote_ident(publication),
-                    table.quoted()
-                ))
-                .await
-                .map_err(sql(format!("creating publication {publication}")))?;
-            Ok(format!(
-                "created publication {publication} for table {table} (publish = 'insert')"
-            ))
-        }
-        Some(row) => {
-            if !row.get::<_, bool>(0) {
-                return Err(crate::setup::SetupError::NoInserts(publication.clone()).into());
-            }
-            let covered = client
-                .query_opt(
-                    "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
-                    &[publication, &table.schema, &table.name],
-                )
-                .await
-                .map_err(sql("reading pg_publication_tables"))?
-                .is_some();
-            if covered {
-                Ok(format!(
-                    "publication {publication} exists and covers {table}"
-                ))
-            } else {
-                client
-                    .batch_execute(&format!(
-                        "ALTER PUBLICATION {} ADD TABLE {}",
-                        quote_ident(publication),
-                        table.quoted()
-                    ))
-                    .await
-                    .map_err(sql(format!("adding {table} to publication {publication}")))?;
-                Ok(format!(
-                    "added table {table} to existing publication {publication}"
-                ))
-            }
-        }
-    }
-}
-
 /// Progress: a line redrawn in place on a terminal, plain lines otherwise.
 struct Progress {
     terminal: bool,
@@ -402,7 +344,7 @@ pub async fn run(
 
     // The publication must exist before the slot: pgoutput looks it up as of
     // each decoded change.
-    say(ensure_publication(&client, cfg).await?);
+    say(crate::setup::ensure_publication(&client, cfg).await?);
 
     let params = ConnectParams::from_config(&cfg.database)
         .map_err(|e| BackfillError::Config(e.to_string()))?;

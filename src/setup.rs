@@ -97,6 +97,61 @@ pub async fn check_table(client: &Client, cfg: &RelayConfig) -> Result<(), Setup
     Ok(())
 }
 
+/// Creates the publication over the outbox table, or adds the table to an
+/// existing one; refuses one that does not publish inserts. Returns the line
+/// that says what it found or did. Shared by `setup` and `backfill`.
+pub async fn ensure_publication(client: &Client, cfg: &RelayConfig) -> Result<String, SetupError> {
+    let publication = &cfg.publication;
+    let table = &cfg.router.table;
+    let pub_row = client
+        .query_opt(
+            "SELECT pubinsert FROM pg_publication WHERE pubname = $1",
+            &[publication],
+        )
+        .await
+        .map_err(sql("reading pg_publication"))?;
+    let Some(row) = pub_row else {
+        client
+            .batch_execute(&format!(
+                "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert')",
+                quote_ident(publication),
+                table.quoted()
+            ))
+            .await
+            .map_err(sql(format!("creating publication {publication}")))?;
+        return Ok(format!(
+            "created publication {publication} for table {table} (publish = 'insert')"
+        ));
+    };
+    if !row.get::<_, bool>(0) {
+        return Err(SetupError::NoInserts(publication.clone()));
+    }
+    let covered = client
+        .query_opt(
+            "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
+            &[publication, &table.schema, &table.name],
+        )
+        .await
+        .map_err(sql("reading pg_publication_tables"))?
+        .is_some();
+    if covered {
+        return Ok(format!(
+            "publication {publication} exists and covers {table}"
+        ));
+    }
+    client
+        .batch_execute(&format!(
+            "ALTER PUBLICATION {} ADD TABLE {}",
+            quote_ident(publication),
+            table.quoted()
+        ))
+        .await
+        .map_err(sql(format!("adding {table} to publication {publication}")))?;
+    Ok(format!(
+        "added table {table} to existing publication {publication}"
+    ))
+}
+
 /// Runs the setup and returns the lines that explain what it did.
 pub async fn run(cfg: &RelayConfig) -> Result<Vec<String>, SetupError> {
     let client = connect(cfg).await?;
@@ -116,60 +171,7 @@ pub async fn run(cfg: &RelayConfig) -> Result<Vec<String>, SetupError> {
     let table = &cfg.router.table;
     report.push(format!("table {table} has every configured column"));
 
-    let publication = &cfg.publication;
-    let pub_row = client
-        .query_opt(
-            "SELECT pubinsert FROM pg_publication WHERE pubname = $1",
-            &[publication],
-        )
-        .await
-        .map_err(sql("reading pg_publication"))?;
-    match pub_row {
-        None => {
-            client
-                .batch_execute(&format!(
-                    "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert')",
-                    quote_ident(publication),
-                    table.quoted()
-                ))
-                .await
-                .map_err(sql(format!("creating publication {publication}")))?;
-            report.push(format!(
-                "created publication {publication} for table {table} (publish = 'insert')"
-            ));
-        }
-        Some(row) => {
-            let inserts: bool = row.get(0);
-            if !inserts {
-                return Err(SetupError::NoInserts(publication.clone()));
-            }
-            let covered = client
-                .query_opt(
-                    "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
-                    &[publication, &table.schema, &table.name],
-                )
-                .await
-                .map_err(sql("reading pg_publication_tables"))?
-                .is_some();
-            if covered {
-                report.push(format!(
-                    "publication {publication} exists and covers {table}"
-                ));
-            } else {
-                client
-                    .batch_execute(&format!(
-                        "ALTER PUBLICATION {} ADD TABLE {}",
-                        quote_ident(publication),
-                        table.quoted()
-                    ))
-                    .await
-                    .map_err(sql(format!("adding {table} to publication {publication}")))?;
-                report.push(format!(
-                    "added table {table} to existing publication {publication}"
-                ));
-            }
-        }
-    }
+    report.push(ensure_publication(&client, cfg).await?);
 
     let slot = &cfg.slot;
     let slot_row = client
