@@ -2,13 +2,13 @@
 //! (rdkafka's `ssl-vendored` feature), so `--kafka-property
 //! security.protocol=ssl|sasl_ssl|sasl_plaintext` works. Proved against a
 //! nisshi broker of the test's own whose listener accepts only TLS
-//! (`--cert`/`--key`), with a CA and broker certificate made here by the
-//! openssl CLI: events arrive when the relay trusts the CA, and stay in
-//! flight (the slot does not move past them) when it does not.
+//! (`--cert`/`--key`), with a CA and server certificate made by the openssl
+//! CLI (support::certs): events arrive when the relay trusts the CA, and
+//! stay in flight (the slot does not move past them) when it does not.
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Headers;
 use rdkafka::{Message, Offset, TopicPartitionList};
+use support::certs::Pki;
 use support::*;
 
 fn props(kv: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -74,97 +75,6 @@ fn producer_accepts_tls_and_sasl_scram_properties() {
     .is_err());
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("run openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Two CAs and a broker certificate for localhost and 127.0.0.1 signed by
-/// `ca`; `other_ca` signed nothing the broker presents.
-struct Pki {
-    dir: PathBuf,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let dir = std::env::temp_dir().join(unique("kafka_pki"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let ec = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ];
-        for ca in ["ca", "other_ca"] {
-            let (key, crt, subj) = (
-                format!("{ca}.key"),
-                format!("{ca}.crt"),
-                format!("/CN=outbox-relay kafka test {ca}"),
-            );
-            let mut args = vec!["req", "-x509"];
-            args.extend(ec);
-            args.extend(["-keyout", &key, "-out", &crt, "-days", "2", "-subj", &subj]);
-            openssl(&dir, &args);
-        }
-        let mut args = vec!["req"];
-        args.extend(ec);
-        args.extend([
-            "-keyout",
-            "broker.key",
-            "-out",
-            "broker.csr",
-            "-subj",
-            "/CN=localhost",
-        ]);
-        openssl(&dir, &args);
-        std::fs::write(
-            dir.join("broker.ext"),
-            "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-        )
-        .unwrap();
-        openssl(
-            &dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                "broker.csr",
-                "-CA",
-                "ca.crt",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-days",
-                "2",
-                "-extfile",
-                "broker.ext",
-                "-out",
-                "broker.crt",
-            ],
-        );
-        Pki { dir }
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.dir.join(name).display().to_string()
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// A nisshi broker whose listener accepts only TLS connections.
 struct TlsBroker {
     child: Child,
@@ -189,9 +99,9 @@ impl TlsBroker {
                 "--group-initial-rebalance-delay",
                 "0s",
                 "--cert",
-                &pki.path("broker.crt"),
+                &pki.path("server.crt"),
                 "--key",
-                &pki.path("broker.key"),
+                &pki.path("server.key"),
             ])
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -551,7 +461,7 @@ async fn events_arrive_over_sasl_ssl_with_scram_sha_512() {
     let _ = plain.kill();
     let _ = plain.wait();
 
-    let (cert, key) = (pki.path("broker.crt"), pki.path("broker.key"));
+    let (cert, key) = (pki.path("server.crt"), pki.path("server.key"));
     let child = spawn(&["--authentication", "--cert", &cert, "--key", &key]);
     let broker = TlsBroker {
         child,

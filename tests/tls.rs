@@ -6,123 +6,13 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use outbox_relay::replication::{ConnectParams, ReplicationConnection};
 use outbox_relay::tls::{DatabaseConfig, Overrides};
+use support::certs::Pki;
 use support::*;
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("run openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Test certificates: two CAs, a server certificate for localhost and
-/// 127.0.0.1 signed by `ca`, a client certificate for `relay_cert`.
-struct Pki {
-    dir: PathBuf,
-}
-
-impl Pki {
-    fn new() -> Pki {
-        let dir = std::env::temp_dir().join(unique("pki"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let ec = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ];
-        for ca in ["ca", "other_ca"] {
-            let (key, crt, subj) = (
-                format!("{ca}.key"),
-                format!("{ca}.crt"),
-                format!("/CN=outbox-relay test {ca}"),
-            );
-            let mut args = vec!["req", "-x509"];
-            args.extend(ec);
-            args.extend([
-                "-keyout",
-                &key,
-                "-out",
-                &crt,
-                "-days",
-                "2",
-                "-subj",
-                &subj,
-                "-addext",
-                "basicConstraints=critical,CA:TRUE",
-                "-addext",
-                "keyUsage=critical,keyCertSign,cRLSign",
-            ]);
-            openssl(&dir, &args);
-        }
-        for (name, cn, ext) in [
-            (
-                "server",
-                "localhost",
-                "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n",
-            ),
-            (
-                "client",
-                "relay_cert",
-                "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n",
-            ),
-        ] {
-            std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
-            let mut args = vec!["req"];
-            args.extend(ec);
-            let (key, csr, crt, subj, extfile) = (
-                format!("{name}.key"),
-                format!("{name}.csr"),
-                format!("{name}.crt"),
-                format!("/CN={cn}"),
-                format!("{name}.ext"),
-            );
-            args.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
-            openssl(&dir, &args);
-            openssl(
-                &dir,
-                &[
-                    "x509", "-req", "-in", &csr, "-CA", "ca.crt", "-CAkey", "ca.key",
-                    "-CAcreateserial", "-out", &crt, "-days", "2", "-extfile", &extfile,
-                ],
-            );
-        }
-        // The server's key must belong to postgres with mode 0600.
-        let _ = Command::new("chown")
-            .args(["-R", "postgres", dir.to_str().unwrap()])
-            .status();
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(
-            dir.join("server.key"),
-            std::fs::Permissions::from_mode(0o600),
-        )
-        .unwrap();
-        Pki { dir }
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.dir.join(name).display().to_string()
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// A cluster that rejects every connection without TLS.
 fn tls_cluster(pki: &Pki) -> TempCluster {

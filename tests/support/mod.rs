@@ -659,6 +659,8 @@ pub fn metric(text: &str, sample: &str) -> Option<f64> {
         .and_then(|l| l[sample.len()..].trim().parse().ok())
 }
 
+pub mod certs;
+
 // ---------------------------------------------------------------------------
 // Fault injection (tests/faults.rs): a TCP fault proxy, a broker of the test's
 // own that can be killed and restarted on its port with persistent storage,
