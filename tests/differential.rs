@@ -680,11 +680,9 @@ async fn published_records_equal_a_select_of_the_same_rows() {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let mut setup = vec!["setup".to_string(), "--database-url".into(), db.url.clone()];
-        setup.extend(common.iter().cloned());
-        let setup: Vec<&str> = setup.iter().map(String::as_str).collect();
-        let (code, out, err) = relay_cmd(&setup);
-        assert_eq!(code, 0, "setup for {p} failed: {out}{err}");
+        let mut setup = vec!["--database-url", db.url.as_str()];
+        setup.extend(common.iter().map(String::as_str));
+        relay_setup(&setup);
 
         let configured = create_topic(&brokers, &topic, true).await;
         assert_eq!(
@@ -898,10 +896,9 @@ async fn bytea_payload_is_the_stored_bytes_whatever_bytea_output_says() {
         "--header-columns",
         "h_bytea:bytea",
     ];
-    let mut setup = vec!["setup", "--database-url", &db.url];
+    let mut setup = vec!["--database-url", db.url.as_str()];
     setup.extend(common);
-    let (code, out, err) = relay_cmd(&setup);
-    assert_eq!(code, 0, "setup failed: {out}{err}");
+    relay_setup(&setup);
     create_topic(&brokers, &topic, false).await;
     let mut extra = common.to_vec();
     extra.extend(["--topic", &topic]);

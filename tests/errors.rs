@@ -13,29 +13,33 @@ struct Case {
     slot: String,
     prefix: String,
     dlq: String,
+    good_topic: String,
 }
 
 /// A classic outbox whose columns accept the bad values under test.
 async fn case(name: &str) -> Case {
     let db = TestDb::new(name).await;
-    db.exec(CLASSIC_TABLE).await;
+    let slot = db.classic_outbox().await;
     db.exec("ALTER TABLE outbox ALTER COLUMN aggregate_id DROP NOT NULL; ALTER TABLE outbox ADD COLUMN body text").await;
-    let slot = format!("s_{}", db.name);
-    let (code, out, err) = relay_cmd(&["setup", "--database-url", &db.url, "--slot", &slot]);
-    assert_eq!(code, 0, "{out}{err}");
     let prefix = unique("err");
     let dlq = format!("{prefix}.dlq");
-    create_topics(&brokers(), &[&dlq, &format!("{prefix}.Good")], 1).await;
+    let good_topic = format!("{prefix}.Good");
+    create_topics(&brokers(), &[&dlq, &good_topic], 1).await;
     Case {
         db,
         slot,
         prefix,
         dlq,
+        good_topic,
     }
 }
 
 impl Case {
     fn args(&self, extra: &[&str]) -> Vec<String> {
+        self.args_for(&brokers(), extra)
+    }
+
+    fn args_for(&self, brokers: &str, extra: &[&str]) -> Vec<String> {
         let template = format!("{}.{{event_type}}", self.prefix);
         let mut a = vec![
             "--slot",
@@ -46,7 +50,7 @@ impl Case {
             &self.dlq,
         ];
         a.extend_from_slice(extra);
-        relay_args(&self.db, &brokers(), &a)
+        relay_args(&self.db, brokers, &a)
     }
 
     async fn good(&self, n: usize) {
@@ -62,10 +66,7 @@ impl Case {
 async fn a_null_key_halts_by_default_and_the_slot_stays_before_it() {
     let c = case("err_halt").await;
     let mut relay = Relay::start(&c.args(&[]));
-    wait_until(Duration::from_secs(30), "streaming", || async {
-        c.db.slot_active(&c.slot).await
-    })
-    .await;
+    c.db.wait_streaming(&c.slot).await;
     c.good(3).await;
     let before = c.db.current_wal_lsn().await;
     c.db.exec("INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('Good', NULL, '{}')")
@@ -82,17 +83,7 @@ async fn a_null_key_halts_by_default_and_the_slot_stays_before_it() {
         "slot moved past the bad event"
     );
     // The good events before it were delivered.
-    assert_eq!(
-        consume(
-            &brokers(),
-            &[format!("{}.Good", c.prefix)],
-            3,
-            Duration::from_secs(60)
-        )
-        .await
-        .len(),
-        3
-    );
+    assert_eq!(consume_topic(&c.good_topic, 3).await.len(), 3);
     c.db.drop().await;
 }
 
@@ -100,10 +91,7 @@ async fn a_null_key_halts_by_default_and_the_slot_stays_before_it() {
 async fn bad_rows_go_to_the_dead_letter_topic_with_the_reason() {
     let c = case("err_dlq").await;
     let mut relay = Relay::start(&c.args(&["--on-error", "dead-letter"]));
-    wait_until(Duration::from_secs(30), "streaming", || async {
-        c.db.slot_active(&c.slot).await
-    })
-    .await;
+    c.db.wait_streaming(&c.slot).await;
     c.good(2).await;
     c.db.exec(
         "BEGIN;
@@ -115,13 +103,7 @@ async fn bad_rows_go_to_the_dead_letter_topic_with_the_reason() {
     .await;
     c.good(2).await;
     let after = c.db.current_wal_lsn().await;
-    let dead = consume(
-        &brokers(),
-        std::slice::from_ref(&c.dlq),
-        3,
-        Duration::from_secs(60),
-    )
-    .await;
+    let dead = consume_topic(&c.dlq, 3).await;
     assert_eq!(dead.len(), 3);
     let by_id = |id: &str| {
         dead.iter()
@@ -136,7 +118,7 @@ async fn bad_rows_go_to_the_dead_letter_topic_with_the_reason() {
         .contains("column aggregate_id (the key) is NULL"));
     assert_eq!(
         null_key.header("outbox.original.topic").unwrap(),
-        format!("{}.Good", c.prefix)
+        c.good_topic
     );
     assert!(null_key.header("outbox.lsn").unwrap().contains('/'));
     assert_eq!(
@@ -156,21 +138,11 @@ async fn bad_rows_go_to_the_dead_letter_topic_with_the_reason() {
         topic.header("outbox.original.topic").unwrap(),
         format!("{}.bad type", c.prefix)
     );
-    assert_eq!(
-        consume(
-            &brokers(),
-            &[format!("{}.Good", c.prefix)],
-            4,
-            Duration::from_secs(60)
-        )
-        .await
-        .len(),
-        4
-    );
-    wait_until(
-        Duration::from_secs(30),
+    assert_eq!(consume_topic(&c.good_topic, 4).await.len(), 4);
+    c.db.wait_confirmed(
+        &c.slot,
+        after,
         "the slot to move past the dead-lettered events",
-        || async { c.db.confirmed_flush_lsn(&c.slot).await >= after },
     )
     .await;
     let text = http_get(&relay.http_address().await, "/metrics").await.1;
@@ -180,8 +152,7 @@ async fn bad_rows_go_to_the_dead_letter_topic_with_the_reason() {
         "{text}"
     );
     assert!(relay.is_running());
-    relay.signal("TERM");
-    assert_eq!(relay.wait(Duration::from_secs(30)).await, Some(0));
+    relay.terminate().await;
     c.db.drop().await;
 }
 
@@ -193,19 +164,10 @@ async fn an_oversized_record_is_dead_lettered_without_its_value_or_halts() {
         format!("INSERT INTO outbox (event_id, event_type, aggregate_id, payload) VALUES ('00000000-0000-4000-8000-0000000000b{n}', 'Good', 'a', jsonb_build_object('blob', repeat('x', 1500000)))")
     };
     let mut relay = Relay::start(&c.args(&["--on-error-override", "too-large=dead-letter"]));
-    wait_until(Duration::from_secs(30), "streaming", || async {
-        c.db.slot_active(&c.slot).await
-    })
-    .await;
+    c.db.wait_streaming(&c.slot).await;
     c.db.exec(&big(1)).await;
     c.good(1).await;
-    let dead = consume(
-        &brokers(),
-        std::slice::from_ref(&c.dlq),
-        1,
-        Duration::from_secs(60),
-    )
-    .await;
+    let dead = consume_topic(&c.dlq, 1).await;
     assert_eq!(
         dead[0].header("outbox.error.kind").as_deref(),
         Some("too-large")
@@ -222,19 +184,8 @@ async fn an_oversized_record_is_dead_lettered_without_its_value_or_halts() {
             .unwrap()
             > 1_500_000
     );
-    assert_eq!(
-        consume(
-            &brokers(),
-            &[format!("{}.Good", c.prefix)],
-            1,
-            Duration::from_secs(60)
-        )
-        .await
-        .len(),
-        1
-    );
-    relay.signal("TERM");
-    assert_eq!(relay.wait(Duration::from_secs(30)).await, Some(0));
+    assert_eq!(consume_topic(&c.good_topic, 1).await.len(), 1);
+    relay.terminate().await;
 
     // With the producer's limit raised, the broker refuses it (the topic's
     // max.message.bytes): a delivery report, dead-lettered the same way.
@@ -244,18 +195,9 @@ async fn an_oversized_record_is_dead_lettered_without_its_value_or_halts() {
         "--kafka-property",
         "message.max.bytes=5000000",
     ]));
-    wait_until(Duration::from_secs(30), "streaming", || async {
-        c.db.slot_active(&c.slot).await
-    })
-    .await;
+    c.db.wait_streaming(&c.slot).await;
     c.db.exec(&big(3)).await;
-    let dead = consume(
-        &brokers(),
-        std::slice::from_ref(&c.dlq),
-        2,
-        Duration::from_secs(60),
-    )
-    .await;
+    let dead = consume_topic(&c.dlq, 2).await;
     let broker_refused = dead
         .iter()
         .find(|r| {
@@ -271,15 +213,11 @@ async fn an_oversized_record_is_dead_lettered_without_its_value_or_halts() {
         "{broker_refused:?}"
     );
     assert!(broker_refused.payload.is_none());
-    relay.signal("TERM");
-    assert_eq!(relay.wait(Duration::from_secs(30)).await, Some(0));
+    relay.terminate().await;
 
     // The same event under the default policy stops the relay.
     let mut relay = Relay::start(&c.args(&[]));
-    wait_until(Duration::from_secs(30), "streaming", || async {
-        c.db.slot_active(&c.slot).await
-    })
-    .await;
+    c.db.wait_streaming(&c.slot).await;
     c.db.exec(&big(2)).await;
     assert_eq!(relay.wait(Duration::from_secs(60)).await, Some(1));
     assert!(
@@ -292,21 +230,14 @@ async fn an_oversized_record_is_dead_lettered_without_its_value_or_halts() {
     // a large transaction its keepalives may report positions inside it, so
     // comparing LSNs taken before the insert would be too strict.)
     let mut relay = Relay::start(&c.args(&["--on-error-override", "too-large=dead-letter"]));
-    let dead = consume(
-        &brokers(),
-        std::slice::from_ref(&c.dlq),
-        3,
-        Duration::from_secs(60),
-    )
-    .await;
+    let dead = consume_topic(&c.dlq, 3).await;
     assert!(
         dead.iter()
             .any(|r| r.header("outbox.original.id").as_deref()
                 == Some("00000000-0000-4000-8000-0000000000b2")),
         "the halted event was not sent again: {dead:?}"
     );
-    relay.signal("TERM");
-    assert_eq!(relay.wait(Duration::from_secs(30)).await, Some(0));
+    relay.terminate().await;
     c.db.drop().await;
 }
 
@@ -321,39 +252,23 @@ async fn a_payload_that_is_not_json_is_refused_when_json_is_required() {
         "--on-error-override",
         "payload-json=dead-letter",
     ]));
-    wait_until(Duration::from_secs(30), "streaming", || async {
-        c.db.slot_active(&c.slot).await
-    })
-    .await;
+    c.db.wait_streaming(&c.slot).await;
     c.db.exec(
         "INSERT INTO outbox (event_type, aggregate_id, payload, body) VALUES
            ('Good', 'a', '{}', '{\"ok\": true}'),
            ('Good', 'a', '{}', 'not json {')",
     )
     .await;
-    let dead = consume(
-        &brokers(),
-        std::slice::from_ref(&c.dlq),
-        1,
-        Duration::from_secs(60),
-    )
-    .await;
+    let dead = consume_topic(&c.dlq, 1).await;
     assert_eq!(
         dead[0].header("outbox.error.kind").as_deref(),
         Some("payload-json")
     );
     assert_eq!(dead[0].payload.as_deref(), Some(&b"not json {"[..]));
-    let good = consume(
-        &brokers(),
-        &[format!("{}.Good", c.prefix)],
-        1,
-        Duration::from_secs(60),
-    )
-    .await;
+    let good = consume_topic(&c.good_topic, 1).await;
     assert_eq!(good.len(), 1);
     assert_eq!(good[0].payload.as_deref(), Some(&b"{\"ok\": true}"[..]));
-    relay.signal("TERM");
-    assert_eq!(relay.wait(Duration::from_secs(30)).await, Some(0));
+    relay.terminate().await;
     c.db.drop().await;
 }
 
@@ -368,19 +283,10 @@ async fn a_missing_topic_without_auto_creation_is_dead_lettered() {
         "--kafka-property",
         "topic.metadata.propagation.max.ms=2000",
     ]));
-    wait_until(Duration::from_secs(30), "streaming", || async {
-        c.db.slot_active(&c.slot).await
-    })
-    .await;
+    c.db.wait_streaming(&c.slot).await;
     c.db.exec("INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('Nowhere', 'a', '{\"n\": 1}')").await;
     c.good(1).await;
-    let dead = consume(
-        &brokers(),
-        std::slice::from_ref(&c.dlq),
-        1,
-        Duration::from_secs(60),
-    )
-    .await;
+    let dead = consume_topic(&c.dlq, 1).await;
     assert_eq!(
         dead[0].header("outbox.error.kind").as_deref(),
         Some("topic-missing"),
@@ -392,8 +298,7 @@ async fn a_missing_topic_without_auto_creation_is_dead_lettered() {
         format!("{}.Nowhere", c.prefix)
     );
     assert_eq!(dead[0].payload.as_deref(), Some(&b"{\"n\": 1}"[..]));
-    relay.signal("TERM");
-    assert_eq!(relay.wait(Duration::from_secs(30)).await, Some(0));
+    relay.terminate().await;
     c.db.drop().await;
 }
 
@@ -408,8 +313,7 @@ async fn an_unauthorised_topic_is_dead_lettered_or_halts() {
     let mock = MockCluster::new(1).expect("mock cluster");
     let secret = format!("{}.Secret", c.prefix);
     mock.create_topic(&c.dlq, 1, 1).unwrap();
-    mock.create_topic(&format!("{}.Good", c.prefix), 1, 1)
-        .unwrap();
+    mock.create_topic(&c.good_topic, 1, 1).unwrap();
     mock.create_topic(&secret, 1, 1).unwrap();
     mock.topic_error(
         &secret,
@@ -417,24 +321,11 @@ async fn an_unauthorised_topic_is_dead_lettered_or_halts() {
     )
     .unwrap();
     let servers = mock.bootstrap_servers();
-    let template = format!("{}.{{event_type}}", c.prefix);
-    let args = |extra: &[&str]| {
-        let mut a = vec![
-            "--slot",
-            &c.slot,
-            "--topic",
-            &template,
-            "--dead-letter-topic",
-            &c.dlq,
-        ];
-        a.extend_from_slice(extra);
-        relay_args(&c.db, &servers, &a)
-    };
-    let mut relay = Relay::start(&args(&["--on-error-override", "authorization=dead-letter"]));
-    wait_until(Duration::from_secs(30), "streaming", || async {
-        c.db.slot_active(&c.slot).await
-    })
-    .await;
+    let mut relay = Relay::start(&c.args_for(
+        &servers,
+        &["--on-error-override", "authorization=dead-letter"],
+    ));
+    c.db.wait_streaming(&c.slot).await;
     c.db.exec("INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('Secret', 'a', '{\"s\": 1}')").await;
     c.good(1).await;
     let after = c.db.current_wal_lsn().await;
@@ -452,26 +343,13 @@ async fn an_unauthorised_topic_is_dead_lettered_or_halts() {
         dead[0]
     );
     assert_eq!(dead[0].header("outbox.original.topic").unwrap(), secret);
-    wait_until(
-        Duration::from_secs(30),
-        "the slot to pass the dead-lettered event",
-        || async { c.db.confirmed_flush_lsn(&c.slot).await >= after },
-    )
-    .await;
-    relay.signal("TERM");
-    assert_eq!(
-        relay.wait(Duration::from_secs(30)).await,
-        Some(0),
-        "{}",
-        relay.log_text()
-    );
+    c.db.wait_confirmed(&c.slot, after, "the slot to pass the dead-lettered event")
+        .await;
+    relay.terminate().await;
 
     // Under the default policy the relay stops and the slot stays.
-    let mut relay = Relay::start(&args(&[]));
-    wait_until(Duration::from_secs(30), "streaming", || async {
-        c.db.slot_active(&c.slot).await
-    })
-    .await;
+    let mut relay = Relay::start(&c.args_for(&servers, &[]));
+    c.db.wait_streaming(&c.slot).await;
     let before = c.db.current_wal_lsn().await;
     c.db.exec("INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('Secret', 'a', '{\"s\": 2}')").await;
     assert_eq!(relay.wait(Duration::from_secs(60)).await, Some(1));

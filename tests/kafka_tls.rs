@@ -203,16 +203,6 @@ fn consume_tls(
     out
 }
 
-/// Classic outbox with its publication and slot, via the CLI's `setup`.
-async fn classic_db(name: &str) -> (TestDb, String) {
-    let db = TestDb::new(name).await;
-    db.exec(CLASSIC_TABLE).await;
-    let slot = format!("s_{}", db.name);
-    let (code, out, err) = relay_cmd(&["setup", "--database-url", &db.url, "--slot", &slot]);
-    assert_eq!(code, 0, "setup failed: {out}{err}");
-    (db, slot)
-}
-
 async fn insert_events(db: &TestDb, topic: &str, n: usize) {
     let mut sql = String::from("BEGIN;");
     for i in 0..n {
@@ -241,7 +231,8 @@ async fn events_arrive_over_tls_when_the_relay_trusts_the_broker_ca() {
         "a plaintext client must not get through a TLS-only listener"
     );
 
-    let (db, slot) = classic_db("kafka_tls_ok").await;
+    let db = TestDb::new("kafka_tls_ok").await;
+    let slot = db.classic_outbox().await;
     let topic = unique("tls_ok");
     create_tls_topic(&broker.brokers(), &ca, &topic, 2).await;
     let mut relay = Relay::start(&relay_args(
@@ -286,20 +277,14 @@ async fn events_arrive_over_tls_when_the_relay_trusts_the_broker_ca() {
         broker.log_text()
     );
 
-    wait_until(
-        Duration::from_secs(30),
+    db.wait_confirmed(
+        &slot,
+        after,
         "confirmed_flush_lsn to pass the commit delivered over TLS",
-        || async { db.confirmed_flush_lsn(&slot).await >= after },
     )
     .await;
     assert!(relay.is_running(), "relay died: {}", relay.log_text());
-    relay.signal("TERM");
-    assert_eq!(
-        relay.wait(Duration::from_secs(30)).await,
-        Some(0),
-        "{}",
-        relay.log_text()
-    );
+    relay.terminate().await;
     drop(broker);
     db.drop().await;
 }
@@ -308,7 +293,8 @@ async fn events_arrive_over_tls_when_the_relay_trusts_the_broker_ca() {
 async fn with_a_wrong_ca_nothing_is_delivered_and_the_slot_holds() {
     let pki = Pki::new();
     let broker = TlsBroker::start(&pki).await;
-    let (db, slot) = classic_db("kafka_tls_bad_ca").await;
+    let db = TestDb::new("kafka_tls_bad_ca").await;
+    let slot = db.classic_outbox().await;
     let topic = unique("tls_bad");
     create_tls_topic(&broker.brokers(), &pki.path("ca.crt"), &topic, 1).await;
     let mut relay = Relay::start(&relay_args(
@@ -326,10 +312,7 @@ async fn with_a_wrong_ca_nothing_is_delivered_and_the_slot_holds() {
         ],
     ));
     let addr = relay.http_address().await;
-    wait_until(Duration::from_secs(30), "the relay to stream", || async {
-        db.slot_active(&slot).await
-    })
-    .await;
+    db.wait_streaming(&slot).await;
 
     let before = db.current_wal_lsn().await;
     insert_events(&db, &topic, 10).await;
@@ -507,7 +490,8 @@ async fn events_arrive_over_sasl_ssl_with_scram_sha_512() {
         r.unwrap_or_else(|(t, e)| panic!("create topic {t}: {e}"));
     }
 
-    let (db, slot) = classic_db("kafka_scram").await;
+    let db = TestDb::new("kafka_scram").await;
+    let slot = db.classic_outbox().await;
     let mut relay = Relay::start(&relay_args(
         &db,
         &broker.brokers(),
@@ -548,23 +532,17 @@ async fn events_arrive_over_sasl_ssl_with_scram_sha_512() {
     .await
     .unwrap();
     assert_eq!(high, 12, "relay log:\n{}", relay.log_text());
-    wait_until(
-        Duration::from_secs(30),
+    db.wait_confirmed(
+        &slot,
+        after,
         "confirmed_flush_lsn to pass the commit delivered over SASL_SSL",
-        || async { db.confirmed_flush_lsn(&slot).await >= after },
     )
     .await;
     assert!(
         !relay.log_text().contains("s3cret"),
         "the SASL password is never logged"
     );
-    relay.signal("TERM");
-    assert_eq!(
-        relay.wait(Duration::from_secs(30)).await,
-        Some(0),
-        "{}",
-        relay.log_text()
-    );
+    relay.terminate().await;
     drop(broker);
     db.drop().await;
 }

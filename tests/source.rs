@@ -11,12 +11,6 @@ use outbox_relay::lsn::Lsn;
 use outbox_relay::replication::{ConnectParams, ReplicationConnection};
 use support::*;
 
-async fn setup(db: &TestDb, slot: &str) {
-    db.exec(CLASSIC_TABLE).await;
-    let (code, out, err) = relay_cmd(&["setup", "--database-url", &db.url, "--slot", slot]);
-    assert_eq!(code, 0, "{out}{err}");
-}
-
 async fn insert(db: &TestDb, n: usize, tag: &str) {
     db.exec(&format!(
         "INSERT INTO outbox (event_type, aggregate_id, payload)
@@ -53,14 +47,10 @@ fn args(db: &TestDb, brokers: &str, extra: &[String]) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnects_after_the_walsender_is_terminated_and_loses_nothing() {
     let db = TestDb::new("src_terminate").await;
-    let slot = format!("s_{}", db.name);
-    setup(&db, &slot).await;
+    let slot = db.classic_outbox().await;
     let prefix = unique("term");
     let mut relay = Relay::start(&args(&db, &brokers(), &topic_args(&prefix, &slot)));
-    wait_until(Duration::from_secs(30), "streaming", || async {
-        active_pid(&db, &slot).await.is_some()
-    })
-    .await;
+    db.wait_streaming(&slot).await;
     insert(&db, 50, "before").await;
     let first = active_pid(&db, &slot).await.unwrap();
     db.exec(&format!("SELECT pg_terminate_backend({first})"))
@@ -71,45 +61,31 @@ async fn reconnects_after_the_walsender_is_terminated_and_loses_nothing() {
     })
     .await;
     insert(&db, 50, "after").await;
-    let records = consume(
-        &brokers(),
-        &[format!("{prefix}.T")],
-        150,
-        Duration::from_secs(60),
-    )
-    .await;
+    let records = consume_topic(&format!("{prefix}.T"), 150).await;
     let mut ids: Vec<String> = records.iter().map(|r| r.header("id").unwrap()).collect();
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), 150, "every event delivered after the reconnect");
     let after = db.current_wal_lsn().await;
-    wait_until(Duration::from_secs(30), "the slot to follow", || async {
-        db.confirmed_flush_lsn(&slot).await >= after
-    })
-    .await;
+    db.wait_confirmed(&slot, after, "the slot to follow").await;
     assert!(relay.is_running());
     let log = relay.log_text();
     assert!(
         log.contains("reconnecting and resuming from the slot"),
         "{log}"
     );
-    relay.signal("TERM");
-    assert_eq!(relay.wait(Duration::from_secs(30)).await, Some(0));
+    relay.terminate().await;
     db.drop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_relay_waits_as_a_standby_and_takes_over() {
     let db = TestDb::new("src_standby").await;
-    let slot = format!("s_{}", db.name);
-    setup(&db, &slot).await;
+    let slot = db.classic_outbox().await;
     let prefix = unique("standby");
     let a = args(&db, &brokers(), &topic_args(&prefix, &slot));
     let mut primary = Relay::start(&a);
-    wait_until(Duration::from_secs(30), "primary streaming", || async {
-        active_pid(&db, &slot).await.is_some()
-    })
-    .await;
+    db.wait_streaming(&slot).await;
     let holder = active_pid(&db, &slot).await.unwrap();
     let mut standby = Relay::start(&a);
     wait_until(
@@ -128,15 +104,8 @@ async fn a_second_relay_waits_as_a_standby_and_takes_over() {
         standby.log_text()
     );
     insert(&db, 20, "primary").await;
-    consume(
-        &brokers(),
-        &[format!("{prefix}.T")],
-        20,
-        Duration::from_secs(60),
-    )
-    .await;
-    primary.signal("TERM");
-    assert_eq!(primary.wait(Duration::from_secs(30)).await, Some(0));
+    consume_topic(&format!("{prefix}.T"), 20).await;
+    primary.terminate().await;
     wait_until(
         Duration::from_secs(60),
         "the standby to take the slot",
@@ -144,24 +113,16 @@ async fn a_second_relay_waits_as_a_standby_and_takes_over() {
     )
     .await;
     insert(&db, 20, "standby").await;
-    let records = consume(
-        &brokers(),
-        &[format!("{prefix}.T")],
-        40,
-        Duration::from_secs(60),
-    )
-    .await;
+    let records = consume_topic(&format!("{prefix}.T"), 40).await;
     assert_eq!(records.len(), 40, "no duplicates after a clean handover");
-    standby.signal("TERM");
-    assert_eq!(standby.wait(Duration::from_secs(30)).await, Some(0));
+    standby.terminate().await;
     db.drop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminate_stale_walsender_takes_the_slot_when_asked() {
     let db = TestDb::new("src_stale").await;
-    let slot = format!("s_{}", db.name);
-    setup(&db, &slot).await;
+    let slot = db.classic_outbox().await;
     // A stale holder: a replication connection that started streaming and
     // then stopped reading, as a hung client would.
     let cfg: tokio_postgres::Config = db.url.parse().unwrap();
@@ -200,49 +161,28 @@ async fn terminate_stale_walsender_takes_the_slot_when_asked() {
         relay.log_text()
     );
     insert(&db, 10, "x").await;
-    let records = consume(
-        &brokers(),
-        &[format!("{prefix}.T")],
-        10,
-        Duration::from_secs(60),
-    )
-    .await;
+    let records = consume_topic(&format!("{prefix}.T"), 10).await;
     assert_eq!(records.len(), 10);
-    relay.signal("TERM");
-    assert_eq!(relay.wait(Duration::from_secs(30)).await, Some(0));
+    relay.terminate().await;
     db.drop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_mapped_column_stops_the_relay_and_the_slot_stays() {
     let db = TestDb::new("src_ddl").await;
-    let slot = format!("s_{}", db.name);
-    setup(&db, &slot).await;
+    let slot = db.classic_outbox().await;
     let prefix = unique("ddl");
     let mut relay = Relay::start(&args(&db, &brokers(), &topic_args(&prefix, &slot)));
-    wait_until(Duration::from_secs(30), "streaming", || async {
-        active_pid(&db, &slot).await.is_some()
-    })
-    .await;
+    db.wait_streaming(&slot).await;
     insert(&db, 5, "v1").await;
     // Adding a column, or changing one the relay does not map, just works.
     db.exec("ALTER TABLE outbox ADD COLUMN tenant text DEFAULT 'acme'")
         .await;
     insert(&db, 5, "v2").await;
-    consume(
-        &brokers(),
-        &[format!("{prefix}.T")],
-        10,
-        Duration::from_secs(60),
-    )
-    .await;
+    consume_topic(&format!("{prefix}.T"), 10).await;
     let delivered = db.current_wal_lsn().await;
-    wait_until(
-        Duration::from_secs(30),
-        "the slot to pass the delivered events",
-        || async { db.confirmed_flush_lsn(&slot).await >= delivered },
-    )
-    .await;
+    db.wait_confirmed(&slot, delivered, "the slot to pass the delivered events")
+        .await;
     // Dropping a mapped column: the next row cannot be routed.
     db.exec("ALTER TABLE outbox DROP COLUMN aggregate_id").await;
     let before_bad = db.current_wal_lsn().await;
@@ -269,8 +209,7 @@ async fn a_dropped_mapped_column_stops_the_relay_and_the_slot_stays() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slot_advanced_behind_the_relays_back_is_detected() {
     let db = TestDb::new("src_moved").await;
-    let slot = format!("s_{}", db.name);
-    setup(&db, &slot).await;
+    let slot = db.classic_outbox().await;
     let prefix = unique("moved");
     // The broker is unreachable, so the events stay in flight and the slot
     // stays before them.
@@ -279,10 +218,7 @@ async fn a_slot_advanced_behind_the_relays_back_is_detected() {
         &format!("127.0.0.1:{}", free_port()),
         &topic_args(&prefix, &slot),
     ));
-    wait_until(Duration::from_secs(30), "streaming", || async {
-        active_pid(&db, &slot).await.is_some()
-    })
-    .await;
+    db.wait_streaming(&slot).await;
     insert(&db, 5, "pending").await;
     let after = db.current_wal_lsn().await;
     wait_until(
@@ -331,8 +267,7 @@ async fn an_invalidated_slot_is_refused_with_a_fix() {
     let url = cluster.url("postgres", None);
     let client = sql_client(&url).await;
     client.batch_execute(CLASSIC_TABLE).await.unwrap();
-    let (code, out, err) = relay_cmd(&["setup", "--database-url", &url]);
-    assert_eq!(code, 0, "{out}{err}");
+    relay_setup(&["--database-url", &url]);
     // Write and switch past several segments, then checkpoint: the slot's
     // WAL is removed and the slot is marked lost.
     client
@@ -372,8 +307,7 @@ async fn status_updates_keep_the_walsender_alive_while_the_broker_is_down() {
     let url = cluster.url("postgres", None);
     let client = sql_client(&url).await;
     client.batch_execute(CLASSIC_TABLE).await.unwrap();
-    let (code, out, err) = relay_cmd(&["setup", "--database-url", &url]);
-    assert_eq!(code, 0, "{out}{err}");
+    relay_setup(&["--database-url", &url]);
     let mut relay = Relay::start(&[
         "--database-url".into(),
         url.clone(),
@@ -423,22 +357,12 @@ async fn status_updates_keep_the_walsender_alive_while_the_broker_is_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mapped_columns_type_change_stops_the_relay_and_the_slot_stays() {
     let db = TestDb::new("src_type").await;
-    let slot = format!("s_{}", db.name);
-    setup(&db, &slot).await;
+    let slot = db.classic_outbox().await;
     let prefix = unique("type");
     let mut relay = Relay::start(&args(&db, &brokers(), &topic_args(&prefix, &slot)));
-    wait_until(Duration::from_secs(30), "streaming", || async {
-        active_pid(&db, &slot).await.is_some()
-    })
-    .await;
+    db.wait_streaming(&slot).await;
     insert(&db, 3, "before").await;
-    consume(
-        &brokers(),
-        &[format!("{prefix}.T")],
-        3,
-        Duration::from_secs(60),
-    )
-    .await;
+    consume_topic(&format!("{prefix}.T"), 3).await;
     // The payload column becomes text: its bytes would mean something else.
     db.exec("ALTER TABLE outbox ALTER COLUMN payload TYPE text")
         .await;

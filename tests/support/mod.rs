@@ -144,6 +144,32 @@ impl TestDb {
             .is_some()
     }
 
+    /// Creates the classic outbox table, and its publication and a slot
+    /// named after the database through `outbox-relay setup`; returns the slot.
+    pub async fn classic_outbox(&self) -> String {
+        self.exec(CLASSIC_TABLE).await;
+        let slot = format!("s_{}", self.name);
+        relay_setup(&["--database-url", &self.url, "--slot", &slot]);
+        slot
+    }
+
+    /// Waits until a walsender holds `slot`: changes written after this are
+    /// streamed to the relay, not just left in the WAL.
+    pub async fn wait_streaming(&self, slot: &str) {
+        wait_until(Duration::from_secs(30), "streaming", || async {
+            self.slot_active(slot).await
+        })
+        .await;
+    }
+
+    /// Waits until the slot's confirmed_flush_lsn reaches `lsn`.
+    pub async fn wait_confirmed(&self, slot: &str, lsn: Lsn, what: &str) {
+        wait_until(Duration::from_secs(30), what, || async {
+            self.confirmed_flush_lsn(slot).await >= lsn
+        })
+        .await;
+    }
+
     pub async fn drop(self) {
         drop(self.client);
         let admin = sql_client(&admin_url()).await;
@@ -202,6 +228,14 @@ pub fn relay_cmd(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// Runs `outbox-relay setup <args>`, which must succeed.
+pub fn relay_setup(args: &[&str]) {
+    let mut all = vec!["setup"];
+    all.extend_from_slice(args);
+    let (code, out, err) = relay_cmd(&all);
+    assert_eq!(code, 0, "setup {args:?} failed: {out}{err}");
+}
+
 /// The relay as a child process; killed when dropped.
 pub struct Relay {
     child: Child,
@@ -253,6 +287,17 @@ impl Relay {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// SIGTERM: the relay must finish its in-flight work and exit 0.
+    pub async fn terminate(&mut self) {
+        self.signal("TERM");
+        assert_eq!(
+            self.wait(Duration::from_secs(30)).await,
+            Some(0),
+            "exit after SIGTERM; log:\n{}",
+            self.log_text()
+        );
     }
 
     /// The address of the relay's HTTP endpoint, once it logged it.
@@ -369,6 +414,17 @@ pub async fn consume(
     tokio::task::spawn_blocking(move || consume_blocking(&brokers, &topics, at_least, timeout))
         .await
         .unwrap()
+}
+
+/// [`consume`] of one topic of the shared broker, waiting up to 60 s.
+pub async fn consume_topic(topic: &str, at_least: usize) -> Vec<Record> {
+    consume(
+        &brokers(),
+        &[topic.to_string()],
+        at_least,
+        Duration::from_secs(60),
+    )
+    .await
 }
 
 fn consume_blocking(
