@@ -58,9 +58,12 @@ impl Metrics {
         let mut registry = Registry::default();
         let events_published = Family::<EventTypeLabels, Counter>::default();
         let publish_errors = Family::<ErrorLabels, Counter>::default();
-        // 100 µs .. ~52 s
-        let publish_duration = Histogram::new(exponential_buckets(0.0001, 2.0, 20));
-        let commit_to_ack = Histogram::new(exponential_buckets(0.0001, 2.0, 20));
+        // 100 µs .. 52 s in steps of √2: a latency SLO of a few
+        // milliseconds needs finer buckets than powers of two give
+        // histogram_quantile() to interpolate between.
+        let latency_buckets = || exponential_buckets(0.0001, std::f64::consts::SQRT_2, 39);
+        let publish_duration = Histogram::new(latency_buckets());
+        let commit_to_ack = Histogram::new(latency_buckets());
         let replication_lag_bytes = Gauge::default();
         let confirmed_lsn = Gauge::default();
         let inflight_events = Gauge::default();
