@@ -485,6 +485,18 @@ fn summary(mut v: Vec<f64>) -> Value {
     })
 }
 
+/// A sample without labels from Prometheus text.
+fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// The value of a numeric option passed with --relay-arg, if it was.
+fn relay_setting(args: &[String], flag: &str) -> Option<f64> {
+    let i = args.iter().position(|a| a == flag)?;
+    args.get(i + 1)?.parse().ok()
+}
+
 /// Percentiles (in ms) of a Prometheus histogram in seconds, interpolated linearly
 /// inside the bucket that holds each rank, as `histogram_quantile()` does. The
 /// relay's latency buckets grow by √2, so a figure can be off by part of a bucket's
@@ -607,6 +619,17 @@ async fn write_backlog(url: &str, n: u64) -> Result<(f64, u64)> {
     Ok((t0.elapsed().as_secs_f64(), last_lsn))
 }
 
+/// A libpq keyword/value string for pg_recvlogical from the stack's URL.
+fn conninfo(url: &str) -> String {
+    let u = url
+        .trim_start_matches("postgres://")
+        .trim_start_matches("postgresql://");
+    let (userhost, db) = u.split_once('/').unwrap();
+    let (user, hostport) = userhost.split_once('@').unwrap();
+    let (host, port) = hostport.split_once(':').unwrap_or((hostport, "5432"));
+    format!("host={host} port={port} user={user} dbname={db}")
+}
+
 async fn scenario_drain(cfg: &Cfg, report: &mut Value) -> Result<()> {
     let n = cfg.events;
     let url = fresh_db(cfg, "bench_drain").await?;
@@ -634,15 +657,7 @@ async fn scenario_drain(cfg: &Cfg, report: &mut Value) -> Result<()> {
     ));
 
     // Baseline 1: Postgres's own decode rate.
-    let pg_conn = {
-        let u = url
-            .trim_start_matches("postgres://")
-            .trim_start_matches("postgresql://");
-        let (userhost, db) = u.split_once('/').unwrap();
-        let (user, hostport) = userhost.split_once('@').unwrap();
-        let (host, port) = hostport.split_once(':').unwrap_or((hostport, "5432"));
-        format!("host={host} port={port} user={user} dbname={db}")
-    };
+    let pg_conn = conninfo(&url);
     log("drain: pg_recvlogical over the same backlog (its own slot, created before the backlog)");
     let t0 = Instant::now();
     let st = Command::new(cfg.a.pg_bin_dir.join("pg_recvlogical"))
@@ -1331,7 +1346,159 @@ async fn scenario_latency(cfg: &Cfg, report: &mut Value) -> Result<()> {
 
 // ------------------------------------------------------------------ sustained
 
+/// `nw` connections inserting one-event transactions as fast as they can until `stop`.
+fn flat_out_writers(
+    url: &str,
+    nw: usize,
+    stop: &Arc<AtomicBool>,
+    count: &Arc<AtomicU64>,
+) -> Vec<tokio::task::JoinHandle<Result<()>>> {
+    (0..nw)
+        .map(|w| {
+            let (url, stop, count) = (url.to_string(), stop.clone(), count.clone());
+            tokio::spawn(async move {
+                let c = connect(&url).await?;
+                let stmt = c
+                    .prepare(&format!(
+                        "INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('bench', $1, jsonb_build_object('seq', $2::bigint, 'pad', repeat('x', {PAD})))"
+                    ))
+                    .await?;
+                let mut i = 0i64;
+                while !stop.load(Ordering::Relaxed) {
+                    let seq = i * nw as i64 + w as i64;
+                    let key = format!("agg-{}", seq % AGGREGATES);
+                    c.execute(&stmt, &[&key, &seq]).await?;
+                    count.fetch_add(1, Ordering::Relaxed);
+                    i += 1;
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect()
+}
+
+/// How long ago (s) at sample `i` the WAL insert position was at `pos`, interpolated
+/// between the (t, WAL position) samples up to `i`.
+fn wal_age(samples: &[(f64, u64)], i: usize, pos: u64) -> f64 {
+    let t = samples[i].0;
+    if pos >= samples[i].1 {
+        return 0.0;
+    }
+    match samples[..=i].iter().position(|s| s.1 > pos) {
+        None | Some(0) => t - samples[0].0,
+        Some(j) => {
+            let ((ta, wa), (tb, wb)) = (samples[j - 1], samples[j]);
+            let f = if wb > wa {
+                pos.saturating_sub(wa) as f64 / (wb - wa) as f64
+            } else {
+                1.0
+            };
+            t - (ta + f * (tb - ta))
+        }
+    }
+}
+
+/// What the walsender of `slot` has sent (pg_stat_replication.sent_lsn) and the WAL
+/// insert position, in one query.
+const SENT_SQL: &str = "SELECT pg_current_wal_lsn()::text, coalesce((SELECT r.sent_lsn::text FROM pg_stat_replication r JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = $1 AND s.database = current_database()), '0/0')";
+
+/// The sustained writers again, with `pg_recvlogical` as the only reader: how far
+/// Postgres's own decoding falls behind the same writers on the same machine. Its lag
+/// is the walsender's sent position against the WAL insert position (it confirms only
+/// when it syncs its output, so its confirmed position says little).
+async fn sustained_baseline(cfg: &Cfg, secs: u64) -> Result<Value> {
+    let url = fresh_db(cfg, "bench_sustained_recv").await?;
+    let c = connect(&url).await?;
+    c.batch_execute("CREATE PUBLICATION outbox_pub FOR TABLE outbox")
+        .await?;
+    c.batch_execute("SELECT pg_create_logical_replication_slot('bench_recvlogical', 'pgoutput')")
+        .await?;
+    let mut child = Command::new(cfg.a.pg_bin_dir.join("pg_recvlogical"))
+        .args([
+            "-d",
+            &conninfo(&url),
+            "-S",
+            "bench_recvlogical",
+            "--start",
+            "-P",
+            "pgoutput",
+        ])
+        .args([
+            "-o",
+            "proto_version=1",
+            "-o",
+            "publication_names=outbox_pub",
+        ])
+        .args(["-f", "/dev/null", "-F", "1", "-s", "1", "--no-loop"])
+        .stdout(Stdio::null())
+        .spawn()
+        .context("run pg_recvlogical")?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let cpu0 = proc_cpu_secs(child.id(), cfg.clk_tck).unwrap_or(f64::NAN);
+    let nw = cfg.a.sustained_writers;
+    log(format!("sustained/pg_recvlogical: {nw} writers flat out for {secs} s, pg_recvlogical the only reader"));
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let hs = flat_out_writers(&url, nw, &stop, &count);
+    let t0 = Instant::now();
+    let mut wal: Vec<(f64, u64)> = Vec::new();
+    let mut sent: Vec<u64> = Vec::new();
+    while t0.elapsed() < Duration::from_secs(secs) {
+        if let Some(st) = child.try_wait()? {
+            bail!("pg_recvlogical exited during the run: {st}");
+        }
+        let row = c.query_one(SENT_SQL, &[&"bench_recvlogical"]).await?;
+        wal.push((
+            t0.elapsed().as_secs_f64(),
+            parse_lsn(row.get::<_, &str>(0))?,
+        ));
+        sent.push(parse_lsn(row.get::<_, &str>(1))?);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for h in hs {
+        h.await??;
+    }
+    let written = count.load(Ordering::Relaxed);
+    let write_s = t0.elapsed().as_secs_f64();
+    let cpu = proc_cpu_secs(child.id(), cfg.clk_tck).unwrap_or(f64::NAN) - cpu0;
+    let _ = child.kill();
+    let _ = child.wait();
+    // The walsender outlives its client for a moment.
+    let t = Instant::now();
+    while let Err(e) = c
+        .batch_execute("SELECT pg_drop_replication_slot('bench_recvlogical')")
+        .await
+    {
+        if t.elapsed() > Duration::from_secs(30) {
+            return Err(pg_err(e));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let lag: Vec<f64> = (0..wal.len())
+        .filter(|&i| wal[i].0 >= 1.0)
+        .map(|i| wal_age(&wal, i, sent[i]))
+        .collect();
+    let lag_b: Vec<f64> = (0..wal.len())
+        .filter(|&i| wal[i].0 >= 1.0)
+        .map(|i| wal[i].1.saturating_sub(sent[i]) as f64)
+        .collect();
+    let out = json!({
+        "seconds": secs, "writers": nw, "written": written,
+        "insert_rate": written as f64 / write_s,
+        "sent_lag_s": summary(lag), "sent_lag_bytes": summary(lag_b),
+        "cpu_us_per_event": cpu * 1e6 / written as f64,
+    });
+    log(format!(
+        "sustained/pg_recvlogical: {written} events ({:.0}/s), sent lag {}",
+        written as f64 / write_s,
+        out["sent_lag_s"]
+    ));
+    Ok(out)
+}
+
 async fn scenario_sustained(cfg: &Cfg, report: &mut Value) -> Result<()> {
+    let baseline = sustained_baseline(cfg, cfg.sustained_secs).await?;
     let url = fresh_db(cfg, "bench_sustained").await?;
     let topic = &topic_name("sustained");
     create_topic(&cfg.a.brokers, topic, cfg.a.partitions).await?;
@@ -1348,27 +1515,7 @@ async fn scenario_sustained(cfg: &Cfg, report: &mut Value) -> Result<()> {
     ));
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
-    let mut hs = Vec::new();
-    for w in 0..nw {
-        let (url, stop, count) = (url.clone(), stop.clone(), count.clone());
-        hs.push(tokio::spawn(async move {
-            let c = connect(&url).await?;
-            let stmt = c
-                .prepare(&format!(
-                    "INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('bench', $1, jsonb_build_object('seq', $2::bigint, 'pad', repeat('x', {PAD})))"
-                ))
-                .await?;
-            let mut i = 0i64;
-            while !stop.load(Ordering::Relaxed) {
-                let seq = i * nw as i64 + w as i64;
-                let key = format!("agg-{}", seq % AGGREGATES);
-                c.execute(&stmt, &[&key, &seq]).await?;
-                count.fetch_add(1, Ordering::Relaxed);
-                i += 1;
-            }
-            anyhow::Ok(())
-        }));
-    }
+    let hs = flat_out_writers(&url, nw, &stop, &count);
     // Sample every 100 ms: (t s, events written, wal lsn, confirmed lsn).
     let t0 = Instant::now();
     // And every 500 ms the records in Kafka, to tell delivery lag from confirmation lag.
@@ -1387,8 +1534,19 @@ async fn scenario_sustained(cfg: &Cfg, report: &mut Value) -> Result<()> {
         })
     };
     let mut samples: Vec<(f64, u64, u64, u64)> = Vec::new();
+    // The relay's walsender's sent position and the relay's in-flight events, to tell
+    // a relay that does not read (window full: the broker is the limit) from a
+    // walsender that does not send (decoding is the limit).
+    let mut sent: Vec<u64> = Vec::new();
+    let mut inflight: Vec<f64> = Vec::new();
+    let max_inflight = relay_setting(&cfg.a.relay_arg, "--max-inflight").unwrap_or(5000.0);
     while t0.elapsed() < Duration::from_secs(secs) {
         relay.check_alive()?;
+        let srow = c.query_one(SENT_SQL, &[&"outbox_relay"]).await?;
+        sent.push(parse_lsn(srow.get::<_, &str>(1))?);
+        if let Ok(text) = relay.metrics() {
+            inflight.push(metric_value(&text, "outbox_inflight_events").unwrap_or(f64::NAN));
+        }
         let row = c
             .query_one(
                 "SELECT pg_current_wal_lsn()::text, coalesce(confirmed_flush_lsn::text,'0/0') FROM pg_replication_slots WHERE slot_name = 'outbox_relay' AND database = current_database()",
@@ -1523,7 +1681,21 @@ async fn scenario_sustained(cfg: &Cfg, report: &mut Value) -> Result<()> {
         steady.iter().cloned().fold(0.0, f64::max),
         caught_up
     ));
+    let wal_t: Vec<(f64, u64)> = samples.iter().map(|s| (s.0, s.2)).collect();
+    let sent_lag: Vec<f64> = (0..wal_t.len().min(sent.len()))
+        .filter(|&i| wal_t[i].0 >= 1.0)
+        .map(|i| wal_age(&wal_t, i, sent[i]))
+        .collect();
+    let at_limit = inflight
+        .iter()
+        .filter(|&&v| v >= 0.95 * max_inflight)
+        .count();
     report["sustained"] = json!({
+        "baseline_pg_recvlogical": baseline,
+        "sent_lag_s": summary(sent_lag),
+        "inflight": summary(inflight.clone()),
+        "inflight_at_limit_fraction": at_limit as f64 / inflight.len().max(1) as f64,
+        "max_inflight": max_inflight,
         "seconds": secs, "writers": nw, "written": written,
         "insert_rate": written as f64 / write_s,
         "lag_s": summary(steady), "lag_bytes": summary(steady_b),
@@ -1937,7 +2109,7 @@ fn write_markdown(out: &Path, r: &Value, plots: &[String]) -> Result<()> {
     );
     let _ = writeln!(m, "| drain vs Postgres's decode rate | {:.2} × pg_recvlogical ({} events/s) | ≥ 0.8 × | pg_recvlogical {} events/s | {} |", relay_rate / recv, fmt_num(relay_rate), fmt_num(recv), yes(relay_rate >= 0.8 * recv));
     let _ = writeln!(m, "| drain, absolute | {} events/s | ≥ 100k events/s | broker intake {} records/s ({:.2} × relay) | {} |", fmt_num(relay_rate), fmt_num(intake), intake / relay_rate, yes(relay_rate >= 100_000.0));
-    let _ = writeln!(m, "| sustained lag | max {:.2} s (p99 {:.2} s) at {} inserts/s | < 1 s throughout | Postgres insert rate of the run | {} |", max_lag, f(&r["sustained"]["lag_s"]["p99"]), fmt_num(f(&r["sustained"]["insert_rate"])), yes(max_lag < 1.0));
+    let _ = writeln!(m, "| sustained lag | max {:.2} s (p99 {:.2} s) at {} inserts/s | < 1 s throughout | pg_recvlogical alone under the same writers (separate run, {} inserts/s): sent lag max {:.2} s (p99 {:.2} s) | {} |", max_lag, f(&r["sustained"]["lag_s"]["p99"]), fmt_num(f(&r["sustained"]["insert_rate"])), fmt_num(f(&r["sustained"]["baseline_pg_recvlogical"]["insert_rate"])), f(&r["sustained"]["baseline_pg_recvlogical"]["sent_lag_s"]["max"]), f(&r["sustained"]["baseline_pg_recvlogical"]["sent_lag_s"]["p99"]), yes(max_lag < 1.0));
     let _ = writeln!(
         m,
         "| latency p50 at {} events/s, commit → ack | {:.2} ms | ≤ 2 ms | producing directly after COMMIT: p50 {:.2} ms (relay adds {:.2} ms) | {} |",
@@ -2104,12 +2276,33 @@ fn write_markdown(out: &Path, r: &Value, plots: &[String]) -> Result<()> {
         );
         let _ = writeln!(
             m,
-            "| delivery, seconds | {:.3} | {:.3} | {:.3} |\n",
+            "| delivery, seconds | {:.3} | {:.3} | {:.3} |",
             f(&s["delivery_lag_s"]["p50"]),
             f(&s["delivery_lag_s"]["p99"]),
             f(&s["delivery_lag_s"]["max"])
         );
-        let _ = writeln!(m, "The first two rows are what Postgres sees (the slot's confirmed position). The delivery row is sampled every 500 ms from Kafka: how long ago the writers had committed as many events as the topic holds (sum of high watermarks), i.e. the lag of delivery as opposed to confirmation. When the two differ, the relay has delivered but not yet told Postgres.\n");
+        for (label, x) in [
+            ("walsender sent, seconds (relay run)", &s["sent_lag_s"]),
+            (
+                "walsender sent, seconds (pg_recvlogical alone, separate run)",
+                &s["baseline_pg_recvlogical"]["sent_lag_s"],
+            ),
+        ] {
+            if !x.is_null() {
+                let _ = writeln!(
+                    m,
+                    "| {label} | {:.3} | {:.3} | {:.3} |",
+                    f(&x["p50"]),
+                    f(&x["p99"]),
+                    f(&x["max"])
+                );
+            }
+        }
+        let _ = writeln!(m, "\nThe first two rows are what Postgres sees (the slot's confirmed position). The delivery row is sampled every 500 ms from Kafka: how long ago the writers had committed as many events as the topic holds (sum of high watermarks), i.e. the lag of delivery as opposed to confirmation. When the two differ, the relay has delivered but not yet told Postgres. The walsender rows are `pg_stat_replication.sent_lsn` against the WAL insert position: how far decoding and sending trail the writers, first under the relay, then in a separate run of the same writers with `pg_recvlogical` (into /dev/null) as the only reader, which is the ceiling for any logical-decoding reader on this machine.\n");
+        if !s["inflight"].is_null() {
+            let _ = writeln!(m, "The relay's in-flight events (sampled from its `/metrics` with the lag): p50 {:.0}, max {:.0} of its `--max-inflight` {:.0}; at the limit in {:.1} % of the samples. At the limit the relay stops reading and waits for the broker; below it, the relay reads as fast as the walsender sends.\n",
+                f(&s["inflight"]["p50"]), f(&s["inflight"]["max"]), f(&s["max_inflight"]), 100.0 * f(&s["inflight_at_limit_fraction"]));
+        }
         let _ = writeln!(m, "After the writers stopped the relay confirmed the final WAL position in {} s; {} of {} events verified in Kafka.\n",
             s["caught_up_after_stop_s"].as_f64().map(|v| format!("{v:.2}")).unwrap_or("(did not within 300)".into()), s["verified_in_kafka"], s["written"]);
     }
