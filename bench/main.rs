@@ -44,7 +44,7 @@ const LATENCY_WINDOW_S: u64 = 5;
 #[derive(Parser, Debug, Clone)]
 #[command(about = "Benchmark of outbox-relay against its limits (issue 6)")]
 struct Args {
-    /// Backlog size for the drain scenario (default 200000 with --quick, 300000 otherwise).
+    /// Backlog size for the drain scenario (default 200000 with --quick, the issue's 1000000 otherwise).
     #[arg(long)]
     events: Option<u64>,
     /// Shorter runs: 200k-event drain, sustained 60 s, pollers 20 s.
@@ -2375,7 +2375,7 @@ async fn main() -> std::process::ExitCode {
 
 async fn run() -> Result<()> {
     let a = Args::parse();
-    let events = a.events.unwrap_or(if a.quick { 200_000 } else { 300_000 });
+    let events = a.events.unwrap_or(if a.quick { 200_000 } else { 1_000_000 });
     let cfg = Cfg {
         events,
         latency_rate: a.latency_rate.unwrap_or(5000),
