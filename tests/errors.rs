@@ -79,15 +79,8 @@ async fn a_null_key_halts_by_default_and_the_slot_stays_before_it() {
         "{log}"
     );
     assert!(log.contains("cannot route the change at"), "{log}");
-    // Below the WAL position after the bad row's COMMIT, not the one before
-    // its INSERT: a keepalive may report a position inside its transaction
-    // before the relay reads it, and confirming that is safe (a transaction
-    // whose commit comes after the confirmed position is sent again).
-    let confirmed = c.db.confirmed_flush_lsn(&c.slot).await;
-    assert!(
-        confirmed < after,
-        "slot moved past the bad event: {confirmed} (insert between {before} and {after})"
-    );
+    c.db.assert_not_confirmed(&c.slot, before, after, "the bad event")
+        .await;
     // The good events before it were delivered.
     assert_eq!(consume_topic(&c.good_topic, 3).await.len(), 3);
     c.db.drop().await;
@@ -366,14 +359,7 @@ async fn an_unauthorised_topic_is_dead_lettered_or_halts() {
         "{}",
         relay.log_text()
     );
-    // Below the WAL position after the bad row's COMMIT, not the one before
-    // its INSERT: a keepalive may report a position inside its transaction
-    // before the relay reads it, and confirming that is safe (a transaction
-    // whose commit comes after the confirmed position is sent again).
-    let confirmed = c.db.confirmed_flush_lsn(&c.slot).await;
-    assert!(
-        confirmed < after,
-        "{confirmed} (insert between {before} and {after})"
-    );
+    c.db.assert_not_confirmed(&c.slot, before, after, "the refused event")
+        .await;
     c.db.drop().await;
 }

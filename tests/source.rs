@@ -199,15 +199,8 @@ async fn a_dropped_mapped_column_stops_the_relay_and_the_slot_stays() {
         log.contains("has no column aggregate_id (set by --key-column); its columns are: id, event_id, event_type, payload"),
         "{log}"
     );
-    // Below the WAL position after the bad row's COMMIT, not the one before
-    // its INSERT: a keepalive may report a position inside its transaction
-    // before the relay reads it, and confirming that is safe (a transaction
-    // whose commit comes after the confirmed position is sent again).
-    let confirmed = db.confirmed_flush_lsn(&slot).await;
-    assert!(
-        confirmed < after_bad,
-        "slot moved past the unroutable row: {confirmed} (insert between {before_bad} and {after_bad})"
-    );
+    db.assert_not_confirmed(&slot, before_bad, after_bad, "the unroutable row")
+        .await;
     db.drop().await;
 }
 
@@ -387,14 +380,7 @@ async fn a_mapped_columns_type_change_stops_the_relay_and_the_slot_stays() {
         log.contains("the type of column payload of public.outbox (set by --payload-column) changed under the running relay"),
         "{log}"
     );
-    // Below the WAL position after the bad row's COMMIT, not the one before
-    // its INSERT: a keepalive may report a position inside its transaction
-    // before the relay reads it, and confirming that is safe (a transaction
-    // whose commit comes after the confirmed position is sent again).
-    let confirmed = db.confirmed_flush_lsn(&slot).await;
-    assert!(
-        confirmed < after,
-        "{confirmed} (insert between {before} and {after})"
-    );
+    db.assert_not_confirmed(&slot, before, after, "the row with a changed payload type")
+        .await;
     db.drop().await;
 }

@@ -163,6 +163,35 @@ impl TestDb {
     }
 
     /// Waits until the slot's confirmed_flush_lsn reaches `lsn`.
+    /// Asserts that the slot has not confirmed a transaction that must not
+    /// be: its row was inserted after `before` and its COMMIT returned at
+    /// `after`. The bound is `after`, not `before`: a keepalive may report a
+    /// position inside the transaction before the relay reads it, and
+    /// confirming that is safe, since a transaction whose commit comes after
+    /// the confirmed position is sent again.
+    pub async fn assert_not_confirmed(&self, slot: &str, before: Lsn, after: Lsn, what: &str) {
+        let confirmed = self.confirmed_flush_lsn(slot).await;
+        assert!(
+            confirmed < after,
+            "slot confirmed {confirmed} past {what} (inserted between {before} and {after})"
+        );
+    }
+
+    /// [`TestDb::assert_not_confirmed`] every 100 ms for 3 s: several status
+    /// intervals of a relay that keeps running.
+    pub async fn assert_not_confirmed_for_a_while(
+        &self,
+        slot: &str,
+        before: Lsn,
+        after: Lsn,
+        what: &str,
+    ) {
+        for _ in 0..30 {
+            self.assert_not_confirmed(slot, before, after, what).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub async fn wait_confirmed(&self, slot: &str, lsn: Lsn, what: &str) {
         wait_until(Duration::from_secs(30), what, || async {
             self.confirmed_flush_lsn(slot).await >= lsn
