@@ -619,6 +619,30 @@ async fn write_backlog(url: &str, n: u64) -> Result<(f64, u64)> {
     Ok((t0.elapsed().as_secs_f64(), last_lsn))
 }
 
+/// `pg_recvlogical` streaming slot `bench_recvlogical` of the database at `url` with
+/// pgoutput over `outbox_pub`, as the relay would; callers add where it stops and
+/// where its output goes.
+fn recvlogical(cfg: &Cfg, url: &str) -> Command {
+    let mut c = Command::new(cfg.a.pg_bin_dir.join("pg_recvlogical"));
+    c.args([
+        "-d",
+        &conninfo(url),
+        "-S",
+        "bench_recvlogical",
+        "--start",
+        "-P",
+        "pgoutput",
+    ])
+    .args([
+        "-o",
+        "proto_version=1",
+        "-o",
+        "publication_names=outbox_pub",
+    ])
+    .stdout(Stdio::null());
+    c
+}
+
 /// A libpq keyword/value string for pg_recvlogical from the stack's URL.
 fn conninfo(url: &str) -> String {
     let u = url
@@ -657,25 +681,9 @@ async fn scenario_drain(cfg: &Cfg, report: &mut Value) -> Result<()> {
     ));
 
     // Baseline 1: Postgres's own decode rate.
-    let pg_conn = conninfo(&url);
     log("drain: pg_recvlogical over the same backlog (its own slot, created before the backlog)");
     let t0 = Instant::now();
-    let st = Command::new(cfg.a.pg_bin_dir.join("pg_recvlogical"))
-        .args([
-            "-d",
-            &pg_conn,
-            "-S",
-            "bench_recvlogical",
-            "--start",
-            "-P",
-            "pgoutput",
-        ])
-        .args([
-            "-o",
-            "proto_version=1",
-            "-o",
-            "publication_names=outbox_pub",
-        ])
+    let st = recvlogical(cfg, &url)
         .args([
             "-E",
             &fmt_lsn(end_lsn),
@@ -1384,8 +1392,8 @@ fn wal_age(samples: &[(f64, u64)], i: usize, pos: u64) -> f64 {
     if pos >= samples[i].1 {
         return 0.0;
     }
-    match samples[..=i].iter().position(|s| s.1 > pos) {
-        None | Some(0) => t - samples[0].0,
+    match samples[..=i].iter().position(|s| s.1 >= pos) {
+        None | Some(0) => t,
         Some(j) => {
             let ((ta, wa), (tb, wb)) = (samples[j - 1], samples[j]);
             let f = if wb > wa {
@@ -1413,24 +1421,8 @@ async fn sustained_baseline(cfg: &Cfg, secs: u64) -> Result<Value> {
         .await?;
     c.batch_execute("SELECT pg_create_logical_replication_slot('bench_recvlogical', 'pgoutput')")
         .await?;
-    let mut child = Command::new(cfg.a.pg_bin_dir.join("pg_recvlogical"))
-        .args([
-            "-d",
-            &conninfo(&url),
-            "-S",
-            "bench_recvlogical",
-            "--start",
-            "-P",
-            "pgoutput",
-        ])
-        .args([
-            "-o",
-            "proto_version=1",
-            "-o",
-            "publication_names=outbox_pub",
-        ])
+    let mut child = recvlogical(cfg, &url)
         .args(["-f", "/dev/null", "-F", "1", "-s", "1", "--no-loop"])
-        .stdout(Stdio::null())
         .spawn()
         .context("run pg_recvlogical")?;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -1597,29 +1589,12 @@ async fn scenario_sustained(cfg: &Cfg, report: &mut Value) -> Result<()> {
 
     // Lag in seconds at sample i: how long ago the WAL insert position was where the
     // confirmed position is now (linear between samples).
-    let mut series = Vec::new();
-    for (i, &(t, n, wal, conf)) in samples.iter().enumerate() {
-        let lag_b = wal.saturating_sub(conf);
-        let lag_s = if conf >= wal {
-            0.0
-        } else {
-            let j = samples[..=i].iter().position(|s| s.2 >= conf);
-            match j {
-                Some(0) | None => t,
-                Some(j) => {
-                    let (ta, _, wa, _) = samples[j - 1];
-                    let (tb, _, wb, _) = samples[j];
-                    let f = if wb > wa {
-                        (conf - wa) as f64 / (wb - wa) as f64
-                    } else {
-                        1.0
-                    };
-                    t - (ta + f * (tb - ta))
-                }
-            }
-        };
-        series.push((t, n, lag_b, lag_s));
-    }
+    let wal_t: Vec<(f64, u64)> = samples.iter().map(|s| (s.0, s.2)).collect();
+    let series: Vec<(f64, u64, u64, f64)> = samples
+        .iter()
+        .enumerate()
+        .map(|(i, &(t, n, wal, conf))| (t, n, wal.saturating_sub(conf), wal_age(&wal_t, i, conf)))
+        .collect();
     // Delivery lag: how long ago the writers had committed as many events as Kafka holds.
     let delivery: Vec<(f64, f64)> = ksamples
         .iter()
@@ -1681,7 +1656,6 @@ async fn scenario_sustained(cfg: &Cfg, report: &mut Value) -> Result<()> {
         steady.iter().cloned().fold(0.0, f64::max),
         caught_up
     ));
-    let wal_t: Vec<(f64, u64)> = samples.iter().map(|s| (s.0, s.2)).collect();
     let sent_lag: Vec<f64> = (0..wal_t.len().min(sent.len()))
         .filter(|&i| wal_t[i].0 >= 1.0)
         .map(|i| wal_age(&wal_t, i, sent[i]))
@@ -2375,7 +2349,9 @@ async fn main() -> std::process::ExitCode {
 
 async fn run() -> Result<()> {
     let a = Args::parse();
-    let events = a.events.unwrap_or(if a.quick { 200_000 } else { 1_000_000 });
+    let events = a
+        .events
+        .unwrap_or(if a.quick { 200_000 } else { 1_000_000 });
     let cfg = Cfg {
         events,
         latency_rate: a.latency_rate.unwrap_or(5000),
