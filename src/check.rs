@@ -648,6 +648,13 @@ fn kafka_checks(cfg: &RelayConfig) -> Vec<CheckResult> {
             "pass --kafka-brokers host:port,… or set OUTBOX_RELAY_KAFKA_BROKERS (or kafka_brokers in the --config file)",
         )];
     }
+    if let Err(e) = crate::sink::refuse_weakened(&cfg.kafka_properties) {
+        return vec![CheckResult::fail(
+            "kafka producer settings",
+            e.to_string(),
+            "remove that --kafka-property (or kafka_properties entry in the --config file)",
+        )];
+    }
     let mut client = ClientConfig::new();
     client
         .set("bootstrap.servers", brokers)

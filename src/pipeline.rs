@@ -140,10 +140,11 @@ impl PipelineError {
     }
 }
 
-/// Delivery errors a fresh producer can overcome (the broker was down or
-/// changed leaders for longer than message.timeout.ms, or the idempotent
-/// producer lost its state). Anything else (too large, not authorised,
-/// invalid topic) fails again on the same record, so retrying would loop.
+/// Delivery errors a fresh producer can overcome (the idempotent producer
+/// lost its state or hit a fatal error; timeouts only if librdkafka reports
+/// one although the relay runs with message.timeout.ms=0). Anything else
+/// (too large, not authorised, invalid topic) fails again on the same
+/// record, so retrying would loop.
 fn delivery_is_retriable(e: &KafkaError) -> bool {
     use rdkafka::types::RDKafkaErrorCode as C;
     matches!(

@@ -42,19 +42,57 @@ pub struct Delivered {
 pub enum SinkError {
     #[error("invalid Kafka producer configuration: {0}")]
     Config(KafkaError),
-    #[error("--kafka-property {key}={value} would break ordering or lose events: the relay requires {key}={required}; remove that property")]
+    #[error("--kafka-property {key}={value} would break ordering or lose events ({why}): the relay requires {key}={required}; remove that property")]
     Weakened {
         key: String,
         value: String,
         required: String,
+        why: &'static str,
     },
     #[error("cannot enqueue a record for topic {topic}: {error}")]
     Enqueue { topic: String, error: KafkaError },
 }
 
-/// The producer settings the relay's guarantees depend on. A user property
-/// may not weaken them.
-const REQUIRED: &[(&str, &str)] = &[("enable.idempotence", "true"), ("acks", "all")];
+/// The producer settings the relay's guarantees depend on, with what goes
+/// wrong without them. A user property may not weaken them.
+///
+/// Deliveries never time out and are retried without limit: when an
+/// idempotent librdkafka producer gives up on a record (message timeout,
+/// retries exhausted) it bumps its epoch and goes on writing the records
+/// behind it, so a partition can hold later events before the one that
+/// failed. The pipeline abandons the producer on the first failed delivery,
+/// but librdkafka may already have written the later ones by then. So the
+/// relay waits for the broker instead: an outage fills the in-flight window,
+/// WAL reading pauses, and delivery resumes in order when the broker is back.
+const REQUIRED: &[(&str, &str, &str)] = &[
+    (
+        "enable.idempotence",
+        "true",
+        "a retried batch could be written twice or out of order",
+    ),
+    (
+        "acks",
+        "all",
+        "a record acknowledged by the leader alone is lost if the leader fails",
+    ),
+    (
+        "message.timeout.ms",
+        "0",
+        "a record that times out is skipped while later ones are still written, out of commit order",
+    ),
+    (
+        "retries",
+        "2147483647",
+        "a record that runs out of retries is skipped while later ones are still written, out of commit order",
+    ),
+];
+
+/// librdkafka's other names for the required properties.
+const ALIASES: &[(&str, &str)] = &[
+    ("delivery.timeout.ms", "message.timeout.ms"),
+    ("message.send.max.retries", "retries"),
+    ("request.required.acks", "acks"),
+];
 
 struct AckContext {
     acks: mpsc::UnboundedSender<Ack>,
@@ -149,6 +187,38 @@ impl ProducerContext for AckContext {
     }
 }
 
+fn canonical_name(key: &str) -> &str {
+    ALIASES
+        .iter()
+        .find(|(alias, _)| *alias == key)
+        .map_or(key, |(_, name)| name)
+}
+
+/// Fails on the first `--kafka-property` that would weaken a setting in
+/// [`REQUIRED`] (under its own name or an alias). The last value of a key
+/// wins, as in librdkafka.
+pub fn refuse_weakened(properties: &[(String, String)]) -> Result<(), SinkError> {
+    for (k, v, why) in REQUIRED {
+        let user = properties
+            .iter()
+            .rev()
+            .find(|(key, _)| canonical_name(key) == *k)
+            .map(|(_, value)| value.trim());
+        if let Some(user) = user {
+            let same = user.eq_ignore_ascii_case(v) || (*k == "acks" && user == "-1");
+            if !same {
+                return Err(SinkError::Weakened {
+                    key: k.to_string(),
+                    value: user.to_string(),
+                    required: v.to_string(),
+                    why,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Outcome of handing one record to the producer.
 pub enum Enqueued {
     Yes,
@@ -175,19 +245,10 @@ impl KafkaSink {
             .set("partitioner", "murmur2_random")
             .set("linger.ms", "5");
         for (k, v) in properties {
-            cfg.set(k, v);
+            cfg.set(canonical_name(k), v);
         }
-        for (k, v) in REQUIRED {
-            if let Some(user) = cfg.get(k) {
-                let same = user.eq_ignore_ascii_case(v) || (*k == "acks" && user == "-1");
-                if !same {
-                    return Err(SinkError::Weakened {
-                        key: k.to_string(),
-                        value: user.to_string(),
-                        required: v.to_string(),
-                    });
-                }
-            }
+        refuse_weakened(properties)?;
+        for (k, v, _) in REQUIRED {
             cfg.set(*k, *v);
         }
         let (tx, rx) = mpsc::unbounded_channel();
@@ -292,6 +353,26 @@ mod tests {
             &props(&[("acks", "-1"), ("compression.type", "zstd")])
         )
         .is_ok());
+    }
+
+    #[test]
+    fn deliveries_may_not_time_out_or_run_out_of_retries() {
+        for (k, v, named) in [
+            ("message.timeout.ms", "10000", "message.timeout.ms=10000"),
+            ("delivery.timeout.ms", "120000", "message.timeout.ms=120000"),
+            ("retries", "5", "retries=5"),
+            ("message.send.max.retries", "0", "retries=0"),
+        ] {
+            let err = KafkaSink::new("127.0.0.1:1", &props(&[(k, v)]))
+                .err()
+                .unwrap_or_else(|| panic!("{k}={v} accepted"));
+            let msg = err.to_string();
+            assert!(msg.contains(named), "{msg}");
+            assert!(msg.contains("out of commit order"), "{msg}");
+        }
+        // Stating the required value is allowed.
+        assert!(KafkaSink::new("127.0.0.1:1", &props(&[("message.timeout.ms", "0")])).is_ok());
+        assert!(KafkaSink::new("127.0.0.1:1", &props(&[("retries", "2147483647")])).is_ok());
     }
 
     #[test]

@@ -208,3 +208,52 @@ async fn a_second_signal_exits_at_once() {
     );
     db.drop().await;
 }
+
+/// Producer settings that would let librdkafka skip a record and write the
+/// ones behind it (a delivery timeout, bounded retries) or lose one (acks)
+/// are refused by `run` before anything is read, and flagged by `check`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producer_settings_that_break_order_are_refused() {
+    let (db, slot) = setup_db("mis_producer").await;
+    db.exec("INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('E', 'a', '{}')")
+        .await;
+    let before = db.confirmed_flush_lsn(&slot).await;
+    for (property, named) in [
+        ("message.timeout.ms=10000", "message.timeout.ms=10000"),
+        ("delivery.timeout.ms=120000", "message.timeout.ms=120000"),
+        ("retries=3", "retries=3"),
+        ("acks=1", "acks=1"),
+    ] {
+        let (code, err) = run(&db, &slot, &["--kafka-property", property]);
+        assert_eq!(code, 1, "{property}: {err}");
+        assert!(
+            err.contains(&format!(
+                "--kafka-property {named} would break ordering or lose events"
+            )) && err.contains("remove that property"),
+            "{property}: {err}"
+        );
+        let brokers = brokers();
+        let (code, out, err) = relay_cmd(&[
+            "check",
+            "--database-url",
+            &db.url,
+            "--kafka-brokers",
+            &brokers,
+            "--slot",
+            &slot,
+            "--kafka-property",
+            property,
+        ]);
+        assert_ne!(code, 0, "{property}: check passed:\n{out}{err}");
+        assert!(
+            out.contains("kafka producer settings") && out.contains(named),
+            "{property}: {out}{err}"
+        );
+    }
+    assert_eq!(
+        db.confirmed_flush_lsn(&slot).await,
+        before,
+        "nothing was read or confirmed"
+    );
+    db.drop().await;
+}
