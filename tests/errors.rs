@@ -363,3 +363,61 @@ async fn an_unauthorised_topic_is_dead_lettered_or_halts() {
         .await;
     c.db.drop().await;
 }
+
+/// A delivery that fails for good on one producer (here a fatal
+/// idempotent-producer error, injected by librdkafka's mock cluster) ends the
+/// session: its producer is abandoned, and a new session with a new producer
+/// resends from the slot, so every event arrives and the first copies keep
+/// commit order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fatal_producer_error_starts_a_new_session_that_resends_in_order() {
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let c = case("err_fatal").await;
+    let mock = MockCluster::new(1).expect("mock cluster");
+    mock.create_topic(&c.good_topic, 1, 1).unwrap();
+    let servers = mock.bootstrap_servers();
+    let mut relay = Relay::start(&c.args_for(&servers, &[]));
+    c.db.wait_streaming(&c.slot).await;
+    let insert = |from: u32, to: u32| {
+        format!("INSERT INTO outbox (event_type, aggregate_id, payload) SELECT 'Good', 'a', jsonb_build_object('n', g) FROM generate_series({from}, {to}) g")
+    };
+    c.db.exec(&insert(1, 5)).await;
+    let topics = std::slice::from_ref(&c.good_topic);
+    consume(&servers, topics, 5, Duration::from_secs(60)).await;
+
+    // The next produce request is refused as out of sequence: librdkafka
+    // treats that as fatal for the producer and fails every queued record.
+    mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER],
+    );
+    c.db.exec(&insert(6, 10)).await;
+    c.db.exec(&insert(11, 15)).await;
+    let after = c.db.current_wal_lsn().await;
+    c.db.wait_confirmed(&c.slot, after, "the slot to pass every event")
+        .await;
+    assert!(relay.is_running(), "{}", relay.log_text());
+    let log = relay.log_text();
+    assert!(
+        log.contains("replication session ended; reconnecting"),
+        "the failed delivery did not end the session:\n{log}"
+    );
+
+    let records = consume(&servers, topics, 15, Duration::from_secs(60)).await;
+    let mut first_copies = Vec::new();
+    for r in &records {
+        let v: serde_json::Value = serde_json::from_slice(r.payload.as_deref().unwrap()).unwrap();
+        let n = v["n"].as_u64().unwrap();
+        if !first_copies.contains(&n) {
+            first_copies.push(n);
+        }
+    }
+    assert_eq!(
+        first_copies,
+        (1..=15).collect::<Vec<u64>>(),
+        "every event, first copies in commit order"
+    );
+    relay.terminate().await;
+    c.db.drop().await;
+}
