@@ -860,7 +860,16 @@ impl OwnBroker {
 impl Drop for OwnBroker {
     fn drop(&mut self) {
         self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // A failed test keeps the broker's storage and log: what the broker
+        // holds is the evidence.
+        if std::thread::panicking() {
+            eprintln!(
+                "test broker's storage and log kept in {}",
+                self.dir.display()
+            );
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
