@@ -381,12 +381,16 @@ impl State {
                     };
                     counter.inc();
                 }
+                // Timed at the delivery report, not when the loop got to it:
+                // the figures are the broker's, without the pipeline's queue.
                 let (now, pg_now) = self.ack_clock;
+                let acked_pg = pg_now - now.saturating_duration_since(ack.at).as_micros() as i64;
                 self.metrics.publish_duration.observe(
-                    now.saturating_duration_since(pending.enqueued)
+                    ack.at
+                        .saturating_duration_since(pending.enqueued)
                         .as_secs_f64(),
                 );
-                let since_commit = (pg_now - pending.commit_time) as f64 / 1e6;
+                let since_commit = (acked_pg - pending.commit_time) as f64 / 1e6;
                 self.metrics.commit_to_ack.observe(since_commit.max(0.0));
                 Ok(())
             }

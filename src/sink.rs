@@ -30,6 +30,9 @@ pub struct Ack {
     pub result: Result<Delivered, KafkaError>,
     /// The record's topic, filled only for a failed delivery.
     pub topic: String,
+    /// When the delivery report came in: the acknowledgement's time as seen
+    /// here, however long the pipeline takes to get to it.
+    pub at: Instant,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -147,6 +150,14 @@ impl ClientContext for AckContext {
         }
     }
 
+    /// librdkafka's statistics (queue and request latencies, round trips,
+    /// batch sizes per broker and partition), only when the operator sets
+    /// `statistics.interval.ms`: one JSON document per line, as librdkafka
+    /// wrote it, for tools that already read it.
+    fn stats_raw(&self, statistics: &[u8]) {
+        tracing::info!(target: "librdkafka::stats", "{}", String::from_utf8_lossy(statistics));
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         let kind = match error.rdkafka_error_code() {
             Some(code) => format!("{code:?}"),
@@ -183,6 +194,7 @@ impl ProducerContext for AckContext {
             tag: tag as u64,
             result,
             topic,
+            at: Instant::now(),
         });
     }
 }
