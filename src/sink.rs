@@ -255,7 +255,12 @@ impl KafkaSink {
             // Kafka's default partitioner (murmur2, as the Java client): the
             // same key lands on the same partition whoever produces it.
             .set("partitioner", "murmur2_random")
-            .set("linger.ms", "5");
+            .set("linger.ms", "5")
+            // librdkafka's 10 s cap on the reconnect backoff is most of the
+            // time to resume after a broker outage (the relay waits it out);
+            // a connection attempt a second to a broker that is down costs
+            // nothing.
+            .set("reconnect.backoff.max.ms", "1000");
         for (k, v) in properties {
             cfg.set(canonical_name(k), v);
         }
