@@ -70,14 +70,14 @@ impl MessageConfig {
         // redeliveries, so consumers can drop repeats by it.
         let id = Bytes::from(format!("lsn:{lsn}"));
         Ok(OutboxRecord {
-            topic,
+            topic: topic.into(),
             key: Bytes::copy_from_slice(key.as_bytes()),
             payload: Some(content.clone()),
             event_id: id.clone(),
             headers: vec![
-                ("id".to_string(), Some(id)),
+                ("id".into(), Some(id)),
                 (
-                    "type".to_string(),
+                    "type".into(),
                     Some(Bytes::copy_from_slice(event_type.as_bytes())),
                 ),
             ],
@@ -110,7 +110,7 @@ mod tests {
     #[test]
     fn routes_type_and_key_from_the_prefix() {
         let r = cfg().route(&msg("outbox:Order:order-42")).unwrap().unwrap();
-        assert_eq!(r.topic, "outbox.event.Order");
+        assert_eq!(&*r.topic, "outbox.event.Order");
         assert_eq!(r.key, "order-42");
         assert_eq!(r.event_id, "lsn:1/10");
         assert_eq!(r.payload.as_deref(), Some(&b"{\"a\":1}"[..]));
@@ -137,7 +137,7 @@ mod tests {
             topic: TopicTemplate::parse("events.{ type }").unwrap(),
         };
         assert_eq!(
-            spaced.route(&msg("outbox:Order:k")).unwrap().unwrap().topic,
+            &*spaced.route(&msg("outbox:Order:k")).unwrap().unwrap().topic,
             "events.Order"
         );
     }

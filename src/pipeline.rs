@@ -338,6 +338,10 @@ struct State {
     policy: ErrorPolicy,
     /// Keep records in flight, because a delivery failure may be dead-lettered.
     keep_records: bool,
+    /// Event types seen, owned: an in-flight event holds a shared handle to
+    /// its type instead of a copy of its own (which would cost an allocation
+    /// per event; a slice of the WAL buffer would pin the buffer).
+    event_types: std::collections::HashSet<bytes::Bytes>,
     /// Dead-letter records waiting to be enqueued (from delivery reports).
     redo: Vec<(OutboxRecord, TxnSeq, Lsn)>,
 }
@@ -448,9 +452,10 @@ impl State {
                 txn,
                 enqueued: Instant::now(),
                 commit_time: self.commit_time,
-                // Copied out: a slice would pin the whole socket read buffer
-                // it came from for as long as the event is in flight.
-                event_type: rec.event_type.as_deref().map(bytes::Bytes::copy_from_slice),
+                event_type: rec
+                    .event_type
+                    .as_deref()
+                    .map(|t| intern(&mut self.event_types, t)),
                 lsn,
                 record: (self.keep_records && !is_dead_letter).then(|| rec.detached()),
                 dead_letter: is_dead_letter,
@@ -826,6 +831,22 @@ fn record_size(r: &OutboxRecord) -> u64 {
     (r.key.len() + r.payload.as_ref().map_or(0, |p| p.len())) as u64
 }
 
+/// How many distinct event types are kept for sharing; past it (a column
+/// that is not really a type) each event gets its own copy.
+const MAX_EVENT_TYPES: usize = 1024;
+
+/// The shared owned copy of an event type, made on first sight.
+fn intern(seen: &mut std::collections::HashSet<bytes::Bytes>, t: &[u8]) -> bytes::Bytes {
+    if let Some(known) = seen.get(t) {
+        return known.clone();
+    }
+    let owned = bytes::Bytes::copy_from_slice(t);
+    if seen.len() < MAX_EVENT_TYPES {
+        seen.insert(owned.clone());
+    }
+    owned
+}
+
 /// The metrics label of an event type (`unknown` without a column).
 fn label(event_type: &Option<bytes::Bytes>) -> String {
     match event_type {
@@ -993,6 +1014,7 @@ async fn session(
         policy: cfg.error_policy.clone(),
         keep_records: cfg.error_policy.may_dead_letter_deliveries(),
         redo: Vec::new(),
+        event_types: std::collections::HashSet::new(),
     };
     let result = stream_loop(
         cfg,

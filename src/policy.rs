@@ -179,7 +179,7 @@ pub struct Failed {
     pub key: Option<Bytes>,
     pub payload: Option<Bytes>,
     pub event_id: Option<Bytes>,
-    pub headers: Vec<(String, Option<Bytes>)>,
+    pub headers: Vec<(std::sync::Arc<str>, Option<Bytes>)>,
     pub event_type: Option<Bytes>,
     pub intended_topic: String,
 }
@@ -192,7 +192,7 @@ impl From<&OutboxRecord> for Failed {
             event_id: Some(r.event_id.clone()),
             headers: r.headers.clone(),
             event_type: r.event_type.clone(),
-            intended_topic: r.topic.clone(),
+            intended_topic: r.topic.to_string(),
         }
     }
 }
@@ -233,7 +233,7 @@ pub fn dead_letter(
         failed.payload
     };
     OutboxRecord {
-        topic: topic.to_string(),
+        topic: topic.into(),
         key: failed.key.unwrap_or_default(),
         payload,
         event_id: failed.event_id.unwrap_or_default(),
@@ -277,12 +277,12 @@ mod tests {
             Lsn(0x10),
             "dlq",
         );
-        assert_eq!(r.topic, "dlq");
+        assert_eq!(&*r.topic, "dlq");
         assert_eq!(r.payload.as_deref(), Some(&b"{\"a\":1}"[..]));
         let h = |name: &str| {
             r.headers
                 .iter()
-                .find(|(k, _)| k == name)
+                .find(|(k, _)| &**k == name)
                 .and_then(|(_, v)| v.clone())
         };
         assert_eq!(h(H_TOPIC).as_deref(), Some(&b"orders"[..]));
@@ -293,6 +293,6 @@ mod tests {
         assert!(big
             .headers
             .iter()
-            .any(|(k, v)| k == H_SIZE && v.as_deref() == Some(&b"7"[..])));
+            .any(|(k, v)| &**k == H_SIZE && v.as_deref() == Some(&b"7"[..])));
     }
 }

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
 
 /// Identity hashing for relation OIDs (u32 keys only).
 #[derive(Default)]
@@ -298,14 +299,16 @@ impl RouterConfig {
     }
 }
 
-/// A record ready for the producer. Values are slices of the WAL buffer.
+/// A record ready for the producer. Values are slices of the WAL buffer;
+/// the topic and header names are shared with the router (no allocation per
+/// event for them).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxRecord {
-    pub topic: String,
+    pub topic: Arc<str>,
     pub key: Bytes,
     pub payload: Option<Bytes>,
     pub event_id: Bytes,
-    pub headers: Vec<(String, Option<Bytes>)>,
+    pub headers: Vec<(Arc<str>, Option<Bytes>)>,
     /// The event-type column's value, for metrics and logs.
     pub event_type: Option<Bytes>,
 }
@@ -393,7 +396,7 @@ struct Plan {
     /// The payload column's type does not guarantee JSON and JSON is required.
     check_json: bool,
     topic: Vec<TopicPlan>,
-    headers: Vec<(String, usize)>,
+    headers: Vec<(Arc<str>, usize)>,
     event_type: Option<usize>,
 }
 
@@ -417,6 +420,13 @@ pub struct Router {
     /// By relation OID. OIDs are spread well enough to be their own hash,
     /// and this lookup runs once per row.
     relations: HashMap<u32, RelationPlan, BuildHasherDefault<OidHasher>>,
+    /// The `id` header's name.
+    id_header: Arc<str>,
+    /// The topic rendered last, shared by every record that goes there (a
+    /// run of events for one topic validates and allocates its name once).
+    last_topic: Option<Arc<str>>,
+    /// Where a topic is rendered, reused.
+    topic_buf: String,
 }
 
 impl Router {
@@ -425,6 +435,9 @@ impl Router {
             cfg,
             mapped_types: None,
             relations: HashMap::default(),
+            id_header: Arc::from("id"),
+            last_topic: None,
+            topic_buf: String::new(),
         }
     }
 
@@ -501,7 +514,9 @@ impl Router {
                 .cfg
                 .headers
                 .iter()
-                .map(|h| find(&h.column, "--header-columns").map(|i| (h.header.clone(), i)))
+                .map(|h| {
+                    find(&h.column, "--header-columns").map(|i| (Arc::from(h.header.as_str()), i))
+                })
                 .collect::<Result<_, _>>()?,
             event_type: match &self.cfg.event_type_column {
                 Some(c) => Some(find(c, "--event-type-column")?),
@@ -513,7 +528,7 @@ impl Router {
     }
 
     /// Maps one inserted row to a record.
-    pub fn route(&self, insert: &Insert) -> Result<Routed, RouteError> {
+    pub fn route(&mut self, insert: &Insert) -> Result<Routed, RouteError> {
         let plan = match self.relations.get(&insert.relation_oid) {
             Some(RelationPlan::Outbox(p)) => p,
             Some(RelationPlan::Other(name)) => {
@@ -576,18 +591,19 @@ impl Router {
                 }
             }
         }
-        let mut topic = String::new();
+        let topic_buf = &mut self.topic_buf;
+        topic_buf.clear();
         for part in &plan.topic {
             match part {
-                TopicPlan::Literal(l) => topic.push_str(l),
+                TopicPlan::Literal(l) => topic_buf.push_str(l),
                 TopicPlan::Column(i) => match &tuple[*i] {
                     TupleValue::Text(b) | TupleValue::Binary(b) if !b.is_empty() => {
-                        topic.push_str(&String::from_utf8_lossy(b))
+                        topic_buf.push_str(&String::from_utf8_lossy(b))
                     }
                     value => {
                         return Err(RouteError::InvalidTopic {
                             template: self.cfg.topic.to_string(),
-                            topic,
+                            topic: topic_buf.clone(),
                             reason: format!(
                                 "a placeholder's column is {}",
                                 if matches!(value, TupleValue::Null) {
@@ -601,15 +617,23 @@ impl Router {
                 },
             }
         }
-        if let Err(reason) = validate_topic(&topic) {
-            return Err(RouteError::InvalidTopic {
-                template: self.cfg.topic.to_string(),
-                topic,
-                reason,
-            });
-        }
+        let topic = match &self.last_topic {
+            Some(last) if **last == **topic_buf => last.clone(),
+            _ => {
+                if let Err(reason) = validate_topic(topic_buf) {
+                    return Err(RouteError::InvalidTopic {
+                        template: self.cfg.topic.to_string(),
+                        topic: topic_buf.clone(),
+                        reason,
+                    });
+                }
+                let topic: Arc<str> = Arc::from(topic_buf.as_str());
+                self.last_topic = Some(topic.clone());
+                topic
+            }
+        };
         let mut headers = Vec::with_capacity(plan.headers.len() + 1);
-        headers.push(("id".to_string(), Some(event_id.clone())));
+        headers.push((self.id_header.clone(), Some(event_id.clone())));
         for (name, idx) in &plan.headers {
             let value = match &tuple[*idx] {
                 TupleValue::Text(b) | TupleValue::Binary(b) => Some(b.clone()),
@@ -644,7 +668,7 @@ impl Router {
             _ => None,
         };
         let event_id = value(plan.id);
-        let mut headers = vec![("id".to_string(), event_id.clone())];
+        let mut headers = vec![(self.id_header.clone(), event_id.clone())];
         headers.extend(
             plan.headers
                 .iter()
@@ -740,7 +764,7 @@ mod tests {
 
     #[test]
     fn routes_a_debezium_row() {
-        let r = debezium_router();
+        let mut r = debezium_router();
         let Routed::Record(rec) = r
             .route(&Insert {
                 relation_oid: 7,
@@ -753,24 +777,52 @@ mod tests {
                 ],
             })
             .unwrap();
-        assert_eq!(rec.topic, "outbox.event.Order");
+        assert_eq!(&*rec.topic, "outbox.event.Order");
         assert_eq!(rec.key, "o-9");
         assert_eq!(rec.payload.as_deref(), Some(&b"{\"a\": 1}"[..]));
         assert_eq!(
             rec.headers,
             vec![
-                ("id".to_string(), Some(Bytes::from_static(b"u-1"))),
+                ("id".into(), Some(Bytes::from_static(b"u-1"))),
                 (
-                    "eventType".to_string(),
+                    "eventType".into(),
                     Some(Bytes::from_static(b"OrderCreated"))
                 )
             ]
         );
     }
 
+    /// The last topic is reused, never confused with another: a run of one
+    /// topic shares one name, a change renders and validates afresh, and an
+    /// invalid name is refused even right after a valid one.
+    #[test]
+    fn topics_are_shared_within_a_run_and_rendered_on_change() {
+        let mut r = debezium_router();
+        let mut topic = |agg_type: &str| {
+            r.route(&Insert {
+                relation_oid: 7,
+                tuple: vec![t("u"), t(agg_type), t("k"), t("E"), t("{}")],
+            })
+            .map(|routed| match routed {
+                Routed::Record(rec) => rec.topic,
+            })
+        };
+        let a1 = topic("Order").unwrap();
+        let a2 = topic("Order").unwrap();
+        assert!(Arc::ptr_eq(&a1, &a2), "one name for a run of one topic");
+        assert_eq!(&*topic("Invoice").unwrap(), "outbox.event.Invoice");
+        let a3 = topic("Order").unwrap();
+        assert_eq!(&*a3, "outbox.event.Order");
+        assert!(matches!(
+            topic("Or der"),
+            Err(RouteError::InvalidTopic { .. })
+        ));
+        assert_eq!(&*topic("Order").unwrap(), "outbox.event.Order");
+    }
+
     #[test]
     fn bad_rows_are_typed_errors() {
-        let r = debezium_router();
+        let mut r = debezium_router();
         let row = |agg_type: TupleValue, key: TupleValue, id: TupleValue| Insert {
             relation_oid: 7,
             tuple: vec![id, agg_type, key, t("x"), TupleValue::Null],

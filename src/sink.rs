@@ -299,7 +299,7 @@ impl KafkaSink {
                 Ok(Enqueued::QueueFull)
             }
             Err((error, _)) => Err(SinkError::Enqueue {
-                topic: rec.topic.clone(),
+                topic: rec.topic.to_string(),
                 error,
             }),
         }
