@@ -45,7 +45,14 @@ pub struct Metrics {
     broker_reachable: AtomicBool,
     /// Per event type counters, so the hot path does not build label sets.
     published_by_type: Mutex<HashMap<String, Counter>>,
+    /// Whether the event-type label limit was reached (and said).
+    event_types_capped: AtomicBool,
 }
+
+/// Distinct `event_type` label values the metrics keep.
+pub const MAX_EVENT_TYPE_LABELS: usize = 1000;
+/// The `event_type` label of every type past [`MAX_EVENT_TYPE_LABELS`].
+pub const OTHER_EVENT_TYPES: &str = "_other";
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -149,35 +156,61 @@ impl Metrics {
             streaming: AtomicBool::new(false),
             broker_reachable: AtomicBool::new(false),
             published_by_type: Mutex::new(HashMap::new()),
+            event_types_capped: AtomicBool::new(false),
         }
     }
 
-    /// The counter of one event type, created on first use.
+    /// The counter of one event type, created on first use. Past
+    /// [`MAX_EVENT_TYPE_LABELS`] types, new ones count under
+    /// [`OTHER_EVENT_TYPES`]: an event-type column that is not really a type
+    /// (an id, say) must not grow the exposition without bound.
     pub fn published(&self, event_type: &str) -> Counter {
+        let label = self.event_type_label(event_type);
         let mut map = self
             .published_by_type
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = map.get(event_type) {
+        if let Some(c) = map.get(label) {
             return c.clone();
         }
         let c = self
             .events_published
             .get_or_create(&EventTypeLabels {
-                event_type: event_type.to_string(),
+                event_type: label.to_string(),
             })
             .clone();
-        map.insert(event_type.to_string(), c.clone());
+        map.insert(label.to_string(), c.clone());
         c
     }
 
     pub fn publish_error(&self, event_type: &str, error_type: &str) {
+        let label = self.event_type_label(event_type);
         self.publish_errors
             .get_or_create(&ErrorLabels {
-                event_type: event_type.to_string(),
+                event_type: label.to_string(),
                 error_type: error_type.to_string(),
             })
             .inc();
+    }
+
+    /// `event_type` itself while there is room for it, else
+    /// [`OTHER_EVENT_TYPES`] (said once in the log).
+    fn event_type_label<'a>(&self, event_type: &'a str) -> &'a str {
+        let map = self
+            .published_by_type
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if map.contains_key(event_type) || map.len() < MAX_EVENT_TYPE_LABELS {
+            return event_type;
+        }
+        drop(map);
+        if !self.event_types_capped.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                limit = MAX_EVENT_TYPE_LABELS,
+                "more than {MAX_EVENT_TYPE_LABELS} distinct event types: further ones are counted under event_type=\"{OTHER_EVENT_TYPES}\" in the metrics; check that --event-type-column names a type, not an id"
+            );
+        }
+        OTHER_EVENT_TYPES
     }
 
     pub fn set_streaming(&self, on: bool) {
@@ -231,5 +264,26 @@ mod tests {
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }
+    }
+
+    #[test]
+    fn event_type_labels_are_bounded() {
+        let m = Metrics::new();
+        for i in 0..MAX_EVENT_TYPE_LABELS + 50 {
+            m.published(&format!("type-{i}")).inc();
+        }
+        m.publish_error("type-9999", "MessageSizeTooLarge");
+        m.published("type-0").inc();
+        let text = m.encode();
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("outbox_events_published_total{"))
+            .count();
+        assert_eq!(series, MAX_EVENT_TYPE_LABELS + 1, "the limit plus _other");
+        assert!(text.contains("outbox_events_published_total{event_type=\"_other\"} 50"));
+        assert!(text.contains("outbox_events_published_total{event_type=\"type-0\"} 2"));
+        assert!(text.contains(
+            "outbox_publish_errors_total{event_type=\"_other\",error_type=\"MessageSizeTooLarge\"} 1"
+        ));
     }
 }

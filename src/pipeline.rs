@@ -373,12 +373,18 @@ impl State {
                     let counter = match &self.last_published {
                         Some((t, c)) if *t == pending.event_type => c.clone(),
                         _ => {
-                            let metrics = &self.metrics;
-                            let c = self
-                                .published
-                                .entry(pending.event_type.clone())
-                                .or_insert_with(|| metrics.published(&label(&pending.event_type)))
-                                .clone();
+                            let c = match self.published.get(&pending.event_type) {
+                                Some(c) => c.clone(),
+                                None => {
+                                    let c = self.metrics.published(&label(&pending.event_type));
+                                    // Bounded like the interned types.
+                                    if self.published.len() < MAX_EVENT_TYPES {
+                                        self.published
+                                            .insert(pending.event_type.clone(), c.clone());
+                                    }
+                                    c
+                                }
+                            };
                             self.last_published = Some((pending.event_type.clone(), c.clone()));
                             c
                         }
