@@ -771,6 +771,19 @@ async fn scenario_drain(cfg: &Cfg, report: &mut Value) -> Result<()> {
     Ok(())
 }
 
+/// The headers the relay sends for the classic table: the event id and type.
+fn relay_headers(id: &str, event_type: &str) -> OwnedHeaders {
+    OwnedHeaders::new_with_capacity(2)
+        .insert(Header {
+            key: "id",
+            value: Some(id.as_bytes()),
+        })
+        .insert(Header {
+            key: "event_type",
+            value: Some(event_type.as_bytes()),
+        })
+}
+
 /// Delivery report times of the direct-produce baseline: (seq, µs since the epoch).
 struct AckTimes {
     acks: std::sync::Mutex<Vec<(i64, i64)>>,
@@ -840,15 +853,7 @@ async fn broker_intake(cfg: &Cfg, n: u64) -> Result<Value> {
         for i in 0..n {
             let key = format!("agg-{}", i as i64 % AGGREGATES);
             let id = format!("00000000-0000-4000-8000-{i:012}");
-            let headers = OwnedHeaders::new_with_capacity(2)
-                .insert(Header {
-                    key: "id",
-                    value: Some(id.as_bytes()),
-                })
-                .insert(Header {
-                    key: "event_type",
-                    value: Some("bench".as_bytes()),
-                });
+            let headers = relay_headers(&id, "bench");
             let mut rec = BaseRecord::to(&topic_b)
                 .key(&key)
                 .payload(&payload)
@@ -949,15 +954,7 @@ async fn poller(
             let event_type: String = r.get(2);
             let key: String = r.get(3);
             let payload: String = r.get(4);
-            let headers = OwnedHeaders::new_with_capacity(2)
-                .insert(Header {
-                    key: "id",
-                    value: Some(event_id.as_bytes()),
-                })
-                .insert(Header {
-                    key: "event_type",
-                    value: Some(event_type.as_bytes()),
-                });
+            let headers = relay_headers(&event_id, &event_type);
             let topic = topic.replace("{event_type}", &event_type);
             let rec = FutureRecord::to(&topic)
                 .key(&key)
@@ -1267,15 +1264,7 @@ async fn latency_run(
                     // The relay's headers for this table (event id, event type):
                     // the same records, so the broker has the same work to do.
                     let id = format!("00000000-0000-4000-8000-{seq:012}");
-                    let headers = OwnedHeaders::new_with_capacity(2)
-                        .insert(Header {
-                            key: "id",
-                            value: Some(id.as_bytes()),
-                        })
-                        .insert(Header {
-                            key: "event_type",
-                            value: Some(etype.as_bytes()),
-                        });
+                    let headers = relay_headers(&id, &etype);
                     let mut rec = BaseRecord::with_opaque_to(&topic, seq as usize)
                         .key(&key)
                         .payload(&payload)
