@@ -43,8 +43,9 @@ pub struct Metrics {
     pub stream_spilled_bytes: Gauge,
     streaming: AtomicBool,
     broker_reachable: AtomicBool,
-    /// Per event type counters, so the hot path does not build label sets.
-    published_by_type: Mutex<HashMap<String, Counter>>,
+    /// The event types admitted as label values, with their published
+    /// counter once there is one (so the hot path does not build label sets).
+    published_by_type: Mutex<HashMap<String, Option<Counter>>>,
     /// Whether the event-type label limit was reached (and said).
     event_types_capped: AtomicBool,
 }
@@ -165,12 +166,12 @@ impl Metrics {
     /// [`OTHER_EVENT_TYPES`]: an event-type column that is not really a type
     /// (an id, say) must not grow the exposition without bound.
     pub fn published(&self, event_type: &str) -> Counter {
-        let label = self.event_type_label(event_type);
         let mut map = self
             .published_by_type
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = map.get(label) {
+        let label = self.event_type_label(&mut map, event_type);
+        if let Some(Some(c)) = map.get(label) {
             return c.clone();
         }
         let c = self
@@ -179,12 +180,18 @@ impl Metrics {
                 event_type: label.to_string(),
             })
             .clone();
-        map.insert(label.to_string(), c.clone());
+        map.insert(label.to_string(), Some(c.clone()));
         c
     }
 
     pub fn publish_error(&self, event_type: &str, error_type: &str) {
-        let label = self.event_type_label(event_type);
+        let label = {
+            let mut map = self
+                .published_by_type
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            self.event_type_label(&mut map, event_type)
+        };
         self.publish_errors
             .get_or_create(&ErrorLabels {
                 event_type: label.to_string(),
@@ -194,16 +201,21 @@ impl Metrics {
     }
 
     /// `event_type` itself while there is room for it, else
-    /// [`OTHER_EVENT_TYPES`] (said once in the log).
-    fn event_type_label<'a>(&self, event_type: &'a str) -> &'a str {
-        let map = self
-            .published_by_type
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if map.contains_key(event_type) || map.len() < MAX_EVENT_TYPE_LABELS {
+    /// [`OTHER_EVENT_TYPES`] (said once in the log). Both metric families
+    /// draw their label values from `known`, so errors of types that never
+    /// published count against the same limit.
+    fn event_type_label<'a>(
+        &self,
+        known: &mut HashMap<String, Option<Counter>>,
+        event_type: &'a str,
+    ) -> &'a str {
+        if known.contains_key(event_type) {
             return event_type;
         }
-        drop(map);
+        if known.len() < MAX_EVENT_TYPE_LABELS {
+            known.insert(event_type.to_string(), None);
+            return event_type;
+        }
         if !self.event_types_capped.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 limit = MAX_EVENT_TYPE_LABELS,
@@ -274,6 +286,17 @@ mod tests {
         }
         m.publish_error("type-9999", "MessageSizeTooLarge");
         m.published("type-0").inc();
+        // Errors alone, of types never published, stay within the limit too.
+        let e = Metrics::new();
+        for i in 0..MAX_EVENT_TYPE_LABELS + 50 {
+            e.publish_error(&format!("type-{i}"), "MessageSizeTooLarge");
+        }
+        let error_series = e
+            .encode()
+            .lines()
+            .filter(|l| l.starts_with("outbox_publish_errors_total{"))
+            .count();
+        assert_eq!(error_series, MAX_EVENT_TYPE_LABELS + 1);
         let text = m.encode();
         let series = text
             .lines()

@@ -377,7 +377,7 @@ impl State {
                                 Some(c) => c.clone(),
                                 None => {
                                     let c = self.metrics.published(&label(&pending.event_type));
-                                    // Bounded like the interned types.
+                                    // Bounded as the interned types are.
                                     if self.published.len() < MAX_EVENT_TYPES {
                                         self.published
                                             .insert(pending.event_type.clone(), c.clone());
@@ -837,9 +837,10 @@ fn record_size(r: &OutboxRecord) -> u64 {
     (r.key.len() + r.payload.as_ref().map_or(0, |p| p.len())) as u64
 }
 
-/// How many distinct event types are kept for sharing; past it (a column
-/// that is not really a type) each event gets its own copy.
-const MAX_EVENT_TYPES: usize = 1024;
+/// How many distinct event types are kept for sharing and counter lookup:
+/// the metrics' own limit, past which (a column that is not really a type)
+/// each event gets its own copy and its counter is looked up in the metrics.
+const MAX_EVENT_TYPES: usize = crate::metrics::MAX_EVENT_TYPE_LABELS;
 
 /// The shared owned copy of an event type, made on first sight.
 fn intern(seen: &mut std::collections::HashSet<bytes::Bytes>, t: &[u8]) -> bytes::Bytes {
