@@ -224,15 +224,26 @@ async fn producer_settings_that_break_order_are_refused() {
         ("retries=3", "retries=3"),
         ("acks=1", "acks=1"),
     ] {
-        let (code, err) = run(&db, &slot, &["--kafka-property", property]);
-        assert_eq!(code, 1, "{property}: {err}");
+        // A relay that accepted the property would stream on: bounded wait,
+        // so the test fails instead of hanging.
+        let brokers = brokers();
+        let mut relay = Relay::start(&relay_args(
+            &db,
+            &brokers,
+            &["--slot", &slot, "--kafka-property", property],
+        ));
+        assert_eq!(
+            relay.wait(Duration::from_secs(30)).await,
+            Some(1),
+            "{property}"
+        );
+        let err = relay.log_text();
         assert!(
             err.contains(&format!(
                 "--kafka-property {named} would break ordering or lose events"
             )) && err.contains("remove that property"),
             "{property}: {err}"
         );
-        let brokers = brokers();
         let (code, out, err) = relay_cmd(&[
             "check",
             "--database-url",
