@@ -73,6 +73,12 @@ impl Checkpoint {
         self.inflight
     }
 
+    /// Transactions (and standalone units) tracked: from the oldest not yet
+    /// confirmable to the newest, empty ones included.
+    pub fn tracked(&self) -> u64 {
+        self.txns.len() as u64
+    }
+
     /// True while a transaction's Begin arrived without its Commit.
     pub fn in_transaction(&self) -> bool {
         self.open.is_some()
@@ -113,16 +119,24 @@ impl Checkpoint {
         Ok(())
     }
 
-    /// Undoes [`Checkpoint::event`] for a record the producer refused to
-    /// enqueue (it will be enqueued again).
-    pub fn unevent(&mut self, seq: TxnSeq) {
-        if let Some(t) = seq
-            .checked_sub(self.base)
-            .and_then(|i| self.txns.get_mut(i as usize))
-        {
-            t.outstanding = t.outstanding.saturating_sub(1);
-            self.inflight = self.inflight.saturating_sub(1);
-        }
+    /// Opens the unit of a non-transactional logical message at `lsn`, the
+    /// position the server reported for it. That position is the *end* of
+    /// the message's WAL record, which is often exactly where the next
+    /// record (a commit) starts; see [`Checkpoint::commit_standalone`].
+    pub fn begin_standalone(&mut self, lsn: Lsn) -> Result<TxnSeq, CheckpointError> {
+        self.begin(lsn)
+    }
+
+    /// Closes the unit opened by [`Checkpoint::begin_standalone`], to be
+    /// confirmed at the message's own LSN and never past it. On restart the
+    /// server skips a message whose record starts before the confirmed
+    /// position (so the message's end suffices to not see it again) and a
+    /// transaction whose commit record starts before it: one byte more would
+    /// skip the transaction committed right after the message.
+    pub fn commit_standalone(&mut self) -> Result<(), CheckpointError> {
+        let seq = self.open.ok_or(CheckpointError::NoOpenTransaction)?;
+        let lsn = self.txns[(seq - self.base) as usize].final_lsn;
+        self.commit(lsn)
     }
 
     pub fn commit(&mut self, end_lsn: Lsn) -> Result<(), CheckpointError> {
@@ -292,5 +306,124 @@ mod tests {
             }
             assert_eq!(c.confirmed(), Lsn(lsn));
         }
+    }
+
+    /// The rule that loses data when broken, against a model of the WAL. The
+    /// stream is laid out as contiguous records: a transaction is known by its
+    /// commit record `[final_lsn, end_lsn)`, a non-transactional message by
+    /// its record `[start, lsn)` (the server reports its end). After a
+    /// restart at the confirmed position the server resends every unit whose
+    /// record starts at or after it, so for every unit not yet fully
+    /// acknowledged the confirmed position must not pass the start of its
+    /// record. Confirmation never passes the last unit reported (or the
+    /// keepalive's `wal_end` when nothing is outstanding) either.
+    #[test]
+    fn confirmed_never_passes_the_record_of_an_unacknowledged_unit() {
+        let mut seed: u64 = 0x2545_F491_4F6C_DD1D;
+        let mut rand = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        struct Unit {
+            seq: TxnSeq,
+            /// Where the unit's record starts: a restart at or before it
+            /// sends the unit again.
+            start: u64,
+            outstanding: u64,
+        }
+        for _ in 0..300 {
+            let mut c = Checkpoint::new(Lsn(16));
+            let mut wal = 16u64; // where the next record starts
+            let mut units: Vec<Unit> = Vec::new();
+            let mut highest_end = 16u64; // newest position the server reported
+            for _ in 0..60 {
+                // Sometimes records of other tables or databases in between.
+                if rand(3) == 0 {
+                    wal += 8 * (1 + rand(4));
+                }
+                match rand(10) {
+                    // A non-transactional message, published at once.
+                    0..=2 => {
+                        let start = wal;
+                        let lsn = start + 40;
+                        wal = lsn;
+                        let seq = c.begin_standalone(Lsn(lsn)).unwrap();
+                        c.event().unwrap();
+                        c.commit_standalone().unwrap();
+                        highest_end = highest_end.max(lsn);
+                        units.push(Unit {
+                            seq,
+                            start,
+                            outstanding: 1,
+                        });
+                    }
+                    // A keepalive: the walsender sent everything up to here.
+                    3 => {
+                        c.idle(Lsn(highest_end));
+                    }
+                    // A transaction with 0..3 events, its commit record next.
+                    _ => {
+                        let final_lsn = wal;
+                        let end = final_lsn + 32;
+                        wal = end;
+                        let seq = c.begin(Lsn(final_lsn)).unwrap();
+                        let n = rand(4);
+                        for _ in 0..n {
+                            c.event().unwrap();
+                        }
+                        c.commit(Lsn(end)).unwrap();
+                        highest_end = highest_end.max(end);
+                        units.push(Unit {
+                            seq,
+                            start: final_lsn,
+                            outstanding: n,
+                        });
+                    }
+                }
+                // Acknowledge a random subset, in random order.
+                for _ in 0..rand(4) {
+                    let open: Vec<usize> = (0..units.len())
+                        .filter(|&i| units[i].outstanding > 0)
+                        .collect();
+                    if open.is_empty() {
+                        break;
+                    }
+                    let i = open[rand(open.len() as u64) as usize];
+                    c.ack(units[i].seq).unwrap();
+                    units[i].outstanding -= 1;
+                }
+                let confirmed = c.confirmed().0;
+                for u in units.iter().filter(|u| u.outstanding > 0) {
+                    assert!(
+                        confirmed <= u.start,
+                        "confirmed {confirmed} passes the record at {} of a unit still in flight",
+                        u.start
+                    );
+                }
+                assert!(
+                    confirmed <= highest_end,
+                    "confirmed past what the server sent"
+                );
+            }
+        }
+    }
+
+    /// C1 of the December 2026 review: a message acknowledged before the
+    /// transaction whose commit record starts at the message's LSN.
+    #[test]
+    fn a_message_is_confirmed_at_its_own_lsn_not_past_it() {
+        let mut c = Checkpoint::new(Lsn(0));
+        let m = c.begin_standalone(Lsn(0x15076C8)).unwrap();
+        c.event().unwrap();
+        c.commit_standalone().unwrap();
+        let t = c.begin(Lsn(0x15076C8)).unwrap();
+        c.event().unwrap();
+        c.commit(Lsn(0x15076F8)).unwrap();
+        c.ack(m).unwrap();
+        assert_eq!(c.confirmed(), Lsn(0x15076C8));
+        c.ack(t).unwrap();
+        assert_eq!(c.confirmed(), Lsn(0x15076F8));
     }
 }

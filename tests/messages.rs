@@ -6,6 +6,7 @@ mod support;
 
 use std::time::Duration;
 
+use outbox_relay::lsn::Lsn;
 use support::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -120,5 +121,132 @@ async fn logical_messages_are_events_in_commit_order() {
     assert_eq!(records.len(), 5, "no repeats after a restart: {records:?}");
     relay.signal("TERM");
     assert_eq!(relay.wait(Duration::from_secs(30)).await, Some(0));
+    db.drop().await;
+}
+
+/// C1 of the December 2026 review. The LSN of a non-transactional message is
+/// the end of its record, where the next record starts: here the commit
+/// record of the outbox transaction that was open around it. The message is
+/// acknowledged while that transaction's rows are held in flight (the fault
+/// proxy cuts the broker off), the relay is SIGKILLed and restarted: every row
+/// must arrive. A relay that confirmed one byte past the message had the
+/// server skip the whole transaction on restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_right_before_a_commit_does_not_skip_that_transaction() {
+    use support::proxy::{Mode, Proxy};
+
+    let db = TestDb::new("msg_c1").await;
+    let slot = db.classic_outbox().await;
+    // To prove the message's record and the commit record are adjacent.
+    db.exec("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
+        .await;
+    let listen = free_port();
+    let proxy = Proxy::start(format!("127.0.0.1:{listen}").parse().unwrap()).await;
+    let broker = OwnBroker::start(listen, proxy.port, "memory://nisshi/").await;
+    let prefix = unique("c1");
+    let rows_topic = format!("{prefix}.T");
+    let msgs_topic = format!("{prefix}.msg");
+    create_topics(&broker.brokers(), &[&rows_topic, &msgs_topic], 1).await;
+    let rows = format!("{prefix}.{{event_type}}");
+    let args = relay_args(
+        &db,
+        &broker.brokers(),
+        &[
+            "--slot",
+            &slot,
+            "--topic",
+            &rows,
+            "--message-prefix",
+            "outbox:",
+            "--message-topic",
+            &msgs_topic,
+        ],
+    );
+    let mut relay = Relay::start(&args);
+    db.wait_streaming(&slot).await;
+    let writer = sql_client(&db.url).await;
+
+    // Other sessions of the cluster may write a WAL record between the
+    // message and the commit; then this round proves nothing: try again.
+    let mut adjacent_at = None;
+    for round in 0..10 {
+        writer
+            .batch_execute(&format!(
+                "BEGIN; INSERT INTO outbox (event_type, aggregate_id, payload)
+                 SELECT 'T', 'a1', jsonb_build_object('round', {round}, 'n', n) FROM generate_series(1, 3) n"
+            ))
+            .await
+            .unwrap();
+        let msg: String = db
+            .client
+            .query_one(
+                "SELECT pg_logical_emit_message(false, 'outbox:T:m1', '{}')::text",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let msg: Lsn = msg.parse().unwrap();
+        // The relay published the message and confirmed it.
+        db.wait_confirmed(&slot, msg, "the message to be confirmed")
+            .await;
+        // From now on nothing reaches the broker (nothing held to leak
+        // through later either).
+        proxy.refuse_and_cut();
+        writer.batch_execute("COMMIT").await.unwrap();
+        let commit_start: Option<String> = db
+            .client
+            .query_one(
+                "SELECT start_lsn::text FROM pg_get_wal_records_info($1::text::pg_lsn, pg_current_wal_lsn())
+                  WHERE resource_manager = 'Transaction' AND record_type = 'COMMIT' LIMIT 1",
+                &[&msg.to_string()],
+            )
+            .await
+            .ok()
+            .map(|r| r.get(0));
+        if commit_start.as_deref().and_then(|s| s.parse::<Lsn>().ok()) == Some(msg) {
+            adjacent_at = Some((round, msg));
+            break;
+        }
+        eprintln!("round {round}: another record came between the message at {msg} and the commit ({commit_start:?}); again");
+        proxy.set_mode(Mode::Pass);
+        let now = db.current_wal_lsn().await;
+        db.wait_confirmed(&slot, now, "the round to be delivered")
+            .await;
+    }
+    let (round, msg) = adjacent_at.expect("a round where the commit record follows the message");
+    // The server sent the transaction; its rows cannot be acknowledged.
+    let end = db.current_wal_lsn().await;
+    wait_until(
+        Duration::from_secs(30),
+        "the transaction to be sent",
+        || async { db.sent_lsn(&slot).await.is_some_and(|s| s >= end) },
+    )
+    .await;
+    let confirmed = db.confirmed_flush_lsn(&slot).await;
+    assert!(
+        confirmed <= msg,
+        "the slot confirmed {confirmed}, past the commit record at {msg} of a transaction in flight"
+    );
+    relay.signal("KILL");
+    relay.wait(Duration::from_secs(10)).await;
+    proxy.set_mode(Mode::Pass);
+    let mut relay = Relay::start(&args);
+    let got = consume(
+        &broker.brokers(),
+        std::slice::from_ref(&rows_topic),
+        3 * (round + 1),
+        Duration::from_secs(60),
+    )
+    .await;
+    let last_round: Vec<_> = got
+        .iter()
+        .filter(|r| r.payload_json()["round"] == round)
+        .collect();
+    assert!(
+        last_round.len() >= 3,
+        "rows of the transaction committed right after the message were lost: {got:?}"
+    );
+    relay.terminate().await;
     db.drop().await;
 }
