@@ -71,6 +71,12 @@ pub struct BackfillArgs {
     /// Column --mark-processed sets.
     #[arg(long, default_value = "processed_at")]
     pub processed_column: String,
+
+    /// Seconds to wait for Kafka's next delivery report while records are in
+    /// flight before giving up (the producer itself never gives up on a
+    /// record, so an unreachable broker would otherwise stall the cutover).
+    #[arg(long, default_value_t = 120.0)]
+    pub ack_timeout: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -258,6 +264,15 @@ pub async fn run(
     say: &mut dyn FnMut(String),
 ) -> Result<Summary, BackfillError> {
     let started = Instant::now();
+    let ack_timeout = Duration::try_from_secs_f64(args.ack_timeout)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| {
+            BackfillError::Config(format!(
+                "--ack-timeout {}: expected a positive number of seconds",
+                args.ack_timeout
+            ))
+        })?;
     let table = cfg.router.table.clone();
     let slot = cfg.slot.clone();
     let (client, _conn) = crate::tls::connect_sql(&cfg.database)
@@ -434,10 +449,17 @@ pub async fn run(
         in_flight: &mut HashMap<u64, String>,
         done_values: Option<&mut Vec<String>>,
         order_column: &str,
+        limit: Duration,
     ) -> Result<(), String> {
-        let ack = acks
-            .recv()
+        let ack = tokio::time::timeout(limit, acks.recv())
             .await
+            .map_err(|_| {
+                format!(
+                    "no delivery report from Kafka within {:.0} s with {} record(s) in flight: check --kafka-brokers and that the brokers are up (--ack-timeout sets the wait)",
+                    limit.as_secs_f64(),
+                    in_flight.len()
+                )
+            })?
             .ok_or_else(|| "the Kafka producer stopped".to_string())?;
         let value = in_flight.remove(&ack.tag).unwrap_or_default();
         match ack.result {
@@ -479,6 +501,13 @@ pub async fn run(
             };
             let rec = match router.route(&insert) {
                 Ok(Routed::Record(rec)) => rec,
+                // Backfill reads the outbox table itself: its relation is
+                // always the outbox.
+                Ok(Routed::OtherTable(t)) => {
+                    return Err(abort(format!(
+                        "the backfill read a row of {t}, not of the outbox table"
+                    )))
+                }
                 Err(e) => {
                     return Err(abort(format!(
                         "the row with {} = {order_value} cannot be published: {e}",
@@ -492,6 +521,7 @@ pub async fn run(
                     &mut in_flight,
                     args.mark_processed.then_some(&mut done_values),
                     &args.order_column,
+                    ack_timeout,
                 )
                 .await
                 .map_err(&abort)?;
@@ -510,6 +540,7 @@ pub async fn run(
                             &mut in_flight,
                             args.mark_processed.then_some(&mut done_values),
                             &args.order_column,
+                            ack_timeout,
                         )
                         .await
                         .map_err(&abort)?;
@@ -547,6 +578,7 @@ pub async fn run(
             &mut in_flight,
             args.mark_processed.then_some(&mut done_values),
             &args.order_column,
+            ack_timeout,
         )
         .await
         .map_err(&abort)?;

@@ -424,16 +424,54 @@ async fn publication(client: &Client, cfg: &RelayConfig, version_num: i32) -> Ch
             );
         }
     }
-    CheckResult::pass(
+    // Other tables are not an error (the relay skips their rows), but they
+    // cost decoding and an operator should know the relay sees them.
+    let others = match client
+        .query(
+            "SELECT format('%s.%s', schemaname, tablename) FROM pg_publication_tables
+              WHERE pubname = $1 AND NOT (schemaname = $2 AND tablename = $3)
+              ORDER BY 1",
+            &[name, &table.schema, &table.name],
+        )
+        .await
+    {
+        Ok(rows) => rows
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>(),
+        Err(e) => return CheckResult::unknown(NAME, e),
+    };
+    let scope = if all_tables {
+        format!("is FOR ALL TABLES (so covers {table})")
+    } else {
+        format!("covers {table}")
+    };
+    if others.is_empty() {
+        return CheckResult::pass(
+            NAME,
+            format!("publication {name} {scope} and publishes inserts"),
+        );
+    }
+    const SHOWN: usize = 5;
+    let mut listed = others
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if others.len() > SHOWN {
+        listed.push_str(&format!(" and {} more", others.len() - SHOWN));
+    }
+    CheckResult::warn(
         NAME,
         format!(
-            "publication {name} {} and publishes inserts",
-            if all_tables {
-                format!("is FOR ALL TABLES (so covers {table})")
-            } else {
-                format!("covers {table}")
-            }
+            "publication {name} {scope} and publishes inserts, and it also covers {} other table(s): {listed}. The relay decodes their rows and skips them (counted in outbox_skipped_rows_total); they are never published",
+            others.len()
         ),
+        Some(format!(
+            "to save that decoding, give the relay a publication of its own: CREATE PUBLICATION outbox_relay_pub FOR TABLE {} WITH (publish = 'insert'); and --publication outbox_relay_pub",
+            table_sql(table)
+        )),
     )
 }
 

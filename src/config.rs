@@ -215,6 +215,14 @@ pub struct Options {
     #[arg(long, env = "OUTBOX_RELAY_SHUTDOWN_TIMEOUT")]
     pub shutdown_timeout: Option<f64>,
 
+    /// Seconds without any message from the server (data or keepalive) after
+    /// which the replication connection counts as dead and is replaced, as
+    /// Postgres's own wal_receiver_timeout; the relay asks the server for a
+    /// keepalive after half of it. Also bounds each query of the session's
+    /// set-up. 0 turns it off [default: 60].
+    #[arg(long, env = "OUTBOX_RELAY_REPLICATION_TIMEOUT")]
+    pub replication_timeout: Option<f64>,
+
     /// On "replication slot … is active for PID n", terminate that walsender
     /// instead of waiting for it: use when a crashed relay's connection
     /// lingers. Without it the relay waits as a standby.
@@ -304,6 +312,7 @@ impl Options {
             spill_dir,
             status_interval,
             shutdown_timeout,
+            replication_timeout,
             terminate_stale_walsender,
             reconnect_max_backoff,
             event_type_column,
@@ -369,6 +378,8 @@ pub struct RelayConfig {
     pub streaming: Option<StreamingConfig>,
     pub status_interval: Duration,
     pub shutdown_timeout: Duration,
+    /// None: off. See `--replication-timeout`.
+    pub replication_timeout: Option<Duration>,
     pub terminate_stale_walsender: bool,
     pub reconnect_max_backoff: Duration,
     /// None when the HTTP endpoint is off.
@@ -394,6 +405,24 @@ fn sql_name(option: &'static str, v: String) -> Result<String, ConfigError> {
             option,
             value: v,
             reason: "expected a name of 1 to 63 bytes".into(),
+        });
+    }
+    Ok(v)
+}
+
+/// PostgreSQL's own rule for replication slot names: 1 to 63 lower-case
+/// letters, digits and underscores. Checked here so that a bad name is a
+/// configuration error, not a server error halfway through a session.
+fn slot_name(v: String) -> Result<String, ConfigError> {
+    let ok = (1..=63).contains(&v.len())
+        && v.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if !ok {
+        return Err(ConfigError::Invalid {
+            option: "slot",
+            value: v,
+            reason: "a replication slot name is 1 to 63 lower-case letters, digits and underscores"
+                .into(),
         });
     }
     Ok(v)
@@ -531,10 +560,11 @@ impl RelayConfig {
             .filter(|s| !s.trim().is_empty())
             .map(|kv| match kv.split_once('=') {
                 Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+                // Not echoed: a mistyped `sasl.password:secret` is a secret.
                 _ => Err(ConfigError::Invalid {
                     option: "kafka_property",
-                    value: kv.clone(),
-                    reason: "expected KEY=VALUE, e.g. compression.type=lz4".into(),
+                    value: format!("<{} characters, not shown>", kv.chars().count()),
+                    reason: "expected KEY=VALUE, e.g. compression.type=lz4 (the value is not shown: it may hold a password)".into(),
                 }),
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -593,7 +623,7 @@ impl RelayConfig {
                 "publication",
                 o.publication.unwrap_or_else(|| "outbox_pub".into()),
             )?,
-            slot: sql_name("slot", o.slot.unwrap_or_else(|| "outbox_relay".into()))?,
+            slot: slot_name(o.slot.unwrap_or_else(|| "outbox_relay".into()))?,
             router,
             kafka_properties,
             max_inflight,
@@ -613,6 +643,10 @@ impl RelayConfig {
                 .transpose()?,
             status_interval: seconds("status_interval", o.status_interval.unwrap_or(10.0))?,
             shutdown_timeout: seconds("shutdown_timeout", o.shutdown_timeout.unwrap_or(30.0))?,
+            replication_timeout: match o.replication_timeout.unwrap_or(60.0) {
+                0.0 => None,
+                v => Some(seconds("replication_timeout", v)?),
+            },
             terminate_stale_walsender: o.terminate_stale_walsender.unwrap_or(false),
             reconnect_max_backoff: seconds(
                 "reconnect_max_backoff",
@@ -658,6 +692,33 @@ mod tests {
         let c = RelayConfig::resolve(base()).unwrap();
         assert_eq!(c.router.id_column, "event_id");
         assert_eq!(c.router.topic.to_string(), "events.{event_type}");
+    }
+
+    /// L1 and L3 of the December 2026 review.
+    #[test]
+    fn slot_names_follow_postgres_and_bad_properties_are_not_echoed() {
+        for bad in ["Outbox", "out-box", "x'; DROP", "", &"a".repeat(64)] {
+            let e = RelayConfig::resolve(Options {
+                slot: Some(bad.to_string()),
+                ..base()
+            })
+            .err()
+            .unwrap_or_else(|| panic!("slot {bad:?} accepted"));
+            assert!(e.to_string().contains("lower-case letters"), "{e}");
+        }
+        assert!(RelayConfig::resolve(Options {
+            slot: Some("relay_2".into()),
+            ..base()
+        })
+        .is_ok());
+        let e = RelayConfig::resolve(Options {
+            kafka_property: Some(vec!["sasl.password:hunter2".into()]),
+            ..base()
+        })
+        .expect_err("refused");
+        let text = e.to_string();
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("KEY=VALUE"), "{text}");
     }
 
     #[test]

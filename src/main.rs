@@ -81,10 +81,13 @@ fn describe(e: &anyhow::Error) -> String {
     out
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs go to stderr for every command: a command that waits on a broker
+/// or a server says why (the client's warnings) instead of hanging in
+/// silence. `default` is the level without OUTBOX_RELAY_LOG.
+fn init_logging(format: LogFormat, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("OUTBOX_RELAY_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     // Colours only on a terminal: a log file or collector gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
@@ -182,9 +185,31 @@ fn load(config: Option<PathBuf>, opts: Options, for_setup: bool) -> anyhow::Resu
     })
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("outbox-relay: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let code = rt.block_on(async_main());
+    // The broker probe may be inside a blocking metadata request (up to a
+    // few seconds against a broker that is down): a stop does not wait for
+    // it, so the shutdown timeout is the whole bound.
+    rt.shutdown_timeout(std::time::Duration::from_millis(100));
+    code
+}
+
+async fn async_main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Setup(_) | Command::Run(_)) {
+        // Operator commands print their results on stdout; warnings only.
+        init_logging(LogFormat::Text, "warn");
+    }
     let (opts, is_setup) = match cli.command {
         Command::Setup(o) => (o, true),
         Command::Run(o) => (o, false),
@@ -213,7 +238,7 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    init_logging(cfg.log_format);
+    init_logging(cfg.log_format, "info");
     let result: anyhow::Result<()> = if is_setup {
         setup::run(&cfg)
             .await

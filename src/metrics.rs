@@ -19,6 +19,11 @@ pub struct EventTypeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TableLabels {
+    pub table: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
     pub event_type: String,
     pub error_type: String,
@@ -36,6 +41,8 @@ pub struct Metrics {
     pub confirmed_lsn: Gauge,
     pub inflight_events: Gauge,
     pub dead_lettered: Counter,
+    /// Rows of published tables other than the outbox, by table.
+    pub skipped_rows: Family<TableLabels, Counter>,
     pub up: Gauge,
     pub reconnects: Counter,
     /// Streamed, uncommitted changes held in memory / spilled to disk.
@@ -76,6 +83,7 @@ impl Metrics {
         let confirmed_lsn = Gauge::default();
         let inflight_events = Gauge::default();
         let dead_lettered = Counter::default();
+        let skipped_rows = Family::<TableLabels, Counter>::default();
         let up = Gauge::default();
         let reconnects = Counter::default();
         let stream_buffer_bytes = Gauge::default();
@@ -131,6 +139,11 @@ impl Metrics {
             dead_lettered.clone(),
         );
         registry.register(
+            "outbox_skipped_rows",
+            "Inserted rows of tables the publication covers besides the outbox table: not events, never published",
+            skipped_rows.clone(),
+        );
+        registry.register(
             "outbox_up",
             "1 while the relay is streaming from the slot",
             up.clone(),
@@ -150,6 +163,7 @@ impl Metrics {
             confirmed_lsn,
             inflight_events,
             dead_lettered,
+            skipped_rows,
             up,
             reconnects,
             stream_buffer_bytes,
@@ -223,6 +237,15 @@ impl Metrics {
             );
         }
         OTHER_EVENT_TYPES
+    }
+
+    /// The counter of skipped rows of `table` (`schema.name`).
+    pub fn skipped_rows_of(&self, table: &str) -> Counter {
+        self.skipped_rows
+            .get_or_create(&TableLabels {
+                table: table.to_string(),
+            })
+            .clone()
     }
 
     pub fn set_streaming(&self, on: bool) {

@@ -84,6 +84,10 @@ pub enum PipelineError {
     ShutdownTimeout { inflight: u64, confirmed: Lsn },
     #[error("the server ended the replication stream")]
     ServerEnded,
+    #[error("a delivery report for record {0}, which this session does not track")]
+    UnknownDelivery(u64),
+    #[error("{0}")]
+    Config(String),
 }
 
 impl PipelineError {
@@ -295,6 +299,15 @@ struct Pending {
     size: u64,
 }
 
+/// A record counted in the checkpoint that librdkafka's full queue could not
+/// take yet.
+struct Waiting {
+    rec: OutboxRecord,
+    txn: TxnSeq,
+    lsn: Lsn,
+    is_dead_letter: bool,
+}
+
 /// A committed streamed transaction being handed to the pipeline.
 struct Replaying {
     replay: stream_buffer::Replay,
@@ -344,6 +357,12 @@ struct State {
     event_types: std::collections::HashSet<bytes::Bytes>,
     /// Dead-letter records waiting to be enqueued (from delivery reports).
     redo: Vec<(OutboxRecord, TxnSeq, Lsn)>,
+    /// Skipped-row counters by table (a handful of tables at most: those
+    /// the publication covers).
+    skipped: HashMap<Arc<str>, Counter>,
+    /// Records the producer's full queue could not take yet, in order;
+    /// nothing more is read until they are enqueued.
+    waiting: VecDeque<Waiting>,
 }
 
 impl State {
@@ -353,9 +372,7 @@ impl State {
             .checked_sub(self.pending_base)
             .and_then(|i| self.pending.get_mut(i as usize))
             .and_then(Option::take)
-            .ok_or(PipelineError::Checkpoint(
-                CheckpointError::UnknownTransaction(ack.tag),
-            ))?;
+            .ok_or(PipelineError::UnknownDelivery(ack.tag))?;
         self.inflight_bytes -= pending.size;
         while matches!(self.pending.front(), Some(None)) {
             self.pending.pop_front();
@@ -445,13 +462,55 @@ impl State {
     /// Hands a record to the producer, tracked for its delivery report. The
     /// checkpoint must already count it as an event of `txn`. A record the
     /// producer refuses outright (too large, say) goes to the error policy.
+    ///
+    /// When librdkafka's local queue is full the record waits, in order, in
+    /// `waiting`, and reading pauses until delivery reports make room: the
+    /// loop goes on sending status updates and watching for a stop meanwhile
+    /// (backpressure, never a wait inside this call).
     async fn enqueue_tracked(
         &mut self,
-        mut rec: OutboxRecord,
+        rec: OutboxRecord,
         txn: TxnSeq,
         lsn: Lsn,
-        mut is_dead_letter: bool,
+        is_dead_letter: bool,
     ) -> Result<(), PipelineError> {
+        let w = Waiting {
+            rec,
+            txn,
+            lsn,
+            is_dead_letter,
+        };
+        if !self.waiting.is_empty() {
+            self.waiting.push_back(w);
+            return Ok(());
+        }
+        if let Some(w) = self.try_enqueue(w)? {
+            self.waiting.push_back(w);
+        }
+        Ok(())
+    }
+
+    /// Enqueues records that waited for room, oldest first, until the queue
+    /// is full again.
+    fn pump_waiting(&mut self) -> Result<(), PipelineError> {
+        while let Some(w) = self.waiting.pop_front() {
+            if let Some(w) = self.try_enqueue(w)? {
+                self.waiting.push_front(w);
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// One attempt to hand a record to the producer; gives it back when the
+    /// local queue is full.
+    fn try_enqueue(&mut self, w: Waiting) -> Result<Option<Waiting>, PipelineError> {
+        let Waiting {
+            mut rec,
+            txn,
+            lsn,
+            mut is_dead_letter,
+        } = w;
         loop {
             let tag = self.pending_base + self.pending.len() as u64;
             self.pending.push_back(Some(Pending {
@@ -468,36 +527,34 @@ impl State {
                 size: record_size(&rec),
             }));
             self.inflight_bytes += record_size(&rec);
-            let refused = loop {
-                match self.sink.enqueue(&rec, tag) {
-                    Ok(Enqueued::Yes) => return Ok(()),
-                    // The local queue is full: wait for a delivery report
-                    // to make room, then try again.
-                    Ok(Enqueued::QueueFull) => match self.acks.recv().await {
-                        Some(ack) => {
-                            self.refresh_ack_clock();
-                            self.on_ack(ack)?
-                        }
-                        None => return Err(PipelineError::ServerEnded),
-                    },
-                    Err(SinkError::Enqueue { topic, error }) => break (topic, error),
-                    Err(e) => return Err(e.into()),
-                }
-            };
+            let outcome = self.sink.enqueue(&rec, tag);
+            if matches!(outcome, Ok(Enqueued::Yes)) {
+                return Ok(None);
+            }
             // Not enqueued: forget the tracking entry (it is the newest).
             if let Some(Some(p)) = self.pending.pop_back() {
                 self.inflight_bytes -= p.size;
             }
-            let (topic, error) = refused;
-            let kind = ErrorKind::of_kafka(&error)
-                .filter(|k| !is_dead_letter && self.policy.for_kind(*k) == Policy::DeadLetter);
-            let Some(kind) = kind else {
-                self.metrics
-                    .publish_error(&label(&rec.event_type), &kafka_code(&error));
-                return Err(SinkError::Enqueue { topic, error }.into());
+            let (topic, error) = match outcome {
+                Ok(Enqueued::Yes) => unreachable!("handled above"),
+                Ok(Enqueued::QueueFull) => {
+                    return Ok(Some(Waiting {
+                        rec,
+                        txn,
+                        lsn,
+                        is_dead_letter,
+                    }))
+                }
+                Err(SinkError::Enqueue { topic, error }) => (topic, error),
+                Err(e) => return Err(e.into()),
             };
             self.metrics
                 .publish_error(&label(&rec.event_type), &kafka_code(&error));
+            let kind = ErrorKind::of_kafka(&error)
+                .filter(|k| !is_dead_letter && self.policy.for_kind(*k) == Policy::DeadLetter);
+            let Some(kind) = kind else {
+                return Err(SinkError::Enqueue { topic, error }.into());
+            };
             let reason = format!("the producer refused the record for {topic}: {error}");
             tracing::warn!(lsn = %lsn, kind = %kind, "dead-lettering an event: {reason}");
             let failed = Failed::from(&rec);
@@ -538,6 +595,23 @@ impl State {
             self.enqueue_tracked(rec, txn, lsn, true).await?;
         }
         Ok(())
+    }
+
+    /// Whether another change may be read (or replayed): the in-flight
+    /// window has room in events and bytes, and no record waits for room in
+    /// the producer's queue. The window also bounds the bookkeeping behind
+    /// the oldest unacknowledged event, which grows while that one event is
+    /// stuck even though few are in flight: the delivery slots since it
+    /// (`pending`, holes included) and the transactions since the confirmed
+    /// position (the checkpoint's, empty ones included: PostgreSQL before
+    /// 15 sends Begin and Commit for every transaction).
+    fn has_room(&self, cfg: &RelayConfig) -> bool {
+        let span = 2 * cfg.max_inflight;
+        self.checkpoint.inflight() < cfg.max_inflight
+            && self.inflight_bytes < cfg.max_inflight_bytes
+            && self.waiting.is_empty()
+            && (self.pending.len() as u64) < span
+            && self.checkpoint.tracked() < span
     }
 
     /// Refreshes the gauges that describe the stream's state.
@@ -617,12 +691,13 @@ impl State {
                 | LogicalMessage::Message(_)
                     if self.decoder.in_stream() =>
                 {
-                    let top = self
-                        .decoder
-                        .stream_xid()
-                        .ok_or(PipelineError::ServerEnded)?;
+                    let top = self.decoder.stream_xid().ok_or_else(|| {
+                        PipelineError::Replication(ReplicationError::Protocol(format!(
+                            "a change at {wal_start} inside a streamed block without the block's transaction id"
+                        )))
+                    })?;
                     let subxid = self.decoder.last_xid().unwrap_or(top);
-                    buffer.push(top, subxid, wal_start, raw)?;
+                    buffer.push(top, subxid, wal_start, &raw)?;
                     return Ok(());
                 }
                 _ if self.decoder.in_stream() => return Ok(()),
@@ -638,9 +713,9 @@ impl State {
     async fn replay_some(
         &mut self,
         mut budget: usize,
-        max_inflight: u64,
+        cfg: &RelayConfig,
     ) -> Result<(), PipelineError> {
-        while budget > 0 && self.checkpoint.inflight() < max_inflight {
+        while budget > 0 && self.has_room(cfg) {
             let Some(r) = self.replaying.as_mut() else {
                 return Ok(());
             };
@@ -704,6 +779,16 @@ impl State {
             LogicalMessage::Insert(ins) => {
                 let rec = match self.router.route(&ins) {
                     Ok(Routed::Record(rec)) => rec,
+                    Ok(Routed::OtherTable(table)) => {
+                        // Not an event (a FOR ALL TABLES or shared
+                        // publication); counted so that it is visible.
+                        let metrics = &self.metrics;
+                        self.skipped
+                            .entry(table)
+                            .or_insert_with_key(|t| metrics.skipped_rows_of(t))
+                            .inc();
+                        return Ok(());
+                    }
                     Err(source) => {
                         let failed = self.router.salvage(&ins);
                         return self.unroutable(source, failed, wal_start).await;
@@ -731,12 +816,13 @@ impl State {
                     return Ok(());
                 };
                 // A non-transactional message is published at once; it is
-                // its own unit for the checkpoint, confirmed just past its
-                // position (confirming the position itself would have it
-                // decoded again after a restart).
+                // its own unit for the checkpoint, confirmed at its own LSN
+                // (the end of its record): that already keeps a restart from
+                // decoding it again, and one byte more would skip a
+                // transaction whose commit record starts right there.
                 let standalone = !m.transactional();
                 if standalone {
-                    self.checkpoint.begin(m.lsn)?;
+                    self.checkpoint.begin_standalone(m.lsn)?;
                     // No commit time in the WAL for it: it counts from now.
                     self.commit_time = crate::replication::pg_now();
                 }
@@ -757,7 +843,7 @@ impl State {
                     }
                 };
                 if standalone {
-                    self.checkpoint.commit(Lsn(m.lsn.0 + 1))?;
+                    self.checkpoint.commit_standalone()?;
                 }
                 result?;
             }
@@ -884,6 +970,135 @@ pub async fn run(
     (summary, result)
 }
 
+/// A session's connection after set-up: streaming has started.
+struct Opened {
+    stream: crate::replication::ReplicationStream,
+    slot: Slot,
+    status_interval: Duration,
+    protocol: u32,
+    sink: KafkaSink,
+    acks: mpsc::UnboundedReceiver<Ack>,
+}
+
+/// An error for a step that took longer than `limit`: the connection is
+/// treated as lost, so the supervisor reconnects.
+fn timed_out(what: &str, limit: Duration) -> PipelineError {
+    PipelineError::Replication(ReplicationError::Io(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!(
+            "{what}: no answer from the server within {:.1}s (--replication-timeout)",
+            limit.as_secs_f64()
+        ),
+    )))
+}
+
+/// Connects, checks the slot and the publication and starts streaming.
+/// Connecting and authenticating are bounded by the connect timeout, the
+/// queries after it by the replication timeout: a server that stops
+/// answering (a failover that black-holes its address) must not hold the
+/// relay for the kernel's TCP retry time.
+async fn open(cfg: &RelayConfig, resume: Option<Lsn>) -> Result<Opened, PipelineError> {
+    let mut params = ConnectParams::from_config(&cfg.database)?;
+    params.tcp_user_timeout = cfg.replication_timeout;
+    let mut conn = ReplicationConnection::connect(&params).await?;
+    let set_up = async move {
+        let system = conn.identify_system().await?;
+        let slot = check_slot(&mut conn, &cfg.slot).await?;
+        check_publication(&mut conn, cfg).await?;
+        if let Some(ours) = resume {
+            if slot.confirmed > ours {
+                return Err(PipelineError::SlotMovedAhead {
+                    slot: cfg.slot.clone(),
+                    found: slot.confirmed,
+                    ours,
+                });
+            }
+        }
+        if cfg.terminate_stale_walsender {
+            if let Some(pid) = slot.active_pid {
+                tracing::warn!(
+                    slot = %cfg.slot,
+                    pid,
+                    "terminating the walsender holding the slot (--terminate-stale-walsender)"
+                );
+                conn.simple_query(&format!("SELECT pg_terminate_backend({pid})"))
+                    .await?;
+            }
+        }
+        let status_interval = match conn
+            .show("wal_sender_timeout")
+            .await
+            .ok()
+            .as_deref()
+            .and_then(parse_pg_duration)
+        {
+            Some(t) if !t.is_zero() => cfg.status_interval.min(t / 2),
+            _ => cfg.status_interval,
+        };
+        let server_version: u32 = conn
+            .show("server_version_num")
+            .await?
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        let protocol = cfg
+            .protocol_version
+            .unwrap_or_else(|| protocol_for(server_version));
+        if let Some(streaming) = &cfg.streaming {
+            stream_buffer::prepare_spill_dir(&streaming.spill_dir.join(&cfg.slot))?;
+        }
+        // Before START_REPLICATION: a producer setting the relay refuses
+        // stops it before the slot is touched.
+        let (sink, acks) = KafkaSink::new(&cfg.kafka_brokers, &cfg.kafka_properties)?;
+        tracing::info!(
+            server_version,
+            protocol,
+            slot = %cfg.slot,
+            publication = %cfg.publication,
+            resume_from = %slot.confirmed,
+            server_wal = %system.xlogpos,
+            table = %cfg.router.table,
+            topic = %cfg.router.topic,
+            "starting replication"
+        );
+        let mut options = vec![
+            ("proto_version", protocol.to_string()),
+            ("publication_names", quote_ident(&cfg.publication)),
+        ];
+        if cfg.messages.is_some() {
+            options.push(("messages", "true".to_string()));
+        }
+        if cfg.streaming.is_some() {
+            if protocol < 2 {
+                return Err(PipelineError::Config(format!(
+                    "--streaming needs pgoutput protocol 2 or later (PostgreSQL 14+); this session uses {protocol}"
+                )));
+            }
+            options.push(("streaming", "on".to_string()));
+        }
+        // Ask for the position we expect explicitly rather than 0/0, so the
+        // server log shows it; the server never starts before the slot's
+        // confirmed_flush_lsn anyway.
+        let stream = conn
+            .start_logical(&cfg.slot, slot.confirmed, &options)
+            .await?;
+        Ok(Opened {
+            stream,
+            slot,
+            status_interval,
+            protocol,
+            sink,
+            acks,
+        })
+    };
+    match cfg.replication_timeout {
+        Some(limit) => tokio::time::timeout(limit, set_up)
+            .await
+            .map_err(|_| timed_out("setting up the replication session", limit))?,
+        None => set_up.await,
+    }
+}
+
 async fn session(
     cfg: &RelayConfig,
     resume: Option<Lsn>,
@@ -891,83 +1106,25 @@ async fn session(
     shutdown: impl Future<Output = ()>,
     summary: &mut Summary,
 ) -> Result<(), PipelineError> {
-    let params = ConnectParams::from_config(&cfg.database)?;
-    let mut conn = ReplicationConnection::connect(&params).await?;
-    let system = conn.identify_system().await?;
-    let slot = check_slot(&mut conn, &cfg.slot).await?;
-    check_publication(&mut conn, cfg).await?;
-    if let Some(ours) = resume {
-        if slot.confirmed > ours {
-            return Err(PipelineError::SlotMovedAhead {
-                slot: cfg.slot.clone(),
-                found: slot.confirmed,
-                ours,
-            });
+    tokio::pin!(shutdown);
+    // A stop during set-up (a server that does not answer, say) is honoured
+    // at once: nothing was streamed, so nothing is owed.
+    let opened = tokio::select! {
+        biased;
+        () = &mut shutdown => {
+            tracing::info!("shutting down before the replication session was set up");
+            return Ok(());
         }
-    }
-    if cfg.terminate_stale_walsender {
-        if let Some(pid) = slot.active_pid {
-            tracing::warn!(
-                slot = %cfg.slot,
-                pid,
-                "terminating the walsender holding the slot (--terminate-stale-walsender)"
-            );
-            conn.simple_query(&format!("SELECT pg_terminate_backend({pid})"))
-                .await?;
-        }
-    }
-    let status_interval = match conn
-        .show("wal_sender_timeout")
-        .await
-        .ok()
-        .as_deref()
-        .and_then(parse_pg_duration)
-    {
-        Some(t) if !t.is_zero() => cfg.status_interval.min(t / 2),
-        _ => cfg.status_interval,
+        opened = open(cfg, resume) => opened?,
     };
-    let server_version: u32 = conn
-        .show("server_version_num")
-        .await?
-        .trim()
-        .parse()
-        .unwrap_or(0);
-    let protocol = cfg
-        .protocol_version
-        .unwrap_or_else(|| protocol_for(server_version));
-    let (sink, acks) = KafkaSink::new(&cfg.kafka_brokers, &cfg.kafka_properties)?;
-    tracing::info!(
-        server_version,
+    let Opened {
+        stream,
+        slot,
+        status_interval,
         protocol,
-        slot = %cfg.slot,
-        publication = %cfg.publication,
-        resume_from = %slot.confirmed,
-        server_wal = %system.xlogpos,
-        table = %cfg.router.table,
-        topic = %cfg.router.topic,
-        "starting replication"
-    );
-    let mut options = vec![
-        ("proto_version", protocol.to_string()),
-        ("publication_names", quote_ident(&cfg.publication)),
-    ];
-    if cfg.messages.is_some() {
-        options.push(("messages", "true".to_string()));
-    }
-    if cfg.streaming.is_some() {
-        if protocol < 2 {
-            return Err(PipelineError::Publication(format!(
-                "--streaming needs pgoutput protocol 2 or later (PostgreSQL 14+); this session uses {protocol}"
-            )));
-        }
-        options.push(("streaming", "on".to_string()));
-    }
-    // Ask for the position we expect explicitly rather than 0/0, so the
-    // server log shows it; the server never starts before the slot's
-    // confirmed_flush_lsn anyway.
-    let stream = conn
-        .start_logical(&cfg.slot, slot.confirmed, &options)
-        .await?;
+        sink,
+        acks,
+    } = opened;
     let (mut reader, mut writer) = (stream.reader, stream.writer);
     summary.streamed = true;
     summary.confirmed = slot.confirmed;
@@ -1021,6 +1178,8 @@ async fn session(
         policy: cfg.error_policy.clone(),
         keep_records: cfg.error_policy.may_dead_letter_deliveries(),
         redo: Vec::new(),
+        skipped: HashMap::new(),
+        waiting: VecDeque::new(),
         event_types: std::collections::HashSet::new(),
     };
     let result = stream_loop(
@@ -1029,7 +1188,7 @@ async fn session(
         &mut state,
         &mut reader,
         &mut writer,
-        shutdown,
+        shutdown.as_mut(),
     )
     .await;
     match &result {
@@ -1039,6 +1198,8 @@ async fn session(
         // resumes from the slot.
         Err(PipelineError::Delivery(_)) => state.sink.abandon(),
         Err(PipelineError::Replication(_) | PipelineError::ServerEnded) | Ok(()) => {}
+        // The stop already waited its time for the deliveries.
+        Err(PipelineError::ShutdownTimeout { .. }) => {}
         // Stopping on a bad event: let what was already handed to the
         // producer arrive, so the slot stops right before the bad event
         // rather than at an older position (fewer repeats on restart).
@@ -1083,6 +1244,10 @@ async fn stream_loop(
     let mut last_sent = state.checkpoint.confirmed();
     let mut last_sent_at = Instant::now();
     let mut shutdown_deadline: Option<Instant> = None;
+    // Liveness: when the server last sent anything, and whether the relay
+    // already asked it for a keepalive since.
+    let mut last_heard = Instant::now();
+    let mut pinged = false;
     writer.send_status(last_sent, false).await?;
 
     loop {
@@ -1093,17 +1258,36 @@ async fn stream_loop(
             return Ok(());
         }
         let replaying = state.replaying.is_some();
-        let can_replay = replaying && state.checkpoint.inflight() < cfg.max_inflight;
-        let can_read = !replaying
-            && state.checkpoint.inflight() < cfg.max_inflight
-            && state.inflight_bytes < cfg.max_inflight_bytes
-            && (!stopping || state.checkpoint.in_transaction());
+        let room = state.has_room(cfg);
+        let can_replay = replaying && room;
+        let can_read = !replaying && room && (!stopping || state.checkpoint.in_transaction());
+        if !can_read {
+            // Not reading (backpressure, a replay): silence from the server
+            // says nothing now. A dead connection still shows when a status
+            // update cannot be written (TCP_USER_TIMEOUT bounds that).
+            last_heard = Instant::now();
+            pinged = false;
+        }
         if can_replay {
             // A committed streamed transaction is handed over in slices;
-            // between slices, delivery reports and status updates go on.
-            state.replay_some(REPLAY_SLICE, cfg.max_inflight).await?;
+            // between slices, delivery reports, status updates and a stop
+            // go on (a stop finishes the transaction within the deadline).
+            if !stopping && poll_once(shutdown.as_mut()) {
+                tracing::info!(inflight = state.checkpoint.inflight(), "shutting down: finishing the streamed transaction being published and in-flight deliveries");
+                shutdown_deadline = Some(Instant::now() + cfg.shutdown_timeout);
+            }
+            if let Some(deadline) = shutdown_deadline {
+                if Instant::now() >= deadline {
+                    return Err(PipelineError::ShutdownTimeout {
+                        inflight: state.checkpoint.inflight(),
+                        confirmed: state.checkpoint.confirmed(),
+                    });
+                }
+            }
+            state.replay_some(REPLAY_SLICE, cfg).await?;
             state.drain_acks()?;
             state.flush_redo().await?;
+            state.pump_waiting()?;
             if last_sent_at.elapsed() >= FEEDBACK_TICK {
                 state.update_gauges();
                 let confirmed = state.checkpoint.confirmed();
@@ -1124,10 +1308,14 @@ async fn stream_loop(
                 state.on_ack(ack)?;
                 state.drain_acks()?;
                 state.flush_redo().await?;
+                state.pump_waiting()?;
             }
             // Before the WAL: under a continuous stream the read branch is
             // always ready, and status updates must not wait behind it.
             _ = tick.tick() => {
+                // Room in the producer's queue may come without a report of
+                // ours (another caller's, a purge): try again now and then.
+                state.pump_waiting()?;
                 state.update_gauges();
                 let confirmed = state.checkpoint.confirmed();
                 if confirmed != last_sent || last_sent_at.elapsed() >= status_interval {
@@ -1137,6 +1325,20 @@ async fn stream_loop(
                     }
                     last_sent = confirmed;
                     last_sent_at = Instant::now();
+                }
+                if let Some(limit) = cfg.replication_timeout {
+                    let quiet = last_heard.elapsed();
+                    if quiet >= limit {
+                        return Err(timed_out("streaming", limit));
+                    }
+                    // Like Postgres's walreceiver: half-way, ask for a
+                    // keepalive, so an idle but healthy server answers.
+                    if quiet >= limit / 2 && !pinged {
+                        writer.send_status(confirmed, true).await?;
+                        last_sent = confirmed;
+                        last_sent_at = Instant::now();
+                        pinged = true;
+                    }
                 }
                 if let Some(deadline) = shutdown_deadline {
                     if Instant::now() >= deadline {
@@ -1152,6 +1354,8 @@ async fn stream_loop(
                 // the same limits as reading: one turn of the loop per burst
                 // instead of per message.
                 let mut next = Some(msg?);
+                last_heard = Instant::now();
+                pinged = false;
                 let mut burst = 0;
                 while let Some(m) = next.take() {
                     match m {
@@ -1178,8 +1382,7 @@ async fn stream_loop(
                     burst += 1;
                     let keep_reading = burst < READ_BURST
                         && state.replaying.is_none()
-                        && state.checkpoint.inflight() < cfg.max_inflight
-                        && state.inflight_bytes < cfg.max_inflight_bytes
+                        && state.has_room(cfg)
                         && (!stopping || state.checkpoint.in_transaction());
                     if keep_reading {
                         next = reader.try_next()?;
@@ -1188,6 +1391,13 @@ async fn stream_loop(
             }
         }
     }
+}
+
+/// Whether `f` is ready now, without waiting: lets a loop that is busy
+/// (a replay) notice a stop between slices of work.
+fn poll_once<F: Future<Output = ()>>(f: std::pin::Pin<&mut F>) -> bool {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    f.poll(&mut cx).is_ready()
 }
 
 /// Waits (up to `limit`) for the delivery reports of events in flight, so

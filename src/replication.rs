@@ -124,6 +124,10 @@ pub struct ConnectParams {
     pub dbname: String,
     pub application_name: String,
     pub connect_timeout: Duration,
+    /// How long written data may stay unacknowledged by the peer before the
+    /// kernel gives up on the connection (TCP_USER_TIMEOUT); None leaves the
+    /// kernel's retry time (about 15 minutes).
+    pub tcp_user_timeout: Option<Duration>,
     pub tls: TlsSettings,
 }
 
@@ -182,6 +186,7 @@ impl ConnectParams {
                 .get_connect_timeout()
                 .copied()
                 .unwrap_or(Duration::from_secs(10)),
+            tcp_user_timeout: None,
             tls: db.tls_settings(),
         })
     }
@@ -251,6 +256,24 @@ async fn negotiate_tls(
             None => io_err(e),
         })?;
     Ok(Box::new(tls))
+}
+
+/// TCP keepalive, so a peer that vanished is noticed on an idle connection,
+/// and TCP_USER_TIMEOUT, so one that stops acknowledging what the relay
+/// writes (status updates) is noticed within `user_timeout`.
+fn keep_alive(s: &tokio::net::TcpStream, user_timeout: Option<Duration>) -> std::io::Result<()> {
+    let sock = socket2::SockRef::from(s);
+    sock.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(30))
+            .with_interval(Duration::from_secs(10))
+            .with_retries(3),
+    )?;
+    #[cfg(target_os = "linux")]
+    sock.set_tcp_user_timeout(user_timeout)?;
+    #[cfg(not(target_os = "linux"))]
+    let _ = user_timeout;
+    Ok(())
 }
 
 trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -348,6 +371,7 @@ impl ReplicationConnection {
                         .await
                         .map_err(io_err)?;
                     s.set_nodelay(true).map_err(io_err)?;
+                    keep_alive(&s, params.tcp_user_timeout).map_err(io_err)?;
                     negotiate_tls(s, h, params, &target).await?
                 }
                 // No TLS over Unix-domain sockets, as in libpq.
@@ -361,25 +385,30 @@ impl ReplicationConnection {
                     )
                 }
             };
-            Ok::<_, ReplicationError>(s)
+            let mut conn = ReplicationConnection {
+                stream: s,
+                buf: BytesMut::with_capacity(READ_CHUNK),
+                out: BytesMut::new(),
+            };
+            conn.startup(params).await?;
+            Ok::<_, ReplicationError>(conn)
         };
-        let stream = match tokio::time::timeout(params.connect_timeout, connect).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(e),
-            Err(_) => {
-                return Err(ReplicationError::Connect {
-                    target,
-                    source: std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"),
-                })
-            }
-        };
-        let mut conn = ReplicationConnection {
-            stream,
-            buf: BytesMut::with_capacity(READ_CHUNK),
-            out: BytesMut::new(),
-        };
-        conn.startup(params).await?;
-        Ok(conn)
+        // Authentication too: a server that accepts the connection and then
+        // says nothing must not hold the relay (libpq's connect_timeout
+        // covers the whole start-up as well).
+        match tokio::time::timeout(params.connect_timeout, connect).await {
+            Ok(result) => result,
+            Err(_) => Err(ReplicationError::Connect {
+                target,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "no complete start-up within the connect timeout ({:.1}s; connect_timeout in the database URL)",
+                        params.connect_timeout.as_secs_f64()
+                    ),
+                ),
+            }),
+        }
     }
 
     async fn flush(&mut self) -> Result<(), ReplicationError> {

@@ -354,8 +354,6 @@ pub enum RouteError {
     },
     #[error("an INSERT arrived for relation OID {0} before its Relation message")]
     UnknownRelation(u32),
-    #[error("the publication publishes table {0}, which is not the configured outbox table {1}: remove it from the publication or point --table at it")]
-    NotOutboxTable(String, String),
     #[error("row of {table} has {got} columns but its Relation message announced {expected}")]
     ColumnCount {
         table: String,
@@ -404,12 +402,16 @@ struct Plan {
 #[derive(Debug)]
 pub enum Routed {
     Record(OutboxRecord),
+    /// A row of another table the publication also covers (FOR ALL TABLES,
+    /// a shared publication): not an event, never published. Carries the
+    /// table's `schema.name`, for the metric that counts them.
+    OtherTable(Arc<str>),
 }
 
 #[derive(Debug)]
 enum RelationPlan {
     Outbox(Plan),
-    Other(String),
+    Other(Arc<str>),
 }
 
 pub struct Router {
@@ -453,8 +455,13 @@ impl Router {
         let is_outbox = rel.namespace == self.cfg.table.schema && rel.name == self.cfg.table.name;
         let full_name = format!("{}.{}", rel.namespace, rel.name);
         if !is_outbox {
+            tracing::info!(
+                table = %full_name,
+                outbox = %self.cfg.table,
+                "the publication also covers this table: its rows are skipped (outbox_skipped_rows_total)"
+            );
             self.relations
-                .insert(rel.oid, RelationPlan::Other(full_name));
+                .insert(rel.oid, RelationPlan::Other(Arc::from(full_name)));
             return Ok(());
         }
         let find = |col: &str, option: &'static str| {
@@ -531,12 +538,7 @@ impl Router {
     pub fn route(&mut self, insert: &Insert) -> Result<Routed, RouteError> {
         let plan = match self.relations.get(&insert.relation_oid) {
             Some(RelationPlan::Outbox(p)) => p,
-            Some(RelationPlan::Other(name)) => {
-                return Err(RouteError::NotOutboxTable(
-                    name.clone(),
-                    self.cfg.table.to_string(),
-                ))
-            }
+            Some(RelationPlan::Other(name)) => return Ok(Routed::OtherTable(name.clone())),
             None => return Err(RouteError::UnknownRelation(insert.relation_oid)),
         };
         if insert.tuple.len() != plan.ncols {
@@ -776,7 +778,10 @@ mod tests {
                     t("{\"a\": 1}"),
                 ],
             })
-            .unwrap();
+            .unwrap()
+        else {
+            panic!("an outbox row is a record");
+        };
         assert_eq!(&*rec.topic, "outbox.event.Order");
         assert_eq!(rec.key, "o-9");
         assert_eq!(rec.payload.as_deref(), Some(&b"{\"a\": 1}"[..]));
@@ -805,6 +810,7 @@ mod tests {
             })
             .map(|routed| match routed {
                 Routed::Record(rec) => rec.topic,
+                Routed::OtherTable(t) => panic!("not the outbox: {t}"),
             })
         };
         let a1 = topic("Order").unwrap();
@@ -908,7 +914,7 @@ mod tests {
     }
 
     #[test]
-    fn other_tables_are_refused_not_dropped() {
+    fn rows_of_other_tables_are_skipped_by_name() {
         let mut r = debezium_router();
         r.on_relation(&Relation {
             oid: 9,
@@ -918,13 +924,13 @@ mod tests {
             columns: vec![col("id", 20)],
         })
         .unwrap();
-        assert!(matches!(
-            r.route(&Insert {
-                relation_oid: 9,
-                tuple: vec![t("1")]
-            }),
-            Err(RouteError::NotOutboxTable(..))
-        ));
+        match r.route(&Insert {
+            relation_oid: 9,
+            tuple: vec![t("1")],
+        }) {
+            Ok(Routed::OtherTable(name)) => assert_eq!(&*name, "public.orders"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -54,9 +54,9 @@
 //! - **Inside a block** (`decoder.in_stream()`), for Relation, Insert and a
 //!   transactional Message (the kinds the pipeline acts on; Type, Update,
 //!   Delete and Truncate may be skipped to save memory):
-//!   `buffer.push(decoder.stream_xid().unwrap(), decoder.last_xid().unwrap_or(stream_xid), wal_start, raw)`,
-//!   where `raw` is a clone of the `Bytes` handed to `decode` (cloning `Bytes`
-//!   is a reference count). Do **not** route, enqueue, touch the checkpoint or
+//!   `buffer.push(decoder.stream_xid().unwrap(), decoder.last_xid().unwrap_or(stream_xid), wal_start, &raw)`,
+//!   where `raw` holds the bytes handed to `decode`; the buffer keeps a copy,
+//!   never a slice of the socket's read buffer (which would pin all of it). Do **not** route, enqueue, touch the checkpoint or
 //!   apply a streamed Relation to the router now: a streamed Relation can
 //!   describe a schema changed by the uncommitted transaction itself, and
 //!   concurrent committed transactions must still be routed with the old plan.
@@ -156,6 +156,12 @@ pub enum StreamBufferError {
     },
     #[error("streamed transaction {xid} lost changes when spilling them failed earlier")]
     Poisoned { xid: u32 },
+    #[error("spill directory {}: {source}", path.display())]
+    SpillDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// One buffered change, as pushed.
@@ -273,12 +279,17 @@ impl StreamBuffer {
     /// One change of the open streamed transaction `xid` (top-level, from
     /// Stream Start), made by `subxid` (its xid prefix, [`Decoder::last_xid`]).
     /// May spill to stay within the budget.
+    ///
+    /// The change is copied: a slice of the connection's read buffer would
+    /// keep that whole buffer (64 KiB or more) alive for as long as the change
+    /// is held, and the budget, which counts the change's own bytes, would no
+    /// longer bound resident memory.
     pub fn push(
         &mut self,
         xid: u32,
         subxid: u32,
         lsn: Lsn,
-        raw_message: Bytes,
+        raw_message: &[u8],
     ) -> Result<(), StreamBufferError> {
         let txn = self
             .txns
@@ -298,7 +309,7 @@ impl StreamBuffer {
             BufferedChange {
                 subxid,
                 lsn,
-                data: raw_message,
+                data: Bytes::copy_from_slice(raw_message),
             },
         ));
         txn.mem_bytes += len;
@@ -507,13 +518,62 @@ fn poison(txn: &mut Txn) {
     txn.aborted.clear();
 }
 
+/// Makes `dir` the private home of spill files, which hold event payloads
+/// (personal data, often): created 0700 where missing, and refused when it,
+/// or the directory it is in, belongs to another user (root excepted), who
+/// could read the files or swap the directory for one of their own. A
+/// directory of ours that others may enter is narrowed to 0700.
+pub fn prepare_spill_dir(dir: &std::path::Path) -> Result<(), StreamBufferError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let fail = |source: io::Error| StreamBufferError::SpillDir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(fail)?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let meta = std::fs::symlink_metadata(dir).map_err(fail)?;
+    if !meta.is_dir() {
+        return Err(fail(io::Error::other(
+            "is not a directory (a symbolic link is refused): point --spill-dir at a directory of the relay's own",
+        )));
+    }
+    if meta.uid() != me {
+        return Err(fail(io::Error::other(format!(
+            "belongs to user id {}, not to the relay (user id {me}): another user could read the spilled events. Remove it, or point --spill-dir at a directory of the relay's own",
+            meta.uid()
+        ))));
+    }
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        let owner = std::fs::metadata(parent).map_err(fail)?.uid();
+        if owner != me && owner != 0 {
+            return Err(fail(io::Error::other(format!(
+                "is inside {}, which belongs to user id {owner}, not to the relay (user id {me}) or root: that user could replace the directory. Point --spill-dir at a directory of the relay's own",
+                parent.display()
+            ))));
+        }
+    }
+    if meta.mode() & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(fail)?;
+    }
+    Ok(())
+}
+
 fn create_spill_file(
     dir: &std::path::Path,
     instance: u64,
     xid: u32,
     counter: &mut u64,
 ) -> Result<Spill, (PathBuf, io::Error)> {
-    std::fs::create_dir_all(dir).map_err(|e| (dir.to_path_buf(), e))?;
+    use std::os::unix::fs::OpenOptionsExt;
+    prepare_spill_dir(dir).map_err(|e| match e {
+        StreamBufferError::SpillDir { path, source } => (path, source),
+        other => (dir.to_path_buf(), io::Error::other(other.to_string())),
+    })?;
     let pid = std::process::id();
     let mut attempts = 0;
     loop {
@@ -523,6 +583,7 @@ fn create_spill_file(
             .read(true)
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(&path)
         {
             Ok(file) => {
@@ -730,14 +791,14 @@ mod tests {
         let dir = TempDir::new("interleave");
         let mut b = StreamBuffer::new(1 << 20, dir.0.clone());
         b.start(10, true).unwrap();
-        b.push(10, 10, Lsn(1), msg("a1", 4)).unwrap();
+        b.push(10, 10, Lsn(1), &msg("a1", 4)).unwrap();
         b.start(20, true).unwrap();
-        b.push(20, 20, Lsn(2), msg("b1", 4)).unwrap();
+        b.push(20, 20, Lsn(2), &msg("b1", 4)).unwrap();
         b.start(10, false).unwrap();
-        b.push(10, 11, Lsn(3), msg("a2", 4)).unwrap();
-        b.push(10, 10, Lsn(4), msg("a3", 4)).unwrap();
+        b.push(10, 11, Lsn(3), &msg("a2", 4)).unwrap();
+        b.push(10, 10, Lsn(4), &msg("a3", 4)).unwrap();
         b.start(20, false).unwrap();
-        b.push(20, 20, Lsn(5), msg("b2", 4)).unwrap();
+        b.push(20, 20, Lsn(5), &msg("b2", 4)).unwrap();
         assert_eq!(b.open_transactions(), 2);
         assert_eq!(b.memory_bytes(), 20);
 
@@ -760,15 +821,15 @@ mod tests {
         let dir = TempDir::new("subabort");
         let mut b = StreamBuffer::new(1 << 20, dir.0.clone());
         b.start(100, true).unwrap();
-        b.push(100, 100, Lsn(1), msg("kept", 4)).unwrap();
-        b.push(100, 101, Lsn(2), msg("sub1", 4)).unwrap();
-        b.push(100, 102, Lsn(3), msg("sub2", 4)).unwrap();
-        b.push(100, 101, Lsn(4), msg("sub1b", 5)).unwrap();
+        b.push(100, 100, Lsn(1), &msg("kept", 4)).unwrap();
+        b.push(100, 101, Lsn(2), &msg("sub1", 4)).unwrap();
+        b.push(100, 102, Lsn(3), &msg("sub2", 4)).unwrap();
+        b.push(100, 101, Lsn(4), &msg("sub1b", 5)).unwrap();
         b.abort(100, 101).unwrap();
         assert_eq!(b.memory_bytes(), 8);
         // A subxid that never made a change: nothing to do.
         b.abort(100, 999).unwrap();
-        b.push(100, 100, Lsn(5), msg("after", 5)).unwrap();
+        b.push(100, 100, Lsn(5), &msg("after", 5)).unwrap();
         assert_eq!(
             tags(&drain(b.commit(100).unwrap())),
             ["kept", "sub2", "after"]
@@ -782,9 +843,9 @@ mod tests {
         b.start(7, true).unwrap();
         b.start(8, true).unwrap();
         for i in 0..5 {
-            b.push(7, 7, Lsn(i), msg("x", 8)).unwrap();
+            b.push(7, 7, Lsn(i), &msg("x", 8)).unwrap();
         }
-        b.push(8, 8, Lsn(9), msg("y", 3)).unwrap();
+        b.push(8, 8, Lsn(9), &msg("y", 3)).unwrap();
         assert!(b.spilled_bytes() > 0);
         assert_eq!(dir.files(), 1);
         b.abort(7, 7).unwrap();
@@ -809,7 +870,7 @@ mod tests {
             let xid = if i % 3 == 0 { 2 } else { 1 };
             // Subtransaction 5 of xid 1 makes every tenth change.
             let sub = if xid == 1 && i % 10 == 1 { 5 } else { xid };
-            b.push(xid, sub, Lsn(i), msg(&format!("{xid}-{i}"), 100))
+            b.push(xid, sub, Lsn(i), &msg(&format!("{xid}-{i}"), 100))
                 .unwrap();
             assert!(
                 b.memory_bytes() <= 1024,
@@ -845,28 +906,76 @@ mod tests {
         assert_eq!((b.memory_bytes(), b.spilled_bytes()), (0, 0));
     }
 
+    /// M6 of the December 2026 review: spilled payloads are private.
+    #[test]
+    fn spill_files_are_private_and_a_foreign_directory_is_refused() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = TempDir::new("modes");
+        let spill = dir.0.join("slot");
+        let mut b = StreamBuffer::new(10, spill.clone());
+        b.start(1, true).unwrap();
+        b.push(1, 1, Lsn(1), &msg("spilled", 20)).unwrap();
+        assert!(b.spilled_bytes() > 0);
+        for d in [&dir.0, &spill] {
+            let mode = std::fs::metadata(d).unwrap().mode() & 0o777;
+            assert_eq!(mode, 0o700, "{} is {mode:o}", d.display());
+        }
+        let file = std::fs::read_dir(&spill)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let mode = std::fs::metadata(&file).unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{} is {mode:o}", file.display());
+        drop(b);
+
+        // A directory of ours left open to others is narrowed.
+        std::fs::set_permissions(&spill, std::fs::Permissions::from_mode(0o755)).unwrap();
+        prepare_spill_dir(&spill).unwrap();
+        assert_eq!(std::fs::metadata(&spill).unwrap().mode() & 0o777, 0o700);
+        // A symbolic link is refused.
+        let link = dir.0.join("link");
+        std::os::unix::fs::symlink(&spill, &link).unwrap();
+        let err = prepare_spill_dir(&link).unwrap_err().to_string();
+        assert!(err.contains("is not a directory"), "{err}");
+        // Another user's directory (only root can make one here).
+        // SAFETY: no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            let theirs = dir.0.join("theirs");
+            std::fs::create_dir(&theirs).unwrap();
+            std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+            let err = prepare_spill_dir(&theirs).unwrap_err().to_string();
+            assert!(err.contains("belongs to user id 65534"), "{err}");
+            let inside = theirs.join("slot");
+            std::fs::create_dir(&inside).unwrap();
+            let err = prepare_spill_dir(&inside).unwrap_err().to_string();
+            assert!(err.contains("which belongs to user id 65534"), "{err}");
+        }
+    }
+
     #[test]
     fn budget_is_respected_and_the_largest_spills_first() {
         let dir = TempDir::new("budget");
         let mut b = StreamBuffer::new(300, dir.0.clone());
         b.start(1, true).unwrap();
         b.start(2, true).unwrap();
-        b.push(1, 1, Lsn(1), msg("big", 200)).unwrap();
-        b.push(2, 2, Lsn(2), msg("small", 50)).unwrap();
+        b.push(1, 1, Lsn(1), &msg("big", 200)).unwrap();
+        b.push(2, 2, Lsn(2), &msg("small", 50)).unwrap();
         assert_eq!(b.spilled_bytes(), 0);
-        b.push(2, 2, Lsn(3), msg("small2", 60)).unwrap();
+        b.push(2, 2, Lsn(3), &msg("small2", 60)).unwrap();
         // 310 > 300: xid 1 (200 bytes) is the largest and goes to disk.
         assert_eq!(b.memory_bytes(), 110);
         assert_eq!(b.spilled_bytes(), (RECORD_HEADER + 200) as u64);
         // A change bigger than the whole budget goes straight to disk.
-        b.push(2, 2, Lsn(4), msg("huge", 1000)).unwrap();
+        b.push(2, 2, Lsn(4), &msg("huge", 1000)).unwrap();
         assert_eq!(b.memory_bytes(), 0);
         assert_eq!(dir.files(), 2);
         // Zero budget: everything spills, order still holds.
         let mut z = StreamBuffer::new(0, dir.0.clone());
         z.start(3, true).unwrap();
         for i in 0..5 {
-            z.push(3, 3, Lsn(i), msg(&format!("z{i}"), 2)).unwrap();
+            z.push(3, 3, Lsn(i), &msg(&format!("z{i}"), 2)).unwrap();
             assert_eq!(z.memory_bytes(), 0);
         }
         assert_eq!(
@@ -882,8 +991,8 @@ mod tests {
         let dir = TempDir::new("dropreplay");
         let mut b = StreamBuffer::new(0, dir.0.clone());
         b.start(1, true).unwrap();
-        b.push(1, 1, Lsn(1), msg("a", 10)).unwrap();
-        b.push(1, 1, Lsn(2), msg("b", 10)).unwrap();
+        b.push(1, 1, Lsn(1), &msg("a", 10)).unwrap();
+        b.push(1, 1, Lsn(2), &msg("b", 10)).unwrap();
         let mut r = b.commit(1).unwrap();
         assert_eq!(tags(&[r.next().unwrap().unwrap().data]), ["a"]);
         assert_eq!(dir.files(), 1);
@@ -896,7 +1005,7 @@ mod tests {
         let dir = TempDir::new("odd");
         let mut b = StreamBuffer::new(100, dir.0.clone());
         assert!(matches!(
-            b.push(1, 1, Lsn(0), msg("x", 1)),
+            b.push(1, 1, Lsn(0), &msg("x", 1)),
             Err(StreamBufferError::UnknownTransaction { xid: 1 })
         ));
         assert!(matches!(
@@ -940,14 +1049,14 @@ mod tests {
         let mut b = StreamBuffer::new(10, not_a_dir.join("spill"));
         b.start(1, true).unwrap();
         b.start(2, true).unwrap();
-        b.push(2, 2, Lsn(0), msg("ok", 2)).unwrap();
+        b.push(2, 2, Lsn(0), &msg("ok", 2)).unwrap();
         assert!(matches!(
-            b.push(1, 1, Lsn(1), msg("too big", 20)),
+            b.push(1, 1, Lsn(1), &msg("too big", 20)),
             Err(StreamBufferError::Io { xid: 1, .. })
         ));
         assert_eq!(b.memory_bytes(), 2);
         assert!(matches!(
-            b.push(1, 1, Lsn(2), msg("x", 1)),
+            b.push(1, 1, Lsn(2), &msg("x", 1)),
             Err(StreamBufferError::Poisoned { xid: 1 })
         ));
         assert!(matches!(
@@ -965,8 +1074,8 @@ mod tests {
         for cut in [0u64, 3, RECORD_HEADER as u64 + 2, 40] {
             let mut b = StreamBuffer::new(0, dir.0.clone());
             b.start(1, true).unwrap();
-            b.push(1, 1, Lsn(1), msg("a", 10)).unwrap();
-            b.push(1, 1, Lsn(2), msg("b", 10)).unwrap();
+            b.push(1, 1, Lsn(1), &msg("a", 10)).unwrap();
+            b.push(1, 1, Lsn(2), &msg("b", 10)).unwrap();
             let path = std::fs::read_dir(&dir.0)
                 .unwrap()
                 .next()

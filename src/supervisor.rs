@@ -50,15 +50,32 @@ impl Backoff {
         }
     }
 
+    /// The next wait: the doubling step, less up to a fifth at random, so
+    /// that relays waiting on the same slot (a standby pair) do not retry in
+    /// lockstep.
     pub fn next_delay(&mut self) -> Duration {
         let d = self.next;
         self.next = (self.next * 2).min(self.max);
-        d
+        d.mul_f64(1.0 - 0.2 * unit_random())
     }
 
     pub fn reset(&mut self) {
         self.next = FIRST_BACKOFF.min(self.max);
     }
+}
+
+/// A number in [0, 1) that differs between calls and processes (the
+/// standard library's per-process random hash keys): enough for jitter.
+fn unit_random() -> f64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// Runs sessions until `shutdown` turns true or a non-retriable error.
@@ -139,8 +156,19 @@ mod tests {
     fn backoff_doubles_to_its_cap_and_resets() {
         let mut b = Backoff::new(Duration::from_secs(3));
         let seq: Vec<_> = (0..5).map(|_| b.next_delay().as_millis()).collect();
-        assert_eq!(seq, vec![500, 1000, 2000, 3000, 3000]);
+        for (got, step) in seq.iter().zip([500, 1000, 2000, 3000, 3000]) {
+            assert!(*got <= step && *got >= step * 4 / 5, "{seq:?}");
+        }
         b.reset();
-        assert_eq!(b.next_delay(), Duration::from_millis(500));
+        assert!(b.next_delay() <= Duration::from_millis(500));
+    }
+
+    /// L12 of the December 2026 review: two relays do not retry in step.
+    #[test]
+    fn backoff_is_jittered() {
+        let delays: std::collections::HashSet<_> = (0..20)
+            .map(|_| Backoff::new(Duration::from_secs(3)).next_delay())
+            .collect();
+        assert!(delays.len() > 10, "{delays:?}");
     }
 }

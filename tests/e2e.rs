@@ -323,10 +323,14 @@ async fn slot_does_not_move_while_the_broker_is_unreachable() {
 
 /// Writes `txns` transactions of `per_txn` events in the background,
 /// reporting how many have committed, and the WAL position after each.
+/// After `pause_after` transactions it waits until `resume` turns true, so a
+/// test can act while the writer is certainly mid-way.
 fn spawn_writer(
     url: String,
     txns: usize,
     per_txn: usize,
+    pause_after: usize,
+    mut resume: tokio::sync::watch::Receiver<bool>,
 ) -> (
     tokio::task::JoinHandle<Vec<outbox_relay::lsn::Lsn>>,
     tokio::sync::watch::Receiver<Vec<outbox_relay::lsn::Lsn>>,
@@ -337,6 +341,9 @@ fn spawn_writer(
         let aggs = aggregates(20);
         let mut after = Vec::new();
         for t in 0..txns {
+            if t == pause_after {
+                let _ = resume.wait_for(|go| *go).await;
+            }
             let mut sql = String::from("BEGIN;");
             for i in 0..per_txn {
                 let seq = t * per_txn + i;
@@ -373,9 +380,12 @@ async fn stop_and_restart(signal: &str) {
     let args = relay_args(&db, &brokers(), &["--slot", &slot, "--topic", &template]);
     let mut relay = Relay::start(&args);
 
-    let (writer, mut progress) = spawn_writer(db.url.clone(), 300, 5);
+    let (resume, paused) = tokio::sync::watch::channel(false);
+    let (writer, mut progress) = spawn_writer(db.url.clone(), 300, 5, 150, paused);
     // Stop the relay mid-stream: a third of the transactions are committed
-    // and the relay has confirmed some of them.
+    // and the relay has confirmed some of them. The writer holds at half-way
+    // until the relay is stopped, so the stop is mid-stream however slow
+    // the machine.
     let fiftieth = progress.wait_for(|after| after.len() >= 100).await.unwrap()[49];
     wait_until(
         Duration::from_secs(30),
@@ -385,6 +395,7 @@ async fn stop_and_restart(signal: &str) {
     .await;
     let written_at_stop = progress.borrow().len();
     relay.signal(signal);
+    resume.send_replace(true);
     assert!(
         written_at_stop < 300,
         "the writer finished before the stop: not mid-stream"

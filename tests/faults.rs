@@ -25,7 +25,6 @@
 mod support;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -596,20 +595,6 @@ async fn stop_relay(mut relay: Relay, name: &str) {
 
 fn sessions(relay: &Relay) -> usize {
     relay.log_text().matches("starting replication").count()
-}
-
-/// The URL with its host:port replaced by `addr`.
-fn via(url: &str, addr: &str) -> String {
-    let cfg: tokio_postgres::Config = url.parse().unwrap();
-    let port = cfg.get_ports()[0];
-    let from = format!("127.0.0.1:{port}");
-    assert!(url.contains(&from), "{url} does not name {from}");
-    url.replace(&from, addr)
-}
-
-fn pg_addr(url: &str) -> SocketAddr {
-    let cfg: tokio_postgres::Config = url.parse().unwrap();
-    format!("127.0.0.1:{}", cfg.get_ports()[0]).parse().unwrap()
 }
 
 // ---------------------------------------------------------------- scenarios

@@ -19,7 +19,11 @@ async fn metrics_count_what_was_published_and_follow_the_slot() {
     setup(&db, &slot).await;
     let prefix = unique("metrics");
     let template = format!("{prefix}.{{event_type}}");
-    let mut relay = Relay::start(&relay_args(&db, &brokers(), &["--slot", &slot, "--topic", &template]));
+    let mut relay = Relay::start(&relay_args(
+        &db,
+        &brokers(),
+        &["--slot", &slot, "--topic", &template],
+    ));
     let addr = relay.http_address().await;
     assert_eq!(http_get(&addr, "/healthz").await, (200, "ok\n".to_string()));
     wait_until(Duration::from_secs(30), "/readyz to say ready", || async {
@@ -33,25 +37,48 @@ async fn metrics_count_what_was_published_and_follow_the_slot() {
     )
     .await;
     let after = db.current_wal_lsn().await;
-    consume(&brokers(), &[format!("{prefix}.Created"), format!("{prefix}.Paid")], 30, Duration::from_secs(60)).await;
-    wait_until(Duration::from_secs(30), "the counters and the confirmed LSN", || async {
-        let (_, text) = http_get(&addr, "/metrics").await;
-        metric(&text, "outbox_events_published_total{event_type=\"Created\"}") == Some(20.0)
-            && metric(&text, "outbox_events_published_total{event_type=\"Paid\"}") == Some(10.0)
-            && metric(&text, "outbox_confirmed_lsn").is_some_and(|v| v as u64 >= after.0)
-    })
+    consume(
+        &brokers(),
+        &[format!("{prefix}.Created"), format!("{prefix}.Paid")],
+        30,
+        Duration::from_secs(60),
+    )
+    .await;
+    wait_until(
+        Duration::from_secs(30),
+        "the counters and the confirmed LSN",
+        || async {
+            let (_, text) = http_get(&addr, "/metrics").await;
+            metric(
+                &text,
+                "outbox_events_published_total{event_type=\"Created\"}",
+            ) == Some(20.0)
+                && metric(&text, "outbox_events_published_total{event_type=\"Paid\"}") == Some(10.0)
+                && metric(&text, "outbox_confirmed_lsn").is_some_and(|v| v as u64 >= after.0)
+        },
+    )
     .await;
     let (status, text) = http_get(&addr, "/metrics").await;
     assert_eq!(status, 200);
-    assert_eq!(metric(&text, "outbox_commit_to_ack_seconds_count"), Some(30.0), "{text}");
-    assert_eq!(metric(&text, "outbox_publish_duration_seconds_count"), Some(30.0), "{text}");
+    assert_eq!(
+        metric(&text, "outbox_commit_to_ack_seconds_count"),
+        Some(30.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "outbox_publish_duration_seconds_count"),
+        Some(30.0),
+        "{text}"
+    );
     assert_eq!(metric(&text, "outbox_inflight_events"), Some(0.0), "{text}");
     assert_eq!(metric(&text, "outbox_up"), Some(1.0), "{text}");
     // The exported position is the slot's, as Postgres reports it.
     let confirmed = metric(&text, "outbox_confirmed_lsn").unwrap() as u64;
-    wait_until(Duration::from_secs(10), "the slot to match the metric", || async {
-        db.confirmed_flush_lsn(&slot).await.0 >= confirmed
-    })
+    wait_until(
+        Duration::from_secs(10),
+        "the slot to match the metric",
+        || async { db.confirmed_flush_lsn(&slot).await.0 >= confirmed },
+    )
     .await;
     relay.signal("TERM");
     assert_eq!(relay.wait(Duration::from_secs(30)).await, Some(0));
@@ -63,19 +90,32 @@ async fn readiness_and_in_flight_gauge_show_an_unreachable_broker() {
     let db = TestDb::new("metrics_down").await;
     let slot = format!("s_{}", db.name);
     setup(&db, &slot).await;
-    let relay = Relay::start(&relay_args(&db, &format!("127.0.0.1:{}", free_port()), &["--slot", &slot]));
+    let relay = Relay::start(&relay_args(
+        &db,
+        &format!("127.0.0.1:{}", free_port()),
+        &["--slot", &slot],
+    ));
     let addr = relay.http_address().await;
-    wait_until(Duration::from_secs(30), "streaming", || async { db.slot_active(&slot).await }).await;
+    wait_until(Duration::from_secs(30), "streaming", || async {
+        db.slot_active(&slot).await
+    })
+    .await;
     db.exec("INSERT INTO outbox (event_type, aggregate_id, payload) SELECT 'T', 'a', '{}' FROM generate_series(1, 7)").await;
     wait_until(Duration::from_secs(30), "7 events in flight", || async {
-        metric(&http_get(&addr, "/metrics").await.1, "outbox_inflight_events") == Some(7.0)
+        metric(
+            &http_get(&addr, "/metrics").await.1,
+            "outbox_inflight_events",
+        ) == Some(7.0)
     })
     .await;
     let (status, body) = http_get(&addr, "/readyz").await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("broker_reachable=false"), "{body}");
     let text = http_get(&addr, "/metrics").await.1;
-    assert!(metric(&text, "outbox_replication_lag_bytes").is_some_and(|v| v > 0.0), "{text}");
+    assert!(
+        metric(&text, "outbox_replication_lag_bytes").is_some_and(|v| v > 0.0),
+        "{text}"
+    );
     assert_eq!(http_get(&addr, "/healthz").await.0, 200);
     relay.signal("KILL");
     db.drop().await;
@@ -94,7 +134,10 @@ async fn reading_pauses_at_the_in_flight_byte_budget() {
         &["--slot", &slot, "--max-inflight-bytes", "2000"],
     ));
     let addr = relay.http_address().await;
-    wait_until(Duration::from_secs(30), "streaming", || async { db.slot_active(&slot).await }).await;
+    wait_until(Duration::from_secs(30), "streaming", || async {
+        db.slot_active(&slot).await
+    })
+    .await;
     // 50 events of about 500 bytes each, one transaction each.
     for i in 0..50 {
         db.exec(&format!(
@@ -103,20 +146,53 @@ async fn reading_pauses_at_the_in_flight_byte_budget() {
         .await;
     }
     wait_until(Duration::from_secs(30), "some events in flight", || async {
-        metric(&http_get(&addr, "/metrics").await.1, "outbox_inflight_events").is_some_and(|v| v > 0.0)
+        metric(
+            &http_get(&addr, "/metrics").await.1,
+            "outbox_inflight_events",
+        )
+        .is_some_and(|v| v > 0.0)
     })
     .await;
     // The walsender has sent far more than the relay took in.
     let after = db.current_wal_lsn().await;
-    wait_until(Duration::from_secs(30), "the walsender to have sent everything it can", || async {
-        db.sent_lsn(&slot).await.is_some_and(|s| s >= after)
-            || metric(&http_get(&addr, "/metrics").await.1, "outbox_inflight_events") == Some(5.0)
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "the walsender to have sent everything it can",
+        || async {
+            db.sent_lsn(&slot).await.is_some_and(|s| s >= after)
+                || metric(
+                    &http_get(&addr, "/metrics").await.1,
+                    "outbox_inflight_events",
+                ) == Some(4.0)
+        },
+    )
     .await;
+    // Each event is 500 bytes of key and payload (key `a`, payload
+    // `{"i": N, "pad": "x…"}` of 499 bytes for one-digit N): the 4th reaches
+    // the 2000-byte budget, so reading stops at exactly 4 (fewer would be a
+    // relay that stopped reading early, more one that ignores the budget).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let inflight = metric(
+            &http_get(&addr, "/metrics").await.1,
+            "outbox_inflight_events",
+        );
+        if inflight == Some(4.0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{inflight:?} events in flight after 30 s, not 4"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     for _ in 0..10 {
-        let inflight = metric(&http_get(&addr, "/metrics").await.1, "outbox_inflight_events").unwrap();
-        // 2000 bytes / ~500 per event: the budget is crossed by the 5th.
-        assert!(inflight <= 5.0, "{inflight} events in flight past a 2000-byte budget");
+        let inflight = metric(
+            &http_get(&addr, "/metrics").await.1,
+            "outbox_inflight_events",
+        )
+        .unwrap();
+        assert_eq!(inflight, 4.0, "events in flight with a 2000-byte budget");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     drop(relay);

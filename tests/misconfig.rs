@@ -223,6 +223,7 @@ async fn producer_settings_that_break_order_are_refused() {
         ("delivery.timeout.ms=120000", "message.timeout.ms=120000"),
         ("retries=3", "retries=3"),
         ("acks=1", "acks=1"),
+        ("partitioner=random", "partitioner=random"),
     ] {
         // A relay that accepted the property would stream on: bounded wait,
         // so the test fails instead of hanging.

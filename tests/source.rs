@@ -299,6 +299,29 @@ async fn an_invalidated_slot_is_refused_with_a_fix() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_updates_keep_the_walsender_alive_while_the_broker_is_down() {
+    // The in-flight window is full.
+    broker_down_with(&["--max-inflight", "5"]).await;
+}
+
+/// M2 and M3 of the December 2026 review: librdkafka's own queue is smaller
+/// than the in-flight window, so it fills first. That is backpressure too:
+/// the loop keeps sending status updates and sees a stop, which takes the
+/// shutdown timeout once, not twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_producer_queue_is_backpressure_not_a_blocked_loop() {
+    broker_down_with(&[
+        "--max-inflight",
+        "100",
+        "--kafka-property",
+        "queue.buffering.max.messages=5",
+    ])
+    .await;
+}
+
+/// With the broker unreachable: three wal_sender_timeouts pass with reading
+/// paused and the walsender is the same; then SIGTERM ends the relay within
+/// the shutdown timeout (the events stay unconfirmed: exit 1).
+async fn broker_down_with(extra: &[&str]) {
     // A short wal_sender_timeout: without feedback during backpressure the
     // server would end the connection within 2 s.
     let cluster = TempCluster::start(&[], &["wal_sender_timeout=2s"]);
@@ -306,14 +329,17 @@ async fn status_updates_keep_the_walsender_alive_while_the_broker_is_down() {
     let client = sql_client(&url).await;
     client.batch_execute(CLASSIC_TABLE).await.unwrap();
     relay_setup(&["--database-url", &url]);
-    let mut relay = Relay::start(&[
+    let mut args: Vec<String> = vec![
         "--database-url".into(),
         url.clone(),
         "--kafka-brokers".into(),
         format!("127.0.0.1:{}", free_port()),
-        "--max-inflight".into(),
-        "5".into(),
-    ]);
+        "--shutdown-timeout".into(),
+        "2".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let mut relay = Relay::start(&args);
+    let addr = relay.http_address().await;
     let pid_of = || async {
         client
             .query_one(
@@ -330,10 +356,15 @@ async fn status_updates_keep_the_walsender_alive_while_the_broker_is_down() {
     .await;
     let pid = pid_of().await.unwrap();
     client
-        .batch_execute("INSERT INTO outbox (event_type, aggregate_id, payload) SELECT 'T', 'a', '{}' FROM generate_series(1, 50)")
+        .batch_execute("INSERT INTO outbox (event_type, aggregate_id, payload) SELECT 'T', 'a', '{}' FROM generate_series(1, 200)")
         .await
         .unwrap();
-    // Three timeouts pass with reading paused (5 in flight, none acknowledged).
+    // Reading paused, nothing acknowledged.
+    wait_until(Duration::from_secs(30), "the window to fill", || async {
+        relay_metric(&addr, "outbox_inflight_events").await >= Some(5.0)
+    })
+    .await;
+    // Three timeouts pass.
     for _ in 0..60 {
         assert_eq!(
             pid_of().await,
@@ -344,12 +375,19 @@ async fn status_updates_keep_the_walsender_alive_while_the_broker_is_down() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(relay.is_running());
-    assert!(
-        !relay.log_text().contains("reconnecting"),
-        "{}",
-        relay.log_text()
+    assert_eq!(
+        relay_metric(&addr, "outbox_reconnects_total").await,
+        Some(0.0),
+        "one session throughout"
     );
-    relay.signal("KILL");
+    relay.signal("TERM");
+    let asked = std::time::Instant::now();
+    assert_eq!(relay.wait(Duration::from_secs(30)).await, Some(1));
+    assert!(
+        asked.elapsed() < Duration::from_millis(3500),
+        "a stop with a 2 s shutdown timeout took {:?}",
+        asked.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -382,5 +420,113 @@ async fn a_mapped_columns_type_change_stops_the_relay_and_the_slot_stays() {
     );
     db.assert_not_confirmed(&slot, before, after, "the row with a changed payload type")
         .await;
+    db.drop().await;
+}
+
+/// A URL with a query parameter added.
+fn with_param(url: &str, param: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}{param}")
+}
+
+/// The relay's value of one metric, read over HTTP.
+async fn relay_metric(addr: &str, sample: &str) -> Option<f64> {
+    metric(&http_get(addr, "/metrics").await.1, sample)
+}
+
+/// H2 of the December 2026 review. The fault proxy black-holes the Postgres
+/// side (the connection stays open, nothing gets through): the session ends
+/// within --replication-timeout instead of the kernel's TCP retry time, each
+/// new attempt gives up after the connect timeout (start-up included), and
+/// the relay streams again once the path is back. Then SIGTERM while a
+/// session is being set up against a silent server: the relay exits at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_server_is_replaced_within_the_replication_timeout() {
+    use support::proxy::{Mode, Proxy};
+    const TIMEOUT_SECS: u64 = 3;
+
+    let db = TestDb::new("src_silent").await;
+    let slot = db.classic_outbox().await;
+    let prefix = unique("silent");
+    let proxy = Proxy::start(pg_addr(&db.url)).await;
+    let url = with_param(&via(&db.url, &proxy.addr()), "connect_timeout=2");
+    let mut extra = topic_args(&prefix, &slot);
+    extra.extend([
+        "--replication-timeout".into(),
+        TIMEOUT_SECS.to_string(),
+        "--reconnect-max-backoff".into(),
+        "1".into(),
+    ]);
+    let mut a = relay_args(&db, &brokers(), &[]);
+    a[1] = url.clone();
+    a.extend(extra.clone());
+    let mut relay = Relay::start(&a);
+    let addr = relay.http_address().await;
+    db.wait_streaming(&slot).await;
+    insert(&db, 5, "before").await;
+    consume_topic(&format!("{prefix}.T"), 5).await;
+
+    proxy.set_mode(Mode::Stall);
+    let stalled = std::time::Instant::now();
+    let accepted = proxy.accepted();
+    wait_until(
+        Duration::from_secs(TIMEOUT_SECS + 5),
+        "the silent session to end",
+        || async { relay_metric(&addr, "outbox_up").await == Some(0.0) },
+    )
+    .await;
+    let ended_after = stalled.elapsed();
+    assert!(
+        ended_after < Duration::from_secs(TIMEOUT_SECS + 2),
+        "the session ended {ended_after:?} after the server went silent (timeout {TIMEOUT_SECS} s)"
+    );
+    // Each new attempt gets through TCP (the proxy accepts) and then hears
+    // nothing: it must give up after the connect timeout and try again.
+    wait_until(
+        Duration::from_secs(20),
+        "two more connection attempts",
+        || async { proxy.accepted() >= accepted + 2 },
+    )
+    .await;
+    assert!(relay.is_running(), "{}", relay.log_text());
+
+    proxy.set_mode(Mode::Pass);
+    wait_until(Duration::from_secs(60), "streaming again", || async {
+        relay_metric(&addr, "outbox_up").await == Some(1.0)
+    })
+    .await;
+    insert(&db, 5, "after").await;
+    let records = consume_topic(&format!("{prefix}.T"), 10).await;
+    assert!(records.len() >= 10);
+    let after = db.current_wal_lsn().await;
+    db.wait_confirmed(&slot, after, "the slot to follow").await;
+    assert!(
+        relay_metric(&addr, "outbox_reconnects_total").await >= Some(1.0),
+        "sessions were started again"
+    );
+    eprintln!("silent server: session replaced after {ended_after:?}");
+    relay.terminate().await;
+
+    // SIGTERM while set-up waits on a silent server (a long connect timeout).
+    proxy.set_mode(Mode::Stall);
+    let mut b = relay_args(&db, &brokers(), &[]);
+    b[1] = with_param(&via(&db.url, &proxy.addr()), "connect_timeout=60");
+    b.extend(extra);
+    let before = proxy.accepted();
+    let mut relay = Relay::start(&b);
+    wait_until(Duration::from_secs(30), "the relay to connect", || async {
+        proxy.accepted() > before
+    })
+    .await;
+    relay.signal("TERM");
+    let asked = std::time::Instant::now();
+    let code = relay.wait(Duration::from_secs(30)).await;
+    assert_eq!(code, Some(0), "{}", relay.log_text());
+    assert!(
+        asked.elapsed() < Duration::from_secs(3),
+        "SIGTERM during set-up took {:?}",
+        asked.elapsed()
+    );
+    proxy.set_mode(Mode::Pass);
     db.drop().await;
 }

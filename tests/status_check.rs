@@ -461,3 +461,87 @@ async fn check_fails_when_the_publication_lacks_the_table() {
     );
     db.drop().await;
 }
+
+/// H3 of the December 2026 review: a publication shared with other tables.
+/// `check` says which tables it found (WARN, not FAIL); `run` skips their
+/// rows, counts them by table, publishes every outbox row in order and keeps
+/// confirming.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publication_with_other_tables_is_reported_and_their_rows_skipped() {
+    let db = TestDb::new("pub_shared").await;
+    let slot = slot_name();
+    db.exec(CLASSIC_TABLE).await;
+    setup(&db, &slot);
+    db.exec(
+        "CREATE TABLE orders (id serial PRIMARY KEY, note text);
+         ALTER PUBLICATION outbox_pub ADD TABLE orders;",
+    )
+    .await;
+    let topic = unique("pub_shared");
+    create_topics(&brokers(), &[&topic], 1).await;
+
+    let (code, out, err) = check(&db.url, &brokers(), &slot, &["--topic", &topic]);
+    assert_eq!(code, 0, "another table is no failure: {out}{err}");
+    let line = check_line(&out, "publication");
+    assert!(
+        line.starts_with("WARN publication publication outbox_pub covers public.outbox and publishes inserts, and it also covers 1 other table(s): public.orders.")
+            && line.contains("fix: "),
+        "{line}"
+    );
+
+    let mut relay = Relay::start(&relay_args(
+        &db,
+        &brokers(),
+        &["--slot", &slot, "--topic", &topic],
+    ));
+    let addr = relay.http_address().await;
+    db.wait_streaming(&slot).await;
+    const TXNS: usize = 20;
+    for i in 0..TXNS {
+        db.exec(&format!(
+            "BEGIN;
+             INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('T', 'a', '{{\"n\": {}}}');
+             INSERT INTO orders (note) VALUES ('in between');
+             INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('T', 'a', '{{\"n\": {}}}');
+             COMMIT;
+             INSERT INTO orders (note) VALUES ('alone');",
+            2 * i,
+            2 * i + 1
+        ))
+        .await;
+    }
+    let after = db.current_wal_lsn().await;
+    let records = consume(
+        &brokers(),
+        std::slice::from_ref(&topic),
+        2 * TXNS,
+        Duration::from_secs(60),
+    )
+    .await;
+    let mut ns: Vec<(i64, u64)> = records
+        .iter()
+        .map(|r| (r.offset, r.payload_json()["n"].as_u64().unwrap()))
+        .collect();
+    ns.sort();
+    let ns: Vec<u64> = ns.into_iter().map(|(_, n)| n).collect();
+    assert_eq!(
+        ns,
+        (0..2 * TXNS as u64).collect::<Vec<_>>(),
+        "every outbox row, in order, nothing else"
+    );
+    db.wait_confirmed(
+        &slot,
+        after,
+        "the slot to pass the shared publication's rows",
+    )
+    .await;
+    let text = http_get(&addr, "/metrics").await.1;
+    assert_eq!(
+        metric(&text, "outbox_skipped_rows_total{table=\"public.orders\"}"),
+        Some(2.0 * TXNS as f64),
+        "{text}"
+    );
+    assert!(relay.is_running(), "{}", relay.log_text());
+    relay.terminate().await;
+    db.drop().await;
+}

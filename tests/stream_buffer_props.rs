@@ -95,7 +95,7 @@ fn run(seed: u64, budget: usize, ops: usize) {
                     data.clear();
                 }
                 let data = Bytes::from(data);
-                buf.push(xid, sub, Lsn(counter), data.clone()).unwrap();
+                buf.push(xid, sub, Lsn(counter), &data).unwrap();
                 model.get_mut(&xid).unwrap().push((sub, data));
             }
             // Subtransaction abort (possibly of a subxid with no changes).
@@ -109,7 +109,7 @@ fn run(seed: u64, budget: usize, ops: usize) {
                 if rng.below(2) == 0 {
                     counter += 1;
                     let data = Bytes::from(format!("{xid}/{sub}/{counter}/after-abort"));
-                    buf.push(xid, sub, Lsn(counter), data.clone()).unwrap();
+                    buf.push(xid, sub, Lsn(counter), &data).unwrap();
                     model.get_mut(&xid).unwrap().push((sub, data));
                 }
             }
@@ -147,7 +147,7 @@ fn run(seed: u64, budget: usize, ops: usize) {
                     Err(StreamBufferError::UnknownTransaction { xid: 7 })
                 ));
                 assert!(buf.abort(ghost, ghost + 1).is_err());
-                assert!(buf.push(ghost, ghost, Lsn(0), Bytes::new()).is_err());
+                assert!(buf.push(ghost, ghost, Lsn(0), &[]).is_err());
                 assert!(buf.start(ghost, false).is_err());
                 if let Some(&xid) = open.first() {
                     assert!(matches!(
@@ -259,7 +259,7 @@ fn publish(budget: usize) -> (Vec<String>, usize) {
                 let top = decoder.stream_xid().unwrap();
                 let sub = decoder.last_xid().unwrap_or(top);
                 let _ = m;
-                buf.push(top, sub, Lsn(i as u64), raw).unwrap();
+                buf.push(top, sub, Lsn(i as u64), &raw).unwrap();
             }
             m => act(m, &mut relations, &mut out),
         }

@@ -155,3 +155,92 @@ async fn streamed_transactions_are_published_at_commit_in_commit_order() {
     relay.signal("TERM");
     let _ = std::fs::remove_dir_all(&spill);
 }
+
+/// H1 of the December 2026 review: the memory budget bounds resident memory.
+/// A streamed transaction of about 260 MB keeps 72 MB of outbox rows (more
+/// than the 64 MiB budget, so part of it spills) between large updates of
+/// another published table, which the relay drops. A buffered change that
+/// kept its socket read chunk alive pinned one chunk (64 KiB or more) per
+/// row: over 200 MB here. The bound is the budget plus 64 MiB for the
+/// relay's own footprint (about 25 MB), librdkafka's copies of the replayed
+/// window (16 MiB by default) and the allocator's slack.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_budget_bounds_resident_memory() {
+    const BUDGET: u64 = 64 << 20;
+    const MARGIN: u64 = 64 << 20;
+    const ROWS: usize = 3000;
+    let cluster = TempCluster::start(&[], &["logical_decoding_work_mem=64kB"]);
+    let url = cluster.url("postgres", None);
+    let a = sql_client(&url).await;
+    a.batch_execute(CLASSIC_TABLE).await.unwrap();
+    relay_setup(&["--database-url", &url]);
+    a.batch_execute(
+        "CREATE TABLE bulk (id int PRIMARY KEY, data text);
+         ALTER TABLE bulk ALTER COLUMN data SET STORAGE EXTERNAL;
+         INSERT INTO bulk SELECT g, '' FROM generate_series(0, 7) g;
+         ALTER PUBLICATION outbox_pub ADD TABLE bulk;
+         ALTER PUBLICATION outbox_pub SET (publish = 'insert, update');",
+    )
+    .await
+    .unwrap();
+    let prefix = unique("stream_rss");
+    let topic = format!("{prefix}.T");
+    create_topics(&brokers(), &[&topic], 1).await;
+    let spill = std::env::temp_dir().join(unique("spill"));
+    let mut relay = Relay::start(&[
+        "--database-url".into(),
+        url.clone(),
+        "--kafka-brokers".into(),
+        brokers(),
+        "--topic".into(),
+        format!("{prefix}.{{event_type}}"),
+        "--streaming".into(),
+        "--stream-memory-budget".into(),
+        BUDGET.to_string(),
+        "--spill-dir".into(),
+        spill.display().to_string(),
+        "--status-interval".into(),
+        "1".into(),
+    ]);
+    let addr = relay.http_address().await;
+    wait_until(Duration::from_secs(30), "streaming", || async {
+        metric(&http_get(&addr, "/metrics").await.1, "outbox_up") == Some(1.0)
+    })
+    .await;
+    a.batch_execute(&format!(
+        "DO $$ BEGIN FOR i IN 1..{ROWS} LOOP
+           INSERT INTO outbox (event_type, aggregate_id, payload)
+             VALUES ('T', 'k' || (i % 10), jsonb_build_object('n', i, 'pad', repeat('p', 24000)));
+           UPDATE bulk SET data = repeat(chr(65 + i % 26), 65536) WHERE id = i % 8;
+         END LOOP; END $$"
+    ))
+    .await
+    .unwrap();
+    let records = consume(
+        &brokers(),
+        std::slice::from_ref(&topic),
+        ROWS,
+        Duration::from_secs(300),
+    )
+    .await;
+    assert_eq!(records.len(), ROWS);
+    let text = http_get(&addr, "/metrics").await.1;
+    let spilled = metric(&text, "outbox_stream_spilled_bytes").unwrap_or(0.0);
+    let peak = relay.peak_rss();
+    eprintln!(
+        "peak RSS {} MiB with a {} MiB budget; {} MiB spilled",
+        peak >> 20,
+        BUDGET >> 20,
+        (spilled as u64) >> 20
+    );
+    assert!(spilled > 0.0, "more than the budget was buffered: {text}");
+    assert!(
+        peak < BUDGET + MARGIN,
+        "peak RSS {} MiB, over the {} MiB budget plus {} MiB",
+        peak >> 20,
+        BUDGET >> 20,
+        MARGIN >> 20
+    );
+    relay.terminate().await;
+    let _ = std::fs::remove_dir_all(&spill);
+}

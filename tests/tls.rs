@@ -468,7 +468,23 @@ async fn passwords_never_reach_the_output() {
                 .stderr(std::fs::File::create(&log_path).unwrap())
                 .spawn()
                 .unwrap();
-            tokio::time::sleep(Duration::from_secs(3)).await;
+            // Until the relay got past the code that could leak: it gave up
+            // on a session (and says it retries) or stopped.
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                if log.contains("replication session ended")
+                    || log.contains("retry_in")
+                    || child.try_wait().unwrap().is_some()
+                {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "run {way} {host}: no session attempt in 30 s: {log}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             let _ = child.kill();
             let _ = child.wait();
             let log = std::fs::read_to_string(&log_path).unwrap();

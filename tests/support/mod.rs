@@ -353,6 +353,18 @@ impl Relay {
     pub fn is_running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
     }
+
+    /// The relay's peak resident set size so far (VmHWM), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("the relay's /proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .expect("VmHWM in /proc status")
+            * 1024
+    }
 }
 
 impl Drop for Relay {
@@ -752,6 +764,21 @@ pub mod certs;
 // and restarts of a TempCluster.
 
 pub mod proxy;
+
+/// The database URL with its host:port replaced by `addr` (a proxy's).
+pub fn via(url: &str, addr: &str) -> String {
+    let cfg: tokio_postgres::Config = url.parse().unwrap();
+    let port = cfg.get_ports()[0];
+    let from = format!("127.0.0.1:{port}");
+    assert!(url.contains(&from), "{url} does not name {from}");
+    url.replace(&from, addr)
+}
+
+/// The loopback address of the database the URL names.
+pub fn pg_addr(url: &str) -> std::net::SocketAddr {
+    let cfg: tokio_postgres::Config = url.parse().unwrap();
+    format!("127.0.0.1:{}", cfg.get_ports()[0]).parse().unwrap()
+}
 
 /// A broker of the test's own that can be SIGKILLed and started again on the
 /// same port. With `sqlite://…` storage (a path relative to the broker's
