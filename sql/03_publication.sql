@@ -94,7 +94,7 @@ BEGIN
       FROM pg_publication_rel pr
      WHERE pr.prpubid = p.oid AND pr.prrelid <> ALL (rels::oid[]);
     IF extra IS NOT NULL THEN
-        RAISE NOTICE 'publication % also contains % (left as is)', pub, extra;
+        RAISE NOTICE 'publication % also contains % (left as is; outbox-relay skips their rows and counts them in outbox_skipped_rows_total)', pub, extra;
     END IF;
 END
 $$;
