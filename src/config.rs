@@ -560,11 +560,15 @@ impl RelayConfig {
             .filter(|s| !s.trim().is_empty())
             .map(|kv| match kv.split_once('=') {
                 Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
-                // Not echoed: a mistyped `sasl.password:secret` is a secret.
+                // Only the name is echoed: in a mistyped
+                // `sasl.password:secret` what follows it is a secret.
                 _ => Err(ConfigError::Invalid {
                     option: "kafka_property",
-                    value: format!("<{} characters, not shown>", kv.chars().count()),
-                    reason: "expected KEY=VALUE, e.g. compression.type=lz4 (the value is not shown: it may hold a password)".into(),
+                    value: match kv.find(|c: char| c == ':' || c.is_whitespace()) {
+                        Some(i) => format!("{}… (the rest is not shown)", &kv[..i]),
+                        None => kv.clone(),
+                    },
+                    reason: "expected KEY=VALUE, e.g. compression.type=lz4".into(),
                 }),
             })
             .collect::<Result<Vec<_>, _>>()?;

@@ -27,6 +27,12 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    if m.stopping() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: stopping\n".to_string(),
+        );
+    }
     match (m.streaming(), m.broker_reachable()) {
         (true, true) => (StatusCode::OK, "ready\n".to_string()),
         (streaming, broker) => (

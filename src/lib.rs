@@ -8,6 +8,7 @@
 //!
 //! `pipeline` drives the stages; `config` and `setup` sit beside them.
 
+pub mod announce;
 pub mod backfill;
 pub mod check;
 pub mod checkpoint;

@@ -166,6 +166,7 @@ async fn run(cfg: &RelayConfig) -> anyhow::Result<()> {
                 format!("cannot listen on {addr} for /metrics, /healthz and /readyz: choose another --http-address, or `off`")
             })?;
         tracing::info!(address = %bound, "HTTP endpoint listening (/metrics, /healthz, /readyz)");
+        outbox_relay::announce::http_listening(bound);
     }
     supervisor::run(cfg, metrics, shutdown_flag())
         .await

@@ -50,6 +50,8 @@ pub struct Metrics {
     pub stream_spilled_bytes: Gauge,
     streaming: AtomicBool,
     broker_reachable: AtomicBool,
+    /// A stop was asked for: the relay is draining, not to be sent traffic.
+    stopping: AtomicBool,
     /// The event types admitted as label values, with their published
     /// counter once there is one (so the hot path does not build label sets).
     published_by_type: Mutex<HashMap<String, Option<Counter>>>,
@@ -170,6 +172,7 @@ impl Metrics {
             stream_spilled_bytes,
             streaming: AtomicBool::new(false),
             broker_reachable: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             published_by_type: Mutex::new(HashMap::new()),
             event_types_capped: AtomicBool::new(false),
         }
@@ -251,6 +254,15 @@ impl Metrics {
     pub fn set_streaming(&self, on: bool) {
         self.streaming.store(on, Ordering::Relaxed);
         self.up.set(i64::from(on));
+    }
+
+    /// From the first stop signal on, readiness is off (the relay drains).
+    pub fn set_stopping(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
     }
 
     pub fn set_broker_reachable(&self, ok: bool) {

@@ -1112,6 +1112,7 @@ async fn session(
     let opened = tokio::select! {
         biased;
         () = &mut shutdown => {
+            metrics.set_stopping();
             tracing::info!("shutting down before the replication session was set up");
             return Ok(());
         }
@@ -1127,6 +1128,7 @@ async fn session(
     } = opened;
     let (mut reader, mut writer) = (stream.reader, stream.writer);
     summary.streamed = true;
+    crate::announce::streaming(&cfg.slot, slot.confirmed);
     summary.confirmed = slot.confirmed;
     metrics.set_streaming(true);
     // Readiness needs to know the broker answers even when no event flows.
@@ -1275,6 +1277,7 @@ async fn stream_loop(
             if !stopping && poll_once(shutdown.as_mut()) {
                 tracing::info!(inflight = state.checkpoint.inflight(), "shutting down: finishing the streamed transaction being published and in-flight deliveries");
                 shutdown_deadline = Some(Instant::now() + cfg.shutdown_timeout);
+                state.metrics.set_stopping();
             }
             if let Some(deadline) = shutdown_deadline {
                 if Instant::now() >= deadline {
@@ -1302,6 +1305,7 @@ async fn stream_loop(
             () = &mut shutdown, if !stopping => {
                 tracing::info!(inflight = state.checkpoint.inflight(), "shutting down: finishing the open transaction and in-flight deliveries");
                 shutdown_deadline = Some(Instant::now() + cfg.shutdown_timeout);
+                state.metrics.set_stopping();
             }
             Some(ack) = state.acks.recv() => {
                 state.refresh_ack_clock();

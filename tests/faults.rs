@@ -279,9 +279,9 @@ struct Window {
     fault: String,
     start: Lsn,
     end: Option<usize>,
-    /// Where the relay's log stood at the fault: sessions started after it
-    /// log the position they resumed from.
-    log_offset: usize,
+    /// Sessions the relay had announced at the fault: those announced after
+    /// it say the position they resumed from.
+    sessions_before: usize,
 }
 
 /// One scenario: its relay settings, the load, the faults and the figures.
@@ -346,7 +346,7 @@ impl Run {
             fault: what.into(),
             start,
             end: None,
-            log_offset: relay.map_or(0, |r| r.log_text().len()),
+            sessions_before: relay.map_or(0, |r| r.resumed_from().len()),
         });
     }
 
@@ -383,17 +383,10 @@ impl Run {
         let took = cleared.elapsed();
         // Anything committed from now on is after the resume.
         let end = self.writer.as_ref().unwrap().attempted() + 1;
-        let log = relay.log_text();
+        let resumes = relay.resumed_from();
         for w in self.windows.iter_mut().filter(|w| w.end.is_none()) {
             w.end = Some(end);
-            let resumed_from = log
-                .get(w.log_offset..)
-                .unwrap_or("")
-                .lines()
-                .filter(|l| l.contains("starting replication"))
-                .filter_map(|l| l.split("resume_from=").nth(1))
-                .filter_map(|r| r.split_whitespace().next()?.parse::<Lsn>().ok())
-                .min();
+            let resumed_from = resumes.get(w.sessions_before..).unwrap_or(&[]).iter().copied().min();
             if let Some(r) = resumed_from.filter(|r| *r < w.start) {
                 eprintln!(
                     "{}: {}: the slot fell back from {} to {r}: everything after it is sent again",
@@ -594,7 +587,7 @@ async fn stop_relay(mut relay: Relay, name: &str) {
 }
 
 fn sessions(relay: &Relay) -> usize {
-    relay.log_text().matches("starting replication").count()
+    relay.resumed_from().len()
 }
 
 // ---------------------------------------------------------------- scenarios

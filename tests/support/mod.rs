@@ -265,15 +265,19 @@ pub fn relay_setup(args: &[&str]) {
     assert_eq!(code, 0, "setup {args:?} failed: {out}{err}");
 }
 
-/// The relay as a child process; killed when dropped.
+/// The relay as a child process; killed when dropped. Its log (stderr) and
+/// its announcements (stdout, one JSON object per line) go to files.
 pub struct Relay {
     child: Child,
     pub log: PathBuf,
+    pub out: PathBuf,
 }
 
 impl Relay {
     pub fn start(args: &[String]) -> Relay {
-        let log = std::env::temp_dir().join(format!("{}.relay.log", unique("relay")));
+        let name = unique("relay");
+        let log = std::env::temp_dir().join(format!("{name}.relay.log"));
+        let out = std::env::temp_dir().join(format!("{name}.relay.out"));
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(relay_bin())
             .arg("run")
@@ -282,11 +286,31 @@ impl Relay {
             .env_remove("OUTBOX_RELAY_KAFKA_BROKERS")
             .env("OUTBOX_RELAY_LOG", "info,outbox_relay=debug")
             .env("OUTBOX_RELAY_HTTP_ADDRESS", "127.0.0.1:0")
-            .stdout(Stdio::null())
+            .stdout(std::fs::File::create(&out).unwrap())
             .stderr(file)
             .spawn()
             .expect("spawn outbox-relay");
-        Relay { child, log }
+        Relay { child, log, out }
+    }
+
+    /// The relay's announcements so far (`outbox_relay::announce`), with
+    /// the given `event`.
+    pub fn announced(&self, event: &str) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["event"] == event)
+            .collect()
+    }
+
+    /// The positions the relay's sessions resumed from, oldest first: one
+    /// per session that started streaming.
+    pub fn resumed_from(&self) -> Vec<Lsn> {
+        self.announced("streaming")
+            .iter()
+            .filter_map(|v| v["resume_from"].as_str()?.parse().ok())
+            .collect()
     }
 
     pub fn log_text(&self) -> String {
@@ -329,19 +353,17 @@ impl Relay {
         );
     }
 
-    /// The address of the relay's HTTP endpoint, once it logged it.
+    /// The address of the relay's HTTP endpoint, once it announced it.
     pub async fn http_address(&self) -> String {
         let mut found = None;
         wait_until(
             Duration::from_secs(30),
             "the HTTP endpoint to listen",
             || {
-                let log = self.log_text();
-                found = log
-                    .lines()
-                    .find(|l| l.contains("HTTP endpoint listening"))
-                    .and_then(|l| l.split("address=").nth(1))
-                    .map(|rest| rest.split_whitespace().next().unwrap_or("").to_string());
+                found = self
+                    .announced("http_listening")
+                    .first()
+                    .and_then(|v| v["address"].as_str().map(String::from));
                 let ok = found.is_some();
                 async move { ok }
             },
