@@ -253,8 +253,10 @@ async fn check_publication(
     let rows = conn
         .simple_query(&format!(
             "SELECT p.pubinsert::text, EXISTS (SELECT 1 FROM pg_publication_tables t
-                      WHERE t.pubname = p.pubname AND t.schemaname = {} AND t.tablename = {})::text
-               FROM pg_publication p WHERE p.pubname = {}",
+                      WHERE t.pubname = p.pubname AND t.schemaname = {0} AND t.tablename = {1})::text,
+                    (p.pubviaroot OR NOT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                      WHERE n.nspname = {0} AND c.relname = {1} AND c.relkind = 'p'))::text
+               FROM pg_publication p WHERE p.pubname = {2}",
             quote_literal(&table.schema),
             quote_literal(&table.name),
             quote_literal(&cfg.publication)
@@ -270,6 +272,9 @@ async fn check_publication(
             cfg.publication,
             quote_ident(&cfg.publication)
         )),
+        Some(row) if row.get(2).cloned().flatten().as_deref() != Some("true") => Some(
+            crate::setup::partitions_by_name(&cfg.publication, &table.to_string()),
+        ),
         Some(row) if row.get(1).cloned().flatten().as_deref() != Some("true") => Some(format!(
             "publication {0:?} does not cover the outbox table {table}: ALTER PUBLICATION {1} ADD TABLE {2} (or run `outbox-relay setup`)",
             cfg.publication,

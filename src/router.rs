@@ -455,10 +455,12 @@ impl Router {
         let is_outbox = rel.namespace == self.cfg.table.schema && rel.name == self.cfg.table.name;
         let full_name = format!("{}.{}", rel.namespace, rel.name);
         if !is_outbox {
-            tracing::info!(
+            // Also the partitions of a partitioned outbox: pgoutput describes
+            // them beside their root, whose name their rows carry.
+            tracing::debug!(
                 table = %full_name,
                 outbox = %self.cfg.table,
-                "the publication also covers this table: its rows are skipped (outbox_skipped_rows_total)"
+                "a table besides the outbox: its rows are skipped (outbox_skipped_rows_total)"
             );
             self.relations
                 .insert(rel.oid, RelationPlan::Other(Arc::from(full_name)));

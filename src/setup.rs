@@ -32,6 +32,8 @@ pub enum SetupError {
     },
     #[error("publication {0} exists but does not publish inserts: run ALTER PUBLICATION {0} SET (publish = 'insert')")]
     NoInserts(String),
+    #[error("{0}")]
+    PartitionsByName(String),
     #[error("replication slot {slot} exists but uses plugin {plugin:?}; the relay needs pgoutput: drop it (SELECT pg_drop_replication_slot('{slot}')) or choose another --slot")]
     WrongPlugin { slot: String, plugin: String },
     #[error("replication slot {slot} belongs to database {other:?}, not {ours:?}: choose another --slot")]
@@ -103,28 +105,51 @@ pub async fn check_table(client: &Client, cfg: &RelayConfig) -> Result<(), Setup
 pub async fn ensure_publication(client: &Client, cfg: &RelayConfig) -> Result<String, SetupError> {
     let publication = &cfg.publication;
     let table = &cfg.router.table;
+    // A partitioned outbox (the usual way to make cleanup cheap) is published
+    // under its own name only with publish_via_partition_root: otherwise
+    // every row arrives under its partition's name.
+    let partitioned = client
+        .query_opt(
+            "SELECT c.relkind = 'p' FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = $1 AND c.relname = $2",
+            &[&table.schema, &table.name],
+        )
+        .await
+        .map_err(sql("reading pg_class"))?
+        .is_some_and(|r| r.get::<_, bool>(0));
     let pub_row = client
         .query_opt(
-            "SELECT pubinsert FROM pg_publication WHERE pubname = $1",
+            "SELECT pubinsert, pubviaroot FROM pg_publication WHERE pubname = $1",
             &[publication],
         )
         .await
         .map_err(sql("reading pg_publication"))?;
     let Some(row) = pub_row else {
+        let via_root = if partitioned {
+            ", publish_via_partition_root = true"
+        } else {
+            ""
+        };
         client
             .batch_execute(&format!(
-                "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert')",
+                "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert'{via_root})",
                 quote_ident(publication),
                 table.quoted()
             ))
             .await
             .map_err(sql(format!("creating publication {publication}")))?;
         return Ok(format!(
-            "created publication {publication} for table {table} (publish = 'insert')"
+            "created publication {publication} for table {table} (publish = 'insert'{via_root})"
         ));
     };
     if !row.get::<_, bool>(0) {
         return Err(SetupError::NoInserts(publication.clone()));
+    }
+    if partitioned && !row.get::<_, bool>(1) {
+        return Err(SetupError::PartitionsByName(partitions_by_name(
+            publication,
+            &table.to_string(),
+        )));
     }
     let covered = client
         .query_opt(
@@ -150,6 +175,15 @@ pub async fn ensure_publication(client: &Client, cfg: &RelayConfig) -> Result<St
     Ok(format!(
         "added table {table} to existing publication {publication}"
     ))
+}
+
+/// Why a publication without publish_via_partition_root cannot serve a
+/// partitioned outbox table, and the fix.
+pub fn partitions_by_name(publication: &str, table: &str) -> String {
+    format!(
+        "publication {publication} publishes the partitioned table {table} under its partitions' names (publish_via_partition_root is off), so the relay would not recognise its rows: ALTER PUBLICATION {} SET (publish_via_partition_root = true); (its other subscribers then see {table}'s name too), or give the relay a publication of its own (outbox-relay setup --publication NAME creates one)",
+        quote_ident(publication)
+    )
 }
 
 /// Runs the setup and returns the lines that explain what it did.

@@ -580,3 +580,102 @@ async fn debezium_preset_end_to_end_with_insert_then_delete() {
     );
     db.drop().await;
 }
+
+/// M9 of the December 2026 review: an outbox partitioned by range of
+/// `created_at` (the usual way to make cleanup cheap). `setup` publishes it
+/// under the root's name (publish_via_partition_root), `check` passes it,
+/// and rows that cross partitions arrive in commit order. A publication
+/// that publishes the partitions under their own names is refused with the
+/// fix, by `run` and `check`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_outbox_is_published_under_its_own_name() {
+    let db = TestDb::new("e2e_partitioned").await;
+    db.exec(
+        "CREATE TABLE outbox (
+            id bigserial, event_id uuid NOT NULL DEFAULT gen_random_uuid(),
+            event_type text NOT NULL, aggregate_id text NOT NULL, payload jsonb NOT NULL,
+            occurred_at timestamptz NOT NULL DEFAULT now(), processed_at timestamptz,
+            created_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (id, created_at)
+         ) PARTITION BY RANGE (created_at);
+         CREATE TABLE outbox_2026_11 PARTITION OF outbox FOR VALUES FROM ('2026-11-01') TO ('2026-12-01');
+         CREATE TABLE outbox_2026_12 PARTITION OF outbox FOR VALUES FROM ('2026-12-01') TO ('2027-01-01');",
+    )
+    .await;
+    let slot = format!("s_{}", db.name);
+    let (code, out, err) = relay_cmd(&["setup", "--database-url", &db.url, "--slot", &slot]);
+    assert_eq!(code, 0, "setup failed: {out}{err}");
+    assert!(out.contains("publish_via_partition_root = true"), "{out}");
+    let prefix = unique("partitioned");
+    let topic = format!("{prefix}.T");
+    create_topics(&brokers(), &[&topic], 1).await;
+    let check = |publication: &str| {
+        relay_cmd(&[
+            "check",
+            "--database-url",
+            &db.url,
+            "--kafka-brokers",
+            &brokers(),
+            "--slot",
+            &slot,
+            "--topic",
+            &topic,
+            "--publication",
+            publication,
+        ])
+    };
+    let (code, out, err) = check("outbox_pub");
+    assert_eq!(code, 0, "{out}{err}");
+    let line = out.lines().find(|l| l.contains(" publication ")).unwrap();
+    assert!(line.starts_with("PASS"), "{out}");
+
+    let template = format!("{prefix}.{{event_type}}");
+    let mut relay = Relay::start(&relay_args(&db, &brokers(), &["--slot", &slot, "--topic", &template]));
+    db.wait_streaming(&slot).await;
+    for i in 0..20 {
+        let month = if i % 2 == 0 { "2026-11-15" } else { "2026-12-15" };
+        db.exec(&format!(
+            "INSERT INTO outbox (event_type, aggregate_id, payload, created_at) VALUES ('T', 'a', '{{\"n\": {i}}}', '{month}')"
+        ))
+        .await;
+    }
+    db.exec(
+        "BEGIN;
+         INSERT INTO outbox (event_type, aggregate_id, payload, created_at) VALUES ('T', 'a', '{\"n\": 20}', '2026-12-20');
+         INSERT INTO outbox (event_type, aggregate_id, payload, created_at) VALUES ('T', 'a', '{\"n\": 21}', '2026-11-20');
+         COMMIT;",
+    )
+    .await;
+    let after = db.current_wal_lsn().await;
+    let records = consume(&brokers(), std::slice::from_ref(&topic), 22, Duration::from_secs(60)).await;
+    let mut ns: Vec<(i64, u64)> = records
+        .iter()
+        .map(|r| (r.offset, r.payload_json()["n"].as_u64().unwrap()))
+        .collect();
+    ns.sort();
+    assert_eq!(
+        ns.into_iter().map(|(_, n)| n).collect::<Vec<_>>(),
+        (0..22).collect::<Vec<u64>>(),
+        "every row of both partitions once, in commit order"
+    );
+    db.wait_confirmed(&slot, after, "the slot to pass the partitioned rows").await;
+    relay.terminate().await;
+
+    // Partitions under their own names: refused, with the fix.
+    db.exec("CREATE PUBLICATION by_leaf FOR TABLE outbox WITH (publish = 'insert')").await;
+    let (code, out, _) = check("by_leaf");
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("publish_via_partition_root = true"), "{out}");
+    let mut relay = Relay::start(&relay_args(
+        &db,
+        &brokers(),
+        &["--slot", &slot, "--topic", &template, "--publication", "by_leaf"],
+    ));
+    assert_eq!(relay.wait(Duration::from_secs(30)).await, Some(1));
+    assert!(
+        relay.log_text().contains("SET (publish_via_partition_root = true)"),
+        "{}",
+        relay.log_text()
+    );
+    db.drop().await;
+}
