@@ -120,6 +120,7 @@ pub async fn run(cfg: &RelayConfig) -> Vec<CheckResult> {
             "check --database-url (host, port, database, user, password) and that pg_hba.conf admits this user to this database",
         )],
     };
+    results.insert(1.min(results.len()), server_identity(cfg));
     let cfg = cfg.clone();
     match tokio::task::spawn_blocking(move || kafka_checks(&cfg)).await {
         Ok(mut r) => results.append(&mut r),
@@ -130,6 +131,46 @@ pub async fn run(cfg: &RelayConfig) -> Vec<CheckResult> {
         )),
     }
     results
+}
+
+/// Whether the relay verifies whom it talks to. libpq's default (`prefer`)
+/// verifies nothing and may fall back to plain text: whoever sits in the
+/// path could read every event and feed the relay forged changes, which it
+/// would publish under its own Kafka identity.
+fn server_identity(cfg: &RelayConfig) -> CheckResult {
+    use crate::tls::SslMode;
+    use tokio_postgres::config::Host;
+    const NAME: &str = "postgres identity";
+    let mode = cfg.database.tls.mode;
+    let local = cfg.database.get_hosts().iter().all(|h| match h {
+        Host::Tcp(name) => {
+            name == "localhost" || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        }
+        #[cfg(unix)]
+        Host::Unix(_) => true,
+    });
+    if mode == SslMode::VerifyFull {
+        return CheckResult::pass(
+            NAME,
+            "sslmode=verify-full: the server's certificate chain and host name are verified",
+        );
+    }
+    if local {
+        return CheckResult::pass(
+            NAME,
+            format!("sslmode={mode}, and the server is on this host (loopback or a Unix socket): nothing in between to verify"),
+        );
+    }
+    let what = match mode {
+        SslMode::VerifyCa => "the certificate chain is verified but not the host name, so any server with a certificate from that CA is accepted".to_string(),
+        SslMode::Prefer => "the server is not verified and the connection falls back to plain text if the server (or anything in between) declines TLS".to_string(),
+        _ => format!("sslmode={mode} does not verify the server"),
+    };
+    CheckResult::warn(
+        NAME,
+        format!("{what}: whoever is in the path could read every event and feed the relay forged changes"),
+        Some("add sslmode=verify-full&sslrootcert=/path/to/ca.pem to --database-url (or --ssl-mode verify-full --ssl-root-cert), and require_auth=scram-sha-256 so no password goes out in a weaker form".into()),
+    )
 }
 
 async fn connect(cfg: &RelayConfig) -> Result<Client, String> {
@@ -352,8 +393,11 @@ async fn publication(client: &Client, cfg: &RelayConfig, version_num: i32) -> Ch
     );
     let row = match client
         .query_opt(
-            "SELECT pubinsert, puballtables FROM pg_publication WHERE pubname = $1",
-            &[name],
+            "SELECT pubinsert, puballtables, pubviaroot OR NOT EXISTS (
+                    SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                     WHERE n.nspname = $2 AND c.relname = $3 AND c.relkind = 'p')
+               FROM pg_publication WHERE pubname = $1",
+            &[name, &table.schema, &table.name],
         )
         .await
     {
@@ -371,7 +415,14 @@ async fn publication(client: &Client, cfg: &RelayConfig, version_num: i32) -> Ch
             ),
         );
     };
-    let (inserts, all_tables): (bool, bool) = (row.get(0), row.get(1));
+    let (inserts, all_tables, by_root): (bool, bool, bool) = (row.get(0), row.get(1), row.get(2));
+    if !by_root {
+        return CheckResult::fail(
+            NAME,
+            format!("publication {name} publishes the partitions of {table} under their own names"),
+            crate::setup::partitions_by_name(name, &table.to_string()),
+        );
+    }
     if !inserts {
         return CheckResult::fail(
             NAME,

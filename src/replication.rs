@@ -25,7 +25,7 @@ use tokio_postgres::config::Host;
 
 use crate::lsn::Lsn;
 use crate::pgoutput::PG_EPOCH_OFFSET_SECS;
-use crate::tls::{DatabaseSource, SslMode, TlsSettings};
+use crate::tls::{AuthMethod, DatabaseSource, SslMode, TlsSettings};
 
 /// Typed errors of the replication connection.
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +128,11 @@ pub struct ConnectParams {
     /// kernel gives up on the connection (TCP_USER_TIMEOUT); None leaves the
     /// kernel's retry time (about 15 minutes).
     pub tcp_user_timeout: Option<Duration>,
+    /// libpq's `channel_binding` (from the URL): SCRAM-SHA-256-PLUS, which
+    /// binds the password exchange to this TLS connection, is used when the
+    /// server offers it over TLS (`prefer`), required (`require`) or never
+    /// used (`disable`).
+    pub channel_binding: tokio_postgres::config::ChannelBinding,
     pub tls: TlsSettings,
 }
 
@@ -187,6 +192,7 @@ impl ConnectParams {
                 .copied()
                 .unwrap_or(Duration::from_secs(10)),
             tcp_user_timeout: None,
+            channel_binding: cfg.get_channel_binding(),
             tls: db.tls_settings(),
         })
     }
@@ -202,15 +208,19 @@ impl ConnectParams {
 
 /// SSLRequest, then the TLS handshake if the server agrees; plain TCP for
 /// `disable`, and for `prefer` when the server declines.
+///
+/// Also returns the TLS connection's channel-binding data
+/// (`tls-server-end-point`, RFC 5929: a hash of the server's certificate),
+/// when there is a TLS connection and the certificate allows it.
 async fn negotiate_tls(
     mut s: tokio::net::TcpStream,
     host: &str,
     params: &ConnectParams,
     target: &str,
-) -> Result<BoxStream, ReplicationError> {
+) -> Result<(BoxStream, Option<Vec<u8>>), ReplicationError> {
     let mode = params.tls.mode;
     if mode == SslMode::Disable {
-        return Ok(Box::new(s));
+        return Ok((Box::new(s), None));
     }
     // Built (files read) before anything is sent, so a bad file is a
     // configuration error, not a half-open connection.
@@ -233,7 +243,7 @@ async fn negotiate_tls(
     let answer = s.read_u8().await.map_err(io_err)?;
     match answer {
         b'S' => {}
-        b'N' if mode == SslMode::Prefer => return Ok(Box::new(s)),
+        b'N' if mode == SslMode::Prefer => return Ok((Box::new(s), None)),
         b'N' => {
             return Err(ReplicationError::Config(format!(
                 "the server at {target} does not accept TLS connections but sslmode is {mode}: enable ssl on the server, or use sslmode=prefer or disable"
@@ -255,7 +265,67 @@ async fn negotiate_tls(
             Some(why) => ReplicationError::Auth(why),
             None => io_err(e),
         })?;
-    Ok(Box::new(tls))
+    let binding = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(|cert| tls_server_end_point(cert.as_ref()));
+    Ok((Box::new(tls), binding))
+}
+
+/// RFC 5929's `tls-server-end-point`: the server certificate hashed with its
+/// signature's hash function, SHA-256 for MD5 and SHA-1 (and when the
+/// algorithm is not recognised). None for a certificate signed without a
+/// separate hash (Ed25519): such a server cannot be bound, as in libpq.
+fn tls_server_end_point(der: &[u8]) -> Option<Vec<u8>> {
+    use ring::digest;
+    const SHA384: [&[u8]; 2] = [
+        &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0c], // sha384WithRSAEncryption
+        &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x03],       // ecdsa-with-SHA384
+    ];
+    const SHA512: [&[u8]; 2] = [
+        &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0d], // sha512WithRSAEncryption
+        &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x04],       // ecdsa-with-SHA512
+    ];
+    const ED25519: &[u8] = &[0x2b, 0x65, 0x70];
+    let oid = signature_algorithm(der)?;
+    let algorithm = if SHA384.contains(&oid) {
+        &digest::SHA384
+    } else if SHA512.contains(&oid) {
+        &digest::SHA512
+    } else if oid == ED25519 {
+        return None;
+    } else {
+        &digest::SHA256
+    };
+    Some(digest::digest(algorithm, der).as_ref().to_vec())
+}
+
+/// The OID of a DER certificate's `signatureAlgorithm`: Certificate ::=
+/// SEQUENCE { tbsCertificate, signatureAlgorithm SEQUENCE { OID, … }, … }.
+fn signature_algorithm(der: &[u8]) -> Option<&[u8]> {
+    /// One DER element at the start of `b`: (tag, contents, rest).
+    fn element(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+        let (&tag, b) = b.split_first()?;
+        let (&first, b) = b.split_first()?;
+        let (len, b) = if first < 0x80 {
+            (first as usize, b)
+        } else {
+            let n = (first & 0x7f) as usize;
+            if n == 0 || n > 4 || b.len() < n {
+                return None;
+            }
+            let len = b[..n].iter().fold(0usize, |acc, &x| (acc << 8) | x as usize);
+            (len, &b[n..])
+        };
+        (b.len() >= len).then(|| (tag, &b[..len], &b[len..]))
+    }
+    let (0x30, cert, _) = element(der)? else { return None };
+    let (0x30, _tbs, rest) = element(cert)? else { return None };
+    let (0x30, alg, _) = element(rest)? else { return None };
+    let (0x06, oid, _) = element(alg)? else { return None };
+    Some(oid)
 }
 
 /// TCP keepalive, so a peer that vanished is noticed on an idle connection,
@@ -365,7 +435,7 @@ impl ReplicationConnection {
             source,
         };
         let connect = async {
-            let s: BoxStream = match &params.host {
+            let (s, binding): (BoxStream, _) = match &params.host {
                 HostAddr::Tcp(h) => {
                     let s = tokio::net::TcpStream::connect((h.as_str(), params.port))
                         .await
@@ -378,10 +448,13 @@ impl ReplicationConnection {
                 #[cfg(unix)]
                 HostAddr::Unix(dir) => {
                     let path = dir.join(format!(".s.PGSQL.{}", params.port));
-                    Box::new(
-                        tokio::net::UnixStream::connect(path)
-                            .await
-                            .map_err(io_err)?,
+                    (
+                        Box::new(
+                            tokio::net::UnixStream::connect(path)
+                                .await
+                                .map_err(io_err)?,
+                        ),
+                        None,
                     )
                 }
             };
@@ -390,7 +463,7 @@ impl ReplicationConnection {
                 buf: BytesMut::with_capacity(READ_CHUNK),
                 out: BytesMut::new(),
             };
-            conn.startup(params).await?;
+            conn.startup(params, binding).await?;
             Ok::<_, ReplicationError>(conn)
         };
         // Authentication too: a server that accepts the connection and then
@@ -428,7 +501,17 @@ impl ReplicationConnection {
         }
     }
 
-    async fn startup(&mut self, p: &ConnectParams) -> Result<(), ReplicationError> {
+    /// Start-up and authentication. `binding` is the TLS connection's
+    /// channel-binding data, if any. The server's choice of method is held
+    /// to `require_auth`, and a SCRAM exchange must end with the server's
+    /// signature: a server (or a man in the middle) that skips it has not
+    /// proved it knows the password.
+    async fn startup(
+        &mut self,
+        p: &ConnectParams,
+        binding: Option<Vec<u8>>,
+    ) -> Result<(), ReplicationError> {
+        use tokio_postgres::config::ChannelBinding as Cb;
         let params = [
             ("user", p.user.as_str()),
             ("database", p.dbname.as_str()),
@@ -451,35 +534,88 @@ impl ReplicationConnection {
                 ))
             })
         };
+        let require = &p.tls.require_auth;
+        let allow = |m: AuthMethod| {
+            if require.allows(m) {
+                Ok(())
+            } else {
+                Err(ReplicationError::Auth(format!(
+                    "the server asked for {} authentication, which require_auth={} does not allow: no password was sent. Check the server's pg_hba.conf, or whether something between the relay and the server is asking instead",
+                    m.as_str(),
+                    require.describe()
+                )))
+            }
+        };
         let mut scram: Option<sasl::ScramSha256> = None;
+        let mut scram_finished = false;
+        let mut asked = false;
         loop {
             match self.next_message().await? {
-                Message::AuthenticationOk => break,
+                Message::AuthenticationOk => {
+                    if scram.is_some() && !scram_finished {
+                        return Err(ReplicationError::Auth(
+                            "the server ended SCRAM authentication without its final message, so it did not prove that it knows the password: refusing the connection".into(),
+                        ));
+                    }
+                    if !asked {
+                        allow(AuthMethod::None)?;
+                    }
+                    break;
+                }
                 Message::AuthenticationCleartextPassword => {
+                    allow(AuthMethod::Password)?;
+                    asked = true;
                     frontend::password_message(&password()?, &mut self.out)?;
                     self.flush().await?;
                 }
                 Message::AuthenticationMd5Password(body) => {
+                    allow(AuthMethod::Md5)?;
+                    asked = true;
                     let hash = md5_hash(p.user.as_bytes(), &password()?, body.salt());
                     frontend::password_message(hash.as_bytes(), &mut self.out)?;
                     self.flush().await?;
                 }
                 Message::AuthenticationSasl(body) => {
+                    allow(AuthMethod::ScramSha256)?;
+                    asked = true;
+                    let (mut plain, mut plus) = (false, false);
                     let mut mechanisms = body.mechanisms();
-                    let mut found = false;
                     while let Some(m) = mechanisms
                         .next()
                         .map_err(|e| ReplicationError::Protocol(e.to_string()))?
                     {
-                        found |= m == sasl::SCRAM_SHA_256;
+                        plain |= m == sasl::SCRAM_SHA_256;
+                        plus |= m == sasl::SCRAM_SHA_256_PLUS;
                     }
-                    if !found {
-                        return Err(ReplicationError::Auth(
-                            "the server offers no SASL mechanism this relay supports (SCRAM-SHA-256 without channel binding)".into(),
-                        ));
-                    }
-                    let s = sasl::ScramSha256::new(&password()?, sasl::ChannelBinding::unsupported());
-                    frontend::sasl_initial_response(sasl::SCRAM_SHA_256, s.message(), &mut self.out)?;
+                    let (mechanism, channel) = match (&binding, p.channel_binding) {
+                        (Some(b), Cb::Prefer | Cb::Require) if plus => (
+                            sasl::SCRAM_SHA_256_PLUS,
+                            sasl::ChannelBinding::tls_server_end_point(b.clone()),
+                        ),
+                        (_, Cb::Require) => {
+                            return Err(ReplicationError::Auth(format!(
+                                "channel_binding=require, but {}: use TLS (sslmode=require or stronger) with a server that offers SCRAM-SHA-256-PLUS (PostgreSQL 11+ with scram-sha-256 in pg_hba.conf)",
+                                if binding.is_none() {
+                                    "the connection has no TLS to bind to"
+                                } else {
+                                    "the server does not offer SCRAM-SHA-256-PLUS"
+                                }
+                            )))
+                        }
+                        // Over TLS, say the client could bind: a server that
+                        // offers PLUS and sees this knows the offer was cut.
+                        (Some(_), Cb::Prefer) if plain => {
+                            (sasl::SCRAM_SHA_256, sasl::ChannelBinding::unrequested())
+                        }
+                        _ if plain => (sasl::SCRAM_SHA_256, sasl::ChannelBinding::unsupported()),
+                        _ => {
+                            return Err(ReplicationError::Auth(
+                                "the server offers no SASL mechanism this relay supports (SCRAM-SHA-256, SCRAM-SHA-256-PLUS)".into(),
+                            ))
+                        }
+                    };
+                    let s = sasl::ScramSha256::new(&password()?, channel);
+                    frontend::sasl_initial_response(mechanism, s.message(), &mut self.out)?;
                     self.flush().await?;
                     scram = Some(s);
                 }
@@ -498,12 +634,13 @@ impl ReplicationConnection {
                     })?;
                     s.finish(body.data())
                         .map_err(|e| ReplicationError::Auth(format!("SCRAM server signature: {e}")))?;
+                    scram_finished = true;
                 }
                 Message::ErrorResponse(body) => return Err(server_error(body.fields())),
                 Message::NoticeResponse(_) => {}
                 _ => {
                     return Err(ReplicationError::Auth(
-                        "the server asked for an authentication method this relay does not support (supported: trust, password, md5, SCRAM-SHA-256)".into(),
+                        "the server asked for an authentication method this relay does not support (supported: trust, password, md5, SCRAM-SHA-256, SCRAM-SHA-256-PLUS)".into(),
                     ))
                 }
             }
@@ -859,6 +996,107 @@ mod tests {
         assert!(parse_copy_data(Bytes::from_static(b"k")).is_err());
         assert!(parse_copy_data(Bytes::from_static(b"")).is_err());
         assert!(parse_copy_data(Bytes::from_static(b"?")).is_err());
+    }
+
+    /// A fake server on the other end of an in-memory pipe: reads the
+    /// start-up packet, then plays `script` (raw backend messages) and hands
+    /// back everything the client wrote after start-up.
+    async fn against(
+        script: Vec<Vec<u8>>,
+        require_auth: &str,
+    ) -> (Result<(), ReplicationError>, Vec<u8>) {
+        let (client, mut server) = tokio::io::duplex(64 * 1024);
+        let server_task = tokio::spawn(async move {
+            let len = server.read_u32().await.unwrap() as usize;
+            let mut startup = vec![0; len - 4];
+            server.read_exact(&mut startup).await.unwrap();
+            for m in script {
+                server.write_all(&m).await.unwrap();
+            }
+            let mut rest = Vec::new();
+            let _ = server.read_to_end(&mut rest).await;
+            rest
+        });
+        let cfg: tokio_postgres::Config = "host=h user=u password=secret dbname=d".parse().unwrap();
+        let mut params = ConnectParams::from_config(&cfg).unwrap();
+        params.tls.require_auth = crate::tls::RequireAuth::parse(require_auth).unwrap();
+        let mut conn = ReplicationConnection {
+            stream: Box::new(client),
+            buf: BytesMut::new(),
+            out: BytesMut::new(),
+        };
+        let result = conn.startup(&params, None).await;
+        drop(conn);
+        (result, server_task.await.unwrap())
+    }
+
+    fn auth(code: u32, extra: &[u8]) -> Vec<u8> {
+        let mut m = vec![b'R'];
+        m.extend_from_slice(&(8 + extra.len() as u32).to_be_bytes());
+        m.extend_from_slice(&code.to_be_bytes());
+        m.extend_from_slice(extra);
+        m
+    }
+
+    /// M5 of the December 2026 review: AuthenticationOk right after the
+    /// client's first SCRAM message is refused (the server never proved
+    /// it knows the password).
+    #[tokio::test]
+    async fn scram_must_end_with_the_servers_signature() {
+        let (result, _) = against(
+            vec![auth(10, b"SCRAM-SHA-256\0\0"), auth(0, b"")],
+            "",
+        )
+        .await;
+        let err = result.unwrap_err().to_string();
+        assert!(err.contains("without its final message"), "{err}");
+    }
+
+    /// M5: require_auth holds the server to the methods allowed; a
+    /// cleartext request gets no password.
+    #[tokio::test]
+    async fn require_auth_refuses_a_weaker_method_before_sending_anything() {
+        for (ask, rule) in [(3, "scram-sha-256"), (5, "scram-sha-256"), (3, "!password")] {
+            let extra: &[u8] = if ask == 5 { b"salt" } else { b"" };
+            let (result, sent) = against(vec![auth(ask, extra)], rule).await;
+            let err = result.unwrap_err().to_string();
+            assert!(err.contains(&format!("require_auth={rule} does not allow")), "{err}");
+            assert!(
+                !sent.windows(6).any(|w| w == b"secret") && !sent.contains(&b'p'),
+                "something was sent: {sent:?}"
+            );
+        }
+        // trust, when require_auth wants a password method.
+        let (result, _) = against(vec![auth(0, b"")], "md5,scram-sha-256").await;
+        assert!(result.unwrap_err().to_string().contains("none authentication"));
+        // Without require_auth, libpq's default: any method is answered.
+        let (result, sent) = against(
+            vec![auth(3, b""), auth(0, b""), b"Z\0\0\0\x05I".to_vec()],
+            "",
+        )
+        .await;
+        result.unwrap();
+        assert!(sent.windows(6).any(|w| w == b"secret"));
+    }
+
+    #[test]
+    fn end_point_hash_follows_the_signature_algorithm() {
+        // A minimal certificate shape: SEQUENCE { SEQUENCE {}, SEQUENCE { OID } }.
+        let cert = |oid: &[u8]| {
+            let mut alg = vec![0x06, oid.len() as u8];
+            alg.extend_from_slice(oid);
+            let mut inner = vec![0x30, 0x00, 0x30, alg.len() as u8];
+            inner.extend_from_slice(&alg);
+            let mut der = vec![0x30, inner.len() as u8];
+            der.extend_from_slice(&inner);
+            der
+        };
+        let sha256_rsa = [0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0b];
+        let sha384_ecdsa = [0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x03];
+        assert_eq!(tls_server_end_point(&cert(&sha256_rsa)).unwrap().len(), 32);
+        assert_eq!(tls_server_end_point(&cert(&sha384_ecdsa)).unwrap().len(), 48);
+        assert_eq!(tls_server_end_point(&cert(&[0x2b, 0x65, 0x70])), None);
+        assert_eq!(tls_server_end_point(b"\x30\x05junk"), None);
     }
 
     #[test]

@@ -100,7 +100,91 @@ impl fmt::Display for SslMode {
     }
 }
 
-/// The TLS settings of one database: no secrets, only paths.
+/// An authentication method the server may ask for, by libpq's names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod {
+    /// No password at all (`trust`, `peer`, a client certificate).
+    None,
+    /// A cleartext password.
+    Password,
+    Md5,
+    ScramSha256,
+}
+
+impl AuthMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMethod::None => "none",
+            AuthMethod::Password => "password",
+            AuthMethod::Md5 => "md5",
+            AuthMethod::ScramSha256 => "scram-sha-256",
+        }
+    }
+}
+
+/// libpq's `require_auth`: the methods the server may ask for, as a list
+/// (`scram-sha-256`, `password,md5`) or as the methods it may not
+/// (`!password,!md5`). Unset, any method is answered, as libpq does; set, a
+/// server (or a man in the middle) cannot make the relay send a password in
+/// a weaker form than the operator allowed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequireAuth {
+    /// (methods, negated); None: anything goes.
+    rule: Option<(Vec<AuthMethod>, bool)>,
+}
+
+impl RequireAuth {
+    pub fn parse(s: &str) -> Result<RequireAuth, String> {
+        let mut methods = Vec::new();
+        let mut negated = None;
+        for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let (neg, name) = match item.strip_prefix('!') {
+                Some(n) => (true, n),
+                None => (false, item),
+            };
+            if *negated.get_or_insert(neg) != neg {
+                return Err("require_auth: negated (!method) and plain methods cannot be mixed".into());
+            }
+            methods.push(match name {
+                "none" => AuthMethod::None,
+                "password" => AuthMethod::Password,
+                "md5" => AuthMethod::Md5,
+                "scram-sha-256" => AuthMethod::ScramSha256,
+                other => {
+                    return Err(format!(
+                        "require_auth: unknown method {other:?} (known: none, password, md5, scram-sha-256)"
+                    ))
+                }
+            });
+        }
+        Ok(RequireAuth {
+            rule: negated.map(|n| (methods, n)),
+        })
+    }
+
+    pub fn allows(&self, m: AuthMethod) -> bool {
+        match &self.rule {
+            None => true,
+            Some((list, negated)) => list.contains(&m) != *negated,
+        }
+    }
+
+    /// The rule as libpq writes it, for messages.
+    pub fn describe(&self) -> String {
+        match &self.rule {
+            None => "any".into(),
+            Some((list, negated)) => list
+                .iter()
+                .map(|m| format!("{}{}", if *negated { "!" } else { "" }, m.as_str()))
+                .collect::<Vec<_>>()
+                .join(","),
+        }
+    }
+}
+
+/// The TLS settings of one database: no secrets, only paths. Also the
+/// authentication rule (`require_auth`), which tokio-postgres does not know
+/// either and which belongs to the same question: whom the relay trusts.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TlsSettings {
     pub mode: SslMode,
@@ -110,6 +194,7 @@ pub struct TlsSettings {
     pub cert: Option<PathBuf>,
     /// The client certificate's private key (PEM: PKCS#8, PKCS#1 or SEC1).
     pub key: Option<PathBuf>,
+    pub require_auth: RequireAuth,
 }
 
 /// A TLS setting that cannot be used: a file that cannot be read or parsed,
@@ -425,9 +510,10 @@ pub struct SslParams {
     pub root_cert: Option<PathBuf>,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+    pub require_auth: Option<RequireAuth>,
 }
 
-const OUR_KEYS: [&str; 4] = ["sslmode", "sslrootcert", "sslcert", "sslkey"];
+const OUR_KEYS: [&str; 5] = ["sslmode", "sslrootcert", "sslcert", "sslkey", "require_auth"];
 
 impl SslParams {
     fn take(&mut self, key: &str, value: String) -> Result<(), String> {
@@ -436,6 +522,7 @@ impl SslParams {
             "sslrootcert" => self.root_cert = Some(PathBuf::from(value)),
             "sslcert" => self.cert = Some(PathBuf::from(value)),
             "sslkey" => self.key = Some(PathBuf::from(value)),
+            "require_auth" => self.require_auth = Some(RequireAuth::parse(&value)?),
             _ => unreachable!("not an SSL key"),
         }
         Ok(())
@@ -640,6 +727,7 @@ impl DatabaseConfig {
             root_cert: o.ssl_root_cert.or(ssl.root_cert),
             cert: o.ssl_cert.or(ssl.cert),
             key: o.ssl_key.or(ssl.key),
+            require_auth: ssl.require_auth.unwrap_or_default(),
         };
         let password = match (o.password, o.password_file) {
             (Some(_), Some(_)) => {

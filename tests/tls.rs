@@ -494,3 +494,64 @@ async fn passwords_never_reach_the_output() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// M5 of the December 2026 review: SCRAM over TLS binds the exchange to the
+/// TLS connection (SCRAM-SHA-256-PLUS, tls-server-end-point), so a man in
+/// the middle who terminates TLS cannot relay the authentication.
+/// `channel_binding=require` proves it was used: it fails wherever the
+/// binding cannot be made. And `require_auth` holds the server to SCRAM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scram_over_tls_uses_channel_binding_and_require_auth_holds() {
+    let pki = Pki::new();
+    let cluster = TempCluster::start(
+        &[
+            "hostssl all,replication scram_user 127.0.0.0/8 scram-sha-256",
+            "hostnossl all,replication scram_user 127.0.0.0/8 scram-sha-256",
+            "host all,replication md5_user 127.0.0.0/8 md5",
+        ],
+        &[
+            "ssl=on",
+            &format!("ssl_cert_file={}", pki.path("server.crt")),
+            &format!("ssl_key_file={}", pki.path("server.key")),
+        ],
+    );
+    admin(&cluster)
+        .await
+        .batch_execute(
+            "SET password_encryption = 'scram-sha-256';
+             CREATE ROLE scram_user LOGIN REPLICATION PASSWORD 'scram-secret';
+             SET password_encryption = 'md5';
+             CREATE ROLE md5_user LOGIN REPLICATION PASSWORD 'md5-secret';",
+        )
+        .await
+        .unwrap();
+    let port = cluster.port;
+    let scram = |params: &str| url("127.0.0.1", port, "scram_user:scram-secret", params);
+    let md5 = |params: &str| url("127.0.0.1", port, "md5_user:md5-secret", params);
+    let cases: Vec<(&str, String, Result<(), &str>)> = vec![
+        ("bound over TLS", scram("sslmode=require&channel_binding=require"), Ok(())),
+        ("preferred over TLS", scram("sslmode=require"), Ok(())),
+        (
+            "required without TLS",
+            scram("sslmode=disable&channel_binding=require"),
+            Err("the connection has no TLS to bind to"),
+        ),
+        ("plain SCRAM without TLS", scram("sslmode=disable"), Ok(())),
+        (
+            "require_auth=scram-sha-256 against md5",
+            md5("sslmode=disable&require_auth=scram-sha-256"),
+            Err("the server asked for md5 authentication, which require_auth=scram-sha-256 does not allow"),
+        ),
+        ("md5 when allowed", md5("sslmode=disable&require_auth=md5,scram-sha-256"), Ok(())),
+    ];
+    for (what, u, expected) in cases {
+        let got = replication(&u, Overrides::default()).await;
+        match (&got, expected) {
+            (Ok(()), Ok(())) => {}
+            (Err(e), Err(part)) if e.contains(part) => {
+                assert!(!e.contains("secret"), "{what}: {e}");
+            }
+            _ => panic!("{what}: expected {expected:?}, got {got:?}"),
+        }
+    }
+}
