@@ -236,7 +236,13 @@ where
     }
 }
 
+/// The relay binary under test: this build's, or OUTBOX_RELAY_TEST_BIN (to
+/// run the suite against another build, such as a release binary or an
+/// older commit, to show that a test fails without its fix).
 pub fn relay_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("OUTBOX_RELAY_TEST_BIN") {
+        return PathBuf::from(bin);
+    }
     PathBuf::from(env!("CARGO_BIN_EXE_outbox-relay"))
 }
 
