@@ -325,10 +325,14 @@ pub async fn run(
     }
     let order_col = quote_ident(&args.order_column);
     let from_where = format!("FROM {} WHERE ({})", table.quoted(), args.pending_where);
+    // The condition is the operator's SQL: run it through the extended
+    // protocol, which takes exactly one statement, so a `;` cannot smuggle
+    // in another one.
     client
-        .batch_execute(&format!(
-            "SELECT 1 {from_where} ORDER BY {order_col} LIMIT 0"
-        ))
+        .execute(
+            &format!("SELECT 1 {from_where} ORDER BY {order_col} LIMIT 0"),
+            &[],
+        )
         .await
         .map_err(|source| BackfillError::BadPredicate {
             table: table.to_string(),
@@ -427,10 +431,13 @@ pub async fn run(
     ));
     let select: Vec<String> = columns.iter().map(|c| quote_ident(&c.name)).collect();
     client
-        .batch_execute(&format!(
-            "DECLARE outbox_backfill NO SCROLL CURSOR FOR SELECT {} {from_where} ORDER BY {order_col}",
-            select.join(", ")
-        ))
+        .execute(
+            &format!(
+                "DECLARE outbox_backfill NO SCROLL CURSOR FOR SELECT {} {from_where} ORDER BY {order_col}",
+                select.join(", ")
+            ),
+            &[],
+        )
         .await
         .map_err(|e| abort(format!("opening the cursor failed: {e}")))?;
 

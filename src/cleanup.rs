@@ -304,11 +304,15 @@ pub async fn run(
             Some(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     }
+    // --where is the operator's SQL: one statement only (extended protocol).
     reader
-        .batch_execute(&format!(
-            "DECLARE outbox_cleanup NO SCROLL CURSOR FOR SELECT {qcol}::text AS cleanup_key FROM {} WHERE true{filter} ORDER BY {qcol}",
-            table.quoted()
-        ))
+        .execute(
+            &format!(
+                "DECLARE outbox_cleanup NO SCROLL CURSOR FOR SELECT {qcol}::text AS cleanup_key FROM {} WHERE true{filter} ORDER BY {qcol}",
+                table.quoted()
+            ),
+            &[],
+        )
         .await
         .map_err(sql("opening the cursor over the published rows"))?;
     let fetch = format!("FETCH {batch} FROM outbox_cleanup");

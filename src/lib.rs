@@ -3,10 +3,14 @@
 //! The pipeline, one module per stage:
 //!
 //! ```text
-//! replication (source) -> pgoutput (decoder) -> router -> sink (Kafka) -> checkpoint (LSN)
+//! replication (source) -> pgoutput (decoder) [-> stream_buffer] -> router -> sink (Kafka) -> checkpoint (LSN)
 //! ```
 //!
-//! `pipeline` drives the stages; `config` and `setup` sit beside them.
+//! `pipeline` drives the stages and `supervisor` its sessions; `policy`
+//! decides about bad events, `messages` routes logical messages. Beside
+//! them: `config`, `tls`, `metrics` and `http`, `announce` (stdout lines),
+//! and the operator commands `setup`, `check`, `status`, `backfill`,
+//! `cleanup`, `tail` and `verify`.
 
 pub mod announce;
 pub mod backfill;

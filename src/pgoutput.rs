@@ -29,8 +29,10 @@
 //!   protocol-4 decoder accepts either, telling them apart by length; protocols
 //!   1 to 3 accept only the short one.
 //!
-//! The free function [`decode`] decodes one message as protocol 1 outside any
-//! streamed block, which is what the relay requests today.
+//! The relay requests the newest protocol the server speaks (1 before
+//! PostgreSQL 14, up to 4 from 16; `--protocol-version` overrides it); the
+//! free function [`decode`] decodes one message as protocol 1 outside any
+//! streamed block, for tools and tests.
 
 use bytes::{Buf, Bytes};
 

@@ -904,9 +904,9 @@ async fn heartbeat(cfg: RelayConfig, every: Duration) {
     }
 }
 
-/// The newest pgoutput protocol a server version speaks. Streaming stays
-/// off, so every version delivers whole committed transactions; the newer
-/// protocols only make the decoder ready for the options that need them.
+/// The newest pgoutput protocol a server version speaks. Without
+/// `--streaming` every version delivers whole committed transactions; with
+/// it, protocol 2 or later carries the streamed blocks.
 pub fn protocol_for(server_version_num: u32) -> u32 {
     match server_version_num {
         160000.. => 4,

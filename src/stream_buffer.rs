@@ -33,76 +33,26 @@
 //! relay its own directory if that matters. I/O happens only when a push
 //! spills, and while a [`Replay`] reads a spill file back.
 //!
-//! # Integration with the pipeline
+//! # How the pipeline uses it (`pipeline::State::on_xlog`)
 //!
-//! The buffer keeps the *raw* message bytes (what [`Decoder::decode`] was
-//! given), so the spill format is just the wire format. One buffer per
-//! replication session: on reconnect the server streams every unfinished
-//! transaction again from its first segment, so drop the buffer with the
-//! session (that deletes its files).
+//! - **Stream Start** registers the transaction (also one whose blocks carry
+//!   nothing for us, so that its Stream Commit is known).
+//! - **Inside a block**, Relation, Insert and Message are pushed with the
+//!   subtransaction's xid; the rest never makes events and is dropped. Nothing
+//!   is routed or counted yet: a streamed Relation may describe a schema the
+//!   uncommitted transaction itself changed, while concurrent committed
+//!   transactions are still routed with the old plan.
+//! - **Stream Abort** drops the (sub)transaction; the server sends a dropped
+//!   subtransaction's Relation again before the next change.
+//! - **Stream Commit** turns the transaction into a [`Replay`], decoded with
+//!   [`replay_decoder`] and applied in slices like an ordinary transaction,
+//!   in commit order, under the same backpressure; nothing after it in the
+//!   WAL is read until the replay is done.
 //!
-//! Requesting streaming: add `("streaming", "on")` to the `START_REPLICATION`
-//! options, only with protocol ≥ 2 (`parallel` needs protocol 4 and is not
-//! needed: the relay applies nothing in parallel).
-//!
-//! For each XLogData message, decode with the session's [`Decoder`] as today,
-//! then:
-//!
-//! - **Stream Start** `s`: `buffer.start(s.xid, s.first_segment)?`. This also
-//!   registers transactions whose blocks carry nothing for us (the captured
-//!   PG 17 stream has many empty blocks), so their Stream Commit is not "unknown".
-//! - **Inside a block** (`decoder.in_stream()`), for Relation, Insert and a
-//!   transactional Message (the kinds the pipeline acts on; Type, Update,
-//!   Delete and Truncate may be skipped to save memory):
-//!   `buffer.push(decoder.stream_xid().unwrap(), decoder.last_xid().unwrap_or(stream_xid), wal_start, &raw)`,
-//!   where `raw` holds the bytes handed to `decode`; the buffer keeps a copy,
-//!   never a slice of the socket's read buffer (which would pin all of it). Do **not** route, enqueue, touch the checkpoint or
-//!   apply a streamed Relation to the router now: a streamed Relation can
-//!   describe a schema changed by the uncommitted transaction itself, and
-//!   concurrent committed transactions must still be routed with the old plan.
-//!   `last_xid` is the *subtransaction's* xid, which is what Stream Abort
-//!   names; `stream_xid` is the top-level xid that Stream Commit names.
-//! - **Stream Stop**: nothing.
-//! - **Stream Abort** `a`: `buffer.abort(a.xid, a.subxid)`. `subxid == xid`
-//!   drops the whole transaction. `UnknownTransaction` here means nothing was
-//!   buffered for it: log it, nothing to discard. Subtransaction Relations are
-//!   dropped with their subtransaction, as PostgreSQL's own subscriber does
-//!   (it truncates its stream file); the server sends the Relation again
-//!   before the next change (pgoutput clears its per-transaction "schema sent"
-//!   marks on every Stream Abort).
-//! - **Stream Commit** `c`: this is where the streamed transaction becomes a
-//!   transaction, in commit order with the ordinary ones around it:
-//!   `let replay = buffer.commit(c.xid)?;` then `checkpoint.begin(c.commit_lsn)`,
-//!   `commit_time = c.commit_time`, and for each `change` of `replay` decode
-//!   `change.data` with [`replay_decoder`]`(protocol, c.xid)` (a decoder put in
-//!   stream state, because streamed messages carry the xid prefix; not the
-//!   session decoder, whose state belongs to the live stream) and handle the
-//!   result exactly like the same message of an ordinary transaction
-//!   (Relation → `router.on_relation`, Insert → route + `checkpoint.event()` +
-//!   enqueue, with `change.lsn` as the change's position); finally
-//!   `checkpoint.commit(c.end_lsn)` and count the transaction. Only then does
-//!   the transaction have events and an end LSN; the contiguous-prefix rule
-//!   applies to it unchanged.
-//! - A Stream Commit for an unknown xid is a protocol error: stop (the relay
-//!   would otherwise confirm past changes it never had).
-//!
-//! Backpressure: a replay can be large and `enqueue_tracked` waits for acks
-//! when the producer queue is full. Keep the [`Replay`] in the pipeline state
-//! and feed it from the same place that reads WAL (when `can_read`), and do not
-//! read the next WAL message until the replay is finished: what follows a
-//! Stream Commit in the WAL must be published after it.
-//!
-//! Checkpoint: an open streamed transaction has no place in the checkpoint
-//! (its commit LSN is unknown until Stream Commit), so `checkpoint.begin` is
-//! never called for Stream Start. Committed transactions around it confirm as
-//! usual: an open streamed transaction commits after them, so after a restart
-//! the server sends it again in full. For the keepalive shortcut
-//! (`checkpoint.idle(wal_end)`), treat `buffer.open_transactions() > 0` as an
-//! open transaction and skip it: the server keeps the WAL of an open
-//! transaction anyway (its restart_lsn cannot pass it), so this costs no
-//! retention and keeps "never confirm past something not delivered" simple.
-//! On shutdown, open streamed transactions are simply dropped (with their
-//! files): they will be streamed again.
+//! An open streamed transaction has no place in the checkpoint: it commits
+//! after the committed transactions around it, so after a restart the server
+//! sends it again in full; while one is open the keepalive shortcut is not
+//! taken. The buffer lives and dies with its session.
 //!
 //! Memory: [`StreamBuffer::memory_bytes`] counts message payload bytes only
 //! (about 50 bytes of bookkeeping per change come on top). After every

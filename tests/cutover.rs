@@ -409,3 +409,31 @@ async fn backfill_gives_up_on_an_unreachable_broker() {
     );
     db.drop().await;
 }
+
+/// L2 of the December 2026 review: --pending-where and cleanup's --where are
+/// one condition, never a way to run a second statement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conditions_cannot_smuggle_in_a_second_statement() {
+    let (db, slot, _prefix, template) = classic("cut_inject").await;
+    insert(&db.client, 0, 5, 5).await;
+    let (code, out, err) = cmd(args(
+        &db,
+        &slot,
+        &template,
+        "backfill",
+        &["--pending-where", "true); DROP TABLE outbox; SELECT 1 FROM (SELECT 1 AS id) s WHERE (true"],
+    ))
+    .await;
+    assert_eq!(code, 1, "{out}\n{err}");
+    let (code, out, err) = cmd(args(
+        &db,
+        &slot,
+        &template,
+        "cleanup",
+        &["--older-than", "1s", "--where", "true); DROP TABLE outbox; SELECT 1 FROM (SELECT 1 AS id) s WHERE (true"],
+    ))
+    .await;
+    assert_ne!(code, 0, "{out}\n{err}");
+    assert_eq!(count(&db, "SELECT count(*) FROM outbox").await, 5, "the table is still there");
+    db.drop().await;
+}
