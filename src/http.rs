@@ -1,5 +1,6 @@
 //! The HTTP endpoint: `/metrics` (Prometheus), `/healthz` (the process is
-//! alive) and `/readyz` (streaming from the slot and the broker reachable).
+//! alive: its streaming loop turns) and `/readyz` (streaming from the slot
+//! and the broker reachable, not stopping).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,8 +23,25 @@ async fn metrics_text(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
     )
 }
 
-async fn healthz() -> &'static str {
-    "ok\n"
+/// How long the streaming loop may go without a turn before the process
+/// counts as stuck. The loop turns at least every 100 ms (its timer) while
+/// it streams, so this only trips on a real hang (a blocking call, a
+/// deadlock), never on a slow broker or an idle outbox.
+const STALLED: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Liveness: 503 once the streaming loop is stuck, so an orchestrator
+/// restarts the process; the slot makes that safe.
+async fn healthz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+    match m.loop_stalled_for() {
+        Some(d) if d >= STALLED => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "stalled: the pipeline loop has not turned for {} s\n",
+                d.as_secs()
+            ),
+        ),
+        _ => (StatusCode::OK, "ok\n".to_string()),
+    }
 }
 
 async fn readyz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {

@@ -47,11 +47,16 @@ pub struct Metrics {
     pub reconnects: Counter,
     /// Streamed, uncommitted changes held in memory / spilled to disk.
     pub stream_buffer_bytes: Gauge,
-    pub stream_spilled_bytes: Gauge,
+    /// A counter over the process's life (each session has its own buffer).
+    pub stream_spilled_bytes: Counter,
     streaming: AtomicBool,
     broker_reachable: AtomicBool,
     /// A stop was asked for: the relay is draining, not to be sent traffic.
     stopping: AtomicBool,
+    /// When the pipeline's loop last went round (milliseconds since
+    /// `started`), for /healthz; 0 while no session streams.
+    loop_turn_ms: std::sync::atomic::AtomicU64,
+    started: std::time::Instant,
     /// The event types admitted as label values, with their published
     /// counter once there is one (so the hot path does not build label sets).
     published_by_type: Mutex<HashMap<String, Option<Counter>>>,
@@ -89,7 +94,7 @@ impl Metrics {
         let up = Gauge::default();
         let reconnects = Counter::default();
         let stream_buffer_bytes = Gauge::default();
-        let stream_spilled_bytes = Gauge::default();
+        let stream_spilled_bytes = Counter::default();
         registry.register(
             "outbox_stream_buffer_bytes",
             "Bytes of streamed, not yet committed changes held in memory (--streaming)",
@@ -173,6 +178,8 @@ impl Metrics {
             streaming: AtomicBool::new(false),
             broker_reachable: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
+            loop_turn_ms: std::sync::atomic::AtomicU64::new(0),
+            started: std::time::Instant::now(),
             published_by_type: Mutex::new(HashMap::new()),
             event_types_capped: AtomicBool::new(false),
         }
@@ -256,6 +263,26 @@ impl Metrics {
         self.up.set(i64::from(on));
     }
 
+    /// The pipeline's loop went round: it is not stuck.
+    pub fn loop_turned(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.loop_turn_ms.store(ms.max(1), Ordering::Relaxed);
+    }
+
+    /// How long since the streaming loop last went round; None while no
+    /// session streams (connecting, backing off, a standby).
+    pub fn loop_stalled_for(&self) -> Option<std::time::Duration> {
+        if !self.streaming() {
+            return None;
+        }
+        let last = self.loop_turn_ms.load(Ordering::Relaxed);
+        (last > 0).then(|| {
+            std::time::Duration::from_millis(
+                (self.started.elapsed().as_millis() as u64).saturating_sub(last),
+            )
+        })
+    }
+
     /// From the first stop signal on, readiness is off (the relay drains).
     pub fn set_stopping(&self) {
         self.stopping.store(true, Ordering::Relaxed);
@@ -289,6 +316,23 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// L5 of the December 2026 review: liveness follows the streaming loop.
+    #[test]
+    fn a_stuck_loop_shows_only_while_streaming() {
+        let m = Metrics::new();
+        assert_eq!(m.loop_stalled_for(), None, "not streaming: nothing to judge");
+        m.set_streaming(true);
+        m.loop_turned();
+        assert!(m.loop_stalled_for().unwrap() < std::time::Duration::from_secs(1));
+        // As if the last turn was long ago.
+        m.loop_turn_ms.store(1, Ordering::Relaxed);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(m.loop_stalled_for().unwrap() >= std::time::Duration::from_millis(19));
+        m.set_streaming(false);
+        assert_eq!(m.loop_stalled_for(), None);
+    }
+
 
     #[test]
     fn exposes_the_documented_names() {

@@ -289,6 +289,50 @@ async fn check_publication(
     }
 }
 
+/// With --terminate-stale-walsender: ends the walsender holding the slot only
+/// if its client has gone quiet, no status update for twice our status
+/// interval (at least 5 s). A live relay reports at least that often, so two
+/// relays started with the flag never terminate each other's walsenders (a
+/// live holder makes this one a standby); a hung or half-open client that
+/// the server has not timed out yet is ended.
+async fn terminate_if_stale(
+    conn: &mut ReplicationConnection,
+    slot: &str,
+    pid: i32,
+    status_interval: Duration,
+) -> Result<(), PipelineError> {
+    let quiet = (status_interval * 2).max(Duration::from_secs(5));
+    let rows = conn
+        .simple_query(&format!(
+            "SELECT (coalesce(reply_time, backend_start) < now() - interval '{} milliseconds')::text
+               FROM pg_stat_replication WHERE pid = {pid}",
+            quiet.as_millis()
+        ))
+        .await?;
+    let stale = rows
+        .first()
+        .and_then(|r| r.first().cloned().flatten())
+        .is_none_or(|v| v == "true");
+    if !stale {
+        tracing::info!(
+            slot = %slot,
+            pid,
+            "the walsender holding the slot has a live client (it reported within {}s): not terminating it; waiting as a standby",
+            quiet.as_secs()
+        );
+        return Ok(());
+    }
+    tracing::warn!(
+        slot = %slot,
+        pid,
+        "terminating the walsender holding the slot: its client sent nothing for {}s (--terminate-stale-walsender)",
+        quiet.as_secs()
+    );
+    conn.simple_query(&format!("SELECT pg_terminate_backend({pid})"))
+        .await?;
+    Ok(())
+}
+
 /// An event handed to the producer, until its delivery report arrives.
 struct Pending {
     txn: TxnSeq,
@@ -368,6 +412,8 @@ struct State {
     /// Records the producer's full queue could not take yet, in order;
     /// nothing more is read until they are enqueued.
     waiting: VecDeque<Waiting>,
+    /// Of this session's spilled bytes, those already added to the counter.
+    spilled_counted: u64,
 }
 
 impl State {
@@ -620,7 +666,7 @@ impl State {
     }
 
     /// Refreshes the gauges that describe the stream's state.
-    fn update_gauges(&self) {
+    fn update_gauges(&mut self) {
         let confirmed = self.checkpoint.confirmed();
         self.metrics.confirmed_lsn.set(confirmed.0 as i64);
         self.metrics
@@ -633,9 +679,11 @@ impl State {
             self.metrics
                 .stream_buffer_bytes
                 .set(b.memory_bytes() as i64);
+            let total = b.spilled_bytes_total();
             self.metrics
                 .stream_spilled_bytes
-                .set(b.spilled_bytes_total() as i64);
+                .inc_by(total.saturating_sub(self.spilled_counted));
+            self.spilled_counted = total;
         }
     }
 
@@ -1019,17 +1067,6 @@ async fn open(cfg: &RelayConfig, resume: Option<Lsn>) -> Result<Opened, Pipeline
                 });
             }
         }
-        if cfg.terminate_stale_walsender {
-            if let Some(pid) = slot.active_pid {
-                tracing::warn!(
-                    slot = %cfg.slot,
-                    pid,
-                    "terminating the walsender holding the slot (--terminate-stale-walsender)"
-                );
-                conn.simple_query(&format!("SELECT pg_terminate_backend({pid})"))
-                    .await?;
-            }
-        }
         let status_interval = match conn
             .show("wal_sender_timeout")
             .await
@@ -1040,6 +1077,11 @@ async fn open(cfg: &RelayConfig, resume: Option<Lsn>) -> Result<Opened, Pipeline
             Some(t) if !t.is_zero() => cfg.status_interval.min(t / 2),
             _ => cfg.status_interval,
         };
+        if cfg.terminate_stale_walsender {
+            if let Some(pid) = slot.active_pid {
+                terminate_if_stale(&mut conn, &cfg.slot, pid, status_interval).await?;
+            }
+        }
         let server_version: u32 = conn
             .show("server_version_num")
             .await?
@@ -1187,6 +1229,7 @@ async fn session(
         redo: Vec::new(),
         skipped: HashMap::new(),
         waiting: VecDeque::new(),
+        spilled_counted: 0,
         event_types: std::collections::HashSet::new(),
     };
     let result = stream_loop(
@@ -1258,6 +1301,7 @@ async fn stream_loop(
     writer.send_status(last_sent, false).await?;
 
     loop {
+        state.metrics.loop_turned();
         let stopping = shutdown_deadline.is_some();
         // On shutdown, finish the open transaction so that a restart resends
         // nothing that was published: the server sends whole transactions.

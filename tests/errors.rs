@@ -398,10 +398,10 @@ async fn a_fatal_producer_error_starts_a_new_session_that_resends_in_order() {
     c.db.wait_confirmed(&c.slot, after, "the slot to pass every event")
         .await;
     assert!(relay.is_running(), "{}", relay.log_text());
-    let log = relay.log_text();
     assert!(
-        log.contains("replication session ended; reconnecting"),
-        "the failed delivery did not end the session:\n{log}"
+        relay.resumed_from().len() >= 2,
+        "the failed delivery did not end the session: {}",
+        relay.log_text()
     );
 
     let records = consume(&servers, topics, 15, Duration::from_secs(60)).await;

@@ -117,7 +117,7 @@ async fn streamed_transactions_are_published_at_commit_in_commit_order() {
     assert!(ns.windows(2).all(|w| w[0] < w[1]));
 
     let text = http_get(&addr, "/metrics").await.1;
-    let spilled = metric(&text, "outbox_stream_spilled_bytes").unwrap_or(0.0);
+    let spilled = metric(&text, "outbox_stream_spilled_bytes_total").unwrap_or(0.0);
     assert!(
         spilled > 100_000.0,
         "the big transactions were streamed and spilled: {spilled}\n{text}"
@@ -225,7 +225,7 @@ async fn the_stream_budget_bounds_resident_memory() {
     .await;
     assert_eq!(records.len(), ROWS);
     let text = http_get(&addr, "/metrics").await.1;
-    let spilled = metric(&text, "outbox_stream_spilled_bytes").unwrap_or(0.0);
+    let spilled = metric(&text, "outbox_stream_spilled_bytes_total").unwrap_or(0.0);
     let peak = relay.peak_rss();
     eprintln!(
         "peak RSS {} MiB with a {} MiB budget; {} MiB spilled",
