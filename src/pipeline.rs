@@ -42,6 +42,10 @@ const FEEDBACK_TICK: Duration = Duration::from_millis(100);
 /// buffered; delivery reports and status updates get their turn in between.
 const READ_BURST: usize = 1024;
 
+/// How long a lone "too large" delivery report waits for others of its
+/// batch before it counts as a record too large by itself.
+const TOO_LARGE_SETTLE: Duration = Duration::from_millis(300);
+
 /// Changes of a committed streamed transaction handed over per turn of the
 /// loop.
 const REPLAY_SLICE: usize = 256;
@@ -86,6 +90,14 @@ pub enum PipelineError {
     ServerEnded,
     #[error("a delivery report for record {0}, which this session does not track")]
     UnknownDelivery(u64),
+    #[error("Kafka refused a batch of {records} records for topic {topic} as too large (transaction committed at {commit_lsn}): {error}. The topic's max.message.bytes is below the producer's batch size, so events that fit one by one failed together; nothing was dead-lettered and the slot stays at {confirmed}. Set --kafka-property batch.size=N below the topic's max.message.bytes (minus about 100 bytes of batch overhead), or raise the topic's max.message.bytes, then restart")]
+    BatchTooLarge {
+        topic: String,
+        records: usize,
+        commit_lsn: String,
+        error: KafkaError,
+        confirmed: Lsn,
+    },
     #[error("{0}")]
     Config(String),
 }
@@ -412,6 +424,10 @@ struct State {
     /// Records the producer's full queue could not take yet, in order;
     /// nothing more is read until they are enqueued.
     waiting: VecDeque<Waiting>,
+    /// Records the broker refused as too large, until the reports that came
+    /// with them are in (see `settle_too_large`).
+    too_large: Vec<(Pending, String, KafkaError)>,
+    too_large_since: Instant,
     /// Of this session's spilled bytes, those already added to the counter.
     spilled_counted: u64,
 }
@@ -477,6 +493,22 @@ impl State {
                     .publish_error(&label(&pending.event_type), &kafka_code(&error));
                 let kind = ErrorKind::of_kafka(&error)
                     .filter(|k| self.policy.for_kind(*k) == Policy::DeadLetter);
+                // The broker judges max.message.bytes per record batch: a
+                // refused batch fails every record in it, small ones too.
+                // Decide once the reports that came together are in
+                // (`settle_too_large`): one record alone was too large by
+                // itself; several were a batch.
+                if kind == Some(ErrorKind::TooLarge)
+                    && pending.record.is_some()
+                    && !pending.dead_letter
+                    && matches!(error.rdkafka_error_code(), Some(rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge))
+                {
+                    if self.too_large.is_empty() {
+                        self.too_large_since = Instant::now();
+                    }
+                    self.too_large.push((pending, ack.topic, error));
+                    return Ok(());
+                }
                 if let (Some(kind), Some(rec), false) = (kind, &pending.record, pending.dead_letter)
                 {
                     // Count the dead-letter record before releasing the
@@ -696,6 +728,53 @@ impl State {
         self.refresh_ack_clock();
         while let Ok(ack) = self.acks.try_recv() {
             self.on_ack(ack)?;
+        }
+        self.settle_too_large()
+    }
+
+    /// Records the broker refused as too large, reported together: one alone
+    /// was too large by itself and goes to the dead-letter topic; several
+    /// were refused as a batch (the topic's max.message.bytes is below the
+    /// producer's batch.size), which dead-lettering would turn into the loss
+    /// of good events' payloads: stop, the slot before them, and say what to
+    /// change. A lone report waits `TOO_LARGE_SETTLE` for the rest of its
+    /// batch's (librdkafka reports a failed batch's records at once).
+    fn settle_too_large(&mut self) -> Result<(), PipelineError> {
+        if self.too_large.len() == 1 && self.too_large_since.elapsed() < TOO_LARGE_SETTLE {
+            return Ok(());
+        }
+        if self.too_large.len() > 1 {
+            let n = self.too_large.len();
+            let (pending, topic, error) = self.too_large.swap_remove(0);
+            self.too_large.clear();
+            return Err(PipelineError::BatchTooLarge {
+                topic,
+                records: n,
+                commit_lsn: self
+                    .checkpoint
+                    .commit_lsn_of(pending.txn)
+                    .map(|l| l.to_string())
+                    .unwrap_or_else(|| "?".into()),
+                error,
+                confirmed: self.checkpoint.confirmed(),
+            });
+        }
+        if let Some((pending, topic, error)) = self.too_large.pop() {
+            let Some(rec) = &pending.record else {
+                return Ok(());
+            };
+            self.checkpoint.add_event(pending.txn)?;
+            self.checkpoint.ack(pending.txn)?;
+            let reason = format!("Kafka refused the record for {topic}: {error}");
+            tracing::warn!(lsn = %pending.lsn, kind = %ErrorKind::TooLarge, "dead-lettering an event: {reason}");
+            let dlq = policy::dead_letter(
+                Failed::from(rec),
+                ErrorKind::TooLarge,
+                &reason,
+                pending.lsn,
+                &self.policy.dead_letter_topic,
+            );
+            self.redo.push((dlq, pending.txn, pending.lsn));
         }
         Ok(())
     }
@@ -1229,6 +1308,8 @@ async fn session(
         redo: Vec::new(),
         skipped: HashMap::new(),
         waiting: VecDeque::new(),
+        too_large: Vec::new(),
+        too_large_since: Instant::now(),
         spilled_counted: 0,
         event_types: std::collections::HashSet::new(),
     };
@@ -1359,6 +1440,8 @@ async fn stream_loop(
             Some(ack) = state.acks.recv() => {
                 state.refresh_ack_clock();
                 state.on_ack(ack)?;
+                // Reports that came with it, then a decision on records
+                // refused as too large.
                 state.drain_acks()?;
                 state.flush_redo().await?;
                 state.pump_waiting()?;
@@ -1369,6 +1452,8 @@ async fn stream_loop(
                 // Room in the producer's queue may come without a report of
                 // ours (another caller's, a purge): try again now and then.
                 state.pump_waiting()?;
+                state.settle_too_large()?;
+                state.flush_redo().await?;
                 state.update_gauges();
                 let confirmed = state.checkpoint.confirmed();
                 if confirmed != last_sent || last_sent_at.elapsed() >= status_interval {

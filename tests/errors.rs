@@ -421,3 +421,53 @@ async fn a_fatal_producer_error_starts_a_new_session_that_resends_in_order() {
     relay.terminate().await;
     c.db.drop().await;
 }
+
+/// M8 of the December 2026 review, reproduced: the broker checks a topic's
+/// max.message.bytes against a whole record batch, so records that are each
+/// small enough fail together; 1685dac dead-lettered all of them, payloads
+/// gone. Ten 400-byte events in one transaction go to a topic that takes at
+/// most 1500 bytes at a time: the relay stops with the slot before them and
+/// dead-letters nothing; with a batch.size below the limit they all arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_records_are_not_failed_by_a_batch_over_the_topic_limit() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::config::ClientConfig;
+    let c = case("err_batch").await;
+    let topic = format!("{}.Small", c.prefix);
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let res = admin
+        .create_topics(
+            &[NewTopic::new(&topic, 1, TopicReplication::Fixed(1)).set("max.message.bytes", "1500")],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap();
+    assert!(res.iter().all(|r| r.is_ok()), "{res:?}");
+    let mut relay = Relay::start(&c.args(&["--on-error", "dead-letter"]));
+    c.db.wait_streaming(&c.slot).await;
+    let before = c.db.current_wal_lsn().await;
+    c.db.exec(
+        "INSERT INTO outbox (event_type, aggregate_id, payload)
+         SELECT 'Small', 'a', jsonb_build_object('n', g, 'pad', repeat('s', 380)) FROM generate_series(1, 10) g",
+    )
+    .await;
+    let after = c.db.current_wal_lsn().await;
+    assert_eq!(relay.wait(Duration::from_secs(60)).await, Some(1), "{}", relay.log_text());
+    c.db.assert_not_confirmed(&c.slot, before, after, "the refused batch").await;
+    let dead = consume(&brokers(), std::slice::from_ref(&c.dlq), 0, Duration::from_secs(10)).await;
+    assert!(dead.is_empty(), "good events were dead-lettered: {dead:?}");
+
+    // The fix the error names: batches below the topic's limit.
+    let mut relay = Relay::start(&c.args(&["--on-error", "dead-letter", "--kafka-property", "batch.size=1000"]));
+    c.db.wait_confirmed(&c.slot, after, "the slot to pass the small events").await;
+    let records = consume(&brokers(), std::slice::from_ref(&topic), 10, Duration::from_secs(30)).await;
+    assert_eq!(records.len(), 10, "{records:?}");
+    let dead = consume(&brokers(), std::slice::from_ref(&c.dlq), 0, Duration::from_secs(10)).await;
+    assert!(dead.is_empty(), "{dead:?}");
+    relay.terminate().await;
+    c.db.drop().await;
+}
