@@ -410,6 +410,27 @@ fn sql_name(option: &'static str, v: String) -> Result<String, ConfigError> {
     Ok(v)
 }
 
+/// `--kafka-property KEY=VALUE` values, for every Kafka client the relay
+/// builds (the producer, check, verify, tail).
+pub fn kafka_properties(raw: Vec<String>) -> Result<Vec<(String, String)>, ConfigError> {
+    raw.into_iter()
+        .filter(|s| !s.trim().is_empty())
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+            // Only the name is echoed: in a mistyped
+            // `sasl.password:secret` what follows it is a secret.
+            _ => Err(ConfigError::Invalid {
+                option: "kafka_property",
+                value: match kv.find(|c: char| c == ':' || c.is_whitespace()) {
+                    Some(i) => format!("{}… (the rest is not shown)", &kv[..i]),
+                    None => kv.clone(),
+                },
+                reason: "expected KEY=VALUE, e.g. compression.type=lz4".into(),
+            }),
+        })
+        .collect()
+}
+
 /// PostgreSQL's own rule for replication slot names: 1 to 63 lower-case
 /// letters, digits and underscores. Checked here so that a bad name is a
 /// configuration error, not a server error halfway through a session.
@@ -553,25 +574,7 @@ impl RelayConfig {
                 })?;
             error_policy.overrides.insert(kind, policy);
         }
-        let kafka_properties = o
-            .kafka_property
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|s| !s.trim().is_empty())
-            .map(|kv| match kv.split_once('=') {
-                Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
-                // Only the name is echoed: in a mistyped
-                // `sasl.password:secret` what follows it is a secret.
-                _ => Err(ConfigError::Invalid {
-                    option: "kafka_property",
-                    value: match kv.find(|c: char| c == ':' || c.is_whitespace()) {
-                        Some(i) => format!("{}… (the rest is not shown)", &kv[..i]),
-                        None => kv.clone(),
-                    },
-                    reason: "expected KEY=VALUE, e.g. compression.type=lz4".into(),
-                }),
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let kafka_properties = kafka_properties(o.kafka_property.unwrap_or_default())?;
         // Enough to keep a local broker busy (a 1M-event backlog drained as
         // fast with 5000 as with 10000 in the benchmark), small enough that
         // the relay stays within ~25 MB; raise both for a distant broker:

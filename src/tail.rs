@@ -1,6 +1,10 @@
 //! `outbox-relay tail`: prints records as they arrive in Kafka, with topic,
 //! partition, offset, key, headers and payload. An operator's (and the
 //! demo's) way to watch what the relay publishes, without a Kafka CLI.
+//!
+//! Control characters in keys, headers and payloads are printed escaped
+//! (`\u{1b}`), so a record cannot drive the operator's terminal. A closed
+//! output (`tail | head`) ends it quietly.
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -29,6 +33,37 @@ pub struct TailOptions {
     /// Print what the topics already hold too, not only new records.
     #[arg(long)]
     pub from_beginning: bool,
+    /// A librdkafka consumer property KEY=VALUE (repeatable), e.g. for TLS or
+    /// SASL: security.protocol=SASL_SSL, sasl.mechanism=SCRAM-SHA-512, …
+    #[arg(long = "kafka-property")]
+    pub kafka_property: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TailError {
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot write the output: {0}")]
+    Output(std::io::Error),
+}
+
+/// `b` as text for a terminal: invalid UTF-8 replaced, control characters
+/// escaped.
+fn printable(b: Option<&[u8]>) -> String {
+    let Some(b) = b else {
+        return "∅".to_string();
+    };
+    let mut out = String::with_capacity(b.len());
+    for c in String::from_utf8_lossy(b).chars() {
+        if c.is_control() {
+            out.push_str(&format!("\\u{{{:x}}}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Follows the topics until `stop` is set or `max` records were printed.
@@ -36,10 +71,15 @@ pub fn run(
     opts: &TailOptions,
     stop: Arc<AtomicBool>,
     out: &mut dyn Write,
-) -> Result<u64, KafkaError> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &opts.kafka_brokers)
-        .set("group.id", "outbox-relay-tail")
+) -> Result<u64, TailError> {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", &opts.kafka_brokers)
+        .set("group.id", "outbox-relay-tail");
+    for (k, v) in crate::config::kafka_properties(opts.kafka_property.clone())? {
+        cfg.set(k, v);
+    }
+    // What tail relies on, over the user's properties.
+    let consumer: BaseConsumer = cfg
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
         .create()?;
@@ -92,34 +132,52 @@ pub fn run(
             continue;
         };
         let m = m?;
-        let text = |b: Option<&[u8]>| match b {
-            Some(b) => String::from_utf8_lossy(b).into_owned(),
-            None => "∅".to_string(),
-        };
         let headers = m
             .headers()
             .map(|h| {
                 h.iter()
-                    .map(|h| format!("{}={}", h.key, text(h.value)))
+                    .map(|h| format!("{}={}", printable(Some(h.key.as_bytes())), printable(h.value)))
                     .collect::<Vec<_>>()
                     .join(", ")
             })
             .unwrap_or_default();
-        let _ = writeln!(
+        let written = writeln!(
             out,
             "{}[{}]@{} key={} headers={{{}}} payload={}",
             m.topic(),
             m.partition(),
             m.offset(),
-            text(m.key()),
+            printable(m.key()),
             headers,
-            text(m.payload())
-        );
-        let _ = out.flush();
+            printable(m.payload())
+        )
+        .and_then(|()| out.flush());
+        match written {
+            Ok(()) => {}
+            // The reader went away (`tail | head`): done.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(printed),
+            Err(e) => return Err(TailError::Output(e)),
+        }
         printed += 1;
         if opts.max.is_some_and(|max| printed >= max) {
             break;
         }
     }
     Ok(printed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// L4 of the December 2026 review: no terminal escapes from a record.
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(
+            printable(Some(b"red \x1b[31m\r\nbell\x07")),
+            "red \\u{1b}[31m\\u{d}\\u{a}bell\\u{7}"
+        );
+        assert_eq!(printable(Some("ünïcode ✓".as_bytes())), "ünïcode ✓");
+        assert_eq!(printable(None), "∅");
+    }
 }

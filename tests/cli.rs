@@ -169,3 +169,56 @@ async fn setup_names_a_missing_column_and_lists_the_real_ones() {
     assert_eq!(n, 0);
     db.drop().await;
 }
+
+/// L4 of the December 2026 review: `tail` escapes control characters, takes
+/// --kafka-property, and ends when its reader goes away (`tail | head`).
+#[test]
+fn tail_escapes_control_characters_and_stops_when_the_reader_leaves() {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    use std::io::BufRead;
+    let topic = unique("tail");
+    let producer: BaseProducer = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    for i in 0..200 {
+        let payload = format!("{{\"n\": {i}, \"evil\": \"\u{1b}[2J\"}}");
+        producer
+            .send(BaseRecord::to(&topic).key("k").payload(&payload))
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    producer.flush(std::time::Duration::from_secs(30)).unwrap();
+    let mut child = std::process::Command::new(relay_bin())
+        .args([
+            "tail",
+            "--kafka-brokers",
+            &brokers(),
+            "--topic-prefix",
+            &topic,
+            "--from-beginning",
+            "--kafka-property",
+            "client.id=tail-test",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert!(line.contains("\\u{1b}[2J") && !line.contains('\u{1b}'), "{line:?}");
+    drop(out);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "{status:?}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tail went on after its reader left"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
