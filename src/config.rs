@@ -77,8 +77,9 @@ pub enum LogFormat {
 }
 
 /// Every option, each optional so that the layers can be merged. Field names
-/// are the TOML keys.
-#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+/// are the TOML keys. Its Debug shows nothing: the URL, the password and
+/// Kafka properties may hold secrets.
+#[derive(Clone, Default, clap::Args, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Options {
     /// PostgreSQL connection, as a libpq URL (postgres://user:pass@host:5432/db)
@@ -155,8 +156,8 @@ pub struct Options {
     pub header_columns: Option<Vec<String>>,
 
     /// librdkafka producer property KEY=VALUE, passed as is (repeatable; `;`
-    /// separates several in one value).
-    #[arg(long, env = "OUTBOX_RELAY_KAFKA_PROPERTY", value_delimiter = ';')]
+    /// separates several in one value, `\;` is a `;` inside a value).
+    #[arg(long, env = "OUTBOX_RELAY_KAFKA_PROPERTY")]
     pub kafka_property: Option<Vec<String>>,
 
     /// Most events handed to the producer and not yet acknowledged; reading
@@ -358,8 +359,16 @@ pub struct StreamingConfig {
     pub spill_dir: PathBuf,
 }
 
-/// The validated configuration of one relay.
-#[derive(Debug, Clone)]
+impl std::fmt::Debug for Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Options").finish_non_exhaustive()
+    }
+}
+
+/// The validated configuration of one relay. Its Debug leaves out secrets:
+/// the database password (tokio-postgres redacts it) and Kafka property
+/// values (only their names are shown).
+#[derive(Clone)]
 pub struct RelayConfig {
     /// Connection settings, TLS and password included.
     pub database: crate::tls::DatabaseConfig,
@@ -388,6 +397,21 @@ pub struct RelayConfig {
     pub log_format: LogFormat,
 }
 
+impl std::fmt::Debug for RelayConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let property_names: Vec<&str> = self.kafka_properties.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("RelayConfig")
+            .field("database", &self.database)
+            .field("kafka_brokers", &self.kafka_brokers)
+            .field("publication", &self.publication)
+            .field("slot", &self.slot)
+            .field("table", &self.router.table.to_string())
+            .field("topic", &self.router.topic.to_string())
+            .field("kafka_properties (values not shown)", &property_names)
+            .finish_non_exhaustive()
+    }
+}
+
 fn seconds(option: &'static str, v: f64) -> Result<Duration, ConfigError> {
     Duration::try_from_secs_f64(v)
         .ok()
@@ -413,7 +437,8 @@ fn sql_name(option: &'static str, v: String) -> Result<String, ConfigError> {
 /// `--kafka-property KEY=VALUE` values, for every Kafka client the relay
 /// builds (the producer, check, verify, tail).
 pub fn kafka_properties(raw: Vec<String>) -> Result<Vec<(String, String)>, ConfigError> {
-    raw.into_iter()
+    raw.iter()
+        .flat_map(|value| split_unescaped(value))
         .filter(|s| !s.trim().is_empty())
         .map(|kv| match kv.split_once('=') {
             Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
@@ -429,6 +454,30 @@ pub fn kafka_properties(raw: Vec<String>) -> Result<Vec<(String, String)>, Confi
             }),
         })
         .collect()
+}
+
+/// Splits at `;` but not at `\;` (which becomes `;`), so that a password
+/// with a `;` in it survives (review L3).
+fn split_unescaped(s: &str) -> Vec<String> {
+    let mut parts = vec![String::new()];
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if chars.peek() == Some(&';') => {
+                chars.next();
+                if let Some(p) = parts.last_mut() {
+                    p.push(';')
+                }
+            }
+            ';' => parts.push(String::new()),
+            c => {
+                if let Some(p) = parts.last_mut() {
+                    p.push(c)
+                }
+            }
+        }
+    }
+    parts
 }
 
 /// PostgreSQL's own rule for replication slot names: 1 to 63 lower-case
@@ -726,6 +775,30 @@ mod tests {
         let text = e.to_string();
         assert!(!text.contains("hunter2"), "{text}");
         assert!(text.contains("KEY=VALUE"), "{text}");
+        // Nor does Debug show a secret (review L3).
+        let o = Options {
+            database_password: Some("pw-secret".into()),
+            kafka_property: Some(vec!["sasl.password=kafka-secret".into()]),
+            ..base()
+        };
+        let shown = format!("{o:?} {:?}", RelayConfig::resolve(o.clone()).unwrap());
+        for secret in ["pw-secret", "kafka-secret", "postgres://u:secret"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert!(shown.contains("sasl.password"), "{shown}");
+        // A `;` in a value, escaped; several properties in one value.
+        let c = RelayConfig::resolve(Options {
+            kafka_property: Some(vec!["sasl.password=a\\;b;linger.ms=1".into()]),
+            ..base()
+        })
+        .unwrap();
+        assert_eq!(
+            c.kafka_properties,
+            vec![
+                ("sasl.password".to_string(), "a;b".to_string()),
+                ("linger.ms".to_string(), "1".to_string())
+            ]
+        );
     }
 
     #[test]
