@@ -1090,6 +1090,7 @@ fn label(event_type: &Option<bytes::Bytes>) -> String {
 pub async fn run(
     cfg: &RelayConfig,
     resume: Option<Lsn>,
+    column_types: &mut Option<HashMap<String, u32>>,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) -> (Summary, Result<(), PipelineError>) {
@@ -1097,7 +1098,7 @@ pub async fn run(
         confirmed: resume.unwrap_or_default(),
         ..Summary::default()
     };
-    let result = session(cfg, resume, metrics.clone(), shutdown, &mut summary).await;
+    let result = session(cfg, resume, column_types, metrics.clone(), shutdown, &mut summary).await;
     metrics.set_streaming(false);
     (summary, result)
 }
@@ -1228,6 +1229,7 @@ async fn open(cfg: &RelayConfig, resume: Option<Lsn>) -> Result<Opened, Pipeline
 async fn session(
     cfg: &RelayConfig,
     resume: Option<Lsn>,
+    column_types: &mut Option<HashMap<String, u32>>,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
     summary: &mut Summary,
@@ -1280,7 +1282,7 @@ async fn session(
         .map(|every| tokio::spawn(heartbeat(cfg.clone(), every)));
 
     let mut state = State {
-        router: Router::new(cfg.router.clone()),
+        router: Router::with_column_types(cfg.router.clone(), column_types.clone()),
         checkpoint: Checkpoint::new(slot.confirmed),
         sink,
         acks,
@@ -1339,6 +1341,9 @@ async fn session(
     probe.abort();
     if let Some(h) = heartbeat {
         h.abort();
+    }
+    if let Some(types) = state.router.column_types() {
+        *column_types = Some(types.clone());
     }
     state.summary.confirmed = state.checkpoint.confirmed();
     state.summary.streamed = true;

@@ -447,6 +447,21 @@ impl Router {
         &self.cfg
     }
 
+    /// A router that remembers the mapped columns' types of an earlier
+    /// session of this process, so that a type changed across a reconnect
+    /// is caught as well as one changed under a running session.
+    pub fn with_column_types(cfg: RouterConfig, types: Option<HashMap<String, u32>>) -> Self {
+        Router {
+            mapped_types: types,
+            ..Router::new(cfg)
+        }
+    }
+
+    /// The mapped columns' types as first seen, for the next session.
+    pub fn column_types(&self) -> Option<&HashMap<String, u32>> {
+        self.mapped_types.as_ref()
+    }
+
     /// Takes a Relation message: resolves the configured columns against the
     /// table's current shape. Sent before the first change of a table and
     /// again after its schema changed, so a dropped or renamed column is

@@ -415,6 +415,18 @@ async fn broker_down_with(extra: &[&str]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mapped_columns_type_change_stops_the_relay_and_the_slot_stays() {
+    type_change_with(false).await;
+}
+
+/// L9 of the December 2026 review: the change is caught across a reconnect
+/// too (the walsender terminated between the ALTER and the next insert),
+/// not only within one session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_type_change_is_caught_across_a_reconnect() {
+    type_change_with(true).await;
+}
+
+async fn type_change_with(reconnect: bool) {
     let db = TestDb::new("src_type").await;
     let slot = db.classic_outbox().await;
     let prefix = unique("type");
@@ -425,6 +437,14 @@ async fn a_mapped_columns_type_change_stops_the_relay_and_the_slot_stays() {
     // The payload column becomes text: its bytes would mean something else.
     db.exec("ALTER TABLE outbox ALTER COLUMN payload TYPE text")
         .await;
+    if reconnect {
+        let pid = active_pid(&db, &slot).await.unwrap();
+        db.exec(&format!("SELECT pg_terminate_backend({pid})")).await;
+        wait_until(Duration::from_secs(30), "a new session", || async {
+            relay.resumed_from().len() >= 2
+        })
+        .await;
+    }
     let before = db.current_wal_lsn().await;
     db.exec(
         "INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('T', 'a', 'plain text')",
