@@ -19,6 +19,11 @@ pub struct EventTypeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TopicLabels {
+    pub topic: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TableLabels {
     pub table: String,
 }
@@ -43,6 +48,9 @@ pub struct Metrics {
     pub dead_lettered: Counter,
     /// Rows of published tables other than the outbox, by table.
     pub skipped_rows: Family<TableLabels, Counter>,
+    /// Partition counts of the topics records went to, as the probe saw them.
+    pub topic_partitions: Family<TopicLabels, Gauge>,
+    pub partition_count_changes: Family<TopicLabels, Counter>,
     pub up: Gauge,
     pub reconnects: Counter,
     /// Streamed, uncommitted changes held in memory / spilled to disk.
@@ -91,6 +99,8 @@ impl Metrics {
         let inflight_events = Gauge::default();
         let dead_lettered = Counter::default();
         let skipped_rows = Family::<TableLabels, Counter>::default();
+        let topic_partitions = Family::<TopicLabels, Gauge>::default();
+        let partition_count_changes = Family::<TopicLabels, Counter>::default();
         let up = Gauge::default();
         let reconnects = Counter::default();
         let stream_buffer_bytes = Gauge::default();
@@ -151,6 +161,16 @@ impl Metrics {
             skipped_rows.clone(),
         );
         registry.register(
+            "outbox_topic_partitions",
+            "Partitions of each topic records went to, as last seen (checked in turn, one topic every 5 s)",
+            topic_partitions.clone(),
+        );
+        registry.register(
+            "outbox_partition_count_changes",
+            "Times a topic's partition count was seen to change: keys moved to other partitions",
+            partition_count_changes.clone(),
+        );
+        registry.register(
             "outbox_up",
             "1 while the relay is streaming from the slot",
             up.clone(),
@@ -171,6 +191,8 @@ impl Metrics {
             inflight_events,
             dead_lettered,
             skipped_rows,
+            topic_partitions,
+            partition_count_changes,
             up,
             reconnects,
             stream_buffer_bytes,
@@ -247,6 +269,18 @@ impl Metrics {
             );
         }
         OTHER_EVENT_TYPES
+    }
+
+    pub fn topic_partitions(&self, topic: &str) -> Gauge {
+        self.topic_partitions
+            .get_or_create(&TopicLabels { topic: topic.to_string() })
+            .clone()
+    }
+
+    pub fn partition_count_changes(&self, topic: &str) -> Counter {
+        self.partition_count_changes
+            .get_or_create(&TopicLabels { topic: topic.to_string() })
+            .clone()
     }
 
     /// The counter of skipped rows of `table` (`schema.name`).

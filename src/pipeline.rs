@@ -428,6 +428,9 @@ struct State {
     /// with them are in (see `settle_too_large`).
     too_large: Vec<(Pending, String, KafkaError)>,
     too_large_since: Instant,
+    /// The topic last handed to the probe: the router shares one name
+    /// among a run of records, so a pointer comparison mostly suffices.
+    last_noted_topic: Option<Arc<str>>,
     /// Of this session's spilled bytes, those already added to the counter.
     spilled_counted: u64,
 }
@@ -612,6 +615,16 @@ impl State {
             self.inflight_bytes += record_size(&rec);
             let outcome = self.sink.enqueue(&rec, tag);
             if matches!(outcome, Ok(Enqueued::Yes)) {
+                // The producer has asked about this topic itself by now, so
+                // the probe may too (see Prober::probe).
+                if !self
+                    .last_noted_topic
+                    .as_ref()
+                    .is_some_and(|t| Arc::ptr_eq(t, &rec.topic) || **t == *rec.topic)
+                {
+                    self.sink.note_topic(&rec.topic);
+                    self.last_noted_topic = Some(rec.topic.clone());
+                }
                 return Ok(None);
             }
             // Not enqueued: forget the tracking entry (it is the newest).
@@ -1266,13 +1279,25 @@ async fn session(
         loop {
             // The metadata request blocks: keep it off the runtime's threads.
             let asked = tokio::task::spawn_blocking(move || {
-                let reachable = prober.probe(Duration::from_secs(3));
-                (reachable, prober)
+                let report = prober.probe(Duration::from_secs(3));
+                (report, prober)
             })
             .await;
-            let Ok((reachable, back)) = asked else { return };
+            let Ok((report, back)) = asked else { return };
             prober = back;
-            probe_metrics.set_broker_reachable(reachable);
+            probe_metrics.set_broker_reachable(report.reachable);
+            if let Some((topic, count)) = &report.partitions {
+                probe_metrics.topic_partitions(topic).set(i64::from(*count));
+                if let Some(before) = report.changed_from {
+                    probe_metrics.partition_count_changes(topic).inc();
+                    tracing::warn!(
+                        topic = %topic,
+                        before,
+                        now = count,
+                        "the topic's partition count changed: keys now map to other partitions, so consumers may see an aggregate's new events before its older ones in the partition it used before. Per-aggregate order holds again once consumers have read past the change; to avoid it, add partitions only with the relay stopped and its topics drained"
+                    );
+                }
+            }
             tokio::time::sleep(Duration::from_secs(5)).await;
         }
     });
@@ -1312,6 +1337,7 @@ async fn session(
         waiting: VecDeque::new(),
         too_large: Vec::new(),
         too_large_since: Instant::now(),
+        last_noted_topic: None,
         spilled_counted: 0,
         event_types: std::collections::HashSet::new(),
     };

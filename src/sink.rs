@@ -8,7 +8,7 @@
 //! without reordering, so a partition receives its records in commit order.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
@@ -245,7 +245,12 @@ pub enum Enqueued {
 
 pub struct KafkaSink {
     producer: ThreadedProducer<AckContext>,
+    /// Topics records were delivered to, for the probe (bounded).
+    topics: Arc<Mutex<Vec<String>>>,
 }
+
+/// Most topics whose partition counts the probe follows.
+const MAX_PROBED_TOPICS: usize = 256;
 
 impl KafkaSink {
     /// Builds the producer. The channel's size is bounded by the pipeline's
@@ -277,7 +282,13 @@ impl KafkaSink {
                 quiet: Mutex::new(HashMap::new()),
             })
             .map_err(SinkError::Config)?;
-        Ok((KafkaSink { producer }, rx))
+        Ok((
+            KafkaSink {
+                producer,
+                topics: Arc::new(Mutex::new(Vec::new())),
+            },
+            rx,
+        ))
     }
 
     /// Enqueues one record; its delivery report will carry `tag`.
@@ -316,25 +327,86 @@ impl KafkaSink {
             .purge(PurgeConfig::default().queue().inflight());
     }
 
-    /// A handle for [`KafkaSink::probe`] on another thread.
+    /// A handle for [`Prober::probe`] on another thread.
     pub fn prober(&self) -> Prober {
         Prober {
             producer: self.producer.clone(),
+            topics: self.topics.clone(),
+            partitions: HashMap::new(),
+            round: 0,
         }
     }
+
+    /// A topic a record was delivered to: from now on the probe asks about
+    /// it (it exists, so asking never creates it) and follows its partition
+    /// count.
+    pub fn note_topic(&self, topic: &str) {
+        let mut topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
+        if topics.len() < MAX_PROBED_TOPICS && !topics.iter().any(|t| t == topic) {
+            topics.push(topic.to_string());
+        }
+    }
+}
+
+/// What one probe found.
+#[derive(Debug, Default)]
+pub struct ProbeReport {
+    pub reachable: bool,
+    /// The topic asked about and its partition count, if one was.
+    pub partitions: Option<(String, i32)>,
+    /// Its count before, when it changed since the last time it was asked.
+    pub changed_from: Option<i32>,
 }
 
 /// Asks the cluster for metadata to tell whether a broker answers. Blocking:
 /// run it off the async runtime.
 pub struct Prober {
     producer: ThreadedProducer<AckContext>,
+    topics: Arc<Mutex<Vec<String>>>,
+    partitions: HashMap<String, i32>,
+    round: usize,
 }
 
 impl Prober {
-    pub fn probe(&self, timeout: Duration) -> bool {
-        // One topic that does not exist would be auto-created by some
-        // brokers; asking for all topics never creates one.
-        self.producer.client().fetch_metadata(None, timeout).is_ok()
+    /// One metadata request: about one topic records went to, in turn
+    /// (light on a cluster with many topics, and it follows each topic's
+    /// partition count: a topic that gains partitions moves keys to other
+    /// partitions, review M10), or about all topics before any record was
+    /// delivered (asking about a topic that does not exist would have some
+    /// brokers create it).
+    pub fn probe(&mut self, timeout: Duration) -> ProbeReport {
+        let topic = {
+            let topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
+            (!topics.is_empty()).then(|| topics[self.round % topics.len()].clone())
+        };
+        self.round = self.round.wrapping_add(1);
+        let Some(topic) = topic else {
+            return ProbeReport {
+                reachable: self.producer.client().fetch_metadata(None, timeout).is_ok(),
+                ..ProbeReport::default()
+            };
+        };
+        let Ok(md) = self.producer.client().fetch_metadata(Some(&topic), timeout) else {
+            return ProbeReport::default();
+        };
+        let count = md
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none())
+            .map(|t| t.partitions().len() as i32)
+            .filter(|n| *n > 0);
+        let Some(count) = count else {
+            return ProbeReport {
+                reachable: true,
+                ..ProbeReport::default()
+            };
+        };
+        let before = self.partitions.insert(topic.clone(), count);
+        ProbeReport {
+            reachable: true,
+            changed_from: before.filter(|b| *b != count),
+            partitions: Some((topic, count)),
+        }
     }
 }
 
