@@ -24,5 +24,7 @@ pub fn http_listening(address: std::net::SocketAddr) {
 }
 
 pub fn streaming(slot: &str, resume_from: Lsn) {
-    emit(serde_json::json!({"event": "streaming", "slot": slot, "resume_from": resume_from.to_string()}));
+    emit(
+        serde_json::json!({"event": "streaming", "slot": slot, "resume_from": resume_from.to_string()}),
+    );
 }

@@ -144,7 +144,10 @@ fn server_identity(cfg: &RelayConfig) -> CheckResult {
     let mode = cfg.database.tls.mode;
     let local = cfg.database.get_hosts().iter().all(|h| match h {
         Host::Tcp(name) => {
-            name == "localhost" || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+            name == "localhost"
+                || name
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
         }
         #[cfg(unix)]
         Host::Unix(_) => true,

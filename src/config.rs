@@ -399,7 +399,11 @@ pub struct RelayConfig {
 
 impl std::fmt::Debug for RelayConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let property_names: Vec<&str> = self.kafka_properties.iter().map(|(k, _)| k.as_str()).collect();
+        let property_names: Vec<&str> = self
+            .kafka_properties
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .collect();
         f.debug_struct("RelayConfig")
             .field("database", &self.database)
             .field("kafka_brokers", &self.kafka_brokers)

@@ -55,9 +55,7 @@ async fn readyz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
         (true, true) => (StatusCode::OK, "ready\n".to_string()),
         (streaming, broker) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "not ready: streaming={streaming} broker_reachable={broker}\n"
-            ),
+            format!("not ready: streaming={streaming} broker_reachable={broker}\n"),
         ),
     }
 }

@@ -273,13 +273,17 @@ impl Metrics {
 
     pub fn topic_partitions(&self, topic: &str) -> Gauge {
         self.topic_partitions
-            .get_or_create(&TopicLabels { topic: topic.to_string() })
+            .get_or_create(&TopicLabels {
+                topic: topic.to_string(),
+            })
             .clone()
     }
 
     pub fn partition_count_changes(&self, topic: &str) -> Counter {
         self.partition_count_changes
-            .get_or_create(&TopicLabels { topic: topic.to_string() })
+            .get_or_create(&TopicLabels {
+                topic: topic.to_string(),
+            })
             .clone()
     }
 
@@ -355,7 +359,11 @@ mod tests {
     #[test]
     fn a_stuck_loop_shows_only_while_streaming() {
         let m = Metrics::new();
-        assert_eq!(m.loop_stalled_for(), None, "not streaming: nothing to judge");
+        assert_eq!(
+            m.loop_stalled_for(),
+            None,
+            "not streaming: nothing to judge"
+        );
         m.set_streaming(true);
         m.loop_turned();
         assert!(m.loop_stalled_for().unwrap() < std::time::Duration::from_secs(1));
@@ -366,7 +374,6 @@ mod tests {
         m.set_streaming(false);
         assert_eq!(m.loop_stalled_for(), None);
     }
-
 
     #[test]
     fn exposes_the_documented_names() {

@@ -90,14 +90,8 @@ pub enum PipelineError {
     ServerEnded,
     #[error("a delivery report for record {0}, which this session does not track")]
     UnknownDelivery(u64),
-    #[error("Kafka refused a batch of {records} records for topic {topic} as too large (transaction committed at {commit_lsn}): {error}. The topic's max.message.bytes is below the producer's batch size, so events that fit one by one failed together; nothing was dead-lettered and the slot stays at {confirmed}. Set --kafka-property batch.size=N below the topic's max.message.bytes (minus about 100 bytes of batch overhead), or raise the topic's max.message.bytes, then restart")]
-    BatchTooLarge {
-        topic: String,
-        records: usize,
-        commit_lsn: String,
-        error: KafkaError,
-        confirmed: Lsn,
-    },
+    #[error(transparent)]
+    BatchTooLarge(Box<BatchTooLarge>),
     #[error("{0}")]
     Config(String),
 }
@@ -183,6 +177,17 @@ fn delivery_is_retriable(e: &KafkaError) -> bool {
                 | C::PurgeInflight
         )
     )
+}
+
+/// Records the broker refused together as one batch too large for the topic.
+#[derive(Debug, thiserror::Error)]
+#[error("Kafka refused a batch of {records} records for topic {topic} as too large (transaction committed at {commit_lsn}): {error}. The topic's max.message.bytes is below the producer's batch size, so events that fit one by one failed together; nothing was dead-lettered and the slot stays at {confirmed}. Set --kafka-property batch.size=N below the topic's max.message.bytes (minus about 100 bytes of batch overhead), or raise the topic's max.message.bytes, then restart")]
+pub struct BatchTooLarge {
+    pub topic: String,
+    pub records: usize,
+    pub commit_lsn: String,
+    pub error: KafkaError,
+    pub confirmed: Lsn,
 }
 
 /// A record the broker did not accept after the client's own retries.
@@ -504,7 +509,10 @@ impl State {
                 if kind == Some(ErrorKind::TooLarge)
                     && pending.record.is_some()
                     && !pending.dead_letter
-                    && matches!(error.rdkafka_error_code(), Some(rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge))
+                    && matches!(
+                        error.rdkafka_error_code(),
+                        Some(rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge)
+                    )
                 {
                     if self.too_large.is_empty() {
                         self.too_large_since = Instant::now();
@@ -760,7 +768,7 @@ impl State {
             let n = self.too_large.len();
             let (pending, topic, error) = self.too_large.swap_remove(0);
             self.too_large.clear();
-            return Err(PipelineError::BatchTooLarge {
+            return Err(PipelineError::BatchTooLarge(Box::new(BatchTooLarge {
                 topic,
                 records: n,
                 commit_lsn: self
@@ -770,7 +778,7 @@ impl State {
                     .unwrap_or_else(|| "?".into()),
                 error,
                 confirmed: self.checkpoint.confirmed(),
-            });
+            })));
         }
         if let Some((pending, topic, error)) = self.too_large.pop() {
             let Some(rec) = &pending.record else {
@@ -1111,7 +1119,15 @@ pub async fn run(
         confirmed: resume.unwrap_or_default(),
         ..Summary::default()
     };
-    let result = session(cfg, resume, column_types, metrics.clone(), shutdown, &mut summary).await;
+    let result = session(
+        cfg,
+        resume,
+        column_types,
+        metrics.clone(),
+        shutdown,
+        &mut summary,
+    )
+    .await;
     metrics.set_streaming(false);
     (summary, result)
 }

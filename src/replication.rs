@@ -316,15 +316,25 @@ fn signature_algorithm(der: &[u8]) -> Option<&[u8]> {
             if n == 0 || n > 4 || b.len() < n {
                 return None;
             }
-            let len = b[..n].iter().fold(0usize, |acc, &x| (acc << 8) | x as usize);
+            let len = b[..n]
+                .iter()
+                .fold(0usize, |acc, &x| (acc << 8) | x as usize);
             (len, &b[n..])
         };
         (b.len() >= len).then(|| (tag, &b[..len], &b[len..]))
     }
-    let (0x30, cert, _) = element(der)? else { return None };
-    let (0x30, _tbs, rest) = element(cert)? else { return None };
-    let (0x30, alg, _) = element(rest)? else { return None };
-    let (0x06, oid, _) = element(alg)? else { return None };
+    let (0x30, cert, _) = element(der)? else {
+        return None;
+    };
+    let (0x30, _tbs, rest) = element(cert)? else {
+        return None;
+    };
+    let (0x30, alg, _) = element(rest)? else {
+        return None;
+    };
+    let (0x06, oid, _) = element(alg)? else {
+        return None;
+    };
     Some(oid)
 }
 
@@ -1043,11 +1053,7 @@ mod tests {
     /// it knows the password).
     #[tokio::test]
     async fn scram_must_end_with_the_servers_signature() {
-        let (result, _) = against(
-            vec![auth(10, b"SCRAM-SHA-256\0\0"), auth(0, b"")],
-            "",
-        )
-        .await;
+        let (result, _) = against(vec![auth(10, b"SCRAM-SHA-256\0\0"), auth(0, b"")], "").await;
         let err = result.unwrap_err().to_string();
         assert!(err.contains("without its final message"), "{err}");
     }
@@ -1060,7 +1066,10 @@ mod tests {
             let extra: &[u8] = if ask == 5 { b"salt" } else { b"" };
             let (result, sent) = against(vec![auth(ask, extra)], rule).await;
             let err = result.unwrap_err().to_string();
-            assert!(err.contains(&format!("require_auth={rule} does not allow")), "{err}");
+            assert!(
+                err.contains(&format!("require_auth={rule} does not allow")),
+                "{err}"
+            );
             assert!(
                 !sent.windows(6).any(|w| w == b"secret") && !sent.contains(&b'p'),
                 "something was sent: {sent:?}"
@@ -1068,7 +1077,10 @@ mod tests {
         }
         // trust, when require_auth wants a password method.
         let (result, _) = against(vec![auth(0, b"")], "md5,scram-sha-256").await;
-        assert!(result.unwrap_err().to_string().contains("none authentication"));
+        assert!(result
+            .unwrap_err()
+            .to_string()
+            .contains("none authentication"));
         // Without require_auth, libpq's default: any method is answered.
         let (result, sent) = against(
             vec![auth(3, b""), auth(0, b""), b"Z\0\0\0\x05I".to_vec()],
@@ -1094,7 +1106,10 @@ mod tests {
         let sha256_rsa = [0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0b];
         let sha384_ecdsa = [0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x03];
         assert_eq!(tls_server_end_point(&cert(&sha256_rsa)).unwrap().len(), 32);
-        assert_eq!(tls_server_end_point(&cert(&sha384_ecdsa)).unwrap().len(), 48);
+        assert_eq!(
+            tls_server_end_point(&cert(&sha384_ecdsa)).unwrap().len(),
+            48
+        );
         assert_eq!(tls_server_end_point(&cert(&[0x2b, 0x65, 0x70])), None);
         assert_eq!(tls_server_end_point(b"\x30\x05junk"), None);
     }

@@ -136,7 +136,13 @@ pub fn run(
             .headers()
             .map(|h| {
                 h.iter()
-                    .map(|h| format!("{}={}", printable(Some(h.key.as_bytes())), printable(h.value)))
+                    .map(|h| {
+                        format!(
+                            "{}={}",
+                            printable(Some(h.key.as_bytes())),
+                            printable(h.value)
+                        )
+                    })
                     .collect::<Vec<_>>()
                     .join(", ")
             })

@@ -143,7 +143,9 @@ impl RequireAuth {
                 None => (false, item),
             };
             if *negated.get_or_insert(neg) != neg {
-                return Err("require_auth: negated (!method) and plain methods cannot be mixed".into());
+                return Err(
+                    "require_auth: negated (!method) and plain methods cannot be mixed".into(),
+                );
             }
             methods.push(match name {
                 "none" => AuthMethod::None,
@@ -513,7 +515,13 @@ pub struct SslParams {
     pub require_auth: Option<RequireAuth>,
 }
 
-const OUR_KEYS: [&str; 5] = ["sslmode", "sslrootcert", "sslcert", "sslkey", "require_auth"];
+const OUR_KEYS: [&str; 5] = [
+    "sslmode",
+    "sslrootcert",
+    "sslcert",
+    "sslkey",
+    "require_auth",
+];
 
 impl SslParams {
     fn take(&mut self, key: &str, value: String) -> Result<(), String> {

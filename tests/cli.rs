@@ -207,7 +207,10 @@ fn tail_escapes_control_characters_and_stops_when_the_reader_leaves() {
     let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
-    assert!(line.contains("\\u{1b}[2J") && !line.contains('\u{1b}'), "{line:?}");
+    assert!(
+        line.contains("\\u{1b}[2J") && !line.contains('\u{1b}'),
+        "{line:?}"
+    );
     drop(out);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
     loop {

@@ -421,7 +421,10 @@ async fn conditions_cannot_smuggle_in_a_second_statement() {
         &slot,
         &template,
         "backfill",
-        &["--pending-where", "true); DROP TABLE outbox; SELECT 1 FROM (SELECT 1 AS id) s WHERE (true"],
+        &[
+            "--pending-where",
+            "true); DROP TABLE outbox; SELECT 1 FROM (SELECT 1 AS id) s WHERE (true",
+        ],
     ))
     .await;
     assert_eq!(code, 1, "{out}\n{err}");
@@ -430,10 +433,19 @@ async fn conditions_cannot_smuggle_in_a_second_statement() {
         &slot,
         &template,
         "cleanup",
-        &["--older-than", "1s", "--where", "true); DROP TABLE outbox; SELECT 1 FROM (SELECT 1 AS id) s WHERE (true"],
+        &[
+            "--older-than",
+            "1s",
+            "--where",
+            "true); DROP TABLE outbox; SELECT 1 FROM (SELECT 1 AS id) s WHERE (true",
+        ],
     ))
     .await;
     assert_ne!(code, 0, "{out}\n{err}");
-    assert_eq!(count(&db, "SELECT count(*) FROM outbox").await, 5, "the table is still there");
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM outbox").await,
+        5,
+        "the table is still there"
+    );
     db.drop().await;
 }

@@ -630,10 +630,18 @@ async fn a_partitioned_outbox_is_published_under_its_own_name() {
     assert!(line.starts_with("PASS"), "{out}");
 
     let template = format!("{prefix}.{{event_type}}");
-    let mut relay = Relay::start(&relay_args(&db, &brokers(), &["--slot", &slot, "--topic", &template]));
+    let mut relay = Relay::start(&relay_args(
+        &db,
+        &brokers(),
+        &["--slot", &slot, "--topic", &template],
+    ));
     db.wait_streaming(&slot).await;
     for i in 0..20 {
-        let month = if i % 2 == 0 { "2026-11-15" } else { "2026-12-15" };
+        let month = if i % 2 == 0 {
+            "2026-11-15"
+        } else {
+            "2026-12-15"
+        };
         db.exec(&format!(
             "INSERT INTO outbox (event_type, aggregate_id, payload, created_at) VALUES ('T', 'a', '{{\"n\": {i}}}', '{month}')"
         ))
@@ -647,7 +655,13 @@ async fn a_partitioned_outbox_is_published_under_its_own_name() {
     )
     .await;
     let after = db.current_wal_lsn().await;
-    let records = consume(&brokers(), std::slice::from_ref(&topic), 22, Duration::from_secs(60)).await;
+    let records = consume(
+        &brokers(),
+        std::slice::from_ref(&topic),
+        22,
+        Duration::from_secs(60),
+    )
+    .await;
     let mut ns: Vec<(i64, u64)> = records
         .iter()
         .map(|r| (r.offset, r.payload_json()["n"].as_u64().unwrap()))
@@ -658,22 +672,33 @@ async fn a_partitioned_outbox_is_published_under_its_own_name() {
         (0..22).collect::<Vec<u64>>(),
         "every row of both partitions once, in commit order"
     );
-    db.wait_confirmed(&slot, after, "the slot to pass the partitioned rows").await;
+    db.wait_confirmed(&slot, after, "the slot to pass the partitioned rows")
+        .await;
     relay.terminate().await;
 
     // Partitions under their own names: refused, with the fix.
-    db.exec("CREATE PUBLICATION by_leaf FOR TABLE outbox WITH (publish = 'insert')").await;
+    db.exec("CREATE PUBLICATION by_leaf FOR TABLE outbox WITH (publish = 'insert')")
+        .await;
     let (code, out, _) = check("by_leaf");
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("publish_via_partition_root = true"), "{out}");
     let mut relay = Relay::start(&relay_args(
         &db,
         &brokers(),
-        &["--slot", &slot, "--topic", &template, "--publication", "by_leaf"],
+        &[
+            "--slot",
+            &slot,
+            "--topic",
+            &template,
+            "--publication",
+            "by_leaf",
+        ],
     ));
     assert_eq!(relay.wait(Duration::from_secs(30)).await, Some(1));
     assert!(
-        relay.log_text().contains("SET (publish_via_partition_root = true)"),
+        relay
+            .log_text()
+            .contains("SET (publish_via_partition_root = true)"),
         "{}",
         relay.log_text()
     );

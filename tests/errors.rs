@@ -441,7 +441,8 @@ async fn small_records_are_not_failed_by_a_batch_over_the_topic_limit() {
         .unwrap();
     let res = admin
         .create_topics(
-            &[NewTopic::new(&topic, 1, TopicReplication::Fixed(1)).set("max.message.bytes", "1500")],
+            &[NewTopic::new(&topic, 1, TopicReplication::Fixed(1))
+                .set("max.message.bytes", "1500")],
             &AdminOptions::new(),
         )
         .await
@@ -456,17 +457,47 @@ async fn small_records_are_not_failed_by_a_batch_over_the_topic_limit() {
     )
     .await;
     let after = c.db.current_wal_lsn().await;
-    assert_eq!(relay.wait(Duration::from_secs(60)).await, Some(1), "{}", relay.log_text());
-    c.db.assert_not_confirmed(&c.slot, before, after, "the refused batch").await;
-    let dead = consume(&brokers(), std::slice::from_ref(&c.dlq), 0, Duration::from_secs(10)).await;
+    assert_eq!(
+        relay.wait(Duration::from_secs(60)).await,
+        Some(1),
+        "{}",
+        relay.log_text()
+    );
+    c.db.assert_not_confirmed(&c.slot, before, after, "the refused batch")
+        .await;
+    let dead = consume(
+        &brokers(),
+        std::slice::from_ref(&c.dlq),
+        0,
+        Duration::from_secs(10),
+    )
+    .await;
     assert!(dead.is_empty(), "good events were dead-lettered: {dead:?}");
 
     // The fix the error names: batches below the topic's limit.
-    let mut relay = Relay::start(&c.args(&["--on-error", "dead-letter", "--kafka-property", "batch.size=1000"]));
-    c.db.wait_confirmed(&c.slot, after, "the slot to pass the small events").await;
-    let records = consume(&brokers(), std::slice::from_ref(&topic), 10, Duration::from_secs(30)).await;
+    let mut relay = Relay::start(&c.args(&[
+        "--on-error",
+        "dead-letter",
+        "--kafka-property",
+        "batch.size=1000",
+    ]));
+    c.db.wait_confirmed(&c.slot, after, "the slot to pass the small events")
+        .await;
+    let records = consume(
+        &brokers(),
+        std::slice::from_ref(&topic),
+        10,
+        Duration::from_secs(30),
+    )
+    .await;
     assert_eq!(records.len(), 10, "{records:?}");
-    let dead = consume(&brokers(), std::slice::from_ref(&c.dlq), 0, Duration::from_secs(10)).await;
+    let dead = consume(
+        &brokers(),
+        std::slice::from_ref(&c.dlq),
+        0,
+        Duration::from_secs(10),
+    )
+    .await;
     assert!(dead.is_empty(), "{dead:?}");
     relay.terminate().await;
     c.db.drop().await;

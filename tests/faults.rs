@@ -386,7 +386,12 @@ impl Run {
         let resumes = relay.resumed_from();
         for w in self.windows.iter_mut().filter(|w| w.end.is_none()) {
             w.end = Some(end);
-            let resumed_from = resumes.get(w.sessions_before..).unwrap_or(&[]).iter().copied().min();
+            let resumed_from = resumes
+                .get(w.sessions_before..)
+                .unwrap_or(&[])
+                .iter()
+                .copied()
+                .min();
             if let Some(r) = resumed_from.filter(|r| *r < w.start) {
                 eprintln!(
                     "{}: {}: the slot fell back from {} to {r}: everything after it is sent again",

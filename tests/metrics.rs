@@ -212,15 +212,22 @@ async fn added_partitions_are_seen_and_counted() {
     let slot = db.classic_outbox().await;
     let topic = unique("parts");
     create_topics(&brokers(), &[&topic], 1).await;
-    let relay = Relay::start(&relay_args(&db, &brokers(), &["--slot", &slot, "--topic", &topic]));
+    let relay = Relay::start(&relay_args(
+        &db,
+        &brokers(),
+        &["--slot", &slot, "--topic", &topic],
+    ));
     let addr = relay.http_address().await;
     db.wait_streaming(&slot).await;
-    db.exec("INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('T', 'a', '{}')").await;
+    db.exec("INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('T', 'a', '{}')")
+        .await;
     let gauge = format!("outbox_topic_partitions{{topic=\"{topic}\"}}");
     let changes = format!("outbox_partition_count_changes_total{{topic=\"{topic}\"}}");
-    wait_until(Duration::from_secs(30), "the probe to see 1 partition", || async {
-        metric(&http_get(&addr, "/metrics").await.1, &gauge) == Some(1.0)
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "the probe to see 1 partition",
+        || async { metric(&http_get(&addr, "/metrics").await.1, &gauge) == Some(1.0) },
+    )
     .await;
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers())
@@ -232,7 +239,11 @@ async fn added_partitions_are_seen_and_counted() {
     {
         // The stand-in broker has no CreatePartitions; Apache Kafka does
         // (issue 11 moves every test there).
-        Err(e @ rdkafka::error::KafkaError::AdminOp(rdkafka::types::RDKafkaErrorCode::UnsupportedFeature)) => {
+        Err(
+            e @ rdkafka::error::KafkaError::AdminOp(
+                rdkafka::types::RDKafkaErrorCode::UnsupportedFeature,
+            ),
+        ) => {
             eprintln!("the test broker cannot add partitions ({e}): only the count was checked");
             drop(relay);
             db.drop().await;
@@ -241,13 +252,23 @@ async fn added_partitions_are_seen_and_counted() {
         r => r.unwrap(),
     };
     assert!(res.iter().all(|r| r.is_ok()), "{res:?}");
-    wait_until(Duration::from_secs(30), "the probe to see 3 partitions", || async {
-        let text = http_get(&addr, "/metrics").await.1;
-        metric(&text, &gauge) == Some(3.0) && metric(&text, &changes) == Some(1.0)
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "the probe to see 3 partitions",
+        || async {
+            let text = http_get(&addr, "/metrics").await.1;
+            metric(&text, &gauge) == Some(3.0) && metric(&text, &changes) == Some(1.0)
+        },
+    )
     .await;
     db.exec("INSERT INTO outbox (event_type, aggregate_id, payload) SELECT 'T', 'k' || g, '{}' FROM generate_series(1, 20) g").await;
-    let records = consume(&brokers(), std::slice::from_ref(&topic), 21, Duration::from_secs(60)).await;
+    let records = consume(
+        &brokers(),
+        std::slice::from_ref(&topic),
+        21,
+        Duration::from_secs(60),
+    )
+    .await;
     assert_eq!(records.len(), 21);
     drop(relay);
     db.drop().await;

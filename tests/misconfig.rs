@@ -179,13 +179,23 @@ async fn a_second_signal_exits_at_once() {
         .await;
     let addr = relay.http_address().await;
     wait_until(Duration::from_secs(30), "the event in flight", || async {
-        metric(&http_get(&addr, "/metrics").await.1, "outbox_inflight_events") == Some(1.0)
+        metric(
+            &http_get(&addr, "/metrics").await.1,
+            "outbox_inflight_events",
+        ) == Some(1.0)
     })
     .await;
     // An unreachable broker is seen, not a crash loop.
-    wait_until(Duration::from_secs(30), "the broker to be seen down", || async {
-        http_get(&addr, "/readyz").await.1.contains("broker_reachable=false")
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "the broker to be seen down",
+        || async {
+            http_get(&addr, "/readyz")
+                .await
+                .1
+                .contains("broker_reachable=false")
+        },
+    )
     .await;
     assert!(relay.is_running());
     relay.signal("TERM");

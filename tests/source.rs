@@ -160,11 +160,15 @@ async fn terminate_stale_walsender_takes_the_slot_when_asked() {
     // M11 of the December 2026 review: a second relay with the flag does
     // not terminate a live one; it waits as a standby. Frozen (SIGSTOP), the
     // first one goes quiet and the second takes the slot.
-    let holder = active_pid(&db, &slot).await.expect("the relay holds the slot");
+    let holder = active_pid(&db, &slot)
+        .await
+        .expect("the relay holds the slot");
     let mut second = Relay::start(&args(&db, &brokers(), &extra));
-    wait_until(Duration::from_secs(30), "the second relay to try", || async {
-        !second.announced("http_listening").is_empty()
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "the second relay to try",
+        || async { !second.announced("http_listening").is_empty() },
+    )
     .await;
     for _ in 0..50 {
         assert_eq!(
@@ -439,7 +443,8 @@ async fn type_change_with(reconnect: bool) {
         .await;
     if reconnect {
         let pid = active_pid(&db, &slot).await.unwrap();
-        db.exec(&format!("SELECT pg_terminate_backend({pid})")).await;
+        db.exec(&format!("SELECT pg_terminate_backend({pid})"))
+            .await;
         wait_until(Duration::from_secs(30), "a new session", || async {
             relay.resumed_from().len() >= 2
         })

@@ -254,9 +254,8 @@ async fn check_passes_on_a_good_setup() {
     );
     assert_eq!(lines.last().unwrap(), "11 passed, 2 warning(s), 0 failed");
     assert!(
-        check_line(&out, "postgres identity").starts_with(
-            "PASS postgres identity sslmode=prefer, and the server is on this host"
-        ),
+        check_line(&out, "postgres identity")
+            .starts_with("PASS postgres identity sslmode=prefer, and the server is on this host"),
         "{out}"
     );
     assert_eq!(
@@ -334,7 +333,10 @@ async fn check_fails_on_an_unreachable_broker() {
         "{out}"
     );
     assert!(!out.contains("kafka topic"), "{out}");
-    assert!(out.ends_with("10 passed, 1 warning(s), 1 failed\n"), "{out}");
+    assert!(
+        out.ends_with("10 passed, 1 warning(s), 1 failed\n"),
+        "{out}"
+    );
     db.drop().await;
 }
 
