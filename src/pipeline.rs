@@ -433,8 +433,8 @@ struct State {
     /// with them are in (see `settle_too_large`).
     too_large: Vec<(Pending, String, KafkaError)>,
     too_large_since: Instant,
-    /// The topic last handed to the probe: the router shares one name
-    /// among a run of records, so a pointer comparison mostly suffices.
+    /// Topics already handed to the probe, and the last one of them.
+    noted_topics: std::collections::HashSet<Arc<str>>,
     last_noted_topic: Option<Arc<str>>,
     /// Of this session's spilled bytes, those already added to the counter.
     spilled_counted: u64,
@@ -520,37 +520,56 @@ impl State {
                     self.too_large.push((pending, ack.topic, error));
                     return Ok(());
                 }
-                if let (Some(kind), Some(rec), false) = (kind, &pending.record, pending.dead_letter)
-                {
-                    // Count the dead-letter record before releasing the
-                    // failed one, so the transaction cannot be confirmed in
-                    // between.
-                    self.checkpoint.add_event(pending.txn)?;
-                    self.checkpoint.ack(pending.txn)?;
-                    let reason = format!("Kafka refused the record for {}: {error}", ack.topic);
-                    tracing::warn!(lsn = %pending.lsn, kind = %kind, "dead-lettering an event: {reason}");
-                    let dlq = policy::dead_letter(
-                        Failed::from(rec),
-                        kind,
-                        &reason,
-                        pending.lsn,
-                        &self.policy.dead_letter_topic,
-                    );
-                    self.redo.push((dlq, pending.txn, pending.lsn));
-                    return Ok(());
+                if let (Some(kind), false) = (kind, pending.dead_letter) {
+                    if self.dead_letter_delivery(&pending, kind, &ack.topic, &error)? {
+                        return Ok(());
+                    }
                 }
                 Err(PipelineError::Delivery(Box::new(DeliveryFailure {
                     topic: ack.topic,
-                    commit_lsn: self
-                        .checkpoint
-                        .commit_lsn_of(pending.txn)
-                        .map(|l| l.to_string())
-                        .unwrap_or_else(|| "?".into()),
+                    commit_lsn: self.commit_lsn_text(pending.txn),
                     error,
                     confirmed: self.checkpoint.confirmed(),
                 })))
             }
         }
+    }
+
+    /// Replaces a record whose delivery failed with its dead-letter record,
+    /// queued for `flush_redo`. The dead-letter record is counted before the
+    /// failed one is released, so the transaction cannot be confirmed in
+    /// between. False when the record was not kept (nothing to dead-letter).
+    fn dead_letter_delivery(
+        &mut self,
+        pending: &Pending,
+        kind: ErrorKind,
+        topic: &str,
+        error: &KafkaError,
+    ) -> Result<bool, PipelineError> {
+        let Some(rec) = &pending.record else {
+            return Ok(false);
+        };
+        self.checkpoint.add_event(pending.txn)?;
+        self.checkpoint.ack(pending.txn)?;
+        let reason = format!("Kafka refused the record for {topic}: {error}");
+        tracing::warn!(lsn = %pending.lsn, kind = %kind, "dead-lettering an event: {reason}");
+        let dlq = policy::dead_letter(
+            Failed::from(rec),
+            kind,
+            &reason,
+            pending.lsn,
+            &self.policy.dead_letter_topic,
+        );
+        self.redo.push((dlq, pending.txn, pending.lsn));
+        Ok(true)
+    }
+
+    /// A tracked transaction's commit LSN for an error message.
+    fn commit_lsn_text(&self, txn: TxnSeq) -> String {
+        self.checkpoint
+            .commit_lsn_of(txn)
+            .map(|l| l.to_string())
+            .unwrap_or_else(|| "?".into())
     }
 
     /// Hands a record to the producer, tracked for its delivery report. The
@@ -624,13 +643,19 @@ impl State {
             let outcome = self.sink.enqueue(&rec, tag);
             if matches!(outcome, Ok(Enqueued::Yes)) {
                 // The producer has asked about this topic itself by now, so
-                // the probe may too (see Prober::probe).
-                if !self
+                // the probe may too (see Prober::probe). The router shares
+                // one name among a run of records: mostly a pointer check.
+                let same = self
                     .last_noted_topic
                     .as_ref()
-                    .is_some_and(|t| Arc::ptr_eq(t, &rec.topic) || **t == *rec.topic)
-                {
-                    self.sink.note_topic(&rec.topic);
+                    .is_some_and(|t| Arc::ptr_eq(t, &rec.topic));
+                if !same {
+                    if !self.noted_topics.contains(&rec.topic) {
+                        self.sink.note_topic(&rec.topic);
+                        if self.noted_topics.len() < crate::sink::MAX_PROBED_TOPICS {
+                            self.noted_topics.insert(rec.topic.clone());
+                        }
+                    }
                     self.last_noted_topic = Some(rec.topic.clone());
                 }
                 return Ok(None);
@@ -771,31 +796,14 @@ impl State {
             return Err(PipelineError::BatchTooLarge(Box::new(BatchTooLarge {
                 topic,
                 records: n,
-                commit_lsn: self
-                    .checkpoint
-                    .commit_lsn_of(pending.txn)
-                    .map(|l| l.to_string())
-                    .unwrap_or_else(|| "?".into()),
+                commit_lsn: self.commit_lsn_text(pending.txn),
                 error,
                 confirmed: self.checkpoint.confirmed(),
             })));
         }
         if let Some((pending, topic, error)) = self.too_large.pop() {
-            let Some(rec) = &pending.record else {
-                return Ok(());
-            };
-            self.checkpoint.add_event(pending.txn)?;
-            self.checkpoint.ack(pending.txn)?;
-            let reason = format!("Kafka refused the record for {topic}: {error}");
-            tracing::warn!(lsn = %pending.lsn, kind = %ErrorKind::TooLarge, "dead-lettering an event: {reason}");
-            let dlq = policy::dead_letter(
-                Failed::from(rec),
-                ErrorKind::TooLarge,
-                &reason,
-                pending.lsn,
-                &self.policy.dead_letter_topic,
-            );
-            self.redo.push((dlq, pending.txn, pending.lsn));
+            // Only records kept for dead-lettering are set aside here.
+            self.dead_letter_delivery(&pending, ErrorKind::TooLarge, &topic, &error)?;
         }
         Ok(())
     }
@@ -1353,6 +1361,7 @@ async fn session(
         waiting: VecDeque::new(),
         too_large: Vec::new(),
         too_large_since: Instant::now(),
+        noted_topics: std::collections::HashSet::new(),
         last_noted_topic: None,
         spilled_counted: 0,
         event_types: std::collections::HashSet::new(),

@@ -250,7 +250,7 @@ pub struct KafkaSink {
 }
 
 /// Most topics whose partition counts the probe follows.
-const MAX_PROBED_TOPICS: usize = 256;
+pub const MAX_PROBED_TOPICS: usize = 256;
 
 impl KafkaSink {
     /// Builds the producer. The channel's size is bounded by the pipeline's
