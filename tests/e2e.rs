@@ -662,13 +662,8 @@ async fn a_partitioned_outbox_is_published_under_its_own_name() {
         Duration::from_secs(60),
     )
     .await;
-    let mut ns: Vec<(i64, u64)> = records
-        .iter()
-        .map(|r| (r.offset, r.payload_json()["n"].as_u64().unwrap()))
-        .collect();
-    ns.sort();
     assert_eq!(
-        ns.into_iter().map(|(_, n)| n).collect::<Vec<_>>(),
+        payload_numbers_by_offset(&records, "n"),
         (0..22).collect::<Vec<u64>>(),
         "every row of both partitions once, in commit order"
     );

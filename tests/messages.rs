@@ -9,6 +9,30 @@ use std::time::Duration;
 use outbox_relay::lsn::Lsn;
 use support::*;
 
+/// A relay publishing rows to `rows` and `outbox:` messages to `msgs`.
+fn message_relay_args(
+    db: &TestDb,
+    brokers: &str,
+    slot: &str,
+    rows: &str,
+    msgs: &str,
+) -> Vec<String> {
+    relay_args(
+        db,
+        brokers,
+        &[
+            "--slot",
+            slot,
+            "--topic",
+            rows,
+            "--message-prefix",
+            "outbox:",
+            "--message-topic",
+            msgs,
+        ],
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logical_messages_are_events_in_commit_order() {
     let db = TestDb::new("msg").await;
@@ -21,20 +45,7 @@ async fn logical_messages_are_events_in_commit_order() {
     create_topics(&brokers(), &[&topic], 3).await;
     let rows = format!("{prefix}.{{event_type}}");
     let msgs = format!("{prefix}.{{type}}");
-    let mut relay = Relay::start(&relay_args(
-        &db,
-        &brokers(),
-        &[
-            "--slot",
-            &slot,
-            "--topic",
-            &rows,
-            "--message-prefix",
-            "outbox:",
-            "--message-topic",
-            &msgs,
-        ],
-    ));
+    let mut relay = Relay::start(&message_relay_args(&db, &brokers(), &slot, &rows, &msgs));
     wait_until(Duration::from_secs(30), "streaming", || async {
         db.slot_active(&slot).await
     })
@@ -92,20 +103,7 @@ async fn logical_messages_are_events_in_commit_order() {
 
     // After a restart nothing is published again (the non-transactional
     // message was confirmed past its position).
-    let mut relay = Relay::start(&relay_args(
-        &db,
-        &brokers(),
-        &[
-            "--slot",
-            &slot,
-            "--topic",
-            &rows,
-            "--message-prefix",
-            "outbox:",
-            "--message-topic",
-            &msgs,
-        ],
-    ));
+    let mut relay = Relay::start(&message_relay_args(&db, &brokers(), &slot, &rows, &msgs));
     wait_until(Duration::from_secs(30), "streaming again", || async {
         db.slot_active(&slot).await
     })
@@ -148,20 +146,7 @@ async fn a_message_right_before_a_commit_does_not_skip_that_transaction() {
     let msgs_topic = format!("{prefix}.msg");
     create_topics(&broker.brokers(), &[&rows_topic, &msgs_topic], 1).await;
     let rows = format!("{prefix}.{{event_type}}");
-    let args = relay_args(
-        &db,
-        &broker.brokers(),
-        &[
-            "--slot",
-            &slot,
-            "--topic",
-            &rows,
-            "--message-prefix",
-            "outbox:",
-            "--message-topic",
-            &msgs_topic,
-        ],
-    );
+    let args = message_relay_args(&db, &broker.brokers(), &slot, &rows, &msgs_topic);
     let mut relay = Relay::start(&args);
     db.wait_streaming(&slot).await;
     let writer = sql_client(&db.url).await;

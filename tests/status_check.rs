@@ -530,14 +530,8 @@ async fn a_publication_with_other_tables_is_reported_and_their_rows_skipped() {
         Duration::from_secs(60),
     )
     .await;
-    let mut ns: Vec<(i64, u64)> = records
-        .iter()
-        .map(|r| (r.offset, r.payload_json()["n"].as_u64().unwrap()))
-        .collect();
-    ns.sort();
-    let ns: Vec<u64> = ns.into_iter().map(|(_, n)| n).collect();
     assert_eq!(
-        ns,
+        payload_numbers_by_offset(&records, "n"),
         (0..2 * TXNS as u64).collect::<Vec<_>>(),
         "every outbox row, in order, nothing else"
     );

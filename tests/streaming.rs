@@ -10,6 +10,26 @@ use std::time::Duration;
 
 use support::*;
 
+/// A relay with --streaming, the given memory budget and spill directory,
+/// publishing to `{prefix}.{event_type}`.
+fn streaming_relay(url: &str, prefix: &str, budget: u64, spill: &std::path::Path) -> Relay {
+    Relay::start(&[
+        "--database-url".into(),
+        url.to_string(),
+        "--kafka-brokers".into(),
+        brokers(),
+        "--topic".into(),
+        format!("{prefix}.{{event_type}}"),
+        "--streaming".into(),
+        "--stream-memory-budget".into(),
+        budget.to_string(),
+        "--spill-dir".into(),
+        spill.display().to_string(),
+        "--status-interval".into(),
+        "1".into(),
+    ])
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streamed_transactions_are_published_at_commit_in_commit_order() {
     // 64 kB of decoding memory makes the server stream any sizeable
@@ -25,21 +45,7 @@ async fn streamed_transactions_are_published_at_commit_in_commit_order() {
     let topic = format!("{prefix}.T");
     create_topics(&brokers(), &[&topic], 1).await;
     let spill = std::env::temp_dir().join(unique("spill"));
-    let relay = Relay::start(&[
-        "--database-url".into(),
-        url.clone(),
-        "--kafka-brokers".into(),
-        brokers(),
-        "--topic".into(),
-        format!("{prefix}.{{event_type}}"),
-        "--streaming".into(),
-        "--stream-memory-budget".into(),
-        "4096".into(),
-        "--spill-dir".into(),
-        spill.display().to_string(),
-        "--status-interval".into(),
-        "1".into(),
-    ]);
+    let relay = streaming_relay(&url, &prefix, 4096, &spill);
     let addr = relay.http_address().await;
     let insert = |tag: &str, n: usize| {
         format!(
@@ -187,21 +193,7 @@ async fn the_stream_budget_bounds_resident_memory() {
     let topic = format!("{prefix}.T");
     create_topics(&brokers(), &[&topic], 1).await;
     let spill = std::env::temp_dir().join(unique("spill"));
-    let mut relay = Relay::start(&[
-        "--database-url".into(),
-        url.clone(),
-        "--kafka-brokers".into(),
-        brokers(),
-        "--topic".into(),
-        format!("{prefix}.{{event_type}}"),
-        "--streaming".into(),
-        "--stream-memory-budget".into(),
-        BUDGET.to_string(),
-        "--spill-dir".into(),
-        spill.display().to_string(),
-        "--status-interval".into(),
-        "1".into(),
-    ]);
+    let mut relay = streaming_relay(&url, &prefix, BUDGET, &spill);
     let addr = relay.http_address().await;
     wait_until(Duration::from_secs(30), "streaming", || async {
         metric(&http_get(&addr, "/metrics").await.1, "outbox_up") == Some(1.0)

@@ -470,6 +470,22 @@ impl Record {
     }
 }
 
+/// The number in each record's payload `field`, in offset order: for one
+/// partition, the order in which the records were written.
+pub fn payload_numbers_by_offset(records: &[Record], field: &str) -> Vec<u64> {
+    let mut ns: Vec<(i64, u64)> = records
+        .iter()
+        .map(|r| {
+            (
+                r.offset,
+                r.payload_json()[field].as_u64().expect("a number"),
+            )
+        })
+        .collect();
+    ns.sort();
+    ns.into_iter().map(|(_, n)| n).collect()
+}
+
 /// Reads every record of `topics` from the beginning until at least
 /// `at_least` arrived and every partition is read to its high watermark.
 pub async fn consume(
