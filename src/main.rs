@@ -140,7 +140,12 @@ async fn tail(opts: outbox_relay::tail::TailOptions) -> std::process::ExitCode {
         flag.store(true, Ordering::Relaxed);
     });
     let result = tokio::task::spawn_blocking(move || {
-        outbox_relay::tail::run(&opts, stop, &mut std::io::stdout().lock())
+        outbox_relay::tail::run(
+            &opts,
+            stop,
+            &mut std::io::stdout().lock(),
+            &outbox_relay::tail::stdout_reader_gone,
+        )
     })
     .await;
     match result {

@@ -4,7 +4,9 @@
 //!
 //! Control characters in keys, headers and payloads are printed escaped
 //! (`\u{1b}`), so a record cannot drive the operator's terminal. A closed
-//! output (`tail | head`) ends it quietly.
+//! output (`tail | head`) ends it quietly, also while no records arrive:
+//! the output is watched for its reader leaving, as GNU `tail -f` does, so
+//! an idle tail does not outlive the pipeline it was started in.
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -66,11 +68,27 @@ fn printable(b: Option<&[u8]>) -> String {
     out
 }
 
-/// Follows the topics until `stop` is set or `max` records were printed.
+/// Whether the reader of standard output has gone away: a pipe whose read
+/// end is closed reports POLLERR on its write end. A terminal or a file never
+/// does, so for them this stays false.
+pub fn stdout_reader_gone() -> bool {
+    let mut fd = libc::pollfd {
+        fd: libc::STDOUT_FILENO,
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, a zero timeout.
+    let n = unsafe { libc::poll(&mut fd, 1, 0) };
+    n > 0 && fd.revents & (libc::POLLERR | libc::POLLHUP) != 0
+}
+
+/// Follows the topics until `stop` is set, `max` records were printed or
+/// `reader_gone` says nobody reads `out` any more.
 pub fn run(
     opts: &TailOptions,
     stop: Arc<AtomicBool>,
     out: &mut dyn Write,
+    reader_gone: &dyn Fn() -> bool,
 ) -> Result<u64, TailError> {
     let mut cfg = ClientConfig::new();
     cfg.set("bootstrap.servers", &opts.kafka_brokers)
@@ -129,6 +147,10 @@ pub fn run(
             }
         }
         let Some(m) = consumer.poll(Duration::from_millis(200)) else {
+            // Idle: no write would notice a closed output, so ask.
+            if reader_gone() {
+                return Ok(printed);
+            }
             continue;
         };
         let m = m?;

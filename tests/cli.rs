@@ -211,6 +211,12 @@ fn tail_escapes_control_characters_and_stops_when_the_reader_leaves() {
         line.contains("\\u{1b}[2J") && !line.contains('\u{1b}'),
         "{line:?}"
     );
+    // Read everything, so tail is idle when its reader leaves: no write of
+    // its own would then tell it the pipe is closed.
+    for _ in 1..200 {
+        line.clear();
+        out.read_line(&mut line).unwrap();
+    }
     drop(out);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
     loop {
