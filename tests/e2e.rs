@@ -294,7 +294,7 @@ async fn slot_does_not_move_while_the_broker_is_unreachable() {
         || async { !db.slot_active(&slot).await },
     )
     .await;
-    let broker = Broker::start(port).await;
+    let broker = Kafka::start(port).await;
     let mut relay = Relay::start(&relay_args(
         &db,
         &format!("127.0.0.1:{port}"),

@@ -644,18 +644,18 @@ async fn relay_sigkill_at_random_moments() {
     db.drop().await;
 }
 
-/// The broker is killed with -9 and restarted on its port with its sqlite
-/// storage: once for 2 s and once for 14 s. Deliveries never time out (the
+/// The broker (one Apache Kafka node) is killed with -9 and restarted on its
+/// port with its log dirs: once for 2 s and once for 14 s. Deliveries never time out (the
 /// relay refuses a finite message.timeout.ms: librdkafka would skip the
 /// timed-out records and write later ones first), so the same producer
 /// reconnects and retries in order, however long the broker is away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn broker_sigkill_and_restart_with_persistent_storage() {
+async fn broker_sigkill_and_restart() {
     let _serial = SERIAL.lock().await;
     let name = "broker SIGKILL";
     let mut rng = Rng::new(name);
     let (db, slot) = outbox_db("fault_broker").await;
-    let mut broker = OwnBroker::persistent(free_port()).await;
+    let broker = Kafka::start(free_port()).await;
     let topic = unique("fault_broker");
     create_topics(&broker.brokers(), &[&topic], PARTITIONS).await;
     let mut run = Run::new(name, &db.url, &slot, &topic, &rng);
@@ -668,14 +668,14 @@ async fn broker_sigkill_and_restart_with_persistent_storage() {
         tokio::time::sleep(rng.millis(500, 2000)).await;
         let what = format!("broker kill -9 {} ({} s down)", i + 1, down.as_secs());
         run.fault(&what, Some(&relay)).await;
-        broker.kill();
+        broker.kill(1);
         tokio::time::sleep(*down).await;
         assert!(
             relay.is_running(),
             "{name}: relay exited while the broker was down:\n{}",
             relay.log_text()
         );
-        broker.restart().await;
+        broker.start_node(1, true).await;
         run.resumed(&what, &mut relay).await;
     }
     let report = run.check(&broker.brokers(), &mut relay).await;
@@ -700,7 +700,7 @@ async fn broker_unreachable_for_a_while() {
     let (db, slot) = outbox_db("fault_outage").await;
     let listen = free_port();
     let proxy = Proxy::start(format!("127.0.0.1:{listen}").parse().unwrap()).await;
-    let broker = OwnBroker::start(listen, proxy.port, "memory://nisshi/").await;
+    let broker = Kafka::behind_proxy(listen, proxy.port).await;
     let topic = unique("fault_outage");
     create_topics(&broker.brokers(), &[&topic], PARTITIONS).await;
     let mut run = Run::new(name, &db.url, &slot, &topic, &rng);
@@ -816,7 +816,7 @@ async fn proxy_cuts_stalls_and_slows_both_connections() {
     let pg = Proxy::start(pg_addr(&db.url)).await;
     let listen = free_port();
     let kafka = Proxy::start(format!("127.0.0.1:{listen}").parse().unwrap()).await;
-    let broker = OwnBroker::start(listen, kafka.port, "memory://nisshi/").await;
+    let broker = Kafka::behind_proxy(listen, kafka.port).await;
     let topic = unique("fault_proxy");
     create_topics(&broker.brokers(), &[&topic], PARTITIONS).await;
     let mut run = Run::new(name, &db.url, &slot, &topic, &rng);

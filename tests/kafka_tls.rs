@@ -1,15 +1,14 @@
 //! TLS (and SASL/SCRAM) to Kafka: librdkafka is built with OpenSSL
 //! (rdkafka's `ssl-vendored` feature), so `--kafka-property
-//! security.protocol=ssl|sasl_ssl|sasl_plaintext` works. Proved against a
-//! nisshi broker of the test's own whose listener accepts only TLS
-//! (`--cert`/`--key`), with a CA and server certificate made by the openssl
-//! CLI (support::certs): events arrive when the relay trusts the CA, and
-//! stay in flight (the slot does not move past them) when it does not.
+//! security.protocol=ssl|sasl_ssl|sasl_plaintext` works. Proved against an
+//! Apache Kafka of the test's own whose client listener accepts only TLS (a
+//! PEM key store), with a CA and server certificate made by the openssl CLI
+//! (support::certs): events arrive when the relay trusts the CA, and stay in
+//! flight (the slot does not move past them) when it does not; and over
+//! SASL_SSL with SCRAM-SHA-512 credentials.
 
 mod support;
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use outbox_relay::sink::KafkaSink;
@@ -75,62 +74,18 @@ fn producer_accepts_tls_and_sasl_scram_properties() {
     .is_err());
 }
 
-/// A nisshi broker whose listener accepts only TLS connections.
-struct TlsBroker {
-    child: Child,
-    port: u16,
-    log: PathBuf,
-}
-
-impl TlsBroker {
-    async fn start(pki: &Pki) -> TlsBroker {
-        let port = free_port();
-        let url = format!("tcp://127.0.0.1:{port}");
-        let log = pki.dir.join("broker.log");
-        let child = Command::new(nisshi_bin())
-            .args([
-                "broker",
-                "--storage-engine",
-                "memory://nisshi/",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-                "--group-initial-rebalance-delay",
-                "0s",
-                "--cert",
-                &pki.path("server.crt"),
-                "--key",
-                &pki.path("server.key"),
-            ])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("spawn nisshi");
-        let broker = TlsBroker { child, port, log };
-        wait_until(
-            Duration::from_secs(30),
-            "the TLS broker to listen",
-            || async { std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() },
-        )
-        .await;
-        broker
-    }
-
-    fn brokers(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for TlsBroker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A Kafka whose client listener speaks `protocol` (SSL or SASL_SSL) with
+/// the PKI's server certificate. Kafka reads the PEM key store from one file
+/// holding the (unencrypted PKCS#8) key and the certificate.
+fn tls_kafka(pki: &Pki, protocol: &str) -> support::kafka::KafkaOptions {
+    let pem = pki.dir.join("server.pem");
+    let key = std::fs::read_to_string(pki.path("server.key")).unwrap();
+    let cert = std::fs::read_to_string(pki.path("server.crt")).unwrap();
+    std::fs::write(&pem, format!("{key}{cert}")).unwrap();
+    Kafka::options()
+        .protocol(protocol)
+        .config("ssl.keystore.type=PEM")
+        .config(format!("ssl.keystore.location={}", pem.display()))
 }
 
 fn tls_config(brokers: &str, ca: &str) -> ClientConfig {
@@ -218,7 +173,7 @@ async fn insert_events(db: &TestDb, topic: &str, n: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_arrive_over_tls_when_the_relay_trusts_the_broker_ca() {
     let pki = Pki::new();
-    let broker = TlsBroker::start(&pki).await;
+    let broker = tls_kafka(&pki, "SSL").start().await;
     let ca = pki.path("ca.crt");
 
     // The listener is TLS only: a plaintext client gets no metadata.
@@ -274,7 +229,7 @@ async fn events_arrive_over_tls_when_the_relay_trusts_the_broker_ca() {
         got,
         want,
         "every event once, over TLS; broker log:\n{}",
-        broker.log_text()
+        broker.log_text(1)
     );
 
     db.wait_confirmed(
@@ -292,7 +247,7 @@ async fn events_arrive_over_tls_when_the_relay_trusts_the_broker_ca() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_wrong_ca_nothing_is_delivered_and_the_slot_holds() {
     let pki = Pki::new();
-    let broker = TlsBroker::start(&pki).await;
+    let broker = tls_kafka(&pki, "SSL").start().await;
     let db = TestDb::new("kafka_tls_bad_ca").await;
     let slot = db.classic_outbox().await;
     let topic = unique("tls_bad");
@@ -368,86 +323,21 @@ async fn with_a_wrong_ca_nothing_is_delivered_and_the_slot_holds() {
     db.drop().await;
 }
 
-fn nisshi(args: &[&str]) {
-    let out = Command::new(nisshi_bin())
-        .args(args)
-        .output()
-        .expect("run nisshi");
-    assert!(
-        out.status.success(),
-        "nisshi {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// SASL/SCRAM-SHA-512 over TLS (`security.protocol=sasl_ssl`). nisshi keeps
-/// SCRAM credentials in its storage and, once `--authentication` is on,
-/// refuses every request before authentication, user creation included: the
-/// user is created on a plain broker over a sqlite file, which the
-/// authenticating TLS broker then opens.
+/// SASL/SCRAM-SHA-512 over TLS (`security.protocol=sasl_ssl`). The user is
+/// written into the storage when it is formatted (StorageTool --add-scram),
+/// as an operator bootstraps the first credentials of a KRaft cluster.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_arrive_over_sasl_ssl_with_scram_sha_512() {
     let pki = Pki::new();
-    let port = free_port();
-    let url = format!("tcp://127.0.0.1:{port}");
-    // A path relative to the broker's working directory, as OwnBroker does.
-    let storage = "sqlite://broker.db".to_string();
-    let spawn = |extra: &[&str]| {
-        let mut args = vec![
-            "broker".to_string(),
-            "--storage-engine".into(),
-            storage.clone(),
-            "--listener-url".into(),
-            url.clone(),
-            "--advertised-listener-url".into(),
-            url.clone(),
-            "--group-initial-rebalance-delay".into(),
-            "0s".into(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        Command::new(nisshi_bin())
-            .current_dir(&pki.dir)
-            .args(&args)
-            .stdout(Stdio::null())
-            .stderr(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(pki.dir.join("broker.log"))
-                    .unwrap(),
-            )
-            .spawn()
-            .expect("spawn nisshi")
-    };
-    let listening = || async { std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() };
-    let broker_log = || std::fs::read_to_string(pki.dir.join("broker.log")).unwrap_or_default();
-
-    let mut plain = spawn(&[]);
-    wait_until(Duration::from_secs(30), "the plain broker", listening).await;
-    assert!(plain.try_wait().unwrap().is_none(), "{}", broker_log());
-    nisshi(&[
-        "user",
-        "create",
-        "relay",
-        "s3cret pass",
-        "--mechanism",
-        "scram512",
-        "--broker",
-        &url,
-    ]);
-    let _ = plain.kill();
-    let _ = plain.wait();
-
-    let (cert, key) = (pki.path("server.crt"), pki.path("server.key"));
-    let child = spawn(&["--authentication", "--cert", &cert, "--key", &key]);
-    let broker = TlsBroker {
-        child,
-        port,
-        log: pki.dir.join("broker.log"),
-    };
-    wait_until(Duration::from_secs(30), "the SASL_SSL broker", listening).await;
-
+    let broker = tls_kafka(&pki, "SASL_SSL")
+        .config("sasl.enabled.mechanisms=SCRAM-SHA-512")
+        .config(
+            "listener.name.client.scram-sha-512.sasl.jaas.config=\
+             org.apache.kafka.common.security.scram.ScramLoginModule required;",
+        )
+        .scram("relay", "s3cret pass")
+        .start()
+        .await;
     let ca = pki.path("ca.crt");
     let sasl = |cfg: &mut ClientConfig, password: &str| {
         cfg.set("security.protocol", "sasl_ssl")

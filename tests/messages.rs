@@ -140,7 +140,7 @@ async fn a_message_right_before_a_commit_does_not_skip_that_transaction() {
         .await;
     let listen = free_port();
     let proxy = Proxy::start(format!("127.0.0.1:{listen}").parse().unwrap()).await;
-    let broker = OwnBroker::start(listen, proxy.port, "memory://nisshi/").await;
+    let broker = Kafka::behind_proxy(listen, proxy.port).await;
     let prefix = unique("c1");
     let rows_topic = format!("{prefix}.T");
     let msgs_topic = format!("{prefix}.msg");

@@ -602,10 +602,6 @@ fn consume_blocking(
     }
 }
 
-pub fn nisshi_bin() -> String {
-    env("NISSHI_BIN")
-}
-
 /// A free loopback port (bound then released).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -613,52 +609,6 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// A broker of the test's own, on a given port (memory storage).
-pub struct Broker {
-    child: Child,
-    pub port: u16,
-}
-
-impl Broker {
-    pub async fn start(port: u16) -> Broker {
-        let url = format!("tcp://127.0.0.1:{port}");
-        let log = std::env::temp_dir().join(format!("{}.broker.log", unique("broker")));
-        let child = Command::new(nisshi_bin())
-            .args([
-                "broker",
-                "--storage-engine",
-                "memory://nisshi/",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("spawn nisshi");
-        let broker = Broker { child, port };
-        wait_until(
-            Duration::from_secs(30),
-            "the test broker to listen",
-            || async { std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() },
-        )
-        .await;
-        broker
-    }
-
-    pub fn brokers(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// A throwaway Postgres cluster of the test's own, for what the shared one
@@ -801,6 +751,8 @@ pub fn metric(text: &str, sample: &str) -> Option<f64> {
 }
 
 pub mod certs;
+pub mod kafka;
+pub use kafka::Kafka;
 
 // ---------------------------------------------------------------------------
 // Fault injection (tests/faults.rs): a TCP fault proxy, a broker of the test's
@@ -822,126 +774,6 @@ pub fn via(url: &str, addr: &str) -> String {
 pub fn pg_addr(url: &str) -> std::net::SocketAddr {
     let cfg: tokio_postgres::Config = url.parse().unwrap();
     format!("127.0.0.1:{}", cfg.get_ports()[0]).parse().unwrap()
-}
-
-/// A broker of the test's own that can be SIGKILLed and started again on the
-/// same port. With `sqlite://…` storage (a path relative to the broker's
-/// working directory, a temp dir of its own) what it acknowledged survives
-/// `kill -9`, and idempotent producers recover; memory storage forgets
-/// everything. `advertised_port` may differ from `listen_port` to put a
-/// proxy in the path of every connection a client makes after bootstrap
-/// (clients connect to the address the broker advertises in its metadata).
-pub struct OwnBroker {
-    child: Option<Child>,
-    pub dir: PathBuf,
-    pub listen_port: u16,
-    pub advertised_port: u16,
-    pub storage: String,
-    pub log: PathBuf,
-}
-
-impl OwnBroker {
-    pub async fn start(listen_port: u16, advertised_port: u16, storage: &str) -> OwnBroker {
-        let dir = std::env::temp_dir().join(unique("broker"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut b = OwnBroker {
-            child: None,
-            log: dir.join("broker.log"),
-            dir,
-            listen_port,
-            advertised_port,
-            storage: storage.to_string(),
-        };
-        b.spawn().await;
-        b
-    }
-
-    /// `sqlite://broker.db` in a temp dir of its own, listening and
-    /// advertising on `port`.
-    pub async fn persistent(port: u16) -> OwnBroker {
-        OwnBroker::start(port, port, "sqlite://broker.db").await
-    }
-
-    async fn spawn(&mut self) {
-        assert!(self.child.is_none(), "broker already running");
-        let listen = format!("tcp://127.0.0.1:{}", self.listen_port);
-        let advertised = format!("tcp://127.0.0.1:{}", self.advertised_port);
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = Command::new(nisshi_bin())
-            .current_dir(&self.dir)
-            .args([
-                "broker",
-                "--storage-engine",
-                &self.storage,
-                "--listener-url",
-                &listen,
-                "--advertised-listener-url",
-                &advertised,
-                "--group-initial-rebalance-delay",
-                "0s",
-            ])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn nisshi");
-        self.child = Some(child);
-        let port = self.listen_port;
-        wait_until(
-            Duration::from_secs(30),
-            "the test broker to listen",
-            || async { std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() },
-        )
-        .await;
-    }
-
-    /// SIGKILL, and wait until it is gone.
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// Starts it again on the same ports, storage and directory.
-    pub async fn restart(&mut self) {
-        self.kill();
-        self.spawn().await;
-    }
-
-    pub fn is_running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| c.try_wait().unwrap().is_none())
-    }
-
-    /// Bootstrap address for clients: the advertised one.
-    pub fn brokers(&self) -> String {
-        format!("127.0.0.1:{}", self.advertised_port)
-    }
-
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for OwnBroker {
-    fn drop(&mut self) {
-        self.kill();
-        // A failed test keeps the broker's storage and log: what the broker
-        // holds is the evidence.
-        if std::thread::panicking() {
-            eprintln!(
-                "test broker's storage and log kept in {}",
-                self.dir.display()
-            );
-        } else {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
 }
 
 /// Runs a Postgres binary as `postgres` when we are root (initdb, pg_ctl and

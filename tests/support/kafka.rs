@@ -1,0 +1,262 @@
+//! An Apache Kafka of a test's own, for what the shared stack's cannot do:
+//! be killed and restarted, sit behind the fault proxy, speak only TLS or
+//! SASL, or be three nodes. Started by `scripts/stack kafka`, so the tests
+//! and the stack share one node configuration. Stopped and removed on drop
+//! (kept when the test failed: its log dirs and server.log are the evidence).
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The stack script of this checkout.
+pub fn stack_script() -> &'static str {
+    concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/stack")
+}
+
+/// Runs `scripts/stack ARGS`, and returns its stdout; panics with its output
+/// when it fails.
+fn stack(args: &[String]) -> String {
+    let out = Command::new(stack_script())
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {} {args:?}: {e}", stack_script()));
+    assert!(
+        out.status.success(),
+        "scripts/stack {args:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+async fn stack_async(args: Vec<String>) -> String {
+    tokio::task::spawn_blocking(move || stack(&args))
+        .await
+        .expect("scripts/stack task")
+}
+
+/// `n` loopback ports free right now, all different (bound together, then
+/// released).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let socks: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    socks
+        .iter()
+        .map(|s| s.local_addr().unwrap().port())
+        .collect()
+}
+
+fn port_list(ports: &[u16]) -> String {
+    ports
+        .iter()
+        .map(u16::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// How to start one.
+#[derive(Debug, Clone)]
+pub struct KafkaOptions {
+    nodes: usize,
+    ports: Option<Vec<u16>>,
+    advertised: Option<Vec<u16>>,
+    protocol: String,
+    config: Vec<String>,
+    scram: Vec<(String, String)>,
+}
+
+impl KafkaOptions {
+    /// 1 (the default) or 3 combined broker+controller nodes; with 3, topics
+    /// are replicated 3 times with `min.insync.replicas=2`.
+    pub fn nodes(mut self, n: usize) -> Self {
+        self.nodes = n;
+        self
+    }
+
+    /// The client ports to listen on, one per node.
+    pub fn ports(mut self, ports: &[u16]) -> Self {
+        self.ports = Some(ports.to_vec());
+        self
+    }
+
+    /// The client ports advertised in metadata (a proxy in between), one per
+    /// node. Clients connect to these after bootstrap.
+    pub fn advertise(mut self, ports: &[u16]) -> Self {
+        self.advertised = Some(ports.to_vec());
+        self
+    }
+
+    /// The client listener's security protocol: PLAINTEXT, SSL or SASL_SSL.
+    pub fn protocol(mut self, p: &str) -> Self {
+        self.protocol = p.to_string();
+        self
+    }
+
+    /// A line for every node's server.properties.
+    pub fn config(mut self, line: impl Into<String>) -> Self {
+        self.config.push(line.into());
+        self
+    }
+
+    /// A SCRAM-SHA-512 user, written when the storage is formatted.
+    pub fn scram(mut self, user: &str, password: &str) -> Self {
+        self.scram.push((user.to_string(), password.to_string()));
+        self
+    }
+
+    pub async fn start(self) -> Kafka {
+        let dir = std::env::temp_dir().join(super::unique("kafka"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ports = self.ports.unwrap_or_else(|| free_ports(self.nodes));
+        let advertised = self.advertised.unwrap_or_else(|| ports.clone());
+        assert_eq!(ports.len(), self.nodes, "one client port per node");
+        assert_eq!(advertised.len(), self.nodes, "one advertised port per node");
+        let mut args: Vec<String> = vec![
+            "kafka".into(),
+            "up".into(),
+            "--dir".into(),
+            dir.display().to_string(),
+            "--nodes".into(),
+            self.nodes.to_string(),
+            "--port".into(),
+            port_list(&ports),
+            "--advertise-port".into(),
+            port_list(&advertised),
+            "--protocol".into(),
+            self.protocol.clone(),
+        ];
+        if !self.config.is_empty() {
+            let file = dir.join("extra.properties");
+            std::fs::write(&file, self.config.join("\n") + "\n").unwrap();
+            args.extend(["--config".into(), file.display().to_string()]);
+        }
+        for (u, p) in &self.scram {
+            args.extend(["--scram".into(), format!("{u}={p}")]);
+        }
+        let kafka = Kafka {
+            dir,
+            nodes: self.nodes,
+            advertised,
+        };
+        stack_async(args).await;
+        kafka
+    }
+}
+
+/// A running Kafka of the test's own.
+pub struct Kafka {
+    pub dir: PathBuf,
+    pub nodes: usize,
+    advertised: Vec<u16>,
+}
+
+impl Kafka {
+    pub fn options() -> KafkaOptions {
+        KafkaOptions {
+            nodes: 1,
+            ports: None,
+            advertised: None,
+            protocol: "PLAINTEXT".into(),
+            config: Vec::new(),
+            scram: Vec::new(),
+        }
+    }
+
+    /// One plaintext node on `port`.
+    pub async fn start(port: u16) -> Kafka {
+        Kafka::options().ports(&[port]).start().await
+    }
+
+    /// One plaintext node listening on `listen` that advertises `advertised`:
+    /// with a proxy from `advertised` to `listen`, every connection a client
+    /// makes after bootstrap goes through the proxy.
+    pub async fn behind_proxy(listen: u16, advertised: u16) -> Kafka {
+        Kafka::options()
+            .ports(&[listen])
+            .advertise(&[advertised])
+            .start()
+            .await
+    }
+
+    /// Bootstrap list for clients: the advertised addresses.
+    pub fn brokers(&self) -> String {
+        self.advertised
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn node_args(&self, verb: &[&str]) -> Vec<String> {
+        let mut args: Vec<String> = vec![
+            "kafka".into(),
+            "node".into(),
+            "--dir".into(),
+            self.dir.display().to_string(),
+        ];
+        args.extend(verb.iter().map(|s| s.to_string()));
+        args
+    }
+
+    /// SIGKILL node `n` (1-based) and wait until it is gone.
+    pub fn kill(&self, n: usize) {
+        stack(&self.node_args(&["stop", &n.to_string(), "--kill"]));
+    }
+
+    /// SIGTERM node `n` (a controlled shutdown) and wait until it is gone.
+    pub fn stop(&self, n: usize) {
+        stack(&self.node_args(&["stop", &n.to_string()]));
+    }
+
+    /// Start node `n` again on its ports and log dirs, and wait until it
+    /// serves. `wait: false` when it cannot serve alone (no quorum yet).
+    pub async fn start_node(&self, n: usize, wait: bool) {
+        let mut verb = vec!["start".to_string(), n.to_string()];
+        if !wait {
+            verb.push("--no-wait".into());
+        }
+        let refs: Vec<&str> = verb.iter().map(String::as_str).collect();
+        stack_async(self.node_args(&refs)).await;
+    }
+
+    /// SIGKILL node `n`, then start it again.
+    pub async fn restart(&self, n: usize) {
+        self.kill(n);
+        self.start_node(n, true).await;
+    }
+
+    /// The node that leads `topic`'s `partition`.
+    pub fn leader(&self, topic: &str, partition: i32) -> usize {
+        let out = stack(&self.node_args(&["leader", topic, &partition.to_string()]));
+        out.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("no leader for {topic}/{partition}: {out:?}"))
+    }
+
+    /// Node `n`'s server.log.
+    pub fn log_text(&self, n: usize) -> String {
+        std::fs::read_to_string(self.dir.join(format!("node{n}/server.log"))).unwrap_or_default()
+    }
+}
+
+impl Drop for Kafka {
+    fn drop(&mut self) {
+        let keep = std::thread::panicking();
+        let mut args = vec![
+            "kafka".to_string(),
+            "down".into(),
+            "--dir".into(),
+            self.dir.display().to_string(),
+        ];
+        if keep {
+            args.push("--keep".into());
+            eprintln!(
+                "the test's Kafka (log dirs, server.log) kept in {}",
+                self.dir.display()
+            );
+        }
+        // Never a second panic while unwinding.
+        let _ = Command::new(stack_script()).args(&args).output();
+    }
+}
