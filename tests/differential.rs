@@ -26,11 +26,11 @@
 //! of exactly 1 MiB, and incompressible values over 1 MB stored out of line
 //! (TOASTed; asserted through the TOAST table).
 //!
-//! Records over 1 MB: the nisshi broker enforces Kafka's default
-//! `max.message.bytes` (1048588) per topic, so the test's topics are created
-//! with `max.message.bytes = 8388608` through the Admin API (nisshi honours
-//! it: the config is checked with DescribeConfigs, and the >1 MB records are
-//! accepted), and the relays get `--kafka-property message.max.bytes=8388608`.
+//! Records over 1 MB: Kafka's default `max.message.bytes` (1048588) holds
+//! per topic, so the test's topics are created with `max.message.bytes =
+//! 8388608` through the Admin API (checked with DescribeConfigs, and the
+//! >1 MB records are accepted), and the relays get `--kafka-property
+//! message.max.bytes=8388608`.
 
 mod support;
 
@@ -500,15 +500,15 @@ async fn produce_direct(brokers: &str, topic: &str, size: usize) -> Result<(), S
         .map_err(|(e, _)| e.to_string())
 }
 
-/// nisshi enforces `max.message.bytes` per topic (Kafka's default, 1048588,
-/// unless the topic was created with another value) and honours the value
-/// given at creation: a 1.2 MB record is refused by a default topic and
+/// The broker enforces `max.message.bytes` per topic (Kafka's default,
+/// 1048588, unless the topic was created with another value) and honours the
+/// value given at creation: a 1.2 MB record is refused by a default topic and
 /// accepted by one created with 8 MiB.
 async fn broker_honours_per_topic_max_message_bytes(brokers: &str, prefix: &str) {
     let small = format!("{prefix}.probe-default");
     let big = format!("{prefix}.probe-big");
     let default = create_topic(brokers, &small, false).await;
-    // nisshi's DescribeConfigs lists only the configs set on the topic.
+    // Some brokers list only the configs set on the topic.
     assert!(
         matches!(default.as_deref(), None | Some("1048588")),
         "default topic's max.message.bytes: {default:?}"
@@ -516,7 +516,7 @@ async fn broker_honours_per_topic_max_message_bytes(brokers: &str, prefix: &str)
     let raised = create_topic(brokers, &big, true).await;
     assert_eq!(raised.as_deref(), Some(MAX_MESSAGE_BYTES));
     let refused = produce_direct(brokers, &small, 1_200_000).await;
-    eprintln!("1.2 MB record on a default nisshi topic: {refused:?}");
+    eprintln!("1.2 MB record on a default topic: {refused:?}");
     assert!(
         refused.as_ref().is_err_and(|e| e.contains("too large")
             || e.contains("TooLarge")

@@ -6,8 +6,8 @@
 //!
 //! - `relay_sigkill_at_random_moments`: the relay is SIGKILLed
 //!   `OUTBOX_RELAY_KILLS` times (default 20) and restarted.
-//! - `broker_sigkill_and_restart_with_persistent_storage`: a sqlite broker is
-//!   killed with -9 and restarted on its port, once for 2 s and once for 14 s.
+//! - `broker_sigkill_and_restart`: a one-node Kafka is killed with -9 and
+//!   restarted on its port and log dirs, once for 2 s and once for 14 s.
 //! - `broker_unreachable_for_a_while`: through the fault proxy, the broker
 //!   refuses every connection for `OUTBOX_RELAY_OUTAGE_SECS` (default 20).
 //! - `postgres_restarted_and_walsender_terminated`: `pg_ctl restart` (fast
@@ -15,6 +15,11 @@
 //!   terminated three times.
 //! - `proxy_cuts_stalls_and_slows_both_connections`: the fault proxy between
 //!   the relay and each service cuts, stalls, slows and refuses.
+//! - `cluster_leader_sigkill_and_restart`, `cluster_two_of_three_nodes_down`,
+//!   `cluster_all_nodes_down`: a three-node Kafka (RF 3,
+//!   min.insync.replicas=2) loses the leader of the partition being written
+//!   for 10 s, two nodes for `OUTBOX_RELAY_CLUSTER_DOWN_SECS` (default 20),
+//!   and every node for `OUTBOX_RELAY_CLUSTER_OUTAGE_SECS` (default 60).
 //!
 //! The relay must recover by itself (it is never restarted except where the
 //! test kills it). The scenarios run one at a time (a lock), so the load and
@@ -409,6 +414,35 @@ impl Run {
         took
     }
 
+    /// Call right after a fault that leaves nothing acknowledgeable: for
+    /// `how_long`, the slot must stay at or before the server's WAL position
+    /// now (nothing committed from now on can have been delivered), and the
+    /// relay must keep running. Returns the highest position seen and that
+    /// bound.
+    async fn slot_holds(&mut self, how_long: Duration, relay: &mut Relay) -> (Lsn, Lsn) {
+        let at_cut = self.monitor.wal_now().await;
+        let until = Instant::now() + how_long;
+        let mut highest = Lsn::default();
+        while Instant::now() < until {
+            if let Some(c) = self.monitor.confirmed(&self.slot).await {
+                highest = highest.max(c);
+                assert!(
+                    c <= at_cut,
+                    "{}: the slot moved to {c}, past {at_cut}, while nothing could be acknowledged",
+                    self.name
+                );
+            }
+            assert!(
+                relay.is_running(),
+                "{}: relay exited during the fault:\n{}",
+                self.name,
+                relay.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        (highest, at_cut)
+    }
+
     /// Stops the load, waits for the relay to catch up, runs the checker and
     /// asserts: nothing lost, nothing out of order or altered, duplicates
     /// only from the faults' windows. Returns the report.
@@ -711,26 +745,7 @@ async fn broker_unreachable_for_a_while() {
     let what = format!("broker unreachable {} s", outage.as_secs());
     run.fault(&what, Some(&relay)).await;
     proxy.refuse_and_cut();
-    // Nothing committed from now on can be acknowledged: the slot must stay
-    // at or before the WAL position of the cut.
-    let at_cut = run.monitor.wal_now().await;
-    let until = Instant::now() + outage;
-    let mut highest = Lsn::default();
-    while Instant::now() < until {
-        if let Some(c) = run.monitor.confirmed(&slot).await {
-            highest = highest.max(c);
-            assert!(
-                c <= at_cut,
-                "{name}: the slot moved to {c}, past {at_cut}, while the broker was unreachable"
-            );
-        }
-        assert!(
-            relay.is_running(),
-            "{name}: relay exited during the outage:\n{}",
-            relay.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    let (highest, at_cut) = run.slot_holds(outage, &mut relay).await;
     let refused = proxy.refused();
     proxy.set_mode(Mode::Pass);
     run.resumed(&what, &mut relay).await;
@@ -867,6 +882,124 @@ async fn proxy_cuts_stalls_and_slows_both_connections() {
         sessions(&relay),
         pg.accepted(),
         kafka.accepted()
+    );
+    stop_relay(relay, name).await;
+    db.drop().await;
+}
+
+// ------------------------------------------------- three-node Kafka cluster
+
+/// A three-node Kafka (RF 3, min.insync.replicas=2) with the fault test's
+/// topic on it, and a relay writing to it under load.
+async fn cluster_run(name: &str, rng: &Rng) -> (TestDb, Kafka, Run, Relay) {
+    let (db, slot) = outbox_db(&format!("fault_{}", name.replace(' ', "_"))).await;
+    let kafka = Kafka::options().nodes(3).start().await;
+    let topic = unique("fault_cluster");
+    create_replicated_topics(&kafka.brokers(), &[&topic], PARTITIONS, 3).await;
+    let mut run = Run::new(name, &db.url, &slot, &topic, rng);
+    let mut relay = Relay::start(&run.relay_args(&db.url, &kafka.brokers(), &[]));
+    run.resumed("first start", &mut relay).await;
+    (db, kafka, run, relay)
+}
+
+/// The leader of the partition being written is SIGKILLed, and restarted
+/// 10 s later. The other two nodes elect a new leader from the in-sync
+/// replicas; the relay's idempotent producer follows it without a gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_leader_sigkill_and_restart() {
+    let _serial = SERIAL.lock().await;
+    let name = "cluster leader SIGKILL";
+    let mut rng = Rng::new(name);
+    let (db, kafka, mut run, mut relay) = cluster_run(name, &rng).await;
+    tokio::time::sleep(rng.millis(1000, 3000)).await;
+    let leader = kafka.leader(&run.topic, 0);
+    let what = format!("leader (node {leader}) of partition 0 SIGKILLed for 10 s");
+    run.fault(&what, Some(&relay)).await;
+    kafka.kill(leader);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    // Two of three in sync: writes go on while the node is away.
+    run.resumed(&what, &mut relay).await;
+    let back = format!("node {leader} restarted");
+    run.fault(&back, Some(&relay)).await;
+    kafka.start_node(leader, true).await;
+    run.resumed(&back, &mut relay).await;
+    let report = run.check(&kafka.brokers(), &mut relay).await;
+    eprintln!(
+        "{name}: {} events checked, {} replication sessions",
+        report.rows,
+        sessions(&relay)
+    );
+    stop_relay(relay, name).await;
+    db.drop().await;
+}
+
+/// Two of three nodes down: fewer in-sync replicas than
+/// min.insync.replicas=2 (and no controller quorum), so no write can be
+/// acknowledged. The slot does not move past what was committed before,
+/// and everything arrives once they are back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_two_of_three_nodes_down() {
+    let _serial = SERIAL.lock().await;
+    let name = "cluster two down";
+    let mut rng = Rng::new(name);
+    let down = Duration::from_secs(env_number("OUTBOX_RELAY_CLUSTER_DOWN_SECS", 20));
+    let (db, kafka, mut run, mut relay) = cluster_run(name, &rng).await;
+    tokio::time::sleep(rng.millis(1000, 3000)).await;
+    let first = kafka.leader(&run.topic, 0);
+    let second = first % 3 + 1;
+    let what = format!(
+        "nodes {first} and {second} SIGKILLed for {} s",
+        down.as_secs()
+    );
+    run.fault(&what, Some(&relay)).await;
+    kafka.kill(first);
+    kafka.kill(second);
+    let (highest, at_cut) = run.slot_holds(down, &mut relay).await;
+    // One node back makes a quorum and two in-sync replicas again.
+    kafka.start_node(first, false).await;
+    kafka.start_node(second, true).await;
+    kafka.start_node(first, true).await;
+    run.resumed(&what, &mut relay).await;
+    eprintln!("{name}: slot held at {highest} (≤ {at_cut}) while two nodes were down");
+    let report = run.check(&kafka.brokers(), &mut relay).await;
+    eprintln!(
+        "{name}: {} events checked, {} replication sessions",
+        report.rows,
+        sessions(&relay)
+    );
+    stop_relay(relay, name).await;
+    db.drop().await;
+}
+
+/// Every node down (SIGKILL) for OUTBOX_RELAY_CLUSTER_OUTAGE_SECS (default
+/// 60): the relay keeps running, the slot holds, and the same producer
+/// delivers everything once the cluster is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_all_nodes_down() {
+    let _serial = SERIAL.lock().await;
+    let name = "cluster all down";
+    let mut rng = Rng::new(name);
+    let outage = Duration::from_secs(env_number("OUTBOX_RELAY_CLUSTER_OUTAGE_SECS", 60));
+    let (db, kafka, mut run, mut relay) = cluster_run(name, &rng).await;
+    tokio::time::sleep(rng.millis(1000, 3000)).await;
+    let what = format!("all three nodes SIGKILLed for {} s", outage.as_secs());
+    run.fault(&what, Some(&relay)).await;
+    for n in 1..=3 {
+        kafka.kill(n);
+    }
+    let (highest, at_cut) = run.slot_holds(outage, &mut relay).await;
+    kafka.start_node(1, false).await;
+    kafka.start_node(2, false).await;
+    for n in 1..=3 {
+        kafka.start_node(n, true).await;
+    }
+    run.resumed(&what, &mut relay).await;
+    eprintln!("{name}: slot held at {highest} (≤ {at_cut}) while the cluster was down");
+    let report = run.check(&kafka.brokers(), &mut relay).await;
+    eprintln!(
+        "{name}: {} events checked, {} replication sessions",
+        report.rows,
+        sessions(&relay)
     );
     stop_relay(relay, name).await;
     db.drop().await;

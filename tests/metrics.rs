@@ -233,24 +233,10 @@ async fn added_partitions_are_seen_and_counted() {
         .set("bootstrap.servers", brokers())
         .create()
         .unwrap();
-    let res = match admin
+    let res = admin
         .create_partitions(&[NewPartitions::new(&topic, 3)], &AdminOptions::new())
         .await
-    {
-        // The stand-in broker has no CreatePartitions; Apache Kafka does
-        // (issue 11 moves every test there).
-        Err(
-            e @ rdkafka::error::KafkaError::AdminOp(
-                rdkafka::types::RDKafkaErrorCode::UnsupportedFeature,
-            ),
-        ) => {
-            eprintln!("the test broker cannot add partitions ({e}): only the count was checked");
-            drop(relay);
-            db.drop().await;
-            return;
-        }
-        r => r.unwrap(),
-    };
+        .unwrap();
     assert!(res.iter().all(|r| r.is_ok()), "{res:?}");
     wait_until(
         Duration::from_secs(30),

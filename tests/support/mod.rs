@@ -417,13 +417,23 @@ pub fn relay_args(db: &TestDb, brokers: &str, extra: &[&str]) -> Vec<String> {
 }
 
 pub async fn create_topics(brokers: &str, topics: &[&str], partitions: i32) {
+    create_replicated_topics(brokers, topics, partitions, 1).await
+}
+
+/// Topics with `replicas` copies of each partition (3 on a three-node Kafka).
+pub async fn create_replicated_topics(
+    brokers: &str,
+    topics: &[&str],
+    partitions: i32,
+    replicas: i32,
+) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()
         .expect("admin client");
     let new: Vec<NewTopic> = topics
         .iter()
-        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(replicas)))
         .collect();
     let res = admin
         .create_topics(
