@@ -359,7 +359,12 @@ impl Run {
     /// past the server's WAL position now, i.e. events committed after the
     /// fault ended went through, and prints the time that took.
     async fn resumed(&mut self, what: &str, relay: &mut Relay) -> Duration {
-        let cleared = Instant::now();
+        self.resumed_since(what, relay, Instant::now()).await
+    }
+
+    /// As `resumed`, timed from `cleared`: when the fault's end took a while
+    /// itself (a Kafka node starting), the time to resume includes it.
+    async fn resumed_since(&mut self, what: &str, relay: &mut Relay, cleared: Instant) -> Duration {
         let target = self.monitor.wal_now().await;
         let deadline = cleared + Duration::from_secs(120);
         loop {
@@ -709,8 +714,9 @@ async fn broker_sigkill_and_restart() {
             "{name}: relay exited while the broker was down:\n{}",
             relay.log_text()
         );
+        let restarted = Instant::now();
         broker.start_node(1, true).await;
-        run.resumed(&what, &mut relay).await;
+        run.resumed_since(&what, &mut relay, restarted).await;
     }
     let report = run.check(&broker.brokers(), &mut relay).await;
     eprintln!(
@@ -921,8 +927,9 @@ async fn cluster_leader_sigkill_and_restart() {
     run.resumed(&what, &mut relay).await;
     let back = format!("node {leader} restarted");
     run.fault(&back, Some(&relay)).await;
+    let restarted = Instant::now();
     kafka.start_node(leader, true).await;
-    run.resumed(&back, &mut relay).await;
+    run.resumed_since(&back, &mut relay, restarted).await;
     let report = run.check(&kafka.brokers(), &mut relay).await;
     eprintln!(
         "{name}: {} events checked, {} replication sessions",
@@ -955,11 +962,13 @@ async fn cluster_two_of_three_nodes_down() {
     kafka.kill(first);
     kafka.kill(second);
     let (highest, at_cut) = run.slot_holds(down, &mut relay).await;
-    // One node back makes a quorum and two in-sync replicas again.
+    // One node back makes a quorum and two in-sync replicas again. The time
+    // to resume counts from the restart, Kafka's own start-up included.
+    let restarted = Instant::now();
     kafka.start_node(first, false).await;
     kafka.start_node(second, true).await;
     kafka.start_node(first, true).await;
-    run.resumed(&what, &mut relay).await;
+    run.resumed_since(&what, &mut relay, restarted).await;
     eprintln!("{name}: slot held at {highest} (≤ {at_cut}) while two nodes were down");
     let report = run.check(&kafka.brokers(), &mut relay).await;
     eprintln!(
@@ -988,12 +997,13 @@ async fn cluster_all_nodes_down() {
         kafka.kill(n);
     }
     let (highest, at_cut) = run.slot_holds(outage, &mut relay).await;
+    let restarted = Instant::now();
     kafka.start_node(1, false).await;
     kafka.start_node(2, false).await;
     for n in 1..=3 {
         kafka.start_node(n, true).await;
     }
-    run.resumed(&what, &mut relay).await;
+    run.resumed_since(&what, &mut relay, restarted).await;
     eprintln!("{name}: slot held at {highest} (≤ {at_cut}) while the cluster was down");
     let report = run.check(&kafka.brokers(), &mut relay).await;
     eprintln!(

@@ -259,3 +259,71 @@ async fn added_partitions_are_seen_and_counted() {
     drop(relay);
     db.drop().await;
 }
+
+/// M1 of the December 2026 review: while one event is stuck, every
+/// transaction behind it is tracked until it is acknowledged: here
+/// non-empty transactions of another published table, and on PostgreSQL 14
+/// every empty transaction of the database too. Reading pauses at
+/// 2 × `--max-inflight` tracked transactions instead of growing without
+/// bound, and goes on once the event is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_behind_a_stuck_event_are_bounded() {
+    let db = TestDb::new("metrics_m1").await;
+    let slot = format!("s_{}", db.name);
+    setup(&db, &slot).await;
+    db.exec(
+        "CREATE TABLE busy (id serial PRIMARY KEY); ALTER PUBLICATION outbox_pub ADD TABLE busy",
+    )
+    .await;
+    // No broker yet on this port: the first event cannot be acknowledged.
+    let port = free_port();
+    let topic = unique("m1");
+    let relay = Relay::start(&relay_args(
+        &db,
+        &format!("127.0.0.1:{port}"),
+        &["--slot", &slot, "--topic", &topic, "--max-inflight", "20"],
+    ));
+    let addr = relay.http_address().await;
+    db.wait_streaming(&slot).await;
+    db.exec("INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('T', 'a', '{}')")
+        .await;
+    db.exec("DO $$ BEGIN FOR i IN 1..1000 LOOP INSERT INTO busy DEFAULT VALUES; COMMIT; END LOOP; END $$")
+        .await;
+    let skipped = "outbox_skipped_rows_total{table=\"public.busy\"}";
+    let count = || async { metric(&http_get(&addr, "/metrics").await.1, skipped).unwrap_or(0.0) };
+    wait_until(
+        Duration::from_secs(30),
+        "the relay to read transactions behind the stuck event",
+        || async { count().await >= 30.0 },
+    )
+    .await;
+    // At most 40 tracked transactions (2 × --max-inflight), the stuck one
+    // included, and reading stays paused there: without the bound all 1000
+    // are read while the event is stuck.
+    let paused_at = count().await;
+    assert!(
+        paused_at <= 40.0,
+        "{paused_at} rows read past the stuck event"
+    );
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(count().await, paused_at, "reading went on past the bound");
+    }
+    let kafka = Kafka::start(port).await;
+    wait_until(
+        Duration::from_secs(60),
+        "every transaction read once the event is delivered",
+        || async { count().await == 1000.0 },
+    )
+    .await;
+    let records = consume(
+        &kafka.brokers(),
+        std::slice::from_ref(&topic),
+        1,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(records.len(), 1);
+    drop(relay);
+    db.drop().await;
+}
