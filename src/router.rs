@@ -295,6 +295,9 @@ impl RouterConfig {
                 .iter()
                 .map(|h| (h.column.clone(), "--header-columns")),
         );
+        if let Some(c) = &self.event_type_column {
+            cols.push((c.clone(), "--event-type-column"));
+        }
         cols
     }
 }
@@ -481,13 +484,20 @@ impl Router {
                 .insert(rel.oid, RelationPlan::Other(Arc::from(full_name)));
             return Ok(());
         }
-        let find = |col: &str, option: &'static str| {
-            rel.columns
-                .iter()
-                .position(|c| c.name == col)
-                .ok_or_else(|| RouteError::MissingColumn {
-                    table: full_name.clone(),
-                    missing: col.to_string(),
+        // Each configured column is looked up once: its position for the
+        // plan, its type for the check against what earlier sessions saw (a
+        // type change under a running relay must stop it, not be decoded
+        // the new way).
+        let mut position: HashMap<String, usize> = HashMap::new();
+        let mut types = HashMap::new();
+        for (column, option) in self.cfg.referenced_columns() {
+            if position.contains_key(&column) {
+                continue;
+            }
+            let Some(idx) = rel.columns.iter().position(|c| c.name == column) else {
+                return Err(RouteError::MissingColumn {
+                    table: full_name,
+                    missing: column,
                     option,
                     existing: rel
                         .columns
@@ -495,11 +505,8 @@ impl Router {
                         .map(|c| c.name.as_str())
                         .collect::<Vec<_>>()
                         .join(", "),
-                })
-        };
-        let mut types = HashMap::new();
-        for (column, option) in self.cfg.referenced_columns() {
-            let idx = find(&column, option)?;
+                });
+            };
             let type_oid = rel.columns[idx].type_oid;
             if let Some(before) = self.mapped_types.as_ref().and_then(|t| t.get(&column)) {
                 if *before != type_oid {
@@ -512,14 +519,17 @@ impl Router {
                     });
                 }
             }
-            types.insert(column, type_oid);
+            types.insert(column.clone(), type_oid);
+            position.insert(column, idx);
         }
         self.mapped_types = Some(types);
-        let payload = find(&self.cfg.payload_column, "--payload-column")?;
+        // Every column below is one of referenced_columns(): found above.
+        let at = |col: &str| position[col];
+        let payload = at(&self.cfg.payload_column);
         let plan = Plan {
             ncols: rel.columns.len(),
-            id: find(&self.cfg.id_column, "--id-column")?,
-            key: find(&self.cfg.key_column, "--key-column")?,
+            id: at(&self.cfg.id_column),
+            key: at(&self.cfg.key_column),
             payload,
             payload_bytea: rel.columns[payload].type_oid == BYTEA_OID,
             check_json: self.cfg.require_json
@@ -530,22 +540,17 @@ impl Router {
                 .parts
                 .iter()
                 .map(|p| match p {
-                    TemplatePart::Literal(l) => Ok(TopicPlan::Literal(l.clone())),
-                    TemplatePart::Column(c) => find(c, "--topic").map(TopicPlan::Column),
+                    TemplatePart::Literal(l) => TopicPlan::Literal(l.clone()),
+                    TemplatePart::Column(c) => TopicPlan::Column(at(c)),
                 })
-                .collect::<Result<_, _>>()?,
+                .collect(),
             headers: self
                 .cfg
                 .headers
                 .iter()
-                .map(|h| {
-                    find(&h.column, "--header-columns").map(|i| (Arc::from(h.header.as_str()), i))
-                })
-                .collect::<Result<_, _>>()?,
-            event_type: match &self.cfg.event_type_column {
-                Some(c) => Some(find(c, "--event-type-column")?),
-                None => None,
-            },
+                .map(|h| (Arc::from(h.header.as_str()), at(&h.column)))
+                .collect(),
+            event_type: self.cfg.event_type_column.as_deref().map(at),
         };
         self.relations.insert(rel.oid, RelationPlan::Outbox(plan));
         Ok(())
