@@ -7,6 +7,7 @@
 //! |---|---|---|
 //! | `http_listening` | `address` | the HTTP endpoint is bound (useful with port 0) |
 //! | `streaming` | `slot`, `resume_from` | a replication session starts streaming, from the slot's confirmed position |
+//! | `stopped` | `bad_event_kind` (null unless a bad event stopped it), `confirmed`, `error` | the relay gives up on an error no retry can fix, just before it exits 1 |
 
 use std::io::Write;
 
@@ -27,4 +28,13 @@ pub fn streaming(slot: &str, resume_from: Lsn) {
     emit(
         serde_json::json!({"event": "streaming", "slot": slot, "resume_from": resume_from.to_string()}),
     );
+}
+
+pub fn stopped(bad_event_kind: Option<&str>, confirmed: Lsn, error: &str) {
+    emit(serde_json::json!({
+        "event": "stopped",
+        "bad_event_kind": bad_event_kind,
+        "confirmed": confirmed.to_string(),
+        "error": error,
+    }));
 }

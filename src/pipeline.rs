@@ -100,6 +100,18 @@ impl PipelineError {
     /// Whether a new session (fresh connection and producer, resuming from the
     /// slot) can be expected to succeed. Everything else needs a person: a
     /// bad row, a missing slot, a configuration the server refuses.
+    /// The bad-event kind that stopped the relay (`too-large`,
+    /// `authorization`, …, the names `--on-error-override` takes), when a
+    /// bad event under `halt` is what stopped it.
+    pub fn bad_event_kind(&self) -> Option<ErrorKind> {
+        match self {
+            PipelineError::Route { source, .. } => ErrorKind::of_route(source),
+            PipelineError::Delivery(f) => ErrorKind::of_kafka(&f.error),
+            PipelineError::Sink(SinkError::Enqueue { error, .. }) => ErrorKind::of_kafka(error),
+            _ => None,
+        }
+    }
+
     pub fn is_retriable(&self) -> bool {
         match self {
             PipelineError::Replication(e) => match e {

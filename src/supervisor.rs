@@ -122,6 +122,11 @@ pub async fn run(
             if let Some(hint) = err.hint() {
                 tracing::error!("{hint}");
             }
+            crate::announce::stopped(
+                err.bad_event_kind().map(|k| k.name()),
+                totals.confirmed,
+                &err.to_string(),
+            );
             return Err(err);
         }
         // A session that streamed and got something done was healthy: the

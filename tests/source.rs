@@ -221,6 +221,8 @@ async fn a_dropped_mapped_column_stops_the_relay_and_the_slot_stays() {
         Some(1),
         "the relay stops"
     );
+    // A schema problem, not a bad event: no policy would let it pass.
+    assert_eq!(relay.stopped_for(), Some(None));
     let log = relay.log_text();
     assert!(
         log.contains("has no column aggregate_id (set by --key-column); its columns are: id, event_id, event_type, payload"),

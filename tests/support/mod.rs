@@ -319,6 +319,14 @@ impl Relay {
             .collect()
     }
 
+    /// The bad-event kind of the relay's `stopped` line (Some(None) when it
+    /// stopped for another reason; None when it has not said it stopped).
+    pub fn stopped_for(&self) -> Option<Option<String>> {
+        self.announced("stopped")
+            .last()
+            .map(|v| v["bad_event_kind"].as_str().map(str::to_string))
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -762,6 +770,7 @@ pub fn metric(text: &str, sample: &str) -> Option<f64> {
 
 pub mod certs;
 pub mod kafka;
+#[allow(unused_imports)]
 pub use kafka::Kafka;
 
 // ---------------------------------------------------------------------------
