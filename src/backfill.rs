@@ -34,8 +34,9 @@ use tokio_postgres::{Client, SimpleQueryMessage};
 
 use crate::config::{Options, RelayConfig};
 use crate::lsn::Lsn;
+use crate::pg::quote_ident;
 use crate::pgoutput::{Column, Insert, Relation, TupleValue};
-use crate::replication::{quote_ident, ConnectParams, ReplicationConnection};
+use crate::replication::{ConnectParams, ReplicationConnection};
 use crate::router::{Routed, Router};
 use crate::sink::{Ack, Enqueued, KafkaSink};
 

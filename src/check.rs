@@ -102,7 +102,7 @@ fn ident(s: &str) -> String {
     if plain {
         s.to_string()
     } else {
-        crate::replication::quote_ident(s)
+        crate::pg::quote_ident(s)
     }
 }
 

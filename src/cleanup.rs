@@ -28,32 +28,12 @@ use tokio_postgres::{Client, SimpleQueryMessage};
 
 use crate::config::RelayConfig;
 use crate::lsn::Lsn;
-use crate::replication::quote_ident;
+use crate::pg::quote_ident;
 
-/// A duration such as `7d`, `12h`, `30m`, `45s`, `500ms` or `90` (seconds).
+/// A duration option (`7d`, `12h`, `30m`, `45s`, `500ms`; a bare number is
+/// seconds).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration: expected e.g. 7d, 12h, 30m, 45s"))?;
-    let secs = match unit.trim() {
-        "" | "s" | "sec" | "secs" => n,
-        "ms" => n / 1000.0,
-        "m" | "min" | "mins" => n * 60.0,
-        "h" | "hour" | "hours" => n * 3600.0,
-        "d" | "day" | "days" => n * 86_400.0,
-        "w" | "week" | "weeks" => n * 7.0 * 86_400.0,
-        other => {
-            return Err(format!(
-                "{s:?}: unknown unit {other:?} (use ms, s, m, h, d or w)"
-            ))
-        }
-    };
-    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+    crate::config::parse_duration(s, crate::config::BareNumber::Seconds)
 }
 
 /// `outbox-relay cleanup`: the relay's options (Kafka unused) plus the mode.

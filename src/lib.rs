@@ -22,6 +22,7 @@ pub mod http;
 pub mod lsn;
 pub mod messages;
 pub mod metrics;
+pub mod pg;
 pub mod pgoutput;
 pub mod pipeline;
 pub mod policy;

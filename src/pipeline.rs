@@ -24,11 +24,12 @@ use crate::config::RelayConfig;
 use crate::lsn::Lsn;
 use crate::messages::MessageConfig;
 use crate::metrics::Metrics;
+use crate::pg::quote_ident;
 use crate::pgoutput::{self, DecodeError, LogicalMessage};
 use crate::policy::{self, ErrorKind, ErrorPolicy, Failed, Policy};
 use crate::replication::{
-    quote_ident, quote_literal, ConnectParams, ReplicationConnection, ReplicationError,
-    ReplicationMessage, ReplicationReader, ReplicationWriter,
+    quote_literal, ConnectParams, ReplicationConnection, ReplicationError, ReplicationMessage,
+    ReplicationReader, ReplicationWriter,
 };
 use crate::router::{OutboxRecord, RouteError, Routed, Router};
 use crate::sink::{Ack, Enqueued, KafkaSink, SinkError};
@@ -224,18 +225,7 @@ pub struct Summary {
 
 /// Parses a Postgres duration setting (`60s`, `1min`, `500ms`, `0`).
 pub fn parse_pg_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let n: u64 = s[..split].parse().ok()?;
-    let ms = match s[split..].trim() {
-        "" | "ms" => n,
-        "s" => n * 1000,
-        "min" => n * 60_000,
-        "h" => n * 3_600_000,
-        "d" => n * 86_400_000,
-        _ => return None,
-    };
-    Some(Duration::from_millis(ms))
+    crate::config::parse_duration(s, crate::config::BareNumber::Millis).ok()
 }
 
 struct Slot {

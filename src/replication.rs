@@ -24,6 +24,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, Wr
 use tokio_postgres::config::Host;
 
 use crate::lsn::Lsn;
+use crate::pg::quote_ident;
 use crate::pgoutput::PG_EPOCH_OFFSET_SECS;
 use crate::tls::{AuthMethod, DatabaseSource, SslMode, TlsSettings};
 
@@ -776,11 +777,6 @@ impl ReplicationConnection {
             },
         })
     }
-}
-
-/// Double-quotes an identifier for replication commands.
-pub fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
 }
 
 /// Single-quotes a literal for replication command options.

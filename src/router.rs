@@ -69,9 +69,9 @@ impl TableName {
     /// The name quoted for SQL.
     pub fn quoted(&self) -> String {
         format!(
-            "\"{}\".\"{}\"",
-            self.schema.replace('"', "\"\""),
-            self.name.replace('"', "\"\"")
+            "{}.{}",
+            crate::pg::quote_ident(&self.schema),
+            crate::pg::quote_ident(&self.name)
         )
     }
 }

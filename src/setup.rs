@@ -7,7 +7,7 @@
 use tokio_postgres::Client;
 
 use crate::config::RelayConfig;
-use crate::replication::quote_ident;
+use crate::pg::quote_ident;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {

@@ -36,6 +36,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::Serialize;
 
 use crate::config::{Options, RelayConfig};
+use crate::pg::quote_ident;
 use crate::router::{validate_topic, RouterConfig, TopicTemplate};
 
 /// Postgres type OIDs the checker cares about.
@@ -541,10 +542,6 @@ impl fmt::Display for Report {
             write!(f, "FAILED: {}", failures.join(", "))
         }
     }
-}
-
-fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
 }
 
 /// The topic template's text split into literals and placeholder columns.

@@ -1,0 +1,25 @@
+//! Postgres plumbing shared by the pipeline and the operator commands.
+//!
+//! It owns how names are written into SQL and replication commands. It must
+//! not hold pipeline state: everything here is a pure function of its input.
+
+/// A double-quoted identifier, for SQL and for replication commands alike
+/// (whose grammar takes the same quoted form). postgres-protocol's escaper,
+/// so that every name the relay writes into a statement is quoted one way.
+pub fn quote_ident(s: &str) -> String {
+    postgres_protocol::escape::escape_identifier(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identifiers_are_double_quoted_with_quotes_doubled() {
+        assert_eq!(quote_ident("outbox"), "\"outbox\"");
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+        // A backslash is not special inside an identifier.
+        assert_eq!(quote_ident("a\\b"), "\"a\\b\"");
+        assert_eq!(quote_ident("Tenant A"), "\"Tenant A\"");
+    }
+}
