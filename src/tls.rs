@@ -232,7 +232,12 @@ impl TlsSettings {
                 ))
             })?;
             let mut roots = RootCertStore::empty();
-            for cert in read_certs("sslrootcert", path)? {
+            let certs = if is_system(path) {
+                system_roots()?
+            } else {
+                read_certs("sslrootcert", path)?
+            };
+            for cert in certs {
                 roots
                     .add(cert)
                     .map_err(|e| TlsError(format!("sslrootcert {}: {e}", path.display())))?;
@@ -314,6 +319,28 @@ fn pem_error(e: &rustls::pki_types::pem::Error) -> String {
         }
         other => format!("{other:?}"),
     }
+}
+
+/// `sslrootcert=system` (libpq 16+): the operating system's trusted CAs
+/// instead of a file, for servers with publicly signed certificates.
+fn is_system(path: &Path) -> bool {
+    path == Path::new("system")
+}
+
+/// The system's trusted CAs, as OpenSSL would find them (`SSL_CERT_FILE`
+/// and `SSL_CERT_DIR` first, then the platform's bundle).
+fn system_roots() -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let found = rustls_native_certs::load_native_certs();
+    if found.certs.is_empty() {
+        let why = found
+            .errors
+            .first()
+            .map_or_else(|| "none found".to_string(), |e| e.to_string());
+        return Err(TlsError(format!(
+            "sslrootcert=system: cannot load the system's trusted CA certificates ({why}); install the ca-certificates package, point SSL_CERT_FILE at a bundle, or set sslrootcert to a file"
+        )));
+    }
+    Ok(found.certs)
 }
 
 fn read_certs(what: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -730,9 +757,24 @@ impl DatabaseConfig {
         let mut pg: tokio_postgres::Config = rest
             .parse()
             .map_err(|e| ("database_url", format!("{e}; {EXPECTED}")))?;
+        let root_cert = o.ssl_root_cert.or(ssl.root_cert);
+        let system = root_cert.as_deref().is_some_and(is_system);
+        // As libpq: sslrootcert=system implies verify-full, and refuses a
+        // weaker mode (any site with a public certificate would pass).
+        let mode = match o.ssl_mode.or(ssl.mode) {
+            Some(m) => m,
+            None if system => SslMode::VerifyFull,
+            None => SslMode::default(),
+        };
+        if system && mode != SslMode::VerifyFull {
+            return Err((
+                "ssl_mode",
+                format!("sslmode={mode} cannot be used with sslrootcert=system: the system's CAs vouch for every public host, so only sslmode=verify-full (the host name checked) means anything; set sslmode=verify-full or drop it"),
+            ));
+        }
         let tls = TlsSettings {
-            mode: o.ssl_mode.or(ssl.mode).unwrap_or_default(),
-            root_cert: o.ssl_root_cert.or(ssl.root_cert),
+            mode,
+            root_cert,
             cert: o.ssl_cert.or(ssl.cert),
             key: o.ssl_key.or(ssl.key),
             require_auth: ssl.require_auth.unwrap_or_default(),

@@ -234,6 +234,45 @@ async fn sslmodes_root_certificates_and_client_certificates() {
         }
     }
 
+    // sslrootcert=system: the system's CAs, found as OpenSSL finds them
+    // (SSL_CERT_FILE first). With the test CA as the "system" bundle the
+    // server verifies, with verify-full implied; with another bundle it does
+    // not; a weaker sslmode beside it is refused, as by libpq.
+    let system = url("127.0.0.1", port, "postgres", "sslrootcert=system");
+    if let Err(e) = setup(&["--database-url", &system], &[("SSL_CERT_FILE", &ca)]) {
+        failures.push(format!(
+            "sslrootcert=system, the test CA as the system bundle: {e}"
+        ));
+    }
+    let by_ip = url("127.0.0.2", port, "postgres", "sslrootcert=system");
+    match setup(&["--database-url", &by_ip], &[("SSL_CERT_FILE", &ca)]) {
+        Err(e) if e.contains("not valid for name") => {}
+        other => failures.push(format!(
+            "sslrootcert=system must check the host name (verify-full): {other:?}"
+        )),
+    }
+    match setup(
+        &["--database-url", &system],
+        &[("SSL_CERT_FILE", &other_ca)],
+    ) {
+        Err(e) if e.contains("certificate") => {}
+        other => failures.push(format!(
+            "sslrootcert=system with a bundle that lacks the CA: {other:?}"
+        )),
+    }
+    let weak = url(
+        "127.0.0.1",
+        port,
+        "postgres",
+        "sslmode=require&sslrootcert=system",
+    );
+    match setup(&["--database-url", &weak], &[("SSL_CERT_FILE", &ca)]) {
+        Err(e) if e.contains("verify-full") => {}
+        other => failures.push(format!(
+            "sslmode=require with sslrootcert=system must be refused: {other:?}"
+        )),
+    }
+
     // The options override the URL's parameters.
     let plain = url("127.0.0.1", port, "relay_cert", "sslmode=disable");
     let opts = Overrides {
