@@ -468,17 +468,28 @@ async fn create_topic(brokers: &str, topic: &str, big: bool) -> Option<String> {
             panic!("create topic {t} (big: {big}): {e}");
         }
     }
-    let described = admin
-        .describe_configs([&ResourceSpecifier::Topic(topic)], &opts)
-        .await
-        .expect("describe configs");
-    described.into_iter().find_map(|r| match r {
-        Ok(res) => res.get("max.message.bytes").and_then(|e| e.value.clone()),
-        Err(e) => {
-            eprintln!("describe_configs for {topic}: {e}");
-            None
+    // CreateTopics returns once the controller committed the topic; the
+    // broker answering DescribeConfigs may apply that metadata a moment
+    // later and list the topic without its configs. Poll until the value
+    // set at creation shows, for at most 10 s.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let described = admin
+            .describe_configs([&ResourceSpecifier::Topic(topic)], &opts)
+            .await
+            .expect("describe configs");
+        let value = described.into_iter().find_map(|r| match r {
+            Ok(res) => res.get("max.message.bytes").and_then(|e| e.value.clone()),
+            Err(e) => {
+                eprintln!("describe_configs for {topic}: {e}");
+                None
+            }
+        });
+        if !big || value.as_deref() == Some(MAX_MESSAGE_BYTES) || Instant::now() > deadline {
+            return value;
         }
-    })
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Produces one record of `size` bytes directly (not through the relay).
