@@ -1259,7 +1259,7 @@ async fn latency_run(
                 // returns, COMMIT has returned.
                 c.execute(&stmt, &[&key, &seq, &etype]).await?;
                 commits.push((seq, now_us()));
-                if let Some(p) = direct.as_ref().filter(|_| seq as u64 % every == 0) {
+                if let Some(p) = direct.as_ref().filter(|_| (seq as u64).is_multiple_of(every)) {
                     let topic = format!("{base}.{etype}");
                     let payload = format!("{{\"pad\": \"{pad}\", \"seq\": {seq}}}");
                     // The relay's headers for this table (event id, event type):

@@ -1,38 +1,23 @@
 //! outbox-relay: the transactional outbox, published by change data capture.
 //!
-//! The pipeline, one module per stage:
+//! The tree is the pipeline:
 //!
 //! ```text
-//! replication (source) -> pgoutput (decoder) [-> stream_buffer] -> router -> sink (Kafka) -> checkpoint (LSN)
+//! pipeline::source (replication connection) -> pipeline::decode (pgoutput [+ stream buffer])
+//!   -> pipeline::route (router, logical messages) -> pipeline::sink (Kafka)
+//!   -> pipeline::checkpoint (the LSN to confirm)
 //! ```
 //!
-//! `pipeline` drives the stages and `supervisor` its sessions; `policy`
-//! decides about bad events, `messages` routes logical messages. Beside
-//! them: `config`, `tls`, `metrics` and `http`, `announce` (stdout lines),
-//! and the operator commands `setup`, `check`, `status`, `backfill`,
-//! `cleanup`, `tail` and `verify`.
+//! `pipeline::driver` runs one session of those stages and `supervisor` the
+//! sessions; `pipeline::policy` decides about bad events. Beside them:
+//! `config` (flags, environment, TOML, presets), `pg` (Postgres connection
+//! settings, TLS, identifier quoting), `observe` (metrics, HTTP, stdout
+//! announcements) and the operator commands in `commands`.
 
-pub mod announce;
-pub mod backfill;
-pub mod check;
-pub mod checkpoint;
-pub mod cleanup;
+pub mod commands;
 pub mod config;
-pub mod http;
 pub mod lsn;
-pub mod messages;
-pub mod metrics;
+pub mod observe;
 pub mod pg;
-pub mod pgoutput;
 pub mod pipeline;
-pub mod policy;
-pub mod replication;
-pub mod router;
-pub mod setup;
-pub mod sink;
-pub mod status;
-pub mod stream_buffer;
 pub mod supervisor;
-pub mod tail;
-pub mod tls;
-pub mod verify;

@@ -5,8 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use outbox_relay::commands::setup;
 use outbox_relay::config::{LogFormat, Options, RelayConfig};
-use outbox_relay::{setup, supervisor};
+use outbox_relay::supervisor;
 
 #[derive(Parser)]
 #[command(
@@ -30,17 +31,17 @@ enum Command {
     /// Stream outbox events to Kafka until SIGTERM/SIGINT.
     Run(Options),
     /// Print records as they arrive in Kafka (topic, key, headers, payload).
-    Tail(outbox_relay::tail::TailOptions),
+    Tail(outbox_relay::commands::tail::TailOptions),
     /// Check Kafka against the outbox table: missing, duplicated, reordered or altered events; exit 1 on loss, disorder or mismatch.
-    Verify(outbox_relay::verify::VerifyArgs),
+    Verify(outbox_relay::commands::verify::VerifyArgs),
     /// Show the slot (position, retained WAL, activity) and the publication; exit 1 if the slot is missing.
-    Status(outbox_relay::status::StatusOptions),
+    Status(outbox_relay::commands::status::StatusOptions),
     /// Preflight: check everything `run` needs (PASS/WARN/FAIL, with fixes); exit 1 on any FAIL.
     Check(Options),
     /// Cutover from a polling publisher: create the slot with an exported snapshot and publish the rows still pending in it.
-    Backfill(outbox_relay::backfill::BackfillArgs),
+    Backfill(outbox_relay::commands::backfill::BackfillArgs),
     /// Delete outbox rows already published (confirmed by the slot), or older than a retention; in batches.
-    Cleanup(outbox_relay::cleanup::CleanupArgs),
+    Cleanup(outbox_relay::commands::cleanup::CleanupArgs),
 }
 
 /// `status` and `check`: read-only reports; Kafka settings are optional.
@@ -58,8 +59,8 @@ async fn report(config: Option<PathBuf>, command: Command) -> std::process::Exit
         }
     };
     std::process::ExitCode::from(match json {
-        Some(json) => outbox_relay::status::command(&cfg, json).await,
-        None => outbox_relay::check::command(&cfg).await,
+        Some(json) => outbox_relay::commands::status::command(&cfg, json).await,
+        None => outbox_relay::commands::check::command(&cfg).await,
     })
 }
 
@@ -130,7 +131,7 @@ fn shutdown_flag() -> tokio::sync::watch::Receiver<bool> {
     rx
 }
 
-async fn tail(opts: outbox_relay::tail::TailOptions) -> std::process::ExitCode {
+async fn tail(opts: outbox_relay::commands::tail::TailOptions) -> std::process::ExitCode {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     let stop = Arc::new(AtomicBool::new(false));
@@ -140,11 +141,11 @@ async fn tail(opts: outbox_relay::tail::TailOptions) -> std::process::ExitCode {
         flag.store(true, Ordering::Relaxed);
     });
     let result = tokio::task::spawn_blocking(move || {
-        outbox_relay::tail::run(
+        outbox_relay::commands::tail::run(
             &opts,
             stop,
             &mut std::io::stdout().lock(),
-            &outbox_relay::tail::stdout_reader_gone,
+            &outbox_relay::commands::tail::stdout_reader_gone,
         )
     })
     .await;
@@ -163,15 +164,15 @@ async fn tail(opts: outbox_relay::tail::TailOptions) -> std::process::ExitCode {
 
 /// `run`: the HTTP endpoint, then the supervised pipeline.
 async fn run(cfg: &RelayConfig) -> anyhow::Result<()> {
-    let metrics = std::sync::Arc::new(outbox_relay::metrics::Metrics::new());
+    let metrics = std::sync::Arc::new(outbox_relay::observe::metrics::Metrics::new());
     if let Some(addr) = cfg.http_address {
-        let bound = outbox_relay::http::serve(addr, metrics.clone())
+        let bound = outbox_relay::observe::http::serve(addr, metrics.clone())
             .await
             .with_context(|| {
                 format!("cannot listen on {addr} for /metrics, /healthz and /readyz: choose another --http-address, or `off`")
             })?;
         tracing::info!(address = %bound, "HTTP endpoint listening (/metrics, /healthz, /readyz)");
-        outbox_relay::announce::http_listening(bound);
+        outbox_relay::observe::announce::http_listening(bound);
     }
     supervisor::run(cfg, metrics, shutdown_flag())
         .await
@@ -222,17 +223,17 @@ async fn async_main() -> std::process::ExitCode {
         Command::Tail(t) => return tail(t).await,
         c @ (Command::Status(_) | Command::Check(_)) => return report(cli.config, c).await,
         Command::Backfill(b) => {
-            return outbox_relay::backfill::command(cli.config.as_deref(), b)
+            return outbox_relay::commands::backfill::command(cli.config.as_deref(), b)
                 .await
                 .into()
         }
         Command::Cleanup(c) => {
-            return outbox_relay::cleanup::command(cli.config.as_deref(), c)
+            return outbox_relay::commands::cleanup::command(cli.config.as_deref(), c)
                 .await
                 .into()
         }
         Command::Verify(v) => {
-            return outbox_relay::verify::command(cli.config.as_deref(), v)
+            return outbox_relay::commands::verify::command(cli.config.as_deref(), v)
                 .await
                 .into()
         }

@@ -13,8 +13,8 @@ use tokio::sync::watch;
 
 use crate::config::RelayConfig;
 use crate::lsn::Lsn;
-use crate::metrics::Metrics;
-use crate::pipeline::{self, PipelineError, Summary};
+use crate::observe::metrics::Metrics;
+use crate::pipeline::driver::{self, PipelineError, Summary};
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 
@@ -99,7 +99,7 @@ pub async fn run(
             metrics.reconnects.inc();
         }
         let (summary, result): (Summary, _) =
-            pipeline::run(cfg, resume, &mut column_types, metrics.clone(), stop).await;
+            driver::run(cfg, resume, &mut column_types, metrics.clone(), stop).await;
         totals.sessions += 1;
         totals.events += summary.events;
         totals.transactions += summary.transactions;
@@ -122,7 +122,7 @@ pub async fn run(
             if let Some(hint) = err.hint() {
                 tracing::error!("{hint}");
             }
-            crate::announce::stopped(
+            crate::observe::announce::stopped(
                 err.bad_event_kind().map(|k| k.name()),
                 totals.confirmed,
                 &err.to_string(),

@@ -4,12 +4,12 @@
 
 mod support;
 
-use outbox_relay::replication::{ConnectParams, ReplicationConnection};
+use outbox_relay::pipeline::source::{ConnectParams, ReplicationConnection};
 use support::*;
 
 async fn connect(
     url: &str,
-) -> Result<ReplicationConnection, outbox_relay::replication::ReplicationError> {
+) -> Result<ReplicationConnection, outbox_relay::pipeline::source::ReplicationError> {
     let cfg: tokio_postgres::Config = url.parse().unwrap();
     ReplicationConnection::connect(&ConnectParams::from_config(&cfg).unwrap()).await
 }

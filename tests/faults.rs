@@ -1,5 +1,5 @@
 //! Fault scenarios on the real services, each under continuous insert load and
-//! each checked by the delivery checker (`outbox_relay::verify`): nothing
+//! each checked by the delivery checker (`outbox_relay::commands::verify`): nothing
 //! lost, no aggregate out of order, duplicates reported and bounded by the
 //! events of the transactions the slot had not confirmed at each fault. Each
 //! fault's time to resume is printed (`--nocapture` shows it).
@@ -34,9 +34,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use outbox_relay::commands::verify::{self, OrderBy, Report, VerifySettings};
 use outbox_relay::config::{Options, RelayConfig};
 use outbox_relay::lsn::Lsn;
-use outbox_relay::verify::{self, OrderBy, Report, VerifySettings};
 use support::proxy::{Mode, Proxy};
 use support::*;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};

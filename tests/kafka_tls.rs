@@ -11,7 +11,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use outbox_relay::sink::KafkaSink;
+use outbox_relay::pipeline::sink::KafkaSink;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;

@@ -10,7 +10,7 @@
 
 use bytes::Bytes;
 use outbox_relay::lsn::Lsn;
-use outbox_relay::pgoutput::{
+use outbox_relay::pipeline::decode::pgoutput::{
     decode, Begin, Column, Commit, Insert, LogicalMessage, Message, OldTupleKind, Relation,
     TupleValue,
 };

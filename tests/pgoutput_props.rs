@@ -6,7 +6,7 @@
 //! state must follow exactly the messages that decoded.
 
 use bytes::Bytes;
-use outbox_relay::pgoutput::{decode, Decoder, LogicalMessage};
+use outbox_relay::pipeline::decode::pgoutput::{decode, Decoder, LogicalMessage};
 
 const FIXTURES: [&str; 4] = [
     include_str!("fixtures/pgoutput_pg15_proto1.txt"),

@@ -16,7 +16,9 @@
 
 use bytes::Bytes;
 use outbox_relay::lsn::Lsn;
-use outbox_relay::pgoutput::{DecodeError, Decoder, LogicalMessage as M, OldTupleKind, TupleValue};
+use outbox_relay::pipeline::decode::pgoutput::{
+    DecodeError, Decoder, LogicalMessage as M, OldTupleKind, TupleValue,
+};
 
 const PROTO2: &str = include_str!("fixtures/pgoutput_pg17_proto2.txt");
 const PROTO3: &str = include_str!("fixtures/pgoutput_pg17_proto3.txt");
@@ -330,7 +332,8 @@ fn check_streaming_capture(fixture: &str, version: u32) {
         (origin.commit_lsn, &origin.name[..]),
         (Lsn(0xABCDEF), "node_a")
     );
-    let may_2024 = (1_714_521_600 - outbox_relay::pgoutput::PG_EPOCH_OFFSET_SECS) * 1_000_000;
+    let may_2024 = (1_714_521_600 - outbox_relay::pipeline::decode::pgoutput::PG_EPOCH_OFFSET_SECS)
+        * 1_000_000;
     assert_eq!(
         (begin.commit_time, commit.commit_time),
         (may_2024, may_2024)

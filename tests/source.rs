@@ -8,7 +8,7 @@ mod support;
 use std::time::Duration;
 
 use outbox_relay::lsn::Lsn;
-use outbox_relay::replication::{ConnectParams, ReplicationConnection};
+use outbox_relay::pipeline::source::{ConnectParams, ReplicationConnection};
 use support::*;
 
 async fn insert(db: &TestDb, n: usize, tag: &str) {

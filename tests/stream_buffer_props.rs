@@ -9,8 +9,10 @@ use std::path::PathBuf;
 
 use bytes::Bytes;
 use outbox_relay::lsn::Lsn;
-use outbox_relay::pgoutput::{Decoder, LogicalMessage, TupleValue};
-use outbox_relay::stream_buffer::{replay_decoder, StreamBuffer, StreamBufferError};
+use outbox_relay::pipeline::decode::pgoutput::{Decoder, LogicalMessage, TupleValue};
+use outbox_relay::pipeline::decode::stream_buffer::{
+    replay_decoder, StreamBuffer, StreamBufferError,
+};
 
 /// A fresh directory under the system temp dir, removed on drop.
 struct TempDir(PathBuf);

@@ -9,8 +9,8 @@ mod support;
 use std::process::Command;
 use std::time::Duration;
 
-use outbox_relay::replication::{ConnectParams, ReplicationConnection};
-use outbox_relay::tls::{DatabaseConfig, Overrides};
+use outbox_relay::pg::tls::{DatabaseConfig, Overrides};
+use outbox_relay::pipeline::source::{ConnectParams, ReplicationConnection};
 use support::certs::Pki;
 use support::*;
 
@@ -276,7 +276,7 @@ async fn sslmodes_root_certificates_and_client_certificates() {
     // The options override the URL's parameters.
     let plain = url("127.0.0.1", port, "relay_cert", "sslmode=disable");
     let opts = Overrides {
-        ssl_mode: Some(outbox_relay::tls::SslMode::VerifyFull),
+        ssl_mode: Some(outbox_relay::pg::tls::SslMode::VerifyFull),
         ssl_root_cert: Some(ca.clone().into()),
         ssl_cert: Some(cert.clone().into()),
         ssl_key: Some(key.clone().into()),

@@ -4,5 +4,5 @@
 
 #[path = "../../src/lsn.rs"]
 pub mod lsn;
-#[path = "../../src/pgoutput.rs"]
+#[path = "../../src/pipeline/decode/pgoutput.rs"]
 pub mod pgoutput;

@@ -1,7 +1,10 @@
 //! Postgres plumbing shared by the pipeline and the operator commands.
 //!
-//! It owns how names are written into SQL and replication commands. It must
-//! not hold pipeline state: everything here is a pure function of its input.
+//! It owns how names are written into SQL and replication commands and, in
+//! `tls`, the connection settings (libpq's URL and keywords) and TLS of every
+//! Postgres connection. It must not hold pipeline state.
+
+pub mod tls;
 
 /// A double-quoted identifier, for SQL and for replication commands alike
 /// (whose grammar takes the same quoted form). postgres-protocol's escaper,

@@ -299,7 +299,7 @@ impl Relay {
         Relay { child, log, out }
     }
 
-    /// The relay's announcements so far (`outbox_relay::announce`), with
+    /// The relay's announcements so far (`outbox_relay::observe::announce`), with
     /// the given `event`.
     pub fn announced(&self, event: &str) -> Vec<serde_json::Value> {
         std::fs::read_to_string(&self.out)

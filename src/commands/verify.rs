@@ -37,7 +37,7 @@ use serde::Serialize;
 
 use crate::config::{Options, RelayConfig};
 use crate::pg::quote_ident;
-use crate::router::{validate_topic, RouterConfig, TopicTemplate};
+use crate::pipeline::route::router::{validate_topic, RouterConfig, TopicTemplate};
 
 /// Postgres type OIDs the checker cares about.
 const BYTEA_OID: u32 = 17;
@@ -1189,7 +1189,7 @@ pub fn compare(
 /// Runs the whole check: the table first, then the topics up to the high
 /// watermarks taken after it.
 pub async fn verify(cfg: &RelayConfig, settings: &VerifySettings) -> Result<Report, VerifyError> {
-    let (client, conn) = crate::tls::connect_sql(&cfg.database)
+    let (client, conn) = crate::pg::tls::connect_sql(&cfg.database)
         .await
         .map_err(VerifyError::Connect)?;
     let outbox = read_outbox(&client, &cfg.router, &settings.order).await;

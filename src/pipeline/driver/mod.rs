@@ -19,21 +19,21 @@ use prometheus_client::metrics::counter::Counter;
 use rdkafka::error::KafkaError;
 use tokio::sync::mpsc;
 
-use crate::checkpoint::{Checkpoint, CheckpointError, TxnSeq};
 use crate::config::RelayConfig;
 use crate::lsn::Lsn;
-use crate::messages::MessageConfig;
-use crate::metrics::Metrics;
+use crate::observe::metrics::Metrics;
 use crate::pg::quote_ident;
-use crate::pgoutput::{self, DecodeError, LogicalMessage};
-use crate::policy::{self, ErrorKind, ErrorPolicy, Failed, Policy};
-use crate::replication::{
+use crate::pipeline::checkpoint::{Checkpoint, CheckpointError, TxnSeq};
+use crate::pipeline::decode::pgoutput::{self, DecodeError, LogicalMessage};
+use crate::pipeline::decode::stream_buffer::{self, StreamBuffer, StreamBufferError};
+use crate::pipeline::policy::{self, ErrorKind, ErrorPolicy, Failed, Policy};
+use crate::pipeline::route::messages::MessageConfig;
+use crate::pipeline::route::router::{OutboxRecord, RouteError, Routed, Router};
+use crate::pipeline::sink::{Ack, Enqueued, KafkaSink, SinkError};
+use crate::pipeline::source::{
     quote_literal, ConnectParams, ReplicationConnection, ReplicationError, ReplicationMessage,
     ReplicationReader, ReplicationWriter,
 };
-use crate::router::{OutboxRecord, RouteError, Routed, Router};
-use crate::sink::{Ack, Enqueued, KafkaSink, SinkError};
-use crate::stream_buffer::{self, StreamBuffer, StreamBufferError};
 
 /// How often the task checks whether the confirmed position moved; bounds the
 /// delay between an acknowledgement and the slot moving.
@@ -292,7 +292,7 @@ async fn check_publication(
             quote_ident(&cfg.publication)
         )),
         Some(row) if row.get(2).cloned().flatten().as_deref() != Some("true") => Some(
-            crate::setup::partitions_by_name(&cfg.publication, &table.to_string()),
+            crate::commands::setup::partitions_by_name(&cfg.publication, &table.to_string()),
         ),
         Some(row) if row.get(1).cloned().flatten().as_deref() != Some("true") => Some(format!(
             "publication {0:?} does not cover the outbox table {table}: ALTER PUBLICATION {1} ADD TABLE {2} (or run `outbox-relay setup`)",
@@ -654,7 +654,7 @@ impl State {
                 if !same {
                     if !self.noted_topics.contains(&rec.topic) {
                         self.sink.note_topic(&rec.topic);
-                        if self.noted_topics.len() < crate::sink::MAX_PROBED_TOPICS {
+                        if self.noted_topics.len() < crate::pipeline::sink::MAX_PROBED_TOPICS {
                             self.noted_topics.insert(rec.topic.clone());
                         }
                     }
@@ -769,7 +769,7 @@ impl State {
 
     /// Reads the clocks once for the delivery reports about to be handled.
     fn refresh_ack_clock(&mut self) {
-        self.ack_clock = (Instant::now(), crate::replication::pg_now());
+        self.ack_clock = (Instant::now(), crate::pipeline::source::pg_now());
     }
 
     fn drain_acks(&mut self) -> Result<(), PipelineError> {
@@ -964,7 +964,7 @@ impl State {
                     aggregate_id = %String::from_utf8_lossy(&rec.key),
                     topic = %rec.topic,
                     lsn = %wal_start,
-                    since_commit_ms = (crate::replication::pg_now() - self.commit_time) / 1000,
+                    since_commit_ms = (crate::pipeline::source::pg_now() - self.commit_time) / 1000,
                     "event enqueued"
                 );
                 self.enqueue_tracked(rec, txn, wal_start, false).await?;
@@ -987,7 +987,7 @@ impl State {
                 if standalone {
                     self.checkpoint.begin_standalone(m.lsn)?;
                     // No commit time in the WAL for it: it counts from now.
-                    self.commit_time = crate::replication::pg_now();
+                    self.commit_time = crate::pipeline::source::pg_now();
                 }
                 let result = match route {
                     Ok(rec) => {
@@ -1045,7 +1045,7 @@ async fn heartbeat(cfg: RelayConfig, every: Duration) {
     loop {
         tokio::time::sleep(every).await;
         if client.is_none() {
-            match crate::setup::connect(&cfg).await {
+            match crate::commands::setup::connect(&cfg).await {
                 Ok(c) => client = Some(c),
                 Err(e) => {
                     tracing::warn!(error = %e, "heartbeat: cannot connect; will retry");
@@ -1089,7 +1089,7 @@ fn record_size(r: &OutboxRecord) -> u64 {
 /// How many distinct event types are kept for sharing and counter lookup:
 /// the metrics' own limit, past which (a column that is not really a type)
 /// each event gets its own copy and its counter is looked up in the metrics.
-const MAX_EVENT_TYPES: usize = crate::metrics::MAX_EVENT_TYPE_LABELS;
+const MAX_EVENT_TYPES: usize = crate::observe::metrics::MAX_EVENT_TYPE_LABELS;
 
 /// The shared owned copy of an event type, made on first sight.
 fn intern(seen: &mut std::collections::HashSet<bytes::Bytes>, t: &[u8]) -> bytes::Bytes {
@@ -1144,7 +1144,7 @@ pub async fn run(
 
 /// A session's connection after set-up: streaming has started.
 struct Opened {
-    stream: crate::replication::ReplicationStream,
+    stream: crate::pipeline::source::ReplicationStream,
     slot: Slot,
     status_interval: Duration,
     protocol: u32,
@@ -1295,7 +1295,7 @@ async fn session(
     } = opened;
     let (mut reader, mut writer) = (stream.reader, stream.writer);
     summary.streamed = true;
-    crate::announce::streaming(&cfg.slot, slot.confirmed);
+    crate::observe::announce::streaming(&cfg.slot, slot.confirmed);
     summary.confirmed = slot.confirmed;
     metrics.set_streaming(true);
     // Readiness needs to know the broker answers even when no event flows.
@@ -1347,7 +1347,7 @@ async fn session(
         server_wal: slot.confirmed,
         published: HashMap::new(),
         last_published: None,
-        ack_clock: (Instant::now(), crate::replication::pg_now()),
+        ack_clock: (Instant::now(), crate::pipeline::source::pg_now()),
         decoder: pgoutput::Decoder::new(protocol),
         stream: cfg
             .streaming

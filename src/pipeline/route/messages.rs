@@ -10,8 +10,8 @@
 use bytes::Bytes;
 
 use crate::lsn::Lsn;
-use crate::pgoutput::Message;
-use crate::router::{validate_topic, OutboxRecord, RouteError, TopicTemplate};
+use crate::pipeline::decode::pgoutput::Message;
+use crate::pipeline::route::router::{validate_topic, OutboxRecord, RouteError, TopicTemplate};
 
 #[derive(Debug, Clone)]
 pub struct MessageConfig {

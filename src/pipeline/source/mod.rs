@@ -25,8 +25,8 @@ use tokio_postgres::config::Host;
 
 use crate::lsn::Lsn;
 use crate::pg::quote_ident;
-use crate::pgoutput::PG_EPOCH_OFFSET_SECS;
-use crate::tls::{AuthMethod, DatabaseSource, SslMode, TlsSettings};
+use crate::pg::tls::{AuthMethod, DatabaseSource, SslMode, TlsSettings};
+use crate::pipeline::decode::pgoutput::PG_EPOCH_OFFSET_SECS;
 
 /// Typed errors of the replication connection.
 #[derive(Debug, thiserror::Error)]
@@ -159,7 +159,7 @@ pub enum HostAddr {
 }
 
 impl ConnectParams {
-    /// From a [`crate::tls::DatabaseConfig`] (TLS settings included) or a
+    /// From a [`crate::pg::tls::DatabaseConfig`] (TLS settings included) or a
     /// bare `tokio_postgres::Config` (its sslmode, no certificate files).
     pub fn from_config<D: DatabaseSource + ?Sized>(db: &D) -> Result<Self, ReplicationError> {
         let cfg = db.pg_config();
@@ -260,12 +260,14 @@ async fn negotiate_tls(
     let tls = tokio_rustls::TlsConnector::from(config)
         .connect(name, s)
         .await
-        .map_err(|e| match crate::tls::describe_handshake_error(&e, mode) {
-            // A certificate that does not verify will not start to on a
-            // retry: not retryable, like a failed password.
-            Some(why) => ReplicationError::Auth(why),
-            None => io_err(e),
-        })?;
+        .map_err(
+            |e| match crate::pg::tls::describe_handshake_error(&e, mode) {
+                // A certificate that does not verify will not start to on a
+                // retry: not retryable, like a failed password.
+                Some(why) => ReplicationError::Auth(why),
+                None => io_err(e),
+            },
+        )?;
     let binding = tls
         .get_ref()
         .1
@@ -1025,7 +1027,7 @@ mod tests {
         });
         let cfg: tokio_postgres::Config = "host=h user=u password=secret dbname=d".parse().unwrap();
         let mut params = ConnectParams::from_config(&cfg).unwrap();
-        params.tls.require_auth = crate::tls::RequireAuth::parse(require_auth).unwrap();
+        params.tls.require_auth = crate::pg::tls::RequireAuth::parse(require_auth).unwrap();
         let mut conn = ReplicationConnection {
             stream: Box::new(client),
             buf: BytesMut::new(),

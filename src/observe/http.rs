@@ -11,7 +11,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 
-use crate::metrics::Metrics;
+use crate::observe::metrics::Metrics;
 
 async fn metrics_text(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
     (

@@ -35,10 +35,10 @@ use tokio_postgres::{Client, SimpleQueryMessage};
 use crate::config::{Options, RelayConfig};
 use crate::lsn::Lsn;
 use crate::pg::quote_ident;
-use crate::pgoutput::{Column, Insert, Relation, TupleValue};
-use crate::replication::{ConnectParams, ReplicationConnection};
-use crate::router::{Routed, Router};
-use crate::sink::{Ack, Enqueued, KafkaSink};
+use crate::pipeline::decode::pgoutput::{Column, Insert, Relation, TupleValue};
+use crate::pipeline::route::router::{Routed, Router};
+use crate::pipeline::sink::{Ack, Enqueued, KafkaSink};
+use crate::pipeline::source::{ConnectParams, ReplicationConnection};
 
 /// `outbox-relay backfill`: the relay's options plus the backfill's own.
 #[derive(Debug, Clone, clap::Args)]
@@ -93,7 +93,7 @@ pub enum BackfillError {
         source: tokio_postgres::Error,
     },
     #[error(transparent)]
-    Setup(#[from] crate::setup::SetupError),
+    Setup(#[from] crate::commands::setup::SetupError),
     #[error("replication slot {slot} already exists (confirmed up to {confirmed}); backfill refuses to use it: a backfill must create the slot itself, so that the snapshot it reads and the stream `run` publishes from meet exactly at the slot's starting point. If no relay has run on it yet and you want to redo the cutover, drop it (SELECT pg_drop_replication_slot('{slot}');) and run backfill again; if the relay is already streaming from it, the cutover is done: do not backfill")]
     SlotExists { slot: String, confirmed: String },
     #[error("the --pending-where condition or --order-column does not work on {table}: {source}")]
@@ -276,7 +276,7 @@ pub async fn run(
         })?;
     let table = cfg.router.table.clone();
     let slot = cfg.slot.clone();
-    let (client, _conn) = crate::tls::connect_sql(&cfg.database)
+    let (client, _conn) = crate::pg::tls::connect_sql(&cfg.database)
         .await
         .map_err(BackfillError::Connect)?;
 
@@ -287,9 +287,9 @@ pub async fn run(
         .map_err(sql("reading wal_level"))?
         .get(0);
     if wal_level != "logical" {
-        return Err(crate::setup::SetupError::WalLevel(wal_level).into());
+        return Err(crate::commands::setup::SetupError::WalLevel(wal_level).into());
     }
-    crate::setup::check_table(&client, cfg).await?;
+    crate::commands::setup::check_table(&client, cfg).await?;
     if let Some(row) = client
         .query_opt(
             "SELECT coalesce(confirmed_flush_lsn::text, '-') FROM pg_replication_slots WHERE slot_name = $1",
@@ -364,7 +364,7 @@ pub async fn run(
 
     // The publication must exist before the slot: pgoutput looks it up as of
     // each decoded change.
-    say(crate::setup::ensure_publication(&client, cfg).await?);
+    say(crate::commands::setup::ensure_publication(&client, cfg).await?);
 
     let params = ConnectParams::from_config(&cfg.database)
         .map_err(|e| BackfillError::Config(e.to_string()))?;

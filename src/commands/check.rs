@@ -13,9 +13,9 @@ use rdkafka::producer::{BaseProducer, Producer};
 use serde::Serialize;
 use tokio_postgres::Client;
 
+use crate::commands::setup::{self, SetupError};
 use crate::config::RelayConfig;
-use crate::router::TableName;
-use crate::setup::{self, SetupError};
+use crate::pipeline::route::router::TableName;
 
 /// How long the broker has to answer a metadata request.
 pub const BROKER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -138,7 +138,7 @@ pub async fn run(cfg: &RelayConfig) -> Vec<CheckResult> {
 /// path could read every event and feed the relay forged changes, which it
 /// would publish under its own Kafka identity.
 fn server_identity(cfg: &RelayConfig) -> CheckResult {
-    use crate::tls::SslMode;
+    use crate::pg::tls::SslMode;
     use tokio_postgres::config::Host;
     const NAME: &str = "postgres identity";
     let mode = cfg.database.tls.mode;
@@ -423,7 +423,7 @@ async fn publication(client: &Client, cfg: &RelayConfig, version_num: i32) -> Ch
         return CheckResult::fail(
             NAME,
             format!("publication {name} publishes the partitions of {table} under their own names"),
-            crate::setup::partitions_by_name(name, &table.to_string()),
+            crate::commands::setup::partitions_by_name(name, &table.to_string()),
         );
     }
     if !inserts {
@@ -740,7 +740,7 @@ fn kafka_checks(cfg: &RelayConfig) -> Vec<CheckResult> {
             "pass --kafka-brokers host:port,… or set OUTBOX_RELAY_KAFKA_BROKERS (or kafka_brokers in the --config file)",
         )];
     }
-    if let Err(e) = crate::sink::refuse_weakened(&cfg.kafka_properties) {
+    if let Err(e) = crate::pipeline::sink::refuse_weakened(&cfg.kafka_properties) {
         return vec![CheckResult::fail(
             "kafka producer settings",
             e.to_string(),

@@ -10,8 +10,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::policy::{ErrorPolicy, Policy};
-use crate::router::{validate_topic, HeaderColumn, RouterConfig, TableName, TopicTemplate};
+use crate::pipeline::policy::{ErrorPolicy, Policy};
+use crate::pipeline::route::router::{
+    validate_topic, HeaderColumn, RouterConfig, TableName, TopicTemplate,
+};
 
 /// The two table shapes users have today.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
@@ -99,7 +101,7 @@ pub struct Options {
     /// TLS to Postgres, as libpq's sslmode; overrides the URL's `sslmode`
     /// [default: prefer].
     #[arg(long, env = "OUTBOX_RELAY_SSL_MODE", value_enum)]
-    pub ssl_mode: Option<crate::tls::SslMode>,
+    pub ssl_mode: Option<crate::pg::tls::SslMode>,
 
     /// CA certificate(s) (PEM) for the server's certificate; overrides the
     /// URL's `sslrootcert`.
@@ -371,7 +373,7 @@ impl std::fmt::Debug for Options {
 #[derive(Clone)]
 pub struct RelayConfig {
     /// Connection settings, TLS and password included.
-    pub database: crate::tls::DatabaseConfig,
+    pub database: crate::pg::tls::DatabaseConfig,
     pub kafka_brokers: String,
     pub publication: String,
     pub slot: String,
@@ -381,7 +383,7 @@ pub struct RelayConfig {
     pub max_inflight_bytes: u64,
     /// None: chosen from the server version.
     pub protocol_version: Option<u32>,
-    pub messages: Option<crate::messages::MessageConfig>,
+    pub messages: Option<crate::pipeline::route::messages::MessageConfig>,
     pub heartbeat_interval: Option<Duration>,
     /// Some when in-progress transactions are streamed.
     pub streaming: Option<StreamingConfig>,
@@ -518,7 +520,7 @@ impl RelayConfig {
         let url = o.database_url.ok_or(ConfigError::Missing {
             option: "database_url",
         })?;
-        let overrides = crate::tls::Overrides {
+        let overrides = crate::pg::tls::Overrides {
             ssl_mode: o.ssl_mode,
             ssl_root_cert: o.ssl_root_cert,
             ssl_cert: o.ssl_cert,
@@ -527,15 +529,16 @@ impl RelayConfig {
             password_file: o.database_password_file,
             pgpassword: std::env::var("PGPASSWORD").ok(),
         };
-        let database =
-            crate::tls::DatabaseConfig::resolve(&url, overrides).map_err(|(option, reason)| {
+        let database = crate::pg::tls::DatabaseConfig::resolve(&url, overrides).map_err(
+            |(option, reason)| {
                 ConfigError::Invalid {
                     option,
                     // Never echo the URL or a password.
                     value: "<redacted>".into(),
                     reason,
                 }
-            })?;
+            },
+        )?;
         if database.get_user().is_none() {
             return Err(ConfigError::Invalid {
                 option: "database_url",
@@ -666,7 +669,7 @@ impl RelayConfig {
                         reason: format!("message topics know only {{type}}, not {{{c}}}"),
                     });
                 }
-                Some(crate::messages::MessageConfig { prefix, topic })
+                Some(crate::pipeline::route::messages::MessageConfig { prefix, topic })
             }
         };
         if let Some(v) = o.protocol_version.filter(|v| !(1..=4).contains(v)) {

@@ -32,7 +32,7 @@ impl Hasher for OidHasher {
 
 use bytes::Bytes;
 
-use crate::pgoutput::{Insert, Relation, TupleValue};
+use crate::pipeline::decode::pgoutput::{Insert, Relation, TupleValue};
 
 /// Postgres type OID of `bytea`: its text form is hex and is decoded so the
 /// record value is the stored bytes (Avro or Protobuf payloads).
@@ -683,9 +683,9 @@ impl Router {
 impl Router {
     /// Whatever can be read from a row that failed to route, for its
     /// dead-letter record: raw values, no validation.
-    pub fn salvage(&self, insert: &Insert) -> crate::policy::Failed {
+    pub fn salvage(&self, insert: &Insert) -> crate::pipeline::policy::Failed {
         let Some(RelationPlan::Outbox(plan)) = self.relations.get(&insert.relation_oid) else {
-            return crate::policy::Failed::default();
+            return crate::pipeline::policy::Failed::default();
         };
         let value = |i: usize| match insert.tuple.get(i) {
             Some(TupleValue::Text(b)) | Some(TupleValue::Binary(b)) => Some(b.clone()),
@@ -709,7 +709,7 @@ impl Router {
                 }
             }
         }
-        crate::policy::Failed {
+        crate::pipeline::policy::Failed {
             key: value(plan.key),
             payload: value(plan.payload),
             event_id,
@@ -743,7 +743,7 @@ fn decode_bytea_hex(b: &Bytes) -> Result<Bytes, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pgoutput::Column;
+    use crate::pipeline::decode::pgoutput::Column;
 
     fn col(name: &str, type_oid: u32) -> Column {
         Column {

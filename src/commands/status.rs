@@ -313,7 +313,7 @@ pub async fn connect(cfg: &RelayConfig) -> Result<Client, StatusError> {
     if db.get_connect_timeout().is_none() {
         db.connect_timeout(std::time::Duration::from_secs(10));
     }
-    let (client, _connection) = crate::tls::connect_sql(&db)
+    let (client, _connection) = crate::pg::tls::connect_sql(&db)
         .await
         .map_err(StatusError::Connect)?;
     Ok(client)

@@ -21,7 +21,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Message};
 use tokio::sync::mpsc;
 
-use crate::router::OutboxRecord;
+use crate::pipeline::route::router::OutboxRecord;
 
 /// A delivery report: the tag the record was enqueued with and the outcome.
 #[derive(Debug)]

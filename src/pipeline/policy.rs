@@ -13,7 +13,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::lsn::Lsn;
-use crate::router::{OutboxRecord, RouteError};
+use crate::pipeline::route::router::{OutboxRecord, RouteError};
 
 /// The kinds of bad event a policy can be set for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -69,7 +69,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::Bytes;
 
 use crate::lsn::Lsn;
-use crate::pgoutput::Decoder;
+use crate::pipeline::decode::pgoutput::Decoder;
 
 /// Bytes of a spill record before the message: subxid, seq, lsn, length.
 const RECORD_HEADER: usize = 4 + 8 + 8 + 4;
@@ -692,7 +692,7 @@ pub fn replay_decoder(protocol_version: u32, xid: u32) -> Decoder {
 mod tests {
     use super::*;
 
-    use crate::pgoutput::LogicalMessage;
+    use crate::pipeline::decode::pgoutput::LogicalMessage;
 
     /// A fresh directory under the system temp dir, removed on drop.
     struct TempDir(PathBuf);

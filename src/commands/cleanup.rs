@@ -178,10 +178,10 @@ pub async fn run(
 ) -> Result<Summary, CleanupError> {
     let table = cfg.router.table.clone();
     let batch = args.batch_size.max(1) as usize;
-    let (reader, _c1) = crate::tls::connect_sql(&cfg.database)
+    let (reader, _c1) = crate::pg::tls::connect_sql(&cfg.database)
         .await
         .map_err(CleanupError::Connect)?;
-    let (writer, _c2) = crate::tls::connect_sql(&cfg.database)
+    let (writer, _c2) = crate::pg::tls::connect_sql(&cfg.database)
         .await
         .map_err(CleanupError::Connect)?;
     let (col, col_type) = row_column(&reader, cfg, args).await?;
@@ -352,7 +352,7 @@ fn humanize(d: Duration) -> String {
 /// The `cleanup` subcommand; returns the exit code (0 done, 1 refused or
 /// failed, 2 configuration error).
 pub async fn command(config: Option<&Path>, args: CleanupArgs) -> u8 {
-    let cfg = match crate::backfill::load_config(config, args.options.clone(), false) {
+    let cfg = match crate::commands::backfill::load_config(config, args.options.clone(), false) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("outbox-relay cleanup: configuration error: {e}");

@@ -54,7 +54,7 @@ fn sql(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> Setu
 /// Opens an ordinary SQL connection (the relay's own, not replication),
 /// with the configured TLS.
 pub async fn connect(cfg: &RelayConfig) -> Result<Client, SetupError> {
-    let (client, _connection) = crate::tls::connect_sql(&cfg.database)
+    let (client, _connection) = crate::pg::tls::connect_sql(&cfg.database)
         .await
         .map_err(SetupError::Connect)?;
     Ok(client)

@@ -1,0 +1,8 @@
+//! What the relay shows of itself: Prometheus metrics, the HTTP endpoints
+//! that serve them and the health checks, and the one-line announcements on
+//! stdout that scripts and tests wait for. Nothing here changes what is
+//! published or confirmed.
+
+pub mod announce;
+pub mod http;
+pub mod metrics;
