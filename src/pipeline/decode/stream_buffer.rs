@@ -325,13 +325,16 @@ impl StreamBuffer {
                     path: path.0.clone(),
                     source,
                 };
-                let mut file = writer
-                    .into_inner()
-                    .map_err(|e| io_err(e.into_error(), &path))?;
-                file.seek(SeekFrom::Start(0))
-                    .map_err(|e| io_err(e, &path))?;
+                let file = blocking_io(|| {
+                    let mut file = writer
+                        .into_inner()
+                        .map_err(|e| io_err(e.into_error(), &path))?;
+                    file.seek(SeekFrom::Start(0))
+                        .map_err(|e| io_err(e, &path))?;
+                    Ok::<_, StreamBufferError>(file)
+                })?;
                 Some(SpillReader {
-                    reader: BufReader::new(file),
+                    reader: BufReader::with_capacity(REPLAY_READ_CHUNK, file),
                     path,
                     records_left: records,
                     bytes_left: bytes,
@@ -421,7 +424,7 @@ impl StreamBuffer {
         let Some(spill) = txn.spill.as_mut() else {
             return Ok(());
         };
-        let written: io::Result<u64> = (|| {
+        let written: io::Result<u64> = blocking_io(|| {
             let mut n = 0u64;
             for (seq, c) in &txn.memory {
                 let mut header = [0u8; RECORD_HEADER];
@@ -436,7 +439,7 @@ impl StreamBuffer {
             }
             spill.writer.flush()?;
             Ok(n)
-        })();
+        });
         match written {
             Ok(n) => {
                 spill.bytes += n;
@@ -456,6 +459,37 @@ impl StreamBuffer {
                 Err(StreamBufferError::Io { xid, path, source })
             }
         }
+    }
+}
+
+/// How much of a spill file a replay reads at a time: one read, off the
+/// task, per this many bytes of buffered changes.
+const REPLAY_READ_CHUNK: usize = 256 * 1024;
+
+/// Runs file I/O the pipeline must wait for without holding up other tasks
+/// (review L8). The binary drives the pipeline from `block_on`, a thread of
+/// its own, where this just runs `f`: the runtime's workers go on serving
+/// HTTP, signals and the probe. Where the driver runs as a task on a worker
+/// of a multi-thread runtime, the worker first hands the tasks queued on it
+/// to another thread, so a spill of a whole budget's worth of changes stalls
+/// none of them. On a current-thread runtime, or none (unit tests), there is
+/// nothing to hand over and `f` runs in place.
+fn blocking_io<R>(f: impl FnOnce() -> R) -> R {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+/// `read_exact`, off the task only when the read buffer cannot serve it:
+/// most records of a replay come from memory, one refill in
+/// [`REPLAY_READ_CHUNK`] bytes reads the file.
+fn read_exact_off_task(reader: &mut BufReader<File>, buf: &mut [u8]) -> io::Result<()> {
+    if reader.buffer().len() >= buf.len() {
+        reader.read_exact(buf)
+    } else {
+        blocking_io(|| reader.read_exact(buf))
     }
 }
 
@@ -616,7 +650,7 @@ impl Replay {
                 }
             };
             let mut header = [0u8; RECORD_HEADER];
-            if let Err(e) = sp.reader.read_exact(&mut header) {
+            if let Err(e) = read_exact_off_task(&mut sp.reader, &mut header) {
                 return Some(Err(read_err(sp, e)));
             }
             let word = |r: std::ops::Range<usize>| {
@@ -637,7 +671,7 @@ impl Replay {
                 return Some(Err(corrupt(sp, reason)));
             }
             let mut data = vec![0u8; len as usize];
-            if let Err(e) = sp.reader.read_exact(&mut data) {
+            if let Err(e) = read_exact_off_task(&mut sp.reader, &mut data) {
                 return Some(Err(read_err(sp, e)));
             }
             sp.records_left -= 1;
@@ -691,6 +725,9 @@ pub fn replay_decoder(protocol_version: u32, xid: u32) -> Decoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
 
     use crate::pipeline::decode::pgoutput::LogicalMessage;
 
@@ -812,7 +849,80 @@ mod tests {
 
     #[test]
     fn spill_and_read_back_in_order_within_a_tiny_budget() {
-        let dir = TempDir::new("spill");
+        spill_round_trip("spill");
+    }
+
+    /// The relay's runtime: the spill and replay I/O leave the task's worker
+    /// (block_in_place), which must also work with one worker only.
+    #[test]
+    fn spill_and_read_back_on_a_multi_thread_runtime() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        rt.block_on(async { tokio::spawn(async { spill_round_trip("spill-mt") }).await })
+            .unwrap();
+    }
+
+    /// A current-thread runtime has no worker to hand to: the I/O runs in
+    /// place instead of panicking in block_in_place.
+    #[test]
+    fn spill_and_read_back_on_a_current_thread_runtime() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async { spill_round_trip("spill-ct") });
+    }
+
+    /// L8 of the December 2026 review: while the pipeline's task waits on
+    /// spill I/O, a task queued behind it on the same (only) worker runs.
+    /// Without the hand-off the worker is blocked and the flag never set.
+    #[test]
+    fn file_io_lets_a_task_queued_on_the_same_worker_run() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        let ran = rt
+            .block_on(async {
+                tokio::spawn(async {
+                    let flag = Arc::new(AtomicBool::new(false));
+                    let set = flag.clone();
+                    tokio::spawn(async move { set.store(true, Ordering::SeqCst) });
+                    blocking_io(|| {
+                        let deadline =
+                            std::time::Instant::now() + std::time::Duration::from_secs(5);
+                        while !flag.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+                            std::thread::sleep(std::time::Duration::from_millis(1));
+                        }
+                        flag.load(Ordering::SeqCst)
+                    })
+                })
+                .await
+            })
+            .unwrap();
+        assert!(ran, "the queued task did not run during the file I/O");
+    }
+
+    /// A record larger than the replay's read chunk is read straight from
+    /// the file.
+    #[test]
+    fn a_record_larger_than_the_read_chunk_reads_back_whole() {
+        let dir = TempDir::new("bigrec");
+        let mut b = StreamBuffer::new(1024, dir.0.clone());
+        b.start(1, true).unwrap();
+        let big = msg("big", REPLAY_READ_CHUNK * 2 + 7);
+        b.push(1, 1, Lsn(1), &msg("small", 10)).unwrap();
+        b.push(1, 1, Lsn(2), &big).unwrap();
+        b.push(1, 1, Lsn(3), &msg("after", 10)).unwrap();
+        assert!(b.spilled_bytes() > 0);
+        let got = drain(b.commit(1).unwrap());
+        assert_eq!(tags(&got), ["small", "big", "after"]);
+        assert_eq!(got[1], big);
+    }
+
+    fn spill_round_trip(tag: &str) {
+        let dir = TempDir::new(tag);
         let mut b = StreamBuffer::new(1024, dir.0.clone());
         b.start(1, true).unwrap();
         b.start(2, true).unwrap();
