@@ -427,6 +427,89 @@ async fn events_arrive_over_sasl_ssl_with_scram_sha_512() {
         !relay.log_text().contains("s3cret"),
         "the SASL password is never logged"
     );
+
+    // The operator commands reach the cluster through the same properties:
+    // every Kafka client comes from one builder that applies them.
+    let ca_prop = format!("ssl.ca.location={ca}");
+    let sasl_args = [
+        "--kafka-property",
+        "security.protocol=sasl_ssl",
+        "--kafka-property",
+        &ca_prop,
+        "--kafka-property",
+        "sasl.mechanism=SCRAM-SHA-512",
+        "--kafka-property",
+        "sasl.username=relay",
+        "--kafka-property",
+        "sasl.password=s3cret pass",
+    ];
+    let brokers = broker.brokers();
+    let mut verify = vec![
+        "verify",
+        "--database-url",
+        &db.url,
+        "--kafka-brokers",
+        &brokers,
+        "--topic",
+        "{event_type}",
+        "--json",
+    ];
+    verify.extend_from_slice(&sasl_args);
+    let (code, out, err) = relay_cmd(&verify);
+    let report: serde_json::Value = serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("verify printed no JSON report ({e}): {out}\n{err}"));
+    assert_eq!(code, 0, "verify over SASL_SSL: {out}\n{err}");
+    assert_eq!(report["delivered"].as_u64(), Some(12), "{report:#}");
+
+    let mut check = vec![
+        "check",
+        "--database-url",
+        &db.url,
+        "--slot",
+        &slot,
+        "--kafka-brokers",
+        &brokers,
+        "--topic",
+        "{event_type}",
+    ];
+    check.extend_from_slice(&sasl_args);
+    let (_, out, err) = relay_cmd(&check);
+    let brokers_line = out
+        .lines()
+        .find(|l| l.contains("kafka brokers"))
+        .unwrap_or_else(|| panic!("check printed no kafka brokers line: {out}\n{err}"));
+    assert!(
+        brokers_line.contains("PASS"),
+        "check over SASL_SSL: {out}\n{err}"
+    );
+
+    // tail, bounded by coreutils' timeout so that a client that cannot
+    // connect fails the test instead of hanging it.
+    let tail = std::process::Command::new("timeout")
+        .arg("60")
+        .arg(relay_bin())
+        .args([
+            "tail",
+            "--kafka-brokers",
+            &brokers,
+            "--topic-prefix",
+            &topic,
+            "--from-beginning",
+            "--max",
+            "12",
+        ])
+        .args(sasl_args)
+        .output()
+        .expect("run tail");
+    let printed = String::from_utf8_lossy(&tail.stdout);
+    assert!(
+        tail.status.success(),
+        "tail over SASL_SSL: {:?}\n{}",
+        tail.status,
+        String::from_utf8_lossy(&tail.stderr)
+    );
+    assert_eq!(printed.lines().count(), 12, "{printed}");
+
     relay.terminate().await;
     drop(broker);
     db.drop().await;

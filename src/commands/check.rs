@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use rdkafka::config::ClientConfig;
+use crate::pipeline::sink::client::client_config;
 use rdkafka::producer::{BaseProducer, Producer};
 use serde::Serialize;
 use tokio_postgres::Client;
@@ -747,13 +747,7 @@ fn kafka_checks(cfg: &RelayConfig) -> Vec<CheckResult> {
             "remove that --kafka-property (or kafka_properties entry in the --config file)",
         )];
     }
-    let mut client = ClientConfig::new();
-    client
-        .set("bootstrap.servers", brokers)
-        .set("client.id", "outbox-relay-check");
-    for (k, v) in &cfg.kafka_properties {
-        client.set(k, v);
-    }
+    let mut client = client_config(brokers, "outbox-relay-check", &[], &cfg.kafka_properties);
     client.set("allow.auto.create.topics", "false");
     let producer: BaseProducer = match client.create() {
         Ok(p) => p,

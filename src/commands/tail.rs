@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
+use crate::pipeline::sink::client::client_config;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Headers;
@@ -90,12 +90,13 @@ pub fn run(
     out: &mut dyn Write,
     reader_gone: &dyn Fn() -> bool,
 ) -> Result<u64, TailError> {
-    let mut cfg = ClientConfig::new();
-    cfg.set("bootstrap.servers", &opts.kafka_brokers)
-        .set("group.id", "outbox-relay-tail");
-    for (k, v) in crate::config::kafka_properties(opts.kafka_property.clone())? {
-        cfg.set(k, v);
-    }
+    let properties = crate::config::kafka_properties(opts.kafka_property.clone())?;
+    let mut cfg = client_config(
+        &opts.kafka_brokers,
+        "outbox-relay-tail",
+        &[("group.id", "outbox-relay-tail")],
+        &properties,
+    );
     // What tail relies on, over the user's properties.
     let consumer: BaseConsumer = cfg
         .set("enable.auto.commit", "false")

@@ -28,7 +28,7 @@ use std::fmt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
+use crate::pipeline::sink::client::client_config;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Headers;
@@ -766,12 +766,7 @@ pub fn read_topics(
     selection: &TopicSelection,
     timeout: Duration,
 ) -> Result<Snapshot, VerifyError> {
-    let mut config = ClientConfig::new();
-    for (k, v) in properties {
-        config.set(k, v);
-    }
-    let consumer: BaseConsumer = config
-        .set("bootstrap.servers", brokers)
+    let consumer: BaseConsumer = client_config(brokers, "outbox-relay-verify", &[], properties)
         // Required by librdkafka for a consumer; nothing is ever committed.
         .set("group.id", "outbox-relay-verify")
         .set("enable.auto.commit", "false")

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{
@@ -96,6 +96,8 @@ const REQUIRED: &[(&str, &str, &str)] = &[
 ];
 
 /// librdkafka's other names for the required properties.
+pub mod client;
+
 const ALIASES: &[(&str, &str)] = &[
     ("delivery.timeout.ms", "message.timeout.ms"),
     ("message.send.max.retries", "retries"),
@@ -259,18 +261,19 @@ impl KafkaSink {
         brokers: &str,
         properties: &[(String, String)],
     ) -> Result<(Self, mpsc::UnboundedReceiver<Ack>), SinkError> {
-        let mut cfg = ClientConfig::new();
-        cfg.set("bootstrap.servers", brokers)
-            .set("client.id", "outbox-relay")
-            .set("linger.ms", "5")
-            // librdkafka's 10 s cap on the reconnect backoff is most of the
-            // time to resume after a broker outage (the relay waits it out);
-            // a connection attempt a second to a broker that is down costs
-            // nothing.
-            .set("reconnect.backoff.max.ms", "1000");
-        for (k, v) in properties {
-            cfg.set(canonical_name(k), v);
-        }
+        let mut cfg = client::client_config(
+            brokers,
+            "outbox-relay",
+            &[
+                ("linger.ms", "5"),
+                // librdkafka's 10 s cap on the reconnect backoff is most of
+                // the time to resume after a broker outage (the relay waits
+                // it out); a connection attempt a second to a broker that is
+                // down costs nothing.
+                ("reconnect.backoff.max.ms", "1000"),
+            ],
+            properties,
+        );
         refuse_weakened(properties)?;
         for (k, v, _) in REQUIRED {
             cfg.set(*k, *v);
