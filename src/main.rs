@@ -51,10 +51,13 @@ async fn report(config: Option<PathBuf>, command: Command) -> std::process::Exit
         Command::Check(o) => (o, None),
         _ => unreachable!("only status and check are reports"),
     };
-    let cfg = match load(config, opts, true) {
+    let cfg = match outbox_relay::config::load(config.as_deref(), opts, false) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("outbox-relay: configuration error: {}", describe(&e));
+            eprintln!(
+                "outbox-relay: configuration error: {}",
+                describe(&anyhow::Error::new(e))
+            );
             return std::process::ExitCode::from(2);
         }
     };
@@ -180,18 +183,6 @@ async fn run(cfg: &RelayConfig) -> anyhow::Result<()> {
         .context("relay stopped")
 }
 
-fn load(config: Option<PathBuf>, opts: Options, for_setup: bool) -> anyhow::Result<RelayConfig> {
-    let merged = match config {
-        Some(path) => opts.or(Options::from_file(&path)?),
-        None => opts,
-    };
-    Ok(if for_setup {
-        RelayConfig::resolve_for_setup(merged)?
-    } else {
-        RelayConfig::resolve(merged)?
-    })
-}
-
 fn main() -> std::process::ExitCode {
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -238,10 +229,13 @@ async fn async_main() -> std::process::ExitCode {
                 .into()
         }
     };
-    let cfg = match load(cli.config, opts, is_setup) {
+    let cfg = match outbox_relay::config::load(cli.config.as_deref(), opts, !is_setup) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("outbox-relay: configuration error: {}", describe(&e));
+            eprintln!(
+                "outbox-relay: configuration error: {}",
+                describe(&anyhow::Error::new(e))
+            );
             return std::process::ExitCode::from(2);
         }
     };

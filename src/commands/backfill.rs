@@ -35,6 +35,7 @@ use tokio_postgres::{Client, SimpleQueryMessage};
 use crate::config::{Options, RelayConfig};
 use crate::lsn::Lsn;
 use crate::pg::quote_ident;
+use crate::pg::sql::sql;
 use crate::pipeline::decode::pgoutput::{Column, Insert, Relation, TupleValue};
 use crate::pipeline::route::router::{Routed, Router};
 use crate::pipeline::sink::{Ack, Enqueued, KafkaSink};
@@ -84,14 +85,8 @@ pub struct BackfillArgs {
 pub enum BackfillError {
     #[error("configuration error: {0}")]
     Config(String),
-    #[error("cannot connect to Postgres: {0}")]
-    Connect(#[source] tokio_postgres::Error),
-    #[error("{context}: {source}")]
-    Sql {
-        context: String,
-        #[source]
-        source: tokio_postgres::Error,
-    },
+    #[error(transparent)]
+    Sql(#[from] crate::pg::sql::SqlError),
     #[error(transparent)]
     Setup(#[from] crate::commands::setup::SetupError),
     #[error("replication slot {slot} already exists (confirmed up to {confirmed}); backfill refuses to use it: a backfill must create the slot itself, so that the snapshot it reads and the stream `run` publishes from meet exactly at the slot's starting point. If no relay has run on it yet and you want to redo the cutover, drop it (SELECT pg_drop_replication_slot('{slot}');) and run backfill again; if the relay is already streaming from it, the cutover is done: do not backfill")]
@@ -110,29 +105,6 @@ pub enum BackfillError {
         slot: String,
         consistent_point: Lsn,
     },
-}
-
-fn sql(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> BackfillError {
-    let context = context.into();
-    move |source| BackfillError::Sql { context, source }
-}
-
-/// Merges the --config file under the command line and resolves it.
-pub(crate) fn load_config(
-    config: Option<&Path>,
-    options: Options,
-    need_kafka: bool,
-) -> Result<RelayConfig, String> {
-    let merged = match config {
-        Some(path) => options.or(Options::from_file(path).map_err(|e| e.to_string())?),
-        None => options,
-    };
-    let resolved = if need_kafka {
-        RelayConfig::resolve(merged)
-    } else {
-        RelayConfig::resolve_for_setup(merged)
-    };
-    resolved.map_err(|e| e.to_string())
 }
 
 /// What a backfill did.
@@ -276,9 +248,7 @@ pub async fn run(
         })?;
     let table = cfg.router.table.clone();
     let slot = cfg.slot.clone();
-    let (client, _conn) = crate::pg::tls::connect_sql(&cfg.database)
-        .await
-        .map_err(BackfillError::Connect)?;
+    let (client, _conn) = crate::pg::sql::connect(&cfg.database).await?;
 
     // Everything that can be checked is checked before the slot exists.
     let wal_level: String = client
@@ -643,7 +613,7 @@ pub async fn run(
 /// The `backfill` subcommand; returns the exit code (0 done, 1 failed, 2
 /// configuration error).
 pub async fn command(config: Option<&Path>, args: BackfillArgs) -> u8 {
-    let cfg = match load_config(config, args.options.clone(), true) {
+    let cfg = match crate::config::load(config, args.options.clone(), true) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("outbox-relay backfill: configuration error: {e}");

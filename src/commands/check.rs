@@ -182,7 +182,7 @@ async fn connect(cfg: &RelayConfig) -> Result<Client, String> {
         cfg.database.connect_timeout(Duration::from_secs(10));
     }
     setup::connect(&cfg).await.map_err(|e| match e {
-        SetupError::Connect(e) => pg_error(&e),
+        SetupError::Sql(crate::pg::sql::SqlError::Connect(e)) => pg_error(&e),
         other => other.to_string(),
     })
 }

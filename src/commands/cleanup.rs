@@ -29,6 +29,7 @@ use tokio_postgres::{Client, SimpleQueryMessage};
 use crate::config::RelayConfig;
 use crate::lsn::Lsn;
 use crate::pg::quote_ident;
+use crate::pg::sql::sql;
 
 /// A duration option (`7d`, `12h`, `30m`, `45s`, `500ms`; a bare number is
 /// seconds).
@@ -82,14 +83,8 @@ pub struct CleanupArgs {
 pub enum CleanupError {
     #[error("configuration error: {0}")]
     Config(String),
-    #[error("cannot connect to Postgres: {0}")]
-    Connect(#[source] tokio_postgres::Error),
-    #[error("{context}: {source}")]
-    Sql {
-        context: String,
-        #[source]
-        source: tokio_postgres::Error,
-    },
+    #[error(transparent)]
+    Sql(#[from] crate::pg::sql::SqlError),
     #[error("replication slot {0} does not exist: without it there is no record of what the relay published, so --published deletes nothing (create it with `outbox-relay setup` or `backfill`, or use --older-than)")]
     NoSlot(String),
     #[error("the slot {slot} did not confirm {target} within {waited:?} (it is at {confirmed}): the relay is stopped or lagging, so rows in the snapshot may not be published yet; nothing was deleted. Check `outbox-relay status`, start or fix the relay, or pass a longer --wait")]
@@ -99,11 +94,6 @@ pub enum CleanupError {
         confirmed: String,
         waited: Duration,
     },
-}
-
-fn sql(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> CleanupError {
-    let context = context.into();
-    move |source| CleanupError::Sql { context, source }
 }
 
 /// What a cleanup did.
@@ -178,12 +168,8 @@ pub async fn run(
 ) -> Result<Summary, CleanupError> {
     let table = cfg.router.table.clone();
     let batch = args.batch_size.max(1) as usize;
-    let (reader, _c1) = crate::pg::tls::connect_sql(&cfg.database)
-        .await
-        .map_err(CleanupError::Connect)?;
-    let (writer, _c2) = crate::pg::tls::connect_sql(&cfg.database)
-        .await
-        .map_err(CleanupError::Connect)?;
+    let (reader, _c1) = crate::pg::sql::connect(&cfg.database).await?;
+    let (writer, _c2) = crate::pg::sql::connect(&cfg.database).await?;
     let (col, col_type) = row_column(&reader, cfg, args).await?;
     let qcol = quote_ident(&col);
     let filter = args
@@ -352,7 +338,7 @@ fn humanize(d: Duration) -> String {
 /// The `cleanup` subcommand; returns the exit code (0 done, 1 refused or
 /// failed, 2 configuration error).
 pub async fn command(config: Option<&Path>, args: CleanupArgs) -> u8 {
-    let cfg = match crate::commands::backfill::load_config(config, args.options.clone(), false) {
+    let cfg = match crate::config::load(config, args.options.clone(), false) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("outbox-relay cleanup: configuration error: {e}");

@@ -8,17 +8,12 @@ use tokio_postgres::Client;
 
 use crate::config::RelayConfig;
 use crate::pg::quote_ident;
+use crate::pg::sql::sql;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
-    #[error("cannot connect to Postgres: {0}")]
-    Connect(#[source] tokio_postgres::Error),
-    #[error("{context}: {source}")]
-    Sql {
-        context: String,
-        #[source]
-        source: tokio_postgres::Error,
-    },
+    #[error(transparent)]
+    Sql(#[from] crate::pg::sql::SqlError),
     #[error("wal_level is {0:?} but logical replication needs 'logical': set wal_level = logical in postgresql.conf (or ALTER SYSTEM SET wal_level = logical) and restart Postgres")]
     WalLevel(String),
     #[error("table {table} does not exist in database {database}; create it (see sql/ in the outbox-relay repository) or set --table")]
@@ -46,18 +41,10 @@ pub enum SetupError {
     PhysicalSlot { slot: String },
 }
 
-fn sql(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> SetupError {
-    let context = context.into();
-    move |source| SetupError::Sql { context, source }
-}
-
 /// Opens an ordinary SQL connection (the relay's own, not replication),
 /// with the configured TLS.
 pub async fn connect(cfg: &RelayConfig) -> Result<Client, SetupError> {
-    let (client, _connection) = crate::pg::tls::connect_sql(&cfg.database)
-        .await
-        .map_err(SetupError::Connect)?;
-    Ok(client)
+    Ok(crate::pg::sql::connect(&cfg.database).await?.0)
 }
 
 /// Checks the table and its configured columns exist.

@@ -9,6 +9,7 @@ use serde::Serialize;
 use tokio_postgres::Client;
 
 use crate::config::RelayConfig;
+use crate::pg::sql::sql;
 
 /// `outbox-relay status` options: the relay's options (Kafka ones unused)
 /// and the output format.
@@ -23,18 +24,8 @@ pub struct StatusOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
-    #[error("cannot connect to Postgres: {0}")]
-    Connect(#[source] tokio_postgres::Error),
-    #[error("{context}: {source}")]
-    Sql {
-        context: &'static str,
-        #[source]
-        source: tokio_postgres::Error,
-    },
-}
-
-fn sql(context: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StatusError {
-    move |source| StatusError::Sql { context, source }
+    #[error(transparent)]
+    Sql(#[from] crate::pg::sql::SqlError),
 }
 
 /// Everything `status` reports. Serialized as one JSON object whose keys are
@@ -309,14 +300,7 @@ pub fn slot_problem(s: &Status) -> Option<String> {
 /// Opens an ordinary SQL connection, giving up after 10 s unless the URL sets
 /// `connect_timeout`.
 pub async fn connect(cfg: &RelayConfig) -> Result<Client, StatusError> {
-    let mut db = cfg.database.clone();
-    if db.get_connect_timeout().is_none() {
-        db.connect_timeout(std::time::Duration::from_secs(10));
-    }
-    let (client, _connection) = crate::pg::tls::connect_sql(&db)
-        .await
-        .map_err(StatusError::Connect)?;
-    Ok(client)
+    Ok(crate::pg::sql::connect_within(&cfg.database, std::time::Duration::from_secs(10)).await?)
 }
 
 /// `outbox-relay status [--json]`: prints the status to stdout and returns

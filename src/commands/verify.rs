@@ -37,6 +37,7 @@ use serde::Serialize;
 
 use crate::config::{Options, RelayConfig};
 use crate::pg::quote_ident;
+use crate::pg::sql::sql;
 use crate::pipeline::route::router::{validate_topic, RouterConfig, TopicTemplate};
 
 /// Postgres type OIDs the checker cares about.
@@ -107,14 +108,8 @@ impl Default for VerifySettings {
 
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
-    #[error("cannot connect to Postgres: {0}")]
-    Connect(#[source] tokio_postgres::Error),
-    #[error("cannot read the outbox ({what}): {source}")]
-    Query {
-        what: &'static str,
-        #[source]
-        source: tokio_postgres::Error,
-    },
+    #[error(transparent)]
+    Sql(#[from] crate::pg::sql::SqlError),
     #[error("outbox table {0} does not exist (or is not visible to this user)")]
     NoTable(String),
     #[error("outbox table {table} has no column {missing} (set by {option}); its columns are: {existing}")]
@@ -610,7 +605,7 @@ pub async fn read_outbox(
     order: &OrderBy,
 ) -> Result<Outbox, VerifyError> {
     let table = router.table.to_string();
-    let q = |what| move |source| VerifyError::Query { what, source };
+    let q = |what: &str| sql(format!("cannot read the outbox ({what})"));
     let columns: Vec<(String, u32)> = client
         .query(
             "SELECT a.attname::text, a.atttypid FROM pg_attribute a
@@ -1184,9 +1179,7 @@ pub fn compare(
 /// Runs the whole check: the table first, then the topics up to the high
 /// watermarks taken after it.
 pub async fn verify(cfg: &RelayConfig, settings: &VerifySettings) -> Result<Report, VerifyError> {
-    let (client, conn) = crate::pg::tls::connect_sql(&cfg.database)
-        .await
-        .map_err(VerifyError::Connect)?;
+    let (client, conn) = crate::pg::sql::connect(&cfg.database).await?;
     let outbox = read_outbox(&client, &cfg.router, &settings.order).await;
     drop(client);
     let _ = conn.await;
@@ -1224,17 +1217,7 @@ pub async fn verify(cfg: &RelayConfig, settings: &VerifySettings) -> Result<Repo
 /// good, 1 loss/order/mismatch (or duplicates with --fail-on-duplicates), 2
 /// the check could not be made).
 pub async fn command(config: Option<&Path>, args: VerifyArgs) -> u8 {
-    let merged = match config {
-        Some(path) => match Options::from_file(path) {
-            Ok(file) => args.options.clone().or(file),
-            Err(e) => {
-                eprintln!("outbox-relay verify: configuration error: {e}");
-                return 2;
-            }
-        },
-        None => args.options.clone(),
-    };
-    let cfg = match RelayConfig::resolve(merged) {
+    let cfg = match crate::config::load(config, args.options.clone(), true) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("outbox-relay verify: configuration error: {e}");

@@ -504,6 +504,26 @@ fn slot_name(v: String) -> Result<String, ConfigError> {
     Ok(v)
 }
 
+/// The configuration a command runs with: its flags and environment over
+/// the `--config` file, resolved. `need_kafka` is false for the commands that
+/// never talk to Kafka (`setup`, `status`, `check`, `cleanup`), which then do
+/// not require the brokers. The one loader of every command.
+pub fn load(
+    file: Option<&Path>,
+    options: Options,
+    need_kafka: bool,
+) -> Result<RelayConfig, ConfigError> {
+    let merged = match file {
+        Some(path) => options.or(Options::from_file(path)?),
+        None => options,
+    };
+    if need_kafka {
+        RelayConfig::resolve(merged)
+    } else {
+        RelayConfig::resolve_for_setup(merged)
+    }
+}
+
 impl RelayConfig {
     /// Resolves merged options for `run`, which needs every setting.
     pub fn resolve(o: Options) -> Result<RelayConfig, ConfigError> {
