@@ -38,7 +38,7 @@ use serde::Serialize;
 use crate::config::{Options, RelayConfig};
 use crate::pg::quote_ident;
 use crate::pg::sql::sql;
-use crate::pipeline::route::router::{validate_topic, RouterConfig, TopicTemplate};
+use crate::pipeline::route::router::{RouterConfig, TopicTemplate};
 
 /// Postgres type OIDs the checker cares about.
 const BYTEA_OID: u32 = 17;
@@ -539,63 +539,12 @@ impl fmt::Display for Report {
     }
 }
 
-/// The topic template's text split into literals and placeholder columns.
-fn template_parts(t: &TopicTemplate) -> Vec<(bool, String)> {
-    // (is_column, text). The template was validated when parsed.
-    let src = t.to_string();
-    let mut parts = Vec::new();
-    let mut rest = src.as_str();
-    while let Some(open) = rest.find('{') {
-        if open > 0 {
-            parts.push((false, rest[..open].to_string()));
-        }
-        let close = rest[open..].find('}').map_or(rest.len(), |c| open + c);
-        parts.push((true, rest[open + 1..close].trim().to_string()));
-        rest = rest.get(close + 1..).unwrap_or("");
-    }
-    if !rest.is_empty() {
-        parts.push((false, rest.to_string()));
-    }
-    parts
-}
-
 /// Fills the template from a row's placeholder values, as the router does.
 fn expand_topic(
     t: &TopicTemplate,
     values: &HashMap<String, Option<String>>,
 ) -> Result<String, String> {
-    let mut topic = String::new();
-    for (is_column, text) in template_parts(t) {
-        if !is_column {
-            topic.push_str(&text);
-            continue;
-        }
-        match values.get(&text) {
-            Some(Some(v)) if !v.is_empty() => topic.push_str(v),
-            Some(Some(_)) => return Err(format!("topic placeholder column {text} is empty")),
-            _ => return Err(format!("topic placeholder column {text} is NULL")),
-        }
-    }
-    validate_topic(&topic).map_err(|r| format!("topic {topic:?}: {r}"))?;
-    Ok(topic)
-}
-
-/// Whether `topic` could have come from the template (placeholders match one
-/// or more characters).
-fn template_matches(t: &TopicTemplate, topic: &str) -> bool {
-    fn go(parts: &[(bool, String)], s: &str) -> bool {
-        match parts.split_first() {
-            None => s.is_empty(),
-            Some(((false, lit), rest)) => s.strip_prefix(lit.as_str()).is_some_and(|s| go(rest, s)),
-            Some(((true, _), rest)) => s
-                .char_indices()
-                .skip(1)
-                .map(|(i, _)| i)
-                .chain(std::iter::once(s.len()))
-                .any(|i| i > 0 && go(rest, &s[i..])),
-        }
-    }
-    go(&template_parts(t), topic)
+    t.fill(|c| values.get(c).and_then(|v| v.as_deref()))
 }
 
 /// Reads the outbox rows with everything needed to check their records.
@@ -787,7 +736,7 @@ pub fn read_topics(
         TopicSelection::Matching(t) => {
             let mut v: Vec<String> = on_broker
                 .keys()
-                .filter(|n| !n.starts_with("__") && template_matches(t, n))
+                .filter(|n| !n.starts_with("__") && t.matches(n))
                 .map(|n| n.to_string())
                 .collect();
             v.sort();
@@ -1442,11 +1391,11 @@ mod tests {
         let bad: HashMap<String, Option<String>> =
             [("event_type".to_string(), Some("a b".to_string()))].into();
         assert!(expand_topic(&t, &bad).is_err());
-        assert!(template_matches(&t, "events.X.v1"));
-        assert!(template_matches(&t, "events.a.b.v1"));
-        assert!(!template_matches(&t, "events..v1"));
-        assert!(!template_matches(&t, "other.X.v1"));
+        assert!(t.matches("events.X.v1"));
+        assert!(t.matches("events.a.b.v1"));
+        assert!(!t.matches("events..v1"));
+        assert!(!t.matches("other.X.v1"));
         let f = TopicTemplate::parse("fixed").unwrap();
-        assert!(template_matches(&f, "fixed") && !template_matches(&f, "fixed2"));
+        assert!(f.matches("fixed") && !f.matches("fixed2"));
     }
 }

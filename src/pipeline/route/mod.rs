@@ -4,3 +4,4 @@
 
 pub mod messages;
 pub mod router;
+pub mod template;

@@ -33,6 +33,8 @@ impl Hasher for OidHasher {
 use bytes::Bytes;
 
 use crate::pipeline::decode::pgoutput::{Insert, Relation, TupleValue};
+use crate::pipeline::route::template::TemplatePart;
+pub use crate::pipeline::route::template::{validate_topic, TopicTemplate};
 
 /// Postgres type OID of `bytea`: its text form is hex and is decoded so the
 /// record value is the stored bytes (Avro or Protobuf payloads).
@@ -145,125 +147,6 @@ impl HeaderColumn {
             header: header.into(),
         })
     }
-}
-
-/// A topic name template: literal text with `{column}` placeholders.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TopicTemplate {
-    source: String,
-    parts: Vec<TemplatePart>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum TemplatePart {
-    Literal(String),
-    Column(String),
-}
-
-impl TopicTemplate {
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let mut parts = Vec::new();
-        let mut rest = s;
-        while let Some(open) = rest.find('{') {
-            if open > 0 {
-                parts.push(TemplatePart::Literal(rest[..open].to_string()));
-            }
-            let close = rest[open..]
-                .find('}')
-                .ok_or_else(|| format!("topic template {s:?} has an unclosed '{{'"))?;
-            let column = rest[open + 1..open + close].trim();
-            if column.is_empty() || column.contains('{') {
-                return Err(format!(
-                    "topic template {s:?} has an empty or nested placeholder"
-                ));
-            }
-            parts.push(TemplatePart::Column(column.to_string()));
-            rest = &rest[open + close + 1..];
-        }
-        if rest.contains('}') {
-            return Err(format!("topic template {s:?} has a '}}' without '{{'"));
-        }
-        if !rest.is_empty() {
-            parts.push(TemplatePart::Literal(rest.to_string()));
-        }
-        if parts.is_empty() {
-            return Err("the topic template is empty".into());
-        }
-        for p in &parts {
-            if let TemplatePart::Literal(l) = p {
-                if let Err(reason) = check_topic_chars(l) {
-                    return Err(format!("topic template {s:?}: {reason}"));
-                }
-            }
-        }
-        Ok(TopicTemplate {
-            source: s.to_string(),
-            parts,
-        })
-    }
-
-    pub fn columns(&self) -> impl Iterator<Item = &str> {
-        self.parts.iter().filter_map(|p| match p {
-            TemplatePart::Column(c) => Some(c.as_str()),
-            TemplatePart::Literal(_) => None,
-        })
-    }
-
-    /// Fills the placeholders from `value`; a placeholder it has no value
-    /// for is left empty (the caller validates the result).
-    pub fn render<'a>(&self, value: impl Fn(&str) -> Option<&'a str>) -> String {
-        let mut out = String::new();
-        for p in &self.parts {
-            match p {
-                TemplatePart::Literal(l) => out.push_str(l),
-                TemplatePart::Column(c) => out.push_str(value(c).unwrap_or("")),
-            }
-        }
-        out
-    }
-
-    /// A topic without placeholders, if this template is one.
-    pub fn fixed(&self) -> Option<&str> {
-        match self.parts.as_slice() {
-            [TemplatePart::Literal(l)] => Some(l),
-            _ => None,
-        }
-    }
-}
-
-impl std::fmt::Display for TopicTemplate {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.source)
-    }
-}
-
-fn check_topic_chars(s: &str) -> Result<(), String> {
-    match s
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
-        Some(c) => Err(format!(
-            "{c:?} is not allowed in a Kafka topic name (allowed: ASCII letters, digits, '.', '_', '-')"
-        )),
-        None => Ok(()),
-    }
-}
-
-/// Kafka's own rules for a topic name.
-pub fn validate_topic(topic: &str) -> Result<(), String> {
-    if topic.is_empty() {
-        return Err("the topic name is empty".into());
-    }
-    if topic == "." || topic == ".." {
-        return Err(format!("{topic:?} is not a valid topic name"));
-    }
-    if topic.len() > 249 {
-        return Err(format!(
-            "topic name is {} characters long (at most 249)",
-            topic.len()
-        ));
-    }
-    check_topic_chars(topic)
 }
 
 #[derive(Debug, Clone)]
@@ -537,10 +420,9 @@ impl Router {
             topic: self
                 .cfg
                 .topic
-                .parts
-                .iter()
+                .parts()
                 .map(|p| match p {
-                    TemplatePart::Literal(l) => TopicPlan::Literal(l.clone()),
+                    TemplatePart::Literal(l) => TopicPlan::Literal(l.to_string()),
                     TemplatePart::Column(c) => TopicPlan::Column(at(c)),
                 })
                 .collect(),
