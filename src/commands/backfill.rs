@@ -23,7 +23,6 @@
 //! published here if it was pending); every row committed after it is
 //! streamed by `run` from the slot, which starts there.
 
-use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -38,6 +37,7 @@ use crate::pg::quote_ident;
 use crate::pg::sql::sql;
 use crate::pipeline::decode::pgoutput::{Column, Insert, Relation, TupleValue};
 use crate::pipeline::route::router::{Routed, Router};
+use crate::pipeline::sink::inflight::InFlight;
 use crate::pipeline::sink::{Ack, Enqueued, KafkaSink};
 use crate::pipeline::source::{ConnectParams, ReplicationConnection};
 
@@ -413,10 +413,10 @@ pub async fn run(
         .map_err(|e| abort(format!("opening the cursor failed: {e}")))?;
 
     let mut progress = Progress::new(pending, args.progress_every);
-    let mut tag: u64 = 0;
     let mut acked: u64 = 0;
-    // Tag -> order value, for errors.
-    let mut in_flight: HashMap<u64, String> = HashMap::new();
+    // The order value of each record in flight, for errors and
+    // --mark-processed.
+    let mut in_flight: InFlight<String> = InFlight::default();
     let mut done_values: Vec<String> = Vec::new();
     let max_inflight = cfg.max_inflight.max(1);
     let fetch = format!("FETCH {} FROM outbox_backfill", args.batch_size.max(1));
@@ -424,7 +424,7 @@ pub async fn run(
     // Takes one delivery report; an error aborts.
     async fn take_ack(
         acks: &mut mpsc::UnboundedReceiver<Ack>,
-        in_flight: &mut HashMap<u64, String>,
+        in_flight: &mut InFlight<String>,
         done_values: Option<&mut Vec<String>>,
         order_column: &str,
         limit: Duration,
@@ -439,7 +439,7 @@ pub async fn run(
                 )
             })?
             .ok_or_else(|| "the Kafka producer stopped".to_string())?;
-        let value = in_flight.remove(&ack.tag).unwrap_or_default();
+        let value = in_flight.take(ack.tag).unwrap_or_default();
         match ack.result {
             Ok(_) => {
                 if let Some(v) = done_values {
@@ -507,8 +507,14 @@ pub async fn run(
                 progress.update(acked);
             }
             loop {
-                match sink.enqueue(&rec, tag) {
-                    Ok(Enqueued::Yes) => break,
+                let tag = in_flight.push(order_value.clone());
+                let outcome = sink.enqueue(&rec, tag);
+                if matches!(outcome, Ok(Enqueued::Yes)) {
+                    break;
+                }
+                in_flight.undo_push();
+                match outcome {
+                    Ok(Enqueued::Yes) => unreachable!("handled above"),
                     Ok(Enqueued::QueueFull) if in_flight.is_empty() => {
                         tokio::time::sleep(Duration::from_millis(10)).await
                     }
@@ -528,11 +534,9 @@ pub async fn run(
                     Err(e) => return Err(abort(e.to_string())),
                 }
             }
-            in_flight.insert(tag, order_value);
-            tag += 1;
             // Reports that already arrived, without waiting.
             while let Ok(ack) = acks.try_recv() {
-                let value = in_flight.remove(&ack.tag).unwrap_or_default();
+                let value = in_flight.take(ack.tag).unwrap_or_default();
                 if let Err(e) = ack.result {
                     return Err(abort(format!(
                         "delivery of the row with {} = {value} to topic {} failed: {e}",

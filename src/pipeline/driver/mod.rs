@@ -29,6 +29,7 @@ use crate::pipeline::decode::stream_buffer::{self, StreamBuffer, StreamBufferErr
 use crate::pipeline::policy::{self, ErrorKind, ErrorPolicy, Failed, Policy};
 use crate::pipeline::route::messages::MessageConfig;
 use crate::pipeline::route::router::{OutboxRecord, RouteError, Routed, Router};
+use crate::pipeline::sink::inflight::InFlight;
 use crate::pipeline::sink::{Ack, Enqueued, KafkaSink, SinkError};
 use crate::pipeline::source::{
     quote_literal, ConnectParams, ReplicationConnection, ReplicationError, ReplicationMessage,
@@ -396,11 +397,8 @@ struct State {
     acks: mpsc::UnboundedReceiver<Ack>,
     summary: Summary,
     metrics: Arc<Metrics>,
-    /// Events in flight by tag (`pending_base + index`); acknowledgements
-    /// arrive out of order, so slots empty in any order and the front is
-    /// trimmed. Bounded by `max_inflight`.
-    pending: VecDeque<Option<Pending>>,
-    pending_base: u64,
+    /// Events in flight by delivery tag. Bounded by `max_inflight`.
+    pending: InFlight<Pending>,
     /// Commit timestamp of the open transaction (from Begin).
     commit_time: i64,
     /// The newest server WAL position the walsender reported.
@@ -444,17 +442,11 @@ struct State {
 
 impl State {
     fn on_ack(&mut self, ack: Ack) -> Result<(), PipelineError> {
-        let pending = ack
-            .tag
-            .checked_sub(self.pending_base)
-            .and_then(|i| self.pending.get_mut(i as usize))
-            .and_then(Option::take)
+        let pending = self
+            .pending
+            .take(ack.tag)
             .ok_or(PipelineError::UnknownDelivery(ack.tag))?;
         self.inflight_bytes -= pending.size;
-        while matches!(self.pending.front(), Some(None)) {
-            self.pending.pop_front();
-            self.pending_base += 1;
-        }
         match ack.result {
             Ok(d) => {
                 tracing::trace!(partition = d.partition, offset = d.offset, "delivered");
@@ -627,8 +619,7 @@ impl State {
             mut is_dead_letter,
         } = w;
         loop {
-            let tag = self.pending_base + self.pending.len() as u64;
-            self.pending.push_back(Some(Pending {
+            let tag = self.pending.push(Pending {
                 txn,
                 enqueued: Instant::now(),
                 commit_time: self.commit_time,
@@ -640,7 +631,7 @@ impl State {
                 record: (self.keep_records && !is_dead_letter).then(|| rec.detached()),
                 dead_letter: is_dead_letter,
                 size: record_size(&rec),
-            }));
+            });
             self.inflight_bytes += record_size(&rec);
             let outcome = self.sink.enqueue(&rec, tag);
             if matches!(outcome, Ok(Enqueued::Yes)) {
@@ -663,7 +654,7 @@ impl State {
                 return Ok(None);
             }
             // Not enqueued: forget the tracking entry (it is the newest).
-            if let Some(Some(p)) = self.pending.pop_back() {
+            if let Some(p) = self.pending.undo_push() {
                 self.inflight_bytes -= p.size;
             }
             let (topic, error) = match outcome {
@@ -741,7 +732,7 @@ impl State {
         self.checkpoint.inflight() < cfg.max_inflight
             && self.inflight_bytes < cfg.max_inflight_bytes
             && self.waiting.is_empty()
-            && (self.pending.len() as u64) < span
+            && (self.pending.span() as u64) < span
             && self.checkpoint.tracked() < span
     }
 
@@ -1341,8 +1332,7 @@ async fn session(
         resumed_from: slot.confirmed,
         first_begin_seen: false,
         metrics,
-        pending: VecDeque::new(),
-        pending_base: 0,
+        pending: InFlight::default(),
         commit_time: 0,
         server_wal: slot.confirmed,
         published: HashMap::new(),
@@ -1603,7 +1593,7 @@ async fn settle_in_flight(state: &mut State, limit: Duration) {
     let deadline = tokio::time::Instant::now() + limit;
     // Wait for reports still owed; a failed event already reported is not
     // owed one, though the checkpoint still counts it as unconfirmed.
-    while state.pending.iter().any(Option::is_some) {
+    while !state.pending.is_empty() {
         match tokio::time::timeout_at(deadline, state.acks.recv()).await {
             Ok(Some(ack)) => {
                 state.refresh_ack_clock();

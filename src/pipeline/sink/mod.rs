@@ -97,6 +97,7 @@ const REQUIRED: &[(&str, &str, &str)] = &[
 
 /// librdkafka's other names for the required properties.
 pub mod client;
+pub mod inflight;
 
 const ALIASES: &[(&str, &str)] = &[
     ("delivery.timeout.ms", "message.timeout.ms"),
