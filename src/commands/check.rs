@@ -423,7 +423,7 @@ async fn publication(client: &Client, cfg: &RelayConfig, version_num: i32) -> Ch
         return CheckResult::fail(
             NAME,
             format!("publication {name} publishes the partitions of {table} under their own names"),
-            crate::commands::setup::partitions_by_name(name, &table.to_string()),
+            crate::pg::catalog::partitions_by_name(name, &table.to_string()),
         );
     }
     if !inserts {

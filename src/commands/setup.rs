@@ -7,6 +7,7 @@
 use tokio_postgres::Client;
 
 use crate::config::RelayConfig;
+use crate::pg::catalog::partitions_by_name;
 use crate::pg::quote_ident;
 use crate::pg::sql::sql;
 
@@ -162,15 +163,6 @@ pub async fn ensure_publication(client: &Client, cfg: &RelayConfig) -> Result<St
     Ok(format!(
         "added table {table} to existing publication {publication}"
     ))
-}
-
-/// Why a publication without publish_via_partition_root cannot serve a
-/// partitioned outbox table, and the fix.
-pub fn partitions_by_name(publication: &str, table: &str) -> String {
-    format!(
-        "publication {publication} publishes the partitioned table {table} under its partitions' names (publish_via_partition_root is off), so the relay would not recognise its rows: ALTER PUBLICATION {} SET (publish_via_partition_root = true); (its other subscribers then see {table}'s name too), or give the relay a publication of its own (outbox-relay setup --publication NAME creates one)",
-        quote_ident(publication)
-    )
 }
 
 /// Runs the setup and returns the lines that explain what it did.

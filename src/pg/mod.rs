@@ -4,6 +4,7 @@
 //! `tls`, the connection settings (libpq's URL and keywords) and TLS of every
 //! Postgres connection. It must not hold pipeline state.
 
+pub mod catalog;
 pub mod sql;
 pub mod tls;
 

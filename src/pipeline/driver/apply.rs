@@ -1,0 +1,248 @@
+//! From a WAL message to the checkpoint and the producer: decoding, the
+//! stream buffer for streamed transactions, routing, logical messages and the
+//! error policy for rows that cannot become records.
+
+use crate::config::RelayConfig;
+use crate::lsn::Lsn;
+use crate::pipeline::checkpoint::TxnSeq;
+use crate::pipeline::decode::pgoutput::LogicalMessage;
+use crate::pipeline::decode::stream_buffer;
+use crate::pipeline::policy::Failed;
+use crate::pipeline::route::router::Routed;
+use crate::pipeline::source::ReplicationError;
+
+use super::errors::PipelineError;
+use super::heartbeat::HEARTBEAT_PREFIX;
+use super::state::{label, Replaying, State};
+
+impl State {
+    pub(super) async fn on_xlog(
+        &mut self,
+        wal_start: Lsn,
+        data: bytes::Bytes,
+    ) -> Result<(), PipelineError> {
+        let raw = data.clone();
+        let msg = self
+            .decoder
+            .decode(data)
+            .map_err(|source| PipelineError::Decode {
+                lsn: wal_start,
+                source,
+            })?;
+        if let Some(buffer) = self.stream.as_mut() {
+            match &msg {
+                LogicalMessage::StreamStart(s) => {
+                    buffer.start(s.xid, s.first_segment)?;
+                    return Ok(());
+                }
+                LogicalMessage::StreamStop => return Ok(()),
+                LogicalMessage::StreamAbort(a) => {
+                    if let Err(e) = buffer.abort(a.xid, a.subxid) {
+                        tracing::debug!(error = %e, "stream abort of a transaction with nothing buffered");
+                    }
+                    return Ok(());
+                }
+                LogicalMessage::StreamCommit(c) => {
+                    let replay = buffer.commit(c.xid)?;
+                    self.commit_time = c.commit_time;
+                    self.checkpoint.begin(c.commit_lsn)?;
+                    self.replaying = Some(Replaying {
+                        replay,
+                        decoder: stream_buffer::replay_decoder(
+                            self.decoder.protocol_version(),
+                            c.xid,
+                        ),
+                        end_lsn: c.end_lsn,
+                    });
+                    return Ok(());
+                }
+                // Inside a streamed block, keep what makes events until the
+                // transaction commits; the rest (updates, deletes, types)
+                // never does.
+                LogicalMessage::Relation(_)
+                | LogicalMessage::Insert(_)
+                | LogicalMessage::Message(_)
+                    if self.decoder.in_stream() =>
+                {
+                    let top = self.decoder.stream_xid().ok_or_else(|| {
+                        PipelineError::Replication(ReplicationError::Protocol(format!(
+                            "a change at {wal_start} inside a streamed block without the block's transaction id"
+                        )))
+                    })?;
+                    let subxid = self.decoder.last_xid().unwrap_or(top);
+                    buffer.push(top, subxid, wal_start, &raw)?;
+                    return Ok(());
+                }
+                _ if self.decoder.in_stream() => return Ok(()),
+                _ => {}
+            }
+        }
+        self.apply(msg, wal_start).await
+    }
+
+    /// Replays up to `budget` changes of a committed streamed transaction,
+    /// as if they had arrived between Begin and Commit. Returns when the
+    /// budget or the in-flight limit is reached, so backpressure holds.
+    pub(super) async fn replay_some(
+        &mut self,
+        mut budget: usize,
+        cfg: &RelayConfig,
+    ) -> Result<(), PipelineError> {
+        while budget > 0 && self.has_room(cfg) {
+            let Some(r) = self.replaying.as_mut() else {
+                return Ok(());
+            };
+            match r.replay.next() {
+                Some(change) => {
+                    let change = change?;
+                    let msg =
+                        r.decoder
+                            .decode(change.data)
+                            .map_err(|source| PipelineError::Decode {
+                                lsn: change.lsn,
+                                source,
+                            })?;
+                    self.apply(msg, change.lsn).await?;
+                    budget -= 1;
+                }
+                None => {
+                    let end = r.end_lsn;
+                    self.replaying = None;
+                    self.checkpoint.commit(end)?;
+                    self.summary.transactions += 1;
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Acts on one decoded message of a committed transaction (or outside).
+    pub(super) async fn apply(
+        &mut self,
+        msg: LogicalMessage,
+        wal_start: Lsn,
+    ) -> Result<(), PipelineError> {
+        match msg {
+            LogicalMessage::Begin(b) => {
+                self.commit_time = b.commit_time;
+                if !self.first_begin_seen {
+                    self.first_begin_seen = true;
+                    // The server resumes after the slot's confirmed position;
+                    // a transaction at or before it means the server is
+                    // resending confirmed work (duplicates, not loss): say so.
+                    if b.final_lsn <= self.resumed_from {
+                        tracing::warn!(
+                            first_commit = %b.final_lsn,
+                            resumed_from = %self.resumed_from,
+                            "the server sent a transaction at or before the resume position; it will be published again"
+                        );
+                    }
+                }
+                self.checkpoint.begin(b.final_lsn)?;
+            }
+            LogicalMessage::Commit(c) => {
+                self.checkpoint.commit(c.end_lsn)?;
+                self.summary.transactions += 1;
+            }
+            LogicalMessage::Relation(rel) => {
+                self.router
+                    .on_relation(&rel)
+                    .map_err(|source| PipelineError::Route {
+                        lsn: wal_start,
+                        source,
+                    })?;
+            }
+            LogicalMessage::Insert(ins) => {
+                let rec = match self.router.route(&ins) {
+                    Ok(Routed::Record(rec)) => rec,
+                    Ok(Routed::OtherTable(table)) => {
+                        // Not an event (a FOR ALL TABLES or shared
+                        // publication); counted so that it is visible.
+                        let metrics = &self.metrics;
+                        self.skipped
+                            .entry(table)
+                            .or_insert_with_key(|t| metrics.skipped_rows_of(t))
+                            .inc();
+                        return Ok(());
+                    }
+                    Err(source) => {
+                        let failed = self.router.salvage(&ins);
+                        return self.unroutable(source, failed, wal_start).await;
+                    }
+                };
+                let txn: TxnSeq = self.checkpoint.event()?;
+                tracing::debug!(
+                    event_id = %String::from_utf8_lossy(&rec.event_id),
+                    event_type = %label(&rec.event_type),
+                    aggregate_id = %String::from_utf8_lossy(&rec.key),
+                    topic = %rec.topic,
+                    lsn = %wal_start,
+                    since_commit_ms = (crate::pipeline::source::pg_now() - self.commit_time) / 1000,
+                    "event enqueued"
+                );
+                self.enqueue_tracked(rec, txn, wal_start, false).await?;
+                self.summary.events += 1;
+            }
+            LogicalMessage::Message(m) if m.prefix == HEARTBEAT_PREFIX => {
+                tracing::trace!(lsn = %m.lsn, "heartbeat");
+            }
+            LogicalMessage::Message(m) => {
+                let Some(route) = self.messages.as_ref().and_then(|c| c.route(&m)) else {
+                    tracing::trace!(prefix = %m.prefix, lsn = %m.lsn, "ignored logical decoding message");
+                    return Ok(());
+                };
+                // A non-transactional message is published at once; it is
+                // its own unit for the checkpoint, confirmed at its own LSN
+                // (the end of its record): that already keeps a restart from
+                // decoding it again, and one byte more would skip a
+                // transaction whose commit record starts right there.
+                let standalone = !m.transactional();
+                if standalone {
+                    self.checkpoint.begin_standalone(m.lsn)?;
+                    // No commit time in the WAL for it: it counts from now.
+                    self.commit_time = crate::pipeline::source::pg_now();
+                }
+                let result = match route {
+                    Ok(rec) => {
+                        let txn = self.checkpoint.event()?;
+                        self.summary.events += 1;
+                        self.enqueue_tracked(rec, txn, m.lsn, false).await
+                    }
+                    Err(source) => {
+                        let failed = Failed {
+                            payload: Some(m.content.clone()),
+                            event_id: Some(bytes::Bytes::from(format!("lsn:{}", m.lsn))),
+                            intended_topic: m.prefix.clone(),
+                            ..Failed::default()
+                        };
+                        self.unroutable(source, failed, m.lsn).await
+                    }
+                };
+                if standalone {
+                    self.checkpoint.commit_standalone()?;
+                }
+                result?;
+            }
+            other @ (LogicalMessage::Origin(_)
+            | LogicalMessage::Type(_)
+            | LogicalMessage::Update(_)
+            | LogicalMessage::Delete(_)
+            | LogicalMessage::Truncate(_)
+            | LogicalMessage::StreamStart(_)
+            | LogicalMessage::StreamStop
+            | LogicalMessage::StreamCommit(_)
+            | LogicalMessage::StreamAbort(_)
+            | LogicalMessage::BeginPrepare(_)
+            | LogicalMessage::Prepare(_)
+            | LogicalMessage::CommitPrepared(_)
+            | LogicalMessage::RollbackPrepared(_)
+            | LogicalMessage::StreamPrepare(_)) => {
+                // Updates, deletes (the insert-then-delete outbox pattern),
+                // truncates and the rest are not events.
+                tracing::trace!(kind = other.kind(), lsn = %wal_start, "ignored change");
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,308 @@
+//! Session set-up: connect, identify the system, check the slot and the
+//! publication, choose the pgoutput protocol, start streaming, all within
+//! the connect and replication timeouts. Nothing here reads events.
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+use crate::config::RelayConfig;
+use crate::lsn::Lsn;
+use crate::pg::quote_ident;
+use crate::pipeline::decode::stream_buffer;
+use crate::pipeline::sink::{Ack, KafkaSink};
+use crate::pipeline::source::{
+    quote_literal, ConnectParams, ReplicationConnection, ReplicationError,
+};
+
+use super::errors::PipelineError;
+
+/// Parses a Postgres duration setting (`60s`, `1min`, `500ms`, `0`).
+pub fn parse_pg_duration(s: &str) -> Option<Duration> {
+    crate::config::parse_duration(s, crate::config::BareNumber::Millis).ok()
+}
+
+pub(super) struct Slot {
+    pub(super) confirmed: Lsn,
+    pub(super) active_pid: Option<i32>,
+}
+
+pub(super) async fn check_slot(
+    conn: &mut ReplicationConnection,
+    slot: &str,
+) -> Result<Slot, PipelineError> {
+    let rows = conn
+        .simple_query(&format!(
+            "SELECT coalesce(plugin, ''), coalesce(confirmed_flush_lsn::text, '0/0'), active_pid::text, coalesce(wal_status, '') FROM pg_replication_slots WHERE slot_name = {}",
+            quote_literal(slot)
+        ))
+        .await?;
+    let row = rows
+        .first()
+        .ok_or_else(|| PipelineError::SlotMissing { slot: slot.into() })?;
+    let plugin = row.first().cloned().flatten().unwrap_or_default();
+    if plugin != "pgoutput" {
+        return Err(PipelineError::WrongPlugin {
+            slot: slot.into(),
+            plugin,
+        });
+    }
+    let field = |i: usize| row.get(i).cloned().flatten();
+    if field(3).as_deref() == Some("lost") {
+        return Err(PipelineError::SlotInvalidated { slot: slot.into() });
+    }
+    let confirmed = field(1).and_then(|s| s.parse().ok()).unwrap_or_default();
+    let active_pid = field(2).and_then(|s| s.parse().ok());
+    Ok(Slot {
+        confirmed,
+        active_pid,
+    })
+}
+
+/// The publication must exist, publish inserts and cover the outbox table:
+/// otherwise the stream is silently empty and events would never arrive.
+pub(super) async fn check_publication(
+    conn: &mut ReplicationConnection,
+    cfg: &RelayConfig,
+) -> Result<(), PipelineError> {
+    let table = &cfg.router.table;
+    let rows = conn
+        .simple_query(&format!(
+            "SELECT p.pubinsert::text, EXISTS (SELECT 1 FROM pg_publication_tables t
+                      WHERE t.pubname = p.pubname AND t.schemaname = {0} AND t.tablename = {1})::text,
+                    (p.pubviaroot OR NOT EXISTS (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                      WHERE n.nspname = {0} AND c.relname = {1} AND c.relkind = 'p'))::text
+               FROM pg_publication p WHERE p.pubname = {2}",
+            quote_literal(&table.schema),
+            quote_literal(&table.name),
+            quote_literal(&cfg.publication)
+        ))
+        .await?;
+    let problem = match rows.first() {
+        None => Some(format!(
+            "publication {:?} does not exist: run `outbox-relay setup`",
+            cfg.publication
+        )),
+        Some(row) if row.first().cloned().flatten().as_deref() != Some("true") => Some(format!(
+            "publication {0:?} does not publish inserts: ALTER PUBLICATION {1} SET (publish = 'insert')",
+            cfg.publication,
+            quote_ident(&cfg.publication)
+        )),
+        Some(row) if row.get(2).cloned().flatten().as_deref() != Some("true") => Some(
+            crate::pg::catalog::partitions_by_name(&cfg.publication, &table.to_string()),
+        ),
+        Some(row) if row.get(1).cloned().flatten().as_deref() != Some("true") => Some(format!(
+            "publication {0:?} does not cover the outbox table {table}: ALTER PUBLICATION {1} ADD TABLE {2} (or run `outbox-relay setup`)",
+            cfg.publication,
+            quote_ident(&cfg.publication),
+            table.quoted()
+        )),
+        Some(_) => None,
+    };
+    match problem {
+        Some(p) => Err(PipelineError::Publication(p)),
+        None => Ok(()),
+    }
+}
+
+/// With --terminate-stale-walsender: ends the walsender holding the slot only
+/// if its client has gone quiet, no status update for twice our status
+/// interval (at least 5 s). A live relay reports at least that often, so two
+/// relays started with the flag never terminate each other's walsenders (a
+/// live holder makes this one a standby); a hung or half-open client that
+/// the server has not timed out yet is ended.
+pub(super) async fn terminate_if_stale(
+    conn: &mut ReplicationConnection,
+    slot: &str,
+    pid: i32,
+    status_interval: Duration,
+) -> Result<(), PipelineError> {
+    let quiet = (status_interval * 2).max(Duration::from_secs(5));
+    let rows = conn
+        .simple_query(&format!(
+            "SELECT (coalesce(reply_time, backend_start) < now() - interval '{} milliseconds')::text
+               FROM pg_stat_replication WHERE pid = {pid}",
+            quiet.as_millis()
+        ))
+        .await?;
+    let stale = rows
+        .first()
+        .and_then(|r| r.first().cloned().flatten())
+        .is_none_or(|v| v == "true");
+    if !stale {
+        tracing::info!(
+            slot = %slot,
+            pid,
+            "the walsender holding the slot has a live client (it reported within {}s): not terminating it; waiting as a standby",
+            quiet.as_secs()
+        );
+        return Ok(());
+    }
+    tracing::warn!(
+        slot = %slot,
+        pid,
+        "terminating the walsender holding the slot: its client sent nothing for {}s (--terminate-stale-walsender)",
+        quiet.as_secs()
+    );
+    conn.simple_query(&format!("SELECT pg_terminate_backend({pid})"))
+        .await?;
+    Ok(())
+}
+
+/// The newest pgoutput protocol a server version speaks. Without
+/// `--streaming` every version delivers whole committed transactions; with
+/// it, protocol 2 or later carries the streamed blocks.
+pub fn protocol_for(server_version_num: u32) -> u32 {
+    match server_version_num {
+        160000.. => 4,
+        150000.. => 3,
+        140000.. => 2,
+        _ => 1,
+    }
+}
+
+/// A session's connection after set-up: streaming has started.
+pub(super) struct Opened {
+    pub(super) stream: crate::pipeline::source::ReplicationStream,
+    pub(super) slot: Slot,
+    pub(super) status_interval: Duration,
+    pub(super) protocol: u32,
+    pub(super) sink: KafkaSink,
+    pub(super) acks: mpsc::UnboundedReceiver<Ack>,
+}
+
+/// An error for a step that took longer than `limit`: the connection is
+/// treated as lost, so the supervisor reconnects.
+pub(super) fn timed_out(what: &str, limit: Duration) -> PipelineError {
+    PipelineError::Replication(ReplicationError::Io(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!(
+            "{what}: no answer from the server within {:.1}s (--replication-timeout)",
+            limit.as_secs_f64()
+        ),
+    )))
+}
+
+/// Connects, checks the slot and the publication and starts streaming.
+/// Connecting and authenticating are bounded by the connect timeout, the
+/// queries after it by the replication timeout: a server that stops
+/// answering (a failover that black-holes its address) must not hold the
+/// relay for the kernel's TCP retry time.
+pub(super) async fn open(cfg: &RelayConfig, resume: Option<Lsn>) -> Result<Opened, PipelineError> {
+    let mut params = ConnectParams::from_config(&cfg.database)?;
+    params.tcp_user_timeout = cfg.replication_timeout;
+    let mut conn = ReplicationConnection::connect(&params).await?;
+    let set_up = async move {
+        let system = conn.identify_system().await?;
+        let slot = check_slot(&mut conn, &cfg.slot).await?;
+        check_publication(&mut conn, cfg).await?;
+        if let Some(ours) = resume {
+            if slot.confirmed > ours {
+                return Err(PipelineError::SlotMovedAhead {
+                    slot: cfg.slot.clone(),
+                    found: slot.confirmed,
+                    ours,
+                });
+            }
+        }
+        let status_interval = match conn
+            .show("wal_sender_timeout")
+            .await
+            .ok()
+            .as_deref()
+            .and_then(parse_pg_duration)
+        {
+            Some(t) if !t.is_zero() => cfg.status_interval.min(t / 2),
+            _ => cfg.status_interval,
+        };
+        if cfg.terminate_stale_walsender {
+            if let Some(pid) = slot.active_pid {
+                terminate_if_stale(&mut conn, &cfg.slot, pid, status_interval).await?;
+            }
+        }
+        let server_version: u32 = conn
+            .show("server_version_num")
+            .await?
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        let protocol = cfg
+            .protocol_version
+            .unwrap_or_else(|| protocol_for(server_version));
+        if let Some(streaming) = &cfg.streaming {
+            stream_buffer::prepare_spill_dir(&streaming.spill_dir.join(&cfg.slot))?;
+        }
+        // Before START_REPLICATION: a producer setting the relay refuses
+        // stops it before the slot is touched.
+        let (sink, acks) = KafkaSink::new(&cfg.kafka_brokers, &cfg.kafka_properties)?;
+        tracing::info!(
+            server_version,
+            protocol,
+            slot = %cfg.slot,
+            publication = %cfg.publication,
+            resume_from = %slot.confirmed,
+            server_wal = %system.xlogpos,
+            table = %cfg.router.table,
+            topic = %cfg.router.topic,
+            "starting replication"
+        );
+        let mut options = vec![
+            ("proto_version", protocol.to_string()),
+            ("publication_names", quote_ident(&cfg.publication)),
+        ];
+        if cfg.messages.is_some() {
+            options.push(("messages", "true".to_string()));
+        }
+        if cfg.streaming.is_some() {
+            if protocol < 2 {
+                return Err(PipelineError::Config(format!(
+                    "--streaming needs pgoutput protocol 2 or later (PostgreSQL 14+); this session uses {protocol}"
+                )));
+            }
+            options.push(("streaming", "on".to_string()));
+        }
+        // Ask for the position we expect explicitly rather than 0/0, so the
+        // server log shows it; the server never starts before the slot's
+        // confirmed_flush_lsn anyway.
+        let stream = conn
+            .start_logical(&cfg.slot, slot.confirmed, &options)
+            .await?;
+        Ok(Opened {
+            stream,
+            slot,
+            status_interval,
+            protocol,
+            sink,
+            acks,
+        })
+    };
+    match cfg.replication_timeout {
+        Some(limit) => tokio::time::timeout(limit, set_up)
+            .await
+            .map_err(|_| timed_out("setting up the replication session", limit))?,
+        None => set_up.await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocol_follows_the_server_version() {
+        assert_eq!(protocol_for(130012), 1);
+        assert_eq!(protocol_for(140023), 2);
+        assert_eq!(protocol_for(150019), 3);
+        assert_eq!(protocol_for(160015), 4);
+        assert_eq!(protocol_for(180006), 4);
+    }
+
+    #[test]
+    fn parses_postgres_durations() {
+        assert_eq!(parse_pg_duration("1min"), Some(Duration::from_secs(60)));
+        assert_eq!(parse_pg_duration("60s"), Some(Duration::from_secs(60)));
+        assert_eq!(parse_pg_duration("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_pg_duration("0"), Some(Duration::ZERO));
+        assert_eq!(parse_pg_duration("abc"), None);
+    }
+}

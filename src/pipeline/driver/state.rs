@@ -1,0 +1,515 @@
+//! The session's state, split by concern in its fields: what is in flight
+//! (`pending`, `waiting`, `inflight_bytes`), what is confirmed
+//! (`checkpoint`), how bad events go (`policy`, `redo`, `too_large`) and the
+//! metrics handles. This file handles delivery reports and enqueueing;
+//! `apply` feeds it decoded messages.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use prometheus_client::metrics::counter::Counter;
+
+use rdkafka::error::KafkaError;
+use tokio::sync::mpsc;
+
+use crate::config::RelayConfig;
+use crate::lsn::Lsn;
+use crate::observe::metrics::Metrics;
+use crate::pipeline::checkpoint::{Checkpoint, TxnSeq};
+use crate::pipeline::decode::pgoutput;
+use crate::pipeline::decode::stream_buffer::{self, StreamBuffer};
+use crate::pipeline::policy::{self, ErrorKind, ErrorPolicy, Failed, Policy};
+use crate::pipeline::route::messages::MessageConfig;
+use crate::pipeline::route::router::{OutboxRecord, RouteError, Router};
+use crate::pipeline::sink::inflight::InFlight;
+use crate::pipeline::sink::{Ack, Enqueued, KafkaSink, SinkError};
+
+use super::errors::{BatchTooLarge, DeliveryFailure, PipelineError};
+use super::{Summary, TOO_LARGE_SETTLE};
+
+/// An event handed to the producer, until its delivery report arrives.
+pub(super) struct Pending {
+    pub(super) txn: TxnSeq,
+    pub(super) enqueued: Instant,
+    pub(super) commit_time: i64,
+    pub(super) event_type: Option<bytes::Bytes>,
+    /// Position of the change, for dead-letter headers.
+    pub(super) lsn: Lsn,
+    /// Kept only while a delivery failure could be dead-lettered.
+    pub(super) record: Option<OutboxRecord>,
+    pub(super) dead_letter: bool,
+    /// Key and payload bytes, for the in-flight byte budget.
+    pub(super) size: u64,
+}
+
+/// A record counted in the checkpoint that librdkafka's full queue could not
+/// take yet.
+pub(super) struct Waiting {
+    pub(super) rec: OutboxRecord,
+    pub(super) txn: TxnSeq,
+    pub(super) lsn: Lsn,
+    pub(super) is_dead_letter: bool,
+}
+
+/// A committed streamed transaction being handed to the pipeline.
+pub(super) struct Replaying {
+    pub(super) replay: stream_buffer::Replay,
+    pub(super) decoder: pgoutput::Decoder,
+    pub(super) end_lsn: Lsn,
+}
+
+pub(super) struct State {
+    /// Buffers streamed in-progress transactions (with --streaming).
+    pub(super) stream: Option<StreamBuffer>,
+    pub(super) replaying: Option<Replaying>,
+    /// The slot's confirmed position when this session started.
+    pub(super) resumed_from: Lsn,
+    pub(super) first_begin_seen: bool,
+    pub(super) router: Router,
+    pub(super) checkpoint: Checkpoint,
+    pub(super) sink: KafkaSink,
+    pub(super) acks: mpsc::UnboundedReceiver<Ack>,
+    pub(super) summary: Summary,
+    pub(super) metrics: Arc<Metrics>,
+    /// Events in flight by delivery tag. Bounded by `max_inflight`.
+    pub(super) pending: InFlight<Pending>,
+    /// Commit timestamp of the open transaction (from Begin).
+    pub(super) commit_time: i64,
+    /// The newest server WAL position the walsender reported.
+    pub(super) server_wal: Lsn,
+    pub(super) published: HashMap<Option<bytes::Bytes>, Counter>,
+    /// The counter of the last event type acknowledged: consecutive events
+    /// mostly share a type, and comparing a few bytes beats hashing them.
+    pub(super) last_published: Option<(Option<bytes::Bytes>, Counter)>,
+    /// Clock readings shared by a batch of delivery reports.
+    pub(super) ack_clock: (Instant, i64),
+    pub(super) decoder: pgoutput::Decoder,
+    /// Logical decoding messages as events, when configured.
+    pub(super) messages: Option<MessageConfig>,
+    /// Key and payload bytes handed to the producer and not yet acknowledged.
+    pub(super) inflight_bytes: u64,
+    pub(super) policy: ErrorPolicy,
+    /// Keep records in flight, because a delivery failure may be dead-lettered.
+    pub(super) keep_records: bool,
+    /// Event types seen, owned: an in-flight event holds a shared handle to
+    /// its type instead of a copy of its own (which would cost an allocation
+    /// per event; a slice of the WAL buffer would pin the buffer).
+    pub(super) event_types: std::collections::HashSet<bytes::Bytes>,
+    /// Dead-letter records waiting to be enqueued (from delivery reports).
+    pub(super) redo: Vec<(OutboxRecord, TxnSeq, Lsn)>,
+    /// Skipped-row counters by table (a handful of tables at most: those
+    /// the publication covers).
+    pub(super) skipped: HashMap<Arc<str>, Counter>,
+    /// Records the producer's full queue could not take yet, in order;
+    /// nothing more is read until they are enqueued.
+    pub(super) waiting: VecDeque<Waiting>,
+    /// Records the broker refused as too large, until the reports that came
+    /// with them are in (see `settle_too_large`).
+    pub(super) too_large: Vec<(Pending, String, KafkaError)>,
+    pub(super) too_large_since: Instant,
+    /// Topics already handed to the probe, and the last one of them.
+    pub(super) noted_topics: std::collections::HashSet<Arc<str>>,
+    pub(super) last_noted_topic: Option<Arc<str>>,
+    /// Of this session's spilled bytes, those already added to the counter.
+    pub(super) spilled_counted: u64,
+}
+
+impl State {
+    pub(super) fn on_ack(&mut self, ack: Ack) -> Result<(), PipelineError> {
+        let pending = self
+            .pending
+            .take(ack.tag)
+            .ok_or(PipelineError::UnknownDelivery(ack.tag))?;
+        self.inflight_bytes -= pending.size;
+        match ack.result {
+            Ok(d) => {
+                tracing::trace!(partition = d.partition, offset = d.offset, "delivered");
+                self.checkpoint.ack(pending.txn)?;
+                self.metrics.set_broker_reachable(true);
+                if pending.dead_letter {
+                    // Counted once, as dead-lettered, not also as published.
+                    self.metrics.dead_lettered.inc();
+                } else {
+                    let counter = match &self.last_published {
+                        Some((t, c)) if *t == pending.event_type => c.clone(),
+                        _ => {
+                            let c = match self.published.get(&pending.event_type) {
+                                Some(c) => c.clone(),
+                                None => {
+                                    let c = self.metrics.published(&label(&pending.event_type));
+                                    // Bounded as the interned types are.
+                                    if self.published.len() < MAX_EVENT_TYPES {
+                                        self.published
+                                            .insert(pending.event_type.clone(), c.clone());
+                                    }
+                                    c
+                                }
+                            };
+                            self.last_published = Some((pending.event_type.clone(), c.clone()));
+                            c
+                        }
+                    };
+                    counter.inc();
+                }
+                // Timed at the delivery report, not when the loop got to it:
+                // the figures are the broker's, without the pipeline's queue.
+                let (now, pg_now) = self.ack_clock;
+                let acked_pg = pg_now - now.saturating_duration_since(ack.at).as_micros() as i64;
+                self.metrics.publish_duration.observe(
+                    ack.at
+                        .saturating_duration_since(pending.enqueued)
+                        .as_secs_f64(),
+                );
+                let since_commit = (acked_pg - pending.commit_time) as f64 / 1e6;
+                self.metrics.commit_to_ack.observe(since_commit.max(0.0));
+                Ok(())
+            }
+            Err(error) => {
+                self.metrics
+                    .publish_error(&label(&pending.event_type), &kafka_code(&error));
+                let kind = ErrorKind::of_kafka(&error)
+                    .filter(|k| self.policy.for_kind(*k) == Policy::DeadLetter);
+                // The broker judges max.message.bytes per record batch: a
+                // refused batch fails every record in it, small ones too.
+                // Decide once the reports that came together are in
+                // (`settle_too_large`): one record alone was too large by
+                // itself; several were a batch.
+                if kind == Some(ErrorKind::TooLarge)
+                    && pending.record.is_some()
+                    && !pending.dead_letter
+                    && matches!(
+                        error.rdkafka_error_code(),
+                        Some(rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge)
+                    )
+                {
+                    if self.too_large.is_empty() {
+                        self.too_large_since = Instant::now();
+                    }
+                    self.too_large.push((pending, ack.topic, error));
+                    return Ok(());
+                }
+                if let (Some(kind), false) = (kind, pending.dead_letter) {
+                    if self.dead_letter_delivery(&pending, kind, &ack.topic, &error)? {
+                        return Ok(());
+                    }
+                }
+                Err(PipelineError::Delivery(Box::new(DeliveryFailure {
+                    topic: ack.topic,
+                    commit_lsn: self.commit_lsn_text(pending.txn),
+                    error,
+                    confirmed: self.checkpoint.confirmed(),
+                })))
+            }
+        }
+    }
+
+    /// Replaces a record whose delivery failed with its dead-letter record,
+    /// queued for `flush_redo`. The dead-letter record is counted before the
+    /// failed one is released, so the transaction cannot be confirmed in
+    /// between. False when the record was not kept (nothing to dead-letter).
+    pub(super) fn dead_letter_delivery(
+        &mut self,
+        pending: &Pending,
+        kind: ErrorKind,
+        topic: &str,
+        error: &KafkaError,
+    ) -> Result<bool, PipelineError> {
+        let Some(rec) = &pending.record else {
+            return Ok(false);
+        };
+        self.checkpoint.add_event(pending.txn)?;
+        self.checkpoint.ack(pending.txn)?;
+        let reason = format!("Kafka refused the record for {topic}: {error}");
+        tracing::warn!(lsn = %pending.lsn, kind = %kind, "dead-lettering an event: {reason}");
+        let dlq = policy::dead_letter(
+            Failed::from(rec),
+            kind,
+            &reason,
+            pending.lsn,
+            &self.policy.dead_letter_topic,
+        );
+        self.redo.push((dlq, pending.txn, pending.lsn));
+        Ok(true)
+    }
+
+    /// A tracked transaction's commit LSN for an error message.
+    pub(super) fn commit_lsn_text(&self, txn: TxnSeq) -> String {
+        self.checkpoint
+            .commit_lsn_of(txn)
+            .map(|l| l.to_string())
+            .unwrap_or_else(|| "?".into())
+    }
+
+    /// Hands a record to the producer, tracked for its delivery report. The
+    /// checkpoint must already count it as an event of `txn`. A record the
+    /// producer refuses outright (too large, say) goes to the error policy.
+    ///
+    /// When librdkafka's local queue is full the record waits, in order, in
+    /// `waiting`, and reading pauses until delivery reports make room: the
+    /// loop goes on sending status updates and watching for a stop meanwhile
+    /// (backpressure, never a wait inside this call).
+    pub(super) async fn enqueue_tracked(
+        &mut self,
+        rec: OutboxRecord,
+        txn: TxnSeq,
+        lsn: Lsn,
+        is_dead_letter: bool,
+    ) -> Result<(), PipelineError> {
+        let w = Waiting {
+            rec,
+            txn,
+            lsn,
+            is_dead_letter,
+        };
+        if !self.waiting.is_empty() {
+            self.waiting.push_back(w);
+            return Ok(());
+        }
+        if let Some(w) = self.try_enqueue(w)? {
+            self.waiting.push_back(w);
+        }
+        Ok(())
+    }
+
+    /// Enqueues records that waited for room, oldest first, until the queue
+    /// is full again.
+    pub(super) fn pump_waiting(&mut self) -> Result<(), PipelineError> {
+        while let Some(w) = self.waiting.pop_front() {
+            if let Some(w) = self.try_enqueue(w)? {
+                self.waiting.push_front(w);
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// One attempt to hand a record to the producer; gives it back when the
+    /// local queue is full.
+    pub(super) fn try_enqueue(&mut self, w: Waiting) -> Result<Option<Waiting>, PipelineError> {
+        let Waiting {
+            mut rec,
+            txn,
+            lsn,
+            mut is_dead_letter,
+        } = w;
+        loop {
+            let tag = self.pending.push(Pending {
+                txn,
+                enqueued: Instant::now(),
+                commit_time: self.commit_time,
+                event_type: rec
+                    .event_type
+                    .as_deref()
+                    .map(|t| intern(&mut self.event_types, t)),
+                lsn,
+                record: (self.keep_records && !is_dead_letter).then(|| rec.detached()),
+                dead_letter: is_dead_letter,
+                size: record_size(&rec),
+            });
+            self.inflight_bytes += record_size(&rec);
+            let outcome = self.sink.enqueue(&rec, tag);
+            if matches!(outcome, Ok(Enqueued::Yes)) {
+                // The producer has asked about this topic itself by now, so
+                // the probe may too (see Prober::probe). The router shares
+                // one name among a run of records: mostly a pointer check.
+                let same = self
+                    .last_noted_topic
+                    .as_ref()
+                    .is_some_and(|t| Arc::ptr_eq(t, &rec.topic));
+                if !same {
+                    if !self.noted_topics.contains(&rec.topic) {
+                        self.sink.note_topic(&rec.topic);
+                        if self.noted_topics.len() < crate::pipeline::sink::MAX_PROBED_TOPICS {
+                            self.noted_topics.insert(rec.topic.clone());
+                        }
+                    }
+                    self.last_noted_topic = Some(rec.topic.clone());
+                }
+                return Ok(None);
+            }
+            // Not enqueued: forget the tracking entry (it is the newest).
+            if let Some(p) = self.pending.undo_push() {
+                self.inflight_bytes -= p.size;
+            }
+            let (topic, error) = match outcome {
+                Ok(Enqueued::Yes) => unreachable!("handled above"),
+                Ok(Enqueued::QueueFull) => {
+                    return Ok(Some(Waiting {
+                        rec,
+                        txn,
+                        lsn,
+                        is_dead_letter,
+                    }))
+                }
+                Err(SinkError::Enqueue { topic, error }) => (topic, error),
+                Err(e) => return Err(e.into()),
+            };
+            self.metrics
+                .publish_error(&label(&rec.event_type), &kafka_code(&error));
+            let kind = ErrorKind::of_kafka(&error)
+                .filter(|k| !is_dead_letter && self.policy.for_kind(*k) == Policy::DeadLetter);
+            let Some(kind) = kind else {
+                return Err(SinkError::Enqueue { topic, error }.into());
+            };
+            let reason = format!("the producer refused the record for {topic}: {error}");
+            tracing::warn!(lsn = %lsn, kind = %kind, "dead-lettering an event: {reason}");
+            let failed = Failed::from(&rec);
+            rec = policy::dead_letter(failed, kind, &reason, lsn, &self.policy.dead_letter_topic);
+            is_dead_letter = true;
+        }
+    }
+
+    /// A change that cannot become a record: dead-letter it when the policy
+    /// says so (counted in the open transaction), otherwise stop.
+    pub(super) async fn unroutable(
+        &mut self,
+        source: RouteError,
+        failed: Failed,
+        lsn: Lsn,
+    ) -> Result<(), PipelineError> {
+        let kind =
+            ErrorKind::of_route(&source).filter(|k| self.policy.for_kind(*k) == Policy::DeadLetter);
+        let Some(kind) = kind else {
+            return Err(PipelineError::Route { lsn, source });
+        };
+        let reason = source.to_string();
+        tracing::warn!(
+            lsn = %lsn,
+            kind = %kind,
+            event_id = %failed.event_id.as_deref().map(String::from_utf8_lossy).unwrap_or_default(),
+            "dead-lettering an event: {reason}"
+        );
+        let dlq = policy::dead_letter(failed, kind, &reason, lsn, &self.policy.dead_letter_topic);
+        let txn = self.checkpoint.event()?;
+        self.enqueue_tracked(dlq, txn, lsn, true).await
+    }
+
+    /// Dead-letters records whose delivery failed, queued by `on_ack`.
+    pub(super) async fn flush_redo(&mut self) -> Result<(), PipelineError> {
+        // In the order the failures were reported.
+        for (rec, txn, lsn) in std::mem::take(&mut self.redo) {
+            self.enqueue_tracked(rec, txn, lsn, true).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether another change may be read (or replayed): the in-flight
+    /// window has room in events and bytes, and no record waits for room in
+    /// the producer's queue. The window also bounds the bookkeeping behind
+    /// the oldest unacknowledged event, which grows while that one event is
+    /// stuck even though few are in flight: the delivery slots since it
+    /// (`pending`, holes included) and the transactions since the confirmed
+    /// position (the checkpoint's, empty ones included: PostgreSQL before
+    /// 15 sends Begin and Commit for every transaction).
+    pub(super) fn has_room(&self, cfg: &RelayConfig) -> bool {
+        let span = 2 * cfg.max_inflight;
+        self.checkpoint.inflight() < cfg.max_inflight
+            && self.inflight_bytes < cfg.max_inflight_bytes
+            && self.waiting.is_empty()
+            && (self.pending.span() as u64) < span
+            && self.checkpoint.tracked() < span
+    }
+
+    /// Refreshes the gauges that describe the stream's state.
+    pub(super) fn update_gauges(&mut self) {
+        let confirmed = self.checkpoint.confirmed();
+        self.metrics.confirmed_lsn.set(confirmed.0 as i64);
+        self.metrics
+            .inflight_events
+            .set(self.checkpoint.inflight() as i64);
+        self.metrics
+            .replication_lag_bytes
+            .set(self.server_wal.0.saturating_sub(confirmed.0) as i64);
+        if let Some(b) = &self.stream {
+            self.metrics
+                .stream_buffer_bytes
+                .set(b.memory_bytes() as i64);
+            let total = b.spilled_bytes_total();
+            self.metrics
+                .stream_spilled_bytes
+                .inc_by(total.saturating_sub(self.spilled_counted));
+            self.spilled_counted = total;
+        }
+    }
+
+    /// Reads the clocks once for the delivery reports about to be handled.
+    pub(super) fn refresh_ack_clock(&mut self) {
+        self.ack_clock = (Instant::now(), crate::pipeline::source::pg_now());
+    }
+
+    pub(super) fn drain_acks(&mut self) -> Result<(), PipelineError> {
+        self.refresh_ack_clock();
+        while let Ok(ack) = self.acks.try_recv() {
+            self.on_ack(ack)?;
+        }
+        self.settle_too_large()
+    }
+
+    /// Records the broker refused as too large, reported together: one alone
+    /// was too large by itself and goes to the dead-letter topic; several
+    /// were refused as a batch (the topic's max.message.bytes is below the
+    /// producer's batch.size), which dead-lettering would turn into the loss
+    /// of good events' payloads: stop, the slot before them, and say what to
+    /// change. A lone report waits `TOO_LARGE_SETTLE` for the rest of its
+    /// batch's (librdkafka reports a failed batch's records at once).
+    pub(super) fn settle_too_large(&mut self) -> Result<(), PipelineError> {
+        if self.too_large.len() == 1 && self.too_large_since.elapsed() < TOO_LARGE_SETTLE {
+            return Ok(());
+        }
+        if self.too_large.len() > 1 {
+            let n = self.too_large.len();
+            let (pending, topic, error) = self.too_large.swap_remove(0);
+            self.too_large.clear();
+            return Err(PipelineError::BatchTooLarge(Box::new(BatchTooLarge {
+                topic,
+                records: n,
+                commit_lsn: self.commit_lsn_text(pending.txn),
+                error,
+                confirmed: self.checkpoint.confirmed(),
+            })));
+        }
+        if let Some((pending, topic, error)) = self.too_large.pop() {
+            // Only records kept for dead-lettering are set aside here.
+            self.dead_letter_delivery(&pending, ErrorKind::TooLarge, &topic, &error)?;
+        }
+        Ok(())
+    }
+}
+
+/// An error's code as a metrics label.
+pub(super) fn kafka_code(e: &KafkaError) -> String {
+    match e.rdkafka_error_code() {
+        Some(code) => format!("{code:?}"),
+        None => "Other".to_string(),
+    }
+}
+
+pub(super) fn record_size(r: &OutboxRecord) -> u64 {
+    (r.key.len() + r.payload.as_ref().map_or(0, |p| p.len())) as u64
+}
+
+/// How many distinct event types are kept for sharing and counter lookup:
+/// the metrics' own limit, past which (a column that is not really a type)
+/// each event gets its own copy and its counter is looked up in the metrics.
+pub(super) const MAX_EVENT_TYPES: usize = crate::observe::metrics::MAX_EVENT_TYPE_LABELS;
+
+/// The shared owned copy of an event type, made on first sight.
+pub(super) fn intern(seen: &mut std::collections::HashSet<bytes::Bytes>, t: &[u8]) -> bytes::Bytes {
+    if let Some(known) = seen.get(t) {
+        return known.clone();
+    }
+    let owned = bytes::Bytes::copy_from_slice(t);
+    if seen.len() < MAX_EVENT_TYPES {
+        seen.insert(owned.clone());
+    }
+    owned
+}
+
+/// The metrics label of an event type (`unknown` without a column).
+pub(super) fn label(event_type: &Option<bytes::Bytes>) -> String {
+    match event_type {
+        Some(b) => String::from_utf8_lossy(b).into_owned(),
+        None => "unknown".to_string(),
+    }
+}
