@@ -4,5 +4,5 @@
 
 #[path = "../../src/lsn.rs"]
 pub mod lsn;
-#[path = "../../src/pipeline/decode/pgoutput.rs"]
+#[path = "../../src/pipeline/decode/pgoutput/mod.rs"]
 pub mod pgoutput;
