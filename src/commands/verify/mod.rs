@@ -1,0 +1,222 @@
+//! `outbox-relay verify`: checks what reached Kafka against the outbox table.
+//!
+//! It reads every row of the outbox (over an ordinary SQL connection) and
+//! every record of the routed topics (an rdkafka `BaseConsumer` assigned to
+//! each partition from its low watermark up to the high watermark captured at
+//! the start; no consumer group, nothing committed), matches them by event id
+//! (the `id` header) and reports:
+//!
+//! - **missing** events: in the table, not in Kafka (and rows the relay could
+//!   never publish: NULL id or key, a topic template it cannot fill);
+//! - **unexpected** records: an `id` header the table does not hold (expected
+//!   when rows are deleted after publishing; never a failure by itself);
+//! - **duplicates**: for each, whether its copies are identical (a
+//!   redelivery, which at-least-once allows) or differ;
+//! - **order violations**: within a partition, for each key, the first copy of
+//!   each event must follow the order of the ordering column (by default the
+//!   table's integer primary key), or of a header (`--order-header`);
+//! - **keys spread over several partitions** of a topic;
+//! - **mismatches**: topic, key, payload bytes or a header column differing
+//!   from what the row says.
+//!
+//! The table is read before the watermarks are captured, so with a running
+//! relay an event committed just before the check may still be in flight and
+//! show as missing: verify once the relay has caught up.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rdkafka::error::KafkaError;
+
+use crate::config::{Options, RelayConfig};
+
+mod compare;
+mod outbox;
+mod report;
+#[cfg(test)]
+mod tests;
+mod topics;
+
+pub use compare::compare;
+pub use outbox::*;
+pub use report::*;
+pub use topics::*;
+
+/// `outbox-relay verify`: the relay's own options plus the checker's.
+#[derive(Debug, Clone, clap::Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub options: Options,
+
+    /// Column giving the order of one aggregate's events (compared with SQL's
+    /// ORDER BY) [default: the table's single-column integer primary key;
+    /// without one, order is not checked].
+    #[arg(long)]
+    pub order_column: Option<String>,
+
+    /// Check order by this record header instead of a column (integers compare
+    /// numerically, other values as text). For tables emptied by
+    /// delete-after-insert.
+    #[arg(long, conflicts_with = "order_column")]
+    pub order_header: Option<String>,
+
+    /// Examples listed per kind of problem.
+    #[arg(long, default_value_t = 10)]
+    pub max_examples: usize,
+
+    /// Print the report as JSON (with "ok" and "failures") instead of text.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Exit 1 on duplicates too (by default they are reported but allowed:
+    /// delivery is at least once).
+    #[arg(long)]
+    pub fail_on_duplicates: bool,
+
+    /// Seconds allowed for reading the topics up to their high watermarks.
+    #[arg(long, default_value_t = 60.0)]
+    pub read_timeout: f64,
+}
+
+/// Where the expected order of one aggregate's events comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OrderBy {
+    /// The table's single-column integer primary key, if it has one.
+    Default,
+    Column(String),
+    Header(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct VerifySettings {
+    pub order: OrderBy,
+    pub max_examples: usize,
+    pub read_timeout: Duration,
+}
+
+impl Default for VerifySettings {
+    fn default() -> Self {
+        VerifySettings {
+            order: OrderBy::Default,
+            max_examples: 10,
+            read_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error(transparent)]
+    Sql(#[from] crate::pg::sql::SqlError),
+    #[error("outbox table {0} does not exist (or is not visible to this user)")]
+    NoTable(String),
+    #[error("outbox table {table} has no column {missing} (set by {option}); its columns are: {existing}")]
+    MissingColumn {
+        table: String,
+        missing: String,
+        option: &'static str,
+        existing: String,
+    },
+    #[error("Kafka: {what}: {source}")]
+    Kafka {
+        what: String,
+        #[source]
+        source: KafkaError,
+    },
+    #[error("reading the topics up to their high watermarks took longer than {timeout:?}; still behind: {behind}")]
+    ReadTimeout { timeout: Duration, behind: String },
+    #[error("the Kafka reader task failed: {0}")]
+    Task(String),
+}
+
+fn kafka(what: impl Into<String>) -> impl FnOnce(KafkaError) -> VerifyError {
+    let what = what.into();
+    move |source| VerifyError::Kafka { what, source }
+}
+
+/// Runs the whole check: the table first, then the topics up to the high
+/// watermarks taken after it.
+pub async fn verify(cfg: &RelayConfig, settings: &VerifySettings) -> Result<Report, VerifyError> {
+    let (client, conn) = crate::pg::sql::connect(&cfg.database).await?;
+    let outbox = read_outbox(&client, &cfg.router, &settings.order).await;
+    drop(client);
+    let _ = conn.await;
+    let outbox = outbox?;
+
+    let template = &cfg.router.topic;
+    let selection = match template.fixed() {
+        Some(t) => TopicSelection::Names([t.to_string()].into()),
+        None if outbox.rows.is_empty() => TopicSelection::Matching(template.clone()),
+        None => TopicSelection::Names(
+            outbox
+                .rows
+                .iter()
+                .filter_map(|r| r.topic.as_ref().ok().cloned())
+                .collect(),
+        ),
+    };
+    let brokers = cfg.kafka_brokers.clone();
+    let props = cfg.kafka_properties.clone();
+    let timeout = settings.read_timeout;
+    let snapshot =
+        tokio::task::spawn_blocking(move || read_topics(&brokers, &props, &selection, timeout))
+            .await
+            .map_err(|e| VerifyError::Task(e.to_string()))??;
+    let mut report = compare(&outbox, &snapshot, &settings.order, settings.max_examples);
+    if outbox.rows.is_empty() && template.fixed().is_none() {
+        report.notes.push(format!(
+            "topics chosen by matching the broker's topic names against {template}"
+        ));
+    }
+    Ok(report)
+}
+
+/// The `verify` subcommand: prints the report; returns the exit code (0 all
+/// good, 1 loss/order/mismatch (or duplicates with --fail-on-duplicates), 2
+/// the check could not be made).
+pub async fn command(config: Option<&Path>, args: VerifyArgs) -> u8 {
+    let cfg = match crate::config::load(config, args.options.clone(), true) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("outbox-relay verify: configuration error: {e}");
+            return 2;
+        }
+    };
+    let Some(read_timeout) = Duration::try_from_secs_f64(args.read_timeout)
+        .ok()
+        .filter(|d| !d.is_zero())
+    else {
+        eprintln!("outbox-relay verify: --read-timeout must be a positive number of seconds");
+        return 2;
+    };
+    let settings = VerifySettings {
+        order: match (args.order_column, args.order_header) {
+            (Some(c), _) => OrderBy::Column(c),
+            (None, Some(h)) => OrderBy::Header(h),
+            (None, None) => OrderBy::Default,
+        },
+        max_examples: args.max_examples,
+        read_timeout,
+    };
+    match verify(&cfg, &settings).await {
+        Ok(report) => {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report.to_json(args.fail_on_duplicates))
+                        .unwrap_or_default()
+                );
+            } else {
+                println!("{report}");
+                if args.fail_on_duplicates && report.duplicates.events > 0 {
+                    println!("FAILED: duplicates (--fail-on-duplicates)");
+                }
+            }
+            u8::from(!report.passed(args.fail_on_duplicates))
+        }
+        Err(e) => {
+            eprintln!("outbox-relay verify: {e}");
+            2
+        }
+    }
+}

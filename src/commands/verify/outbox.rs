@@ -1,0 +1,196 @@
+//! The outbox side: every row, read over an ordinary SQL connection, with
+//! the record the router would make of it.
+
+use std::collections::{BTreeSet, HashMap};
+
+use super::*;
+use crate::pg::quote_ident;
+use crate::pg::sql::sql;
+use crate::pipeline::route::router::{RouterConfig, TopicTemplate};
+
+/// Postgres type OIDs the checker cares about.
+pub(super) const BYTEA_OID: u32 = 17;
+pub(super) const INTEGER_OIDS: [u32; 3] = [20, 21, 23];
+
+/// One outbox row, as the relay would have routed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRow {
+    pub event_id: Option<String>,
+    pub key: Option<String>,
+    /// The record value the relay sends: the column's text, or bytea's bytes.
+    pub payload: Option<Vec<u8>>,
+    /// The routed topic, or why the template cannot be filled for this row.
+    pub topic: Result<String, String>,
+    /// Header columns (not `id`), by header name, as text.
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+    /// Rank in the ordering column (equal values share a rank); None when
+    /// order is not checked by column or the value is NULL.
+    pub rank: Option<i64>,
+    /// The ordering column's value as text, for messages.
+    pub order_value: Option<String>,
+}
+
+/// What the outbox side of the check found.
+#[derive(Debug, Clone, Default)]
+pub struct Outbox {
+    pub table: String,
+    pub rows: Vec<OutboxRow>,
+    /// "column id", or None when order is not checked by a column.
+    pub order_column: Option<String>,
+    pub notes: Vec<String>,
+}
+
+/// Fills the template from a row's placeholder values, as the router does.
+pub(super) fn expand_topic(
+    t: &TopicTemplate,
+    values: &HashMap<String, Option<String>>,
+) -> Result<String, String> {
+    t.fill(|c| values.get(c).and_then(|v| v.as_deref()))
+}
+
+/// Reads the outbox rows with everything needed to check their records.
+pub async fn read_outbox(
+    client: &tokio_postgres::Client,
+    router: &RouterConfig,
+    order: &OrderBy,
+) -> Result<Outbox, VerifyError> {
+    let table = router.table.to_string();
+    let q = |what: &str| sql(format!("cannot read the outbox ({what})"));
+    let columns: Vec<(String, u32)> = client
+        .query(
+            "SELECT a.attname::text, a.atttypid FROM pg_attribute a
+              WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
+              ORDER BY a.attnum",
+            &[&router.table.quoted()],
+        )
+        .await
+        .map_err(q("columns"))?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    if columns.is_empty() {
+        return Err(VerifyError::NoTable(table));
+    }
+    let type_of = |col: &str| columns.iter().find(|(c, _)| c == col).map(|(_, t)| *t);
+    let mut wanted = router.referenced_columns();
+    if let OrderBy::Column(c) = order {
+        wanted.push((c.clone(), "--order-column"));
+    }
+    for (col, option) in &wanted {
+        if type_of(col).is_none() {
+            return Err(VerifyError::MissingColumn {
+                table,
+                missing: col.clone(),
+                option,
+                existing: columns
+                    .iter()
+                    .map(|(c, _)| c.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
+    }
+    let mut notes = Vec::new();
+    let order_column = match order {
+        OrderBy::Column(c) => Some(c.clone()),
+        OrderBy::Header(_) => None,
+        OrderBy::Default => {
+            let pk: Vec<(String, u32)> = client
+                .query(
+                    "SELECT a.attname::text, a.atttypid FROM pg_index i
+                       JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+                      WHERE i.indrelid = to_regclass($1) AND i.indisprimary",
+                    &[&router.table.quoted()],
+                )
+                .await
+                .map_err(q("primary key"))?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect();
+            match pk.as_slice() {
+                [(c, t)] if INTEGER_OIDS.contains(t) => Some(c.clone()),
+                _ => {
+                    notes.push(
+                        "order not checked: the table has no single-column integer primary key \
+                         to order by; pass --order-column (a column growing in commit order) or \
+                         --order-header"
+                            .into(),
+                    );
+                    None
+                }
+            }
+        }
+    };
+
+    let template_cols: Vec<String> = {
+        let mut seen = BTreeSet::new();
+        router
+            .topic
+            .columns()
+            .filter(|c| seen.insert(c.to_string()))
+            .map(str::to_string)
+            .collect()
+    };
+    let text = |c: &str| format!("{}::text", quote_ident(c));
+    // Text in UTF-8 bytes, as the relay's replication connection receives it.
+    let text_bytes = |c: &str| format!("convert_to({}::text, 'UTF8')", quote_ident(c));
+    let payload = if type_of(&router.payload_column) == Some(BYTEA_OID) {
+        quote_ident(&router.payload_column)
+    } else {
+        text_bytes(&router.payload_column)
+    };
+    let mut select = vec![text(&router.id_column), text(&router.key_column), payload];
+    select.extend(template_cols.iter().map(|c| text(c)));
+    select.extend(router.headers.iter().map(|h| text_bytes(&h.column)));
+    match &order_column {
+        Some(c) => {
+            let c = quote_ident(c);
+            select.push(format!(
+                "CASE WHEN {c} IS NULL THEN NULL ELSE rank() OVER (ORDER BY {c}) END::int8"
+            ));
+            select.push(format!("{c}::text"));
+        }
+        None => {
+            select.push("NULL::int8".into());
+            select.push("NULL::text".into());
+        }
+    }
+    let sql = format!(
+        "SELECT {} FROM {}",
+        select.join(", "),
+        router.table.quoted()
+    );
+    let result = client.query(&sql, &[]).await.map_err(q("rows"))?;
+    let ntpl = template_cols.len();
+    let nh = router.headers.len();
+    let rows = result
+        .iter()
+        .map(|r| {
+            let values: HashMap<String, Option<String>> = template_cols
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (c.clone(), r.get(3 + i)))
+                .collect();
+            OutboxRow {
+                event_id: r.get(0),
+                key: r.get(1),
+                payload: r.get(2),
+                topic: expand_topic(&router.topic, &values),
+                headers: router
+                    .headers
+                    .iter()
+                    .enumerate()
+                    .map(|(i, h)| (h.header.clone(), r.get(3 + ntpl + i)))
+                    .collect(),
+                rank: r.get(3 + ntpl + nh),
+                order_value: r.get(4 + ntpl + nh),
+            }
+        })
+        .collect();
+    Ok(Outbox {
+        table,
+        rows,
+        order_column: order_column.map(|c| format!("column {c}")),
+        notes,
+    })
+}

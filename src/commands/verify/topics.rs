@@ -1,0 +1,198 @@
+//! The Kafka side: every record of the routed topics, from each partition's
+//! low watermark to the high watermark captured before reading.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use crate::pipeline::sink::client::client_config;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Headers;
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+use super::*;
+use crate::pipeline::route::router::TopicTemplate;
+
+/// One record read from Kafka.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaRecord {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl KafkaRecord {
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| v.as_deref())
+    }
+
+    /// The event id: the `id` header as text.
+    pub fn event_id(&self) -> Option<String> {
+        self.header("id")
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+
+    pub(super) fn location(&self) -> String {
+        format!("{}[{}]@{}", self.topic, self.partition, self.offset)
+    }
+
+    pub(super) fn same_content(&self, other: &KafkaRecord) -> bool {
+        self.topic == other.topic
+            && self.key == other.key
+            && self.payload == other.payload
+            && self.headers == other.headers
+    }
+}
+
+/// What the Kafka side of the check read.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub topics: Vec<String>,
+    /// Topics the rows route to that the broker does not have.
+    pub absent_topics: Vec<String>,
+    pub partitions: u64,
+    pub records: Vec<KafkaRecord>,
+}
+
+/// Which topics to read.
+#[derive(Debug, Clone)]
+pub enum TopicSelection {
+    Names(BTreeSet<String>),
+    /// Every broker topic the template could have produced.
+    Matching(TopicTemplate),
+}
+
+/// Reads every record of the topics, from each partition's start to the high
+/// watermark captured before reading. Blocking.
+pub fn read_topics(
+    brokers: &str,
+    properties: &[(String, String)],
+    selection: &TopicSelection,
+    timeout: Duration,
+) -> Result<Snapshot, VerifyError> {
+    let consumer: BaseConsumer = client_config(brokers, "outbox-relay-verify", &[], properties)
+        // Required by librdkafka for a consumer; nothing is ever committed.
+        .set("group.id", "outbox-relay-verify")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "true")
+        .set("allow.auto.create.topics", "false")
+        .create()
+        .map_err(kafka("creating the consumer"))?;
+    let md = consumer
+        .fetch_metadata(None, Duration::from_secs(10))
+        .map_err(kafka("fetching metadata"))?;
+    let on_broker: HashMap<&str, Vec<i32>> = md
+        .topics()
+        .iter()
+        .filter(|t| t.error().is_none())
+        .map(|t| (t.name(), t.partitions().iter().map(|p| p.id()).collect()))
+        .collect();
+    let (topics, absent_topics): (Vec<String>, Vec<String>) = match selection {
+        TopicSelection::Names(names) => names
+            .iter()
+            .cloned()
+            .partition(|t| on_broker.contains_key(t.as_str())),
+        TopicSelection::Matching(t) => {
+            let mut v: Vec<String> = on_broker
+                .keys()
+                .filter(|n| !n.starts_with("__") && t.matches(n))
+                .map(|n| n.to_string())
+                .collect();
+            v.sort();
+            (v, Vec::new())
+        }
+    };
+    let mut high: HashMap<(String, i32), i64> = HashMap::new();
+    let mut pending: HashSet<(String, i32)> = HashSet::new();
+    let mut tpl = TopicPartitionList::new();
+    let mut partitions = 0;
+    for t in &topics {
+        for &p in &on_broker[t.as_str()] {
+            partitions += 1;
+            let (lo, hi) = consumer
+                .fetch_watermarks(t, p, Duration::from_secs(10))
+                .map_err(kafka(format!("watermarks of {t}[{p}]")))?;
+            high.insert((t.clone(), p), hi);
+            if hi > lo {
+                pending.insert((t.clone(), p));
+                tpl.add_partition_offset(t, p, Offset::Offset(lo))
+                    .map_err(kafka("assigning"))?;
+            }
+        }
+    }
+    let mut records = Vec::new();
+    if !pending.is_empty() {
+        consumer.assign(&tpl).map_err(kafka("assigning"))?;
+    }
+    let deadline = Instant::now() + timeout;
+    while !pending.is_empty() {
+        if Instant::now() > deadline {
+            let mut behind: Vec<String> =
+                pending.iter().map(|(t, p)| format!("{t}[{p}]")).collect();
+            behind.sort();
+            return Err(VerifyError::ReadTimeout {
+                timeout,
+                behind: behind.join(", "),
+            });
+        }
+        match consumer.poll(Duration::from_millis(200)) {
+            None => {}
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                // The EOF names no topic: ask where each partition stands.
+                let pos = consumer.position().map_err(kafka("reading positions"))?;
+                for e in pos.elements() {
+                    let tp = (e.topic().to_string(), e.partition());
+                    if e.partition() != p {
+                        continue;
+                    }
+                    if let (Offset::Offset(o), Some(hi)) = (e.offset(), high.get(&tp)) {
+                        if o >= *hi {
+                            pending.remove(&tp);
+                        }
+                    }
+                }
+            }
+            Some(Err(e)) => return Err(kafka("reading")(e)),
+            Some(Ok(m)) => {
+                let tp = (m.topic().to_string(), m.partition());
+                let Some(&hi) = high.get(&tp) else { continue };
+                if m.offset() >= hi {
+                    // Written after the check started.
+                    pending.remove(&tp);
+                    continue;
+                }
+                if m.offset() + 1 >= hi {
+                    pending.remove(&tp);
+                }
+                records.push(KafkaRecord {
+                    topic: tp.0,
+                    partition: tp.1,
+                    offset: m.offset(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    payload: m.payload().map(<[u8]>::to_vec),
+                    headers: m
+                        .headers()
+                        .map(|h| {
+                            h.iter()
+                                .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                });
+            }
+        }
+    }
+    Ok(Snapshot {
+        topics,
+        absent_topics,
+        partitions,
+        records,
+    })
+}
