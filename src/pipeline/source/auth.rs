@@ -1,0 +1,166 @@
+//! Start-up and authentication: trust, cleartext, md5 and SCRAM-SHA-256
+//! (with channel binding over TLS), held to `require_auth`.
+
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::authentication::{md5_hash, sasl};
+use postgres_protocol::message::backend::Message;
+use postgres_protocol::message::frontend;
+
+use super::*;
+use crate::pg::tls::AuthMethod;
+
+impl ReplicationConnection {
+    /// Start-up and authentication. `binding` is the TLS connection's
+    /// channel-binding data, if any. The server's choice of method is held
+    /// to `require_auth`, and a SCRAM exchange must end with the server's
+    /// signature: a server (or a man in the middle) that skips it has not
+    /// proved it knows the password.
+    pub(super) async fn startup(
+        &mut self,
+        p: &ConnectParams,
+        binding: Option<Vec<u8>>,
+    ) -> Result<(), ReplicationError> {
+        use tokio_postgres::config::ChannelBinding as Cb;
+        let params = [
+            ("user", p.user.as_str()),
+            ("database", p.dbname.as_str()),
+            ("replication", "database"),
+            ("application_name", p.application_name.as_str()),
+            // The walsender renders bytea with this session's setting; a
+            // database or role default of 'escape' would change the bytes
+            // the router decodes. Startup options outrank those defaults.
+            ("options", "-c bytea_output=hex"),
+            ("client_encoding", "UTF8"),
+        ];
+        frontend::startup_message(params.iter().copied(), &mut self.out)?;
+        self.flush().await?;
+
+        let password = || {
+            p.password.clone().ok_or_else(|| {
+                ReplicationError::Auth(format!(
+                    "the server requires a password for user {:?} but none was given (in the database URL, --database-password-file, OUTBOX_RELAY_DATABASE_PASSWORD or PGPASSWORD)",
+                    p.user
+                ))
+            })
+        };
+        let require = &p.tls.require_auth;
+        let allow = |m: AuthMethod| {
+            if require.allows(m) {
+                Ok(())
+            } else {
+                Err(ReplicationError::Auth(format!(
+                    "the server asked for {} authentication, which require_auth={} does not allow: no password was sent. Check the server's pg_hba.conf, or whether something between the relay and the server is asking instead",
+                    m.as_str(),
+                    require.describe()
+                )))
+            }
+        };
+        let mut scram: Option<sasl::ScramSha256> = None;
+        let mut scram_finished = false;
+        let mut asked = false;
+        loop {
+            match self.next_message().await? {
+                Message::AuthenticationOk => {
+                    if scram.is_some() && !scram_finished {
+                        return Err(ReplicationError::Auth(
+                            "the server ended SCRAM authentication without its final message, so it did not prove that it knows the password: refusing the connection".into(),
+                        ));
+                    }
+                    if !asked {
+                        allow(AuthMethod::None)?;
+                    }
+                    break;
+                }
+                Message::AuthenticationCleartextPassword => {
+                    allow(AuthMethod::Password)?;
+                    asked = true;
+                    frontend::password_message(&password()?, &mut self.out)?;
+                    self.flush().await?;
+                }
+                Message::AuthenticationMd5Password(body) => {
+                    allow(AuthMethod::Md5)?;
+                    asked = true;
+                    let hash = md5_hash(p.user.as_bytes(), &password()?, body.salt());
+                    frontend::password_message(hash.as_bytes(), &mut self.out)?;
+                    self.flush().await?;
+                }
+                Message::AuthenticationSasl(body) => {
+                    allow(AuthMethod::ScramSha256)?;
+                    asked = true;
+                    let (mut plain, mut plus) = (false, false);
+                    let mut mechanisms = body.mechanisms();
+                    while let Some(m) = mechanisms
+                        .next()
+                        .map_err(|e| ReplicationError::Protocol(e.to_string()))?
+                    {
+                        plain |= m == sasl::SCRAM_SHA_256;
+                        plus |= m == sasl::SCRAM_SHA_256_PLUS;
+                    }
+                    let (mechanism, channel) = match (&binding, p.channel_binding) {
+                        (Some(b), Cb::Prefer | Cb::Require) if plus => (
+                            sasl::SCRAM_SHA_256_PLUS,
+                            sasl::ChannelBinding::tls_server_end_point(b.clone()),
+                        ),
+                        (_, Cb::Require) => {
+                            return Err(ReplicationError::Auth(format!(
+                                "channel_binding=require, but {}: use TLS (sslmode=require or stronger) with a server that offers SCRAM-SHA-256-PLUS (PostgreSQL 11+ with scram-sha-256 in pg_hba.conf)",
+                                if binding.is_none() {
+                                    "the connection has no TLS to bind to"
+                                } else {
+                                    "the server does not offer SCRAM-SHA-256-PLUS"
+                                }
+                            )))
+                        }
+                        // Over TLS, say the client could bind: a server that
+                        // offers PLUS and sees this knows the offer was cut.
+                        (Some(_), Cb::Prefer) if plain => {
+                            (sasl::SCRAM_SHA_256, sasl::ChannelBinding::unrequested())
+                        }
+                        _ if plain => (sasl::SCRAM_SHA_256, sasl::ChannelBinding::unsupported()),
+                        _ => {
+                            return Err(ReplicationError::Auth(
+                                "the server offers no SASL mechanism this relay supports (SCRAM-SHA-256, SCRAM-SHA-256-PLUS)".into(),
+                            ))
+                        }
+                    };
+                    let s = sasl::ScramSha256::new(&password()?, channel);
+                    frontend::sasl_initial_response(mechanism, s.message(), &mut self.out)?;
+                    self.flush().await?;
+                    scram = Some(s);
+                }
+                Message::AuthenticationSaslContinue(body) => {
+                    let s = scram.as_mut().ok_or_else(|| {
+                        ReplicationError::Protocol("SASL continue before SASL start".into())
+                    })?;
+                    s.update(body.data())
+                        .map_err(|e| ReplicationError::Auth(format!("SCRAM: {e}")))?;
+                    frontend::sasl_response(s.message(), &mut self.out)?;
+                    self.flush().await?;
+                }
+                Message::AuthenticationSaslFinal(body) => {
+                    let s = scram.as_mut().ok_or_else(|| {
+                        ReplicationError::Protocol("SASL final before SASL start".into())
+                    })?;
+                    s.finish(body.data())
+                        .map_err(|e| ReplicationError::Auth(format!("SCRAM server signature: {e}")))?;
+                    scram_finished = true;
+                }
+                Message::ErrorResponse(body) => return Err(server_error(body.fields())),
+                Message::NoticeResponse(_) => {}
+                _ => {
+                    return Err(ReplicationError::Auth(
+                        "the server asked for an authentication method this relay does not support (supported: trust, password, md5, SCRAM-SHA-256, SCRAM-SHA-256-PLUS)".into(),
+                    ))
+                }
+            }
+        }
+        // ParameterStatus and BackendKeyData follow; wait for ReadyForQuery.
+        loop {
+            match self.next_message().await? {
+                Message::ReadyForQuery(_) => return Ok(()),
+                Message::ErrorResponse(body) => return Err(server_error(body.fields())),
+                _ => {}
+            }
+        }
+    }
+}
