@@ -1,0 +1,132 @@
+use super::*;
+
+fn base() -> Options {
+    Options {
+        database_url: Some("postgres://u:secret@localhost/db".into()),
+        kafka_brokers: Some("localhost:9092".into()),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn presets_fill_the_columns() {
+    let c = RelayConfig::resolve(Options {
+        preset: Some(Preset::Debezium),
+        ..base()
+    })
+    .unwrap();
+    assert_eq!(c.router.table.to_string(), "public.outboxevent");
+    assert_eq!(c.router.key_column, "aggregateid");
+    assert_eq!(c.router.topic.to_string(), "outbox.event.{aggregatetype}");
+    let c = RelayConfig::resolve(base()).unwrap();
+    assert_eq!(c.router.id_column, "event_id");
+    assert_eq!(c.router.topic.to_string(), "events.{event_type}");
+}
+
+/// L1 and L3 of the December 2026 review.
+#[test]
+fn slot_names_follow_postgres_and_bad_properties_are_not_echoed() {
+    for bad in ["Outbox", "out-box", "x'; DROP", "", &"a".repeat(64)] {
+        let e = RelayConfig::resolve(Options {
+            slot: Some(bad.to_string()),
+            ..base()
+        })
+        .err()
+        .unwrap_or_else(|| panic!("slot {bad:?} accepted"));
+        assert!(e.to_string().contains("lower-case letters"), "{e}");
+    }
+    assert!(RelayConfig::resolve(Options {
+        slot: Some("relay_2".into()),
+        ..base()
+    })
+    .is_ok());
+    let e = RelayConfig::resolve(Options {
+        kafka_property: Some(vec!["sasl.password:hunter2".into()]),
+        ..base()
+    })
+    .expect_err("refused");
+    let text = e.to_string();
+    assert!(!text.contains("hunter2"), "{text}");
+    assert!(text.contains("KEY=VALUE"), "{text}");
+    // Nor does Debug show a secret (review L3).
+    let o = Options {
+        database_password: Some("pw-secret".into()),
+        kafka_property: Some(vec!["sasl.password=kafka-secret".into()]),
+        ..base()
+    };
+    let shown = format!("{o:?} {:?}", RelayConfig::resolve(o.clone()).unwrap());
+    for secret in ["pw-secret", "kafka-secret", "postgres://u:secret"] {
+        assert!(!shown.contains(secret), "{shown}");
+    }
+    assert!(shown.contains("sasl.password"), "{shown}");
+    // A `;` in a value, escaped; several properties in one value.
+    let c = RelayConfig::resolve(Options {
+        kafka_property: Some(vec!["sasl.password=a\\;b;linger.ms=1".into()]),
+        ..base()
+    })
+    .unwrap();
+    assert_eq!(
+        c.kafka_properties,
+        vec![
+            ("sasl.password".to_string(), "a;b".to_string()),
+            ("linger.ms".to_string(), "1".to_string())
+        ]
+    );
+}
+
+#[test]
+fn setup_does_not_need_kafka() {
+    let o = Options {
+        kafka_brokers: None,
+        ..base()
+    };
+    assert!(RelayConfig::resolve_for_setup(o.clone()).is_ok());
+    assert!(RelayConfig::resolve(o).is_err());
+}
+
+#[test]
+fn higher_layers_win() {
+    let file: Options = toml::from_str(
+        "key_column = \"from_file\"\ntopic = \"file-topic\"\nkafka_property = [\"linger.ms=1\"]\n",
+    )
+    .unwrap();
+    let cli = Options {
+        key_column: Some("from_cli".into()),
+        ..base()
+    };
+    let c = RelayConfig::resolve(cli.or(file)).unwrap();
+    assert_eq!(c.router.key_column, "from_cli");
+    assert_eq!(c.router.topic.fixed(), Some("file-topic"));
+    assert_eq!(
+        c.kafka_properties,
+        vec![("linger.ms".to_string(), "1".to_string())]
+    );
+}
+
+#[test]
+fn errors_name_the_option_and_hide_passwords() {
+    let e = RelayConfig::resolve(Options {
+        kafka_brokers: None,
+        ..base()
+    })
+    .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "kafka_brokers is required: pass --kafka-brokers or set OUTBOX_RELAY_KAFKA_BROKERS (or `kafka_brokers` in the --config file)"
+    );
+    let e = RelayConfig::resolve(Options {
+        database_url: Some("postgres://u:secret@host:notaport/db".into()),
+        ..base()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("database_url") && !e.contains("secret"), "{e}");
+    let e = RelayConfig::resolve(Options {
+        kafka_property: Some(vec!["nokey".into()]),
+        ..base()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("KEY=VALUE"), "{e}");
+    assert!(toml::from_str::<Options>("no_such_option = 1").is_err());
+}

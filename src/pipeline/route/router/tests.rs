@@ -1,0 +1,240 @@
+use super::*;
+use crate::pipeline::decode::pgoutput::Column;
+
+fn col(name: &str, type_oid: u32) -> Column {
+    Column {
+        flags: 0,
+        name: name.into(),
+        type_oid,
+        type_modifier: -1,
+    }
+}
+
+fn debezium_router() -> Router {
+    let mut r = Router::new(RouterConfig {
+        table: TableName::parse("public.outboxevent").unwrap(),
+        id_column: "id".into(),
+        key_column: "aggregateid".into(),
+        payload_column: "payload".into(),
+        topic: TopicTemplate::parse("outbox.event.{aggregatetype}").unwrap(),
+        headers: vec![HeaderColumn::parse("type:eventType").unwrap()],
+        event_type_column: Some("type".into()),
+        require_json: false,
+    });
+    r.on_relation(&Relation {
+        oid: 7,
+        namespace: "public".into(),
+        name: "outboxevent".into(),
+        replica_identity: b'd',
+        columns: vec![
+            col("id", 2950),
+            col("aggregatetype", 1043),
+            col("aggregateid", 1043),
+            col("type", 1043),
+            col("payload", 3802),
+        ],
+    })
+    .unwrap();
+    r
+}
+
+fn t(s: &str) -> TupleValue {
+    TupleValue::Text(Bytes::copy_from_slice(s.as_bytes()))
+}
+
+#[test]
+fn routes_a_debezium_row() {
+    let mut r = debezium_router();
+    let Routed::Record(rec) = r
+        .route(&Insert {
+            relation_oid: 7,
+            tuple: vec![
+                t("u-1"),
+                t("Order"),
+                t("o-9"),
+                t("OrderCreated"),
+                t("{\"a\": 1}"),
+            ],
+        })
+        .unwrap()
+    else {
+        panic!("an outbox row is a record");
+    };
+    assert_eq!(&*rec.topic, "outbox.event.Order");
+    assert_eq!(rec.key, "o-9");
+    assert_eq!(rec.payload.as_deref(), Some(&b"{\"a\": 1}"[..]));
+    assert_eq!(
+        rec.headers,
+        vec![
+            ("id".into(), Some(Bytes::from_static(b"u-1"))),
+            (
+                "eventType".into(),
+                Some(Bytes::from_static(b"OrderCreated"))
+            )
+        ]
+    );
+}
+
+/// The last topic is reused, never confused with another: a run of one
+/// topic shares one name, a change renders and validates afresh, and an
+/// invalid name is refused even right after a valid one.
+#[test]
+fn topics_are_shared_within_a_run_and_rendered_on_change() {
+    let mut r = debezium_router();
+    let mut topic = |agg_type: &str| {
+        r.route(&Insert {
+            relation_oid: 7,
+            tuple: vec![t("u"), t(agg_type), t("k"), t("E"), t("{}")],
+        })
+        .map(|routed| match routed {
+            Routed::Record(rec) => rec.topic,
+            Routed::OtherTable(t) => panic!("not the outbox: {t}"),
+        })
+    };
+    let a1 = topic("Order").unwrap();
+    let a2 = topic("Order").unwrap();
+    assert!(Arc::ptr_eq(&a1, &a2), "one name for a run of one topic");
+    assert_eq!(&*topic("Invoice").unwrap(), "outbox.event.Invoice");
+    let a3 = topic("Order").unwrap();
+    assert_eq!(&*a3, "outbox.event.Order");
+    assert!(matches!(
+        topic("Or der"),
+        Err(RouteError::InvalidTopic { .. })
+    ));
+    assert_eq!(&*topic("Order").unwrap(), "outbox.event.Order");
+}
+
+#[test]
+fn bad_rows_are_typed_errors() {
+    let mut r = debezium_router();
+    let row = |agg_type: TupleValue, key: TupleValue, id: TupleValue| Insert {
+        relation_oid: 7,
+        tuple: vec![id, agg_type, key, t("x"), TupleValue::Null],
+    };
+    assert!(matches!(
+        r.route(&row(t("Order"), TupleValue::Null, t("1"))),
+        Err(RouteError::Null { role: "key", .. })
+    ));
+    assert!(matches!(
+        r.route(&row(t("Order"), t(""), t("1"))),
+        Err(RouteError::EmptyKey { .. })
+    ));
+    assert!(matches!(
+        r.route(&row(t("Order"), t("k"), TupleValue::Null)),
+        Err(RouteError::Null {
+            role: "event id",
+            ..
+        })
+    ));
+    assert!(matches!(
+        r.route(&row(t("Or der"), t("k"), t("1"))),
+        Err(RouteError::InvalidTopic { .. })
+    ));
+    assert!(matches!(
+        r.route(&row(TupleValue::Null, t("k"), t("1"))),
+        Err(RouteError::InvalidTopic { .. })
+    ));
+    assert!(matches!(
+        r.route(&row(t(""), t("k"), t("1"))),
+        Err(RouteError::InvalidTopic { .. })
+    ));
+    assert!(matches!(
+        r.route(&Insert {
+            relation_oid: 99,
+            tuple: vec![]
+        }),
+        Err(RouteError::UnknownRelation(99))
+    ));
+}
+
+#[test]
+fn missing_column_lists_the_existing_ones() {
+    let mut r = debezium_router();
+    let err = r
+        .on_relation(&Relation {
+            oid: 8,
+            namespace: "public".into(),
+            name: "outboxevent".into(),
+            replica_identity: b'd',
+            columns: vec![col("id", 2950), col("payload", 3802)],
+        })
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("no column aggregateid"), "{msg}");
+    assert!(msg.contains("its columns are: id, payload"), "{msg}");
+}
+
+#[test]
+fn a_mapped_column_changing_type_is_refused_an_unmapped_one_is_not() {
+    let mut r = debezium_router();
+    let rel = |payload_type: u32, extra: u32| Relation {
+        oid: 7,
+        namespace: "public".into(),
+        name: "outboxevent".into(),
+        replica_identity: b'd',
+        columns: vec![
+            col("id", 2950),
+            col("aggregatetype", 1043),
+            col("aggregateid", 1043),
+            col("type", 1043),
+            col("payload", payload_type),
+            col("note", extra),
+        ],
+    };
+    // An unmapped column may come and change.
+    r.on_relation(&rel(3802, 25)).unwrap();
+    r.on_relation(&rel(3802, 23)).unwrap();
+    let err = r.on_relation(&rel(17, 23)).unwrap_err().to_string();
+    assert!(
+        err.contains(
+            "the type of column payload of public.outboxevent (set by --payload-column) changed"
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn rows_of_other_tables_are_skipped_by_name() {
+    let mut r = debezium_router();
+    r.on_relation(&Relation {
+        oid: 9,
+        namespace: "public".into(),
+        name: "orders".into(),
+        replica_identity: b'd',
+        columns: vec![col("id", 20)],
+    })
+    .unwrap();
+    match r.route(&Insert {
+        relation_oid: 9,
+        tuple: vec![t("1")],
+    }) {
+        Ok(Routed::OtherTable(name)) => assert_eq!(&*name, "public.orders"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn templates_and_names_parse() {
+    assert!(TopicTemplate::parse("events.{event_type}").is_ok());
+    assert_eq!(
+        TopicTemplate::parse("fixed").unwrap().fixed(),
+        Some("fixed")
+    );
+    for bad in ["", "a{b", "a}b", "{}", "bad topic.{x}"] {
+        assert!(TopicTemplate::parse(bad).is_err(), "{bad}");
+    }
+    assert_eq!(
+        TableName::parse("outbox").unwrap().to_string(),
+        "public.outbox"
+    );
+    assert_eq!(
+        TableName::parse("App.\"Out.Box\"").unwrap().to_string(),
+        "app.Out.Box"
+    );
+    assert!(TableName::parse("a.b.c").is_err());
+    assert_eq!(
+        decode_bytea_hex(&Bytes::from_static(b"\\x00fF")).unwrap(),
+        Bytes::from_static(&[0, 255])
+    );
+    assert!(decode_bytea_hex(&Bytes::from_static(b"00")).is_err());
+}
