@@ -61,18 +61,20 @@
 //! changes move into its [`Replay`] and no longer count.
 
 use std::collections::{HashMap, VecDeque};
-use std::fs::{File, OpenOptions};
-use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{self, BufReader, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 
 use crate::lsn::Lsn;
-use crate::pipeline::decode::pgoutput::Decoder;
 
-/// Bytes of a spill record before the message: subxid, seq, lsn, length.
-const RECORD_HEADER: usize = 4 + 8 + 8 + 4;
+mod replay;
+mod spill;
+
+pub use replay::{replay_decoder, Replay};
+pub use spill::prepare_spill_dir;
+use spill::*;
 
 /// Distinguishes the buffers of one process in spill file names.
 static INSTANCE: AtomicU64 = AtomicU64::new(0);
@@ -158,30 +160,6 @@ struct Txn {
     aborted: HashMap<u32, u64>,
     /// A spill failed: changes were lost, the transaction cannot commit.
     poisoned: bool,
-}
-
-/// Deletes the file when dropped.
-#[derive(Debug)]
-struct SpillPath(PathBuf);
-
-impl Drop for SpillPath {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_file(&self.0) {
-            if e.kind() != io::ErrorKind::NotFound {
-                tracing::warn!(path = %self.0.display(), error = %e, "cannot remove a spill file");
-            }
-        }
-    }
-}
-
-#[derive(Debug)]
-struct Spill {
-    // Declared before the path so the handle closes before the file is removed.
-    writer: BufWriter<File>,
-    path: SpillPath,
-    /// Bytes written (and flushed) so far.
-    bytes: u64,
-    records: u64,
 }
 
 impl StreamBuffer {
@@ -462,37 +440,6 @@ impl StreamBuffer {
     }
 }
 
-/// How much of a spill file a replay reads at a time: one read, off the
-/// task, per this many bytes of buffered changes.
-const REPLAY_READ_CHUNK: usize = 256 * 1024;
-
-/// Runs file I/O the pipeline must wait for without holding up other tasks
-/// (review L8). The binary drives the pipeline from `block_on`, a thread of
-/// its own, where this just runs `f`: the runtime's workers go on serving
-/// HTTP, signals and the probe. Where the driver runs as a task on a worker
-/// of a multi-thread runtime, the worker first hands the tasks queued on it
-/// to another thread, so a spill of a whole budget's worth of changes stalls
-/// none of them. On a current-thread runtime, or none (unit tests), there is
-/// nothing to hand over and `f` runs in place.
-fn blocking_io<R>(f: impl FnOnce() -> R) -> R {
-    use tokio::runtime::{Handle, RuntimeFlavor};
-    match Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
-        _ => f(),
-    }
-}
-
-/// `read_exact`, off the task only when the read buffer cannot serve it:
-/// most records of a replay come from memory, one refill in
-/// [`REPLAY_READ_CHUNK`] bytes reads the file.
-fn read_exact_off_task(reader: &mut BufReader<File>, buf: &mut [u8]) -> io::Result<()> {
-    if reader.buffer().len() >= buf.len() {
-        reader.read_exact(buf)
-    } else {
-        blocking_io(|| reader.read_exact(buf))
-    }
-}
-
 /// Frees what a transaction whose spill failed holds; its file goes too.
 fn poison(txn: &mut Txn) {
     txn.poisoned = true;
@@ -500,226 +447,6 @@ fn poison(txn: &mut Txn) {
     txn.mem_bytes = 0;
     txn.spill = None;
     txn.aborted.clear();
-}
-
-/// Makes `dir` the private home of spill files, which hold event payloads
-/// (personal data, often): created 0700 where missing, and refused when it,
-/// or the directory it is in, belongs to another user (root excepted), who
-/// could read the files or swap the directory for one of their own. A
-/// directory of ours that others may enter is narrowed to 0700.
-pub fn prepare_spill_dir(dir: &std::path::Path) -> Result<(), StreamBufferError> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
-    let fail = |source: io::Error| StreamBufferError::SpillDir {
-        path: dir.to_path_buf(),
-        source,
-    };
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(fail)?;
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let me = unsafe { libc::geteuid() };
-    let meta = std::fs::symlink_metadata(dir).map_err(fail)?;
-    if !meta.is_dir() {
-        return Err(fail(io::Error::other(
-            "is not a directory (a symbolic link is refused): point --spill-dir at a directory of the relay's own",
-        )));
-    }
-    if meta.uid() != me {
-        return Err(fail(io::Error::other(format!(
-            "belongs to user id {}, not to the relay (user id {me}): another user could read the spilled events. Remove it, or point --spill-dir at a directory of the relay's own",
-            meta.uid()
-        ))));
-    }
-    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-        let owner = std::fs::metadata(parent).map_err(fail)?.uid();
-        if owner != me && owner != 0 {
-            return Err(fail(io::Error::other(format!(
-                "is inside {}, which belongs to user id {owner}, not to the relay (user id {me}) or root: that user could replace the directory. Point --spill-dir at a directory of the relay's own",
-                parent.display()
-            ))));
-        }
-    }
-    if meta.mode() & 0o077 != 0 {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(fail)?;
-    }
-    Ok(())
-}
-
-fn create_spill_file(
-    dir: &std::path::Path,
-    instance: u64,
-    xid: u32,
-    counter: &mut u64,
-) -> Result<Spill, (PathBuf, io::Error)> {
-    use std::os::unix::fs::OpenOptionsExt;
-    prepare_spill_dir(dir).map_err(|e| match e {
-        StreamBufferError::SpillDir { path, source } => (path, source),
-        other => (dir.to_path_buf(), io::Error::other(other.to_string())),
-    })?;
-    let pid = std::process::id();
-    let mut attempts = 0;
-    loop {
-        *counter += 1;
-        let path = dir.join(format!("stream-{pid}-{instance}-{xid}-{counter}.spill"));
-        match OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-        {
-            Ok(file) => {
-                return Ok(Spill {
-                    writer: BufWriter::new(file),
-                    path: SpillPath(path),
-                    bytes: 0,
-                    records: 0,
-                })
-            }
-            // A leftover of a killed process with the same pid: pick another name.
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempts < 100 => attempts += 1,
-            Err(e) => return Err((path, e)),
-        }
-    }
-}
-
-#[derive(Debug)]
-struct SpillReader {
-    reader: BufReader<File>,
-    path: SpillPath,
-    records_left: u64,
-    bytes_left: u64,
-}
-
-/// The changes of a committed streamed transaction, in arrival order: first
-/// those read back from its spill file, then those that were in memory.
-/// Yields an error at most once, then ends. Deletes the spill file when the
-/// file is exhausted or the replay dropped.
-#[derive(Debug)]
-pub struct Replay {
-    xid: u32,
-    spill: Option<SpillReader>,
-    aborted: HashMap<u32, u64>,
-    memory: VecDeque<(u64, BufferedChange)>,
-    failed: bool,
-}
-
-impl Replay {
-    /// The top-level xid of the transaction.
-    pub fn xid(&self) -> u32 {
-        self.xid
-    }
-
-    /// Reads the next kept record of the spill file, if any is left.
-    fn next_spilled(&mut self) -> Option<Result<BufferedChange, StreamBufferError>> {
-        let xid = self.xid;
-        loop {
-            let sp = self.spill.as_mut()?;
-            if sp.records_left == 0 {
-                let left = sp.bytes_left;
-                let path = sp.path.0.clone();
-                self.spill = None; // deletes the file
-                if left != 0 {
-                    return Some(Err(StreamBufferError::Corrupt {
-                        xid,
-                        path,
-                        reason: format!("{left} bytes left after the last record"),
-                    }));
-                }
-                return None;
-            }
-            let corrupt = |sp: &SpillReader, reason: String| StreamBufferError::Corrupt {
-                xid,
-                path: sp.path.0.clone(),
-                reason,
-            };
-            let read_err = |sp: &SpillReader, e: io::Error| {
-                if e.kind() == io::ErrorKind::UnexpectedEof {
-                    corrupt(
-                        sp,
-                        format!("truncated, {} records missing", sp.records_left),
-                    )
-                } else {
-                    StreamBufferError::Io {
-                        xid,
-                        path: sp.path.0.clone(),
-                        source: e,
-                    }
-                }
-            };
-            let mut header = [0u8; RECORD_HEADER];
-            if let Err(e) = read_exact_off_task(&mut sp.reader, &mut header) {
-                return Some(Err(read_err(sp, e)));
-            }
-            let word = |r: std::ops::Range<usize>| {
-                header[r]
-                    .iter()
-                    .fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
-            };
-            let subxid = word(0..4) as u32;
-            let seq = word(4..12);
-            let lsn = Lsn(word(12..20));
-            let len = word(20..24);
-            let need = RECORD_HEADER as u64 + len;
-            if need > sp.bytes_left {
-                let reason = format!(
-                    "a record of {need} bytes with only {} bytes left",
-                    sp.bytes_left
-                );
-                return Some(Err(corrupt(sp, reason)));
-            }
-            let mut data = vec![0u8; len as usize];
-            if let Err(e) = read_exact_off_task(&mut sp.reader, &mut data) {
-                return Some(Err(read_err(sp, e)));
-            }
-            sp.records_left -= 1;
-            sp.bytes_left -= need;
-            if self.aborted.get(&subxid).is_some_and(|&until| seq < until) {
-                continue;
-            }
-            return Some(Ok(BufferedChange {
-                subxid,
-                lsn,
-                data: Bytes::from(data),
-            }));
-        }
-    }
-}
-
-impl Iterator for Replay {
-    type Item = Result<BufferedChange, StreamBufferError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        if self.failed {
-            return None;
-        }
-        if let Some(r) = self.next_spilled() {
-            if r.is_err() {
-                self.failed = true;
-                self.spill = None;
-                self.memory.clear();
-            }
-            return Some(r);
-        }
-        self.memory.pop_front().map(|(_, c)| Ok(c))
-    }
-}
-
-/// A decoder for re-decoding the buffered changes of streamed transaction
-/// `xid`: in stream state, as when the changes arrived (so the xid prefix of
-/// streamed Relation, Insert, … messages is expected). Use a fresh one per
-/// replay, never the session's decoder.
-pub fn replay_decoder(protocol_version: u32, xid: u32) -> Decoder {
-    let mut d = Decoder::new(protocol_version);
-    let mut start = Vec::with_capacity(6);
-    start.push(b'S');
-    start.extend_from_slice(&xid.to_be_bytes());
-    start.push(1);
-    // A well-formed Stream Start always decodes (tested below).
-    let _ = d.decode(Bytes::from(start));
-    d
 }
 
 #[cfg(test)]

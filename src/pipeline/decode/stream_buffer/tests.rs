@@ -1,3 +1,5 @@
+use std::fs::OpenOptions;
+
 use super::*;
 
 use std::sync::atomic::AtomicBool;
