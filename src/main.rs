@@ -6,8 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use outbox_relay::commands::setup;
-use outbox_relay::config::{LogFormat, Options, RelayConfig};
-use outbox_relay::supervisor;
+use outbox_relay::config::{LogFormat, Options};
 
 #[derive(Parser)]
 #[command(
@@ -104,85 +103,6 @@ fn init_logging(format: LogFormat, default: &str) {
     }
 }
 
-/// Resolves on the first SIGTERM or SIGINT; a second one exits at once.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers the relay still runs; it just cannot stop gracefully.
-        return std::future::pending().await;
-    };
-    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-    tokio::spawn(async move {
-        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-        tracing::warn!("second signal: exiting without waiting for deliveries");
-        std::process::exit(130);
-    });
-}
-
-/// The shutdown signal as a flag every session can watch.
-fn shutdown_flag() -> tokio::sync::watch::Receiver<bool> {
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        let _ = tx.send(true);
-        // Keep the sender alive so receivers never see a closed channel.
-        std::future::pending::<()>().await;
-    });
-    rx
-}
-
-async fn tail(opts: outbox_relay::commands::tail::TailOptions) -> std::process::ExitCode {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        flag.store(true, Ordering::Relaxed);
-    });
-    let result = tokio::task::spawn_blocking(move || {
-        outbox_relay::commands::tail::run(
-            &opts,
-            stop,
-            &mut std::io::stdout().lock(),
-            &outbox_relay::commands::tail::stdout_reader_gone,
-        )
-    })
-    .await;
-    match result {
-        Ok(Ok(_)) => std::process::ExitCode::SUCCESS,
-        Ok(Err(e)) => {
-            eprintln!("outbox-relay tail: {e}");
-            std::process::ExitCode::FAILURE
-        }
-        Err(e) => {
-            eprintln!("outbox-relay tail: {e}");
-            std::process::ExitCode::FAILURE
-        }
-    }
-}
-
-/// `run`: the HTTP endpoint, then the supervised pipeline.
-async fn run(cfg: &RelayConfig) -> anyhow::Result<()> {
-    let metrics = std::sync::Arc::new(outbox_relay::observe::metrics::Metrics::new());
-    if let Some(addr) = cfg.http_address {
-        let bound = outbox_relay::observe::http::serve(addr, metrics.clone())
-            .await
-            .with_context(|| {
-                format!("cannot listen on {addr} for /metrics, /healthz and /readyz: choose another --http-address, or `off`")
-            })?;
-        tracing::info!(address = %bound, "HTTP endpoint listening (/metrics, /healthz, /readyz)");
-        outbox_relay::observe::announce::http_listening(bound);
-    }
-    supervisor::run(cfg, metrics, shutdown_flag())
-        .await
-        .map(|_| ())
-        .context("relay stopped")
-}
-
 fn main() -> std::process::ExitCode {
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -211,7 +131,7 @@ async fn async_main() -> std::process::ExitCode {
     let (opts, is_setup) = match cli.command {
         Command::Setup(o) => (o, true),
         Command::Run(o) => (o, false),
-        Command::Tail(t) => return tail(t).await,
+        Command::Tail(t) => return outbox_relay::commands::tail::command(t).await.into(),
         c @ (Command::Status(_) | Command::Check(_)) => return report(cli.config, c).await,
         Command::Backfill(b) => {
             return outbox_relay::commands::backfill::command(cli.config.as_deref(), b)
@@ -246,7 +166,9 @@ async fn async_main() -> std::process::ExitCode {
             .map(|lines| lines.iter().for_each(|l| println!("{l}")))
             .context("setup failed")
     } else {
-        run(&cfg).await
+        outbox_relay::commands::run::run(&cfg)
+            .await
+            .map_err(anyhow::Error::new)
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

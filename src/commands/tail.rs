@@ -195,6 +195,39 @@ pub fn run(
     Ok(printed)
 }
 
+/// `outbox-relay tail`: follows the topics on stdout until a signal, `--max`
+/// records, or the reader leaving; the exit code.
+pub async fn command(opts: TailOptions) -> u8 {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    tokio::spawn(async move {
+        crate::commands::run::shutdown_signal().await;
+        flag.store(true, Ordering::Relaxed);
+    });
+    let result = tokio::task::spawn_blocking(move || {
+        run(
+            &opts,
+            stop,
+            &mut std::io::stdout().lock(),
+            &stdout_reader_gone,
+        )
+    })
+    .await;
+    match result {
+        Ok(Ok(_)) => 0,
+        Ok(Err(e)) => {
+            eprintln!("outbox-relay tail: {e}");
+            1
+        }
+        Err(e) => {
+            eprintln!("outbox-relay tail: {e}");
+            1
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
