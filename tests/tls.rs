@@ -9,7 +9,7 @@ mod support;
 use std::process::Command;
 use std::time::Duration;
 
-use outbox_relay::pg::tls::{DatabaseConfig, Overrides};
+use outbox_relay::pg::config::{DatabaseConfig, Overrides};
 use outbox_relay::pipeline::source::{ConnectParams, ReplicationConnection};
 use support::certs::Pki;
 use support::*;

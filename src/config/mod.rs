@@ -376,7 +376,7 @@ impl std::fmt::Debug for Options {
 #[derive(Clone)]
 pub struct RelayConfig {
     /// Connection settings, TLS and password included.
-    pub database: crate::pg::tls::DatabaseConfig,
+    pub database: crate::pg::config::DatabaseConfig,
     pub kafka_brokers: String,
     pub publication: String,
     pub slot: String,
@@ -543,7 +543,7 @@ impl RelayConfig {
         let url = o.database_url.ok_or(ConfigError::Missing {
             option: "database_url",
         })?;
-        let overrides = crate::pg::tls::Overrides {
+        let overrides = crate::pg::config::Overrides {
             ssl_mode: o.ssl_mode,
             ssl_root_cert: o.ssl_root_cert,
             ssl_cert: o.ssl_cert,
@@ -552,7 +552,7 @@ impl RelayConfig {
             password_file: o.database_password_file,
             pgpassword: std::env::var("PGPASSWORD").ok(),
         };
-        let database = crate::pg::tls::DatabaseConfig::resolve(&url, overrides).map_err(
+        let database = crate::pg::config::DatabaseConfig::resolve(&url, overrides).map_err(
             |(option, reason)| {
                 ConfigError::Invalid {
                     option,

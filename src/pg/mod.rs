@@ -1,10 +1,12 @@
 //! Postgres plumbing shared by the pipeline and the operator commands.
 //!
-//! It owns how names are written into SQL and replication commands and, in
-//! `tls`, the connection settings (libpq's URL and keywords) and TLS of every
-//! Postgres connection. It must not hold pipeline state.
+//! It owns how names are written into SQL and replication commands (here),
+//! the connection settings (`config`), TLS (`tls`), the ordinary SQL
+//! connection and its errors (`sql`) and the catalog messages several
+//! callers share (`catalog`). It must not hold pipeline state.
 
 pub mod catalog;
+pub mod config;
 pub mod sql;
 pub mod tls;
 

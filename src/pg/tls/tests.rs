@@ -1,4 +1,7 @@
+use std::path::PathBuf;
+
 use super::*;
+use crate::pg::config::*;
 
 #[test]
 fn url_parameters_are_taken_out() {

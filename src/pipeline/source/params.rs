@@ -6,7 +6,8 @@ use std::time::Duration;
 use tokio_postgres::config::Host;
 
 use super::*;
-use crate::pg::tls::{DatabaseSource, TlsSettings};
+use crate::pg::config::DatabaseSource;
+use crate::pg::tls::TlsSettings;
 
 /// What the relay needs to open a replication connection, taken from a
 /// libpq-style URL or keyword string (parsed by tokio-postgres) and the TLS
@@ -54,7 +55,7 @@ pub enum HostAddr {
 }
 
 impl ConnectParams {
-    /// From a [`crate::pg::tls::DatabaseConfig`] (TLS settings included) or a
+    /// From a [`crate::pg::config::DatabaseConfig`] (TLS settings included) or a
     /// bare `tokio_postgres::Config` (its sslmode, no certificate files).
     pub fn from_config<D: DatabaseSource + ?Sized>(db: &D) -> Result<Self, ReplicationError> {
         let cfg = db.pg_config();
