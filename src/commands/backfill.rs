@@ -336,43 +336,7 @@ pub async fn run(
     // each decoded change.
     say(crate::commands::setup::ensure_publication(&client, cfg).await?);
 
-    let params = ConnectParams::from_config(&cfg.database)
-        .map_err(|e| BackfillError::Config(e.to_string()))?;
-    let mut repl =
-        ReplicationConnection::connect(&params)
-            .await
-            .map_err(|e| BackfillError::CreateSlot {
-                slot: slot.clone(),
-                reason: e.to_string(),
-            })?;
-    // The pre-15 spelling: accepted by PostgreSQL 14 to 18.
-    let created = repl
-        .simple_query(&format!(
-            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
-            quote_ident(&slot)
-        ))
-        .await;
-    let row = match created {
-        Ok(rows) => rows.into_iter().next().unwrap_or_default(),
-        Err(e) if e.sqlstate() == Some("42710") => {
-            return Err(BackfillError::SlotExists {
-                slot,
-                confirmed: "-".into(),
-            })
-        }
-        Err(e) => {
-            return Err(BackfillError::CreateSlot {
-                slot,
-                reason: e.to_string(),
-            })
-        }
-    };
-    let field = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
-    let consistent_point: Lsn = field(1).parse().map_err(|e| BackfillError::CreateSlot {
-        slot: slot.clone(),
-        reason: format!("unexpected answer to CREATE_REPLICATION_SLOT: {e}"),
-    })?;
-    let snapshot = field(2);
+    let (repl, consistent_point, snapshot) = create_slot_with_snapshot(cfg, &slot).await?;
     say(format!(
         "created logical replication slot {slot} (pgoutput) at {consistent_point} with snapshot {snapshot}: rows committed before it are read here, rows committed after it are streamed by `run`"
     ));
@@ -577,29 +541,7 @@ pub async fn run(
 
     let marked = if args.mark_processed {
         let order_type = &columns[order_idx].type_name;
-        let update = format!(
-            "UPDATE {} SET {} = now() WHERE {} = ANY($1::text[]::{order_type}[]) AND {} IS NULL",
-            table.quoted(),
-            quote_ident(&args.processed_column),
-            order_col,
-            quote_ident(&args.processed_column),
-        );
-        let mut marked = 0u64;
-        for chunk in done_values.chunks(args.batch_size.max(1) as usize) {
-            let chunk: Vec<&str> = chunk.iter().map(String::as_str).collect();
-            marked += client
-                .execute(&update, &[&chunk])
-                .await
-                .map_err(sql(format!(
-                    "--mark-processed: every row is published, but setting {} failed",
-                    args.processed_column
-                )))?;
-        }
-        say(format!(
-            "marked {marked} backfilled row(s) processed ({} = now())",
-            args.processed_column
-        ));
-        Some(marked)
+        Some(mark_processed(&client, cfg, args, order_type, &done_values, say).await?)
     } else {
         None
     };
@@ -612,6 +554,92 @@ pub async fn run(
         marked,
         elapsed: started.elapsed(),
     })
+}
+
+/// Creates the slot over a replication connection of its own, exporting a
+/// snapshot that lives while that connection stays open and idle: the slot's
+/// consistent point is where the snapshot ends and the stream begins.
+async fn create_slot_with_snapshot(
+    cfg: &RelayConfig,
+    slot: &str,
+) -> Result<(ReplicationConnection, Lsn, String), BackfillError> {
+    let slot = slot.to_string();
+    let params = ConnectParams::from_config(&cfg.database)
+        .map_err(|e| BackfillError::Config(e.to_string()))?;
+    let mut repl =
+        ReplicationConnection::connect(&params)
+            .await
+            .map_err(|e| BackfillError::CreateSlot {
+                slot: slot.clone(),
+                reason: e.to_string(),
+            })?;
+    // The pre-15 spelling: accepted by PostgreSQL 14 to 18.
+    let created = repl
+        .simple_query(&format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
+            quote_ident(&slot)
+        ))
+        .await;
+    let row = match created {
+        Ok(rows) => rows.into_iter().next().unwrap_or_default(),
+        Err(e) if e.sqlstate() == Some("42710") => {
+            return Err(BackfillError::SlotExists {
+                slot,
+                confirmed: "-".into(),
+            })
+        }
+        Err(e) => {
+            return Err(BackfillError::CreateSlot {
+                slot,
+                reason: e.to_string(),
+            })
+        }
+    };
+    let field = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+    let consistent_point: Lsn = field(1).parse().map_err(|e| BackfillError::CreateSlot {
+        slot: slot.clone(),
+        reason: format!("unexpected answer to CREATE_REPLICATION_SLOT: {e}"),
+    })?;
+    let snapshot = field(2);
+    Ok((repl, consistent_point, snapshot))
+}
+
+/// `--mark-processed`: sets the processed column of every backfilled row,
+/// after every record was acknowledged, so the old scheme's "pending" query
+/// shows 0.
+async fn mark_processed(
+    client: &Client,
+    cfg: &RelayConfig,
+    args: &BackfillArgs,
+    order_type: &str,
+    done_values: &[String],
+    say: &mut dyn FnMut(String),
+) -> Result<u64, BackfillError> {
+    let table = &cfg.router.table;
+    let order_col = quote_ident(&args.order_column);
+    let update = format!(
+        "UPDATE {} SET {} = now() WHERE {} = ANY($1::text[]::{order_type}[]) AND {} IS NULL",
+        table.quoted(),
+        quote_ident(&args.processed_column),
+        order_col,
+        quote_ident(&args.processed_column),
+    );
+    let mut marked = 0u64;
+    for chunk in done_values.chunks(args.batch_size.max(1) as usize) {
+        let chunk: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        marked += client
+            .execute(&update, &[&chunk])
+            .await
+            .map_err(sql(format!(
+                "--mark-processed: every row is published, but setting {} failed",
+                args.processed_column
+            )))?;
+    }
+    say(format!(
+        "marked {marked} backfilled row(s) processed ({} = now())",
+        args.processed_column
+    ));
+    Ok(marked)
 }
 
 /// The `backfill` subcommand; returns the exit code (0 done, 1 failed, 2
