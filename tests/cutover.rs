@@ -449,3 +449,74 @@ async fn conditions_cannot_smuggle_in_a_second_statement() {
     );
     db.drop().await;
 }
+
+/// `--mark-processed`: after every record was acknowledged, the backfilled
+/// rows (and only they) get their processed column set, so the old scheme's
+/// "pending" query shows 0; rows the poller had already marked keep their
+/// time. Batches smaller than the backlog cover every chunk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mark_processed_sets_the_column_of_every_backfilled_row_only() {
+    let (db, slot, prefix, template) = classic("cut_mark").await;
+    insert(&db.client, 0, 40, 8).await;
+    assert_eq!(poll_once(&db, &prefix, 10).await, 10);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM outbox WHERE processed_at IS NOT NULL"
+        )
+        .await,
+        10
+    );
+    let before: Vec<String> = db
+        .client
+        .query(
+            "SELECT processed_at::text FROM outbox WHERE processed_at IS NOT NULL ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let (code, out, err) = cmd(args(
+        &db,
+        &slot,
+        &template,
+        "backfill",
+        &["--mark-processed", "--batch-size", "7"],
+    ))
+    .await;
+    assert_eq!(code, 0, "backfill failed:\n{out}\n{err}");
+    assert!(
+        out.contains("marked 30 backfilled row(s) processed"),
+        "{out}"
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM outbox WHERE processed_at IS NULL"
+        )
+        .await,
+        0
+    );
+    let after: Vec<String> = db
+        .client
+        .query(
+            "SELECT processed_at::text FROM outbox WHERE id <= 10 ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(after, before, "rows the poller marked keep their time");
+    let topics: Vec<String> = TYPES.iter().map(|t| format!("{prefix}.{t}")).collect();
+    let records = consume(&brokers(), &topics, 40, Duration::from_secs(60)).await;
+    assert_eq!(
+        records.len(),
+        40,
+        "10 from the poller, 30 from the backfill"
+    );
+    db.drop().await;
+}
