@@ -251,14 +251,7 @@ pub async fn run(
     let (client, _conn) = crate::pg::sql::connect(&cfg.database).await?;
 
     // Everything that can be checked is checked before the slot exists.
-    let wal_level: String = client
-        .query_one("SHOW wal_level", &[])
-        .await
-        .map_err(sql("reading wal_level"))?
-        .get(0);
-    if wal_level != "logical" {
-        return Err(crate::commands::setup::SetupError::WalLevel(wal_level).into());
-    }
+    crate::commands::setup::check_wal_level(&client).await?;
     crate::commands::setup::check_table(&client, cfg).await?;
     if let Some(row) = client
         .query_opt(

@@ -48,6 +48,19 @@ pub async fn connect(cfg: &RelayConfig) -> Result<Client, SetupError> {
     Ok(crate::pg::sql::connect(&cfg.database).await?.0)
 }
 
+/// Logical decoding needs `wal_level = logical`.
+pub async fn check_wal_level(client: &Client) -> Result<(), SetupError> {
+    let wal_level: String = client
+        .query_one("SHOW wal_level", &[])
+        .await
+        .map_err(sql("reading wal_level"))?
+        .get(0);
+    if wal_level != "logical" {
+        return Err(SetupError::WalLevel(wal_level));
+    }
+    Ok(())
+}
+
 /// Checks the table and its configured columns exist.
 pub async fn check_table(client: &Client, cfg: &RelayConfig) -> Result<(), SetupError> {
     let table = &cfg.router.table;
@@ -170,14 +183,7 @@ pub async fn run(cfg: &RelayConfig) -> Result<Vec<String>, SetupError> {
     let client = connect(cfg).await?;
     let mut report = Vec::new();
 
-    let wal_level: String = client
-        .query_one("SHOW wal_level", &[])
-        .await
-        .map_err(sql("reading wal_level"))?
-        .get(0);
-    if wal_level != "logical" {
-        return Err(SetupError::WalLevel(wal_level));
-    }
+    check_wal_level(&client).await?;
     report.push("wal_level is logical".to_string());
 
     check_table(&client, cfg).await?;

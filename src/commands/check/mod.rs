@@ -11,7 +11,6 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use crate::commands::setup::{self, SetupError};
 use crate::config::RelayConfig;
 use crate::pipeline::route::router::TableName;
 
@@ -181,14 +180,13 @@ fn server_identity(cfg: &RelayConfig) -> CheckResult {
 }
 
 async fn connect(cfg: &RelayConfig) -> Result<Client, String> {
-    let mut cfg = cfg.clone();
-    if cfg.database.get_connect_timeout().is_none() {
-        cfg.database.connect_timeout(Duration::from_secs(10));
-    }
-    setup::connect(&cfg).await.map_err(|e| match e {
-        SetupError::Sql(crate::pg::sql::SqlError::Connect(e)) => pg_error(&e),
-        other => other.to_string(),
-    })
+    use crate::pg::sql::{connect_within, SqlError};
+    connect_within(&cfg.database, Duration::from_secs(10))
+        .await
+        .map_err(|e| match e {
+            SqlError::Connect(e) => pg_error(&e),
+            other => other.to_string(),
+        })
 }
 
 /// One line per result: `OUTCOME  name  detail; fix: …`, then a summary.
