@@ -38,6 +38,7 @@ use outbox_relay::commands::verify::{self, OrderBy, Report, VerifySettings};
 use outbox_relay::config::{Options, RelayConfig};
 use outbox_relay::lsn::Lsn;
 use support::proxy::{Mode, Proxy};
+use support::rng::Rng;
 use support::*;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
@@ -54,40 +55,6 @@ fn env_number(name: &str, default: u64) -> u64 {
             .parse()
             .unwrap_or_else(|_| panic!("{name}={v:?} is not a whole number")),
         Err(_) => default,
-    }
-}
-
-/// xorshift64*: reproducible random moments without a dependency.
-#[derive(Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn new(test: &str) -> Rng {
-        let seed = env_number(
-            "OUTBOX_RELAY_FAULT_SEED",
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1,
-        );
-        eprintln!("{test}: seed {seed} (OUTBOX_RELAY_FAULT_SEED={seed} replays it)");
-        Rng(seed.max(1))
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn millis(&mut self, from: u64, to: u64) -> Duration {
-        Duration::from_millis(from + self.below(to - from + 1))
     }
 }
 
@@ -643,7 +610,7 @@ async fn relay_sigkill_at_random_moments() {
     let _serial = SERIAL.lock().await;
     let name = "relay SIGKILL";
     let kills = env_number("OUTBOX_RELAY_KILLS", 20);
-    let mut rng = Rng::new(name);
+    let mut rng = Rng::for_test(name);
     let (db, slot) = outbox_db("fault_kill").await;
     let topic = unique("fault_kill");
     create_topics(&brokers(), &[&topic], PARTITIONS).await;
@@ -692,7 +659,7 @@ async fn relay_sigkill_at_random_moments() {
 async fn broker_sigkill_and_restart() {
     let _serial = SERIAL.lock().await;
     let name = "broker SIGKILL";
-    let mut rng = Rng::new(name);
+    let mut rng = Rng::for_test(name);
     let (db, slot) = outbox_db("fault_broker").await;
     let broker = Kafka::start(free_port()).await;
     let topic = unique("fault_broker");
@@ -736,7 +703,7 @@ async fn broker_unreachable_for_a_while() {
     let _serial = SERIAL.lock().await;
     let name = "broker outage";
     let outage = Duration::from_secs(env_number("OUTBOX_RELAY_OUTAGE_SECS", 20));
-    let rng = Rng::new(name);
+    let rng = Rng::for_test(name);
     let (db, slot) = outbox_db("fault_outage").await;
     let listen = free_port();
     let proxy = Proxy::start(format!("127.0.0.1:{listen}").parse().unwrap()).await;
@@ -777,7 +744,7 @@ async fn broker_unreachable_for_a_while() {
 async fn postgres_restarted_and_walsender_terminated() {
     let _serial = SERIAL.lock().await;
     let name = "postgres restart";
-    let mut rng = Rng::new(name);
+    let mut rng = Rng::for_test(name);
     let cluster = TempCluster::start(&[], &["wal_sender_timeout=60s"]);
     let url = cluster.url("postgres", None);
     let admin = sql_client(&url).await;
@@ -832,7 +799,7 @@ async fn postgres_restarted_and_walsender_terminated() {
 async fn proxy_cuts_stalls_and_slows_both_connections() {
     let _serial = SERIAL.lock().await;
     let name = "proxy";
-    let mut rng = Rng::new(name);
+    let mut rng = Rng::for_test(name);
     let (db, slot) = outbox_db("fault_proxy").await;
     let pg = Proxy::start(pg_addr(&db.url)).await;
     let listen = free_port();
@@ -915,7 +882,7 @@ async fn cluster_run(name: &str, rng: &Rng) -> (TestDb, Kafka, Run, Relay) {
 async fn cluster_leader_sigkill_and_restart() {
     let _serial = SERIAL.lock().await;
     let name = "cluster leader SIGKILL";
-    let mut rng = Rng::new(name);
+    let mut rng = Rng::for_test(name);
     let (db, kafka, mut run, mut relay) = cluster_run(name, &rng).await;
     tokio::time::sleep(rng.millis(1000, 3000)).await;
     let leader = kafka.leader(&run.topic, 0);
@@ -948,7 +915,7 @@ async fn cluster_leader_sigkill_and_restart() {
 async fn cluster_two_of_three_nodes_down() {
     let _serial = SERIAL.lock().await;
     let name = "cluster two down";
-    let mut rng = Rng::new(name);
+    let mut rng = Rng::for_test(name);
     let down = Duration::from_secs(env_number("OUTBOX_RELAY_CLUSTER_DOWN_SECS", 20));
     let (db, kafka, mut run, mut relay) = cluster_run(name, &rng).await;
     tokio::time::sleep(rng.millis(1000, 3000)).await;
@@ -987,7 +954,7 @@ async fn cluster_two_of_three_nodes_down() {
 async fn cluster_all_nodes_down() {
     let _serial = SERIAL.lock().await;
     let name = "cluster all down";
-    let mut rng = Rng::new(name);
+    let mut rng = Rng::for_test(name);
     let outage = Duration::from_secs(env_number("OUTBOX_RELAY_CLUSTER_OUTAGE_SECS", 60));
     let (db, kafka, mut run, mut relay) = cluster_run(name, &rng).await;
     tokio::time::sleep(rng.millis(1000, 3000)).await;

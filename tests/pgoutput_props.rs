@@ -8,6 +8,10 @@
 use bytes::Bytes;
 use outbox_relay::pipeline::decode::pgoutput::{decode, Decoder, LogicalMessage};
 
+#[path = "support/rng.rs"]
+mod rng;
+use rng::Rng;
+
 const FIXTURES: [&str; 4] = [
     include_str!("fixtures/pgoutput_pg15_proto1.txt"),
     include_str!("fixtures/pgoutput_pg17_proto2.txt"),
@@ -16,24 +20,6 @@ const FIXTURES: [&str; 4] = [
 ];
 
 const INPUTS: usize = 200_000;
-
-/// xorshift64*: small, fast, and the same sequence on every run.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn byte(&mut self) -> u8 {
-        self.next() as u8
-    }
-}
 
 fn seeds() -> Vec<Vec<u8>> {
     FIXTURES
@@ -54,42 +40,42 @@ const TAGS: &[u8] = b"BCORYIUDTMSEcAbPKrp";
 const INTERESTING: [u8; 8] = [0x00, 0x01, 0x7f, 0x80, 0xff, b'N', b'K', b't'];
 
 fn random_input(rng: &mut Rng) -> Vec<u8> {
-    let len = rng.below(64);
+    let len = rng.index(64);
     let mut v: Vec<u8> = (0..len).map(|_| rng.byte()).collect();
     // Mostly start with a valid tag, or nearly everything is UnknownMessage.
-    if !v.is_empty() && rng.below(4) != 0 {
-        v[0] = TAGS[rng.below(TAGS.len())];
+    if !v.is_empty() && rng.index(4) != 0 {
+        v[0] = TAGS[rng.index(TAGS.len())];
     }
     v
 }
 
 fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
     let mut v = seed.to_vec();
-    for _ in 0..1 + rng.below(4) {
-        match rng.below(6) {
+    for _ in 0..1 + rng.index(4) {
+        match rng.index(6) {
             0 if !v.is_empty() => {
-                let i = rng.below(v.len());
+                let i = rng.index(v.len());
                 v[i] = rng.byte();
             }
             1 if !v.is_empty() => {
-                let i = rng.below(v.len());
-                v[i] = INTERESTING[rng.below(INTERESTING.len())];
+                let i = rng.index(v.len());
+                v[i] = INTERESTING[rng.index(INTERESTING.len())];
             }
             2 if !v.is_empty() => {
-                let n = rng.below(v.len() + 1);
+                let n = rng.index(v.len() + 1);
                 v.truncate(n);
             }
             3 => {
-                let i = rng.below(v.len() + 1);
+                let i = rng.index(v.len() + 1);
                 v.insert(i, rng.byte());
             }
             4 if v.len() > 1 => {
-                let i = rng.below(v.len());
+                let i = rng.index(v.len());
                 v.remove(i);
             }
             5 if !v.is_empty() => {
                 // Swap the tag: the body of one kind under another's tag.
-                v[0] = TAGS[rng.below(TAGS.len())];
+                v[0] = TAGS[rng.index(TAGS.len())];
             }
             _ => v.push(rng.byte()),
         }
@@ -103,13 +89,13 @@ const STREAM_START: &[u8] = &[b'S', 0, 0, 0, 7, 1];
 fn decoder_never_panics_and_tracks_streams() {
     let seeds = seeds();
     assert!(seeds.len() > 100);
-    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let mut rng = Rng::seeded(0x9E37_79B9_7F4A_7C15);
     let (mut decodes, mut ok) = (0u64, 0u64);
     for n in 0..INPUTS {
         let input = if n % 2 == 0 {
             random_input(&mut rng)
         } else {
-            let seed = &seeds[rng.below(seeds.len())];
+            let seed = &seeds[rng.index(seeds.len())];
             mutate(&mut rng, seed)
         };
         let buf = Bytes::from(input);

@@ -14,6 +14,10 @@ use outbox_relay::pipeline::decode::stream_buffer::{
     replay_decoder, StreamBuffer, StreamBufferError,
 };
 
+#[path = "support/rng.rs"]
+mod rng;
+use rng::Rng;
+
 /// A fresh directory under the system temp dir, removed on drop.
 struct TempDir(PathBuf);
 
@@ -40,29 +44,12 @@ impl Drop for TempDir {
     }
 }
 
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// The model: per open xid, its surviving changes as (subxid, data).
 type Model = HashMap<u32, Vec<(u32, Bytes)>>;
 
 fn run(seed: u64, budget: usize, ops: usize) {
     let dir = TempDir::new(&format!("{seed}-{budget}"));
-    let mut rng = XorShift(seed);
+    let mut rng = Rng::seeded(seed);
     let mut buf = StreamBuffer::new(budget, dir.0.clone());
     let mut model: Model = HashMap::new();
     let mut next_xid = 1000u32;
@@ -75,7 +62,7 @@ fn run(seed: u64, budget: usize, ops: usize) {
             v.sort_unstable();
             v
         };
-        let pick = |rng: &mut XorShift| open[rng.below(open.len() as u64) as usize];
+        let pick = |rng: &mut Rng| open[rng.below(open.len() as u64) as usize];
         let ctx = format!("seed {seed} budget {budget} op {op}");
         match rng.below(100) {
             // New transaction (xids of subtransactions: xid+1..=xid+4).

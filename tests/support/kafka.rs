@@ -1,11 +1,224 @@
-//! An Apache Kafka of a test's own, for what the shared stack's cannot do:
-//! be killed and restarted, sit behind the fault proxy, speak only TLS or
-//! SASL, or be three nodes. Started by `scripts/stack kafka`, so the tests
-//! and the stack share one node configuration. Stopped and removed on drop
-//! (kept when the test failed: its log dirs and server.log are the evidence).
+//! Kafka for tests: topics created with the partitions a test needs, records
+//! read back from the beginning to the high watermark (so duplicates show),
+//! and an Apache Kafka of a test's own, for what the shared stack's cannot
+//! do: be killed and restarted, sit behind the fault proxy, speak only TLS or
+//! SASL, or be three nodes. That one is started by `scripts/stack kafka`, so
+//! the tests and the stack share one node configuration, and is stopped and
+//! removed on drop (kept when the test failed: its log dirs and server.log
+//! are the evidence).
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Command;
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Headers;
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+use super::{brokers, unique};
+
+pub async fn create_topics(brokers: &str, topics: &[&str], partitions: i32) {
+    create_replicated_topics(brokers, topics, partitions, 1).await
+}
+
+/// Topics with `replicas` copies of each partition (3 on a three-node Kafka).
+pub async fn create_replicated_topics(
+    brokers: &str,
+    topics: &[&str],
+    partitions: i32,
+    replicas: i32,
+) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("admin client");
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(replicas)))
+        .collect();
+    let res = admin
+        .create_topics(
+            &new,
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .expect("create topics");
+    for r in res {
+        if let Err((t, e)) = r {
+            if e != rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists {
+                panic!("create topic {t}: {e}");
+            }
+        }
+    }
+}
+
+/// One record read back from the broker.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl Record {
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| v.as_ref())
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+
+    pub fn key_str(&self) -> String {
+        String::from_utf8_lossy(self.key.as_deref().unwrap_or_default()).into_owned()
+    }
+
+    pub fn payload_json(&self) -> serde_json::Value {
+        serde_json::from_slice(self.payload.as_deref().expect("payload")).expect("payload is JSON")
+    }
+}
+
+/// The number in each record's payload `field`, in offset order: for one
+/// partition, the order in which the records were written.
+pub fn payload_numbers_by_offset(records: &[Record], field: &str) -> Vec<u64> {
+    let mut ns: Vec<(i64, u64)> = records
+        .iter()
+        .map(|r| {
+            (
+                r.offset,
+                r.payload_json()[field].as_u64().expect("a number"),
+            )
+        })
+        .collect();
+    ns.sort();
+    ns.into_iter().map(|(_, n)| n).collect()
+}
+
+/// Reads every record of `topics` from the beginning until at least
+/// `at_least` arrived and every partition is read to its high watermark.
+pub async fn consume(
+    brokers: &str,
+    topics: &[String],
+    at_least: usize,
+    timeout: Duration,
+) -> Vec<Record> {
+    let brokers = brokers.to_string();
+    let topics = topics.to_vec();
+    tokio::task::spawn_blocking(move || consume_blocking(&brokers, &topics, at_least, timeout))
+        .await
+        .unwrap()
+}
+
+/// [`consume`] of one topic of the shared broker, waiting up to 60 s.
+pub async fn consume_topic(topic: &str, at_least: usize) -> Vec<Record> {
+    consume(
+        &brokers(),
+        &[topic.to_string()],
+        at_least,
+        Duration::from_secs(60),
+    )
+    .await
+}
+
+fn consume_blocking(
+    brokers: &str,
+    topics: &[String],
+    at_least: usize,
+    timeout: Duration,
+) -> Vec<Record> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique("test"))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()
+        .expect("consumer");
+    let deadline = Instant::now() + timeout;
+    // Topics may not exist yet (auto-created on first produce): retry metadata.
+    let mut partitions: HashMap<String, i32> = HashMap::new();
+    let mut records = Vec::new();
+    let mut assigned = 0;
+    loop {
+        for t in topics {
+            if partitions.contains_key(t) {
+                continue;
+            }
+            if let Ok(md) = consumer.fetch_metadata(Some(t), Duration::from_secs(2)) {
+                if let Some(mt) = md.topics().first() {
+                    if mt.error().is_none() && !mt.partitions().is_empty() {
+                        partitions.insert(t.clone(), mt.partitions().len() as i32);
+                    }
+                }
+            }
+        }
+        if partitions.len() != assigned {
+            let mut tpl = TopicPartitionList::new();
+            for (t, n) in &partitions {
+                for p in 0..*n {
+                    tpl.add_partition_offset(t, p, Offset::Beginning).unwrap();
+                }
+            }
+            consumer.assign(&tpl).expect("assign");
+            assigned = partitions.len();
+            records.clear();
+        }
+        while let Some(m) = consumer.poll(Duration::from_millis(100)) {
+            let m = m.expect("consume");
+            records.push(Record {
+                topic: m.topic().to_string(),
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().map(<[u8]>::to_vec),
+                payload: m.payload().map(<[u8]>::to_vec),
+                headers: m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            });
+        }
+        if records.len() >= at_least && partitions.len() == topics.len() {
+            // Read on to the high watermarks so duplicates are seen too.
+            let mut behind = false;
+            for (t, n) in &partitions {
+                for p in 0..*n {
+                    let (_, high) = consumer
+                        .fetch_watermarks(t, p, Duration::from_secs(5))
+                        .expect("watermarks");
+                    let seen = records
+                        .iter()
+                        .filter(|r| &r.topic == t && r.partition == p)
+                        .map(|r| r.offset + 1)
+                        .max()
+                        .unwrap_or(0);
+                    behind |= seen < high;
+                }
+            }
+            if !behind {
+                return records;
+            }
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "timed out after {timeout:?}: {} of at least {at_least} records read from {topics:?} (partitions known: {partitions:?})",
+                records.len()
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A Kafka of the test's own.
 
 /// The stack script of this checkout.
 pub fn stack_script() -> &'static str {

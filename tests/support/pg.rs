@@ -1,0 +1,335 @@
+//! Postgres for tests: a database of a test's own on the shared cluster, and
+//! throwaway clusters for what the shared one cannot vary (pg_hba.conf,
+//! server settings, restarts). Nothing here knows about Kafka or the relay
+//! beyond running `outbox-relay setup` for the classic table.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use outbox_relay::lsn::Lsn;
+use tokio_postgres::{Client, NoTls};
+
+use super::{admin_url, env, free_port, unique, wait_until};
+use super::relay::relay_setup;
+
+pub async fn sql_client(url: &str) -> Client {
+    let (client, conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// A database of its own, dropped (with its slots) when the test ends well.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub client: Client,
+}
+
+pub const CLASSIC_TABLE: &str = include_str!("../../sql/01_outbox_classic.sql");
+pub const DEBEZIUM_TABLE: &str = include_str!("../../sql/02_outbox_debezium.sql");
+
+impl TestDb {
+    pub async fn new(name: &str) -> TestDb {
+        let admin = sql_client(&admin_url()).await;
+        let db = unique(name).to_lowercase();
+        admin
+            .batch_execute(&format!("CREATE DATABASE {db}"))
+            .await
+            .expect("create database");
+        let base = admin_url();
+        let url = match base.rfind('/') {
+            Some(i) if !base[..i].ends_with('/') => format!("{}/{db}", &base[..i]),
+            _ => panic!("OUTBOX_RELAY_DATABASE_URL must end in /dbname: {base}"),
+        };
+        let client = sql_client(&url).await;
+        TestDb {
+            name: db,
+            url,
+            client,
+        }
+    }
+
+    pub async fn exec(&self, sql: &str) {
+        self.client
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    }
+
+    pub async fn lsn(&self, sql: &str) -> Lsn {
+        let s: String = self.client.query_one(sql, &[]).await.unwrap().get(0);
+        s.parse().unwrap()
+    }
+
+    pub async fn current_wal_lsn(&self) -> Lsn {
+        self.lsn("SELECT pg_current_wal_lsn()::text").await
+    }
+
+    pub async fn confirmed_flush_lsn(&self, slot: &str) -> Lsn {
+        let row = self
+            .client
+            .query_one(
+                "SELECT coalesce(confirmed_flush_lsn::text, '0/0') FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .unwrap();
+        row.get::<_, String>(0).parse().unwrap()
+    }
+
+    /// The walsender's sent position for the slot, if it is streaming.
+    pub async fn sent_lsn(&self, slot: &str) -> Option<Lsn> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT r.sent_lsn::text FROM pg_stat_replication r
+                   JOIN pg_replication_slots s ON s.active_pid = r.pid
+                  WHERE s.slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .unwrap()?;
+        row.get::<_, Option<String>>(0).and_then(|s| s.parse().ok())
+    }
+
+    pub async fn slot_active(&self, slot: &str) -> bool {
+        self.client
+            .query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                &[&slot],
+            )
+            .await
+            .unwrap()
+            .is_some()
+    }
+
+    /// Creates the classic outbox table, and its publication and a slot
+    /// named after the database through `outbox-relay setup`; returns the slot.
+    pub async fn classic_outbox(&self) -> String {
+        self.exec(CLASSIC_TABLE).await;
+        let slot = format!("s_{}", self.name);
+        relay_setup(&["--database-url", &self.url, "--slot", &slot]);
+        slot
+    }
+
+    /// Waits until a walsender holds `slot`: changes written after this are
+    /// streamed to the relay, not just left in the WAL.
+    pub async fn wait_streaming(&self, slot: &str) {
+        wait_until(Duration::from_secs(30), "streaming", || async {
+            self.slot_active(slot).await
+        })
+        .await;
+    }
+
+    /// Waits until the slot's confirmed_flush_lsn reaches `lsn`.
+    /// Asserts that the slot has not confirmed a transaction that must not
+    /// be: its row was inserted after `before` and its COMMIT returned at
+    /// `after`. The bound is `after`, not `before`: a keepalive may report a
+    /// position inside the transaction before the relay reads it, and
+    /// confirming that is safe, since a transaction whose commit comes after
+    /// the confirmed position is sent again.
+    pub async fn assert_not_confirmed(&self, slot: &str, before: Lsn, after: Lsn, what: &str) {
+        let confirmed = self.confirmed_flush_lsn(slot).await;
+        assert!(
+            confirmed < after,
+            "slot confirmed {confirmed} past {what} (inserted between {before} and {after})"
+        );
+    }
+
+    /// [`TestDb::assert_not_confirmed`] every 100 ms for 3 s: several status
+    /// intervals of a relay that keeps running.
+    pub async fn assert_not_confirmed_for_a_while(
+        &self,
+        slot: &str,
+        before: Lsn,
+        after: Lsn,
+        what: &str,
+    ) {
+        for _ in 0..30 {
+            self.assert_not_confirmed(slot, before, after, what).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn wait_confirmed(&self, slot: &str, lsn: Lsn, what: &str) {
+        wait_until(Duration::from_secs(30), what, || async {
+            self.confirmed_flush_lsn(slot).await >= lsn
+        })
+        .await;
+    }
+
+    pub async fn drop(self) {
+        drop(self.client);
+        let admin = sql_client(&admin_url()).await;
+        let _ = admin
+            .batch_execute(&format!(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE database = '{0}' AND active_pid IS NOT NULL;
+                 SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = '{0}' AND NOT active;",
+                self.name
+            ))
+            .await;
+        let _ = admin
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .await;
+    }
+}
+
+/// A throwaway Postgres cluster of the test's own, for what the shared one
+/// cannot vary (pg_hba.conf, server settings). Stopped and removed on drop.
+pub struct TempCluster {
+    pub dir: PathBuf,
+    pub port: u16,
+    bin: PathBuf,
+}
+
+impl TempCluster {
+    /// `hba` lines are put before the default trust rules.
+    pub fn start(hba: &[&str], settings: &[&str]) -> TempCluster {
+        let bin = PathBuf::from(env("PG_BIN_DIR"));
+        let dir = std::env::temp_dir().join(unique("pgtmp"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = free_port();
+        let run = |args: Vec<String>| {
+            let ok = run_as_postgres(std::path::Path::new(&args[0]), &args[1..]);
+            assert!(ok, "{args:?}");
+        };
+        let _ = Command::new("chown")
+            .args(["postgres", dir.to_str().unwrap()])
+            .status();
+        let data = dir.join("data");
+        run(vec![
+            bin.join("initdb").display().to_string(),
+            "-D".into(),
+            data.display().to_string(),
+            "-U".into(),
+            "postgres".into(),
+            "--auth=trust".into(),
+            "-E".into(),
+            "UTF8".into(),
+            "--locale=C.UTF-8".into(),
+            "--no-sync".into(),
+        ]);
+        let hba_path = data.join("pg_hba.conf");
+        let default = std::fs::read_to_string(&hba_path).unwrap();
+        std::fs::write(&hba_path, format!("{}\n{}", hba.join("\n"), default)).unwrap();
+        let mut opts = format!(
+            "-c port={port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c wal_level=logical -c fsync=off",
+            data.display()
+        );
+        for s in settings {
+            opts.push_str(&format!(" -c {s}"));
+        }
+        run(vec![
+            bin.join("pg_ctl").display().to_string(),
+            "-D".into(),
+            data.display().to_string(),
+            "-w".into(),
+            "-l".into(),
+            dir.join("pg.log").display().to_string(),
+            "-o".into(),
+            opts,
+            "start".into(),
+        ]);
+        TempCluster { dir, port, bin }
+    }
+
+    pub fn url(&self, user: &str, password: Option<&str>) -> String {
+        match password {
+            Some(p) => format!("postgres://{user}:{p}@127.0.0.1:{}/postgres", self.port),
+            None => format!("postgres://{user}@127.0.0.1:{}/postgres", self.port),
+        }
+    }
+}
+
+impl Drop for TempCluster {
+    fn drop(&mut self) {
+        let data = self.dir.join("data").display().to_string();
+        // A cluster the test already stopped makes pg_ctl fail: nothing to do.
+        let _ = run_as_postgres(
+            &self.bin.join("pg_ctl"),
+            &["-D".into(), data, "-m".into(), "immediate".into(), "stop".into()],
+        );
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The database URL with its host:port replaced by `addr` (a proxy's).
+pub fn via(url: &str, addr: &str) -> String {
+    let cfg: tokio_postgres::Config = url.parse().unwrap();
+    let port = cfg.get_ports()[0];
+    let from = format!("127.0.0.1:{port}");
+    assert!(url.contains(&from), "{url} does not name {from}");
+    url.replace(&from, addr)
+}
+
+/// The loopback address of the database the URL names.
+pub fn pg_addr(url: &str) -> std::net::SocketAddr {
+    let cfg: tokio_postgres::Config = url.parse().unwrap();
+    format!("127.0.0.1:{}", cfg.get_ports()[0]).parse().unwrap()
+}
+
+/// Runs a Postgres binary as `postgres` when we are root (initdb, pg_ctl and
+/// the server refuse root); returns whether it succeeded.
+fn run_as_postgres(program: &std::path::Path, args: &[String]) -> bool {
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false);
+    let mut cmd = if is_root {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    };
+    cmd.args(args)
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+impl TempCluster {
+    /// `pg_ctl restart -m <mode>` (`fast`: a clean shutdown; `immediate`: a
+    /// crash). Same port and settings. Blocks until the server accepts
+    /// connections again. Either way a logical slot may come back at an
+    /// older confirmed position than its consumer reported: PostgreSQL
+    /// before 17 writes the slot to disk only when more than that changed.
+    pub fn restart(&self, mode: &str) {
+        let data = self.dir.join("data").display().to_string();
+        let log = self.dir.join("pg.log").display().to_string();
+        let ok = run_as_postgres(
+            &self.bin.join("pg_ctl"),
+            &[
+                "-D".into(),
+                data,
+                "-w".into(),
+                "-t".into(),
+                "60".into(),
+                "-m".into(),
+                mode.into(),
+                "-l".into(),
+                log,
+                "restart".into(),
+            ],
+        );
+        assert!(
+            ok,
+            "pg_ctl restart -m {mode} failed; log in {}",
+            self.dir.display()
+        );
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.join("pg.log")).unwrap_or_default()
+    }
+}
