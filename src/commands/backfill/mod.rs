@@ -1,0 +1,485 @@
+//! `outbox-relay backfill`: the cutover from a polling publisher.
+//!
+//! A polling publisher leaves rows it has not published yet (`processed_at IS
+//! NULL`). The relay publishes only what is committed after its slot was
+//! created. Backfill closes that gap exactly, with no event lost and none
+//! published twice:
+//!
+//! 1. it creates the slot itself, over a replication connection, with
+//!    `CREATE_REPLICATION_SLOT … LOGICAL pgoutput EXPORT_SNAPSHOT`. The server
+//!    returns the slot's consistent point and the name of a snapshot that
+//!    sees exactly the transactions committed before that point;
+//! 2. on an ordinary connection it imports that snapshot (`SET TRANSACTION
+//!    SNAPSHOT`) and reads the pending rows in it, through a cursor, in the
+//!    order of `--order-column`;
+//! 3. each row goes through the relay's own [`Router`], fed a pgoutput
+//!    Relation and Insert built from the row's text values (the same output
+//!    functions the walsender uses), so topic, key, headers and payload are
+//!    byte for byte what `run` would have produced, and to the same
+//!    idempotent [`KafkaSink`];
+//! 4. it waits for every acknowledgement.
+//!
+//! Every row committed before the consistent point is in the snapshot (and
+//! published here if it was pending); every row committed after it is
+//! streamed by `run` from the slot, which starts there.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio_postgres::{Client, SimpleQueryMessage, SimpleQueryRow};
+
+use crate::config::{Options, RelayConfig};
+use crate::lsn::Lsn;
+use crate::pg::quote_ident;
+use crate::pg::sql::sql;
+use crate::pipeline::decode::pgoutput::{Column, Insert, Relation, TupleValue};
+use crate::pipeline::route::router::{Routed, Router};
+use crate::pipeline::sink::KafkaSink;
+
+mod mark;
+mod progress;
+mod publish;
+mod snapshot;
+
+use mark::mark_processed;
+use progress::Progress;
+use publish::Publisher;
+use snapshot::create_slot_with_snapshot;
+
+/// `outbox-relay backfill`: the relay's options plus the backfill's own.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BackfillArgs {
+    #[command(flatten)]
+    pub options: Options,
+
+    /// SQL condition selecting the rows the old publisher has not published
+    /// (evaluated in the slot's snapshot).
+    #[arg(long, default_value = "processed_at IS NULL")]
+    pub pending_where: String,
+
+    /// Column the pending rows are published in (ORDER BY); unique, such as
+    /// the primary key, when --mark-processed is used.
+    #[arg(long, default_value = "id")]
+    pub order_column: String,
+
+    /// Rows fetched from the cursor at a time.
+    #[arg(long, default_value_t = 1000)]
+    pub batch_size: u32,
+
+    /// Without a terminal, print a progress line every this many rows.
+    #[arg(long, default_value_t = 10_000)]
+    pub progress_every: u64,
+
+    /// After every record was acknowledged, set --processed-column to now()
+    /// for the backfilled rows (so the old scheme's "pending" query shows 0).
+    #[arg(long)]
+    pub mark_processed: bool,
+
+    /// Column --mark-processed sets.
+    #[arg(long, default_value = "processed_at")]
+    pub processed_column: String,
+
+    /// Seconds to wait for Kafka's next delivery report while records are in
+    /// flight before giving up (the producer itself never gives up on a
+    /// record, so an unreachable broker would otherwise stall the cutover).
+    #[arg(long, default_value_t = 120.0)]
+    pub ack_timeout: f64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackfillError {
+    #[error("configuration error: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Sql(#[from] crate::pg::sql::SqlError),
+    #[error(transparent)]
+    Setup(#[from] crate::commands::setup::SetupError),
+    #[error("replication slot {slot} already exists (confirmed up to {confirmed}); backfill refuses to use it: a backfill must create the slot itself, so that the snapshot it reads and the stream `run` publishes from meet exactly at the slot's starting point. If no relay has run on it yet and you want to redo the cutover, drop it (SELECT pg_drop_replication_slot('{slot}');) and run backfill again; if the relay is already streaming from it, the cutover is done: do not backfill")]
+    SlotExists { slot: String, confirmed: String },
+    #[error("the --pending-where condition or --order-column does not work on {table}: {source}")]
+    BadPredicate {
+        table: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("cannot create the replication slot {slot}: {reason}")]
+    CreateSlot { slot: String, reason: String },
+    #[error("{what}. The slot {slot} already exists (created at {consistent_point}), so backfill cannot simply be rerun: fix the cause, drop the slot (SELECT pg_drop_replication_slot('{slot}');, with no relay running on it) and run backfill again. Records already delivered will be delivered again, with the same `id` header")]
+    Aborted {
+        what: String,
+        slot: String,
+        consistent_point: Lsn,
+    },
+}
+
+/// What a backfill did.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub slot: String,
+    pub consistent_point: Lsn,
+    pub snapshot: String,
+    /// Pending rows in the snapshot.
+    pub pending: u64,
+    /// Records acknowledged by the broker.
+    pub published: u64,
+    /// Rows --mark-processed updated.
+    pub marked: Option<u64>,
+    pub elapsed: Duration,
+}
+
+/// A table column as pgoutput would describe it.
+struct TableColumn {
+    name: String,
+    type_oid: u32,
+    type_modifier: i32,
+    type_name: String,
+}
+
+/// The table's OID and its published columns, in table order (generated
+/// columns are left out, as pgoutput leaves them out).
+async fn table_columns(
+    client: &Client,
+    cfg: &RelayConfig,
+) -> Result<(u32, Vec<TableColumn>), BackfillError> {
+    let table = &cfg.router.table;
+    let rows = client
+        .query(
+            "SELECT c.oid, a.attname::text, a.atttypid, a.atttypmod,
+                    format_type(a.atttypid, a.atttypmod)
+               FROM pg_class c
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+               JOIN pg_attribute a ON a.attrelid = c.oid
+              WHERE n.nspname = $1 AND c.relname = $2
+                AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+              ORDER BY a.attnum",
+            &[&table.schema, &table.name],
+        )
+        .await
+        .map_err(sql(format!("reading the columns of {table}")))?;
+    let oid = rows.first().map(|r| r.get::<_, u32>(0)).unwrap_or(0);
+    let columns = rows
+        .iter()
+        .map(|r| TableColumn {
+            name: r.get(1),
+            type_oid: r.get(2),
+            type_modifier: r.get(3),
+            type_name: r.get(4),
+        })
+        .collect();
+    Ok((oid, columns))
+}
+
+/// What the checks before the slot found out about the table.
+struct Plan {
+    rel_oid: u32,
+    columns: Vec<TableColumn>,
+    /// Index of `--order-column` in `columns`.
+    order_idx: usize,
+    /// `FROM <table> WHERE (<pending condition>)`.
+    from_where: String,
+    order_col: String,
+}
+
+/// Runs the backfill; `say` receives one line per step.
+pub async fn run(
+    cfg: &RelayConfig,
+    args: &BackfillArgs,
+    say: &mut dyn FnMut(String),
+) -> Result<Summary, BackfillError> {
+    let started = Instant::now();
+    let ack_timeout = Duration::try_from_secs_f64(args.ack_timeout)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| {
+            BackfillError::Config(format!(
+                "--ack-timeout {}: expected a positive number of seconds",
+                args.ack_timeout
+            ))
+        })?;
+    let slot = cfg.slot.clone();
+    let (client, _conn) = crate::pg::sql::connect(&cfg.database).await?;
+
+    // Everything that can be checked is checked before the slot exists.
+    let plan = plan(&client, cfg, args).await?;
+    let mut router = Router::new(cfg.router.clone());
+    router
+        .on_relation(&plan.relation(cfg))
+        .map_err(|e| BackfillError::Config(e.to_string()))?;
+    let sink = KafkaSink::new(&cfg.kafka_brokers, &cfg.kafka_properties)
+        .map_err(|e| BackfillError::Config(e.to_string()))?;
+
+    // The publication must exist before the slot: pgoutput looks it up as of
+    // each decoded change.
+    say(crate::commands::setup::ensure_publication(&client, cfg).await?);
+
+    let (repl, consistent_point, snapshot) = create_slot_with_snapshot(cfg, &slot).await?;
+    say(format!(
+        "created logical replication slot {slot} (pgoutput) at {consistent_point} with snapshot {snapshot}: rows committed before it are read here, rows committed after it are streamed by `run`"
+    ));
+    let abort = |what: String| BackfillError::Aborted {
+        what,
+        slot: slot.clone(),
+        consistent_point,
+    };
+
+    // The exported snapshot lives while `repl` stays open and idle.
+    let pending = open_cursor(&client, &snapshot, &plan)
+        .await
+        .map_err(abort)?;
+    say(format!(
+        "{pending} pending row(s) in {} where {} (in the slot's snapshot)",
+        cfg.router.table, args.pending_where
+    ));
+    let mut publisher = Publisher::new(
+        sink,
+        &args.order_column,
+        args.mark_processed,
+        ack_timeout,
+        cfg.max_inflight,
+        Progress::new(pending, args.progress_every),
+    );
+    publish_cursor(&client, args, &plan, &mut router, &mut publisher)
+        .await
+        .map_err(abort)?;
+    let published = publisher.finish().await.map_err(abort)?;
+    client
+        .batch_execute("COMMIT")
+        .await
+        .map_err(|e| abort(format!("closing the snapshot's transaction failed: {e}")))?;
+    // The snapshot is no longer needed: the slot stays.
+    drop(repl);
+
+    let marked = if args.mark_processed {
+        let order_type = &plan.columns[plan.order_idx].type_name;
+        Some(mark_processed(&client, cfg, args, order_type, &published.delivered, say).await?)
+    } else {
+        None
+    };
+    Ok(Summary {
+        slot,
+        consistent_point,
+        snapshot,
+        pending,
+        published: published.acked,
+        marked,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// The checks that need no slot: wal_level, the table, no slot of that name
+/// yet, the order and processed columns, and the operator's condition.
+async fn plan(
+    client: &Client,
+    cfg: &RelayConfig,
+    args: &BackfillArgs,
+) -> Result<Plan, BackfillError> {
+    let table = &cfg.router.table;
+    crate::commands::setup::check_wal_level(client).await?;
+    crate::commands::setup::check_table(client, cfg).await?;
+    if let Some(row) = client
+        .query_opt(
+            "SELECT coalesce(confirmed_flush_lsn::text, '-') FROM pg_replication_slots WHERE slot_name = $1",
+            &[&cfg.slot],
+        )
+        .await
+        .map_err(sql("reading pg_replication_slots"))?
+    {
+        return Err(BackfillError::SlotExists {
+            slot: cfg.slot.clone(),
+            confirmed: row.get(0),
+        });
+    }
+    let (rel_oid, columns) = table_columns(client, cfg).await?;
+    let order_idx = columns
+        .iter()
+        .position(|c| c.name == args.order_column)
+        .ok_or_else(|| {
+            BackfillError::Config(format!(
+                "--order-column {} is not a column of {table}; its columns are: {}",
+                args.order_column,
+                columns
+                    .iter()
+                    .map(|c| c.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })?;
+    if args.mark_processed && !columns.iter().any(|c| c.name == args.processed_column) {
+        return Err(BackfillError::Config(format!(
+            "--mark-processed: {table} has no column {} (set --processed-column)",
+            args.processed_column
+        )));
+    }
+    let order_col = quote_ident(&args.order_column);
+    let from_where = format!("FROM {} WHERE ({})", table.quoted(), args.pending_where);
+    // The condition is the operator's SQL: run it through the extended
+    // protocol, which takes exactly one statement, so a `;` cannot smuggle
+    // in another one.
+    client
+        .execute(
+            &format!("SELECT 1 {from_where} ORDER BY {order_col} LIMIT 0"),
+            &[],
+        )
+        .await
+        .map_err(|source| BackfillError::BadPredicate {
+            table: table.to_string(),
+            source,
+        })?;
+    Ok(Plan {
+        rel_oid,
+        columns,
+        order_idx,
+        from_where,
+        order_col,
+    })
+}
+
+impl Plan {
+    /// The table as pgoutput would describe it, for the router (which
+    /// refuses a shape it cannot route before anything exists).
+    fn relation(&self, cfg: &RelayConfig) -> Relation {
+        Relation {
+            oid: self.rel_oid,
+            namespace: cfg.router.table.schema.clone(),
+            name: cfg.router.table.name.clone(),
+            replica_identity: b'd',
+            columns: self
+                .columns
+                .iter()
+                .map(|c| Column {
+                    flags: 0,
+                    name: c.name.clone(),
+                    type_oid: c.type_oid,
+                    type_modifier: c.type_modifier,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Imports the slot's snapshot, counts the pending rows in it and opens the
+/// cursor over them; returns the count.
+async fn open_cursor(client: &Client, snapshot: &str, plan: &Plan) -> Result<u64, String> {
+    client
+        .batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
+            snapshot.replace('\'', "''")
+        ))
+        .await
+        .map_err(|e| format!("importing snapshot {snapshot} failed: {e}"))?;
+    let from_where = &plan.from_where;
+    let pending: i64 = client
+        .query_one(&format!("SELECT count(*) {from_where}"), &[])
+        .await
+        .map_err(|e| format!("counting the pending rows failed: {e}"))?
+        .get(0);
+    let select: Vec<String> = plan.columns.iter().map(|c| quote_ident(&c.name)).collect();
+    client
+        .execute(
+            &format!(
+                "DECLARE outbox_backfill NO SCROLL CURSOR FOR SELECT {} {from_where} ORDER BY {}",
+                select.join(", "),
+                plan.order_col
+            ),
+            &[],
+        )
+        .await
+        .map_err(|e| format!("opening the cursor failed: {e}"))?;
+    Ok(pending as u64)
+}
+
+/// Reads the cursor to its end, `--batch-size` rows at a time, and publishes
+/// each row as `run` would have.
+async fn publish_cursor(
+    client: &Client,
+    args: &BackfillArgs,
+    plan: &Plan,
+    router: &mut Router,
+    publisher: &mut Publisher<'_>,
+) -> Result<(), String> {
+    let fetch = format!("FETCH {} FROM outbox_backfill", args.batch_size.max(1));
+    loop {
+        let messages = client
+            .simple_query(&fetch)
+            .await
+            .map_err(|e| format!("reading the pending rows failed: {e}"))?;
+        let mut fetched = 0usize;
+        for m in messages {
+            let SimpleQueryMessage::Row(row) = m else {
+                continue;
+            };
+            fetched += 1;
+            let order_value = row.get(plan.order_idx).unwrap_or("NULL").to_string();
+            let rec = match router.route(&plan.insert(&row)) {
+                Ok(Routed::Record(rec)) => rec,
+                // Backfill reads the outbox table itself: its relation is
+                // always the outbox.
+                Ok(Routed::OtherTable(t)) => {
+                    return Err(format!(
+                        "the backfill read a row of {t}, not of the outbox table"
+                    ))
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "the row with {} = {order_value} cannot be published: {e}",
+                        args.order_column
+                    ))
+                }
+            };
+            publisher.publish(&rec, order_value).await?;
+        }
+        if fetched == 0 {
+            return Ok(());
+        }
+    }
+}
+
+impl Plan {
+    /// A cursor row as the Insert pgoutput would have sent: text format is
+    /// each type's output function, which is what the walsender uses.
+    fn insert(&self, row: &SimpleQueryRow) -> Insert {
+        Insert {
+            relation_oid: self.rel_oid,
+            tuple: (0..self.columns.len())
+                .map(|i| match row.get(i) {
+                    Some(v) => TupleValue::Text(Bytes::copy_from_slice(v.as_bytes())),
+                    None => TupleValue::Null,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The `backfill` subcommand; returns the exit code (0 done, 1 failed, 2
+/// configuration error).
+pub async fn command(config: Option<&Path>, args: BackfillArgs) -> u8 {
+    let cfg = match crate::config::load(config, args.options.clone(), true) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("outbox-relay backfill: configuration error: {e}");
+            return 2;
+        }
+    };
+    let mut say = |line: String| println!("{line}");
+    match run(&cfg, &args, &mut say).await {
+        Ok(s) => {
+            println!(
+                "backfill done: {} row(s) published in {:.1} s; slot {} starts at {}: start `outbox-relay run` now, it publishes everything committed after that point",
+                s.published,
+                s.elapsed.as_secs_f64(),
+                s.slot,
+                s.consistent_point
+            );
+            0
+        }
+        Err(BackfillError::Config(e)) => {
+            eprintln!("outbox-relay backfill: {e}");
+            2
+        }
+        Err(e) => {
+            eprintln!("outbox-relay backfill: {e}");
+            1
+        }
+    }
+}

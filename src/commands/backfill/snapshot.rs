@@ -1,0 +1,58 @@
+//! The slot and its exported snapshot: the one point where what backfill
+//! reads ends and what `run` streams begins. Owns the replication connection
+//! that keeps the snapshot alive; reads no rows.
+
+use crate::config::RelayConfig;
+use crate::lsn::Lsn;
+use crate::pg::quote_ident;
+use crate::pipeline::source::{ConnectParams, ReplicationConnection};
+
+use super::BackfillError;
+
+/// Creates the slot over a replication connection of its own, exporting a
+/// snapshot that lives while that connection stays open and idle: the slot's
+/// consistent point is where the snapshot ends and the stream begins.
+pub(super) async fn create_slot_with_snapshot(
+    cfg: &RelayConfig,
+    slot: &str,
+) -> Result<(ReplicationConnection, Lsn, String), BackfillError> {
+    let slot = slot.to_string();
+    let params = ConnectParams::from_config(&cfg.database)
+        .map_err(|e| BackfillError::Config(e.to_string()))?;
+    let mut repl =
+        ReplicationConnection::connect(&params)
+            .await
+            .map_err(|e| BackfillError::CreateSlot {
+                slot: slot.clone(),
+                reason: e.to_string(),
+            })?;
+    // The pre-15 spelling: accepted by PostgreSQL 14 to 18.
+    let created = repl
+        .simple_query(&format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
+            quote_ident(&slot)
+        ))
+        .await;
+    let row = match created {
+        Ok(rows) => rows.into_iter().next().unwrap_or_default(),
+        Err(e) if e.sqlstate() == Some("42710") => {
+            return Err(BackfillError::SlotExists {
+                slot,
+                confirmed: "-".into(),
+            })
+        }
+        Err(e) => {
+            return Err(BackfillError::CreateSlot {
+                slot,
+                reason: e.to_string(),
+            })
+        }
+    };
+    let field = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+    let consistent_point: Lsn = field(1).parse().map_err(|e| BackfillError::CreateSlot {
+        slot: slot.clone(),
+        reason: format!("unexpected answer to CREATE_REPLICATION_SLOT: {e}"),
+    })?;
+    let snapshot = field(2);
+    Ok((repl, consistent_point, snapshot))
+}
