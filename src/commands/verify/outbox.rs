@@ -54,8 +54,39 @@ pub async fn read_outbox(
     router: &RouterConfig,
     order: &OrderBy,
 ) -> Result<Outbox, VerifyError> {
+    let columns = table_columns(client, router, order).await?;
+    let mut notes = Vec::new();
+    let order_column = match order {
+        OrderBy::Column(c) => Some(c.clone()),
+        OrderBy::Header(_) => None,
+        OrderBy::Default => default_order_column(client, router, &mut notes).await?,
+    };
+    let query = RowQuery::new(router, &columns, order_column.as_deref());
+    let result = client
+        .query(&query.sql, &[])
+        .await
+        .map_err(read_error("rows"))?;
+    Ok(Outbox {
+        table: router.table.to_string(),
+        rows: result.iter().map(|r| query.row(router, r)).collect(),
+        order_column: order_column.map(|c| format!("column {c}")),
+        notes,
+    })
+}
+
+fn read_error(what: &str) -> impl FnOnce(tokio_postgres::Error) -> VerifyError {
+    let adapt = sql(format!("cannot read the outbox ({what})"));
+    move |e| adapt(e).into()
+}
+
+/// The table's columns and their types; an error names a column the
+/// configuration refers to that the table lacks.
+async fn table_columns(
+    client: &tokio_postgres::Client,
+    router: &RouterConfig,
+    order: &OrderBy,
+) -> Result<Vec<(String, u32)>, VerifyError> {
     let table = router.table.to_string();
-    let q = |what: &str| sql(format!("cannot read the outbox ({what})"));
     let columns: Vec<(String, u32)> = client
         .query(
             "SELECT a.attname::text, a.atttypid FROM pg_attribute a
@@ -64,20 +95,19 @@ pub async fn read_outbox(
             &[&router.table.quoted()],
         )
         .await
-        .map_err(q("columns"))?
+        .map_err(read_error("columns"))?
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
     if columns.is_empty() {
         return Err(VerifyError::NoTable(table));
     }
-    let type_of = |col: &str| columns.iter().find(|(c, _)| c == col).map(|(_, t)| *t);
     let mut wanted = router.referenced_columns();
     if let OrderBy::Column(c) = order {
         wanted.push((c.clone(), "--order-column"));
     }
     for (col, option) in &wanted {
-        if type_of(col).is_none() {
+        if !columns.iter().any(|(c, _)| c == col) {
             return Err(VerifyError::MissingColumn {
                 table,
                 missing: col.clone(),
@@ -90,107 +120,116 @@ pub async fn read_outbox(
             });
         }
     }
-    let mut notes = Vec::new();
-    let order_column = match order {
-        OrderBy::Column(c) => Some(c.clone()),
-        OrderBy::Header(_) => None,
-        OrderBy::Default => {
-            let pk: Vec<(String, u32)> = client
-                .query(
-                    "SELECT a.attname::text, a.atttypid FROM pg_index i
-                       JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
-                      WHERE i.indrelid = to_regclass($1) AND i.indisprimary",
-                    &[&router.table.quoted()],
-                )
-                .await
-                .map_err(q("primary key"))?
-                .iter()
-                .map(|r| (r.get(0), r.get(1)))
-                .collect();
-            match pk.as_slice() {
-                [(c, t)] if INTEGER_OIDS.contains(t) => Some(c.clone()),
-                _ => {
-                    notes.push(
-                        "order not checked: the table has no single-column integer primary key \
-                         to order by; pass --order-column (a column growing in commit order) or \
-                         --order-header"
-                            .into(),
-                    );
-                    None
-                }
+    Ok(columns)
+}
+
+/// The table's single-column integer primary key, the order rows were
+/// inserted in; without one, order is not checked and a note says why.
+async fn default_order_column(
+    client: &tokio_postgres::Client,
+    router: &RouterConfig,
+    notes: &mut Vec<String>,
+) -> Result<Option<String>, VerifyError> {
+    let pk: Vec<(String, u32)> = client
+        .query(
+            "SELECT a.attname::text, a.atttypid FROM pg_index i
+               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+              WHERE i.indrelid = to_regclass($1) AND i.indisprimary",
+            &[&router.table.quoted()],
+        )
+        .await
+        .map_err(read_error("primary key"))?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    Ok(match pk.as_slice() {
+        [(c, t)] if INTEGER_OIDS.contains(t) => Some(c.clone()),
+        _ => {
+            notes.push(
+                "order not checked: the table has no single-column integer primary key \
+                 to order by; pass --order-column (a column growing in commit order) or \
+                 --order-header"
+                    .into(),
+            );
+            None
+        }
+    })
+}
+
+/// The one query over all rows, and where each value lands in its result:
+/// id, key, payload, the template's columns, the header columns, then rank
+/// and value of the ordering column.
+struct RowQuery {
+    sql: String,
+    template_cols: Vec<String>,
+}
+
+impl RowQuery {
+    fn new(router: &RouterConfig, columns: &[(String, u32)], order_column: Option<&str>) -> Self {
+        let type_of = |col: &str| columns.iter().find(|(c, _)| c == col).map(|(_, t)| *t);
+        let template_cols: Vec<String> = {
+            let mut seen = BTreeSet::new();
+            router
+                .topic
+                .columns()
+                .filter(|c| seen.insert(c.to_string()))
+                .map(str::to_string)
+                .collect()
+        };
+        let text = |c: &str| format!("{}::text", quote_ident(c));
+        // Text in UTF-8 bytes, as the relay's replication connection receives it.
+        let text_bytes = |c: &str| format!("convert_to({}::text, 'UTF8')", quote_ident(c));
+        let payload = if type_of(&router.payload_column) == Some(BYTEA_OID) {
+            quote_ident(&router.payload_column)
+        } else {
+            text_bytes(&router.payload_column)
+        };
+        let mut select = vec![text(&router.id_column), text(&router.key_column), payload];
+        select.extend(template_cols.iter().map(|c| text(c)));
+        select.extend(router.headers.iter().map(|h| text_bytes(&h.column)));
+        match order_column {
+            Some(c) => {
+                let c = quote_ident(c);
+                select.push(format!(
+                    "CASE WHEN {c} IS NULL THEN NULL ELSE rank() OVER (ORDER BY {c}) END::int8"
+                ));
+                select.push(format!("{c}::text"));
+            }
+            None => {
+                select.push("NULL::int8".into());
+                select.push("NULL::text".into());
             }
         }
-    };
-
-    let template_cols: Vec<String> = {
-        let mut seen = BTreeSet::new();
-        router
-            .topic
-            .columns()
-            .filter(|c| seen.insert(c.to_string()))
-            .map(str::to_string)
-            .collect()
-    };
-    let text = |c: &str| format!("{}::text", quote_ident(c));
-    // Text in UTF-8 bytes, as the relay's replication connection receives it.
-    let text_bytes = |c: &str| format!("convert_to({}::text, 'UTF8')", quote_ident(c));
-    let payload = if type_of(&router.payload_column) == Some(BYTEA_OID) {
-        quote_ident(&router.payload_column)
-    } else {
-        text_bytes(&router.payload_column)
-    };
-    let mut select = vec![text(&router.id_column), text(&router.key_column), payload];
-    select.extend(template_cols.iter().map(|c| text(c)));
-    select.extend(router.headers.iter().map(|h| text_bytes(&h.column)));
-    match &order_column {
-        Some(c) => {
-            let c = quote_ident(c);
-            select.push(format!(
-                "CASE WHEN {c} IS NULL THEN NULL ELSE rank() OVER (ORDER BY {c}) END::int8"
-            ));
-            select.push(format!("{c}::text"));
-        }
-        None => {
-            select.push("NULL::int8".into());
-            select.push("NULL::text".into());
-        }
+        let sql = format!(
+            "SELECT {} FROM {}",
+            select.join(", "),
+            router.table.quoted()
+        );
+        RowQuery { sql, template_cols }
     }
-    let sql = format!(
-        "SELECT {} FROM {}",
-        select.join(", "),
-        router.table.quoted()
-    );
-    let result = client.query(&sql, &[]).await.map_err(q("rows"))?;
-    let ntpl = template_cols.len();
-    let nh = router.headers.len();
-    let rows = result
-        .iter()
-        .map(|r| {
-            let values: HashMap<String, Option<String>> = template_cols
+
+    fn row(&self, router: &RouterConfig, r: &tokio_postgres::Row) -> OutboxRow {
+        let ntpl = self.template_cols.len();
+        let nh = router.headers.len();
+        let values: HashMap<String, Option<String>> = self
+            .template_cols
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.clone(), r.get(3 + i)))
+            .collect();
+        OutboxRow {
+            event_id: r.get(0),
+            key: r.get(1),
+            payload: r.get(2),
+            topic: expand_topic(&router.topic, &values),
+            headers: router
+                .headers
                 .iter()
                 .enumerate()
-                .map(|(i, c)| (c.clone(), r.get(3 + i)))
-                .collect();
-            OutboxRow {
-                event_id: r.get(0),
-                key: r.get(1),
-                payload: r.get(2),
-                topic: expand_topic(&router.topic, &values),
-                headers: router
-                    .headers
-                    .iter()
-                    .enumerate()
-                    .map(|(i, h)| (h.header.clone(), r.get(3 + ntpl + i)))
-                    .collect(),
-                rank: r.get(3 + ntpl + nh),
-                order_value: r.get(4 + ntpl + nh),
-            }
-        })
-        .collect();
-    Ok(Outbox {
-        table,
-        rows,
-        order_column: order_column.map(|c| format!("column {c}")),
-        notes,
-    })
+                .map(|(i, h)| (h.header.clone(), r.get(3 + ntpl + i)))
+                .collect(),
+            rank: r.get(3 + ntpl + nh),
+            order_value: r.get(4 + ntpl + nh),
+        }
+    }
 }

@@ -185,6 +185,17 @@ pub(super) fn show(b: Option<&[u8]>) -> String {
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.fmt_rows(f)?;
+        self.fmt_copies(f)?;
+        self.fmt_content(f)?;
+        self.fmt_verdict(f)
+    }
+}
+
+/// The text report, one section per method, in the order it prints.
+impl Report {
+    /// Totals, and the rows that did not arrive or never could.
+    fn fmt_rows(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
             "outbox {}: {} rows; Kafka: {} records in {} topics ({} partitions)",
@@ -233,6 +244,11 @@ impl fmt::Display for Report {
                 )?;
             }
         }
+        Ok(())
+    }
+
+    /// Duplicates and order: how the copies lie in the partitions.
+    fn fmt_copies(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let d = &self.duplicates;
         writeln!(
             f,
@@ -275,6 +291,11 @@ impl fmt::Display for Report {
                 o.detail
             )?;
         }
+        Ok(())
+    }
+
+    /// Keys over partitions, content differing from the row, unknown records.
+    fn fmt_content(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
             "  keys over several partitions: {}",
@@ -315,6 +336,11 @@ impl fmt::Display for Report {
                 u.key.as_deref().unwrap_or("(none)")
             )?;
         }
+        Ok(())
+    }
+
+    /// What else was seen, then OK or what failed.
+    fn fmt_verdict(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if !self.absent_topics.is_empty() {
             writeln!(
                 f,

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use crate::pipeline::sink::client::client_config;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::Headers;
+use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 use super::*;
@@ -94,7 +94,23 @@ pub fn read_topics(
         .filter(|t| t.error().is_none())
         .map(|t| (t.name(), t.partitions().iter().map(|p| p.id()).collect()))
         .collect();
-    let (topics, absent_topics): (Vec<String>, Vec<String>) = match selection {
+    let (topics, absent_topics) = select_topics(&on_broker, selection);
+    let mut ends = Ends::capture(&consumer, &topics, &on_broker)?;
+    let records = ends.read(&consumer, timeout)?;
+    Ok(Snapshot {
+        topics,
+        absent_topics,
+        partitions: ends.partitions,
+        records,
+    })
+}
+
+/// The selected topics the broker has, and the named ones it lacks.
+fn select_topics(
+    on_broker: &HashMap<&str, Vec<i32>>,
+    selection: &TopicSelection,
+) -> (Vec<String>, Vec<String>) {
+    match selection {
         TopicSelection::Names(names) => names
             .iter()
             .cloned()
@@ -108,91 +124,128 @@ pub fn read_topics(
             v.sort();
             (v, Vec::new())
         }
-    };
-    let mut high: HashMap<(String, i32), i64> = HashMap::new();
-    let mut pending: HashSet<(String, i32)> = HashSet::new();
-    let mut tpl = TopicPartitionList::new();
-    let mut partitions = 0;
-    for t in &topics {
-        for &p in &on_broker[t.as_str()] {
-            partitions += 1;
-            let (lo, hi) = consumer
-                .fetch_watermarks(t, p, Duration::from_secs(10))
-                .map_err(kafka(format!("watermarks of {t}[{p}]")))?;
-            high.insert((t.clone(), p), hi);
-            if hi > lo {
-                pending.insert((t.clone(), p));
-                tpl.add_partition_offset(t, p, Offset::Offset(lo))
-                    .map_err(kafka("assigning"))?;
+    }
+}
+
+/// Where reading stops: each partition's high watermark when the check
+/// began, so records written while it reads do not keep it going.
+struct Ends {
+    high: HashMap<(String, i32), i64>,
+    /// Partitions not yet read to their end.
+    pending: HashSet<(String, i32)>,
+    partitions: u64,
+}
+
+impl Ends {
+    /// Captures the watermarks and assigns every non-empty partition from
+    /// its low watermark.
+    fn capture(
+        consumer: &BaseConsumer,
+        topics: &[String],
+        on_broker: &HashMap<&str, Vec<i32>>,
+    ) -> Result<Ends, VerifyError> {
+        let mut ends = Ends {
+            high: HashMap::new(),
+            pending: HashSet::new(),
+            partitions: 0,
+        };
+        let mut tpl = TopicPartitionList::new();
+        for t in topics {
+            for &p in &on_broker[t.as_str()] {
+                ends.partitions += 1;
+                let (lo, hi) = consumer
+                    .fetch_watermarks(t, p, Duration::from_secs(10))
+                    .map_err(kafka(format!("watermarks of {t}[{p}]")))?;
+                ends.high.insert((t.clone(), p), hi);
+                if hi > lo {
+                    ends.pending.insert((t.clone(), p));
+                    tpl.add_partition_offset(t, p, Offset::Offset(lo))
+                        .map_err(kafka("assigning"))?;
+                }
             }
         }
-    }
-    let mut records = Vec::new();
-    if !pending.is_empty() {
-        consumer.assign(&tpl).map_err(kafka("assigning"))?;
-    }
-    let deadline = Instant::now() + timeout;
-    while !pending.is_empty() {
-        if Instant::now() > deadline {
-            let mut behind: Vec<String> =
-                pending.iter().map(|(t, p)| format!("{t}[{p}]")).collect();
-            behind.sort();
-            return Err(VerifyError::ReadTimeout {
-                timeout,
-                behind: behind.join(", "),
-            });
+        if !ends.pending.is_empty() {
+            consumer.assign(&tpl).map_err(kafka("assigning"))?;
         }
-        match consumer.poll(Duration::from_millis(200)) {
-            None => {}
-            Some(Err(KafkaError::PartitionEOF(p))) => {
-                // The EOF names no topic: ask where each partition stands.
-                let pos = consumer.position().map_err(kafka("reading positions"))?;
-                for e in pos.elements() {
-                    let tp = (e.topic().to_string(), e.partition());
-                    if e.partition() != p {
-                        continue;
-                    }
-                    if let (Offset::Offset(o), Some(hi)) = (e.offset(), high.get(&tp)) {
-                        if o >= *hi {
-                            pending.remove(&tp);
-                        }
-                    }
-                }
-            }
-            Some(Err(e)) => return Err(kafka("reading")(e)),
-            Some(Ok(m)) => {
-                let tp = (m.topic().to_string(), m.partition());
-                let Some(&hi) = high.get(&tp) else { continue };
-                if m.offset() >= hi {
-                    // Written after the check started.
-                    pending.remove(&tp);
-                    continue;
-                }
-                if m.offset() + 1 >= hi {
-                    pending.remove(&tp);
-                }
-                records.push(KafkaRecord {
-                    topic: tp.0,
-                    partition: tp.1,
-                    offset: m.offset(),
-                    key: m.key().map(<[u8]>::to_vec),
-                    payload: m.payload().map(<[u8]>::to_vec),
-                    headers: m
-                        .headers()
-                        .map(|h| {
-                            h.iter()
-                                .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
-                                .collect()
-                        })
-                        .unwrap_or_default(),
+        Ok(ends)
+    }
+
+    /// Polls until every partition reached its end, or `timeout`.
+    fn read(
+        &mut self,
+        consumer: &BaseConsumer,
+        timeout: Duration,
+    ) -> Result<Vec<KafkaRecord>, VerifyError> {
+        let mut records = Vec::new();
+        let deadline = Instant::now() + timeout;
+        while !self.pending.is_empty() {
+            if Instant::now() > deadline {
+                let mut behind: Vec<String> = self
+                    .pending
+                    .iter()
+                    .map(|(t, p)| format!("{t}[{p}]"))
+                    .collect();
+                behind.sort();
+                return Err(VerifyError::ReadTimeout {
+                    timeout,
+                    behind: behind.join(", "),
                 });
             }
+            match consumer.poll(Duration::from_millis(200)) {
+                None => {}
+                Some(Err(KafkaError::PartitionEOF(p))) => self.at_eof(consumer, p)?,
+                Some(Err(e)) => return Err(kafka("reading")(e)),
+                Some(Ok(m)) => {
+                    let tp = (m.topic().to_string(), m.partition());
+                    let Some(&hi) = self.high.get(&tp) else {
+                        continue;
+                    };
+                    if m.offset() + 1 >= hi {
+                        self.pending.remove(&tp);
+                    }
+                    // Beyond the end: written after the check started.
+                    if m.offset() < hi {
+                        records.push(record_of(&m));
+                    }
+                }
+            }
         }
+        Ok(records)
     }
-    Ok(Snapshot {
-        topics,
-        absent_topics,
-        partitions,
-        records,
-    })
+
+    /// An end of partition `p` was reached. The EOF names no topic: ask where
+    /// each partition numbered `p` stands.
+    fn at_eof(&mut self, consumer: &BaseConsumer, p: i32) -> Result<(), VerifyError> {
+        let pos = consumer.position().map_err(kafka("reading positions"))?;
+        for e in pos.elements() {
+            let tp = (e.topic().to_string(), e.partition());
+            if e.partition() != p {
+                continue;
+            }
+            if let (Offset::Offset(o), Some(hi)) = (e.offset(), self.high.get(&tp)) {
+                if o >= *hi {
+                    self.pending.remove(&tp);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn record_of(m: &BorrowedMessage<'_>) -> KafkaRecord {
+    KafkaRecord {
+        topic: m.topic().to_string(),
+        partition: m.partition(),
+        offset: m.offset(),
+        key: m.key().map(<[u8]>::to_vec),
+        payload: m.payload().map(<[u8]>::to_vec),
+        headers: m
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }
 }
