@@ -2742,6 +2742,55 @@ mod render_tests {
         golden("sparse", sparse());
     }
 
+    /// The figures report.json is made of, from fixed inputs: summaries, the
+    /// histogram reading, percentile curves, WAL ages and the small parsers.
+    fn stats_figures() -> Value {
+        let v: Vec<f64> = (1..=997).map(|i| ((i * 7919) % 1009) as f64 / 7.0).collect();
+        let hist_text = "# TYPE outbox_commit_to_ack_seconds histogram\n\
+            outbox_commit_to_ack_seconds_bucket{le=\"0.001\"} 3\n\
+            outbox_commit_to_ack_seconds_bucket{le=\"0.0014142135623730952\"} 40\n\
+            outbox_commit_to_ack_seconds_bucket{le=\"0.002\"} 90\n\
+            outbox_commit_to_ack_seconds_bucket{le=\"0.0028284271247461905\"} 99\n\
+            outbox_commit_to_ack_seconds_bucket{le=\"0.004\"} 99\n\
+            outbox_commit_to_ack_seconds_bucket{le=\"+Inf\"} 100\n\
+            outbox_inflight_events 4711\n";
+        let wal: Vec<(f64, u64)> = (0..20).map(|i| (i as f64 * 0.1, (i * i * 1000) as u64)).collect();
+        let args: Vec<String> = ["--max-inflight", "250", "--x"].map(String::from).to_vec();
+        let setting = [relay_setting(&args, "--max-inflight"), relay_setting(&args, "--x")];
+        let lsn = [fmt_lsn(parse_lsn("1A/2B3C").unwrap()), parse_lsn("0/0").unwrap().to_string()];
+        let seq = [parse_seq(b"{\"pad\": \"x\", \"seq\": 12345}"), parse_seq(b"{\"seq\": -1}")];
+        let steps = [nice_step(1.0), nice_step(7.3), nice_step(420.0), nice_step(0.012)];
+        let nums = [0.0, 0.123, 4.56, 78.9, 1234.0, 56789.0, 1.5e6].map(fmt_num);
+        json!({
+            "summary": summary(v.clone()),
+            "summary_empty": summary(Vec::new()),
+            "bucketed": bucketed_summary(&v),
+            "histogram": histogram_summary(hist_text, "outbox_commit_to_ack_seconds"),
+            "histogram_missing": histogram_summary(hist_text, "nope"),
+            "curve": pct_curve(&v),
+            "wal_age": (0..20).map(|i| wal_age(&wal, i, (i * 700) as u64)).collect::<Vec<_>>(),
+            "metric": metric_value(hist_text, "outbox_inflight_events"),
+            "setting": setting,
+            "lsn": lsn,
+            "conninfo": conninfo("postgres://bench@127.0.0.1:55470/bench_drain"),
+            "seq": seq,
+            "nice_step": steps,
+            "fmt_num": nums,
+        })
+    }
+
+    #[test]
+    fn stats_figures_unchanged() {
+        let got = serde_json::to_string_pretty(&stats_figures()).unwrap() + "\n";
+        let path = testdata().join("stats.json");
+        if std::env::var_os("BENCH_BLESS").is_some() {
+            std::fs::write(&path, &got).unwrap();
+            return;
+        }
+        let want = std::fs::read_to_string(&path).unwrap();
+        assert!(got == want, "stats figures differ from {}", path.display());
+    }
+
     /// Re-renders a saved report.json (BENCH_REPORT_JSON) into BENCH_RENDER_OUT:
     /// `cargo test --features bench --bin outbox-bench -- --ignored rerender`.
     #[test]
