@@ -2,7 +2,7 @@
 //! WAL messages (while there is room in flight), delivery reports and the
 //! status timer, and the clean stop that settles what is in flight.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,11 +10,7 @@ use std::time::{Duration, Instant};
 use crate::config::RelayConfig;
 use crate::lsn::Lsn;
 use crate::observe::metrics::Metrics;
-use crate::pipeline::checkpoint::Checkpoint;
-use crate::pipeline::decode::pgoutput;
-use crate::pipeline::decode::stream_buffer::StreamBuffer;
-use crate::pipeline::route::router::Router;
-use crate::pipeline::sink::inflight::InFlight;
+use crate::pipeline::sink::Prober;
 use crate::pipeline::source::{ReplicationMessage, ReplicationReader, ReplicationWriter};
 
 use super::errors::PipelineError;
@@ -56,75 +52,12 @@ pub(super) async fn session(
     crate::observe::announce::streaming(&cfg.slot, slot.confirmed);
     summary.confirmed = slot.confirmed;
     metrics.set_streaming(true);
-    // Readiness needs to know the broker answers even when no event flows.
-    let mut prober = sink.prober();
-    let probe_metrics = metrics.clone();
-    let probe = tokio::spawn(async move {
-        loop {
-            // The metadata request blocks: keep it off the runtime's threads.
-            let asked = tokio::task::spawn_blocking(move || {
-                let report = prober.probe(Duration::from_secs(3));
-                (report, prober)
-            })
-            .await;
-            let Ok((report, back)) = asked else { return };
-            prober = back;
-            probe_metrics.set_broker_reachable(report.reachable);
-            if let Some((topic, count)) = &report.partitions {
-                probe_metrics.topic_partitions(topic).set(i64::from(*count));
-                if let Some(before) = report.changed_from {
-                    probe_metrics.partition_count_changes(topic).inc();
-                    tracing::warn!(
-                        topic = %topic,
-                        before,
-                        now = count,
-                        "the topic's partition count changed: keys now map to other partitions, so consumers may see an aggregate's new events before its older ones in the partition it used before. Per-aggregate order holds again once consumers have read past the change; to avoid it, add partitions only with the relay stopped and its topics drained"
-                    );
-                }
-            }
-            tokio::time::sleep(Duration::from_secs(5)).await;
-        }
-    });
-
+    let probe = spawn_probe(sink.prober(), metrics.clone());
     let heartbeat = cfg
         .heartbeat_interval
         .map(|every| tokio::spawn(heartbeat(cfg.clone(), every)));
 
-    let mut state = State {
-        router: Router::with_column_types(cfg.router.clone(), column_types.clone()),
-        checkpoint: Checkpoint::new(slot.confirmed),
-        sink,
-        acks,
-        summary: Summary::default(),
-        resumed_from: slot.confirmed,
-        first_begin_seen: false,
-        metrics,
-        pending: InFlight::default(),
-        commit_time: 0,
-        server_wal: slot.confirmed,
-        published: HashMap::new(),
-        last_published: None,
-        ack_clock: (Instant::now(), crate::pipeline::source::pg_now()),
-        decoder: pgoutput::Decoder::new(protocol),
-        stream: cfg
-            .streaming
-            .as_ref()
-            .map(|s| StreamBuffer::new(s.memory_budget, s.spill_dir.join(&cfg.slot))),
-        replaying: None,
-        messages: cfg.messages.clone(),
-        inflight_bytes: 0,
-        policy: cfg.error_policy.clone(),
-        keep_records: cfg.error_policy.may_dead_letter_deliveries(),
-        redo: Vec::new(),
-        skipped: HashMap::new(),
-        waiting: VecDeque::new(),
-        too_large: Vec::new(),
-        too_large_since: Instant::now(),
-        noted_topics: std::collections::HashSet::new(),
-        last_noted_topic: None,
-        spilled_counted: 0,
-        event_types: std::collections::HashSet::new(),
-    };
+    let mut state = State::new(cfg, slot.confirmed, protocol, (sink, acks), metrics, column_types);
     let result = stream_loop(
         cfg,
         status_interval,
@@ -176,6 +109,180 @@ pub(super) async fn session(
     result
 }
 
+/// Asks the broker for metadata every 5 s, for readiness (the broker answers
+/// even when no event flows) and to notice a topic's partition count change.
+fn spawn_probe(mut prober: Prober, metrics: Arc<Metrics>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            // The metadata request blocks: keep it off the runtime's threads.
+            let asked = tokio::task::spawn_blocking(move || {
+                let report = prober.probe(Duration::from_secs(3));
+                (report, prober)
+            })
+            .await;
+            let Ok((report, back)) = asked else { return };
+            prober = back;
+            metrics.set_broker_reachable(report.reachable);
+            if let Some((topic, count)) = &report.partitions {
+                metrics.topic_partitions(topic).set(i64::from(*count));
+                if let Some(before) = report.changed_from {
+                    metrics.partition_count_changes(topic).inc();
+                    tracing::warn!(
+                        topic = %topic,
+                        before,
+                        now = count,
+                        "the topic's partition count changed: keys now map to other partitions, so consumers may see an aggregate's new events before its older ones in the partition it used before. Per-aggregate order holds again once consumers have read past the change; to avoid it, add partitions only with the relay stopped and its topics drained"
+                    );
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+    })
+}
+
+/// The loop's own bookkeeping: what was last reported to the server, the
+/// stop in progress, and liveness (when the server last sent anything, and
+/// whether the relay already asked it for a keepalive since).
+struct Turns {
+    last_sent: Lsn,
+    last_sent_at: Instant,
+    shutdown_deadline: Option<Instant>,
+    last_heard: Instant,
+    pinged: bool,
+}
+
+impl Turns {
+    async fn send_status(
+        &mut self,
+        writer: &mut ReplicationWriter,
+        confirmed: Lsn,
+        reply_requested: bool,
+    ) -> Result<(), PipelineError> {
+        writer.send_status(confirmed, reply_requested).await?;
+        self.last_sent = confirmed;
+        self.last_sent_at = Instant::now();
+        Ok(())
+    }
+
+    fn begin_stop(&mut self, cfg: &RelayConfig, state: &State, what: &str) {
+        tracing::info!(
+            inflight = state.checkpoint.inflight(),
+            "shutting down: finishing {what} and in-flight deliveries"
+        );
+        self.shutdown_deadline = Some(Instant::now() + cfg.shutdown_timeout);
+        state.metrics.set_stopping();
+    }
+
+    fn check_deadline(&self, state: &State) -> Result<(), PipelineError> {
+        match self.shutdown_deadline {
+            Some(deadline) if Instant::now() >= deadline => Err(PipelineError::ShutdownTimeout {
+                inflight: state.checkpoint.inflight(),
+                confirmed: state.checkpoint.confirmed(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// The status timer: retries for the producer's queue, a decision on
+    /// records refused as too large, the status update, liveness and the
+    /// stop's deadline.
+    async fn on_tick(
+        &mut self,
+        cfg: &RelayConfig,
+        status_interval: Duration,
+        state: &mut State,
+        writer: &mut ReplicationWriter,
+    ) -> Result<(), PipelineError> {
+        // Room in the producer's queue may come without a report of ours
+        // (another caller's, a purge): try again now and then.
+        state.pump_waiting()?;
+        state.settle_too_large()?;
+        state.flush_redo().await?;
+        state.update_gauges();
+        let confirmed = state.checkpoint.confirmed();
+        if confirmed != self.last_sent || self.last_sent_at.elapsed() >= status_interval {
+            if confirmed != self.last_sent {
+                tracing::debug!(%confirmed, "confirmed position moved");
+            }
+            self.send_status(writer, confirmed, false).await?;
+        }
+        if let Some(limit) = cfg.replication_timeout {
+            let quiet = self.last_heard.elapsed();
+            if quiet >= limit {
+                return Err(timed_out("streaming", limit));
+            }
+            // Like Postgres's walreceiver: half-way, ask for a keepalive, so
+            // an idle but healthy server answers.
+            if quiet >= limit / 2 && !self.pinged {
+                self.send_status(writer, confirmed, true).await?;
+                self.pinged = true;
+            }
+        }
+        self.check_deadline(state)
+    }
+
+    /// What the socket already delivered, handled in one go within the same
+    /// limits as reading: one turn of the loop per burst, not per message.
+    async fn on_messages(
+        &mut self,
+        cfg: &RelayConfig,
+        first: ReplicationMessage,
+        state: &mut State,
+        reader: &mut ReplicationReader,
+        writer: &mut ReplicationWriter,
+    ) -> Result<(), PipelineError> {
+        self.last_heard = Instant::now();
+        self.pinged = false;
+        let stopping = self.shutdown_deadline.is_some();
+        let mut next = Some(first);
+        let mut burst = 0;
+        while let Some(m) = next.take() {
+            match m {
+                ReplicationMessage::XLogData {
+                    wal_start,
+                    wal_end,
+                    data,
+                    ..
+                } => {
+                    state.server_wal = state.server_wal.max(wal_end);
+                    state.on_xlog(wal_start, data).await?;
+                }
+                ReplicationMessage::Keepalive {
+                    wal_end,
+                    reply_requested,
+                    ..
+                } => {
+                    state.server_wal = state.server_wal.max(wal_end);
+                    // An open streamed transaction commits later and is sent
+                    // again whole after a crash, but confirming past its
+                    // start would let a restart begin decoding after it.
+                    if state
+                        .stream
+                        .as_ref()
+                        .is_none_or(|b| b.open_transactions() == 0)
+                    {
+                        state.checkpoint.idle(wal_end);
+                    }
+                    if reply_requested {
+                        self.send_status(writer, state.checkpoint.confirmed(), false)
+                            .await?;
+                    }
+                }
+                ReplicationMessage::CopyDone => return Err(PipelineError::ServerEnded),
+            }
+            burst += 1;
+            let keep_reading = burst < READ_BURST
+                && state.replaying.is_none()
+                && state.has_room(cfg)
+                && (!stopping || state.checkpoint.in_transaction());
+            if keep_reading {
+                next = reader.try_next()?;
+            }
+        }
+        Ok(())
+    }
+}
+
 pub(super) async fn stream_loop(
     cfg: &RelayConfig,
     status_interval: Duration,
@@ -187,18 +294,18 @@ pub(super) async fn stream_loop(
     tokio::pin!(shutdown);
     let mut tick = tokio::time::interval(FEEDBACK_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_sent = state.checkpoint.confirmed();
-    let mut last_sent_at = Instant::now();
-    let mut shutdown_deadline: Option<Instant> = None;
-    // Liveness: when the server last sent anything, and whether the relay
-    // already asked it for a keepalive since.
-    let mut last_heard = Instant::now();
-    let mut pinged = false;
-    writer.send_status(last_sent, false).await?;
+    let mut turns = Turns {
+        last_sent: state.checkpoint.confirmed(),
+        last_sent_at: Instant::now(),
+        shutdown_deadline: None,
+        last_heard: Instant::now(),
+        pinged: false,
+    };
+    writer.send_status(turns.last_sent, false).await?;
 
     loop {
         state.metrics.loop_turned();
-        let stopping = shutdown_deadline.is_some();
+        let stopping = turns.shutdown_deadline.is_some();
         // On shutdown, finish the open transaction so that a restart resends
         // nothing that was published: the server sends whole transactions.
         if stopping && !state.checkpoint.in_transaction() && state.checkpoint.inflight() == 0 {
@@ -206,51 +313,38 @@ pub(super) async fn stream_loop(
         }
         let replaying = state.replaying.is_some();
         let room = state.has_room(cfg);
-        let can_replay = replaying && room;
         let can_read = !replaying && room && (!stopping || state.checkpoint.in_transaction());
         if !can_read {
             // Not reading (backpressure, a replay): silence from the server
             // says nothing now. A dead connection still shows when a status
             // update cannot be written (TCP_USER_TIMEOUT bounds that).
-            last_heard = Instant::now();
-            pinged = false;
+            turns.last_heard = Instant::now();
+            turns.pinged = false;
         }
-        if can_replay {
+        if replaying && room {
             // A committed streamed transaction is handed over in slices;
             // between slices, delivery reports, status updates and a stop
             // go on (a stop finishes the transaction within the deadline).
             if !stopping && poll_once(shutdown.as_mut()) {
-                tracing::info!(inflight = state.checkpoint.inflight(), "shutting down: finishing the streamed transaction being published and in-flight deliveries");
-                shutdown_deadline = Some(Instant::now() + cfg.shutdown_timeout);
-                state.metrics.set_stopping();
+                turns.begin_stop(cfg, state, "the streamed transaction being published");
             }
-            if let Some(deadline) = shutdown_deadline {
-                if Instant::now() >= deadline {
-                    return Err(PipelineError::ShutdownTimeout {
-                        inflight: state.checkpoint.inflight(),
-                        confirmed: state.checkpoint.confirmed(),
-                    });
-                }
-            }
+            turns.check_deadline(state)?;
             state.replay_some(REPLAY_SLICE, cfg).await?;
             state.drain_acks()?;
             state.flush_redo().await?;
             state.pump_waiting()?;
-            if last_sent_at.elapsed() >= FEEDBACK_TICK {
+            if turns.last_sent_at.elapsed() >= FEEDBACK_TICK {
                 state.update_gauges();
-                let confirmed = state.checkpoint.confirmed();
-                writer.send_status(confirmed, false).await?;
-                last_sent = confirmed;
-                last_sent_at = Instant::now();
+                turns
+                    .send_status(writer, state.checkpoint.confirmed(), false)
+                    .await?;
             }
             continue;
         }
         tokio::select! {
             biased;
             () = &mut shutdown, if !stopping => {
-                tracing::info!(inflight = state.checkpoint.inflight(), "shutting down: finishing the open transaction and in-flight deliveries");
-                shutdown_deadline = Some(Instant::now() + cfg.shutdown_timeout);
-                state.metrics.set_stopping();
+                turns.begin_stop(cfg, state, "the open transaction");
             }
             Some(ack) = state.acks.recv() => {
                 state.refresh_ack_clock();
@@ -263,84 +357,9 @@ pub(super) async fn stream_loop(
             }
             // Before the WAL: under a continuous stream the read branch is
             // always ready, and status updates must not wait behind it.
-            _ = tick.tick() => {
-                // Room in the producer's queue may come without a report of
-                // ours (another caller's, a purge): try again now and then.
-                state.pump_waiting()?;
-                state.settle_too_large()?;
-                state.flush_redo().await?;
-                state.update_gauges();
-                let confirmed = state.checkpoint.confirmed();
-                if confirmed != last_sent || last_sent_at.elapsed() >= status_interval {
-                    writer.send_status(confirmed, false).await?;
-                    if confirmed != last_sent {
-                        tracing::debug!(%confirmed, "confirmed position moved");
-                    }
-                    last_sent = confirmed;
-                    last_sent_at = Instant::now();
-                }
-                if let Some(limit) = cfg.replication_timeout {
-                    let quiet = last_heard.elapsed();
-                    if quiet >= limit {
-                        return Err(timed_out("streaming", limit));
-                    }
-                    // Like Postgres's walreceiver: half-way, ask for a
-                    // keepalive, so an idle but healthy server answers.
-                    if quiet >= limit / 2 && !pinged {
-                        writer.send_status(confirmed, true).await?;
-                        last_sent = confirmed;
-                        last_sent_at = Instant::now();
-                        pinged = true;
-                    }
-                }
-                if let Some(deadline) = shutdown_deadline {
-                    if Instant::now() >= deadline {
-                        return Err(PipelineError::ShutdownTimeout {
-                            inflight: state.checkpoint.inflight(),
-                            confirmed,
-                        });
-                    }
-                }
-            }
+            _ = tick.tick() => turns.on_tick(cfg, status_interval, state, writer).await?,
             msg = reader.next(), if can_read => {
-                // Handle what the socket already delivered in one go, within
-                // the same limits as reading: one turn of the loop per burst
-                // instead of per message.
-                let mut next = Some(msg?);
-                last_heard = Instant::now();
-                pinged = false;
-                let mut burst = 0;
-                while let Some(m) = next.take() {
-                    match m {
-                        ReplicationMessage::XLogData { wal_start, wal_end, data, .. } => {
-                            state.server_wal = state.server_wal.max(wal_end);
-                            state.on_xlog(wal_start, data).await?;
-                        }
-                        ReplicationMessage::Keepalive { wal_end, reply_requested, .. } => {
-                            state.server_wal = state.server_wal.max(wal_end);
-                            // An open streamed transaction commits later and is sent
-                            // again whole after a crash, but confirming past its
-                            // start would let a restart begin decoding after it.
-                            if state.stream.as_ref().is_none_or(|b| b.open_transactions() == 0) {
-                                state.checkpoint.idle(wal_end);
-                            }
-                            if reply_requested {
-                                last_sent = state.checkpoint.confirmed();
-                                writer.send_status(last_sent, false).await?;
-                                last_sent_at = Instant::now();
-                            }
-                        }
-                        ReplicationMessage::CopyDone => return Err(PipelineError::ServerEnded),
-                    }
-                    burst += 1;
-                    let keep_reading = burst < READ_BURST
-                        && state.replaying.is_none()
-                        && state.has_room(cfg)
-                        && (!stopping || state.checkpoint.in_transaction());
-                    if keep_reading {
-                        next = reader.try_next()?;
-                    }
-                }
+                turns.on_messages(cfg, msg?, state, reader, writer).await?;
             }
         }
     }

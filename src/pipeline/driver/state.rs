@@ -116,6 +116,52 @@ pub(super) struct State {
 }
 
 impl State {
+    /// A session's state as it starts streaming from `confirmed`.
+    pub(super) fn new(
+        cfg: &RelayConfig,
+        confirmed: Lsn,
+        protocol: u32,
+        (sink, acks): (KafkaSink, mpsc::UnboundedReceiver<Ack>),
+        metrics: Arc<Metrics>,
+        column_types: &Option<HashMap<String, u32>>,
+    ) -> State {
+        State {
+            router: Router::with_column_types(cfg.router.clone(), column_types.clone()),
+            checkpoint: Checkpoint::new(confirmed),
+            sink,
+            acks,
+            summary: Summary::default(),
+            resumed_from: confirmed,
+            first_begin_seen: false,
+            metrics,
+            pending: InFlight::default(),
+            commit_time: 0,
+            server_wal: confirmed,
+            published: HashMap::new(),
+            last_published: None,
+            ack_clock: (Instant::now(), crate::pipeline::source::pg_now()),
+            decoder: pgoutput::Decoder::new(protocol),
+            stream: cfg
+                .streaming
+                .as_ref()
+                .map(|s| StreamBuffer::new(s.memory_budget, s.spill_dir.join(&cfg.slot))),
+            replaying: None,
+            messages: cfg.messages.clone(),
+            inflight_bytes: 0,
+            policy: cfg.error_policy.clone(),
+            keep_records: cfg.error_policy.may_dead_letter_deliveries(),
+            redo: Vec::new(),
+            skipped: HashMap::new(),
+            waiting: VecDeque::new(),
+            too_large: Vec::new(),
+            too_large_since: Instant::now(),
+            noted_topics: std::collections::HashSet::new(),
+            last_noted_topic: None,
+            spilled_counted: 0,
+            event_types: std::collections::HashSet::new(),
+        }
+    }
+
     pub(super) fn on_ack(&mut self, ack: Ack) -> Result<(), PipelineError> {
         let pending = self
             .pending
