@@ -166,69 +166,121 @@ pub async fn run(
     args: &CleanupArgs,
     say: &mut dyn FnMut(String),
 ) -> Result<Summary, CleanupError> {
-    let table = cfg.router.table.clone();
-    let batch = args.batch_size.max(1) as usize;
     let (reader, _c1) = crate::pg::sql::connect(&cfg.database).await?;
     let (writer, _c2) = crate::pg::sql::connect(&cfg.database).await?;
     let (col, col_type) = row_column(&reader, cfg, args).await?;
-    let qcol = quote_ident(&col);
-    let filter = args
-        .filter
-        .as_deref()
-        .map(|f| format!(" AND ({f})"))
-        .unwrap_or_default();
-    let delete = format!(
-        "DELETE FROM {} WHERE {qcol} = ANY($1::text[]::{col_type}[])",
-        table.quoted()
-    );
-    let mut summary = Summary::default();
+    let scope = Scope {
+        table: cfg.router.table.to_string(),
+        quoted_table: cfg.router.table.quoted(),
+        qcol: quote_ident(&col),
+        col,
+        col_type,
+        filter: args
+            .filter
+            .as_deref()
+            .map(|f| format!(" AND ({f})"))
+            .unwrap_or_default(),
+        batch: args.batch_size.max(1) as usize,
+    };
+    match args.older_than {
+        Some(age) => delete_older_than(&reader, &writer, &scope, args, age, say).await,
+        None => delete_published(&reader, &writer, &scope, cfg, args, say).await,
+    }
+}
 
-    if let Some(age) = args.older_than {
-        let tcol = quote_ident(&args.time_column);
-        let secs = age.as_secs_f64();
-        let cond = format!("{tcol} < now() - $1::float8 * interval '1 second'{filter}");
-        if args.dry_run {
-            let n: i64 = reader
-                .query_one(
-                    &format!("SELECT count(*) FROM {} WHERE {cond}", table.quoted()),
-                    &[&secs],
-                )
-                .await
-                .map_err(sql("counting the old rows"))?
-                .get(0);
-            say(format!(
-                "dry run: would delete {n} row(s) of {table} with {} older than {}",
-                args.time_column,
-                humanize(age)
-            ));
-            return Ok(summary);
-        }
-        let sql_batch = format!(
-            "DELETE FROM {t} WHERE {qcol} IN (SELECT {qcol} FROM {t} WHERE {cond} LIMIT {batch})",
-            t = table.quoted()
-        );
-        loop {
-            let n = writer
-                .execute(&sql_batch, &[&secs])
-                .await
-                .map_err(sql(format!("deleting old rows of {table}")))?;
-            if n == 0 {
-                break;
-            }
-            summary.batches += 1;
-            summary.deleted += n;
-            say(format!(
-                "batch {}: deleted {n} row(s) with {} older than {}",
-                summary.batches,
-                args.time_column,
-                humanize(age)
-            ));
-        }
+/// The rows a cleanup may touch, and how to name them in SQL.
+struct Scope {
+    table: String,
+    quoted_table: String,
+    /// The column that identifies a row, its quoted name and its type.
+    col: String,
+    qcol: String,
+    col_type: String,
+    /// ` AND (<--where>)`, or empty.
+    filter: String,
+    batch: usize,
+}
+
+/// `--older-than`: rows whose time column is older, published or not.
+async fn delete_older_than(
+    reader: &Client,
+    writer: &Client,
+    scope: &Scope,
+    args: &CleanupArgs,
+    age: Duration,
+    say: &mut dyn FnMut(String),
+) -> Result<Summary, CleanupError> {
+    let Scope {
+        table,
+        quoted_table,
+        qcol,
+        filter,
+        batch,
+        ..
+    } = scope;
+    let mut summary = Summary::default();
+    let tcol = quote_ident(&args.time_column);
+    let secs = age.as_secs_f64();
+    let cond = format!("{tcol} < now() - $1::float8 * interval '1 second'{filter}");
+    if args.dry_run {
+        let n: i64 = reader
+            .query_one(
+                &format!("SELECT count(*) FROM {quoted_table} WHERE {cond}"),
+                &[&secs],
+            )
+            .await
+            .map_err(sql("counting the old rows"))?
+            .get(0);
+        say(format!(
+            "dry run: would delete {n} row(s) of {table} with {} older than {}",
+            args.time_column,
+            humanize(age)
+        ));
         return Ok(summary);
     }
+    let sql_batch = format!(
+        "DELETE FROM {t} WHERE {qcol} IN (SELECT {qcol} FROM {t} WHERE {cond} LIMIT {batch})",
+        t = quoted_table
+    );
+    loop {
+        let n = writer
+            .execute(&sql_batch, &[&secs])
+            .await
+            .map_err(sql(format!("deleting old rows of {table}")))?;
+        if n == 0 {
+            return Ok(summary);
+        }
+        summary.batches += 1;
+        summary.deleted += n;
+        say(format!(
+            "batch {}: deleted {n} row(s) with {} older than {}",
+            summary.batches,
+            args.time_column,
+            humanize(age)
+        ));
+    }
+}
 
-    // --published.
-    if slot_confirmed(&reader, &cfg.slot).await?.is_none() {
+/// `--published`: the rows a snapshot sees, once the slot confirmed a
+/// position after every commit that snapshot sees.
+async fn delete_published(
+    reader: &Client,
+    writer: &Client,
+    scope: &Scope,
+    cfg: &RelayConfig,
+    args: &CleanupArgs,
+    say: &mut dyn FnMut(String),
+) -> Result<Summary, CleanupError> {
+    let Scope {
+        table,
+        quoted_table,
+        col,
+        qcol,
+        col_type,
+        filter,
+        batch,
+    } = scope;
+    if slot_confirmed(reader, &cfg.slot).await?.is_none() {
         return Err(CleanupError::NoSlot(cfg.slot.clone()));
     }
     reader
@@ -244,43 +296,24 @@ pub async fn run(
         .get::<_, String>(0)
         .parse()
         .map_err(|e| CleanupError::Config(format!("{e}")))?;
-    summary.confirmed_target = Some(target);
-    let started = Instant::now();
-    loop {
-        // Read on the other connection: the reader's snapshot would show the
-        // slot as it was.
-        let confirmed = slot_confirmed(&writer, &cfg.slot).await?;
-        match confirmed {
-            Some(c) if c >= target => {
-                say(format!(
-                    "slot {} confirmed {c} ≥ {target}: every row committed before {target} is published",
-                    cfg.slot
-                ));
-                break;
-            }
-            None => return Err(CleanupError::NoSlot(cfg.slot.clone())),
-            Some(c) if started.elapsed() >= args.wait => {
-                return Err(CleanupError::NotConfirmed {
-                    slot: cfg.slot.clone(),
-                    target,
-                    confirmed: c.to_string(),
-                    waited: args.wait,
-                })
-            }
-            Some(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    }
+    let mut summary = Summary {
+        confirmed_target: Some(target),
+        ..Summary::default()
+    };
+    // Read on the other connection: the reader's snapshot would show the
+    // slot as it was.
+    wait_confirmed(writer, &cfg.slot, target, args.wait, say).await?;
     // --where is the operator's SQL: one statement only (extended protocol).
     reader
         .execute(
             &format!(
-                "DECLARE outbox_cleanup NO SCROLL CURSOR FOR SELECT {qcol}::text AS cleanup_key FROM {} WHERE true{filter} ORDER BY {qcol}",
-                table.quoted()
+                "DECLARE outbox_cleanup NO SCROLL CURSOR FOR SELECT {qcol}::text AS cleanup_key FROM {quoted_table} WHERE true{filter} ORDER BY {qcol}"
             ),
             &[],
         )
         .await
         .map_err(sql("opening the cursor over the published rows"))?;
+    let delete = format!("DELETE FROM {quoted_table} WHERE {qcol} = ANY($1::text[]::{col_type}[])");
     let fetch = format!("FETCH {batch} FROM outbox_cleanup");
     let mut would = 0u64;
     loop {
@@ -294,10 +327,9 @@ pub async fn run(
                 _ => None,
             })
             .collect();
-        if keys.is_empty() {
+        let (Some(first), Some(last)) = (keys.first(), keys.last()) else {
             break;
-        }
-        let (first, last) = (keys[0].clone(), keys[keys.len() - 1].clone());
+        };
         if args.dry_run {
             would += keys.len() as u64;
             continue;
@@ -320,6 +352,37 @@ pub async fn run(
         ));
     }
     Ok(summary)
+}
+
+/// Waits (up to `wait`) until the slot confirmed `target`.
+async fn wait_confirmed(
+    client: &Client,
+    slot: &str,
+    target: Lsn,
+    wait: Duration,
+    say: &mut dyn FnMut(String),
+) -> Result<(), CleanupError> {
+    let started = Instant::now();
+    loop {
+        match slot_confirmed(client, slot).await? {
+            Some(c) if c >= target => {
+                say(format!(
+                    "slot {slot} confirmed {c} ≥ {target}: every row committed before {target} is published"
+                ));
+                return Ok(());
+            }
+            None => return Err(CleanupError::NoSlot(slot.to_string())),
+            Some(c) if started.elapsed() >= wait => {
+                return Err(CleanupError::NotConfirmed {
+                    slot: slot.to_string(),
+                    target,
+                    confirmed: c.to_string(),
+                    waited: wait,
+                })
+            }
+            Some(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
 }
 
 fn humanize(d: Duration) -> String {
