@@ -1,0 +1,233 @@
+//! Backlog drain: a backlog written with the relay stopped, then read by
+//! pg_recvlogical (Postgres's decode rate), the relay, and a plain producer (the
+//! broker's intake). Leaves its database behind for the pollers scenario.
+
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::ClientContext;
+use serde_json::{json, Value};
+
+use super::{relay_headers, AGGREGATES, PAD};
+use crate::log;
+use crate::stack::kafka::{create_topic, hw_sum_async, producer_config, topic_name, wait_records};
+use crate::stack::pg::{
+    confirmed, connect, current_wal, drop_slots, fmt_lsn, fresh_db, recvlogical,
+};
+use crate::stack::proc::proc_cpu_secs;
+use crate::stack::{Cfg, Relay};
+
+pub(crate) fn backlog_sql() -> String {
+    format!(
+        "INSERT INTO outbox (event_type, aggregate_id, payload) \
+         SELECT 'bench', 'agg-' || (g % {AGGREGATES}), jsonb_build_object('seq', g, 'pad', repeat('x', {PAD})) \
+         FROM generate_series($1::bigint, $2::bigint) g"
+    )
+}
+
+/// Writes `n` events in 100-event transactions; returns (seconds, LSN inside the last
+/// transaction after its inserts, i.e. just before its commit record).
+async fn write_backlog(url: &str, n: u64) -> Result<(f64, u64)> {
+    let c = connect(url).await?;
+    let stmt = c.prepare(&backlog_sql()).await?;
+    let t0 = Instant::now();
+    let txns = n.div_ceil(100);
+    let mut last_lsn = 0;
+    for t in 0..txns {
+        let lo = (t * 100) as i64;
+        let hi = ((t * 100 + 100).min(n) - 1) as i64;
+        if t + 1 < txns {
+            c.execute(&stmt, &[&lo, &hi]).await?;
+        } else {
+            c.batch_execute("BEGIN").await?;
+            c.execute(&stmt, &[&lo, &hi]).await?;
+            last_lsn = current_wal(&c).await?;
+            c.batch_execute("COMMIT").await?;
+        }
+    }
+    Ok((t0.elapsed().as_secs_f64(), last_lsn))
+}
+
+pub(crate) async fn scenario_drain(cfg: &Cfg, report: &mut Value) -> Result<()> {
+    let n = cfg.events;
+    let url = fresh_db(cfg, "bench_drain").await?;
+    let c = connect(&url).await?;
+    let topic = &topic_name("drain");
+    create_topic(&cfg.a.brokers, topic, cfg.a.partitions).await?;
+    Relay::setup(cfg, &url, topic)?;
+    c.batch_execute("SELECT pg_create_logical_replication_slot('bench_recvlogical', 'pgoutput')")
+        .await?;
+    log(format!(
+        "drain: writing a backlog of {n} events (100-event transactions) with the relay stopped"
+    ));
+    let wal0 = current_wal(&c).await?;
+    let (write_s, end_lsn) = write_backlog(&url, n).await?;
+    let wal1 = current_wal(&c).await?;
+    let payload_bytes: f64 = c
+        .query_one("SELECT avg(octet_length(payload::text))::float8 FROM (SELECT payload FROM outbox LIMIT 1000) s", &[])
+        .await?
+        .get(0);
+    log(format!(
+        "drain: wrote {n} events in {write_s:.1} s ({:.0}/s), {:.1} MB of WAL, payload {payload_bytes:.0} B; last commit after {}",
+        n as f64 / write_s,
+        (wal1 - wal0) as f64 / 1e6,
+        fmt_lsn(end_lsn)
+    ));
+
+    // Baseline 1: Postgres's own decode rate.
+    log("drain: pg_recvlogical over the same backlog (its own slot, created before the backlog)");
+    let t0 = Instant::now();
+    let st = recvlogical(cfg, &url)
+        .args([
+            "-E",
+            &fmt_lsn(end_lsn),
+            "-f",
+            "/dev/null",
+            "-F",
+            "0",
+            "--no-loop",
+        ])
+        .stdout(Stdio::null())
+        .status()
+        .context("run pg_recvlogical")?;
+    let recv_s = t0.elapsed().as_secs_f64();
+    if !st.success() {
+        bail!("pg_recvlogical failed: {st}");
+    }
+    let recv_rate = n as f64 / recv_s;
+    log(format!(
+        "drain: pg_recvlogical {recv_s:.2} s, {recv_rate:.0} events/s"
+    ));
+
+    // The relay.
+    log("drain: starting the relay over the backlog");
+    let t0 = Instant::now();
+    let mut relay = Relay::start(cfg, &url, topic, "drain")?;
+    let mut last_progress = Instant::now();
+    loop {
+        relay.check_alive()?;
+        if confirmed(&c, "outbox_relay").await? >= end_lsn {
+            break;
+        }
+        if last_progress.elapsed() > Duration::from_secs(10) {
+            log(format!(
+                "drain: {:.0} s, {} records in Kafka so far",
+                t0.elapsed().as_secs_f64(),
+                hw_sum_async(&cfg.a.brokers, topic).await.unwrap_or(-1)
+            ));
+            last_progress = Instant::now();
+        }
+        if t0.elapsed() > Duration::from_secs(1800) {
+            bail!("the relay did not drain the backlog within 30 min");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let relay_s = t0.elapsed().as_secs_f64();
+    let (cpu, rss) = relay.resources(cfg.clk_tck);
+    relay.stop().await?;
+    let verified = wait_records(&cfg.a.brokers, topic, n as i64, Duration::from_secs(30)).await?;
+    let relay_rate = n as f64 / relay_s;
+    log(format!(
+        "drain: relay {relay_s:.2} s, {relay_rate:.0} events/s, {verified} records in Kafka, cpu {cpu:.2} s, peak RSS {rss:.1} MB"
+    ));
+
+    // Baseline 2: the broker's intake, same number of records, same size, same producer settings.
+    log("drain: plain rdkafka producer, same records");
+    let intake = broker_intake(cfg, n).await?;
+    log(format!(
+        "drain: broker intake {:.0} records/s",
+        intake["events_per_s"].as_f64().unwrap_or(0.0)
+    ));
+
+    drop_slots(&url).await?;
+    report["drain"] = json!({
+        "events": n,
+        "payload_bytes": payload_bytes,
+        "wal_bytes": wal1 - wal0,
+        "write": {"seconds": write_s, "events_per_s": n as f64 / write_s},
+        "end_lsn": fmt_lsn(end_lsn),
+        "pg_recvlogical": {"seconds": recv_s, "events_per_s": recv_rate},
+        "relay": {
+            "seconds": relay_s, "events_per_s": relay_rate, "verified_in_kafka": verified,
+            "cpu_s": cpu, "cpu_us_per_event": cpu * 1e6 / n as f64, "peak_rss_mb": rss,
+        },
+        "broker_intake": intake,
+    });
+    Ok(())
+}
+
+struct CountCtx {
+    ok: AtomicU64,
+    err: AtomicU64,
+}
+
+impl ClientContext for CountCtx {}
+impl ProducerContext for CountCtx {
+    type DeliveryOpaque = ();
+    fn delivery(&self, r: &DeliveryResult<'_>, _: ()) {
+        match r {
+            Ok(_) => self.ok.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.err.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+}
+
+async fn broker_intake(cfg: &Cfg, n: u64) -> Result<Value> {
+    let topic_s = topic_name("intake");
+    create_topic(&cfg.a.brokers, &topic_s, cfg.a.partitions).await?;
+    let brokers = cfg.a.brokers.clone();
+    let topic_b = topic_s.clone();
+    let clk = cfg.clk_tck;
+    let r = tokio::task::spawn_blocking(move || -> Result<Value> {
+        let p: ThreadedProducer<CountCtx> =
+            producer_config(&brokers).create_with_context(CountCtx {
+                ok: AtomicU64::new(0),
+                err: AtomicU64::new(0),
+            })?;
+        let payload = format!("{{\"pad\": \"{}\", \"seq\": 1234567}}", "x".repeat(PAD));
+        let cpu0 = proc_cpu_secs(std::process::id(), clk).unwrap_or(0.0);
+        let t0 = Instant::now();
+        for i in 0..n {
+            let key = format!("agg-{}", i as i64 % AGGREGATES);
+            let id = format!("00000000-0000-4000-8000-{i:012}");
+            let headers = relay_headers(&id, "bench");
+            let mut rec = BaseRecord::to(&topic_b)
+                .key(&key)
+                .payload(&payload)
+                .headers(headers);
+            loop {
+                match p.send(rec) {
+                    Ok(()) => break,
+                    Err((
+                        rdkafka::error::KafkaError::MessageProduction(
+                            rdkafka::types::RDKafkaErrorCode::QueueFull,
+                        ),
+                        r,
+                    )) => {
+                        rec = r;
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err((e, _)) => bail!("produce: {e}"),
+                }
+            }
+        }
+        p.flush(Duration::from_secs(120))?;
+        let secs = t0.elapsed().as_secs_f64();
+        let cpu = proc_cpu_secs(std::process::id(), clk).unwrap_or(0.0) - cpu0;
+        let ok = p.context().ok.load(Ordering::Relaxed);
+        let err = p.context().err.load(Ordering::Relaxed);
+        Ok(
+            json!({"seconds": secs, "events_per_s": n as f64 / secs, "acked": ok, "failed": err,
+                  "bench_process_cpu_s": cpu}),
+        )
+    })
+    .await??;
+    let verified =
+        wait_records(&cfg.a.brokers, &topic_s, n as i64, Duration::from_secs(10)).await?;
+    let mut r = r;
+    r["verified_in_kafka"] = json!(verified);
+    Ok(r)
+}

@@ -1,0 +1,23 @@
+//! Talking to the local stack that scripts/bench brings up: Postgres, Kafka and the
+//! relay's binary. Scenarios measure through these helpers and never open their own
+//! connections or processes some other way, so every figure goes through the same path.
+
+pub(crate) mod kafka;
+pub(crate) mod pg;
+pub(crate) mod proc;
+pub(crate) mod relay;
+
+pub(crate) use relay::Relay;
+
+use crate::Args;
+
+/// The command line, with the defaults that depend on `--quick` filled in.
+pub(crate) struct Cfg {
+    pub(crate) a: Args,
+    pub(crate) events: u64,
+    pub(crate) latency_rate: u64,
+    pub(crate) sustained_secs: u64,
+    pub(crate) poll_secs: u64,
+    /// Clock ticks per second, for /proc CPU times.
+    pub(crate) clk_tck: f64,
+}

@@ -1,0 +1,161 @@
+//! The relay under test as a child process: `setup`, `run` with the bench's
+//! arguments, its /metrics, its CPU and RSS, and stopping it. The only place that
+//! spawns the relay, so every scenario runs it with the same flags.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use super::kafka::linger_ms;
+use super::proc::{proc_cpu_secs, proc_status_kb};
+use super::Cfg;
+use crate::log;
+
+pub(crate) struct Relay {
+    child: Child,
+    log: PathBuf,
+    /// The relay's /metrics endpoint, for its commit → acknowledgement histogram.
+    http: String,
+}
+
+impl Relay {
+    fn args(url: &str, brokers: &str, topic: &str) -> Vec<String> {
+        [
+            "--database-url",
+            url,
+            "--kafka-brokers",
+            brokers,
+            "--topic",
+            topic,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    pub(crate) fn setup(cfg: &Cfg, url: &str, topic: &str) -> Result<()> {
+        let out = Command::new(&cfg.a.relay_bin)
+            .arg("setup")
+            .args(Relay::args(url, &cfg.a.brokers, topic))
+            .env_remove("OUTBOX_RELAY_DATABASE_URL")
+            .env_remove("OUTBOX_RELAY_KAFKA_BROKERS")
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "outbox-relay setup failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    pub(crate) fn start(cfg: &Cfg, url: &str, topic: &str, name: &str) -> Result<Relay> {
+        let log = cfg.a.log_dir.join(format!("bench-relay-{name}.log"));
+        let http = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            l.local_addr()?.to_string()
+        };
+        let child = Command::new(&cfg.a.relay_bin)
+            .arg("run")
+            .args(Relay::args(url, &cfg.a.brokers, topic))
+            .args(["--http-address", &http])
+            .args(&cfg.a.relay_arg)
+            .args(
+                linger_ms()
+                    .map(|l| vec!["--kafka-property".to_string(), format!("linger.ms={l}")])
+                    .unwrap_or_default(),
+            )
+            .env_remove("OUTBOX_RELAY_DATABASE_URL")
+            .env_remove("OUTBOX_RELAY_KAFKA_BROKERS")
+            .env_remove("OUTBOX_RELAY_LOG")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("spawn outbox-relay run")?;
+        Ok(Relay { child, log, http })
+    }
+
+    /// The relay's Prometheus exposition text.
+    pub(crate) fn metrics(&self) -> Result<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&self.http)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(
+            s,
+            "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.http
+        )?;
+        let mut body = String::new();
+        s.read_to_string(&mut body)?;
+        Ok(body)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub(crate) fn check_alive(&mut self) -> Result<()> {
+        if let Some(st) = self.child.try_wait()? {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(20).collect();
+            bail!(
+                "the relay exited ({st}); last lines of {}:\n{}",
+                self.log.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        Ok(())
+    }
+
+    /// CPU seconds and peak RSS (MB) so far.
+    pub(crate) fn resources(&self, clk_tck: f64) -> (f64, f64) {
+        (
+            proc_cpu_secs(self.pid(), clk_tck).unwrap_or(f64::NAN),
+            proc_status_kb(self.pid(), "VmHWM:")
+                .map(|k| k as f64 / 1024.0)
+                .unwrap_or(f64::NAN),
+        )
+    }
+
+    pub(crate) async fn stop(mut self) -> Result<()> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(40);
+        loop {
+            if let Some(st) = self.child.try_wait()? {
+                if !st.success() {
+                    log(format!(
+                        "relay exited with {st} on SIGTERM (log {})",
+                        self.log.display()
+                    ));
+                }
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                bail!("relay did not stop within 40 s of SIGTERM");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The value of a numeric option passed with --relay-arg, if it was.
+pub(crate) fn relay_setting(args: &[String], flag: &str) -> Option<f64> {
+    let i = args.iter().position(|a| a == flag)?;
+    args.get(i + 1)?.parse().ok()
+}
