@@ -43,6 +43,92 @@ pub(crate) fn fmt_num(v: f64) -> String {
     }
 }
 
+/// A line chart's canvas: size and margins, in pixels.
+const W: f64 = 820.0;
+const H: f64 = 420.0;
+const ML: f64 = 70.0;
+const MR: f64 = 170.0;
+const MT: f64 = 40.0;
+const MB: f64 = 50.0;
+
+/// The data range of a line chart and how it maps onto the canvas.
+struct Frame {
+    x0: f64,
+    x1: f64,
+    /// The y axis, in axis units (log10 of the value with `log_y`).
+    ly0: f64,
+    ly1: f64,
+    log_y: bool,
+}
+
+impl Frame {
+    fn new(series: &[(&str, Vec<(f64, f64)>)], log_y: bool) -> Frame {
+        let pts = series
+            .iter()
+            .flat_map(|s| s.1.iter())
+            .filter(|p| p.1.is_finite());
+        let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+        for &(x, y) in pts {
+            x0 = x0.min(x);
+            x1 = x1.max(x);
+            y0 = y0.min(y);
+            y1 = y1.max(y);
+        }
+        if x0 > x1 {
+            (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
+        }
+        if x1 <= x0 {
+            x1 = x0 + 1.0;
+        }
+        let ty = |y: f64| axis_y(y, log_y);
+        let (ly0, ly1) = if log_y {
+            (
+                ty(y0.max(0.1)).floor(),
+                ty(y1.max(0.1)).ceil().max(ty(y0.max(0.1)).floor() + 1.0),
+            )
+        } else {
+            let step = nice_step((y1.max(0.0) - 0.0).max(1e-9));
+            (0.0, ((y1.max(0.0) / step).ceil() * step).max(step))
+        };
+        Frame {
+            x0,
+            x1,
+            ly0,
+            ly1,
+            log_y,
+        }
+    }
+
+    fn px(&self, x: f64) -> f64 {
+        ML + (x - self.x0) / (self.x1 - self.x0) * (W - ML - MR)
+    }
+
+    fn py(&self, y: f64) -> f64 {
+        H - MB - (axis_y(y, self.log_y) - self.ly0) / (self.ly1 - self.ly0) * (H - MT - MB)
+    }
+
+    fn y_ticks(&self) -> Vec<f64> {
+        let (ly0, ly1) = (self.ly0, self.ly1);
+        if self.log_y {
+            (ly0 as i32..=ly1 as i32).map(|e| 10f64.powi(e)).collect()
+        } else {
+            let st = nice_step(ly1 - ly0);
+            (0..=((ly1 - ly0) / st).round() as i32)
+                .map(|i| ly0 + i as f64 * st)
+                .collect()
+        }
+    }
+}
+
+/// A value in y axis units: base-10 log with `log_y` (values ≤ 0.1 are clipped).
+fn axis_y(y: f64, log_y: bool) -> f64 {
+    if log_y {
+        y.max(0.1).log10()
+    } else {
+        y
+    }
+}
+
 /// A line chart; `log_y` uses a base-10 axis (values ≤ 0 are clipped).
 pub(crate) fn svg_lines(
     title: &str,
@@ -51,124 +137,101 @@ pub(crate) fn svg_lines(
     series: &[(&str, Vec<(f64, f64)>)],
     log_y: bool,
 ) -> String {
-    let (w, h, ml, mr, mt, mb) = (820.0, 420.0, 70.0, 170.0, 40.0, 50.0);
-    let pts = series
-        .iter()
-        .flat_map(|s| s.1.iter())
-        .filter(|p| p.1.is_finite());
-    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
-    for &(x, y) in pts {
-        x0 = x0.min(x);
-        x1 = x1.max(x);
-        y0 = y0.min(y);
-        y1 = y1.max(y);
-    }
-    if x0 > x1 {
-        (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
-    }
-    if x1 <= x0 {
-        x1 = x0 + 1.0;
-    }
-    let ty = |y: f64| if log_y { y.max(0.1).log10() } else { y };
-    let (ly0, ly1) = if log_y {
-        (
-            ty(y0.max(0.1)).floor(),
-            ty(y1.max(0.1)).ceil().max(ty(y0.max(0.1)).floor() + 1.0),
-        )
-    } else {
-        let step = nice_step((y1.max(0.0) - 0.0).max(1e-9));
-        (0.0, ((y1.max(0.0) / step).ceil() * step).max(step))
-    };
-    let px = |x: f64| ml + (x - x0) / (x1 - x0) * (w - ml - mr);
-    let py = |y: f64| h - mb - (ty(y) - ly0) / (ly1 - ly0) * (h - mt - mb);
+    let fr = Frame::new(series, log_y);
     let mut s = String::new();
     let _ = write!(
         s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">
-<rect width="{w}" height="{h}" fill="white"/>
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">
+<rect width="{W}" height="{H}" fill="white"/>
 <text x="{}" y="22" font-size="15" text-anchor="middle">{}</text>
 "#,
-        (w - mr + ml) / 2.0,
+        (W - MR + ML) / 2.0,
         esc(title)
     );
-    // axes and grid
-    let xs = nice_step(x1 - x0);
-    let mut xv = (x0 / xs).ceil() * xs;
-    while xv <= x1 + 1e-9 {
-        let x = px(xv);
+    grid(&mut s, &fr);
+    axes(&mut s, xl, yl);
+    for (i, (name, pts)) in series.iter().enumerate() {
+        line(&mut s, &fr, i, name, pts);
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+/// Grid lines with their tick labels, x then y.
+fn grid(s: &mut String, fr: &Frame) {
+    let xs = nice_step(fr.x1 - fr.x0);
+    let mut xv = (fr.x0 / xs).ceil() * xs;
+    while xv <= fr.x1 + 1e-9 {
+        let x = fr.px(xv);
         let _ = writeln!(
             s,
-            r##"<line x1="{x:.1}" y1="{mt}" x2="{x:.1}" y2="{}" stroke="#eee"/><text x="{x:.1}" y="{}" text-anchor="middle">{}</text>"##,
-            h - mb,
-            h - mb + 16.0,
+            r##"<line x1="{x:.1}" y1="{MT}" x2="{x:.1}" y2="{}" stroke="#eee"/><text x="{x:.1}" y="{}" text-anchor="middle">{}</text>"##,
+            H - MB,
+            H - MB + 16.0,
             fmt_num(xv)
         );
         xv += xs;
     }
-    let yticks: Vec<f64> = if log_y {
-        (ly0 as i32..=ly1 as i32).map(|e| 10f64.powi(e)).collect()
-    } else {
-        let st = nice_step(ly1 - ly0);
-        (0..=((ly1 - ly0) / st).round() as i32)
-            .map(|i| ly0 + i as f64 * st)
-            .collect()
-    };
-    for yv in yticks {
-        let y = py(yv);
+    for yv in fr.y_ticks() {
+        let y = fr.py(yv);
         let _ = writeln!(
             s,
-            r##"<line x1="{ml}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="#eee"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
-            w - mr,
-            ml - 6.0,
+            r##"<line x1="{ML}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="#eee"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
+            W - MR,
+            ML - 6.0,
             y + 4.0,
             fmt_num(yv)
         );
     }
+}
+
+/// The plot area's border and the axis titles.
+fn axes(s: &mut String, xl: &str, yl: &str) {
     let _ = writeln!(
         s,
-        r##"<rect x="{ml}" y="{mt}" width="{}" height="{}" fill="none" stroke="#444"/>"##,
-        w - ml - mr,
-        h - mt - mb
+        r##"<rect x="{ML}" y="{MT}" width="{}" height="{}" fill="none" stroke="#444"/>"##,
+        W - ML - MR,
+        H - MT - MB
     );
     let _ = writeln!(
         s,
         r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
-        (w - mr + ml) / 2.0,
-        h - 12.0,
+        (W - MR + ML) / 2.0,
+        H - 12.0,
         esc(xl)
     );
     let _ = writeln!(
         s,
         r#"<text x="16" y="{}" text-anchor="middle" transform="rotate(-90 16 {})">{}</text>"#,
-        (h - mb + mt) / 2.0,
-        (h - mb + mt) / 2.0,
+        (H - MB + MT) / 2.0,
+        (H - MB + MT) / 2.0,
         esc(yl)
     );
-    for (i, (name, pts)) in series.iter().enumerate() {
-        let col = COLORS[i % COLORS.len()];
-        let path: Vec<String> = pts
-            .iter()
-            .filter(|p| p.1.is_finite())
-            .map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y)))
-            .collect();
-        let _ = writeln!(
-            s,
-            r#"<polyline fill="none" stroke="{col}" stroke-width="1.8" points="{}"/>"#,
-            path.join(" ")
-        );
-        let ly = mt + 10.0 + i as f64 * 18.0;
-        let _ = writeln!(
-            s,
-            r#"<line x1="{}" y1="{ly}" x2="{}" y2="{ly}" stroke="{col}" stroke-width="3"/><text x="{}" y="{}">{}</text>"#,
-            w - mr + 10.0,
-            w - mr + 30.0,
-            w - mr + 35.0,
-            ly + 4.0,
-            esc(name)
-        );
-    }
-    s.push_str("</svg>\n");
-    s
+}
+
+/// Series `i`: its polyline and its legend entry.
+fn line(s: &mut String, fr: &Frame, i: usize, name: &str, pts: &[(f64, f64)]) {
+    let col = COLORS[i % COLORS.len()];
+    let path: Vec<String> = pts
+        .iter()
+        .filter(|p| p.1.is_finite())
+        .map(|&(x, y)| format!("{:.1},{:.1}", fr.px(x), fr.py(y)))
+        .collect();
+    let _ = writeln!(
+        s,
+        r#"<polyline fill="none" stroke="{col}" stroke-width="1.8" points="{}"/>"#,
+        path.join(" ")
+    );
+    let ly = MT + 10.0 + i as f64 * 18.0;
+    let _ = writeln!(
+        s,
+        r#"<line x1="{}" y1="{ly}" x2="{}" y2="{ly}" stroke="{col}" stroke-width="3"/><text x="{}" y="{}">{}</text>"#,
+        W - MR + 10.0,
+        W - MR + 30.0,
+        W - MR + 35.0,
+        ly + 4.0,
+        esc(name)
+    );
 }
 
 /// Horizontal bars on a log axis (rates spanning 20/s to 100k+/s).

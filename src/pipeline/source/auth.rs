@@ -3,7 +3,7 @@
 
 use fallible_iterator::FallibleIterator;
 use postgres_protocol::authentication::{md5_hash, sasl};
-use postgres_protocol::message::backend::Message;
+use postgres_protocol::message::backend::{self, Message};
 use postgres_protocol::message::frontend;
 
 use super::*;
@@ -20,7 +20,6 @@ impl ReplicationConnection {
         p: &ConnectParams,
         binding: Option<Vec<u8>>,
     ) -> Result<(), ReplicationError> {
-        use tokio_postgres::config::ChannelBinding as Cb;
         let params = [
             ("user", p.user.as_str()),
             ("database", p.dbname.as_str()),
@@ -35,26 +34,8 @@ impl ReplicationConnection {
         frontend::startup_message(params.iter().copied(), &mut self.out)?;
         self.flush().await?;
 
-        let password = || {
-            p.password.clone().ok_or_else(|| {
-                ReplicationError::Auth(format!(
-                    "the server requires a password for user {:?} but none was given (in the database URL, --database-password-file, OUTBOX_RELAY_DATABASE_PASSWORD or PGPASSWORD)",
-                    p.user
-                ))
-            })
-        };
-        let require = &p.tls.require_auth;
-        let allow = |m: AuthMethod| {
-            if require.allows(m) {
-                Ok(())
-            } else {
-                Err(ReplicationError::Auth(format!(
-                    "the server asked for {} authentication, which require_auth={} does not allow: no password was sent. Check the server's pg_hba.conf, or whether something between the relay and the server is asking instead",
-                    m.as_str(),
-                    require.describe()
-                )))
-            }
-        };
+        let password = || password(p);
+        let allow = |m: AuthMethod| allow(p, m);
         let mut scram: Option<sasl::ScramSha256> = None;
         let mut scram_finished = false;
         let mut asked = false;
@@ -87,42 +68,8 @@ impl ReplicationConnection {
                 Message::AuthenticationSasl(body) => {
                     allow(AuthMethod::ScramSha256)?;
                     asked = true;
-                    let (mut plain, mut plus) = (false, false);
-                    let mut mechanisms = body.mechanisms();
-                    while let Some(m) = mechanisms
-                        .next()
-                        .map_err(|e| ReplicationError::Protocol(e.to_string()))?
-                    {
-                        plain |= m == sasl::SCRAM_SHA_256;
-                        plus |= m == sasl::SCRAM_SHA_256_PLUS;
-                    }
-                    let (mechanism, channel) = match (&binding, p.channel_binding) {
-                        (Some(b), Cb::Prefer | Cb::Require) if plus => (
-                            sasl::SCRAM_SHA_256_PLUS,
-                            sasl::ChannelBinding::tls_server_end_point(b.clone()),
-                        ),
-                        (_, Cb::Require) => {
-                            return Err(ReplicationError::Auth(format!(
-                                "channel_binding=require, but {}: use TLS (sslmode=require or stronger) with a server that offers SCRAM-SHA-256-PLUS (PostgreSQL 11+ with scram-sha-256 in pg_hba.conf)",
-                                if binding.is_none() {
-                                    "the connection has no TLS to bind to"
-                                } else {
-                                    "the server does not offer SCRAM-SHA-256-PLUS"
-                                }
-                            )))
-                        }
-                        // Over TLS, say the client could bind: a server that
-                        // offers PLUS and sees this knows the offer was cut.
-                        (Some(_), Cb::Prefer) if plain => {
-                            (sasl::SCRAM_SHA_256, sasl::ChannelBinding::unrequested())
-                        }
-                        _ if plain => (sasl::SCRAM_SHA_256, sasl::ChannelBinding::unsupported()),
-                        _ => {
-                            return Err(ReplicationError::Auth(
-                                "the server offers no SASL mechanism this relay supports (SCRAM-SHA-256, SCRAM-SHA-256-PLUS)".into(),
-                            ))
-                        }
-                    };
+                    let (mechanism, channel) =
+                        sasl_mechanism(&body, binding.as_deref(), p.channel_binding)?;
                     let s = sasl::ScramSha256::new(&password()?, channel);
                     frontend::sasl_initial_response(mechanism, s.message(), &mut self.out)?;
                     self.flush().await?;
@@ -154,7 +101,12 @@ impl ReplicationConnection {
                 }
             }
         }
-        // ParameterStatus and BackendKeyData follow; wait for ReadyForQuery.
+        self.ready_for_query().await
+    }
+
+    /// ParameterStatus and BackendKeyData follow authentication; waits for
+    /// ReadyForQuery.
+    async fn ready_for_query(&mut self) -> Result<(), ReplicationError> {
         loop {
             match self.next_message().await? {
                 Message::ReadyForQuery(_) => return Ok(()),
@@ -162,5 +114,72 @@ impl ReplicationConnection {
                 _ => {}
             }
         }
+    }
+}
+
+/// The SASL mechanism to answer the server's offer with, and the channel
+/// binding to claim: SCRAM-SHA-256-PLUS over TLS when offered and allowed,
+/// else SCRAM-SHA-256 (saying, over TLS, that the client could have bound).
+fn sasl_mechanism(
+    offer: &backend::AuthenticationSaslBody,
+    binding: Option<&[u8]>,
+    channel_binding: tokio_postgres::config::ChannelBinding,
+) -> Result<(&'static str, sasl::ChannelBinding), ReplicationError> {
+    use tokio_postgres::config::ChannelBinding as Cb;
+    let (mut plain, mut plus) = (false, false);
+    let mut mechanisms = offer.mechanisms();
+    while let Some(m) = mechanisms
+        .next()
+        .map_err(|e| ReplicationError::Protocol(e.to_string()))?
+    {
+        plain |= m == sasl::SCRAM_SHA_256;
+        plus |= m == sasl::SCRAM_SHA_256_PLUS;
+    }
+    match (binding, channel_binding) {
+        (Some(b), Cb::Prefer | Cb::Require) if plus => Ok((
+            sasl::SCRAM_SHA_256_PLUS,
+            sasl::ChannelBinding::tls_server_end_point(b.to_vec()),
+        )),
+        (_, Cb::Require) => Err(ReplicationError::Auth(format!(
+            "channel_binding=require, but {}: use TLS (sslmode=require or stronger) with a server that offers SCRAM-SHA-256-PLUS (PostgreSQL 11+ with scram-sha-256 in pg_hba.conf)",
+            if binding.is_none() {
+                "the connection has no TLS to bind to"
+            } else {
+                "the server does not offer SCRAM-SHA-256-PLUS"
+            }
+        ))),
+        // Over TLS, say the client could bind: a server that offers PLUS and
+        // sees this knows the offer was cut.
+        (Some(_), Cb::Prefer) if plain => {
+            Ok((sasl::SCRAM_SHA_256, sasl::ChannelBinding::unrequested()))
+        }
+        _ if plain => Ok((sasl::SCRAM_SHA_256, sasl::ChannelBinding::unsupported())),
+        _ => Err(ReplicationError::Auth(
+            "the server offers no SASL mechanism this relay supports (SCRAM-SHA-256, SCRAM-SHA-256-PLUS)".into(),
+        )),
+    }
+}
+
+/// The password, when the server asks for one.
+fn password(p: &ConnectParams) -> Result<Vec<u8>, ReplicationError> {
+    p.password.clone().ok_or_else(|| {
+        ReplicationError::Auth(format!(
+            "the server requires a password for user {:?} but none was given (in the database URL, --database-password-file, OUTBOX_RELAY_DATABASE_PASSWORD or PGPASSWORD)",
+            p.user
+        ))
+    })
+}
+
+/// `require_auth`: refuses a method before any secret is sent for it.
+fn allow(p: &ConnectParams, m: AuthMethod) -> Result<(), ReplicationError> {
+    let require = &p.tls.require_auth;
+    if require.allows(m) {
+        Ok(())
+    } else {
+        Err(ReplicationError::Auth(format!(
+            "the server asked for {} authentication, which require_auth={} does not allow: no password was sent. Check the server's pg_hba.conf, or whether something between the relay and the server is asking instead",
+            m.as_str(),
+            require.describe()
+        )))
     }
 }
