@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
 use serde_json::{json, Value};
+use tokio_postgres::Client;
 
 use super::{relay_headers, AGGREGATES, PAD};
 use crate::log;
@@ -60,27 +61,77 @@ pub(crate) async fn scenario_drain(cfg: &Cfg, report: &mut Value) -> Result<()> 
     Relay::setup(cfg, &url, topic)?;
     c.batch_execute("SELECT pg_create_logical_replication_slot('bench_recvlogical', 'pgoutput')")
         .await?;
-    log(format!(
-        "drain: writing a backlog of {n} events (100-event transactions) with the relay stopped"
-    ));
-    let wal0 = current_wal(&c).await?;
-    let (write_s, end_lsn) = write_backlog(&url, n).await?;
-    let wal1 = current_wal(&c).await?;
-    let payload_bytes: f64 = c
-        .query_one("SELECT avg(octet_length(payload::text))::float8 FROM (SELECT payload FROM outbox LIMIT 1000) s", &[])
-        .await?
-        .get(0);
-    log(format!(
-        "drain: wrote {n} events in {write_s:.1} s ({:.0}/s), {:.1} MB of WAL, payload {payload_bytes:.0} B; last commit after {}",
-        n as f64 / write_s,
-        (wal1 - wal0) as f64 / 1e6,
-        fmt_lsn(end_lsn)
-    ));
+    let backlog = Backlog::write(&c, &url, n).await?;
 
     // Baseline 1: Postgres's own decode rate.
+    let (recv_s, recv_rate) = recvlogical_drain(cfg, &url, n, backlog.end_lsn)?;
+
+    // The relay.
+    let relay = relay_drain(cfg, &url, &c, topic, n, backlog.end_lsn).await?;
+
+    // Baseline 2: the broker's intake, same number of records, same size, same producer settings.
+    log("drain: plain rdkafka producer, same records");
+    let intake = broker_intake(cfg, n).await?;
+    log(format!(
+        "drain: broker intake {:.0} records/s",
+        intake["events_per_s"].as_f64().unwrap_or(0.0)
+    ));
+
+    drop_slots(&url).await?;
+    report["drain"] = json!({
+        "events": n,
+        "payload_bytes": backlog.payload_bytes,
+        "wal_bytes": backlog.wal_bytes,
+        "write": {"seconds": backlog.write_s, "events_per_s": n as f64 / backlog.write_s},
+        "end_lsn": fmt_lsn(backlog.end_lsn),
+        "pg_recvlogical": {"seconds": recv_s, "events_per_s": recv_rate},
+        "relay": relay,
+        "broker_intake": intake,
+    });
+    Ok(())
+}
+
+/// The backlog as written, with the relay stopped.
+struct Backlog {
+    write_s: f64,
+    /// Inside the last transaction, just before its commit record.
+    end_lsn: u64,
+    wal_bytes: u64,
+    payload_bytes: f64,
+}
+
+impl Backlog {
+    async fn write(c: &Client, url: &str, n: u64) -> Result<Backlog> {
+        log(format!(
+            "drain: writing a backlog of {n} events (100-event transactions) with the relay stopped"
+        ));
+        let wal0 = current_wal(c).await?;
+        let (write_s, end_lsn) = write_backlog(url, n).await?;
+        let wal1 = current_wal(c).await?;
+        let payload_bytes: f64 = c
+            .query_one("SELECT avg(octet_length(payload::text))::float8 FROM (SELECT payload FROM outbox LIMIT 1000) s", &[])
+            .await?
+            .get(0);
+        log(format!(
+            "drain: wrote {n} events in {write_s:.1} s ({:.0}/s), {:.1} MB of WAL, payload {payload_bytes:.0} B; last commit after {}",
+            n as f64 / write_s,
+            (wal1 - wal0) as f64 / 1e6,
+            fmt_lsn(end_lsn)
+        ));
+        Ok(Backlog {
+            write_s,
+            end_lsn,
+            wal_bytes: wal1 - wal0,
+            payload_bytes,
+        })
+    }
+}
+
+/// pg_recvlogical over the backlog up to `end_lsn`: (seconds, events/s).
+fn recvlogical_drain(cfg: &Cfg, url: &str, n: u64, end_lsn: u64) -> Result<(f64, f64)> {
     log("drain: pg_recvlogical over the same backlog (its own slot, created before the backlog)");
     let t0 = Instant::now();
-    let st = recvlogical(cfg, &url)
+    let st = recvlogical(cfg, url)
         .args([
             "-E",
             &fmt_lsn(end_lsn),
@@ -101,15 +152,26 @@ pub(crate) async fn scenario_drain(cfg: &Cfg, report: &mut Value) -> Result<()> 
     log(format!(
         "drain: pg_recvlogical {recv_s:.2} s, {recv_rate:.0} events/s"
     ));
+    Ok((recv_s, recv_rate))
+}
 
-    // The relay.
+/// The relay over the backlog until its slot confirms `end_lsn`; the report's
+/// "relay" figures.
+async fn relay_drain(
+    cfg: &Cfg,
+    url: &str,
+    c: &Client,
+    topic: &str,
+    n: u64,
+    end_lsn: u64,
+) -> Result<Value> {
     log("drain: starting the relay over the backlog");
     let t0 = Instant::now();
-    let mut relay = Relay::start(cfg, &url, topic, "drain")?;
+    let mut relay = Relay::start(cfg, url, topic, "drain")?;
     let mut last_progress = Instant::now();
     loop {
         relay.check_alive()?;
-        if confirmed(&c, "outbox_relay").await? >= end_lsn {
+        if confirmed(c, "outbox_relay").await? >= end_lsn {
             break;
         }
         if last_progress.elapsed() > Duration::from_secs(10) {
@@ -133,30 +195,10 @@ pub(crate) async fn scenario_drain(cfg: &Cfg, report: &mut Value) -> Result<()> 
     log(format!(
         "drain: relay {relay_s:.2} s, {relay_rate:.0} events/s, {verified} records in Kafka, cpu {cpu:.2} s, peak RSS {rss:.1} MB"
     ));
-
-    // Baseline 2: the broker's intake, same number of records, same size, same producer settings.
-    log("drain: plain rdkafka producer, same records");
-    let intake = broker_intake(cfg, n).await?;
-    log(format!(
-        "drain: broker intake {:.0} records/s",
-        intake["events_per_s"].as_f64().unwrap_or(0.0)
-    ));
-
-    drop_slots(&url).await?;
-    report["drain"] = json!({
-        "events": n,
-        "payload_bytes": payload_bytes,
-        "wal_bytes": wal1 - wal0,
-        "write": {"seconds": write_s, "events_per_s": n as f64 / write_s},
-        "end_lsn": fmt_lsn(end_lsn),
-        "pg_recvlogical": {"seconds": recv_s, "events_per_s": recv_rate},
-        "relay": {
-            "seconds": relay_s, "events_per_s": relay_rate, "verified_in_kafka": verified,
-            "cpu_s": cpu, "cpu_us_per_event": cpu * 1e6 / n as f64, "peak_rss_mb": rss,
-        },
-        "broker_intake": intake,
-    });
-    Ok(())
+    Ok(json!({
+        "seconds": relay_s, "events_per_s": relay_rate, "verified_in_kafka": verified,
+        "cpu_s": cpu, "cpu_us_per_event": cpu * 1e6 / n as f64, "peak_rss_mb": rss,
+    }))
 }
 
 struct CountCtx {

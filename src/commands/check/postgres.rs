@@ -215,15 +215,26 @@ pub(super) async fn publication(
     cfg: &RelayConfig,
     version_num: i32,
 ) -> CheckResult {
-    const NAME: &str = "publication";
+    let checked = async {
+        let all_tables = publication_flags(client, cfg).await?;
+        publication_columns(client, cfg, version_num).await?;
+        let others = other_published_tables(client, cfg).await?;
+        Ok(publication_verdict(cfg, all_tables, &others))
+    };
+    match checked.await {
+        Ok(r) | Err(r) => r,
+    }
+}
+
+const PUBLICATION: &str = "publication";
+
+/// The publication exists, publishes inserts and the partitions of a
+/// partitioned outbox under the parent's name; returns whether it is FOR ALL
+/// TABLES. An `Err` is the check's result.
+async fn publication_flags(client: &Client, cfg: &RelayConfig) -> Result<bool, CheckResult> {
     let name = &cfg.publication;
     let table = &cfg.router.table;
-    let add = format!(
-        "ALTER PUBLICATION {} ADD TABLE {};",
-        ident(name),
-        table_sql(table)
-    );
-    let row = match client
+    let row = client
         .query_opt(
             "SELECT pubinsert, puballtables, pubviaroot OR NOT EXISTS (
                     SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -232,40 +243,48 @@ pub(super) async fn publication(
             &[name, &table.schema, &table.name],
         )
         .await
-    {
-        Ok(r) => r,
-        Err(e) => return CheckResult::unknown(NAME, e),
-    };
+        .map_err(|e| CheckResult::unknown(PUBLICATION, e))?;
     let Some(row) = row else {
-        return CheckResult::fail(
-            NAME,
+        return Err(CheckResult::fail(
+            PUBLICATION,
             format!("publication {name} does not exist"),
             format!(
                 "outbox-relay setup (or CREATE PUBLICATION {} FOR TABLE {} WITH (publish = 'insert');)",
                 ident(name),
                 table_sql(table)
             ),
-        );
+        ));
     };
     let (inserts, all_tables, by_root): (bool, bool, bool) = (row.get(0), row.get(1), row.get(2));
     if !by_root {
-        return CheckResult::fail(
-            NAME,
+        return Err(CheckResult::fail(
+            PUBLICATION,
             format!("publication {name} publishes the partitions of {table} under their own names"),
             crate::pg::catalog::partitions_by_name(name, &table.to_string()),
-        );
+        ));
     }
     if !inserts {
-        return CheckResult::fail(
-            NAME,
+        return Err(CheckResult::fail(
+            PUBLICATION,
             format!("publication {name} does not publish inserts"),
             format!(
                 "ALTER PUBLICATION {} SET (publish = 'insert');",
                 ident(name)
             ),
-        );
+        ));
     }
-    // PostgreSQL 15 added column lists; a list must keep every mapped column.
+    Ok(all_tables)
+}
+
+/// The publication covers the outbox, and a column list (PostgreSQL 15+)
+/// keeps every mapped column.
+async fn publication_columns(
+    client: &Client,
+    cfg: &RelayConfig,
+    version_num: i32,
+) -> Result<(), CheckResult> {
+    let name = &cfg.publication;
+    let table = &cfg.router.table;
     let columns_sql = if version_num >= 150000 {
         "SELECT attnames::text[] FROM pg_publication_tables
           WHERE pubname = $1 AND schemaname = $2 AND tablename = $3"
@@ -273,57 +292,69 @@ pub(super) async fn publication(
         "SELECT NULL::text[] FROM pg_publication_tables
           WHERE pubname = $1 AND schemaname = $2 AND tablename = $3"
     };
-    let covered = match client
+    let covered = client
         .query_opt(columns_sql, &[name, &table.schema, &table.name])
         .await
-    {
-        Ok(r) => r,
-        Err(e) => return CheckResult::unknown(NAME, e),
-    };
+        .map_err(|e| CheckResult::unknown(PUBLICATION, e))?;
     let Some(covered) = covered else {
-        return CheckResult::fail(
-            NAME,
+        let add = format!(
+            "ALTER PUBLICATION {} ADD TABLE {};",
+            ident(name),
+            table_sql(table)
+        );
+        return Err(CheckResult::fail(
+            PUBLICATION,
             format!("publication {name} does not include {table}"),
             format!("{add} (or run outbox-relay setup, which adds it)"),
-        );
+        ));
     };
-    if let Some(published) = covered.get::<_, Option<Vec<String>>>(0) {
-        let missing: Vec<String> = referenced_columns(cfg)
-            .into_iter()
-            .filter(|c| !published.contains(c))
-            .collect();
-        if !missing.is_empty() {
-            return CheckResult::fail(
-                NAME,
-                format!(
-                    "publication {name} publishes only some columns of {table}, not {}",
-                    missing.join(", ")
-                ),
-                format!(
-                    "ALTER PUBLICATION {} SET TABLE {};  (without a column list)",
-                    ident(name),
-                    table_sql(table)
-                ),
-            );
-        }
+    let Some(published) = covered.get::<_, Option<Vec<String>>>(0) else {
+        return Ok(());
+    };
+    let missing: Vec<String> = referenced_columns(cfg)
+        .into_iter()
+        .filter(|c| !published.contains(c))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
     }
-    // Other tables are not an error (the relay skips their rows), but they
-    // cost decoding and an operator should know the relay sees them.
-    let others = match client
+    Err(CheckResult::fail(
+        PUBLICATION,
+        format!(
+            "publication {name} publishes only some columns of {table}, not {}",
+            missing.join(", ")
+        ),
+        format!(
+            "ALTER PUBLICATION {} SET TABLE {};  (without a column list)",
+            ident(name),
+            table_sql(table)
+        ),
+    ))
+}
+
+/// The other tables the publication covers. Not an error (the relay skips
+/// their rows), but they cost decoding and an operator should know the relay
+/// sees them.
+async fn other_published_tables(
+    client: &Client,
+    cfg: &RelayConfig,
+) -> Result<Vec<String>, CheckResult> {
+    let table = &cfg.router.table;
+    let rows = client
         .query(
             "SELECT format('%s.%s', schemaname, tablename) FROM pg_publication_tables
               WHERE pubname = $1 AND NOT (schemaname = $2 AND tablename = $3)
               ORDER BY 1",
-            &[name, &table.schema, &table.name],
+            &[&cfg.publication, &table.schema, &table.name],
         )
         .await
-    {
-        Ok(rows) => rows
-            .iter()
-            .map(|r| r.get::<_, String>(0))
-            .collect::<Vec<_>>(),
-        Err(e) => return CheckResult::unknown(NAME, e),
-    };
+        .map_err(|e| CheckResult::unknown(PUBLICATION, e))?;
+    Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
+}
+
+fn publication_verdict(cfg: &RelayConfig, all_tables: bool, others: &[String]) -> CheckResult {
+    let name = &cfg.publication;
+    let table = &cfg.router.table;
     let scope = if all_tables {
         format!("is FOR ALL TABLES (so covers {table})")
     } else {
@@ -331,7 +362,7 @@ pub(super) async fn publication(
     };
     if others.is_empty() {
         return CheckResult::pass(
-            NAME,
+            PUBLICATION,
             format!("publication {name} {scope} and publishes inserts"),
         );
     }
@@ -346,7 +377,7 @@ pub(super) async fn publication(
         listed.push_str(&format!(" and {} more", others.len() - SHOWN));
     }
     CheckResult::warn(
-        NAME,
+        PUBLICATION,
         format!(
             "publication {name} {scope} and publishes inserts, and it also covers {} other table(s): {listed}. The relay decodes their rows and skips them (counted in outbox_skipped_rows_total); they are never published",
             others.len()
