@@ -5,7 +5,7 @@
 use crate::config::RelayConfig;
 use crate::lsn::Lsn;
 use crate::pipeline::checkpoint::TxnSeq;
-use crate::pipeline::decode::pgoutput::LogicalMessage;
+use crate::pipeline::decode::pgoutput::{self, Insert, LogicalMessage};
 use crate::pipeline::decode::stream_buffer;
 use crate::pipeline::policy::Failed;
 use crate::pipeline::route::router::Routed;
@@ -124,23 +124,7 @@ impl State {
         wal_start: Lsn,
     ) -> Result<(), PipelineError> {
         match msg {
-            LogicalMessage::Begin(b) => {
-                self.commit_time = b.commit_time;
-                if !self.first_begin_seen {
-                    self.first_begin_seen = true;
-                    // The server resumes after the slot's confirmed position;
-                    // a transaction at or before it means the server is
-                    // resending confirmed work (duplicates, not loss): say so.
-                    if b.final_lsn <= self.resumed_from {
-                        tracing::warn!(
-                            first_commit = %b.final_lsn,
-                            resumed_from = %self.resumed_from,
-                            "the server sent a transaction at or before the resume position; it will be published again"
-                        );
-                    }
-                }
-                self.checkpoint.begin(b.final_lsn)?;
-            }
+            LogicalMessage::Begin(b) => self.on_begin(b.final_lsn, b.commit_time)?,
             LogicalMessage::Commit(c) => {
                 self.checkpoint.commit(c.end_lsn)?;
                 self.summary.transactions += 1;
@@ -153,77 +137,11 @@ impl State {
                         source,
                     })?;
             }
-            LogicalMessage::Insert(ins) => {
-                let rec = match self.router.route(&ins) {
-                    Ok(Routed::Record(rec)) => rec,
-                    Ok(Routed::OtherTable(table)) => {
-                        // Not an event (a FOR ALL TABLES or shared
-                        // publication); counted so that it is visible.
-                        let metrics = &self.metrics;
-                        self.skipped
-                            .entry(table)
-                            .or_insert_with_key(|t| metrics.skipped_rows_of(t))
-                            .inc();
-                        return Ok(());
-                    }
-                    Err(source) => {
-                        let failed = self.router.salvage(&ins);
-                        return self.unroutable(source, failed, wal_start).await;
-                    }
-                };
-                let txn: TxnSeq = self.checkpoint.event()?;
-                tracing::debug!(
-                    event_id = %String::from_utf8_lossy(&rec.event_id),
-                    event_type = %label(&rec.event_type),
-                    aggregate_id = %String::from_utf8_lossy(&rec.key),
-                    topic = %rec.topic,
-                    lsn = %wal_start,
-                    since_commit_ms = (crate::pipeline::source::pg_now() - self.commit_time) / 1000,
-                    "event enqueued"
-                );
-                self.enqueue_tracked(rec, txn, wal_start, false).await?;
-                self.summary.events += 1;
-            }
+            LogicalMessage::Insert(ins) => self.on_insert(ins, wal_start).await?,
             LogicalMessage::Message(m) if m.prefix == HEARTBEAT_PREFIX => {
                 tracing::trace!(lsn = %m.lsn, "heartbeat");
             }
-            LogicalMessage::Message(m) => {
-                let Some(route) = self.messages.as_ref().and_then(|c| c.route(&m)) else {
-                    tracing::trace!(prefix = %m.prefix, lsn = %m.lsn, "ignored logical decoding message");
-                    return Ok(());
-                };
-                // A non-transactional message is published at once; it is
-                // its own unit for the checkpoint, confirmed at its own LSN
-                // (the end of its record): that already keeps a restart from
-                // decoding it again, and one byte more would skip a
-                // transaction whose commit record starts right there.
-                let standalone = !m.transactional();
-                if standalone {
-                    self.checkpoint.begin_standalone(m.lsn)?;
-                    // No commit time in the WAL for it: it counts from now.
-                    self.commit_time = crate::pipeline::source::pg_now();
-                }
-                let result = match route {
-                    Ok(rec) => {
-                        let txn = self.checkpoint.event()?;
-                        self.summary.events += 1;
-                        self.enqueue_tracked(rec, txn, m.lsn, false).await
-                    }
-                    Err(source) => {
-                        let failed = Failed {
-                            payload: Some(m.content.clone()),
-                            event_id: Some(bytes::Bytes::from(format!("lsn:{}", m.lsn))),
-                            intended_topic: m.prefix.clone(),
-                            ..Failed::default()
-                        };
-                        self.unroutable(source, failed, m.lsn).await
-                    }
-                };
-                if standalone {
-                    self.checkpoint.commit_standalone()?;
-                }
-                result?;
-            }
+            LogicalMessage::Message(m) => self.on_message(m).await?,
             other @ (LogicalMessage::Origin(_)
             | LogicalMessage::Type(_)
             | LogicalMessage::Update(_)
@@ -244,5 +162,96 @@ impl State {
             }
         }
         Ok(())
+    }
+
+    fn on_begin(&mut self, final_lsn: Lsn, commit_time: i64) -> Result<(), PipelineError> {
+        self.commit_time = commit_time;
+        if !self.first_begin_seen {
+            self.first_begin_seen = true;
+            // The server resumes after the slot's confirmed position; a
+            // transaction at or before it means the server is resending
+            // confirmed work (duplicates, not loss): say so.
+            if final_lsn <= self.resumed_from {
+                tracing::warn!(
+                    first_commit = %final_lsn,
+                    resumed_from = %self.resumed_from,
+                    "the server sent a transaction at or before the resume position; it will be published again"
+                );
+            }
+        }
+        self.checkpoint.begin(final_lsn)?;
+        Ok(())
+    }
+
+    async fn on_insert(&mut self, ins: Insert, wal_start: Lsn) -> Result<(), PipelineError> {
+        let rec = match self.router.route(&ins) {
+            Ok(Routed::Record(rec)) => rec,
+            Ok(Routed::OtherTable(table)) => {
+                // Not an event (a FOR ALL TABLES or shared publication);
+                // counted so that it is visible.
+                let metrics = &self.metrics;
+                self.skipped
+                    .entry(table)
+                    .or_insert_with_key(|t| metrics.skipped_rows_of(t))
+                    .inc();
+                return Ok(());
+            }
+            Err(source) => {
+                let failed = self.router.salvage(&ins);
+                return self.unroutable(source, failed, wal_start).await;
+            }
+        };
+        let txn: TxnSeq = self.checkpoint.event()?;
+        tracing::debug!(
+            event_id = %String::from_utf8_lossy(&rec.event_id),
+            event_type = %label(&rec.event_type),
+            aggregate_id = %String::from_utf8_lossy(&rec.key),
+            topic = %rec.topic,
+            lsn = %wal_start,
+            since_commit_ms = (crate::pipeline::source::pg_now() - self.commit_time) / 1000,
+            "event enqueued"
+        );
+        self.enqueue_tracked(rec, txn, wal_start, false).await?;
+        self.summary.events += 1;
+        Ok(())
+    }
+
+    /// A logical decoding message with the configured prefix: an event.
+    async fn on_message(&mut self, m: pgoutput::Message) -> Result<(), PipelineError> {
+        let Some(route) = self.messages.as_ref().and_then(|c| c.route(&m)) else {
+            tracing::trace!(prefix = %m.prefix, lsn = %m.lsn, "ignored logical decoding message");
+            return Ok(());
+        };
+        // A non-transactional message is published at once; it is its own
+        // unit for the checkpoint, confirmed at its own LSN (the end of its
+        // record): that already keeps a restart from decoding it again, and
+        // one byte more would skip a transaction whose commit record starts
+        // right there.
+        let standalone = !m.transactional();
+        if standalone {
+            self.checkpoint.begin_standalone(m.lsn)?;
+            // No commit time in the WAL for it: it counts from now.
+            self.commit_time = crate::pipeline::source::pg_now();
+        }
+        let result = match route {
+            Ok(rec) => {
+                let txn = self.checkpoint.event()?;
+                self.summary.events += 1;
+                self.enqueue_tracked(rec, txn, m.lsn, false).await
+            }
+            Err(source) => {
+                let failed = Failed {
+                    payload: Some(m.content.clone()),
+                    event_id: Some(bytes::Bytes::from(format!("lsn:{}", m.lsn))),
+                    intended_topic: m.prefix.clone(),
+                    ..Failed::default()
+                };
+                self.unroutable(source, failed, m.lsn).await
+            }
+        };
+        if standalone {
+            self.checkpoint.commit_standalone()?;
+        }
+        result
     }
 }
