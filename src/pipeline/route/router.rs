@@ -35,155 +35,14 @@ use bytes::Bytes;
 use crate::pipeline::decode::pgoutput::{Insert, Relation, TupleValue};
 use crate::pipeline::route::template::TemplatePart;
 pub use crate::pipeline::route::template::{validate_topic, TopicTemplate};
+// Where they were before the split: commands and tests name them here.
+pub use crate::pipeline::route::config::{HeaderColumn, RouterConfig, TableName};
 
 /// Postgres type OID of `bytea`: its text form is hex and is decoded so the
 /// record value is the stored bytes (Avro or Protobuf payloads).
 const BYTEA_OID: u32 = 17;
 const JSON_OID: u32 = 114;
 const JSONB_OID: u32 = 3802;
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TableName {
-    pub schema: String,
-    pub name: String,
-}
-
-impl TableName {
-    /// Parses `schema.table` or `table` (schema `public`). Quoted identifiers
-    /// keep their case and may contain dots.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let parts = split_ident(s)?;
-        match parts.as_slice() {
-            [name] => Ok(TableName {
-                schema: "public".into(),
-                name: name.clone(),
-            }),
-            [schema, name] => Ok(TableName {
-                schema: schema.clone(),
-                name: name.clone(),
-            }),
-            _ => Err(format!(
-                "{s:?} is not a table name: expected table or schema.table"
-            )),
-        }
-    }
-
-    /// The name quoted for SQL.
-    pub fn quoted(&self) -> String {
-        format!(
-            "{}.{}",
-            crate::pg::quote_ident(&self.schema),
-            crate::pg::quote_ident(&self.name)
-        )
-    }
-}
-
-impl std::fmt::Display for TableName {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}.{}", self.schema, self.name)
-    }
-}
-
-fn split_ident(s: &str) -> Result<Vec<String>, String> {
-    let mut parts = Vec::new();
-    let mut cur = String::new();
-    let mut chars = s.trim().chars().peekable();
-    let mut quoted_part = false;
-    while let Some(c) = chars.next() {
-        match c {
-            '"' => {
-                quoted_part = true;
-                loop {
-                    match chars.next() {
-                        Some('"') if chars.peek() == Some(&'"') => {
-                            chars.next();
-                            cur.push('"');
-                        }
-                        Some('"') => break,
-                        Some(c) => cur.push(c),
-                        None => return Err(format!("unterminated quote in {s:?}")),
-                    }
-                }
-            }
-            '.' => {
-                if cur.is_empty() {
-                    return Err(format!("empty name part in {s:?}"));
-                }
-                parts.push(std::mem::take(&mut cur));
-                quoted_part = false;
-            }
-            // Unquoted identifiers fold to lower case, as in SQL.
-            c if !quoted_part => cur.extend(c.to_lowercase()),
-            c => cur.push(c),
-        }
-    }
-    if cur.is_empty() {
-        return Err(format!("empty name part in {s:?}"));
-    }
-    parts.push(cur);
-    Ok(parts)
-}
-
-/// A header taken from a column: `column` or `column:header-name`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HeaderColumn {
-    pub column: String,
-    pub header: String,
-}
-
-impl HeaderColumn {
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let (column, header) = match s.split_once(':') {
-            Some((c, h)) => (c.trim(), h.trim()),
-            None => (s.trim(), s.trim()),
-        };
-        if column.is_empty() || header.is_empty() {
-            return Err(format!(
-                "header column {s:?} must be `column` or `column:header-name`"
-            ));
-        }
-        Ok(HeaderColumn {
-            column: column.into(),
-            header: header.into(),
-        })
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct RouterConfig {
-    pub table: TableName,
-    pub id_column: String,
-    pub key_column: String,
-    pub payload_column: String,
-    pub topic: TopicTemplate,
-    pub headers: Vec<HeaderColumn>,
-    /// Column whose value labels the event in metrics and logs.
-    pub event_type_column: Option<String>,
-    /// Refuse payloads that are not JSON (checked only for columns whose
-    /// type does not already guarantee it).
-    pub require_json: bool,
-}
-
-impl RouterConfig {
-    /// Every column the configuration refers to, with the option naming it.
-    pub fn referenced_columns(&self) -> Vec<(String, &'static str)> {
-        let mut cols = vec![
-            (self.id_column.clone(), "--id-column"),
-            (self.key_column.clone(), "--key-column"),
-            (self.payload_column.clone(), "--payload-column"),
-        ];
-        cols.extend(self.topic.columns().map(|c| (c.to_string(), "--topic")));
-        cols.extend(
-            self.headers
-                .iter()
-                .map(|h| (h.column.clone(), "--header-columns")),
-        );
-        if let Some(c) = &self.event_type_column {
-            cols.push((c.clone(), "--event-type-column"));
-        }
-        cols
-    }
-}
 
 /// A record ready for the producer. Values are slices of the WAL buffer;
 /// the topic and header names are shared with the router (no allocation per
@@ -472,72 +331,8 @@ impl Router {
                 column: self.cfg.key_column.clone(),
             });
         }
-        let payload = match &tuple[plan.payload] {
-            TupleValue::Null => None,
-            TupleValue::UnchangedToast => {
-                return Err(RouteError::UnchangedToast {
-                    column: self.cfg.payload_column.clone(),
-                })
-            }
-            TupleValue::Text(b) if plan.payload_bytea => {
-                Some(decode_bytea_hex(b).map_err(|reason| RouteError::BadBytea {
-                    column: self.cfg.payload_column.clone(),
-                    reason,
-                })?)
-            }
-            TupleValue::Text(b) | TupleValue::Binary(b) => Some(b.clone()),
-        };
-        if plan.check_json {
-            if let Some(p) = &payload {
-                if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(p) {
-                    return Err(RouteError::InvalidJson {
-                        column: self.cfg.payload_column.clone(),
-                        reason: e.to_string(),
-                    });
-                }
-            }
-        }
-        let topic_buf = &mut self.topic_buf;
-        topic_buf.clear();
-        for part in &plan.topic {
-            match part {
-                TopicPlan::Literal(l) => topic_buf.push_str(l),
-                TopicPlan::Column(i) => match &tuple[*i] {
-                    TupleValue::Text(b) | TupleValue::Binary(b) if !b.is_empty() => {
-                        topic_buf.push_str(&String::from_utf8_lossy(b))
-                    }
-                    value => {
-                        return Err(RouteError::InvalidTopic {
-                            template: self.cfg.topic.to_string(),
-                            topic: topic_buf.clone(),
-                            reason: format!(
-                                "a placeholder's column is {}",
-                                if matches!(value, TupleValue::Null) {
-                                    "NULL"
-                                } else {
-                                    "empty"
-                                }
-                            ),
-                        })
-                    }
-                },
-            }
-        }
-        let topic = match &self.last_topic {
-            Some(last) if **last == **topic_buf => last.clone(),
-            _ => {
-                if let Err(reason) = validate_topic(topic_buf) {
-                    return Err(RouteError::InvalidTopic {
-                        template: self.cfg.topic.to_string(),
-                        topic: topic_buf.clone(),
-                        reason,
-                    });
-                }
-                let topic: Arc<str> = Arc::from(topic_buf.as_str());
-                self.last_topic = Some(topic.clone());
-                topic
-            }
-        };
+        let payload = payload_of(&self.cfg, plan, tuple)?;
+        let topic = topic_of(&self.cfg, plan, tuple, &mut self.topic_buf, &mut self.last_topic)?;
         let mut headers = Vec::with_capacity(plan.headers.len() + 1);
         headers.push((self.id_header.clone(), Some(event_id.clone())));
         for (name, idx) in &plan.headers {
@@ -559,6 +354,93 @@ impl Router {
             headers,
             event_type,
         }))
+    }
+}
+
+/// The record's value: the payload column's bytes (bytea decoded), checked
+/// as JSON when the configuration asks for it.
+fn payload_of(
+    cfg: &RouterConfig,
+    plan: &Plan,
+    tuple: &[TupleValue],
+) -> Result<Option<Bytes>, RouteError> {
+    let payload = match &tuple[plan.payload] {
+        TupleValue::Null => None,
+        TupleValue::UnchangedToast => {
+            return Err(RouteError::UnchangedToast {
+                column: cfg.payload_column.clone(),
+            })
+        }
+        TupleValue::Text(b) if plan.payload_bytea => {
+            Some(decode_bytea_hex(b).map_err(|reason| RouteError::BadBytea {
+                column: cfg.payload_column.clone(),
+                reason,
+            })?)
+        }
+        TupleValue::Text(b) | TupleValue::Binary(b) => Some(b.clone()),
+    };
+    if plan.check_json {
+        if let Some(p) = &payload {
+            if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(p) {
+                return Err(RouteError::InvalidJson {
+                    column: cfg.payload_column.clone(),
+                    reason: e.to_string(),
+                });
+            }
+        }
+    }
+    Ok(payload)
+}
+
+/// The template filled from the row, in `buf`; validated only when it
+/// differs from the last topic (`last`), which consecutive events of one
+/// topic then share.
+fn topic_of(
+    cfg: &RouterConfig,
+    plan: &Plan,
+    tuple: &[TupleValue],
+    buf: &mut String,
+    last: &mut Option<Arc<str>>,
+) -> Result<Arc<str>, RouteError> {
+    buf.clear();
+    for part in &plan.topic {
+        match part {
+            TopicPlan::Literal(l) => buf.push_str(l),
+            TopicPlan::Column(i) => match &tuple[*i] {
+                TupleValue::Text(b) | TupleValue::Binary(b) if !b.is_empty() => {
+                    buf.push_str(&String::from_utf8_lossy(b))
+                }
+                value => {
+                    return Err(RouteError::InvalidTopic {
+                        template: cfg.topic.to_string(),
+                        topic: buf.clone(),
+                        reason: format!(
+                            "a placeholder's column is {}",
+                            if matches!(value, TupleValue::Null) {
+                                "NULL"
+                            } else {
+                                "empty"
+                            }
+                        ),
+                    })
+                }
+            },
+        }
+    }
+    match last {
+        Some(l) if **l == **buf => Ok(l.clone()),
+        _ => {
+            if let Err(reason) = validate_topic(buf) {
+                return Err(RouteError::InvalidTopic {
+                    template: cfg.topic.to_string(),
+                    topic: buf.clone(),
+                    reason,
+                });
+            }
+            let topic: Arc<str> = Arc::from(buf.as_str());
+            *last = Some(topic.clone());
+            Ok(topic)
+        }
     }
 }
 

@@ -1,0 +1,149 @@
+//! What to route: the outbox table's name, which columns are the event id,
+//! key, payload and headers, and the topic template. Parsed and validated
+//! here from the operator's text; the router turns it into a plan per
+//! relation. No I/O.
+
+use crate::pipeline::route::template::TopicTemplate;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableName {
+    pub schema: String,
+    pub name: String,
+}
+
+impl TableName {
+    /// Parses `schema.table` or `table` (schema `public`). Quoted identifiers
+    /// keep their case and may contain dots.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let parts = split_ident(s)?;
+        match parts.as_slice() {
+            [name] => Ok(TableName {
+                schema: "public".into(),
+                name: name.clone(),
+            }),
+            [schema, name] => Ok(TableName {
+                schema: schema.clone(),
+                name: name.clone(),
+            }),
+            _ => Err(format!(
+                "{s:?} is not a table name: expected table or schema.table"
+            )),
+        }
+    }
+
+    /// The name quoted for SQL.
+    pub fn quoted(&self) -> String {
+        format!(
+            "{}.{}",
+            crate::pg::quote_ident(&self.schema),
+            crate::pg::quote_ident(&self.name)
+        )
+    }
+}
+
+impl std::fmt::Display for TableName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.schema, self.name)
+    }
+}
+
+fn split_ident(s: &str) -> Result<Vec<String>, String> {
+    let mut parts = Vec::new();
+    let mut cur = String::new();
+    let mut chars = s.trim().chars().peekable();
+    let mut quoted_part = false;
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {
+                quoted_part = true;
+                loop {
+                    match chars.next() {
+                        Some('"') if chars.peek() == Some(&'"') => {
+                            chars.next();
+                            cur.push('"');
+                        }
+                        Some('"') => break,
+                        Some(c) => cur.push(c),
+                        None => return Err(format!("unterminated quote in {s:?}")),
+                    }
+                }
+            }
+            '.' => {
+                if cur.is_empty() {
+                    return Err(format!("empty name part in {s:?}"));
+                }
+                parts.push(std::mem::take(&mut cur));
+                quoted_part = false;
+            }
+            // Unquoted identifiers fold to lower case, as in SQL.
+            c if !quoted_part => cur.extend(c.to_lowercase()),
+            c => cur.push(c),
+        }
+    }
+    if cur.is_empty() {
+        return Err(format!("empty name part in {s:?}"));
+    }
+    parts.push(cur);
+    Ok(parts)
+}
+
+/// A header taken from a column: `column` or `column:header-name`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderColumn {
+    pub column: String,
+    pub header: String,
+}
+
+impl HeaderColumn {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (column, header) = match s.split_once(':') {
+            Some((c, h)) => (c.trim(), h.trim()),
+            None => (s.trim(), s.trim()),
+        };
+        if column.is_empty() || header.is_empty() {
+            return Err(format!(
+                "header column {s:?} must be `column` or `column:header-name`"
+            ));
+        }
+        Ok(HeaderColumn {
+            column: column.into(),
+            header: header.into(),
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    pub table: TableName,
+    pub id_column: String,
+    pub key_column: String,
+    pub payload_column: String,
+    pub topic: TopicTemplate,
+    pub headers: Vec<HeaderColumn>,
+    /// Column whose value labels the event in metrics and logs.
+    pub event_type_column: Option<String>,
+    /// Refuse payloads that are not JSON (checked only for columns whose
+    /// type does not already guarantee it).
+    pub require_json: bool,
+}
+
+impl RouterConfig {
+    /// Every column the configuration refers to, with the option naming it.
+    pub fn referenced_columns(&self) -> Vec<(String, &'static str)> {
+        let mut cols = vec![
+            (self.id_column.clone(), "--id-column"),
+            (self.key_column.clone(), "--key-column"),
+            (self.payload_column.clone(), "--payload-column"),
+        ];
+        cols.extend(self.topic.columns().map(|c| (c.to_string(), "--topic")));
+        cols.extend(
+            self.headers
+                .iter()
+                .map(|h| (h.column.clone(), "--header-columns")),
+        );
+        if let Some(c) = &self.event_type_column {
+            cols.push((c.clone(), "--event-type-column"));
+        }
+        cols
+    }
+}
