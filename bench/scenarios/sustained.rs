@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
+use tokio_postgres::Client;
 
 use super::{AGGREGATES, PAD};
 use crate::log;
@@ -157,6 +158,42 @@ async fn sustained_baseline(cfg: &Cfg, secs: u64) -> Result<Value> {
 
 pub(crate) async fn scenario_sustained(cfg: &Cfg, report: &mut Value) -> Result<()> {
     let baseline = sustained_baseline(cfg, cfg.sustained_secs).await?;
+    let run = relay_run(cfg).await?;
+    report["sustained"] = figures(baseline, run);
+    Ok(())
+}
+
+/// What the relay's sustained run measured, before any summary.
+struct RelayRun {
+    secs: u64,
+    writers: usize,
+    max_inflight: f64,
+    lag: LagSamples,
+    /// Every 500 ms: (t s, records in Kafka).
+    ksamples: Vec<(f64, i64)>,
+    written: u64,
+    write_s: f64,
+    caught_up: Option<f64>,
+    verified: i64,
+    /// The relay's CPU seconds from the writers' start to its stop.
+    cpu: f64,
+    rss: f64,
+}
+
+/// The 100 ms samples of a sustained run.
+struct LagSamples {
+    /// (t s, events written, wal lsn, confirmed lsn).
+    samples: Vec<(f64, u64, u64, u64)>,
+    /// The relay's walsender's sent position and the relay's in-flight events, to tell
+    /// a relay that does not read (window full: the broker is the limit) from a
+    /// walsender that does not send (decoding is the limit).
+    sent: Vec<u64>,
+    inflight: Vec<f64>,
+}
+
+/// The relay under the flat-out writers for the scenario's length, then until it
+/// has caught up.
+async fn relay_run(cfg: &Cfg) -> Result<RelayRun> {
     let url = fresh_db(cfg, "bench_sustained").await?;
     let topic = &topic_name("sustained");
     create_topic(&cfg.a.brokers, topic, cfg.a.partitions).await?;
@@ -178,26 +215,75 @@ pub(crate) async fn scenario_sustained(cfg: &Cfg, report: &mut Value) -> Result<
     let t0 = Instant::now();
     // And every 500 ms the records in Kafka, to tell delivery lag from confirmation lag.
     let kstop = Arc::new(AtomicBool::new(false));
-    let ksampler = {
-        let (b, t, stop) = (cfg.a.brokers.clone(), topic.to_string(), kstop.clone());
-        tokio::task::spawn_blocking(move || -> Result<Vec<(f64, i64)>> {
-            let c = watermark_client(&b)?;
-            let mut out = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                let n = hw_sum_with(&c, &t)?;
-                out.push((t0.elapsed().as_secs_f64(), n));
-                std::thread::sleep(Duration::from_millis(500));
-            }
-            Ok(out)
-        })
-    };
+    let ksampler = kafka_sampler(&cfg.a.brokers, topic, t0, &kstop);
+    let max_inflight = relay_setting(&cfg.a.relay_arg, "--max-inflight").unwrap_or(5000.0);
+    let lag = sample_lag(&mut relay, &c, &count, t0, secs).await?;
+    stop.store(true, Ordering::Relaxed);
+    kstop.store(true, Ordering::Relaxed);
+    for h in hs {
+        h.await??;
+    }
+    let ksamples = ksampler.await??;
+    let written = count.load(Ordering::Relaxed);
+    let write_s = t0.elapsed().as_secs_f64();
+    let end = current_wal(&c).await?;
+    let caught_up = wait_caught_up(&mut relay, &c, end).await?;
+    let (cpu, rss) = relay.resources(cfg.clk_tck);
+    relay.stop().await?;
+    let verified = wait_records(
+        &cfg.a.brokers,
+        topic,
+        written as i64,
+        Duration::from_secs(30),
+    )
+    .await?;
+    drop_slots(&url).await?;
+    Ok(RelayRun {
+        secs,
+        writers: nw,
+        max_inflight,
+        lag,
+        ksamples,
+        written,
+        write_s,
+        caught_up,
+        verified,
+        cpu: cpu - cpu0,
+        rss,
+    })
+}
+
+/// Every 500 ms until `stop`: (t s since `t0`, records in `topic`).
+fn kafka_sampler(
+    brokers: &str,
+    topic: &str,
+    t0: Instant,
+    stop: &Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Result<Vec<(f64, i64)>>> {
+    let (b, t, stop) = (brokers.to_string(), topic.to_string(), stop.clone());
+    tokio::task::spawn_blocking(move || -> Result<Vec<(f64, i64)>> {
+        let c = watermark_client(&b)?;
+        let mut out = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            let n = hw_sum_with(&c, &t)?;
+            out.push((t0.elapsed().as_secs_f64(), n));
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        Ok(out)
+    })
+}
+
+/// Every 100 ms for `secs` from `t0`: the relay's slot and walsender against the WAL.
+async fn sample_lag(
+    relay: &mut Relay,
+    c: &Client,
+    count: &AtomicU64,
+    t0: Instant,
+    secs: u64,
+) -> Result<LagSamples> {
     let mut samples: Vec<(f64, u64, u64, u64)> = Vec::new();
-    // The relay's walsender's sent position and the relay's in-flight events, to tell
-    // a relay that does not read (window full: the broker is the limit) from a
-    // walsender that does not send (decoding is the limit).
     let mut sent: Vec<u64> = Vec::new();
     let mut inflight: Vec<f64> = Vec::new();
-    let max_inflight = relay_setting(&cfg.a.relay_arg, "--max-inflight").unwrap_or(5000.0);
     while t0.elapsed() < Duration::from_secs(secs) {
         relay.check_alive()?;
         let srow = c.query_one(SENT_SQL, &[&"outbox_relay"]).await?;
@@ -221,94 +307,57 @@ pub(crate) async fn scenario_sustained(cfg: &Cfg, report: &mut Value) -> Result<
         ));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    stop.store(true, Ordering::Relaxed);
-    kstop.store(true, Ordering::Relaxed);
-    for h in hs {
-        h.await??;
-    }
-    let ksamples = ksampler.await??;
-    let written = count.load(Ordering::Relaxed);
-    let write_s = t0.elapsed().as_secs_f64();
-    let end = current_wal(&c).await?;
-    // Catch-up after the writers stopped: everything confirmed (the relay confirms the
-    // server's sent position once idle, so this reaches `end`).
+    Ok(LagSamples {
+        samples,
+        sent,
+        inflight,
+    })
+}
+
+/// Catch-up after the writers stopped: seconds until everything up to `end` is
+/// confirmed (the relay confirms the server's sent position once idle, so this
+/// reaches `end`), None if not within 300 s.
+async fn wait_caught_up(relay: &mut Relay, c: &Client, end: u64) -> Result<Option<f64>> {
     let tc = Instant::now();
     let mut caught_up = None;
     while tc.elapsed() < Duration::from_secs(300) {
         relay.check_alive()?;
-        if confirmed(&c, "outbox_relay").await? >= end {
+        if confirmed(c, "outbox_relay").await? >= end {
             caught_up = Some(tc.elapsed().as_secs_f64());
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let (cpu, rss) = relay.resources(cfg.clk_tck);
-    relay.stop().await?;
-    let verified = wait_records(
-        &cfg.a.brokers,
-        topic,
-        written as i64,
-        Duration::from_secs(30),
-    )
-    .await?;
-    drop_slots(&url).await?;
+    Ok(caught_up)
+}
 
-    // Lag in seconds at sample i: how long ago the WAL insert position was where the
-    // confirmed position is now (linear between samples).
-    let wal_t: Vec<(f64, u64)> = samples.iter().map(|s| (s.0, s.2)).collect();
-    let series: Vec<(f64, u64, u64, f64)> = samples
-        .iter()
-        .enumerate()
-        .map(|(i, &(t, n, wal, conf))| (t, n, wal.saturating_sub(conf), wal_age(&wal_t, i, conf)))
-        .collect();
-    // Delivery lag: how long ago the writers had committed as many events as Kafka holds.
-    let delivery: Vec<(f64, f64)> = ksamples
-        .iter()
-        .map(|&(t, n)| {
-            let n = n.max(0) as u64;
-            let j = samples.iter().position(|s| s.1 >= n);
-            let lag = match j {
-                Some(0) => 0.0,
-                None => samples.last().map(|l| t - l.0).unwrap_or(0.0),
-                Some(j) => {
-                    let (ta, na, _, _) = samples[j - 1];
-                    let (tb, nb, _, _) = samples[j];
-                    let f = if nb > na {
-                        (n - na) as f64 / (nb - na) as f64
-                    } else {
-                        1.0
-                    };
-                    (t - (ta + f * (tb - ta))).max(0.0)
-                }
-            };
-            (t, lag)
-        })
-        .collect();
+/// The report's "sustained" section.
+fn figures(baseline: Value, run: RelayRun) -> Value {
+    let RelayRun {
+        secs,
+        writers: nw,
+        max_inflight,
+        lag: LagSamples {
+            samples,
+            sent,
+            inflight,
+        },
+        ksamples,
+        written,
+        write_s,
+        caught_up,
+        verified,
+        cpu,
+        rss,
+    } = run;
+    let (wal_t, series) = lag_series(&samples);
+    let delivery = delivery_lag(&ksamples, &samples);
     let delivery_steady: Vec<f64> = delivery
         .iter()
         .filter(|x| x.0 >= 1.0)
         .map(|x| x.1)
         .collect();
-    // Per second: max lag in that second and inserts in that second.
-    let mut per_sec: Vec<Value> = Vec::new();
-    let mut prev_n = 0;
-    for s in 0..secs {
-        let in_sec: Vec<_> = series
-            .iter()
-            .filter(|x| x.0 >= s as f64 && x.0 < (s + 1) as f64)
-            .collect();
-        if in_sec.is_empty() {
-            continue;
-        }
-        let last_n = in_sec.last().unwrap().1;
-        per_sec.push(json!({
-            "t": s + 1,
-            "inserts_per_s": last_n - prev_n,
-            "lag_bytes_max": in_sec.iter().map(|x| x.2).max().unwrap(),
-            "lag_s_max": in_sec.iter().map(|x| x.3).fold(0.0, f64::max),
-        }));
-        prev_n = last_n;
-    }
+    let per_sec = per_second(&series, secs);
     // Ignore the first second (writers connecting) for the "throughout" figures.
     let steady: Vec<f64> = series.iter().filter(|x| x.0 >= 1.0).map(|x| x.3).collect();
     let steady_b: Vec<f64> = series
@@ -330,7 +379,7 @@ pub(crate) async fn scenario_sustained(cfg: &Cfg, report: &mut Value) -> Result<
         .iter()
         .filter(|&&v| v >= 0.95 * max_inflight)
         .count();
-    report["sustained"] = json!({
+    json!({
         "baseline_pg_recvlogical": baseline,
         "sent_lag_s": summary(sent_lag),
         "inflight": summary(inflight.clone()),
@@ -343,11 +392,76 @@ pub(crate) async fn scenario_sustained(cfg: &Cfg, report: &mut Value) -> Result<
         "delivery_samples": delivery.iter().map(|x| json!([x.0, x.1])).collect::<Vec<_>>(),
         "caught_up_after_stop_s": caught_up,
         "verified_in_kafka": verified,
-        "relay_cpu_s": cpu - cpu0,
-        "relay_cpu_us_per_event": (cpu - cpu0) * 1e6 / written as f64,
+        "relay_cpu_s": cpu,
+        "relay_cpu_us_per_event": cpu * 1e6 / written as f64,
         "relay_peak_rss_mb": rss,
         "per_second": per_sec,
         "samples": series.iter().map(|x| json!([x.0, x.1, x.2, x.3])).collect::<Vec<_>>(),
-    });
-    Ok(())
+    })
+}
+
+/// Per sample: (t s, events written, lag bytes, lag s).
+type LagPoint = (f64, u64, u64, f64);
+
+/// The WAL position over time, and the lag at each sample.
+fn lag_series(samples: &[(f64, u64, u64, u64)]) -> (Vec<(f64, u64)>, Vec<LagPoint>) {
+    // Lag in seconds at sample i: how long ago the WAL insert position was where the
+    // confirmed position is now (linear between samples).
+    let wal_t: Vec<(f64, u64)> = samples.iter().map(|s| (s.0, s.2)).collect();
+    let series: Vec<LagPoint> = samples
+        .iter()
+        .enumerate()
+        .map(|(i, &(t, n, wal, conf))| (t, n, wal.saturating_sub(conf), wal_age(&wal_t, i, conf)))
+        .collect();
+    (wal_t, series)
+}
+
+/// Delivery lag: how long ago the writers had committed as many events as Kafka holds.
+fn delivery_lag(ksamples: &[(f64, i64)], samples: &[(f64, u64, u64, u64)]) -> Vec<(f64, f64)> {
+    ksamples
+        .iter()
+        .map(|&(t, n)| {
+            let n = n.max(0) as u64;
+            let j = samples.iter().position(|s| s.1 >= n);
+            let lag = match j {
+                Some(0) => 0.0,
+                None => samples.last().map(|l| t - l.0).unwrap_or(0.0),
+                Some(j) => {
+                    let (ta, na, _, _) = samples[j - 1];
+                    let (tb, nb, _, _) = samples[j];
+                    let f = if nb > na {
+                        (n - na) as f64 / (nb - na) as f64
+                    } else {
+                        1.0
+                    };
+                    (t - (ta + f * (tb - ta))).max(0.0)
+                }
+            };
+            (t, lag)
+        })
+        .collect()
+}
+
+/// Per second: max lag in that second and inserts in that second.
+fn per_second(series: &[LagPoint], secs: u64) -> Vec<Value> {
+    let mut per_sec: Vec<Value> = Vec::new();
+    let mut prev_n = 0;
+    for s in 0..secs {
+        let in_sec: Vec<_> = series
+            .iter()
+            .filter(|x| x.0 >= s as f64 && x.0 < (s + 1) as f64)
+            .collect();
+        if in_sec.is_empty() {
+            continue;
+        }
+        let last_n = in_sec.last().unwrap().1;
+        per_sec.push(json!({
+            "t": s + 1,
+            "inserts_per_s": last_n - prev_n,
+            "lag_bytes_max": in_sec.iter().map(|x| x.2).max().unwrap(),
+            "lag_s_max": in_sec.iter().map(|x| x.3).fold(0.0, f64::max),
+        }));
+        prev_n = last_n;
+    }
+    per_sec
 }

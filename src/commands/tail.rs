@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use crate::pipeline::sink::client::client_config;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::Headers;
+use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 #[derive(Debug, Clone, clap::Args)]
@@ -102,51 +102,14 @@ pub fn run(
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
         .create()?;
-    let mut assigned: HashSet<(String, i32)> = HashSet::new();
-    let mut tpl = TopicPartitionList::new();
-    let mut last_scan: Option<Instant> = None;
+    let mut follow = Follow {
+        assigned: HashSet::new(),
+        last_scan: None,
+        first_scan: true,
+    };
     let mut printed = 0u64;
-    let mut first_scan = true;
     while !stop.load(Ordering::Relaxed) {
-        if last_scan.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
-            last_scan = Some(Instant::now());
-            if let Ok(md) = consumer.fetch_metadata(None, Duration::from_secs(3)) {
-                let mut changed = false;
-                for t in md.topics() {
-                    if !t.name().starts_with(&opts.topic_prefix) || t.name().starts_with("__") {
-                        continue;
-                    }
-                    for p in t.partitions() {
-                        if assigned.insert((t.name().to_string(), p.id())) {
-                            let offset = if first_scan && !opts.from_beginning {
-                                let (_, high) = consumer.fetch_watermarks(
-                                    t.name(),
-                                    p.id(),
-                                    Duration::from_secs(5),
-                                )?;
-                                Offset::Offset(high)
-                            } else {
-                                Offset::Beginning
-                            };
-                            tpl.add_partition_offset(t.name(), p.id(), offset)?;
-                            changed = true;
-                        }
-                    }
-                }
-                if changed {
-                    consumer.incremental_assign(&tpl)?;
-                    tpl = TopicPartitionList::new();
-                }
-                if first_scan {
-                    first_scan = false;
-                    eprintln!(
-                        "tail: following {} partitions{}; topics created from now on are read from their start",
-                        assigned.len(),
-                        if opts.from_beginning { " from their start" } else { " from their end" }
-                    );
-                }
-            }
-        }
+        follow.scan(&consumer, opts)?;
         let Some(m) = consumer.poll(Duration::from_millis(200)) else {
             // Idle: no write would notice a closed output, so ask.
             if reader_gone() {
@@ -154,34 +117,7 @@ pub fn run(
             }
             continue;
         };
-        let m = m?;
-        let headers = m
-            .headers()
-            .map(|h| {
-                h.iter()
-                    .map(|h| {
-                        format!(
-                            "{}={}",
-                            printable(Some(h.key.as_bytes())),
-                            printable(h.value)
-                        )
-                    })
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            })
-            .unwrap_or_default();
-        let written = writeln!(
-            out,
-            "{}[{}]@{} key={} headers={{{}}} payload={}",
-            m.topic(),
-            m.partition(),
-            m.offset(),
-            printable(m.key()),
-            headers,
-            printable(m.payload())
-        )
-        .and_then(|()| out.flush());
-        match written {
+        match writeln!(out, "{}", line(&m?)).and_then(|()| out.flush()) {
             Ok(()) => {}
             // The reader went away (`tail | head`): done.
             Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(printed),
@@ -193,6 +129,88 @@ pub fn run(
         }
     }
     Ok(printed)
+}
+
+/// The partitions followed so far. New topics with the prefix are picked up
+/// within a second of their creation, and read from their start.
+struct Follow {
+    assigned: HashSet<(String, i32)>,
+    last_scan: Option<Instant>,
+    first_scan: bool,
+}
+
+impl Follow {
+    fn scan(&mut self, consumer: &BaseConsumer, opts: &TailOptions) -> Result<(), TailError> {
+        if self
+            .last_scan
+            .is_some_and(|t| t.elapsed() <= Duration::from_secs(1))
+        {
+            return Ok(());
+        }
+        self.last_scan = Some(Instant::now());
+        let Ok(md) = consumer.fetch_metadata(None, Duration::from_secs(3)) else {
+            return Ok(());
+        };
+        let mut tpl = TopicPartitionList::new();
+        for t in md.topics() {
+            if !t.name().starts_with(&opts.topic_prefix) || t.name().starts_with("__") {
+                continue;
+            }
+            for p in t.partitions() {
+                if self.assigned.insert((t.name().to_string(), p.id())) {
+                    let offset = if self.first_scan && !opts.from_beginning {
+                        let (_, high) =
+                            consumer.fetch_watermarks(t.name(), p.id(), Duration::from_secs(5))?;
+                        Offset::Offset(high)
+                    } else {
+                        Offset::Beginning
+                    };
+                    tpl.add_partition_offset(t.name(), p.id(), offset)?;
+                }
+            }
+        }
+        if tpl.count() > 0 {
+            consumer.incremental_assign(&tpl)?;
+        }
+        if self.first_scan {
+            self.first_scan = false;
+            eprintln!(
+                "tail: following {} partitions{}; topics created from now on are read from their start",
+                self.assigned.len(),
+                if opts.from_beginning { " from their start" } else { " from their end" }
+            );
+        }
+        Ok(())
+    }
+}
+
+/// One record as a line: where it is, key, headers and payload, every
+/// control character escaped.
+fn line(m: &BorrowedMessage<'_>) -> String {
+    let headers = m
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| {
+                    format!(
+                        "{}={}",
+                        printable(Some(h.key.as_bytes())),
+                        printable(h.value)
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default();
+    format!(
+        "{}[{}]@{} key={} headers={{{}}} payload={}",
+        m.topic(),
+        m.partition(),
+        m.offset(),
+        printable(m.key()),
+        headers,
+        printable(m.payload())
+    )
 }
 
 /// `outbox-relay tail`: follows the topics on stdout until a signal, `--max`
