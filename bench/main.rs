@@ -13,8 +13,9 @@
 //!
 //! Layout: `stack` talks to Postgres, Kafka and the relay's binary; `scenarios` has
 //! one module per scenario; `report` turns the figures into report.json, report.md
-//! and the plots; `environment` records the machine. This file is the command line
-//! and the order the scenarios run in.
+//! and the plots; `environment` records the machine. This file is only the command
+//! line and the order the scenarios run in (pollers read the drain's backlog), so
+//! that each of those can be read, and changed, without the others.
 
 mod environment;
 mod report;

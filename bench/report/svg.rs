@@ -1,6 +1,7 @@
 //! Hand-written SVG charts (lines, log-scale bars) and the number format the report
 //! shares with them. No plotting dependency, so the bench builds with what the relay
-//! already depends on; output must stay byte-identical for the same input.
+//! already depends on. Draws only what it is given and never reads report.json:
+//! which figures go into a plot is plots.rs's business.
 
 use std::fmt::Write as _;
 

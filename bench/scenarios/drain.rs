@@ -1,6 +1,7 @@
 //! Backlog drain: a backlog written with the relay stopped, then read by
 //! pg_recvlogical (Postgres's decode rate), the relay, and a plain producer (the
-//! broker's intake). Leaves its database behind for the pollers scenario.
+//! broker's intake). Must leave its database and its unprocessed rows behind: the
+//! pollers scenario drains the same backlog.
 
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};

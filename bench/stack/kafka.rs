@@ -1,6 +1,7 @@
 //! Kafka of the stack: topics, counting the records in them, and the producer
-//! settings every baseline shares with the relay (src/sink.rs). Kept apart from the
-//! scenarios so a baseline cannot drift from the relay's producer by accident.
+//! settings every baseline shares with the relay (src/pipeline/sink/mod.rs). Kept
+//! apart from the scenarios so a baseline cannot drift from the relay's producer by
+//! accident.
 
 use std::time::{Duration, Instant};
 
@@ -86,7 +87,7 @@ pub(crate) async fn wait_records(
 }
 
 /// `--linger-ms`: given to the relay (`--kafka-property linger.ms=N`) and to every
-/// producer of the bench; None keeps the relay's default (5 ms, src/sink.rs).
+/// producer of the bench; None keeps the relay's default (5 ms, src/pipeline/sink/mod.rs).
 pub(crate) static LINGER_MS: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
 
 pub(crate) fn linger_ms() -> Option<u64> {
@@ -94,8 +95,8 @@ pub(crate) fn linger_ms() -> Option<u64> {
 }
 
 pub(crate) fn producer_config(brokers: &str) -> ClientConfig {
-    // The relay's own producer settings (src/sink.rs), so the baseline differs only in
-    // where the records come from.
+    // The relay's own producer settings (src/pipeline/sink/mod.rs), so the baseline
+    // differs only in where the records come from.
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", brokers)
         .set("partitioner", "murmur2_random")

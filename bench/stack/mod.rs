@@ -1,6 +1,7 @@
-//! Talking to the local stack that scripts/bench brings up: Postgres, Kafka and the
-//! relay's binary. Scenarios measure through these helpers and never open their own
-//! connections or processes some other way, so every figure goes through the same path.
+//! Talking to the local stack that scripts/bench brings up (Postgres, Kafka, the
+//! relay's binary), and the run's settings. Nothing here measures or summarises:
+//! the scenarios decide what a figure is, and all of them share these helpers, so
+//! every figure reaches the stack the same way.
 
 pub(crate) mod kafka;
 pub(crate) mod pg;
