@@ -31,6 +31,25 @@ pub enum PayloadFormat {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Delivery {
+    #[default]
+    AtLeastOnce,
+    ExactlyOnce,
+}
+
+/// `--delivery exactly-once`: where the position is kept and how Kafka
+/// transactions are cut.
+#[derive(Debug, Clone)]
+pub struct ExactlyOnceConfig {
+    /// None: derived from the system identifier and the slot.
+    pub transactional_id: Option<String>,
+    pub progress_topic: String,
+    /// How long a Kafka transaction may collect whole Postgres transactions.
+    pub max_duration: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     #[default]
@@ -87,6 +106,8 @@ pub struct RelayConfig {
     /// None when the HTTP endpoint is off.
     pub http_address: Option<std::net::SocketAddr>,
     pub error_policy: ErrorPolicy,
+    /// Some with `--delivery exactly-once`.
+    pub exactly_once: Option<ExactlyOnceConfig>,
     pub log_format: LogFormat,
 }
 

@@ -168,6 +168,29 @@ pub struct Options {
     #[arg(long, env = "OUTBOX_RELAY_RECONNECT_MAX_BACKOFF")]
     pub reconnect_max_backoff: Option<f64>,
 
+    /// `at-least-once`: a crash may publish an event again, with the same id.
+    /// `exactly-once`: one Kafka transaction per Postgres transaction (or
+    /// several whole ones), with the position kept in --progress-topic, so
+    /// a read_committed consumer sees each event once [default: at-least-once].
+    #[arg(long, env = "OUTBOX_RELAY_DELIVERY", value_enum)]
+    pub delivery: Option<Delivery>,
+
+    /// With exactly-once: the producer's transactional.id [default:
+    /// outbox-relay-<system identifier>-<slot>].
+    #[arg(long, env = "OUTBOX_RELAY_TRANSACTIONAL_ID")]
+    pub transactional_id: Option<String>,
+
+    /// With exactly-once: the compacted topic holding each slot's last
+    /// position committed to Kafka; created if missing [default:
+    /// outbox-relay.progress].
+    #[arg(long, env = "OUTBOX_RELAY_PROGRESS_TOPIC")]
+    pub progress_topic: Option<String>,
+
+    /// With exactly-once: seconds a Kafka transaction may collect whole
+    /// Postgres transactions before it commits [default: 0.1].
+    #[arg(long, env = "OUTBOX_RELAY_TRANSACTION_MAX_DURATION")]
+    pub transaction_max_duration: Option<f64>,
+
     /// What to do with an event that cannot be published as configured:
     /// `halt` (stop; the slot stays before it) or `dead-letter` [default: halt].
     #[arg(long, env = "OUTBOX_RELAY_ON_ERROR", value_enum)]
@@ -251,6 +274,10 @@ impl Options {
             reconnect_max_backoff,
             event_type_column,
             http_address,
+            delivery,
+            transactional_id,
+            progress_topic,
+            transaction_max_duration,
             on_error,
             on_error_override,
             dead_letter_topic,

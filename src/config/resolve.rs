@@ -11,8 +11,8 @@ use crate::pipeline::route::router::{
 };
 
 use super::{
-    kafka_properties, seconds, slot_name, sql_name, ConfigError, Options, PayloadFormat, Preset,
-    RelayConfig, StreamingConfig,
+    kafka_properties, seconds, slot_name, sql_name, ConfigError, Delivery, ExactlyOnceConfig,
+    Options, PayloadFormat, Preset, RelayConfig, StreamingConfig,
 };
 
 impl RelayConfig {
@@ -46,6 +46,7 @@ impl RelayConfig {
         let max_inflight_bytes =
             at_least_one("max_inflight_bytes", o.max_inflight_bytes.unwrap_or(16 << 20))?;
         let messages = messages(&mut o)?;
+        let exactly_once = exactly_once(&mut o, &error_policy, messages.is_some())?;
         if let Some(v) = o.protocol_version.filter(|v| !(1..=4).contains(v)) {
             return Err(ConfigError::Invalid {
                 option: "protocol_version",
@@ -91,6 +92,7 @@ impl RelayConfig {
             )?,
             http_address: http_address(o.http_address.as_deref())?,
             error_policy,
+            exactly_once,
             log_format: o.log_format.unwrap_or_default(),
         })
     }
@@ -260,4 +262,52 @@ fn http_address(v: Option<&str>) -> Result<Option<std::net::SocketAddr>, ConfigE
         })?),
         None => Some(std::net::SocketAddr::from(([127, 0, 0, 1], 9464))),
     })
+}
+
+/// `--delivery exactly-once`, and what it cannot be combined with yet: each
+/// of those would need its own unit in the Kafka transaction (a streamed
+/// transaction's replay, a message outside any transaction, a dead-letter
+/// record decided after the fact).
+fn exactly_once(
+    o: &mut Options,
+    policy: &ErrorPolicy,
+    messages: bool,
+) -> Result<Option<ExactlyOnceConfig>, ConfigError> {
+    if o.delivery.unwrap_or_default() != Delivery::ExactlyOnce {
+        return Ok(None);
+    }
+    let refuse = |option: &'static str, value: &str| ConfigError::Invalid {
+        option,
+        value: value.to_string(),
+        reason: "not supported with --delivery exactly-once yet: leave it out, or use --delivery at-least-once".into(),
+    };
+    if o.streaming.unwrap_or(false) {
+        return Err(refuse("streaming", "true"));
+    }
+    if messages {
+        return Err(refuse("message_prefix", "<set>"));
+    }
+    if policy.may_dead_letter_anything() {
+        return Err(refuse("on_error", "dead-letter"));
+    }
+    let progress_topic = o
+        .progress_topic
+        .take()
+        .unwrap_or_else(|| "outbox-relay.progress".to_string());
+    if let Err(reason) = validate_topic(&progress_topic) {
+        return Err(ConfigError::Invalid {
+            option: "progress_topic",
+            value: progress_topic,
+            reason,
+        });
+    }
+    let transactional_id = o.transactional_id.take().filter(|t| !t.trim().is_empty());
+    Ok(Some(ExactlyOnceConfig {
+        transactional_id,
+        progress_topic,
+        max_duration: seconds(
+            "transaction_max_duration",
+            o.transaction_max_duration.unwrap_or(0.1),
+        )?,
+    }))
 }

@@ -53,6 +53,12 @@ pub struct Metrics {
     pub partition_count_changes: Family<TopicLabels, Counter>,
     pub up: Gauge,
     pub reconnects: Counter,
+    /// Exactly-once: Kafka transactions committed and aborted, commit time,
+    /// and Postgres transactions the progress topic showed already published.
+    pub kafka_transactions_committed: Counter,
+    pub kafka_transactions_aborted: Counter,
+    pub kafka_commit_duration: Histogram,
+    pub transactions_skipped: Counter,
     /// Streamed, uncommitted changes held in memory / spilled to disk.
     pub stream_buffer_bytes: Gauge,
     /// A counter over the process's life (each session has its own buffer).
@@ -180,8 +186,36 @@ impl Metrics {
             "Replication sessions started again after an error",
             reconnects.clone(),
         );
+        let kafka_transactions_committed = Counter::default();
+        let kafka_transactions_aborted = Counter::default();
+        let kafka_commit_duration = Histogram::new(latency_buckets());
+        let transactions_skipped = Counter::default();
+        registry.register(
+            "outbox_kafka_transactions_committed",
+            "Kafka transactions committed (--delivery exactly-once)",
+            kafka_transactions_committed.clone(),
+        );
+        registry.register(
+            "outbox_kafka_transactions_aborted",
+            "Kafka transactions aborted or abandoned after an error (--delivery exactly-once); their events are published again in a later transaction",
+            kafka_transactions_aborted.clone(),
+        );
+        registry.register(
+            "outbox_kafka_commit_duration_seconds",
+            "Time commit_transaction took, including the flush of the transaction's records (--delivery exactly-once)",
+            kafka_commit_duration.clone(),
+        );
+        registry.register(
+            "outbox_transactions_skipped",
+            "Postgres transactions the slot sent again that the progress topic shows already committed to Kafka (--delivery exactly-once): not published again",
+            transactions_skipped.clone(),
+        );
         Metrics {
             registry,
+            kafka_transactions_committed,
+            kafka_transactions_aborted,
+            kafka_commit_duration,
+            transactions_skipped,
             events_published,
             publish_errors,
             publish_duration,

@@ -190,6 +190,10 @@ fn consume_blocking(
         if records.len() >= at_least && partitions.len() == topics.len() {
             // Read on to the high watermarks so duplicates are seen too.
             let mut behind = false;
+            // The consumer's position, not the last record's offset: in a
+            // transactional topic the last offsets are commit markers, which
+            // are never handed out but which the position passes.
+            let positions = consumer.position().expect("positions");
             for (t, n) in &partitions {
                 for p in 0..*n {
                     let (_, high) = consumer
@@ -201,7 +205,11 @@ fn consume_blocking(
                         .map(|r| r.offset + 1)
                         .max()
                         .unwrap_or(0);
-                    behind |= seen < high;
+                    let position = positions
+                        .find_partition(t, p)
+                        .and_then(|e| e.offset().to_raw())
+                        .unwrap_or(0);
+                    behind |= seen.max(position) < high;
                 }
             }
             if !behind {

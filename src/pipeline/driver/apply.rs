@@ -127,6 +127,7 @@ impl State {
             LogicalMessage::Begin(b) => self.on_begin(b.final_lsn, b.commit_time)?,
             LogicalMessage::Commit(c) => {
                 self.checkpoint.commit(c.end_lsn)?;
+                self.eos_commit();
                 self.summary.transactions += 1;
             }
             LogicalMessage::Relation(rel) => {
@@ -166,7 +167,8 @@ impl State {
 
     fn on_begin(&mut self, final_lsn: Lsn, commit_time: i64) -> Result<(), PipelineError> {
         self.commit_time = commit_time;
-        if !self.first_begin_seen {
+        let in_kafka = self.eos_begin(final_lsn);
+        if !self.first_begin_seen && !in_kafka {
             self.first_begin_seen = true;
             // The server resumes after the slot's confirmed position; a
             // transaction at or before it means the server is resending
@@ -184,6 +186,10 @@ impl State {
     }
 
     async fn on_insert(&mut self, ins: Insert, wal_start: Lsn) -> Result<(), PipelineError> {
+        // Exactly-once: its transaction is in Kafka already.
+        if self.eos_skipping() {
+            return Ok(());
+        }
         let rec = match self.router.route(&ins) {
             Ok(Routed::Record(rec)) => rec,
             Ok(Routed::OtherTable(table)) => {
@@ -211,6 +217,7 @@ impl State {
             since_commit_ms = (crate::pipeline::source::pg_now() - self.commit_time) / 1000,
             "event enqueued"
         );
+        self.eos_before_enqueue()?;
         self.enqueue_tracked(rec, txn, wal_start, false).await?;
         self.summary.events += 1;
         Ok(())

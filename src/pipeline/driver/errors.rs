@@ -10,6 +10,8 @@ use crate::pipeline::decode::pgoutput::DecodeError;
 use crate::pipeline::decode::stream_buffer::StreamBufferError;
 use crate::pipeline::policy::ErrorKind;
 use crate::pipeline::route::router::RouteError;
+use crate::pipeline::sink::progress::ProgressError;
+use crate::pipeline::sink::transactions::TxnError;
 use crate::pipeline::sink::SinkError;
 use crate::pipeline::source::ReplicationError;
 
@@ -57,6 +59,10 @@ pub enum PipelineError {
     BatchTooLarge(Box<BatchTooLarge>),
     #[error("{0}")]
     Config(String),
+    #[error("exactly-once: {0}")]
+    Transaction(#[from] TxnError),
+    #[error(transparent)]
+    Progress(#[from] ProgressError),
 }
 
 impl PipelineError {
@@ -98,6 +104,14 @@ impl PipelineError {
             },
             PipelineError::Delivery(d) => delivery_is_retriable(&d.error),
             PipelineError::ServerEnded => true,
+            // A new session builds a new producer, whose init_transactions
+            // aborts what this one left open; it resumes from the progress
+            // topic. Fenced too: if another relay holds the slot now, the
+            // next session waits for it as a standby.
+            PipelineError::Transaction(_) => true,
+            PipelineError::Progress(
+                ProgressError::Kafka { .. } | ProgressError::ReadTimeout { .. },
+            ) => true,
             _ => false,
         }
     }

@@ -24,6 +24,7 @@ use crate::observe::metrics::Metrics;
 
 mod apply;
 mod errors;
+mod exactly_once;
 mod heartbeat;
 mod open;
 mod session;

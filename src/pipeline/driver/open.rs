@@ -169,6 +169,7 @@ pub(super) struct Opened {
     pub(super) protocol: u32,
     pub(super) sink: KafkaSink,
     pub(super) acks: mpsc::UnboundedReceiver<Ack>,
+    pub(super) system_id: String,
 }
 
 /// An error for a step that took longer than `limit`: the connection is
@@ -234,7 +235,19 @@ pub(super) async fn open(cfg: &RelayConfig, resume: Option<Lsn>) -> Result<Opene
         }
         // Before START_REPLICATION: a producer setting the relay refuses
         // stops it before the slot is touched.
-        let (sink, acks) = KafkaSink::new(&cfg.kafka_brokers, &cfg.kafka_properties)?;
+        let (sink, acks) = match &cfg.exactly_once {
+            Some(e) => {
+                crate::pipeline::sink::progress::ensure_topic(
+                    &cfg.kafka_brokers,
+                    &cfg.kafka_properties,
+                    &e.progress_topic,
+                )
+                .await?;
+                let id = super::exactly_once::transactional_id(e, &system.system_id, &cfg.slot);
+                KafkaSink::transactional(&cfg.kafka_brokers, &cfg.kafka_properties, &id)?
+            }
+            None => KafkaSink::new(&cfg.kafka_brokers, &cfg.kafka_properties)?,
+        };
         tracing::info!(
             server_version,
             protocol,
@@ -274,6 +287,7 @@ pub(super) async fn open(cfg: &RelayConfig, resume: Option<Lsn>) -> Result<Opene
             protocol,
             sink,
             acks,
+            system_id: system.system_id,
         })
     };
     match cfg.replication_timeout {

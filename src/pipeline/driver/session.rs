@@ -14,6 +14,7 @@ use crate::pipeline::sink::Prober;
 use crate::pipeline::source::{ReplicationMessage, ReplicationReader, ReplicationWriter};
 
 use super::errors::PipelineError;
+use super::exactly_once::{commit_finished, Transactions};
 use super::heartbeat::heartbeat;
 use super::open::{open, timed_out, Opened};
 use super::state::State;
@@ -46,6 +47,7 @@ pub(super) async fn session(
         protocol,
         sink,
         acks,
+        system_id,
     } = opened;
     let (mut reader, mut writer) = (stream.reader, stream.writer);
     summary.streamed = true;
@@ -58,14 +60,20 @@ pub(super) async fn session(
         .map(|every| tokio::spawn(heartbeat(cfg.clone(), every)));
 
     let mut state = State::new(cfg, slot.confirmed, protocol, (sink, acks), metrics, column_types);
-    let result = stream_loop(
-        cfg,
-        status_interval,
-        &mut state,
-        &mut reader,
-        &mut writer,
-        shutdown.as_mut(),
-    )
+    let result = async {
+        if let Some(e) = &cfg.exactly_once {
+            state.eos = Some(Transactions::start(cfg, e, &state.sink, &system_id).await?);
+        }
+        stream_loop(
+            cfg,
+            status_interval,
+            &mut state,
+            &mut reader,
+            &mut writer,
+            shutdown.as_mut(),
+        )
+        .await
+    }
     .await;
     match &result {
         // A delivery failed: records enqueued after it must not reach the
@@ -73,6 +81,9 @@ pub(super) async fn session(
         // of commit order. Abandon the producer now; the next session
         // resumes from the slot.
         Err(PipelineError::Delivery(_)) => state.sink.abandon(),
+        // Exactly-once: the open Kafka transaction is dropped with the
+        // producer; the next session's init_transactions aborts it.
+        Err(PipelineError::Transaction(_)) => state.sink.abandon(),
         Err(PipelineError::Replication(_) | PipelineError::ServerEnded) | Ok(()) => {}
         // The stop already waited its time for the deliveries.
         Err(PipelineError::ShutdownTimeout { .. }) => {}
@@ -88,15 +99,13 @@ pub(super) async fn session(
     if let Some(types) = state.router.column_types() {
         *column_types = Some(types.clone());
     }
-    state.summary.confirmed = state.checkpoint.confirmed();
+    state.summary.confirmed = state.confirmable();
     state.summary.streamed = true;
     state.update_gauges();
     *summary = state.summary.clone();
     // Whatever happened, report the last safe position; a failure here only
     // means the connection is already gone.
-    let _ = writer
-        .send_status(state.checkpoint.confirmed(), false)
-        .await;
+    let _ = writer.send_status(state.confirmable(), false).await;
     if result.is_ok() {
         close(&mut reader, &mut writer).await;
     }
@@ -149,6 +158,9 @@ struct Turns {
     shutdown_deadline: Option<Instant>,
     last_heard: Instant,
     pinged: bool,
+    /// The last burst of reading ended because nothing more was buffered:
+    /// an exactly-once transaction at a boundary may commit now.
+    stream_idle: bool,
 }
 
 impl Turns {
@@ -177,7 +189,7 @@ impl Turns {
         match self.shutdown_deadline {
             Some(deadline) if Instant::now() >= deadline => Err(PipelineError::ShutdownTimeout {
                 inflight: state.checkpoint.inflight(),
-                confirmed: state.checkpoint.confirmed(),
+                confirmed: state.confirmable(),
             }),
             _ => Ok(()),
         }
@@ -199,7 +211,7 @@ impl Turns {
         state.settle_too_large()?;
         state.flush_redo().await?;
         state.update_gauges();
-        let confirmed = state.checkpoint.confirmed();
+        let confirmed = state.confirmable();
         if confirmed != self.last_sent || self.last_sent_at.elapsed() >= status_interval {
             if confirmed != self.last_sent {
                 tracing::debug!(%confirmed, "confirmed position moved");
@@ -264,8 +276,7 @@ impl Turns {
                         state.checkpoint.idle(wal_end);
                     }
                     if reply_requested {
-                        self.send_status(writer, state.checkpoint.confirmed(), false)
-                            .await?;
+                        self.send_status(writer, state.confirmable(), false).await?;
                     }
                 }
                 ReplicationMessage::CopyDone => return Err(PipelineError::ServerEnded),
@@ -277,6 +288,9 @@ impl Turns {
                 && (!stopping || state.checkpoint.in_transaction());
             if keep_reading {
                 next = reader.try_next()?;
+                self.stream_idle = next.is_none();
+            } else {
+                self.stream_idle = false;
             }
         }
         Ok(())
@@ -295,11 +309,12 @@ pub(super) async fn stream_loop(
     let mut tick = tokio::time::interval(FEEDBACK_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut turns = Turns {
-        last_sent: state.checkpoint.confirmed(),
+        last_sent: state.confirmable(),
         last_sent_at: Instant::now(),
         shutdown_deadline: None,
         last_heard: Instant::now(),
         pinged: false,
+        stream_idle: false,
     };
     writer.send_status(turns.last_sent, false).await?;
 
@@ -308,12 +323,23 @@ pub(super) async fn stream_loop(
         let stopping = turns.shutdown_deadline.is_some();
         // On shutdown, finish the open transaction so that a restart resends
         // nothing that was published: the server sends whole transactions.
-        if stopping && !state.checkpoint.in_transaction() && state.checkpoint.inflight() == 0 {
+        if stopping
+            && !state.checkpoint.in_transaction()
+            && state.checkpoint.inflight() == 0
+            && state.eos_settled()
+        {
             return Ok(());
         }
+        if state.eos_commit_due(cfg, turns.stream_idle, stopping) {
+            state.eos_start_commit()?;
+        }
+        let committing = state.eos.as_ref().is_some_and(|t| t.committing());
         let replaying = state.replaying.is_some();
         let room = state.has_room(cfg);
-        let can_read = !replaying && room && (!stopping || state.checkpoint.in_transaction());
+        let can_read = !replaying
+            && !committing
+            && room
+            && (!stopping || state.checkpoint.in_transaction());
         if !can_read {
             // Not reading (backpressure, a replay): silence from the server
             // says nothing now. A dead connection still shows when a status
@@ -336,7 +362,7 @@ pub(super) async fn stream_loop(
             if turns.last_sent_at.elapsed() >= FEEDBACK_TICK {
                 state.update_gauges();
                 turns
-                    .send_status(writer, state.checkpoint.confirmed(), false)
+                    .send_status(writer, state.confirmable(), false)
                     .await?;
             }
             continue;
@@ -354,6 +380,10 @@ pub(super) async fn stream_loop(
                 state.drain_acks()?;
                 state.flush_redo().await?;
                 state.pump_waiting()?;
+            }
+            finished = commit_finished(&mut state.eos), if committing => {
+                state.eos_committed(finished)?;
+                state.drain_acks()?;
             }
             // Before the WAL: under a continuous stream the read branch is
             // always ready, and status updates must not wait behind it.

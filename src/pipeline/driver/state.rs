@@ -23,6 +23,7 @@ use crate::pipeline::policy::{self, ErrorKind, ErrorPolicy, Failed, Policy};
 use crate::pipeline::route::messages::MessageConfig;
 use crate::pipeline::route::router::{OutboxRecord, RouteError, Router};
 use crate::pipeline::sink::inflight::InFlight;
+use crate::pipeline::sink::transactions::{TxnError, TxnFailure, PROGRESS_TAG};
 use crate::pipeline::sink::{Ack, Enqueued, KafkaSink, SinkError};
 
 use super::errors::{BatchTooLarge, DeliveryFailure, PipelineError};
@@ -60,6 +61,8 @@ pub(super) struct Replaying {
 }
 
 pub(super) struct State {
+    /// Kafka transactions, with `--delivery exactly-once`.
+    pub(super) eos: Option<super::exactly_once::Transactions>,
     /// Buffers streamed in-progress transactions (with --streaming).
     pub(super) stream: Option<StreamBuffer>,
     pub(super) replaying: Option<Replaying>,
@@ -126,6 +129,7 @@ impl State {
         column_types: &Option<HashMap<String, u32>>,
     ) -> State {
         State {
+            eos: None,
             router: Router::with_column_types(cfg.router.clone(), column_types.clone()),
             checkpoint: Checkpoint::new(confirmed),
             sink,
@@ -163,6 +167,18 @@ impl State {
     }
 
     pub(super) fn on_ack(&mut self, ack: Ack) -> Result<(), PipelineError> {
+        if ack.tag == PROGRESS_TAG {
+            // The commit fails too if it did not arrive; saying why here
+            // names the progress topic.
+            return match ack.result {
+                Ok(_) => Ok(()),
+                Err(error) => Err(PipelineError::Transaction(TxnError {
+                    kind: TxnFailure::Abortable,
+                    what: "writing the progress record",
+                    error,
+                })),
+            };
+        }
         let pending = self
             .pending
             .take(ack.tag)
@@ -244,7 +260,7 @@ impl State {
                     topic: ack.topic,
                     commit_lsn: self.commit_lsn_text(pending.txn),
                     error,
-                    confirmed: self.checkpoint.confirmed(),
+                    confirmed: self.confirmable(),
                 })))
             }
         }
@@ -459,7 +475,7 @@ impl State {
 
     /// Refreshes the gauges that describe the stream's state.
     pub(super) fn update_gauges(&mut self) {
-        let confirmed = self.checkpoint.confirmed();
+        let confirmed = self.confirmable();
         self.metrics.confirmed_lsn.set(confirmed.0 as i64);
         self.metrics
             .inflight_events
@@ -512,7 +528,7 @@ impl State {
                 records: n,
                 commit_lsn: self.commit_lsn_text(pending.txn),
                 error,
-                confirmed: self.checkpoint.confirmed(),
+                confirmed: self.confirmable(),
             })));
         }
         if let Some((pending, topic, error)) = self.too_large.pop() {

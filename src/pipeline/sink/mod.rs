@@ -98,6 +98,8 @@ const REQUIRED: &[(&str, &str, &str)] = &[
 /// librdkafka's other names for the required properties.
 pub mod client;
 pub mod inflight;
+pub mod progress;
+pub mod transactions;
 
 const ALIASES: &[(&str, &str)] = &[
     ("delivery.timeout.ms", "message.timeout.ms"),
@@ -219,21 +221,31 @@ fn canonical_name(key: &str) -> &str {
 /// wins, as in librdkafka.
 pub fn refuse_weakened(properties: &[(String, String)]) -> Result<(), SinkError> {
     for (k, v, why) in REQUIRED {
-        let user = properties
-            .iter()
-            .rev()
-            .find(|(key, _)| canonical_name(key) == *k)
-            .map(|(_, value)| value.trim());
-        if let Some(user) = user {
-            let same = user.eq_ignore_ascii_case(v) || (*k == "acks" && user == "-1");
-            if !same {
-                return Err(SinkError::Weakened {
-                    key: k.to_string(),
-                    value: user.to_string(),
-                    required: v.to_string(),
-                    why,
-                });
-            }
+        refuse_one(properties, k, v, why)?;
+    }
+    Ok(())
+}
+
+fn refuse_one(
+    properties: &[(String, String)],
+    k: &str,
+    v: &str,
+    why: &'static str,
+) -> Result<(), SinkError> {
+    let user = properties
+        .iter()
+        .rev()
+        .find(|(key, _)| canonical_name(key) == k)
+        .map(|(_, value)| value.trim());
+    if let Some(user) = user {
+        let same = user.eq_ignore_ascii_case(v) || (k == "acks" && user == "-1");
+        if !same {
+            return Err(SinkError::Weakened {
+                key: k.to_string(),
+                value: user.to_string(),
+                required: v.to_string(),
+                why,
+            });
         }
     }
     Ok(())
@@ -262,6 +274,28 @@ impl KafkaSink {
         brokers: &str,
         properties: &[(String, String)],
     ) -> Result<(Self, mpsc::UnboundedReceiver<Ack>), SinkError> {
+        Self::build(brokers, properties, None)
+    }
+
+    /// A transactional producer (`--delivery exactly-once`). Deliveries may
+    /// time out here (librdkafka's default, the transaction timeout): a
+    /// failed record fails its whole transaction, which is aborted and sent
+    /// again, so a timed-out record cannot leave a gap that later records
+    /// pass. An endless message timeout would instead let a commit wait
+    /// forever on a broker that is down.
+    pub fn transactional(
+        brokers: &str,
+        properties: &[(String, String)],
+        transactional_id: &str,
+    ) -> Result<(Self, mpsc::UnboundedReceiver<Ack>), SinkError> {
+        Self::build(brokers, properties, Some(transactional_id))
+    }
+
+    fn build(
+        brokers: &str,
+        properties: &[(String, String)],
+        transactional_id: Option<&str>,
+    ) -> Result<(Self, mpsc::UnboundedReceiver<Ack>), SinkError> {
         let mut cfg = client::client_config(
             brokers,
             "outbox-relay",
@@ -275,9 +309,17 @@ impl KafkaSink {
             ],
             properties,
         );
-        refuse_weakened(properties)?;
-        for (k, v, _) in REQUIRED {
+        let required = REQUIRED
+            .iter()
+            .filter(|(k, _, _)| transactional_id.is_none() || *k != "message.timeout.ms");
+        for (k, v, why) in required.clone() {
+            refuse_one(properties, k, v, why)?;
+        }
+        for (k, v, _) in required {
             cfg.set(*k, *v);
+        }
+        if let Some(id) = transactional_id {
+            cfg.set("transactional.id", id);
         }
         let (tx, rx) = mpsc::unbounded_channel();
         let producer = cfg

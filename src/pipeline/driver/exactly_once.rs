@@ -1,0 +1,281 @@
+//! `--delivery exactly-once` in a session: Kafka transactions cut at
+//! Postgres transaction boundaries, the progress record written in each, and
+//! the rule for what may be confirmed.
+//!
+//! Why a position is safe to confirm here. A delivery report inside an open
+//! Kafka transaction only says the broker holds the record; the transaction
+//! may still abort. So while a Kafka transaction is open, the position sent
+//! to Postgres is held at the checkpoint's position when it began (`gate`):
+//! everything before that was in a committed Kafka transaction or published
+//! nothing. Once `commit_transaction` returns, the gate opens and the
+//! checkpoint's own rule (a contiguous prefix acknowledged) applies again.
+//! Acknowledged records of an aborted transaction never count: the session
+//! ends, and the next one starts from the slot and the progress topic.
+//!
+//! Why nothing is published twice. Each Kafka transaction carries, on the
+//! progress topic, the commit LSN of its last Postgres transaction. A new
+//! session reads the last committed one (after `init_transactions`, which
+//! settles what an earlier producer left open) and skips every Postgres
+//! transaction whose commit LSN is at or before it: those are in Kafka even
+//! when the slot was not confirmed past them (a crash between the Kafka
+//! commit and the status update, or a slot put back).
+
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinHandle;
+
+use crate::config::{ExactlyOnceConfig, RelayConfig};
+use crate::lsn::Lsn;
+use crate::pipeline::sink::progress;
+use crate::pipeline::sink::transactions::{TxnError, TxnFailure};
+use crate::pipeline::sink::{Enqueued, KafkaSink};
+
+use super::errors::PipelineError;
+use super::state::State;
+
+/// How long init_transactions and a commit may take before the session
+/// ends and starts over: under the walsender's default timeout (60 s), since
+/// status updates still go out meanwhile but reading stops.
+const TXN_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The transactional.id: the operator's, or one per database and slot, so
+/// that a second relay on the same slot fences the first.
+pub(super) fn transactional_id(e: &ExactlyOnceConfig, system_id: &str, slot: &str) -> String {
+    e.transactional_id
+        .clone()
+        .unwrap_or_else(|| format!("outbox-relay-{system_id}-{slot}"))
+}
+
+pub(super) struct Transactions {
+    progress_topic: String,
+    key: Vec<u8>,
+    system_id: String,
+    slot: String,
+    max_duration: Duration,
+    /// The commit LSN of the last Postgres transaction known to be in a
+    /// committed Kafka transaction: from the progress topic, then ours.
+    committed: Option<Lsn>,
+    /// The Postgres transaction being decoded: its commit LSN, and whether
+    /// it is already in Kafka (skipped).
+    current: Option<(Lsn, bool)>,
+    /// While a Kafka transaction is open: the checkpoint's position when it
+    /// began, the most that may be confirmed until it commits.
+    gate: Option<Lsn>,
+    opened_at: Instant,
+    /// Commit LSN of the last whole Postgres transaction in the open Kafka
+    /// transaction.
+    last_in_batch: Option<Lsn>,
+    committing: Option<(JoinHandle<Result<(), TxnError>>, Instant)>,
+    commit_tries: u32,
+}
+
+impl Transactions {
+    /// After START_REPLICATION: the slot is this session's, so registering
+    /// the transactional.id fences only a producer of a relay that lost it.
+    pub(super) async fn start(
+        cfg: &RelayConfig,
+        e: &ExactlyOnceConfig,
+        sink: &KafkaSink,
+        system_id: &str,
+    ) -> Result<Transactions, PipelineError> {
+        sink.init_transactions(TXN_CALL_TIMEOUT).await?;
+        let key = progress::key(system_id, &cfg.slot);
+        let (brokers, props, topic, k) = (
+            cfg.kafka_brokers.clone(),
+            cfg.kafka_properties.clone(),
+            e.progress_topic.clone(),
+            key.clone(),
+        );
+        let committed = tokio::task::spawn_blocking(move || {
+            progress::read_last(&brokers, &props, &topic, &k, TXN_CALL_TIMEOUT)
+        })
+        .await
+        .map_err(|_| PipelineError::Config("reading the progress topic: the task died".into()))??;
+        tracing::info!(
+            progress_topic = %e.progress_topic,
+            committed = %committed.map(|l| l.to_string()).unwrap_or_else(|| "none".into()),
+            "exactly-once: transactions committed at or before this position are in Kafka and are not published again"
+        );
+        Ok(Transactions {
+            progress_topic: e.progress_topic.clone(),
+            key,
+            system_id: system_id.to_string(),
+            slot: cfg.slot.clone(),
+            max_duration: e.max_duration,
+            committed,
+            current: None,
+            gate: None,
+            opened_at: Instant::now(),
+            last_in_batch: None,
+            committing: None,
+            commit_tries: 0,
+        })
+    }
+
+    pub(super) fn committing(&self) -> bool {
+        self.committing.is_some()
+    }
+
+    fn is_open(&self) -> bool {
+        self.gate.is_some()
+    }
+}
+
+impl State {
+    /// The most that may be confirmed now: the checkpoint's position, held at
+    /// the gate while a Kafka transaction is open.
+    pub(super) fn confirmable(&self) -> Lsn {
+        let confirmed = self.checkpoint.confirmed();
+        match self.eos.as_ref().and_then(|t| t.gate) {
+            Some(gate) => confirmed.min(gate),
+            None => confirmed,
+        }
+    }
+
+    /// A Postgres transaction begins. Whether it is already in Kafka.
+    pub(super) fn eos_begin(&mut self, commit_lsn: Lsn) -> bool {
+        let Some(t) = self.eos.as_mut() else {
+            return false;
+        };
+        let skip = t.committed.is_some_and(|c| commit_lsn <= c);
+        t.current = Some((commit_lsn, skip));
+        if skip {
+            self.metrics.transactions_skipped.inc();
+        }
+        skip
+    }
+
+    /// The Postgres transaction being decoded is in Kafka already.
+    pub(super) fn eos_skipping(&self) -> bool {
+        self.eos
+            .as_ref()
+            .and_then(|t| t.current)
+            .is_some_and(|(_, skip)| skip)
+    }
+
+    /// Before a record of the current Postgres transaction is enqueued:
+    /// opens a Kafka transaction if none is.
+    pub(super) fn eos_before_enqueue(&mut self) -> Result<(), PipelineError> {
+        let confirmed = self.checkpoint.confirmed();
+        let Some(t) = self.eos.as_mut() else {
+            return Ok(());
+        };
+        if t.gate.is_none() {
+            self.sink.begin_transaction()?;
+            t.gate = Some(confirmed);
+            t.opened_at = Instant::now();
+        }
+        Ok(())
+    }
+
+    /// The Postgres transaction being decoded committed: if it published
+    /// anything, the open Kafka transaction now holds it whole.
+    pub(super) fn eos_commit(&mut self) {
+        if let Some(t) = self.eos.as_mut() {
+            if let Some((lsn, skip)) = t.current.take() {
+                if !skip && t.gate.is_some() {
+                    t.last_in_batch = Some(lsn);
+                }
+            }
+        }
+    }
+
+    /// Whether to commit the open Kafka transaction now: at a Postgres
+    /// transaction boundary, with every record handed to the producer, when
+    /// it has run `--transaction-max-duration`, the stream has nothing more
+    /// ready, reading is blocked, or the relay is stopping.
+    pub(super) fn eos_commit_due(&self, cfg: &RelayConfig, stream_idle: bool, stopping: bool) -> bool {
+        let Some(t) = self.eos.as_ref() else {
+            return false;
+        };
+        t.is_open()
+            && t.committing.is_none()
+            && t.last_in_batch.is_some()
+            && !self.checkpoint.in_transaction()
+            && self.waiting.is_empty()
+            && (stream_idle
+                || stopping
+                || t.opened_at.elapsed() >= t.max_duration
+                || !self.has_room(cfg))
+    }
+
+    /// Writes the progress record and starts the commit on a blocking thread.
+    pub(super) fn eos_start_commit(&mut self) -> Result<(), PipelineError> {
+        let Some(t) = self.eos.as_mut() else {
+            return Ok(());
+        };
+        let Some(lsn) = t.last_in_batch else {
+            return Ok(());
+        };
+        if t.commit_tries == 0 {
+            let value = progress::value(lsn, &t.system_id, &t.slot);
+            match self.sink.enqueue_progress(&t.progress_topic, &t.key, &value)? {
+                Enqueued::Yes => {}
+                // The queue is full of this transaction's records: the commit
+                // is retried on the next turn, once some are delivered.
+                Enqueued::QueueFull => return Ok(()),
+            }
+        }
+        t.committing = Some((self.sink.commit_transaction(TXN_CALL_TIMEOUT), Instant::now()));
+        Ok(())
+    }
+
+    /// The commit finished. A retriable failure commits again; any other ends
+    /// the session (the next one aborts what is left and resumes from the
+    /// progress topic).
+    pub(super) fn eos_committed(
+        &mut self,
+        result: Result<Result<(), TxnError>, tokio::task::JoinError>,
+    ) -> Result<(), PipelineError> {
+        let Some(t) = self.eos.as_mut() else {
+            return Ok(());
+        };
+        let started = t.committing.take().map(|(_, at)| at);
+        let outcome = result.unwrap_or_else(|_| {
+            Err(TxnError {
+                kind: TxnFailure::Fatal,
+                what: "commit_transaction",
+                error: rdkafka::error::KafkaError::Canceled,
+            })
+        });
+        match outcome {
+            Ok(()) => {
+                if let Some(at) = started {
+                    self.metrics
+                        .kafka_commit_duration
+                        .observe(at.elapsed().as_secs_f64());
+                }
+                self.metrics.kafka_transactions_committed.inc();
+                t.committed = t.last_in_batch.take().or(t.committed);
+                t.gate = None;
+                t.commit_tries = 0;
+                Ok(())
+            }
+            Err(e) if e.kind == TxnFailure::Retriable && t.commit_tries < 10 => {
+                tracing::warn!(error = %e, "committing the Kafka transaction again");
+                t.commit_tries += 1;
+                self.eos_start_commit()
+            }
+            Err(e) => {
+                self.metrics.kafka_transactions_aborted.inc();
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Whether the session may end now: no Kafka transaction open.
+    pub(super) fn eos_settled(&self) -> bool {
+        self.eos.as_ref().is_none_or(|t| !t.is_open())
+    }
+}
+
+/// Waits for the commit in progress; pending forever when there is none
+/// (the loop only polls it while committing).
+pub(super) async fn commit_finished(
+    eos: &mut Option<Transactions>,
+) -> Result<Result<(), TxnError>, tokio::task::JoinError> {
+    match eos.as_mut().and_then(|t| t.committing.as_mut()) {
+        Some((handle, _)) => handle.await,
+        None => std::future::pending().await,
+    }
+}

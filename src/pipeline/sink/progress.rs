@@ -1,0 +1,236 @@
+//! The progress topic of `--delivery exactly-once`: where the relay keeps,
+//! in the same Kafka transaction as the events, the commit LSN of the last
+//! Postgres transaction those events came from. A read_committed reader of
+//! it sees exactly the transactions whose events are visible, so it, not
+//! the slot, says what a restart must not publish again.
+//!
+//! One record per Kafka transaction, keyed by the database's system
+//! identifier and the slot, always to partition 0; the topic is compacted,
+//! so it keeps about one record per key. Owns the topic's creation and
+//! reading it back; the records themselves go out through the sink's
+//! transactional producer.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+use super::client::client_config;
+use crate::lsn::Lsn;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProgressError {
+    #[error("progress topic {topic}: {what}: {error}")]
+    Kafka {
+        topic: String,
+        what: &'static str,
+        error: KafkaError,
+    },
+    #[error("progress topic {topic} has cleanup.policy={policy}, so it grows by one record per Kafka transaction: make it compacted (kafka-configs.sh --alter --entity-type topics --entity-name {topic} --add-config cleanup.policy=compact) or name another --progress-topic")]
+    NotCompacted { topic: String, policy: String },
+    #[error("progress topic {topic}: not read to its end within {timeout:?}; check that the brokers are reachable and that this principal may read it")]
+    ReadTimeout { topic: String, timeout: Duration },
+    #[error("progress topic {topic}: the record for {key} at offset {offset} is not one this relay writes ({reason}); another program writes to the topic: name a topic of the relay's own with --progress-topic")]
+    BadRecord {
+        topic: String,
+        key: String,
+        offset: i64,
+        reason: String,
+    },
+}
+
+/// The key of a slot's records: several relays (several databases, several
+/// slots) may share one progress topic.
+pub fn key(system_id: &str, slot: &str) -> Vec<u8> {
+    format!("{system_id}/{slot}").into_bytes()
+}
+
+/// A progress record's value: the commit LSN, plus what helps a person
+/// reading the topic.
+pub fn value(commit_lsn: Lsn, system_id: &str, slot: &str) -> Vec<u8> {
+    serde_json::json!({
+        "commit_lsn": commit_lsn.to_string(),
+        "system_id": system_id,
+        "slot": slot,
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// The commit LSN of a progress record's value.
+pub fn parse(value: &[u8]) -> Result<Lsn, String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(value).map_err(|e| format!("not JSON: {e}"))?;
+    v["commit_lsn"]
+        .as_str()
+        .ok_or("no commit_lsn")?
+        .parse()
+        .map_err(|e| format!("commit_lsn: {e}"))
+}
+
+/// Creates the topic if it does not exist (one partition, compacted, as
+/// many replicas as the cluster has brokers, up to 3), and refuses one that
+/// is not compacted.
+pub async fn ensure_topic(
+    brokers: &str,
+    properties: &[(String, String)],
+    topic: &str,
+) -> Result<(), ProgressError> {
+    let err = |what: &'static str| {
+        move |error: KafkaError| ProgressError::Kafka {
+            topic: topic.to_string(),
+            what,
+            error,
+        }
+    };
+    let cfg = client_config(brokers, "outbox-relay-progress", &[], properties);
+    let admin: AdminClient<DefaultClientContext> = cfg.create().map_err(err("admin client"))?;
+    let probe_cfg = cfg.clone();
+    let probe_topic = topic.to_string();
+    let (exists, brokers_seen) = tokio::task::spawn_blocking(move || {
+        let c: BaseConsumer = probe_cfg.create()?;
+        let md = c.fetch_metadata(Some(&probe_topic), Duration::from_secs(10))?;
+        let exists = md
+            .topics()
+            .first()
+            .is_some_and(|t| t.error().is_none() && !t.partitions().is_empty());
+        Ok::<_, KafkaError>((exists, md.brokers().len()))
+    })
+    .await
+    .map_err(|_| err("metadata")(KafkaError::Canceled))?
+    .map_err(err("metadata"))?;
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    if !exists {
+        let replicas = brokers_seen.clamp(1, 3) as i32;
+        let new = NewTopic::new(topic, 1, TopicReplication::Fixed(replicas))
+            .set("cleanup.policy", "compact")
+            // The active segment is never compacted: roll it hourly.
+            .set("segment.ms", "3600000")
+            .set("min.cleanable.dirty.ratio", "0.1");
+        let created = admin
+            .create_topics(&[new], &opts)
+            .await
+            .map_err(err("creating it"))?;
+        for r in created {
+            match r {
+                Ok(_) => tracing::info!(topic, replicas, "created the progress topic"),
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((_, code)) => return Err(err("creating it")(KafkaError::AdminOp(code))),
+            }
+        }
+    }
+    let described = admin
+        .describe_configs(&[ResourceSpecifier::Topic(topic)], &opts)
+        .await
+        .map_err(err("describing it"))?;
+    let policy = described
+        .into_iter()
+        .filter_map(Result::ok)
+        .flat_map(|r| r.entries)
+        .find(|e| e.name == "cleanup.policy")
+        .and_then(|e| e.value);
+    match policy {
+        Some(p) if !p.split(',').any(|x| x.trim() == "compact") => Err(ProgressError::NotCompacted {
+            topic: topic.to_string(),
+            policy: p,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The commit LSN in the slot's last committed progress record, read with
+/// read_committed up to the last stable offset. Blocking.
+///
+/// Call it after `init_transactions`: that aborts (or waits out) whatever a
+/// previous producer with the same id left open, which would otherwise
+/// commit after this read.
+pub fn read_last(
+    brokers: &str,
+    properties: &[(String, String)],
+    topic: &str,
+    key: &[u8],
+    timeout: Duration,
+) -> Result<Option<Lsn>, ProgressError> {
+    let err = |what: &'static str| {
+        move |error: KafkaError| ProgressError::Kafka {
+            topic: topic.to_string(),
+            what,
+            error,
+        }
+    };
+    let consumer: BaseConsumer =
+        client_config(brokers, "outbox-relay-progress", &[], properties)
+            // Required by librdkafka for a consumer; nothing is committed.
+            .set("group.id", "outbox-relay-progress")
+            .set("isolation.level", "read_committed")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .create()
+            .map_err(err("consumer"))?;
+    // On a read_committed client the high watermark is the last stable
+    // offset: everything before it is decided.
+    let (low, high) = consumer
+        .fetch_watermarks(topic, 0, Duration::from_secs(10))
+        .map_err(err("watermarks"))?;
+    if high <= low {
+        return Ok(None);
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Offset(low))
+        .map_err(err("assigning"))?;
+    consumer.assign(&tpl).map_err(err("assigning"))?;
+    let deadline = Instant::now() + timeout;
+    let mut last: Option<(i64, Vec<u8>)> = None;
+    loop {
+        if Instant::now() > deadline {
+            return Err(ProgressError::ReadTimeout {
+                topic: topic.to_string(),
+                timeout,
+            });
+        }
+        match consumer.poll(Duration::from_millis(200)) {
+            None => {}
+            // The last offsets are commit markers, never handed out: the
+            // end shows as EOF, not as the record at high - 1.
+            Some(Err(KafkaError::PartitionEOF(_))) => break,
+            Some(Err(e)) => return Err(err("reading")(e)),
+            Some(Ok(m)) => {
+                if m.key() == Some(key) {
+                    last = Some((m.offset(), m.payload().unwrap_or_default().to_vec()));
+                }
+                if m.offset() + 1 >= high {
+                    break;
+                }
+            }
+        }
+    }
+    let Some((offset, value)) = last else {
+        return Ok(None);
+    };
+    parse(&value)
+        .map(Some)
+        .map_err(|reason| ProgressError::BadRecord {
+            topic: topic.to_string(),
+            key: String::from_utf8_lossy(key).into_owned(),
+            offset,
+            reason,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_value_reads_back_as_its_commit_lsn() {
+        let lsn: Lsn = "16/B374D848".parse().unwrap();
+        assert_eq!(parse(&value(lsn, "7312", "outbox_relay")), Ok(lsn));
+        assert!(parse(b"{}").is_err());
+        assert!(parse(b"not json").is_err());
+        assert_eq!(key("7312", "s"), b"7312/s".to_vec());
+    }
+}

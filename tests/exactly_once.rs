@@ -1,0 +1,230 @@
+//! `--delivery exactly-once` against Apache Kafka: a `read_committed`
+//! consumer sees every event exactly once and every Postgres transaction
+//! whole, whatever the slot says on restart. Each event's payload names its
+//! Postgres transaction and how many events that transaction wrote, so the
+//! checks can tell a transaction seen in part from one seen whole.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use outbox_relay::lsn::Lsn;
+use support::rng::Rng;
+use support::*;
+
+const PARTITIONS: i32 = 3;
+const AGGREGATES: u64 = 12;
+
+/// Writes transactions `first..first + n`, each of 1 to 4 events (the same
+/// sizes for the same numbers), returns the WAL position after the last.
+async fn write_txns(db: &TestDb, first: u64, n: u64) -> Lsn {
+    for t in first..first + n {
+        db.exec(&txn_sql(t)).await;
+    }
+    db.current_wal_lsn().await
+}
+
+fn txn_size(t: u64) -> u64 {
+    1 + (t * 7 + 3) % 4
+}
+
+/// One Postgres transaction: `txn_size(t)` events over a few aggregates,
+/// each payload saying which transaction it is part of and its sequence.
+fn txn_sql(t: u64) -> String {
+    let of = txn_size(t);
+    let mut sql = String::from("BEGIN;");
+    for i in 0..of {
+        let agg = (t * 5 + i * 3) % AGGREGATES;
+        sql.push_str(&format!(
+            "INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('Tested', 'agg-{agg}', \
+             jsonb_build_object('txn', {t}, 'i', {i}, 'of', {of}, 'seq', nextval('outbox_id_seq')));"
+        ));
+    }
+    sql.push_str("COMMIT;");
+    sql
+}
+
+/// What a read_committed consumer must see: each event once, each of the
+/// transactions `0..txns` whole, and per aggregate the order of writing.
+fn assert_exactly_once(records: &[Record], txns: u64) {
+    let mut ids: HashMap<String, usize> = HashMap::new();
+    for r in records {
+        *ids.entry(r.header("id").expect("an id header")).or_default() += 1;
+    }
+    let repeated: Vec<_> = ids.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        repeated.is_empty(),
+        "{} events seen more than once (of {} records), e.g. {:?}",
+        repeated.len(),
+        records.len(),
+        repeated.iter().take(5).collect::<Vec<_>>()
+    );
+    let mut per_txn: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
+    for r in records {
+        let p = r.payload_json();
+        let (t, of) = (p["txn"].as_u64().unwrap(), p["of"].as_u64().unwrap());
+        let e = per_txn.entry(t).or_insert((0, of));
+        e.0 += 1;
+    }
+    let partial: Vec<_> = per_txn.iter().filter(|(_, (n, of))| n != of).collect();
+    assert!(
+        partial.is_empty(),
+        "transactions seen in part (txn: (seen, written)): {:?}",
+        partial.iter().take(10).collect::<Vec<_>>()
+    );
+    let missing: Vec<u64> = (0..txns).filter(|t| !per_txn.contains_key(t)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} transactions missing, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    assert_eq!(per_txn.len() as u64, txns, "transactions beyond those written");
+    let mut by_key: HashMap<(i32, String), Vec<(i64, u64)>> = HashMap::new();
+    for r in records {
+        by_key
+            .entry((r.partition, r.key_str()))
+            .or_default()
+            .push((r.offset, r.payload_json()["seq"].as_u64().unwrap()));
+    }
+    for ((partition, key), mut v) in by_key {
+        v.sort();
+        assert!(
+            v.windows(2).all(|w| w[0].1 < w[1].1),
+            "aggregate {key} out of order in partition {partition}"
+        );
+    }
+}
+
+fn eos_args(db: &TestDb, slot: &str, topic: &str, progress: &str) -> Vec<String> {
+    relay_args(
+        db,
+        &brokers(),
+        &[
+            "--slot",
+            slot,
+            "--topic",
+            topic,
+            "--delivery",
+            "exactly-once",
+            "--progress-topic",
+            progress,
+        ],
+    )
+}
+
+/// The slot is put back behind what Kafka already holds (a copy of it taken
+/// before the first run): at-least-once would publish those transactions
+/// again; exactly-once skips them because the progress topic says they are
+/// committed, and publishes only what is new.
+#[tokio::test]
+async fn progress_topic_decides_repeats_even_with_the_slot_behind() {
+    let db = TestDb::new("eos_behind").await;
+    let slot = db.classic_outbox().await;
+    let topic = unique("eos_behind");
+    let progress = unique("eos_progress");
+    create_topics(&brokers(), &[&topic], PARTITIONS).await;
+    let old = format!("{slot}_old");
+    db.exec(&format!(
+        "SELECT pg_copy_logical_replication_slot('{slot}', '{old}')"
+    ))
+    .await;
+
+    let after_a = write_txns(&db, 0, 30).await;
+    let mut relay = Relay::start(&eos_args(&db, &slot, &topic, &progress));
+    db.wait_confirmed(&slot, after_a, "the first 30 transactions confirmed")
+        .await;
+    relay.terminate().await;
+
+    // The slot back where it was before the first run.
+    db.exec(&format!(
+        "SELECT pg_drop_replication_slot('{slot}');
+         SELECT pg_copy_logical_replication_slot('{old}', '{slot}');
+         SELECT pg_drop_replication_slot('{old}');"
+    ))
+    .await;
+    assert!(db.confirmed_flush_lsn(&slot).await < after_a);
+
+    let after_b = write_txns(&db, 30, 20).await;
+    let mut relay = Relay::start(&eos_args(&db, &slot, &topic, &progress));
+    db.wait_confirmed(&slot, after_b, "all 50 transactions confirmed")
+        .await;
+    let metrics = http_get(&relay.http_address().await, "/metrics").await.1;
+    relay.terminate().await;
+
+    let written: u64 = (0..50).map(txn_size).sum();
+    let records = consume_topic(&topic, written as usize).await;
+    assert_exactly_once(&records, 50);
+    assert_eq!(
+        metric(&metrics, "outbox_transactions_skipped_total"),
+        Some(30.0),
+        "the 30 transactions already in Kafka are counted as skipped"
+    );
+    assert!(metric(&metrics, "outbox_kafka_transactions_committed_total").unwrap_or(0.0) >= 1.0);
+    db.drop().await;
+}
+
+/// The relay SIGKILLed again and again while transactions are written: no
+/// event twice, no transaction in part, none missing.
+#[tokio::test]
+async fn relay_sigkills_under_load_lose_and_repeat_nothing() {
+    let kills: u64 = std::env::var("OUTBOX_RELAY_EOS_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let db = TestDb::new("eos_kills").await;
+    let slot = db.classic_outbox().await;
+    let topic = unique("eos_kills");
+    let progress = unique("eos_progress");
+    create_topics(&brokers(), &[&topic], PARTITIONS).await;
+    let args = eos_args(&db, &slot, &topic, &progress);
+
+    let url = db.url.clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let client = sql_client(&url).await;
+            let mut t = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                client.batch_execute(&txn_sql(t)).await.unwrap();
+                t += 1;
+                // Load shaping: a steady stream, not synchronisation.
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            t
+        })
+    };
+
+    let mut rng = Rng::for_test("relay_sigkills_under_load_lose_and_repeat_nothing");
+    let started = Instant::now();
+    for _ in 0..kills {
+        let mut relay = Relay::start(&args);
+        db.wait_streaming(&slot).await;
+        tokio::time::sleep(rng.millis(200, 1500)).await;
+        relay.signal("KILL");
+        relay.wait(Duration::from_secs(10)).await;
+        // The walsender notices its client is gone within a moment.
+        wait_until(Duration::from_secs(30), "the slot to be released", || async {
+            !db.slot_active(&slot).await
+        })
+        .await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let txns = writer.await.unwrap();
+    let end = db.current_wal_lsn().await;
+    let mut relay = Relay::start(&args);
+    db.wait_confirmed(&slot, end, "every transaction confirmed after the kills")
+        .await;
+    relay.terminate().await;
+    let written: u64 = (0..txns).map(txn_size).sum();
+    let records = consume_topic(&topic, written as usize).await;
+    eprintln!(
+        "{kills} SIGKILLs in {:.1} s: {txns} transactions, {written} events, {} records read",
+        started.elapsed().as_secs_f64(),
+        records.len()
+    );
+    assert_exactly_once(&records, txns);
+    db.drop().await;
+}
