@@ -228,3 +228,56 @@ async fn relay_sigkills_under_load_lose_and_repeat_nothing() {
     assert_exactly_once(&records, txns);
     db.drop().await;
 }
+
+/// A row that cannot be routed is dead-lettered in the Kafka transaction of
+/// its Postgres transaction: once, even when the slot is put back and the
+/// transaction is sent again.
+#[tokio::test]
+async fn dead_letters_are_written_once_in_their_transaction() {
+    let db = TestDb::new("eos_dlq").await;
+    let slot = db.classic_outbox().await;
+    let topic = unique("eos_dlq");
+    let dlq = unique("eos_dlq_dead");
+    let progress = unique("eos_progress");
+    create_topics(&brokers(), &[&topic, &dlq], 1).await;
+    let old = format!("{slot}_old");
+    db.exec(&format!(
+        "SELECT pg_copy_logical_replication_slot('{slot}', '{old}')"
+    ))
+    .await;
+    let mut args = eos_args(&db, &slot, &topic, &progress);
+    args.extend(
+        ["--on-error-override", "key=dead-letter", "--dead-letter-topic", &dlq]
+            .map(String::from),
+    );
+    let mut good = write_txns(&db, 0, 3).await;
+    // An empty key cannot be routed: the event goes to the dead-letter topic.
+    db.exec(&format!(
+        "BEGIN; {} INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('Bad', '', '{{}}'); COMMIT;",
+        txn_sql(3).trim_start_matches("BEGIN;").trim_end_matches("COMMIT;")
+    ))
+    .await;
+    good = good.max(write_txns(&db, 4, 2).await);
+    let mut relay = Relay::start(&args);
+    db.wait_confirmed(&slot, good, "the six transactions confirmed")
+        .await;
+    relay.terminate().await;
+    db.exec(&format!(
+        "SELECT pg_drop_replication_slot('{slot}');
+         SELECT pg_copy_logical_replication_slot('{old}', '{slot}');
+         SELECT pg_drop_replication_slot('{old}');"
+    ))
+    .await;
+    let end = write_txns(&db, 6, 1).await;
+    let mut relay = Relay::start(&args);
+    db.wait_confirmed(&slot, end, "the seventh transaction confirmed")
+        .await;
+    relay.terminate().await;
+
+    let written: u64 = (0..7).map(txn_size).sum();
+    let records = consume_topic(&topic, written as usize).await;
+    assert_exactly_once(&records, 7);
+    let dead = consume_topic(&dlq, 1).await;
+    assert_eq!(dead.len(), 1, "one dead-letter record, not one per delivery attempt");
+    db.drop().await;
+}

@@ -267,7 +267,7 @@ fn http_address(v: Option<&str>) -> Result<Option<std::net::SocketAddr>, ConfigE
 /// `--delivery exactly-once`, and what it cannot be combined with yet: each
 /// of those would need its own unit in the Kafka transaction (a streamed
 /// transaction's replay, a message outside any transaction, a dead-letter
-/// record decided after the fact).
+/// record decided after Kafka refused the original).
 fn exactly_once(
     o: &mut Options,
     policy: &ErrorPolicy,
@@ -287,8 +287,16 @@ fn exactly_once(
     if messages {
         return Err(refuse("message_prefix", "<set>"));
     }
-    if policy.may_dead_letter_anything() {
-        return Err(refuse("on_error", "dead-letter"));
+    // A row that cannot be routed is dead-lettered in the transaction it
+    // came in; a record Kafka refuses fails its whole transaction instead,
+    // and could only be dead-lettered by aborting and writing the
+    // transaction again without it.
+    if policy.may_dead_letter_deliveries() {
+        return Err(ConfigError::Invalid {
+            option: "on_error_override",
+            value: "too-large, topic-missing, authorization or topic=dead-letter".into(),
+            reason: "with --delivery exactly-once only rows that cannot be routed (key, event-id, topic, payload-json) can be dead-lettered: a record Kafka refuses fails its whole transaction. Use halt for those kinds".into(),
+        });
     }
     let progress_topic = o
         .progress_topic

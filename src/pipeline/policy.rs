@@ -164,12 +164,6 @@ impl ErrorPolicy {
         .any(|k| self.for_kind(k) == Policy::DeadLetter)
     }
 
-    /// True when any kind of bad event is dead-lettered.
-    pub fn may_dead_letter_anything(&self) -> bool {
-        self.default == Policy::DeadLetter
-            || self.overrides.values().any(|p| *p == Policy::DeadLetter)
-    }
-
     /// Parses `KIND=POLICY`.
     pub fn parse_override(s: &str) -> Result<(ErrorKind, Policy), String> {
         let (k, p) = s

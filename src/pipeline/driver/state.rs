@@ -444,6 +444,8 @@ impl State {
         );
         let dlq = policy::dead_letter(failed, kind, &reason, lsn, &self.policy.dead_letter_topic);
         let txn = self.checkpoint.event()?;
+        // Exactly-once: in the same Kafka transaction as its neighbours.
+        self.eos_before_enqueue()?;
         self.enqueue_tracked(dlq, txn, lsn, true).await
     }
 
