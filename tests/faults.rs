@@ -267,6 +267,9 @@ struct Run {
     writer: Option<Writer>,
     windows: Vec<Window>,
     resumes: Vec<(String, Duration)>,
+    /// With `--delivery exactly-once`: its progress topic. Then no
+    /// duplicate at all is allowed.
+    progress_topic: Option<String>,
 }
 
 impl Run {
@@ -280,7 +283,17 @@ impl Run {
             writer: Some(Writer::start(url, rng.clone())),
             windows: Vec::new(),
             resumes: Vec::new(),
+            progress_topic: None,
         }
+    }
+
+    /// The same scenario with `--delivery exactly-once`.
+    fn exactly_once(mut self, eos: bool) -> Run {
+        if eos {
+            self.name = format!("{} (exactly-once)", self.name);
+            self.progress_topic = Some(unique("fault_progress"));
+        }
+        self
     }
 
     fn relay_args(&self, database_url: &str, brokers: &str, extra: &[&str]) -> Vec<String> {
@@ -302,6 +315,11 @@ impl Run {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        if let Some(progress) = &self.progress_topic {
+            args.extend(
+                ["--delivery", "exactly-once", "--progress-topic", progress].map(String::from),
+            );
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         args
     }
@@ -499,6 +517,15 @@ impl Run {
             summary()
         );
         assert!(report.passed(false), "{}\n{}", self.name, summary());
+        if self.progress_topic.is_some() {
+            assert_eq!(
+                report.duplicates.events,
+                0,
+                "{}: exactly-once, yet events arrived more than once\n{}",
+                self.name,
+                summary()
+            );
+        }
 
         // Bound the duplicates: each extra copy must come from a fault whose
         // window holds the event's transaction.
@@ -607,6 +634,16 @@ fn sessions(relay: &Relay) -> usize {
 /// four while the previous relay is still starting or catching up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_sigkill_at_random_moments() {
+    relay_sigkill_at_random_moments_scenario(false).await
+}
+
+/// The same with `--delivery exactly-once`: no duplicate at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_relay_sigkill_at_random_moments() {
+    relay_sigkill_at_random_moments_scenario(true).await
+}
+
+async fn relay_sigkill_at_random_moments_scenario(eos: bool) {
     let _serial = SERIAL.lock().await;
     let name = "relay SIGKILL";
     let kills = env_number("OUTBOX_RELAY_KILLS", 20);
@@ -614,7 +651,7 @@ async fn relay_sigkill_at_random_moments() {
     let (db, slot) = outbox_db("fault_kill").await;
     let topic = unique("fault_kill");
     create_topics(&brokers(), &[&topic], PARTITIONS).await;
-    let mut run = Run::new(name, &db.url, &slot, &topic, &rng);
+    let mut run = Run::new(name, &db.url, &slot, &topic, &rng).exactly_once(eos);
     let args = run.relay_args(&db.url, &brokers(), &[]);
     let mut relay = Relay::start(&args);
     run.resumed("first start", &mut relay).await;
@@ -657,6 +694,16 @@ async fn relay_sigkill_at_random_moments() {
 /// reconnects and retries in order, however long the broker is away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_sigkill_and_restart() {
+    broker_sigkill_and_restart_scenario(false).await
+}
+
+/// The same with `--delivery exactly-once`: no duplicate at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_broker_sigkill_and_restart() {
+    broker_sigkill_and_restart_scenario(true).await
+}
+
+async fn broker_sigkill_and_restart_scenario(eos: bool) {
     let _serial = SERIAL.lock().await;
     let name = "broker SIGKILL";
     let mut rng = Rng::for_test(name);
@@ -664,7 +711,7 @@ async fn broker_sigkill_and_restart() {
     let broker = Kafka::start(free_port()).await;
     let topic = unique("fault_broker");
     create_topics(&broker.brokers(), &[&topic], PARTITIONS).await;
-    let mut run = Run::new(name, &db.url, &slot, &topic, &rng);
+    let mut run = Run::new(name, &db.url, &slot, &topic, &rng).exactly_once(eos);
     let mut relay = Relay::start(&run.relay_args(&db.url, &broker.brokers(), &[]));
     run.resumed("first start", &mut relay).await;
     for (i, down) in [Duration::from_secs(2), Duration::from_secs(14)]
@@ -742,6 +789,16 @@ async fn broker_unreachable_for_a_while() {
 /// from.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_restarted_and_walsender_terminated() {
+    postgres_restarted_and_walsender_terminated_scenario(false).await
+}
+
+/// The same with `--delivery exactly-once`: no duplicate at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_postgres_restarted_and_walsender_terminated() {
+    postgres_restarted_and_walsender_terminated_scenario(true).await
+}
+
+async fn postgres_restarted_and_walsender_terminated_scenario(eos: bool) {
     let _serial = SERIAL.lock().await;
     let name = "postgres restart";
     let mut rng = Rng::for_test(name);
@@ -755,7 +812,7 @@ async fn postgres_restarted_and_walsender_terminated() {
     drop(admin);
     let topic = unique("fault_pg");
     create_topics(&brokers(), &[&topic], PARTITIONS).await;
-    let mut run = Run::new(name, &url, &slot, &topic, &rng);
+    let mut run = Run::new(name, &url, &slot, &topic, &rng).exactly_once(eos);
     let mut relay = Relay::start(&run.relay_args(&url, &brokers(), &[]));
     run.resumed("first start", &mut relay).await;
 
@@ -864,12 +921,12 @@ async fn proxy_cuts_stalls_and_slows_both_connections() {
 
 /// A three-node Kafka (RF 3, min.insync.replicas=2) with the fault test's
 /// topic on it, and a relay writing to it under load.
-async fn cluster_run(name: &str, rng: &Rng) -> (TestDb, Kafka, Run, Relay) {
+async fn cluster_run(name: &str, rng: &Rng, eos: bool) -> (TestDb, Kafka, Run, Relay) {
     let (db, slot) = outbox_db(&format!("fault_{}", name.replace(' ', "_"))).await;
     let kafka = Kafka::options().nodes(3).start().await;
     let topic = unique("fault_cluster");
     create_replicated_topics(&kafka.brokers(), &[&topic], PARTITIONS, 3).await;
-    let mut run = Run::new(name, &db.url, &slot, &topic, rng);
+    let mut run = Run::new(name, &db.url, &slot, &topic, rng).exactly_once(eos);
     let mut relay = Relay::start(&run.relay_args(&db.url, &kafka.brokers(), &[]));
     run.resumed("first start", &mut relay).await;
     (db, kafka, run, relay)
@@ -880,10 +937,20 @@ async fn cluster_run(name: &str, rng: &Rng) -> (TestDb, Kafka, Run, Relay) {
 /// replicas; the relay's idempotent producer follows it without a gap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_leader_sigkill_and_restart() {
+    cluster_leader_sigkill_and_restart_scenario(false).await
+}
+
+/// The same with `--delivery exactly-once`: no duplicate at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_cluster_leader_sigkill_and_restart() {
+    cluster_leader_sigkill_and_restart_scenario(true).await
+}
+
+async fn cluster_leader_sigkill_and_restart_scenario(eos: bool) {
     let _serial = SERIAL.lock().await;
     let name = "cluster leader SIGKILL";
     let mut rng = Rng::for_test(name);
-    let (db, kafka, mut run, mut relay) = cluster_run(name, &rng).await;
+    let (db, kafka, mut run, mut relay) = cluster_run(name, &rng, eos).await;
     tokio::time::sleep(rng.millis(1000, 3000)).await;
     let leader = kafka.leader(&run.topic, 0);
     let what = format!("leader (node {leader}) of partition 0 SIGKILLed for 10 s");
@@ -917,7 +984,7 @@ async fn cluster_two_of_three_nodes_down() {
     let name = "cluster two down";
     let mut rng = Rng::for_test(name);
     let down = Duration::from_secs(env_number("OUTBOX_RELAY_CLUSTER_DOWN_SECS", 20));
-    let (db, kafka, mut run, mut relay) = cluster_run(name, &rng).await;
+    let (db, kafka, mut run, mut relay) = cluster_run(name, &rng, false).await;
     tokio::time::sleep(rng.millis(1000, 3000)).await;
     let first = kafka.leader(&run.topic, 0);
     let second = first % 3 + 1;
@@ -952,11 +1019,21 @@ async fn cluster_two_of_three_nodes_down() {
 /// delivers everything once the cluster is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_all_nodes_down() {
+    cluster_all_nodes_down_scenario(false).await
+}
+
+/// The same with `--delivery exactly-once`: no duplicate at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_cluster_all_nodes_down() {
+    cluster_all_nodes_down_scenario(true).await
+}
+
+async fn cluster_all_nodes_down_scenario(eos: bool) {
     let _serial = SERIAL.lock().await;
     let name = "cluster all down";
     let mut rng = Rng::for_test(name);
     let outage = Duration::from_secs(env_number("OUTBOX_RELAY_CLUSTER_OUTAGE_SECS", 60));
-    let (db, kafka, mut run, mut relay) = cluster_run(name, &rng).await;
+    let (db, kafka, mut run, mut relay) = cluster_run(name, &rng, eos).await;
     tokio::time::sleep(rng.millis(1000, 3000)).await;
     let what = format!("all three nodes SIGKILLed for {} s", outage.as_secs());
     run.fault(&what, Some(&relay)).await;
