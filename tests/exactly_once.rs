@@ -50,7 +50,8 @@ fn txn_sql(t: u64) -> String {
 fn assert_exactly_once(records: &[Record], txns: u64) {
     let mut ids: HashMap<String, usize> = HashMap::new();
     for r in records {
-        *ids.entry(r.header("id").expect("an id header")).or_default() += 1;
+        *ids.entry(r.header("id").expect("an id header"))
+            .or_default() += 1;
     }
     let repeated: Vec<_> = ids.iter().filter(|(_, n)| **n > 1).collect();
     assert!(
@@ -80,7 +81,11 @@ fn assert_exactly_once(records: &[Record], txns: u64) {
         missing.len(),
         &missing[..missing.len().min(10)]
     );
-    assert_eq!(per_txn.len() as u64, txns, "transactions beyond those written");
+    assert_eq!(
+        per_txn.len() as u64,
+        txns,
+        "transactions beyond those written"
+    );
     let mut by_key: HashMap<(i32, String), Vec<(i64, u64)>> = HashMap::new();
     for r in records {
         by_key
@@ -145,6 +150,38 @@ async fn progress_topic_decides_repeats_even_with_the_slot_behind() {
     ))
     .await;
     assert!(db.confirmed_flush_lsn(&slot).await < after_a);
+    // `status` shows both: the slot behind, the progress topic at the last
+    // transaction Kafka holds.
+    let (code, out, err) = relay_cmd(&[
+        "status",
+        "--json",
+        "--database-url",
+        &db.url,
+        "--kafka-brokers",
+        &brokers(),
+        "--slot",
+        &slot,
+        "--delivery",
+        "exactly-once",
+        "--progress-topic",
+        &progress,
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let in_kafka: Lsn = status["progress"]
+        .as_str()
+        .and_then(|p| p.split_whitespace().next())
+        .and_then(|l| l.parse().ok())
+        .unwrap_or_else(|| panic!("no progress position in {out}"));
+    let slot_at: Lsn = status["confirmed_flush_lsn"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        slot_at < in_kafka && in_kafka < after_a,
+        "slot {slot_at}, progress {in_kafka}, written up to {after_a}"
+    );
 
     let after_b = write_txns(&db, 30, 20).await;
     let mut relay = Relay::start(&eos_args(&db, &slot, &topic, &progress));
@@ -206,9 +243,11 @@ async fn relay_sigkills_under_load_lose_and_repeat_nothing() {
         relay.signal("KILL");
         relay.wait(Duration::from_secs(10)).await;
         // The walsender notices its client is gone within a moment.
-        wait_until(Duration::from_secs(30), "the slot to be released", || async {
-            !db.slot_active(&slot).await
-        })
+        wait_until(
+            Duration::from_secs(30),
+            "the slot to be released",
+            || async { !db.slot_active(&slot).await },
+        )
         .await;
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -247,8 +286,13 @@ async fn dead_letters_are_written_once_in_their_transaction() {
     .await;
     let mut args = eos_args(&db, &slot, &topic, &progress);
     args.extend(
-        ["--on-error-override", "key=dead-letter", "--dead-letter-topic", &dlq]
-            .map(String::from),
+        [
+            "--on-error-override",
+            "key=dead-letter",
+            "--dead-letter-topic",
+            &dlq,
+        ]
+        .map(String::from),
     );
     let mut good = write_txns(&db, 0, 3).await;
     // An empty key cannot be routed: the event goes to the dead-letter topic.
@@ -278,6 +322,10 @@ async fn dead_letters_are_written_once_in_their_transaction() {
     let records = consume_topic(&topic, written as usize).await;
     assert_exactly_once(&records, 7);
     let dead = consume_topic(&dlq, 1).await;
-    assert_eq!(dead.len(), 1, "one dead-letter record, not one per delivery attempt");
+    assert_eq!(
+        dead.len(),
+        1,
+        "one dead-letter record, not one per delivery attempt"
+    );
     db.drop().await;
 }

@@ -551,3 +551,44 @@ async fn a_publication_with_other_tables_is_reported_and_their_rows_skipped() {
     relay.terminate().await;
     db.drop().await;
 }
+
+/// `check --delivery exactly-once`: the progress topic (missing: `run`
+/// creates it; not compacted: FAIL), the brokers' transaction settings, and
+/// a transactional producer started under a throwaway id.
+#[tokio::test]
+async fn check_exactly_once_reports_transactions_and_the_progress_topic() {
+    let db = TestDb::new("check_eos").await;
+    db.exec(CLASSIC_TABLE).await;
+    let slot = slot_name();
+    setup(&db, &slot);
+    let progress = unique("check_progress");
+    let eos = [
+        "--delivery",
+        "exactly-once",
+        "--progress-topic",
+        progress.as_str(),
+    ];
+    let (_, out, err) = check(&db.url, &brokers(), &slot, &eos);
+    assert!(
+        check_line(&out, "progress topic").starts_with("PASS"),
+        "{out}{err}"
+    );
+    assert!(
+        check_line(&out, "kafka transaction settings").starts_with("PASS"),
+        "{out}"
+    );
+    assert!(
+        check_line(&out, "kafka transactions").starts_with("PASS"),
+        "{out}"
+    );
+    // A topic kept by time, not by key, grows forever: refused.
+    create_topics(&brokers(), &[&progress], 1).await;
+    let (code, out, _) = check(&db.url, &brokers(), &slot, &eos);
+    let line = check_line(&out, "progress topic");
+    assert!(
+        line.starts_with("FAIL") && line.contains("cleanup.policy=delete"),
+        "{out}"
+    );
+    assert_ne!(code, 0);
+    db.drop().await;
+}

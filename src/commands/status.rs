@@ -71,6 +71,10 @@ pub struct Status {
     /// `server_version`, e.g. `15.18 (Debian 15.18-0+deb12u1)`.
     pub server_version: String,
     pub server_version_num: i32,
+    /// With `--delivery exactly-once`: the commit LSN the progress topic
+    /// holds for this slot (what Kafka has), or why it could not be read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<String>,
 }
 
 /// Reads the slot, the publication and the server's position.
@@ -159,6 +163,52 @@ pub async fn collect(client: &Client, cfg: &RelayConfig) -> Result<Status, Statu
         database,
         server_version: server.get(1),
         server_version_num: server.get(2),
+        progress: None,
+    })
+}
+
+/// Where the progress topic says this slot's events stand in Kafka: beside
+/// the slot's confirmed position, what a restart would skip.
+pub async fn progress_position(client: &Client, cfg: &RelayConfig) -> Option<String> {
+    let e = cfg.exactly_once.as_ref()?;
+    if cfg.kafka_brokers.trim().is_empty() {
+        return Some("not read: pass --kafka-brokers to read the progress topic".into());
+    }
+    let system_id: String = match client
+        .query_one(
+            "SELECT system_identifier::text FROM pg_control_system()",
+            &[],
+        )
+        .await
+    {
+        Ok(row) => row.get(0),
+        Err(err) => {
+            return Some(format!(
+                "not read: the system identifier is not readable ({err})"
+            ))
+        }
+    };
+    let key = crate::pipeline::sink::progress::key(&system_id, &cfg.slot);
+    let (brokers, props, topic) = (
+        cfg.kafka_brokers.clone(),
+        cfg.kafka_properties.clone(),
+        e.progress_topic.clone(),
+    );
+    let read = tokio::task::spawn_blocking(move || {
+        crate::pipeline::sink::progress::read_last(
+            &brokers,
+            &props,
+            &topic,
+            &key,
+            std::time::Duration::from_secs(10),
+        )
+    })
+    .await;
+    Some(match read {
+        Ok(Ok(Some(lsn))) => format!("{lsn} (in {})", e.progress_topic),
+        Ok(Ok(None)) => format!("none yet (in {})", e.progress_topic),
+        Ok(Err(err)) => format!("not read: {err}"),
+        Err(err) => format!("not read: {err}"),
     })
 }
 
@@ -270,6 +320,9 @@ pub fn render_table(s: &Status) -> String {
     rows.push(("table published", yes_no(s.table_published).into()));
     rows.push(("database", s.database.clone()));
     rows.push(("server version", s.server_version.clone()));
+    if let Some(p) = &s.progress {
+        rows.push(("progress topic position", p.clone()));
+    }
 
     let width = rows.iter().map(|(l, _)| l.len()).max().unwrap_or(0);
     let mut out = String::new();
@@ -308,7 +361,13 @@ pub async fn connect(cfg: &RelayConfig) -> Result<Client, StatusError> {
 /// cannot be read.
 pub async fn command(cfg: &RelayConfig, json: bool) -> u8 {
     let status = match connect(cfg).await {
-        Ok(client) => collect(&client, cfg).await,
+        Ok(client) => match collect(&client, cfg).await {
+            Ok(mut s) => {
+                s.progress = progress_position(&client, cfg).await;
+                Ok(s)
+            }
+            Err(e) => Err(e),
+        },
         Err(e) => Err(e),
     };
     let status = match status {
@@ -368,6 +427,7 @@ mod tests {
             database: "shop".into(),
             server_version: "15.18".into(),
             server_version_num: 150018,
+            progress: None,
         }
     }
 

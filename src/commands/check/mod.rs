@@ -16,6 +16,7 @@ use crate::pipeline::route::router::TableName;
 
 mod kafka;
 mod postgres;
+mod transactions;
 
 use kafka::kafka_checks;
 use postgres::postgres_checks;
@@ -124,14 +125,17 @@ pub async fn run(cfg: &RelayConfig) -> Vec<CheckResult> {
         )],
     };
     results.insert(1.min(results.len()), server_identity(cfg));
-    let cfg = cfg.clone();
-    match tokio::task::spawn_blocking(move || kafka_checks(&cfg)).await {
+    let owned = cfg.clone();
+    match tokio::task::spawn_blocking(move || kafka_checks(&owned)).await {
         Ok(mut r) => results.append(&mut r),
         Err(e) => results.push(CheckResult::fail(
             "kafka brokers",
             format!("the broker check did not complete: {e}"),
             "run the check again",
         )),
+    }
+    if let Some(e) = &cfg.exactly_once {
+        results.extend(transactions::exactly_once_checks(cfg, e).await);
     }
     results
 }
