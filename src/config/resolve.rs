@@ -43,8 +43,10 @@ impl RelayConfig {
         // the relay stays within ~25 MB; raise both for a distant broker:
         // the window must cover throughput × round trip.
         let max_inflight = at_least_one("max_inflight", o.max_inflight.unwrap_or(5_000))?;
-        let max_inflight_bytes =
-            at_least_one("max_inflight_bytes", o.max_inflight_bytes.unwrap_or(16 << 20))?;
+        let max_inflight_bytes = at_least_one(
+            "max_inflight_bytes",
+            o.max_inflight_bytes.unwrap_or(16 << 20),
+        )?;
         let messages = messages(&mut o)?;
         let exactly_once = exactly_once(&mut o, &error_policy, messages.is_some())?;
         if let Some(v) = o.protocol_version.filter(|v| !(1..=4).contains(v)) {
@@ -276,10 +278,12 @@ fn exactly_once(
     if o.delivery.unwrap_or_default() != Delivery::ExactlyOnce {
         return Ok(None);
     }
-    let refuse = |option: &'static str, value: &str| ConfigError::Invalid {
+    let refuse = |option: &'static str, value: &str| {
+        ConfigError::Invalid {
         option,
         value: value.to_string(),
         reason: "not supported with --delivery exactly-once yet: leave it out, or use --delivery at-least-once".into(),
+    }
     };
     if o.streaming.unwrap_or(false) {
         return Err(refuse("streaming", "true"));

@@ -10,8 +10,8 @@ use std::time::Duration;
 use outbox_relay::lsn::Lsn;
 use tokio_postgres::{Client, NoTls};
 
-use super::{admin_url, env, free_port, unique, wait_until};
 use super::relay::relay_setup;
+use super::{admin_url, env, free_port, unique, wait_until};
 
 pub async fn sql_client(url: &str) -> Client {
     let (client, conn) = tokio_postgres::connect(url, NoTls)
@@ -255,7 +255,13 @@ impl Drop for TempCluster {
         // A cluster the test already stopped makes pg_ctl fail: nothing to do.
         let _ = run_as_postgres(
             &self.bin.join("pg_ctl"),
-            &["-D".into(), data, "-m".into(), "immediate".into(), "stop".into()],
+            &[
+                "-D".into(),
+                data,
+                "-m".into(),
+                "immediate".into(),
+                "stop".into(),
+            ],
         );
         let _ = std::fs::remove_dir_all(&self.dir);
     }

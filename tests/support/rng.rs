@@ -21,9 +21,10 @@ impl Rng {
     /// with the test's name so a failure can be replayed.
     pub fn for_test(test: &str) -> Rng {
         let seed = match std::env::var("OUTBOX_RELAY_FAULT_SEED") {
-            Ok(v) => v.trim().parse().unwrap_or_else(|_| {
-                panic!("OUTBOX_RELAY_FAULT_SEED={v:?} is not a whole number")
-            }),
+            Ok(v) => v
+                .trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("OUTBOX_RELAY_FAULT_SEED={v:?} is not a whole number")),
             Err(_) => {
                 std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)

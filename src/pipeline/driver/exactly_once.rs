@@ -184,7 +184,12 @@ impl State {
     /// transaction boundary, with every record handed to the producer, when
     /// it has run `--transaction-max-duration`, the stream has nothing more
     /// ready, reading is blocked, or the relay is stopping.
-    pub(super) fn eos_commit_due(&self, cfg: &RelayConfig, stream_idle: bool, stopping: bool) -> bool {
+    pub(super) fn eos_commit_due(
+        &self,
+        cfg: &RelayConfig,
+        stream_idle: bool,
+        stopping: bool,
+    ) -> bool {
         let Some(t) = self.eos.as_ref() else {
             return false;
         };
@@ -209,14 +214,20 @@ impl State {
         };
         if t.commit_tries == 0 {
             let value = progress::value(lsn, &t.system_id, &t.slot);
-            match self.sink.enqueue_progress(&t.progress_topic, &t.key, &value)? {
+            match self
+                .sink
+                .enqueue_progress(&t.progress_topic, &t.key, &value)?
+            {
                 Enqueued::Yes => {}
                 // The queue is full of this transaction's records: the commit
                 // is retried on the next turn, once some are delivered.
                 Enqueued::QueueFull => return Ok(()),
             }
         }
-        t.committing = Some((self.sink.commit_transaction(TXN_CALL_TIMEOUT), Instant::now()));
+        t.committing = Some((
+            self.sink.commit_transaction(TXN_CALL_TIMEOUT),
+            Instant::now(),
+        ));
         Ok(())
     }
 

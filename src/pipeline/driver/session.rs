@@ -59,7 +59,14 @@ pub(super) async fn session(
         .heartbeat_interval
         .map(|every| tokio::spawn(heartbeat(cfg.clone(), every)));
 
-    let mut state = State::new(cfg, slot.confirmed, protocol, (sink, acks), metrics, column_types);
+    let mut state = State::new(
+        cfg,
+        slot.confirmed,
+        protocol,
+        (sink, acks),
+        metrics,
+        column_types,
+    );
     let result = async {
         if let Some(e) = &cfg.exactly_once {
             state.eos = Some(Transactions::start(cfg, e, &state.sink, &system_id).await?);
@@ -336,10 +343,8 @@ pub(super) async fn stream_loop(
         let committing = state.eos.as_ref().is_some_and(|t| t.committing());
         let replaying = state.replaying.is_some();
         let room = state.has_room(cfg);
-        let can_read = !replaying
-            && !committing
-            && room
-            && (!stopping || state.checkpoint.in_transaction());
+        let can_read =
+            !replaying && !committing && room && (!stopping || state.checkpoint.in_transaction());
         if !can_read {
             // Not reading (backpressure, a replay): silence from the server
             // says nothing now. A dead connection still shows when a status

@@ -332,7 +332,13 @@ impl Router {
             });
         }
         let payload = payload_of(&self.cfg, plan, tuple)?;
-        let topic = topic_of(&self.cfg, plan, tuple, &mut self.topic_buf, &mut self.last_topic)?;
+        let topic = topic_of(
+            &self.cfg,
+            plan,
+            tuple,
+            &mut self.topic_buf,
+            &mut self.last_topic,
+        )?;
         let mut headers = Vec::with_capacity(plan.headers.len() + 1);
         headers.push((self.id_header.clone(), Some(event_id.clone())));
         for (name, idx) in &plan.headers {

@@ -134,10 +134,12 @@ pub async fn ensure_topic(
         .find(|e| e.name == "cleanup.policy")
         .and_then(|e| e.value);
     match policy {
-        Some(p) if !p.split(',').any(|x| x.trim() == "compact") => Err(ProgressError::NotCompacted {
-            topic: topic.to_string(),
-            policy: p,
-        }),
+        Some(p) if !p.split(',').any(|x| x.trim() == "compact") => {
+            Err(ProgressError::NotCompacted {
+                topic: topic.to_string(),
+                policy: p,
+            })
+        }
         _ => Ok(()),
     }
 }
@@ -162,15 +164,14 @@ pub fn read_last(
             error,
         }
     };
-    let consumer: BaseConsumer =
-        client_config(brokers, "outbox-relay-progress", &[], properties)
-            // Required by librdkafka for a consumer; nothing is committed.
-            .set("group.id", "outbox-relay-progress")
-            .set("isolation.level", "read_committed")
-            .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "true")
-            .create()
-            .map_err(err("consumer"))?;
+    let consumer: BaseConsumer = client_config(brokers, "outbox-relay-progress", &[], properties)
+        // Required by librdkafka for a consumer; nothing is committed.
+        .set("group.id", "outbox-relay-progress")
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .create()
+        .map_err(err("consumer"))?;
     // On a read_committed client the high watermark is the last stable
     // offset: everything before it is decided.
     let (low, high) = consumer

@@ -78,7 +78,11 @@ impl KafkaSink {
     /// earlier producer with the same id and aborting what it left open.
     pub async fn init_transactions(&self, timeout: Duration) -> Result<(), TxnError> {
         let producer = self.producer.clone();
-        blocking(move || producer.init_transactions(timeout), "init_transactions").await
+        blocking(
+            move || producer.init_transactions(timeout),
+            "init_transactions",
+        )
+        .await
     }
 
     /// Starts a transaction: a local state change, it does not block.
@@ -106,7 +110,11 @@ impl KafkaSink {
     /// read_committed consumers.
     pub async fn abort_transaction(&self, timeout: Duration) -> Result<(), TxnError> {
         let producer = self.producer.clone();
-        blocking(move || producer.abort_transaction(timeout), "abort_transaction").await
+        blocking(
+            move || producer.abort_transaction(timeout),
+            "abort_transaction",
+        )
+        .await
     }
 
     /// The progress record of the open transaction, to partition 0 of the
