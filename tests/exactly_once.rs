@@ -329,3 +329,49 @@ async fn dead_letters_are_written_once_in_their_transaction() {
     );
     db.drop().await;
 }
+
+/// A Postgres transaction larger than the in-flight window is never split:
+/// it goes out in one Kafka transaction, so a read_committed consumer sees
+/// all of it or none of it.
+#[tokio::test]
+async fn a_large_transaction_is_one_kafka_transaction() {
+    let db = TestDb::new("eos_large").await;
+    let slot = db.classic_outbox().await;
+    let topic = unique("eos_large");
+    let progress = unique("eos_progress");
+    create_topics(&brokers(), &[&topic], PARTITIONS).await;
+    let mut args = eos_args(&db, &slot, &topic, &progress);
+    args.extend(["--max-inflight", "500"].map(String::from));
+    let mut relay = Relay::start(&args);
+    db.wait_streaming(&slot).await;
+    let http = relay.http_address().await;
+    let committed = || async {
+        metric(
+            &http_get(&http, "/metrics").await.1,
+            "outbox_kafka_transactions_committed_total",
+        )
+        .unwrap_or(0.0)
+    };
+    let before = committed().await;
+    const EVENTS: u64 = 20_000;
+    db.exec(&format!(
+        "INSERT INTO outbox (event_type, aggregate_id, payload)
+         SELECT 'Big', 'agg-' || (g % {AGGREGATES}),
+                jsonb_build_object('txn', 0, 'i', g, 'of', {EVENTS}, 'seq', g)
+           FROM generate_series(0, {EVENTS} - 1) g"
+    ))
+    .await;
+    let end = db.current_wal_lsn().await;
+    db.wait_confirmed(&slot, end, "the large transaction confirmed")
+        .await;
+    assert_eq!(
+        committed().await - before,
+        1.0,
+        "{EVENTS} events of one Postgres transaction in one Kafka transaction"
+    );
+    relay.terminate().await;
+    let records = consume_topic(&topic, EVENTS as usize).await;
+    assert_eq!(records.len() as u64, EVENTS);
+    assert_exactly_once(&records, 1);
+    db.drop().await;
+}

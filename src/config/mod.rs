@@ -47,6 +47,9 @@ pub struct ExactlyOnceConfig {
     pub progress_topic: String,
     /// How long a Kafka transaction may collect whole Postgres transactions.
     pub max_duration: Duration,
+    /// The producer's transaction.timeout.ms (librdkafka's default 60 s):
+    /// the coordinator aborts a transaction open longer.
+    pub transaction_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize, Default)]

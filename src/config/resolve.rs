@@ -48,7 +48,8 @@ impl RelayConfig {
             o.max_inflight_bytes.unwrap_or(16 << 20),
         )?;
         let messages = messages(&mut o)?;
-        let exactly_once = exactly_once(&mut o, &error_policy, messages.is_some())?;
+        let exactly_once =
+            exactly_once(&mut o, &error_policy, messages.is_some(), &kafka_properties)?;
         if let Some(v) = o.protocol_version.filter(|v| !(1..=4).contains(v)) {
             return Err(ConfigError::Invalid {
                 option: "protocol_version",
@@ -274,6 +275,7 @@ fn exactly_once(
     o: &mut Options,
     policy: &ErrorPolicy,
     messages: bool,
+    kafka_properties: &[(String, String)],
 ) -> Result<Option<ExactlyOnceConfig>, ConfigError> {
     if o.delivery.unwrap_or_default() != Delivery::ExactlyOnce {
         return Ok(None);
@@ -314,12 +316,38 @@ fn exactly_once(
         });
     }
     let transactional_id = o.transactional_id.take().filter(|t| !t.trim().is_empty());
+    let timeout_ms = match kafka_properties
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "transaction.timeout.ms")
+    {
+        Some((_, v)) => v.trim().parse().map_err(|_| ConfigError::Invalid {
+            option: "kafka_property",
+            value: format!("transaction.timeout.ms={v}"),
+            reason: "expected a whole number of milliseconds".into(),
+        })?,
+        None => 60_000,
+    };
+    let transaction_timeout = std::time::Duration::from_millis(timeout_ms);
+    let max_duration = seconds(
+        "transaction_max_duration",
+        o.transaction_max_duration.unwrap_or(0.1),
+    )?;
+    // The batch must commit well within the timeout, commit time included.
+    if max_duration * 4 > transaction_timeout {
+        return Err(ConfigError::Invalid {
+            option: "transaction_max_duration",
+            value: format!("{}", max_duration.as_secs_f64()),
+            reason: format!(
+                "must be at most a quarter of transaction.timeout.ms ({} ms)",
+                timeout_ms
+            ),
+        });
+    }
     Ok(Some(ExactlyOnceConfig {
         transactional_id,
         progress_topic,
-        max_duration: seconds(
-            "transaction_max_duration",
-            o.transaction_max_duration.unwrap_or(0.1),
-        )?,
+        max_duration,
+        transaction_timeout,
     }))
 }

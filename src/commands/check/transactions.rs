@@ -18,16 +18,6 @@ const PROGRESS: &str = "progress topic";
 const SETTINGS: &str = "kafka transaction settings";
 const PROBE: &str = "kafka transactions";
 
-/// The transaction timeout the relay's producer asks for.
-fn transaction_timeout_ms(cfg: &RelayConfig) -> u64 {
-    cfg.kafka_properties
-        .iter()
-        .rev()
-        .find(|(k, _)| k == "transaction.timeout.ms")
-        .and_then(|(_, v)| v.trim().parse().ok())
-        .unwrap_or(60_000)
-}
-
 pub(super) async fn exactly_once_checks(
     cfg: &RelayConfig,
     e: &ExactlyOnceConfig,
@@ -153,7 +143,10 @@ async fn broker_settings(
     let rf = get("transaction.state.log.replication.factor").unwrap_or(3);
     let min_isr = get("transaction.state.log.min.isr").unwrap_or(2);
     let max_timeout = get("transaction.max.timeout.ms").unwrap_or(900_000);
-    let ours = transaction_timeout_ms(cfg);
+    let ours = cfg
+        .exactly_once
+        .as_ref()
+        .map_or(60_000, |e| e.transaction_timeout.as_millis() as u64);
     let n = brokers.len() as u64;
     if rf > n {
         return CheckResult::fail(

@@ -67,6 +67,10 @@ pub(super) struct Transactions {
     last_in_batch: Option<Lsn>,
     committing: Option<(JoinHandle<Result<(), TxnError>>, Instant)>,
     commit_tries: u32,
+    /// The producer's transaction.timeout.ms: the coordinator aborts a
+    /// transaction open longer.
+    txn_timeout: Duration,
+    warned_long: bool,
 }
 
 impl Transactions {
@@ -109,6 +113,8 @@ impl Transactions {
             last_in_batch: None,
             committing: None,
             commit_tries: 0,
+            txn_timeout: e.transaction_timeout,
+            warned_long: false,
         })
     }
 
@@ -271,6 +277,32 @@ impl State {
                 self.metrics.kafka_transactions_aborted.inc();
                 Err(e.into())
             }
+        }
+    }
+
+    /// On the status timer: a Kafka transaction open for half its timeout is
+    /// about to be aborted by the coordinator. A Postgres transaction is
+    /// never split over Kafka transactions (consumers would see part of
+    /// it), so one that takes longer than the timeout to publish cannot be
+    /// published: say so while there is time to act.
+    pub(super) fn eos_watch(&mut self) {
+        let in_txn = self.checkpoint.in_transaction();
+        let Some(t) = self.eos.as_mut() else {
+            return;
+        };
+        if !t.is_open() {
+            t.warned_long = false;
+            return;
+        }
+        let open_for = t.opened_at.elapsed();
+        if open_for >= t.txn_timeout / 2 && !t.warned_long {
+            t.warned_long = true;
+            tracing::warn!(
+                open_for_s = open_for.as_secs_f64(),
+                transaction_timeout_s = t.txn_timeout.as_secs_f64(),
+                in_one_postgres_transaction = in_txn && t.last_in_batch.is_none(),
+                "a Kafka transaction has been open for half of transaction.timeout.ms; if it is not committed in time the coordinator aborts it and it is published again from the start. A Postgres transaction is never split, so one that takes longer than the timeout to publish needs a larger --kafka-property transaction.timeout.ms (at most the brokers' transaction.max.timeout.ms, 15 min by default)"
+            );
         }
     }
 

@@ -217,6 +217,7 @@ impl Turns {
         state.pump_waiting()?;
         state.settle_too_large()?;
         state.flush_redo().await?;
+        state.eos_watch();
         state.update_gauges();
         let confirmed = state.confirmable();
         if confirmed != self.last_sent || self.last_sent_at.elapsed() >= status_interval {
