@@ -130,3 +130,55 @@ fn errors_name_the_option_and_hide_passwords() {
     assert!(e.contains("KEY=VALUE"), "{e}");
     assert!(toml::from_str::<Options>("no_such_option = 1").is_err());
 }
+
+#[test]
+fn exactly_once_refuses_what_it_cannot_keep_in_one_transaction() {
+    let eos = || Options {
+        delivery: Some(Delivery::ExactlyOnce),
+        ..base()
+    };
+    let c = RelayConfig::resolve(eos()).unwrap();
+    let e = c.exactly_once.expect("exactly-once configured");
+    assert_eq!(e.progress_topic, "outbox-relay.progress");
+    assert_eq!(e.transaction_timeout, Duration::from_secs(60));
+    assert!(RelayConfig::resolve(base()).unwrap().exactly_once.is_none());
+    let refused = |o: Options, option: &str| {
+        let err = RelayConfig::resolve(o).err().expect("refused").to_string();
+        assert!(err.contains(option) && err.contains("exactly-once"), "{err}");
+    };
+    refused(
+        Options {
+            streaming: Some(true),
+            ..eos()
+        },
+        "streaming",
+    );
+    refused(
+        Options {
+            message_prefix: Some("outbox:".into()),
+            ..eos()
+        },
+        "message_prefix",
+    );
+    refused(
+        Options {
+            on_error_override: Some(vec!["too-large=dead-letter".into()]),
+            ..eos()
+        },
+        "on_error_override",
+    );
+    // Rows that cannot be routed can be dead-lettered in their transaction.
+    assert!(RelayConfig::resolve(Options {
+        on_error_override: Some(vec!["key=dead-letter".into()]),
+        ..eos()
+    })
+    .is_ok());
+    let err = RelayConfig::resolve(Options {
+        transaction_max_duration: Some(20.0),
+        ..eos()
+    })
+    .err()
+    .expect("refused")
+    .to_string();
+    assert!(err.contains("quarter of transaction.timeout.ms"), "{err}");
+}
