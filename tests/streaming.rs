@@ -13,7 +13,17 @@ use support::*;
 /// A relay with --streaming, the given memory budget and spill directory,
 /// publishing to `{prefix}.{event_type}`.
 fn streaming_relay(url: &str, prefix: &str, budget: u64, spill: &std::path::Path) -> Relay {
-    Relay::start(&[
+    streaming_relay_with(url, prefix, budget, spill, &[])
+}
+
+fn streaming_relay_with(
+    url: &str,
+    prefix: &str,
+    budget: u64,
+    spill: &std::path::Path,
+    extra: &[String],
+) -> Relay {
+    let mut args: Vec<String> = vec![
         "--database-url".into(),
         url.to_string(),
         "--kafka-brokers".into(),
@@ -27,11 +37,24 @@ fn streaming_relay(url: &str, prefix: &str, budget: u64, spill: &std::path::Path
         spill.display().to_string(),
         "--status-interval".into(),
         "1".into(),
-    ])
+    ];
+    args.extend_from_slice(extra);
+    Relay::start(&args)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streamed_transactions_are_published_at_commit_in_commit_order() {
+    published_at_commit_in_commit_order(false).await
+}
+
+/// The same with `--delivery exactly-once`: a replayed streamed transaction
+/// is one Kafka transaction, like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_transactions_exactly_once() {
+    published_at_commit_in_commit_order(true).await
+}
+
+async fn published_at_commit_in_commit_order(eos: bool) {
     // 64 kB of decoding memory makes the server stream any sizeable
     // transaction while it is still open.
     let cluster = TempCluster::start(&[], &["logical_decoding_work_mem=64kB"]);
@@ -45,7 +68,19 @@ async fn streamed_transactions_are_published_at_commit_in_commit_order() {
     let topic = format!("{prefix}.T");
     create_topics(&brokers(), &[&topic], 1).await;
     let spill = std::env::temp_dir().join(unique("spill"));
-    let relay = streaming_relay(&url, &prefix, 4096, &spill);
+    let extra: Vec<String> = if eos {
+        [
+            "--delivery",
+            "exactly-once",
+            "--progress-topic",
+            &unique("stream_progress"),
+        ]
+        .map(String::from)
+        .to_vec()
+    } else {
+        Vec::new()
+    };
+    let relay = streaming_relay_with(&url, &prefix, 4096, &spill, &extra);
     let addr = relay.http_address().await;
     let insert = |tag: &str, n: usize| {
         format!(
@@ -132,6 +167,12 @@ async fn streamed_transactions_are_published_at_commit_in_commit_order() {
         metric(&text, "outbox_stream_buffer_bytes").unwrap_or(f64::MAX) <= 4096.0,
         "{text}"
     );
+    if eos {
+        assert!(
+            metric(&text, "outbox_kafka_transactions_committed_total").unwrap_or(0.0) >= 1.0,
+            "{text}"
+        );
+    }
     let target: outbox_relay::lsn::Lsn = after.parse().unwrap();
     wait_until(Duration::from_secs(30), "the slot to pass everything", || async {
         let c: String = a

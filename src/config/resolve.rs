@@ -268,9 +268,9 @@ fn http_address(v: Option<&str>) -> Result<Option<std::net::SocketAddr>, ConfigE
 }
 
 /// `--delivery exactly-once`, and what it cannot be combined with yet: each
-/// of those would need its own unit in the Kafka transaction (a streamed
-/// transaction's replay, a message outside any transaction, a dead-letter
-/// record decided after Kafka refused the original).
+/// of those would need its own unit in the Kafka transaction (a message
+/// outside any transaction, a dead-letter record decided after Kafka
+/// refused the original).
 fn exactly_once(
     o: &mut Options,
     policy: &ErrorPolicy,
@@ -287,9 +287,6 @@ fn exactly_once(
         reason: "not supported with --delivery exactly-once yet: leave it out, or use --delivery at-least-once".into(),
     }
     };
-    if o.streaming.unwrap_or(false) {
-        return Err(refuse("streaming", "true"));
-    }
     if messages {
         return Err(refuse("message_prefix", "<set>"));
     }

@@ -45,6 +45,7 @@ impl State {
                 LogicalMessage::StreamCommit(c) => {
                     let replay = buffer.commit(c.xid)?;
                     self.commit_time = c.commit_time;
+                    self.eos_begin(c.commit_lsn);
                     self.checkpoint.begin(c.commit_lsn)?;
                     self.replaying = Some(Replaying {
                         replay,
@@ -109,6 +110,7 @@ impl State {
                     let end = r.end_lsn;
                     self.replaying = None;
                     self.checkpoint.commit(end)?;
+                    self.eos_commit();
                     self.summary.transactions += 1;
                     return Ok(());
                 }
