@@ -102,6 +102,38 @@ fn assert_exactly_once(records: &[Record], txns: u64) {
     }
 }
 
+/// Transactions `0, 1, …` written in the background, one after another,
+/// until stopped; `stop` returns how many committed.
+struct Writer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<u64>,
+}
+
+impl Writer {
+    fn start(url: &str) -> Writer {
+        let url = url.to_string();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let client = sql_client(&url).await;
+            let mut t = 0;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                client.batch_execute(&txn_sql(t)).await.unwrap();
+                t += 1;
+                // Load shaping: a steady stream, not synchronisation.
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            t
+        });
+        Writer { stop, task }
+    }
+
+    async fn stop(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.task.await.unwrap()
+    }
+}
+
 fn eos_args(db: &TestDb, slot: &str, topic: &str, progress: &str) -> Vec<String> {
     relay_args(
         db,
@@ -217,22 +249,7 @@ async fn relay_sigkills_under_load_lose_and_repeat_nothing() {
     create_topics(&brokers(), &[&topic], PARTITIONS).await;
     let args = eos_args(&db, &slot, &topic, &progress);
 
-    let url = db.url.clone();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let client = sql_client(&url).await;
-            let mut t = 0;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                client.batch_execute(&txn_sql(t)).await.unwrap();
-                t += 1;
-                // Load shaping: a steady stream, not synchronisation.
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-            t
-        })
-    };
+    let writer = Writer::start(&db.url);
 
     let mut rng = Rng::for_test("relay_sigkills_under_load_lose_and_repeat_nothing");
     let started = Instant::now();
@@ -250,8 +267,7 @@ async fn relay_sigkills_under_load_lose_and_repeat_nothing() {
         )
         .await;
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let txns = writer.await.unwrap();
+    let txns = writer.stop().await;
     let end = db.current_wal_lsn().await;
     let mut relay = Relay::start(&args);
     db.wait_confirmed(&slot, end, "every transaction confirmed after the kills")
@@ -373,5 +389,67 @@ async fn a_large_transaction_is_one_kafka_transaction() {
     let records = consume_topic(&topic, EVENTS as usize).await;
     assert_eq!(records.len() as u64, EVENTS);
     assert_exactly_once(&records, 1);
+    db.drop().await;
+}
+
+/// Two relays on one slot under load: one streams, the other waits for the
+/// slot (it registers its transactional.id only once it holds the slot, so
+/// it never fences the active one). The active relay's walsender is
+/// terminated again and again; whichever relay gets the slot next goes on
+/// from the progress topic, and nothing arrives twice.
+#[tokio::test]
+async fn two_relays_on_one_slot_hand_over_without_duplicates() {
+    let db = TestDb::new("eos_pair").await;
+    let slot = db.classic_outbox().await;
+    let topic = unique("eos_pair");
+    let progress = unique("eos_progress");
+    create_topics(&brokers(), &[&topic], PARTITIONS).await;
+    let mut args = eos_args(&db, &slot, &topic, &progress);
+    args.extend(["--reconnect-max-backoff", "1"].map(String::from));
+
+    let writer = Writer::start(&db.url);
+    let mut a = Relay::start(&args);
+    db.wait_streaming(&slot).await;
+    let mut b = Relay::start(&args);
+    const HANDOVERS: usize = 6;
+    for _ in 0..HANDOVERS {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        db.exec(&format!(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = '{slot}' AND active_pid IS NOT NULL"
+        ))
+        .await;
+        // Someone holds it again: one of the two took over.
+        wait_until(
+            Duration::from_secs(30),
+            "a relay to take the slot",
+            || async { db.slot_active(&slot).await },
+        )
+        .await;
+        assert!(
+            a.is_running() && b.is_running(),
+            "{}\n{}",
+            a.log_text(),
+            b.log_text()
+        );
+    }
+    let txns = writer.stop().await;
+    let end = db.current_wal_lsn().await;
+    db.wait_confirmed(&slot, end, "every transaction confirmed")
+        .await;
+    let sessions = a.resumed_from().len() + b.resumed_from().len();
+    eprintln!(
+        "{HANDOVERS} walsender terminations: {sessions} sessions streamed (relay A {}, relay B {})",
+        a.resumed_from().len(),
+        b.resumed_from().len()
+    );
+    a.terminate().await;
+    b.terminate().await;
+    assert!(
+        sessions > HANDOVERS,
+        "every termination was followed by a new session"
+    );
+    let written: u64 = (0..txns).map(txn_size).sum();
+    let records = consume_topic(&topic, written as usize).await;
+    assert_exactly_once(&records, txns);
     db.drop().await;
 }
