@@ -117,6 +117,12 @@ pub async fn run(
             // Another consumer holds the slot (a standby that took over, say):
             // from now on its progress is legitimate, so trust the slot.
             resume = None;
+            // A standby told to stop while it asked for the slot owes
+            // nothing: a clean stop, not a failure.
+            if *shutdown.borrow() {
+                tracing::info!("stopping while another relay holds the slot");
+                return Ok(totals);
+            }
         }
         if !err.is_retriable() || *shutdown.borrow() {
             if let Some(hint) = err.hint() {

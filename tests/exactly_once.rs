@@ -453,3 +453,82 @@ async fn two_relays_on_one_slot_hand_over_without_duplicates() {
     assert_exactly_once(&records, txns);
     db.drop().await;
 }
+
+/// Review M11 with exactly-once. A relay whose connection is lost while a
+/// second relay takes over, publishes and moves the slot on, finds the slot
+/// past the position it confirmed: the progress topic records that position,
+/// so it goes on. A slot moved by hand (pg_replication_slot_advance over
+/// transactions never published) is not recorded there: the relay stops.
+#[tokio::test]
+async fn a_slot_moved_by_another_relay_is_followed_one_moved_by_hand_is_not() {
+    let db = TestDb::new("eos_moved").await;
+    let slot = db.classic_outbox().await;
+    let topic = unique("eos_moved");
+    let progress = unique("eos_progress");
+    create_topics(&brokers(), &[&topic], PARTITIONS).await;
+    let mut args = eos_args(&db, &slot, &topic, &progress);
+    args.extend(["--reconnect-max-backoff", "1"].map(String::from));
+    let terminate_walsender = || async {
+        db.exec(&format!(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = '{slot}' AND active_pid IS NOT NULL"
+        ))
+        .await;
+        wait_until(
+            Duration::from_secs(30),
+            "the slot to be released",
+            || async { !db.slot_active(&slot).await },
+        )
+        .await;
+    };
+
+    let mut a = Relay::start(&args);
+    let first = write_txns(&db, 0, 10).await;
+    db.wait_confirmed(&slot, first, "A published the first ten")
+        .await;
+    // A freezes (a long GC pause, a stalled VM): its walsender is ended and
+    // B takes over, publishes and confirms further.
+    a.signal("STOP");
+    terminate_walsender().await;
+    let mut b = Relay::start(&args);
+    let second = write_txns(&db, 10, 10).await;
+    db.wait_confirmed(&slot, second, "B published the next ten")
+        .await;
+    b.terminate().await;
+    a.signal("CONT");
+    let third = write_txns(&db, 20, 10).await;
+    db.wait_confirmed(&slot, third, "A, back, published the last ten")
+        .await;
+    assert!(a.is_running(), "A stopped:\n{}", a.log_text());
+    assert_eq!(a.stopped_for(), None, "A announced a stop");
+
+    // Now by hand: A frozen, its walsender ended, five transactions
+    // written and the slot advanced over them.
+    a.signal("STOP");
+    terminate_walsender().await;
+    let skipped = write_txns(&db, 30, 5).await;
+    db.exec(&format!(
+        "SELECT pg_replication_slot_advance('{slot}', '{skipped}')"
+    ))
+    .await;
+    a.signal("CONT");
+    assert_eq!(
+        a.wait(Duration::from_secs(60)).await,
+        Some(1),
+        "A stops on a slot moved by hand:\n{}",
+        a.log_text()
+    );
+    let stopped = a.announced("stopped");
+    let error = stopped
+        .last()
+        .and_then(|v| v["error"].as_str())
+        .unwrap_or_default();
+    assert!(
+        error.contains(&format!("is at {skipped}")),
+        "the stop names where the slot was found: {error}"
+    );
+
+    let written: u64 = (0..30).map(txn_size).sum();
+    let records = consume_topic(&topic, written as usize).await;
+    assert_exactly_once(&records, 30);
+    db.drop().await;
+}

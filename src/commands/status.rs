@@ -205,7 +205,14 @@ pub async fn progress_position(client: &Client, cfg: &RelayConfig) -> Option<Str
     })
     .await;
     Some(match read {
-        Ok(Ok(Some(lsn))) => format!("{lsn} (in {})", e.progress_topic),
+        Ok(Ok(Some(p))) => format!(
+            "{} (last transaction in Kafka; positions up to {} recorded as confirmable; in {})",
+            p.commit_lsn
+                .map(|l| l.to_string())
+                .unwrap_or_else(|| "none".into()),
+            p.confirmed,
+            e.progress_topic
+        ),
         Ok(Ok(None)) => format!("none yet (in {})", e.progress_topic),
         Ok(Err(err)) => format!("not read: {err}"),
         Err(err) => format!("not read: {err}"),

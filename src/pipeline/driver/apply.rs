@@ -110,7 +110,7 @@ impl State {
                     let end = r.end_lsn;
                     self.replaying = None;
                     self.checkpoint.commit(end)?;
-                    self.eos_commit();
+                    self.eos_commit(end);
                     self.summary.transactions += 1;
                     return Ok(());
                 }
@@ -129,7 +129,7 @@ impl State {
             LogicalMessage::Begin(b) => self.on_begin(b.final_lsn, b.commit_time)?,
             LogicalMessage::Commit(c) => {
                 self.checkpoint.commit(c.end_lsn)?;
-                self.eos_commit();
+                self.eos_commit(c.end_lsn);
                 self.summary.transactions += 1;
             }
             LogicalMessage::Relation(rel) => {

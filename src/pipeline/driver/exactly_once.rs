@@ -12,6 +12,16 @@
 //! Acknowledged records of an aborted transaction never count: the session
 //! ends, and the next one starts from the slot and the progress topic.
 //!
+//! Why a slot found ahead can still be told apart (review M11). A relay
+//! records a position in the progress topic, in a committed Kafka
+//! transaction, before it confirms it: the end of each Kafka transaction's
+//! last Postgres transaction, and, when the slot would move without an
+//! event (keepalives over an idle outbox), that position in a transaction
+//! of the progress record alone. So a slot found beyond the position this
+//! process confirmed, but not beyond what the progress topic records, was
+//! moved by a relay of ours (a standby that took over); beyond it, by
+//! someone else.
+//!
 //! Why nothing is published twice. Each Kafka transaction carries, on the
 //! progress topic, the commit LSN of its last Postgres transaction. A new
 //! session reads the last committed one (after `init_transactions`, which
@@ -65,6 +75,17 @@ pub(super) struct Transactions {
     /// Commit LSN of the last whole Postgres transaction in the open Kafka
     /// transaction.
     last_in_batch: Option<Lsn>,
+    /// The position the open Kafka transaction records as confirmable: the
+    /// end of its last Postgres transaction, or, for a transaction of the
+    /// progress record alone, the checkpoint's idle position.
+    confirm_target: Option<Lsn>,
+    /// The most that may be sent to Postgres: the `confirmed` of the last
+    /// progress record committed (or where the slot was at the start).
+    recorded: Lsn,
+    /// What the progress topic held at the start, for telling a slot moved
+    /// by a relay of ours from one moved by someone else.
+    pub(super) recorded_at_start: Option<Lsn>,
+    last_record_at: Instant,
     committing: Option<(JoinHandle<Result<(), TxnError>>, Instant)>,
     commit_tries: u32,
     /// The producer's transaction.timeout.ms: the coordinator aborts a
@@ -81,6 +102,7 @@ impl Transactions {
         e: &ExactlyOnceConfig,
         sink: &KafkaSink,
         system_id: &str,
+        slot_at_start: Lsn,
     ) -> Result<Transactions, PipelineError> {
         sink.init_transactions(TXN_CALL_TIMEOUT).await?;
         let key = progress::key(system_id, &cfg.slot);
@@ -90,14 +112,16 @@ impl Transactions {
             e.progress_topic.clone(),
             key.clone(),
         );
-        let committed = tokio::task::spawn_blocking(move || {
+        let found = tokio::task::spawn_blocking(move || {
             progress::read_last(&brokers, &props, &topic, &k, TXN_CALL_TIMEOUT)
         })
         .await
         .map_err(|_| PipelineError::Config("reading the progress topic: the task died".into()))??;
+        let committed = found.and_then(|p| p.commit_lsn);
         tracing::info!(
             progress_topic = %e.progress_topic,
             committed = %committed.map(|l| l.to_string()).unwrap_or_else(|| "none".into()),
+            recorded = %found.map(|p| p.confirmed.to_string()).unwrap_or_else(|| "none".into()),
             "exactly-once: transactions committed at or before this position are in Kafka and are not published again"
         );
         Ok(Transactions {
@@ -111,6 +135,10 @@ impl Transactions {
             gate: None,
             opened_at: Instant::now(),
             last_in_batch: None,
+            confirm_target: None,
+            recorded: found.map_or(slot_at_start, |p| p.confirmed.max(slot_at_start)),
+            recorded_at_start: found.map(|p| p.confirmed),
+            last_record_at: Instant::now(),
             committing: None,
             commit_tries: 0,
             txn_timeout: e.transaction_timeout,
@@ -132,9 +160,12 @@ impl State {
     /// the gate while a Kafka transaction is open.
     pub(super) fn confirmable(&self) -> Lsn {
         let confirmed = self.checkpoint.confirmed();
-        match self.eos.as_ref().and_then(|t| t.gate) {
-            Some(gate) => confirmed.min(gate),
+        match self.eos.as_ref() {
             None => confirmed,
+            Some(t) => {
+                let c = confirmed.min(t.recorded);
+                t.gate.map_or(c, |gate| c.min(gate))
+            }
         }
     }
 
@@ -176,14 +207,43 @@ impl State {
 
     /// The Postgres transaction being decoded committed: if it published
     /// anything, the open Kafka transaction now holds it whole.
-    pub(super) fn eos_commit(&mut self) {
+    pub(super) fn eos_commit(&mut self, end_lsn: Lsn) {
         if let Some(t) = self.eos.as_mut() {
             if let Some((lsn, skip)) = t.current.take() {
                 if !skip && t.gate.is_some() {
                     t.last_in_batch = Some(lsn);
+                    t.confirm_target = Some(end_lsn);
                 }
             }
         }
+    }
+
+    /// On the status timer: the checkpoint moved past what the progress
+    /// topic records without an event (keepalives over an idle outbox,
+    /// skipped transactions). Before that position may be confirmed it is
+    /// recorded, in a Kafka transaction of the progress record alone, at
+    /// most once per `every`: so every position a relay of ours confirms is
+    /// in Kafka first, and a slot found beyond the record was moved by
+    /// someone else.
+    pub(super) fn eos_record_idle(&mut self, every: Duration) -> Result<(), PipelineError> {
+        let confirmed = self.checkpoint.confirmed();
+        let idle = !self.checkpoint.in_transaction() && self.waiting.is_empty();
+        let Some(t) = self.eos.as_mut() else {
+            return Ok(());
+        };
+        if !idle
+            || t.is_open()
+            || t.committing.is_some()
+            || confirmed <= t.recorded
+            || t.last_record_at.elapsed() < every
+        {
+            return Ok(());
+        }
+        self.sink.begin_transaction()?;
+        t.gate = Some(t.recorded);
+        t.opened_at = Instant::now();
+        t.confirm_target = Some(confirmed);
+        Ok(())
     }
 
     /// Whether to commit the open Kafka transaction now: at a Postgres
@@ -199,12 +259,14 @@ impl State {
         let Some(t) = self.eos.as_ref() else {
             return false;
         };
+        let record_only = t.last_in_batch.is_none();
         t.is_open()
             && t.committing.is_none()
-            && t.last_in_batch.is_some()
+            && t.confirm_target.is_some()
             && !self.checkpoint.in_transaction()
             && self.waiting.is_empty()
-            && (stream_idle
+            && (record_only
+                || stream_idle
                 || stopping
                 || t.opened_at.elapsed() >= t.max_duration
                 || !self.has_room(cfg))
@@ -215,11 +277,15 @@ impl State {
         let Some(t) = self.eos.as_mut() else {
             return Ok(());
         };
-        let Some(lsn) = t.last_in_batch else {
+        let Some(target) = t.confirm_target else {
             return Ok(());
         };
         if t.commit_tries == 0 {
-            let value = progress::value(lsn, &t.system_id, &t.slot);
+            let record = progress::Progress {
+                commit_lsn: t.last_in_batch.or(t.committed),
+                confirmed: target.max(t.recorded),
+            };
+            let value = progress::value(record, &t.system_id, &t.slot);
             match self
                 .sink
                 .enqueue_progress(&t.progress_topic, &t.key, &value)?
@@ -264,6 +330,10 @@ impl State {
                 }
                 self.metrics.kafka_transactions_committed.inc();
                 t.committed = t.last_in_batch.take().or(t.committed);
+                if let Some(target) = t.confirm_target.take() {
+                    t.recorded = t.recorded.max(target);
+                }
+                t.last_record_at = Instant::now();
                 t.gate = None;
                 t.commit_tries = 0;
                 Ok(())

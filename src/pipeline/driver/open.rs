@@ -197,7 +197,9 @@ pub(super) async fn open(cfg: &RelayConfig, resume: Option<Lsn>) -> Result<Opene
         let system = conn.identify_system().await?;
         let slot = check_slot(&mut conn, &cfg.slot).await?;
         check_publication(&mut conn, cfg).await?;
-        if let Some(ours) = resume {
+        // With exactly-once the progress topic tells a move by a relay of
+        // ours from any other; the session checks it once it has read it.
+        if let Some(ours) = resume.filter(|_| cfg.exactly_once.is_none()) {
             if slot.confirmed > ours {
                 return Err(PipelineError::SlotMovedAhead {
                     slot: cfg.slot.clone(),

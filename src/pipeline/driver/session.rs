@@ -69,7 +69,9 @@ pub(super) async fn session(
     );
     let result = async {
         if let Some(e) = &cfg.exactly_once {
-            state.eos = Some(Transactions::start(cfg, e, &state.sink, &system_id).await?);
+            let t = Transactions::start(cfg, e, &state.sink, &system_id, slot.confirmed).await?;
+            moved_by_us(cfg, resume, slot.confirmed, t.recorded_at_start)?;
+            state.eos = Some(t);
         }
         stream_loop(
             cfg,
@@ -123,6 +125,38 @@ pub(super) async fn session(
         "replication stopped"
     );
     result
+}
+
+/// Exactly-once: a slot found past the position this process confirmed is
+/// fine when the progress topic records at least that far (a relay of ours
+/// confirmed it, as a standby that took over); beyond that, someone else
+/// moved it over events that may never have been published.
+fn moved_by_us(
+    cfg: &RelayConfig,
+    resume: Option<Lsn>,
+    found: Lsn,
+    recorded: Option<Lsn>,
+) -> Result<(), PipelineError> {
+    let Some(ours) = resume.filter(|ours| found > *ours) else {
+        return Ok(());
+    };
+    match recorded {
+        Some(r) if found <= r => {
+            tracing::info!(
+                slot = %cfg.slot,
+                from = %ours,
+                to = %found,
+                recorded = %r,
+                "the slot moved on under another relay of ours (the progress topic records that position): going on from it"
+            );
+            Ok(())
+        }
+        _ => Err(PipelineError::SlotMovedAhead {
+            slot: cfg.slot.clone(),
+            found,
+            ours,
+        }),
+    }
 }
 
 /// Asks the broker for metadata every 5 s, for readiness (the broker answers
@@ -218,6 +252,7 @@ impl Turns {
         state.settle_too_large()?;
         state.flush_redo().await?;
         state.eos_watch();
+        state.eos_record_idle(status_interval)?;
         state.update_gauges();
         let confirmed = state.confirmable();
         if confirmed != self.last_sent || self.last_sent_at.elapsed() >= status_interval {

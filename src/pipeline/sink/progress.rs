@@ -49,11 +49,24 @@ pub fn key(system_id: &str, slot: &str) -> Vec<u8> {
     format!("{system_id}/{slot}").into_bytes()
 }
 
-/// A progress record's value: the commit LSN, plus what helps a person
-/// reading the topic.
-pub fn value(commit_lsn: Lsn, system_id: &str, slot: &str) -> Vec<u8> {
+/// What a progress record says about one slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// The commit LSN of the last Postgres transaction in Kafka; None when
+    /// none was published yet.
+    pub commit_lsn: Option<Lsn>,
+    /// The most a relay of ours may have confirmed to the slot: a relay
+    /// records a position here, in a committed Kafka transaction, before it
+    /// sends it to Postgres. A slot found beyond it was moved by someone
+    /// else.
+    pub confirmed: Lsn,
+}
+
+/// A progress record's value, in JSON a person reading the topic can follow.
+pub fn value(p: Progress, system_id: &str, slot: &str) -> Vec<u8> {
     serde_json::json!({
-        "commit_lsn": commit_lsn.to_string(),
+        "commit_lsn": p.commit_lsn.map(|l| l.to_string()),
+        "confirmed": p.confirmed.to_string(),
         "system_id": system_id,
         "slot": slot,
     })
@@ -61,15 +74,23 @@ pub fn value(commit_lsn: Lsn, system_id: &str, slot: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-/// The commit LSN of a progress record's value.
-pub fn parse(value: &[u8]) -> Result<Lsn, String> {
+/// A progress record's value read back.
+pub fn parse(value: &[u8]) -> Result<Progress, String> {
     let v: serde_json::Value =
         serde_json::from_slice(value).map_err(|e| format!("not JSON: {e}"))?;
-    v["commit_lsn"]
-        .as_str()
-        .ok_or("no commit_lsn")?
-        .parse()
-        .map_err(|e| format!("commit_lsn: {e}"))
+    let lsn = |field: &str| -> Result<Option<Lsn>, String> {
+        match &v[field] {
+            serde_json::Value::Null => Ok(None),
+            serde_json::Value::String(s) => {
+                s.parse().map(Some).map_err(|e| format!("{field}: {e}"))
+            }
+            _ => Err(format!("{field} is not an LSN")),
+        }
+    };
+    Ok(Progress {
+        commit_lsn: lsn("commit_lsn")?,
+        confirmed: lsn("confirmed")?.ok_or("no confirmed position")?,
+    })
 }
 
 /// Creates the topic if it does not exist (one partition, compacted, as
@@ -144,8 +165,8 @@ pub async fn ensure_topic(
     }
 }
 
-/// The commit LSN in the slot's last committed progress record, read with
-/// read_committed up to the last stable offset. Blocking.
+/// The slot's last committed progress record, read with read_committed up
+/// to the last stable offset. Blocking.
 ///
 /// Call it after `init_transactions`: that aborts (or waits out) whatever a
 /// previous producer with the same id left open, which would otherwise
@@ -156,7 +177,7 @@ pub fn read_last(
     topic: &str,
     key: &[u8],
     timeout: Duration,
-) -> Result<Option<Lsn>, ProgressError> {
+) -> Result<Option<Progress>, ProgressError> {
     let err = |what: &'static str| {
         move |error: KafkaError| ProgressError::Kafka {
             topic: topic.to_string(),
@@ -227,9 +248,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_value_reads_back_as_its_commit_lsn() {
-        let lsn: Lsn = "16/B374D848".parse().unwrap();
-        assert_eq!(parse(&value(lsn, "7312", "outbox_relay")), Ok(lsn));
+    fn a_value_reads_back_as_written() {
+        let p = Progress {
+            commit_lsn: Some("16/B374D848".parse().unwrap()),
+            confirmed: "16/B374D900".parse().unwrap(),
+        };
+        assert_eq!(parse(&value(p, "7312", "outbox_relay")), Ok(p));
+        let none_yet = Progress {
+            commit_lsn: None,
+            ..p
+        };
+        assert_eq!(parse(&value(none_yet, "7312", "s")), Ok(none_yet));
         assert!(parse(b"{}").is_err());
         assert!(parse(b"not json").is_err());
         assert_eq!(key("7312", "s"), b"7312/s".to_vec());
