@@ -250,12 +250,7 @@ impl State {
     /// transaction boundary, with every record handed to the producer, when
     /// it has run `--transaction-max-duration`, the stream has nothing more
     /// ready, reading is blocked, or the relay is stopping.
-    pub(super) fn eos_commit_due(
-        &self,
-        cfg: &RelayConfig,
-        stream_idle: bool,
-        stopping: bool,
-    ) -> bool {
+    fn eos_commit_due(&self, cfg: &RelayConfig, stream_idle: bool, stopping: bool) -> bool {
         let Some(t) = self.eos.as_ref() else {
             return false;
         };
@@ -272,8 +267,22 @@ impl State {
                 || !self.has_room(cfg))
     }
 
+    /// At the top of each turn of the loop: starts the commit when it is
+    /// due; returns whether a commit is in flight (reading waits for it).
+    pub(super) fn eos_turn(
+        &mut self,
+        cfg: &RelayConfig,
+        stream_idle: bool,
+        stopping: bool,
+    ) -> Result<bool, PipelineError> {
+        if self.eos_commit_due(cfg, stream_idle, stopping) {
+            self.eos_start_commit()?;
+        }
+        Ok(self.eos.as_ref().is_some_and(|t| t.committing()))
+    }
+
     /// Writes the progress record and starts the commit on a blocking thread.
-    pub(super) fn eos_start_commit(&mut self) -> Result<(), PipelineError> {
+    fn eos_start_commit(&mut self) -> Result<(), PipelineError> {
         let Some(t) = self.eos.as_mut() else {
             return Ok(());
         };

@@ -184,6 +184,29 @@ pub(super) fn timed_out(what: &str, limit: Duration) -> PipelineError {
     )))
 }
 
+/// The session's producer: transactional with exactly-once (its progress
+/// topic created first, if missing), idempotent otherwise.
+async fn producer(
+    cfg: &RelayConfig,
+    system_id: &str,
+) -> Result<(KafkaSink, mpsc::UnboundedReceiver<Ack>), PipelineError> {
+    let Some(e) = &cfg.exactly_once else {
+        return Ok(KafkaSink::new(&cfg.kafka_brokers, &cfg.kafka_properties)?);
+    };
+    crate::pipeline::sink::progress::ensure_topic(
+        &cfg.kafka_brokers,
+        &cfg.kafka_properties,
+        &e.progress_topic,
+    )
+    .await?;
+    let id = super::exactly_once::transactional_id(e, system_id, &cfg.slot);
+    Ok(KafkaSink::transactional(
+        &cfg.kafka_brokers,
+        &cfg.kafka_properties,
+        &id,
+    )?)
+}
+
 /// Connects, checks the slot and the publication and starts streaming.
 /// Connecting and authenticating are bounded by the connect timeout, the
 /// queries after it by the replication timeout: a server that stops
@@ -237,19 +260,7 @@ pub(super) async fn open(cfg: &RelayConfig, resume: Option<Lsn>) -> Result<Opene
         }
         // Before START_REPLICATION: a producer setting the relay refuses
         // stops it before the slot is touched.
-        let (sink, acks) = match &cfg.exactly_once {
-            Some(e) => {
-                crate::pipeline::sink::progress::ensure_topic(
-                    &cfg.kafka_brokers,
-                    &cfg.kafka_properties,
-                    &e.progress_topic,
-                )
-                .await?;
-                let id = super::exactly_once::transactional_id(e, &system.system_id, &cfg.slot);
-                KafkaSink::transactional(&cfg.kafka_brokers, &cfg.kafka_properties, &id)?
-            }
-            None => KafkaSink::new(&cfg.kafka_brokers, &cfg.kafka_properties)?,
-        };
+        let (sink, acks) = producer(cfg, &system.system_id).await?;
         tracing::info!(
             server_version,
             protocol,

@@ -69,9 +69,9 @@ pub(super) async fn session(
     );
     let result = async {
         if let Some(e) = &cfg.exactly_once {
-            let t = Transactions::start(cfg, e, &state.sink, &system_id, slot.confirmed).await?;
-            moved_by_us(cfg, resume, slot.confirmed, t.recorded_at_start)?;
-            state.eos = Some(t);
+            state.eos = Some(
+                start_exactly_once(cfg, e, &state.sink, &system_id, resume, slot.confirmed).await?,
+            );
         }
         stream_loop(
             cfg,
@@ -84,23 +84,7 @@ pub(super) async fn session(
         .await
     }
     .await;
-    match &result {
-        // A delivery failed: records enqueued after it must not reach the
-        // broker before it is sent again, or a partition would hold them out
-        // of commit order. Abandon the producer now; the next session
-        // resumes from the slot.
-        Err(PipelineError::Delivery(_)) => state.sink.abandon(),
-        // Exactly-once: the open Kafka transaction is dropped with the
-        // producer; the next session's init_transactions aborts it.
-        Err(PipelineError::Transaction(_)) => state.sink.abandon(),
-        Err(PipelineError::Replication(_) | PipelineError::ServerEnded) | Ok(()) => {}
-        // The stop already waited its time for the deliveries.
-        Err(PipelineError::ShutdownTimeout { .. }) => {}
-        // Stopping on a bad event: let what was already handed to the
-        // producer arrive, so the slot stops right before the bad event
-        // rather than at an older position (fewer repeats on restart).
-        Err(_) => settle_in_flight(&mut state, cfg.shutdown_timeout).await,
-    }
+    settle(cfg, &mut state, &result).await;
     probe.abort();
     if let Some(h) = heartbeat {
         h.abort();
@@ -125,6 +109,42 @@ pub(super) async fn session(
         "replication stopped"
     );
     result
+}
+
+/// What the session's end does with what is in flight, by how it ended.
+async fn settle(cfg: &RelayConfig, state: &mut State, result: &Result<(), PipelineError>) {
+    match result {
+        // A delivery failed: records enqueued after it must not reach the
+        // broker before it is sent again, or a partition would hold them out
+        // of commit order. Abandon the producer now; the next session
+        // resumes from the slot.
+        Err(PipelineError::Delivery(_)) => state.sink.abandon(),
+        // Exactly-once: the open Kafka transaction is dropped with the
+        // producer; the next session's init_transactions aborts it.
+        Err(PipelineError::Transaction(_)) => state.sink.abandon(),
+        Err(PipelineError::Replication(_) | PipelineError::ServerEnded) | Ok(()) => {}
+        // The stop already waited its time for the deliveries.
+        Err(PipelineError::ShutdownTimeout { .. }) => {}
+        // Stopping on a bad event: let what was already handed to the
+        // producer arrive, so the slot stops right before the bad event
+        // rather than at an older position (fewer repeats on restart).
+        Err(_) => settle_in_flight(state, cfg.shutdown_timeout).await,
+    }
+}
+
+/// Exactly-once, once the slot is this session's: the transactional.id
+/// registered, the progress topic read, the slot's position checked.
+async fn start_exactly_once(
+    cfg: &RelayConfig,
+    e: &crate::config::ExactlyOnceConfig,
+    sink: &crate::pipeline::sink::KafkaSink,
+    system_id: &str,
+    resume: Option<Lsn>,
+    found: Lsn,
+) -> Result<Transactions, PipelineError> {
+    let t = Transactions::start(cfg, e, sink, system_id, found).await?;
+    moved_by_us(cfg, resume, found, t.recorded_at_start)?;
+    Ok(t)
 }
 
 /// Exactly-once: a slot found past the position this process confirmed is
@@ -234,6 +254,31 @@ impl Turns {
             }),
             _ => Ok(()),
         }
+    }
+
+    /// A committed streamed transaction is handed over in slices; between
+    /// slices, delivery reports, status updates and a stop go on (a stop
+    /// finishes the transaction within the deadline).
+    async fn replay_turn(
+        &mut self,
+        cfg: &RelayConfig,
+        state: &mut State,
+        writer: &mut ReplicationWriter,
+        shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> Result<(), PipelineError> {
+        if self.shutdown_deadline.is_none() && poll_once(shutdown) {
+            self.begin_stop(cfg, state, "the streamed transaction being published");
+        }
+        self.check_deadline(state)?;
+        state.replay_some(REPLAY_SLICE, cfg).await?;
+        state.drain_acks()?;
+        state.flush_redo().await?;
+        state.pump_waiting()?;
+        if self.last_sent_at.elapsed() >= FEEDBACK_TICK {
+            state.update_gauges();
+            self.send_status(writer, state.confirmable(), false).await?;
+        }
+        Ok(())
     }
 
     /// The status timer: retries for the producer's queue, a decision on
@@ -373,10 +418,7 @@ pub(super) async fn stream_loop(
         {
             return Ok(());
         }
-        if state.eos_commit_due(cfg, turns.stream_idle, stopping) {
-            state.eos_start_commit()?;
-        }
-        let committing = state.eos.as_ref().is_some_and(|t| t.committing());
+        let committing = state.eos_turn(cfg, turns.stream_idle, stopping)?;
         let replaying = state.replaying.is_some();
         let room = state.has_room(cfg);
         let can_read =
@@ -389,23 +431,9 @@ pub(super) async fn stream_loop(
             turns.pinged = false;
         }
         if replaying && room {
-            // A committed streamed transaction is handed over in slices;
-            // between slices, delivery reports, status updates and a stop
-            // go on (a stop finishes the transaction within the deadline).
-            if !stopping && poll_once(shutdown.as_mut()) {
-                turns.begin_stop(cfg, state, "the streamed transaction being published");
-            }
-            turns.check_deadline(state)?;
-            state.replay_some(REPLAY_SLICE, cfg).await?;
-            state.drain_acks()?;
-            state.flush_redo().await?;
-            state.pump_waiting()?;
-            if turns.last_sent_at.elapsed() >= FEEDBACK_TICK {
-                state.update_gauges();
-                turns
-                    .send_status(writer, state.confirmable(), false)
-                    .await?;
-            }
+            turns
+                .replay_turn(cfg, state, writer, shutdown.as_mut())
+                .await?;
             continue;
         }
         tokio::select! {

@@ -166,18 +166,32 @@ impl State {
         }
     }
 
+    /// The published-events counter of an event type: the last one used
+    /// (events of one type come in runs), else from the map.
+    fn published_counter(&mut self, event_type: &Option<bytes::Bytes>) -> Counter {
+        if let Some((t, c)) = &self.last_published {
+            if t == event_type {
+                return c.clone();
+            }
+        }
+        let c = match self.published.get(event_type) {
+            Some(c) => c.clone(),
+            None => {
+                let c = self.metrics.published(&label(event_type));
+                // Bounded as the interned types are.
+                if self.published.len() < MAX_EVENT_TYPES {
+                    self.published.insert(event_type.clone(), c.clone());
+                }
+                c
+            }
+        };
+        self.last_published = Some((event_type.clone(), c.clone()));
+        c
+    }
+
     pub(super) fn on_ack(&mut self, ack: Ack) -> Result<(), PipelineError> {
         if ack.tag == PROGRESS_TAG {
-            // The commit fails too if it did not arrive; saying why here
-            // names the progress topic.
-            return match ack.result {
-                Ok(_) => Ok(()),
-                Err(error) => Err(PipelineError::Transaction(TxnError {
-                    kind: TxnFailure::Abortable,
-                    what: "writing the progress record",
-                    error,
-                })),
-            };
+            return progress_delivered(ack);
         }
         let pending = self
             .pending
@@ -193,25 +207,7 @@ impl State {
                     // Counted once, as dead-lettered, not also as published.
                     self.metrics.dead_lettered.inc();
                 } else {
-                    let counter = match &self.last_published {
-                        Some((t, c)) if *t == pending.event_type => c.clone(),
-                        _ => {
-                            let c = match self.published.get(&pending.event_type) {
-                                Some(c) => c.clone(),
-                                None => {
-                                    let c = self.metrics.published(&label(&pending.event_type));
-                                    // Bounded as the interned types are.
-                                    if self.published.len() < MAX_EVENT_TYPES {
-                                        self.published
-                                            .insert(pending.event_type.clone(), c.clone());
-                                    }
-                                    c
-                                }
-                            };
-                            self.last_published = Some((pending.event_type.clone(), c.clone()));
-                            c
-                        }
-                    };
+                    let counter = self.published_counter(&pending.event_type);
                     counter.inc();
                 }
                 // Timed at the delivery report, not when the loop got to it:
@@ -542,6 +538,19 @@ impl State {
 }
 
 /// An error's code as a metrics label.
+/// The report of an exactly-once progress record. The commit fails too if
+/// it did not arrive; failing here names the progress topic.
+fn progress_delivered(ack: Ack) -> Result<(), PipelineError> {
+    match ack.result {
+        Ok(_) => Ok(()),
+        Err(error) => Err(PipelineError::Transaction(TxnError {
+            kind: TxnFailure::Abortable,
+            what: "writing the progress record",
+            error,
+        })),
+    }
+}
+
 pub(super) fn kafka_code(e: &KafkaError) -> String {
     match e.rdkafka_error_code() {
         Some(code) => format!("{code:?}"),
