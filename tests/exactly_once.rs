@@ -532,3 +532,96 @@ async fn a_slot_moved_by_another_relay_is_followed_one_moved_by_hand_is_not() {
     assert_exactly_once(&records, 30);
     db.drop().await;
 }
+
+/// Logical decoding messages as events with exactly-once: a transactional
+/// one goes with its transaction, a non-transactional one is a unit of its
+/// own (ordered by a position inside its record, since its LSN may be where
+/// the commit of the transaction that emitted it starts). Sent again with
+/// the slot put back, none is published twice, and no transaction next to
+/// one is skipped.
+#[tokio::test]
+async fn logical_messages_are_published_once() {
+    let db = TestDb::new("eos_messages").await;
+    let slot = db.classic_outbox().await;
+    let rows = unique("eos_msg_rows");
+    let msgs = unique("eos_msg");
+    let progress = unique("eos_progress");
+    create_topics(&brokers(), &[&rows, &format!("{msgs}.M")], 1).await;
+    let old = format!("{slot}_old");
+    db.exec(&format!(
+        "SELECT pg_copy_logical_replication_slot('{slot}', '{old}')"
+    ))
+    .await;
+    let mut args = eos_args(&db, &slot, &rows, &progress);
+    args.extend(
+        [
+            "--message-prefix",
+            "outbox:",
+            "--message-topic",
+            &format!("{msgs}.{{type}}"),
+        ]
+        .map(String::from),
+    );
+    let row = |t: u64| {
+        format!(
+            "INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('Tested', 'agg-1', \
+             jsonb_build_object('txn', {t}, 'i', 0, 'of', 1, 'seq', nextval('outbox_id_seq')));"
+        )
+    };
+    let mut t = 0;
+    let mut messages = 0;
+    let mut write_round = |sql: &mut String| {
+        // A row and a transactional message; a row and a non-transactional
+        // message right before COMMIT; a message outside any transaction.
+        sql.push_str(&format!(
+            "BEGIN; {} SELECT pg_logical_emit_message(true, 'outbox:M:k', '{{\"m\": {messages}}}'); COMMIT;",
+            row(t)
+        ));
+        sql.push_str(&format!(
+            "BEGIN; {} SELECT pg_logical_emit_message(false, 'outbox:M:k', '{{\"m\": {}}}'); COMMIT;",
+            row(t + 1),
+            messages + 1
+        ));
+        sql.push_str(&format!(
+            "SELECT pg_logical_emit_message(false, 'outbox:M:k', '{{\"m\": {}}}');",
+            messages + 2
+        ));
+        t += 2;
+        messages += 3;
+    };
+    let mut sql = String::new();
+    for _ in 0..5 {
+        write_round(&mut sql);
+    }
+    db.exec(&sql).await;
+    let first = db.current_wal_lsn().await;
+    let mut relay = Relay::start(&args);
+    db.wait_confirmed(&slot, first, "the first rounds confirmed")
+        .await;
+    relay.terminate().await;
+    db.exec(&format!(
+        "SELECT pg_drop_replication_slot('{slot}');
+         SELECT pg_copy_logical_replication_slot('{old}', '{slot}');
+         SELECT pg_drop_replication_slot('{old}');"
+    ))
+    .await;
+    let mut sql = String::new();
+    for _ in 0..3 {
+        write_round(&mut sql);
+    }
+    db.exec(&sql).await;
+    let end = db.current_wal_lsn().await;
+    let mut relay = Relay::start(&args);
+    db.wait_confirmed(&slot, end, "every round confirmed").await;
+    relay.terminate().await;
+
+    assert_exactly_once(&consume_topic(&rows, t as usize).await, t);
+    let got = consume_topic(&format!("{msgs}.M"), messages as usize).await;
+    let mut ns: Vec<u64> = got
+        .iter()
+        .map(|r| r.payload_json()["m"].as_u64().unwrap())
+        .collect();
+    ns.sort();
+    assert_eq!(ns, (0..messages).collect::<Vec<_>>(), "every message once");
+    db.drop().await;
+}

@@ -48,8 +48,7 @@ impl RelayConfig {
             o.max_inflight_bytes.unwrap_or(16 << 20),
         )?;
         let messages = messages(&mut o)?;
-        let exactly_once =
-            exactly_once(&mut o, &error_policy, messages.is_some(), &kafka_properties)?;
+        let exactly_once = exactly_once(&mut o, &error_policy, &kafka_properties)?;
         if let Some(v) = o.protocol_version.filter(|v| !(1..=4).contains(v)) {
             return Err(ConfigError::Invalid {
                 option: "protocol_version",
@@ -267,28 +266,15 @@ fn http_address(v: Option<&str>) -> Result<Option<std::net::SocketAddr>, ConfigE
     })
 }
 
-/// `--delivery exactly-once`, and what it cannot be combined with yet: each
-/// of those would need its own unit in the Kafka transaction (a message
-/// outside any transaction, a dead-letter record decided after Kafka
-/// refused the original).
+/// `--delivery exactly-once`, and what it cannot be combined with yet: a
+/// dead-letter record decided after Kafka refused the original.
 fn exactly_once(
     o: &mut Options,
     policy: &ErrorPolicy,
-    messages: bool,
     kafka_properties: &[(String, String)],
 ) -> Result<Option<ExactlyOnceConfig>, ConfigError> {
     if o.delivery.unwrap_or_default() != Delivery::ExactlyOnce {
         return Ok(None);
-    }
-    let refuse = |option: &'static str, value: &str| {
-        ConfigError::Invalid {
-        option,
-        value: value.to_string(),
-        reason: "not supported with --delivery exactly-once yet: leave it out, or use --delivery at-least-once".into(),
-    }
-    };
-    if messages {
-        return Err(refuse("message_prefix", "<set>"));
     }
     // A row that cannot be routed is dead-lettered in the transaction it
     // came in; a record Kafka refuses fails its whole transaction instead,

@@ -237,15 +237,22 @@ impl State {
         // one byte more would skip a transaction whose commit record starts
         // right there.
         let standalone = !m.transactional();
+        let mut in_kafka = self.eos_skipping();
         if standalone {
             self.checkpoint.begin_standalone(m.lsn)?;
             // No commit time in the WAL for it: it counts from now.
             self.commit_time = crate::pipeline::source::pg_now();
+            // Exactly-once: its own unit, ordered by a position inside its
+            // record (its LSN is where the next record starts, which may be
+            // the commit of the transaction that emitted it).
+            in_kafka = self.eos_begin(Lsn(m.lsn.0.saturating_sub(1)));
         }
         let result = match route {
+            _ if in_kafka => Ok(()),
             Ok(rec) => {
                 let txn = self.checkpoint.event()?;
                 self.summary.events += 1;
+                self.eos_before_enqueue()?;
                 self.enqueue_tracked(rec, txn, m.lsn, false).await
             }
             Err(source) => {
@@ -260,6 +267,7 @@ impl State {
         };
         if standalone {
             self.checkpoint.commit_standalone()?;
+            self.eos_commit(m.lsn);
         }
         result
     }
