@@ -71,8 +71,9 @@ pub struct Status {
     /// `server_version`, e.g. `15.18 (Debian 15.18-0+deb12u1)`.
     pub server_version: String,
     pub server_version_num: i32,
-    /// With `--delivery exactly-once`: the commit LSN the progress topic
-    /// holds for this slot (what Kafka has), or why it could not be read.
+    /// What the progress topic holds for this slot (the last transaction in
+    /// Kafka with exactly-once, the position recorded as confirmable), or
+    /// why it could not be read; absent without --kafka-brokers.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub progress: Option<String>,
 }
@@ -170,9 +171,13 @@ pub async fn collect(client: &Client, cfg: &RelayConfig) -> Result<Status, Statu
 /// Where the progress topic says this slot's events stand in Kafka: beside
 /// the slot's confirmed position, what a restart would skip.
 pub async fn progress_position(client: &Client, cfg: &RelayConfig) -> Option<String> {
-    let e = cfg.exactly_once.as_ref()?;
+    let topic = cfg.progress_topic.as_ref()?;
     if cfg.kafka_brokers.trim().is_empty() {
-        return Some("not read: pass --kafka-brokers to read the progress topic".into());
+        // Exactly-once keeps what Kafka holds there: worth asking for.
+        return cfg
+            .exactly_once
+            .as_ref()
+            .map(|_| "not read: pass --kafka-brokers to read the progress topic".into());
     }
     let system_id: String = match client
         .query_one(
@@ -189,16 +194,16 @@ pub async fn progress_position(client: &Client, cfg: &RelayConfig) -> Option<Str
         }
     };
     let key = crate::pipeline::sink::progress::key(&system_id, &cfg.slot);
-    let (brokers, props, topic) = (
+    let (brokers, props, t) = (
         cfg.kafka_brokers.clone(),
         cfg.kafka_properties.clone(),
-        e.progress_topic.clone(),
+        topic.clone(),
     );
     let read = tokio::task::spawn_blocking(move || {
         crate::pipeline::sink::progress::read_last(
             &brokers,
             &props,
-            &topic,
+            &t,
             &key,
             std::time::Duration::from_secs(10),
         )
@@ -211,9 +216,9 @@ pub async fn progress_position(client: &Client, cfg: &RelayConfig) -> Option<Str
                 .map(|l| l.to_string())
                 .unwrap_or_else(|| "none".into()),
             p.confirmed,
-            e.progress_topic
+            topic
         ),
-        Ok(Ok(None)) => format!("none yet (in {})", e.progress_topic),
+        Ok(Ok(None)) => format!("none yet (in {topic})"),
         Ok(Err(err)) => format!("not read: {err}"),
         Err(err) => format!("not read: {err}"),
     })

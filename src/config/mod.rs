@@ -44,7 +44,6 @@ pub enum Delivery {
 pub struct ExactlyOnceConfig {
     /// None: derived from the system identifier and the slot.
     pub transactional_id: Option<String>,
-    pub progress_topic: String,
     /// How long a Kafka transaction may collect whole Postgres transactions.
     pub max_duration: Duration,
     /// The producer's transaction.timeout.ms (librdkafka's default 60 s):
@@ -111,6 +110,9 @@ pub struct RelayConfig {
     pub error_policy: ErrorPolicy,
     /// Some with `--delivery exactly-once`.
     pub exactly_once: Option<ExactlyOnceConfig>,
+    /// Where every position the relay confirms is recorded first (and, with
+    /// exactly-once, what Kafka holds); None with `--progress-topic off`.
+    pub progress_topic: Option<String>,
     pub log_format: LogFormat,
 }
 

@@ -180,9 +180,12 @@ pub struct Options {
     #[arg(long, env = "OUTBOX_RELAY_TRANSACTIONAL_ID")]
     pub transactional_id: Option<String>,
 
-    /// With exactly-once: the compacted topic holding each slot's last
-    /// position committed to Kafka; created if missing [default:
-    /// outbox-relay.progress].
+    /// The compacted topic where the relay records every position before it
+    /// confirms it to the slot (so a relay that finds the slot moved can
+    /// tell another relay of ours from a manual advance) and, with
+    /// exactly-once, the last transaction Kafka holds; created if missing.
+    /// `off` (at-least-once only): no record, and a slot found moved stops
+    /// the relay [default: outbox-relay.progress].
     #[arg(long, env = "OUTBOX_RELAY_PROGRESS_TOPIC")]
     pub progress_topic: Option<String>,
 

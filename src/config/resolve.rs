@@ -49,6 +49,7 @@ impl RelayConfig {
         )?;
         let messages = messages(&mut o)?;
         let exactly_once = exactly_once(&mut o, &error_policy, &kafka_properties)?;
+        let progress_topic = progress_topic(&mut o, exactly_once.is_some())?;
         if let Some(v) = o.protocol_version.filter(|v| !(1..=4).contains(v)) {
             return Err(ConfigError::Invalid {
                 option: "protocol_version",
@@ -95,6 +96,7 @@ impl RelayConfig {
             http_address: http_address(o.http_address.as_deref())?,
             error_policy,
             exactly_once,
+            progress_topic,
             log_format: o.log_format.unwrap_or_default(),
         })
     }
@@ -287,17 +289,6 @@ fn exactly_once(
             reason: "with --delivery exactly-once only rows that cannot be routed (key, event-id, topic, payload-json) can be dead-lettered: a record Kafka refuses fails its whole transaction. Use halt for those kinds".into(),
         });
     }
-    let progress_topic = o
-        .progress_topic
-        .take()
-        .unwrap_or_else(|| "outbox-relay.progress".to_string());
-    if let Err(reason) = validate_topic(&progress_topic) {
-        return Err(ConfigError::Invalid {
-            option: "progress_topic",
-            value: progress_topic,
-            reason,
-        });
-    }
     let transactional_id = o.transactional_id.take().filter(|t| !t.trim().is_empty());
     let timeout_ms = match kafka_properties
         .iter()
@@ -329,8 +320,36 @@ fn exactly_once(
     }
     Ok(Some(ExactlyOnceConfig {
         transactional_id,
-        progress_topic,
         max_duration,
         transaction_timeout,
     }))
+}
+
+/// The progress topic, or None with `off` (at-least-once only: exactly-once
+/// keeps its position there).
+fn progress_topic(o: &mut Options, exactly_once: bool) -> Result<Option<String>, ConfigError> {
+    let topic = o
+        .progress_topic
+        .take()
+        .unwrap_or_else(|| "outbox-relay.progress".to_string());
+    if topic.trim().eq_ignore_ascii_case("off") {
+        if exactly_once {
+            return Err(ConfigError::Invalid {
+                option: "progress_topic",
+                value: topic,
+                reason:
+                    "--delivery exactly-once keeps its position in the progress topic: name one"
+                        .into(),
+            });
+        }
+        return Ok(None);
+    }
+    if let Err(reason) = validate_topic(&topic) {
+        return Err(ConfigError::Invalid {
+            option: "progress_topic",
+            value: topic,
+            reason,
+        });
+    }
+    Ok(Some(topic))
 }

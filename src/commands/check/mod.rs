@@ -134,8 +134,8 @@ pub async fn run(cfg: &RelayConfig) -> Vec<CheckResult> {
             "run the check again",
         )),
     }
-    if let Some(e) = &cfg.exactly_once {
-        results.extend(transactions::exactly_once_checks(cfg, e).await);
+    if !cfg.kafka_brokers.trim().is_empty() {
+        results.extend(transactions::progress_and_transaction_checks(cfg).await);
     }
     results
 }

@@ -1,6 +1,6 @@
-//! The preflight of `--delivery exactly-once`: the progress topic, the
-//! brokers' transaction settings, and whether this principal may use
-//! transactions at all. Never with the relay's own transactional.id:
+//! The preflight of the progress topic and of `--delivery exactly-once`:
+//! the topic's settings, the brokers' transaction settings, and whether this
+//! principal may use transactions at all. Never with the relay's own transactional.id:
 //! registering it would fence a relay that is running.
 
 use std::time::Duration;
@@ -18,10 +18,12 @@ const PROGRESS: &str = "progress topic";
 const SETTINGS: &str = "kafka transaction settings";
 const PROBE: &str = "kafka transactions";
 
-pub(super) async fn exactly_once_checks(
-    cfg: &RelayConfig,
-    e: &ExactlyOnceConfig,
-) -> Vec<CheckResult> {
+/// The progress topic (whenever one is configured), and with exactly-once
+/// the transaction settings and a probe.
+pub(super) async fn progress_and_transaction_checks(cfg: &RelayConfig) -> Vec<CheckResult> {
+    let Some(progress) = &cfg.progress_topic else {
+        return Vec::new();
+    };
     let client = client_config(
         &cfg.kafka_brokers,
         "outbox-relay-check",
@@ -42,7 +44,7 @@ pub(super) async fn exactly_once_checks(
     // One metadata request for all topics: naming the progress topic could
     // make the broker auto-create it, uncompacted.
     let probe_cfg = client.clone();
-    let topic = e.progress_topic.clone();
+    let topic = progress.clone();
     let (brokers, exists) = tokio::task::spawn_blocking(move || {
         let p: BaseProducer = probe_cfg.create().ok()?;
         let md = p.client().fetch_metadata(None, BROKER_TIMEOUT).ok()?;
@@ -59,9 +61,11 @@ pub(super) async fn exactly_once_checks(
     .ok()
     .flatten()
     .unwrap_or_default();
-    let mut out = vec![progress_topic(&admin, &opts, &e.progress_topic, exists).await];
-    out.push(broker_settings(cfg, &brokers, &admin, &opts).await);
-    out.push(probe(cfg, e, client).await);
+    let mut out = vec![progress_topic(&admin, &opts, progress, exists).await];
+    if let Some(e) = &cfg.exactly_once {
+        out.push(broker_settings(cfg, &brokers, &admin, &opts).await);
+        out.push(probe(cfg, e, client).await);
+    }
     out
 }
 

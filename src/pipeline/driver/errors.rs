@@ -112,6 +112,15 @@ impl PipelineError {
             PipelineError::Progress(
                 ProgressError::Kafka { .. } | ProgressError::ReadTimeout { .. },
             ) => true,
+            // A new session writes it again; refused by the broker's ACLs,
+            // it would be refused every time.
+            PipelineError::Progress(ProgressError::Write { error, .. }) => !matches!(
+                error.rdkafka_error_code(),
+                Some(
+                    rdkafka::types::RDKafkaErrorCode::TopicAuthorizationFailed
+                        | rdkafka::types::RDKafkaErrorCode::ClusterAuthorizationFailed
+                )
+            ),
             _ => false,
         }
     }

@@ -36,7 +36,6 @@ use tokio::task::JoinHandle;
 
 use crate::config::{ExactlyOnceConfig, RelayConfig};
 use crate::lsn::Lsn;
-use crate::pipeline::sink::progress;
 use crate::pipeline::sink::transactions::{TxnError, TxnFailure};
 use crate::pipeline::sink::{Enqueued, KafkaSink};
 
@@ -57,10 +56,6 @@ pub(super) fn transactional_id(e: &ExactlyOnceConfig, system_id: &str, slot: &st
 }
 
 pub(super) struct Transactions {
-    progress_topic: String,
-    key: Vec<u8>,
-    system_id: String,
-    slot: String,
     max_duration: Duration,
     /// The commit LSN of the last Postgres transaction known to be in a
     /// committed Kafka transaction: from the progress topic, then ours.
@@ -79,13 +74,6 @@ pub(super) struct Transactions {
     /// end of its last Postgres transaction, or, for a transaction of the
     /// progress record alone, the checkpoint's idle position.
     confirm_target: Option<Lsn>,
-    /// The most that may be sent to Postgres: the `confirmed` of the last
-    /// progress record committed (or where the slot was at the start).
-    recorded: Lsn,
-    /// What the progress topic held at the start, for telling a slot moved
-    /// by a relay of ours from one moved by someone else.
-    pub(super) recorded_at_start: Option<Lsn>,
-    last_record_at: Instant,
     committing: Option<(JoinHandle<Result<(), TxnError>>, Instant)>,
     commit_tries: u32,
     /// The producer's transaction.timeout.ms: the coordinator aborts a
@@ -97,38 +85,20 @@ pub(super) struct Transactions {
 impl Transactions {
     /// After START_REPLICATION: the slot is this session's, so registering
     /// the transactional.id fences only a producer of a relay that lost it.
-    pub(super) async fn start(
-        cfg: &RelayConfig,
-        e: &ExactlyOnceConfig,
-        sink: &KafkaSink,
-        system_id: &str,
-        slot_at_start: Lsn,
-    ) -> Result<Transactions, PipelineError> {
-        sink.init_transactions(TXN_CALL_TIMEOUT).await?;
-        let key = progress::key(system_id, &cfg.slot);
-        let (brokers, props, topic, k) = (
-            cfg.kafka_brokers.clone(),
-            cfg.kafka_properties.clone(),
-            e.progress_topic.clone(),
-            key.clone(),
-        );
-        let found = tokio::task::spawn_blocking(move || {
-            progress::read_last(&brokers, &props, &topic, &k, TXN_CALL_TIMEOUT)
-        })
-        .await
-        .map_err(|_| PipelineError::Config("reading the progress topic: the task died".into()))??;
-        let committed = found.and_then(|p| p.commit_lsn);
+    /// Call before reading the progress topic: it settles what an earlier
+    /// producer with the id left open, which could otherwise commit behind
+    /// the read.
+    pub(super) async fn register(sink: &KafkaSink) -> Result<(), PipelineError> {
+        Ok(sink.init_transactions(TXN_CALL_TIMEOUT).await?)
+    }
+
+    /// `committed`: the commit LSN the progress topic holds.
+    pub(super) fn new(e: &ExactlyOnceConfig, committed: Option<Lsn>) -> Transactions {
         tracing::info!(
-            progress_topic = %e.progress_topic,
             committed = %committed.map(|l| l.to_string()).unwrap_or_else(|| "none".into()),
-            recorded = %found.map(|p| p.confirmed.to_string()).unwrap_or_else(|| "none".into()),
             "exactly-once: transactions committed at or before this position are in Kafka and are not published again"
         );
-        Ok(Transactions {
-            progress_topic: e.progress_topic.clone(),
-            key,
-            system_id: system_id.to_string(),
-            slot: cfg.slot.clone(),
+        Transactions {
             max_duration: e.max_duration,
             committed,
             current: None,
@@ -136,14 +106,11 @@ impl Transactions {
             opened_at: Instant::now(),
             last_in_batch: None,
             confirm_target: None,
-            recorded: found.map_or(slot_at_start, |p| p.confirmed.max(slot_at_start)),
-            recorded_at_start: found.map(|p| p.confirmed),
-            last_record_at: Instant::now(),
             committing: None,
             commit_tries: 0,
             txn_timeout: e.transaction_timeout,
             warned_long: false,
-        })
+        }
     }
 
     pub(super) fn committing(&self) -> bool {
@@ -159,14 +126,14 @@ impl State {
     /// The most that may be confirmed now: the checkpoint's position, held at
     /// the gate while a Kafka transaction is open.
     pub(super) fn confirmable(&self) -> Lsn {
-        let confirmed = self.checkpoint.confirmed();
-        match self.eos.as_ref() {
-            None => confirmed,
-            Some(t) => {
-                let c = confirmed.min(t.recorded);
-                t.gate.map_or(c, |gate| c.min(gate))
-            }
+        let mut c = self.checkpoint.confirmed();
+        if let Some(r) = &self.recorder {
+            c = c.min(r.recorded);
         }
+        if let Some(gate) = self.eos.as_ref().and_then(|t| t.gate) {
+            c = c.min(gate);
+        }
+        c
     }
 
     /// A Postgres transaction begins. Whether it is already in Kafka.
@@ -228,19 +195,19 @@ impl State {
     pub(super) fn eos_record_idle(&mut self, every: Duration) -> Result<(), PipelineError> {
         let confirmed = self.checkpoint.confirmed();
         let idle = !self.checkpoint.in_transaction() && self.waiting.is_empty();
-        let Some(t) = self.eos.as_mut() else {
+        let (Some(t), Some(r)) = (self.eos.as_mut(), self.recorder.as_ref()) else {
             return Ok(());
         };
         if !idle
             || t.is_open()
             || t.committing.is_some()
-            || confirmed <= t.recorded
-            || t.last_record_at.elapsed() < every
+            || confirmed <= r.recorded
+            || r.last_at.elapsed() < every
         {
             return Ok(());
         }
         self.sink.begin_transaction()?;
-        t.gate = Some(t.recorded);
+        t.gate = Some(r.recorded);
         t.opened_at = Instant::now();
         t.confirm_target = Some(confirmed);
         Ok(())
@@ -283,22 +250,15 @@ impl State {
 
     /// Writes the progress record and starts the commit on a blocking thread.
     fn eos_start_commit(&mut self) -> Result<(), PipelineError> {
-        let Some(t) = self.eos.as_mut() else {
+        let (Some(t), Some(r)) = (self.eos.as_mut(), self.recorder.as_ref()) else {
             return Ok(());
         };
         let Some(target) = t.confirm_target else {
             return Ok(());
         };
         if t.commit_tries == 0 {
-            let record = progress::Progress {
-                commit_lsn: t.last_in_batch.or(t.committed),
-                confirmed: target.max(t.recorded),
-            };
-            let value = progress::value(record, &t.system_id, &t.slot);
-            match self
-                .sink
-                .enqueue_progress(&t.progress_topic, &t.key, &value)?
-            {
+            let value = r.value(t.last_in_batch.or(t.committed), target);
+            match self.sink.enqueue_progress(&r.topic, r.key(), &value)? {
                 Enqueued::Yes => {}
                 // The queue is full of this transaction's records: the commit
                 // is retried on the next turn, once some are delivered.
@@ -339,10 +299,11 @@ impl State {
                 }
                 self.metrics.kafka_transactions_committed.inc();
                 t.committed = t.last_in_batch.take().or(t.committed);
-                if let Some(target) = t.confirm_target.take() {
-                    t.recorded = t.recorded.max(target);
+                if let (Some(target), Some(r)) = (t.confirm_target.take(), self.recorder.as_mut()) {
+                    r.recorded = r.recorded.max(target);
+                    r.commit_lsn = t.committed;
+                    r.last_at = Instant::now();
                 }
-                t.last_record_at = Instant::now();
                 t.gate = None;
                 t.commit_tries = 0;
                 Ok(())

@@ -27,6 +27,7 @@ mod errors;
 mod exactly_once;
 mod heartbeat;
 mod open;
+mod record;
 mod session;
 mod state;
 

@@ -193,12 +193,16 @@ async fn producer(
     let Some(e) = &cfg.exactly_once else {
         return Ok(KafkaSink::new(&cfg.kafka_brokers, &cfg.kafka_properties)?);
     };
-    crate::pipeline::sink::progress::ensure_topic(
-        &cfg.kafka_brokers,
-        &cfg.kafka_properties,
-        &e.progress_topic,
-    )
-    .await?;
+    // At-least-once creates it in the background, so that it streams while
+    // Kafka is away; exactly-once can do nothing without Kafka.
+    if let Some(topic) = &cfg.progress_topic {
+        crate::pipeline::sink::progress::ensure_topic(
+            &cfg.kafka_brokers,
+            &cfg.kafka_properties,
+            topic,
+        )
+        .await?;
+    }
     let id = super::exactly_once::transactional_id(e, system_id, &cfg.slot);
     Ok(KafkaSink::transactional(
         &cfg.kafka_brokers,
@@ -220,9 +224,9 @@ pub(super) async fn open(cfg: &RelayConfig, resume: Option<Lsn>) -> Result<Opene
         let system = conn.identify_system().await?;
         let slot = check_slot(&mut conn, &cfg.slot).await?;
         check_publication(&mut conn, cfg).await?;
-        // With exactly-once the progress topic tells a move by a relay of
-        // ours from any other; the session checks it once it has read it.
-        if let Some(ours) = resume.filter(|_| cfg.exactly_once.is_none()) {
+        // With a progress topic, that tells a move by a relay of ours from
+        // any other; the session checks it once it has read it.
+        if let Some(ours) = resume.filter(|_| cfg.progress_topic.is_none()) {
             if slot.confirmed > ours {
                 return Err(PipelineError::SlotMovedAhead {
                     slot: cfg.slot.clone(),

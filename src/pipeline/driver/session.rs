@@ -17,6 +17,7 @@ use super::errors::PipelineError;
 use super::exactly_once::{commit_finished, Transactions};
 use super::heartbeat::heartbeat;
 use super::open::{open, timed_out, Opened};
+use super::record::Recorder;
 use super::state::State;
 use super::{Summary, FEEDBACK_TICK, READ_BURST, REPLAY_SLICE};
 
@@ -68,11 +69,7 @@ pub(super) async fn session(
         column_types,
     );
     let result = async {
-        if let Some(e) = &cfg.exactly_once {
-            state.eos = Some(
-                start_exactly_once(cfg, e, &state.sink, &system_id, resume, slot.confirmed).await?,
-            );
-        }
+        start_recording(cfg, &mut state, &system_id, resume, slot.confirmed).await?;
         stream_loop(
             cfg,
             status_interval,
@@ -132,26 +129,38 @@ async fn settle(cfg: &RelayConfig, state: &mut State, result: &Result<(), Pipeli
     }
 }
 
-/// Exactly-once, once the slot is this session's: the transactional.id
-/// registered, the progress topic read, the slot's position checked.
-async fn start_exactly_once(
+/// Once the slot is this session's: with exactly-once the transactional.id
+/// registered first; the progress topic read; the slot's position checked
+/// against it.
+async fn start_recording(
     cfg: &RelayConfig,
-    e: &crate::config::ExactlyOnceConfig,
-    sink: &crate::pipeline::sink::KafkaSink,
+    state: &mut State,
     system_id: &str,
     resume: Option<Lsn>,
     found: Lsn,
-) -> Result<Transactions, PipelineError> {
-    let t = Transactions::start(cfg, e, sink, system_id, found).await?;
-    moved_by_us(cfg, resume, found, t.recorded_at_start)?;
-    Ok(t)
+) -> Result<(), PipelineError> {
+    let Some(topic) = &cfg.progress_topic else {
+        return Ok(());
+    };
+    let Some(e) = &cfg.exactly_once else {
+        state.recorder = Some(Recorder::start_in_background(
+            cfg, topic, system_id, resume, found,
+        ));
+        return Ok(());
+    };
+    Transactions::register(&state.sink).await?;
+    let recorder = Recorder::start(cfg, topic, system_id, found).await?;
+    moved_by_us(cfg, resume, found, recorder.at_start.map(|p| p.confirmed))?;
+    state.eos = Some(Transactions::new(e, recorder.commit_lsn));
+    state.recorder = Some(recorder);
+    Ok(())
 }
 
-/// Exactly-once: a slot found past the position this process confirmed is
-/// fine when the progress topic records at least that far (a relay of ours
+/// A slot found past the position this process confirmed is fine when the
+/// progress topic records at least that far (a relay of ours
 /// confirmed it, as a standby that took over); beyond that, someone else
 /// moved it over events that may never have been published.
-fn moved_by_us(
+pub(super) fn moved_by_us(
     cfg: &RelayConfig,
     resume: Option<Lsn>,
     found: Lsn,
@@ -297,7 +306,15 @@ impl Turns {
         state.settle_too_large()?;
         state.flush_redo().await?;
         state.eos_watch();
-        state.eos_record_idle(status_interval)?;
+        // On a stop, record at once: the relay exits when the slot has
+        // what was delivered.
+        let every = if self.shutdown_deadline.is_some() {
+            Duration::ZERO
+        } else {
+            status_interval
+        };
+        state.eos_record_idle(every)?;
+        state.record_progress(cfg).await?;
         state.update_gauges();
         let confirmed = state.confirmable();
         if confirmed != self.last_sent || self.last_sent_at.elapsed() >= status_interval {
@@ -415,6 +432,7 @@ pub(super) async fn stream_loop(
             && !state.checkpoint.in_transaction()
             && state.checkpoint.inflight() == 0
             && state.eos_settled()
+            && state.recorded_all()
         {
             return Ok(());
         }

@@ -23,7 +23,6 @@ use crate::pipeline::policy::{self, ErrorKind, ErrorPolicy, Failed, Policy};
 use crate::pipeline::route::messages::MessageConfig;
 use crate::pipeline::route::router::{OutboxRecord, RouteError, Router};
 use crate::pipeline::sink::inflight::InFlight;
-use crate::pipeline::sink::transactions::{TxnError, TxnFailure, PROGRESS_TAG};
 use crate::pipeline::sink::{Ack, Enqueued, KafkaSink, SinkError};
 
 use super::errors::{BatchTooLarge, DeliveryFailure, PipelineError};
@@ -63,6 +62,9 @@ pub(super) struct Replaying {
 pub(super) struct State {
     /// Kafka transactions, with `--delivery exactly-once`.
     pub(super) eos: Option<super::exactly_once::Transactions>,
+    /// Records each position before it is confirmed (unless
+    /// `--progress-topic off`).
+    pub(super) recorder: Option<super::record::Recorder>,
     /// Buffers streamed in-progress transactions (with --streaming).
     pub(super) stream: Option<StreamBuffer>,
     pub(super) replaying: Option<Replaying>,
@@ -130,6 +132,7 @@ impl State {
     ) -> State {
         State {
             eos: None,
+            recorder: None,
             router: Router::with_column_types(cfg.router.clone(), column_types.clone()),
             checkpoint: Checkpoint::new(confirmed),
             sink,
@@ -190,8 +193,8 @@ impl State {
     }
 
     pub(super) fn on_ack(&mut self, ack: Ack) -> Result<(), PipelineError> {
-        if ack.tag == PROGRESS_TAG {
-            return progress_delivered(ack);
+        if super::record::is_progress(ack.tag) {
+            return self.progress_delivered(ack.result);
         }
         let pending = self
             .pending
@@ -538,19 +541,6 @@ impl State {
 }
 
 /// An error's code as a metrics label.
-/// The report of an exactly-once progress record. The commit fails too if
-/// it did not arrive; failing here names the progress topic.
-fn progress_delivered(ack: Ack) -> Result<(), PipelineError> {
-    match ack.result {
-        Ok(_) => Ok(()),
-        Err(error) => Err(PipelineError::Transaction(TxnError {
-            kind: TxnFailure::Abortable,
-            what: "writing the progress record",
-            error,
-        })),
-    }
-}
-
 pub(super) fn kafka_code(e: &KafkaError) -> String {
     match e.rdkafka_error_code() {
         Some(code) => format!("{code:?}"),

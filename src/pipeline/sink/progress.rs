@@ -32,6 +32,8 @@ pub enum ProgressError {
     },
     #[error("progress topic {topic} has cleanup.policy={policy}, so it grows by one record per Kafka transaction: make it compacted (kafka-configs.sh --alter --entity-type topics --entity-name {topic} --add-config cleanup.policy=compact) or name another --progress-topic")]
     NotCompacted { topic: String, policy: String },
+    #[error("progress topic {topic}: writing the position to confirm failed: {error}. The slot does not move until a record is written: check that this principal may write to the topic, or pass --progress-topic off (at-least-once only)")]
+    Write { topic: String, error: KafkaError },
     #[error("progress topic {topic}: not read to its end within {timeout:?}; check that the brokers are reachable and that this principal may read it")]
     ReadTimeout { topic: String, timeout: Duration },
     #[error("progress topic {topic}: the record for {key} at offset {offset} is not one this relay writes ({reason}); another program writes to the topic: name a topic of the relay's own with --progress-topic")]

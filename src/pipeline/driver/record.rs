@@ -1,0 +1,264 @@
+//! Record before confirm: every position the relay sends to Postgres is
+//! first in the progress topic, with the broker's acknowledgement (with
+//! exactly-once, in the committed Kafka transaction that published up to
+//! it). So a relay that reconnects and finds the slot past the position it
+//! confirmed can tell a relay of ours that took over (the progress topic
+//! records at least that far) from someone who moved the slot by hand over
+//! events that may never have been published (review M11).
+//!
+//! At-least-once writes a record when the checkpoint moved past the last
+//! one, one at a time, from the status timer: the slot then follows the
+//! checkpoint one acknowledgement later. It reads the topic in the
+//! background, so that it streams (and holds the slot) while Kafka is
+//! unreachable; until the read is done the slot stays where it was found,
+//! and the check of a moved slot waits for it. Owns the slot's key and the
+//! recorded position; exactly-once decides when its records go out.
+
+use std::time::Instant;
+
+use crate::config::RelayConfig;
+use crate::lsn::Lsn;
+use crate::pipeline::sink::progress::{self, Progress, ProgressError};
+use crate::pipeline::sink::transactions::PROGRESS_TAG;
+use crate::pipeline::sink::Enqueued;
+
+use super::errors::PipelineError;
+use super::state::State;
+
+pub(super) struct Recorder {
+    pub(super) topic: String,
+    key: Vec<u8>,
+    system_id: String,
+    slot: String,
+    /// The most that may be sent to Postgres: the last position recorded
+    /// (or where the slot was when the session started).
+    pub(super) recorded: Lsn,
+    /// What the topic held when the session started.
+    pub(super) at_start: Option<Progress>,
+    /// The commit LSN the next record carries (exactly-once's; carried over
+    /// unchanged by at-least-once).
+    pub(super) commit_lsn: Option<Lsn>,
+    /// At-least-once: the position of the record awaiting its report.
+    in_flight: Option<Lsn>,
+    pub(super) last_at: Instant,
+    /// At-least-once: the read of the topic, while it runs; with the
+    /// position this process confirmed before and where the slot was found.
+    reading: Option<Reading>,
+}
+
+struct Reading {
+    task: tokio::task::JoinHandle<Result<Option<Progress>, ProgressError>>,
+    resume: Option<Lsn>,
+    found: Lsn,
+}
+
+impl Drop for Reading {
+    /// A session that ends stops its read.
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Reads the slot's last record: blocking, so on a blocking thread.
+async fn read(
+    cfg: &RelayConfig,
+    topic: &str,
+    key: &[u8],
+) -> Result<Option<Progress>, ProgressError> {
+    let (brokers, props, t, k) = (
+        cfg.kafka_brokers.clone(),
+        cfg.kafka_properties.clone(),
+        topic.to_string(),
+        key.to_vec(),
+    );
+    tokio::task::spawn_blocking(move || {
+        progress::read_last(&brokers, &props, &t, &k, std::time::Duration::from_secs(30))
+    })
+    .await
+    .unwrap_or_else(|_| {
+        Err(ProgressError::ReadTimeout {
+            topic: topic.to_string(),
+            timeout: std::time::Duration::ZERO,
+        })
+    })
+}
+
+impl Recorder {
+    fn new(cfg: &RelayConfig, topic: &str, system_id: &str, found: Lsn) -> Recorder {
+        Recorder {
+            topic: topic.to_string(),
+            key: progress::key(system_id, &cfg.slot),
+            system_id: system_id.to_string(),
+            slot: cfg.slot.clone(),
+            recorded: found,
+            commit_lsn: None,
+            at_start: None,
+            in_flight: None,
+            last_at: Instant::now(),
+            reading: None,
+        }
+    }
+
+    fn started(&mut self, at_start: Option<Progress>) {
+        if let Some(p) = at_start {
+            self.recorded = self.recorded.max(p.confirmed);
+            self.commit_lsn = p.commit_lsn;
+        }
+        self.at_start = at_start;
+    }
+
+    /// Exactly-once: reads the slot's last committed record now (after
+    /// init_transactions).
+    pub(super) async fn start(
+        cfg: &RelayConfig,
+        topic: &str,
+        system_id: &str,
+        found: Lsn,
+    ) -> Result<Recorder, PipelineError> {
+        let mut r = Recorder::new(cfg, topic, system_id, found);
+        let at_start = read(cfg, topic, &r.key).await?;
+        r.started(at_start);
+        Ok(r)
+    }
+
+    /// At-least-once: creates the topic if missing and reads it in the
+    /// background, trying again while Kafka does not answer.
+    pub(super) fn start_in_background(
+        cfg: &RelayConfig,
+        topic: &str,
+        system_id: &str,
+        resume: Option<Lsn>,
+        found: Lsn,
+    ) -> Recorder {
+        let mut r = Recorder::new(cfg, topic, system_id, found);
+        let (cfg, t, key) = (cfg.clone(), topic.to_string(), r.key.clone());
+        let task = tokio::spawn(async move {
+            let mut wait = std::time::Duration::from_millis(500);
+            loop {
+                let attempt = async {
+                    progress::ensure_topic(&cfg.kafka_brokers, &cfg.kafka_properties, &t).await?;
+                    read(&cfg, &t, &key).await
+                };
+                match attempt.await {
+                    Ok(p) => return Ok(p),
+                    Err(e @ (ProgressError::Kafka { .. } | ProgressError::ReadTimeout { .. })) => {
+                        tracing::warn!(error = %e, retry_in = ?wait, "cannot read the progress topic yet; the slot stays where it is until it can be");
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(std::time::Duration::from_secs(10));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        });
+        r.reading = Some(Reading {
+            task,
+            resume,
+            found,
+        });
+        r
+    }
+
+    pub(super) fn key(&self) -> &[u8] {
+        &self.key
+    }
+
+    /// A record's value for `confirmed` (never below what is recorded).
+    pub(super) fn value(&self, commit_lsn: Option<Lsn>, confirmed: Lsn) -> Vec<u8> {
+        progress::value(
+            Progress {
+                commit_lsn,
+                confirmed: confirmed.max(self.recorded),
+            },
+            &self.system_id,
+            &self.slot,
+        )
+    }
+}
+
+impl State {
+    /// At-least-once, on the status timer: records the checkpoint's
+    /// position when it moved past the last record and none is in flight.
+    pub(super) async fn record_progress(&mut self, cfg: &RelayConfig) -> Result<(), PipelineError> {
+        if self.eos.is_some() {
+            return Ok(());
+        }
+        let confirmed = self.checkpoint.confirmed();
+        let Some(r) = self.recorder.as_mut() else {
+            return Ok(());
+        };
+        if let Some(mut reading) = r.reading.take() {
+            if !reading.task.is_finished() {
+                r.reading = Some(reading);
+                return Ok(());
+            }
+            let at_start = (&mut reading.task).await.unwrap_or_else(|_| {
+                Err(ProgressError::ReadTimeout {
+                    topic: r.topic.clone(),
+                    timeout: std::time::Duration::ZERO,
+                })
+            })?;
+            super::session::moved_by_us(
+                cfg,
+                reading.resume,
+                reading.found,
+                at_start.map(|p| p.confirmed),
+            )?;
+            r.started(at_start);
+        }
+        if r.in_flight.is_some() || confirmed <= r.recorded {
+            return Ok(());
+        }
+        let value = r.value(r.commit_lsn, confirmed);
+        if let Enqueued::Yes = self.sink.enqueue_progress(&r.topic, &r.key, &value)? {
+            r.in_flight = Some(confirmed);
+        }
+        Ok(())
+    }
+
+    /// Whether every confirmed position is recorded: a clean stop waits
+    /// for it, so that the slot ends where the deliveries did.
+    pub(super) fn recorded_all(&self) -> bool {
+        self.recorder
+            .as_ref()
+            .is_none_or(|r| r.reading.is_some() || r.recorded >= self.checkpoint.confirmed())
+    }
+
+    /// The report of a progress record. With exactly-once the commit says
+    /// whether it counts; a failure there fails the commit too, and failing
+    /// here names the progress topic.
+    pub(super) fn progress_delivered(
+        &mut self,
+        result: Result<crate::pipeline::sink::Delivered, rdkafka::error::KafkaError>,
+    ) -> Result<(), PipelineError> {
+        let Some(r) = self.recorder.as_mut() else {
+            return Ok(());
+        };
+        match result {
+            Ok(_) => {
+                if let Some(at) = r.in_flight.take() {
+                    r.recorded = r.recorded.max(at);
+                    r.last_at = Instant::now();
+                }
+                Ok(())
+            }
+            // Exactly-once: the transaction fails with it; a new session
+            // starts over from the progress topic.
+            Err(error) if self.eos.is_some() => Err(PipelineError::Transaction(
+                crate::pipeline::sink::transactions::TxnError {
+                    kind: crate::pipeline::sink::transactions::TxnFailure::Abortable,
+                    what: "writing the progress record",
+                    error,
+                },
+            )),
+            Err(error) => Err(PipelineError::Progress(ProgressError::Write {
+                topic: r.topic.clone(),
+                error,
+            })),
+        }
+    }
+}
+
+/// Whether a report is a progress record's.
+pub(super) fn is_progress(tag: u64) -> bool {
+    tag == PROGRESS_TAG
+}
