@@ -322,9 +322,15 @@ async fn an_unauthorised_topic_is_dead_lettered_or_halts() {
     )
     .unwrap();
     let servers = mock.bootstrap_servers();
+    // librdkafka's mock cluster is no Kafka to keep a compacted topic in.
     let mut relay = Relay::start(&c.args_for(
         &servers,
-        &["--on-error-override", "authorization=dead-letter"],
+        &[
+            "--on-error-override",
+            "authorization=dead-letter",
+            "--progress-topic",
+            "off",
+        ],
     ));
     c.db.wait_streaming(&c.slot).await;
     c.db.exec("INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('Secret', 'a', '{\"s\": 1}')").await;
@@ -349,7 +355,7 @@ async fn an_unauthorised_topic_is_dead_lettered_or_halts() {
     relay.terminate().await;
 
     // Under the default policy the relay stops and the slot stays.
-    let mut relay = Relay::start(&c.args_for(&servers, &[]));
+    let mut relay = Relay::start(&c.args_for(&servers, &["--progress-topic", "off"]));
     c.db.wait_streaming(&c.slot).await;
     let before = c.db.current_wal_lsn().await;
     c.db.exec("INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('Secret', 'a', '{\"s\": 2}')").await;
@@ -379,7 +385,7 @@ async fn a_fatal_producer_error_starts_a_new_session_that_resends_in_order() {
     let mock = MockCluster::new(1).expect("mock cluster");
     mock.create_topic(&c.good_topic, 1, 1).unwrap();
     let servers = mock.bootstrap_servers();
-    let mut relay = Relay::start(&c.args_for(&servers, &[]));
+    let mut relay = Relay::start(&c.args_for(&servers, &["--progress-topic", "off"]));
     c.db.wait_streaming(&c.slot).await;
     let insert = |from: u32, to: u32| {
         format!("INSERT INTO outbox (event_type, aggregate_id, payload) SELECT 'Good', 'a', jsonb_build_object('n', g) FROM generate_series({from}, {to}) g")

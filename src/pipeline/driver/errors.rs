@@ -109,18 +109,17 @@ impl PipelineError {
             // topic. Fenced too: if another relay holds the slot now, the
             // next session waits for it as a standby.
             PipelineError::Transaction(_) => true,
-            PipelineError::Progress(
-                ProgressError::Kafka { .. } | ProgressError::ReadTimeout { .. },
-            ) => true,
-            // A new session writes it again; refused by the broker's ACLs,
-            // it would be refused every time.
-            PipelineError::Progress(ProgressError::Write { error, .. }) => !matches!(
-                error.rdkafka_error_code(),
-                Some(
-                    rdkafka::types::RDKafkaErrorCode::TopicAuthorizationFailed
-                        | rdkafka::types::RDKafkaErrorCode::ClusterAuthorizationFailed
-                )
-            ),
+            // A new session tries again, unless the brokers' ACLs refuse
+            // the progress topic: that needs a person.
+            PipelineError::Progress(e) => {
+                !e.is_authorization()
+                    && matches!(
+                        e,
+                        ProgressError::Kafka { .. }
+                            | ProgressError::ReadTimeout { .. }
+                            | ProgressError::Write { .. }
+                    )
+            }
             _ => false,
         }
     }

@@ -141,7 +141,9 @@ impl Recorder {
                 };
                 match attempt.await {
                     Ok(p) => return Ok(p),
-                    Err(e @ (ProgressError::Kafka { .. } | ProgressError::ReadTimeout { .. })) => {
+                    Err(e @ (ProgressError::Kafka { .. } | ProgressError::ReadTimeout { .. }))
+                        if !e.is_authorization() =>
+                    {
                         tracing::warn!(error = %e, retry_in = ?wait, "cannot read the progress topic yet; the slot stays where it is until it can be");
                         tokio::time::sleep(wait).await;
                         wait = (wait * 2).min(std::time::Duration::from_secs(10));

@@ -24,7 +24,7 @@ use crate::lsn::Lsn;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProgressError {
-    #[error("progress topic {topic}: {what}: {error}")]
+    #[error("progress topic {topic}: {what}: {error}. The relay records each position there before it confirms it: grant this principal Describe, Read and Write on the topic (and Create on the cluster, or create it: one partition, cleanup.policy=compact), or pass --progress-topic off (at-least-once only)")]
     Kafka {
         topic: String,
         what: &'static str,
@@ -43,6 +43,24 @@ pub enum ProgressError {
         offset: i64,
         reason: String,
     },
+}
+
+impl ProgressError {
+    /// Refused by the brokers' ACLs: asking again changes nothing.
+    pub fn is_authorization(&self) -> bool {
+        let error = match self {
+            ProgressError::Kafka { error, .. } | ProgressError::Write { error, .. } => error,
+            _ => return false,
+        };
+        matches!(
+            error.rdkafka_error_code(),
+            Some(
+                RDKafkaErrorCode::TopicAuthorizationFailed
+                    | RDKafkaErrorCode::ClusterAuthorizationFailed
+                    | RDKafkaErrorCode::GroupAuthorizationFailed
+            )
+        )
+    }
 }
 
 /// The key of a slot's records: several relays (several databases, several
