@@ -143,6 +143,22 @@ async fn start_recording(
         return Ok(());
     };
     let Some(e) = &cfg.exactly_once else {
+        // Found moved: only the record can say by whom. Unreadable, the
+        // move cannot be shown to be ours, so it counts as someone else's.
+        if resume.is_some_and(|ours| found > ours) {
+            let read = tokio::time::timeout(
+                std::time::Duration::from_secs(15),
+                Recorder::start(cfg, topic, system_id, found),
+            )
+            .await;
+            let recorder = match read {
+                Ok(Ok(r)) => r,
+                _ => return moved_by_us(cfg, resume, found, None),
+            };
+            moved_by_us(cfg, resume, found, recorder.at_start.map(|p| p.confirmed))?;
+            state.recorder = Some(recorder);
+            return Ok(());
+        }
         state.recorder = Some(Recorder::start_in_background(
             cfg, topic, system_id, resume, found,
         ));
