@@ -249,10 +249,11 @@ async fn check_passes_on_a_good_setup() {
             ("PASS", "table"),
             ("PASS", "kafka"),
             ("WARN", "kafka"),
+            ("PASS", "progress"),
         ],
         "{out}"
     );
-    assert_eq!(lines.last().unwrap(), "11 passed, 2 warning(s), 0 failed");
+    assert_eq!(lines.last().unwrap(), "12 passed, 2 warning(s), 0 failed");
     assert!(
         check_line(&out, "postgres identity")
             .starts_with("PASS postgres identity sslmode=prefer, and the server is on this host"),
