@@ -7,7 +7,8 @@
 //! machines this runs on are small and shared.
 //!
 //! Scenarios: backlog drain (relay vs `pg_recvlogical` vs a plain rdkafka producer
-//! vs two polling publishers), latency (commit → record visible to a consumer),
+//! vs two polling publishers), latency (commit → record visible to a consumer), each
+//! with the relay in `--delivery exactly-once` beside the default at-least-once,
 //! sustained (lag in bytes and seconds while writers insert flat out), and the
 //! relay's CPU time per event and peak RSS in each.
 //!

@@ -26,6 +26,7 @@ pub(super) fn write_markdown(out: &Path, r: &Value, plots: &[String]) -> Result<
     drain(&mut m, r);
     latency(&mut m, r);
     latency_ack(&mut m, r);
+    exactly_once(&mut m, r);
     let s = &r["sustained"];
     if !s.is_null() {
         sustained(&mut m, s);
@@ -180,6 +181,18 @@ fn drain(m: &mut String, r: &Value) {
         d["relay"]["verified_in_kafka"],
         d["events"]
     );
+    let e = &d["relay_exactly_once"];
+    if !e.is_null() {
+        let _ = writeln!(
+            m,
+            "| **outbox-relay, exactly-once** | {:.2} | {} | {:.2} | {} of {} (read_committed) |",
+            f(&e["seconds"]),
+            fmt_num(f(&e["events_per_s"])),
+            f(&e["events_per_s"]) / recv,
+            e["verified_in_kafka"],
+            d["events"]
+        );
+    }
     for k in ["tuned", "classic"] {
         let p = &r["pollers"][k];
         if !p.is_null() {
@@ -211,6 +224,10 @@ fn latency(m: &mut String, r: &Value) {
     for (k, label) in [
         ("direct", "baseline: writer produces right after COMMIT"),
         ("relay", "**outbox-relay**"),
+        (
+            "relay_exactly_once",
+            "**outbox-relay, exactly-once** (read_committed)",
+        ),
         ("tuned_poller", "tuned poller"),
         ("classic_poller", "classic poller"),
     ] {
@@ -287,6 +304,100 @@ fn latency_ack(m: &mut String, r: &Value) {
     let _ = writeln!(m, "The classic poller runs at 10 events/s because it cannot move more than 20 events/s (100 rows per 5 s); the tuned poller at the relay's rate (capped at 2000/s, within its 5000/s ceiling).\n");
 }
 
+/// The relay with `--delivery exactly-once` beside the default at-least-once relay,
+/// in the same run: the drain over the same WAL, latency at the same rate.
+fn exactly_once(m: &mut String, r: &Value) {
+    let (da, de) = (&r["drain"]["relay"], &r["drain"]["relay_exactly_once"]);
+    let (la, le) = (&r["latency"]["relay"], &r["latency"]["relay_exactly_once"]);
+    if de.is_null() && le.is_null() {
+        return;
+    }
+    let _ = writeln!(m, "## Exactly-once beside at-least-once\n");
+    let _ = writeln!(m, "The relay with `--delivery exactly-once` (Kafka transactions of one or more whole Postgres transactions, each collecting for at most `--transaction-max-duration`, 0.1 s unless `--relay-arg` set it, the position in a progress topic of the run's own) against the default at-least-once relay, in the same run. Drain: the same backlog, read from a slot of its own created before the backlog as the at-least-once relay's was, right after the at-least-once relay's drain; rate = events / (time from start until its slot confirmed the end LSN), events counted in Kafka by a `read_committed` consumer (the high watermarks also count the transactions' commit markers). Latency: the same writers at the same rate, topics and consumer (which reads `isolation.level=read_committed`, librdkafka's default, for every publisher), commit → consumer. Commit → broker acknowledgement does not apply: with transactions the acknowledgements come before the Kafka commit that makes records visible.\n");
+    let _ = writeln!(
+        m,
+        "| figure | at-least-once | exactly-once | exactly-once / at-least-once |\n|---|---|---|---|"
+    );
+    let row = |m: &mut String, label: &str, a: f64, e: f64, unit: &str, prec: usize| {
+        let _ = writeln!(
+            m,
+            "| {label} | {a:.prec$}{unit} | {e:.prec$}{unit} | {:.2} |",
+            e / a
+        );
+    };
+    if !de.is_null() {
+        let (a, e) = (f(&da["events_per_s"]), f(&de["events_per_s"]));
+        let _ = writeln!(
+            m,
+            "| drain, events/s | {} | {} | {:.2} |",
+            fmt_num(a),
+            fmt_num(e),
+            e / a
+        );
+        row(
+            m,
+            "drain, CPU µs/event",
+            f(&da["cpu_us_per_event"]),
+            f(&de["cpu_us_per_event"]),
+            "",
+            1,
+        );
+        row(
+            m,
+            "drain, peak RSS",
+            f(&da["peak_rss_mb"]),
+            f(&de["peak_rss_mb"]),
+            " MB",
+            1,
+        );
+    }
+    if !le.is_null() {
+        let (ca, ce) = (&la["commit_to_consumer_ms"], &le["commit_to_consumer_ms"]);
+        for (q, name) in [("p50", "p50"), ("p99", "p99"), ("p999", "p99.9")] {
+            row(
+                m,
+                &format!(
+                    "latency at {}/s, commit → consumer {name}",
+                    le["rate_target"]
+                ),
+                f(&ca[q]),
+                f(&ce[q]),
+                " ms",
+                2,
+            );
+        }
+        row(
+            m,
+            "latency, CPU µs/event",
+            f(&la["relay_cpu_us_per_event"]),
+            f(&le["relay_cpu_us_per_event"]),
+            "",
+            1,
+        );
+        row(
+            m,
+            "latency, peak RSS",
+            f(&la["relay_peak_rss_mb"]),
+            f(&le["relay_peak_rss_mb"]),
+            " MB",
+            1,
+        );
+    }
+    let _ = writeln!(m);
+    for (label, x, verified) in [
+        ("Drain", de, &de["read_committed"]),
+        ("Latency", le, &le["read_committed"]),
+    ] {
+        if x.is_null() {
+            continue;
+        }
+        let c = &x["kafka_commit_ms"];
+        let _ = writeln!(m, "{label}: {:.0} Kafka transactions committed ({:.1} events each), {:.0} aborted; `commit_transaction` p50 {:.2} ms, p99 {:.2} ms (`outbox_kafka_commit_duration_seconds`, the flush of the transaction's records included). A `read_committed` consumer read {} records, {} distinct events, {} duplicates.\n",
+            f(&x["kafka_transactions_committed"]), f(&x["events_per_kafka_transaction"]), f(&x["kafka_transactions_aborted"]), f(&c["p50"]), f(&c["p99"]),
+            verified["records"], verified["distinct"], verified["duplicates"]);
+    }
+}
+
 fn sustained(m: &mut String, s: &Value) {
     let _ = writeln!(m, "## Sustained\n");
     let _ = writeln!(m, "{} writer connections inserting one-event transactions as fast as they can for {} s: {} events, {} inserts/s. Sampled every 100 ms: lag bytes = `pg_current_wal_lsn() − confirmed_flush_lsn`; lag seconds = how long ago the WAL insert position was where the confirmed position is now (interpolated between samples). The first second is left out of the summary.\n",
@@ -357,15 +468,34 @@ fn resources(m: &mut String, r: &Value) {
         f(&d["relay"]["cpu_us_per_event"]),
         f(&d["relay"]["peak_rss_mb"])
     );
-    let l = &r["latency"]["relay"];
-    let _ = writeln!(
-        m,
-        "| latency | {} | {:.2} | {:.1} | {:.1} |",
-        l["committed"],
-        f(&l["relay_cpu_s"]),
-        f(&l["relay_cpu_us_per_event"]),
-        f(&l["relay_peak_rss_mb"])
-    );
+    let e = &d["relay_exactly_once"];
+    if !e.is_null() {
+        let _ = writeln!(
+            m,
+            "| drain, exactly-once | {} | {:.2} | {:.1} | {:.1} |",
+            d["events"],
+            f(&e["cpu_s"]),
+            f(&e["cpu_us_per_event"]),
+            f(&e["peak_rss_mb"])
+        );
+    }
+    for (k, label) in [
+        ("relay", "latency"),
+        ("relay_exactly_once", "latency, exactly-once"),
+    ] {
+        let l = &r["latency"][k];
+        if k != "relay" && l.is_null() {
+            continue;
+        }
+        let _ = writeln!(
+            m,
+            "| {label} | {} | {:.2} | {:.1} | {:.1} |",
+            l["committed"],
+            f(&l["relay_cpu_s"]),
+            f(&l["relay_cpu_us_per_event"]),
+            f(&l["relay_peak_rss_mb"])
+        );
+    }
     let _ = writeln!(
         m,
         "| sustained | {} | {:.2} | {:.1} | {:.1} |\n",

@@ -55,6 +55,12 @@ fn throughput(r: &Value, d: &Value) -> String {
         ),
         ("outbox-relay".to_string(), f(&d["relay"]["events_per_s"])),
     ];
+    if !d["relay_exactly_once"].is_null() {
+        bars.push((
+            "outbox-relay, exactly-once".into(),
+            f(&d["relay_exactly_once"]["events_per_s"]),
+        ));
+    }
     if !r["pollers"].is_null() {
         bars.push((
             "tuned poller (100 ms, 500)".into(),
@@ -77,12 +83,18 @@ fn throughput(r: &Value, d: &Value) -> String {
 
 /// Commit → consumer percentile curves of every publisher.
 fn latency(l: &Value) -> String {
-    let series = vec![
-        ("outbox-relay", pairs(&l["relay"]["curve"])),
+    let mut series = vec![("outbox-relay", pairs(&l["relay"]["curve"]))];
+    if !l["relay_exactly_once"].is_null() {
+        series.push((
+            "outbox-relay, exactly-once",
+            pairs(&l["relay_exactly_once"]["curve"]),
+        ));
+    }
+    series.extend([
         ("direct produce (baseline)", pairs(&l["direct"]["curve"])),
         ("tuned poller", pairs(&l["tuned_poller"]["curve"])),
         ("classic poller", pairs(&l["classic_poller"]["curve"])),
-    ];
+    ]);
     svg_lines(
         "Commit → record received by a consumer",
         "percentile",

@@ -92,7 +92,7 @@ fn sustained(full: bool) -> Value {
     s
 }
 
-/// Every section and every optional part present.
+/// Every section and every optional part present (the exactly-once runs too).
 fn full() -> Value {
     let mut relay = publisher(5000, 4.965);
     relay["commit_to_ack_ms"] = hist(4.71);
@@ -105,6 +105,21 @@ fn full() -> Value {
     let mut direct = publisher(5000, 4.341);
     direct["commit_to_ack_ms"] = lat(4.07);
     direct["commit_to_ack_bucketed_ms"] = hist(4.02);
+    // The relay with --delivery exactly-once (issue 13): no commit → ack, its
+    // Kafka transactions and a read_committed count instead.
+    let mut relay_eos = publisher(5000, 21.38);
+    relay_eos["delivery"] = json!("exactly-once");
+    relay_eos["relay_cpu_s"] = json!(7.91);
+    relay_eos["relay_cpu_us_per_event"] = json!(52.7);
+    relay_eos["relay_peak_rss_mb"] = json!(14.62);
+    relay_eos["shadow_direct_every"] = json!(10);
+    relay_eos["shadow_direct_commit_to_ack_ms"] = lat(6.31);
+    relay_eos["shadow_direct_commit_to_ack_bucketed_ms"] = hist(5.9);
+    relay_eos["kafka_transactions_committed"] = json!(9_412.0);
+    relay_eos["kafka_transactions_aborted"] = json!(0.0);
+    relay_eos["events_per_kafka_transaction"] = json!(15.94);
+    relay_eos["kafka_commit_ms"] = hist(9.87);
+    relay_eos["read_committed"] = json!({"records": 150_000, "distinct": 150_000, "duplicates": 0});
     json!({
         "environment": {
             "started_utc": "2026-12-02 19:15", "args": "--events 1000000", "cores": 2,
@@ -126,6 +141,17 @@ fn full() -> Value {
             "relay": {"seconds": 7.2865, "events_per_s": 137239.6,
                       "verified_in_kafka": 1_000_000, "cpu_s": 5.06,
                       "cpu_us_per_event": 5.06, "peak_rss_mb": 26.41},
+            "relay_exactly_once": {"seconds": 9.1183, "events_per_s": 109669.6,
+                      "verified_in_kafka": 1_000_000, "cpu_s": 5.87,
+                      "cpu_us_per_event": 5.87, "peak_rss_mb": 27.93,
+                      "delivery": "exactly-once",
+                      "progress_topic": "bench.6931a2b0.drain.progress",
+                      "read_committed": {"records": 1_000_000, "distinct": 1_000_000,
+                                         "duplicates": 0},
+                      "kafka_transactions_committed": 412.0,
+                      "kafka_transactions_aborted": 0.0,
+                      "events_per_kafka_transaction": 2427.18,
+                      "kafka_commit_ms": hist(23.4)},
             "broker_intake": {"seconds": 3.6448, "events_per_s": 274362.31,
                               "acked": 1_000_000, "failed": 0,
                               "bench_process_cpu_s": 3.72, "verified_in_kafka": 1_000_000},
@@ -141,6 +167,7 @@ fn full() -> Value {
         "latency": {
             "direct": direct,
             "relay": relay,
+            "relay_exactly_once": relay_eos,
             "tuned_poller": publisher(2000, 66.39),
             "classic_poller": publisher(10, 2505.35),
         },
@@ -149,7 +176,8 @@ fn full() -> Value {
 }
 
 /// The other side of every optional branch: no pollers, no shadow run, no
-/// in-flight samples, no catch-up, an older environment (nisshi, defaults).
+/// in-flight samples, no catch-up, no exactly-once runs, an older environment
+/// (nisshi, defaults).
 fn sparse() -> Value {
     let mut relay = publisher(5000, 4.965);
     relay["commit_to_ack_ms"] = hist(4.71);

@@ -1,7 +1,9 @@
 //! Backlog drain: a backlog written with the relay stopped, then read by
-//! pg_recvlogical (Postgres's decode rate), the relay, and a plain producer (the
-//! broker's intake). Must leave its database and its unprocessed rows behind: the
-//! pollers scenario drains the same backlog.
+//! pg_recvlogical (Postgres's decode rate), the relay (at-least-once, then
+//! exactly-once, each on a slot of its own created before the backlog, so all three
+//! read the same WAL), and a plain producer (the broker's intake). Must leave its
+//! database and its unprocessed rows behind: the pollers scenario drains the same
+//! backlog.
 
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,6 +15,7 @@ use rdkafka::ClientContext;
 use serde_json::{json, Value};
 use tokio_postgres::Client;
 
+use super::committed::{exactly_once_figures, read_committed};
 use super::{relay_headers, AGGREGATES, PAD};
 use crate::log;
 use crate::stack::kafka::{create_topic, hw_sum_async, producer_config, topic_name, wait_records};
@@ -20,6 +23,7 @@ use crate::stack::pg::{
     confirmed, connect, current_wal, drop_slots, fmt_lsn, fresh_db, recvlogical,
 };
 use crate::stack::proc::proc_cpu_secs;
+use crate::stack::relay::{has_exactly_once, Mode};
 use crate::stack::{Cfg, Relay};
 
 pub(crate) fn backlog_sql() -> String {
@@ -60,6 +64,15 @@ pub(crate) async fn scenario_drain(cfg: &Cfg, report: &mut Value) -> Result<()> 
     let topic = &topic_name("drain");
     create_topic(&cfg.a.brokers, topic, cfg.a.partitions).await?;
     Relay::setup(cfg, &url, topic)?;
+    // The exactly-once relay: its own slot (created here, before the backlog, as the
+    // at-least-once relay's is), its own topic, and a progress topic of this run's
+    // own, which the relay creates.
+    let eos_topic = &topic_name("drain.exactly_once");
+    let eos = Mode::exactly_once(topic_name("drain.progress"));
+    if has_exactly_once(cfg) {
+        create_topic(&cfg.a.brokers, eos_topic, cfg.a.partitions).await?;
+        Relay::setup_as(cfg, &url, eos_topic, &eos)?;
+    }
     c.batch_execute("SELECT pg_create_logical_replication_slot('bench_recvlogical', 'pgoutput')")
         .await?;
     let backlog = Backlog::write(&c, &url, n).await?;
@@ -67,8 +80,13 @@ pub(crate) async fn scenario_drain(cfg: &Cfg, report: &mut Value) -> Result<()> 
     // Baseline 1: Postgres's own decode rate.
     let (recv_s, recv_rate) = recvlogical_drain(cfg, &url, n, backlog.end_lsn)?;
 
-    // The relay.
-    let relay = relay_drain(cfg, &url, &c, topic, n, backlog.end_lsn).await?;
+    // The relay, at-least-once (the default), then exactly-once over the same WAL.
+    let relay = relay_drain(cfg, &url, &c, topic, n, backlog.end_lsn, &Mode::default()).await?;
+    let relay_eos = if has_exactly_once(cfg) {
+        relay_drain(cfg, &url, &c, eos_topic, n, backlog.end_lsn, &eos).await?
+    } else {
+        Value::Null
+    };
 
     // Baseline 2: the broker's intake, same number of records, same size, same producer settings.
     log("drain: plain rdkafka producer, same records");
@@ -87,6 +105,7 @@ pub(crate) async fn scenario_drain(cfg: &Cfg, report: &mut Value) -> Result<()> 
         "end_lsn": fmt_lsn(backlog.end_lsn),
         "pg_recvlogical": {"seconds": recv_s, "events_per_s": recv_rate},
         "relay": relay,
+        "relay_exactly_once": relay_eos,
         "broker_intake": intake,
     });
     Ok(())
@@ -157,7 +176,7 @@ fn recvlogical_drain(cfg: &Cfg, url: &str, n: u64, end_lsn: u64) -> Result<(f64,
 }
 
 /// The relay over the backlog until its slot confirms `end_lsn`; the report's
-/// "relay" figures.
+/// "relay" figures, or "relay_exactly_once"'s with `--delivery exactly-once`.
 async fn relay_drain(
     cfg: &Cfg,
     url: &str,
@@ -165,41 +184,74 @@ async fn relay_drain(
     topic: &str,
     n: u64,
     end_lsn: u64,
+    mode: &Mode,
 ) -> Result<Value> {
-    log("drain: starting the relay over the backlog");
+    let (what, name) = if mode.is_exactly_once() {
+        ("relay (exactly-once)", "drain-exactly-once")
+    } else {
+        ("relay", "drain")
+    };
+    log(format!("drain: starting the {what} over the backlog"));
     let t0 = Instant::now();
-    let mut relay = Relay::start(cfg, url, topic, "drain")?;
+    let mut relay = Relay::start_as(cfg, url, topic, name, mode)?;
     let mut last_progress = Instant::now();
     loop {
         relay.check_alive()?;
-        if confirmed(c, "outbox_relay").await? >= end_lsn {
+        if confirmed(c, mode.slot()).await? >= end_lsn {
             break;
         }
         if last_progress.elapsed() > Duration::from_secs(10) {
             log(format!(
-                "drain: {:.0} s, {} records in Kafka so far",
+                "drain: {:.0} s, {} offsets in Kafka so far",
                 t0.elapsed().as_secs_f64(),
                 hw_sum_async(&cfg.a.brokers, topic).await.unwrap_or(-1)
             ));
             last_progress = Instant::now();
         }
         if t0.elapsed() > Duration::from_secs(1800) {
-            bail!("the relay did not drain the backlog within 30 min");
+            bail!("the {what} did not drain the backlog within 30 min");
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let relay_s = t0.elapsed().as_secs_f64();
     let (cpu, rss) = relay.resources(cfg.clk_tck);
+    let metrics = if mode.is_exactly_once() {
+        relay.metrics().ok()
+    } else {
+        None
+    };
     relay.stop().await?;
-    let verified = wait_records(&cfg.a.brokers, topic, n as i64, Duration::from_secs(30)).await?;
     let relay_rate = n as f64 / relay_s;
-    log(format!(
-        "drain: relay {relay_s:.2} s, {relay_rate:.0} events/s, {verified} records in Kafka, cpu {cpu:.2} s, peak RSS {rss:.1} MB"
-    ));
-    Ok(json!({
-        "seconds": relay_s, "events_per_s": relay_rate, "verified_in_kafka": verified,
+    let mut out = json!({
+        "seconds": relay_s, "events_per_s": relay_rate,
         "cpu_s": cpu, "cpu_us_per_event": cpu * 1e6 / n as f64, "peak_rss_mb": rss,
-    }))
+    });
+    let verified = if mode.is_exactly_once() {
+        // A transactional producer's topic: the high watermarks also count the
+        // commit markers, so count what a read_committed consumer reads.
+        let rc = read_committed(
+            &cfg.a.brokers,
+            &[topic.to_string()],
+            cfg.a.partitions,
+            Duration::from_secs(300),
+        )
+        .await?;
+        out["delivery"] = json!("exactly-once");
+        out["progress_topic"] = json!(mode.progress_topic);
+        out["read_committed"] = rc.clone();
+        exactly_once_figures(metrics.as_deref().unwrap_or(""), n, &mut out);
+        rc["distinct"].as_i64().unwrap_or(0)
+    } else {
+        wait_records(&cfg.a.brokers, topic, n as i64, Duration::from_secs(30)).await?
+    };
+    out["verified_in_kafka"] = json!(verified);
+    log(format!(
+        "drain: {what} {relay_s:.2} s, {relay_rate:.0} events/s, {verified} events in Kafka{}, cpu {cpu:.2} s, peak RSS {rss:.1} MB",
+        out.get("read_committed")
+            .map(|r| format!(" (read_committed: {} records, {} duplicates; {} Kafka transactions)", r["records"], r["duplicates"], out["kafka_transactions_committed"]))
+            .unwrap_or_default()
+    ));
+    Ok(out)
 }
 
 struct CountCtx {

@@ -2,6 +2,7 @@
 //! and adds one section to the report. What is shared here is the workload itself
 //! (payload size, keys, headers), so that every publisher moves the same records.
 
+mod committed;
 mod drain;
 mod latency;
 mod pollers;

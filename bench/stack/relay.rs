@@ -13,6 +13,84 @@ use super::proc::{proc_cpu_secs, proc_status_kb};
 use super::Cfg;
 use crate::log;
 
+/// Which relay a scenario runs. The default is the relay as an operator starts it
+/// (at-least-once, slot `outbox_relay`); exactly-once runs on a slot of its own
+/// (so it can read the same WAL as an at-least-once relay in the same database)
+/// with a progress topic of the run's own, so that no earlier run's position is
+/// taken for this one's.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Mode {
+    /// `--progress-topic` with `--delivery exactly-once`; None: at-least-once.
+    pub(crate) progress_topic: Option<String>,
+}
+
+/// The exactly-once relay's slot. Its transactional.id is the relay's default,
+/// `outbox-relay-<system identifier>-<slot>`, so it never fences another relay
+/// (a test's, the at-least-once run's) on the same cluster.
+pub(crate) const EXACTLY_ONCE_SLOT: &str = "bench_exactly_once";
+
+/// Whether the relay under test has `--delivery exactly-once` (a relay from before
+/// it, as `scripts/bench --rev` may build, has not: its scenarios then leave the
+/// exactly-once runs out, with a line in the log).
+pub(crate) fn has_exactly_once(cfg: &Cfg) -> bool {
+    static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS.get_or_init(|| {
+        let has = Command::new(&cfg.a.relay_bin)
+            .args(["run", "--help"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).contains("--delivery"))
+            .unwrap_or(false);
+        if !has {
+            log("this relay has no --delivery option: the exactly-once runs are left out");
+        }
+        has
+    })
+}
+
+impl Mode {
+    pub(crate) fn exactly_once(progress_topic: String) -> Mode {
+        Mode {
+            progress_topic: Some(progress_topic),
+        }
+    }
+
+    pub(crate) fn is_exactly_once(&self) -> bool {
+        self.progress_topic.is_some()
+    }
+
+    /// The slot the relay reads.
+    pub(crate) fn slot(&self) -> &'static str {
+        if self.is_exactly_once() {
+            EXACTLY_ONCE_SLOT
+        } else {
+            "outbox_relay"
+        }
+    }
+
+    /// `setup`'s arguments beyond the connection and topic: the slot, when not the default.
+    fn setup_args(&self) -> Vec<String> {
+        if self.is_exactly_once() {
+            vec!["--slot".into(), self.slot().into()]
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// `run`'s: the slot and the delivery guarantee.
+    fn run_args(&self) -> Vec<String> {
+        let mut a = self.setup_args();
+        if let Some(t) = &self.progress_topic {
+            a.extend([
+                "--delivery".into(),
+                "exactly-once".into(),
+                "--progress-topic".into(),
+                t.clone(),
+            ]);
+        }
+        a
+    }
+}
+
 pub(crate) struct Relay {
     child: Child,
     log: PathBuf,
@@ -36,9 +114,15 @@ impl Relay {
     }
 
     pub(crate) fn setup(cfg: &Cfg, url: &str, topic: &str) -> Result<()> {
+        Relay::setup_as(cfg, url, topic, &Mode::default())
+    }
+
+    /// `outbox-relay setup` for the relay `mode` describes: the publication, and its slot.
+    pub(crate) fn setup_as(cfg: &Cfg, url: &str, topic: &str, mode: &Mode) -> Result<()> {
         let out = Command::new(&cfg.a.relay_bin)
             .arg("setup")
             .args(Relay::args(url, &cfg.a.brokers, topic))
+            .args(mode.setup_args())
             .env_remove("OUTBOX_RELAY_DATABASE_URL")
             .env_remove("OUTBOX_RELAY_KAFKA_BROKERS")
             .output()?;
@@ -53,6 +137,17 @@ impl Relay {
     }
 
     pub(crate) fn start(cfg: &Cfg, url: &str, topic: &str, name: &str) -> Result<Relay> {
+        Relay::start_as(cfg, url, topic, name, &Mode::default())
+    }
+
+    /// `outbox-relay run` as `mode` describes, with the bench's arguments.
+    pub(crate) fn start_as(
+        cfg: &Cfg,
+        url: &str,
+        topic: &str,
+        name: &str,
+        mode: &Mode,
+    ) -> Result<Relay> {
         let log = cfg.a.log_dir.join(format!("bench-relay-{name}.log"));
         let http = {
             let l = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -62,6 +157,7 @@ impl Relay {
             .arg("run")
             .args(Relay::args(url, &cfg.a.brokers, topic))
             .args(["--http-address", &http])
+            .args(mode.run_args())
             .args(&cfg.a.relay_arg)
             .args(
                 linger_ms()

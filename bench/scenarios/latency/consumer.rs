@@ -1,7 +1,8 @@
 //! The latency consumer: reads the run's topics from the beginning in this process
 //! and takes the time each record arrives, on the clock the writers take commit
 //! times from. It only reads; it must not commit offsets or join a shared group,
-//! so that runs never see each other's records.
+//! so that runs never see each other's records. It reads `read_committed`, as
+//! the exactly-once relay's consumers must.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -44,6 +45,9 @@ pub(super) fn consume_until(
         .set("enable.partition.eof", "false")
         .set("fetch.wait.max.ms", fetch_wait_ms.to_string())
         .set("fetch.min.bytes", "1")
+        // librdkafka's default, stated: the exactly-once relay's records are
+        // visible at its Kafka commit, and the other publishers' at once.
+        .set("isolation.level", "read_committed")
         .create()?;
     let mut tpl = TopicPartitionList::new();
     for topic in &topics {

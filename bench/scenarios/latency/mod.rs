@@ -15,13 +15,14 @@ use std::time::Duration;
 use anyhow::Result;
 use serde_json::{json, Value};
 
+use super::committed::read_committed;
 use super::pollers::{PollerKind, CLASSIC, TUNED};
 use crate::log;
 use crate::report::stats::{pct_curve, summary};
 use crate::stack::kafka::{create_topic, hw_sum_async, topic_name};
 use crate::stack::pg::fresh_db;
+use crate::stack::relay::{has_exactly_once, Mode};
 use crate::stack::Cfg;
-#[cfg(test)]
 pub(crate) use consumer::parse_seq;
 use consumer::{commit_to_consumer, consume_until};
 use publishing::Publishing;
@@ -31,7 +32,8 @@ use writers::spawn_writers;
 const LATENCY_WINDOW_S: u64 = 5;
 
 enum Publisher {
-    Relay,
+    /// The relay, at-least-once or exactly-once.
+    Relay(Mode),
     Poller(PollerKind),
     /// Baseline: the writer itself produces each event right after its COMMIT
     /// returned, with the relay's producer settings. What is left of the latency is
@@ -51,8 +53,9 @@ async fn latency_run(
     let db = format!("bench_lat_{name}");
     let url = fresh_db(cfg, &db).await?;
     let shadow_every =
-        Some(cfg.a.shadow_direct).filter(|n| *n > 0 && matches!(publisher, Publisher::Relay));
+        Some(cfg.a.shadow_direct).filter(|n| *n > 0 && matches!(publisher, Publisher::Relay(_)));
     let topics = Topics::create(cfg, name, secs, shadow_every.is_some()).await?;
+    let exactly_once = matches!(&publisher, Publisher::Relay(m) if m.is_exactly_once());
     let mut publishing = Publishing::start(cfg, name, publisher, &url, &topics, shadow_every)?;
     let expected = Arc::new(AtomicU64::new(u64::MAX));
     let give_up = Arc::new(AtomicBool::new(false));
@@ -96,8 +99,21 @@ async fn latency_run(
         .await?;
     let (e2e, to_ts, ts_kind) = commit_to_consumer(&got, &commits);
     let mut verified = 0;
-    for t in &topics.consumed {
-        verified += hw_sum_async(&cfg.a.brokers, t).await?;
+    if exactly_once {
+        // The high watermarks count the transactions' commit markers too.
+        let rc = read_committed(
+            &cfg.a.brokers,
+            &topics.consumed,
+            cfg.a.partitions,
+            Duration::from_secs(120),
+        )
+        .await?;
+        verified = rc["distinct"].as_i64().unwrap_or(0);
+        res["read_committed"] = rc;
+    } else {
+        for t in &topics.consumed {
+            verified += hw_sum_async(&cfg.a.brokers, t).await?;
+        }
     }
     log(format!(
         "latency/{name}: {} committed ({:.0}/s achieved), {} received; e2e {}",
@@ -181,11 +197,26 @@ pub(crate) async fn scenario_latency(cfg: &Cfg, report: &mut Value) -> Result<()
     out["relay"] = latency_run(
         cfg,
         "relay",
-        Publisher::Relay,
+        Publisher::Relay(Mode::default()),
         cfg.latency_rate,
         cfg.a.latency_secs,
     )
     .await?;
+    // The same run with --delivery exactly-once: records become visible at the
+    // Kafka commit (the consumer reads read_committed), after their
+    // acknowledgements, so only commit → consumer compares with the relay's.
+    if has_exactly_once(cfg) {
+        out["relay_exactly_once"] = latency_run(
+            cfg,
+            "relay_exactly_once",
+            Publisher::Relay(Mode::exactly_once(topic_name(
+                "latency.relay_exactly_once.progress",
+            ))),
+            cfg.latency_rate,
+            cfg.a.latency_secs,
+        )
+        .await?;
+    }
     // The tuned poller moves at most 500 rows per 100 ms: the relay's rate is within it.
     out["tuned_poller"] = latency_run(
         cfg,
