@@ -59,6 +59,33 @@ impl Drop for Reading {
     }
 }
 
+/// Creates the topic if missing and reads the slot's last record, trying
+/// again while Kafka does not answer.
+async fn read_retrying(
+    cfg: &RelayConfig,
+    topic: &str,
+    key: &[u8],
+) -> Result<Option<Progress>, ProgressError> {
+    let mut wait = std::time::Duration::from_millis(500);
+    loop {
+        let attempt = async {
+            progress::ensure_topic(&cfg.kafka_brokers, &cfg.kafka_properties, topic).await?;
+            read(cfg, topic, key).await
+        };
+        match attempt.await {
+            Ok(p) => return Ok(p),
+            Err(e @ (ProgressError::Kafka { .. } | ProgressError::ReadTimeout { .. }))
+                if !e.is_authorization() =>
+            {
+                tracing::warn!(error = %e, retry_in = ?wait, "cannot read the progress topic yet; the slot stays where it is until it can be");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(10));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Reads the slot's last record: blocking, so on a blocking thread.
 async fn read(
     cfg: &RelayConfig,
@@ -121,6 +148,24 @@ impl Recorder {
         Ok(r)
     }
 
+    /// At-least-once, with the slot found moved: reads the topic now (trying
+    /// again within `limit`), since only the record can say by whom.
+    pub(super) async fn start_within(
+        cfg: &RelayConfig,
+        topic: &str,
+        system_id: &str,
+        found: Lsn,
+        limit: std::time::Duration,
+    ) -> Option<Recorder> {
+        let mut r = Recorder::new(cfg, topic, system_id, found);
+        let at_start = tokio::time::timeout(limit, read_retrying(cfg, topic, &r.key))
+            .await
+            .ok()?
+            .ok()?;
+        r.started(at_start);
+        Some(r)
+    }
+
     /// At-least-once: creates the topic if missing and reads it in the
     /// background, trying again while Kafka does not answer.
     pub(super) fn start_in_background(
@@ -132,26 +177,7 @@ impl Recorder {
     ) -> Recorder {
         let mut r = Recorder::new(cfg, topic, system_id, found);
         let (cfg, t, key) = (cfg.clone(), topic.to_string(), r.key.clone());
-        let task = tokio::spawn(async move {
-            let mut wait = std::time::Duration::from_millis(500);
-            loop {
-                let attempt = async {
-                    progress::ensure_topic(&cfg.kafka_brokers, &cfg.kafka_properties, &t).await?;
-                    read(&cfg, &t, &key).await
-                };
-                match attempt.await {
-                    Ok(p) => return Ok(p),
-                    Err(e @ (ProgressError::Kafka { .. } | ProgressError::ReadTimeout { .. }))
-                        if !e.is_authorization() =>
-                    {
-                        tracing::warn!(error = %e, retry_in = ?wait, "cannot read the progress topic yet; the slot stays where it is until it can be");
-                        tokio::time::sleep(wait).await;
-                        wait = (wait * 2).min(std::time::Duration::from_secs(10));
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-        });
+        let task = tokio::spawn(async move { read_retrying(&cfg, &t, &key).await });
         r.reading = Some(Reading {
             task,
             resume,

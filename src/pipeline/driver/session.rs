@@ -146,14 +146,16 @@ async fn start_recording(
         // Found moved: only the record can say by whom. Unreadable, the
         // move cannot be shown to be ours, so it counts as someone else's.
         if resume.is_some_and(|ours| found > ours) {
-            let read = tokio::time::timeout(
+            let read = Recorder::start_within(
+                cfg,
+                topic,
+                system_id,
+                found,
                 std::time::Duration::from_secs(15),
-                Recorder::start(cfg, topic, system_id, found),
             )
             .await;
-            let recorder = match read {
-                Ok(Ok(r)) => r,
-                _ => return moved_by_us(cfg, resume, found, None),
+            let Some(recorder) = read else {
+                return moved_by_us(cfg, resume, found, None);
             };
             moved_by_us(cfg, resume, found, recorder.at_start.map(|p| p.confirmed))?;
             state.recorder = Some(recorder);
