@@ -200,7 +200,7 @@ pub async fn progress_position(client: &Client, cfg: &RelayConfig) -> Option<Str
         topic.clone(),
     );
     let read = tokio::task::spawn_blocking(move || {
-        crate::pipeline::sink::progress::read_last(
+        crate::pipeline::sink::progress::read_furthest(
             &brokers,
             &props,
             &t,

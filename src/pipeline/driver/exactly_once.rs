@@ -24,7 +24,7 @@
 //!
 //! Why nothing is published twice. Each Kafka transaction carries, on the
 //! progress topic, the commit LSN of its last Postgres transaction. A new
-//! session reads the last committed one (after `init_transactions`, which
+//! session reads the furthest committed one (after `init_transactions`, which
 //! settles what an earlier producer left open) and skips every Postgres
 //! transaction whose commit LSN is at or before it: those are in Kafka even
 //! when the slot was not confirmed past them (a crash between the Kafka

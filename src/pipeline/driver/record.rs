@@ -40,6 +40,10 @@ pub(super) struct Recorder {
     pub(super) commit_lsn: Option<Lsn>,
     /// At-least-once: the position of the record awaiting its report.
     in_flight: Option<Lsn>,
+    /// At-least-once: the furthest record read is to be written again, so
+    /// that it is also the last (a stale record of a woken relay may follow
+    /// it, and compaction keeps only the last).
+    restate: bool,
     pub(super) last_at: Instant,
     /// At-least-once: the read of the topic, while it runs; with the
     /// position this process confirmed before and where the slot was found.
@@ -59,7 +63,7 @@ impl Drop for Reading {
     }
 }
 
-/// Creates the topic if missing and reads the slot's last record, trying
+/// Creates the topic if missing and reads the slot's furthest record, trying
 /// again while Kafka does not answer.
 async fn read_retrying(
     cfg: &RelayConfig,
@@ -86,7 +90,7 @@ async fn read_retrying(
     }
 }
 
-/// Reads the slot's last record: blocking, so on a blocking thread.
+/// Reads the slot's furthest record: blocking, so on a blocking thread.
 async fn read(
     cfg: &RelayConfig,
     topic: &str,
@@ -99,7 +103,7 @@ async fn read(
         key.to_vec(),
     );
     tokio::task::spawn_blocking(move || {
-        progress::read_last(&brokers, &props, &t, &k, std::time::Duration::from_secs(30))
+        progress::read_furthest(&brokers, &props, &t, &k, std::time::Duration::from_secs(30))
     })
     .await
     .unwrap_or_else(|_| {
@@ -121,6 +125,7 @@ impl Recorder {
             commit_lsn: None,
             at_start: None,
             in_flight: None,
+            restate: false,
             last_at: Instant::now(),
             reading: None,
         }
@@ -130,11 +135,12 @@ impl Recorder {
         if let Some(p) = at_start {
             self.recorded = self.recorded.max(p.confirmed);
             self.commit_lsn = p.commit_lsn;
+            self.restate = true;
         }
         self.at_start = at_start;
     }
 
-    /// Exactly-once: reads the slot's last committed record now (after
+    /// Exactly-once: reads the slot's furthest committed record now (after
     /// init_transactions).
     pub(super) async fn start(
         cfg: &RelayConfig,
@@ -233,12 +239,13 @@ impl State {
             )?;
             r.started(at_start);
         }
-        if r.in_flight.is_some() || confirmed <= r.recorded {
+        if r.in_flight.is_some() || (confirmed <= r.recorded && !r.restate) {
             return Ok(());
         }
         let value = r.value(r.commit_lsn, confirmed);
         if let Enqueued::Yes = self.sink.enqueue_progress(&r.topic, &r.key, &value)? {
-            r.in_flight = Some(confirmed);
+            r.in_flight = Some(confirmed.max(r.recorded));
+            r.restate = false;
         }
         Ok(())
     }

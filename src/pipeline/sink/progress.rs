@@ -185,13 +185,20 @@ pub async fn ensure_topic(
     }
 }
 
-/// The slot's last committed progress record, read with read_committed up
-/// to the last stable offset. Blocking.
+/// The furthest committed progress record of the slot, read with
+/// read_committed up to the last stable offset. Blocking.
+///
+/// The furthest, not the last: a relay that wakes from a pause (SIGSTOP, a
+/// stalled VM) may write one record of its old session, behind where the
+/// relay that took over recorded, before it notices its walsender is gone.
+/// Every record was true when written and the slot never moves back, so
+/// the furthest says the most. (Compaction keeps only the last: so an
+/// at-least-once session writes the furthest again once it has read it.)
 ///
 /// Call it after `init_transactions`: that aborts (or waits out) whatever a
 /// previous producer with the same id left open, which would otherwise
 /// commit after this read.
-pub fn read_last(
+pub fn read_furthest(
     brokers: &str,
     properties: &[(String, String)],
     topic: &str,
@@ -226,7 +233,7 @@ pub fn read_last(
         .map_err(err("assigning"))?;
     consumer.assign(&tpl).map_err(err("assigning"))?;
     let deadline = Instant::now() + timeout;
-    let mut last: Option<(i64, Vec<u8>)> = None;
+    let mut furthest: Option<Progress> = None;
     loop {
         if Instant::now() > deadline {
             return Err(ProgressError::ReadTimeout {
@@ -242,7 +249,15 @@ pub fn read_last(
             Some(Err(e)) => return Err(err("reading")(e)),
             Some(Ok(m)) => {
                 if m.key() == Some(key) {
-                    last = Some((m.offset(), m.payload().unwrap_or_default().to_vec()));
+                    let p = parse(m.payload().unwrap_or_default()).map_err(|reason| {
+                        ProgressError::BadRecord {
+                            topic: topic.to_string(),
+                            key: String::from_utf8_lossy(key).into_owned(),
+                            offset: m.offset(),
+                            reason,
+                        }
+                    })?;
+                    furthest = Some(furthest.map_or(p, |f| further(f, p)));
                 }
                 if m.offset() + 1 >= high {
                     break;
@@ -250,17 +265,16 @@ pub fn read_last(
             }
         }
     }
-    let Some((offset, value)) = last else {
-        return Ok(None);
-    };
-    parse(&value)
-        .map(Some)
-        .map_err(|reason| ProgressError::BadRecord {
-            topic: topic.to_string(),
-            key: String::from_utf8_lossy(key).into_owned(),
-            offset,
-            reason,
-        })
+    Ok(furthest)
+}
+
+/// Of two records of one slot, the one that says more; the later on a tie.
+fn further(a: Progress, b: Progress) -> Progress {
+    if (a.confirmed, a.commit_lsn) > (b.confirmed, b.commit_lsn) {
+        a
+    } else {
+        b
+    }
 }
 
 #[cfg(test)]
