@@ -87,8 +87,7 @@ pub async fn run(
     let mut totals = Totals::default();
     let mut backoff = Backoff::new(cfg.reconnect_max_backoff);
     let mut resume: Option<Lsn> = None;
-    // The mapped columns' types as the first session saw them.
-    let mut column_types = None;
+    let mut carry = driver::Carry::default();
     loop {
         let started = Instant::now();
         let mut rx = shutdown.clone();
@@ -99,7 +98,7 @@ pub async fn run(
             metrics.reconnects.inc();
         }
         let (summary, result): (Summary, _) =
-            driver::run(cfg, resume, &mut column_types, metrics.clone(), stop).await;
+            driver::run(cfg, resume, &mut carry, metrics.clone(), stop).await;
         totals.sessions += 1;
         totals.events += summary.events;
         totals.transactions += summary.transactions;

@@ -657,6 +657,189 @@ async fn slot_moved(eos: bool) {
     db.drop().await;
 }
 
+/// A record Kafka refuses (here too large for the topic's
+/// max.message.bytes, though the producer takes it) fails its Kafka
+/// transaction: the relay aborts it, and writes the transaction again with
+/// that record replaced by its dead letter. A read_committed consumer sees
+/// every other event of the transaction once, and the dead letter once.
+#[tokio::test]
+async fn a_record_kafka_refuses_is_dead_lettered_in_a_rewritten_transaction() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let db = TestDb::new("eos_refused").await;
+    let slot = db.classic_outbox().await;
+    let topic = unique("eos_refused");
+    let dlq = unique("eos_refused_dlq");
+    let progress = unique("eos_progress");
+    let admin: AdminClient<DefaultClientContext> = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let small = NewTopic::new(&topic, PARTITIONS, TopicReplication::Fixed(1))
+        .set("max.message.bytes", "20000");
+    for r in admin
+        .create_topics(&[small], &AdminOptions::new())
+        .await
+        .unwrap()
+    {
+        r.unwrap();
+    }
+    create_topics(&brokers(), &[&dlq], 1).await;
+    let mut args = eos_args(&db, &slot, &topic, &progress);
+    args.extend(
+        [
+            "--dead-letter-topic",
+            &dlq,
+            "--on-error-override",
+            "too-large=dead-letter",
+            // The producer takes the large record; the broker refuses it.
+            "--kafka-property",
+            "message.max.bytes=5000000",
+            // Batches stay under the topic's limit, so only the large
+            // record is refused.
+            "--kafka-property",
+            "batch.size=10000",
+        ]
+        .map(String::from),
+    );
+    let mut relay = Relay::start(&args);
+    write_txns(&db, 0, 10).await;
+    // Transaction 10: its events, with a large one in the middle.
+    let big = "INSERT INTO outbox (event_id, event_type, aggregate_id, payload) VALUES \
+               ('00000000-0000-4000-8000-0000000000b1', 'Tested', 'agg-1', \
+               jsonb_build_object('blob', repeat('x', 50000)));";
+    db.exec(&txn_sql(10).replacen("INSERT", &format!("{big} INSERT"), 1))
+        .await;
+    let end = write_txns(&db, 11, 10).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while db.confirmed_flush_lsn(&slot).await < end {
+        assert!(
+            Instant::now() < deadline,
+            "the relay did not pass the refused record; its log:\n{}",
+            relay.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let written: u64 = (0..21).map(txn_size).sum();
+    let records = consume_topic(&topic, written as usize).await;
+    assert_exactly_once(&records, 21);
+    let dead = consume_topic(&dlq, 1).await;
+    assert_eq!(dead.len(), 1, "one dead letter: {dead:?}");
+    assert_eq!(
+        dead[0].header("outbox.original.id").as_deref(),
+        Some("00000000-0000-4000-8000-0000000000b1")
+    );
+    assert_eq!(
+        dead[0].header("outbox.error.kind").as_deref(),
+        Some("too-large")
+    );
+    assert!(dead[0].payload.is_none(), "{:?}", dead[0]);
+    let text = http_get(&relay.http_address().await, "/metrics").await.1;
+    assert_eq!(
+        metric(&text, "outbox_dead_lettered_total"),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(
+        metric(&text, "outbox_kafka_transactions_aborted_total").unwrap_or(0.0) >= 1.0,
+        "{text}"
+    );
+    assert!(relay.is_running(), "{}", relay.log_text());
+    relay.terminate().await;
+
+    // Under halt (the default) the relay stops on it, naming the kind,
+    // though librdkafka reports the records it purged with the failed
+    // transaction first; the slot stays before it.
+    let halting: Vec<String> = args
+        .iter()
+        .filter(|a| *a != "--on-error-override" && *a != "too-large=dead-letter")
+        .cloned()
+        .collect();
+    let mut relay = Relay::start(&halting);
+    write_txns(&db, 21, 3).await;
+    let before = db.current_wal_lsn().await;
+    db.exec(&txn_sql(24).replacen("INSERT", &format!("{} INSERT", big.replace("b1", "b2")), 1))
+        .await;
+    let after = db.current_wal_lsn().await;
+    assert_eq!(
+        relay.wait(Duration::from_secs(60)).await,
+        Some(1),
+        "{}",
+        relay.log_text()
+    );
+    assert_eq!(
+        relay.stopped_for(),
+        Some(Some("too-large".into())),
+        "{}",
+        relay.log_text()
+    );
+    db.assert_not_confirmed(&slot, before, after, "the refused record")
+        .await;
+    db.drop().await;
+}
+
+/// The same for a topic that does not exist (auto-creation off): the
+/// record is dead-lettered in the transaction written again.
+#[tokio::test]
+async fn a_missing_topic_is_dead_lettered_in_a_rewritten_transaction() {
+    let db = TestDb::new("eos_notopic").await;
+    let slot = db.classic_outbox().await;
+    let prefix = unique("eos_notopic");
+    let (good, dlq) = (format!("{prefix}.Tested"), format!("{prefix}.dlq"));
+    let progress = unique("eos_progress");
+    create_topics(&brokers(), &[&good, &dlq], PARTITIONS).await;
+    let template = format!("{prefix}.{{event_type}}");
+    let mut args: Vec<String> = eos_args(&db, &slot, &good, &progress)
+        .into_iter()
+        .map(|a| if a == good { template.clone() } else { a })
+        .collect();
+    args.extend(
+        [
+            "--dead-letter-topic",
+            &dlq,
+            "--on-error-override",
+            "topic-missing=dead-letter",
+            "--kafka-property",
+            "allow.auto.create.topics=false",
+            "--kafka-property",
+            "topic.metadata.propagation.max.ms=2000",
+        ]
+        .map(String::from),
+    );
+    let mut relay = Relay::start(&args);
+    write_txns(&db, 0, 5).await;
+    let nowhere = "INSERT INTO outbox (event_id, event_type, aggregate_id, payload) VALUES \
+                   ('00000000-0000-4000-8000-0000000000c1', 'Nowhere', 'agg-1', '{\"n\": 1}');";
+    db.exec(&txn_sql(5).replacen("INSERT", &format!("{nowhere} INSERT"), 1))
+        .await;
+    let end = write_txns(&db, 6, 5).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while db.confirmed_flush_lsn(&slot).await < end {
+        assert!(
+            Instant::now() < deadline,
+            "the relay did not pass the record for a missing topic; its log:\n{}",
+            relay.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let written: u64 = (0..11).map(txn_size).sum();
+    assert_exactly_once(&consume_topic(&good, written as usize).await, 11);
+    let dead = consume_topic(&dlq, 1).await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(
+        dead[0].header("outbox.error.kind").as_deref(),
+        Some("topic-missing")
+    );
+    assert_eq!(
+        dead[0].header("outbox.original.topic").unwrap(),
+        format!("{prefix}.Nowhere")
+    );
+    assert_eq!(dead[0].payload.as_deref(), Some(&b"{\"n\": 1}"[..]));
+    relay.terminate().await;
+    db.drop().await;
+}
+
 /// Logical decoding messages as events with exactly-once: a transactional
 /// one goes with its transaction, a non-transactional one is a unit of its
 /// own (ordered by a position inside its record, since its LSN may be where

@@ -48,7 +48,7 @@ impl RelayConfig {
             o.max_inflight_bytes.unwrap_or(16 << 20),
         )?;
         let messages = messages(&mut o)?;
-        let exactly_once = exactly_once(&mut o, &error_policy, &kafka_properties)?;
+        let exactly_once = exactly_once(&mut o, &kafka_properties)?;
         let progress_topic = progress_topic(&mut o, exactly_once.is_some())?;
         if let Some(v) = o.protocol_version.filter(|v| !(1..=4).contains(v)) {
             return Err(ConfigError::Invalid {
@@ -268,26 +268,13 @@ fn http_address(v: Option<&str>) -> Result<Option<std::net::SocketAddr>, ConfigE
     })
 }
 
-/// `--delivery exactly-once`, and what it cannot be combined with yet: a
-/// dead-letter record decided after Kafka refused the original.
+/// `--delivery exactly-once`: its transactional.id and time bounds.
 fn exactly_once(
     o: &mut Options,
-    policy: &ErrorPolicy,
     kafka_properties: &[(String, String)],
 ) -> Result<Option<ExactlyOnceConfig>, ConfigError> {
     if o.delivery.unwrap_or_default() != Delivery::ExactlyOnce {
         return Ok(None);
-    }
-    // A row that cannot be routed is dead-lettered in the transaction it
-    // came in; a record Kafka refuses fails its whole transaction instead,
-    // and could only be dead-lettered by aborting and writing the
-    // transaction again without it.
-    if policy.may_dead_letter_deliveries() {
-        return Err(ConfigError::Invalid {
-            option: "on_error_override",
-            value: "too-large, topic-missing, authorization or topic=dead-letter".into(),
-            reason: "with --delivery exactly-once only rows that cannot be routed (key, event-id, topic, payload-json) can be dead-lettered: a record Kafka refuses fails its whole transaction. Use halt for those kinds".into(),
-        });
     }
     let transactional_id = o.transactional_id.take().filter(|t| !t.trim().is_empty());
     let timeout_ms = match kafka_properties

@@ -132,7 +132,7 @@ fn errors_name_the_option_and_hide_passwords() {
 }
 
 #[test]
-fn exactly_once_refuses_what_it_cannot_keep_in_one_transaction() {
+fn exactly_once_settings_are_checked() {
     let eos = || Options {
         delivery: Some(Delivery::ExactlyOnce),
         ..base()
@@ -160,19 +160,22 @@ fn exactly_once_refuses_what_it_cannot_keep_in_one_transaction() {
         ..eos()
     })
     .is_ok());
+    // Rows that cannot be routed are dead-lettered in their transaction;
+    // records Kafka refuses, in the transaction written again.
+    for kind in ["key", "too-large", "topic-missing", "authorization"] {
+        assert!(RelayConfig::resolve(Options {
+            on_error_override: Some(vec![format!("{kind}=dead-letter")]),
+            ..eos()
+        })
+        .is_ok());
+    }
     refused(
         Options {
-            on_error_override: Some(vec!["too-large=dead-letter".into()]),
+            progress_topic: Some("off".into()),
             ..eos()
         },
-        "on_error_override",
+        "progress",
     );
-    // Rows that cannot be routed can be dead-lettered in their transaction.
-    assert!(RelayConfig::resolve(Options {
-        on_error_override: Some(vec!["key=dead-letter".into()]),
-        ..eos()
-    })
-    .is_ok());
     let err = RelayConfig::resolve(Options {
         transaction_max_duration: Some(20.0),
         ..eos()

@@ -57,6 +57,8 @@ pub enum PipelineError {
     UnknownDelivery(u64),
     #[error(transparent)]
     BatchTooLarge(Box<BatchTooLarge>),
+    #[error(transparent)]
+    Refused(Box<RefusedInTransaction>),
     #[error("{0}")]
     Config(String),
     #[error("exactly-once: {0}")]
@@ -109,6 +111,9 @@ impl PipelineError {
             // topic. Fenced too: if another relay holds the slot now, the
             // next session waits for it as a standby.
             PipelineError::Transaction(_) => true,
+            // The next session writes the transaction again, the refused
+            // record dead-lettered.
+            PipelineError::Refused(_) => true,
             // A new session tries again, unless the brokers' ACLs refuse
             // the progress topic: that needs a person.
             PipelineError::Progress(e) => {
@@ -195,4 +200,15 @@ pub struct DeliveryFailure {
     pub commit_lsn: String,
     pub error: KafkaError,
     pub confirmed: Lsn,
+}
+
+/// Exactly-once: a record Kafka refused inside a Kafka transaction, under a
+/// dead-letter policy for its kind.
+#[derive(Debug, thiserror::Error)]
+#[error("Kafka refused the record of the change at {lsn} for topic {topic} ({kind}): {error}. Its Kafka transaction is aborted; the next session writes it again from the slot with this record dead-lettered")]
+pub struct RefusedInTransaction {
+    pub lsn: Lsn,
+    pub kind: ErrorKind,
+    pub topic: String,
+    pub error: KafkaError,
 }

@@ -313,10 +313,16 @@ impl State {
                 t.commit_tries += 1;
                 self.eos_start_commit()
             }
-            Err(e) => {
-                self.metrics.kafka_transactions_aborted.inc();
-                Err(e.into())
-            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A session that ends on an error drops its producer, and with it the
+    /// open Kafka transaction (the next session's init_transactions aborts
+    /// it): counted here, whatever the error.
+    pub(super) fn eos_abandoned(&mut self) {
+        if self.eos.as_ref().is_some_and(Transactions::is_open) {
+            self.metrics.kafka_transactions_aborted.inc();
         }
     }
 

@@ -28,12 +28,14 @@ mod exactly_once;
 mod heartbeat;
 mod open;
 mod record;
+mod refused;
 mod session;
 mod state;
 
-pub use errors::{BatchTooLarge, DeliveryFailure, PipelineError};
+pub use errors::{BatchTooLarge, DeliveryFailure, PipelineError, RefusedInTransaction};
 pub use heartbeat::HEARTBEAT_PREFIX;
 pub use open::{parse_pg_duration, protocol_for};
+pub use refused::Refused;
 use session::session;
 
 /// How often the task checks whether the confirmed position moved; bounds the
@@ -62,6 +64,15 @@ pub struct Summary {
     pub confirmed: Lsn,
 }
 
+/// What one session leaves to the next, in one process.
+#[derive(Debug, Default)]
+pub struct Carry {
+    /// The mapped columns' types as the first session saw them.
+    pub column_types: Option<HashMap<String, u32>>,
+    /// Exactly-once: records Kafka refused, to dead-letter on the way again.
+    pub refused: Refused,
+}
+
 /// One replication session: connect, check the slot, stream until
 /// `shutdown` resolves or an error stops it.
 ///
@@ -72,7 +83,7 @@ pub struct Summary {
 pub async fn run(
     cfg: &RelayConfig,
     resume: Option<Lsn>,
-    column_types: &mut Option<HashMap<String, u32>>,
+    carry: &mut Carry,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) -> (Summary, Result<(), PipelineError>) {
@@ -80,15 +91,7 @@ pub async fn run(
         confirmed: resume.unwrap_or_default(),
         ..Summary::default()
     };
-    let result = session(
-        cfg,
-        resume,
-        column_types,
-        metrics.clone(),
-        shutdown,
-        &mut summary,
-    )
-    .await;
+    let result = session(cfg, resume, carry, metrics.clone(), shutdown, &mut summary).await;
     metrics.set_streaming(false);
     (summary, result)
 }

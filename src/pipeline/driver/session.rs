@@ -2,7 +2,6 @@
 //! WAL messages (while there is room in flight), delivery reports and the
 //! status timer, and the clean stop that settles what is in flight.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,7 +23,7 @@ use super::{Summary, FEEDBACK_TICK, READ_BURST, REPLAY_SLICE};
 pub(super) async fn session(
     cfg: &RelayConfig,
     resume: Option<Lsn>,
-    column_types: &mut Option<HashMap<String, u32>>,
+    carry: &mut super::Carry,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
     summary: &mut Summary,
@@ -60,14 +59,7 @@ pub(super) async fn session(
         .heartbeat_interval
         .map(|every| tokio::spawn(heartbeat(cfg.clone(), every)));
 
-    let mut state = State::new(
-        cfg,
-        slot.confirmed,
-        protocol,
-        (sink, acks),
-        metrics,
-        column_types,
-    );
+    let mut state = State::new(cfg, slot.confirmed, protocol, (sink, acks), metrics, carry);
     let result = async {
         start_recording(cfg, &mut state, &system_id, resume, slot.confirmed).await?;
         stream_loop(
@@ -81,14 +73,20 @@ pub(super) async fn session(
         .await
     }
     .await;
+    let result = match result {
+        Err(e) => Err(state.eos_cause(e).await),
+        ok => ok,
+    };
     settle(cfg, &mut state, &result).await;
     probe.abort();
     if let Some(h) = heartbeat {
         h.abort();
     }
     if let Some(types) = state.router.column_types() {
-        *column_types = Some(types.clone());
+        carry.column_types = Some(types.clone());
     }
+    carry.refused = std::mem::take(&mut state.refused);
+    carry.refused.forget_before(state.confirmable());
     state.summary.confirmed = state.confirmable();
     state.summary.streamed = true;
     state.update_gauges();
@@ -110,6 +108,9 @@ pub(super) async fn session(
 
 /// What the session's end does with what is in flight, by how it ended.
 async fn settle(cfg: &RelayConfig, state: &mut State, result: &Result<(), PipelineError>) {
+    if result.is_err() {
+        state.eos_abandoned();
+    }
     match result {
         // A delivery failed: records enqueued after it must not reach the
         // broker before it is sent again, or a partition would hold them out
@@ -118,7 +119,7 @@ async fn settle(cfg: &RelayConfig, state: &mut State, result: &Result<(), Pipeli
         Err(PipelineError::Delivery(_)) => state.sink.abandon(),
         // Exactly-once: the open Kafka transaction is dropped with the
         // producer; the next session's init_transactions aborts it.
-        Err(PipelineError::Transaction(_)) => state.sink.abandon(),
+        Err(PipelineError::Transaction(_) | PipelineError::Refused(_)) => state.sink.abandon(),
         Err(PipelineError::Replication(_) | PipelineError::ServerEnded) | Ok(()) => {}
         // The stop already waited its time for the deliveries.
         Err(PipelineError::ShutdownTimeout { .. }) => {}

@@ -25,7 +25,7 @@ use crate::pipeline::route::router::{OutboxRecord, RouteError, Router};
 use crate::pipeline::sink::inflight::InFlight;
 use crate::pipeline::sink::{Ack, Enqueued, KafkaSink, SinkError};
 
-use super::errors::{BatchTooLarge, DeliveryFailure, PipelineError};
+use super::errors::{BatchTooLarge, DeliveryFailure, PipelineError, RefusedInTransaction};
 use super::{Summary, TOO_LARGE_SETTLE};
 
 /// An event handed to the producer, until its delivery report arrives.
@@ -36,6 +36,8 @@ pub(super) struct Pending {
     pub(super) event_type: Option<bytes::Bytes>,
     /// Position of the change, for dead-letter headers.
     pub(super) lsn: Lsn,
+    /// Its place among the records enqueued at that position (`refused`).
+    pub(super) nth: u32,
     /// Kept only while a delivery failure could be dead-lettered.
     pub(super) record: Option<OutboxRecord>,
     pub(super) dead_letter: bool,
@@ -49,6 +51,7 @@ pub(super) struct Waiting {
     pub(super) rec: OutboxRecord,
     pub(super) txn: TxnSeq,
     pub(super) lsn: Lsn,
+    pub(super) nth: u32,
     pub(super) is_dead_letter: bool,
 }
 
@@ -109,6 +112,11 @@ pub(super) struct State {
     /// Records the producer's full queue could not take yet, in order;
     /// nothing more is read until they are enqueued.
     pub(super) waiting: VecDeque<Waiting>,
+    /// Exactly-once: records Kafka refused in an earlier session's
+    /// transaction, dead-lettered when they come again.
+    pub(super) refused: super::refused::Refused,
+    /// The last position a record was enqueued at, and how many were.
+    pub(super) at_lsn: (Lsn, u32),
     /// Records the broker refused as too large, until the reports that came
     /// with them are in (see `settle_too_large`).
     pub(super) too_large: Vec<(Pending, String, KafkaError)>,
@@ -128,12 +136,14 @@ impl State {
         protocol: u32,
         (sink, acks): (KafkaSink, mpsc::UnboundedReceiver<Ack>),
         metrics: Arc<Metrics>,
-        column_types: &Option<HashMap<String, u32>>,
+        carry: &mut super::Carry,
     ) -> State {
         State {
             eos: None,
             recorder: None,
-            router: Router::with_column_types(cfg.router.clone(), column_types.clone()),
+            router: Router::with_column_types(cfg.router.clone(), carry.column_types.clone()),
+            refused: std::mem::take(&mut carry.refused),
+            at_lsn: (Lsn(0), 0),
             checkpoint: Checkpoint::new(confirmed),
             sink,
             acks,
@@ -156,7 +166,10 @@ impl State {
             messages: cfg.messages.clone(),
             inflight_bytes: 0,
             policy: cfg.error_policy.clone(),
-            keep_records: cfg.error_policy.may_dead_letter_deliveries(),
+            // Exactly-once does not keep them: a refused record is dead-lettered
+            // when the next session streams it again (`refused`).
+            keep_records: cfg.error_policy.may_dead_letter_deliveries()
+                && cfg.exactly_once.is_none(),
             redo: Vec::new(),
             skipped: HashMap::new(),
             waiting: VecDeque::new(),
@@ -237,7 +250,7 @@ impl State {
                 // (`settle_too_large`): one record alone was too large by
                 // itself; several were a batch.
                 if kind == Some(ErrorKind::TooLarge)
-                    && pending.record.is_some()
+                    && (pending.record.is_some() || self.eos.is_some())
                     && !pending.dead_letter
                     && matches!(
                         error.rdkafka_error_code(),
@@ -251,6 +264,9 @@ impl State {
                     return Ok(());
                 }
                 if let (Some(kind), false) = (kind, pending.dead_letter) {
+                    if self.eos.is_some() {
+                        return Err(self.refuse(&pending, kind, ack.topic, error));
+                    }
                     if self.dead_letter_delivery(&pending, kind, &ack.topic, &error)? {
                         return Ok(());
                     }
@@ -294,6 +310,26 @@ impl State {
         Ok(true)
     }
 
+    /// Exactly-once: notes a refused record for the next session to
+    /// dead-letter, and ends this one (its Kafka transaction is lost).
+    pub(super) fn refuse(
+        &mut self,
+        pending: &Pending,
+        kind: ErrorKind,
+        topic: String,
+        error: KafkaError,
+    ) -> PipelineError {
+        let reason = format!("Kafka refused the record for {topic}: {error}");
+        self.refused
+            .note((pending.lsn, pending.nth), kind, reason.clone());
+        PipelineError::Refused(Box::new(RefusedInTransaction {
+            lsn: pending.lsn,
+            kind,
+            topic,
+            error,
+        }))
+    }
+
     /// A tracked transaction's commit LSN for an error message.
     pub(super) fn commit_lsn_text(&self, txn: TxnSeq) -> String {
         self.checkpoint
@@ -317,10 +353,19 @@ impl State {
         lsn: Lsn,
         is_dead_letter: bool,
     ) -> Result<(), PipelineError> {
+        // Several changes share a position (a COPY's multi-insert): the
+        // same records come in the same order when streamed again.
+        let nth = if self.at_lsn.0 == lsn {
+            self.at_lsn.1 + 1
+        } else {
+            0
+        };
+        self.at_lsn = (lsn, nth);
         let w = Waiting {
             rec,
             txn,
             lsn,
+            nth,
             is_dead_letter,
         };
         if !self.waiting.is_empty() {
@@ -352,8 +397,23 @@ impl State {
             mut rec,
             txn,
             lsn,
+            nth,
             mut is_dead_letter,
         } = w;
+        if !is_dead_letter && !self.refused.is_empty() {
+            if let Some(f) = self.refused.get((lsn, nth)) {
+                tracing::warn!(lsn = %lsn, kind = %f.kind, "dead-lettering an event Kafka refused in an aborted transaction: {}", f.reason);
+                let failed = Failed::from(&rec);
+                rec = policy::dead_letter(
+                    failed,
+                    f.kind,
+                    &f.reason,
+                    lsn,
+                    &self.policy.dead_letter_topic,
+                );
+                is_dead_letter = true;
+            }
+        }
         loop {
             let tag = self.pending.push(Pending {
                 txn,
@@ -364,6 +424,7 @@ impl State {
                     .as_deref()
                     .map(|t| intern(&mut self.event_types, t)),
                 lsn,
+                nth,
                 record: (self.keep_records && !is_dead_letter).then(|| rec.detached()),
                 dead_letter: is_dead_letter,
                 size: record_size(&rec),
@@ -400,6 +461,7 @@ impl State {
                         rec,
                         txn,
                         lsn,
+                        nth,
                         is_dead_letter,
                     }))
                 }
@@ -533,6 +595,9 @@ impl State {
             })));
         }
         if let Some((pending, topic, error)) = self.too_large.pop() {
+            if self.eos.is_some() {
+                return Err(self.refuse(&pending, ErrorKind::TooLarge, topic, error));
+            }
             // Only records kept for dead-lettering are set aside here.
             self.dead_letter_delivery(&pending, ErrorKind::TooLarge, &topic, &error)?;
         }

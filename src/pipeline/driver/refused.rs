@@ -1,0 +1,179 @@
+//! Exactly-once: records Kafka refused inside a Kafka transaction, kept
+//! from one session to the next so that they are dead-lettered when the
+//! stream brings them again.
+//!
+//! At-least-once replaces a refused record with its dead letter on the
+//! spot. Inside a Kafka transaction it cannot: a failed produce makes the
+//! whole transaction abortable, and what was acknowledged of it is thrown
+//! away with it. So the session notes the record (by the WAL position of
+//! its change, and its place among the records at that position: a COPY's
+//! multi-insert puts several rows at one position), ends, and the next session
+//! streams the same Postgres transactions again from the slot (held before
+//! the open Kafka transaction) and writes the dead letter where the record
+//! was, in the same Kafka transaction as its neighbours. A record only
+//! lands here under a dead-letter policy for its kind; under halt the relay
+//! stops as before.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::lsn::Lsn;
+use crate::pipeline::policy::{ErrorKind, Policy};
+use crate::pipeline::sink::transactions::TxnFailure;
+
+use super::errors::{BatchTooLarge, DeliveryFailure, PipelineError};
+use super::state::{Pending, State};
+
+/// How long a failed Kafka transaction's remaining delivery reports are
+/// waited for, to find the record that failed it. librdkafka fails them all
+/// at once, so this is only reached when the broker does not answer.
+const CAUSE_WAIT: Duration = Duration::from_secs(2);
+
+/// What to write instead of a refused record: why, in the dead letter's
+/// words.
+#[derive(Debug, Clone)]
+pub(super) struct Refusal {
+    pub(super) kind: ErrorKind,
+    pub(super) reason: String,
+}
+
+#[derive(Debug, Default)]
+pub struct Refused {
+    by_lsn: BTreeMap<(Lsn, u32), Refusal>,
+}
+
+impl Refused {
+    /// Notes the `nth` record of the change(s) at `lsn`.
+    pub(super) fn note(&mut self, (lsn, nth): (Lsn, u32), kind: ErrorKind, reason: String) {
+        self.by_lsn.insert((lsn, nth), Refusal { kind, reason });
+    }
+
+    pub(super) fn get(&self, at: (Lsn, u32)) -> Option<&Refusal> {
+        self.by_lsn.get(&at)
+    }
+
+    /// Forgets the records the slot is past: their dead letters are
+    /// committed, and the stream never brings them again.
+    pub(super) fn forget_before(&mut self, confirmed: Lsn) {
+        self.by_lsn = self.by_lsn.split_off(&(confirmed, 0));
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.by_lsn.is_empty()
+    }
+}
+
+/// Whether an error is only the consequence of a failed Kafka transaction
+/// (librdkafka purges the records it had not sent yet), not its cause.
+fn is_consequence(e: &PipelineError) -> bool {
+    let purged = |k: &KafkaError| {
+        matches!(
+            k.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::PurgeQueue | RDKafkaErrorCode::PurgeInflight)
+        )
+    };
+    match e {
+        PipelineError::Delivery(d) => purged(&d.error),
+        PipelineError::Transaction(t) => t.kind == TxnFailure::Abortable,
+        _ => false,
+    }
+}
+
+impl State {
+    /// Exactly-once, a session ending on `first`: when that is only the
+    /// consequence of a failed Kafka transaction, often reported before the
+    /// record that failed it, the remaining reports say what the cause was.
+    /// A record refused under a dead-letter policy is noted for the next
+    /// session (and the session ends retriably); records refused together
+    /// as too large are a batch (the topic's limit is below batch.size); a
+    /// record refused under halt, or a dead letter refused, stops the relay.
+    pub(super) async fn eos_cause(&mut self, first: PipelineError) -> PipelineError {
+        if self.eos.is_none() || !is_consequence(&first) {
+            return first;
+        }
+        let mut refused: Vec<(Pending, ErrorKind, String, KafkaError)> =
+            std::mem::take(&mut self.too_large)
+                .into_iter()
+                .map(|(p, topic, e)| (p, ErrorKind::TooLarge, topic, e))
+                .collect();
+        let mut halted = None;
+        let deadline = tokio::time::Instant::now() + CAUSE_WAIT;
+        while !self.pending.is_empty() {
+            let Ok(Some(ack)) = tokio::time::timeout_at(deadline, self.acks.recv()).await else {
+                break;
+            };
+            let Some(p) = self.pending.take(ack.tag) else {
+                continue; // the progress record's, or one already settled
+            };
+            self.inflight_bytes -= p.size;
+            let Err(error) = ack.result else {
+                continue;
+            };
+            match ErrorKind::of_kafka(&error) {
+                Some(kind)
+                    if !p.dead_letter && self.policy.for_kind(kind) == Policy::DeadLetter =>
+                {
+                    refused.push((p, kind, ack.topic, error));
+                }
+                Some(_) if halted.is_none() => {
+                    halted = Some(PipelineError::Delivery(Box::new(DeliveryFailure {
+                        topic: ack.topic,
+                        commit_lsn: self.commit_lsn_text(p.txn),
+                        error,
+                        confirmed: self.confirmable(),
+                    })));
+                }
+                _ => {}
+            }
+        }
+        if let Some(h) = halted {
+            return h;
+        }
+        let too_large = refused
+            .iter()
+            .filter(|(_, k, _, _)| *k == ErrorKind::TooLarge)
+            .count();
+        if too_large > 1 {
+            let (p, _, topic, error) = refused.swap_remove(0);
+            return PipelineError::BatchTooLarge(Box::new(BatchTooLarge {
+                topic,
+                records: too_large,
+                commit_lsn: self.commit_lsn_text(p.txn),
+                error,
+                confirmed: self.confirmable(),
+            }));
+        }
+        let mut cause = None;
+        for (p, kind, topic, error) in refused {
+            let e = self.refuse(&p, kind, topic, error);
+            cause.get_or_insert(e);
+        }
+        cause.unwrap_or(first)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_forgotten_once_the_slot_is_past_them() {
+        let mut r = Refused::default();
+        r.note((Lsn(100), 1), ErrorKind::TooLarge, "too large".into());
+        r.note((Lsn(300), 0), ErrorKind::TopicMissing, "no topic".into());
+        assert_eq!(
+            r.get((Lsn(100), 1)).map(|f| f.kind),
+            Some(ErrorKind::TooLarge)
+        );
+        assert!(r.get((Lsn(100), 0)).is_none(), "another row of a COPY");
+        assert!(r.get((Lsn(200), 0)).is_none());
+        r.forget_before(Lsn(300));
+        assert!(r.get((Lsn(100), 1)).is_none());
+        assert!(r.get((Lsn(300), 0)).is_some(), "not passed yet");
+        r.forget_before(Lsn(301));
+        assert!(r.is_empty());
+    }
+}
