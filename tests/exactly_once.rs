@@ -664,26 +664,19 @@ async fn slot_moved(eos: bool) {
 /// every other event of the transaction once, and the dead letter once.
 #[tokio::test]
 async fn a_record_kafka_refuses_is_dead_lettered_in_a_rewritten_transaction() {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    use rdkafka::client::DefaultClientContext;
     let db = TestDb::new("eos_refused").await;
     let slot = db.classic_outbox().await;
     let topic = unique("eos_refused");
     let dlq = unique("eos_refused_dlq");
     let progress = unique("eos_progress");
-    let admin: AdminClient<DefaultClientContext> = rdkafka::config::ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .unwrap();
-    let small = NewTopic::new(&topic, PARTITIONS, TopicReplication::Fixed(1))
-        .set("max.message.bytes", "20000");
-    for r in admin
-        .create_topics(&[small], &AdminOptions::new())
-        .await
-        .unwrap()
-    {
-        r.unwrap();
-    }
+    create_topics_with(
+        &brokers(),
+        &[&topic],
+        PARTITIONS,
+        1,
+        &[("max.message.bytes", "20000")],
+    )
+    .await;
     create_topics(&brokers(), &[&dlq], 1).await;
     let mut args = eos_args(&db, &slot, &topic, &progress);
     args.extend(

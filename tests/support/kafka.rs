@@ -32,13 +32,29 @@ pub async fn create_replicated_topics(
     partitions: i32,
     replicas: i32,
 ) {
+    create_topics_with(brokers, topics, partitions, replicas, &[]).await
+}
+
+/// Topics with topic settings of their own (`max.message.bytes`, say).
+pub async fn create_topics_with(
+    brokers: &str,
+    topics: &[&str],
+    partitions: i32,
+    replicas: i32,
+    config: &[(&str, &str)],
+) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()
         .expect("admin client");
     let new: Vec<NewTopic> = topics
         .iter()
-        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(replicas)))
+        .map(|t| {
+            config.iter().fold(
+                NewTopic::new(t, partitions, TopicReplication::Fixed(replicas)),
+                |n, (k, v)| n.set(k, v),
+            )
+        })
         .collect();
     let res = admin
         .create_topics(
