@@ -181,40 +181,68 @@ fn without_context_headers(records: &mut [Record]) {
     }
 }
 
-/// What a record is, for the comparison: everything but its offset and
-/// timestamp, with headers in the order sent.
-type Seen = (
-    i32,
-    Option<Vec<u8>>,
-    Option<Vec<u8>>,
-    Vec<(String, Option<Vec<u8>>)>,
-);
+/// An aggregate's events: their topic (prefix taken off) and key.
+type Aggregate = (String, Vec<u8>);
 
-fn by_topic_suffix(records: &[Record], prefix: &str) -> BTreeMap<String, Vec<Seen>> {
-    let mut out: BTreeMap<String, Vec<(i32, i64, Seen)>> = BTreeMap::new();
-    for r in records {
-        let suffix = r
-            .topic
-            .strip_prefix(prefix)
-            .unwrap_or_else(|| panic!("{} outside {prefix}", r.topic))
-            .to_string();
-        out.entry(suffix).or_default().push((
-            r.partition,
-            r.offset,
-            (
-                r.partition,
-                r.key.clone(),
-                r.payload.clone(),
-                r.headers.clone(),
-            ),
-        ));
-    }
-    out.into_iter()
-        .map(|(t, mut v)| {
-            v.sort_by_key(|(p, o, _)| (*p, *o));
-            (t, v.into_iter().map(|(_, _, s)| s).collect())
-        })
-        .collect()
+/// Each event's record from each publisher, paired by the `id` header,
+/// with the topic's publisher prefix taken off; and checks that both
+/// published the events of each aggregate in the same order.
+fn paired(
+    dbz: &[Record],
+    dbz_prefix: &str,
+    ours: &[Record],
+    our_prefix: &str,
+) -> Vec<(Record, Record)> {
+    let strip = |records: &[Record], prefix: &str| -> BTreeMap<String, Record> {
+        let mut by_id = BTreeMap::new();
+        for r in records {
+            let mut r = r.clone();
+            r.topic = r
+                .topic
+                .strip_prefix(prefix)
+                .unwrap_or_else(|| panic!("{} outside {prefix}", r.topic))
+                .to_string();
+            let id = r
+                .header("id")
+                .unwrap_or_else(|| panic!("no id header: {r:?}"));
+            assert!(by_id.insert(id, r).is_none(), "an event published twice");
+        }
+        by_id
+    };
+    let (d, o) = (strip(dbz, dbz_prefix), strip(ours, our_prefix));
+    assert_eq!(
+        d.keys().collect::<Vec<_>>(),
+        o.keys().collect::<Vec<_>>(),
+        "the same events"
+    );
+    // Per aggregate (topic and key of the relay's record), in offset order.
+    let order = |records: &BTreeMap<String, Record>,
+                 aggregate_of: &dyn Fn(&Record) -> Aggregate| {
+        let mut per: BTreeMap<Aggregate, Vec<(i64, String)>> = BTreeMap::new();
+        for (id, r) in records {
+            per.entry(aggregate_of(r))
+                .or_default()
+                .push((r.offset, id.clone()));
+        }
+        per.into_iter()
+            .map(|(k, mut v)| {
+                v.sort();
+                (k, v.into_iter().map(|(_, id)| id).collect::<Vec<_>>())
+            })
+            .collect::<BTreeMap<_, _>>()
+    };
+    let aggregate = |r: &Record| {
+        (
+            o[&r.header("id").unwrap()].topic.clone(),
+            o[&r.header("id").unwrap()].key.clone().unwrap_or_default(),
+        )
+    };
+    assert_eq!(
+        order(&d, &aggregate),
+        order(&o, &aggregate),
+        "per-aggregate order"
+    );
+    d.into_values().zip(o.into_values()).collect()
 }
 
 fn show(b: &Option<Vec<u8>>) -> String {
@@ -224,9 +252,18 @@ fn show(b: &Option<Vec<u8>>) -> String {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn debezium_and_the_relay_publish_the_same_records() {
-    let db = TestDb::new("dbz_diff").await;
+fn show_headers(v: &[(String, Option<Vec<u8>>)]) -> String {
+    v.iter()
+        .map(|(k, v)| format!("{k}={}", show(v)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The workload through Debezium (set up as `scripts/debezium up` does,
+/// plus `debezium_args`) and through `--preset debezium`; each event's two
+/// records, Debezium's context headers checked and taken off.
+async fn side_by_side(name: &str, debezium_args: &[&str]) -> Vec<(Record, Record)> {
+    let db = TestDb::new(name).await;
     db.exec(DEBEZIUM_TABLE).await;
     let run = unique("dbz");
     let types: Vec<String> = ["Order", "Customer", "Shipment"]
@@ -243,11 +280,14 @@ async fn debezium_and_the_relay_publish_the_same_records() {
     create_topics_with(&brokers(), &refs, 3, 1, &[("max.message.bytes", BIG)]).await;
 
     let dbz_slot = format!("dbz_{}", db.name);
+    let request_size = format!("producer.max.request.size={BIG}");
+    let mut args = vec!["--worker", &request_size];
+    args.extend_from_slice(debezium_args);
     let debezium = Debezium::start(
         &db,
         &dbz_slot,
         &format!("{dbz_prefix}outbox.event.${{routedByValue}}"),
-        &["--worker", &format!("producer.max.request.size={BIG}")],
+        &args,
     );
     let relay_slot = format!("relay_{}", db.name);
     let (code, out, err) = relay_cmd(&[
@@ -277,8 +317,7 @@ async fn debezium_and_the_relay_publish_the_same_records() {
     ));
     db.wait_streaming(&relay_slot).await;
 
-    let txns = workload(&types);
-    for t in &txns {
+    for t in &workload(&types) {
         db.exec(t).await;
     }
     let end = db.current_wal_lsn().await;
@@ -289,16 +328,9 @@ async fn debezium_and_the_relay_publish_the_same_records() {
         .await;
     let events = 30 + 4 + 5 + 1 + 1 + 10;
     let records = consume(&brokers(), &topics, 2 * events, Duration::from_secs(120)).await;
-    let mut dbz: Vec<Record> = records
-        .iter()
-        .filter(|r| r.topic.starts_with(&dbz_prefix))
-        .cloned()
-        .collect();
-    let ours: Vec<Record> = records
-        .iter()
-        .filter(|r| r.topic.starts_with(&relay_prefix))
-        .cloned()
-        .collect();
+    let (mut dbz, ours): (Vec<Record>, Vec<Record>) = records
+        .into_iter()
+        .partition(|r| r.topic.starts_with(&dbz_prefix));
     assert_eq!(ours.len(), events, "the relay's records");
     assert_eq!(
         dbz.len(),
@@ -306,41 +338,47 @@ async fn debezium_and_the_relay_publish_the_same_records() {
         "Debezium's records; its log:\n{}",
         debezium.log_text()
     );
-
     without_context_headers(&mut dbz);
-    let (dbz, ours) = (
-        by_topic_suffix(&dbz, &dbz_prefix),
-        by_topic_suffix(&ours, &relay_prefix),
-    );
-    assert_eq!(
-        dbz.keys().collect::<Vec<_>>(),
-        ours.keys().collect::<Vec<_>>(),
-        "the same topics"
-    );
+    let pairs = paired(&dbz, &dbz_prefix, &ours, &relay_prefix);
+    drop(debezium);
+    relay.terminate().await;
+    db.drop().await;
+    pairs
+}
+
+/// With StringConverter keys and values (what `scripts/debezium` sets up):
+/// the same topic, partition, key bytes, value bytes, `id` header and no
+/// other header, but for Debezium's context headers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debezium_and_the_relay_publish_the_same_records() {
     let mut differences = Vec::new();
-    for (topic, d) in &dbz {
-        let o = &ours[topic];
-        assert_eq!(d.len(), o.len(), "records on {topic}");
-        for (i, (d, o)) in d.iter().zip(o).enumerate() {
-            let at = format!("{topic} #{i}");
-            if d.0 != o.0 {
-                differences.push(format!("{at}: partition {} vs {}", d.0, o.0));
-            }
-            if d.1 != o.1 {
-                differences.push(format!("{at}: key {} vs {}", show(&d.1), show(&o.1)));
-            }
-            if d.2 != o.2 {
-                differences.push(format!("{at}: value {} vs {}", show(&d.2), show(&o.2)));
-            }
-            if d.3 != o.3 {
-                let h = |v: &Vec<(String, Option<Vec<u8>>)>| {
-                    v.iter()
-                        .map(|(k, v)| format!("{k}={}", show(v)))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                };
-                differences.push(format!("{at}: headers [{}] vs [{}]", h(&d.3), h(&o.3)));
-            }
+    for (d, o) in side_by_side("dbz_diff", &[]).await {
+        let at = format!("{} {}", o.topic, o.header("id").unwrap_or_default());
+        if d.topic != o.topic {
+            differences.push(format!("{at}: topic {} vs {}", d.topic, o.topic));
+        }
+        if d.partition != o.partition {
+            differences.push(format!(
+                "{at}: partition {} vs {}",
+                d.partition, o.partition
+            ));
+        }
+        if d.key != o.key {
+            differences.push(format!("{at}: key {} vs {}", show(&d.key), show(&o.key)));
+        }
+        if d.payload != o.payload {
+            differences.push(format!(
+                "{at}: value {} vs {}",
+                show(&d.payload),
+                show(&o.payload)
+            ));
+        }
+        if d.headers != o.headers {
+            differences.push(format!(
+                "{at}: headers [{}] vs [{}]",
+                show_headers(&d.headers),
+                show_headers(&o.headers)
+            ));
         }
     }
     assert!(
@@ -349,7 +387,76 @@ async fn debezium_and_the_relay_publish_the_same_records() {
         differences.len(),
         differences.join("\n")
     );
-    drop(debezium);
-    relay.terminate().await;
-    db.drop().await;
+}
+
+/// With Debezium's JsonConverter (schemas off) for keys and values and
+/// `table.expand.json.payload=true`, as many outbox setups have it: the
+/// key is the JSON string of the relay's key (quotes included, so most
+/// keys hash to another partition); a payload Debezium can expand is the
+/// same document written compactly, one it cannot (a top-level array, an
+/// array of mixed types inside) the stored text as a JSON string; a NULL
+/// payload the text `null`. These are the claims of
+/// docs/migrating-from-debezium.md.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_json_converter_keys_are_quoted_and_values_reserialised() {
+    let pairs = side_by_side(
+        "dbz_json",
+        &[
+            "--worker",
+            "key.converter=org.apache.kafka.connect.json.JsonConverter",
+            "--worker",
+            "key.converter.schemas.enable=false",
+            "--worker",
+            "value.converter=org.apache.kafka.connect.json.JsonConverter",
+            "--worker",
+            "value.converter.schemas.enable=false",
+            "--connector",
+            "transforms.outbox.table.expand.json.payload=true",
+        ],
+    )
+    .await;
+    let (mut other_partition, mut expanded, mut encoded) = (0, 0, 0);
+    for (d, o) in &pairs {
+        let at = format!("{} {}", o.topic, o.header("id").unwrap_or_default());
+        assert_eq!(d.topic, o.topic, "{at}");
+        let relay_key = String::from_utf8(o.key.clone().unwrap()).unwrap();
+        // Jackson's escaping: characters outside the BMP as \u escapes.
+        let quoted: String = serde_json::from_slice(d.key.as_deref().unwrap())
+            .unwrap_or_else(|e| panic!("{at}: Debezium's key is not a JSON string: {e}"));
+        assert_eq!(
+            quoted, relay_key,
+            "{at}: Debezium's key is the JSON string of the relay's"
+        );
+        if d.partition != o.partition {
+            other_partition += 1;
+        }
+        assert_eq!(d.headers, o.headers, "{at}");
+        let Some(text) = &o.payload else {
+            // A NULL payload: the JSON text null, not a tombstone.
+            assert_eq!(d.payload.as_deref(), Some(&b"null"[..]), "{at}");
+            continue;
+        };
+        let theirs: serde_json::Value =
+            serde_json::from_slice(d.payload.as_deref().expect("a value")).unwrap();
+        let ours: serde_json::Value = serde_json::from_slice(text).unwrap();
+        if theirs == ours {
+            // Expanded: the same document, written compactly (so other
+            // bytes, unless there is no space to take out).
+            if d.payload.as_ref() != Some(text) {
+                expanded += 1;
+            }
+        } else {
+            // Not expanded (a top-level array, an array of mixed types
+            // inside): the stored text as a JSON string.
+            assert_eq!(theirs.as_str().map(str::as_bytes), Some(&text[..]), "{at}");
+            if ours.is_array() {
+                encoded += 1;
+            }
+        }
+    }
+    assert!(
+        expanded > 0 && encoded > 0,
+        "{expanded} expanded, {encoded} arrays encoded"
+    );
+    assert!(other_partition > 0, "quoted keys hash elsewhere");
 }
