@@ -4,7 +4,7 @@
 //! touches no server.
 
 use crate::pg::config::{DatabaseConfig, Overrides};
-use crate::pipeline::policy::ErrorPolicy;
+use crate::pipeline::policy::{ErrorKind, ErrorPolicy, Policy};
 use crate::pipeline::route::messages::MessageConfig;
 use crate::pipeline::route::router::{
     validate_topic, HeaderColumn, RouterConfig, TableName, TopicTemplate,
@@ -48,7 +48,7 @@ impl RelayConfig {
             o.max_inflight_bytes.unwrap_or(16 << 20),
         )?;
         let messages = messages(&mut o)?;
-        let exactly_once = exactly_once(&mut o, &kafka_properties)?;
+        let exactly_once = exactly_once(&mut o, &error_policy, &kafka_properties)?;
         let progress_topic = progress_topic(&mut o, exactly_once.is_some())?;
         if let Some(v) = o.protocol_version.filter(|v| !(1..=4).contains(v)) {
             return Err(ConfigError::Invalid {
@@ -268,13 +268,26 @@ fn http_address(v: Option<&str>) -> Result<Option<std::net::SocketAddr>, ConfigE
     })
 }
 
-/// `--delivery exactly-once`: its transactional.id and time bounds.
+/// `--delivery exactly-once`: its transactional.id and time bounds, and
+/// the one kind it cannot dead-letter.
 fn exactly_once(
     o: &mut Options,
+    policy: &ErrorPolicy,
     kafka_properties: &[(String, String)],
 ) -> Result<Option<ExactlyOnceConfig>, ConfigError> {
     if o.delivery.unwrap_or_default() != Delivery::ExactlyOnce {
         return Ok(None);
+    }
+    // A transactional producer registers each partition with the
+    // transaction before it writes there: a topic it may not write to fails
+    // that registration, and with it the whole transaction, without saying
+    // which record was refused.
+    if policy.for_kind(ErrorKind::Authorization) == Policy::DeadLetter {
+        return Err(ConfigError::Invalid {
+            option: "on_error_override",
+            value: "authorization=dead-letter".into(),
+            reason: "with --delivery exactly-once a topic the relay may not write to fails the whole Kafka transaction, not one record, so there is no record to dead-letter: use halt for authorization (with --on-error dead-letter, add --on-error-override authorization=halt); the relay then stops naming the kind, and the fix is to grant it Write on its topics".into(),
+        });
     }
     let transactional_id = o.transactional_id.take().filter(|t| !t.trim().is_empty());
     let timeout_ms = match kafka_properties

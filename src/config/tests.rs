@@ -1,4 +1,5 @@
 use super::*;
+use crate::pipeline::policy::Policy;
 
 fn base() -> Options {
     Options {
@@ -162,7 +163,7 @@ fn exactly_once_settings_are_checked() {
     .is_ok());
     // Rows that cannot be routed are dead-lettered in their transaction;
     // records Kafka refuses, in the transaction written again.
-    for kind in ["key", "too-large", "topic-missing", "authorization"] {
+    for kind in ["key", "too-large", "topic-missing"] {
         assert!(RelayConfig::resolve(Options {
             on_error_override: Some(vec![format!("{kind}=dead-letter")]),
             ..eos()
@@ -175,6 +176,13 @@ fn exactly_once_settings_are_checked() {
             ..eos()
         },
         "progress",
+    );
+    refused(
+        Options {
+            on_error: Some(Policy::DeadLetter),
+            ..eos()
+        },
+        "authorization",
     );
     let err = RelayConfig::resolve(Options {
         transaction_max_duration: Some(20.0),

@@ -79,6 +79,11 @@ impl PipelineError {
             PipelineError::Route { source, .. } => ErrorKind::of_route(source),
             PipelineError::Delivery(f) => ErrorKind::of_kafka(&f.error),
             PipelineError::Sink(SinkError::Enqueue { error, .. }) => ErrorKind::of_kafka(error),
+            // Exactly-once: a topic the principal may not write to fails
+            // the transaction (AddPartitionsToTxn), not a record.
+            PipelineError::Transaction(t) => {
+                ErrorKind::of_kafka(&t.error).filter(|k| *k == ErrorKind::Authorization)
+            }
             _ => None,
         }
     }
@@ -110,7 +115,14 @@ impl PipelineError {
             // aborts what this one left open; it resumes from the progress
             // topic. Fenced too: if another relay holds the slot now, the
             // next session waits for it as a standby.
-            PipelineError::Transaction(_) => true,
+            PipelineError::Transaction(t) => {
+                ErrorKind::of_kafka(&t.error) != Some(ErrorKind::Authorization)
+            }
+            // Exactly-once: the producer refuses records once its
+            // transaction failed; a new one aborts it and starts over.
+            PipelineError::Sink(SinkError::Enqueue { error, .. }) => {
+                error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::State)
+            }
             // The next session writes the transaction again, the refused
             // record dead-lettered.
             PipelineError::Refused(_) => true,

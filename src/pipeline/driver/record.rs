@@ -25,6 +25,10 @@ use crate::pipeline::sink::Enqueued;
 use super::errors::PipelineError;
 use super::state::State;
 
+/// At-least-once: how often the record is written again while the
+/// position stands still: well within the progress topic's hourly segment.
+const RESTATE_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+
 pub(super) struct Recorder {
     pub(super) topic: String,
     key: Vec<u8>,
@@ -42,7 +46,7 @@ pub(super) struct Recorder {
     in_flight: Option<Lsn>,
     /// At-least-once: the furthest record read is to be written again, so
     /// that it is also the last (a stale record of a woken relay may follow
-    /// it, and compaction keeps only the last).
+    /// it, and compaction keeps only the last); again every `RESTATE_EVERY`.
     restate: bool,
     pub(super) last_at: Instant,
     /// At-least-once: the read of the topic, while it runs; with the
@@ -239,13 +243,18 @@ impl State {
             )?;
             r.started(at_start);
         }
-        if r.in_flight.is_some() || (confirmed <= r.recorded && !r.restate) {
+        // Written again now and then even when nothing moved: a stale
+        // record of a woken relay may have come after ours, and compaction
+        // (hourly segments) would keep only that one.
+        let restate = r.restate || r.last_at.elapsed() >= RESTATE_EVERY;
+        if r.in_flight.is_some() || (confirmed <= r.recorded && !restate) {
             return Ok(());
         }
         let value = r.value(r.commit_lsn, confirmed);
         if let Enqueued::Yes = self.sink.enqueue_progress(&r.topic, &r.key, &value)? {
             r.in_flight = Some(confirmed.max(r.recorded));
             r.restate = false;
+            r.last_at = Instant::now();
         }
         Ok(())
     }

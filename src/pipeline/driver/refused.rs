@@ -5,9 +5,10 @@
 //! At-least-once replaces a refused record with its dead letter on the
 //! spot. Inside a Kafka transaction it cannot: a failed produce makes the
 //! whole transaction abortable, and what was acknowledged of it is thrown
-//! away with it. So the session notes the record (by the WAL position of
-//! its change, and its place among the records at that position: a COPY's
-//! multi-insert puts several rows at one position), ends, and the next session
+//! away with it. So the session notes the record (by its transaction's
+//! commit LSN, the WAL position of its change, and its place among the
+//! records of that transaction at that position: a COPY's multi-insert puts
+//! several rows at one position), ends, and the next session
 //! streams the same Postgres transactions again from the slot (held before
 //! the open Kafka transaction) and writes the dead letter where the record
 //! was, in the same Kafka transaction as its neighbours. A record only
@@ -23,6 +24,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use crate::lsn::Lsn;
 use crate::pipeline::policy::{ErrorKind, Policy};
 use crate::pipeline::sink::transactions::TxnFailure;
+use crate::pipeline::sink::SinkError;
 
 use super::errors::{BatchTooLarge, DeliveryFailure, PipelineError};
 use super::state::{Pending, State};
@@ -40,29 +42,35 @@ pub(super) struct Refusal {
     pub(super) reason: String,
 }
 
+/// Where a record is in the stream: its transaction's commit LSN, its
+/// change's position, and how many records of that transaction came at
+/// that position before it. The same every time the stream is read.
+pub(super) type Place = (Lsn, Lsn, u32);
+
 #[derive(Debug, Default)]
 pub struct Refused {
-    by_lsn: BTreeMap<(Lsn, u32), Refusal>,
+    by_place: BTreeMap<Place, Refusal>,
 }
 
 impl Refused {
-    /// Notes the `nth` record of the change(s) at `lsn`.
-    pub(super) fn note(&mut self, (lsn, nth): (Lsn, u32), kind: ErrorKind, reason: String) {
-        self.by_lsn.insert((lsn, nth), Refusal { kind, reason });
+    pub(super) fn note(&mut self, at: Place, kind: ErrorKind, reason: String) {
+        self.by_place.insert(at, Refusal { kind, reason });
     }
 
-    pub(super) fn get(&self, at: (Lsn, u32)) -> Option<&Refusal> {
-        self.by_lsn.get(&at)
+    pub(super) fn get(&self, at: Place) -> Option<&Refusal> {
+        self.by_place.get(&at)
     }
 
-    /// Forgets the records the slot is past: their dead letters are
-    /// committed, and the stream never brings them again.
+    /// Forgets the records of transactions the slot is past (their commit
+    /// starts before the confirmed position, so the server never sends them
+    /// again). Not by the change's own position: changes of a transaction
+    /// that commits later often lie before the confirmed position.
     pub(super) fn forget_before(&mut self, confirmed: Lsn) {
-        self.by_lsn = self.by_lsn.split_off(&(confirmed, 0));
+        self.by_place = self.by_place.split_off(&(confirmed, Lsn(0), 0));
     }
 
     pub(super) fn is_empty(&self) -> bool {
-        self.by_lsn.is_empty()
+        self.by_place.is_empty()
     }
 }
 
@@ -78,6 +86,11 @@ fn is_consequence(e: &PipelineError) -> bool {
     match e {
         PipelineError::Delivery(d) => purged(&d.error),
         PipelineError::Transaction(t) => t.kind == TxnFailure::Abortable,
+        // A producer whose transaction failed refuses new records until it
+        // is aborted, often before the failed record's report is read.
+        PipelineError::Sink(SinkError::Enqueue { error, .. }) => {
+            error.rdkafka_error_code() == Some(RDKafkaErrorCode::State)
+        }
         _ => false,
     }
 }
@@ -137,7 +150,11 @@ impl State {
             .filter(|(_, k, _, _)| *k == ErrorKind::TooLarge)
             .count();
         if too_large > 1 {
-            let (p, _, topic, error) = refused.swap_remove(0);
+            let first = refused
+                .iter()
+                .position(|(_, k, _, _)| *k == ErrorKind::TooLarge)
+                .unwrap_or(0);
+            let (p, _, topic, error) = refused.swap_remove(first);
             return PipelineError::BatchTooLarge(Box::new(BatchTooLarge {
                 topic,
                 records: too_large,
@@ -160,20 +177,40 @@ mod tests {
     use super::*;
 
     #[test]
-    fn refusals_are_forgotten_once_the_slot_is_past_them() {
+    fn refusals_are_forgotten_once_the_slot_is_past_their_transaction() {
         let mut r = Refused::default();
-        r.note((Lsn(100), 1), ErrorKind::TooLarge, "too large".into());
-        r.note((Lsn(300), 0), ErrorKind::TopicMissing, "no topic".into());
+        // A change at 100 of a transaction committed at 500, one at 300 of
+        // one committed at 400.
+        r.note(
+            (Lsn(500), Lsn(100), 1),
+            ErrorKind::TooLarge,
+            "too large".into(),
+        );
+        r.note(
+            (Lsn(400), Lsn(300), 0),
+            ErrorKind::TopicMissing,
+            "no topic".into(),
+        );
         assert_eq!(
-            r.get((Lsn(100), 1)).map(|f| f.kind),
+            r.get((Lsn(500), Lsn(100), 1)).map(|f| f.kind),
             Some(ErrorKind::TooLarge)
         );
-        assert!(r.get((Lsn(100), 0)).is_none(), "another row of a COPY");
-        assert!(r.get((Lsn(200), 0)).is_none());
-        r.forget_before(Lsn(300));
-        assert!(r.get((Lsn(100), 1)).is_none());
-        assert!(r.get((Lsn(300), 0)).is_some(), "not passed yet");
-        r.forget_before(Lsn(301));
+        assert!(
+            r.get((Lsn(500), Lsn(100), 0)).is_none(),
+            "another row of a COPY"
+        );
+        assert!(
+            r.get((Lsn(600), Lsn(100), 1)).is_none(),
+            "another transaction"
+        );
+        // The slot past the change at 100, not past its commit: kept.
+        r.forget_before(Lsn(450));
+        assert!(r.get((Lsn(400), Lsn(300), 0)).is_none());
+        assert!(
+            r.get((Lsn(500), Lsn(100), 1)).is_some(),
+            "its commit is ahead"
+        );
+        r.forget_before(Lsn(501));
         assert!(r.is_empty());
     }
 }

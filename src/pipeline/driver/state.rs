@@ -115,8 +115,8 @@ pub(super) struct State {
     /// Exactly-once: records Kafka refused in an earlier session's
     /// transaction, dead-lettered when they come again.
     pub(super) refused: super::refused::Refused,
-    /// The last position a record was enqueued at, and how many were.
-    pub(super) at_lsn: (Lsn, u32),
+    /// Where the last record enqueued was (`refused::Place`).
+    pub(super) at: super::refused::Place,
     /// Records the broker refused as too large, until the reports that came
     /// with them are in (see `settle_too_large`).
     pub(super) too_large: Vec<(Pending, String, KafkaError)>,
@@ -143,7 +143,7 @@ impl State {
             recorder: None,
             router: Router::with_column_types(cfg.router.clone(), carry.column_types.clone()),
             refused: std::mem::take(&mut carry.refused),
-            at_lsn: (Lsn(0), 0),
+            at: (Lsn(0), Lsn(0), 0),
             checkpoint: Checkpoint::new(confirmed),
             sink,
             acks,
@@ -320,8 +320,12 @@ impl State {
         error: KafkaError,
     ) -> PipelineError {
         let reason = format!("Kafka refused the record for {topic}: {error}");
+        let commit = self
+            .checkpoint
+            .commit_lsn_of(pending.txn)
+            .unwrap_or(Lsn(u64::MAX));
         self.refused
-            .note((pending.lsn, pending.nth), kind, reason.clone());
+            .note((commit, pending.lsn, pending.nth), kind, reason.clone());
         PipelineError::Refused(Box::new(RefusedInTransaction {
             lsn: pending.lsn,
             kind,
@@ -355,12 +359,13 @@ impl State {
     ) -> Result<(), PipelineError> {
         // Several changes share a position (a COPY's multi-insert): the
         // same records come in the same order when streamed again.
-        let nth = if self.at_lsn.0 == lsn {
-            self.at_lsn.1 + 1
+        let commit = self.checkpoint.commit_lsn_of(txn).unwrap_or(Lsn(u64::MAX));
+        let nth = if (self.at.0, self.at.1) == (commit, lsn) {
+            self.at.2 + 1
         } else {
             0
         };
-        self.at_lsn = (lsn, nth);
+        self.at = (commit, lsn, nth);
         let w = Waiting {
             rec,
             txn,
@@ -401,7 +406,8 @@ impl State {
             mut is_dead_letter,
         } = w;
         if !is_dead_letter && !self.refused.is_empty() {
-            if let Some(f) = self.refused.get((lsn, nth)) {
+            let commit = self.checkpoint.commit_lsn_of(txn).unwrap_or(Lsn(u64::MAX));
+            if let Some(f) = self.refused.get((commit, lsn, nth)) {
                 tracing::warn!(lsn = %lsn, kind = %f.kind, "dead-lettering an event Kafka refused in an aborted transaction: {}", f.reason);
                 let failed = Failed::from(&rec);
                 rec = policy::dead_letter(
