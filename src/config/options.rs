@@ -76,6 +76,13 @@ pub struct Options {
     #[arg(long, env = "OUTBOX_RELAY_KEY_COLUMN")]
     pub key_column: Option<String>,
 
+    /// `raw`: the key column's text as the key's bytes; `json-string`: that
+    /// text as a JSON string, quotes included, as Kafka Connect's
+    /// JsonConverter (schemas off) writes a string key, so keys, and the
+    /// partitions they hash to, stay as they were with Debezium [default: raw].
+    #[arg(long, env = "OUTBOX_RELAY_KEY_FORMAT", value_enum)]
+    pub key_format: Option<crate::pipeline::route::config::KeyFormat>,
+
     /// Column holding the event id; sent as the `id` header.
     #[arg(long, env = "OUTBOX_RELAY_ID_COLUMN")]
     pub id_column: Option<String>,
@@ -257,6 +264,7 @@ impl Options {
             slot,
             topic,
             key_column,
+            key_format,
             id_column,
             payload_column,
             header_columns,

@@ -178,6 +178,7 @@ fn router(o: &mut Options) -> Result<RouterConfig, ConfigError> {
         table,
         id_column: column("id_column", o.id_column.take(), preset.id)?,
         key_column: column("key_column", o.key_column.take(), preset.key)?,
+        key_format: o.key_format.unwrap_or_default(),
         payload_column: column("payload_column", o.payload_column.take(), preset.payload)?,
         topic,
         headers,

@@ -219,7 +219,11 @@ impl RowQuery {
             .collect();
         OutboxRow {
             event_id: r.get(0),
-            key: r.get(1),
+            // As the relay sends it (--key-format), so it compares as bytes.
+            key: r.get::<_, Option<String>>(1).map(|k| {
+                let key = router.key_format.encode(bytes::Bytes::from(k));
+                String::from_utf8_lossy(&key).into_owned()
+            }),
             payload: r.get(2),
             topic: expand_topic(&router.topic, &values),
             headers: router

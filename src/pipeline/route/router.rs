@@ -331,6 +331,7 @@ impl Router {
                 column: self.cfg.key_column.clone(),
             });
         }
+        let key = self.cfg.key_format.encode(key);
         let payload = payload_of(&self.cfg, plan, tuple)?;
         let topic = topic_of(
             &self.cfg,

@@ -1,5 +1,6 @@
 use super::*;
 use crate::pipeline::decode::pgoutput::Column;
+use crate::pipeline::route::config::KeyFormat;
 
 fn col(name: &str, type_oid: u32) -> Column {
     Column {
@@ -15,6 +16,7 @@ fn debezium_router() -> Router {
         table: TableName::parse("public.outboxevent").unwrap(),
         id_column: "id".into(),
         key_column: "aggregateid".into(),
+        key_format: KeyFormat::Raw,
         payload_column: "payload".into(),
         topic: TopicTemplate::parse("outbox.event.{aggregatetype}").unwrap(),
         headers: vec![HeaderColumn::parse("type:eventType").unwrap()],
