@@ -605,19 +605,8 @@ async fn slot_moved(eos: bool) {
     b.terminate().await;
     a.signal("CONT");
     let third = write_txns(&db, 20, 10).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while db.confirmed_flush_lsn(&slot).await < third {
-        assert!(
-            Instant::now() < deadline,
-            "A, back, did not publish the last ten; its log:\n{}",
-            a.log_text()
-                .lines()
-                .filter(|l| !l.contains("DEBUG"))
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    db.wait_confirmed_by(&a, &slot, third, "A, back, to publish the last ten")
+        .await;
     assert!(a.is_running(), "A stopped:\n{}", a.log_text());
     assert_eq!(a.stopped_for(), None, "A announced a stop");
 
@@ -704,15 +693,8 @@ async fn a_record_kafka_refuses_is_dead_lettered_in_a_rewritten_transaction() {
     db.exec(&txn_sql(10).replacen("INSERT", &format!("{big} INSERT"), 1))
         .await;
     let end = write_txns(&db, 11, 10).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while db.confirmed_flush_lsn(&slot).await < end {
-        assert!(
-            Instant::now() < deadline,
-            "the relay did not pass the refused record; its log:\n{}",
-            relay.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    db.wait_confirmed_by(&relay, &slot, end, "the relay to pass the refused record")
+        .await;
 
     let written: u64 = (0..21).map(txn_size).sum();
     let records = consume_topic(&topic, written as usize).await;
@@ -743,15 +725,13 @@ async fn a_record_kafka_refuses_is_dead_lettered_in_a_rewritten_transaction() {
         .await
         .unwrap();
     let end = db.current_wal_lsn().await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while db.confirmed_flush_lsn(&slot).await < end {
-        assert!(
-            Instant::now() < deadline,
-            "the relay did not pass the interleaved refused record; its log:\n{}",
-            relay.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    db.wait_confirmed_by(
+        &relay,
+        &slot,
+        end,
+        "the relay to pass the interleaved refused record",
+    )
+    .await;
     let written: u64 = (0..25).map(txn_size).sum();
     assert_exactly_once(&consume_topic(&topic, written as usize).await, 25);
     let dead = consume_topic(&dlq, 2).await;
@@ -839,15 +819,13 @@ async fn a_missing_topic_is_dead_lettered_in_a_rewritten_transaction() {
     db.exec(&txn_sql(5).replacen("INSERT", &format!("{nowhere} INSERT"), 1))
         .await;
     let end = write_txns(&db, 6, 5).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while db.confirmed_flush_lsn(&slot).await < end {
-        assert!(
-            Instant::now() < deadline,
-            "the relay did not pass the record for a missing topic; its log:\n{}",
-            relay.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    db.wait_confirmed_by(
+        &relay,
+        &slot,
+        end,
+        "the relay to pass the record for a missing topic",
+    )
+    .await;
     let written: u64 = (0..11).map(txn_size).sum();
     assert_exactly_once(&consume_topic(&good, written as usize).await, 11);
     let dead = consume_topic(&dlq, 1).await;

@@ -163,6 +163,31 @@ impl TestDb {
         .await;
     }
 
+    /// As [`TestDb::wait_confirmed`] (60 s), and on a timeout the relay's
+    /// log without its DEBUG lines: what it did instead.
+    pub async fn wait_confirmed_by(
+        &self,
+        relay: &super::relay::Relay,
+        slot: &str,
+        lsn: Lsn,
+        what: &str,
+    ) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while self.confirmed_flush_lsn(slot).await < lsn {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}; the relay's log:\n{}",
+                relay
+                    .log_text()
+                    .lines()
+                    .filter(|l| !l.contains("DEBUG"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub async fn drop(self) {
         drop(self.client);
         let admin = sql_client(&admin_url()).await;
