@@ -926,3 +926,89 @@ async fn logical_messages_are_published_once() {
     assert_eq!(ns, (0..messages).collect::<Vec<_>>(), "every message once");
     db.drop().await;
 }
+
+/// A topic the relay may not write to (an ACL denies it Write) under
+/// exactly-once: the transaction fails, and the relay stops naming
+/// `authorization`, the slot before the transaction, rather than
+/// restarting for ever. A Kafka of the test's own
+/// with StandardAuthorizer: everyone may do everything (no ACL found)
+/// except Write on that one topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_the_relay_may_not_write_to_stops_it_naming_authorization() {
+    let kafka = Kafka::options()
+        .config("authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer")
+        .config("allow.everyone.if.no.acl.found=true")
+        .start()
+        .await;
+    let db = TestDb::new("eos_acl").await;
+    let slot = db.classic_outbox().await;
+    let prefix = unique("eos_acl");
+    let (good, secret) = (format!("{prefix}.Tested"), format!("{prefix}.Secret"));
+    create_topics(&kafka.brokers(), &[&good, &secret], 1).await;
+    let lib = std::env::var("OUTBOX_RELAY_KAFKA_LIB")
+        .expect("OUTBOX_RELAY_KAFKA_LIB (scripts/stack env)");
+    let acl = std::process::Command::new("java")
+        .args([
+            "-Xmx192m",
+            "-cp",
+            &format!("{lib}/*"),
+            "org.apache.kafka.tools.AclCommand",
+            "--bootstrap-server",
+            &kafka.brokers(),
+            "--add",
+            "--deny-principal",
+            "User:ANONYMOUS",
+            "--operation",
+            "Write",
+            "--topic",
+            &secret,
+        ])
+        .output()
+        .expect("run AclCommand");
+    assert!(
+        acl.status.success(),
+        "AclCommand: {}{}",
+        String::from_utf8_lossy(&acl.stdout),
+        String::from_utf8_lossy(&acl.stderr)
+    );
+    let template = format!("{prefix}.{{event_type}}");
+    let progress = unique("eos_progress");
+    let mut relay = Relay::start(&relay_args(
+        &db,
+        &kafka.brokers(),
+        &[
+            "--slot",
+            &slot,
+            "--topic",
+            &template,
+            "--delivery",
+            "exactly-once",
+            "--progress-topic",
+            &progress,
+        ],
+    ));
+    let first = write_txns(&db, 0, 3).await;
+    db.wait_confirmed_by(&relay, &slot, first, "the first three")
+        .await;
+    let before = db.current_wal_lsn().await;
+    db.exec(
+        "INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('Secret', 'agg-1', '{}')",
+    )
+    .await;
+    let after = db.current_wal_lsn().await;
+    assert_eq!(
+        relay.wait(Duration::from_secs(90)).await,
+        Some(1),
+        "{}",
+        relay.log_text()
+    );
+    assert_eq!(
+        relay.stopped_for(),
+        Some(Some("authorization".into())),
+        "{}",
+        relay.log_text()
+    );
+    db.assert_not_confirmed(&slot, before, after, "the refused transaction")
+        .await;
+    db.drop().await;
+}

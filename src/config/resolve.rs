@@ -281,13 +281,13 @@ fn exactly_once(
     }
     // A transactional producer registers each partition with the
     // transaction before it writes there: a topic it may not write to fails
-    // that registration, and with it the whole transaction, without saying
-    // which record was refused.
+    // that registration, and with it the whole transaction, and librdkafka
+    // need not tie the failure to a record (it may report them all purged).
     if policy.for_kind(ErrorKind::Authorization) == Policy::DeadLetter {
         return Err(ConfigError::Invalid {
             option: "on_error_override",
             value: "authorization=dead-letter".into(),
-            reason: "with --delivery exactly-once a topic the relay may not write to fails the whole Kafka transaction, not one record, so there is no record to dead-letter: use halt for authorization (with --on-error dead-letter, add --on-error-override authorization=halt); the relay then stops naming the kind, and the fix is to grant it Write on its topics".into(),
+            reason: "with --delivery exactly-once a topic the relay may not write to fails the whole Kafka transaction when its partition is registered, and the failure need not name a record to dead-letter: use halt for authorization (with --on-error dead-letter, add --on-error-override authorization=halt); the relay then stops naming the kind, and the fix is to grant it Write on its topics".into(),
         });
     }
     let transactional_id = o.transactional_id.take().filter(|t| !t.trim().is_empty());
