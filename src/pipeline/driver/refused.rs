@@ -26,7 +26,7 @@ use crate::pipeline::policy::{ErrorKind, Policy};
 use crate::pipeline::sink::transactions::TxnFailure;
 use crate::pipeline::sink::SinkError;
 
-use super::errors::{BatchTooLarge, DeliveryFailure, PipelineError};
+use super::errors::PipelineError;
 use super::state::{Pending, State};
 
 /// How long a failed Kafka transaction's remaining delivery reports are
@@ -132,12 +132,7 @@ impl State {
                     refused.push((p, kind, ack.topic, error));
                 }
                 Some(_) if halted.is_none() => {
-                    halted = Some(PipelineError::Delivery(Box::new(DeliveryFailure {
-                        topic: ack.topic,
-                        commit_lsn: self.commit_lsn_text(p.txn),
-                        error,
-                        confirmed: self.confirmable(),
-                    })));
+                    halted = Some(self.delivery_failure(p.txn, ack.topic, error));
                 }
                 _ => {}
             }
@@ -155,13 +150,7 @@ impl State {
                 .position(|(_, k, _, _)| *k == ErrorKind::TooLarge)
                 .unwrap_or(0);
             let (p, _, topic, error) = refused.swap_remove(first);
-            return PipelineError::BatchTooLarge(Box::new(BatchTooLarge {
-                topic,
-                records: too_large,
-                commit_lsn: self.commit_lsn_text(p.txn),
-                error,
-                confirmed: self.confirmable(),
-            }));
+            return self.batch_too_large(p.txn, topic, error, too_large);
         }
         let mut cause = None;
         for (p, kind, topic, error) in refused {

@@ -271,12 +271,7 @@ impl State {
                         return Ok(());
                     }
                 }
-                Err(PipelineError::Delivery(Box::new(DeliveryFailure {
-                    topic: ack.topic,
-                    commit_lsn: self.commit_lsn_text(pending.txn),
-                    error,
-                    confirmed: self.confirmable(),
-                })))
+                Err(self.delivery_failure(pending.txn, ack.topic, error))
             }
         }
     }
@@ -297,7 +292,7 @@ impl State {
         };
         self.checkpoint.add_event(pending.txn)?;
         self.checkpoint.ack(pending.txn)?;
-        let reason = format!("Kafka refused the record for {topic}: {error}");
+        let reason = refusal_reason(topic, error);
         tracing::warn!(lsn = %pending.lsn, kind = %kind, "dead-lettering an event: {reason}");
         let dlq = policy::dead_letter(
             Failed::from(rec),
@@ -319,18 +314,52 @@ impl State {
         topic: String,
         error: KafkaError,
     ) -> PipelineError {
-        let reason = format!("Kafka refused the record for {topic}: {error}");
-        let commit = self
-            .checkpoint
-            .commit_lsn_of(pending.txn)
-            .unwrap_or(Lsn(u64::MAX));
-        self.refused
-            .note((commit, pending.lsn, pending.nth), kind, reason.clone());
+        let at = self.place(pending.txn, pending.lsn, pending.nth);
+        self.refused.note(at, kind, refusal_reason(&topic, &error));
         PipelineError::Refused(Box::new(RefusedInTransaction {
             lsn: pending.lsn,
             kind,
             topic,
             error,
+        }))
+    }
+
+    /// Where a record of `txn` at `lsn` is in the stream (`refused::Place`).
+    pub(super) fn place(&self, txn: TxnSeq, lsn: Lsn, nth: u32) -> super::refused::Place {
+        let commit = self.checkpoint.commit_lsn_of(txn).unwrap_or(Lsn(u64::MAX));
+        (commit, lsn, nth)
+    }
+
+    /// A delivery that failed for good: the session ends, the slot before it.
+    pub(super) fn delivery_failure(
+        &self,
+        txn: TxnSeq,
+        topic: String,
+        error: KafkaError,
+    ) -> PipelineError {
+        PipelineError::Delivery(Box::new(DeliveryFailure {
+            topic,
+            commit_lsn: self.commit_lsn_text(txn),
+            error,
+            confirmed: self.confirmable(),
+        }))
+    }
+
+    /// `records` refused together as too large: a batch over the topic's
+    /// max.message.bytes.
+    pub(super) fn batch_too_large(
+        &self,
+        txn: TxnSeq,
+        topic: String,
+        error: KafkaError,
+        records: usize,
+    ) -> PipelineError {
+        PipelineError::BatchTooLarge(Box::new(BatchTooLarge {
+            topic,
+            records,
+            commit_lsn: self.commit_lsn_text(txn),
+            error,
+            confirmed: self.confirmable(),
         }))
     }
 
@@ -357,15 +386,18 @@ impl State {
         lsn: Lsn,
         is_dead_letter: bool,
     ) -> Result<(), PipelineError> {
-        // Several changes share a position (a COPY's multi-insert): the
-        // same records come in the same order when streamed again.
-        let commit = self.checkpoint.commit_lsn_of(txn).unwrap_or(Lsn(u64::MAX));
-        let nth = if (self.at.0, self.at.1) == (commit, lsn) {
-            self.at.2 + 1
-        } else {
-            0
-        };
-        self.at = (commit, lsn, nth);
+        // Exactly-once only (`refused`): several changes share a position
+        // (a COPY's multi-insert), and the same records come in the same
+        // order when streamed again.
+        let mut nth = 0;
+        if self.eos.is_some() {
+            let (commit, at, last) = self.at;
+            let here = self.place(txn, lsn, 0);
+            if (here.0, here.1) == (commit, at) {
+                nth = last + 1;
+            }
+            self.at = (here.0, here.1, nth);
+        }
         let w = Waiting {
             rec,
             txn,
@@ -406,8 +438,7 @@ impl State {
             mut is_dead_letter,
         } = w;
         if !is_dead_letter && !self.refused.is_empty() {
-            let commit = self.checkpoint.commit_lsn_of(txn).unwrap_or(Lsn(u64::MAX));
-            if let Some(f) = self.refused.get((commit, lsn, nth)) {
+            if let Some(f) = self.refused.get(self.place(txn, lsn, nth)) {
                 tracing::warn!(lsn = %lsn, kind = %f.kind, "dead-lettering an event Kafka refused in an aborted transaction: {}", f.reason);
                 let failed = Failed::from(&rec);
                 rec = policy::dead_letter(
@@ -592,13 +623,7 @@ impl State {
             let n = self.too_large.len();
             let (pending, topic, error) = self.too_large.swap_remove(0);
             self.too_large.clear();
-            return Err(PipelineError::BatchTooLarge(Box::new(BatchTooLarge {
-                topic,
-                records: n,
-                commit_lsn: self.commit_lsn_text(pending.txn),
-                error,
-                confirmed: self.confirmable(),
-            })));
+            return Err(self.batch_too_large(pending.txn, topic, error, n));
         }
         if let Some((pending, topic, error)) = self.too_large.pop() {
             if self.eos.is_some() {
@@ -609,6 +634,11 @@ impl State {
         }
         Ok(())
     }
+}
+
+/// Why a dead letter replaces a record the broker refused.
+fn refusal_reason(topic: &str, error: &KafkaError) -> String {
+    format!("Kafka refused the record for {topic}: {error}")
 }
 
 /// An error's code as a metrics label.
