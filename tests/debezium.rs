@@ -45,16 +45,7 @@ impl Debezium {
             topic,
         ];
         args.extend_from_slice(extra);
-        let out = Command::new(script())
-            .args(&args)
-            .output()
-            .expect("run scripts/debezium");
-        assert!(
-            out.status.success(),
-            "scripts/debezium up failed:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        run_ok(Command::new(script()).args(&args), "scripts/debezium up");
         Debezium { dir }
     }
 

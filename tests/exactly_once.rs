@@ -947,8 +947,8 @@ async fn a_topic_the_relay_may_not_write_to_stops_it_naming_authorization() {
     create_topics(&kafka.brokers(), &[&good, &secret], 1).await;
     let lib = std::env::var("OUTBOX_RELAY_KAFKA_LIB")
         .expect("OUTBOX_RELAY_KAFKA_LIB (scripts/stack env)");
-    let acl = std::process::Command::new("java")
-        .args([
+    run_ok(
+        std::process::Command::new("java").args([
             "-Xmx192m",
             "-cp",
             &format!("{lib}/*"),
@@ -962,14 +962,8 @@ async fn a_topic_the_relay_may_not_write_to_stops_it_naming_authorization() {
             "Write",
             "--topic",
             &secret,
-        ])
-        .output()
-        .expect("run AclCommand");
-    assert!(
-        acl.status.success(),
-        "AclCommand: {}{}",
-        String::from_utf8_lossy(&acl.stdout),
-        String::from_utf8_lossy(&acl.stderr)
+        ]),
+        "AclCommand",
     );
     let template = format!("{prefix}.{{event_type}}");
     let progress = unique("eos_progress");

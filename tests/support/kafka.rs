@@ -252,18 +252,10 @@ pub fn stack_script() -> &'static str {
 /// Runs `scripts/stack ARGS`, and returns its stdout; panics with its output
 /// when it fails.
 fn stack(args: &[String]) -> String {
-    let out = Command::new(stack_script())
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("run {} {args:?}: {e}", stack_script()));
-    assert!(
-        out.status.success(),
-        "scripts/stack {args:?} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    super::run_ok(
+        Command::new(stack_script()).args(args),
+        &format!("scripts/stack {args:?}"),
+    )
 }
 
 async fn stack_async(args: Vec<String>) -> String {

@@ -107,6 +107,20 @@ pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// Runs a command of the test's set-up (a script, a Java tool) and returns
+/// its stdout; panics with its status and output when it fails.
+pub fn run_ok(cmd: &mut std::process::Command, what: &str) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// The value of one sample line of a Prometheus exposition.
 pub fn metric(text: &str, sample: &str) -> Option<f64> {
     text.lines()
