@@ -40,6 +40,11 @@ pub(crate) fn at_start(cfg: &Cfg) -> Value {
         "relay_args": cfg.a.relay_arg.join(" "),
         "events": cfg.events, "latency_rate": cfg.latency_rate,
         "sustained_secs": cfg.sustained_secs, "poll_secs": cfg.poll_secs,
+        "debezium": (!cfg.a.no_debezium).then_some(crate::stack::debezium::DEBEZIUM_VERSION),
+        "kafka_connect": (!cfg.a.no_debezium).then_some(crate::stack::debezium::CONNECT_VERSION),
+        "debezium_jvm_opts": cfg.a.debezium_jvm_opts,
+        "debezium_offset_flush_ms": crate::stack::debezium::OFFSET_FLUSH_MS,
+        "debezium_connector_args": cfg.a.debezium_connector,
     })
 }
 

@@ -91,6 +91,29 @@ pub(crate) struct Args {
     /// same CPU contention). Adds 1/N of the traffic to the broker. 0: off.
     #[arg(long, value_name = "N", default_value_t = 10)]
     pub(crate) shadow_direct: u64,
+    /// Leave Debezium (Kafka Connect with the Outbox Event Router) out of the drain,
+    /// latency and sustained scenarios.
+    #[arg(long)]
+    pub(crate) no_debezium: bool,
+    /// The script that starts and stops Debezium.
+    #[arg(long, default_value = "scripts/debezium")]
+    pub(crate) debezium_script: PathBuf,
+    /// The Connect JVM's options (default: those of Kafka's connect-standalone.sh).
+    #[arg(long, default_value = stack::debezium::CONNECT_DEFAULT_JVM_OPTS, allow_hyphen_values = true)]
+    pub(crate) debezium_jvm_opts: String,
+    /// Length of Debezium's sustained run (default 60 s: where it cannot keep up
+    /// with the writers, its lag only grows with the run's length, and catching up
+    /// takes as long again).
+    #[arg(long, default_value_t = 60)]
+    pub(crate) debezium_sustained_secs: u64,
+    /// Latency: a second, lower rate for the relay and Debezium (0: none), at which
+    /// Debezium is not saturated on a small machine.
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) latency_low_rate: u64,
+    /// One more Debezium connector setting, K=V (repeat it), e.g.
+    /// `--debezium-connector poll.interval.ms=10`.
+    #[arg(long)]
+    pub(crate) debezium_connector: Vec<String>,
     /// Run only these scenarios (comma-separated: drain,pollers,latency,sustained).
     #[arg(long, default_value = "drain,pollers,latency,sustained")]
     pub(crate) only: String,

@@ -27,6 +27,7 @@ pub(super) fn write_markdown(out: &Path, r: &Value, plots: &[String]) -> Result<
     latency(&mut m, r);
     latency_ack(&mut m, r);
     exactly_once(&mut m, r);
+    super::debezium::debezium(&mut m, r);
     let s = &r["sustained"];
     if !s.is_null() {
         sustained(&mut m, s);
@@ -193,6 +194,18 @@ fn drain(m: &mut String, r: &Value) {
             d["events"]
         );
     }
+    let z = &d["debezium"];
+    if !z.is_null() {
+        let _ = writeln!(
+            m,
+            "| Debezium (Kafka Connect, Outbox Event Router), stream only | {:.2} | {} | {:.2} | {} of {} |",
+            f(&z["seconds"]),
+            fmt_num(f(&z["events_per_s"])),
+            f(&z["events_per_s"]) / recv,
+            z["verified_in_kafka"],
+            d["events"]
+        );
+    }
     for k in ["tuned", "classic"] {
         let p = &r["pollers"][k];
         if !p.is_null() {
@@ -228,6 +241,9 @@ fn latency(m: &mut String, r: &Value) {
             "relay_exactly_once",
             "**outbox-relay, exactly-once** (read_committed)",
         ),
+        ("debezium", "Debezium (Kafka Connect, Outbox Event Router)"),
+        ("relay_low_rate", "**outbox-relay**, lower rate"),
+        ("debezium_low_rate", "Debezium, lower rate"),
         ("tuned_poller", "tuned poller"),
         ("classic_poller", "classic poller"),
     ] {

@@ -61,6 +61,12 @@ fn throughput(r: &Value, d: &Value) -> String {
             f(&d["relay_exactly_once"]["events_per_s"]),
         ));
     }
+    if !d["debezium"].is_null() {
+        bars.push((
+            "Debezium (Connect, Event Router)".into(),
+            f(&d["debezium"]["events_per_s"]),
+        ));
+    }
     if !r["pollers"].is_null() {
         bars.push((
             "tuned poller (100 ms, 500)".into(),
@@ -89,6 +95,15 @@ fn latency(l: &Value) -> String {
             "outbox-relay, exactly-once",
             pairs(&l["relay_exactly_once"]["curve"]),
         ));
+    }
+    for (k, label) in [
+        ("debezium", "Debezium"),
+        ("relay_low_rate", "outbox-relay, lower rate"),
+        ("debezium_low_rate", "Debezium, lower rate"),
+    ] {
+        if !l[k].is_null() {
+            series.push((label, pairs(&l[k]["curve"])));
+        }
     }
     series.extend([
         ("direct produce (baseline)", pairs(&l["direct"]["curve"])),

@@ -120,6 +120,39 @@ fn full() -> Value {
     relay_eos["events_per_kafka_transaction"] = json!(15.94);
     relay_eos["kafka_commit_ms"] = hist(9.87);
     relay_eos["read_committed"] = json!({"records": 150_000, "distinct": 150_000, "duplicates": 0});
+    // Debezium beside the relay (issue 14).
+    let mut debezium = publisher(5000, 2154.8);
+    debezium["debezium_cpu_s"] = json!(33.0);
+    debezium["debezium_cpu_us_per_event"] = json!(219.8);
+    debezium["debezium_peak_rss_mb"] = json!(906.3);
+    debezium["debezium_warm_up_events"] = json!(5000);
+    let mut relay_low = publisher(1000, 3.9);
+    relay_low["commit_to_ack_ms"] = hist(3.5);
+    relay_low["relay_cpu_us_per_event"] = json!(60.1);
+    relay_low["relay_peak_rss_mb"] = json!(12.4);
+    let mut debezium_low = publisher(1000, 61.7);
+    debezium_low["debezium_cpu_us_per_event"] = json!(301.0);
+    debezium_low["debezium_peak_rss_mb"] = json!(702.5);
+    debezium_low["debezium_warm_up_events"] = json!(5000);
+    let split = |who: &str, a: f64| {
+        let mut v = json!({"wall_s": 7.29, "machine_busy_cores": 1.87,
+                           "walsender_cores": 0.61, "broker_cores": 0.42});
+        v[format!("{who}_cores")] = json!(a);
+        v
+    };
+    let mut sustained = sustained(true);
+    sustained["cpu_split"] = split("relay", 0.44);
+    let mut sd = json!({
+        "seconds": 60, "writers": 4, "written": 1_016_461, "insert_rate": 16940.9,
+        "lag_s": lat(10.33), "lag_bytes": lat(412_000_000.0),
+        "delivery_lag_s": lat(10.01), "delivery_rate": 8113.2,
+        "sent_lag_s": lat(9.9), "caught_up_after_stop_s": 61.3,
+        "verified_in_kafka": 1_016_461,
+        "debezium_cpu_s": 124.4, "debezium_cpu_us_per_event": 122.4,
+        "debezium_peak_rss_mb": 1970.2,
+    });
+    sd["cpu_split"] = split("debezium", 1.2);
+    sustained["debezium"] = sd;
     json!({
         "environment": {
             "started_utc": "2026-12-02 19:15", "args": "--events 1000000", "cores": 2,
@@ -132,15 +165,27 @@ fn full() -> Value {
             "relay_args": "--max-inflight 5000", "events": 1_000_000,
             "latency_rate": 5000, "sustained_secs": 3, "poll_secs": 60,
             "bench_seconds": 957.43,
+            "debezium": "3.6.1.Final", "kafka_connect": "4.3.1",
+            "debezium_jvm_opts": "-Xms256m -Xmx2g -XX:+UseG1GC",
+            "debezium_offset_flush_ms": 1000,
         },
         "drain": {
             "events": 1_000_000, "payload_bytes": 495.89, "wal_bytes": 860_030_408u64,
             "write": {"seconds": 9.4467, "events_per_s": 105857.23},
             "end_lsn": "0/34D45340",
-            "pg_recvlogical": {"seconds": 5.0794, "events_per_s": 196874.83},
+            "pg_recvlogical": {"seconds": 5.0794, "events_per_s": 196874.83,
+                               "cpu_split": split("pg_recvlogical", 0.21)},
             "relay": {"seconds": 7.2865, "events_per_s": 137239.6,
                       "verified_in_kafka": 1_000_000, "cpu_s": 5.06,
-                      "cpu_us_per_event": 5.06, "peak_rss_mb": 26.41},
+                      "cpu_us_per_event": 5.06, "peak_rss_mb": 26.41,
+                      "cpu_split": split("relay", 0.69)},
+            "debezium": {"seconds": 110.9, "events_per_s": 9017.4, "startup_s": 8.43,
+                         "seconds_with_startup": 119.3, "cpu_s": 174.0,
+                         "cpu_us_per_event": 174.0, "cpu_s_with_startup": 187.4,
+                         "peak_rss_mb": 1386.7, "cpu_split": split("debezium", 1.57),
+                         "verified_in_kafka": 1_000_000,
+                         "slot_confirmed_after_last_record_s": 1.2,
+                         "jvm_opts": "-Xms256m -Xmx2g -XX:+UseG1GC"},
             "relay_exactly_once": {"seconds": 9.1183, "events_per_s": 109669.6,
                       "verified_in_kafka": 1_000_000, "cpu_s": 5.87,
                       "cpu_us_per_event": 5.87, "peak_rss_mb": 27.93,
@@ -168,10 +213,13 @@ fn full() -> Value {
             "direct": direct,
             "relay": relay,
             "relay_exactly_once": relay_eos,
+            "debezium": debezium,
+            "relay_low_rate": relay_low,
+            "debezium_low_rate": debezium_low,
             "tuned_poller": publisher(2000, 66.39),
             "classic_poller": publisher(10, 2505.35),
         },
-        "sustained": sustained(true),
+        "sustained": sustained,
     })
 }
 

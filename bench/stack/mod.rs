@@ -3,11 +3,13 @@
 //! the scenarios decide what a figure is, and all of them share these helpers, so
 //! every figure reaches the stack the same way.
 
+pub(crate) mod debezium;
 pub(crate) mod kafka;
 pub(crate) mod pg;
 pub(crate) mod proc;
 pub(crate) mod relay;
 
+pub(crate) use debezium::Debezium;
 pub(crate) use relay::Relay;
 
 use crate::Args;

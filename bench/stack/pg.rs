@@ -120,11 +120,32 @@ pub(crate) fn recvlogical(cfg: &Cfg, url: &str) -> Command {
 
 /// A libpq keyword/value string for pg_recvlogical from the stack's URL.
 pub(crate) fn conninfo(url: &str) -> String {
+    match conninfo_parts(url) {
+        Ok((user, host, port, db)) => format!("host={host} port={port} user={user} dbname={db}"),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// (user, host, port, database) of the stack's `postgres://user@host:port/db` URL.
+pub(crate) fn conninfo_parts(url: &str) -> Result<(String, String, String, String)> {
     let u = url
         .trim_start_matches("postgres://")
         .trim_start_matches("postgresql://");
-    let (userhost, db) = u.split_once('/').unwrap();
-    let (user, hostport) = userhost.split_once('@').unwrap();
+    let bad = || anyhow!("expected postgres://user@host:port/db, got {url}");
+    let (userhost, db) = u.split_once('/').ok_or_else(bad)?;
+    let (user, hostport) = userhost.split_once('@').ok_or_else(bad)?;
     let (host, port) = hostport.split_once(':').unwrap_or((hostport, "5432"));
-    format!("host={host} port={port} user={user} dbname={db}")
+    Ok((user.into(), host.into(), port.into(), db.into()))
+}
+
+/// The pid of the walsender serving `slot` in the database `c` is connected to, once
+/// its reader is connected.
+pub(crate) async fn walsender_pid(c: &Client, slot: &str) -> Result<Option<u32>> {
+    let row = c
+        .query_one(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database() UNION ALL SELECT NULL LIMIT 1",
+            &[&slot],
+        )
+        .await?;
+    Ok(row.get::<_, Option<i32>>(0).map(|p| p as u32))
 }

@@ -189,7 +189,7 @@ impl Relay {
         Ok(body)
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 

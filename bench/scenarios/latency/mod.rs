@@ -35,6 +35,8 @@ enum Publisher {
     /// The relay, at-least-once or exactly-once.
     Relay(Mode),
     Poller(PollerKind),
+    /// Debezium's connector and Outbox Event Router in Kafka Connect.
+    Debezium,
     /// Baseline: the writer itself produces each event right after its COMMIT
     /// returned, with the relay's producer settings. What is left of the latency is
     /// the Kafka path (linger, broker append and ack, consumer fetch) alone.
@@ -56,7 +58,8 @@ async fn latency_run(
         Some(cfg.a.shadow_direct).filter(|n| *n > 0 && matches!(publisher, Publisher::Relay(_)));
     let topics = Topics::create(cfg, name, secs, shadow_every.is_some()).await?;
     let exactly_once = matches!(&publisher, Publisher::Relay(m) if m.is_exactly_once());
-    let mut publishing = Publishing::start(cfg, name, publisher, &url, &topics, shadow_every)?;
+    let mut publishing =
+        Publishing::start(cfg, name, publisher, &db, &url, &topics, shadow_every).await?;
     let expected = Arc::new(AtomicU64::new(u64::MAX));
     let give_up = Arc::new(AtomicBool::new(false));
     let consumer = {
@@ -71,13 +74,8 @@ async fn latency_run(
     };
     // Let the relay connect and the consumer join before the clock starts.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    if let Some(r) = publishing.relay.as_mut() {
-        r.check_alive()?;
-    }
-    let cpu0 = publishing
-        .relay
-        .as_ref()
-        .map(|r| r.resources(cfg.clk_tck).0);
+    publishing.check_alive()?;
+    let cpu0 = publishing.cpu(cfg.clk_tck);
 
     let (writers, start, hs) = spawn_writers(name, &url, rate, secs, &publishing, &topics);
     let mut commits: HashMap<i64, i64> = HashMap::new();
@@ -114,6 +112,8 @@ async fn latency_run(
         for t in &topics.consumed {
             verified += hw_sum_async(&cfg.a.brokers, t).await?;
         }
+        // Debezium's warm-up events are in the first window's topic.
+        verified -= res["debezium_warm_up_events"].as_i64().unwrap_or(0);
     }
     log(format!(
         "latency/{name}: {} committed ({:.0}/s achieved), {} received; e2e {}",
@@ -216,6 +216,39 @@ pub(crate) async fn scenario_latency(cfg: &Cfg, report: &mut Value) -> Result<()
             cfg.a.latency_secs,
         )
         .await?;
+    }
+    if !cfg.a.no_debezium {
+        out["debezium"] = latency_run(
+            cfg,
+            "debezium",
+            Publisher::Debezium,
+            cfg.latency_rate,
+            cfg.a.latency_secs,
+        )
+        .await?;
+    }
+    // A lower rate for the relay and Debezium: on a small machine Debezium is
+    // saturated at the main rate, where its latency is mostly queueing.
+    let low = cfg.a.latency_low_rate;
+    if low > 0 && low != cfg.latency_rate {
+        out["relay_low_rate"] = latency_run(
+            cfg,
+            "relay_low",
+            Publisher::Relay(Mode::default()),
+            low,
+            cfg.a.latency_secs,
+        )
+        .await?;
+        if !cfg.a.no_debezium {
+            out["debezium_low_rate"] = latency_run(
+                cfg,
+                "debezium_low",
+                Publisher::Debezium,
+                low,
+                cfg.a.latency_secs,
+            )
+            .await?;
+        }
     }
     // The tuned poller moves at most 500 rows per 100 ms: the relay's rate is within it.
     out["tuned_poller"] = latency_run(

@@ -13,13 +13,20 @@ use rdkafka::ClientContext;
 use serde_json::{json, Value};
 
 use super::{Publisher, Topics};
+use crate::log;
 use crate::now_us;
 use crate::report::stats::{bucketed_summary, histogram_summary, summary};
 use crate::scenarios::committed::exactly_once_figures;
 use crate::scenarios::pollers::poller;
+use crate::stack::kafka::hw_sum_async;
 use crate::stack::kafka::producer_config;
+use crate::stack::pg::connect;
 use crate::stack::pg::drop_slots;
-use crate::stack::{Cfg, Relay};
+use crate::stack::{Cfg, Debezium, Relay};
+
+/// Events Debezium publishes before the clock starts, so that the JVM's JIT has
+/// compiled its hot path, as in a Connect worker that has been running for a while.
+const DEBEZIUM_WARM_UP: i64 = 5000;
 
 /// Delivery report times of the direct-produce baseline: (seq, µs since the epoch).
 pub(super) struct AckTimes {
@@ -63,6 +70,7 @@ impl ProducerContext for AckTimes {
 /// writers' own producer for the direct baseline or the relay's shadow.
 pub(super) struct Publishing {
     pub(super) relay: Option<Relay>,
+    debezium: Option<Debezium>,
     poll: Option<tokio::task::JoinHandle<Result<u64>>>,
     stop_poll: Arc<AtomicBool>,
     pub(super) direct: Option<Arc<ThreadedProducer<AckTimes>>>,
@@ -73,15 +81,17 @@ pub(super) struct Publishing {
 }
 
 impl Publishing {
-    pub(super) fn start(
+    pub(super) async fn start(
         cfg: &Cfg,
         name: &str,
         publisher: Publisher,
+        database: &str,
         url: &str,
         topics: &Topics,
         shadow_every: Option<u64>,
     ) -> Result<Publishing> {
         let mut relay = None;
+        let mut debezium = None;
         let mut poll = None;
         let mut direct = None;
         let stop_poll = Arc::new(AtomicBool::new(false));
@@ -98,6 +108,17 @@ impl Publishing {
                 exactly_once = mode.is_exactly_once();
                 relay = Some(r);
             }
+            Publisher::Debezium => {
+                let d = Debezium::up(
+                    &cfg.a,
+                    database,
+                    "bench_debezium",
+                    topic,
+                    &format!("latency-{name}"),
+                )?;
+                warm_up_debezium(cfg, url, &topics.consumed[0], &d).await?;
+                debezium = Some(d);
+            }
             Publisher::Poller(kind) => {
                 poll = Some(tokio::spawn(poller(
                     url.to_string(),
@@ -111,12 +132,31 @@ impl Publishing {
         }
         Ok(Publishing {
             relay,
+            debezium,
             poll,
             stop_poll,
             direct,
             shadow_every,
             exactly_once,
         })
+    }
+
+    pub(super) fn check_alive(&mut self) -> Result<()> {
+        if let Some(r) = self.relay.as_mut() {
+            r.check_alive()?;
+        }
+        if let Some(d) = &self.debezium {
+            d.check_alive()?;
+        }
+        Ok(())
+    }
+
+    /// CPU seconds so far of the publisher that is a process of its own.
+    pub(super) fn cpu(&self, clk_tck: f64) -> Option<f64> {
+        self.relay
+            .as_ref()
+            .map(|r| r.resources(clk_tck).0)
+            .or_else(|| self.debezium.as_ref().map(|d| d.resources(clk_tck).0))
     }
 
     /// After the writers: the direct producer's and the relay's commit → ack
@@ -151,6 +191,16 @@ impl Publishing {
             res["relay_cpu_s"] = json!(cpu_run);
             res["relay_cpu_us_per_event"] = json!(cpu_run * 1e6 / commits.len() as f64);
             res["relay_peak_rss_mb"] = json!(rss);
+            drop_slots(url).await?;
+        }
+        if let Some(d) = self.debezium.take() {
+            let (cpu, rss) = d.resources(cfg.clk_tck);
+            let cpu_run = cpu - cpu0.unwrap_or(0.0);
+            d.stop()?;
+            res["debezium_cpu_s"] = json!(cpu_run);
+            res["debezium_cpu_us_per_event"] = json!(cpu_run * 1e6 / commits.len() as f64);
+            res["debezium_peak_rss_mb"] = json!(rss);
+            res["debezium_warm_up_events"] = json!(DEBEZIUM_WARM_UP);
             drop_slots(url).await?;
         }
         if let Some(h) = self.poll.take() {
@@ -200,5 +250,35 @@ fn direct_ack_figures(
         res["commit_to_ack_bucketed_ms"] = bucketed_summary(&to_ack);
         res["commit_to_ack_ms"] = summary(to_ack);
     }
+    Ok(())
+}
+
+/// `DEBEZIUM_WARM_UP` events (seq -1, which the consumer skips) through Debezium,
+/// waited for in Kafka.
+async fn warm_up_debezium(cfg: &Cfg, url: &str, topic: &str, d: &Debezium) -> Result<()> {
+    let c = connect(url).await?;
+    let w = topic.rsplit('.').next().unwrap_or("w0");
+    for _ in 0..DEBEZIUM_WARM_UP / 100 {
+        c.execute(
+            "INSERT INTO outbox (event_type, aggregate_id, payload) \
+             SELECT $1, 'warm-up-' || g, '{\"seq\": -1}' FROM generate_series(1, 100) g",
+            &[&w],
+        )
+        .await?;
+    }
+    let t = std::time::Instant::now();
+    while hw_sum_async(&cfg.a.brokers, topic).await? < DEBEZIUM_WARM_UP {
+        d.check_alive()?;
+        if t.elapsed() > Duration::from_secs(120) {
+            return Err(anyhow!(
+                "Debezium did not publish its {DEBEZIUM_WARM_UP} warm-up events within 120 s"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    log(format!(
+        "latency: Debezium warmed up with {DEBEZIUM_WARM_UP} events in {:.1} s",
+        t.elapsed().as_secs_f64()
+    ));
     Ok(())
 }

@@ -9,7 +9,8 @@ use crate::log;
 use crate::report::stats::summary;
 
 /// The report's "sustained" section.
-pub(super) fn figures(baseline: Value, run: RelayRun) -> Value {
+/// `who` names the reader's CPU and RSS keys ("relay", "debezium").
+pub(super) fn figures(baseline: Value, run: RelayRun, who: &str) -> Value {
     let RelayRun {
         secs,
         writers: nw,
@@ -26,6 +27,7 @@ pub(super) fn figures(baseline: Value, run: RelayRun) -> Value {
         verified,
         cpu,
         rss,
+        cpu_split,
     } = run;
     let (wal_t, series) = lag_series(&samples);
     let delivery = delivery_lag(&ksamples, &samples);
@@ -43,7 +45,7 @@ pub(super) fn figures(baseline: Value, run: RelayRun) -> Value {
         .map(|x| x.2 as f64)
         .collect();
     log(format!(
-        "sustained: {written} events ({:.0}/s), lag max {:.2} s, caught up {:?} s after stop, verified {verified}",
+        "sustained/{who}: {written} events ({:.0}/s), lag max {:.2} s, caught up {:?} s after stop, verified {verified}",
         written as f64 / write_s,
         steady.iter().cloned().fold(0.0, f64::max),
         caught_up
@@ -56,7 +58,7 @@ pub(super) fn figures(baseline: Value, run: RelayRun) -> Value {
         .iter()
         .filter(|&&v| v >= 0.95 * max_inflight)
         .count();
-    json!({
+    let mut out = json!({
         "baseline_pg_recvlogical": baseline,
         "sent_lag_s": summary(sent_lag),
         "inflight": summary(inflight.clone()),
@@ -66,15 +68,20 @@ pub(super) fn figures(baseline: Value, run: RelayRun) -> Value {
         "insert_rate": written as f64 / write_s,
         "lag_s": summary(steady), "lag_bytes": summary(steady_b),
         "delivery_lag_s": summary(delivery_steady),
+        // Events in Kafka per second while the writers ran: the reader's
+        // sustained rate when it cannot keep up with them.
+        "delivery_rate": ksamples.last().map(|&(t, n)| n as f64 / t).unwrap_or(f64::NAN),
+        "cpu_split": cpu_split,
         "delivery_samples": delivery.iter().map(|x| json!([x.0, x.1])).collect::<Vec<_>>(),
         "caught_up_after_stop_s": caught_up,
         "verified_in_kafka": verified,
-        "relay_cpu_s": cpu,
-        "relay_cpu_us_per_event": cpu * 1e6 / written as f64,
-        "relay_peak_rss_mb": rss,
         "per_second": per_sec,
         "samples": series.iter().map(|x| json!([x.0, x.1, x.2, x.3])).collect::<Vec<_>>(),
-    })
+    });
+    out[format!("{who}_cpu_s")] = json!(cpu);
+    out[format!("{who}_cpu_us_per_event")] = json!(cpu * 1e6 / written as f64);
+    out[format!("{who}_peak_rss_mb")] = json!(rss);
+    out
 }
 
 /// How long ago (s) at sample `i` the WAL insert position was at `pos`, interpolated

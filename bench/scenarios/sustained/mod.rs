@@ -1,8 +1,9 @@
 //! Sustained: writers inserting flat out while the relay keeps up, sampled every
 //! 100 ms for lag in bytes and seconds; first, the same writers with pg_recvlogical
 //! as the only reader (baseline.rs), the ceiling for any logical-decoding reader on
-//! the machine. This file runs and samples; summarising is figures.rs's, so the
-//! sampling loop stays as light as it can.
+//! the machine; then, unless left out, the same writers with Debezium as the
+//! reader. This file runs and samples; summarising is figures.rs's, so the sampling
+//! loop stays as light as it can.
 
 mod baseline;
 mod figures;
@@ -19,9 +20,12 @@ use super::{AGGREGATES, PAD};
 use crate::log;
 use crate::report::stats::metric_value;
 use crate::stack::kafka::{create_topic, hw_sum_with, topic_name, wait_records, watermark_client};
-use crate::stack::pg::{confirmed, connect, current_wal, drop_slots, fresh_db, parse_lsn};
+use crate::stack::pg::{
+    confirmed, connect, current_wal, drop_slots, fresh_db, parse_lsn, walsender_pid,
+};
+use crate::stack::proc::{broker_pids, CpuSplit};
 use crate::stack::relay::relay_setting;
-use crate::stack::{Cfg, Relay};
+use crate::stack::{Cfg, Debezium, Relay};
 use baseline::sustained_baseline;
 use figures::figures;
 #[cfg(test)]
@@ -29,10 +33,85 @@ pub(crate) use figures::wal_age;
 
 pub(crate) async fn scenario_sustained(cfg: &Cfg, report: &mut Value) -> Result<()> {
     let baseline = sustained_baseline(cfg, cfg.sustained_secs).await?;
-    let run = relay_run(cfg).await?;
-    report["sustained"] = figures(baseline, run);
+    let run = reader_run(cfg, Kind::Relay).await?;
+    let mut out = figures(baseline, run, "relay");
+    if !cfg.a.no_debezium {
+        let mut d = figures(
+            Value::Null,
+            reader_run(cfg, Kind::Debezium).await?,
+            "debezium",
+        );
+        if let Some(m) = d.as_object_mut() {
+            m.remove("baseline_pg_recvlogical");
+            m.remove("samples");
+        }
+        out["debezium"] = d;
+    }
+    report["sustained"] = out;
     Ok(())
 }
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Relay,
+    Debezium,
+}
+
+/// What reads the sustained writers' WAL: the relay, or Debezium in Kafka Connect.
+enum Reader {
+    Relay(Relay),
+    Debezium(Debezium),
+}
+
+impl Reader {
+    fn check_alive(&mut self) -> Result<()> {
+        match self {
+            Reader::Relay(r) => r.check_alive(),
+            Reader::Debezium(d) => d.check_alive(),
+        }
+    }
+
+    fn slot(&self) -> &'static str {
+        match self {
+            Reader::Relay(_) => "outbox_relay",
+            Reader::Debezium(_) => DEBEZIUM_SLOT,
+        }
+    }
+
+    /// The relay's in-flight events (Debezium exposes no such figure here).
+    fn inflight(&self) -> Option<f64> {
+        match self {
+            Reader::Relay(r) => r
+                .metrics()
+                .ok()
+                .map(|t| metric_value(&t, "outbox_inflight_events").unwrap_or(f64::NAN)),
+            Reader::Debezium(_) => None,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        match self {
+            Reader::Relay(r) => r.pid(),
+            Reader::Debezium(d) => d.pid(),
+        }
+    }
+
+    fn resources(&self, clk_tck: f64) -> (f64, f64) {
+        match self {
+            Reader::Relay(r) => r.resources(clk_tck),
+            Reader::Debezium(d) => d.resources(clk_tck),
+        }
+    }
+
+    async fn stop(self) -> Result<()> {
+        match self {
+            Reader::Relay(r) => r.stop().await,
+            Reader::Debezium(d) => d.stop(),
+        }
+    }
+}
+
+const DEBEZIUM_SLOT: &str = "bench_debezium";
 
 /// What the relay's sustained run measured, before any summary.
 struct RelayRun {
@@ -49,6 +128,8 @@ struct RelayRun {
     /// The relay's CPU seconds from the writers' start to its stop.
     cpu: f64,
     rss: f64,
+    /// Over the writers' run: the reader, its walsender and the broker.
+    cpu_split: Value,
 }
 
 /// The 100 ms samples of a sustained run.
@@ -62,22 +143,55 @@ struct LagSamples {
     inflight: Vec<f64>,
 }
 
-/// The relay under the flat-out writers for the scenario's length, then until it
-/// has caught up.
-async fn relay_run(cfg: &Cfg) -> Result<RelayRun> {
-    let url = fresh_db(cfg, "bench_sustained").await?;
-    let topic = &topic_name("sustained");
+/// The relay (or Debezium) under the flat-out writers for the scenario's length, then
+/// until it has caught up.
+async fn reader_run(cfg: &Cfg, kind: Kind) -> Result<RelayRun> {
+    let (db, name) = match kind {
+        Kind::Relay => ("bench_sustained", "sustained"),
+        Kind::Debezium => ("bench_sustained_debezium", "sustained.debezium"),
+    };
+    let url = fresh_db(cfg, db).await?;
+    let topic = &topic_name(name);
     create_topic(&cfg.a.brokers, topic, cfg.a.partitions).await?;
-    Relay::setup(cfg, &url, topic)?;
-    let mut relay = Relay::start(cfg, &url, topic, "sustained")?;
+    let mut relay = match kind {
+        Kind::Relay => {
+            Relay::setup(cfg, &url, topic)?;
+            Reader::Relay(Relay::start(cfg, &url, topic, "sustained")?)
+        }
+        // A template without a placeholder: every event to the one topic.
+        Kind::Debezium => {
+            Reader::Debezium(Debezium::up(&cfg.a, db, DEBEZIUM_SLOT, topic, "sustained")?)
+        }
+    };
     tokio::time::sleep(Duration::from_secs(2)).await;
     relay.check_alive()?;
     let cpu0 = relay.resources(cfg.clk_tck).0;
     let c = connect(&url).await?;
-    let secs = cfg.sustained_secs;
+    let secs = match kind {
+        Kind::Relay => cfg.sustained_secs,
+        Kind::Debezium => cfg.a.debezium_sustained_secs,
+    };
+    let mut split = CpuSplit::start(cfg.clk_tck);
+    split.watch(
+        if kind == Kind::Relay {
+            "relay"
+        } else {
+            "debezium"
+        },
+        vec![relay.pid()],
+    );
+    split.watch("broker", broker_pids());
+    if let Some(p) = walsender_pid(&c, relay.slot()).await? {
+        split.watch("walsender", vec![p]);
+    }
     let nw = cfg.a.sustained_writers;
+    let who = if kind == Kind::Relay {
+        "relay"
+    } else {
+        "Debezium"
+    };
     log(format!(
-        "sustained: {nw} writers inserting one-event transactions flat out for {secs} s"
+        "sustained: {nw} writers inserting one-event transactions flat out for {secs} s, {who} reading"
     ));
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
@@ -95,10 +209,11 @@ async fn relay_run(cfg: &Cfg) -> Result<RelayRun> {
         h.await??;
     }
     let ksamples = ksampler.await??;
+    let cpu_split = split.finish();
     let written = count.load(Ordering::Relaxed);
     let write_s = t0.elapsed().as_secs_f64();
     let end = current_wal(&c).await?;
-    let caught_up = wait_caught_up(&mut relay, &c, end).await?;
+    let caught_up = wait_caught_up(&mut relay, &c, end, &cfg.a.brokers, topic, written).await?;
     let (cpu, rss) = relay.resources(cfg.clk_tck);
     relay.stop().await?;
     let verified = wait_records(
@@ -121,6 +236,7 @@ async fn relay_run(cfg: &Cfg) -> Result<RelayRun> {
         verified,
         cpu: cpu - cpu0,
         rss,
+        cpu_split,
     })
 }
 
@@ -146,7 +262,7 @@ fn kafka_sampler(
 
 /// Every 100 ms for `secs` from `t0`: the relay's slot and walsender against the WAL.
 async fn sample_lag(
-    relay: &mut Relay,
+    relay: &mut Reader,
     c: &Client,
     count: &AtomicU64,
     t0: Instant,
@@ -157,15 +273,15 @@ async fn sample_lag(
     let mut inflight: Vec<f64> = Vec::new();
     while t0.elapsed() < Duration::from_secs(secs) {
         relay.check_alive()?;
-        let srow = c.query_one(SENT_SQL, &[&"outbox_relay"]).await?;
+        let srow = c.query_one(SENT_SQL, &[&relay.slot()]).await?;
         sent.push(parse_lsn(srow.get::<_, &str>(1))?);
-        if let Ok(text) = relay.metrics() {
-            inflight.push(metric_value(&text, "outbox_inflight_events").unwrap_or(f64::NAN));
+        if let Some(v) = relay.inflight() {
+            inflight.push(v);
         }
         let row = c
             .query_one(
-                "SELECT pg_current_wal_lsn()::text, coalesce(confirmed_flush_lsn::text,'0/0') FROM pg_replication_slots WHERE slot_name = 'outbox_relay' AND database = current_database()",
-                &[],
+                "SELECT pg_current_wal_lsn()::text, coalesce(confirmed_flush_lsn::text,'0/0') FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()",
+                &[&relay.slot()],
             )
             .await?;
         let wal = parse_lsn(row.get::<_, &str>(0))?;
@@ -187,13 +303,27 @@ async fn sample_lag(
 
 /// Catch-up after the writers stopped: seconds until everything up to `end` is
 /// confirmed (the relay confirms the server's sent position once idle, so this
-/// reaches `end`), None if not within 300 s.
-async fn wait_caught_up(relay: &mut Relay, c: &Client, end: u64) -> Result<Option<f64>> {
+/// reaches `end`), None if not within 300 s. Debezium confirms the last change it
+/// processed, never the end of the WAL: it has caught up when Kafka holds every
+/// event written.
+async fn wait_caught_up(
+    relay: &mut Reader,
+    c: &Client,
+    end: u64,
+    brokers: &str,
+    topic: &str,
+    written: u64,
+) -> Result<Option<f64>> {
     let tc = Instant::now();
     let mut caught_up = None;
+    let wm = watermark_client(brokers)?;
     while tc.elapsed() < Duration::from_secs(300) {
         relay.check_alive()?;
-        if confirmed(c, "outbox_relay").await? >= end {
+        let done = match relay {
+            Reader::Relay(_) => confirmed(c, relay.slot()).await? >= end,
+            Reader::Debezium(_) => hw_sum_with(&wm, topic)? >= written as i64,
+        };
+        if done {
             caught_up = Some(tc.elapsed().as_secs_f64());
             break;
         }

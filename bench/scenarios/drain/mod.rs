@@ -3,7 +3,10 @@
 //! exactly-once, each on a slot of its own created before the backlog, so all three
 //! read the same WAL), and a plain producer (the broker's intake). Must leave its
 //! database and its unprocessed rows behind: the pollers scenario drains the same
+//! backlog. Debezium (debezium.rs) drains it too, from a slot it created before the
 //! backlog.
+
+mod debezium;
 
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,9 +23,10 @@ use super::{relay_headers, AGGREGATES, PAD};
 use crate::log;
 use crate::stack::kafka::{create_topic, hw_sum_async, producer_config, topic_name, wait_records};
 use crate::stack::pg::{
-    confirmed, connect, current_wal, drop_slots, fmt_lsn, fresh_db, recvlogical,
+    confirmed, connect, current_wal, drop_slots, fmt_lsn, fresh_db, recvlogical, walsender_pid,
 };
 use crate::stack::proc::proc_cpu_secs;
+use crate::stack::proc::{broker_pids, proc_exited, CpuSplit};
 use crate::stack::relay::{has_exactly_once, Mode};
 use crate::stack::{Cfg, Relay};
 
@@ -63,6 +67,13 @@ pub(crate) async fn scenario_drain(cfg: &Cfg, report: &mut Value) -> Result<()> 
     let c = connect(&url).await?;
     let topic = &topic_name("drain");
     create_topic(&cfg.a.brokers, topic, cfg.a.partitions).await?;
+    // Debezium creates its slot when it first starts: started and stopped here, before
+    // every other slot, so that it reads the same WAL.
+    let dbz = if cfg.a.no_debezium {
+        None
+    } else {
+        Some(debezium::Prepared::before_backlog(cfg, &c, "bench_drain").await?)
+    };
     Relay::setup(cfg, &url, topic)?;
     // The exactly-once relay: its own slot (created here, before the backlog, as the
     // at-least-once relay's is), its own topic, and a progress topic of this run's
@@ -78,7 +89,7 @@ pub(crate) async fn scenario_drain(cfg: &Cfg, report: &mut Value) -> Result<()> 
     let backlog = Backlog::write(&c, &url, n).await?;
 
     // Baseline 1: Postgres's own decode rate.
-    let (recv_s, recv_rate) = recvlogical_drain(cfg, &url, n, backlog.end_lsn)?;
+    let recv = recvlogical_drain(cfg, &url, &c, n, backlog.end_lsn).await?;
 
     // The relay, at-least-once (the default), then exactly-once over the same WAL.
     let relay = relay_drain(cfg, &url, &c, topic, n, backlog.end_lsn, &Mode::default()).await?;
@@ -86,6 +97,10 @@ pub(crate) async fn scenario_drain(cfg: &Cfg, report: &mut Value) -> Result<()> 
         relay_drain(cfg, &url, &c, eos_topic, n, backlog.end_lsn, &eos).await?
     } else {
         Value::Null
+    };
+    let debezium = match dbz {
+        Some(p) => p.drain(cfg, &c, n, backlog.end_lsn).await?,
+        None => Value::Null,
     };
 
     // Baseline 2: the broker's intake, same number of records, same size, same producer settings.
@@ -103,8 +118,9 @@ pub(crate) async fn scenario_drain(cfg: &Cfg, report: &mut Value) -> Result<()> 
         "wal_bytes": backlog.wal_bytes,
         "write": {"seconds": backlog.write_s, "events_per_s": n as f64 / backlog.write_s},
         "end_lsn": fmt_lsn(backlog.end_lsn),
-        "pg_recvlogical": {"seconds": recv_s, "events_per_s": recv_rate},
+        "pg_recvlogical": recv,
         "relay": relay,
+        "debezium": debezium,
         "relay_exactly_once": relay_eos,
         "broker_intake": intake,
     });
@@ -147,11 +163,19 @@ impl Backlog {
     }
 }
 
-/// pg_recvlogical over the backlog up to `end_lsn`: (seconds, events/s).
-fn recvlogical_drain(cfg: &Cfg, url: &str, n: u64, end_lsn: u64) -> Result<(f64, f64)> {
+/// pg_recvlogical over the backlog up to `end_lsn`: seconds, events/s and the CPU
+/// split between it and its walsender.
+async fn recvlogical_drain(
+    cfg: &Cfg,
+    url: &str,
+    c: &Client,
+    n: u64,
+    end_lsn: u64,
+) -> Result<Value> {
     log("drain: pg_recvlogical over the same backlog (its own slot, created before the backlog)");
     let t0 = Instant::now();
-    let st = recvlogical(cfg, url)
+    let mut split = CpuSplit::start(cfg.clk_tck);
+    let mut child = recvlogical(cfg, url)
         .args([
             "-E",
             &fmt_lsn(end_lsn),
@@ -162,17 +186,30 @@ fn recvlogical_drain(cfg: &Cfg, url: &str, n: u64, end_lsn: u64) -> Result<(f64,
             "--no-loop",
         ])
         .stdout(Stdio::null())
-        .status()
+        .spawn()
         .context("run pg_recvlogical")?;
+    split.watch("pg_recvlogical", vec![child.id()]);
+    let (st, cpu) = loop {
+        if !split.watching("walsender") {
+            if let Some(p) = walsender_pid(c, "bench_recvlogical").await? {
+                split.watch("walsender", vec![p]);
+            }
+        }
+        if proc_exited(child.id()) {
+            let cpu = split.finish();
+            break (child.wait()?, cpu);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
     let recv_s = t0.elapsed().as_secs_f64();
     if !st.success() {
         bail!("pg_recvlogical failed: {st}");
     }
     let recv_rate = n as f64 / recv_s;
     log(format!(
-        "drain: pg_recvlogical {recv_s:.2} s, {recv_rate:.0} events/s"
+        "drain: pg_recvlogical {recv_s:.2} s, {recv_rate:.0} events/s; cpu {cpu}"
     ));
-    Ok((recv_s, recv_rate))
+    Ok(json!({"seconds": recv_s, "events_per_s": recv_rate, "cpu_split": cpu}))
 }
 
 /// The relay over the backlog until its slot confirms `end_lsn`; the report's
@@ -194,9 +231,17 @@ async fn relay_drain(
     log(format!("drain: starting the {what} over the backlog"));
     let t0 = Instant::now();
     let mut relay = Relay::start_as(cfg, url, topic, name, mode)?;
+    let mut split = CpuSplit::start(cfg.clk_tck);
+    split.watch("relay", vec![relay.pid()]);
+    split.watch("broker", broker_pids());
     let mut last_progress = Instant::now();
     loop {
         relay.check_alive()?;
+        if !split.watching("walsender") {
+            if let Some(p) = walsender_pid(c, mode.slot()).await? {
+                split.watch("walsender", vec![p]);
+            }
+        }
         if confirmed(c, mode.slot()).await? >= end_lsn {
             break;
         }
@@ -214,6 +259,7 @@ async fn relay_drain(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let relay_s = t0.elapsed().as_secs_f64();
+    let cpu_split = split.finish();
     let (cpu, rss) = relay.resources(cfg.clk_tck);
     let metrics = if mode.is_exactly_once() {
         relay.metrics().ok()
@@ -225,6 +271,7 @@ async fn relay_drain(
     let mut out = json!({
         "seconds": relay_s, "events_per_s": relay_rate,
         "cpu_s": cpu, "cpu_us_per_event": cpu * 1e6 / n as f64, "peak_rss_mb": rss,
+        "cpu_split": cpu_split,
     });
     let verified = if mode.is_exactly_once() {
         // A transactional producer's topic: the high watermarks also count the

@@ -1,0 +1,348 @@
+//! The report's Debezium section (issue 14): its targets against Debezium measured in
+//! the same run, and, for a target missed, the measurement that shows what limits it.
+//! Reads report.json alone, like the rest of the report.
+
+use std::fmt::Write as _;
+
+use serde_json::Value;
+
+use super::f;
+use super::svg::fmt_num;
+
+fn verdict(met: bool) -> &'static str {
+    if met {
+        "met"
+    } else {
+        "**missed** (see below)"
+    }
+}
+
+/// "relay 0.62 + walsender 0.71 + broker 0.40 of 1.95 busy cores"
+fn split_text(s: &Value, names: &[&str]) -> String {
+    if s.is_null() {
+        return "not measured".into();
+    }
+    let parts: Vec<String> = names
+        .iter()
+        .filter(|n| !s[format!("{n}_cores")].is_null())
+        .map(|n| format!("{n} {:.2}", f(&s[format!("{n}_cores")])))
+        .collect();
+    format!(
+        "{} of {:.2} busy cores",
+        parts.join(" + "),
+        f(&s["machine_busy_cores"])
+    )
+}
+
+pub(super) fn debezium(m: &mut String, r: &Value) {
+    let (dd, ld, sd) = (
+        &r["drain"]["debezium"],
+        &r["latency"]["debezium"],
+        &r["sustained"]["debezium"],
+    );
+    if dd.is_null() && ld.is_null() && sd.is_null() {
+        return;
+    }
+    let _ = writeln!(m, "## Debezium beside the relay (issue 14)\n");
+    let _ = writeln!(m, "Debezium {} (Postgres connector, Outbox Event Router) in Kafka Connect {} standalone, started by `scripts/debezium` exactly as the differential test (tests/debezium.rs) starts it: idempotent producer, `acks=all`, 5 requests in flight, `linger.ms` {} (the relay's), StringConverter for keys and values, the classic table's columns mapped as the relay's classic preset maps them (key `aggregate_id`, value `payload`, `id` header `event_id`, routed by `event_type`), `offset.flush.interval.ms` {} (Debezium confirms its slot only after Connect flushed its offsets), Debezium's defaults otherwise (`max.batch.size` 2048, `max.queue.size` 8192, `poll.interval.ms` 500). JVM: `{}` (Kafka's `connect-standalone.sh` defaults). Each run has a slot and topics of its own; CPU and RSS are the Connect JVM's, read as the relay's are.\n",
+        r["environment"]["debezium"].as_str().unwrap_or("3.6.1.Final"),
+        r["environment"]["kafka_connect"].as_str().unwrap_or("4.3.1"),
+        r["environment"]["linger_ms"].as_u64().unwrap_or(5),
+        r["environment"]["debezium_offset_flush_ms"].as_u64().unwrap_or(1000),
+        dd["jvm_opts"].as_str().or(r["environment"]["debezium_jvm_opts"].as_str()).unwrap_or("?"));
+    targets(m, r);
+    comparison(m, r);
+}
+
+/// The issue's five targets, each with its same-run baseline.
+fn targets(m: &mut String, r: &Value) {
+    let d = &r["drain"];
+    let (relay, dbz, recv) = (&d["relay"], &d["debezium"], &d["pg_recvlogical"]);
+    let _ = writeln!(
+        m,
+        "| target | measured | target | same-run baseline | result |\n|---|---|---|---|---|"
+    );
+    let mut missed = Vec::new();
+    if !dbz.is_null() {
+        let x = f(&relay["events_per_s"]) / f(&dbz["events_per_s"]);
+        let _ = writeln!(m, "| drain vs Debezium | {x:.1} × ({} vs {} events/s) | ≥ 3 × | Debezium over the same backlog from its own slot: {} events/s (stream only; JVM start-up {:.1} s not counted) | {} |",
+            fmt_num(f(&relay["events_per_s"])), fmt_num(f(&dbz["events_per_s"])), fmt_num(f(&dbz["events_per_s"])), f(&dbz["startup_s"]), verdict(x >= 3.0));
+        if x < 3.0 {
+            missed.push("drain_debezium");
+        }
+    }
+    let x = f(&relay["events_per_s"]) / f(&recv["events_per_s"]);
+    let _ = writeln!(
+        m,
+        "| drain vs pg_recvlogical | {x:.2} × | ≥ 0.9 × | pg_recvlogical {} events/s | {} |",
+        fmt_num(f(&recv["events_per_s"])),
+        verdict(x >= 0.9)
+    );
+    if x < 0.9 {
+        missed.push("drain_recvlogical");
+    }
+    let (rr, dr) = (relay_peak_rss(r), debezium_peak_rss(r));
+    if dr.is_finite() {
+        let _ = writeln!(m, "| peak RSS vs Debezium | relay {rr:.1} MB = 1/{:.0} of Debezium's | ≤ 1/20 | Debezium (Connect JVM) {dr:.0} MB; both the highest of their scenarios | {} |", dr / rr, verdict(rr * 20.0 <= dr));
+        if rr * 20.0 > dr {
+            missed.push("rss");
+        }
+    }
+    let (lr, ld) = (&r["latency"]["relay"], &r["latency"]["debezium"]);
+    if !ld.is_null() {
+        let (a, b) = (
+            f(&lr["commit_to_consumer_ms"]["p99"]),
+            f(&ld["commit_to_consumer_ms"]["p99"]),
+        );
+        let _ = writeln!(m, "| p99 commit → consumer vs Debezium, {}/s | {a:.1} ms = 1/{:.1} of Debezium's | ≤ 1/5 | Debezium p99 {b:.1} ms (p50 {:.1} ms) | {} |",
+            lr["rate_target"], b / a, f(&ld["commit_to_consumer_ms"]["p50"]), verdict(a * 5.0 <= b));
+        if a * 5.0 > b {
+            missed.push("p99");
+        }
+    }
+    let ack = f(&lr["commit_to_ack_ms"]["p50"]);
+    let direct = f(&r["latency"]["direct"]["commit_to_ack_bucketed_ms"]["p50"]);
+    if ack.is_finite() && direct.is_finite() {
+        let shadow = &lr["shadow_direct_commit_to_ack_bucketed_ms"];
+        let _ = writeln!(m, "| p50 commit → broker ack vs a producer right after COMMIT | {ack:.2} ms = {:.2} × | ≤ 1.5 × | the writers producing right after COMMIT, same broker, run of its own: p50 {direct:.2} ms{} | {} |",
+            ack / direct,
+            if shadow.is_null() { String::new() } else { format!("; while the relay ran: {:.2} ms", f(&shadow["p50"])) },
+            verdict(ack <= 1.5 * direct));
+        if ack > 1.5 * direct {
+            missed.push("ack");
+        }
+    }
+    let s = &r["sustained"];
+    if !s.is_null() {
+        let lag = f(&s["lag_s"]["max"]);
+        let _ = writeln!(m, "| sustained slot lag at the highest insert rate | max {lag:.2} s (p99 {:.2} s) at {} inserts/s | < 1 s | pg_recvlogical alone, same writers ({} inserts/s): walsender sent lag max {:.2} s | {} |",
+            f(&s["lag_s"]["p99"]), fmt_num(f(&s["insert_rate"])), fmt_num(f(&s["baseline_pg_recvlogical"]["insert_rate"])), f(&s["baseline_pg_recvlogical"]["sent_lag_s"]["max"]), verdict(lag < 1.0));
+        if lag >= 1.0 {
+            missed.push("sustained");
+        }
+    }
+    let _ = writeln!(m);
+    if !missed.is_empty() {
+        explain(m, r, &missed);
+    }
+}
+
+/// What limits each missed target, from the run's own measurements.
+fn explain(m: &mut String, r: &Value, missed: &[&str]) {
+    let d = &r["drain"];
+    let _ = writeln!(
+        m,
+        "What limits the targets missed in this run, measured in it:\n"
+    );
+    for what in missed {
+        match *what {
+            "drain_recvlogical" | "drain_debezium" => {
+                let _ = writeln!(m, "- **Drain.** The CPU split over each reader's drain (CPU seconds / wall seconds; the machine has {} cores): pg_recvlogical: {}; the relay: {}; Debezium: {}. pg_recvlogical writes to /dev/null, so its walsender has a core to itself; the relay's walsender shares the two cores with the relay and the broker, which must take every record in. A reader that publishes to a broker on the same 2 cores cannot reach the rate of one that publishes nowhere while the machine is saturated; on a machine where the broker runs elsewhere the walsender's core is the limit for both.",
+                    r["environment"]["cores"],
+                    split_text(&d["pg_recvlogical"]["cpu_split"], &["pg_recvlogical", "walsender"]),
+                    split_text(&d["relay"]["cpu_split"], &["relay", "walsender", "broker"]),
+                    split_text(&d["debezium"]["cpu_split"], &["debezium", "walsender", "broker"]));
+            }
+            "sustained" => {
+                let s = &r["sustained"];
+                let _ = writeln!(m, "- **Sustained lag.** Under the relay the walsender's sent position trails the writers by up to {:.2} s (p99 {:.2} s), against {:.2} s (p99 {:.2} s) with pg_recvlogical alone: most of the slot's lag is decoding waiting for a core, before the relay sees the change. CPU split over the relay's run: {}. The writers, Postgres, its walsender, the relay and the broker share 2 cores; the relay's own share is its CPU per event ({:.1} µs) × the insert rate.",
+                    f(&s["sent_lag_s"]["max"]), f(&s["sent_lag_s"]["p99"]),
+                    f(&s["baseline_pg_recvlogical"]["sent_lag_s"]["max"]), f(&s["baseline_pg_recvlogical"]["sent_lag_s"]["p99"]),
+                    split_text(&s["cpu_split"], &["relay", "walsender", "broker"]),
+                    f(&s["relay_cpu_us_per_event"]));
+            }
+            "ack" => {
+                let _ = writeln!(m, "- **Commit → ack.** The relay's figure starts at the commit timestamp in the WAL and includes the walsender's decode and send; the baseline starts when COMMIT returned to the writer. The shadow baseline (the same Kafka path at the same moment as the relay's run) shows how much is the load on the machine rather than the relay.");
+            }
+            "rss" | "p99" => {
+                let _ = writeln!(
+                    m,
+                    "- **{}.** See the comparison table below for the figures of both.",
+                    if *what == "rss" { "Peak RSS" } else { "p99" }
+                );
+            }
+            _ => {}
+        }
+    }
+    let _ = writeln!(m);
+}
+
+/// The relay and Debezium figure by figure.
+fn comparison(m: &mut String, r: &Value) {
+    let _ = writeln!(
+        m,
+        "| figure | outbox-relay | Debezium | Debezium / relay |\n|---|---|---|---|"
+    );
+    let row = |m: &mut String, label: &str, a: f64, b: f64, unit: &str, prec: usize| {
+        if a.is_finite() || b.is_finite() {
+            let _ = writeln!(
+                m,
+                "| {label} | {a:.prec$}{unit} | {b:.prec$}{unit} | {:.2} |",
+                b / a
+            );
+        }
+    };
+    let (dr, dd) = (&r["drain"]["relay"], &r["drain"]["debezium"]);
+    if !dd.is_null() {
+        let _ = writeln!(
+            m,
+            "| drain, events/s | {} | {} | {:.2} |",
+            fmt_num(f(&dr["events_per_s"])),
+            fmt_num(f(&dd["events_per_s"])),
+            f(&dd["events_per_s"]) / f(&dr["events_per_s"])
+        );
+        row(
+            m,
+            "drain, CPU µs/event",
+            f(&dr["cpu_us_per_event"]),
+            f(&dd["cpu_us_per_event"]),
+            "",
+            1,
+        );
+        row(
+            m,
+            "drain, peak RSS",
+            f(&dr["peak_rss_mb"]),
+            f(&dd["peak_rss_mb"]),
+            " MB",
+            1,
+        );
+    }
+    let (lr, ld) = (&r["latency"]["relay"], &r["latency"]["debezium"]);
+    if !ld.is_null() {
+        for (q, name) in [("p50", "p50"), ("p99", "p99"), ("p999", "p99.9")] {
+            row(
+                m,
+                &format!(
+                    "latency at {}/s, commit → consumer {name}",
+                    ld["rate_target"]
+                ),
+                f(&lr["commit_to_consumer_ms"][q]),
+                f(&ld["commit_to_consumer_ms"][q]),
+                " ms",
+                2,
+            );
+        }
+        row(
+            m,
+            "latency, CPU µs/event",
+            f(&lr["relay_cpu_us_per_event"]),
+            f(&ld["debezium_cpu_us_per_event"]),
+            "",
+            1,
+        );
+        row(
+            m,
+            "latency, peak RSS",
+            f(&lr["relay_peak_rss_mb"]),
+            f(&ld["debezium_peak_rss_mb"]),
+            " MB",
+            1,
+        );
+    }
+    let (sr, sd) = (&r["sustained"], &r["sustained"]["debezium"]);
+    if !sd.is_null() {
+        row(
+            m,
+            "sustained, inserts/s the writers reached",
+            f(&sr["insert_rate"]),
+            f(&sd["insert_rate"]),
+            "",
+            0,
+        );
+        row(
+            m,
+            "sustained, slot lag p50",
+            f(&sr["lag_s"]["p50"]),
+            f(&sd["lag_s"]["p50"]),
+            " s",
+            2,
+        );
+        row(
+            m,
+            "sustained, slot lag max",
+            f(&sr["lag_s"]["max"]),
+            f(&sd["lag_s"]["max"]),
+            " s",
+            2,
+        );
+        row(
+            m,
+            "sustained, delivery lag p50",
+            f(&sr["delivery_lag_s"]["p50"]),
+            f(&sd["delivery_lag_s"]["p50"]),
+            " s",
+            2,
+        );
+        row(
+            m,
+            "sustained, events/s into Kafka while the writers ran",
+            f(&sr["delivery_rate"]),
+            f(&sd["delivery_rate"]),
+            "",
+            0,
+        );
+        row(
+            m,
+            "sustained, delivery lag max",
+            f(&sr["delivery_lag_s"]["max"]),
+            f(&sd["delivery_lag_s"]["max"]),
+            " s",
+            2,
+        );
+        row(
+            m,
+            "sustained, CPU µs/event",
+            f(&sr["relay_cpu_us_per_event"]),
+            f(&sd["debezium_cpu_us_per_event"]),
+            "",
+            1,
+        );
+        row(
+            m,
+            "sustained, peak RSS",
+            f(&sr["relay_peak_rss_mb"]),
+            f(&sd["debezium_peak_rss_mb"]),
+            " MB",
+            1,
+        );
+    }
+    let _ = writeln!(m);
+    if !dd.is_null() {
+        let _ = writeln!(m, "Drain: Debezium's rate is taken from its first backlog record in Kafka to its last, polled every 20 ms ({} of {} events verified; its JVM started in {:.1} s and used {:.1} s of CPU in all, start-up included); its slot confirmed the end {} after its last record. It was started once before the backlog, on a warm-up row, so that its slot and stored offset predate the backlog.\n",
+            dd["verified_in_kafka"], r["drain"]["events"], f(&dd["startup_s"]), f(&dd["cpu_s_with_startup"]),
+            dd["slot_confirmed_after_last_record_s"].as_f64().map(|v| format!("{v:.1} s")).unwrap_or("not within 60 s".into()));
+    }
+    if !ld.is_null() {
+        let _ = writeln!(m, "Latency: Debezium published {} warm-up events before the clock started, so its JIT had compiled its hot path; {} of {} events received.\n",
+            ld["debezium_warm_up_events"], ld["received"], ld["committed"]);
+    }
+    let sd = &r["sustained"]["debezium"];
+    if !sd.is_null() {
+        let _ = writeln!(m, "Sustained: the same writers for {} s with Debezium as the reader, in a run of its own (shorter than the relay's {} s: where Debezium cannot keep up, its lag grows with the run's length and catching up takes as long again; the events/s into Kafka while the writers ran is its sustained rate). After the writers stopped, every event was in Kafka after {} more ({} of {} verified). Debezium's slot trails by up to `offset.flush.interval.ms` by design, and it confirms the last change it processed rather than the end of the WAL, so its catch-up is read from Kafka. CPU split over its run: {}.\n",
+            sd["seconds"], r["sustained"]["seconds"], sd["caught_up_after_stop_s"].as_f64().map(|v| format!("{v:.1} s")).unwrap_or("more than 300 s".into()), sd["verified_in_kafka"], sd["written"],
+            split_text(&sd["cpu_split"], &["debezium", "walsender", "broker"]));
+    }
+}
+
+fn relay_peak_rss(r: &Value) -> f64 {
+    [
+        f(&r["drain"]["relay"]["peak_rss_mb"]),
+        f(&r["latency"]["relay"]["relay_peak_rss_mb"]),
+        f(&r["sustained"]["relay_peak_rss_mb"]),
+    ]
+    .into_iter()
+    .filter(|v| v.is_finite())
+    .fold(f64::NAN, f64::max)
+}
+
+fn debezium_peak_rss(r: &Value) -> f64 {
+    [
+        f(&r["drain"]["debezium"]["peak_rss_mb"]),
+        f(&r["latency"]["debezium"]["debezium_peak_rss_mb"]),
+        f(&r["sustained"]["debezium"]["debezium_peak_rss_mb"]),
+    ]
+    .into_iter()
+    .filter(|v| v.is_finite())
+    .fold(f64::NAN, f64::max)
+}
