@@ -37,17 +37,30 @@ pub(crate) struct Debezium {
 impl Debezium {
     /// `scripts/debezium up` on `database`'s `public.outbox`, slot `slot`, routed by
     /// event_type into `topic_template` (the relay's `{event_type}` placeholder).
-    /// Returns once the connector's task runs and holds its slot.
+    /// Returns once the connector's task runs and holds its slot. Connect's offsets
+    /// are in a directory per `name`, under the log directory, which outlives a run:
+    /// the offsets a run left there are removed first (they name WAL of another
+    /// run's cluster), unless `resume` says that this start continues the previous
+    /// one's.
     pub(crate) fn up(
         a: &Args,
         database: &str,
         slot: &str,
         topic_template: &str,
         name: &str,
+        resume: bool,
     ) -> Result<Debezium> {
         let (_, _, port, _) = conninfo_parts(&a.database_url)?;
         let dir = a.log_dir.join(format!("bench-debezium-{name}"));
         let script = a.debezium_script.clone();
+        if !resume {
+            match std::fs::remove_file(dir.join("offsets")) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    bail!("remove Connect's old offsets in {}: {e}", dir.display())
+                }
+                _ => {}
+            }
+        }
         let linger = linger_ms().unwrap_or(5).to_string();
         let flush = OFFSET_FLUSH_MS.to_string();
         let topic = topic_template.replace("{event_type}", "${routedByValue}");

@@ -41,7 +41,7 @@ impl Prepared {
         let topic = format!("{base}.bench");
         create_topic(&cfg.a.brokers, &topic, cfg.a.partitions).await?;
         log("drain: starting Debezium once before the backlog, for its slot and a stored offset");
-        let d = Debezium::up(&cfg.a, database, SLOT, &template, NAME)?;
+        let d = Debezium::up(&cfg.a, database, SLOT, &template, NAME, false)?;
         c.batch_execute(
             "INSERT INTO outbox (event_type, aggregate_id, payload, processed_at) \
              VALUES ('bench', 'warm-up', '{\"seq\": -1}', now())",
@@ -98,7 +98,7 @@ impl Prepared {
         let up = {
             let (db, t) = (self.database.clone(), self.template.clone());
             let a = cfg.a.clone();
-            tokio::task::spawn_blocking(move || Debezium::up(&a, &db, SLOT, &t, NAME))
+            tokio::task::spawn_blocking(move || Debezium::up(&a, &db, SLOT, &t, NAME, true))
         };
         let wm = watermark_client(&cfg.a.brokers)?;
         let jvm_pid =

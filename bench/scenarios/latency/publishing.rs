@@ -115,6 +115,7 @@ impl Publishing {
                     "bench_debezium",
                     topic,
                     &format!("latency-{name}"),
+                    false,
                 )?;
                 warm_up_debezium(cfg, url, &topics.consumed[0], &d).await?;
                 debezium = Some(d);

@@ -159,9 +159,14 @@ async fn reader_run(cfg: &Cfg, kind: Kind) -> Result<RelayRun> {
             Reader::Relay(Relay::start(cfg, &url, topic, "sustained")?)
         }
         // A template without a placeholder: every event to the one topic.
-        Kind::Debezium => {
-            Reader::Debezium(Debezium::up(&cfg.a, db, DEBEZIUM_SLOT, topic, "sustained")?)
-        }
+        Kind::Debezium => Reader::Debezium(Debezium::up(
+            &cfg.a,
+            db,
+            DEBEZIUM_SLOT,
+            topic,
+            "sustained",
+            false,
+        )?),
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
     relay.check_alive()?;
