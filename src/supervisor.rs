@@ -17,6 +17,11 @@ use crate::observe::metrics::Metrics;
 use crate::pipeline::driver::{self, PipelineError, Summary};
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+/// How often a standby (another connection holds the slot) asks for it again.
+/// It does not back off: an attempt is one replication connection and two
+/// queries, stopped before Kafka, and this wait is most of the time a
+/// takeover takes after the active relay dies.
+pub const STANDBY_RETRY: Duration = Duration::from_millis(500);
 
 /// A session that streamed this long counts as healthy: the next failure
 /// starts the backoff from the beginning again.
@@ -64,6 +69,12 @@ impl Backoff {
     }
 }
 
+/// A standby's wait before it asks for the slot again: STANDBY_RETRY less up to
+/// a fifth at random, so two standbys do not ask in step.
+fn standby_delay() -> Duration {
+    STANDBY_RETRY.mul_f64(1.0 - 0.2 * unit_random())
+}
+
 /// A number in [0, 1) that differs between calls and processes (the
 /// standard library's per-process random hash keys): enough for jitter.
 fn unit_random() -> f64 {
@@ -94,7 +105,8 @@ pub async fn run(
         let stop = async move {
             let _ = rx.wait_for(|stop| *stop).await;
         };
-        if totals.sessions > 0 {
+        // A standby's attempts are not reconnects: it never had the slot.
+        if totals.sessions > 0 && metrics.standby.get() == 0 {
             metrics.reconnects.inc();
         }
         let (summary, result): (Summary, _) =
@@ -112,16 +124,21 @@ pub async fn run(
             Ok(()) => return Ok(totals),
             Err(e) => e,
         };
+        let was_standby = metrics.standby.get() == 1;
         if err.slot_in_use() {
             // Another consumer holds the slot (a standby that took over, say):
             // from now on its progress is legitimate, so trust the slot.
             resume = None;
+            metrics.standby.set(1);
             // A standby told to stop while it asked for the slot owes
             // nothing: a clean stop, not a failure.
             if *shutdown.borrow() {
                 tracing::info!("stopping while another relay holds the slot");
                 return Ok(totals);
             }
+        } else {
+            // Not refused for a holder: whatever this is, it is not standing by.
+            metrics.standby.set(0);
         }
         if !err.is_retriable() || *shutdown.borrow() {
             if let Some(hint) = err.hint() {
@@ -143,8 +160,16 @@ pub async fn run(
         {
             backoff.reset();
         }
-        let delay = backoff.next_delay();
+        let delay = if err.slot_in_use() {
+            standby_delay()
+        } else {
+            backoff.next_delay()
+        };
         match err.hint() {
+            // Said once when it becomes a standby, not at every attempt.
+            Some(hint) if err.slot_in_use() && was_standby => {
+                tracing::debug!(error = %err, retry_in = ?delay, "{hint}")
+            }
             Some(hint) => tracing::warn!(error = %err, retry_in = ?delay, "{hint}"),
             None => tracing::warn!(
                 error = %err,

@@ -52,6 +52,8 @@ pub struct Metrics {
     pub topic_partitions: Family<TopicLabels, Gauge>,
     pub partition_count_changes: Family<TopicLabels, Counter>,
     pub up: Gauge,
+    /// 1 while another connection holds the slot and this relay waits for it.
+    pub standby: Gauge,
     pub reconnects: Counter,
     /// Exactly-once: Kafka transactions committed and aborted, commit time,
     /// and Postgres transactions the progress topic showed already published.
@@ -108,6 +110,7 @@ impl Metrics {
         let topic_partitions = Family::<TopicLabels, Gauge>::default();
         let partition_count_changes = Family::<TopicLabels, Counter>::default();
         let up = Gauge::default();
+        let standby = Gauge::default();
         let reconnects = Counter::default();
         let stream_buffer_bytes = Gauge::default();
         let stream_spilled_bytes = Counter::default();
@@ -182,6 +185,11 @@ impl Metrics {
             up.clone(),
         );
         registry.register(
+            "outbox_standby",
+            "1 while another connection holds the slot and this relay waits to take it over",
+            standby.clone(),
+        );
+        registry.register(
             "outbox_reconnects",
             "Replication sessions started again after an error",
             reconnects.clone(),
@@ -228,6 +236,7 @@ impl Metrics {
             topic_partitions,
             partition_count_changes,
             up,
+            standby,
             reconnects,
             stream_buffer_bytes,
             stream_spilled_bytes,
@@ -333,6 +342,9 @@ impl Metrics {
     pub fn set_streaming(&self, on: bool) {
         self.streaming.store(on, Ordering::Relaxed);
         self.up.set(i64::from(on));
+        if on {
+            self.standby.set(0);
+        }
     }
 
     /// The pipeline's loop went round: it is not stuck.

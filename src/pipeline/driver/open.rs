@@ -111,12 +111,14 @@ pub(super) async fn check_publication(
 /// relays started with the flag never terminate each other's walsenders (a
 /// live holder makes this one a standby); a hung or half-open client that
 /// the server has not timed out yet is ended.
+///
+/// Returns whether it terminated the walsender.
 pub(super) async fn terminate_if_stale(
     conn: &mut ReplicationConnection,
     slot: &str,
     pid: i32,
     status_interval: Duration,
-) -> Result<(), PipelineError> {
+) -> Result<bool, PipelineError> {
     let quiet = (status_interval * 2).max(Duration::from_secs(5));
     let rows = conn
         .simple_query(&format!(
@@ -136,7 +138,7 @@ pub(super) async fn terminate_if_stale(
             "the walsender holding the slot has a live client (it reported within {}s): not terminating it; waiting as a standby",
             quiet.as_secs()
         );
-        return Ok(());
+        return Ok(false);
     }
     tracing::warn!(
         slot = %slot,
@@ -146,7 +148,21 @@ pub(super) async fn terminate_if_stale(
     );
     conn.simple_query(&format!("SELECT pg_terminate_backend({pid})"))
         .await?;
-    Ok(())
+    Ok(true)
+}
+
+/// The error START_REPLICATION gives for a slot another connection holds
+/// (SQLSTATE 55006, object in use), found before asking for it.
+fn slot_in_use(slot: &str, pid: i32) -> PipelineError {
+    PipelineError::Replication(ReplicationError::Server(
+        crate::pipeline::source::ServerError {
+            severity: "ERROR".into(),
+            code: "55006".into(),
+            message: format!("replication slot \"{slot}\" is active for PID {pid}"),
+            detail: None,
+            hint: None,
+        },
+    ))
 }
 
 /// The newest pgoutput protocol a server version speaks. Without
@@ -245,9 +261,14 @@ pub(super) async fn open(cfg: &RelayConfig, resume: Option<Lsn>) -> Result<Opene
             Some(t) if !t.is_zero() => cfg.status_interval.min(t / 2),
             _ => cfg.status_interval,
         };
-        if cfg.terminate_stale_walsender {
-            if let Some(pid) = slot.active_pid {
-                terminate_if_stale(&mut conn, &cfg.slot, pid, status_interval).await?;
+        if let Some(pid) = slot.active_pid {
+            let terminated = cfg.terminate_stale_walsender
+                && terminate_if_stale(&mut conn, &cfg.slot, pid, status_interval).await?;
+            // A standby's attempt ends here, before it builds a producer (and
+            // connects to Kafka) it cannot use: it is cheap enough to repeat
+            // every STANDBY_RETRY, which bounds the takeover.
+            if !terminated {
+                return Err(slot_in_use(&cfg.slot, pid));
             }
         }
         let server_version: u32 = conn
