@@ -20,15 +20,20 @@ impl ReplicationConnection {
         p: &ConnectParams,
         binding: Option<Vec<u8>>,
     ) -> Result<(), ReplicationError> {
+        // The walsender renders bytea with this session's setting; a
+        // database or role default of 'escape' would change the bytes the
+        // router decodes. Startup options outrank those defaults, and the
+        // last of them wins, so the URL's own options come first.
+        let options = match &p.options {
+            Some(o) if !o.trim().is_empty() => format!("{o} -c bytea_output=hex"),
+            _ => "-c bytea_output=hex".to_string(),
+        };
         let params = [
             ("user", p.user.as_str()),
             ("database", p.dbname.as_str()),
             ("replication", "database"),
             ("application_name", p.application_name.as_str()),
-            // The walsender renders bytea with this session's setting; a
-            // database or role default of 'escape' would change the bytes
-            // the router decodes. Startup options outrank those defaults.
-            ("options", "-c bytea_output=hex"),
+            ("options", options.as_str()),
             ("client_encoding", "UTF8"),
         ];
         frontend::startup_message(params.iter().copied(), &mut self.out)?;

@@ -145,8 +145,63 @@ pub struct ReplicationConnection {
 }
 
 impl ReplicationConnection {
-    /// Connects, authenticates and waits until the server is ready.
+    /// Connects, authenticates and waits until the server is ready: to the
+    /// first host of the URL that accepts and has the `target_session_attrs`
+    /// asked for, trying them in order as libpq does (after a failover the
+    /// old primary may still answer, read-only, or not at all).
     pub async fn connect(params: &ConnectParams) -> Result<Self, ReplicationError> {
+        use tokio_postgres::config::TargetSessionAttrs as Attrs;
+        let attrs = params.target_session_attrs;
+        if params.hosts.len() <= 1 && attrs == Attrs::Any {
+            return Self::connect_one(params).await;
+        }
+        let mut tried = Vec::new();
+        for (host, port) in &params.hosts {
+            let p = params.for_host(host, *port);
+            let mut conn = match Self::connect_one(&p).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tried.push(format!("{}: {e}", p.target()));
+                    continue;
+                }
+            };
+            if attrs == Attrs::Any {
+                return Ok(conn);
+            }
+            let read_only = match conn.show("transaction_read_only").await {
+                Ok(v) => v.trim() == "on",
+                Err(e) => {
+                    tried.push(format!("{}: {e}", p.target()));
+                    continue;
+                }
+            };
+            match (attrs, read_only) {
+                (Attrs::ReadWrite, false) | (Attrs::ReadOnly, true) => return Ok(conn),
+                (Attrs::ReadWrite, true) => tried.push(format!(
+                    "{}: read-only (a standby, or default_transaction_read_only), and target_session_attrs=read-write",
+                    p.target()
+                )),
+                _ => tried.push(format!(
+                    "{}: read-write, and target_session_attrs=read-only",
+                    p.target()
+                )),
+            }
+        }
+        Err(ReplicationError::Connect {
+            target: params
+                .hosts
+                .iter()
+                .map(|(h, port)| params.for_host(h, *port).target())
+                .collect::<Vec<_>>()
+                .join(","),
+            source: std::io::Error::other(format!(
+                "no host of the database URL would do: {}",
+                tried.join("; ")
+            )),
+        })
+    }
+
+    async fn connect_one(params: &ConnectParams) -> Result<Self, ReplicationError> {
         let target = params.target();
         let io_err = |source| ReplicationError::Connect {
             target: target.clone(),

@@ -14,8 +14,16 @@ use crate::pg::tls::TlsSettings;
 /// settings.
 #[derive(Clone)]
 pub struct ConnectParams {
+    /// The host this attempt connects to: the first of `hosts` until
+    /// [`ReplicationConnection::connect`] tries the others.
     pub host: HostAddr,
     pub port: u16,
+    /// Every host of the URL with its port (libpq's `host=a,b` and
+    /// `port=5432,5433`), tried in order, as libpq does.
+    pub hosts: Vec<(HostAddr, u16)>,
+    /// libpq's `target_session_attrs`: `read-write` skips a server in
+    /// recovery or read-only (a standby), `read-only` takes only one.
+    pub target_session_attrs: tokio_postgres::config::TargetSessionAttrs,
     pub user: String,
     pub password: Option<Vec<u8>>,
     pub dbname: String,
@@ -31,6 +39,10 @@ pub struct ConnectParams {
     /// used (`disable`).
     pub channel_binding: tokio_postgres::config::ChannelBinding,
     pub tls: TlsSettings,
+    /// libpq's `options` (from the URL): command-line options for the
+    /// walsender, e.g. `-c wal_sender_timeout=10s`, which bounds how long a
+    /// standby waits for the slot after the active relay's host is lost.
+    pub options: Option<String>,
 }
 
 impl std::fmt::Debug for ConnectParams {
@@ -59,13 +71,35 @@ impl ConnectParams {
     /// bare `tokio_postgres::Config` (its sslmode, no certificate files).
     pub fn from_config<D: DatabaseSource + ?Sized>(db: &D) -> Result<Self, ReplicationError> {
         let cfg = db.pg_config();
-        let host = match cfg.get_hosts().first() {
-            Some(Host::Tcp(h)) => HostAddr::Tcp(h.clone()),
-            #[cfg(unix)]
-            Some(Host::Unix(p)) => HostAddr::Unix(p.clone()),
-            None => HostAddr::Tcp("localhost".to_string()),
-        };
-        let port = cfg.get_ports().first().copied().unwrap_or(5432);
+        let ports = cfg.get_ports();
+        let mut hosts: Vec<(HostAddr, u16)> = Vec::new();
+        for (i, h) in cfg.get_hosts().iter().enumerate() {
+            // One port for every host, or one per host (libpq's rule).
+            let port = match ports.len() {
+                0 => 5432,
+                1 => ports[0],
+                _ => *ports.get(i).ok_or_else(|| {
+                    ReplicationError::Config(format!(
+                        "the database URL names {} hosts but {} ports: give one port, or one per host",
+                        cfg.get_hosts().len(),
+                        ports.len()
+                    ))
+                })?,
+            };
+            let addr = match h {
+                Host::Tcp(h) => HostAddr::Tcp(h.clone()),
+                #[cfg(unix)]
+                Host::Unix(p) => HostAddr::Unix(p.clone()),
+            };
+            hosts.push((addr, port));
+        }
+        if hosts.is_empty() {
+            hosts.push((
+                HostAddr::Tcp("localhost".to_string()),
+                ports.first().copied().unwrap_or(5432),
+            ));
+        }
+        let (host, port) = hosts[0].clone();
         let user = cfg
             .get_user()
             .map(str::to_string)
@@ -77,6 +111,8 @@ impl ConnectParams {
         Ok(ConnectParams {
             host,
             port,
+            hosts,
+            target_session_attrs: cfg.get_target_session_attrs(),
             user,
             password: cfg.get_password().map(<[u8]>::to_vec),
             dbname,
@@ -91,7 +127,17 @@ impl ConnectParams {
             tcp_user_timeout: None,
             channel_binding: cfg.get_channel_binding(),
             tls: db.tls_settings(),
+            options: cfg.get_options().map(str::to_string),
         })
+    }
+
+    /// These parameters for one host of the list.
+    pub(super) fn for_host(&self, host: &HostAddr, port: u16) -> ConnectParams {
+        ConnectParams {
+            host: host.clone(),
+            port,
+            ..self.clone()
+        }
     }
 
     pub(super) fn target(&self) -> String {
