@@ -257,11 +257,7 @@ fn show_headers(v: &[(String, Option<Vec<u8>>)]) -> String {
 /// The workload through Debezium (set up as `scripts/debezium up` does,
 /// plus `debezium_args`) and through `--preset debezium`; each event's two
 /// records, Debezium's context headers checked and taken off.
-async fn side_by_side(
-    name: &str,
-    debezium_args: &[&str],
-    relay_extra: &[&str],
-) -> Vec<(Record, Record)> {
+async fn side_by_side(name: &str, debezium_args: &[&str], relay_extra: &[&str]) -> SideBySide {
     let db = TestDb::new(name).await;
     db.exec(DEBEZIUM_TABLE).await;
     let run = unique("dbz");
@@ -315,6 +311,7 @@ async fn side_by_side(
     let mut relay = Relay::start(&relay_args(&db, &brokers(), &args));
     db.wait_streaming(&relay_slot).await;
 
+    let before = epoch_ms();
     for t in &workload(&types) {
         db.exec(t).await;
     }
@@ -336,13 +333,64 @@ async fn side_by_side(
         "Debezium's records; its log:\n{}",
         debezium.log_text()
     );
+    let read = epoch_ms();
     let extended = !debezium_args.contains(&"extended.headers.enabled=false");
     without_context_headers(&mut dbz, extended);
     let pairs = paired(&dbz, &dbz_prefix, &ours, &relay_prefix);
     drop(debezium);
     relay.terminate().await;
     db.drop().await;
-    pairs
+    SideBySide {
+        pairs,
+        written_from: before,
+        read_at: read,
+    }
+}
+
+/// Each event's records from both publishers, and when the workload began to be
+/// written and when its records had all been read (ms since the epoch).
+struct SideBySide {
+    pairs: Vec<(Record, Record)>,
+    written_from: i64,
+    read_at: i64,
+}
+
+fn epoch_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("a clock after 1970")
+        .as_millis() as i64
+}
+
+/// Both publishers stamp a record with the time they publish it (a CreateTime):
+/// the relay when it produces the record, Debezium's router with the change
+/// event's `ts_ms`, when the connector processed the change. Neither takes a
+/// column of the row or the commit time (Debezium's `table.field.event.timestamp`
+/// would, and has no counterpart in the relay): each lies between the start of
+/// the workload and the moment its records were read. Returns, per pair,
+/// Debezium's timestamp minus the relay's.
+fn publication_timestamps(run: &SideBySide) -> Vec<i64> {
+    let mut skew = Vec::new();
+    for (d, o) in &run.pairs {
+        let at = format!("{} {}", o.topic, o.header("id").unwrap_or_default());
+        let (dt, dk) = d
+            .timestamp
+            .unwrap_or_else(|| panic!("{at}: Debezium's record has no timestamp"));
+        let (ot, ok) = o
+            .timestamp
+            .unwrap_or_else(|| panic!("{at}: the relay's record has no timestamp"));
+        assert_eq!((dk, ok), ("CreateTime", "CreateTime"), "{at}");
+        for (who, t) in [("Debezium", dt), ("the relay", ot)] {
+            assert!(
+                (run.written_from..=run.read_at).contains(&t),
+                "{at}: {who}'s timestamp {t} is outside the run [{}, {}]: not the time it published",
+                run.written_from,
+                run.read_at
+            );
+        }
+        skew.push(dt - ot);
+    }
+    skew
 }
 
 /// With StringConverter keys and values (what `scripts/debezium` sets up)
@@ -351,9 +399,22 @@ async fn side_by_side(
 /// context headers: the next test has them.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn debezium_and_the_relay_publish_the_same_records() {
-    let mut differences = Vec::new();
     let no_context = ["--connector", "extended.headers.enabled=false"];
-    for (d, o) in side_by_side("dbz_diff", &no_context, &[]).await {
+    let run = side_by_side("dbz_diff", &no_context, &[]).await;
+    publication_timestamps(&run);
+    let differences = differences(&run.pairs);
+    assert!(
+        differences.is_empty(),
+        "{} differences (Debezium vs relay):\n{}",
+        differences.len(),
+        differences.join("\n")
+    );
+}
+
+/// Every way each pair's two records differ: topic, partition, key, value, headers.
+fn differences(pairs: &[(Record, Record)]) -> Vec<String> {
+    let mut differences = Vec::new();
+    for (d, o) in pairs {
         let at = format!("{} {}", o.topic, o.header("id").unwrap_or_default());
         if d.topic != o.topic {
             differences.push(format!("{at}: topic {} vs {}", d.topic, o.topic));
@@ -382,12 +443,60 @@ async fn debezium_and_the_relay_publish_the_same_records() {
             ));
         }
     }
-    assert!(
-        differences.is_empty(),
-        "{} differences (Debezium vs relay):\n{}",
-        differences.len(),
-        differences.join("\n")
+    differences
+}
+
+/// `route.tombstone.on.empty.payload=true`, with the JsonConverter setup of
+/// the next test (where a NULL payload is otherwise the text `null`): the
+/// event with a NULL payload is a tombstone, a record with the key and no
+/// value, as the relay always sends it; its headers and partition are the
+/// relay's too. docs/migrating-from-debezium.md says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_tombstones_on_empty_payloads_a_null_payload_is_a_record_without_a_value() {
+    let mut args = json_converter_args();
+    args.extend([
+        "--connector",
+        "transforms.outbox.route.tombstone.on.empty.payload=true",
+    ]);
+    let run = side_by_side("dbz_tomb", &args, &["--key-format", "json-string"]).await;
+    let nulls: Vec<&(Record, Record)> = run
+        .pairs
+        .iter()
+        .filter(|(_, o)| o.payload.is_none())
+        .collect();
+    assert_eq!(nulls.len(), 1, "the workload has one NULL payload");
+    let (d, o) = nulls[0];
+    assert_eq!(
+        d.payload, None,
+        "Debezium's record for a NULL payload: {d:?}"
     );
+    assert_eq!((&d.key, d.partition), (&o.key, o.partition));
+    assert_eq!(d.headers, o.headers);
+    // Every other event as without the setting: the same key bytes, so the
+    // same partitions.
+    for (d, o) in &run.pairs {
+        assert_eq!(
+            (&d.topic, &d.key, d.partition),
+            (&o.topic, &o.key, o.partition)
+        );
+    }
+}
+
+/// Keys and values through JsonConverter without schemas, and the router
+/// expanding JSON payloads: a common Debezium outbox setup.
+fn json_converter_args() -> Vec<&'static str> {
+    vec![
+        "--worker",
+        "key.converter=org.apache.kafka.connect.json.JsonConverter",
+        "--worker",
+        "key.converter.schemas.enable=false",
+        "--worker",
+        "value.converter=org.apache.kafka.connect.json.JsonConverter",
+        "--worker",
+        "value.converter.schemas.enable=false",
+        "--connector",
+        "transforms.outbox.table.expand.json.payload=true",
+    ]
 }
 
 /// With Debezium's JsonConverter (schemas off) for keys and values and
@@ -403,21 +512,11 @@ async fn debezium_and_the_relay_publish_the_same_records() {
 async fn with_the_json_converter_keys_are_quoted_and_values_reserialised() {
     let pairs = side_by_side(
         "dbz_json",
-        &[
-            "--worker",
-            "key.converter=org.apache.kafka.connect.json.JsonConverter",
-            "--worker",
-            "key.converter.schemas.enable=false",
-            "--worker",
-            "value.converter=org.apache.kafka.connect.json.JsonConverter",
-            "--worker",
-            "value.converter.schemas.enable=false",
-            "--connector",
-            "transforms.outbox.table.expand.json.payload=true",
-        ],
+        &json_converter_args(),
         &["--key-format", "json-string"],
     )
-    .await;
+    .await
+    .pairs;
     let (mut other_partition, mut expanded, mut encoded) = (0, 0, 0);
     for (d, o) in &pairs {
         let at = format!("{} {}", o.topic, o.header("id").unwrap_or_default());

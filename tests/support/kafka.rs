@@ -17,7 +17,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Headers;
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::{Message, Offset, Timestamp, TopicPartitionList};
 
 use super::{brokers, unique};
 
@@ -81,6 +81,9 @@ pub struct Record {
     pub key: Option<Vec<u8>>,
     pub payload: Option<Vec<u8>>,
     pub headers: Vec<(String, Option<Vec<u8>>)>,
+    /// The record's timestamp: (ms since the epoch, "CreateTime" or
+    /// "LogAppendTime"), None when the record has none.
+    pub timestamp: Option<(i64, &'static str)>,
 }
 
 impl Record {
@@ -201,6 +204,11 @@ fn consume_blocking(
                             .collect()
                     })
                     .unwrap_or_default(),
+                timestamp: match m.timestamp() {
+                    Timestamp::CreateTime(t) => Some((t, "CreateTime")),
+                    Timestamp::LogAppendTime(t) => Some((t, "LogAppendTime")),
+                    Timestamp::NotAvailable => None,
+                },
             });
         }
         if records.len() >= at_least && partitions.len() == topics.len() {
