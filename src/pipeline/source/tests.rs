@@ -163,3 +163,42 @@ fn quoting() {
     assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
     assert_eq!(quote_literal("it's"), "'it''s'");
 }
+
+/// libpq's multi-host form: one port for all hosts or one per host, in order,
+/// with target_session_attrs; a count of ports that fits neither is refused.
+#[test]
+fn several_hosts_with_their_ports_and_session_attrs() {
+    use tokio_postgres::config::TargetSessionAttrs;
+    let hosts = |s: &str| -> Result<ConnectParams, ReplicationError> {
+        let cfg: tokio_postgres::Config = s.parse().unwrap();
+        ConnectParams::from_config(&cfg)
+    };
+    let tcp = |p: &ConnectParams| -> Vec<String> {
+        p.hosts
+            .iter()
+            .map(|(h, port)| match h {
+                HostAddr::Tcp(h) => format!("{h}:{port}"),
+                #[cfg(unix)]
+                HostAddr::Unix(d) => format!("{}:{port}", d.display()),
+            })
+            .collect()
+    };
+    let p = hosts("host=a,b port=5432,5433 user=u target_session_attrs=read-write").unwrap();
+    assert_eq!(tcp(&p), ["a:5432", "b:5433"]);
+    assert_eq!(p.target_session_attrs, TargetSessionAttrs::ReadWrite);
+    assert_eq!(
+        p.target(),
+        "a:5432",
+        "the first host until connect tries the others"
+    );
+    let p = hosts("postgres://u@a:6000,b:6001/db?options=-c%20wal_sender_timeout%3D5s").unwrap();
+    assert_eq!(tcp(&p), ["a:6000", "b:6001"]);
+    assert_eq!(p.options.as_deref(), Some("-c wal_sender_timeout=5s"));
+    assert_eq!(p.target_session_attrs, TargetSessionAttrs::Any);
+    let p = hosts("host=a,b,c port=7000 user=u").unwrap();
+    assert_eq!(tcp(&p), ["a:7000", "b:7000", "c:7000"]);
+    match hosts("host=a,b,c port=1,2 user=u") {
+        Err(ReplicationError::Config(m)) => assert!(m.contains("3 hosts but 2 ports"), "{m}"),
+        other => panic!("{:?}", other.map(|p| p.hosts.len())),
+    }
+}
