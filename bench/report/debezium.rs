@@ -81,7 +81,7 @@ fn targets(m: &mut String, r: &Value) {
     if x < 0.9 {
         missed.push("drain_recvlogical");
     }
-    let (rr, dr) = (relay_peak_rss(r), debezium_peak_rss(r));
+    let (rr, dr) = (super::markdown::peak_rss(r), debezium_peak_rss(r));
     if dr.is_finite() {
         let _ = writeln!(m, "| peak RSS vs Debezium | relay {rr:.1} MB = 1/{:.0} of Debezium's | ≤ 1/20 | Debezium (Connect JVM) {dr:.0} MB; both the highest of their scenarios | {} |", dr / rr, verdict(rr * 20.0 <= dr));
         if rr * 20.0 > dr {
@@ -332,24 +332,11 @@ fn comparison(m: &mut String, r: &Value) {
     }
 }
 
-fn relay_peak_rss(r: &Value) -> f64 {
-    [
-        f(&r["drain"]["relay"]["peak_rss_mb"]),
-        f(&r["latency"]["relay"]["relay_peak_rss_mb"]),
-        f(&r["sustained"]["relay_peak_rss_mb"]),
-    ]
-    .into_iter()
-    .filter(|v| v.is_finite())
-    .fold(f64::NAN, f64::max)
-}
-
+/// Debezium's peak RSS: the highest of the scenarios it ran in.
 fn debezium_peak_rss(r: &Value) -> f64 {
-    [
-        f(&r["drain"]["debezium"]["peak_rss_mb"]),
-        f(&r["latency"]["debezium"]["debezium_peak_rss_mb"]),
-        f(&r["sustained"]["debezium"]["debezium_peak_rss_mb"]),
-    ]
-    .into_iter()
-    .filter(|v| v.is_finite())
-    .fold(f64::NAN, f64::max)
+    super::markdown::highest(&[
+        &r["drain"]["debezium"]["peak_rss_mb"],
+        &r["latency"]["debezium"]["debezium_peak_rss_mb"],
+        &r["sustained"]["debezium"]["debezium_peak_rss_mb"],
+    ])
 }

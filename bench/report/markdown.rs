@@ -138,16 +138,21 @@ fn target_rows_pollers(m: &mut String, r: &Value) {
 }
 
 /// The relay's peak RSS: the highest of the scenarios that ran.
-fn peak_rss(r: &Value) -> f64 {
-    let d = &r["drain"];
-    [
-        f(&d["relay"]["peak_rss_mb"]),
-        f(&r["latency"]["relay"]["relay_peak_rss_mb"]),
-        f(&r["sustained"]["relay_peak_rss_mb"]),
-    ]
-    .into_iter()
-    .filter(|v| v.is_finite())
-    .fold(f64::NAN, f64::max)
+pub(super) fn peak_rss(r: &Value) -> f64 {
+    highest(&[
+        &r["drain"]["relay"]["peak_rss_mb"],
+        &r["latency"]["relay"]["relay_peak_rss_mb"],
+        &r["sustained"]["relay_peak_rss_mb"],
+    ])
+}
+
+/// The highest of the figures present (NaN when none is).
+pub(super) fn highest(figures: &[&Value]) -> f64 {
+    figures
+        .iter()
+        .map(|v| f(v))
+        .filter(|v| v.is_finite())
+        .fold(f64::NAN, f64::max)
 }
 
 fn drain(m: &mut String, r: &Value) {
