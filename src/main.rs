@@ -23,10 +23,21 @@ struct Cli {
     command: Command,
 }
 
+#[derive(clap::Args)]
+struct SetupArgs {
+    #[command(flatten)]
+    options: Options,
+    /// Create the slot with failover = true (PostgreSQL 17+), so that a physical
+    /// standby with sync_replication_slots = on keeps a copy the relay resumes from
+    /// after a promotion.
+    #[arg(long)]
+    failover: bool,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Create the publication and the replication slot if missing (idempotent).
-    Setup(Options),
+    Setup(SetupArgs),
     /// Stream outbox events to Kafka until SIGTERM/SIGINT.
     Run(Options),
     /// Print records as they arrive in Kafka (topic, key, headers, payload).
@@ -128,8 +139,12 @@ async fn async_main() -> std::process::ExitCode {
         // Operator commands print their results on stdout; warnings only.
         init_logging(LogFormat::Text, "warn");
     }
+    let mut failover = false;
     let (opts, is_setup) = match cli.command {
-        Command::Setup(o) => (o, true),
+        Command::Setup(a) => {
+            failover = a.failover;
+            (a.options, true)
+        }
         Command::Run(o) => (o, false),
         Command::Tail(t) => return outbox_relay::commands::tail::command(t).await.into(),
         c @ (Command::Status(_) | Command::Check(_)) => return report(cli.config, c).await,
@@ -161,7 +176,7 @@ async fn async_main() -> std::process::ExitCode {
     };
     init_logging(cfg.log_format, "info");
     let result: anyhow::Result<()> = if is_setup {
-        setup::run(&cfg)
+        setup::run(&cfg, setup::SlotKind { failover })
             .await
             .map(|lines| lines.iter().for_each(|l| println!("{l}")))
             .context("setup failed")

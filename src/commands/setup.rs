@@ -40,6 +40,17 @@ pub enum SetupError {
     },
     #[error("replication slot {slot} is physical; the relay needs a logical slot: choose another --slot")]
     PhysicalSlot { slot: String },
+    #[error("--failover needs PostgreSQL 17 or later, which copies failover slots to a physical standby (sync_replication_slots); this server is {version}. Without it a promoted standby has no slot: after a failover run `outbox-relay backfill` on the new primary, or upgrade")]
+    FailoverUnsupported { version: String },
+    #[error("replication slot {slot} exists without failover, and --failover asks for it: a standby will not keep a copy. Recreate it while no relay runs and nothing is pending (SELECT pg_drop_replication_slot('{slot}'), then setup --failover), or over a replication connection: ALTER_REPLICATION_SLOT {slot} (FAILOVER true)")]
+    NotFailover { slot: String },
+}
+
+/// How `setup` creates the slot.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SlotKind {
+    /// `failover = true` (PostgreSQL 17+): synchronised to physical standbys.
+    pub failover: bool,
 }
 
 /// Opens an ordinary SQL connection (the relay's own, not replication),
@@ -179,7 +190,7 @@ pub async fn ensure_publication(client: &Client, cfg: &RelayConfig) -> Result<St
 }
 
 /// Runs the setup and returns the lines that explain what it did.
-pub async fn run(cfg: &RelayConfig) -> Result<Vec<String>, SetupError> {
+pub async fn run(cfg: &RelayConfig, kind: SlotKind) -> Result<Vec<String>, SetupError> {
     let client = connect(cfg).await?;
     let mut report = Vec::new();
 
@@ -193,33 +204,71 @@ pub async fn run(cfg: &RelayConfig) -> Result<Vec<String>, SetupError> {
     report.push(ensure_publication(&client, cfg).await?);
 
     let slot = &cfg.slot;
+    let version: i32 = client
+        .query_one("SELECT current_setting('server_version_num')::int", &[])
+        .await
+        .map_err(sql("reading server_version_num"))?
+        .get(0);
+    if kind.failover && version < 170000 {
+        let v: String = client
+            .query_one("SELECT current_setting('server_version')", &[])
+            .await
+            .map_err(sql("reading server_version"))?
+            .get(0);
+        return Err(SetupError::FailoverUnsupported { version: v });
+    }
+    // The failover column exists from PostgreSQL 17.
+    let failover_col = if version >= 170000 {
+        "failover::text"
+    } else {
+        "'false'"
+    };
     let slot_row = client
         .query_opt(
-            "SELECT slot_type, coalesce(plugin, ''), coalesce(database, ''), current_database(),
-                    coalesce(confirmed_flush_lsn::text, '')
-               FROM pg_replication_slots WHERE slot_name = $1",
+            &format!(
+                "SELECT slot_type, coalesce(plugin, ''), coalesce(database, ''), current_database(),
+                        coalesce(confirmed_flush_lsn::text, ''), {failover_col}
+                   FROM pg_replication_slots WHERE slot_name = $1"
+            ),
             &[slot],
         )
         .await
         .map_err(sql("reading pg_replication_slots"))?;
     match slot_row {
         None => {
+            let create = if kind.failover {
+                // (name, plugin, temporary, two_phase, failover)
+                "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)"
+            } else {
+                "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')"
+            };
             let row = client
-                .query_one(
-                    "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
-                    &[slot],
-                )
+                .query_one(create, &[slot])
                 .await
                 .map_err(sql(format!("creating replication slot {slot}")))?;
             let lsn: String = row.get(0);
             report.push(format!(
-                "created logical replication slot {slot} (pgoutput) at {lsn}: events committed from now on will be published"
+                "created logical replication slot {slot} (pgoutput{}) at {lsn}: events committed from now on will be published",
+                if kind.failover { ", failover" } else { "" }
             ));
         }
         Some(row) => {
-            let (kind, plugin, db, ours, lsn): (String, String, String, String, String) =
-                (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
-            if kind != "logical" {
+            let (slot_type, plugin, db, ours, lsn, failover): (
+                String,
+                String,
+                String,
+                String,
+                String,
+                String,
+            ) = (
+                row.get(0),
+                row.get(1),
+                row.get(2),
+                row.get(3),
+                row.get(4),
+                row.get(5),
+            );
+            if slot_type != "logical" {
                 return Err(SetupError::PhysicalSlot { slot: slot.clone() });
             }
             if plugin != "pgoutput" {
@@ -235,8 +284,13 @@ pub async fn run(cfg: &RelayConfig) -> Result<Vec<String>, SetupError> {
                     ours,
                 });
             }
+            let failover = failover == "true";
+            if kind.failover && !failover {
+                return Err(SetupError::NotFailover { slot: slot.clone() });
+            }
             report.push(format!(
-                "replication slot {slot} exists (pgoutput), confirmed up to {lsn}"
+                "replication slot {slot} exists (pgoutput{}), confirmed up to {lsn}",
+                if failover { ", failover" } else { "" }
             ));
         }
     }
