@@ -710,6 +710,21 @@ async fn setup_failover_creates_a_failover_slot_or_says_what_is_missing() {
             .await
             .unwrap();
         assert!(created.is_none(), "nothing created on a refusal");
+        // status has no failover flag to show before 17.
+        let plain = format!("p_{}", db.name);
+        let (code, out, err) = setup(&plain, false);
+        assert_eq!(code, 0, "{out}{err}");
+        let (code, out, err) = relay_cmd(&[
+            "status",
+            "--database-url",
+            &db.url,
+            "--slot",
+            &plain,
+            "--json",
+        ]);
+        assert_eq!(code, 0, "{out}{err}");
+        let st: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(st["failover"], serde_json::Value::Null, "{st}");
         db.drop().await;
         return;
     }
@@ -730,6 +745,24 @@ async fn setup_failover_creates_a_failover_slot_or_says_what_is_missing() {
         .unwrap()
         .get(0);
     assert!(failover, "the slot's failover flag");
+    let status = |slot: &str| {
+        let (code, out, err) = relay_cmd(&[
+            "status",
+            "--database-url",
+            &db.url,
+            "--slot",
+            slot,
+            "--json",
+        ]);
+        assert_eq!(code, 0, "{out}{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    };
+    let st = status(&slot);
+    assert_eq!(
+        (&st["failover"], &st["synced"]),
+        (&serde_json::json!(true), &serde_json::json!(false)),
+        "status on the primary: {st}"
+    );
     let (code, out, err) = setup(&slot, true);
     assert_eq!(code, 0, "{out}{err}");
     assert!(

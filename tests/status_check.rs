@@ -75,7 +75,7 @@ fn setup(db: &TestDb, slot: &str) {
     assert_eq!(code, 0, "{out}{err}");
 }
 
-const STATUS_KEYS: [&str; 24] = [
+const STATUS_KEYS: [&str; 26] = [
     "slot",
     "slot_exists",
     "slot_type",
@@ -89,6 +89,8 @@ const STATUS_KEYS: [&str; 24] = [
     "unconfirmed_bytes",
     "wal_status",
     "safe_wal_size",
+    "failover",
+    "synced",
     "current_wal_lsn",
     "publication",
     "publication_exists",

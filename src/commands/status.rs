@@ -53,6 +53,12 @@ pub struct Status {
     /// Bytes that can still be written before the slot is lost; `null` when
     /// `max_slot_wal_keep_size` is -1 (unlimited).
     pub safe_wal_size: Option<i64>,
+    /// The slot's `failover` flag (PostgreSQL 17+; `null` before): a physical
+    /// standby with `sync_replication_slots = on` keeps a copy of it.
+    pub failover: Option<bool>,
+    /// `synced` (PostgreSQL 17+): true on a standby whose copy of the slot is
+    /// synchronised from the primary; false on the primary itself.
+    pub synced: Option<bool>,
     /// `pg_current_wal_lsn()` when this was read.
     pub current_wal_lsn: String,
     pub publication: String,
@@ -92,18 +98,27 @@ pub async fn collect(client: &Client, cfg: &RelayConfig) -> Result<Status, Statu
         .map_err(sql("reading the server version and WAL position"))?;
     let database: String = server.get(0);
     let current_wal_lsn: Option<String> = server.get(3);
+    let version: i32 = server.get(2);
+    // failover and synced exist from PostgreSQL 17.
+    let flags = if version >= 170000 {
+        "failover, synced"
+    } else {
+        "NULL::bool, NULL::bool"
+    };
 
     let slot = client
         .query_opt(
-            "SELECT slot_type, plugin, database::text, active, active_pid,
-                    confirmed_flush_lsn::text, restart_lsn::text,
-                    pg_wal_lsn_diff(cur, restart_lsn)::bigint,
-                    pg_wal_lsn_diff(cur, confirmed_flush_lsn)::bigint,
-                    wal_status, safe_wal_size
-               FROM pg_replication_slots,
-                    LATERAL (SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
-                                         ELSE pg_current_wal_lsn() END AS cur) AS c
-              WHERE slot_name = $1",
+            &format!(
+                "SELECT slot_type, plugin, database::text, active, active_pid,
+                        confirmed_flush_lsn::text, restart_lsn::text,
+                        pg_wal_lsn_diff(cur, restart_lsn)::bigint,
+                        pg_wal_lsn_diff(cur, confirmed_flush_lsn)::bigint,
+                        wal_status, safe_wal_size, {flags}
+                   FROM pg_replication_slots,
+                        LATERAL (SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
+                                             ELSE pg_current_wal_lsn() END AS cur) AS c
+                  WHERE slot_name = $1"
+            ),
             &[&cfg.slot],
         )
         .await
@@ -153,6 +168,8 @@ pub async fn collect(client: &Client, cfg: &RelayConfig) -> Result<Status, Statu
         unconfirmed_bytes: s.and_then(|r| r.get(8)),
         wal_status: s.and_then(|r| r.get(9)),
         safe_wal_size: s.and_then(|r| r.get(10)),
+        failover: s.and_then(|r| r.get(11)),
+        synced: s.and_then(|r| r.get(12)),
         current_wal_lsn: current_wal_lsn.unwrap_or_default(),
         publication: cfg.publication.clone(),
         publication_exists: publication.is_some(),
@@ -303,6 +320,19 @@ pub fn render_table(s: &Status) -> String {
                 None => "unlimited (max_slot_wal_keep_size = -1)".into(),
             },
         ));
+        rows.push((
+            "failover",
+            match (s.failover, s.synced) {
+                (None, _) => "- (PostgreSQL 17+)".into(),
+                (Some(false), _) => {
+                    "no: a standby keeps no copy (outbox-relay setup --failover)".into()
+                }
+                (Some(true), Some(true)) => {
+                    "yes, synced from the primary (this is a standby)".into()
+                }
+                (Some(true), _) => "yes".into(),
+            },
+        ));
     } else {
         rows.push((
             "slot exists",
@@ -428,6 +458,8 @@ mod tests {
             unconfirmed_bytes: Some(0),
             wal_status: Some("reserved".into()),
             safe_wal_size: None,
+            failover: None,
+            synced: None,
             current_wal_lsn: "0/1A2B3C4".into(),
             publication: "outbox_pub".into(),
             publication_exists: true,
