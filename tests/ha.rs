@@ -103,23 +103,46 @@ async fn all_delivered(topic: &str, written: u64) -> usize {
     total - ns.len()
 }
 
+/// A test's database with the classic outbox, its slot, and the topic the
+/// relays publish its events to.
+struct Outbox {
+    db: TestDb,
+    slot: String,
+    topic: String,
+}
+
+impl Outbox {
+    async fn new(name: &str) -> Outbox {
+        let db = TestDb::new(name).await;
+        let slot = db.classic_outbox().await;
+        let topic = format!("{}.T", unique(name));
+        Outbox { db, slot, topic }
+    }
+
+    /// `run`'s arguments for this outbox, the database URL being `url`.
+    fn args(&self, url: &str, extra: &[&str]) -> Vec<String> {
+        let template = self.topic.replace(".T", ".{event_type}");
+        let mut all = vec!["--slot", &self.slot, "--topic", &template];
+        all.extend_from_slice(extra);
+        let mut args = relay_args(&self.db, &brokers(), &all);
+        args[1] = url.to_string();
+        args
+    }
+}
+
+/// `url` with one more query parameter.
+fn with_param(url: &str, kv: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}{kv}")
+}
+
 /// SIGKILL the active relay three times under load (A, then B, then A again,
 /// each restarted as the standby): each time the other streams within 2 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_standby_takes_over_within_two_seconds_of_a_sigkill() {
-    let db = TestDb::new("ha_kill").await;
-    let slot = db.classic_outbox().await;
-    let topic = format!("{}.T", unique("ha_kill"));
-    let args = relay_args(
-        &db,
-        &brokers(),
-        &[
-            "--slot",
-            &slot,
-            "--topic",
-            &topic.replace(".T", ".{event_type}"),
-        ],
-    );
+    let o = Outbox::new("ha_kill").await;
+    let (db, slot, topic) = (&o.db, &o.slot, &o.topic);
+    let args = o.args(&db.url, &[]);
     let mut active = Relay::start(&args);
     let mut active_addr = active.http_address().await;
     until_streaming(&active_addr, Instant::now(), "the first relay to stream").await;
@@ -127,7 +150,7 @@ async fn the_standby_takes_over_within_two_seconds_of_a_sigkill() {
     let mut standby_addr = standby.http_address().await;
     until_standby(&standby_addr, "the second relay to stand by").await;
 
-    let load = Load::start(&db, 500).await;
+    let load = Load::start(db, 500).await;
     let mut takeovers = Vec::new();
     for round in 0..3 {
         // Events in flight at the moment of the kill, and a standby that has
@@ -154,9 +177,9 @@ async fn the_standby_takes_over_within_two_seconds_of_a_sigkill() {
     }
     let written = load.stop().await;
     let end = db.current_wal_lsn().await;
-    db.wait_confirmed(&slot, end, "the active relay to confirm the load")
+    db.wait_confirmed(slot, end, "the active relay to confirm the load")
         .await;
-    let duplicates = all_delivered(&topic, written).await;
+    let duplicates = all_delivered(topic, written).await;
     eprintln!(
         "takeover after SIGKILL: {:?}; {written} events, {duplicates} repeated",
         takeovers
@@ -170,7 +193,7 @@ async fn the_standby_takes_over_within_two_seconds_of_a_sigkill() {
     assert!(active.is_running() && standby.is_running());
     active.terminate().await;
     standby.terminate().await;
-    db.drop().await;
+    o.db.drop().await;
 }
 
 /// The active relay's host is lost: the fault proxy black-holes its Postgres
@@ -182,26 +205,16 @@ async fn the_standby_takes_over_within_two_seconds_of_a_sigkill() {
 /// progress record) and stands by: no false "slot moved ahead" (review M11).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_host_loss_the_standby_takes_over_and_the_lost_relay_stands_by() {
-    let db = TestDb::new("ha_host").await;
-    let slot = db.classic_outbox().await;
-    let topic = format!("{}.T", unique("ha_host"));
+    let o = Outbox::new("ha_host").await;
+    let (db, slot, topic) = (&o.db, &o.slot, &o.topic);
     let proxy = Proxy::start(pg_addr(&db.url)).await;
-    let with_timeout = |url: &str| {
-        let sep = if url.contains('?') { '&' } else { '?' };
-        format!("{url}{sep}options=-c%20wal_sender_timeout%3D2s")
-    };
-    let extra = [
-        "--slot",
-        &slot,
-        "--topic",
-        &topic.replace(".T", ".{event_type}"),
-        "--replication-timeout",
-        "3",
-    ];
-    let mut lost_args = relay_args(&db, &brokers(), &extra);
-    lost_args[1] = with_timeout(&via(&db.url, &proxy.addr()));
-    let mut survivor_args = relay_args(&db, &brokers(), &extra);
-    survivor_args[1] = with_timeout(&db.url);
+    let timeout = "options=-c%20wal_sender_timeout%3D2s";
+    let replication_timeout = ["--replication-timeout", "3"];
+    let lost_args = o.args(
+        &with_param(&via(&db.url, &proxy.addr()), timeout),
+        &replication_timeout,
+    );
+    let survivor_args = o.args(&with_param(&db.url, timeout), &replication_timeout);
 
     let mut lost = Relay::start(&lost_args);
     let lost_addr = lost.http_address().await;
@@ -215,7 +228,7 @@ async fn after_a_host_loss_the_standby_takes_over_and_the_lost_relay_stands_by()
     let survivor_addr = survivor.http_address().await;
     until_standby(&survivor_addr, "the other relay to stand by").await;
 
-    let load = Load::start(&db, 500).await;
+    let load = Load::start(db, 500).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let cut = Instant::now();
     proxy.set_mode(Mode::Stall);
@@ -233,9 +246,9 @@ async fn after_a_host_loss_the_standby_takes_over_and_the_lost_relay_stands_by()
     tokio::time::sleep(Duration::from_secs(2)).await;
     let written = load.stop().await;
     let end = db.current_wal_lsn().await;
-    db.wait_confirmed(&slot, end, "the survivor to confirm the load")
+    db.wait_confirmed(slot, end, "the survivor to confirm the load")
         .await;
-    let duplicates = all_delivered(&topic, written).await;
+    let duplicates = all_delivered(topic, written).await;
     eprintln!(
         "takeover after a host loss (wal_sender_timeout 2s): {took:?}; {written} events, {duplicates} repeated"
     );
@@ -252,7 +265,8 @@ async fn after_a_host_loss_the_standby_takes_over_and_the_lost_relay_stands_by()
     );
     lost.terminate().await;
     survivor.terminate().await;
-    db.drop().await;
+    drop(proxy);
+    o.db.drop().await;
 }
 
 /// Several hosts in the database URL, as libpq takes them: the first does not
@@ -260,25 +274,11 @@ async fn after_a_host_loss_the_standby_takes_over_and_the_lost_relay_stands_by()
 /// is read-write as `target_session_attrs` asks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_url_with_several_hosts_connects_to_the_first_that_answers() {
-    let db = TestDb::new("ha_hosts").await;
-    let slot = db.classic_outbox().await;
-    let topic = format!("{}.T", unique("ha_hosts"));
-    let pg = pg_addr(&db.url);
+    let o = Outbox::new("ha_hosts").await;
     let gone = format!("127.0.0.1:{}", free_port());
-    let url = via(&db.url, &format!("{gone},{pg}"));
-    let sep = if url.contains('?') { '&' } else { '?' };
-    let url = format!("{url}{sep}target_session_attrs=read-write&connect_timeout=2");
-    let mut args = relay_args(
-        &db,
-        &brokers(),
-        &[
-            "--slot",
-            &slot,
-            "--topic",
-            &topic.replace(".T", ".{event_type}"),
-        ],
-    );
-    args[1] = url;
+    let url = via(&o.db.url, &format!("{gone},{}", pg_addr(&o.db.url)));
+    let url = with_param(&url, "target_session_attrs=read-write&connect_timeout=2");
+    let args = o.args(&url, &[]);
     let mut relay = Relay::start(&args);
     let addr = relay.http_address().await;
     until_streaming(
@@ -287,12 +287,12 @@ async fn a_url_with_several_hosts_connects_to_the_first_that_answers() {
         "the relay to stream from the second host",
     )
     .await;
-    db.exec(
+    o.db.exec(
         "INSERT INTO outbox (event_type, aggregate_id, payload) \
          SELECT 'T', 'a', jsonb_build_object('n', g) FROM generate_series(0, 9) g",
     )
     .await;
-    assert_eq!(all_delivered(&topic, 10).await, 0);
+    assert_eq!(all_delivered(&o.topic, 10).await, 0);
     relay.terminate().await;
-    db.drop().await;
+    o.db.drop().await;
 }
