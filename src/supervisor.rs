@@ -21,7 +21,7 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 /// It does not back off: an attempt is one replication connection and two
 /// queries, stopped before Kafka, and this wait is most of the time a
 /// takeover takes after the active relay dies.
-pub const STANDBY_RETRY: Duration = Duration::from_millis(500);
+const STANDBY_RETRY: Duration = Duration::from_millis(500);
 
 /// A session that streamed this long counts as healthy: the next failure
 /// starts the backoff from the beginning again.
@@ -99,6 +99,9 @@ pub async fn run(
     let mut backoff = Backoff::new(cfg.reconnect_max_backoff);
     let mut resume: Option<Lsn> = None;
     let mut carry = driver::Carry::default();
+    // Whether the last session was refused because another connection holds
+    // the slot. The gauge mirrors it; a session that streams clears the gauge.
+    let mut standby = false;
     loop {
         let started = Instant::now();
         let mut rx = shutdown.clone();
@@ -106,7 +109,7 @@ pub async fn run(
             let _ = rx.wait_for(|stop| *stop).await;
         };
         // A standby's attempts are not reconnects: it never had the slot.
-        if totals.sessions > 0 && metrics.standby.get() == 0 {
+        if totals.sessions > 0 && !standby {
             metrics.reconnects.inc();
         }
         let (summary, result): (Summary, _) =
@@ -124,21 +127,19 @@ pub async fn run(
             Ok(()) => return Ok(totals),
             Err(e) => e,
         };
-        let was_standby = metrics.standby.get() == 1;
-        if err.slot_in_use() {
+        let was_standby = standby;
+        standby = err.slot_in_use();
+        metrics.standby.set(i64::from(standby));
+        if standby {
             // Another consumer holds the slot (a standby that took over, say):
             // from now on its progress is legitimate, so trust the slot.
             resume = None;
-            metrics.standby.set(1);
             // A standby told to stop while it asked for the slot owes
             // nothing: a clean stop, not a failure.
             if *shutdown.borrow() {
                 tracing::info!("stopping while another relay holds the slot");
                 return Ok(totals);
             }
-        } else {
-            // Not refused for a holder: whatever this is, it is not standing by.
-            metrics.standby.set(0);
         }
         if !err.is_retriable() || *shutdown.borrow() {
             if let Some(hint) = err.hint() {
@@ -160,14 +161,14 @@ pub async fn run(
         {
             backoff.reset();
         }
-        let delay = if err.slot_in_use() {
+        let delay = if standby {
             standby_delay()
         } else {
             backoff.next_delay()
         };
         match err.hint() {
             // Said once when it becomes a standby, not at every attempt.
-            Some(hint) if err.slot_in_use() && was_standby => {
+            Some(hint) if standby && was_standby => {
                 tracing::debug!(error = %err, retry_in = ?delay, "{hint}")
             }
             Some(hint) => tracing::warn!(error = %err, retry_in = ?delay, "{hint}"),
