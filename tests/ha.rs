@@ -61,10 +61,6 @@ impl Load {
     }
 }
 
-async fn relay_metric(addr: &str, sample: &str) -> Option<f64> {
-    metric(&http_get(addr, "/metrics").await.1, sample)
-}
-
 /// Waits until the relay at `addr` streams from the slot; returns how long it took.
 async fn until_streaming(addr: &str, since: Instant, what: &str) -> Duration {
     wait_until(Duration::from_secs(120), what, || async {
@@ -128,12 +124,6 @@ impl Outbox {
         args[1] = url.to_string();
         args
     }
-}
-
-/// `url` with one more query parameter.
-fn with_param(url: &str, kv: &str) -> String {
-    let sep = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{sep}{kv}")
 }
 
 /// SIGKILL the active relay three times under load (A, then B, then A again,

@@ -473,17 +473,6 @@ async fn type_change_with(reconnect: bool) {
     db.drop().await;
 }
 
-/// A URL with a query parameter added.
-fn with_param(url: &str, param: &str) -> String {
-    let sep = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{sep}{param}")
-}
-
-/// The relay's value of one metric, read over HTTP.
-async fn relay_metric(addr: &str, sample: &str) -> Option<f64> {
-    metric(&http_get(addr, "/metrics").await.1, sample)
-}
-
 /// H2 of the December 2026 review. The fault proxy black-holes the Postgres
 /// side (the connection stays open, nothing gets through): the session ends
 /// within --replication-timeout instead of the kernel's TCP retry time, each

@@ -121,6 +121,17 @@ pub fn run_ok(cmd: &mut std::process::Command, what: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The relay's value of one metric, read over HTTP from its endpoint at `addr`.
+pub async fn relay_metric(addr: &str, sample: &str) -> Option<f64> {
+    metric(&http_get(addr, "/metrics").await.1, sample)
+}
+
+/// A URL with a query parameter (`key=value`) added.
+pub fn with_param(url: &str, param: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}{param}")
+}
+
 /// The value of one sample line of a Prometheus exposition.
 pub fn metric(text: &str, sample: &str) -> Option<f64> {
     text.lines()
