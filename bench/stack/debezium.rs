@@ -11,7 +11,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use super::kafka::linger_ms;
 use super::pg::conninfo_parts;
-use super::proc::{proc_cpu_secs, proc_status_kb};
+use super::proc::{log_tail, proc_cpu_secs, proc_status_kb};
 use crate::{log, Args};
 
 /// The JVM options Kafka's own `connect-standalone.sh` starts Connect with (its
@@ -112,11 +112,9 @@ impl Debezium {
 
     pub(crate) fn check_alive(&self) -> Result<()> {
         if proc_cpu_secs(self.pid, 100.0).is_none() {
-            let text = std::fs::read_to_string(self.dir.join("connect.log")).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(20).collect();
             bail!(
                 "Kafka Connect exited; last lines of its log:\n{}",
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                log_tail(&self.dir.join("connect.log"), 20)
             );
         }
         Ok(())

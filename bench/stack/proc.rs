@@ -125,3 +125,11 @@ impl CpuSplit {
         out
     }
 }
+
+/// The last `n` lines of a log file (empty when it cannot be read), for the error
+/// of a child process that exited.
+pub(crate) fn log_tail(path: &std::path::Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use super::kafka::linger_ms;
-use super::proc::{proc_cpu_secs, proc_status_kb};
+use super::proc::{log_tail, proc_cpu_secs, proc_status_kb};
 use super::Cfg;
 use crate::log;
 
@@ -195,12 +195,10 @@ impl Relay {
 
     pub(crate) fn check_alive(&mut self) -> Result<()> {
         if let Some(st) = self.child.try_wait()? {
-            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(20).collect();
             bail!(
                 "the relay exited ({st}); last lines of {}:\n{}",
                 self.log.display(),
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                log_tail(&self.log, 20)
             );
         }
         Ok(())
