@@ -245,25 +245,114 @@ impl TempCluster {
         let hba_path = data.join("pg_hba.conf");
         let default = std::fs::read_to_string(&hba_path).unwrap();
         std::fs::write(&hba_path, format!("{}\n{}", hba.join("\n"), default)).unwrap();
+        let cluster = TempCluster { dir, port, bin };
+        cluster.launch(settings);
+        cluster
+    }
+
+    /// A physical standby of `primary`, streaming from it through the
+    /// physical slot `physical_slot` (created by pg_basebackup), with
+    /// `settings` on top of the primary's defaults. Its primary_conninfo
+    /// names a database, which slot synchronisation (PostgreSQL 17+) needs.
+    /// Returns once it accepts connections (hot standby).
+    pub fn standby_of(
+        primary: &TempCluster,
+        physical_slot: &str,
+        settings: &[&str],
+    ) -> TempCluster {
+        let bin = primary.bin.clone();
+        let dir = std::env::temp_dir().join(unique("pgstandby"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let _ = Command::new("chown")
+            .args(["postgres", dir.to_str().unwrap()])
+            .status();
+        let data = dir.join("data");
+        let ok = run_as_postgres(
+            &bin.join("pg_basebackup"),
+            &[
+                "-d".into(),
+                format!(
+                    "host=127.0.0.1 port={} user=postgres dbname=postgres",
+                    primary.port
+                ),
+                "-D".into(),
+                data.display().to_string(),
+                "-R".into(),
+                "-C".into(),
+                "-S".into(),
+                physical_slot.into(),
+                "-X".into(),
+                "stream".into(),
+                "--no-sync".into(),
+            ],
+        );
+        assert!(ok, "pg_basebackup of the cluster on port {}", primary.port);
+        let cluster = TempCluster {
+            dir,
+            port: free_port(),
+            bin,
+        };
+        let mut all = vec!["hot_standby=on"];
+        all.extend_from_slice(settings);
+        cluster.launch(&all);
+        cluster
+    }
+
+    fn launch(&self, settings: &[&str]) {
+        let data = self.dir.join("data");
         let mut opts = format!(
-            "-c port={port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c wal_level=logical -c fsync=off",
-            data.display()
+            "-c port={} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c wal_level=logical -c fsync=off",
+            self.port,
+            // Outside the data directory, so pg_basebackup has no socket to skip.
+            self.dir.display()
         );
         for s in settings {
             opts.push_str(&format!(" -c {s}"));
         }
-        run(vec![
-            bin.join("pg_ctl").display().to_string(),
+        let args = [
             "-D".into(),
             data.display().to_string(),
             "-w".into(),
             "-l".into(),
-            dir.join("pg.log").display().to_string(),
+            self.dir.join("pg.log").display().to_string(),
             "-o".into(),
             opts,
             "start".into(),
-        ]);
-        TempCluster { dir, port, bin }
+        ];
+        assert!(
+            run_as_postgres(&self.bin.join("pg_ctl"), &args),
+            "pg_ctl start {args:?}; log in {}",
+            self.dir.display()
+        );
+    }
+
+    /// `pg_ctl promote`: the standby becomes a primary. Returns once it
+    /// accepts writes.
+    pub fn promote(&self) {
+        let data = self.dir.join("data").display().to_string();
+        let ok = run_as_postgres(
+            &self.bin.join("pg_ctl"),
+            &["-D".into(), data, "-w".into(), "promote".into()],
+        );
+        assert!(ok, "pg_ctl promote; log in {}", self.dir.display());
+    }
+
+    /// `pg_ctl stop -m <mode>`: `fast` (a planned switchover: the server
+    /// sends its standbys all its WAL before it goes) or `immediate` (a crash).
+    pub fn stop(&self, mode: &str) {
+        let data = self.dir.join("data").display().to_string();
+        let ok = run_as_postgres(
+            &self.bin.join("pg_ctl"),
+            &[
+                "-D".into(),
+                data,
+                "-w".into(),
+                "-m".into(),
+                mode.into(),
+                "stop".into(),
+            ],
+        );
+        assert!(ok, "pg_ctl stop -m {mode}; log in {}", self.dir.display());
     }
 
     pub fn url(&self, user: &str, password: Option<&str>) -> String {
@@ -276,18 +365,21 @@ impl TempCluster {
 
 impl Drop for TempCluster {
     fn drop(&mut self) {
-        let data = self.dir.join("data").display().to_string();
-        // A cluster the test already stopped makes pg_ctl fail: nothing to do.
-        let _ = run_as_postgres(
-            &self.bin.join("pg_ctl"),
-            &[
-                "-D".into(),
-                data,
-                "-m".into(),
-                "immediate".into(),
-                "stop".into(),
-            ],
-        );
+        let data = self.dir.join("data");
+        // A cluster the test already stopped has nothing to stop.
+        if data.join("postmaster.pid").exists() {
+            let data = data.display().to_string();
+            let _ = run_as_postgres(
+                &self.bin.join("pg_ctl"),
+                &[
+                    "-D".into(),
+                    data,
+                    "-m".into(),
+                    "immediate".into(),
+                    "stop".into(),
+                ],
+            );
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -322,6 +414,18 @@ fn run_as_postgres(program: &std::path::Path, args: &[String]) -> bool {
     } else {
         Command::new(program)
     };
+    // The wheels' servers find the system's libpq (an older one) before
+    // their own unless told: the walreceiver then refuses the connection
+    // string pg_basebackup -R writes (sslnegotiation, PostgreSQL 17+).
+    if let Some(lib) = program
+        .parent()
+        .and_then(|b| b.parent())
+        .map(|p| p.join("lib"))
+    {
+        if lib.join("libpq.so.5").exists() {
+            cmd.env("LD_LIBRARY_PATH", lib);
+        }
+    }
     cmd.args(args)
         .stdout(Stdio::null())
         .status()
