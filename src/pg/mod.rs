@@ -2,12 +2,14 @@
 //!
 //! It owns how names are written into SQL and replication commands (here),
 //! the connection settings (`config`), TLS (`tls`), the ordinary SQL
-//! connection and its errors (`sql`) and the catalog messages several
+//! connection and its errors (`sql`), the standbys of a multi-host URL
+//! (`standbys`) and the catalog messages several
 //! callers share (`catalog`). It must not hold pipeline state.
 
 pub mod catalog;
 pub mod config;
 pub mod sql;
+pub mod standbys;
 pub mod tls;
 
 /// A double-quoted identifier, for SQL and for replication commands alike
