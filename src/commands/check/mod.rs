@@ -14,6 +14,7 @@ use tokio_postgres::Client;
 use crate::config::RelayConfig;
 use crate::pipeline::route::router::TableName;
 
+mod failover;
 mod kafka;
 mod postgres;
 mod transactions;

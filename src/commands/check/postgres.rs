@@ -75,6 +75,7 @@ pub(super) async fn postgres_checks(client: &Client, cfg: &RelayConfig) -> Vec<C
         Ok(s) => slot_check(cfg, &database, s),
         Err(e) => CheckResult::unknown("slot", e),
     });
+    out.extend(super::failover::failover_checks(client, cfg, version_num).await);
     out.extend(privileges(client, cfg, &user, table).await);
     out
 }
