@@ -82,6 +82,49 @@ pub struct Status {
     /// why it could not be read; absent without --kafka-brokers.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub progress: Option<String>,
+    /// The other hosts of a multi-host database URL that are standbys, each
+    /// with the state of its copy of the slot (PostgreSQL 17+ failover
+    /// slots); absent with one host.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub standbys: Vec<StandbyCopy>,
+}
+
+/// A standby's copy of the slot, as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StandbyCopy {
+    /// `host:port` as the URL names it.
+    pub server: String,
+    /// `synced` (a promotion now resumes from it), `not persisted`,
+    /// `invalidated: <reason>`, `none`, `no copies before PostgreSQL 17`,
+    /// or `unreachable: <error>`.
+    pub copy: String,
+    pub confirmed_flush_lsn: Option<String>,
+}
+
+impl StandbyCopy {
+    fn from_standby(s: crate::pg::standbys::Standby) -> StandbyCopy {
+        use crate::pg::standbys::StandbyState;
+        let (copy, confirmed) = match s.state {
+            StandbyState::Unreachable(e) => (format!("unreachable: {e}"), None),
+            StandbyState::TooOld { version } => {
+                (format!("none: PostgreSQL {version} keeps no copies"), None)
+            }
+            StandbyState::Standby { copy: None, .. } => ("none".to_string(), None),
+            StandbyState::Standby { copy: Some(c), .. } => (
+                match &c.invalidation_reason {
+                    Some(r) => format!("invalidated: {r}"),
+                    None if c.usable() => "synced".to_string(),
+                    None => "not persisted".to_string(),
+                },
+                c.confirmed_flush_lsn,
+            ),
+        };
+        StandbyCopy {
+            server: s.server,
+            copy,
+            confirmed_flush_lsn: confirmed,
+        }
+    }
 }
 
 /// Reads the slot, the publication and the server's position.
@@ -182,6 +225,7 @@ pub async fn collect(client: &Client, cfg: &RelayConfig) -> Result<Status, Statu
         server_version: server.get(1),
         server_version_num: server.get(2),
         progress: None,
+        standbys: Vec::new(),
     })
 }
 
@@ -365,6 +409,15 @@ pub fn render_table(s: &Status) -> String {
     if let Some(p) = &s.progress {
         rows.push(("progress topic position", p.clone()));
     }
+    for c in &s.standbys {
+        rows.push((
+            "standby copy",
+            match &c.confirmed_flush_lsn {
+                Some(l) => format!("{}: {} (confirmed up to {l})", c.server, c.copy),
+                None => format!("{}: {}", c.server, c.copy),
+            },
+        ));
+    }
 
     let width = rows.iter().map(|(l, _)| l.len()).max().unwrap_or(0);
     let mut out = String::new();
@@ -406,6 +459,15 @@ pub async fn command(cfg: &RelayConfig, json: bool) -> u8 {
         Ok(client) => match collect(&client, cfg).await {
             Ok(mut s) => {
                 s.progress = progress_position(&client, cfg).await;
+                s.standbys = crate::pg::standbys::standbys(
+                    &cfg.database,
+                    &cfg.slot,
+                    std::time::Duration::from_secs(5),
+                )
+                .await
+                .into_iter()
+                .map(StandbyCopy::from_standby)
+                .collect();
                 Ok(s)
             }
             Err(e) => Err(e),
@@ -472,6 +534,7 @@ mod tests {
             server_version: "15.18".into(),
             server_version_num: 150018,
             progress: None,
+            standbys: Vec::new(),
         }
     }
 
