@@ -314,6 +314,16 @@ async fn after_promotion_the_relay_resumes_from_the_synchronised_slot_and_loses_
     // slot, which it does not have: until that is reset, its logical
     // walsenders wait for a standby that will never connect (runbook step).
     let new_primary = sql_client(&standby.url("postgres", None)).await;
+    let check = check_line(
+        &primary_args(&standby.url("postgres", None)),
+        "synchronized_standby_slots",
+    )
+    .await;
+    assert!(
+        check.starts_with("WARN")
+            && check.contains(&format!("names {physical} that is not a physical slot")),
+        "{check}"
+    );
     for sql in [
         "ALTER SYSTEM RESET synchronized_standby_slots",
         "SELECT pg_reload_conf()",

@@ -148,6 +148,26 @@ pub fn each_host(db: &DatabaseConfig) -> Vec<(String, DatabaseConfig)> {
     out
 }
 
+/// The names in a `synchronized_standby_slots` value that are not among
+/// `physical`, the server's physical slots. A logical walsender of a
+/// failover slot waits for every name the setting lists, so one that is
+/// absent (a promoted standby that inherited the setting) holds the relay
+/// back for good.
+pub fn absent_standby_slots(setting: &str, physical: &[String]) -> Vec<String> {
+    setting
+        .split(',')
+        .map(|n| n.trim())
+        .filter(|n| !n.is_empty())
+        .map(
+            |n| match n.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
+                Some(quoted) => quoted.replace("\"\"", "\""),
+                None => n.to_lowercase(),
+            },
+        )
+        .filter(|n| !physical.iter().any(|p| p == n))
+        .collect()
+}
+
 /// Every host of the URL that is a standby (or did not answer within
 /// `limit`), with its copy of `slot`. Read-write hosts (the primary) are
 /// left out; a URL with one host gives nothing.
@@ -259,6 +279,17 @@ mod tests {
         let hosts = each_host(&db("host=a,b port=6000 user=u"));
         let labels: Vec<&str> = hosts.iter().map(|(l, _)| l.as_str()).collect();
         assert_eq!(labels, ["a:6000", "b:6000"]);
+    }
+
+    #[test]
+    fn absent_standby_slots_are_named_as_the_server_folds_them() {
+        let physical = vec!["standby1".to_string(), "Mixed".to_string()];
+        assert!(absent_standby_slots("", &physical).is_empty());
+        assert!(absent_standby_slots("standby1, \"Mixed\"", &physical).is_empty());
+        assert_eq!(
+            absent_standby_slots("STANDBY1,standby2,Mixed", &physical),
+            ["standby2", "mixed"]
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@
 use tokio_postgres::Client;
 
 use crate::config::RelayConfig;
-use crate::pg::standbys::{standbys, StandbyState};
+use crate::pg::standbys::{absent_standby_slots, standbys, StandbyState};
 
 use super::*;
 
@@ -102,12 +102,7 @@ async fn synchronized_standby_slots(client: &Client) -> CheckResult {
             Some(format!("ALTER SYSTEM SET synchronized_standby_slots = '{list}'; SELECT pg_reload_conf();")),
         );
     }
-    let named: Vec<&str> = value.split(',').map(str::trim).collect();
-    let absent: Vec<&str> = named
-        .iter()
-        .copied()
-        .filter(|n| !physical.iter().any(|p| p == n))
-        .collect();
+    let absent = absent_standby_slots(&value, &physical);
     if !absent.is_empty() {
         return CheckResult::warn(
             NAME,
@@ -139,13 +134,15 @@ fn standby_line(
                 None,
             )
         }
-        StandbyState::TooOld { version } => return CheckResult::warn(
-            NAME,
-            format!(
+        StandbyState::TooOld { version } => {
+            return CheckResult::warn(
+                NAME,
+                format!(
                 "standby {server} runs PostgreSQL {version}, which keeps no copy of slot {slot}"
             ),
-            Some("upgrade the standby to the primary's version (17+)".into()),
-        ),
+                Some("upgrade the standby to the primary's version (17+)".into()),
+            )
+        }
         StandbyState::Standby { copy, settings } => {
             let missing = settings.missing();
             match copy {

@@ -151,6 +151,48 @@ pub(super) async fn terminate_if_stale(
     Ok(true)
 }
 
+/// On PostgreSQL 17+, a failover slot's walsender sends nothing until every
+/// slot `synchronized_standby_slots` names has flushed it; a name with no
+/// physical slot behind it (typically on a promoted standby that inherited
+/// the setting) stalls the session without an error from the server. Say so
+/// at the start of the session. Only a diagnosis: a failed query is ignored.
+async fn warn_if_standby_slots_absent(conn: &mut ReplicationConnection, slot: &str) {
+    let rows = match conn
+        .simple_query(&format!(
+            "SELECT s.failover::text, current_setting('synchronized_standby_slots'),
+                    (SELECT coalesce(string_agg(slot_name::text, ','), '') FROM pg_replication_slots
+                      WHERE slot_type = 'physical')
+               FROM pg_replication_slots s WHERE s.slot_name = {}",
+            quote_literal(slot)
+        ))
+        .await
+    {
+        Ok(rows) => rows,
+        Err(e) => {
+            tracing::debug!(error = %e, "could not read synchronized_standby_slots");
+            return;
+        }
+    };
+    let Some(row) = rows.first() else { return };
+    let field = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+    if field(0) != "true" {
+        return;
+    }
+    let physical: Vec<String> = field(2)
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect();
+    let absent = crate::pg::standbys::absent_standby_slots(&field(1), &physical);
+    if !absent.is_empty() {
+        tracing::warn!(
+            slot = %slot,
+            absent = %absent.join(","),
+            "synchronized_standby_slots names slots that do not exist on this server: the server sends this failover slot's changes only after they flush, so nothing will arrive; remove them (ALTER SYSTEM SET synchronized_standby_slots = …; SELECT pg_reload_conf()) or create them"
+        );
+    }
+}
+
 /// The error START_REPLICATION gives for a slot another connection holds
 /// (SQLSTATE 55006, object in use), found before asking for it.
 fn slot_in_use(slot: &str, pid: i32) -> PipelineError {
@@ -277,6 +319,9 @@ pub(super) async fn open(cfg: &RelayConfig, resume: Option<Lsn>) -> Result<Opene
             .trim()
             .parse()
             .unwrap_or(0);
+        if server_version >= 170000 {
+            warn_if_standby_slots_absent(&mut conn, &cfg.slot).await;
+        }
         let protocol = cfg
             .protocol_version
             .unwrap_or_else(|| protocol_for(server_version));
