@@ -95,8 +95,8 @@ pub struct StandbyCopy {
     /// `host:port` as the URL names it.
     pub server: String,
     /// `synced` (a promotion now resumes from it), `not persisted`,
-    /// `invalidated: <reason>`, `none`, `no copies before PostgreSQL 17`,
-    /// or `unreachable: <error>`.
+    /// `invalidated: <reason>`, `none`, `none: PostgreSQL <version> keeps no
+    /// copies` (before 17), or `unreachable: <error>`.
     pub copy: String,
     pub confirmed_flush_lsn: Option<String>,
 }
