@@ -164,9 +164,11 @@ pub struct Options {
     #[arg(long, env = "OUTBOX_RELAY_REPLICATION_TIMEOUT")]
     pub replication_timeout: Option<f64>,
 
-    /// On "replication slot … is active for PID n", terminate that walsender
-    /// instead of waiting for it: use when a crashed relay's connection
-    /// lingers. Without it the relay waits as a standby.
+    /// When the slot is held, terminate the holding walsender if its client
+    /// sent nothing for twice the status interval (at least 5 s): a crashed
+    /// relay's lingering connection. A holder that reports is left alone, so
+    /// two relays never end each other's. Without it the relay waits as a
+    /// standby.
     #[arg(long, env = "OUTBOX_RELAY_TERMINATE_STALE_WALSENDER", num_args = 0..=1, default_missing_value = "true")]
     pub terminate_stale_walsender: Option<bool>,
 
