@@ -119,10 +119,18 @@ impl PipelineError {
                 ErrorKind::of_kafka(&t.error) != Some(ErrorKind::Authorization)
             }
             // Exactly-once: the producer refuses records once its
-            // transaction failed; a new one aborts it and starts over.
-            PipelineError::Sink(SinkError::Enqueue { error, .. }) => {
-                error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::State)
-            }
+            // transaction failed (State), or once a relay that took the slot
+            // over fenced it (Fatal: the refusal can come before this
+            // session sees its walsender end); an idempotent producer's
+            // fatal error refuses them too. A new producer starts over from
+            // the slot, or the next session stands by.
+            PipelineError::Sink(SinkError::Enqueue { error, .. }) => matches!(
+                error.rdkafka_error_code(),
+                Some(
+                    rdkafka::types::RDKafkaErrorCode::State
+                        | rdkafka::types::RDKafkaErrorCode::Fatal
+                )
+            ),
             // The next session writes the transaction again, the refused
             // record dead-lettered.
             PipelineError::Refused(_) => true,
@@ -223,4 +231,30 @@ pub struct RefusedInTransaction {
     pub kind: ErrorKind,
     pub topic: String,
     pub error: KafkaError,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::error::KafkaError;
+    use rdkafka::types::RDKafkaErrorCode;
+
+    fn refused(code: RDKafkaErrorCode) -> PipelineError {
+        PipelineError::Sink(SinkError::Enqueue {
+            topic: "t".into(),
+            error: KafkaError::MessageProduction(code),
+        })
+    }
+
+    /// A producer fenced by the relay that took the slot over refuses
+    /// records with a fatal error, sometimes before this session sees its
+    /// walsender end: that ends the session, never the relay (a CI run
+    /// stopped a relay of tests/exactly_once.rs's handover this way).
+    #[test]
+    fn a_fenced_or_failed_producer_ends_the_session_not_the_relay() {
+        assert!(refused(RDKafkaErrorCode::Fatal).is_retriable());
+        assert!(refused(RDKafkaErrorCode::State).is_retriable());
+        assert!(!refused(RDKafkaErrorCode::MessageSizeTooLarge).is_retriable());
+        assert!(!refused(RDKafkaErrorCode::UnknownTopicOrPartition).is_retriable());
+    }
 }
