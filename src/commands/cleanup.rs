@@ -111,7 +111,7 @@ async fn row_column(
     cfg: &RelayConfig,
     args: &CleanupArgs,
 ) -> Result<(String, String), CleanupError> {
-    let table = &cfg.router.table;
+    let table = &cfg.tables[0].table;
     let columns: Vec<(String, String, bool)> = client
         .query(
             "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
@@ -166,12 +166,14 @@ pub async fn run(
     args: &CleanupArgs,
     say: &mut dyn FnMut(String),
 ) -> Result<Summary, CleanupError> {
+    cfg.single_table("cleanup")
+        .map_err(|e| CleanupError::Config(e.to_string()))?;
     let (reader, _c1) = crate::pg::sql::connect(&cfg.database).await?;
     let (writer, _c2) = crate::pg::sql::connect(&cfg.database).await?;
     let (col, col_type) = row_column(&reader, cfg, args).await?;
     let scope = Scope {
-        table: cfg.router.table.to_string(),
-        quoted_table: cfg.router.table.quoted(),
+        table: cfg.tables[0].table.to_string(),
+        quoted_table: cfg.tables[0].table.quoted(),
         qcol: quote_ident(&col),
         col,
         col_type,
@@ -414,7 +416,7 @@ pub async fn command(config: Option<&Path>, args: CleanupArgs) -> u8 {
             println!(
                 "cleanup done: deleted {} row(s) of {} in {} batch(es){}",
                 s.deleted,
-                cfg.router.table,
+                cfg.tables[0].table,
                 s.batches,
                 match s.confirmed_target {
                     Some(t) => format!(

@@ -19,11 +19,16 @@ pub enum RunError {
     },
     #[error("relay stopped")]
     Stopped(#[source] PipelineError),
+    #[error("--table {0} picks one of the config file's [[tables]] sections, but run publishes every table of the publication: with one section picked, the rows of the others would be skipped as another table's. Remove --table (and OUTBOX_RELAY_TABLE), or give this relay a file with only the tables it should publish (and a publication and slot of its own)")]
+    TablePicked(String),
 }
 
 /// Serves /metrics, /healthz and /readyz (unless `--http-address off`), then
 /// runs sessions until a signal or a non-retriable error.
 pub async fn run(cfg: &RelayConfig) -> Result<(), RunError> {
+    if cfg.table_picked {
+        return Err(RunError::TablePicked(cfg.table_names()));
+    }
     let metrics = Arc::new(Metrics::new());
     if let Some(addr) = cfg.http_address {
         let bound = crate::observe::http::serve(addr, metrics.clone())

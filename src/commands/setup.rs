@@ -10,6 +10,7 @@ use crate::config::RelayConfig;
 use crate::pg::catalog::partitions_by_name;
 use crate::pg::quote_ident;
 use crate::pg::sql::sql;
+use crate::pipeline::route::router::{RouterConfig, TableName};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
@@ -73,8 +74,8 @@ pub async fn check_wal_level(client: &Client) -> Result<(), SetupError> {
 }
 
 /// Checks the table and its configured columns exist.
-pub async fn check_table(client: &Client, cfg: &RelayConfig) -> Result<(), SetupError> {
-    let table = &cfg.router.table;
+pub async fn check_table(client: &Client, mapping: &RouterConfig) -> Result<(), SetupError> {
+    let table = &mapping.table;
     let database: String = client
         .query_one("SELECT current_database()", &[])
         .await
@@ -98,7 +99,7 @@ pub async fn check_table(client: &Client, cfg: &RelayConfig) -> Result<(), Setup
         });
     }
     let columns: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-    for (column, option) in cfg.router.referenced_columns() {
+    for (column, option) in mapping.referenced_columns() {
         if !columns.contains(&column) {
             return Err(SetupError::NoColumn {
                 table: table.to_string(),
@@ -111,12 +112,28 @@ pub async fn check_table(client: &Client, cfg: &RelayConfig) -> Result<(), Setup
     Ok(())
 }
 
-/// Creates the publication over the outbox table, or adds the table to an
-/// existing one; refuses one that does not publish inserts. Returns the line
-/// that says what it found or did. Shared by `setup` and `backfill`.
-pub async fn ensure_publication(client: &Client, cfg: &RelayConfig) -> Result<String, SetupError> {
-    let publication = &cfg.publication;
-    let table = &cfg.router.table;
+/// Creates the publication over the outbox tables, or adds a missing table
+/// to an existing one; refuses one that does not publish inserts. Returns
+/// the lines that say what it found or did, one per table. Shared by
+/// `setup` and `backfill`.
+pub async fn ensure_publication(
+    client: &Client,
+    publication: &str,
+    tables: &[RouterConfig],
+) -> Result<Vec<String>, SetupError> {
+    let mut lines = Vec::with_capacity(tables.len());
+    for t in tables {
+        lines.push(ensure_published(client, publication, &t.table).await?);
+    }
+    Ok(lines)
+}
+
+async fn ensure_published(
+    client: &Client,
+    publication: &str,
+    table: &TableName,
+) -> Result<String, SetupError> {
+    let publication = &publication.to_string();
     // A partitioned outbox (the usual way to make cleanup cheap) is published
     // under its own name only with publish_via_partition_root: otherwise
     // every row arrives under its partition's name.
@@ -197,11 +214,12 @@ pub async fn run(cfg: &RelayConfig, kind: SlotKind) -> Result<Vec<String>, Setup
     check_wal_level(&client).await?;
     report.push("wal_level is logical".to_string());
 
-    check_table(&client, cfg).await?;
-    let table = &cfg.router.table;
-    report.push(format!("table {table} has every configured column"));
+    for t in &cfg.tables {
+        check_table(&client, t).await?;
+        report.push(format!("table {} has every configured column", t.table));
+    }
 
-    report.push(ensure_publication(&client, cfg).await?);
+    report.extend(ensure_publication(&client, &cfg.publication, &cfg.tables).await?);
 
     let slot = &cfg.slot;
     let version: i32 = client

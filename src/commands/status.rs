@@ -68,9 +68,9 @@ pub struct Status {
     pub publication_all_tables: Option<bool>,
     /// Tables in the publication, `schema.table`, sorted.
     pub publication_tables: Vec<String>,
-    /// The configured outbox table.
+    /// The configured outbox tables, comma-separated.
     pub table: String,
-    /// Whether the publication covers the configured table.
+    /// Whether the publication covers every configured table.
     pub table_published: bool,
     /// The database the connection is on.
     pub database: String,
@@ -185,16 +185,11 @@ pub async fn collect(client: &Client, cfg: &RelayConfig) -> Result<Status, Statu
         .iter()
         .map(|r| format!("{}.{}", r.get::<_, String>(0), r.get::<_, String>(1)))
         .collect();
-    let table = &cfg.router.table;
-    let table_published = client
-        .query_opt(
-            "SELECT 1 FROM pg_publication_tables
-              WHERE pubname = $1 AND schemaname = $2 AND tablename = $3",
-            &[&cfg.publication, &table.schema, &table.name],
-        )
-        .await
-        .map_err(sql("reading pg_publication_tables"))?
-        .is_some();
+    // pg_publication_tables lists a FOR ALL TABLES publication's tables too.
+    let table_published = cfg
+        .tables
+        .iter()
+        .all(|t| publication_tables.contains(&t.table.to_string()));
 
     let s = slot.as_ref();
     Ok(Status {
@@ -219,7 +214,7 @@ pub async fn collect(client: &Client, cfg: &RelayConfig) -> Result<Status, Statu
         publishes_inserts: publication.as_ref().map(|r| r.get(0)),
         publication_all_tables: publication.as_ref().map(|r| r.get(1)),
         publication_tables,
-        table: table.to_string(),
+        table: cfg.table_names(),
         table_published,
         database,
         server_version: server.get(1),

@@ -89,7 +89,13 @@ pub struct RelayConfig {
     pub kafka_brokers: String,
     pub publication: String,
     pub slot: String,
-    pub router: RouterConfig,
+    /// The outbox tables, at least one, each with its mapping (one-table
+    /// options, or the file's `[[tables]]` sections).
+    pub tables: Vec<RouterConfig>,
+    /// `--table` picked one of several `[[tables]]` sections: fine for the
+    /// commands that look at one table, refused by `run`, which would leave
+    /// the other tables' rows unpublished.
+    pub table_picked: bool,
     pub kafka_properties: Vec<(String, String)>,
     pub max_inflight: u64,
     pub max_inflight_bytes: u64,
@@ -128,10 +134,44 @@ impl std::fmt::Debug for RelayConfig {
             .field("kafka_brokers", &self.kafka_brokers)
             .field("publication", &self.publication)
             .field("slot", &self.slot)
-            .field("table", &self.router.table.to_string())
-            .field("topic", &self.router.topic.to_string())
+            .field(
+                "tables",
+                &self
+                    .tables
+                    .iter()
+                    .map(|t| format!("{} -> {}", t.table, t.topic))
+                    .collect::<Vec<_>>(),
+            )
             .field("kafka_properties (values not shown)", &property_names)
             .finish_non_exhaustive()
+    }
+}
+
+impl RelayConfig {
+    /// The one table a one-table command (`backfill`, `cleanup`, `verify`)
+    /// works on, or an error that says how to pick one.
+    pub fn single_table(&self, command: &str) -> Result<&RouterConfig, ConfigError> {
+        match self.tables.as_slice() {
+            [one] => Ok(one),
+            many => Err(ConfigError::Invalid {
+                option: "table",
+                value: "(none)".into(),
+                reason: format!(
+                    "{command} works on one outbox table at a time and the config file has {} [[tables]] sections ({}): pass --table with one of them, once per table",
+                    many.len(),
+                    self.table_names()
+                ),
+            }),
+        }
+    }
+
+    /// The tables' names, comma-separated, for messages and logs.
+    pub fn table_names(&self) -> String {
+        self.tables
+            .iter()
+            .map(|t| t.table.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 

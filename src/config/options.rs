@@ -236,6 +236,13 @@ pub struct Options {
     /// Log format [default: text].
     #[arg(long, env = "OUTBOX_RELAY_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+
+    /// Several outbox tables: `[[tables]]` sections of the --config file,
+    /// each with its own mapping. There is no flag: the one-table flags
+    /// above describe a single table; with sections, `--table` picks one of
+    /// them for the commands that work on one table.
+    #[arg(skip)]
+    pub tables: Option<Vec<TableOptions>>,
 }
 
 macro_rules! merge_fields {
@@ -295,7 +302,8 @@ impl Options {
             on_error_override,
             dead_letter_topic,
             payload_format,
-            log_format
+            log_format,
+            tables
         )
     }
 
@@ -309,6 +317,66 @@ impl Options {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })
+    }
+}
+
+/// One `[[tables]]` section: an outbox table and how its rows become
+/// records, with the same keys (and meanings) as the one-table options.
+/// Unset keys come from the section's `preset` (classic by default), never
+/// from another section or the top level.
+#[derive(Clone, Default, Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct TableOptions {
+    pub table: Option<String>,
+    pub preset: Option<Preset>,
+    pub topic: Option<String>,
+    pub key_column: Option<String>,
+    pub key_format: Option<crate::pipeline::route::config::KeyFormat>,
+    pub id_column: Option<String>,
+    pub payload_column: Option<String>,
+    pub header_columns: Option<Vec<String>>,
+    pub event_type_column: Option<String>,
+    pub payload_format: Option<PayloadFormat>,
+}
+
+impl Options {
+    /// The one-table mapping options, taken out as a section.
+    pub(super) fn take_table_options(&mut self) -> TableOptions {
+        TableOptions {
+            table: self.table.take(),
+            preset: self.preset.take(),
+            topic: self.topic.take(),
+            key_column: self.key_column.take(),
+            key_format: self.key_format.take(),
+            id_column: self.id_column.take(),
+            payload_column: self.payload_column.take(),
+            header_columns: self.header_columns.take(),
+            event_type_column: self.event_type_column.take(),
+            payload_format: self.payload_format.take(),
+        }
+    }
+}
+
+impl TableOptions {
+    /// The keys set here, by their option names.
+    pub(super) fn set_keys(&self) -> Vec<&'static str> {
+        let mut keys = Vec::new();
+        let mut note = |set: bool, k: &'static str| {
+            if set {
+                keys.push(k)
+            }
+        };
+        note(self.table.is_some(), "table");
+        note(self.preset.is_some(), "preset");
+        note(self.topic.is_some(), "topic");
+        note(self.key_column.is_some(), "key_column");
+        note(self.key_format.is_some(), "key_format");
+        note(self.id_column.is_some(), "id_column");
+        note(self.payload_column.is_some(), "payload_column");
+        note(self.header_columns.is_some(), "header_columns");
+        note(self.event_type_column.is_some(), "event_type_column");
+        note(self.payload_format.is_some(), "payload_format");
+        keys
     }
 }
 

@@ -10,6 +10,7 @@ use crate::pipeline::route::router::{
     validate_topic, HeaderColumn, RouterConfig, TableName, TopicTemplate,
 };
 
+use super::options::TableOptions;
 use super::{
     kafka_properties, seconds, slot_name, sql_name, ConfigError, Delivery, ExactlyOnceConfig,
     Options, PayloadFormat, Preset, RelayConfig, StreamingConfig,
@@ -35,7 +36,7 @@ impl RelayConfig {
                 option: "kafka_brokers",
             });
         }
-        let router = router(&mut o)?;
+        let (tables, table_picked) = tables(&mut o)?;
         let error_policy = error_policy(&mut o)?;
         let kafka_properties = kafka_properties(o.kafka_property.take().unwrap_or_default())?;
         // Enough to keep a local broker busy (a 1M-event backlog drained as
@@ -65,7 +66,8 @@ impl RelayConfig {
                 o.publication.take().unwrap_or_else(|| "outbox_pub".into()),
             )?,
             slot: slot_name(o.slot.take().unwrap_or_else(|| "outbox_relay".into()))?,
-            router,
+            tables,
+            table_picked,
             kafka_properties,
             max_inflight,
             max_inflight_bytes,
@@ -135,30 +137,97 @@ fn database(o: &mut Options) -> Result<DatabaseConfig, ConfigError> {
 
 /// The table, its columns and the topic: the preset's, with each option
 /// given replacing its part.
-fn router(o: &mut Options) -> Result<RouterConfig, ConfigError> {
-    let preset = o.preset.unwrap_or(Preset::Classic).defaults();
-    let table_text = o.table.take().unwrap_or_else(|| preset.table.to_string());
-    let table = TableName::parse(&table_text).map_err(|reason| ConfigError::Invalid {
+/// The outbox tables: the one-table options, or the `[[tables]]` sections
+/// of the file. With sections, `--table` (or `table` at the top level) picks
+/// one of them; the other one-table options are refused, since it would be
+/// a guess which section they were meant for. Returns whether a section was
+/// picked.
+fn tables(o: &mut Options) -> Result<(Vec<RouterConfig>, bool), ConfigError> {
+    let one = o.take_table_options();
+    let Some(sections) = o.tables.take() else {
+        return Ok((vec![router(one, None)?], false));
+    };
+    if sections.is_empty() {
+        return Err(ConfigError::Invalid {
+            option: "tables",
+            value: "[]".into(),
+            reason: "give at least one [[tables]] section, or none and the one-table options"
+                .into(),
+        });
+    }
+    if let Some(key) = one.set_keys().into_iter().find(|k| *k != "table") {
+        return Err(ConfigError::Invalid {
+            option: key,
+            value: "(set)".into(),
+            reason: format!(
+                "the config file has [[tables]] sections, and {key} applies to one table: set it inside the section it belongs to (and unset --{} / OUTBOX_RELAY_{})",
+                key.replace('_', "-"),
+                key.to_uppercase()
+            ),
+        });
+    }
+    let mut tables: Vec<RouterConfig> = Vec::with_capacity(sections.len());
+    for (i, section) in sections.into_iter().enumerate() {
+        let Some(name) = section.table.clone() else {
+            return Err(ConfigError::Invalid {
+                option: "tables",
+                value: format!("section {}", i + 1),
+                reason: "every [[tables]] section needs `table = \"schema.table\"`".into(),
+            });
+        };
+        let r = router(section, Some(&name))?;
+        if tables.iter().any(|t| t.table == r.table) {
+            return Err(ConfigError::Invalid {
+                option: "tables",
+                value: r.table.to_string(),
+                reason: "two [[tables]] sections name this table: merge them".into(),
+            });
+        }
+        tables.push(r);
+    }
+    let Some(pick) = one.table else {
+        return Ok((tables, false));
+    };
+    let wanted = TableName::parse(&pick).map_err(|reason| ConfigError::Invalid {
         option: "table",
-        value: table_text.clone(),
+        value: pick.clone(),
         reason,
     })?;
-    let topic_text = o.topic.take().unwrap_or_else(|| preset.topic.to_string());
-    let topic = TopicTemplate::parse(&topic_text).map_err(|reason| ConfigError::Invalid {
-        option: "topic",
-        value: topic_text.clone(),
-        reason,
-    })?;
-    let headers = match o.header_columns.take() {
+    match tables.into_iter().find(|t| t.table == wanted) {
+        Some(t) => Ok((vec![t], true)),
+        None => Err(ConfigError::Invalid {
+            option: "table",
+            value: pick,
+            reason: "with [[tables]] sections, --table picks one of them, and no section names this table".into(),
+        }),
+    }
+}
+
+/// One table's mapping: its options over its preset's defaults. `section`
+/// names the [[tables]] section in errors.
+fn router(t: TableOptions, section: Option<&str>) -> Result<RouterConfig, ConfigError> {
+    let invalid = |option: &'static str, value: String, reason: String| ConfigError::Invalid {
+        option,
+        value,
+        reason: match section {
+            Some(s) => format!("{reason} (in the [[tables]] section of {s})"),
+            None => reason,
+        },
+    };
+    let preset = t.preset.unwrap_or(Preset::Classic).defaults();
+    let table_text = t.table.unwrap_or_else(|| preset.table.to_string());
+    let table = TableName::parse(&table_text)
+        .map_err(|reason| invalid("table", table_text.clone(), reason))?;
+    let topic_text = t.topic.unwrap_or_else(|| preset.topic.to_string());
+    let topic = TopicTemplate::parse(&topic_text)
+        .map_err(|reason| invalid("topic", topic_text.clone(), reason))?;
+    let headers = match t.header_columns {
         Some(list) => list
             .iter()
             .filter(|s| !s.trim().is_empty())
             .map(|s| {
-                HeaderColumn::parse(s).map_err(|reason| ConfigError::Invalid {
-                    option: "header_columns",
-                    value: s.clone(),
-                    reason,
-                })
+                HeaderColumn::parse(s)
+                    .map_err(|reason| invalid("header_columns", s.clone(), reason))
             })
             .collect::<Result<Vec<_>, _>>()?,
         None => preset
@@ -172,22 +241,29 @@ fn router(o: &mut Options) -> Result<RouterConfig, ConfigError> {
     };
     let column = |option: &'static str, v: Option<String>, default: &str| {
         let v = v.unwrap_or_else(|| default.to_string());
-        sql_name(option, v)
+        sql_name(option, v).map_err(|e| match e {
+            ConfigError::Invalid {
+                option,
+                value,
+                reason,
+            } => invalid(option, value, reason),
+            other => other,
+        })
     };
     Ok(RouterConfig {
         table,
-        id_column: column("id_column", o.id_column.take(), preset.id)?,
-        key_column: column("key_column", o.key_column.take(), preset.key)?,
-        key_format: o.key_format.unwrap_or_default(),
-        payload_column: column("payload_column", o.payload_column.take(), preset.payload)?,
+        id_column: column("id_column", t.id_column, preset.id)?,
+        key_column: column("key_column", t.key_column, preset.key)?,
+        key_format: t.key_format.unwrap_or_default(),
+        payload_column: column("payload_column", t.payload_column, preset.payload)?,
         topic,
         headers,
-        event_type_column: match o.event_type_column.take() {
+        event_type_column: match t.event_type_column {
             Some(c) if c.eq_ignore_ascii_case("none") => None,
-            Some(c) => Some(sql_name("event_type_column", c)?),
+            Some(c) => Some(column("event_type_column", Some(c), "")?),
             None => Some(preset.event_type.to_string()),
         },
-        require_json: o.payload_format == Some(PayloadFormat::Json),
+        require_json: t.payload_format == Some(PayloadFormat::Json),
     })
 }
 

@@ -16,12 +16,15 @@ fn presets_fill_the_columns() {
         ..base()
     })
     .unwrap();
-    assert_eq!(c.router.table.to_string(), "public.outboxevent");
-    assert_eq!(c.router.key_column, "aggregateid");
-    assert_eq!(c.router.topic.to_string(), "outbox.event.{aggregatetype}");
+    assert_eq!(c.tables[0].table.to_string(), "public.outboxevent");
+    assert_eq!(c.tables[0].key_column, "aggregateid");
+    assert_eq!(
+        c.tables[0].topic.to_string(),
+        "outbox.event.{aggregatetype}"
+    );
     let c = RelayConfig::resolve(base()).unwrap();
-    assert_eq!(c.router.id_column, "event_id");
-    assert_eq!(c.router.topic.to_string(), "events.{event_type}");
+    assert_eq!(c.tables[0].id_column, "event_id");
+    assert_eq!(c.tables[0].topic.to_string(), "events.{event_type}");
 }
 
 /// L1 and L3 of the December 2026 review.
@@ -96,8 +99,8 @@ fn higher_layers_win() {
         ..base()
     };
     let c = RelayConfig::resolve(cli.or(file)).unwrap();
-    assert_eq!(c.router.key_column, "from_cli");
-    assert_eq!(c.router.topic.fixed(), Some("file-topic"));
+    assert_eq!(c.tables[0].key_column, "from_cli");
+    assert_eq!(c.tables[0].topic.fixed(), Some("file-topic"));
     assert_eq!(
         c.kafka_properties,
         vec![("linger.ms".to_string(), "1".to_string())]
@@ -191,4 +194,92 @@ fn exactly_once_settings_are_checked() {
     .expect_err("refused")
     .to_string();
     assert!(err.contains("quarter of transaction.timeout.ms"), "{err}");
+}
+
+#[test]
+fn tables_sections_each_take_their_own_preset_and_keys() {
+    let file: Options = toml::from_str(
+        r#"
+[[tables]]
+table = "billing.outbox"
+topic = "billing.{event_type}"
+
+[[tables]]
+table = "shipping.outboxevent"
+preset = "debezium"
+key_format = "json-string"
+header_columns = ["type:event-type"]
+"#,
+    )
+    .unwrap();
+    let c = RelayConfig::resolve(base().or(file.clone())).unwrap();
+    assert!(!c.table_picked);
+    let names: Vec<String> = c.tables.iter().map(|t| t.table.to_string()).collect();
+    assert_eq!(names, ["billing.outbox", "shipping.outboxevent"]);
+    assert_eq!(c.tables[0].key_column, "aggregate_id");
+    assert_eq!(c.tables[0].topic.to_string(), "billing.{event_type}");
+    assert_eq!(c.tables[1].key_column, "aggregateid");
+    assert_eq!(
+        c.tables[1].topic.to_string(),
+        "outbox.event.{aggregatetype}"
+    );
+    assert_eq!(
+        c.tables[1].key_format,
+        crate::pipeline::route::config::KeyFormat::JsonString
+    );
+    assert_eq!(c.tables[1].headers[0].header, "event-type");
+    assert!(c.single_table("verify").is_err());
+
+    // --table picks a section.
+    let pick = Options {
+        table: Some("shipping.outboxevent".into()),
+        ..base()
+    };
+    let c = RelayConfig::resolve(pick.or(file.clone())).unwrap();
+    assert!(c.table_picked);
+    assert_eq!(c.single_table("verify").unwrap().key_column, "aggregateid");
+    let e = RelayConfig::resolve(
+        Options {
+            table: Some("public.outbox".into()),
+            ..base()
+        }
+        .or(file.clone()),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("no section names this table"), "{e}");
+
+    // A one-table mapping option beside sections is refused, naming it.
+    let e = RelayConfig::resolve(
+        Options {
+            topic: Some("t".into()),
+            ..base()
+        }
+        .or(file),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("topic") && e.contains("[[tables]]"), "{e}");
+}
+
+#[test]
+fn tables_sections_are_checked() {
+    let resolve = |toml_text: &str| {
+        let file: Options = toml::from_str(toml_text).unwrap();
+        RelayConfig::resolve(base().or(file))
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
+    let e = resolve("[[tables]]\ntopic = \"x\"\n");
+    assert!(e.contains("needs `table"), "{e}");
+    let e = resolve("[[tables]]\ntable = \"a\"\n[[tables]]\ntable = \"public.a\"\n");
+    assert!(e.contains("two [[tables]] sections name this table"), "{e}");
+    let e = resolve("[[tables]]\ntable = \"a\"\ntopic = \"bad topic\"\n");
+    assert!(e.contains("in the [[tables]] section of a"), "{e}");
+    let e = toml::from_str::<Options>("[[tables]]\ntable = \"a\"\ntopics = \"x\"\n")
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(e.contains("topics"), "{e}");
 }

@@ -20,7 +20,7 @@ pub(super) async fn mark_processed(
     done_values: &[String],
     say: &mut dyn FnMut(String),
 ) -> Result<u64, BackfillError> {
-    let table = &cfg.router.table;
+    let table = &cfg.tables[0].table;
     let order_col = quote_ident(&args.order_column);
     let update = format!(
         "UPDATE {} SET {} = now() WHERE {} = ANY($1::text[]::{order_type}[]) AND {} IS NULL",

@@ -5,6 +5,7 @@ use crate::pipeline::sink::client::client_config;
 use rdkafka::producer::{BaseProducer, Producer};
 
 use crate::config::RelayConfig;
+use crate::pipeline::route::router::TopicTemplate;
 
 use super::*;
 
@@ -65,8 +66,15 @@ pub(super) fn kafka_checks(cfg: &RelayConfig) -> Vec<CheckResult> {
         .filter(|t| t.error().is_none())
         .map(|t| (t.name(), t.partitions().len()))
         .collect();
-    let template = &cfg.router.topic;
-    out.push(match template.fixed() {
+    for mapping in &cfg.tables {
+        out.push(topic_line(&mapping.topic, &topics));
+    }
+    out
+}
+
+/// Whether the topic (or the topics a template can give) exists.
+fn topic_line(template: &TopicTemplate, topics: &[(&str, usize)]) -> CheckResult {
+    match template.fixed() {
         Some(topic) => match topics.iter().find(|(t, _)| *t == topic) {
             Some((_, partitions)) => CheckResult::pass(
                 "kafka topic",
@@ -102,6 +110,5 @@ pub(super) fn kafka_checks(cfg: &RelayConfig) -> Vec<CheckResult> {
                 Some("create every topic the rows can route to up front, or make sure the brokers auto-create topics (auto.create.topics.enable)".into()),
             )
         }
-    });
-    out
+    }
 }

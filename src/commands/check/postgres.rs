@@ -5,6 +5,7 @@ use tokio_postgres::Client;
 
 use crate::commands::setup::{self, SetupError};
 use crate::config::RelayConfig;
+use crate::pipeline::route::router::RouterConfig;
 
 use super::*;
 
@@ -42,48 +43,60 @@ pub(super) async fn postgres_checks(client: &Client, cfg: &RelayConfig) -> Vec<C
     out.extend(capacity(client, slot_exists, slot_active).await);
     out.push(keep_size(client).await);
 
-    let table = match setup::check_table(client, cfg).await {
-        Ok(()) => {
-            out.push(CheckResult::pass(
+    // One line per table for what is per table: its columns, its place in
+    // the publication, the role's right to read it.
+    let mut tables_ok = Vec::with_capacity(cfg.tables.len());
+    for mapping in &cfg.tables {
+        let (line, ok) = outbox_table(client, mapping).await;
+        out.push(line);
+        tables_ok.push((&mapping.table, ok));
+    }
+    for mapping in &cfg.tables {
+        out.push(publication(client, cfg, mapping, version_num).await);
+    }
+    out.push(match slot {
+        Ok(s) => slot_check(cfg, &database, s),
+        Err(e) => CheckResult::unknown("slot", e),
+    });
+    out.extend(super::failover::failover_checks(client, cfg, version_num).await);
+    out.extend(privileges(client, &user, &tables_ok).await);
+    out
+}
+
+/// The table exists with every column its mapping names; the bool says so.
+async fn outbox_table(client: &Client, mapping: &RouterConfig) -> (CheckResult, bool) {
+    match setup::check_table(client, mapping).await {
+        Ok(()) => (
+            CheckResult::pass(
                 "outbox table",
                 format!(
                     "{} has every configured column ({})",
-                    cfg.router.table,
-                    referenced_columns(cfg).join(", ")
+                    mapping.table,
+                    referenced_columns(mapping).join(", ")
                 ),
-            ));
-            true
-        }
+            ),
+            true,
+        ),
         Err(e) => {
             let fix = match &e {
                 SetupError::NoTable { .. } => format!(
                     "create {} (sql/01_outbox_classic.sql or sql/02_outbox_debezium.sql), or point --table at the outbox table",
-                    cfg.router.table
+                    mapping.table
                 ),
                 SetupError::NoColumn { option, .. } => format!(
                     "set {option} to one of the table's columns, or add the column"
                 ),
                 _ => "check --database-url and --table".to_string(),
             };
-            out.push(CheckResult::fail("outbox table", e.to_string(), fix));
-            false
+            (CheckResult::fail("outbox table", e.to_string(), fix), false)
         }
-    };
-
-    out.push(publication(client, cfg, version_num).await);
-    out.push(match slot {
-        Ok(s) => slot_check(cfg, &database, s),
-        Err(e) => CheckResult::unknown("slot", e),
-    });
-    out.extend(super::failover::failover_checks(client, cfg, version_num).await);
-    out.extend(privileges(client, cfg, &user, table).await);
-    out
+    }
 }
 
 /// The configured columns, each once, in configuration order.
-pub(super) fn referenced_columns(cfg: &RelayConfig) -> Vec<String> {
+pub(super) fn referenced_columns(mapping: &RouterConfig) -> Vec<String> {
     let mut columns: Vec<String> = Vec::new();
-    for (c, _) in cfg.router.referenced_columns() {
+    for (c, _) in mapping.referenced_columns() {
         if !columns.contains(&c) {
             columns.push(c);
         }
@@ -214,13 +227,19 @@ pub(super) async fn keep_size(client: &Client) -> CheckResult {
 pub(super) async fn publication(
     client: &Client,
     cfg: &RelayConfig,
+    mapping: &RouterConfig,
     version_num: i32,
 ) -> CheckResult {
     let checked = async {
-        let all_tables = publication_flags(client, cfg).await?;
-        publication_columns(client, cfg, version_num).await?;
+        let all_tables = publication_flags(client, cfg, &mapping.table).await?;
+        publication_columns(client, cfg, mapping, version_num).await?;
         let others = other_published_tables(client, cfg).await?;
-        Ok(publication_verdict(cfg, all_tables, &others))
+        Ok(publication_verdict(
+            cfg,
+            &mapping.table,
+            all_tables,
+            &others,
+        ))
     };
     match checked.await {
         Ok(r) | Err(r) => r,
@@ -232,9 +251,12 @@ const PUBLICATION: &str = "publication";
 /// The publication exists, publishes inserts and the partitions of a
 /// partitioned outbox under the parent's name; returns whether it is FOR ALL
 /// TABLES. An `Err` is the check's result.
-async fn publication_flags(client: &Client, cfg: &RelayConfig) -> Result<bool, CheckResult> {
+async fn publication_flags(
+    client: &Client,
+    cfg: &RelayConfig,
+    table: &TableName,
+) -> Result<bool, CheckResult> {
     let name = &cfg.publication;
-    let table = &cfg.router.table;
     let row = client
         .query_opt(
             "SELECT pubinsert, puballtables, pubviaroot OR NOT EXISTS (
@@ -282,10 +304,11 @@ async fn publication_flags(client: &Client, cfg: &RelayConfig) -> Result<bool, C
 async fn publication_columns(
     client: &Client,
     cfg: &RelayConfig,
+    mapping: &RouterConfig,
     version_num: i32,
 ) -> Result<(), CheckResult> {
     let name = &cfg.publication;
-    let table = &cfg.router.table;
+    let table = &mapping.table;
     let columns_sql = if version_num >= 150000 {
         "SELECT attnames::text[] FROM pg_publication_tables
           WHERE pubname = $1 AND schemaname = $2 AND tablename = $3"
@@ -312,7 +335,7 @@ async fn publication_columns(
     let Some(published) = covered.get::<_, Option<Vec<String>>>(0) else {
         return Ok(());
     };
-    let missing: Vec<String> = referenced_columns(cfg)
+    let missing: Vec<String> = referenced_columns(mapping)
         .into_iter()
         .filter(|c| !published.contains(c))
         .collect();
@@ -333,29 +356,40 @@ async fn publication_columns(
     ))
 }
 
-/// The other tables the publication covers. Not an error (the relay skips
-/// their rows), but they cost decoding and an operator should know the relay
-/// sees them.
+/// The tables the publication covers besides the outbox tables. Not an
+/// error (the relay skips their rows), but they cost decoding and an
+/// operator should know the relay sees them.
 async fn other_published_tables(
     client: &Client,
     cfg: &RelayConfig,
 ) -> Result<Vec<String>, CheckResult> {
-    let table = &cfg.router.table;
     let rows = client
         .query(
-            "SELECT format('%s.%s', schemaname, tablename) FROM pg_publication_tables
-              WHERE pubname = $1 AND NOT (schemaname = $2 AND tablename = $3)
-              ORDER BY 1",
-            &[&cfg.publication, &table.schema, &table.name],
+            "SELECT schemaname::text, tablename::text FROM pg_publication_tables
+              WHERE pubname = $1 ORDER BY 1, 2",
+            &[&cfg.publication],
         )
         .await
         .map_err(|e| CheckResult::unknown(PUBLICATION, e))?;
-    Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
+    Ok(rows
+        .iter()
+        .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
+        .filter(|(schema, name)| {
+            !cfg.tables
+                .iter()
+                .any(|t| &t.table.schema == schema && &t.table.name == name)
+        })
+        .map(|(schema, name)| format!("{schema}.{name}"))
+        .collect())
 }
 
-fn publication_verdict(cfg: &RelayConfig, all_tables: bool, others: &[String]) -> CheckResult {
+fn publication_verdict(
+    cfg: &RelayConfig,
+    table: &TableName,
+    all_tables: bool,
+    others: &[String],
+) -> CheckResult {
     let name = &cfg.publication;
-    let table = &cfg.router.table;
     let scope = if all_tables {
         format!("is FOR ALL TABLES (so covers {table})")
     } else {
@@ -385,7 +419,11 @@ fn publication_verdict(cfg: &RelayConfig, all_tables: bool, others: &[String]) -
         ),
         Some(format!(
             "to save that decoding, give the relay a publication of its own: CREATE PUBLICATION outbox_relay_pub FOR TABLE {} WITH (publish = 'insert'); and --publication outbox_relay_pub",
-            table_sql(table)
+            cfg.tables
+                .iter()
+                .map(|t| table_sql(&t.table))
+                .collect::<Vec<_>>()
+                .join(", ")
         )),
     )
 }
@@ -489,11 +527,12 @@ pub(super) fn slot_check(cfg: &RelayConfig, database: &str, slot: Option<SlotRow
     )
 }
 
+/// The role's REPLICATION, then its right to read each table (`tables`:
+/// each with whether it exists with its columns).
 pub(super) async fn privileges(
     client: &Client,
-    cfg: &RelayConfig,
     user: &str,
-    table_exists: bool,
+    tables: &[(&TableName, bool)],
 ) -> Vec<CheckResult> {
     let mut out = Vec::new();
     let role = client
@@ -529,21 +568,31 @@ pub(super) async fn privileges(
             false
         }
     };
-    let table = &cfg.router.table;
+    for (table, exists) in tables {
+        out.push(table_privilege(client, user, superuser, table, *exists).await);
+    }
+    out
+}
+
+async fn table_privilege(
+    client: &Client,
+    user: &str,
+    superuser: bool,
+    table: &TableName,
+    table_exists: bool,
+) -> CheckResult {
     if !table_exists {
-        out.push(CheckResult::warn(
+        return CheckResult::warn(
             "table privilege",
             format!("not checked, because {table} does not exist or lacks a column"),
             None,
-        ));
-        return out;
+        );
     }
     if superuser {
-        out.push(CheckResult::pass(
+        return CheckResult::pass(
             "table privilege",
             format!("role {user} is a superuser, so it can read {table}"),
-        ));
-        return out;
+        );
     }
     let privs = client
         .query_one(
@@ -551,7 +600,7 @@ pub(super) async fn privileges(
             &[&table.schema, &table.quoted()],
         )
         .await;
-    out.push(match privs {
+    match privs {
         Ok(r) => {
             let (usage, select): (bool, bool) = (r.get(0), r.get(1));
             if usage && select {
@@ -586,6 +635,5 @@ pub(super) async fn privileges(
             }
         }
         Err(e) => CheckResult::unknown("table privilege", e),
-    });
-    out
+    }
 }

@@ -106,6 +106,8 @@ impl Default for VerifySettings {
 
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
+    #[error("{0}")]
+    Config(String),
     #[error(transparent)]
     Sql(#[from] crate::pg::sql::SqlError),
     #[error("outbox table {0} does not exist (or is not visible to this user)")]
@@ -137,13 +139,16 @@ fn kafka(what: impl Into<String>) -> impl FnOnce(KafkaError) -> VerifyError {
 /// Runs the whole check: the table first, then the topics up to the high
 /// watermarks taken after it.
 pub async fn verify(cfg: &RelayConfig, settings: &VerifySettings) -> Result<Report, VerifyError> {
+    let mapping = cfg
+        .single_table("verify")
+        .map_err(|e| VerifyError::Config(e.to_string()))?;
     let (client, conn) = crate::pg::sql::connect(&cfg.database).await?;
-    let outbox = read_outbox(&client, &cfg.router, &settings.order).await;
+    let outbox = read_outbox(&client, mapping, &settings.order).await;
     drop(client);
     let _ = conn.await;
     let outbox = outbox?;
 
-    let template = &cfg.router.topic;
+    let template = &mapping.topic;
     let selection = match template.fixed() {
         Some(t) => TopicSelection::Names([t.to_string()].into()),
         None if outbox.rows.is_empty() => TopicSelection::Matching(template.clone()),

@@ -13,7 +13,6 @@
 //! hold what the loop works on, `errors` says which failures are retriable,
 //! `heartbeat` keeps an idle database's slot moving.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -68,7 +67,7 @@ pub struct Summary {
 #[derive(Debug, Default)]
 pub struct Carry {
     /// The mapped columns' types as the first session saw them.
-    pub column_types: Option<HashMap<String, u32>>,
+    pub column_types: crate::pipeline::route::router::ColumnTypes,
     /// Exactly-once: records Kafka refused, to dead-letter on the way again.
     pub refused: Refused,
 }

@@ -59,13 +59,24 @@ pub(super) async fn check_slot(
     })
 }
 
-/// The publication must exist, publish inserts and cover the outbox table:
-/// otherwise the stream is silently empty and events would never arrive.
+/// The publication must exist, publish inserts and cover every outbox
+/// table: otherwise the stream is silently empty for a table and its events
+/// would never arrive.
 pub(super) async fn check_publication(
     conn: &mut ReplicationConnection,
     cfg: &RelayConfig,
 ) -> Result<(), PipelineError> {
-    let table = &cfg.router.table;
+    for t in &cfg.tables {
+        check_publication_of(conn, cfg, &t.table).await?;
+    }
+    Ok(())
+}
+
+async fn check_publication_of(
+    conn: &mut ReplicationConnection,
+    cfg: &RelayConfig,
+    table: &crate::pipeline::route::router::TableName,
+) -> Result<(), PipelineError> {
     let rows = conn
         .simple_query(&format!(
             "SELECT p.pubinsert::text, EXISTS (SELECT 1 FROM pg_publication_tables t
@@ -338,8 +349,7 @@ pub(super) async fn open(cfg: &RelayConfig, resume: Option<Lsn>) -> Result<Opene
             publication = %cfg.publication,
             resume_from = %slot.confirmed,
             server_wal = %system.xlogpos,
-            table = %cfg.router.table,
-            topic = %cfg.router.topic,
+            tables = %cfg.table_names(),
             "starting replication"
         );
         let mut options = vec![

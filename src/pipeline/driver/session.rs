@@ -82,9 +82,7 @@ pub(super) async fn session(
     if let Some(h) = heartbeat {
         h.abort();
     }
-    if let Some(types) = state.router.column_types() {
-        carry.column_types = Some(types.clone());
-    }
+    carry.column_types = state.router.column_types().clone();
     carry.refused = std::mem::take(&mut state.refused);
     carry.refused.forget_before(state.confirmable());
     state.summary.confirmed = state.confirmable();

@@ -141,7 +141,7 @@ impl State {
         State {
             eos: None,
             recorder: None,
-            router: Router::with_column_types(cfg.router.clone(), carry.column_types.clone()),
+            router: Router::with_column_types(cfg.tables.clone(), carry.column_types.clone()),
             refused: std::mem::take(&mut carry.refused),
             at: (Lsn(0), Lsn(0), 0),
             checkpoint: Checkpoint::new(confirmed),

@@ -131,6 +131,8 @@ enum TopicPlan {
 
 #[derive(Debug, Clone)]
 struct Plan {
+    /// Which of the configured tables this relation is.
+    table: usize,
     ncols: usize,
     id: usize,
     key: usize,
@@ -159,11 +161,17 @@ enum RelationPlan {
     Other(Arc<str>),
 }
 
+/// Type OIDs of the mapped columns as first seen, by (`schema.table`,
+/// column).
+pub type ColumnTypes = HashMap<(String, String), u32>;
+
 pub struct Router {
-    cfg: RouterConfig,
-    /// Type OIDs of the mapped columns as first seen in this session: a
+    /// The outbox tables, each with its mapping; a relation that is none of
+    /// them is another table's.
+    tables: Vec<RouterConfig>,
+    /// Type OIDs of the mapped columns as first seen in this process: a
     /// change under a running relay changes what the bytes mean.
-    mapped_types: Option<HashMap<String, u32>>,
+    mapped_types: ColumnTypes,
     /// By relation OID. OIDs are spread well enough to be their own hash,
     /// and this lookup runs once per row.
     relations: HashMap<u32, RelationPlan, BuildHasherDefault<OidHasher>>,
@@ -177,10 +185,10 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn new(cfg: RouterConfig) -> Self {
+    pub fn new(tables: Vec<RouterConfig>) -> Self {
         Router {
-            cfg,
-            mapped_types: None,
+            tables,
+            mapped_types: ColumnTypes::new(),
             relations: HashMap::default(),
             id_header: Arc::from("id"),
             last_topic: None,
@@ -188,23 +196,23 @@ impl Router {
         }
     }
 
-    pub fn config(&self) -> &RouterConfig {
-        &self.cfg
+    pub fn tables(&self) -> &[RouterConfig] {
+        &self.tables
     }
 
     /// A router that remembers the mapped columns' types of an earlier
     /// session of this process, so that a type changed across a reconnect
     /// is caught as well as one changed under a running session.
-    pub fn with_column_types(cfg: RouterConfig, types: Option<HashMap<String, u32>>) -> Self {
+    pub fn with_column_types(tables: Vec<RouterConfig>, types: ColumnTypes) -> Self {
         Router {
             mapped_types: types,
-            ..Router::new(cfg)
+            ..Router::new(tables)
         }
     }
 
     /// The mapped columns' types as first seen, for the next session.
-    pub fn column_types(&self) -> Option<&HashMap<String, u32>> {
-        self.mapped_types.as_ref()
+    pub fn column_types(&self) -> &ColumnTypes {
+        &self.mapped_types
     }
 
     /// Takes a Relation message: resolves the configured columns against the
@@ -212,27 +220,30 @@ impl Router {
     /// again after its schema changed, so a dropped or renamed column is
     /// caught here.
     pub fn on_relation(&mut self, rel: &Relation) -> Result<(), RouteError> {
-        let is_outbox = rel.namespace == self.cfg.table.schema && rel.name == self.cfg.table.name;
+        let which = self
+            .tables
+            .iter()
+            .position(|t| rel.namespace == t.table.schema && rel.name == t.table.name);
         let full_name = format!("{}.{}", rel.namespace, rel.name);
-        if !is_outbox {
+        let Some(which) = which else {
             // Also the partitions of a partitioned outbox: pgoutput describes
             // them beside their root, whose name their rows carry.
             tracing::debug!(
                 table = %full_name,
-                outbox = %self.cfg.table,
-                "a table besides the outbox: its rows are skipped (outbox_skipped_rows_total)"
+                "a table besides the outbox tables: its rows are skipped (outbox_skipped_rows_total)"
             );
             self.relations
                 .insert(rel.oid, RelationPlan::Other(Arc::from(full_name)));
             return Ok(());
-        }
+        };
+        let cfg = &self.tables[which];
         // Each configured column is looked up once: its position for the
         // plan, its type for the check against what earlier sessions saw (a
         // type change under a running relay must stop it, not be decoded
         // the new way).
         let mut position: HashMap<String, usize> = HashMap::new();
-        let mut types = HashMap::new();
-        for (column, option) in self.cfg.referenced_columns() {
+        let mut types = Vec::new();
+        for (column, option) in cfg.referenced_columns() {
             if position.contains_key(&column) {
                 continue;
             }
@@ -250,7 +261,8 @@ impl Router {
                 });
             };
             let type_oid = rel.columns[idx].type_oid;
-            if let Some(before) = self.mapped_types.as_ref().and_then(|t| t.get(&column)) {
+            let seen = (full_name.clone(), column.clone());
+            if let Some(before) = self.mapped_types.get(&seen) {
                 if *before != type_oid {
                     return Err(RouteError::ColumnTypeChanged {
                         table: full_name,
@@ -261,23 +273,23 @@ impl Router {
                     });
                 }
             }
-            types.insert(column.clone(), type_oid);
+            types.push((seen, type_oid));
             position.insert(column, idx);
         }
-        self.mapped_types = Some(types);
+        self.mapped_types.extend(types);
         // Every column below is one of referenced_columns(): found above.
         let at = |col: &str| position[col];
-        let payload = at(&self.cfg.payload_column);
+        let payload = at(&cfg.payload_column);
         let plan = Plan {
+            table: which,
             ncols: rel.columns.len(),
-            id: at(&self.cfg.id_column),
-            key: at(&self.cfg.key_column),
+            id: at(&cfg.id_column),
+            key: at(&cfg.key_column),
             payload,
             payload_bytea: rel.columns[payload].type_oid == BYTEA_OID,
-            check_json: self.cfg.require_json
+            check_json: cfg.require_json
                 && !matches!(rel.columns[payload].type_oid, JSON_OID | JSONB_OID),
-            topic: self
-                .cfg
+            topic: cfg
                 .topic
                 .parts()
                 .map(|p| match p {
@@ -285,13 +297,12 @@ impl Router {
                     TemplatePart::Column(c) => TopicPlan::Column(at(c)),
                 })
                 .collect(),
-            headers: self
-                .cfg
+            headers: cfg
                 .headers
                 .iter()
                 .map(|h| (Arc::from(h.header.as_str()), at(&h.column)))
                 .collect(),
-            event_type: self.cfg.event_type_column.as_deref().map(at),
+            event_type: cfg.event_type_column.as_deref().map(at),
         };
         self.relations.insert(rel.oid, RelationPlan::Outbox(plan));
         Ok(())
@@ -304,9 +315,10 @@ impl Router {
             Some(RelationPlan::Other(name)) => return Ok(Routed::OtherTable(name.clone())),
             None => return Err(RouteError::UnknownRelation(insert.relation_oid)),
         };
+        let cfg = &self.tables[plan.table];
         if insert.tuple.len() != plan.ncols {
             return Err(RouteError::ColumnCount {
-                table: self.cfg.table.to_string(),
+                table: cfg.table.to_string(),
                 got: insert.tuple.len(),
                 expected: plan.ncols,
             });
@@ -324,22 +336,16 @@ impl Router {
                 }),
             }
         };
-        let event_id = text(plan.id, &self.cfg.id_column, "event id")?;
-        let key = text(plan.key, &self.cfg.key_column, "key")?;
+        let event_id = text(plan.id, &cfg.id_column, "event id")?;
+        let key = text(plan.key, &cfg.key_column, "key")?;
         if key.is_empty() {
             return Err(RouteError::EmptyKey {
-                column: self.cfg.key_column.clone(),
+                column: cfg.key_column.clone(),
             });
         }
-        let key = self.cfg.key_format.encode(key);
-        let payload = payload_of(&self.cfg, plan, tuple)?;
-        let topic = topic_of(
-            &self.cfg,
-            plan,
-            tuple,
-            &mut self.topic_buf,
-            &mut self.last_topic,
-        )?;
+        let key = cfg.key_format.encode(key);
+        let payload = payload_of(cfg, plan, tuple)?;
+        let topic = topic_of(cfg, plan, tuple, &mut self.topic_buf, &mut self.last_topic)?;
         let mut headers = Vec::with_capacity(plan.headers.len() + 1);
         headers.push((self.id_header.clone(), Some(event_id.clone())));
         for (name, idx) in &plan.headers {

@@ -12,7 +12,13 @@ fn col(name: &str, type_oid: u32) -> Column {
 }
 
 fn debezium_router() -> Router {
-    let mut r = Router::new(RouterConfig {
+    let mut r = Router::new(vec![debezium_config()]);
+    r.on_relation(&debezium_relation(7)).unwrap();
+    r
+}
+
+fn debezium_config() -> RouterConfig {
+    RouterConfig {
         table: TableName::parse("public.outboxevent").unwrap(),
         id_column: "id".into(),
         key_column: "aggregateid".into(),
@@ -22,9 +28,12 @@ fn debezium_router() -> Router {
         headers: vec![HeaderColumn::parse("type:eventType").unwrap()],
         event_type_column: Some("type".into()),
         require_json: false,
-    });
-    r.on_relation(&Relation {
-        oid: 7,
+    }
+}
+
+fn debezium_relation(oid: u32) -> Relation {
+    Relation {
+        oid,
         namespace: "public".into(),
         name: "outboxevent".into(),
         replica_identity: b'd',
@@ -35,9 +44,38 @@ fn debezium_router() -> Router {
             col("type", 1043),
             col("payload", 3802),
         ],
-    })
-    .unwrap();
-    r
+    }
+}
+
+fn classic_config(table: &str, topic: &str) -> RouterConfig {
+    RouterConfig {
+        table: TableName::parse(table).unwrap(),
+        id_column: "event_id".into(),
+        key_column: "aggregate_id".into(),
+        key_format: KeyFormat::Raw,
+        payload_column: "payload".into(),
+        topic: TopicTemplate::parse(topic).unwrap(),
+        headers: vec![HeaderColumn::parse("event_type").unwrap()],
+        event_type_column: Some("event_type".into()),
+        require_json: false,
+    }
+}
+
+fn classic_relation(oid: u32, table: &str, payload_type: u32) -> Relation {
+    let name = TableName::parse(table).unwrap();
+    Relation {
+        oid,
+        namespace: name.schema,
+        name: name.name,
+        replica_identity: b'd',
+        columns: vec![
+            col("id", 20),
+            col("event_id", 2950),
+            col("event_type", 25),
+            col("aggregate_id", 25),
+            col("payload", payload_type),
+        ],
+    }
 }
 
 fn t(s: &str) -> TupleValue {
@@ -239,4 +277,64 @@ fn templates_and_names_parse() {
         Bytes::from_static(&[0, 255])
     );
     assert!(decode_bytea_hex(&Bytes::from_static(b"00")).is_err());
+}
+
+#[test]
+fn several_tables_route_each_by_its_own_mapping() {
+    let mut r = Router::new(vec![
+        classic_config("billing.outbox", "billing.{event_type}"),
+        debezium_config(),
+    ]);
+    r.on_relation(&classic_relation(1, "billing.outbox", 3802))
+        .unwrap();
+    r.on_relation(&debezium_relation(2)).unwrap();
+    r.on_relation(&classic_relation(3, "shipping.outbox", 3802))
+        .unwrap();
+    let Routed::Record(a) = r
+        .route(&Insert {
+            relation_oid: 1,
+            tuple: vec![t("1"), t("e-1"), t("Invoiced"), t("inv-7"), t("{}")],
+        })
+        .unwrap()
+    else {
+        panic!("billing.outbox is an outbox table")
+    };
+    assert_eq!(&*a.topic, "billing.Invoiced");
+    assert_eq!(&a.key[..], b"inv-7");
+    assert_eq!(&a.event_id[..], b"e-1");
+    let Routed::Record(b) = r
+        .route(&Insert {
+            relation_oid: 2,
+            tuple: vec![t("u-1"), t("Order"), t("o-9"), t("OrderCreated"), t("{}")],
+        })
+        .unwrap()
+    else {
+        panic!("public.outboxevent is an outbox table")
+    };
+    assert_eq!(&*b.topic, "outbox.event.Order");
+    assert_eq!(&b.key[..], b"o-9");
+    // A table no section names is skipped, by name.
+    match r
+        .route(&Insert {
+            relation_oid: 3,
+            tuple: vec![t("1"), t("e-2"), t("X"), t("k"), t("{}")],
+        })
+        .unwrap()
+    {
+        Routed::OtherTable(name) => assert_eq!(&*name, "shipping.outbox"),
+        other => panic!("{other:?}"),
+    }
+    // A mapped column's type change is caught per table: the same column
+    // name with another type in another table is not a change.
+    let mut again = Router::with_column_types(r.tables().to_vec(), r.column_types().clone());
+    again
+        .on_relation(&classic_relation(1, "billing.outbox", 3802))
+        .unwrap();
+    let e = again
+        .on_relation(&classic_relation(1, "billing.outbox", 25))
+        .unwrap_err();
+    assert!(
+        matches!(e, RouteError::ColumnTypeChanged { ref table, .. } if table == "billing.outbox"),
+        "{e}"
+    );
 }
