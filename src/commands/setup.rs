@@ -43,6 +43,8 @@ pub enum SetupError {
     PhysicalSlot { slot: String },
     #[error("--failover needs PostgreSQL 17 or later, which copies failover slots to a physical standby (sync_replication_slots); this server is {version}. Without it a promoted standby has no slot: after a failover run `outbox-relay backfill` on the new primary, or upgrade")]
     FailoverUnsupported { version: String },
+    #[error("installing the event trigger that publishes the new tables of {patterns} failed: {error}. Creating an event trigger needs a superuser: run `outbox-relay setup` once as one (the relay itself needs no more than before), or publish every table yourself (CREATE PUBLICATION … FOR ALL TABLES) and accept that the relay decodes them all")]
+    Trigger { patterns: String, error: String },
     #[error("replication slot {slot} exists without failover, and --failover asks for it: a standby will not keep a copy. Recreate it while no relay runs and nothing is pending (SELECT pg_drop_replication_slot('{slot}'), then setup --failover), or over a replication connection: ALTER_REPLICATION_SLOT {slot} (FAILOVER true)")]
     NotFailover { slot: String },
 }
@@ -126,6 +128,67 @@ pub async fn ensure_publication(
         lines.push(ensure_published(client, publication, &t.table).await?);
     }
     Ok(lines)
+}
+
+/// For schema patterns (`tenant_*.outbox`): the publication exists even
+/// before any tenant table does (with publish_via_partition_root, so that a
+/// partitioned tenant outbox is published under its own name), and the event
+/// trigger adds each new table a pattern stands for in the transaction that
+/// creates it (`pg::publish_trigger` says why). Returns what it did.
+pub async fn ensure_pattern_publication(
+    client: &Client,
+    publication: &str,
+    patterns: &[&TableName],
+) -> Result<Vec<String>, SetupError> {
+    let mut lines = Vec::new();
+    let exists = client
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await
+        .map_err(sql("reading pg_publication"))?
+        .is_some();
+    if !exists {
+        client
+            .batch_execute(&format!(
+                "CREATE PUBLICATION {} WITH (publish = 'insert', publish_via_partition_root = true)",
+                quote_ident(publication)
+            ))
+            .await
+            .map_err(sql(format!("creating publication {publication}")))?;
+        lines.push(format!(
+            "created publication {publication} (publish = 'insert', publish_via_partition_root = true), for the tables of {} to come",
+            names(patterns)
+        ));
+    }
+    client
+        .batch_execute(&crate::pg::publish_trigger::install_sql(
+            publication,
+            patterns,
+        ))
+        .await
+        .map_err(|e| SetupError::Trigger {
+            patterns: names(patterns),
+            error: e
+                .as_db_error()
+                .map(|d| d.message().to_string())
+                .unwrap_or_else(|| e.to_string()),
+        })?;
+    lines.push(format!(
+        "event trigger {} adds each new table of {} to publication {publication} as it is created",
+        crate::pg::publish_trigger::trigger_name(publication),
+        names(patterns)
+    ));
+    Ok(lines)
+}
+
+fn names(patterns: &[&TableName]) -> String {
+    patterns
+        .iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 async fn ensure_published(
@@ -214,12 +277,31 @@ pub async fn run(cfg: &RelayConfig, kind: SlotKind) -> Result<Vec<String>, Setup
     check_wal_level(&client).await?;
     report.push("wal_level is logical".to_string());
 
-    for t in &cfg.tables {
+    let tables = crate::pg::catalog::expand_tables(&client, &cfg.tables)
+        .await
+        .map_err(sql("finding the tables of the schema patterns"))?;
+    let patterns: Vec<&TableName> = cfg
+        .tables
+        .iter()
+        .map(|t| &t.table)
+        .filter(|t| t.is_pattern())
+        .collect();
+    for t in &tables {
         check_table(&client, t).await?;
         report.push(format!("table {} has every configured column", t.table));
     }
-
-    report.extend(ensure_publication(&client, &cfg.publication, &cfg.tables).await?);
+    for p in &patterns {
+        if !tables
+            .iter()
+            .any(|t| p.matches(&t.table.schema, &t.table.name))
+        {
+            report.push(format!("no table matches {p} yet"));
+        }
+    }
+    if !patterns.is_empty() {
+        report.extend(ensure_pattern_publication(&client, &cfg.publication, &patterns).await?);
+    }
+    report.extend(ensure_publication(&client, &cfg.publication, &tables).await?);
 
     let slot = &cfg.slot;
     let version: i32 = client

@@ -185,9 +185,12 @@ pub async fn collect(client: &Client, cfg: &RelayConfig) -> Result<Status, Statu
         .iter()
         .map(|r| format!("{}.{}", r.get::<_, String>(0), r.get::<_, String>(1)))
         .collect();
-    // pg_publication_tables lists a FOR ALL TABLES publication's tables too.
-    let table_published = cfg
-        .tables
+    // pg_publication_tables lists a FOR ALL TABLES publication's tables too;
+    // a schema pattern stands for the tables that exist now.
+    let tables = crate::pg::catalog::expand_tables(client, &cfg.tables)
+        .await
+        .map_err(sql("finding the tables of the schema patterns"))?;
+    let table_published = tables
         .iter()
         .all(|t| publication_tables.contains(&t.table.to_string()));
 

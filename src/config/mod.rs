@@ -152,6 +152,15 @@ impl RelayConfig {
     /// works on, or an error that says how to pick one.
     pub fn single_table(&self, command: &str) -> Result<&RouterConfig, ConfigError> {
         match self.tables.as_slice() {
+            [one] if one.table.is_pattern() => Err(ConfigError::Invalid {
+                option: "table",
+                value: one.table.to_string(),
+                reason: format!(
+                    "{command} works on one outbox table at a time, and {} is a pattern: pass --table with one of the tables it stands for (e.g. --table {})",
+                    one.table,
+                    one.table.in_schema(&one.table.schema.replace('*', "a"))
+                ),
+            }),
             [one] => Ok(one),
             many => Err(ConfigError::Invalid {
                 option: "table",

@@ -193,8 +193,19 @@ fn tables(o: &mut Options) -> Result<(Vec<RouterConfig>, bool), ConfigError> {
         value: pick.clone(),
         reason,
     })?;
-    match tables.into_iter().find(|t| t.table == wanted) {
-        Some(t) => Ok((vec![t], true)),
+    // A table a pattern section stands for is picked with that section's
+    // mapping (`--table tenant_a.outbox` of `tenant_*.outbox`).
+    let picked = tables
+        .into_iter()
+        .find(|t| t.table == wanted || t.table.matches(&wanted.schema, &wanted.name));
+    match picked {
+        Some(t) => Ok((
+            vec![RouterConfig {
+                table: wanted,
+                ..t
+            }],
+            true,
+        )),
         None => Err(ConfigError::Invalid {
             option: "table",
             value: pick,

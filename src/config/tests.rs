@@ -283,3 +283,24 @@ fn tables_sections_are_checked() {
         .unwrap_or_default();
     assert!(e.contains("topics"), "{e}");
 }
+
+#[test]
+fn table_picks_one_table_of_a_schema_pattern() {
+    let file: Options =
+        toml::from_str("[[tables]]\ntable = \"tenant_*.outbox\"\ntopic = \"{schema}.events\"\n")
+            .unwrap();
+    let c = RelayConfig::resolve(base().or(file.clone())).unwrap();
+    assert!(c.tables[0].table.is_pattern());
+    let e = c.single_table("verify").unwrap_err().to_string();
+    assert!(e.contains("is a pattern") && e.contains("--table"), "{e}");
+    let pick = Options {
+        table: Some("tenant_b.outbox".into()),
+        ..base()
+    };
+    let c = RelayConfig::resolve(pick.or(file)).unwrap();
+    assert_eq!(
+        c.single_table("verify").unwrap().table.to_string(),
+        "tenant_b.outbox"
+    );
+    assert_eq!(c.tables[0].topic.to_string(), "{schema}.events");
+}

@@ -3,6 +3,7 @@
 //! same words.
 
 use super::quote_ident;
+use crate::pipeline::route::router::RouterConfig;
 
 /// Why a publication without publish_via_partition_root cannot serve a
 /// partitioned outbox table, and the fix.
@@ -11,4 +12,127 @@ pub fn partitions_by_name(publication: &str, table: &str) -> String {
         "publication {publication} publishes the partitioned table {table} under its partitions' names (publish_via_partition_root is off), so the relay would not recognise its rows: ALTER PUBLICATION {} SET (publish_via_partition_root = true); (its other subscribers then see {table}'s name too), or give the relay a publication of its own (outbox-relay setup --publication NAME creates one)",
         quote_ident(publication)
     )
+}
+
+/// One simple query (no parameters, so the replication connection can run
+/// it too) that lists, for each schema pattern among `tables`, the schemas
+/// in which its table exists: `(index into tables, schema)` rows, ordinary or
+/// partitioned tables, not partitions (their rows arrive under the root's
+/// name). None when no table is a pattern.
+pub fn pattern_schemas_sql(tables: &[RouterConfig]) -> Option<String> {
+    let selects: Vec<String> = tables
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| t.table.is_pattern())
+        .map(|(i, t)| {
+            format!(
+                "SELECT {i}::text, n.nspname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                  WHERE c.relname = {} AND n.nspname LIKE {} AND c.relkind IN ('r', 'p') AND NOT c.relispartition",
+                crate::pg::quote_literal(&t.table.name),
+                crate::pg::quote_literal(&t.table.schema_like())
+            )
+        })
+        .collect();
+    if selects.is_empty() {
+        return None;
+    }
+    Some(format!("{} ORDER BY 1, 2", selects.join(" UNION ALL ")))
+}
+
+/// The tables as they exist now: each schema pattern replaced by one mapping
+/// per table it matches (`found`: the rows of [`pattern_schemas_sql`]), in
+/// configuration order. A table that an earlier section already names is
+/// left to that section, as the router does.
+pub fn concrete_tables(tables: &[RouterConfig], found: &[(usize, String)]) -> Vec<RouterConfig> {
+    let mut out: Vec<RouterConfig> = Vec::new();
+    for (i, t) in tables.iter().enumerate() {
+        if !t.table.is_pattern() {
+            out.push(t.clone());
+            continue;
+        }
+        for (_, schema) in found.iter().filter(|(j, _)| *j == i) {
+            let earlier = tables[..i]
+                .iter()
+                .any(|e| e.table.matches(schema, &t.table.name));
+            if !earlier {
+                out.push(RouterConfig {
+                    table: t.table.in_schema(schema),
+                    ..t.clone()
+                });
+            }
+        }
+    }
+    out
+}
+
+/// The rows of [`pattern_schemas_sql`] from `simple_query` text values.
+pub fn pattern_rows(
+    rows: impl IntoIterator<Item = (Option<String>, Option<String>)>,
+) -> Vec<(usize, String)> {
+    rows.into_iter()
+        .filter_map(|(i, s)| Some((i?.parse().ok()?, s?)))
+        .collect()
+}
+
+/// The tables as they exist now, over an ordinary SQL connection.
+pub async fn expand_tables(
+    client: &tokio_postgres::Client,
+    tables: &[RouterConfig],
+) -> Result<Vec<RouterConfig>, tokio_postgres::Error> {
+    let Some(sql) = pattern_schemas_sql(tables) else {
+        return Ok(tables.to_vec());
+    };
+    let rows = client.simple_query(&sql).await?;
+    let found = pattern_rows(rows.iter().filter_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => {
+            Some((r.get(0).map(String::from), r.get(1).map(String::from)))
+        }
+        _ => None,
+    }));
+    Ok(concrete_tables(tables, &found))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::route::router::{TableName, TopicTemplate};
+
+    fn mapping(table: &str) -> RouterConfig {
+        RouterConfig {
+            table: TableName::parse(table).unwrap(),
+            id_column: "event_id".into(),
+            key_column: "aggregate_id".into(),
+            key_format: Default::default(),
+            payload_column: "payload".into(),
+            topic: TopicTemplate::parse("{schema}.events").unwrap(),
+            headers: Vec::new(),
+            event_type_column: None,
+            require_json: false,
+        }
+    }
+
+    #[test]
+    fn patterns_expand_to_the_tables_that_exist_first_section_first() {
+        let tables = [
+            mapping("tenant_a.outbox"),
+            mapping("tenant_*.outbox"),
+            mapping("public.outbox"),
+        ];
+        let sql = pattern_schemas_sql(&tables).unwrap();
+        assert!(sql.contains("LIKE  E'tenant\\\\_%'"), "{sql}");
+        assert!(pattern_schemas_sql(&tables[2..]).is_none());
+        let found = pattern_rows([
+            (Some("1".into()), Some("tenant_a".into())),
+            (Some("1".into()), Some("tenant_b".into())),
+            (Some("x".into()), Some("bad".into())),
+        ]);
+        let names: Vec<String> = concrete_tables(&tables, &found)
+            .iter()
+            .map(|t| t.table.to_string())
+            .collect();
+        assert_eq!(
+            names,
+            ["tenant_a.outbox", "tenant_b.outbox", "public.outbox"]
+        );
+    }
 }

@@ -3,11 +3,13 @@
 //! It owns how names are written into SQL and replication commands (here),
 //! the connection settings (`config`), TLS (`tls`), the ordinary SQL
 //! connection and its errors (`sql`), the standbys of a multi-host URL
-//! (`standbys`) and the catalog messages several
-//! callers share (`catalog`). It must not hold pipeline state.
+//! (`standbys`), the catalog queries and messages several callers share
+//! (`catalog`) and the event trigger that publishes a schema pattern's new
+//! tables (`publish_trigger`). It must not hold pipeline state.
 
 pub mod catalog;
 pub mod config;
+pub mod publish_trigger;
 pub mod sql;
 pub mod standbys;
 pub mod tls;
@@ -17,6 +19,14 @@ pub mod tls;
 /// so that every name the relay writes into a statement is quoted one way.
 pub fn quote_ident(s: &str) -> String {
     postgres_protocol::escape::escape_identifier(s)
+}
+
+/// A string literal for SQL, for the statements that cannot take
+/// parameters (simple queries, the replication connection's, DDL):
+/// postgres-protocol's escaper, right whatever standard_conforming_strings
+/// says (a backslash makes it an E'' string).
+pub fn quote_literal(s: &str) -> String {
+    postgres_protocol::escape::escape_literal(s)
 }
 
 #[cfg(test)]

@@ -45,14 +45,46 @@ pub(super) async fn postgres_checks(client: &Client, cfg: &RelayConfig) -> Vec<C
 
     // One line per table for what is per table: its columns, its place in
     // the publication, the role's right to read it.
-    let mut tables_ok = Vec::with_capacity(cfg.tables.len());
-    for mapping in &cfg.tables {
+    // A schema pattern stands for the tables that exist now.
+    let tables = match crate::pg::catalog::expand_tables(client, &cfg.tables).await {
+        Ok(t) => t,
+        Err(e) => {
+            out.push(CheckResult::unknown("outbox table", e));
+            cfg.tables
+                .iter()
+                .filter(|t| !t.table.is_pattern())
+                .cloned()
+                .collect()
+        }
+    };
+    for p in cfg
+        .tables
+        .iter()
+        .map(|t| &t.table)
+        .filter(|t| t.is_pattern())
+    {
+        if !tables
+            .iter()
+            .any(|t| p.matches(&t.table.schema, &t.table.name))
+        {
+            out.push(CheckResult::warn(
+                "outbox table",
+                format!("no table matches {p} yet: each one created is published from its first row (the event trigger adds it)"),
+                None,
+            ));
+        }
+    }
+    let mut tables_ok = Vec::with_capacity(tables.len());
+    for mapping in &tables {
         let (line, ok) = outbox_table(client, mapping).await;
         out.push(line);
         tables_ok.push((&mapping.table, ok));
     }
-    for mapping in &cfg.tables {
+    for mapping in &tables {
         out.push(publication(client, cfg, mapping, version_num).await);
+    }
+    if cfg.tables.iter().any(|t| t.table.is_pattern()) {
+        out.push(publish_trigger(client, cfg).await);
     }
     out.push(match slot {
         Ok(s) => slot_check(cfg, &database, s),
@@ -61,6 +93,30 @@ pub(super) async fn postgres_checks(client: &Client, cfg: &RelayConfig) -> Vec<C
     out.extend(super::failover::failover_checks(client, cfg, version_num).await);
     out.extend(privileges(client, &user, &tables_ok).await);
     out
+}
+
+/// For schema patterns: setup's event trigger, without which a table
+/// created later is never in the publication.
+async fn publish_trigger(client: &Client, cfg: &RelayConfig) -> CheckResult {
+    const NAME: &str = "publication trigger";
+    let trigger = crate::pg::publish_trigger::trigger_name(&cfg.publication);
+    match crate::pg::publish_trigger::state(client, &cfg.publication).await {
+        Ok(Some(true)) => CheckResult::pass(
+            NAME,
+            format!("event trigger {trigger} adds each new table of the schema patterns to publication {}", cfg.publication),
+        ),
+        Ok(Some(false)) => CheckResult::fail(
+            NAME,
+            format!("event trigger {trigger} is disabled: the rows of a table created now would never be published"),
+            format!("ALTER EVENT TRIGGER {} ENABLE;", ident(&trigger)),
+        ),
+        Ok(None) => CheckResult::fail(
+            NAME,
+            format!("event trigger {trigger} does not exist: the rows of a table of the schema patterns created now would never be published"),
+            "run outbox-relay setup as a superuser (it installs the trigger)",
+        ),
+        Err(e) => CheckResult::unknown(NAME, e),
+    }
 }
 
 /// The table exists with every column its mapping names; the bool says so.
@@ -374,11 +430,7 @@ async fn other_published_tables(
     Ok(rows
         .iter()
         .map(|r| (r.get::<_, String>(0), r.get::<_, String>(1)))
-        .filter(|(schema, name)| {
-            !cfg.tables
-                .iter()
-                .any(|t| &t.table.schema == schema && &t.table.name == name)
-        })
+        .filter(|(schema, name)| !cfg.tables.iter().any(|t| t.table.matches(schema, name)))
         .map(|(schema, name)| format!("{schema}.{name}"))
         .collect())
 }

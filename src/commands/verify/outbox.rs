@@ -43,9 +43,10 @@ pub struct Outbox {
 /// Fills the template from a row's placeholder values, as the router does.
 pub(super) fn expand_topic(
     t: &TopicTemplate,
+    schema: &str,
     values: &HashMap<String, Option<String>>,
 ) -> Result<String, String> {
-    t.fill(|c| values.get(c).and_then(|v| v.as_deref()))
+    t.fill(schema, |c| values.get(c).and_then(|v| v.as_deref()))
 }
 
 /// Reads the outbox rows with everything needed to check their records.
@@ -225,7 +226,7 @@ impl RowQuery {
                 String::from_utf8_lossy(&key).into_owned()
             }),
             payload: r.get(2),
-            topic: expand_topic(&router.topic, &values),
+            topic: expand_topic(&router.topic, &router.table.schema, &values),
             headers: router
                 .headers
                 .iter()

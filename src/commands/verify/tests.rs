@@ -172,12 +172,17 @@ fn templates_expand_and_match() {
     let t = TopicTemplate::parse("events.{event_type}.v1").unwrap();
     let v: HashMap<String, Option<String>> =
         [("event_type".to_string(), Some("OrderPaid".to_string()))].into();
-    assert_eq!(expand_topic(&t, &v).unwrap(), "events.OrderPaid.v1");
+    assert_eq!(
+        expand_topic(&t, "public", &v).unwrap(),
+        "events.OrderPaid.v1"
+    );
     let null: HashMap<String, Option<String>> = [("event_type".to_string(), None)].into();
-    assert!(expand_topic(&t, &null).unwrap_err().contains("NULL"));
+    assert!(expand_topic(&t, "public", &null)
+        .unwrap_err()
+        .contains("NULL"));
     let bad: HashMap<String, Option<String>> =
         [("event_type".to_string(), Some("a b".to_string()))].into();
-    assert!(expand_topic(&t, &bad).is_err());
+    assert!(expand_topic(&t, "public", &bad).is_err());
     assert!(t.matches("events.X.v1"));
     assert!(t.matches("events.a.b.v1"));
     assert!(!t.matches("events..v1"));

@@ -66,8 +66,52 @@ pub(super) async fn check_publication(
     conn: &mut ReplicationConnection,
     cfg: &RelayConfig,
 ) -> Result<(), PipelineError> {
-    for t in &cfg.tables {
+    // A schema pattern stands for the tables that exist now; one created
+    // later is added by setup's event trigger (and checked at the next
+    // session).
+    let tables = match crate::pg::catalog::pattern_schemas_sql(&cfg.tables) {
+        None => cfg.tables.clone(),
+        Some(sql) => {
+            let rows = conn.simple_query(&sql).await?;
+            let found = crate::pg::catalog::pattern_rows(rows.into_iter().map(|mut r| {
+                let schema = r.get_mut(1).and_then(Option::take);
+                let index = r.get_mut(0).and_then(Option::take);
+                (index, schema)
+            }));
+            warn_if_no_trigger(conn, cfg).await?;
+            crate::pg::catalog::concrete_tables(&cfg.tables, &found)
+        }
+    };
+    for t in &tables {
         check_publication_of(conn, cfg, &t.table).await?;
+    }
+    Ok(())
+}
+
+/// Without setup's event trigger, a tenant table created from now on is not
+/// in the publication, and its rows are never decoded: say so at once.
+async fn warn_if_no_trigger(
+    conn: &mut ReplicationConnection,
+    cfg: &RelayConfig,
+) -> Result<(), PipelineError> {
+    let name = crate::pg::publish_trigger::trigger_name(&cfg.publication);
+    let rows = conn
+        .simple_query(&format!(
+            "SELECT evtenabled::text FROM pg_event_trigger WHERE evtname = {}",
+            quote_literal(&name)
+        ))
+        .await?;
+    let enabled = rows
+        .first()
+        .and_then(|r| r.first().cloned().flatten())
+        .map(|e| e != "D");
+    if enabled != Some(true) {
+        tracing::warn!(
+            publication = %cfg.publication,
+            trigger = %name,
+            "the event trigger that adds new tables of the schema patterns to the publication is {}: rows of a table created from now on would never be published. Run `outbox-relay setup` as a superuser",
+            if enabled.is_none() { "missing" } else { "disabled" }
+        );
     }
     Ok(())
 }

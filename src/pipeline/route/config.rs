@@ -13,9 +13,16 @@ pub struct TableName {
 
 impl TableName {
     /// Parses `schema.table` or `table` (schema `public`). Quoted identifiers
-    /// keep their case and may contain dots.
+    /// keep their case and may contain dots. The schema may be a pattern, `*`
+    /// standing for any characters (`tenant_*.outbox`: one outbox per tenant
+    /// schema); the table name may not.
     pub fn parse(s: &str) -> Result<Self, String> {
         let parts = split_ident(s)?;
+        if parts.last().is_some_and(|n| n.contains('*')) {
+            return Err(format!(
+                "{s:?}: only the schema may be a pattern (tenant_*.outbox), not the table name"
+            ));
+        }
         match parts.as_slice() {
             [name] => Ok(TableName {
                 schema: "public".into(),
@@ -31,7 +38,43 @@ impl TableName {
         }
     }
 
-    /// The name quoted for SQL.
+    /// A schema pattern (`tenant_*.outbox`) rather than one table.
+    pub fn is_pattern(&self) -> bool {
+        self.schema.contains('*')
+    }
+
+    /// Whether the table `schema.name` is this one, or one this pattern
+    /// stands for.
+    pub fn matches(&self, schema: &str, name: &str) -> bool {
+        name == self.name && glob(&self.schema, schema)
+    }
+
+    /// The schema as an SQL `LIKE` pattern (`\` escapes), for the catalog
+    /// queries that find the tables a pattern stands for.
+    pub fn schema_like(&self) -> String {
+        let mut out = String::with_capacity(self.schema.len());
+        for c in self.schema.chars() {
+            match c {
+                '*' => out.push('%'),
+                '%' | '_' | '\\' => {
+                    out.push('\\');
+                    out.push(c);
+                }
+                c => out.push(c),
+            }
+        }
+        out
+    }
+
+    /// The same table name with the concrete schema a pattern matched.
+    pub fn in_schema(&self, schema: &str) -> TableName {
+        TableName {
+            schema: schema.to_string(),
+            name: self.name.clone(),
+        }
+    }
+
+    /// The name quoted for SQL (of one table: a pattern is expanded first).
     pub fn quoted(&self) -> String {
         format!(
             "{}.{}",
@@ -44,6 +87,21 @@ impl TableName {
 impl std::fmt::Display for TableName {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}.{}", self.schema, self.name)
+    }
+}
+
+/// `*` matches any run of characters, everything else itself.
+fn glob(pattern: &str, s: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == s,
+        Some((head, tail)) => {
+            let Some(rest) = s.strip_prefix(head) else {
+                return false;
+            };
+            (0..=rest.len())
+                .filter(|i| rest.is_char_boundary(*i))
+                .any(|i| glob(tail, &rest[i..]))
+        }
     }
 }
 
@@ -224,5 +282,22 @@ mod tests {
             &KeyFormat::Raw.encode(bytes::Bytes::from_static(b"agg-1"))[..],
             b"agg-1"
         );
+    }
+
+    #[test]
+    fn schema_patterns_match_tenant_schemas() {
+        let p = TableName::parse("tenant_*.outbox").unwrap();
+        assert!(p.is_pattern());
+        assert!(p.matches("tenant_a", "outbox"));
+        assert!(p.matches("tenant_", "outbox"));
+        assert!(!p.matches("tenant_a", "outbox2"));
+        assert!(!p.matches("other", "outbox"));
+        assert_eq!(p.schema_like(), "tenant\\_%");
+        assert_eq!(p.in_schema("tenant_b").to_string(), "tenant_b.outbox");
+        let p = TableName::parse("*_events.outbox").unwrap();
+        assert!(p.matches("x_events", "outbox") && !p.matches("x_event", "outbox"));
+        let one = TableName::parse("public.outbox").unwrap();
+        assert!(!one.is_pattern() && one.matches("public", "outbox"));
+        assert!(TableName::parse("tenant_a.out*").is_err());
     }
 }

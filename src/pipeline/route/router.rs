@@ -223,7 +223,7 @@ impl Router {
         let which = self
             .tables
             .iter()
-            .position(|t| rel.namespace == t.table.schema && rel.name == t.table.name);
+            .position(|t| t.table.matches(&rel.namespace, &rel.name));
         let full_name = format!("{}.{}", rel.namespace, rel.name);
         let Some(which) = which else {
             // Also the partitions of a partitioned outbox: pgoutput describes
@@ -295,6 +295,7 @@ impl Router {
                 .map(|p| match p {
                     TemplatePart::Literal(l) => TopicPlan::Literal(l.to_string()),
                     TemplatePart::Column(c) => TopicPlan::Column(at(c)),
+                    TemplatePart::Schema => TopicPlan::Literal(rel.namespace.clone()),
                 })
                 .collect(),
             headers: cfg

@@ -3,7 +3,9 @@
 //! its placeholders to tuple positions; `verify` fills it from rows it reads
 //! and matches it against the broker's topic names, by the same rules.
 
-/// A topic name template: literal text with `{column}` placeholders.
+/// A topic name template: literal text with `{column}` placeholders, and
+/// `{schema}`, the outbox table's schema (for a schema pattern such as
+/// `tenant_*.outbox`, the tenant's); `schema` is therefore never a column.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopicTemplate {
     source: String,
@@ -14,13 +16,19 @@ pub struct TopicTemplate {
 enum Part {
     Literal(String),
     Column(String),
+    Schema,
 }
+
+/// The placeholder that stands for the table's schema, not a column.
+pub const SCHEMA_PLACEHOLDER: &str = "schema";
 
 /// A piece of a parsed template: literal text, or a placeholder's column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TemplatePart<'a> {
     Literal(&'a str),
     Column(&'a str),
+    /// `{schema}`: the schema of the row's table.
+    Schema,
 }
 
 impl TopicTemplate {
@@ -40,7 +48,11 @@ impl TopicTemplate {
                     "topic template {s:?} has an empty or nested placeholder"
                 ));
             }
-            parts.push(Part::Column(column.to_string()));
+            parts.push(if column == SCHEMA_PLACEHOLDER {
+                Part::Schema
+            } else {
+                Part::Column(column.to_string())
+            });
             rest = &rest[open + close + 1..];
         }
         if rest.contains('}') {
@@ -71,24 +83,31 @@ impl TopicTemplate {
         self.parts.iter().map(|p| match p {
             Part::Literal(l) => TemplatePart::Literal(l),
             Part::Column(c) => TemplatePart::Column(c),
+            Part::Schema => TemplatePart::Schema,
         })
     }
 
     pub fn columns(&self) -> impl Iterator<Item = &str> {
         self.parts().filter_map(|p| match p {
             TemplatePart::Column(c) => Some(c),
-            TemplatePart::Literal(_) => None,
+            TemplatePart::Literal(_) | TemplatePart::Schema => None,
         })
     }
 
-    /// The topic for a row whose placeholder columns hold `value` (`None`
-    /// for NULL), with the router's rules: a NULL or empty placeholder, or a
-    /// result that is no valid topic name, is an error saying which.
-    pub fn fill<'a>(&self, value: impl Fn(&str) -> Option<&'a str>) -> Result<String, String> {
+    /// The topic for a row of a table in `schema` whose placeholder columns
+    /// hold `value` (`None` for NULL), with the router's rules: a NULL or
+    /// empty placeholder, or a result that is no valid topic name, is an
+    /// error saying which.
+    pub fn fill<'a>(
+        &self,
+        schema: &str,
+        value: impl Fn(&str) -> Option<&'a str>,
+    ) -> Result<String, String> {
         let mut topic = String::new();
         for p in self.parts() {
             match p {
                 TemplatePart::Literal(l) => topic.push_str(l),
+                TemplatePart::Schema => topic.push_str(schema),
                 TemplatePart::Column(c) => match value(c) {
                     Some(v) if !v.is_empty() => topic.push_str(v),
                     Some(_) => return Err(format!("topic placeholder column {c} is empty")),
@@ -109,7 +128,7 @@ impl TopicTemplate {
                 Some((Part::Literal(lit), rest)) => {
                     s.strip_prefix(lit.as_str()).is_some_and(|s| go(rest, s))
                 }
-                Some((Part::Column(_), rest)) => s
+                Some((Part::Column(_) | Part::Schema, rest)) => s
                     .char_indices()
                     .map(|(i, _)| i)
                     .skip(1)
@@ -128,6 +147,7 @@ impl TopicTemplate {
             match p {
                 Part::Literal(l) => out.push_str(l),
                 Part::Column(c) => out.push_str(value(c).unwrap_or("")),
+                Part::Schema => {}
             }
         }
         out
@@ -184,10 +204,16 @@ mod tests {
     #[test]
     fn fills_as_the_router_does_and_matches_what_it_could_produce() {
         let t = TopicTemplate::parse("events.{event_type}.v1").unwrap();
-        assert_eq!(t.fill(|_| Some("X")).unwrap(), "events.X.v1");
-        assert!(t.fill(|_| None).unwrap_err().contains("NULL"));
-        assert!(t.fill(|_| Some("")).unwrap_err().contains("empty"));
-        assert!(t.fill(|_| Some("a b")).is_err(), "not a topic name");
+        assert_eq!(t.fill("public", |_| Some("X")).unwrap(), "events.X.v1");
+        assert!(t.fill("public", |_| None).unwrap_err().contains("NULL"));
+        assert!(t
+            .fill("public", |_| Some(""))
+            .unwrap_err()
+            .contains("empty"));
+        assert!(
+            t.fill("public", |_| Some("a b")).is_err(),
+            "not a topic name"
+        );
         assert!(t.matches("events.X.v1"));
         assert!(t.matches("events.a.b.v1"));
         assert!(!t.matches("events..v1"));
@@ -203,5 +229,18 @@ mod tests {
                 TemplatePart::Literal(".v1")
             ]
         );
+    }
+
+    #[test]
+    fn schema_is_the_tables_schema_not_a_column() {
+        let t = TopicTemplate::parse("{schema}.events.{event_type}").unwrap();
+        assert_eq!(t.columns().collect::<Vec<_>>(), ["event_type"]);
+        assert_eq!(
+            t.fill("tenant_a", |_| Some("Paid")).unwrap(),
+            "tenant_a.events.Paid"
+        );
+        assert!(t.matches("tenant_b.events.Paid"));
+        assert_eq!(t.fixed(), None);
+        assert_eq!(t.parts().next(), Some(TemplatePart::Schema));
     }
 }
