@@ -386,7 +386,8 @@ impl ReplicationConnection {
     }
 }
 
-/// Single-quotes a literal for replication command options.
+/// Single-quotes a literal for replication command options. Not
+/// `pg::quote_literal`: the replication grammar takes no E'' strings.
 pub fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
