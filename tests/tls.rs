@@ -36,7 +36,7 @@ fn tls_cluster(pki: &Pki) -> TempCluster {
 async fn admin(cluster: &TempCluster) -> tokio_postgres::Client {
     sql_client(&format!(
         "host={} port={} user=postgres dbname=postgres",
-        cluster.dir.join("data").display(),
+        cluster.socket_dir().display(),
         cluster.port
     ))
     .await

@@ -304,7 +304,7 @@ impl TempCluster {
             "-c port={} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c wal_level=logical -c fsync=off",
             self.port,
             // Outside the data directory, so pg_basebackup has no socket to skip.
-            self.dir.display()
+            self.socket_dir().display()
         );
         for s in settings {
             opts.push_str(&format!(" -c {s}"));
@@ -353,6 +353,11 @@ impl TempCluster {
             ],
         );
         assert!(ok, "pg_ctl stop -m {mode}; log in {}", self.dir.display());
+    }
+
+    /// Where the server's Unix socket is (outside the data directory).
+    pub fn socket_dir(&self) -> &std::path::Path {
+        &self.dir
     }
 
     pub fn url(&self, user: &str, password: Option<&str>) -> String {
