@@ -390,3 +390,135 @@ async fn tenant_schemas_one_created_while_the_relay_runs() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("is a pattern"), "{err}");
 }
+
+/// A partitioned outbox (issue 15, part 4): rows of one transaction cross
+/// partition bounds and arrive under the parent's mapping; `cleanup
+/// --drop-partitions` drops the partitions wholly before the retention only
+/// once the slot confirmed every row in them. With the relay stopped and
+/// late rows in the old partitions it refuses and attaches them back;
+/// with the relay running it drops them, and every event is in Kafka.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_partitions_are_dropped_only_once_published() {
+    let db = TestDb::new("tables_parts").await;
+    db.exec(
+        "CREATE TABLE public.outbox (
+            id bigserial, event_id uuid NOT NULL DEFAULT gen_random_uuid(),
+            event_type text NOT NULL, aggregate_id text NOT NULL, payload jsonb NOT NULL,
+            created_at timestamptz NOT NULL,
+            PRIMARY KEY (id, created_at)
+         ) PARTITION BY RANGE (created_at);
+         CREATE TABLE public.outbox_2020_01 PARTITION OF public.outbox FOR VALUES FROM ('2020-01-01') TO ('2020-02-01');
+         CREATE TABLE public.outbox_2020_02 PARTITION OF public.outbox FOR VALUES FROM ('2020-02-01') TO ('2020-03-01');
+         CREATE TABLE public.outbox_now PARTITION OF public.outbox FOR VALUES FROM ('2020-03-01') TO (MAXVALUE);",
+    )
+    .await;
+    let slot = format!("s_{}", db.name);
+    let topic = unique("parts");
+    create_topics(&brokers(), &[&topic], 1).await;
+    let path = std::env::temp_dir().join(format!("{}.toml", unique("parts")));
+    std::fs::write(
+        &path,
+        format!(
+            "database_url = \"{}\"\nkafka_brokers = \"{}\"\nslot = \"{slot}\"\nstatus_interval = 1\n\n[[tables]]\ntable = \"public.outbox\"\ntopic = \"{topic}\"\n",
+            db.url,
+            brokers()
+        ),
+    )
+    .unwrap();
+    let config = path.to_str().unwrap();
+    let (code, out, err) = relay_cmd(&["--config", config, "setup"]);
+    assert_eq!(code, 0, "{out}{err}");
+
+    // Each transaction writes into every partition.
+    let write = |from: u64, to: u64, when: &'static [&'static str]| {
+        let db = &db;
+        async move {
+            for n in from..to {
+                let mut sql = String::from("BEGIN;");
+                for at in when {
+                    sql.push_str(&format!(
+                        "INSERT INTO public.outbox (event_type, aggregate_id, payload, created_at)
+                           VALUES ('Tested', 'agg-{}', '{{\"n\": {n}}}', '{at}');",
+                        n % 5
+                    ));
+                }
+                sql.push_str("COMMIT;");
+                db.exec(&sql).await;
+            }
+        }
+    };
+    let children = || async {
+        db.client
+            .query_one(
+                "SELECT count(*) FROM pg_inherits WHERE inhparent = 'public.outbox'::regclass",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    let cleanup = |wait: &'static str| {
+        relay_cmd(&[
+            "--config",
+            config,
+            "cleanup",
+            "--drop-partitions",
+            "--older-than",
+            "1d",
+            "--wait",
+            wait,
+        ])
+    };
+
+    let args = vec!["--config".to_string(), config.to_string()];
+    let mut relay = Relay::start(&args);
+    db.wait_streaming(&slot).await;
+    write(0, 60, &["2020-01-15", "2020-02-15", "2026-12-01"]).await;
+    let end = db.current_wal_lsn().await;
+    db.wait_confirmed(&slot, end, "the first rows confirmed")
+        .await;
+    relay.terminate().await;
+
+    // Late rows in the old partitions while no relay runs: not published,
+    // so their partitions must stay.
+    write(60, 65, &["2020-01-20", "2020-02-20"]).await;
+    let (code, out, err) = cleanup("2s");
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("did not confirm"), "{err}");
+    assert_eq!(children().await, 3, "partitions attached again:\n{out}");
+    let rows: i64 = db
+        .client
+        .query_one("SELECT count(*) FROM public.outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 60 * 3 + 5 * 2);
+    let ids: std::collections::BTreeSet<String> = db
+        .client
+        .query("SELECT event_id::text FROM public.outbox", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+
+    let mut relay = Relay::start(&args);
+    let (code, out, err) = cleanup("60s");
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("dropped 2 partition(s)"), "{out}");
+    assert_eq!(children().await, 1);
+    relay.terminate().await;
+
+    // Every event, the dropped partitions' included, is in Kafka.
+    let records = consume_topic(&topic, ids.len()).await;
+    let in_kafka: std::collections::BTreeSet<String> =
+        records.iter().filter_map(|r| r.header("id")).collect();
+    assert_eq!(in_kafka, ids);
+    // What is left verifies as ever.
+    let (code, out, err) = relay_cmd(&["--config", config, "verify", "--json"]);
+    let report: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}\n{err}"));
+    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(report["rows"], 60, "{report:#}");
+    assert_eq!(report["missing"]["count"], 0, "{report:#}");
+}

@@ -18,8 +18,14 @@
 //!   older than that: the classic retention rule. It does not consult the
 //!   slot.
 //!
+//! - `--drop-partitions --older-than 7d`, for an outbox partitioned by range
+//!   on the time column: drops the partitions wholly older than that once
+//!   the slot confirmed every row in them (`partitions.rs`).
+//!
 //! Precondition of `--published`: rows committed before the slot existed
 //! were published some other way (by the old poller, or by `backfill`).
+
+mod partitions;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -51,6 +57,13 @@ pub struct CleanupArgs {
     /// without consulting the slot.
     #[arg(long, value_parser = parse_duration)]
     pub older_than: Option<Duration>,
+
+    /// With --older-than, on an outbox partitioned by range on
+    /// --time-column: detach the partitions wholly older than that, wait
+    /// until the slot confirmed every row in them, then drop them (attached
+    /// again if the slot does not get there within --wait).
+    #[arg(long, requires = "older_than")]
+    pub drop_partitions: bool,
 
     /// Timestamp column of --older-than.
     #[arg(long, default_value = "created_at")]
@@ -103,6 +116,8 @@ pub struct Summary {
     pub batches: u64,
     /// --published: the snapshot's position the slot confirmed.
     pub confirmed_target: Option<Lsn>,
+    /// --drop-partitions: the partitions dropped.
+    pub dropped_partitions: Vec<String>,
 }
 
 /// The row column and its SQL type.
@@ -166,10 +181,23 @@ pub async fn run(
     args: &CleanupArgs,
     say: &mut dyn FnMut(String),
 ) -> Result<Summary, CleanupError> {
-    cfg.single_table("cleanup")
+    let mapping = cfg
+        .single_table("cleanup")
         .map_err(|e| CleanupError::Config(e.to_string()))?;
     let (reader, _c1) = crate::pg::sql::connect(&cfg.database).await?;
     let (writer, _c2) = crate::pg::sql::connect(&cfg.database).await?;
+    if let (true, Some(age)) = (args.drop_partitions, args.older_than) {
+        return partitions::drop_partitions(
+            &reader,
+            &writer,
+            &cfg.slot,
+            &mapping.table,
+            args,
+            age,
+            say,
+        )
+        .await;
+    }
     let (col, col_type) = row_column(&reader, cfg, args).await?;
     let scope = Scope {
         table: cfg.tables[0].table.to_string(),
@@ -412,6 +440,16 @@ pub async fn command(config: Option<&Path>, args: CleanupArgs) -> u8 {
     };
     let mut say = |line: String| println!("{line}");
     match run(&cfg, &args, &mut say).await {
+        Ok(s) if !args.dry_run && args.drop_partitions => {
+            println!(
+                "cleanup done: dropped {} partition(s) of {} ({} row(s), published: confirmed by slot {})",
+                s.dropped_partitions.len(),
+                cfg.tables[0].table,
+                s.deleted,
+                cfg.slot
+            );
+            0
+        }
         Ok(s) if !args.dry_run => {
             println!(
                 "cleanup done: deleted {} row(s) of {} in {} batch(es){}",
