@@ -208,10 +208,14 @@ async fn two_tables_of_different_shapes_in_the_same_transactions() {
         assert_eq!(report["mismatches"]["count"], 0, "{report:#}");
         assert_eq!(report["order_violations"]["count"], 0, "{report:#}");
     }
-    // verify without --table says how to pick one.
-    let (code, _, err) = relay_cmd(&["--config", config, "verify"]);
-    assert_eq!(code, 2, "{err}");
-    assert!(err.contains("pass --table with one of them"), "{err}");
+    // verify without --table checks each table in turn.
+    let (code, out, err) = relay_cmd(&["--config", config, "verify", "--json"]);
+    let all: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}\n{err}"));
+    assert_eq!((code, &all["ok"]), (0, &serde_json::json!(true)), "{all:#}");
+    let tables: Vec<&serde_json::Value> = all["tables"].as_array().unwrap().iter().collect();
+    assert_eq!(tables.len(), 2, "{all:#}");
+    assert!(tables.iter().all(|t| t["missing"]["count"] == 0), "{all:#}");
 
     // One partition: offsets are the publishing order. The first copy of
     // each (txn, pos) comes in commit order, each transaction's rows in the
@@ -385,10 +389,38 @@ async fn tenant_schemas_one_created_while_the_relay_runs() {
         assert_eq!(report["order_violations"]["count"], 0, "{report:#}");
         assert_eq!(report["mismatches"]["count"], 0, "{report:#}");
     }
-    // verify of the pattern itself says to pick a tenant.
-    let (code, _, err) = relay_cmd(&["--config", config, "verify"]);
-    assert_eq!(code, 2, "{err}");
-    assert!(err.contains("is a pattern"), "{err}");
+    // verify of the pattern checks every tenant's table.
+    let (code, out, err) = relay_cmd(&["--config", config, "verify", "--json"]);
+    let all: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}\n{err}"));
+    assert_eq!((code, &all["ok"]), (0, &serde_json::json!(true)), "{all:#}");
+    let names: Vec<&serde_json::Value> = all["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| &t["table"])
+        .collect();
+    assert_eq!(
+        names,
+        ["tenant_a.outbox", "tenant_b.outbox", "tenant_c.outbox"],
+        "{all:#}"
+    );
+
+    // cleanup of the pattern deletes every tenant's published rows, the
+    // relay running to confirm them.
+    let mut relay = Relay::start(&args);
+    let (code, out, err) = relay_cmd(&["--config", config, "cleanup", "--published"]);
+    assert_eq!(code, 0, "{out}{err}");
+    relay.terminate().await;
+    for t in ["tenant_a", "tenant_b", "tenant_c"] {
+        let n: i64 = db
+            .client
+            .query_one(&format!("SELECT count(*) FROM {t}.outbox"), &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 0, "{t}: {out}");
+    }
 }
 
 /// A partitioned outbox (issue 15, part 4): rows of one transaction cross

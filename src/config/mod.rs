@@ -174,6 +174,12 @@ impl RelayConfig {
         }
     }
 
+    /// More than one table (several sections, or a schema pattern): the
+    /// commands that look at tables go through them one by one.
+    pub fn several_tables(&self) -> bool {
+        self.tables.len() > 1 || self.tables.iter().any(|t| t.table.is_pattern())
+    }
+
     /// The tables' names, comma-separated, for messages and logs.
     pub fn table_names(&self) -> String {
         self.tables

@@ -36,6 +36,7 @@ use crate::config::RelayConfig;
 use crate::lsn::Lsn;
 use crate::pg::quote_ident;
 use crate::pg::sql::sql;
+use crate::pipeline::route::router::{RouterConfig, TableName};
 
 /// A duration option (`7d`, `12h`, `30m`, `45s`, `500ms`; a bare number is
 /// seconds).
@@ -123,10 +124,9 @@ pub struct Summary {
 /// The row column and its SQL type.
 async fn row_column(
     client: &Client,
-    cfg: &RelayConfig,
+    table: &TableName,
     args: &CleanupArgs,
 ) -> Result<(String, String), CleanupError> {
-    let table = &cfg.tables[0].table;
     let columns: Vec<(String, String, bool)> = client
         .query(
             "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod),
@@ -181,15 +181,46 @@ pub async fn run(
     args: &CleanupArgs,
     say: &mut dyn FnMut(String),
 ) -> Result<Summary, CleanupError> {
-    let mapping = cfg
-        .single_table("cleanup")
-        .map_err(|e| CleanupError::Config(e.to_string()))?;
     let (reader, _c1) = crate::pg::sql::connect(&cfg.database).await?;
     let (writer, _c2) = crate::pg::sql::connect(&cfg.database).await?;
+    // Several tables (a schema pattern's as they exist now): one after the
+    // other, each with its own snapshot and wait.
+    let tables = if cfg.several_tables() {
+        crate::pg::catalog::expand_tables(&reader, &cfg.tables)
+            .await
+            .map_err(sql("finding the tables of the schema patterns"))?
+    } else {
+        vec![cfg
+            .single_table("cleanup")
+            .map_err(|e| CleanupError::Config(e.to_string()))?
+            .clone()]
+    };
+    let mut total = Summary::default();
+    for mapping in &tables {
+        if tables.len() > 1 {
+            say(format!("table {}:", mapping.table));
+        }
+        let s = run_table(&reader, &writer, cfg, mapping, args, say).await?;
+        total.deleted += s.deleted;
+        total.batches += s.batches;
+        total.confirmed_target = s.confirmed_target.or(total.confirmed_target);
+        total.dropped_partitions.extend(s.dropped_partitions);
+    }
+    Ok(total)
+}
+
+async fn run_table(
+    reader: &Client,
+    writer: &Client,
+    cfg: &RelayConfig,
+    mapping: &RouterConfig,
+    args: &CleanupArgs,
+    say: &mut dyn FnMut(String),
+) -> Result<Summary, CleanupError> {
     if let (true, Some(age)) = (args.drop_partitions, args.older_than) {
         return partitions::drop_partitions(
-            &reader,
-            &writer,
+            reader,
+            writer,
             &cfg.slot,
             &mapping.table,
             args,
@@ -198,10 +229,10 @@ pub async fn run(
         )
         .await;
     }
-    let (col, col_type) = row_column(&reader, cfg, args).await?;
+    let (col, col_type) = row_column(reader, &mapping.table, args).await?;
     let scope = Scope {
-        table: cfg.tables[0].table.to_string(),
-        quoted_table: cfg.tables[0].table.quoted(),
+        table: mapping.table.to_string(),
+        quoted_table: mapping.table.quoted(),
         qcol: quote_ident(&col),
         col,
         col_type,
@@ -213,8 +244,8 @@ pub async fn run(
         batch: args.batch_size.max(1) as usize,
     };
     match args.older_than {
-        Some(age) => delete_older_than(&reader, &writer, &scope, args, age, say).await,
-        None => delete_published(&reader, &writer, &scope, cfg, args, say).await,
+        Some(age) => delete_older_than(reader, writer, &scope, args, age, say).await,
+        None => delete_published(reader, writer, &scope, cfg, args, say).await,
     }
 }
 
@@ -444,7 +475,7 @@ pub async fn command(config: Option<&Path>, args: CleanupArgs) -> u8 {
             println!(
                 "cleanup done: dropped {} partition(s) of {} ({} row(s), published: confirmed by slot {})",
                 s.dropped_partitions.len(),
-                cfg.tables[0].table,
+                cfg.table_names(),
                 s.deleted,
                 cfg.slot
             );
@@ -454,7 +485,7 @@ pub async fn command(config: Option<&Path>, args: CleanupArgs) -> u8 {
             println!(
                 "cleanup done: deleted {} row(s) of {} in {} batch(es){}",
                 s.deleted,
-                cfg.tables[0].table,
+                cfg.table_names(),
                 s.batches,
                 match s.confirmed_target {
                     Some(t) => format!(

@@ -29,6 +29,7 @@ use std::time::Duration;
 use rdkafka::error::KafkaError;
 
 use crate::config::{Options, RelayConfig};
+use crate::pipeline::route::router::RouterConfig;
 
 mod compare;
 mod outbox;
@@ -142,6 +143,34 @@ pub async fn verify(cfg: &RelayConfig, settings: &VerifySettings) -> Result<Repo
     let mapping = cfg
         .single_table("verify")
         .map_err(|e| VerifyError::Config(e.to_string()))?;
+    verify_table(cfg, mapping, settings).await
+}
+
+/// Checks every table of the configuration, a schema pattern's as they
+/// exist now: one report per table, each against its own topics.
+pub async fn verify_all(
+    cfg: &RelayConfig,
+    settings: &VerifySettings,
+) -> Result<Vec<Report>, VerifyError> {
+    let (client, conn) = crate::pg::sql::connect(&cfg.database).await?;
+    let tables = crate::pg::catalog::expand_tables(&client, &cfg.tables).await;
+    drop(client);
+    let _ = conn.await;
+    let tables =
+        tables.map_err(|e| crate::pg::sql::sql("finding the tables of the schema patterns")(e))?;
+    let mut reports = Vec::with_capacity(tables.len());
+    for t in &tables {
+        reports.push(verify_table(cfg, t, settings).await?);
+    }
+    Ok(reports)
+}
+
+/// The check of one table (`mapping`, a concrete table).
+async fn verify_table(
+    cfg: &RelayConfig,
+    mapping: &RouterConfig,
+    settings: &VerifySettings,
+) -> Result<Report, VerifyError> {
     let (client, conn) = crate::pg::sql::connect(&cfg.database).await?;
     let outbox = read_outbox(&client, mapping, &settings.order).await;
     drop(client);
@@ -195,7 +224,7 @@ pub async fn command(config: Option<&Path>, args: VerifyArgs) -> u8 {
         return 2;
     };
     let settings = VerifySettings {
-        order: match (args.order_column, args.order_header) {
+        order: match (args.order_column.clone(), args.order_header.clone()) {
             (Some(c), _) => OrderBy::Column(c),
             (None, Some(h)) => OrderBy::Header(h),
             (None, None) => OrderBy::Default,
@@ -203,6 +232,15 @@ pub async fn command(config: Option<&Path>, args: VerifyArgs) -> u8 {
         max_examples: args.max_examples,
         read_timeout,
     };
+    if cfg.several_tables() {
+        return match verify_all(&cfg, &settings).await {
+            Ok(reports) => print_all(&reports, &args),
+            Err(e) => {
+                eprintln!("outbox-relay verify: {e}");
+                2
+            }
+        };
+    }
     match verify(&cfg, &settings).await {
         Ok(report) => {
             if args.json {
@@ -224,4 +262,37 @@ pub async fn command(config: Option<&Path>, args: VerifyArgs) -> u8 {
             2
         }
     }
+}
+
+/// Several tables' reports: each in turn (text), or one JSON object with
+/// `ok`, the union of `failures` and `tables`, the reports. Exit 1 if any
+/// table failed.
+fn print_all(reports: &[Report], args: &VerifyArgs) -> u8 {
+    let fail = args.fail_on_duplicates;
+    let ok = reports.iter().all(|r| r.passed(fail));
+    if args.json {
+        let mut failures: Vec<&str> = reports.iter().flat_map(|r| r.failures(fail)).collect();
+        failures.sort_unstable();
+        failures.dedup();
+        let v = serde_json::json!({
+            "ok": ok,
+            "failures": failures,
+            "tables": reports.iter().map(|r| r.to_json(fail)).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else {
+        for r in reports {
+            println!("{r}");
+            if fail && r.duplicates.events > 0 {
+                println!("FAILED: duplicates (--fail-on-duplicates)");
+            }
+            println!();
+        }
+        println!(
+            "{} table(s) checked: {}",
+            reports.len(),
+            if ok { "all passed" } else { "FAILED" }
+        );
+    }
+    u8::from(!ok)
 }
