@@ -64,17 +64,32 @@ async fn published(db: &TestDb) -> Vec<String> {
         .collect()
 }
 
-fn config_file(db: &TestDb, slot: &str, topic: &str) -> std::path::PathBuf {
+/// A config file for the test's database, broker and slot, with `sections`
+/// (the `[[tables]]` part) after them.
+fn config_file(db: &TestDb, slot: &str, sections: &str) -> std::path::PathBuf {
     let path = std::env::temp_dir().join(format!("{}.toml", unique("tables")));
-    std::fs::write(
-        &path,
-        format!(
-            r#"
-database_url = "{url}"
-kafka_brokers = "{brokers}"
-slot = "{slot}"
-status_interval = 1
+    let head = format!(
+        "database_url = \"{}\"\nkafka_brokers = \"{}\"\nslot = \"{slot}\"\nstatus_interval = 1\n\n",
+        db.url,
+        brokers()
+    );
+    std::fs::write(&path, head + sections).unwrap();
+    path
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_tables_of_different_shapes_in_the_same_transactions() {
+    let db = TestDb::new("tables_two").await;
+    db.exec(BILLING).await;
+    db.exec(DEBEZIUM_TABLE).await;
+    let slot = format!("s_{}", db.name);
+    let topic = unique("tables");
+    create_topics(&brokers(), &[&topic], 1).await;
+    let file = config_file(
+        &db,
+        &slot,
+        &format!(
+            r#"
 [[tables]]
 table = "billing.events"
 id_column = "event_uuid"
@@ -89,24 +104,9 @@ topic = "{topic}"
 table = "public.outboxevent"
 preset = "debezium"
 topic = "{topic}"
-"#,
-            url = db.url,
-            brokers = brokers(),
+"#
         ),
-    )
-    .unwrap();
-    path
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_tables_of_different_shapes_in_the_same_transactions() {
-    let db = TestDb::new("tables_two").await;
-    db.exec(BILLING).await;
-    db.exec(DEBEZIUM_TABLE).await;
-    let slot = format!("s_{}", db.name);
-    let topic = unique("tables");
-    create_topics(&brokers(), &[&topic], 1).await;
-    let file = config_file(&db, &slot, &topic);
+    );
     let config = file.to_str().unwrap();
 
     // setup publishes both tables through one publication.
@@ -304,16 +304,11 @@ async fn tenant_schemas_one_created_while_the_relay_runs() {
     for t in ["tenant_a", "tenant_b", "tenant_c"] {
         create_topics(&brokers(), &[&topic(t)], 1).await;
     }
-    let path = std::env::temp_dir().join(format!("{}.toml", unique("tenants")));
-    std::fs::write(
-        &path,
-        format!(
-            "database_url = \"{}\"\nkafka_brokers = \"{}\"\nslot = \"{slot}\"\nstatus_interval = 1\n\n[[tables]]\ntable = \"tenant_*.outbox\"\ntopic = \"{prefix}.{{schema}}\"\n",
-            db.url,
-            brokers()
-        ),
-    )
-    .unwrap();
+    let path = config_file(
+        &db,
+        &slot,
+        &format!("[[tables]]\ntable = \"tenant_*.outbox\"\ntopic = \"{prefix}.{{schema}}\"\n"),
+    );
     let config = path.to_str().unwrap();
 
     let (code, out, err) = relay_cmd(&["--config", config, "setup"]);
@@ -447,16 +442,11 @@ async fn old_partitions_are_dropped_only_once_published() {
     let slot = format!("s_{}", db.name);
     let topic = unique("parts");
     create_topics(&brokers(), &[&topic], 1).await;
-    let path = std::env::temp_dir().join(format!("{}.toml", unique("parts")));
-    std::fs::write(
-        &path,
-        format!(
-            "database_url = \"{}\"\nkafka_brokers = \"{}\"\nslot = \"{slot}\"\nstatus_interval = 1\n\n[[tables]]\ntable = \"public.outbox\"\ntopic = \"{topic}\"\n",
-            db.url,
-            brokers()
-        ),
-    )
-    .unwrap();
+    let path = config_file(
+        &db,
+        &slot,
+        &format!("[[tables]]\ntable = \"public.outbox\"\ntopic = \"{topic}\"\n"),
+    );
     let config = path.to_str().unwrap();
     let (code, out, err) = relay_cmd(&["--config", config, "setup"]);
     assert_eq!(code, 0, "{out}{err}");
