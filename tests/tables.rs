@@ -544,3 +544,90 @@ async fn old_partitions_are_dropped_only_once_published() {
     assert_eq!(report["rows"], 60, "{report:#}");
     assert_eq!(report["missing"]["count"], 0, "{report:#}");
 }
+
+/// `backfill` over several tables (issue 15, part 5): a schema pattern's
+/// tables each have a backlog a poller left (some rows processed, some
+/// not); one backfill publishes every pending row of every tenant from the
+/// slot's one snapshot and marks them, then `run` publishes what comes
+/// after: each tenant's topic holds each of its events exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_cuts_over_every_tenant_from_one_snapshot() {
+    let db = TestDb::new("tables_backfill").await;
+    let tenants = ["tenant_a", "tenant_b"];
+    for t in tenants {
+        db.exec(&format!(
+            "CREATE SCHEMA {t};
+             CREATE TABLE {t}.outbox (
+                 id bigserial PRIMARY KEY, event_id uuid NOT NULL DEFAULT gen_random_uuid(),
+                 event_type text NOT NULL, aggregate_id text NOT NULL, payload jsonb NOT NULL,
+                 processed_at timestamptz
+             );
+             INSERT INTO {t}.outbox (event_type, aggregate_id, payload, processed_at)
+               SELECT 'Tested', 'agg-' || (n % 4), jsonb_build_object('n', n),
+                      CASE WHEN n <= 5 THEN now() END
+                 FROM generate_series(1, 25) n;"
+        ))
+        .await;
+    }
+    let slot = format!("s_{}", db.name);
+    let prefix = unique("bf");
+    for t in tenants {
+        create_topics(&brokers(), &[&format!("{prefix}.{t}")], 1).await;
+    }
+    let path = config_file(
+        &db,
+        &slot,
+        &format!("[[tables]]\ntable = \"tenant_*.outbox\"\ntopic = \"{prefix}.{{schema}}\"\n"),
+    );
+    let config = path.to_str().unwrap();
+    let (code, out, err) = relay_cmd(&["--config", config, "backfill", "--mark-processed"]);
+    assert_eq!(code, 0, "{out}{err}");
+    for t in tenants {
+        assert!(
+            out.contains(&format!("20 pending row(s) in {t}.outbox")),
+            "{out}"
+        );
+        let pending: i64 = db
+            .client
+            .query_one(
+                &format!("SELECT count(*) FROM {t}.outbox WHERE processed_at IS NULL"),
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(pending, 0, "{t}: {out}");
+    }
+    assert_eq!(published(&db).await, ["tenant_a.outbox", "tenant_b.outbox"]);
+
+    // After the cutover: the relay publishes what is committed from now on.
+    let args = vec!["--config".to_string(), config.to_string()];
+    let mut relay = Relay::start(&args);
+    db.wait_streaming(&slot).await;
+    for t in tenants {
+        db.exec(&format!(
+            "INSERT INTO {t}.outbox (event_type, aggregate_id, payload)
+               SELECT 'Tested', 'agg-' || (n % 4), jsonb_build_object('n', n)
+                 FROM generate_series(26, 35) n;"
+        ))
+        .await;
+    }
+    let end = db.current_wal_lsn().await;
+    db.wait_confirmed(&slot, end, "the new rows confirmed")
+        .await;
+    relay.terminate().await;
+
+    for t in tenants {
+        let records = consume_topic(&format!("{prefix}.{t}"), 30).await;
+        let mut ns: Vec<u64> = records
+            .iter()
+            .map(|r| r.payload_json()["n"].as_u64().unwrap())
+            .collect();
+        ns.sort_unstable();
+        assert_eq!(
+            ns,
+            (6..=35).collect::<Vec<u64>>(),
+            "{t}: each pending and new event once"
+        );
+    }
+}

@@ -130,6 +130,36 @@ pub async fn ensure_publication(
     Ok(lines)
 }
 
+/// Every table in the publication: `tables` (the configuration's, a
+/// pattern's as they exist now) added, and for schema patterns the event
+/// trigger that adds the ones to come. Shared by `setup` and `backfill`.
+pub async fn publish_tables(
+    client: &Client,
+    cfg: &RelayConfig,
+    tables: &[RouterConfig],
+) -> Result<Vec<String>, SetupError> {
+    let mut report = Vec::new();
+    let patterns: Vec<&TableName> = cfg
+        .tables
+        .iter()
+        .map(|t| &t.table)
+        .filter(|t| t.is_pattern())
+        .collect();
+    for p in &patterns {
+        if !tables
+            .iter()
+            .any(|t| p.matches(&t.table.schema, &t.table.name))
+        {
+            report.push(format!("no table matches {p} yet"));
+        }
+    }
+    if !patterns.is_empty() {
+        report.extend(ensure_pattern_publication(client, &cfg.publication, &patterns).await?);
+    }
+    report.extend(ensure_publication(client, &cfg.publication, tables).await?);
+    Ok(report)
+}
+
 /// For schema patterns (`tenant_*.outbox`): the publication exists even
 /// before any tenant table does (with publish_via_partition_root, so that a
 /// partitioned tenant outbox is published under its own name), and the event
@@ -280,28 +310,11 @@ pub async fn run(cfg: &RelayConfig, kind: SlotKind) -> Result<Vec<String>, Setup
     let tables = crate::pg::catalog::expand_tables(&client, &cfg.tables)
         .await
         .map_err(sql("finding the tables of the schema patterns"))?;
-    let patterns: Vec<&TableName> = cfg
-        .tables
-        .iter()
-        .map(|t| &t.table)
-        .filter(|t| t.is_pattern())
-        .collect();
     for t in &tables {
         check_table(&client, t).await?;
         report.push(format!("table {} has every configured column", t.table));
     }
-    for p in &patterns {
-        if !tables
-            .iter()
-            .any(|t| p.matches(&t.table.schema, &t.table.name))
-        {
-            report.push(format!("no table matches {p} yet"));
-        }
-    }
-    if !patterns.is_empty() {
-        report.extend(ensure_pattern_publication(&client, &cfg.publication, &patterns).await?);
-    }
-    report.extend(ensure_publication(&client, &cfg.publication, &tables).await?);
+    report.extend(publish_tables(&client, cfg, &tables).await?);
 
     let slot = &cfg.slot;
     let version: i32 = client

@@ -3,9 +3,9 @@
 
 use tokio_postgres::Client;
 
-use crate::config::RelayConfig;
 use crate::pg::quote_ident;
 use crate::pg::sql::sql;
+use crate::pipeline::route::router::TableName;
 
 use super::{BackfillArgs, BackfillError};
 
@@ -14,13 +14,12 @@ use super::{BackfillArgs, BackfillError};
 /// shows 0.
 pub(super) async fn mark_processed(
     client: &Client,
-    cfg: &RelayConfig,
+    table: &TableName,
     args: &BackfillArgs,
     order_type: &str,
     done_values: &[String],
     say: &mut dyn FnMut(String),
 ) -> Result<u64, BackfillError> {
-    let table = &cfg.tables[0].table;
     let order_col = quote_ident(&args.order_column);
     let update = format!(
         "UPDATE {} SET {} = now() WHERE {} = ANY($1::text[]::{order_type}[]) AND {} IS NULL",

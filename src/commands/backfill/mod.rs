@@ -34,7 +34,7 @@ use crate::lsn::Lsn;
 use crate::pg::quote_ident;
 use crate::pg::sql::sql;
 use crate::pipeline::decode::pgoutput::{Column, Insert, Relation, TupleValue};
-use crate::pipeline::route::router::{Routed, Router};
+use crate::pipeline::route::router::{Routed, Router, RouterConfig, TableName};
 use crate::pipeline::sink::KafkaSink;
 
 mod mark;
@@ -140,9 +140,8 @@ struct TableColumn {
 /// columns are left out, as pgoutput leaves them out).
 async fn table_columns(
     client: &Client,
-    cfg: &RelayConfig,
+    table: &TableName,
 ) -> Result<(u32, Vec<TableColumn>), BackfillError> {
-    let table = &cfg.tables[0].table;
     let rows = client
         .query(
             "SELECT c.oid, a.attname::text, a.atttypid, a.atttypmod,
@@ -170,8 +169,9 @@ async fn table_columns(
     Ok((oid, columns))
 }
 
-/// What the checks before the slot found out about the table.
+/// What the checks before the slot found out about one table.
 struct Plan {
+    table: TableName,
     rel_oid: u32,
     columns: Vec<TableColumn>,
     /// Index of `--order-column` in `columns`.
@@ -188,10 +188,11 @@ pub async fn run(
     say: &mut dyn FnMut(String),
 ) -> Result<Summary, BackfillError> {
     // The slot backfill creates is the one `run` then streams every table
-    // from; a cutover of several tables in one snapshot is not built yet.
-    if cfg.tables.len() != 1 || cfg.table_picked {
+    // from: with one section picked, the other tables' backlogs would never
+    // be published.
+    if cfg.table_picked {
         return Err(BackfillError::Config(format!(
-            "backfill handles one outbox table, and this configuration has several ([[tables]]: {}): cut over with a configuration of one table (and a slot of its own), or create the slot with `setup` and publish the pending rows of each table another way",
+            "--table {} picks one of the config file's [[tables]] sections, but the slot backfill creates serves every table: backfill them all (remove --table), or give this table a configuration (publication and slot) of its own",
             cfg.table_names()
         )));
     }
@@ -208,87 +209,9 @@ pub async fn run(
     let slot = cfg.slot.clone();
     let (client, _conn) = crate::pg::sql::connect(&cfg.database).await?;
 
-    // Everything that can be checked is checked before the slot exists.
-    let plan = plan(&client, cfg, args).await?;
-    let mut router = Router::new(cfg.tables.clone());
-    router
-        .on_relation(&plan.relation(cfg))
-        .map_err(|e| BackfillError::Config(e.to_string()))?;
-    let sink = KafkaSink::new(&cfg.kafka_brokers, &cfg.kafka_properties)
-        .map_err(|e| BackfillError::Config(e.to_string()))?;
-
-    // The publication must exist before the slot: pgoutput looks it up as of
-    // each decoded change.
-    for line in
-        crate::commands::setup::ensure_publication(&client, &cfg.publication, &cfg.tables).await?
-    {
-        say(line);
-    }
-
-    let (repl, consistent_point, snapshot) = create_slot_with_snapshot(cfg, &slot).await?;
-    say(format!(
-        "created logical replication slot {slot} (pgoutput) at {consistent_point} with snapshot {snapshot}: rows committed before it are read here, rows committed after it are streamed by `run`"
-    ));
-    let abort = |what: String| BackfillError::Aborted {
-        what,
-        slot: slot.clone(),
-        consistent_point,
-    };
-
-    // The exported snapshot lives while `repl` stays open and idle.
-    let pending = open_cursor(&client, &snapshot, &plan)
-        .await
-        .map_err(abort)?;
-    say(format!(
-        "{pending} pending row(s) in {} where {} (in the slot's snapshot)",
-        cfg.tables[0].table, args.pending_where
-    ));
-    let mut publisher = Publisher::new(
-        sink,
-        &args.order_column,
-        args.mark_processed,
-        ack_timeout,
-        cfg.max_inflight,
-        Progress::new(pending, args.progress_every),
-    );
-    publish_cursor(&client, args, &plan, &mut router, &mut publisher)
-        .await
-        .map_err(abort)?;
-    let published = publisher.finish().await.map_err(abort)?;
-    client
-        .batch_execute("COMMIT")
-        .await
-        .map_err(|e| abort(format!("closing the snapshot's transaction failed: {e}")))?;
-    // The snapshot is no longer needed: the slot stays.
-    drop(repl);
-
-    let marked = if args.mark_processed {
-        let order_type = &plan.columns[plan.order_idx].type_name;
-        Some(mark_processed(&client, cfg, args, order_type, &published.delivered, say).await?)
-    } else {
-        None
-    };
-    Ok(Summary {
-        slot,
-        consistent_point,
-        snapshot,
-        pending,
-        published: published.acked,
-        marked,
-        elapsed: started.elapsed(),
-    })
-}
-
-/// The checks that need no slot: wal_level, the table, no slot of that name
-/// yet, the order and processed columns, and the operator's condition.
-async fn plan(
-    client: &Client,
-    cfg: &RelayConfig,
-    args: &BackfillArgs,
-) -> Result<Plan, BackfillError> {
-    let table = &cfg.tables[0].table;
-    crate::commands::setup::check_wal_level(client).await?;
-    crate::commands::setup::check_table(client, &cfg.tables[0]).await?;
+    // Everything that can be checked is checked before the slot exists, for
+    // every table (a schema pattern's as they exist now).
+    crate::commands::setup::check_wal_level(&client).await?;
     if let Some(row) = client
         .query_opt(
             "SELECT coalesce(confirmed_flush_lsn::text, '-') FROM pg_replication_slots WHERE slot_name = $1",
@@ -302,7 +225,114 @@ async fn plan(
             confirmed: row.get(0),
         });
     }
-    let (rel_oid, columns) = table_columns(client, cfg).await?;
+    let tables = crate::pg::catalog::expand_tables(&client, &cfg.tables)
+        .await
+        .map_err(sql("finding the tables of the schema patterns"))?;
+    let mut router = Router::new(cfg.tables.clone());
+    let mut plans = Vec::with_capacity(tables.len());
+    for t in &tables {
+        let plan = plan(&client, t, args).await?;
+        router
+            .on_relation(&plan.relation())
+            .map_err(|e| BackfillError::Config(e.to_string()))?;
+        plans.push(plan);
+    }
+    // One producer per table: each table's records are all acknowledged
+    // before the next table's start, and --mark-processed needs them apart.
+    let mut sinks = Vec::with_capacity(plans.len());
+    for _ in &plans {
+        sinks.push(
+            KafkaSink::new(&cfg.kafka_brokers, &cfg.kafka_properties)
+                .map_err(|e| BackfillError::Config(e.to_string()))?,
+        );
+    }
+
+    // The publication must exist before the slot: pgoutput looks it up as of
+    // each decoded change.
+    for line in crate::commands::setup::publish_tables(&client, cfg, &tables).await? {
+        say(line);
+    }
+
+    let (repl, consistent_point, snapshot) = create_slot_with_snapshot(cfg, &slot).await?;
+    say(format!(
+        "created logical replication slot {slot} (pgoutput) at {consistent_point} with snapshot {snapshot}: rows committed before it are read here, rows committed after it are streamed by `run`"
+    ));
+    let abort = |what: String| BackfillError::Aborted {
+        what,
+        slot: slot.clone(),
+        consistent_point,
+    };
+
+    // The exported snapshot lives while `repl` stays open and idle; every
+    // table is read in it.
+    import_snapshot(&client, &snapshot).await.map_err(abort)?;
+    let mut pending = 0;
+    let mut acked = 0;
+    let mut delivered = Vec::with_capacity(plans.len());
+    for (plan, sink) in plans.iter().zip(sinks) {
+        let in_table = open_cursor(&client, plan).await.map_err(abort)?;
+        say(format!(
+            "{in_table} pending row(s) in {} where {} (in the slot's snapshot)",
+            plan.table, args.pending_where
+        ));
+        let mut publisher = Publisher::new(
+            sink,
+            &args.order_column,
+            args.mark_processed,
+            ack_timeout,
+            cfg.max_inflight,
+            Progress::new(in_table, args.progress_every),
+        );
+        publish_cursor(&client, args, plan, &mut router, &mut publisher)
+            .await
+            .map_err(abort)?;
+        let published = publisher.finish().await.map_err(abort)?;
+        client
+            .batch_execute("CLOSE outbox_backfill")
+            .await
+            .map_err(|e| abort(format!("closing the cursor failed: {e}")))?;
+        pending += in_table;
+        acked += published.acked;
+        delivered.push(published.delivered);
+    }
+    client
+        .batch_execute("COMMIT")
+        .await
+        .map_err(|e| abort(format!("closing the snapshot's transaction failed: {e}")))?;
+    // The snapshot is no longer needed: the slot stays.
+    drop(repl);
+
+    let marked = if args.mark_processed {
+        let mut marked = 0;
+        for (plan, done) in plans.iter().zip(&delivered) {
+            let order_type = &plan.columns[plan.order_idx].type_name;
+            marked += mark_processed(&client, &plan.table, args, order_type, done, say).await?;
+        }
+        Some(marked)
+    } else {
+        None
+    };
+    Ok(Summary {
+        slot,
+        consistent_point,
+        snapshot,
+        pending,
+        published: acked,
+        marked,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// The checks of one table that need no slot: its columns, the order and
+/// processed columns, and the operator's condition.
+async fn plan(
+    client: &Client,
+    mapping: &RouterConfig,
+    args: &BackfillArgs,
+) -> Result<Plan, BackfillError> {
+    let table = &mapping.table;
+    crate::commands::setup::check_table(client, mapping).await?;
+    let (rel_oid, columns) = table_columns(client, table).await?;
     let order_idx = columns
         .iter()
         .position(|c| c.name == args.order_column)
@@ -339,6 +369,7 @@ async fn plan(
             source,
         })?;
     Ok(Plan {
+        table: table.clone(),
         rel_oid,
         columns,
         order_idx,
@@ -350,11 +381,11 @@ async fn plan(
 impl Plan {
     /// The table as pgoutput would describe it, for the router (which
     /// refuses a shape it cannot route before anything exists).
-    fn relation(&self, cfg: &RelayConfig) -> Relation {
+    fn relation(&self) -> Relation {
         Relation {
             oid: self.rel_oid,
-            namespace: cfg.tables[0].table.schema.clone(),
-            name: cfg.tables[0].table.name.clone(),
+            namespace: self.table.schema.clone(),
+            name: self.table.name.clone(),
             replica_identity: b'd',
             columns: self
                 .columns
@@ -370,16 +401,20 @@ impl Plan {
     }
 }
 
-/// Imports the slot's snapshot, counts the pending rows in it and opens the
-/// cursor over them; returns the count.
-async fn open_cursor(client: &Client, snapshot: &str, plan: &Plan) -> Result<u64, String> {
+/// Starts the transaction that reads every table in the slot's snapshot.
+async fn import_snapshot(client: &Client, snapshot: &str) -> Result<(), String> {
     client
         .batch_execute(&format!(
             "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
             snapshot.replace('\'', "''")
         ))
         .await
-        .map_err(|e| format!("importing snapshot {snapshot} failed: {e}"))?;
+        .map_err(|e| format!("importing snapshot {snapshot} failed: {e}"))
+}
+
+/// Counts the table's pending rows in the snapshot and opens the cursor
+/// over them; returns the count.
+async fn open_cursor(client: &Client, plan: &Plan) -> Result<u64, String> {
     let from_where = &plan.from_where;
     let pending: i64 = client
         .query_one(&format!("SELECT count(*) {from_where}"), &[])
