@@ -421,7 +421,8 @@ async fn tenant_schemas_one_created_while_the_relay_runs() {
 /// A partitioned outbox (issue 15, part 4): rows of one transaction cross
 /// partition bounds and arrive under the parent's mapping; `cleanup
 /// --drop-partitions` drops the partitions wholly before the retention only
-/// once the slot confirmed every row in them. With the relay stopped and
+/// once the slot confirmed every row in them (the relay SIGKILLed and
+/// restarted while the rows are written). With the relay stopped and
 /// late rows in the old partitions it refuses and attaches them back;
 /// with the relay running it drops them, and every event is in Kafka.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -495,7 +496,33 @@ async fn old_partitions_are_dropped_only_once_published() {
     let args = vec!["--config".to_string(), config.to_string()];
     let mut relay = Relay::start(&args);
     db.wait_streaming(&slot).await;
-    write(0, 60, &["2020-01-15", "2020-02-15", "2026-12-01"]).await;
+    // A SIGKILL halfway through the writes, and a restart.
+    let kill_and_restart = async {
+        wait_until(Duration::from_secs(60), "half of the writes", || async {
+            let n: i64 = db
+                .client
+                .query_one("SELECT count(*) FROM public.outbox", &[])
+                .await
+                .unwrap()
+                .get(0);
+            n >= 90
+        })
+        .await;
+        relay.signal("KILL");
+        relay.wait(Duration::from_secs(10)).await;
+        Relay::start(&args)
+    };
+    let ((), restarted) = tokio::join!(
+        write(0, 60, &["2020-01-15", "2020-02-15", "2026-12-01"]),
+        kill_and_restart
+    );
+    let mut relay = restarted;
+    wait_until(
+        Duration::from_secs(60),
+        "the restarted relay to resume",
+        || async { !relay.resumed_from().is_empty() },
+    )
+    .await;
     let end = db.current_wal_lsn().await;
     db.wait_confirmed(&slot, end, "the first rows confirmed")
         .await;
