@@ -78,7 +78,6 @@ pub(super) async fn check_publication(
                 let index = r.get_mut(0).and_then(Option::take);
                 (index, schema)
             }));
-            warn_if_no_trigger(conn, cfg).await?;
             crate::pg::catalog::concrete_tables(&cfg.tables, &found)
         }
     };
@@ -374,8 +373,13 @@ pub(super) async fn open(cfg: &RelayConfig, resume: Option<Lsn>) -> Result<Opene
             .trim()
             .parse()
             .unwrap_or(0);
+        // Diagnoses only a session that will stream makes: a standby's
+        // attempts every half second would repeat them.
         if server_version >= 170000 {
             warn_if_standby_slots_absent(&mut conn, &cfg.slot).await;
+        }
+        if cfg.tables.iter().any(|t| t.table.is_pattern()) {
+            warn_if_no_trigger(&mut conn, cfg).await?;
         }
         let protocol = cfg
             .protocol_version
