@@ -21,21 +21,43 @@ use crate::pipeline::route::router::TableName;
 
 /// The trigger's (and its function's) name for `publication`.
 pub fn trigger_name(publication: &str) -> String {
-    let mut name = format!("outbox_relay_publish_{publication}");
-    // Identifiers are at most 63 bytes: Postgres would truncate, and two
-    // long publication names could then share a trigger.
-    if name.len() > 63 {
-        let mut cut = 63;
-        while !name.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        name.truncate(cut);
+    let name = format!("outbox_relay_publish_{publication}");
+    if name.len() <= 63 {
+        return name;
     }
-    name
+    // Identifiers are at most 63 bytes, and a plain cut would give two long
+    // publication names with one prefix the same trigger: keep a hash of
+    // the whole name in the last bytes (FNV-1a: stable across builds).
+    let hash = publication.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let mut cut = 63 - 9;
+    while !name.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}_{:08x}", &name[..cut], hash as u32)
+}
+
+/// The patterns a trigger was installed for, as its comment records them
+/// (`check` and `run` compare them with the configuration).
+pub fn patterns_label(patterns: &[&TableName]) -> String {
+    patterns
+        .iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// The statements that (re)install the trigger for `patterns`, replacing an
 /// earlier version (a changed list of patterns).
+///
+/// It fires on every way a table can come to match: created (alone, by
+/// `CREATE TABLE AS`/`SELECT INTO`, or inside `CREATE SCHEMA`), moved or
+/// renamed (`ALTER TABLE … SET SCHEMA / RENAME`), or its schema renamed
+/// (`ALTER SCHEMA … RENAME`: every table of that schema is looked at).
+/// Catalog names are qualified and `pg_temp` comes last in the path: the
+/// function runs as its owner, a superuser, and a temporary table must not
+/// stand in for a catalog.
 pub fn install_sql(publication: &str, patterns: &[&TableName]) -> String {
     let name = trigger_name(publication);
     let function = format!("public.{}", quote_ident(&name));
@@ -52,48 +74,66 @@ pub fn install_sql(publication: &str, patterns: &[&TableName]) -> String {
         .join(" OR ");
     format!(
         "CREATE OR REPLACE FUNCTION {function}() RETURNS event_trigger
-           LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $fn$
+           LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
          DECLARE
            t record;
          BEGIN
            FOR t IN
              SELECT DISTINCT c.oid, n.nspname, c.relname
-               FROM pg_event_trigger_ddl_commands() d
-               JOIN pg_class c ON c.oid = d.objid
-               JOIN pg_namespace n ON n.oid = c.relnamespace
-              WHERE d.classid = 'pg_class'::regclass
-                AND c.relkind IN ('r', 'p') AND NOT c.relispartition
+               FROM pg_catalog.pg_event_trigger_ddl_commands() d
+               JOIN pg_catalog.pg_class c
+                 ON (d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass AND c.oid = d.objid)
+                 OR (d.classid = 'pg_catalog.pg_namespace'::pg_catalog.regclass AND c.relnamespace = d.objid)
+               JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
                 AND ({condition})
            LOOP
-             IF NOT EXISTS (SELECT 1 FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid
+             IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_publication_rel r
+                              JOIN pg_catalog.pg_publication p ON p.oid = r.prpubid
                              WHERE p.pubname = {pub} AND r.prrelid = t.oid) THEN
-               EXECUTE format('ALTER PUBLICATION %I ADD TABLE %I.%I', {pub}, t.nspname, t.relname);
+               EXECUTE pg_catalog.format('ALTER PUBLICATION %I ADD TABLE %I.%I', {pub}, t.nspname, t.relname);
              END IF;
            END LOOP;
          END
          $fn$;
          DROP EVENT TRIGGER IF EXISTS {trigger};
          CREATE EVENT TRIGGER {trigger} ON ddl_command_end
-           WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO')
-           EXECUTE FUNCTION {function}();",
+           WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'CREATE SCHEMA',
+                        'ALTER TABLE', 'ALTER SCHEMA')
+           EXECUTE FUNCTION {function}();
+         COMMENT ON EVENT TRIGGER {trigger} IS {label};",
         pub = crate::pg::quote_literal(publication),
         trigger = quote_ident(&name),
+        label = crate::pg::quote_literal(&patterns_label(patterns)),
     )
 }
 
-/// Whether the trigger exists and fires (`evtenabled` is not `D`), by an
-/// ordinary SQL connection: None when it does not exist.
+/// The trigger as installed: whether it fires (`evtenabled` is not `D`) and
+/// the patterns its comment records; None when it does not exist.
 pub async fn state(
     client: &tokio_postgres::Client,
     publication: &str,
-) -> Result<Option<bool>, tokio_postgres::Error> {
+) -> Result<Option<(bool, String)>, tokio_postgres::Error> {
     Ok(client
         .query_opt(
-            "SELECT evtenabled <> 'D' FROM pg_event_trigger WHERE evtname = $1",
+            "SELECT t.evtenabled <> 'D', coalesce(pg_catalog.obj_description(t.oid, 'pg_event_trigger'), '')
+               FROM pg_catalog.pg_event_trigger t WHERE t.evtname = $1",
             &[&trigger_name(publication)],
         )
         .await?
-        .map(|r| r.get(0)))
+        .map(|r| (r.get(0), r.get(1))))
+}
+
+/// The configured patterns the installed trigger (its comment: `label`)
+/// does not cover: a table of one of them created now would not be
+/// published.
+pub fn uncovered(label: &str, patterns: &[&TableName]) -> Vec<String> {
+    let covered: Vec<&str> = label.split(',').map(str::trim).collect();
+    patterns
+        .iter()
+        .map(|p| p.to_string())
+        .filter(|p| !covered.contains(&p.as_str()))
+        .collect()
 }
 
 #[cfg(test)]
@@ -106,7 +146,9 @@ mod tests {
             trigger_name("outbox_pub"),
             "outbox_relay_publish_outbox_pub"
         );
-        assert_eq!(trigger_name(&"p".repeat(63)).len(), 63);
+        let long = trigger_name(&format!("{}a", "p".repeat(60)));
+        assert_eq!(long.len(), 63);
+        assert_ne!(long, trigger_name(&format!("{}b", "p".repeat(60))));
         let p = TableName::parse("tenant_*.outbox").unwrap();
         let sql = install_sql("outbox_pub", &[&p]);
         assert!(sql.contains("n.nspname LIKE  E'tenant\\\\_%'"), "{sql}");
@@ -116,5 +158,16 @@ mod tests {
             ),
             "{sql}"
         );
+    }
+
+    #[test]
+    fn the_comment_says_which_patterns_are_covered() {
+        let a = TableName::parse("tenant_*.outbox").unwrap();
+        let b = TableName::parse("other_*.outbox").unwrap();
+        let label = patterns_label(&[&a]);
+        assert_eq!(label, "tenant_*.outbox");
+        assert!(uncovered(&label, &[&a]).is_empty());
+        assert_eq!(uncovered(&label, &[&a, &b]), ["other_*.outbox"]);
+        assert!(install_sql("p", &[&a]).contains("COMMENT ON EVENT TRIGGER"));
     }
 }

@@ -100,12 +100,30 @@ pub(super) async fn postgres_checks(client: &Client, cfg: &RelayConfig) -> Vec<C
 async fn publish_trigger(client: &Client, cfg: &RelayConfig) -> CheckResult {
     const NAME: &str = "publication trigger";
     let trigger = crate::pg::publish_trigger::trigger_name(&cfg.publication);
+    let patterns: Vec<&TableName> = cfg
+        .tables
+        .iter()
+        .map(|t| &t.table)
+        .filter(|t| t.is_pattern())
+        .collect();
     match crate::pg::publish_trigger::state(client, &cfg.publication).await {
-        Ok(Some(true)) => CheckResult::pass(
+        Ok(Some((true, label)))
+            if !crate::pg::publish_trigger::uncovered(&label, &patterns).is_empty() =>
+        {
+            CheckResult::fail(
+                NAME,
+                format!(
+                    "event trigger {trigger} was installed for {label}, not for {}: the rows of a table of those created now would never be published",
+                    crate::pg::publish_trigger::uncovered(&label, &patterns).join(", ")
+                ),
+                "run outbox-relay setup as a superuser with this configuration (it replaces the trigger)",
+            )
+        }
+        Ok(Some((true, _))) => CheckResult::pass(
             NAME,
             format!("event trigger {trigger} adds each new table of the schema patterns to publication {}", cfg.publication),
         ),
-        Ok(Some(false)) => CheckResult::fail(
+        Ok(Some((false, _))) => CheckResult::fail(
             NAME,
             format!("event trigger {trigger} is disabled: the rows of a table created now would never be published"),
             format!("ALTER EVENT TRIGGER {} ENABLE;", ident(&trigger)),

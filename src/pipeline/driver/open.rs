@@ -96,20 +96,33 @@ async fn warn_if_no_trigger(
     let name = crate::pg::publish_trigger::trigger_name(&cfg.publication);
     let rows = conn
         .simple_query(&format!(
-            "SELECT evtenabled::text FROM pg_event_trigger WHERE evtname = {}",
+            "SELECT t.evtenabled::text, coalesce(pg_catalog.obj_description(t.oid, 'pg_event_trigger'), '')
+               FROM pg_catalog.pg_event_trigger t WHERE t.evtname = {}",
             quote_literal(&name)
         ))
         .await?;
-    let enabled = rows
-        .first()
-        .and_then(|r| r.first().cloned().flatten())
-        .map(|e| e != "D");
-    if enabled != Some(true) {
+    let row = rows.first();
+    let field = |i: usize| row.and_then(|r| r.get(i).cloned().flatten());
+    let patterns: Vec<&crate::pipeline::route::router::TableName> = cfg
+        .tables
+        .iter()
+        .map(|t| &t.table)
+        .filter(|t| t.is_pattern())
+        .collect();
+    let problem = match field(0).as_deref() {
+        None => Some("missing".to_string()),
+        Some("D") => Some("disabled".to_string()),
+        Some(_) => {
+            let label = field(1).unwrap_or_default();
+            let missing = crate::pg::publish_trigger::uncovered(&label, &patterns);
+            (!missing.is_empty()).then(|| format!("installed without {}", missing.join(", ")))
+        }
+    };
+    if let Some(problem) = problem {
         tracing::warn!(
             publication = %cfg.publication,
             trigger = %name,
-            "the event trigger that adds new tables of the schema patterns to the publication is {}: rows of a table created from now on would never be published. Run `outbox-relay setup` as a superuser",
-            if enabled.is_none() { "missing" } else { "disabled" }
+            "the event trigger that adds new tables of the schema patterns to the publication is {problem}: rows of such a table created from now on would never be published. Run `outbox-relay setup` as a superuser with this configuration"
         );
     }
     Ok(())
