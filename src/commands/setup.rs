@@ -145,6 +145,22 @@ pub async fn publish_tables(
         .map(|t| &t.table)
         .filter(|t| t.is_pattern())
         .collect();
+    // The trigger first, then the tables as they exist once it is in place:
+    // a table created in between is added by one or the other.
+    if !patterns.is_empty() {
+        report.extend(ensure_pattern_publication(client, &cfg.publication, &patterns).await?);
+    }
+    let now = crate::pg::catalog::expand_tables(client, &cfg.tables)
+        .await
+        .map_err(sql("finding the tables of the schema patterns"))?;
+    let tables: Vec<RouterConfig> = tables
+        .iter()
+        .chain(
+            now.iter()
+                .filter(|t| !tables.iter().any(|k| k.table == t.table)),
+        )
+        .cloned()
+        .collect();
     for p in &patterns {
         if !tables
             .iter()
@@ -153,10 +169,7 @@ pub async fn publish_tables(
             report.push(format!("no table matches {p} yet"));
         }
     }
-    if !patterns.is_empty() {
-        report.extend(ensure_pattern_publication(client, &cfg.publication, &patterns).await?);
-    }
-    report.extend(ensure_publication(client, &cfg.publication, tables).await?);
+    report.extend(ensure_publication(client, &cfg.publication, &tables).await?);
     Ok(report)
 }
 
@@ -171,15 +184,23 @@ pub async fn ensure_pattern_publication(
     patterns: &[&TableName],
 ) -> Result<Vec<String>, SetupError> {
     let mut lines = Vec::new();
-    let exists = client
+    let via_root: Option<bool> = client
         .query_opt(
-            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            "SELECT pubviaroot FROM pg_publication WHERE pubname = $1",
             &[&publication],
         )
         .await
         .map_err(sql("reading pg_publication"))?
-        .is_some();
-    if !exists {
+        .map(|r| r.get(0));
+    // A tenant's outbox may be partitioned: without via-root its rows would
+    // arrive under the partitions' names, which no pattern matches.
+    if via_root == Some(false) {
+        return Err(SetupError::PartitionsByName(partitions_by_name(
+            publication,
+            &names(patterns),
+        )));
+    }
+    if via_root.is_none() {
         client
             .batch_execute(&format!(
                 "CREATE PUBLICATION {} WITH (publish = 'insert', publish_via_partition_root = true)",

@@ -176,6 +176,22 @@ fn tables(o: &mut Options) -> Result<(Vec<RouterConfig>, bool), ConfigError> {
             });
         };
         let r = router(section, Some(&name))?;
+        // The first section that matches a table routes it: a later one
+        // that an earlier pattern already matches would never be used.
+        if let Some(earlier) = tables.iter().find(|t| {
+            t.table.is_pattern()
+                && !r.table.is_pattern()
+                && t.table.matches(&r.table.schema, &r.table.name)
+        }) {
+            return Err(ConfigError::Invalid {
+                option: "tables",
+                value: r.table.to_string(),
+                reason: format!(
+                    "the earlier section {} already matches this table, and the first section that matches a table routes it: move this section before that one",
+                    earlier.table
+                ),
+            });
+        }
         if tables.iter().any(|t| t.table == r.table) {
             return Err(ConfigError::Invalid {
                 option: "tables",

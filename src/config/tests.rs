@@ -304,3 +304,21 @@ fn table_picks_one_table_of_a_schema_pattern() {
     );
     assert_eq!(c.tables[0].topic.to_string(), "{schema}.events");
 }
+
+#[test]
+fn a_table_an_earlier_pattern_matches_is_refused() {
+    let file: Options = toml::from_str(
+        "[[tables]]\ntable = \"tenant_*.outbox\"\n[[tables]]\ntable = \"tenant_vip.outbox\"\n",
+    )
+    .unwrap();
+    let e = RelayConfig::resolve(base().or(file))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("already matches this table"), "{e}");
+    // The other way round is how a tenant gets a mapping of its own.
+    let file: Options = toml::from_str(
+        "[[tables]]\ntable = \"tenant_vip.outbox\"\n[[tables]]\ntable = \"tenant_*.outbox\"\n",
+    )
+    .unwrap();
+    assert!(RelayConfig::resolve(base().or(file)).is_ok());
+}

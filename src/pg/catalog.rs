@@ -47,7 +47,14 @@ pub fn concrete_tables(tables: &[RouterConfig], found: &[(usize, String)]) -> Ve
     let mut out: Vec<RouterConfig> = Vec::new();
     for (i, t) in tables.iter().enumerate() {
         if !t.table.is_pattern() {
-            out.push(t.clone());
+            // Config resolution refuses a table an earlier pattern matches;
+            // should one get here, the router's first-section rule decides.
+            let earlier = tables[..i]
+                .iter()
+                .any(|e| e.table.matches(&t.table.schema, &t.table.name));
+            if !earlier {
+                out.push(t.clone());
+            }
             continue;
         }
         for (_, schema) in found.iter().filter(|(j, _)| *j == i) {

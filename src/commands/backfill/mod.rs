@@ -266,6 +266,27 @@ pub async fn run(
     // The exported snapshot lives while `repl` stays open and idle; every
     // table is read in it.
     import_snapshot(&client, &snapshot).await.map_err(abort)?;
+    // A tenant table created after the tables were listed, and written to
+    // before the slot's consistent point, would be in the snapshot but in
+    // no plan: its pending rows would be published by no one.
+    let in_snapshot = crate::pg::catalog::expand_tables(&client, &cfg.tables)
+        .await
+        .map_err(|e| {
+            abort(format!(
+                "listing the tables in the slot's snapshot failed: {e}"
+            ))
+        })?;
+    let unplanned: Vec<String> = in_snapshot
+        .iter()
+        .filter(|t| !plans.iter().any(|p| p.table == t.table))
+        .map(|t| t.table.to_string())
+        .collect();
+    if !unplanned.is_empty() {
+        return Err(abort(format!(
+            "{} appeared while the backfill was starting",
+            unplanned.join(", ")
+        )));
+    }
     let mut pending = 0;
     let mut acked = 0;
     let mut delivered = Vec::with_capacity(plans.len());
