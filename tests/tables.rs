@@ -322,6 +322,22 @@ async fn tenant_schemas_one_created_while_the_relay_runs() {
         .find(|l| l.split("  ").nth(1).map(str::trim) == Some("publication trigger"))
         .unwrap_or_else(|| panic!("{out}"));
     assert!(trigger_line.starts_with("PASS"), "{out}");
+    // A pattern added to the configuration but not to the trigger (no
+    // setup since) is a FAIL: its new tables would not be published.
+    let more = config_file(
+        &db,
+        &slot,
+        &format!("[[tables]]\ntable = \"tenant_*.outbox\"\ntopic = \"{prefix}.{{schema}}\"\n\n[[tables]]\ntable = \"other_*.outbox\"\ntopic = \"{prefix}.{{schema}}\"\n"),
+    );
+    let (code, out, _) = relay_cmd(&["--config", more.to_str().unwrap(), "check"]);
+    let line = out
+        .lines()
+        .find(|l| l.split("  ").nth(1).map(str::trim) == Some("publication trigger"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        code == 1 && line.starts_with("FAIL") && line.contains("not for other_*.outbox"),
+        "{out}"
+    );
 
     let args = vec!["--config".to_string(), config.to_string()];
     let mut relay = Relay::start(&args);
@@ -331,9 +347,25 @@ async fn tenant_schemas_one_created_while_the_relay_runs() {
     // A new tenant, while the relay streams, written to at once and in the
     // same transactions as an old one.
     create_tenant(&db, "tenant_c").await;
+    // Two other ways a tenant appears: its table created inside CREATE
+    // SCHEMA, and a schema renamed into the pattern.
+    db.exec(
+        "CREATE SCHEMA tenant_d CREATE TABLE outbox (
+             id bigserial PRIMARY KEY, event_id uuid NOT NULL DEFAULT gen_random_uuid(),
+             event_type text NOT NULL, aggregate_id text NOT NULL, payload jsonb NOT NULL);",
+    )
+    .await;
+    create_tenant(&db, "staging_e").await;
+    db.exec("ALTER SCHEMA staging_e RENAME TO tenant_e").await;
     assert_eq!(
         published(&db).await,
-        ["tenant_a.outbox", "tenant_b.outbox", "tenant_c.outbox"]
+        [
+            "tenant_a.outbox",
+            "tenant_b.outbox",
+            "tenant_c.outbox",
+            "tenant_d.outbox",
+            "tenant_e.outbox"
+        ]
     );
     let kill_and_restart = async {
         wait_until(Duration::from_secs(60), "tenant_c's rows", || async {
@@ -397,7 +429,13 @@ async fn tenant_schemas_one_created_while_the_relay_runs() {
         .collect();
     assert_eq!(
         names,
-        ["tenant_a.outbox", "tenant_b.outbox", "tenant_c.outbox"],
+        [
+            "tenant_a.outbox",
+            "tenant_b.outbox",
+            "tenant_c.outbox",
+            "tenant_d.outbox",
+            "tenant_e.outbox"
+        ],
         "{all:#}"
     );
 
