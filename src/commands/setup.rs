@@ -139,12 +139,7 @@ pub async fn publish_tables(
     tables: &[RouterConfig],
 ) -> Result<Vec<String>, SetupError> {
     let mut report = Vec::new();
-    let patterns: Vec<&TableName> = cfg
-        .tables
-        .iter()
-        .map(|t| &t.table)
-        .filter(|t| t.is_pattern())
-        .collect();
+    let patterns = cfg.patterns();
     // The trigger first, then the tables as they exist once it is in place:
     // a table created in between is added by one or the other.
     if !patterns.is_empty() {

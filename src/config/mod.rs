@@ -177,7 +177,16 @@ impl RelayConfig {
     /// More than one table (several sections, or a schema pattern): the
     /// commands that look at tables go through them one by one.
     pub fn several_tables(&self) -> bool {
-        self.tables.len() > 1 || self.tables.iter().any(|t| t.table.is_pattern())
+        self.tables.len() > 1 || !self.patterns().is_empty()
+    }
+
+    /// The sections' schema patterns (`tenant_*.outbox`), in order.
+    pub fn patterns(&self) -> Vec<&crate::pipeline::route::router::TableName> {
+        self.tables
+            .iter()
+            .map(|t| &t.table)
+            .filter(|t| t.is_pattern())
+            .collect()
     }
 
     /// The tables' names, comma-separated, for messages and logs.

@@ -108,20 +108,47 @@ pub fn install_sql(publication: &str, patterns: &[&TableName]) -> String {
     )
 }
 
-/// The trigger as installed: whether it fires (`evtenabled` is not `D`) and
-/// the patterns its comment records; None when it does not exist.
-pub async fn state(
-    client: &tokio_postgres::Client,
-    publication: &str,
-) -> Result<Option<(bool, String)>, tokio_postgres::Error> {
-    Ok(client
-        .query_opt(
-            "SELECT t.evtenabled <> 'D', coalesce(pg_catalog.obj_description(t.oid, 'pg_event_trigger'), '')
-               FROM pg_catalog.pg_event_trigger t WHERE t.evtname = $1",
-            &[&trigger_name(publication)],
-        )
-        .await?
-        .map(|r| (r.get(0), r.get(1))))
+/// The simple query (so the replication connection can run it too) that
+/// reads the trigger as installed: `evtenabled` and its comment, no row when
+/// it does not exist.
+pub fn state_sql(publication: &str) -> String {
+    format!(
+        "SELECT t.evtenabled::text, coalesce(pg_catalog.obj_description(t.oid, 'pg_event_trigger'), '')
+           FROM pg_catalog.pg_event_trigger t WHERE t.evtname = {}",
+        crate::pg::quote_literal(&trigger_name(publication))
+    )
+}
+
+/// What is wrong with the installed trigger for the configured `patterns`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TriggerProblem {
+    Missing,
+    Disabled,
+    /// Installed for `installed` (its comment), which lacks `missing`.
+    Uncovered {
+        installed: String,
+        missing: Vec<String>,
+    },
+}
+
+/// The verdict on the row of [`state_sql`] (None: no row): None when the
+/// trigger fires and covers every pattern.
+pub fn problem(
+    row: Option<(Option<String>, Option<String>)>,
+    patterns: &[&TableName],
+) -> Option<TriggerProblem> {
+    let Some((Some(enabled), label)) = row else {
+        return Some(TriggerProblem::Missing);
+    };
+    if enabled == "D" {
+        return Some(TriggerProblem::Disabled);
+    }
+    let label = label.unwrap_or_default();
+    let missing = uncovered(&label, patterns);
+    (!missing.is_empty()).then_some(TriggerProblem::Uncovered {
+        installed: label,
+        missing,
+    })
 }
 
 /// The configured patterns the installed trigger (its comment: `label`)
@@ -169,5 +196,25 @@ mod tests {
         assert!(uncovered(&label, &[&a]).is_empty());
         assert_eq!(uncovered(&label, &[&a, &b]), ["other_*.outbox"]);
         assert!(install_sql("p", &[&a]).contains("COMMENT ON EVENT TRIGGER"));
+    }
+
+    #[test]
+    fn the_verdict_names_what_is_wrong() {
+        let a = TableName::parse("tenant_*.outbox").unwrap();
+        let b = TableName::parse("other_*.outbox").unwrap();
+        let row = |e: &str, l: &str| Some((Some(e.to_string()), Some(l.to_string())));
+        assert_eq!(problem(None, &[&a]), Some(TriggerProblem::Missing));
+        assert_eq!(
+            problem(row("D", "tenant_*.outbox"), &[&a]),
+            Some(TriggerProblem::Disabled)
+        );
+        assert_eq!(problem(row("O", "tenant_*.outbox"), &[&a]), None);
+        assert_eq!(
+            problem(row("O", "tenant_*.outbox"), &[&a, &b]),
+            Some(TriggerProblem::Uncovered {
+                installed: "tenant_*.outbox".into(),
+                missing: vec!["other_*.outbox".into()]
+            })
+        );
     }
 }

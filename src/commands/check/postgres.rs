@@ -83,7 +83,7 @@ pub(super) async fn postgres_checks(client: &Client, cfg: &RelayConfig) -> Vec<C
     for mapping in &tables {
         out.push(publication(client, cfg, mapping, version_num).await);
     }
-    if cfg.tables.iter().any(|t| t.table.is_pattern()) {
+    if !cfg.patterns().is_empty() {
         out.push(publish_trigger(client, cfg).await);
     }
     out.push(match slot {
@@ -98,42 +98,41 @@ pub(super) async fn postgres_checks(client: &Client, cfg: &RelayConfig) -> Vec<C
 /// For schema patterns: setup's event trigger, without which a table
 /// created later is never in the publication.
 async fn publish_trigger(client: &Client, cfg: &RelayConfig) -> CheckResult {
+    use crate::pg::publish_trigger::{problem, state_sql, trigger_name, TriggerProblem};
     const NAME: &str = "publication trigger";
-    let trigger = crate::pg::publish_trigger::trigger_name(&cfg.publication);
-    let patterns: Vec<&TableName> = cfg
-        .tables
-        .iter()
-        .map(|t| &t.table)
-        .filter(|t| t.is_pattern())
-        .collect();
-    match crate::pg::publish_trigger::state(client, &cfg.publication).await {
-        Ok(Some((true, label)))
-            if !crate::pg::publish_trigger::uncovered(&label, &patterns).is_empty() =>
-        {
-            CheckResult::fail(
-                NAME,
-                format!(
-                    "event trigger {trigger} was installed for {label}, not for {}: the rows of a table of those created now would never be published",
-                    crate::pg::publish_trigger::uncovered(&label, &patterns).join(", ")
-                ),
-                "run outbox-relay setup as a superuser with this configuration (it replaces the trigger)",
-            )
-        }
-        Ok(Some((true, _))) => CheckResult::pass(
+    let trigger = trigger_name(&cfg.publication);
+    let row = match client.simple_query(&state_sql(&cfg.publication)).await {
+        Ok(messages) => messages.into_iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => {
+                Some((r.get(0).map(String::from), r.get(1).map(String::from)))
+            }
+            _ => None,
+        }),
+        Err(e) => return CheckResult::unknown(NAME, e),
+    };
+    match problem(row, &cfg.patterns()) {
+        None => CheckResult::pass(
             NAME,
             format!("event trigger {trigger} adds each new table of the schema patterns to publication {}", cfg.publication),
         ),
-        Ok(Some((false, _))) => CheckResult::fail(
+        Some(TriggerProblem::Uncovered { installed, missing }) => CheckResult::fail(
+            NAME,
+            format!(
+                "event trigger {trigger} was installed for {installed}, not for {}: the rows of a table of those created now would never be published",
+                missing.join(", ")
+            ),
+            "run outbox-relay setup as a superuser with this configuration (it replaces the trigger)",
+        ),
+        Some(TriggerProblem::Disabled) => CheckResult::fail(
             NAME,
             format!("event trigger {trigger} is disabled: the rows of a table created now would never be published"),
             format!("ALTER EVENT TRIGGER {} ENABLE;", ident(&trigger)),
         ),
-        Ok(None) => CheckResult::fail(
+        Some(TriggerProblem::Missing) => CheckResult::fail(
             NAME,
             format!("event trigger {trigger} does not exist: the rows of a table of the schema patterns created now would never be published"),
             "run outbox-relay setup as a superuser (it installs the trigger)",
         ),
-        Err(e) => CheckResult::unknown(NAME, e),
     }
 }
 

@@ -93,38 +93,25 @@ async fn warn_if_no_trigger(
     conn: &mut ReplicationConnection,
     cfg: &RelayConfig,
 ) -> Result<(), PipelineError> {
-    let name = crate::pg::publish_trigger::trigger_name(&cfg.publication);
-    let rows = conn
-        .simple_query(&format!(
-            "SELECT t.evtenabled::text, coalesce(pg_catalog.obj_description(t.oid, 'pg_event_trigger'), '')
-               FROM pg_catalog.pg_event_trigger t WHERE t.evtname = {}",
-            quote_literal(&name)
-        ))
-        .await?;
-    let row = rows.first();
-    let field = |i: usize| row.and_then(|r| r.get(i).cloned().flatten());
-    let patterns: Vec<&crate::pipeline::route::router::TableName> = cfg
-        .tables
-        .iter()
-        .map(|t| &t.table)
-        .filter(|t| t.is_pattern())
-        .collect();
-    let problem = match field(0).as_deref() {
-        None => Some("missing".to_string()),
-        Some("D") => Some("disabled".to_string()),
-        Some(_) => {
-            let label = field(1).unwrap_or_default();
-            let missing = crate::pg::publish_trigger::uncovered(&label, &patterns);
-            (!missing.is_empty()).then(|| format!("installed without {}", missing.join(", ")))
+    use crate::pg::publish_trigger::{problem, state_sql, trigger_name, TriggerProblem};
+    let rows = conn.simple_query(&state_sql(&cfg.publication)).await?;
+    let row = rows.into_iter().next().map(|mut r| {
+        let label = r.get_mut(1).and_then(Option::take);
+        (r.get_mut(0).and_then(Option::take), label)
+    });
+    let problem = match problem(row, &cfg.patterns()) {
+        None => return Ok(()),
+        Some(TriggerProblem::Missing) => "missing".to_string(),
+        Some(TriggerProblem::Disabled) => "disabled".to_string(),
+        Some(TriggerProblem::Uncovered { missing, .. }) => {
+            format!("installed without {}", missing.join(", "))
         }
     };
-    if let Some(problem) = problem {
-        tracing::warn!(
-            publication = %cfg.publication,
-            trigger = %name,
-            "the event trigger that adds new tables of the schema patterns to the publication is {problem}: rows of such a table created from now on would never be published. Run `outbox-relay setup` as a superuser with this configuration"
-        );
-    }
+    tracing::warn!(
+        publication = %cfg.publication,
+        trigger = %trigger_name(&cfg.publication),
+        "the event trigger that adds new tables of the schema patterns to the publication is {problem}: rows of such a table created from now on would never be published. Run `outbox-relay setup` as a superuser with this configuration"
+    );
     Ok(())
 }
 
@@ -391,7 +378,7 @@ pub(super) async fn open(cfg: &RelayConfig, resume: Option<Lsn>) -> Result<Opene
         if server_version >= 170000 {
             warn_if_standby_slots_absent(&mut conn, &cfg.slot).await;
         }
-        if cfg.tables.iter().any(|t| t.table.is_pattern()) {
+        if !cfg.patterns().is_empty() {
             warn_if_no_trigger(&mut conn, cfg).await?;
         }
         let protocol = cfg
