@@ -64,6 +64,49 @@ async fn published(db: &TestDb) -> Vec<String> {
         .collect()
 }
 
+/// SIGKILLs `relay` once `count_sql` (a `count(*)`) reaches `at_least`,
+/// starts it again and waits until it resumed (so its signal handlers are in
+/// place before a later SIGTERM); returns the new relay.
+async fn sigkill_once(
+    db: &TestDb,
+    mut relay: Relay,
+    args: &[String],
+    count_sql: &str,
+    at_least: i64,
+) -> Relay {
+    wait_until(Duration::from_secs(60), count_sql, || async {
+        let n: i64 = db.client.query_one(count_sql, &[]).await.unwrap().get(0);
+        n >= at_least
+    })
+    .await;
+    relay.signal("KILL");
+    relay.wait(Duration::from_secs(10)).await;
+    let restarted = Relay::start(args);
+    wait_until(
+        Duration::from_secs(60),
+        "the restarted relay to resume",
+        || async { !restarted.resumed_from().is_empty() },
+    )
+    .await;
+    restarted
+}
+
+/// `verify --json` with `extra`: its exit code and report.
+fn verify_json(config: &str, extra: &[&str]) -> (i32, serde_json::Value) {
+    let mut args = vec!["--config", config, "verify", "--json"];
+    args.extend_from_slice(extra);
+    let (code, out, err) = relay_cmd(&args);
+    let report = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}\n{err}"));
+    (code, report)
+}
+
+/// The lines of `check`'s output for the check `name`.
+fn check_lines<'a>(out: &'a str, name: &str) -> Vec<&'a str> {
+    out.lines()
+        .filter(|l| l.split("  ").nth(1).map(str::trim) == Some(name))
+        .collect()
+}
+
 /// A config file for the test's database, broker and slot, with `sections`
 /// (the `[[tables]]` part) after them.
 fn config_file(db: &TestDb, slot: &str, sections: &str) -> std::path::PathBuf {
@@ -125,10 +168,7 @@ topic = "{topic}"
         ("publication", 2),
         ("table privilege", 2),
     ] {
-        let lines: Vec<&str> = out
-            .lines()
-            .filter(|l| l.split("  ").nth(1).map(str::trim) == Some(name))
-            .collect();
+        let lines = check_lines(&out, name);
         assert_eq!(lines.len(), count, "{name}:\n{out}");
         assert!(lines.iter().all(|l| l.starts_with("PASS")), "{out}");
     }
@@ -157,34 +197,19 @@ topic = "{topic}"
     );
     assert_eq!(status["table_published"], true, "{status:#}");
 
-    let mut relay = Relay::start(&args);
+    let relay = Relay::start(&args);
     db.wait_streaming(&slot).await;
     // The SIGKILL comes while the writer runs, halfway through: the
     // restart repeats what was not confirmed.
-    let kill_and_restart = async {
-        wait_until(Duration::from_secs(60), "half of the writes", || async {
-            let n: i64 = db
-                .client
-                .query_one("SELECT count(*) FROM billing.events", &[])
-                .await
-                .unwrap()
-                .get(0);
-            n as u64 >= TXNS
-        })
-        .await;
-        relay.signal("KILL");
-        relay.wait(Duration::from_secs(10)).await;
-        Relay::start(&args)
-    };
+    let kill_and_restart = sigkill_once(
+        &db,
+        relay,
+        &args,
+        "SELECT count(*) FROM billing.events",
+        TXNS as i64,
+    );
     let ((), restarted) = tokio::join!(write(&db, 0, TXNS), kill_and_restart);
     let mut relay = restarted;
-    // Streaming (so its signal handlers are in place before the SIGTERM).
-    wait_until(
-        Duration::from_secs(60),
-        "the restarted relay to resume",
-        || async { !relay.resumed_from().is_empty() },
-    )
-    .await;
     let end = db.current_wal_lsn().await;
     db.wait_confirmed(&slot, end, "every transaction confirmed")
         .await;
@@ -193,11 +218,8 @@ topic = "{topic}"
     // Every row of both tables is in Kafka, by `verify` of each table; the
     // other table's records are unexpected for it, which does not fail it.
     for table in ["billing.events", "public.outboxevent"] {
-        let (code, out, err) =
-            relay_cmd(&["--config", config, "verify", "--json", "--table", table]);
-        let report: serde_json::Value =
-            serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}\n{err}"));
-        assert_eq!(code, 0, "{report:#}\n{err}");
+        let (code, report) = verify_json(config, &["--table", table]);
+        assert_eq!(code, 0, "{report:#}");
         let expected_rows = if table == "billing.events" {
             2 * TXNS
         } else {
@@ -209,9 +231,7 @@ topic = "{topic}"
         assert_eq!(report["order_violations"]["count"], 0, "{report:#}");
     }
     // verify without --table checks each table in turn.
-    let (code, out, err) = relay_cmd(&["--config", config, "verify", "--json"]);
-    let all: serde_json::Value =
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}\n{err}"));
+    let (code, all) = verify_json(config, &[]);
     assert_eq!((code, &all["ok"]), (0, &serde_json::json!(true)), "{all:#}");
     let tables: Vec<&serde_json::Value> = all["tables"].as_array().unwrap().iter().collect();
     assert_eq!(tables.len(), 2, "{all:#}");
@@ -317,11 +337,11 @@ async fn tenant_schemas_one_created_while_the_relay_runs() {
     assert_eq!(published(&db).await, ["tenant_a.outbox", "tenant_b.outbox"]);
     let (code, out, err) = relay_cmd(&["--config", config, "check"]);
     assert_eq!(code, 0, "{out}{err}");
-    let trigger_line = out
-        .lines()
-        .find(|l| l.split("  ").nth(1).map(str::trim) == Some("publication trigger"))
-        .unwrap_or_else(|| panic!("{out}"));
-    assert!(trigger_line.starts_with("PASS"), "{out}");
+    let trigger = check_lines(&out, "publication trigger");
+    assert!(
+        trigger.len() == 1 && trigger[0].starts_with("PASS"),
+        "{out}"
+    );
     // A pattern added to the configuration but not to the trigger (no
     // setup since) is a FAIL: its new tables would not be published.
     let more = config_file(
@@ -330,17 +350,17 @@ async fn tenant_schemas_one_created_while_the_relay_runs() {
         &format!("[[tables]]\ntable = \"tenant_*.outbox\"\ntopic = \"{prefix}.{{schema}}\"\n\n[[tables]]\ntable = \"other_*.outbox\"\ntopic = \"{prefix}.{{schema}}\"\n"),
     );
     let (code, out, _) = relay_cmd(&["--config", more.to_str().unwrap(), "check"]);
-    let line = out
-        .lines()
-        .find(|l| l.split("  ").nth(1).map(str::trim) == Some("publication trigger"))
-        .unwrap_or_else(|| panic!("{out}"));
+    let trigger = check_lines(&out, "publication trigger");
     assert!(
-        code == 1 && line.starts_with("FAIL") && line.contains("not for other_*.outbox"),
+        code == 1
+            && trigger.len() == 1
+            && trigger[0].starts_with("FAIL")
+            && trigger[0].contains("not for other_*.outbox"),
         "{out}"
     );
 
     let args = vec!["--config".to_string(), config.to_string()];
-    let mut relay = Relay::start(&args);
+    let relay = Relay::start(&args);
     db.wait_streaming(&slot).await;
     const N: u64 = 150;
     write_tenants(&db, &["tenant_a", "tenant_b"], 0, N).await;
@@ -367,32 +387,18 @@ async fn tenant_schemas_one_created_while_the_relay_runs() {
             "tenant_e.outbox"
         ]
     );
-    let kill_and_restart = async {
-        wait_until(Duration::from_secs(60), "tenant_c's rows", || async {
-            let n: i64 = db
-                .client
-                .query_one("SELECT count(*) FROM tenant_c.outbox", &[])
-                .await
-                .unwrap()
-                .get(0);
-            n as u64 >= N / 2
-        })
-        .await;
-        relay.signal("KILL");
-        relay.wait(Duration::from_secs(10)).await;
-        Relay::start(&args)
-    };
+    let kill_and_restart = sigkill_once(
+        &db,
+        relay,
+        &args,
+        "SELECT count(*) FROM tenant_c.outbox",
+        (N / 2) as i64,
+    );
     let ((), restarted) = tokio::join!(
         write_tenants(&db, &["tenant_a", "tenant_c"], N, 2 * N),
         kill_and_restart
     );
     let mut relay = restarted;
-    wait_until(
-        Duration::from_secs(60),
-        "the restarted relay to resume",
-        || async { !relay.resumed_from().is_empty() },
-    )
-    .await;
     let end = db.current_wal_lsn().await;
     db.wait_confirmed(&slot, end, "every transaction confirmed")
         .await;
@@ -400,11 +406,8 @@ async fn tenant_schemas_one_created_while_the_relay_runs() {
 
     for (tenant, rows) in [("tenant_a", 2 * N), ("tenant_b", N), ("tenant_c", N)] {
         let table = format!("{tenant}.outbox");
-        let (code, out, err) =
-            relay_cmd(&["--config", config, "verify", "--json", "--table", &table]);
-        let report: serde_json::Value =
-            serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}\n{err}"));
-        assert_eq!(code, 0, "{report:#}\n{err}");
+        let (code, report) = verify_json(config, &["--table", &table]);
+        assert_eq!(code, 0, "{report:#}");
         assert_eq!(report["rows"], rows, "{report:#}");
         assert_eq!(
             report["topics"],
@@ -417,9 +420,7 @@ async fn tenant_schemas_one_created_while_the_relay_runs() {
         assert_eq!(report["mismatches"]["count"], 0, "{report:#}");
     }
     // verify of the pattern checks every tenant's table.
-    let (code, out, err) = relay_cmd(&["--config", config, "verify", "--json"]);
-    let all: serde_json::Value =
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}\n{err}"));
+    let (code, all) = verify_json(config, &[]);
     assert_eq!((code, &all["ok"]), (0, &serde_json::json!(true)), "{all:#}");
     let names: Vec<&serde_json::Value> = all["tables"]
         .as_array()
@@ -532,35 +533,16 @@ async fn old_partitions_are_dropped_only_once_published() {
     };
 
     let args = vec!["--config".to_string(), config.to_string()];
-    let mut relay = Relay::start(&args);
+    let relay = Relay::start(&args);
     db.wait_streaming(&slot).await;
     // A SIGKILL halfway through the writes, and a restart.
-    let kill_and_restart = async {
-        wait_until(Duration::from_secs(60), "half of the writes", || async {
-            let n: i64 = db
-                .client
-                .query_one("SELECT count(*) FROM public.outbox", &[])
-                .await
-                .unwrap()
-                .get(0);
-            n >= 90
-        })
-        .await;
-        relay.signal("KILL");
-        relay.wait(Duration::from_secs(10)).await;
-        Relay::start(&args)
-    };
+    let kill_and_restart =
+        sigkill_once(&db, relay, &args, "SELECT count(*) FROM public.outbox", 90);
     let ((), restarted) = tokio::join!(
         write(0, 60, &["2020-01-15", "2020-02-15", "2026-12-01"]),
         kill_and_restart
     );
     let mut relay = restarted;
-    wait_until(
-        Duration::from_secs(60),
-        "the restarted relay to resume",
-        || async { !relay.resumed_from().is_empty() },
-    )
-    .await;
     let end = db.current_wal_lsn().await;
     db.wait_confirmed(&slot, end, "the first rows confirmed")
         .await;
@@ -602,9 +584,7 @@ async fn old_partitions_are_dropped_only_once_published() {
         records.iter().filter_map(|r| r.header("id")).collect();
     assert_eq!(in_kafka, ids);
     // What is left verifies as ever.
-    let (code, out, err) = relay_cmd(&["--config", config, "verify", "--json"]);
-    let report: serde_json::Value =
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}\n{err}"));
+    let (code, report) = verify_json(config, &[]);
     assert_eq!(code, 0, "{report:#}");
     assert_eq!(report["rows"], 60, "{report:#}");
     assert_eq!(report["missing"]["count"], 0, "{report:#}");
