@@ -503,6 +503,9 @@ async fn the_furthest_progress_record_counts_not_the_last() {
     let lsn = |s: &str| s.parse::<Lsn>().unwrap();
     let at = |commit: &str, confirmed: &str| Progress {
         commit_lsn: Some(lsn(commit)),
+        anchor: None,
+        timeline: Some(1),
+        epoch: 0,
         confirmed: lsn(confirmed),
     };
     let (taken_over, stale, other) = (

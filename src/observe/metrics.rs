@@ -61,6 +61,15 @@ pub struct Metrics {
     pub kafka_transactions_aborted: Counter,
     pub kafka_commit_duration: Histogram,
     pub transactions_skipped: Counter,
+    /// Forks between the progress record's WAL history and the server's.
+    pub history_forks: Counter,
+    /// The slot's `safe_wal_size` (-1: no `max_slot_wal_keep_size`), and
+    /// the seconds until the server invalidates it at the current WAL rate
+    /// (-1: no limit applies, or not known yet).
+    pub slot_safe_wal_bytes: Gauge,
+    pub slot_invalidation_seconds: Gauge,
+    /// Heartbeats that failed or timed out.
+    pub heartbeat_failures: Counter,
     /// Streamed, uncommitted changes held in memory / spilled to disk.
     pub stream_buffer_bytes: Gauge,
     /// A counter over the process's life (each session has its own buffer).
@@ -198,6 +207,27 @@ impl Metrics {
         let kafka_transactions_aborted = Counter::default();
         let kafka_commit_duration = Histogram::new(latency_buckets());
         let transactions_skipped = Counter::default();
+        let history_forks = Counter::default();
+        let slot_safe_wal_bytes = Gauge::default();
+        slot_safe_wal_bytes.set(-1);
+        let slot_invalidation_seconds = Gauge::default();
+        slot_invalidation_seconds.set(-1);
+        let heartbeat_failures = Counter::default();
+        registry.register(
+            "outbox_slot_safe_wal_bytes",
+            "Bytes of WAL the server may still write before max_slot_wal_keep_size invalidates the slot (its safe_wal_size); -1 without a limit. Read over SQL every 5 s while the relay streams",
+            slot_safe_wal_bytes.clone(),
+        );
+        registry.register(
+            "outbox_slot_invalidation_seconds",
+            "Seconds until the server invalidates the slot at the current WAL rate (max_slot_wal_keep_size); -1 when no limit applies or the rate is not known yet. An invalidated slot loses the events written meanwhile to the stream",
+            slot_invalidation_seconds.clone(),
+        );
+        registry.register(
+            "outbox_heartbeat_failures",
+            "Heartbeat messages (--heartbeat-interval) that failed or did not complete within 10 s; the heartbeat reconnects",
+            heartbeat_failures.clone(),
+        );
         registry.register(
             "outbox_kafka_transactions_committed",
             "Kafka transactions committed (--delivery exactly-once)",
@@ -218,12 +248,21 @@ impl Metrics {
             "Postgres transactions the slot sent again that the progress topic shows already committed to Kafka (--delivery exactly-once): not published again",
             transactions_skipped.clone(),
         );
+        registry.register(
+            "outbox_history_forks",
+            "Times a session found that the progress record was written on a WAL history the server does not continue (a restore, an asynchronous standby promoted, a slot recreated): transactions past the fork are published, never taken for ones already in Kafka",
+            history_forks.clone(),
+        );
         Metrics {
             registry,
             kafka_transactions_committed,
             kafka_transactions_aborted,
             kafka_commit_duration,
             transactions_skipped,
+            history_forks,
+            slot_safe_wal_bytes,
+            slot_invalidation_seconds,
+            heartbeat_failures,
             events_published,
             publish_errors,
             publish_duration,

@@ -45,7 +45,7 @@ impl State {
                 LogicalMessage::StreamCommit(c) => {
                     let replay = buffer.commit(c.xid)?;
                     self.commit_time = c.commit_time;
-                    self.eos_begin(c.commit_lsn);
+                    self.eos_begin(c.commit_lsn, Some(c.xid), Some(c.commit_time))?;
                     self.checkpoint.begin(c.commit_lsn)?;
                     self.replaying = Some(Replaying {
                         replay,
@@ -126,7 +126,7 @@ impl State {
         wal_start: Lsn,
     ) -> Result<(), PipelineError> {
         match msg {
-            LogicalMessage::Begin(b) => self.on_begin(b.final_lsn, b.commit_time)?,
+            LogicalMessage::Begin(b) => self.on_begin(b.final_lsn, b.xid, b.commit_time)?,
             LogicalMessage::Commit(c) => {
                 self.checkpoint.commit(c.end_lsn)?;
                 self.eos_commit(c.end_lsn);
@@ -167,9 +167,9 @@ impl State {
         Ok(())
     }
 
-    fn on_begin(&mut self, final_lsn: Lsn, commit_time: i64) -> Result<(), PipelineError> {
+    fn on_begin(&mut self, final_lsn: Lsn, xid: u32, commit_time: i64) -> Result<(), PipelineError> {
         self.commit_time = commit_time;
-        let in_kafka = self.eos_begin(final_lsn);
+        let in_kafka = self.eos_begin(final_lsn, Some(xid), Some(commit_time))?;
         if !self.first_begin_seen && !in_kafka {
             self.first_begin_seen = true;
             // The server resumes after the slot's confirmed position; a
@@ -245,7 +245,7 @@ impl State {
             // Exactly-once: its own unit, ordered by a position inside its
             // record (its LSN is where the next record starts, which may be
             // the commit of the transaction that emitted it).
-            in_kafka = self.eos_begin(Lsn(m.lsn.0.saturating_sub(1)));
+            in_kafka = self.eos_begin(Lsn(m.lsn.0.saturating_sub(1)), None, None)?;
         }
         let result = match route {
             _ if in_kafka => Ok(()),

@@ -65,6 +65,8 @@ pub enum PipelineError {
     Transaction(#[from] TxnError),
     #[error(transparent)]
     Progress(#[from] ProgressError),
+    #[error("the WAL history forked under transactions held as already in Kafka: the transaction at {} is of the new history; starting again from the slot, publishing from there", .0.before)]
+    HistoryForked(crate::pipeline::history::Forked),
 }
 
 impl PipelineError {
@@ -111,6 +113,8 @@ impl PipelineError {
             },
             PipelineError::Delivery(d) => delivery_is_retriable(&d.error),
             PipelineError::ServerEnded => true,
+            // The next session knows the fork and publishes the new history.
+            PipelineError::HistoryForked(_) => true,
             // A new session builds a new producer, whose init_transactions
             // aborts what this one left open; it resumes from the progress
             // topic. Fenced too: if another relay holds the slot now, the

@@ -23,12 +23,20 @@
 //! someone else.
 //!
 //! Why nothing is published twice. Each Kafka transaction carries, on the
-//! progress topic, the commit LSN of its last Postgres transaction. A new
-//! session reads the furthest committed one (after `init_transactions`, which
-//! settles what an earlier producer left open) and skips every Postgres
-//! transaction whose commit LSN is at or before it: those are in Kafka even
-//! when the slot was not confirmed past them (a crash between the Kafka
-//! commit and the status update, or a slot put back).
+//! progress topic, the commit LSN of its last Postgres transaction, with its
+//! xid, commit time and the server's timeline. A new session reads the
+//! furthest committed one (after `init_transactions`, which settles what an
+//! earlier producer left open) and skips the Postgres transactions at or
+//! before it: those are in Kafka even when the slot was not confirmed past
+//! them (a crash between the Kafka commit and the status update, or a slot
+//! put back).
+//!
+//! Why nothing new is skipped. Only on the history the record was written
+//! on: `pipeline::history` judges that (timeline, switch points, the
+//! server's WAL end, and the anchor transaction itself when the stream
+//! passes it), and while it cannot yet tell, the slot stays where it was
+//! found, so a session that learns the held transactions were new starts
+//! again from there and publishes them.
 
 use std::time::{Duration, Instant};
 
@@ -36,6 +44,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{ExactlyOnceConfig, RelayConfig};
 use crate::lsn::Lsn;
+use crate::pipeline::history::{Anchor, Decision, Fork, InKafka};
 use crate::pipeline::sink::transactions::{TxnError, TxnFailure};
 use crate::pipeline::sink::{Enqueued, KafkaSink};
 
@@ -58,18 +67,21 @@ pub(super) fn transactional_id(e: &ExactlyOnceConfig, system_id: &str, slot: &st
 pub(super) struct Transactions {
     max_duration: Duration,
     /// The commit LSN of the last Postgres transaction known to be in a
-    /// committed Kafka transaction: from the progress topic, then ours.
+    /// committed Kafka transaction: from the progress topic, then ours; with
+    /// its anchor when known (a record of an older relay has none).
     committed: Option<Lsn>,
-    /// The Postgres transaction being decoded: its commit LSN, and whether
-    /// it is already in Kafka (skipped).
-    current: Option<(Lsn, bool)>,
+    committed_anchor: Option<Anchor>,
+    /// Which transactions the stream sends are in Kafka already.
+    in_kafka: InKafka,
+    /// The Postgres transaction being decoded, and whether it is already in
+    /// Kafka (skipped).
+    current: Option<(Anchor, bool)>,
     /// While a Kafka transaction is open: the checkpoint's position when it
     /// began, the most that may be confirmed until it commits.
     gate: Option<Lsn>,
     opened_at: Instant,
-    /// Commit LSN of the last whole Postgres transaction in the open Kafka
-    /// transaction.
-    last_in_batch: Option<Lsn>,
+    /// The last whole Postgres transaction in the open Kafka transaction.
+    last_in_batch: Option<Anchor>,
     /// The position the open Kafka transaction records as confirmable: the
     /// end of its last Postgres transaction, or, for a transaction of the
     /// progress record alone, the checkpoint's idle position.
@@ -92,15 +104,24 @@ impl Transactions {
         Ok(sink.init_transactions(TXN_CALL_TIMEOUT).await?)
     }
 
-    /// `committed`: the commit LSN the progress topic holds.
-    pub(super) fn new(e: &ExactlyOnceConfig, committed: Option<Lsn>) -> Transactions {
+    /// `committed`: the last transaction the progress topic holds, on this
+    /// history; `in_kafka`: what the history check made of it.
+    pub(super) fn new(
+        e: &ExactlyOnceConfig,
+        committed: Option<Lsn>,
+        committed_anchor: Option<Anchor>,
+        in_kafka: InKafka,
+    ) -> Transactions {
         tracing::info!(
             committed = %committed.map(|l| l.to_string()).unwrap_or_else(|| "none".into()),
-            "exactly-once: transactions committed at or before this position are in Kafka and are not published again"
+            in_kafka = ?in_kafka,
+            "exactly-once: transactions the progress topic shows in Kafka are not published again"
         );
         Transactions {
             max_duration: e.max_duration,
             committed,
+            committed_anchor,
+            in_kafka,
             current: None,
             gate: None,
             opened_at: Instant::now(),
@@ -130,23 +151,86 @@ impl State {
         if let Some(r) = &self.recorder {
             c = c.min(r.recorded);
         }
-        if let Some(gate) = self.eos.as_ref().and_then(|t| t.gate) {
-            c = c.min(gate);
+        if let Some(t) = self.eos.as_ref() {
+            if let Some(gate) = t.gate {
+                c = c.min(gate);
+            }
+            // Transactions held as in Kafka may yet prove to be new.
+            if t.in_kafka.holds() {
+                c = c.min(self.resumed_from);
+            }
         }
         c
     }
 
-    /// A Postgres transaction begins. Whether it is already in Kafka.
-    pub(super) fn eos_begin(&mut self, commit_lsn: Lsn) -> bool {
+    /// A Postgres transaction begins (a non-transactional message: no xid
+    /// and no commit time). Whether it is already in Kafka.
+    pub(super) fn eos_begin(
+        &mut self,
+        commit_lsn: Lsn,
+        xid: Option<u32>,
+        commit_time: Option<i64>,
+    ) -> Result<bool, PipelineError> {
         let Some(t) = self.eos.as_mut() else {
-            return false;
+            return Ok(false);
         };
-        let skip = t.committed.is_some_and(|c| commit_lsn <= c);
-        t.current = Some((commit_lsn, skip));
+        let (decision, seen) = t.in_kafka.decide(commit_lsn, xid, commit_time);
+        if let Some(seen) = seen {
+            self.eos_fork_seen(seen.fork);
+        }
+        let skip = match decision {
+            Decision::InKafka => true,
+            Decision::Publish => false,
+            Decision::StartAgain(forked) => return Err(PipelineError::HistoryForked(forked)),
+        };
+        if let Some(t) = self.eos.as_mut() {
+            t.current = Some((
+                Anchor {
+                    commit_lsn,
+                    xid: xid.unwrap_or(0),
+                    commit_time: commit_time.unwrap_or(0),
+                },
+                skip,
+            ));
+        }
         if skip {
             self.metrics.transactions_skipped.inc();
         }
-        skip
+        Ok(skip)
+    }
+
+    /// A keepalive: the server's WAL went past `wal_end`, which may show
+    /// that the record's anchor is not on this history.
+    pub(super) fn eos_passed(&mut self, wal_end: Lsn) -> Result<(), PipelineError> {
+        let Some((decision, seen)) = self.eos.as_mut().and_then(|t| t.in_kafka.passed(wal_end))
+        else {
+            return Ok(());
+        };
+        self.eos_fork_seen(seen.fork);
+        match decision {
+            Some(Decision::StartAgain(forked)) => Err(PipelineError::HistoryForked(forked)),
+            _ => Ok(()),
+        }
+    }
+
+    /// The stream showed the record's anchor is not on this history: from
+    /// here on nothing is in Kafka that the record says, and the records
+    /// say only what this history has.
+    fn eos_fork_seen(&mut self, fork: Fork) {
+        let doing = "exactly-once publishes every transaction after it";
+        match self.recorder.as_mut() {
+            Some(r) => {
+                super::record::report_fork(&self.metrics, &r.slot, fork, doing);
+                r.new_history(self.resumed_from);
+            }
+            None => super::record::report_fork(&self.metrics, "", fork, doing),
+        }
+        if let Some(t) = self.eos.as_mut() {
+            t.committed = None;
+            t.committed_anchor = None;
+        }
+        // Its notes name positions of the other history.
+        self.refused = Default::default();
     }
 
     /// The Postgres transaction being decoded is in Kafka already.
@@ -176,9 +260,9 @@ impl State {
     /// anything, the open Kafka transaction now holds it whole.
     pub(super) fn eos_commit(&mut self, end_lsn: Lsn) {
         if let Some(t) = self.eos.as_mut() {
-            if let Some((lsn, skip)) = t.current.take() {
+            if let Some((anchor, skip)) = t.current.take() {
                 if !skip && t.gate.is_some() {
-                    t.last_in_batch = Some(lsn);
+                    t.last_in_batch = Some(anchor);
                     t.confirm_target = Some(end_lsn);
                 }
             }
@@ -199,6 +283,7 @@ impl State {
             return Ok(());
         };
         if !idle
+            || t.in_kafka.holds()
             || t.is_open()
             || t.committing.is_some()
             || confirmed <= r.recorded
@@ -257,7 +342,11 @@ impl State {
             return Ok(());
         };
         if t.commit_tries == 0 {
-            let value = r.value(t.last_in_batch.or(t.committed), target);
+            let (commit_lsn, anchor) = match t.last_in_batch {
+                Some(a) => (Some(a.commit_lsn), Some(a)),
+                None => (t.committed, t.committed_anchor),
+            };
+            let value = r.value(commit_lsn, anchor, target);
             match self.sink.enqueue_progress(&r.topic, r.key(), &value)? {
                 Enqueued::Yes => {}
                 // The queue is full of this transaction's records: the commit
@@ -298,10 +387,14 @@ impl State {
                         .observe(at.elapsed().as_secs_f64());
                 }
                 self.metrics.kafka_transactions_committed.inc();
-                t.committed = t.last_in_batch.take().or(t.committed);
+                if let Some(a) = t.last_in_batch.take() {
+                    t.committed = Some(a.commit_lsn);
+                    t.committed_anchor = Some(a);
+                }
                 if let (Some(target), Some(r)) = (t.confirm_target.take(), self.recorder.as_mut()) {
                     r.recorded = r.recorded.max(target);
                     r.commit_lsn = t.committed;
+                    r.anchor = t.committed_anchor;
                     r.last_at = Instant::now();
                 }
                 t.gate = None;

@@ -70,6 +70,9 @@ pub struct Carry {
     pub column_types: crate::pipeline::route::router::ColumnTypes,
     /// Exactly-once: records Kafka refused, to dead-letter on the way again.
     pub refused: Refused,
+    /// Exactly-once: a fork the last session found under transactions it
+    /// held as in Kafka, so that the next one publishes them.
+    pub forked: Option<crate::pipeline::history::Forked>,
 }
 
 /// One replication session: connect, check the slot, stream until

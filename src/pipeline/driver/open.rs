@@ -10,6 +10,7 @@ use crate::config::RelayConfig;
 use crate::lsn::Lsn;
 use crate::pg::quote_ident;
 use crate::pipeline::decode::stream_buffer;
+use crate::pipeline::history::ServerHistory;
 use crate::pipeline::sink::{Ack, KafkaSink};
 use crate::pipeline::source::{
     quote_literal, ConnectParams, ReplicationConnection, ReplicationError,
@@ -282,6 +283,9 @@ pub(super) struct Opened {
     pub(super) sink: KafkaSink,
     pub(super) acks: mpsc::UnboundedReceiver<Ack>,
     pub(super) system_id: String,
+    /// The server's timeline, its ancestors and how far its WAL went when
+    /// the session started: what the progress record's history is judged by.
+    pub(super) history: ServerHistory,
 }
 
 /// An error for a step that took longer than `limit`: the connection is
@@ -323,6 +327,30 @@ async fn producer(
     )?)
 }
 
+/// The server's history for `pipeline::history`: its ancestors come from the
+/// current timeline's history file (none on timeline 1).
+async fn server_history(
+    conn: &mut ReplicationConnection,
+    timeline: u32,
+    xlogpos: Lsn,
+) -> Result<ServerHistory, PipelineError> {
+    let ancestors = if timeline > 1 {
+        let file = conn.timeline_history(timeline).await?;
+        ServerHistory::parse_ancestors(&file).map_err(|e| {
+            PipelineError::Replication(ReplicationError::Protocol(format!(
+                "the history file of timeline {timeline}: {e}"
+            )))
+        })?
+    } else {
+        Vec::new()
+    };
+    Ok(ServerHistory {
+        timeline,
+        xlogpos,
+        ancestors,
+    })
+}
+
 /// Connects, checks the slot and the publication and starts streaming.
 /// Connecting and authenticating are bounded by the connect timeout, the
 /// queries after it by the replication timeout: a server that stops
@@ -334,6 +362,7 @@ pub(super) async fn open(cfg: &RelayConfig, resume: Option<Lsn>) -> Result<Opene
     let mut conn = ReplicationConnection::connect(&params).await?;
     let set_up = async move {
         let system = conn.identify_system().await?;
+        let history = server_history(&mut conn, system.timeline, system.xlogpos).await?;
         let slot = check_slot(&mut conn, &cfg.slot).await?;
         check_publication(&mut conn, cfg).await?;
         // With a progress topic, that tells a move by a relay of ours from
@@ -429,6 +458,7 @@ pub(super) async fn open(cfg: &RelayConfig, resume: Option<Lsn>) -> Result<Opene
             sink,
             acks,
             system_id: system.system_id,
+            history,
         })
     };
     match cfg.replication_timeout {

@@ -18,6 +18,8 @@ use std::time::Instant;
 
 use crate::config::RelayConfig;
 use crate::lsn::Lsn;
+use crate::observe::metrics::Metrics;
+use crate::pipeline::history::{self, Anchor, Fork, ServerHistory};
 use crate::pipeline::sink::progress::{self, Progress, ProgressError};
 use crate::pipeline::sink::transactions::PROGRESS_TAG;
 use crate::pipeline::sink::Enqueued;
@@ -33,15 +35,22 @@ pub(super) struct Recorder {
     pub(super) topic: String,
     key: Vec<u8>,
     system_id: String,
-    slot: String,
+    pub(super) slot: String,
     /// The most that may be sent to Postgres: the last position recorded
     /// (or where the slot was when the session started).
     pub(super) recorded: Lsn,
     /// What the topic held when the session started.
     pub(super) at_start: Option<Progress>,
-    /// The commit LSN the next record carries (exactly-once's; carried over
-    /// unchanged by at-least-once).
+    /// The commit LSN the next record carries, and that transaction's
+    /// anchor (exactly-once's; carried over unchanged by at-least-once).
     pub(super) commit_lsn: Option<Lsn>,
+    pub(super) anchor: Option<Anchor>,
+    /// The server's history as this session found it: the records carry
+    /// its timeline, and at-least-once judges the record by it once read.
+    pub(super) server: ServerHistory,
+    /// The records' history epoch: one more than the record read when this
+    /// session found a fork.
+    epoch: u64,
     /// At-least-once: the position of the record awaiting its report.
     in_flight: Option<Lsn>,
     /// At-least-once: the furthest record read is to be written again, so
@@ -119,8 +128,17 @@ async fn read(
 }
 
 impl Recorder {
-    fn new(cfg: &RelayConfig, topic: &str, system_id: &str, found: Lsn) -> Recorder {
+    fn new(
+        cfg: &RelayConfig,
+        topic: &str,
+        system_id: &str,
+        server: &ServerHistory,
+        found: Lsn,
+    ) -> Recorder {
         Recorder {
+            anchor: None,
+            server: server.clone(),
+            epoch: 0,
             topic: topic.to_string(),
             key: progress::key(system_id, &cfg.slot),
             system_id: system_id.to_string(),
@@ -139,6 +157,8 @@ impl Recorder {
         if let Some(p) = at_start {
             self.recorded = self.recorded.max(p.confirmed);
             self.commit_lsn = p.commit_lsn;
+            self.anchor = p.anchor;
+            self.epoch = p.epoch;
             self.restate = true;
         }
         self.at_start = at_start;
@@ -150,9 +170,10 @@ impl Recorder {
         cfg: &RelayConfig,
         topic: &str,
         system_id: &str,
+        server: &ServerHistory,
         found: Lsn,
     ) -> Result<Recorder, PipelineError> {
-        let mut r = Recorder::new(cfg, topic, system_id, found);
+        let mut r = Recorder::new(cfg, topic, system_id, server, found);
         let at_start = read(cfg, topic, &r.key).await?;
         r.started(at_start);
         Ok(r)
@@ -164,10 +185,11 @@ impl Recorder {
         cfg: &RelayConfig,
         topic: &str,
         system_id: &str,
+        server: &ServerHistory,
         found: Lsn,
         limit: std::time::Duration,
     ) -> Option<Recorder> {
-        let mut r = Recorder::new(cfg, topic, system_id, found);
+        let mut r = Recorder::new(cfg, topic, system_id, server, found);
         let at_start = tokio::time::timeout(limit, read_retrying(cfg, topic, &r.key))
             .await
             .ok()?
@@ -182,10 +204,11 @@ impl Recorder {
         cfg: &RelayConfig,
         topic: &str,
         system_id: &str,
+        server: &ServerHistory,
         resume: Option<Lsn>,
         found: Lsn,
     ) -> Recorder {
-        let mut r = Recorder::new(cfg, topic, system_id, found);
+        let mut r = Recorder::new(cfg, topic, system_id, server, found);
         let (cfg, t, key) = (cfg.clone(), topic.to_string(), r.key.clone());
         let task = tokio::spawn(async move { read_retrying(&cfg, &t, &key).await });
         r.reading = Some(Reading {
@@ -200,11 +223,49 @@ impl Recorder {
         &self.key
     }
 
-    /// A record's value for `confirmed` (never below what is recorded).
-    pub(super) fn value(&self, commit_lsn: Option<Lsn>, confirmed: Lsn) -> Vec<u8> {
+    /// At-least-once publishes whatever the stream sends: a fork changes
+    /// nothing it does, but is said and counted, and the records start a
+    /// new epoch.
+    pub(super) fn judge_at_least_once(&mut self, metrics: &Metrics, slot: &str, found: Lsn) {
+        let recorded = self.at_start.map(|p| p.recorded());
+        let judged = history::judge(recorded.as_ref(), &self.server, found, None);
+        if let Some(fork) = judged.fork {
+            report_fork(
+                metrics,
+                slot,
+                fork,
+                "at-least-once publishes everything the slot sends",
+            );
+            self.new_history(found);
+        }
+    }
+
+    /// The record the session started from belongs to another history:
+    /// nothing it says holds on this server. From now on the records say
+    /// what this history has, from where the slot was found, under a new
+    /// epoch (a record of the old history, further on, must not win).
+    pub(super) fn new_history(&mut self, found: Lsn) {
+        self.epoch = self.at_start.map_or(0, |p| p.epoch) + 1;
+        self.recorded = found;
+        self.commit_lsn = None;
+        self.anchor = None;
+        self.restate = true;
+    }
+
+    /// A record's value for `confirmed` (never below what is recorded):
+    /// the last transaction in Kafka, if any, and the history it is on.
+    pub(super) fn value(
+        &self,
+        commit_lsn: Option<Lsn>,
+        anchor: Option<Anchor>,
+        confirmed: Lsn,
+    ) -> Vec<u8> {
         progress::value(
             Progress {
                 commit_lsn,
+                anchor,
+                timeline: Some(self.server.timeline),
+                epoch: self.epoch,
                 confirmed: confirmed.max(self.recorded),
             },
             &self.system_id,
@@ -242,6 +303,7 @@ impl State {
                 at_start.map(|p| p.confirmed),
             )?;
             r.started(at_start);
+            r.judge_at_least_once(&self.metrics, &cfg.slot, reading.found);
         }
         // Written again now and then even when nothing moved: a stale
         // record of a woken relay may have come after ours, and compaction
@@ -250,7 +312,7 @@ impl State {
         if r.in_flight.is_some() || (confirmed <= r.recorded && !restate) {
             return Ok(());
         }
-        let value = r.value(r.commit_lsn, confirmed);
+        let value = r.value(r.commit_lsn, r.anchor, confirmed);
         if let Enqueued::Yes = self.sink.enqueue_progress(&r.topic, &r.key, &value)? {
             r.in_flight = Some(confirmed.max(r.recorded));
             r.restate = false;
@@ -300,6 +362,17 @@ impl State {
             })),
         }
     }
+}
+
+/// Says and counts a fork between the progress record's history and the
+/// server's, and what the relay does about it.
+pub(super) fn report_fork(metrics: &Metrics, slot: &str, fork: Fork, doing: &str) {
+    metrics.history_forks.inc();
+    tracing::warn!(
+        slot,
+        fork = %fork,
+        "the WAL history forked {fork}: the progress record was written on a history this server does not continue (a restore from a copy, an asynchronous standby promoted, a slot recreated). Positions past the fork are new transactions, never ones already in Kafka: {doing}"
+    );
 }
 
 /// Whether a report is a progress record's.

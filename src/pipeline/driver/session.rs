@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use crate::config::RelayConfig;
 use crate::lsn::Lsn;
 use crate::observe::metrics::Metrics;
+use crate::pipeline::history::{self, Forked, ServerHistory};
 use crate::pipeline::sink::Prober;
 use crate::pipeline::source::{ReplicationMessage, ReplicationReader, ReplicationWriter};
 
@@ -48,6 +49,7 @@ pub(super) async fn session(
         sink,
         acks,
         system_id,
+        history,
     } = opened;
     let (mut reader, mut writer) = (stream.reader, stream.writer);
     summary.streamed = true;
@@ -59,9 +61,11 @@ pub(super) async fn session(
         .heartbeat_interval
         .map(|every| tokio::spawn(heartbeat(cfg.clone(), every)));
 
+    let forked = carry.forked.take();
     let mut state = State::new(cfg, slot.confirmed, protocol, (sink, acks), metrics, carry);
     let result = async {
-        start_recording(cfg, &mut state, &system_id, resume, slot.confirmed).await?;
+        let found = slot.confirmed;
+        start_recording(cfg, &mut state, (&system_id, &history), resume, found, forked).await?;
         stream_loop(
             cfg,
             status_interval,
@@ -77,6 +81,9 @@ pub(super) async fn session(
         Err(e) => Err(state.eos_cause(e).await),
         ok => ok,
     };
+    if let Err(PipelineError::HistoryForked(f)) = &result {
+        carry.forked = Some(*f);
+    }
     settle(cfg, &mut state, &result).await;
     probe.abort();
     if let Some(h) = heartbeat {
@@ -134,9 +141,10 @@ async fn settle(cfg: &RelayConfig, state: &mut State, result: &Result<(), Pipeli
 async fn start_recording(
     cfg: &RelayConfig,
     state: &mut State,
-    system_id: &str,
+    (system_id, server): (&str, &ServerHistory),
     resume: Option<Lsn>,
     found: Lsn,
+    forked: Option<Forked>,
 ) -> Result<(), PipelineError> {
     let Some(topic) = &cfg.progress_topic else {
         return Ok(());
@@ -149,26 +157,48 @@ async fn start_recording(
                 cfg,
                 topic,
                 system_id,
+                server,
                 found,
                 std::time::Duration::from_secs(15),
             )
             .await;
-            let Some(recorder) = read else {
+            let Some(mut recorder) = read else {
                 return moved_by_us(cfg, resume, found, None);
             };
             moved_by_us(cfg, resume, found, recorder.at_start.map(|p| p.confirmed))?;
+            recorder.judge_at_least_once(&state.metrics, &cfg.slot, found);
             state.recorder = Some(recorder);
             return Ok(());
         }
         state.recorder = Some(Recorder::start_in_background(
-            cfg, topic, system_id, resume, found,
+            cfg, topic, system_id, server, resume, found,
         ));
         return Ok(());
     };
     Transactions::register(&state.sink).await?;
-    let recorder = Recorder::start(cfg, topic, system_id, found).await?;
+    let mut recorder = Recorder::start(cfg, topic, system_id, server, found).await?;
     moved_by_us(cfg, resume, found, recorder.at_start.map(|p| p.confirmed))?;
-    state.eos = Some(Transactions::new(e, recorder.commit_lsn));
+    let recorded = recorder.at_start.map(|p| p.recorded());
+    let judged = history::judge(recorded.as_ref(), server, found, forked);
+    if let Some(fork) = judged.fork {
+        super::record::report_fork(
+            &state.metrics,
+            &cfg.slot,
+            fork,
+            "exactly-once publishes every transaction of the new history",
+        );
+        // Its notes name positions of the other history.
+        state.refused = Default::default();
+    }
+    if judged.fork.is_some() || judged.again {
+        recorder.new_history(found);
+    }
+    state.eos = Some(Transactions::new(
+        e,
+        recorder.commit_lsn,
+        recorder.anchor,
+        judged.in_kafka,
+    ));
     state.recorder = Some(recorder);
     Ok(())
 }
@@ -387,6 +417,7 @@ impl Turns {
                     ..
                 } => {
                     state.server_wal = state.server_wal.max(wal_end);
+                    state.eos_passed(wal_end)?;
                     // An open streamed transaction commits later and is sent
                     // again whole after a crash, but confirming past its
                     // start would let a restart begin decoding after it.

@@ -21,6 +21,7 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 
 use super::client::client_config;
 use crate::lsn::Lsn;
+use crate::pipeline::history::{Anchor, Recorded};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProgressError {
@@ -75,6 +76,16 @@ pub struct Progress {
     /// The commit LSN of the last Postgres transaction in Kafka; None when
     /// none was published yet.
     pub commit_lsn: Option<Lsn>,
+    /// That transaction's xid and commit time, which tell it from another
+    /// history's transaction at the same position (`pipeline::history`);
+    /// None in records of relays from before they were written.
+    pub anchor: Option<Anchor>,
+    /// The server's timeline when the record was written (None: as above).
+    pub timeline: Option<u32>,
+    /// How many forks of the WAL history the slot's records have been
+    /// through: a record of a later history wins over any of an earlier
+    /// one, whose positions may be further on.
+    pub epoch: u64,
     /// The most a relay of ours may have confirmed to the slot: a relay
     /// records a position here, in a committed Kafka transaction, before it
     /// sends it to Postgres. A slot found beyond it was moved by someone
@@ -82,10 +93,26 @@ pub struct Progress {
     pub confirmed: Lsn,
 }
 
+impl Progress {
+    /// What the record says about the history it was written on.
+    pub fn recorded(&self) -> Recorded {
+        Recorded {
+            timeline: self.timeline,
+            commit_lsn: self.commit_lsn,
+            anchor: self.anchor,
+            confirmed: self.confirmed,
+        }
+    }
+}
+
 /// A progress record's value, in JSON a person reading the topic can follow.
 pub fn value(p: Progress, system_id: &str, slot: &str) -> Vec<u8> {
     serde_json::json!({
         "commit_lsn": p.commit_lsn.map(|l| l.to_string()),
+        "xid": p.anchor.map(|a| a.xid),
+        "commit_time": p.anchor.map(|a| a.commit_time),
+        "timeline": p.timeline,
+        "epoch": p.epoch,
         "confirmed": p.confirmed.to_string(),
         "system_id": system_id,
         "slot": slot,
@@ -107,8 +134,39 @@ pub fn parse(value: &[u8]) -> Result<Progress, String> {
             _ => Err(format!("{field} is not an LSN")),
         }
     };
+    let number = |field: &str| -> Result<Option<i64>, String> {
+        match &v[field] {
+            serde_json::Value::Null => Ok(None),
+            n => n
+                .as_i64()
+                .map(Some)
+                .ok_or_else(|| format!("{field} is not a number")),
+        }
+    };
+    let commit_lsn = lsn("commit_lsn")?;
+    let xid = number("xid")?
+        .map(|x| u32::try_from(x).map_err(|_| format!("xid {x} out of range")))
+        .transpose()?;
+    let anchor = match (commit_lsn, xid, number("commit_time")?) {
+        (Some(commit_lsn), Some(xid), Some(commit_time)) => Some(Anchor {
+            commit_lsn,
+            xid,
+            commit_time,
+        }),
+        _ => None,
+    };
+    let timeline = number("timeline")?
+        .map(|t| u32::try_from(t).map_err(|_| format!("timeline {t} out of range")))
+        .transpose()?;
+    let epoch = number("epoch")?
+        .map(|e| u64::try_from(e).map_err(|_| format!("epoch {e} out of range")))
+        .transpose()?
+        .unwrap_or(0);
     Ok(Progress {
-        commit_lsn: lsn("commit_lsn")?,
+        commit_lsn,
+        anchor,
+        timeline,
+        epoch,
         confirmed: lsn("confirmed")?.ok_or("no confirmed position")?,
     })
 }
@@ -269,8 +327,9 @@ pub fn read_furthest(
 }
 
 /// Of two records of one slot, the one that says more; the later on a tie.
+/// A later history says more than any position of an earlier one.
 fn further(a: Progress, b: Progress) -> Progress {
-    if (a.confirmed, a.commit_lsn) > (b.confirmed, b.commit_lsn) {
+    if (a.epoch, a.confirmed, a.commit_lsn) > (b.epoch, b.confirmed, b.commit_lsn) {
         a
     } else {
         b
@@ -283,16 +342,35 @@ mod tests {
 
     #[test]
     fn a_value_reads_back_as_written() {
+        let at = "16/B374D848".parse().unwrap();
         let p = Progress {
-            commit_lsn: Some("16/B374D848".parse().unwrap()),
+            commit_lsn: Some(at),
+            anchor: Some(Anchor {
+                commit_lsn: at,
+                xid: 4_000_000_000,
+                commit_time: 851_000_000_000_000,
+            }),
+            timeline: Some(3),
+            epoch: 2,
             confirmed: "16/B374D900".parse().unwrap(),
         };
         assert_eq!(parse(&value(p, "7312", "outbox_relay")), Ok(p));
         let none_yet = Progress {
             commit_lsn: None,
+            anchor: None,
             ..p
         };
         assert_eq!(parse(&value(none_yet, "7312", "s")), Ok(none_yet));
+        // A record of a relay from before the history fields.
+        let old = br#"{"commit_lsn":"0/10","confirmed":"0/20","system_id":"1","slot":"s"}"#;
+        let old = parse(old).unwrap();
+        assert_eq!(
+            (old.commit_lsn, old.anchor, old.timeline, old.epoch),
+            (Some(Lsn(16)), None, None, 0)
+        );
+        let later = Progress { epoch: 3, confirmed: Lsn(1), ..p };
+        assert_eq!(further(p, later), later);
+        assert_eq!(further(later, p), later);
         assert!(parse(b"{}").is_err());
         assert!(parse(b"not json").is_err());
         assert_eq!(key("7312", "s"), b"7312/s".to_vec());

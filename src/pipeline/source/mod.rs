@@ -326,6 +326,18 @@ impl ReplicationConnection {
         })
     }
 
+    /// The history file of timeline `tli` (TIMELINE_HISTORY): each ancestor
+    /// timeline and where it ended. Timeline 1 has none.
+    pub async fn timeline_history(&mut self, tli: u32) -> Result<String, ReplicationError> {
+        let rows = self.simple_query(&format!("TIMELINE_HISTORY {tli}")).await?;
+        rows.into_iter()
+            .next()
+            .and_then(|r| r.into_iter().nth(1).flatten())
+            .ok_or_else(|| {
+                ReplicationError::Protocol(format!("TIMELINE_HISTORY {tli} returned no file"))
+            })
+    }
+
     /// Reads a server setting (replication connections accept SHOW).
     pub async fn show(&mut self, setting: &str) -> Result<String, ReplicationError> {
         let rows = self.simple_query(&format!("SHOW {setting}")).await?;

@@ -1,0 +1,310 @@
+//! Postgres's history changes under the relay (issue 25): a restore from a
+//! cold copy of the data directory brings back an older WAL and an older
+//! slot, and the server then writes new transactions at positions the old
+//! history already used. Nothing of the new history may be taken for
+//! something already in Kafka: at-least-once and exactly-once both publish
+//! every new event, exactly-once each of them once to a read_committed
+//! consumer (and the old history's events that the copy holds but the slot
+//! had not confirmed are not published again), and both count the fork
+//! they found.
+
+mod support;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use outbox_relay::lsn::Lsn;
+use support::*;
+
+/// One event per transaction, numbered by `n` in its payload.
+async fn write(client: &tokio_postgres::Client, from: i64, to: i64) -> Lsn {
+    for n in from..to {
+        client
+            .execute(
+                "INSERT INTO outbox (event_type, aggregate_id, payload) \
+                 VALUES ('T', 'agg-' || ($1::bigint % 5), jsonb_build_object('n', $1::bigint))",
+                &[&n],
+            )
+            .await
+            .unwrap();
+    }
+    let lsn: String = client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    lsn.parse().unwrap()
+}
+
+async fn confirmed(client: &tokio_postgres::Client, slot: &str) -> Lsn {
+    let s: String = client
+        .query_one(
+            "SELECT coalesce(confirmed_flush_lsn::text, '0/0') FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    s.parse().unwrap()
+}
+
+async fn wait_confirmed(client: &tokio_postgres::Client, relay: &Relay, slot: &str, lsn: Lsn) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while confirmed(client, slot).await < lsn {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slot never confirmed {lsn}; the relay's log:\n{}",
+            relay
+                .log_text()
+                .lines()
+                .filter(|l| !l.contains("DEBUG"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    let ok = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "cp -a {} {}", from.display(), to.display());
+}
+
+/// How often each `n` arrived.
+fn arrivals(records: &[Record]) -> HashMap<i64, usize> {
+    let mut seen = HashMap::new();
+    for r in records {
+        *seen
+            .entry(r.payload_json()["n"].as_i64().expect("n in the payload"))
+            .or_default() += 1;
+    }
+    seen
+}
+
+/// `new`: how many events the restored server writes before the relay
+/// starts: 100 leave its WAL short of where the old history's record is,
+/// 400 take it past, so that the stream itself must show the fork.
+async fn restore_from_a_cold_copy(eos: bool, new: i64) {
+    let cluster = TempCluster::start(&[], &[]);
+    let url = cluster.url("postgres", None);
+    let client = sql_client(&url).await;
+    client.batch_execute(CLASSIC_TABLE).await.unwrap();
+    let slot = unique("restore").to_lowercase();
+    relay_setup(&["--database-url", &url, "--slot", &slot]);
+    let topic = unique("restore");
+    let progress = unique("restore_progress");
+    create_topics(&brokers(), &[&topic], 3).await;
+    let mut args: Vec<String> = [
+        "--database-url",
+        &url,
+        "--kafka-brokers",
+        &brokers(),
+        "--status-interval",
+        "1",
+        "--slot",
+        &slot,
+        "--topic",
+        &topic,
+        "--progress-topic",
+        &progress,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if eos {
+        args.extend(["--delivery".into(), "exactly-once".into()]);
+    }
+
+    // 50 events published and confirmed, 30 more written while the relay
+    // is down, then a cold copy (the slot in it before those 30).
+    let mut relay = Relay::start(&args);
+    let end = write(&client, 0, 50).await;
+    wait_confirmed(&client, &relay, &slot, end).await;
+    relay.terminate().await;
+    write(&client, 50, 80).await;
+    drop(client);
+    cluster.stop("fast");
+    let copy = cluster.dir.join("data.copy");
+    copy_dir(&cluster.dir.join("data"), &copy);
+    cluster.restart("fast");
+
+    // Those 30 and 170 more published on the old history.
+    let client = sql_client(&url).await;
+    let mut relay = Relay::start(&args);
+    let end = write(&client, 80, 250).await;
+    wait_confirmed(&client, &relay, &slot, end).await;
+    relay.terminate().await;
+    drop(client);
+
+    // The restore: the old WAL and slot back (the 30 unconfirmed events in
+    // it); new events on it, at positions the old history already had.
+    cluster.stop("fast");
+    std::fs::remove_dir_all(cluster.dir.join("data")).unwrap();
+    std::fs::rename(&copy, cluster.dir.join("data")).unwrap();
+    cluster.restart("fast");
+    let client = sql_client(&url).await;
+    let end = write(&client, 1000, 1000 + new).await;
+
+    let mut relay = Relay::start(&args);
+    wait_confirmed(&client, &relay, &slot, end).await;
+    let metrics = http_get(&relay.http_address().await, "/metrics").await.1;
+    relay.terminate().await;
+
+    let records = consume_topic(&topic, 250 + new as usize).await;
+    let seen = arrivals(&records);
+    let missing: Vec<i64> = (0..250)
+        .chain(1000..1000 + new)
+        .filter(|n| !seen.contains_key(n))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} events never arrived, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    if eos {
+        let twice: Vec<_> = seen.iter().filter(|(_, c)| **c > 1).collect();
+        assert!(
+            twice.is_empty(),
+            "exactly-once: {} events seen more than once, e.g. {:?}",
+            twice.len(),
+            twice.iter().take(5).collect::<Vec<_>>()
+        );
+    }
+    assert_eq!(
+        metric(&metrics, "outbox_history_forks_total"),
+        Some(1.0),
+        "the fork is counted once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_publishes_the_new_history_after_a_restore_once() {
+    restore_from_a_cold_copy(true, 100).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_after_a_restore_whose_new_wal_passed_the_record_starts_again_and_publishes_it_once(
+) {
+    restore_from_a_cold_copy(true, 400).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_least_once_publishes_the_new_history_after_a_restore_and_counts_the_fork() {
+    restore_from_a_cold_copy(false, 100).await;
+}
+
+async fn wait_for(client: &tokio_postgres::Client, sql: &str, what: &str) {
+    wait_until(Duration::from_secs(30), what, || async {
+        client
+            .query_one(sql, &[])
+            .await
+            .map(|r| r.get::<_, bool>(0))
+            .unwrap_or(false)
+    })
+    .await;
+}
+
+/// An asynchronous standby promoted after the primary published WAL it
+/// never received, and the slot recreated on it (the runbook without
+/// failover slots: PostgreSQL 16 and older). Its new transactions come at
+/// positions the old primary's record already holds, on a new timeline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_after_an_asynchronous_promotion_publishes_the_new_primarys_events_once() {
+    let primary = TempCluster::start(&[], &[]);
+    let primary_url = primary.url("postgres", None);
+    let client = sql_client(&primary_url).await;
+    client.batch_execute(CLASSIC_TABLE).await.unwrap();
+    let slot = unique("promote").to_lowercase();
+    relay_setup(&["--database-url", &primary_url, "--slot", &slot]);
+    let standby = TempCluster::standby_of(&primary, "standby1", &[]);
+    let standby_url = standby.url("postgres", None);
+    let standby_client = sql_client(&standby_url).await;
+    let topic = unique("promote");
+    let progress = unique("promote_progress");
+    create_topics(&brokers(), &[&topic], 3).await;
+    let args = |url: &str| -> Vec<String> {
+        [
+            "--database-url",
+            url,
+            "--kafka-brokers",
+            &brokers(),
+            "--status-interval",
+            "1",
+            "--slot",
+            &slot,
+            "--topic",
+            &topic,
+            "--progress-topic",
+            &progress,
+            "--delivery",
+            "exactly-once",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+
+    // 50 events the standby has, then it stops receiving, and 300 more
+    // that only the old primary ever had are published.
+    let mut relay = Relay::start(&args(&primary_url));
+    let end = write(&client, 0, 50).await;
+    wait_confirmed(&client, &relay, &slot, end).await;
+    wait_for(
+        &standby_client,
+        &format!("SELECT pg_last_wal_replay_lsn() >= '{end}'"),
+        "the standby to replay the first 50",
+    )
+    .await;
+    for sql in ["ALTER SYSTEM SET primary_conninfo = ''", "SELECT pg_reload_conf()"] {
+        standby_client.batch_execute(sql).await.unwrap();
+    }
+    wait_for(
+        &standby_client,
+        "SELECT count(*) = 0 FROM pg_stat_wal_receiver",
+        "the standby's walreceiver to stop",
+    )
+    .await;
+    let end = write(&client, 50, 350).await;
+    wait_confirmed(&client, &relay, &slot, end).await;
+    relay.terminate().await;
+
+    // The primary is lost; the standby is promoted and given a new slot.
+    drop(client);
+    primary.stop("immediate");
+    standby.promote();
+    relay_setup(&["--database-url", &standby_url, "--slot", &slot]);
+    let end = write(&standby_client, 1000, 1100).await;
+
+    let mut relay = Relay::start(&args(&standby_url));
+    wait_confirmed(&standby_client, &relay, &slot, end).await;
+    let metrics = http_get(&relay.http_address().await, "/metrics").await.1;
+    relay.terminate().await;
+
+    let records = consume_topic(&topic, 450).await;
+    let seen = arrivals(&records);
+    let missing: Vec<i64> = (0..350)
+        .chain(1000..1100)
+        .filter(|n| !seen.contains_key(n))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} events never arrived, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    let twice: Vec<_> = seen.iter().filter(|(_, c)| **c > 1).collect();
+    assert!(twice.is_empty(), "events seen more than once: {twice:?}");
+    assert_eq!(
+        metric(&metrics, "outbox_history_forks_total"),
+        Some(1.0),
+        "the fork at the promotion is counted"
+    );
+}
