@@ -676,3 +676,121 @@ async fn backfill_cuts_over_every_tenant_from_one_snapshot() {
         );
     }
 }
+
+/// Review N2: a role that is not a superuser cannot get its own code run by
+/// setup's event trigger (which runs as a superuser on every CREATE TABLE).
+/// It pre-creates the function under the name setup used in `public`, and
+/// then the relay's schema itself; setup never runs the former and refuses
+/// the latter naming the role, and check says the installed trigger is
+/// safe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_that_is_not_a_superuser_cannot_plant_the_trigger_function() {
+    let cluster = TempCluster::start(&[], &[]);
+    let admin = sql_client(&cluster.url("postgres", None)).await;
+    for sql in ["CREATE ROLE app LOGIN", "CREATE DATABASE appdb OWNER app"] {
+        admin.batch_execute(sql).await.unwrap();
+    }
+    let db_url = |user: &str| format!("postgres://{user}@127.0.0.1:{}/appdb", cluster.port);
+    let superuser = sql_client(&db_url("postgres")).await;
+    let app = sql_client(&db_url("app")).await;
+    let config = |publication: &str| {
+        let path = std::env::temp_dir().join(format!("{}.toml", unique("plant")));
+        std::fs::write(
+            &path,
+            format!(
+                "database_url = \"{}\"\nkafka_brokers = \"{}\"\nslot = \"{}\"\npublication = \"{publication}\"\n\n[[tables]]\ntable = \"tenant_*.outbox\"\ntopic = \"plant.{{schema}}\"\n",
+                db_url("postgres"),
+                brokers(),
+                unique("plant").to_lowercase(),
+            ),
+        )
+        .unwrap();
+        path.display().to_string()
+    };
+    let is_superuser = || async {
+        admin
+            .query_one("SELECT rolsuper FROM pg_roles WHERE rolname = 'app'", &[])
+            .await
+            .unwrap()
+            .get::<_, bool>(0)
+    };
+
+    // The database's owner may create functions in public (on every
+    // version); setup used to CREATE OR REPLACE one there, keeping its owner.
+    app.batch_execute(
+        "CREATE FUNCTION public.outbox_relay_publish_outbox_pub() RETURNS event_trigger
+           LANGUAGE plpgsql AS $$BEGIN END$$;",
+    )
+    .await
+    .unwrap();
+    let outbox_pub = config("outbox_pub");
+    let (code, out, err) = relay_cmd(&["--config", &outbox_pub, "setup"]);
+    assert_eq!(code, 0, "{out}{err}");
+    // What the role would do next: a body that runs as whoever fires it.
+    let _ = app
+        .batch_execute(
+            "CREATE OR REPLACE FUNCTION public.outbox_relay_publish_outbox_pub() RETURNS event_trigger
+               LANGUAGE plpgsql AS $$BEGIN
+                 IF (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+                   ALTER ROLE app SUPERUSER;
+                 END IF;
+               END$$;",
+        )
+        .await;
+    superuser
+        .batch_execute("CREATE TABLE any_table (i int)")
+        .await
+        .unwrap();
+    assert!(!is_superuser().await, "app ran its code as a superuser");
+    let owner: String = superuser
+        .query_one(
+            "SELECT p.proowner::regrole::text || ' ' || p.pronamespace::regnamespace::text
+               FROM pg_event_trigger t JOIN pg_proc p ON p.oid = t.evtfoid
+              WHERE t.evtname = 'outbox_relay_publish_outbox_pub'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(owner, "postgres outbox_relay");
+    let (_, out, err) = relay_cmd(&["--config", &outbox_pub, "check"]);
+    let lines = check_lines(&out, "publication trigger");
+    assert!(
+        lines.len() == 1 && lines[0].starts_with("PASS"),
+        "{out}{err}"
+    );
+
+    // The role takes the relay's schema before setup ever ran for this
+    // publication: setup refuses, naming it, and installs nothing.
+    superuser
+        .batch_execute(
+            "DROP EVENT TRIGGER outbox_relay_publish_outbox_pub; DROP SCHEMA outbox_relay CASCADE;
+             GRANT CREATE ON DATABASE appdb TO app;",
+        )
+        .await
+        .unwrap();
+    app.batch_execute(
+        "CREATE SCHEMA outbox_relay;
+         CREATE FUNCTION outbox_relay.outbox_relay_publish_other_pub() RETURNS event_trigger
+           LANGUAGE plpgsql AS $$BEGIN ALTER ROLE app SUPERUSER; END$$;",
+    )
+    .await
+    .unwrap();
+    let (code, out, err) = relay_cmd(&["--config", &config("other_pub"), "setup"]);
+    assert_ne!(code, 0, "setup went on with a schema app owns: {out}");
+    assert!(
+        err.contains("schema outbox_relay by app"),
+        "the refusal names the schema and its owner: {err}"
+    );
+    let triggers: i64 = superuser
+        .query_one("SELECT count(*) FROM pg_event_trigger", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(triggers, 0, "setup installed a trigger");
+    superuser
+        .batch_execute("CREATE TABLE another_table (i int)")
+        .await
+        .unwrap();
+    assert!(!is_superuser().await, "app ran its code as a superuser");
+}

@@ -45,6 +45,8 @@ pub enum SetupError {
     FailoverUnsupported { version: String },
     #[error("installing the event trigger that publishes the new tables of {patterns} failed: {error}. Creating an event trigger needs a superuser: run `outbox-relay setup` once as one (the relay itself needs no more than before), or publish every table yourself (CREATE PUBLICATION … FOR ALL TABLES) and accept that the relay decodes them all")]
     Trigger { patterns: String, error: String },
+    #[error("the event trigger's schema {schema} is not a superuser's alone ({found}): such a role could change the function a superuser's event trigger runs on every CREATE TABLE, and so act as a superuser. Nothing was installed. Look at what it holds, then as a superuser drop it (DROP SCHEMA {schema} CASCADE) or make it a superuser's (ALTER SCHEMA {schema} OWNER TO postgres; ALTER FUNCTION … OWNER TO postgres; REVOKE CREATE ON SCHEMA {schema} FROM …), and run setup again")]
+    TriggerOwner { schema: &'static str, found: String },
     #[error("replication slot {slot} exists without failover, and --failover asks for it: a standby will not keep a copy. Recreate it while no relay runs and nothing is pending (SELECT pg_drop_replication_slot('{slot}'), then setup --failover), or over a replication connection: ALTER_REPLICATION_SLOT {slot} (FAILOVER true)")]
     NotFailover { slot: String },
 }
@@ -208,25 +210,61 @@ pub async fn ensure_pattern_publication(
             names(patterns)
         ));
     }
-    client
-        .batch_execute(&crate::pg::publish_trigger::install_sql(
-            publication,
-            patterns,
-        ))
-        .await
-        .map_err(|e| SetupError::Trigger {
-            patterns: names(patterns),
-            error: e
-                .as_db_error()
-                .map(|d| d.message().to_string())
-                .unwrap_or_else(|| e.to_string()),
-        })?;
+    install_trigger(client, publication, patterns).await?;
     lines.push(format!(
         "event trigger {} adds each new table of {} to publication {publication} as it is created",
         crate::pg::publish_trigger::trigger_name(publication),
         names(patterns)
     ));
     Ok(lines)
+}
+
+/// Installs the trigger in one transaction: the relay's schema made sure
+/// of first, and nothing installed if a role that is not a superuser owns
+/// it, its function, or may create in it (`pg::publish_trigger` says why).
+async fn install_trigger(
+    client: &Client,
+    publication: &str,
+    patterns: &[&TableName],
+) -> Result<(), SetupError> {
+    use crate::pg::publish_trigger::{install_sql, owners_sql, schema_sql, trigger_name, SCHEMA};
+    let failed = |e: tokio_postgres::Error| SetupError::Trigger {
+        patterns: names(patterns),
+        error: e
+            .as_db_error()
+            .map(|d| d.message().to_string())
+            .unwrap_or_else(|| e.to_string()),
+    };
+    let attempt = async {
+        client
+            .batch_execute(&format!("BEGIN; {}", schema_sql()))
+            .await
+            .map_err(failed)?;
+        let owned = client
+            .query(&owners_sql(), &[&trigger_name(publication)])
+            .await
+            .map_err(failed)?;
+        if !owned.is_empty() {
+            let found = owned
+                .iter()
+                .map(|r| format!("{} by {}", r.get::<_, String>(0), r.get::<_, String>(1)))
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(SetupError::TriggerOwner {
+                schema: SCHEMA,
+                found,
+            });
+        }
+        client
+            .batch_execute(&format!("{} COMMIT;", install_sql(publication, patterns)))
+            .await
+            .map_err(failed)
+    };
+    let result = attempt.await;
+    if result.is_err() {
+        let _ = client.batch_execute("ROLLBACK").await;
+    }
+    result
 }
 
 fn names(patterns: &[&TableName]) -> String {

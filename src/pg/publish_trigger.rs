@@ -15,9 +15,23 @@
 //! Event triggers need a superuser to create; the function is SECURITY
 //! DEFINER, so that a migration run by an ordinary role (the tables' owner)
 //! may still add its table to a publication it does not own.
+//!
+//! Why its own schema (review N2). A superuser's event trigger runs its
+//! function on every DDL, and `CREATE OR REPLACE` keeps an existing
+//! function's owner: whoever could create the function first under its
+//! predictable name (anyone with CREATE on `public`) would keep it, and
+//! replace its body with one that runs as the next superuser to create a
+//! table. So the function lives in schema `outbox_relay`, which setup
+//! creates and only a superuser may own or create objects in; setup
+//! refuses, naming the owner, when the schema or the function exists under
+//! any other role, and `check` and `run` report such a function.
 
 use crate::pg::quote_ident;
 use crate::pipeline::route::router::TableName;
+
+/// The schema of the trigger's function: the relay's own, owned by a
+/// superuser, where no other role may create anything.
+pub const SCHEMA: &str = "outbox_relay";
 
 /// The trigger's (and its function's) name for `publication`.
 pub fn trigger_name(publication: &str) -> String {
@@ -58,9 +72,11 @@ pub fn patterns_label(patterns: &[&TableName]) -> String {
 /// Catalog names are qualified and `pg_temp` comes last in the path: the
 /// function runs as its owner, a superuser, and a temporary table must not
 /// stand in for a catalog.
+/// Run it after [`owners_sql`] found nothing amiss, in the same transaction
+/// as the `CREATE SCHEMA IF NOT EXISTS` before that ([`schema_sql`]).
 pub fn install_sql(publication: &str, patterns: &[&TableName]) -> String {
     let name = trigger_name(publication);
-    let function = format!("public.{}", quote_ident(&name));
+    let function = format!("{}.{}", quote_ident(SCHEMA), quote_ident(&name));
     let condition = patterns
         .iter()
         .map(|p| {
@@ -96,27 +112,97 @@ pub fn install_sql(publication: &str, patterns: &[&TableName]) -> String {
            END LOOP;
          END
          $fn$;
+         REVOKE ALL ON FUNCTION {function}() FROM PUBLIC;
          DROP EVENT TRIGGER IF EXISTS {trigger};
          CREATE EVENT TRIGGER {trigger} ON ddl_command_end
            WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'CREATE SCHEMA',
                         'ALTER TABLE', 'ALTER SCHEMA')
            EXECUTE FUNCTION {function}();
-         COMMENT ON EVENT TRIGGER {trigger} IS {label};",
+         COMMENT ON EVENT TRIGGER {trigger} IS {label};
+         DROP FUNCTION IF EXISTS public.{legacy}();",
+        legacy = quote_ident(&name),
         pub = crate::pg::quote_literal(publication),
         trigger = quote_ident(&name),
         label = crate::pg::quote_literal(&patterns_label(patterns)),
     )
 }
 
+/// The relay's schema, created if missing, with nothing granted to PUBLIC
+/// (setup's first statements, inside its transaction).
+pub fn schema_sql() -> String {
+    format!(
+        "CREATE SCHEMA IF NOT EXISTS {schema}; REVOKE ALL ON SCHEMA {schema} FROM PUBLIC;",
+        schema = quote_ident(SCHEMA)
+    )
+}
+
+/// What in the relay's schema a role other than a superuser owns or may
+/// create in (`$1`: the function's name): rows of (what, role). Empty when
+/// the schema and the function are a superuser's alone.
+pub fn owners_sql() -> String {
+    format!(
+        "SELECT 'schema {schema}', r.rolname::text
+           FROM pg_catalog.pg_namespace n JOIN pg_catalog.pg_roles r ON r.oid = n.nspowner
+          WHERE n.nspname = {lit} AND NOT r.rolsuper
+         UNION ALL
+         SELECT 'CREATE on schema {schema}', coalesce(g.rolname::text, 'PUBLIC')
+           FROM pg_catalog.pg_namespace n,
+                pg_catalog.aclexplode(coalesce(n.nspacl, pg_catalog.acldefault('n', n.nspowner))) a
+           LEFT JOIN pg_catalog.pg_roles g ON g.oid = a.grantee
+          WHERE n.nspname = {lit} AND a.privilege_type = 'CREATE'
+            AND a.grantee <> n.nspowner AND NOT coalesce(g.rolsuper, false)
+         UNION ALL
+         SELECT 'function {schema}.' || p.proname, r.rolname::text
+           FROM pg_catalog.pg_proc p
+           JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+           JOIN pg_catalog.pg_roles r ON r.oid = p.proowner
+          WHERE n.nspname = {lit} AND p.proname = $1 AND NOT r.rolsuper",
+        schema = SCHEMA,
+        lit = crate::pg::quote_literal(SCHEMA),
+    )
+}
+
 /// The simple query (so the replication connection can run it too) that
-/// reads the trigger as installed: `evtenabled` and its comment, no row when
-/// it does not exist.
+/// reads the trigger as installed: `evtenabled`, its comment, and what
+/// makes its function unsafe ('' when nothing does); no row when it does
+/// not exist.
 pub fn state_sql(publication: &str) -> String {
     format!(
-        "SELECT t.evtenabled::text, coalesce(pg_catalog.obj_description(t.oid, 'pg_event_trigger'), '')
-           FROM pg_catalog.pg_event_trigger t WHERE t.evtname = {}",
-        crate::pg::quote_literal(&trigger_name(publication))
+        "SELECT t.evtenabled::text, coalesce(pg_catalog.obj_description(t.oid, 'pg_event_trigger'), ''),
+                pg_catalog.concat_ws('; ',
+                  CASE WHEN n.nspname <> {schema} THEN 'its function ' || p.oid::pg_catalog.regprocedure::text || ' is in schema ' || n.nspname || ', where other roles may create functions' END,
+                  CASE WHEN NOT fo.rolsuper THEN 'its function is owned by ' || fo.rolname || ', who is not a superuser and could change what it runs as one' END,
+                  CASE WHEN NOT p.prosecdef THEN 'its function is not SECURITY DEFINER' END,
+                  CASE WHEN NOT so.rolsuper THEN 'schema ' || n.nspname || ' is owned by ' || so.rolname || ', who is not a superuser' END,
+                  CASE WHEN pg_catalog.has_function_privilege('public', p.oid, 'EXECUTE') THEN 'PUBLIC may execute its function' END)
+           FROM pg_catalog.pg_event_trigger t
+           JOIN pg_catalog.pg_proc p ON p.oid = t.evtfoid
+           JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+           JOIN pg_catalog.pg_roles fo ON fo.oid = p.proowner
+           JOIN pg_catalog.pg_roles so ON so.oid = n.nspowner
+          WHERE t.evtname = {name}",
+        schema = crate::pg::quote_literal(SCHEMA),
+        name = crate::pg::quote_literal(&trigger_name(publication))
     )
+}
+
+/// A row of [`state_sql`], as text fields.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TriggerRow {
+    pub enabled: Option<String>,
+    pub label: Option<String>,
+    pub unsafe_because: Option<String>,
+}
+
+impl TriggerRow {
+    /// From the row's fields in order.
+    pub fn from_fields(mut fields: impl Iterator<Item = Option<String>>) -> TriggerRow {
+        TriggerRow {
+            enabled: fields.next().flatten(),
+            label: fields.next().flatten(),
+            unsafe_because: fields.next().flatten().filter(|s| !s.is_empty()),
+        }
+    }
 }
 
 /// What is wrong with the installed trigger for the configured `patterns`.
@@ -124,6 +210,9 @@ pub fn state_sql(publication: &str) -> String {
 pub enum TriggerProblem {
     Missing,
     Disabled,
+    /// Its function can be changed by a role that is not a superuser, or
+    /// run by anyone: why.
+    Unsafe(String),
     /// Installed for `installed` (its comment), which lacks `missing`.
     Uncovered {
         installed: String,
@@ -133,13 +222,18 @@ pub enum TriggerProblem {
 
 /// The verdict on the row of [`state_sql`] (None: no row): None when the
 /// trigger fires and covers every pattern.
-pub fn problem(
-    row: Option<(Option<String>, Option<String>)>,
-    patterns: &[&TableName],
-) -> Option<TriggerProblem> {
-    let Some((Some(enabled), label)) = row else {
+pub fn problem(row: Option<TriggerRow>, patterns: &[&TableName]) -> Option<TriggerProblem> {
+    let Some(TriggerRow {
+        enabled: Some(enabled),
+        label,
+        unsafe_because,
+    }) = row
+    else {
         return Some(TriggerProblem::Missing);
     };
+    if let Some(why) = unsafe_because {
+        return Some(TriggerProblem::Unsafe(why));
+    }
     if enabled == "D" {
         return Some(TriggerProblem::Disabled);
     }
@@ -185,6 +279,11 @@ mod tests {
             ),
             "{sql}"
         );
+        assert!(
+            sql.contains("FUNCTION \"outbox_relay\".\"outbox_relay_publish_outbox_pub\"()"),
+            "{sql}"
+        );
+        assert!(sql.contains("FROM PUBLIC"), "{sql}");
     }
 
     #[test]
@@ -202,8 +301,20 @@ mod tests {
     fn the_verdict_names_what_is_wrong() {
         let a = TableName::parse("tenant_*.outbox").unwrap();
         let b = TableName::parse("other_*.outbox").unwrap();
-        let row = |e: &str, l: &str| Some((Some(e.to_string()), Some(l.to_string())));
+        let row = |e: &str, l: &str| {
+            Some(TriggerRow::from_fields(
+                [Some(e.to_string()), Some(l.to_string()), Some(String::new())].into_iter(),
+            ))
+        };
         assert_eq!(problem(None, &[&a]), Some(TriggerProblem::Missing));
+        let hijackable = TriggerRow {
+            unsafe_because: Some("its function is owned by app".into()),
+            ..row("O", "tenant_*.outbox").unwrap()
+        };
+        assert_eq!(
+            problem(Some(hijackable), &[&a]),
+            Some(TriggerProblem::Unsafe("its function is owned by app".into()))
+        );
         assert_eq!(
             problem(row("D", "tenant_*.outbox"), &[&a]),
             Some(TriggerProblem::Disabled)

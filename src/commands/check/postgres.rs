@@ -98,14 +98,14 @@ pub(super) async fn postgres_checks(client: &Client, cfg: &RelayConfig) -> Vec<C
 /// For schema patterns: setup's event trigger, without which a table
 /// created later is never in the publication.
 async fn publish_trigger(client: &Client, cfg: &RelayConfig) -> CheckResult {
-    use crate::pg::publish_trigger::{problem, state_sql, trigger_name, TriggerProblem};
+    use crate::pg::publish_trigger::{problem, state_sql, trigger_name, TriggerProblem, TriggerRow};
     const NAME: &str = "publication trigger";
     let trigger = trigger_name(&cfg.publication);
     let row = match client.simple_query(&state_sql(&cfg.publication)).await {
         Ok(messages) => messages.into_iter().find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => {
-                Some((r.get(0).map(String::from), r.get(1).map(String::from)))
-            }
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(TriggerRow::from_fields(
+                (0..r.len()).map(|i| r.get(i).map(String::from)),
+            )),
             _ => None,
         }),
         Err(e) => return CheckResult::unknown(NAME, e),
@@ -122,6 +122,13 @@ async fn publish_trigger(client: &Client, cfg: &RelayConfig) -> CheckResult {
                 missing.join(", ")
             ),
             "run outbox-relay setup as a superuser with this configuration (it replaces the trigger)",
+        ),
+        Some(TriggerProblem::Unsafe(why)) => CheckResult::fail(
+            NAME,
+            format!(
+                "event trigger {trigger} runs as a superuser on every CREATE TABLE, and {why}: that role could make it run anything as a superuser"
+            ),
+            "run outbox-relay setup as a superuser: it moves the function into schema outbox_relay (a superuser's alone) and drops the old one, or refuses naming the role to deal with first",
         ),
         Some(TriggerProblem::Disabled) => CheckResult::fail(
             NAME,

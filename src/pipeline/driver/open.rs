@@ -94,14 +94,22 @@ async fn warn_if_no_trigger(
     conn: &mut ReplicationConnection,
     cfg: &RelayConfig,
 ) -> Result<(), PipelineError> {
-    use crate::pg::publish_trigger::{problem, state_sql, trigger_name, TriggerProblem};
+    use crate::pg::publish_trigger::{problem, state_sql, trigger_name, TriggerProblem, TriggerRow};
     let rows = conn.simple_query(&state_sql(&cfg.publication)).await?;
-    let row = rows.into_iter().next().map(|mut r| {
-        let label = r.get_mut(1).and_then(Option::take);
-        (r.get_mut(0).and_then(Option::take), label)
-    });
+    let row = rows
+        .into_iter()
+        .next()
+        .map(|r| TriggerRow::from_fields(r.into_iter()));
     let problem = match problem(row, &cfg.patterns()) {
         None => return Ok(()),
+        Some(TriggerProblem::Unsafe(why)) => {
+            tracing::warn!(
+                publication = %cfg.publication,
+                trigger = %trigger_name(&cfg.publication),
+                "the event trigger that adds new tables to the publication runs as a superuser on every CREATE TABLE, and {why}: that role could make it run anything as a superuser. Run `outbox-relay setup` as a superuser (it moves the function into schema outbox_relay), and see `outbox-relay check`"
+            );
+            return Ok(());
+        }
         Some(TriggerProblem::Missing) => "missing".to_string(),
         Some(TriggerProblem::Disabled) => "disabled".to_string(),
         Some(TriggerProblem::Uncovered { missing, .. }) => {
