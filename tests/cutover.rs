@@ -520,3 +520,38 @@ async fn mark_processed_sets_the_column_of_every_backfilled_row_only() {
     );
     db.drop().await;
 }
+
+/// Issue 25: a retention cleanup never deletes a row the slot has not
+/// confirmed past: with the relay stopped, old rows that were never
+/// published are left (they are the only copy of their events, and what a
+/// lost slot is recovered from); `--even-unconfirmed` deletes them anyway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_keeps_rows_the_slot_has_not_confirmed() {
+    let (db, slot, _prefix, template) = classic("cut_retention").await;
+    relay_setup(&["--database-url", &db.url, "--slot", &slot]);
+    insert(&db.client, 0, 6, 2).await;
+    db.exec("UPDATE outbox SET created_at = now() - interval '8 days'")
+        .await;
+    let (code, out, err) = cmd(args(
+        &db,
+        &slot,
+        &template,
+        "cleanup",
+        &["--older-than", "7d", "--wait", "2"],
+    ))
+    .await;
+    assert_ne!(code, 0, "deleted rows the slot never confirmed: {out}");
+    assert!(err.contains("nothing was deleted"), "{err}");
+    assert_eq!(count(&db, "SELECT count(*) FROM outbox").await, 6);
+    let (code, out, err) = cmd(args(
+        &db,
+        &slot,
+        &template,
+        "cleanup",
+        &["--older-than", "7d", "--even-unconfirmed"],
+    ))
+    .await;
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(count(&db, "SELECT count(*) FROM outbox").await, 0);
+    db.drop().await;
+}

@@ -308,3 +308,116 @@ async fn exactly_once_after_an_asynchronous_promotion_publishes_the_new_primarys
         "the fork at the promotion is counted"
     );
 }
+
+/// Issue 25, "see it coming": under `max_slot_wal_keep_size` the running
+/// relay exports how many bytes and seconds are left before the server
+/// invalidates its slot, `status` and `check` say it while the relay is
+/// stopped, and once the slot is invalidated `check` FAILs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_time_left_before_the_slot_is_invalidated_is_shown() {
+    let cluster = TempCluster::start(&[], &["max_slot_wal_keep_size=48MB"]);
+    let url = cluster.url("postgres", None);
+    let client = sql_client(&url).await;
+    client.batch_execute(CLASSIC_TABLE).await.unwrap();
+    client
+        .batch_execute("CREATE TABLE filler (t text)")
+        .await
+        .unwrap();
+    let slot = unique("headroom").to_lowercase();
+    relay_setup(&["--database-url", &url, "--slot", &slot]);
+    let topic = unique("headroom");
+    let args: Vec<String> = [
+        "--database-url",
+        &url,
+        "--kafka-brokers",
+        &brokers(),
+        "--slot",
+        &slot,
+        "--topic",
+        &topic,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    // WAL written all along, so that there is a rate to go by.
+    let writer = {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let c = sql_client(&url).await;
+            for n in 0..100_000i64 {
+                let _ = c
+                    .execute(
+                        "INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('T', 'a', jsonb_build_object('n', $1::bigint))",
+                        &[&n],
+                    )
+                    .await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+
+    let mut relay = Relay::start(&args);
+    let addr = relay.http_address().await;
+    wait_until(Duration::from_secs(60), "the slot's headroom in the metrics", || async {
+        relay_metric(&addr, "outbox_slot_safe_wal_bytes").await.unwrap_or(-1.0) > 0.0
+            && relay_metric(&addr, "outbox_slot_invalidation_seconds").await.unwrap_or(-1.0) > 0.0
+    })
+    .await;
+    relay.terminate().await;
+
+    let status = |args: &[String]| {
+        let mut all: Vec<&str> = vec!["status", "--json"];
+        all.extend(args.iter().map(String::as_str));
+        let (_, out, err) = relay_cmd(&all);
+        serde_json::from_str::<serde_json::Value>(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"))
+    };
+    let check_line = |args: &[String]| {
+        let mut all: Vec<&str> = vec!["check"];
+        all.extend(args.iter().map(String::as_str));
+        let (_, out, _) = relay_cmd(&all);
+        out.lines()
+            .find(|l| l.split("  ").nth(1).map(str::trim) == Some("slot headroom"))
+            .unwrap_or_else(|| panic!("no slot headroom line in {out}"))
+            .to_string()
+    };
+    let s = tokio::task::spawn_blocking({
+        let args = args.clone();
+        move || status(&args)
+    })
+    .await
+    .unwrap();
+    assert!(s["safe_wal_size"].as_i64().unwrap_or(0) > 0, "{s}");
+    assert!(s["invalidation_in_s"].as_u64().is_some(), "{s}");
+    assert_eq!(s["invalidated_by"], "max_slot_wal_keep_size", "{s}");
+    let line = tokio::task::spawn_blocking({
+        let args = args.clone();
+        move || check_line(&args)
+    })
+    .await
+    .unwrap();
+    assert!(
+        line.contains("max_slot_wal_keep_size invalidates"),
+        "{line}"
+    );
+    writer.abort();
+
+    // More WAL than the limit while no relay runs: the slot is lost.
+    for _ in 0..4 {
+        client
+            .batch_execute(
+                "INSERT INTO filler SELECT repeat(md5(g::text), 32) FROM generate_series(1, 20000) g;
+                 SELECT pg_switch_wal();",
+            )
+            .await
+            .unwrap();
+    }
+    client.batch_execute("CHECKPOINT").await.unwrap();
+    let line = tokio::task::spawn_blocking({
+        let args = args.clone();
+        move || check_line(&args)
+    })
+    .await
+    .unwrap();
+    assert!(line.starts_with("FAIL"), "{line}");
+    assert!(line.contains("was invalidated"), "{line}");
+}

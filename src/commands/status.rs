@@ -53,6 +53,14 @@ pub struct Status {
     /// Bytes that can still be written before the slot is lost; `null` when
     /// `max_slot_wal_keep_size` is -1 (unlimited).
     pub safe_wal_size: Option<i64>,
+    /// Seconds until the server invalidates the slot at the WAL rate
+    /// sampled over a second (`max_slot_wal_keep_size`), or until
+    /// PostgreSQL 18's `idle_replication_slot_timeout` does while no relay
+    /// holds it; `null` when no limit applies. `invalidated_by` names it.
+    pub invalidation_in_s: Option<u64>,
+    pub invalidated_by: Option<String>,
+    /// PostgreSQL 17+: why the slot was invalidated.
+    pub invalidation_reason: Option<String>,
     /// The slot's `failover` flag (PostgreSQL 17+; `null` before): a physical
     /// standby with `sync_replication_slots = on` keeps a copy of it.
     pub failover: Option<bool>,
@@ -194,8 +202,26 @@ pub async fn collect(client: &Client, cfg: &RelayConfig) -> Result<Status, Statu
         .iter()
         .all(|t| publication_tables.contains(&t.table.to_string()));
 
+    let headroom = crate::pg::slot_headroom::Headroom::read(client, &cfg.slot)
+        .await
+        .map_err(sql("reading the slot's headroom"))?;
+    let left = match &headroom {
+        // The WAL rate is worth a second only when a WAL limit applies.
+        Some(h) if h.safe_wal_size.is_some() => {
+            let rate = crate::pg::slot_headroom::wal_rate(client, std::time::Duration::from_secs(1))
+                .await
+                .map_err(sql("sampling the WAL rate"))?;
+            h.time_left(rate)
+        }
+        Some(h) => h.time_left(None),
+        None => None,
+    };
+
     let s = slot.as_ref();
     Ok(Status {
+        invalidation_in_s: left.map(|t| t.left.as_secs()),
+        invalidated_by: left.map(|t| t.by.to_string()),
+        invalidation_reason: headroom.and_then(|h| h.invalidation_reason),
         slot: cfg.slot.clone(),
         slot_exists: slot.is_some(),
         slot_type: s.map(|r| r.get(0)),
@@ -363,6 +389,17 @@ pub fn render_table(s: &Status) -> String {
             },
         ));
         rows.push((
+            "invalidated in",
+            match (&s.invalidation_reason, s.invalidation_in_s, &s.invalidated_by) {
+                (Some(r), _, _) => format!("already: {r}"),
+                (None, Some(secs), Some(by)) => format!(
+                    "about {} ({by}, at the WAL rate of the last second)",
+                    crate::pg::slot_headroom::humanize(std::time::Duration::from_secs(secs))
+                ),
+                _ => "never (no limit applies, or no WAL is written)".into(),
+            },
+        ));
+        rows.push((
             "failover",
             match (s.failover, s.synced) {
                 (None, _) => "- (PostgreSQL 17+)".into(),
@@ -518,6 +555,9 @@ mod tests {
             unconfirmed_bytes: Some(0),
             wal_status: Some("reserved".into()),
             safe_wal_size: None,
+            invalidation_in_s: None,
+            invalidated_by: None,
+            invalidation_reason: None,
             failover: None,
             synced: None,
             current_wal_lsn: "0/1A2B3C4".into(),

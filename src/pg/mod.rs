@@ -5,11 +5,13 @@
 //! connection and its errors (`sql`), the standbys of a multi-host URL
 //! (`standbys`), the catalog queries and messages several callers share
 //! (`catalog`) and the event trigger that publishes a schema pattern's new
-//! tables (`publish_trigger`). It must not hold pipeline state.
+//! tables (`publish_trigger`), and how close the slot is to being invalidated
+//! (`slot_headroom`). It must not hold pipeline state.
 
 pub mod catalog;
 pub mod config;
 pub mod publish_trigger;
+pub mod slot_headroom;
 pub mod sql;
 pub mod standbys;
 pub mod tls;

@@ -90,6 +90,7 @@ pub(super) async fn postgres_checks(client: &Client, cfg: &RelayConfig) -> Vec<C
         Ok(s) => slot_check(cfg, &database, s),
         Err(e) => CheckResult::unknown("slot", e),
     });
+    out.push(slot_headroom(client, cfg).await);
     out.extend(super::failover::failover_checks(client, cfg, version_num).await);
     out.extend(privileges(client, &user, &tables_ok).await);
     out
@@ -512,6 +513,80 @@ pub(super) struct SlotRow {
     active_pid: Option<i32>,
     wal_status: Option<String>,
     confirmed: Option<String>,
+}
+
+/// How long until the server invalidates the slot (issue 25): FAIL when it
+/// is or is about to be, WARN under an hour at the WAL rate of the last
+/// second.
+async fn slot_headroom(client: &Client, cfg: &RelayConfig) -> CheckResult {
+    use crate::pg::slot_headroom::{humanize, wal_rate, Headroom};
+    const NAME: &str = "slot headroom";
+    let h = match Headroom::read(client, &cfg.slot).await {
+        Ok(Some(h)) => h,
+        Ok(None) => {
+            return CheckResult::warn(NAME, "no slot to look at", None);
+        }
+        Err(e) => return CheckResult::unknown(NAME, e),
+    };
+    let slot = &cfg.slot;
+    if h.lost() {
+        return CheckResult::fail(
+            NAME,
+            format!(
+                "replication slot {slot} was invalidated ({}): the WAL after its position is gone, and with it the events written since",
+                h.invalidation_reason.as_deref().unwrap_or("wal_status lost")
+            ),
+            "see operations §13, The slot is lost: recreate it and republish what the outbox table still holds",
+        );
+    }
+    if h.wal_status.as_deref() == Some("unreserved") {
+        return CheckResult::fail(
+            NAME,
+            format!("replication slot {slot} holds more WAL than max_slot_wal_keep_size allows (wal_status unreserved): the next checkpoint invalidates it"),
+            "get the relay confirming now (outbox-relay status, its log), or raise max_slot_wal_keep_size at once",
+        );
+    }
+    let rate = if h.safe_wal_size.is_some() {
+        match wal_rate(client, std::time::Duration::from_secs(1)).await {
+            Ok(r) => r,
+            Err(e) => return CheckResult::unknown(NAME, e),
+        }
+    } else {
+        None
+    };
+    match h.time_left(rate) {
+        None if h.safe_wal_size.is_none() => CheckResult::pass(
+            NAME,
+            "max_slot_wal_keep_size = -1: the server never invalidates the slot for the WAL it holds (the disk is the limit: alert on retained WAL)",
+        ),
+        None => CheckResult::pass(
+            NAME,
+            format!(
+                "{} bytes of WAL before max_slot_wal_keep_size invalidates the slot; no WAL written in the last second",
+                h.safe_wal_size.unwrap_or_default()
+            ),
+        ),
+        Some(t) if t.left < std::time::Duration::from_secs(3600) => CheckResult::warn(
+            NAME,
+            format!(
+                "{t_by} invalidates replication slot {slot} in about {} at the WAL rate of the last second",
+                humanize(t.left),
+                t_by = t.by
+            ),
+            Some(format!(
+                "start the relay or find what holds it back (outbox-relay status), or raise {}",
+                t.by
+            )),
+        ),
+        Some(t) => CheckResult::pass(
+            NAME,
+            format!(
+                "{} invalidates the slot in about {} at the WAL rate of the last second",
+                t.by,
+                humanize(t.left)
+            ),
+        ),
+    }
 }
 
 pub(super) async fn slot_row(

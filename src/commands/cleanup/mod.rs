@@ -15,8 +15,11 @@
 //!   slot does not reach L0 in time (relay down or lagging), nothing is
 //!   deleted.
 //! - `--older-than 7d` deletes rows whose `--time-column` (created_at) is
-//!   older than that: the classic retention rule. It does not consult the
-//!   slot.
+//!   older than that: the classic retention rule, and like `--published`
+//!   only rows of a snapshot the slot confirmed (issue 25): a row the relay
+//!   has not published is the only copy of its event, and after a lost slot
+//!   it is what the events are recovered from. `--even-unconfirmed` keeps
+//!   the old rule, which does not consult the slot.
 //!
 //! - `--drop-partitions --older-than 7d`, for an outbox partitioned by range
 //!   on the time column: drops the partitions wholly older than that once
@@ -55,9 +58,15 @@ pub struct CleanupArgs {
     pub published: bool,
 
     /// Delete rows whose --time-column is older than this (7d, 12h, 30m …),
-    /// without consulting the slot.
+    /// once the slot confirmed them (as --published does).
     #[arg(long, value_parser = parse_duration)]
     pub older_than: Option<Duration>,
+
+    /// With --older-than: delete the old rows whether or not the relay has
+    /// published them (the slot is not consulted). Events of rows deleted
+    /// before they were published are lost.
+    #[arg(long, requires = "older_than", conflicts_with = "drop_partitions")]
+    pub even_unconfirmed: bool,
 
     /// With --older-than, on an outbox partitioned by range on
     /// --time-column: detach the partitions wholly older than that, wait
@@ -99,9 +108,9 @@ pub enum CleanupError {
     Config(String),
     #[error(transparent)]
     Sql(#[from] crate::pg::sql::SqlError),
-    #[error("replication slot {0} does not exist: without it there is no record of what the relay published, so --published deletes nothing (create it with `outbox-relay setup` or `backfill`, or use --older-than)")]
+    #[error("replication slot {0} does not exist: without it there is no record of what the relay published, so cleanup deletes nothing (create it with `outbox-relay setup` or `backfill`, or pass --older-than with --even-unconfirmed, which deletes old rows published or not)")]
     NoSlot(String),
-    #[error("the slot {slot} did not confirm {target} within {waited:?} (it is at {confirmed}): the relay is stopped or lagging, so rows in the snapshot may not be published yet; nothing was deleted. Check `outbox-relay status`, start or fix the relay, or pass a longer --wait")]
+    #[error("the slot {slot} did not confirm {target} within {waited:?} (it is at {confirmed}): the relay is stopped or lagging, so rows in the snapshot may not be published yet; nothing was deleted. Check `outbox-relay status`, start or fix the relay, or pass a longer --wait (with --older-than, --even-unconfirmed deletes old rows published or not)")]
     NotConfirmed {
         slot: String,
         target: Lsn,
@@ -244,8 +253,10 @@ async fn run_table(
         batch: args.batch_size.max(1) as usize,
     };
     match args.older_than {
-        Some(age) => delete_older_than(reader, writer, &scope, args, age, say).await,
-        None => delete_published(reader, writer, &scope, cfg, args, say).await,
+        Some(age) if args.even_unconfirmed => {
+            delete_older_than(reader, writer, &scope, args, age, say).await
+        }
+        age => delete_published(reader, writer, &scope, cfg, args, age, say).await,
     }
 }
 
@@ -262,7 +273,8 @@ struct Scope {
     batch: usize,
 }
 
-/// `--older-than`: rows whose time column is older, published or not.
+/// `--older-than --even-unconfirmed`: rows whose time column is older,
+/// published or not.
 async fn delete_older_than(
     reader: &Client,
     writer: &Client,
@@ -323,13 +335,15 @@ async fn delete_older_than(
 }
 
 /// `--published`: the rows a snapshot sees, once the slot confirmed a
-/// position after every commit that snapshot sees.
+/// position after every commit that snapshot sees; with `--older-than`,
+/// those of them older than `age`.
 async fn delete_published(
     reader: &Client,
     writer: &Client,
     scope: &Scope,
     cfg: &RelayConfig,
     args: &CleanupArgs,
+    age: Option<Duration>,
     say: &mut dyn FnMut(String),
 ) -> Result<Summary, CleanupError> {
     let Scope {
@@ -364,11 +378,21 @@ async fn delete_published(
     // Read on the other connection: the reader's snapshot would show the
     // slot as it was.
     wait_confirmed(writer, &cfg.slot, target, args.wait, say).await?;
+    // now() is the snapshot's transaction start.
+    let older = age
+        .map(|a| {
+            format!(
+                " AND {} < now() - {}::float8 * interval '1 second'",
+                quote_ident(&args.time_column),
+                a.as_secs_f64()
+            )
+        })
+        .unwrap_or_default();
     // --where is the operator's SQL: one statement only (extended protocol).
     reader
         .execute(
             &format!(
-                "DECLARE outbox_cleanup NO SCROLL CURSOR FOR SELECT {qcol}::text AS cleanup_key FROM {quoted_table} WHERE true{filter} ORDER BY {qcol}"
+                "DECLARE outbox_cleanup NO SCROLL CURSOR FOR SELECT {qcol}::text AS cleanup_key FROM {quoted_table} WHERE true{older}{filter} ORDER BY {qcol}"
             ),
             &[],
         )
@@ -408,9 +432,16 @@ async fn delete_published(
     }
     let _ = reader.batch_execute("COMMIT").await;
     if args.dry_run {
-        say(format!(
-            "dry run: would delete {would} published row(s) of {table}"
-        ));
+        match age {
+            Some(a) => say(format!(
+                "dry run: would delete {would} row(s) of {table} with {} older than {} (published: confirmed by the slot)",
+                args.time_column,
+                humanize(a)
+            )),
+            None => say(format!(
+                "dry run: would delete {would} published row(s) of {table}"
+            )),
+        }
     }
     Ok(summary)
 }

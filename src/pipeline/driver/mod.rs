@@ -29,6 +29,7 @@ mod open;
 mod record;
 mod refused;
 mod session;
+mod slot_watch;
 mod state;
 
 pub use errors::{BatchTooLarge, DeliveryFailure, PipelineError, RefusedInTransaction};

@@ -16,6 +16,7 @@ use crate::pipeline::source::{ReplicationMessage, ReplicationReader, Replication
 use super::errors::PipelineError;
 use super::exactly_once::{commit_finished, Transactions};
 use super::heartbeat::heartbeat;
+use super::slot_watch::slot_watch;
 use super::open::{open, timed_out, Opened};
 use super::record::Recorder;
 use super::state::State;
@@ -60,6 +61,7 @@ pub(super) async fn session(
     let heartbeat = cfg
         .heartbeat_interval
         .map(|every| tokio::spawn(heartbeat(cfg.clone(), every)));
+    let slot_watch = tokio::spawn(slot_watch(cfg.clone(), metrics.clone()));
 
     let forked = carry.forked.take();
     let mut state = State::new(cfg, slot.confirmed, protocol, (sink, acks), metrics, carry);
@@ -86,6 +88,7 @@ pub(super) async fn session(
     }
     settle(cfg, &mut state, &result).await;
     probe.abort();
+    slot_watch.abort();
     if let Some(h) = heartbeat {
         h.abort();
     }

@@ -1,0 +1,88 @@
+//! The slot's headroom while the relay streams (issue 25, "see it coming"):
+//! how many bytes of WAL, and at the current rate how many seconds, before
+//! the server invalidates the slot. Streaming alone keeps it far off; a
+//! relay that cannot deliver (Kafka down, a halt being looked at) holds the
+//! slot still while the database writes on, and this is what says how
+//! long that may last.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::RelayConfig;
+use crate::lsn::Lsn;
+use crate::observe::metrics::Metrics;
+use crate::pg::slot_headroom::{current_wal, humanize, Headroom};
+
+const EVERY: Duration = Duration::from_secs(5);
+/// A query that takes longer than this is a connection to start again.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Below this the relay warns (once until it is above again).
+const WARN_BELOW: Duration = Duration::from_secs(3600);
+
+pub(super) async fn slot_watch(cfg: RelayConfig, metrics: Arc<Metrics>) {
+    let mut client = None;
+    let mut last: Option<(Lsn, Instant)> = None;
+    let mut rate: Option<f64> = None;
+    let mut warned = false;
+    loop {
+        if client.is_none() {
+            match crate::pg::sql::connect(&cfg.database).await {
+                Ok((c, _connection)) => client = Some(c),
+                Err(e) => tracing::debug!(error = %e, "slot watch: cannot connect; will retry"),
+            }
+        }
+        if let Some(c) = &client {
+            let sample = tokio::time::timeout(QUERY_TIMEOUT, async {
+                Ok::<_, tokio_postgres::Error>((
+                    Headroom::read(c, &cfg.slot).await?,
+                    current_wal(c).await?,
+                ))
+            })
+            .await;
+            match sample {
+                Ok(Ok((Some(h), wal))) => {
+                    if let (Some(now), Some((before, at))) = (wal, last) {
+                        let r = now.0.saturating_sub(before.0) as f64
+                            / at.elapsed().as_secs_f64().max(0.001);
+                        rate = Some(rate.map_or(r, |p| 0.7 * p + 0.3 * r));
+                    }
+                    last = wal.map(|w| (w, Instant::now()));
+                    metrics
+                        .slot_safe_wal_bytes
+                        .set(h.safe_wal_size.unwrap_or(-1));
+                    let left = h.time_left(rate);
+                    metrics
+                        .slot_invalidation_seconds
+                        .set(left.map_or(-1, |t| t.left.as_secs() as i64));
+                    match left {
+                        Some(t) if t.left < WARN_BELOW && !warned => {
+                            warned = true;
+                            tracing::warn!(
+                                slot = %cfg.slot,
+                                left_s = t.left.as_secs(),
+                                safe_wal_bytes = h.safe_wal_size,
+                                "the server will invalidate the slot in about {} ({} at the current WAL rate) unless it moves on: the relay is not confirming fast enough (see outbox_replication_lag_bytes and its log). An invalidated slot loses the events written meanwhile to the stream: fix what holds the relay back, or raise {}",
+                                humanize(t.left),
+                                t.by,
+                                t.by
+                            );
+                        }
+                        Some(t) if t.left >= WARN_BELOW => warned = false,
+                        None => warned = false,
+                        _ => {}
+                    }
+                }
+                Ok(Ok((None, _))) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "slot watch: query failed; will reconnect");
+                    client = None;
+                }
+                Err(_) => {
+                    tracing::debug!("slot watch: no answer within {QUERY_TIMEOUT:?}; will reconnect");
+                    client = None;
+                }
+            }
+        }
+        tokio::time::sleep(EVERY).await;
+    }
+}
