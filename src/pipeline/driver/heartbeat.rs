@@ -1,9 +1,15 @@
 //! The optional heartbeat: a non-transactional logical message written over
 //! an ordinary SQL connection, so an idle database still moves the slot.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::RelayConfig;
+use crate::observe::metrics::Metrics;
+
+/// A heartbeat that takes longer than this is a connection to start again
+/// (review N12: a black-holed connection would wait for ever, silently).
+const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Prefix of the relay's own heartbeat messages; never an event.
 pub const HEARTBEAT_PREFIX: &str = "outbox-relay-heartbeat";
@@ -12,7 +18,7 @@ pub const HEARTBEAT_PREFIX: &str = "outbox-relay-heartbeat";
 /// `every`. On a server where other databases write all the WAL, the
 /// walsender then has something of ours to decode and report, so the slot's
 /// position keeps up even if keepalives alone would not move it.
-pub(super) async fn heartbeat(cfg: RelayConfig, every: Duration) {
+pub(super) async fn heartbeat(cfg: RelayConfig, every: Duration, metrics: Arc<Metrics>) {
     let mut client = None;
     loop {
         tokio::time::sleep(every).await;
@@ -20,6 +26,7 @@ pub(super) async fn heartbeat(cfg: RelayConfig, every: Duration) {
             match crate::pg::sql::connect(&cfg.database).await {
                 Ok((c, _connection)) => client = Some(c),
                 Err(e) => {
+                    metrics.heartbeat_failures.inc();
                     tracing::warn!(error = %e, "heartbeat: cannot connect; will retry");
                     continue;
                 }
@@ -27,8 +34,14 @@ pub(super) async fn heartbeat(cfg: RelayConfig, every: Duration) {
         }
         let Some(c) = &client else { continue };
         let sql = format!("SELECT pg_logical_emit_message(false, '{HEARTBEAT_PREFIX}', '')");
-        if let Err(e) = c.batch_execute(&sql).await {
-            tracing::warn!(error = %e, "heartbeat failed; will reconnect");
+        let failed = match tokio::time::timeout(TIMEOUT, c.batch_execute(&sql)).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some(format!("no answer within {TIMEOUT:?}")),
+        };
+        if let Some(error) = failed {
+            metrics.heartbeat_failures.inc();
+            tracing::warn!(%error, "heartbeat failed; will reconnect");
             client = None;
         }
     }

@@ -60,7 +60,7 @@ pub(super) async fn session(
     let probe = spawn_probe(sink.prober(), metrics.clone());
     let heartbeat = cfg
         .heartbeat_interval
-        .map(|every| tokio::spawn(heartbeat(cfg.clone(), every)));
+        .map(|every| tokio::spawn(heartbeat(cfg.clone(), every, metrics.clone())));
     let slot_watch = tokio::spawn(slot_watch(cfg.clone(), metrics.clone()));
 
     let forked = carry.forked.take();
