@@ -75,7 +75,7 @@ fn setup(db: &TestDb, slot: &str) {
     assert_eq!(code, 0, "{out}{err}");
 }
 
-const STATUS_KEYS: [&str; 26] = [
+const STATUS_KEYS: [&str; 29] = [
     "slot",
     "slot_exists",
     "slot_type",
@@ -88,6 +88,9 @@ const STATUS_KEYS: [&str; 26] = [
     "retained_wal_bytes",
     "unconfirmed_bytes",
     "wal_status",
+    "invalidation_in_s",
+    "invalidated_by",
+    "invalidation_reason",
     "safe_wal_size",
     "failover",
     "synced",
@@ -247,6 +250,7 @@ async fn check_passes_on_a_good_setup() {
             ("PASS", "outbox"),
             ("PASS", "publication"),
             ("PASS", "slot"),
+            ("PASS", "slot"),
             ("PASS", "replication"),
             ("PASS", "table"),
             ("PASS", "kafka"),
@@ -255,7 +259,7 @@ async fn check_passes_on_a_good_setup() {
         ],
         "{out}"
     );
-    assert_eq!(lines.last().unwrap(), "12 passed, 2 warning(s), 0 failed");
+    assert_eq!(lines.last().unwrap(), "13 passed, 2 warning(s), 0 failed");
     assert!(
         check_line(&out, "postgres identity")
             .starts_with("PASS postgres identity sslmode=prefer, and the server is on this host"),
@@ -337,7 +341,7 @@ async fn check_fails_on_an_unreachable_broker() {
     );
     assert!(!out.contains("kafka topic"), "{out}");
     assert!(
-        out.ends_with("10 passed, 1 warning(s), 1 failed\n"),
+        out.ends_with("11 passed, 1 warning(s), 1 failed\n"),
         "{out}"
     );
     db.drop().await;
