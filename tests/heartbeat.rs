@@ -6,6 +6,7 @@ mod support;
 
 use std::time::Duration;
 
+use support::proxy::{Mode, Proxy};
 use support::*;
 
 async fn retained(client: &tokio_postgres::Client) -> i64 {
@@ -151,4 +152,50 @@ async fn retained_wal_stays_bounded_while_another_database_takes_the_writes() {
 async fn without_heartbeats_for_comparison() {
     let (left, written) = run_scenario(false).await;
     eprintln!("without heartbeats: retained {left} bytes, heartbeat written={written}");
+}
+
+/// Review N12: a heartbeat whose connection stops answering (a stalled
+/// proxy, a black-holed host) gives up within 10 s and counts the failure,
+/// instead of waiting for ever without a word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_heartbeat_is_counted_not_waited_on_for_ever() {
+    let db = TestDb::new("hb_stall").await;
+    let slot = db.classic_outbox().await;
+    let proxy = Proxy::start(pg_addr(&db.url)).await;
+    let url = via(&db.url, &proxy.addr());
+    let args: Vec<String> = [
+        "--database-url",
+        &url,
+        "--kafka-brokers",
+        &brokers(),
+        "--slot",
+        &slot,
+        "--heartbeat-interval",
+        "1",
+        "--progress-topic",
+        "off",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut relay = Relay::start(&args);
+    let addr = relay.http_address().await;
+    db.wait_streaming(&slot).await;
+    // Every connection through the proxy stops answering; the replication
+    // session's own timeout (60 s) is far off.
+    proxy.set_mode(Mode::Stall);
+    wait_until(
+        Duration::from_secs(30),
+        "a stalled heartbeat counted as failed",
+        || async {
+            relay_metric(&addr, "outbox_heartbeat_failures_total")
+                .await
+                .unwrap_or(0.0)
+                >= 1.0
+        },
+    )
+    .await;
+    proxy.set_mode(Mode::Pass);
+    relay.terminate().await;
+    db.drop().await;
 }

@@ -23,11 +23,15 @@ pub(super) async fn heartbeat(cfg: RelayConfig, every: Duration, metrics: Arc<Me
     loop {
         tokio::time::sleep(every).await;
         if client.is_none() {
-            match crate::pg::sql::connect(&cfg.database).await {
-                Ok((c, _connection)) => client = Some(c),
-                Err(e) => {
+            match tokio::time::timeout(TIMEOUT, crate::pg::sql::connect(&cfg.database)).await {
+                Ok(Ok((c, _connection))) => client = Some(c),
+                failed => {
+                    let error = match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => format!("no answer within {TIMEOUT:?}"),
+                    };
                     metrics.heartbeat_failures.inc();
-                    tracing::warn!(error = %e, "heartbeat: cannot connect; will retry");
+                    tracing::warn!(%error, "heartbeat: cannot connect; will retry");
                     continue;
                 }
             }

@@ -26,9 +26,11 @@ pub(super) async fn slot_watch(cfg: RelayConfig, metrics: Arc<Metrics>) {
     let mut warned = false;
     loop {
         if client.is_none() {
-            match crate::pg::sql::connect(&cfg.database).await {
-                Ok((c, _connection)) => client = Some(c),
-                Err(e) => tracing::debug!(error = %e, "slot watch: cannot connect; will retry"),
+            match tokio::time::timeout(QUERY_TIMEOUT, crate::pg::sql::connect(&cfg.database)).await
+            {
+                Ok(Ok((c, _connection))) => client = Some(c),
+                Ok(Err(e)) => tracing::debug!(error = %e, "slot watch: cannot connect; will retry"),
+                Err(_) => tracing::debug!("slot watch: no answer to connecting; will retry"),
             }
         }
         if let Some(c) = &client {
