@@ -6,14 +6,20 @@
 --
 -- psql variables (all optional):
 --   relay_role      role name                                 default: outbox_relay
---   relay_password  password                                  default: change-me
---                   THE DEFAULT IS FOR LOCAL/DEV STACKS ONLY: pass a real secret
---                   anywhere else. The password is applied when the role is created,
---                   or on every run where -v relay_password=... is given explicitly
---                   (so a re-run with defaults never resets a rotated password).
 --   tables          comma-separated tables the relay may read default: public.outbox
 --
---   psql -v ON_ERROR_STOP=1 -d "$DATABASE_URL" -v relay_password="$SECRET" -f sql/04_relay_role.sql
+-- The password comes through the session setting outbox_relay.password, given in
+-- PGOPTIONS, never through a psql variable: a variable is pasted into a statement's text,
+-- which the server logs (log_statement = all, and the STATEMENT line of any error). The
+-- setting travels in the connection's startup packet, which is not logged, and the
+-- statement that uses it runs inside PL/pgSQL, whose errors are re-raised here without
+-- the statement's text. Without it the role gets change-me, FOR LOCAL/DEV STACKS ONLY.
+-- The password is applied when the role is created, or on every run that passes one (so
+-- a re-run without it never resets a rotated password). A password containing spaces or
+-- backslashes needs them escaped with a backslash in PGOPTIONS.
+--
+--   PGOPTIONS="-c outbox_relay.password=$SECRET" \
+--     psql -v ON_ERROR_STOP=1 -d "$DATABASE_URL" -f sql/04_relay_role.sql
 --   # Debezium preset:
 --   psql ... -v tables=public.outboxevent -f sql/04_relay_role.sql
 --
@@ -34,36 +40,38 @@
 \set relay_role outbox_relay
 \endif
 \if :{?relay_password}
-\set relay_password_explicit on
-\else
-\set relay_password change-me
-\set relay_password_explicit off
+-- Refused before it reaches any statement (see above).
+\echo 'sql/04_relay_role.sql: -v relay_password would put the password into a logged statement; pass it as PGOPTIONS="-c outbox_relay.password=..." instead'
+\set ON_ERROR_STOP on
+SELECT 1 / 0 AS relay_password_must_come_through_pgoptions;
 \endif
 \if :{?tables}
 \else
 \set tables public.outbox
 \endif
 
--- DO bodies cannot see psql variables; pass them as session settings. `\gset` with no
--- output keeps the password out of the run's log.
+-- DO bodies cannot see psql variables; pass them as session settings.
 SELECT set_config('outbox_relay.role', :'relay_role', false) AS role,
        set_config('outbox_relay.tables', :'tables', false) AS tables;
-SELECT set_config('outbox_relay.password', :'relay_password', false) AS _pw,
-       set_config('outbox_relay.password_explicit', :'relay_password_explicit', false) AS _pwx
-\gset
 
 DO $$
 DECLARE
     r        text := current_setting('outbox_relay.role');
-    pw       text := current_setting('outbox_relay.password');
-    explicit boolean := current_setting('outbox_relay.password_explicit')::boolean;
+    pw       text := nullif(current_setting('outbox_relay.password', true), '');
+    explicit boolean := pw IS NOT NULL;
     name     text;
     rel      regclass;
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r) THEN
         -- The password goes through EXECUTE, so it is hashed by the server
         -- (password_encryption, scram-sha-256 by default since PostgreSQL 14).
-        EXECUTE format('CREATE ROLE %I LOGIN REPLICATION PASSWORD %L', r, pw);
+        -- An error is raised again without the statement's text, which holds it.
+        BEGIN
+            EXECUTE format('CREATE ROLE %I LOGIN REPLICATION PASSWORD %L', r, coalesce(pw, 'change-me'));
+        EXCEPTION WHEN OTHERS THEN
+            RAISE EXCEPTION USING ERRCODE = SQLSTATE,
+                MESSAGE = format('creating role %s: %s', r, SQLERRM);
+        END;
         RAISE NOTICE 'created role %', r;
         IF NOT explicit THEN
             RAISE WARNING 'role % has the default password; change it outside dev stacks', r;
@@ -72,7 +80,12 @@ BEGIN
         -- Re-assert the attributes the relay depends on; no-op if already set.
         EXECUTE format('ALTER ROLE %I LOGIN REPLICATION', r);
         IF explicit THEN
-            EXECUTE format('ALTER ROLE %I PASSWORD %L', r, pw);
+            BEGIN
+                EXECUTE format('ALTER ROLE %I PASSWORD %L', r, pw);
+            EXCEPTION WHEN OTHERS THEN
+                RAISE EXCEPTION USING ERRCODE = SQLSTATE,
+                    MESSAGE = format('setting the password of role %s: %s', r, SQLERRM);
+            END;
             RAISE NOTICE 'role %: password updated', r;
         END IF;
     END IF;

@@ -71,3 +71,73 @@ async fn trust_md5_and_scram_authenticate_replication_connections() {
         );
     }
 }
+
+/// Review N11: sql/04_relay_role.sql takes the password from PGOPTIONS and
+/// never puts it into a statement's text. With log_statement = all the
+/// server log holds no trace of it, neither when the role is created (and
+/// the password works) nor when the script fails for a role that may not
+/// create roles; a password given as a psql variable is refused before it
+/// reaches the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_role_script_never_logs_the_password() {
+    const SECRET: &str = "S3cret-n11-9f4c";
+    let cluster = TempCluster::start(
+        &["host all outbox_relay 127.0.0.1/32 scram-sha-256"],
+        &["log_statement=all"],
+    );
+    let url = cluster.url("postgres", None);
+    let admin = sql_client(&url).await;
+    admin.batch_execute(CLASSIC_TABLE).await.unwrap();
+    admin
+        .batch_execute("CREATE ROLE limited LOGIN; GRANT CREATE ON DATABASE postgres TO limited")
+        .await
+        .unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/sql/04_relay_role.sql");
+    let bin = std::path::PathBuf::from(std::env::var("PG_BIN_DIR").unwrap());
+    let psql = |user: &str, extra: &[&str], pgoptions: &str| {
+        let mut cmd = std::process::Command::new(bin.join("psql"));
+        // The wheels' psql with its own libpq, as tests/support does for the server.
+        if let Some(lib) = bin.parent().map(|p| p.join("lib")) {
+            if lib.join("libpq.so.5").exists() {
+                cmd.env("LD_LIBRARY_PATH", lib);
+            }
+        }
+        let out = cmd
+            .args(["-X", "-v", "ON_ERROR_STOP=1", "-d", &cluster.url(user, None), "-f", script])
+            .args(extra)
+            .env("PGOPTIONS", pgoptions)
+            .output()
+            .expect("psql");
+        (
+            out.status.code(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let with_secret = format!("-c outbox_relay.password={SECRET}");
+
+    let (code, out) = psql("postgres", &[], &with_secret);
+    assert_eq!(code, Some(0), "{out}");
+    let relay = format!(
+        "postgres://outbox_relay:{SECRET}@127.0.0.1:{}/postgres",
+        cluster.port
+    );
+    let (_client, _connection) = tokio_postgres::connect(&relay, tokio_postgres::NoTls)
+        .await
+        .expect("the role logs in with the password from PGOPTIONS");
+
+    let (code, out) = psql("limited", &["-v", "relay_role=another_relay"], &with_secret);
+    assert_ne!(code, Some(0), "a role without CREATEROLE created one: {out}");
+    assert!(!out.contains(SECRET), "psql showed the password: {out}");
+
+    let (code, out) = psql("postgres", &["-v", &format!("relay_password={SECRET}")], "");
+    assert_ne!(code, Some(0), "a password in a psql variable was taken: {out}");
+    assert!(out.contains("PGOPTIONS"), "{out}");
+
+    let log = cluster.log_text();
+    assert!(log.contains("CREATE ROLE") || log.contains("DO $$"), "statements are logged: {log}");
+    assert!(!log.contains(SECRET), "the server log holds the password:\n{log}");
+}
