@@ -60,6 +60,13 @@ pub(super) async fn check_slot(
     })
 }
 
+/// Whether the holder found on the second read is the one already ended
+/// (its walsender may linger a moment after pg_terminate_backend):
+/// START_REPLICATION then waits for it or fails as usual.
+fn terminated_holder(first: &Slot, again: &Slot) -> bool {
+    first.active_pid.is_some() && first.active_pid == again.active_pid
+}
+
 /// The publication must exist, publish inserts and cover every outbox
 /// table: otherwise the stream is silently empty for a table and its events
 /// would never arrive.
@@ -427,6 +434,29 @@ pub(super) async fn open(cfg: &RelayConfig, resume: Option<Lsn>) -> Result<Opene
         // Before START_REPLICATION: a producer setting the relay refuses
         // stops it before the slot is touched.
         let (sink, acks) = producer(cfg, &system.system_id).await?;
+        // Review N8: seconds may have passed since the slot was read (a
+        // stale holder ended, the progress topic made), in which the holder
+        // confirmed further. Sending that older position in the first status
+        // update would move confirmed_flush_lsn back on PostgreSQL 17 and
+        // older: read it again, right before taking it.
+        let slot = match check_slot(&mut conn, &cfg.slot).await? {
+            again if again.active_pid.is_some() && !terminated_holder(&slot, &again) => {
+                return Err(slot_in_use(&cfg.slot, again.active_pid.unwrap_or_default()));
+            }
+            again => Slot {
+                confirmed: again.confirmed.max(slot.confirmed),
+                active_pid: None,
+            },
+        };
+        if let Some(ours) = resume.filter(|_| cfg.progress_topic.is_none()) {
+            if slot.confirmed > ours {
+                return Err(PipelineError::SlotMovedAhead {
+                    slot: cfg.slot.clone(),
+                    found: slot.confirmed,
+                    ours,
+                });
+            }
+        }
         tracing::info!(
             server_version,
             protocol,
