@@ -506,6 +506,7 @@ async fn the_furthest_progress_record_counts_not_the_last() {
         anchor: None,
         timeline: Some(1),
         epoch: 0,
+        transactional_id: None,
         confirmed: lsn(confirmed),
     };
     let (taken_over, stale, other) = (
@@ -513,9 +514,9 @@ async fn the_furthest_progress_record_counts_not_the_last() {
         at("0/5C62800", "0/5C628D0"),
         at("0/9000000", "0/9000100"),
     );
-    for (slot, p) in [("s", taken_over), ("s", stale), ("other", other)] {
+    for (slot, p) in [("s", taken_over.clone()), ("s", stale), ("other", other)] {
         let key = progress::key("7312", slot);
-        let value = progress::value(p, "7312", slot);
+        let value = progress::value(&p, "7312", slot);
         producer
             .send(
                 FutureRecord::to(&topic)
@@ -1007,5 +1008,107 @@ async fn a_topic_the_relay_may_not_write_to_stops_it_naming_authorization() {
     );
     db.assert_not_confirmed(&slot, before, after, "the refused transaction")
         .await;
+    db.drop().await;
+}
+
+/// Review N9: a progress topic that deletes as well as compacts would lose a
+/// quiet slot's only record after retention.ms: refused, as is one that
+/// does not compact.
+#[tokio::test]
+async fn a_progress_topic_that_also_deletes_is_refused() {
+    use outbox_relay::pipeline::sink::progress::{self, ProgressError};
+    for policy in ["compact,delete", "delete"] {
+        let topic = unique("eos_progress_policy");
+        create_topics_with(
+            &brokers(),
+            &[&topic],
+            1,
+            1,
+            &[("cleanup.policy", policy), ("retention.ms", "60000")],
+        )
+        .await;
+        match progress::ensure_topic(&brokers(), &[], &topic).await {
+            Err(e @ ProgressError::NotCompacted { .. }) => {
+                assert!(e.to_string().contains("cleanup.policy=compact"), "{e}");
+            }
+            other => panic!("cleanup.policy={policy} accepted: {other:?}"),
+        }
+    }
+}
+
+/// Review N7: relays of one slot given different `--transactional-id`s (a
+/// per-pod template). The active one is frozen, most likely with a Kafka
+/// transaction open or being committed; the other takes over under its own
+/// id and publishes on; then the first is continued. Kafka fences only
+/// producers of one id, so the relay that takes over fences the id the
+/// progress record names before it reads on: whatever the frozen relay had
+/// open never commits, and a read_committed consumer sees no duplicate.
+#[tokio::test]
+async fn relays_with_different_transactional_ids_still_fence_each_other() {
+    let db = TestDb::new("eos_ids").await;
+    let slot = db.classic_outbox().await;
+    let topic = unique("eos_ids");
+    let progress = unique("eos_progress");
+    create_topics(&brokers(), &[&topic], PARTITIONS).await;
+    let args = |id: &str| {
+        let mut a = eos_args(&db, &slot, &topic, &progress);
+        a.extend(
+            [
+                "--transactional-id",
+                id,
+                "--transaction-max-duration",
+                "5",
+                "--reconnect-max-backoff",
+                "1",
+            ]
+            .map(String::from),
+        );
+        a
+    };
+    let holder = || async {
+        db.client
+            .query_one(
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .unwrap()
+            .get::<_, Option<i32>>(0)
+    };
+
+    let writer = Writer::start(&db.url);
+    let mut active = Relay::start(&args("pod-0"));
+    db.wait_streaming(&slot).await;
+    let mut frozen_ones = Vec::new();
+    for round in 1..=3 {
+        // Load shaping: events flow for a while before each freeze.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let pid = holder().await.expect("a relay holds the slot");
+        let at_freeze = db.current_wal_lsn().await;
+        let frozen_at = Instant::now();
+        active.signal("STOP");
+        db.exec(&format!("SELECT pg_terminate_backend({pid})")).await;
+        let next = Relay::start(&args(&format!("pod-{round}")));
+        // The new relay confirms past where the frozen one stood: it has
+        // published (again) whatever that one held open.
+        db.wait_confirmed_by(&next, &slot, at_freeze, "the relay that took over to go past the freeze")
+            .await;
+        // Frozen longer than --transaction-max-duration: woken, its first
+        // turn commits what it held open, before it reads its dead socket.
+        tokio::time::sleep(Duration::from_secs(6).saturating_sub(frozen_at.elapsed())).await;
+        active.signal("CONT");
+        frozen_ones.push(std::mem::replace(&mut active, next));
+    }
+    let txns = writer.stop().await;
+    let end = db.current_wal_lsn().await;
+    db.wait_confirmed_by(&active, &slot, end, "every transaction confirmed")
+        .await;
+    active.terminate().await;
+    for mut r in frozen_ones {
+        r.terminate().await;
+    }
+    let written: u64 = (0..txns).map(txn_size).sum();
+    let records = consume_topic(&topic, written as usize).await;
+    assert_exactly_once(&records, txns);
     db.drop().await;
 }

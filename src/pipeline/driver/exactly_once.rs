@@ -104,6 +104,21 @@ impl Transactions {
         Ok(sink.init_transactions(TXN_CALL_TIMEOUT).await?)
     }
 
+    /// Fences the producers of another transactional.id (`theirs`, which
+    /// the slot's progress record names) by registering it once: a relay of
+    /// this slot given that id and frozen with a Kafka transaction open can
+    /// then never commit it (review N7).
+    pub(super) async fn fence(cfg: &RelayConfig, theirs: &str, ours: &str) -> Result<(), PipelineError> {
+        tracing::warn!(
+            fenced = theirs,
+            ours,
+            "the progress record was written by a relay with another transactional.id: fencing it before going on. Give every relay of one slot the same --transactional-id (or none: the default is derived from the slot)"
+        );
+        let (sink, _acks) =
+            KafkaSink::transactional(&cfg.kafka_brokers, &cfg.kafka_properties, theirs)?;
+        Ok(sink.init_transactions(TXN_CALL_TIMEOUT).await?)
+    }
+
     /// `committed`: the last transaction the progress topic holds, on this
     /// history; `in_kafka`: what the history check made of it.
     pub(super) fn new(

@@ -51,6 +51,8 @@ pub(super) struct Recorder {
     /// The records' history epoch: one more than the record read when this
     /// session found a fork.
     epoch: u64,
+    /// Exactly-once: this relay's transactional.id, which its records name.
+    pub(super) transactional_id: Option<String>,
     /// At-least-once: the position of the record awaiting its report.
     in_flight: Option<Lsn>,
     /// At-least-once: the furthest record read is to be written again, so
@@ -139,6 +141,7 @@ impl Recorder {
             anchor: None,
             server: server.clone(),
             epoch: 0,
+            transactional_id: None,
             topic: topic.to_string(),
             key: progress::key(system_id, &cfg.slot),
             system_id: system_id.to_string(),
@@ -154,7 +157,7 @@ impl Recorder {
     }
 
     fn started(&mut self, at_start: Option<Progress>) {
-        if let Some(p) = at_start {
+        if let Some(p) = &at_start {
             self.recorded = self.recorded.max(p.confirmed);
             self.commit_lsn = p.commit_lsn;
             self.anchor = p.anchor;
@@ -180,7 +183,9 @@ impl Recorder {
     }
 
     /// At-least-once, with the slot found moved: reads the topic now (trying
-    /// again within `limit`), since only the record can say by whom.
+    /// again within `limit`), since only the record can say by whom. Not
+    /// read within it is a `ReadTimeout` (retriable: the next session asks
+    /// again), never a verdict on the move (review N6).
     pub(super) async fn start_within(
         cfg: &RelayConfig,
         topic: &str,
@@ -188,14 +193,16 @@ impl Recorder {
         server: &ServerHistory,
         found: Lsn,
         limit: std::time::Duration,
-    ) -> Option<Recorder> {
+    ) -> Result<Recorder, ProgressError> {
         let mut r = Recorder::new(cfg, topic, system_id, server, found);
         let at_start = tokio::time::timeout(limit, read_retrying(cfg, topic, &r.key))
             .await
-            .ok()?
-            .ok()?;
+            .map_err(|_| ProgressError::ReadTimeout {
+                topic: topic.to_string(),
+                timeout: limit,
+            })??;
         r.started(at_start);
-        Some(r)
+        Ok(r)
     }
 
     /// At-least-once: creates the topic if missing and reads it in the
@@ -227,7 +234,7 @@ impl Recorder {
     /// nothing it does, but is said and counted, and the records start a
     /// new epoch.
     pub(super) fn judge_at_least_once(&mut self, metrics: &Metrics, slot: &str, found: Lsn) {
-        let recorded = self.at_start.map(|p| p.recorded());
+        let recorded = self.at_start.as_ref().map(Progress::recorded);
         let judged = history::judge(recorded.as_ref(), &self.server, found, None);
         if let Some(fork) = judged.fork {
             report_fork(
@@ -245,7 +252,7 @@ impl Recorder {
     /// what this history has, from where the slot was found, under a new
     /// epoch (a record of the old history, further on, must not win).
     pub(super) fn new_history(&mut self, found: Lsn) {
-        self.epoch = self.at_start.map_or(0, |p| p.epoch) + 1;
+        self.epoch = self.at_start.as_ref().map_or(0, |p| p.epoch) + 1;
         self.recorded = found;
         self.commit_lsn = None;
         self.anchor = None;
@@ -261,11 +268,12 @@ impl Recorder {
         confirmed: Lsn,
     ) -> Vec<u8> {
         progress::value(
-            Progress {
+            &Progress {
                 commit_lsn,
                 anchor,
                 timeline: Some(self.server.timeline),
                 epoch: self.epoch,
+                transactional_id: self.transactional_id.clone(),
                 confirmed: confirmed.max(self.recorded),
             },
             &self.system_id,
@@ -300,7 +308,7 @@ impl State {
                 cfg,
                 reading.resume,
                 reading.found,
-                at_start.map(|p| p.confirmed),
+                at_start.as_ref().map(|p| p.confirmed),
             )?;
             r.started(at_start);
             r.judge_at_least_once(&self.metrics, &cfg.slot, reading.found);

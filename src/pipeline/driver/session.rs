@@ -154,9 +154,10 @@ async fn start_recording(
     };
     let Some(e) = &cfg.exactly_once else {
         // Found moved: only the record can say by whom. Unreadable, the
-        // move cannot be shown to be ours, so it counts as someone else's.
+        // session ends and the next asks again (review N6): only a record
+        // that shows the slot beyond it makes the move someone else's.
         if resume.is_some_and(|ours| found > ours) {
-            let read = Recorder::start_within(
+            let mut recorder = Recorder::start_within(
                 cfg,
                 topic,
                 system_id,
@@ -164,11 +165,8 @@ async fn start_recording(
                 found,
                 std::time::Duration::from_secs(15),
             )
-            .await;
-            let Some(mut recorder) = read else {
-                return moved_by_us(cfg, resume, found, None);
-            };
-            moved_by_us(cfg, resume, found, recorder.at_start.map(|p| p.confirmed))?;
+            .await?;
+            moved_by_us(cfg, resume, found, recorder.at_start.as_ref().map(|p| p.confirmed))?;
             recorder.judge_at_least_once(&state.metrics, &cfg.slot, found);
             state.recorder = Some(recorder);
             return Ok(());
@@ -179,9 +177,25 @@ async fn start_recording(
         return Ok(());
     };
     Transactions::register(&state.sink).await?;
+    let ours = super::exactly_once::transactional_id(e, system_id, &cfg.slot);
     let mut recorder = Recorder::start(cfg, topic, system_id, server, found).await?;
-    moved_by_us(cfg, resume, found, recorder.at_start.map(|p| p.confirmed))?;
-    let recorded = recorder.at_start.map(|p| p.recorded());
+    // Review N7: fencing works between producers of one transactional.id,
+    // and relays of a slot may have been given different ones. The last
+    // writer named in the record is fenced too, and the record read again
+    // after it (what it left open is aborted, and nothing of it can commit
+    // behind the read).
+    let theirs = recorder
+        .at_start
+        .as_ref()
+        .and_then(|p| p.transactional_id.clone())
+        .filter(|id| *id != ours);
+    if let Some(theirs) = theirs {
+        Transactions::fence(cfg, &theirs, &ours).await?;
+        recorder = Recorder::start(cfg, topic, system_id, server, found).await?;
+    }
+    recorder.transactional_id = Some(ours);
+    moved_by_us(cfg, resume, found, recorder.at_start.as_ref().map(|p| p.confirmed))?;
+    let recorded = recorder.at_start.as_ref().map(|p| p.recorded());
     let judged = history::judge(recorded.as_ref(), server, found, forked);
     if let Some(fork) = judged.fork {
         super::record::report_fork(

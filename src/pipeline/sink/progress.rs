@@ -31,8 +31,12 @@ pub enum ProgressError {
         what: &'static str,
         error: KafkaError,
     },
-    #[error("progress topic {topic} has cleanup.policy={policy}, so it grows by one record per Kafka transaction: make it compacted (kafka-configs.sh --alter --entity-type topics --entity-name {topic} --add-config cleanup.policy=compact) or name another --progress-topic")]
-    NotCompacted { topic: String, policy: String },
+    #[error("progress topic {topic} has cleanup.policy={policy}: {why}. Make it compacted alone (kafka-configs.sh --alter --entity-type topics --entity-name {topic} --add-config cleanup.policy=compact) or name another --progress-topic")]
+    NotCompacted {
+        topic: String,
+        policy: String,
+        why: &'static str,
+    },
     #[error("progress topic {topic}: writing the position to confirm failed: {error}. The slot does not move until a record is written: check that this principal may write to the topic, or pass --progress-topic off (at-least-once only)")]
     Write { topic: String, error: KafkaError },
     #[error("progress topic {topic}: not read to its end within {timeout:?}; check that the brokers are reachable and that this principal may read it")]
@@ -71,7 +75,7 @@ pub fn key(system_id: &str, slot: &str) -> Vec<u8> {
 }
 
 /// What a progress record says about one slot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Progress {
     /// The commit LSN of the last Postgres transaction in Kafka; None when
     /// none was published yet.
@@ -86,6 +90,10 @@ pub struct Progress {
     /// through: a record of a later history wins over any of an earlier
     /// one, whose positions may be further on.
     pub epoch: u64,
+    /// Exactly-once: the transactional.id of the relay that wrote it, which
+    /// a relay of the same slot with another id fences before it reads on
+    /// (review N7).
+    pub transactional_id: Option<String>,
     /// The most a relay of ours may have confirmed to the slot: a relay
     /// records a position here, in a committed Kafka transaction, before it
     /// sends it to Postgres. A slot found beyond it was moved by someone
@@ -106,13 +114,14 @@ impl Progress {
 }
 
 /// A progress record's value, in JSON a person reading the topic can follow.
-pub fn value(p: Progress, system_id: &str, slot: &str) -> Vec<u8> {
+pub fn value(p: &Progress, system_id: &str, slot: &str) -> Vec<u8> {
     serde_json::json!({
         "commit_lsn": p.commit_lsn.map(|l| l.to_string()),
         "xid": p.anchor.map(|a| a.xid),
         "commit_time": p.anchor.map(|a| a.commit_time),
         "timeline": p.timeline,
         "epoch": p.epoch,
+        "transactional_id": p.transactional_id,
         "confirmed": p.confirmed.to_string(),
         "system_id": system_id,
         "slot": slot,
@@ -162,18 +171,24 @@ pub fn parse(value: &[u8]) -> Result<Progress, String> {
         .map(|e| u64::try_from(e).map_err(|_| format!("epoch {e} out of range")))
         .transpose()?
         .unwrap_or(0);
+    let transactional_id = match &v["transactional_id"] {
+        serde_json::Value::Null => None,
+        serde_json::Value::String(s) => Some(s.clone()),
+        _ => return Err("transactional_id is not a string".into()),
+    };
     Ok(Progress {
         commit_lsn,
         anchor,
         timeline,
         epoch,
+        transactional_id,
         confirmed: lsn("confirmed")?.ok_or("no confirmed position")?,
     })
 }
 
 /// Creates the topic if it does not exist (one partition, compacted, as
 /// many replicas as the cluster has brokers, up to 3), and refuses one that
-/// is not compacted.
+/// is not compacted, or also deletes.
 pub async fn ensure_topic(
     brokers: &str,
     properties: &[(String, String)],
@@ -232,13 +247,20 @@ pub async fn ensure_topic(
         .flat_map(|r| r.entries)
         .find(|e| e.name == "cleanup.policy")
         .and_then(|e| e.value);
+    let has = |p: &str, what: &str| p.split(',').any(|x| x.trim() == what);
     match policy {
-        Some(p) if !p.split(',').any(|x| x.trim() == "compact") => {
-            Err(ProgressError::NotCompacted {
-                topic: topic.to_string(),
-                policy: p,
-            })
-        }
+        Some(p) if !has(&p, "compact") => Err(ProgressError::NotCompacted {
+            topic: topic.to_string(),
+            policy: p,
+            why: "without compaction it grows by one record per Kafka transaction",
+        }),
+        // Review N9: a quiet slot's only record would expire, and with it
+        // what Kafka holds (exactly-once) and what a relay of ours confirmed.
+        Some(p) if has(&p, "delete") => Err(ProgressError::NotCompacted {
+            topic: topic.to_string(),
+            policy: p,
+            why: "with delete, a slot's only record expires after retention.ms while the outbox is quiet, and a restart then no longer knows what Kafka holds",
+        }),
         _ => Ok(()),
     }
 }
@@ -315,7 +337,10 @@ pub fn read_furthest(
                             reason,
                         }
                     })?;
-                    furthest = Some(furthest.map_or(p, |f| further(f, p)));
+                    furthest = Some(match furthest.take() {
+                        Some(f) => further(f, p),
+                        None => p,
+                    });
                 }
                 if m.offset() + 1 >= high {
                     break;
@@ -352,15 +377,17 @@ mod tests {
             }),
             timeline: Some(3),
             epoch: 2,
+            transactional_id: Some("outbox-relay-7312-outbox_relay".into()),
             confirmed: "16/B374D900".parse().unwrap(),
         };
-        assert_eq!(parse(&value(p, "7312", "outbox_relay")), Ok(p));
+        assert_eq!(parse(&value(&p, "7312", "outbox_relay")), Ok(p.clone()));
         let none_yet = Progress {
             commit_lsn: None,
             anchor: None,
-            ..p
+            transactional_id: None,
+            ..p.clone()
         };
-        assert_eq!(parse(&value(none_yet, "7312", "s")), Ok(none_yet));
+        assert_eq!(parse(&value(&none_yet, "7312", "s")), Ok(none_yet));
         // A record of a relay from before the history fields.
         let old = br#"{"commit_lsn":"0/10","confirmed":"0/20","system_id":"1","slot":"s"}"#;
         let old = parse(old).unwrap();
@@ -368,9 +395,13 @@ mod tests {
             (old.commit_lsn, old.anchor, old.timeline, old.epoch),
             (Some(Lsn(16)), None, None, 0)
         );
-        let later = Progress { epoch: 3, confirmed: Lsn(1), ..p };
-        assert_eq!(further(p, later), later);
-        assert_eq!(further(later, p), later);
+        let later = Progress {
+            epoch: 3,
+            confirmed: Lsn(1),
+            ..p.clone()
+        };
+        assert_eq!(further(p.clone(), later.clone()), later);
+        assert_eq!(further(later.clone(), p), later);
         assert!(parse(b"{}").is_err());
         assert!(parse(b"not json").is_err());
         assert_eq!(key("7312", "s"), b"7312/s".to_vec());
