@@ -145,7 +145,9 @@ pub async fn publish_tables(
     // The trigger first, then the tables as they exist once it is in place:
     // a table created in between is added by one or the other.
     if !patterns.is_empty() {
-        report.extend(ensure_pattern_publication(client, &cfg.publication, &patterns).await?);
+        let sections: Vec<&RouterConfig> =
+            cfg.tables.iter().filter(|t| t.table.is_pattern()).collect();
+        report.extend(ensure_pattern_publication(client, &cfg.publication, &sections).await?);
     }
     let now = crate::pg::catalog::expand_tables(client, &cfg.tables)
         .await
@@ -178,8 +180,9 @@ pub async fn publish_tables(
 pub async fn ensure_pattern_publication(
     client: &Client,
     publication: &str,
-    patterns: &[&TableName],
+    sections: &[&RouterConfig],
 ) -> Result<Vec<String>, SetupError> {
+    let patterns: &[&TableName] = &sections.iter().map(|s| &s.table).collect::<Vec<_>>();
     let mut lines = Vec::new();
     let via_root: Option<bool> = client
         .query_opt(
@@ -210,7 +213,7 @@ pub async fn ensure_pattern_publication(
             names(patterns)
         ));
     }
-    install_trigger(client, publication, patterns).await?;
+    install_trigger(client, publication, sections).await?;
     lines.push(format!(
         "event trigger {} adds each new table of {} to publication {publication} as it is created",
         crate::pg::publish_trigger::trigger_name(publication),
@@ -225,8 +228,15 @@ pub async fn ensure_pattern_publication(
 async fn install_trigger(
     client: &Client,
     publication: &str,
-    patterns: &[&TableName],
+    sections: &[&RouterConfig],
 ) -> Result<(), SetupError> {
+    let patterns: &[&TableName] = &sections.iter().map(|s| &s.table).collect::<Vec<_>>();
+    // Each pattern with the columns its section maps: the trigger publishes
+    // only a table that has them all.
+    let with_columns: Vec<(&TableName, Vec<String>)> = sections
+        .iter()
+        .map(|s| (&s.table, s.mapped_columns()))
+        .collect();
     use crate::pg::publish_trigger::{install_sql, owners_sql, schema_sql, trigger_name, SCHEMA};
     let failed = |e: tokio_postgres::Error| SetupError::Trigger {
         patterns: names(patterns),
@@ -256,7 +266,7 @@ async fn install_trigger(
             });
         }
         client
-            .batch_execute(&format!("{} COMMIT;", install_sql(publication, patterns)))
+            .batch_execute(&format!("{} COMMIT;", install_sql(publication, &with_columns)))
             .await
             .map_err(failed)
     };

@@ -209,7 +209,7 @@ pub struct Options {
     pub on_error: Option<Policy>,
 
     /// Per-kind policy KIND=POLICY (repeatable; kinds: key, event-id, topic,
-    /// too-large, payload-json, topic-missing, authorization).
+    /// too-large, payload-json, topic-missing, authorization, table-shape).
     #[arg(long, env = "OUTBOX_RELAY_ON_ERROR_OVERRIDE", value_delimiter = ',')]
     pub on_error_override: Option<Vec<String>>,
 

@@ -74,20 +74,48 @@ pub fn patterns_label(patterns: &[&TableName]) -> String {
 /// stand in for a catalog.
 /// Run it after [`owners_sql`] found nothing amiss, in the same transaction
 /// as the `CREATE SCHEMA IF NOT EXISTS` before that ([`schema_sql`]).
-pub fn install_sql(publication: &str, patterns: &[&TableName]) -> String {
+///
+/// Only a table its section can map is published (review N3): a regular,
+/// WAL-logged one (a temporary or unlogged table cannot be published, and
+/// adding it would make the tenant's own DDL fail) with every column the
+/// section names (`patterns`: each pattern with those columns, in section
+/// order, first match wins). Any other table is reported to whoever ran
+/// the DDL (a WARNING) and left out; adding the missing columns later
+/// (`ALTER TABLE`) publishes it then.
+pub fn install_sql(publication: &str, patterns: &[(&TableName, Vec<String>)]) -> String {
     let name = trigger_name(publication);
     let function = format!("{}.{}", quote_ident(SCHEMA), quote_ident(&name));
+    let matches = |p: &TableName| {
+        format!(
+            "(n.nspname LIKE {} AND c.relname = {})",
+            crate::pg::quote_literal(&p.schema_like()),
+            crate::pg::quote_literal(&p.name)
+        )
+    };
     let condition = patterns
         .iter()
-        .map(|p| {
+        .map(|(p, _)| matches(p))
+        .collect::<Vec<_>>()
+        .join(" OR ");
+    // The section's columns the table lacks, for the first section it
+    // matches; NULL when it has them all.
+    let missing = patterns
+        .iter()
+        .map(|(p, columns)| {
+            let list = columns
+                .iter()
+                .map(|c| crate::pg::quote_literal(c))
+                .collect::<Vec<_>>()
+                .join(", ");
             format!(
-                "(n.nspname LIKE {} AND c.relname = {})",
-                crate::pg::quote_literal(&p.schema_like()),
-                crate::pg::quote_literal(&p.name)
+                "WHEN {} THEN (SELECT pg_catalog.string_agg(col, ', ') FROM pg_catalog.unnest(ARRAY[{list}]::text[]) col
+                   WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+                                      WHERE a.attrelid = c.oid AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped))",
+                matches(p)
             )
         })
         .collect::<Vec<_>>()
-        .join(" OR ");
+        .join("\n                      ");
     format!(
         "CREATE OR REPLACE FUNCTION {function}() RETURNS event_trigger
            LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
@@ -95,7 +123,8 @@ pub fn install_sql(publication: &str, patterns: &[&TableName]) -> String {
            t record;
          BEGIN
            FOR t IN
-             SELECT DISTINCT c.oid, n.nspname, c.relname
+             SELECT DISTINCT c.oid, n.nspname, c.relname, c.relpersistence,
+                    CASE {missing} END AS missing
                FROM pg_catalog.pg_event_trigger_ddl_commands() d
                JOIN pg_catalog.pg_class c
                  ON (d.classid = 'pg_catalog.pg_class'::pg_catalog.regclass AND c.oid = d.objid)
@@ -104,6 +133,15 @@ pub fn install_sql(publication: &str, patterns: &[&TableName]) -> String {
               WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
                 AND ({condition})
            LOOP
+             IF t.relpersistence = 't' THEN
+               CONTINUE;
+             ELSIF t.relpersistence <> 'p' THEN
+               RAISE WARNING 'outbox-relay: %.% matches an outbox pattern but is unlogged, which a publication cannot hold: not published', t.nspname, t.relname;
+               CONTINUE;
+             ELSIF t.missing IS NOT NULL THEN
+               RAISE WARNING 'outbox-relay: %.% matches an outbox pattern but has no column %: not published (adding the columns publishes it)', t.nspname, t.relname, t.missing;
+               CONTINUE;
+             END IF;
              IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_publication_rel r
                               JOIN pg_catalog.pg_publication p ON p.oid = r.prpubid
                              WHERE p.pubname = {pub} AND r.prrelid = t.oid) THEN
@@ -123,7 +161,9 @@ pub fn install_sql(publication: &str, patterns: &[&TableName]) -> String {
         legacy = quote_ident(&name),
         pub = crate::pg::quote_literal(publication),
         trigger = quote_ident(&name),
-        label = crate::pg::quote_literal(&patterns_label(patterns)),
+        label = crate::pg::quote_literal(&patterns_label(
+            &patterns.iter().map(|(p, _)| *p).collect::<Vec<_>>()
+        )),
     )
 }
 
@@ -271,7 +311,7 @@ mod tests {
         assert_eq!(long.len(), 63);
         assert_ne!(long, trigger_name(&format!("{}b", "p".repeat(60))));
         let p = TableName::parse("tenant_*.outbox").unwrap();
-        let sql = install_sql("outbox_pub", &[&p]);
+        let sql = install_sql("outbox_pub", &[(&p, vec!["id".into(), "payload".into()])]);
         assert!(sql.contains("n.nspname LIKE  E'tenant\\\\_%'"), "{sql}");
         assert!(
             sql.contains(
@@ -294,7 +334,7 @@ mod tests {
         assert_eq!(label, "tenant_*.outbox");
         assert!(uncovered(&label, &[&a]).is_empty());
         assert_eq!(uncovered(&label, &[&a, &b]), ["other_*.outbox"]);
-        assert!(install_sql("p", &[&a]).contains("COMMENT ON EVENT TRIGGER"));
+        assert!(install_sql("p", &[(&a, vec!["id".into()])]).contains("COMMENT ON EVENT TRIGGER"));
     }
 
     #[test]

@@ -32,10 +32,14 @@ pub enum ErrorKind {
     TopicMissing,
     /// The relay may not write to the topic.
     Authorization,
+    /// A table a schema pattern matches whose columns do not fit its
+    /// section's mapping (review N3: one tenant's table, not the relay's
+    /// configuration).
+    TableShape,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 7] = [
+    pub const ALL: [ErrorKind; 8] = [
         ErrorKind::Key,
         ErrorKind::EventId,
         ErrorKind::Topic,
@@ -43,6 +47,7 @@ impl ErrorKind {
         ErrorKind::PayloadJson,
         ErrorKind::TopicMissing,
         ErrorKind::Authorization,
+        ErrorKind::TableShape,
     ];
 
     pub fn name(self) -> &'static str {
@@ -54,6 +59,7 @@ impl ErrorKind {
             ErrorKind::PayloadJson => "payload-json",
             ErrorKind::TopicMissing => "topic-missing",
             ErrorKind::Authorization => "authorization",
+            ErrorKind::TableShape => "table-shape",
         }
     }
 
@@ -71,6 +77,7 @@ impl ErrorKind {
             RouteError::InvalidJson { .. } | RouteError::BadBytea { .. } => {
                 Some(ErrorKind::PayloadJson)
             }
+            RouteError::Unfit { .. } => Some(ErrorKind::TableShape),
             _ => None,
         }
     }

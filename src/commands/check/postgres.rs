@@ -153,7 +153,7 @@ async fn outbox_table(client: &Client, mapping: &RouterConfig) -> (CheckResult, 
                 format!(
                     "{} has every configured column ({})",
                     mapping.table,
-                    referenced_columns(mapping).join(", ")
+                    mapping.mapped_columns().join(", ")
                 ),
             ),
             true,
@@ -172,17 +172,6 @@ async fn outbox_table(client: &Client, mapping: &RouterConfig) -> (CheckResult, 
             (CheckResult::fail("outbox table", e.to_string(), fix), false)
         }
     }
-}
-
-/// The configured columns, each once, in configuration order.
-pub(super) fn referenced_columns(mapping: &RouterConfig) -> Vec<String> {
-    let mut columns: Vec<String> = Vec::new();
-    for (c, _) in mapping.referenced_columns() {
-        if !columns.contains(&c) {
-            columns.push(c);
-        }
-    }
-    columns
 }
 
 pub(super) async fn wal_level(client: &Client) -> CheckResult {
@@ -416,7 +405,8 @@ async fn publication_columns(
     let Some(published) = covered.get::<_, Option<Vec<String>>>(0) else {
         return Ok(());
     };
-    let missing: Vec<String> = referenced_columns(mapping)
+    let missing: Vec<String> = mapping
+        .mapped_columns()
         .into_iter()
         .filter(|c| !published.contains(c))
         .collect();

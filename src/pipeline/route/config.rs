@@ -260,6 +260,17 @@ impl RouterConfig {
         }
         cols
     }
+
+    /// The configured columns, each once, in configuration order.
+    pub fn mapped_columns(&self) -> Vec<String> {
+        let mut columns: Vec<String> = Vec::new();
+        for (c, _) in self.referenced_columns() {
+            if !columns.contains(&c) {
+                columns.push(c);
+            }
+        }
+        columns
+    }
 }
 
 #[cfg(test)]

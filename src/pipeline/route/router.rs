@@ -97,6 +97,12 @@ pub enum RouteError {
         before: u32,
         after: u32,
     },
+    #[error("table {table} matches {pattern} but its rows cannot be mapped: {why}. One tenant's table stops no other: fix its shape, or take it out of the publication (ALTER PUBLICATION … DROP TABLE {table}) and publish its rows again once fixed; with --on-error-override table-shape=dead-letter its rows go to the dead-letter topic")]
+    Unfit {
+        table: String,
+        pattern: String,
+        why: String,
+    },
     #[error("an INSERT arrived for relation OID {0} before its Relation message")]
     UnknownRelation(u32),
     #[error("row of {table} has {got} columns but its Relation message announced {expected}")]
@@ -159,6 +165,15 @@ pub enum Routed {
 enum RelationPlan {
     Outbox(Plan),
     Other(Arc<str>),
+    /// A table a pattern matches that its section cannot map (review N3):
+    /// its rows are a routing error of that table, which the error policy
+    /// decides, not a halt of every table at its Relation message.
+    Unfit {
+        table: String,
+        pattern: String,
+        why: String,
+        columns: Vec<String>,
+    },
 }
 
 /// Type OIDs of the mapped columns as first seen, by (`schema.table`,
@@ -236,6 +251,28 @@ impl Router {
                 .insert(rel.oid, RelationPlan::Other(Arc::from(full_name)));
             return Ok(());
         };
+        if self.tables[which].table.is_pattern() {
+            if let Err(e) = self.plan(which, rel, &full_name) {
+                let pattern = self.tables[which].table.to_string();
+                tracing::warn!(table = %full_name, %pattern, error = %e, "a table of a schema pattern does not fit its section: its rows are routing errors of that table (the error policy's table-shape); the other tables go on");
+                self.relations.insert(
+                    rel.oid,
+                    RelationPlan::Unfit {
+                        table: full_name,
+                        pattern,
+                        why: e.to_string(),
+                        columns: rel.columns.iter().map(|c| c.name.clone()).collect(),
+                    },
+                );
+            }
+            return Ok(());
+        }
+        self.plan(which, rel, &full_name)
+    }
+
+    /// The plan of an outbox table's rows, recorded for its relation.
+    fn plan(&mut self, which: usize, rel: &Relation, full_name: &str) -> Result<(), RouteError> {
+        let full_name = full_name.to_string();
         let cfg = &self.tables[which];
         // Each configured column is looked up once: its position for the
         // plan, its type for the check against what earlier sessions saw (a
@@ -314,6 +351,15 @@ impl Router {
         let plan = match self.relations.get(&insert.relation_oid) {
             Some(RelationPlan::Outbox(p)) => p,
             Some(RelationPlan::Other(name)) => return Ok(Routed::OtherTable(name.clone())),
+            Some(RelationPlan::Unfit {
+                table, pattern, why, ..
+            }) => {
+                return Err(RouteError::Unfit {
+                    table: table.clone(),
+                    pattern: pattern.clone(),
+                    why: why.clone(),
+                })
+            }
             None => return Err(RouteError::UnknownRelation(insert.relation_oid)),
         };
         let cfg = &self.tables[plan.table];
@@ -462,8 +508,30 @@ impl Router {
     /// Whatever can be read from a row that failed to route, for its
     /// dead-letter record: raw values, no validation.
     pub fn salvage(&self, insert: &Insert) -> crate::pipeline::policy::Failed {
-        let Some(RelationPlan::Outbox(plan)) = self.relations.get(&insert.relation_oid) else {
-            return crate::pipeline::policy::Failed::default();
+        let plan = match self.relations.get(&insert.relation_oid) {
+            Some(RelationPlan::Outbox(plan)) => plan,
+            // The whole row, column by column, so that nothing of it is lost.
+            Some(RelationPlan::Unfit { table, columns, .. }) => {
+                let row: serde_json::Map<String, serde_json::Value> = columns
+                    .iter()
+                    .zip(insert.tuple.iter())
+                    .map(|(name, v)| {
+                        let v = match v {
+                            TupleValue::Text(b) | TupleValue::Binary(b) => {
+                                serde_json::Value::String(String::from_utf8_lossy(b).into_owned())
+                            }
+                            _ => serde_json::Value::Null,
+                        };
+                        (name.clone(), v)
+                    })
+                    .collect();
+                return crate::pipeline::policy::Failed {
+                    payload: Some(Bytes::from(serde_json::Value::Object(row).to_string())),
+                    intended_topic: format!("table {table}"),
+                    ..crate::pipeline::policy::Failed::default()
+                };
+            }
+            _ => return crate::pipeline::policy::Failed::default(),
         };
         let value = |i: usize| match insert.tuple.get(i) {
             Some(TupleValue::Text(b)) | Some(TupleValue::Binary(b)) => Some(b.clone()),
