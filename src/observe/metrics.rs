@@ -70,6 +70,8 @@ pub struct Metrics {
     pub slot_invalidation_seconds: Gauge,
     /// Heartbeats that failed or timed out.
     pub heartbeat_failures: Counter,
+    /// Tables the schema patterns stand for that the publication lacks.
+    pub unpublished_tables: Gauge,
     /// Streamed, uncommitted changes held in memory / spilled to disk.
     pub stream_buffer_bytes: Gauge,
     /// A counter over the process's life (each session has its own buffer).
@@ -213,6 +215,12 @@ impl Metrics {
         let slot_invalidation_seconds = Gauge::default();
         slot_invalidation_seconds.set(-1);
         let heartbeat_failures = Counter::default();
+        let unpublished_tables = Gauge::default();
+        registry.register(
+            "outbox_unpublished_tables",
+            "Tables a schema pattern stands for that the publication does not cover (setup's event trigger did not fire for them): their rows are never decoded. Checked every 30 s while the relay streams",
+            unpublished_tables.clone(),
+        );
         registry.register(
             "outbox_slot_safe_wal_bytes",
             "Bytes of WAL the server may still write before max_slot_wal_keep_size invalidates the slot (its safe_wal_size); -1 without a limit. Read over SQL every 5 s while the relay streams",
@@ -263,6 +271,7 @@ impl Metrics {
             slot_safe_wal_bytes,
             slot_invalidation_seconds,
             heartbeat_failures,
+            unpublished_tables,
             events_published,
             publish_errors,
             publish_duration,

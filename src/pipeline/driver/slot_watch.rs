@@ -1,10 +1,17 @@
-//! The slot's headroom while the relay streams (issue 25, "see it coming"):
-//! how many bytes of WAL, and at the current rate how many seconds, before
-//! the server invalidates the slot. Streaming alone keeps it far off; a
-//! relay that cannot deliver (Kafka down, a halt being looked at) holds the
-//! slot still while the database writes on, and this is what says how
-//! long that may last.
+//! What the running relay watches over SQL while it streams.
+//!
+//! The slot's headroom (issue 25, "see it coming"): how many bytes of WAL,
+//! and at the current rate how many seconds, before the server invalidates
+//! the slot. Streaming alone keeps it far off; a relay that cannot deliver
+//! (Kafka down, a halt being looked at) holds the slot still while the
+//! database writes on, and this is what says how long that may last.
+//!
+//! The schema patterns' tables the publication lacks (review N4): a tenant
+//! table created while setup's event trigger did not fire is never decoded;
+//! checked every `COVERAGE_EVERY`, counted and named in a WARN, without
+//! stopping the other tables.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,12 +25,16 @@ const EVERY: Duration = Duration::from_secs(5);
 const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Below this the relay warns (once until it is above again).
 const WARN_BELOW: Duration = Duration::from_secs(3600);
+/// How often the patterns' tables are checked against the publication.
+const COVERAGE_EVERY: Duration = Duration::from_secs(30);
 
 pub(super) async fn slot_watch(cfg: RelayConfig, metrics: Arc<Metrics>) {
     let mut client = None;
     let mut last: Option<(Lsn, Instant)> = None;
     let mut rate: Option<f64> = None;
     let mut warned = false;
+    let mut coverage_at: Option<Instant> = None;
+    let mut unpublished: HashSet<String> = HashSet::new();
     loop {
         if client.is_none() {
             match tokio::time::timeout(QUERY_TIMEOUT, crate::pg::sql::connect(&cfg.database)).await
@@ -82,6 +93,31 @@ pub(super) async fn slot_watch(cfg: RelayConfig, metrics: Arc<Metrics>) {
                 Err(_) => {
                     tracing::debug!("slot watch: no answer within {QUERY_TIMEOUT:?}; will reconnect");
                     client = None;
+                }
+            }
+        }
+        if let Some(c) = &client {
+            if coverage_at.is_none_or(|at| at.elapsed() >= COVERAGE_EVERY) {
+                coverage_at = Some(Instant::now());
+                let lacking = tokio::time::timeout(
+                    QUERY_TIMEOUT,
+                    crate::pg::catalog::unpublished_pattern_tables(c, &cfg.publication, &cfg.tables),
+                )
+                .await;
+                if let Ok(Ok(lacking)) = lacking {
+                    metrics.unpublished_tables.set(lacking.len() as i64);
+                    for table in &lacking {
+                        if !unpublished.contains(table) {
+                            tracing::warn!(
+                                %table,
+                                publication = %cfg.publication,
+                                "table {table} matches a schema pattern but publication {} does not cover it (setup's event trigger did not fire: session_replication_role = replica, a disabled trigger, event_triggers = off): its rows are never decoded. Add it (ALTER PUBLICATION {} ADD TABLE {table}), then publish again the rows written before that (operations §4)",
+                                cfg.publication,
+                                crate::pg::quote_ident(&cfg.publication),
+                            );
+                        }
+                    }
+                    unpublished = lacking.into_iter().collect();
                 }
             }
         }
