@@ -1146,3 +1146,97 @@ async fn a_moved_slot_while_kafka_is_unreachable_is_asked_again_not_a_stop() {
     a.terminate().await;
     db.drop().await;
 }
+
+/// Review N5: between START_REPLICATION and the session's first turn the
+/// relay may wait on Kafka (here: the slot found moved, and the progress
+/// topic unreachable, for up to 15 s). Status updates keep going out
+/// meanwhile (the server sees replies, so a relay with
+/// --terminate-stale-walsender sees a live holder), and a SIGTERM in that
+/// phase stops the relay at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_start_of_a_session_answers_the_server_and_a_stop() {
+    let _serial = SERIAL.lock().await;
+    let (db, slot) = outbox_db("fault_starting").await;
+    let listen = free_port();
+    let proxy = Proxy::start(format!("127.0.0.1:{listen}").parse().unwrap()).await;
+    let broker = Kafka::behind_proxy(listen, proxy.port).await;
+    let topic = unique("fault_starting");
+    create_topics(&broker.brokers(), &[&topic], 1).await;
+    let progress = unique("fault_starting_progress");
+    let args: Vec<String> = [
+        "--database-url",
+        &db.url,
+        "--kafka-brokers",
+        &broker.brokers(),
+        "--slot",
+        &slot,
+        "--topic",
+        &topic,
+        "--progress-topic",
+        &progress,
+        "--status-interval",
+        "1",
+        "--reconnect-max-backoff",
+        "1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let insert = |n: i64| {
+        format!("INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('T', 'a', '{{\"n\": {n}}}')")
+    };
+    let release = || async {
+        db.exec(&format!(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = '{slot}' AND active_pid IS NOT NULL"
+        ))
+        .await;
+        wait_until(Duration::from_secs(30), "the slot to be released", || async {
+            !db.slot_active(&slot).await
+        })
+        .await;
+    };
+    let mut a = Relay::start(&args);
+    db.exec(&insert(0)).await;
+    let end = db.current_wal_lsn().await;
+    db.wait_confirmed_by(&a, &slot, end, "A published the first").await;
+    a.signal("STOP");
+    release().await;
+    let mut b = Relay::start(&args);
+    db.exec(&insert(1)).await;
+    let end = db.current_wal_lsn().await;
+    db.wait_confirmed_by(&b, &slot, end, "B published the second").await;
+    b.terminate().await;
+
+    // A wakes with Kafka unreachable: its next session holds the slot and
+    // waits on the progress topic.
+    proxy.refuse_and_cut();
+    a.signal("CONT");
+    let replied = || async {
+        db.client
+            .query_opt(
+                "SELECT 1 FROM pg_stat_replication r JOIN pg_replication_slots s ON s.active_pid = r.pid
+                  WHERE s.slot_name = $1 AND r.reply_time > now() - interval '3 seconds'",
+                &[&slot],
+            )
+            .await
+            .unwrap()
+            .is_some()
+    };
+    wait_until(
+        Duration::from_secs(30),
+        "A's starting session to send status updates",
+        replied,
+    )
+    .await;
+    let asked = std::time::Instant::now();
+    a.signal("TERM");
+    let code = a.wait(Duration::from_secs(10)).await;
+    assert_eq!(code, Some(0), "A did not stop cleanly:\n{}", a.log_text());
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "the stop waited {:?} for the start to finish",
+        asked.elapsed()
+    );
+    proxy.set_mode(Mode::Pass);
+    db.drop().await;
+}

@@ -67,7 +67,21 @@ pub(super) async fn session(
     let mut state = State::new(cfg, slot.confirmed, protocol, (sink, acks), metrics, carry);
     let result = async {
         let found = slot.confirmed;
-        start_recording(cfg, &mut state, (&system_id, &history), resume, found, forked).await?;
+        let recording =
+            start_recording(cfg, &mut state, (&system_id, &history), resume, found, forked);
+        let started = while_starting(
+            recording,
+            &mut writer,
+            found,
+            status_interval,
+            shutdown.as_mut(),
+        )
+        .await?;
+        if !started {
+            state.metrics.set_stopping();
+            tracing::info!("shutting down before the session's first turn: nothing was published");
+            return Ok(());
+        }
         stream_loop(
             cfg,
             status_interval,
@@ -218,6 +232,31 @@ async fn start_recording(
     ));
     state.recorder = Some(recorder);
     Ok(())
+}
+
+/// Runs the session's start (`recording`: the transactional.id registered,
+/// the progress topic read, which Kafka may make take up to a minute) while
+/// the slot is already this session's: status updates keep going out at
+/// the position the slot was found at, so the server and a relay with
+/// --terminate-stale-walsender see a live client, and a stop is honoured at
+/// once (review N5). Returns false when stopped before it finished.
+async fn while_starting(
+    recording: impl Future<Output = Result<(), PipelineError>>,
+    writer: &mut ReplicationWriter,
+    found: Lsn,
+    status_interval: Duration,
+    mut shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Result<bool, PipelineError> {
+    tokio::pin!(recording);
+    let mut tick = tokio::time::interval((status_interval / 2).max(FEEDBACK_TICK));
+    loop {
+        tokio::select! {
+            biased;
+            () = &mut shutdown => return Ok(false),
+            done = &mut recording => return done.map(|()| true),
+            _ = tick.tick() => writer.send_status(found, false).await?,
+        }
+    }
 }
 
 /// A slot found past the position this process confirmed is fine when the
