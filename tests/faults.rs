@@ -1059,21 +1059,25 @@ async fn cluster_all_nodes_down_scenario(eos: bool) {
     db.drop().await;
 }
 
-/// Review N6: a relay that finds its slot moved on (a standby took over
-/// while it was frozen) at a moment when Kafka cannot be read is not
-/// stopped as if someone had moved the slot by hand: the progress topic
-/// cannot say yet, so the session ends and the next asks again; once Kafka
-/// answers, the record shows the move was a relay of ours and it goes on.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_moved_slot_while_kafka_is_unreachable_is_asked_again_not_a_stop() {
-    let _serial = SERIAL.lock().await;
-    let (db, slot) = outbox_db("fault_moved_unread").await;
+/// The stage of the moved-slot tests: relay A published ten events, froze
+/// while B took the slot over and moved it on with ten more, and B stopped.
+/// Kafka is a node of the test's own behind `proxy`, for A to wake to.
+struct MovedWhileFrozen {
+    db: TestDb,
+    slot: String,
+    proxy: Proxy,
+    _broker: Kafka,
+    a: Relay,
+}
+
+async fn moved_while_frozen(name: &str) -> MovedWhileFrozen {
+    let (db, slot) = outbox_db(name).await;
     let listen = free_port();
     let proxy = Proxy::start(format!("127.0.0.1:{listen}").parse().unwrap()).await;
     let broker = Kafka::behind_proxy(listen, proxy.port).await;
-    let topic = unique("fault_moved_unread");
+    let topic = unique(name);
     create_topics(&broker.brokers(), &[&topic], 1).await;
-    let progress = unique("fault_moved_progress");
+    let progress = unique("progress");
     let args: Vec<String> = [
         "--database-url",
         &db.url,
@@ -1093,39 +1097,58 @@ async fn a_moved_slot_while_kafka_is_unreachable_is_asked_again_not_a_stop() {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let write = |from: i64, to: i64| {
-        let db = &db;
-        async move {
-            for n in from..to {
-                db.exec(&format!(
-                    "INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('T', 'a', '{{\"n\": {n}}}')"
-                ))
-                .await;
-            }
-            db.current_wal_lsn().await
-        }
-    };
-    let release = || async {
-        db.exec(&format!(
-            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = '{slot}' AND active_pid IS NOT NULL"
-        ))
-        .await;
-        wait_until(Duration::from_secs(30), "the slot to be released", || async {
-            !db.slot_active(&slot).await
-        })
-        .await;
-    };
-
-    let mut a = Relay::start(&args);
-    let a_addr = a.http_address().await;
-    let end = write(0, 10).await;
+    let a = Relay::start(&args);
+    let end = write_numbered(&db, 0, 10).await;
     db.wait_confirmed_by(&a, &slot, end, "A published the first ten").await;
     a.signal("STOP");
-    release().await;
+    db.exec(&format!(
+        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = '{slot}' AND active_pid IS NOT NULL"
+    ))
+    .await;
+    wait_until(Duration::from_secs(30), "the slot to be released", || async {
+        !db.slot_active(&slot).await
+    })
+    .await;
     let mut b = Relay::start(&args);
-    let end = write(10, 20).await;
+    let end = write_numbered(&db, 10, 20).await;
     db.wait_confirmed_by(&b, &slot, end, "B published the next ten").await;
     b.terminate().await;
+    MovedWhileFrozen {
+        db,
+        slot,
+        proxy,
+        _broker: broker,
+        a,
+    }
+}
+
+/// One-event transactions numbered `from..to`; the WAL position after them.
+async fn write_numbered(db: &TestDb, from: i64, to: i64) -> Lsn {
+    for n in from..to {
+        db.exec(&format!(
+            "INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('T', 'a', '{{\"n\": {n}}}')"
+        ))
+        .await;
+    }
+    db.current_wal_lsn().await
+}
+
+/// Review N6: a relay that finds its slot moved on (a standby took over
+/// while it was frozen) at a moment when Kafka cannot be read is not
+/// stopped as if someone had moved the slot by hand: the progress topic
+/// cannot say yet, so the session ends and the next asks again; once Kafka
+/// answers, the record shows the move was a relay of ours and it goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_moved_slot_while_kafka_is_unreachable_is_asked_again_not_a_stop() {
+    let _serial = SERIAL.lock().await;
+    let MovedWhileFrozen {
+        db,
+        slot,
+        proxy,
+        _broker,
+        mut a,
+    } = moved_while_frozen("fault_moved_unread").await;
+    let a_addr = a.http_address().await;
 
     // Kafka unreachable as A wakes and finds the slot past where it left it.
     proxy.refuse_and_cut();
@@ -1138,7 +1161,7 @@ async fn a_moved_slot_while_kafka_is_unreachable_is_asked_again_not_a_stop() {
     .await;
     assert!(a.is_running(), "A stopped:\n{}", a.log_text());
     proxy.set_mode(Mode::Pass);
-    let end = write(20, 30).await;
+    let end = write_numbered(&db, 20, 30).await;
     db.wait_confirmed_by(&a, &slot, end, "A, Kafka back, to publish the last ten")
         .await;
     assert!(a.is_running(), "A stopped:\n{}", a.log_text());
@@ -1156,56 +1179,13 @@ async fn a_moved_slot_while_kafka_is_unreachable_is_asked_again_not_a_stop() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_start_of_a_session_answers_the_server_and_a_stop() {
     let _serial = SERIAL.lock().await;
-    let (db, slot) = outbox_db("fault_starting").await;
-    let listen = free_port();
-    let proxy = Proxy::start(format!("127.0.0.1:{listen}").parse().unwrap()).await;
-    let broker = Kafka::behind_proxy(listen, proxy.port).await;
-    let topic = unique("fault_starting");
-    create_topics(&broker.brokers(), &[&topic], 1).await;
-    let progress = unique("fault_starting_progress");
-    let args: Vec<String> = [
-        "--database-url",
-        &db.url,
-        "--kafka-brokers",
-        &broker.brokers(),
-        "--slot",
-        &slot,
-        "--topic",
-        &topic,
-        "--progress-topic",
-        &progress,
-        "--status-interval",
-        "1",
-        "--reconnect-max-backoff",
-        "1",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let insert = |n: i64| {
-        format!("INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('T', 'a', '{{\"n\": {n}}}')")
-    };
-    let release = || async {
-        db.exec(&format!(
-            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = '{slot}' AND active_pid IS NOT NULL"
-        ))
-        .await;
-        wait_until(Duration::from_secs(30), "the slot to be released", || async {
-            !db.slot_active(&slot).await
-        })
-        .await;
-    };
-    let mut a = Relay::start(&args);
-    db.exec(&insert(0)).await;
-    let end = db.current_wal_lsn().await;
-    db.wait_confirmed_by(&a, &slot, end, "A published the first").await;
-    a.signal("STOP");
-    release().await;
-    let mut b = Relay::start(&args);
-    db.exec(&insert(1)).await;
-    let end = db.current_wal_lsn().await;
-    db.wait_confirmed_by(&b, &slot, end, "B published the second").await;
-    b.terminate().await;
+    let MovedWhileFrozen {
+        db,
+        slot,
+        proxy,
+        _broker,
+        mut a,
+    } = moved_while_frozen("fault_starting").await;
 
     // A wakes with Kafka unreachable: its next session holds the slot and
     // waits on the progress topic.

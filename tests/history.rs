@@ -37,35 +37,6 @@ async fn write(client: &tokio_postgres::Client, from: i64, to: i64) -> Lsn {
     lsn.parse().unwrap()
 }
 
-async fn confirmed(client: &tokio_postgres::Client, slot: &str) -> Lsn {
-    let s: String = client
-        .query_one(
-            "SELECT coalesce(confirmed_flush_lsn::text, '0/0') FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    s.parse().unwrap()
-}
-
-async fn wait_confirmed(client: &tokio_postgres::Client, relay: &Relay, slot: &str, lsn: Lsn) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while confirmed(client, slot).await < lsn {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the slot never confirmed {lsn}; the relay's log:\n{}",
-            relay
-                .log_text()
-                .lines()
-                .filter(|l| !l.contains("DEBUG"))
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn copy_dir(from: &Path, to: &Path) {
     let ok = std::process::Command::new("cp")
         .arg("-a")
@@ -126,7 +97,7 @@ async fn restore_from_a_cold_copy(eos: bool, new: i64) {
     // is down, then a cold copy (the slot in it before those 30).
     let mut relay = Relay::start(&args);
     let end = write(&client, 0, 50).await;
-    wait_confirmed(&client, &relay, &slot, end).await;
+    wait_confirmed_by(&client, &relay, &slot, end, "every event confirmed").await;
     relay.terminate().await;
     write(&client, 50, 80).await;
     drop(client);
@@ -139,7 +110,7 @@ async fn restore_from_a_cold_copy(eos: bool, new: i64) {
     let client = sql_client(&url).await;
     let mut relay = Relay::start(&args);
     let end = write(&client, 80, 250).await;
-    wait_confirmed(&client, &relay, &slot, end).await;
+    wait_confirmed_by(&client, &relay, &slot, end, "every event confirmed").await;
     relay.terminate().await;
     drop(client);
 
@@ -153,7 +124,7 @@ async fn restore_from_a_cold_copy(eos: bool, new: i64) {
     let end = write(&client, 1000, 1000 + new).await;
 
     let mut relay = Relay::start(&args);
-    wait_confirmed(&client, &relay, &slot, end).await;
+    wait_confirmed_by(&client, &relay, &slot, end, "every event confirmed").await;
     let metrics = http_get(&relay.http_address().await, "/metrics").await.1;
     relay.terminate().await;
 
@@ -256,7 +227,7 @@ async fn exactly_once_after_an_asynchronous_promotion_publishes_the_new_primarys
     // that only the old primary ever had are published.
     let mut relay = Relay::start(&args(&primary_url));
     let end = write(&client, 0, 50).await;
-    wait_confirmed(&client, &relay, &slot, end).await;
+    wait_confirmed_by(&client, &relay, &slot, end, "every event confirmed").await;
     wait_for(
         &standby_client,
         &format!("SELECT pg_last_wal_replay_lsn() >= '{end}'"),
@@ -273,7 +244,7 @@ async fn exactly_once_after_an_asynchronous_promotion_publishes_the_new_primarys
     )
     .await;
     let end = write(&client, 50, 350).await;
-    wait_confirmed(&client, &relay, &slot, end).await;
+    wait_confirmed_by(&client, &relay, &slot, end, "every event confirmed").await;
     relay.terminate().await;
 
     // The primary is lost; the standby is promoted and given a new slot.
@@ -284,7 +255,7 @@ async fn exactly_once_after_an_asynchronous_promotion_publishes_the_new_primarys
     let end = write(&standby_client, 1000, 1100).await;
 
     let mut relay = Relay::start(&args(&standby_url));
-    wait_confirmed(&standby_client, &relay, &slot, end).await;
+    wait_confirmed_by(&standby_client, &relay, &slot, end, "every event confirmed").await;
     let metrics = http_get(&relay.http_address().await, "/metrics").await.1;
     relay.terminate().await;
 

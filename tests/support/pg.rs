@@ -71,15 +71,7 @@ impl TestDb {
     }
 
     pub async fn confirmed_flush_lsn(&self, slot: &str) -> Lsn {
-        let row = self
-            .client
-            .query_one(
-                "SELECT coalesce(confirmed_flush_lsn::text, '0/0') FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot],
-            )
-            .await
-            .unwrap();
-        row.get::<_, String>(0).parse().unwrap()
+        confirmed_flush_lsn(&self.client, slot).await
     }
 
     /// The walsender's sent position for the slot, if it is streaming.
@@ -172,20 +164,7 @@ impl TestDb {
         lsn: Lsn,
         what: &str,
     ) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while self.confirmed_flush_lsn(slot).await < lsn {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "timed out waiting for {what}; the relay's log:\n{}",
-                relay
-                    .log_text()
-                    .lines()
-                    .filter(|l| !l.contains("DEBUG"))
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_confirmed_by(&self.client, relay, slot, lsn, what).await
     }
 
     pub async fn drop(self) {
@@ -204,6 +183,43 @@ impl TestDb {
                 self.name
             ))
             .await;
+    }
+}
+
+/// The slot's confirmed_flush_lsn (0/0 when it has none), on any server.
+pub async fn confirmed_flush_lsn(client: &Client, slot: &str) -> Lsn {
+    let row = client
+        .query_one(
+            "SELECT coalesce(confirmed_flush_lsn::text, '0/0') FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .unwrap();
+    row.get::<_, String>(0).parse().unwrap()
+}
+
+/// Waits (60 s) until the slot confirmed `lsn`, on any server; on a timeout
+/// the relay's log without its DEBUG lines: what it did instead.
+pub async fn wait_confirmed_by(
+    client: &Client,
+    relay: &super::relay::Relay,
+    slot: &str,
+    lsn: Lsn,
+    what: &str,
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while confirmed_flush_lsn(client, slot).await < lsn {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}; the relay's log:\n{}",
+            relay
+                .log_text()
+                .lines()
+                .filter(|l| !l.contains("DEBUG"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

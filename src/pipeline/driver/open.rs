@@ -60,6 +60,25 @@ pub(super) async fn check_slot(
     })
 }
 
+/// Without a progress topic, a slot found past the position this process
+/// confirmed was moved by someone the relay cannot tell apart from a hand
+/// over unpublished events: stop. With one, the session judges the move
+/// once it has read the record (`session::moved_by_us`).
+fn refuse_moved_without_record(
+    cfg: &RelayConfig,
+    resume: Option<Lsn>,
+    found: Lsn,
+) -> Result<(), PipelineError> {
+    match resume.filter(|_| cfg.progress_topic.is_none()) {
+        Some(ours) if found > ours => Err(PipelineError::SlotMovedAhead {
+            slot: cfg.slot.clone(),
+            found,
+            ours,
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Whether the holder found on the second read is the one already ended
 /// (its walsender may linger a moment after pg_terminate_backend):
 /// START_REPLICATION then waits for it or fails as usual.
@@ -390,17 +409,7 @@ pub(super) async fn open(cfg: &RelayConfig, resume: Option<Lsn>) -> Result<Opene
         let history = server_history(&mut conn, system.timeline, system.xlogpos).await?;
         let slot = check_slot(&mut conn, &cfg.slot).await?;
         check_publication(&mut conn, cfg).await?;
-        // With a progress topic, that tells a move by a relay of ours from
-        // any other; the session checks it once it has read it.
-        if let Some(ours) = resume.filter(|_| cfg.progress_topic.is_none()) {
-            if slot.confirmed > ours {
-                return Err(PipelineError::SlotMovedAhead {
-                    slot: cfg.slot.clone(),
-                    found: slot.confirmed,
-                    ours,
-                });
-            }
-        }
+        refuse_moved_without_record(cfg, resume, slot.confirmed)?;
         let status_interval = match conn
             .show("wal_sender_timeout")
             .await
@@ -458,15 +467,7 @@ pub(super) async fn open(cfg: &RelayConfig, resume: Option<Lsn>) -> Result<Opene
                 active_pid: None,
             },
         };
-        if let Some(ours) = resume.filter(|_| cfg.progress_topic.is_none()) {
-            if slot.confirmed > ours {
-                return Err(PipelineError::SlotMovedAhead {
-                    slot: cfg.slot.clone(),
-                    found: slot.confirmed,
-                    ours,
-                });
-            }
-        }
+        refuse_moved_without_record(cfg, resume, slot.confirmed)?;
         tracing::info!(
             server_version,
             protocol,
