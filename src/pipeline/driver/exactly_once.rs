@@ -234,10 +234,7 @@ impl State {
     fn eos_fork_seen(&mut self, fork: Fork) {
         let doing = "exactly-once publishes every transaction after it";
         match self.recorder.as_mut() {
-            Some(r) => {
-                super::record::report_fork(&self.metrics, &r.slot, fork, doing);
-                r.new_history(self.resumed_from);
-            }
+            Some(r) => r.forked(&self.metrics, fork, self.resumed_from, doing),
             None => super::record::report_fork(&self.metrics, "", fork, doing),
         }
         if let Some(t) = self.eos.as_mut() {

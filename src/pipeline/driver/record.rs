@@ -19,7 +19,7 @@ use std::time::Instant;
 use crate::config::RelayConfig;
 use crate::lsn::Lsn;
 use crate::observe::metrics::Metrics;
-use crate::pipeline::history::{self, Anchor, Fork, ServerHistory};
+use crate::pipeline::history::{self, Anchor, Fork, Forked, Judged, ServerHistory};
 use crate::pipeline::sink::progress::{self, Progress, ProgressError};
 use crate::pipeline::sink::transactions::PROGRESS_TAG;
 use crate::pipeline::sink::Enqueued;
@@ -35,7 +35,7 @@ pub(super) struct Recorder {
     pub(super) topic: String,
     key: Vec<u8>,
     system_id: String,
-    pub(super) slot: String,
+    slot: String,
     /// The most that may be sent to Postgres: the last position recorded
     /// (or where the slot was when the session started).
     pub(super) recorded: Lsn,
@@ -230,28 +230,40 @@ impl Recorder {
         &self.key
     }
 
-    /// At-least-once publishes whatever the stream sends: a fork changes
-    /// nothing it does, but is said and counted, and the records start a
-    /// new epoch.
-    pub(super) fn judge_at_least_once(&mut self, metrics: &Metrics, slot: &str, found: Lsn) {
+    /// Judges the record read at the session's start against the server
+    /// (`pipeline::history`): a fork is said and counted, with what the
+    /// relay does about it (`doing`), and the records start a new epoch
+    /// whenever the record belongs to another history (`forked`: what an
+    /// earlier session of this process found, not counted again).
+    pub(super) fn judge(
+        &mut self,
+        metrics: &Metrics,
+        found: Lsn,
+        forked: Option<Forked>,
+        doing: &str,
+    ) -> Judged {
         let recorded = self.at_start.as_ref().map(Progress::recorded);
-        let judged = history::judge(recorded.as_ref(), &self.server, found, None);
-        if let Some(fork) = judged.fork {
-            report_fork(
-                metrics,
-                slot,
-                fork,
-                "at-least-once publishes everything the slot sends",
-            );
-            self.new_history(found);
+        let judged = history::judge(recorded.as_ref(), &self.server, found, forked);
+        match judged.fork {
+            Some(fork) => self.forked(metrics, fork, found, doing),
+            None if judged.again => self.new_history(found),
+            None => {}
         }
+        judged
+    }
+
+    /// A fork found (at the start or in the stream): said, counted, and the
+    /// records start a new history from `found`.
+    pub(super) fn forked(&mut self, metrics: &Metrics, fork: Fork, found: Lsn, doing: &str) {
+        report_fork(metrics, &self.slot, fork, doing);
+        self.new_history(found);
     }
 
     /// The record the session started from belongs to another history:
     /// nothing it says holds on this server. From now on the records say
     /// what this history has, from where the slot was found, under a new
     /// epoch (a record of the old history, further on, must not win).
-    pub(super) fn new_history(&mut self, found: Lsn) {
+    fn new_history(&mut self, found: Lsn) {
         self.epoch = self.at_start.as_ref().map_or(0, |p| p.epoch) + 1;
         self.recorded = found;
         self.commit_lsn = None;
@@ -311,7 +323,14 @@ impl State {
                 at_start.as_ref().map(|p| p.confirmed),
             )?;
             r.started(at_start);
-            r.judge_at_least_once(&self.metrics, &cfg.slot, reading.found);
+            // At-least-once publishes whatever the stream sends: a fork
+            // changes nothing it does, but is said and counted.
+            r.judge(
+                &self.metrics,
+                reading.found,
+                None,
+                "at-least-once publishes everything the slot sends",
+            );
         }
         // Written again now and then even when nothing moved: a stale
         // record of a woken relay may have come after ours, and compaction

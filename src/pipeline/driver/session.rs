@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crate::config::RelayConfig;
 use crate::lsn::Lsn;
 use crate::observe::metrics::Metrics;
-use crate::pipeline::history::{self, Forked, ServerHistory};
+use crate::pipeline::history::{Forked, ServerHistory};
 use crate::pipeline::sink::Prober;
 use crate::pipeline::source::{ReplicationMessage, ReplicationReader, ReplicationWriter};
 
@@ -181,7 +181,14 @@ async fn start_recording(
             )
             .await?;
             moved_by_us(cfg, resume, found, recorder.at_start.as_ref().map(|p| p.confirmed))?;
-            recorder.judge_at_least_once(&state.metrics, &cfg.slot, found);
+            // At-least-once publishes whatever the stream sends: a fork
+            // changes nothing it does, but is said and counted.
+            recorder.judge(
+                &state.metrics,
+                found,
+                None,
+                "at-least-once publishes everything the slot sends",
+            );
             state.recorder = Some(recorder);
             return Ok(());
         }
@@ -209,20 +216,15 @@ async fn start_recording(
     }
     recorder.transactional_id = Some(ours);
     moved_by_us(cfg, resume, found, recorder.at_start.as_ref().map(|p| p.confirmed))?;
-    let recorded = recorder.at_start.as_ref().map(|p| p.recorded());
-    let judged = history::judge(recorded.as_ref(), server, found, forked);
-    if let Some(fork) = judged.fork {
-        super::record::report_fork(
-            &state.metrics,
-            &cfg.slot,
-            fork,
-            "exactly-once publishes every transaction of the new history",
-        );
+    let judged = recorder.judge(
+        &state.metrics,
+        found,
+        forked,
+        "exactly-once publishes every transaction of the new history",
+    );
+    if judged.fork.is_some() {
         // Its notes name positions of the other history.
         state.refused = Default::default();
-    }
-    if judged.fork.is_some() || judged.again {
-        recorder.new_history(found);
     }
     state.eos = Some(Transactions::new(
         e,
