@@ -103,7 +103,15 @@ async fn the_role_script_never_logs_the_password() {
             }
         }
         let out = cmd
-            .args(["-X", "-v", "ON_ERROR_STOP=1", "-d", &cluster.url(user, None), "-f", script])
+            .args([
+                "-X",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-d",
+                &cluster.url(user, None),
+                "-f",
+                script,
+            ])
             .args(extra)
             .env("PGOPTIONS", pgoptions)
             .output()
@@ -130,14 +138,28 @@ async fn the_role_script_never_logs_the_password() {
         .expect("the role logs in with the password from PGOPTIONS");
 
     let (code, out) = psql("limited", &["-v", "relay_role=another_relay"], &with_secret);
-    assert_ne!(code, Some(0), "a role without CREATEROLE created one: {out}");
+    assert_ne!(
+        code,
+        Some(0),
+        "a role without CREATEROLE created one: {out}"
+    );
     assert!(!out.contains(SECRET), "psql showed the password: {out}");
 
     let (code, out) = psql("postgres", &["-v", &format!("relay_password={SECRET}")], "");
-    assert_ne!(code, Some(0), "a password in a psql variable was taken: {out}");
+    assert_ne!(
+        code,
+        Some(0),
+        "a password in a psql variable was taken: {out}"
+    );
     assert!(out.contains("PGOPTIONS"), "{out}");
 
     let log = cluster.log_text();
-    assert!(log.contains("CREATE ROLE") || log.contains("DO $$"), "statements are logged: {log}");
-    assert!(!log.contains(SECRET), "the server log holds the password:\n{log}");
+    assert!(
+        log.contains("CREATE ROLE") || log.contains("DO $$"),
+        "statements are logged: {log}"
+    );
+    assert!(
+        !log.contains(SECRET),
+        "the server log holds the password:\n{log}"
+    );
 }

@@ -1087,12 +1087,18 @@ async fn relays_with_different_transactional_ids_still_fence_each_other() {
         let at_freeze = db.current_wal_lsn().await;
         let frozen_at = Instant::now();
         active.signal("STOP");
-        db.exec(&format!("SELECT pg_terminate_backend({pid})")).await;
+        db.exec(&format!("SELECT pg_terminate_backend({pid})"))
+            .await;
         let next = Relay::start(&args(&format!("pod-{round}")));
         // The new relay confirms past where the frozen one stood: it has
         // published (again) whatever that one held open.
-        db.wait_confirmed_by(&next, &slot, at_freeze, "the relay that took over to go past the freeze")
-            .await;
+        db.wait_confirmed_by(
+            &next,
+            &slot,
+            at_freeze,
+            "the relay that took over to go past the freeze",
+        )
+        .await;
         // Frozen longer than --transaction-max-duration: woken, its first
         // turn commits what it held open, before it reads its dead socket.
         tokio::time::sleep(Duration::from_secs(6).saturating_sub(frozen_at.elapsed())).await;

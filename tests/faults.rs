@@ -1099,19 +1099,23 @@ async fn moved_while_frozen(name: &str) -> MovedWhileFrozen {
     .collect();
     let a = Relay::start(&args);
     let end = write_numbered(&db, 0, 10).await;
-    db.wait_confirmed_by(&a, &slot, end, "A published the first ten").await;
+    db.wait_confirmed_by(&a, &slot, end, "A published the first ten")
+        .await;
     a.signal("STOP");
     db.exec(&format!(
         "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = '{slot}' AND active_pid IS NOT NULL"
     ))
     .await;
-    wait_until(Duration::from_secs(30), "the slot to be released", || async {
-        !db.slot_active(&slot).await
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "the slot to be released",
+        || async { !db.slot_active(&slot).await },
+    )
     .await;
     let mut b = Relay::start(&args);
     let end = write_numbered(&db, 10, 20).await;
-    db.wait_confirmed_by(&b, &slot, end, "B published the next ten").await;
+    db.wait_confirmed_by(&b, &slot, end, "B published the next ten")
+        .await;
     b.terminate().await;
     MovedWhileFrozen {
         db,
@@ -1156,7 +1160,12 @@ async fn a_moved_slot_while_kafka_is_unreachable_is_asked_again_not_a_stop() {
     wait_until(
         Duration::from_secs(60),
         "A's session to end for the unreadable progress topic and start again",
-        || async { relay_metric(&a_addr, "outbox_reconnects_total").await.unwrap_or(0.0) >= 2.0 },
+        || async {
+            relay_metric(&a_addr, "outbox_reconnects_total")
+                .await
+                .unwrap_or(0.0)
+                >= 2.0
+        },
     )
     .await;
     assert!(a.is_running(), "A stopped:\n{}", a.log_text());

@@ -234,7 +234,10 @@ async fn exactly_once_after_an_asynchronous_promotion_publishes_the_new_primarys
         "the standby to replay the first 50",
     )
     .await;
-    for sql in ["ALTER SYSTEM SET primary_conninfo = ''", "SELECT pg_reload_conf()"] {
+    for sql in [
+        "ALTER SYSTEM SET primary_conninfo = ''",
+        "SELECT pg_reload_conf()",
+    ] {
         standby_client.batch_execute(sql).await.unwrap();
     }
     wait_for(
@@ -329,10 +332,20 @@ async fn the_time_left_before_the_slot_is_invalidated_is_shown() {
 
     let mut relay = Relay::start(&args);
     let addr = relay.http_address().await;
-    wait_until(Duration::from_secs(60), "the slot's headroom in the metrics", || async {
-        relay_metric(&addr, "outbox_slot_safe_wal_bytes").await.unwrap_or(-1.0) > 0.0
-            && relay_metric(&addr, "outbox_slot_invalidation_seconds").await.unwrap_or(-1.0) > 0.0
-    })
+    wait_until(
+        Duration::from_secs(60),
+        "the slot's headroom in the metrics",
+        || async {
+            relay_metric(&addr, "outbox_slot_safe_wal_bytes")
+                .await
+                .unwrap_or(-1.0)
+                > 0.0
+                && relay_metric(&addr, "outbox_slot_invalidation_seconds")
+                    .await
+                    .unwrap_or(-1.0)
+                    > 0.0
+        },
+    )
     .await;
     relay.terminate().await;
 
@@ -340,7 +353,8 @@ async fn the_time_left_before_the_slot_is_invalidated_is_shown() {
         let mut all: Vec<&str> = vec!["status", "--json"];
         all.extend(args.iter().map(String::as_str));
         let (_, out, err) = relay_cmd(&all);
-        serde_json::from_str::<serde_json::Value>(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"))
+        serde_json::from_str::<serde_json::Value>(&out)
+            .unwrap_or_else(|e| panic!("{e}: {out}{err}"))
     };
     let check_line = |args: &[String]| {
         let mut all: Vec<&str> = vec!["check"];

@@ -245,11 +245,7 @@ async fn a_slot_advanced_behind_the_relays_back_is_detected() {
     // exactly_once.rs covers that case with the broker up.
     let mut extra = topic_args(&prefix, &slot);
     extra.extend(["--progress-topic".to_string(), "off".to_string()]);
-    let mut relay = Relay::start(&args(
-        &db,
-        &format!("127.0.0.1:{}", free_port()),
-        &extra,
-    ));
+    let mut relay = Relay::start(&args(&db, &format!("127.0.0.1:{}", free_port()), &extra));
     db.wait_streaming(&slot).await;
     insert(&db, 5, "pending").await;
     let after = db.current_wal_lsn().await;

@@ -862,7 +862,8 @@ async fn a_wrong_shaped_tenant_stops_no_other() {
     let reason = letters[0].header("outbox.error").unwrap_or_default();
     assert!(reason.contains("tenant_zz.outbox"), "{reason}");
     assert!(
-        String::from_utf8_lossy(letters[0].payload.as_deref().unwrap_or_default()).contains("\"x\":\"2\""),
+        String::from_utf8_lossy(letters[0].payload.as_deref().unwrap_or_default())
+            .contains("\"x\":\"2\""),
         "the row itself is in the dead letter: {letters:?}"
     );
 }
@@ -902,9 +903,11 @@ async fn a_tenant_the_trigger_missed_is_reported_not_a_stop() {
     )
     .await;
     assert_eq!(published(&db).await, ["tenant_a.outbox"]);
-    wait_until(Duration::from_secs(60), "the missed tenant counted", || async {
-        relay_metric(&addr, "outbox_unpublished_tables").await == Some(1.0)
-    })
+    wait_until(
+        Duration::from_secs(60),
+        "the missed tenant counted",
+        || async { relay_metric(&addr, "outbox_unpublished_tables").await == Some(1.0) },
+    )
     .await;
     write_tenants(&db, &["tenant_a"], 0, 20).await;
     // A new session (its walsender ended) streams on as well.
@@ -914,8 +917,13 @@ async fn a_tenant_the_trigger_missed_is_reported_not_a_stop() {
     .await;
     write_tenants(&db, &["tenant_a"], 20, 40).await;
     let end = db.current_wal_lsn().await;
-    db.wait_confirmed_by(&relay, &slot, end, "tenant_a's rows confirmed across sessions")
-        .await;
+    db.wait_confirmed_by(
+        &relay,
+        &slot,
+        end,
+        "tenant_a's rows confirmed across sessions",
+    )
+    .await;
     assert!(relay.is_running(), "{}", relay.log_text());
 
     db.exec("ALTER PUBLICATION outbox_pub ADD TABLE tenant_q.outbox")
@@ -924,9 +932,11 @@ async fn a_tenant_the_trigger_missed_is_reported_not_a_stop() {
     let end = db.current_wal_lsn().await;
     db.wait_confirmed_by(&relay, &slot, end, "both tenants confirmed")
         .await;
-    wait_until(Duration::from_secs(60), "the tenant no longer counted", || async {
-        relay_metric(&addr, "outbox_unpublished_tables").await == Some(0.0)
-    })
+    wait_until(
+        Duration::from_secs(60),
+        "the tenant no longer counted",
+        || async { relay_metric(&addr, "outbox_unpublished_tables").await == Some(0.0) },
+    )
     .await;
     relay.terminate().await;
     for (tenant, rows) in [("tenant_a", 60), ("tenant_q", 20)] {

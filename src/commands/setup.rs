@@ -266,7 +266,10 @@ async fn install_trigger(
             });
         }
         client
-            .batch_execute(&format!("{} COMMIT;", install_sql(publication, &with_columns)))
+            .batch_execute(&format!(
+                "{} COMMIT;",
+                install_sql(publication, &with_columns)
+            ))
             .await
             .map_err(failed)
     };

@@ -208,9 +208,10 @@ pub async fn collect(client: &Client, cfg: &RelayConfig) -> Result<Status, Statu
     let left = match &headroom {
         // The WAL rate is worth a second only when a WAL limit applies.
         Some(h) if h.safe_wal_size.is_some() => {
-            let rate = crate::pg::slot_headroom::wal_rate(client, std::time::Duration::from_secs(1))
-                .await
-                .map_err(sql("sampling the WAL rate"))?;
+            let rate =
+                crate::pg::slot_headroom::wal_rate(client, std::time::Duration::from_secs(1))
+                    .await
+                    .map_err(sql("sampling the WAL rate"))?;
             h.time_left(rate)
         }
         Some(h) => h.time_left(None),
@@ -390,7 +391,11 @@ pub fn render_table(s: &Status) -> String {
         ));
         rows.push((
             "invalidated in",
-            match (&s.invalidation_reason, s.invalidation_in_s, &s.invalidated_by) {
+            match (
+                &s.invalidation_reason,
+                s.invalidation_in_s,
+                &s.invalidated_by,
+            ) {
                 (Some(r), _, _) => format!("already: {r}"),
                 (None, Some(secs), Some(by)) => format!(
                     "about {} ({by}, at the WAL rate of the last second)",

@@ -343,7 +343,12 @@ mod tests {
         let b = TableName::parse("other_*.outbox").unwrap();
         let row = |e: &str, l: &str| {
             Some(TriggerRow::from_fields(
-                [Some(e.to_string()), Some(l.to_string()), Some(String::new())].into_iter(),
+                [
+                    Some(e.to_string()),
+                    Some(l.to_string()),
+                    Some(String::new()),
+                ]
+                .into_iter(),
             ))
         };
         assert_eq!(problem(None, &[&a]), Some(TriggerProblem::Missing));
@@ -353,7 +358,9 @@ mod tests {
         };
         assert_eq!(
             problem(Some(hijackable), &[&a]),
-            Some(TriggerProblem::Unsafe("its function is owned by app".into()))
+            Some(TriggerProblem::Unsafe(
+                "its function is owned by app".into()
+            ))
         );
         assert_eq!(
             problem(row("D", "tenant_*.outbox"), &[&a]),

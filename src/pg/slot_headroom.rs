@@ -42,7 +42,10 @@ pub struct TimeLeft {
 
 impl Headroom {
     /// The slot's headroom; None when it does not exist.
-    pub async fn read(client: &Client, slot: &str) -> Result<Option<Headroom>, tokio_postgres::Error> {
+    pub async fn read(
+        client: &Client,
+        slot: &str,
+    ) -> Result<Option<Headroom>, tokio_postgres::Error> {
         let row = client
             .query_opt(
                 "SELECT to_jsonb(s)::text,
@@ -124,7 +127,10 @@ pub async fn current_wal(client: &Client) -> Result<Option<Lsn>, tokio_postgres:
 }
 
 /// Bytes of WAL written per second, sampled over `over`.
-pub async fn wal_rate(client: &Client, over: Duration) -> Result<Option<f64>, tokio_postgres::Error> {
+pub async fn wal_rate(
+    client: &Client,
+    over: Duration,
+) -> Result<Option<f64>, tokio_postgres::Error> {
     let Some(a) = current_wal(client).await? else {
         return Ok(None);
     };
@@ -197,7 +203,10 @@ mod tests {
     fn durations_read_as_people_say_them() {
         assert_eq!(humanize(Duration::from_secs(45)), "45 s");
         assert_eq!(humanize(Duration::from_secs(45 * 60)), "45 min");
-        assert_eq!(humanize(Duration::from_secs(3 * 3600 + 20 * 60)), "3 h 20 min");
+        assert_eq!(
+            humanize(Duration::from_secs(3 * 3600 + 20 * 60)),
+            "3 h 20 min"
+        );
         assert_eq!(humanize(Duration::from_secs(3 * 86_400)), "3 d 0 h");
     }
 }

@@ -87,7 +87,9 @@ impl ServerHistory {
             }
             let mut fields = line.split_whitespace();
             let (Some(tli), Some(at)) = (fields.next(), fields.next()) else {
-                return Err(format!("a line without a timeline and a position: {line:?}"));
+                return Err(format!(
+                    "a line without a timeline and a position: {line:?}"
+                ));
             };
             let tli = tli
                 .parse()
@@ -291,7 +293,10 @@ impl InKafka {
                     (Decision::Publish, None)
                 }
             }
-            InKafka::Older { until, commit_time: limit } => {
+            InKafka::Older {
+                until,
+                commit_time: limit,
+            } => {
                 let old = commit_lsn < *until && commit_time.is_some_and(|t| t <= *limit);
                 if old {
                     (Decision::InKafka, None)
@@ -398,13 +403,19 @@ mod tests {
         let mut k = j.in_kafka;
         assert!(k.holds());
         // Held until the anchor shows, then for good.
-        assert_eq!(k.decide(lsn("0/2000"), Some(800), Some(4_000)).0, Decision::InKafka);
+        assert_eq!(
+            k.decide(lsn("0/2000"), Some(800), Some(4_000)).0,
+            Decision::InKafka
+        );
         assert_eq!(
             k.decide(lsn("0/5000"), Some(900), Some(5_000)),
             (Decision::InKafka, None)
         );
         assert!(!k.holds());
-        assert_eq!(k.decide(lsn("0/6000"), Some(901), Some(6_000)).0, Decision::Publish);
+        assert_eq!(
+            k.decide(lsn("0/6000"), Some(901), Some(6_000)).0,
+            Decision::Publish
+        );
     }
 
     #[test]
@@ -418,8 +429,14 @@ mod tests {
             None,
         )
         .in_kafka;
-        assert_eq!(k.decide(lsn("0/2000"), Some(800), Some(4_000)).0, Decision::InKafka);
-        assert_eq!(k.decide(lsn("0/3500"), Some(801), Some(9_000)).0, Decision::InKafka);
+        assert_eq!(
+            k.decide(lsn("0/2000"), Some(800), Some(4_000)).0,
+            Decision::InKafka
+        );
+        assert_eq!(
+            k.decide(lsn("0/3500"), Some(801), Some(9_000)).0,
+            Decision::InKafka
+        );
         let (d, seen) = k.decide(lsn("0/5000"), Some(802), Some(9_500));
         let again = Forked {
             anchor: anchor("0/5000"),
@@ -436,9 +453,18 @@ mod tests {
         );
         assert_eq!((j.fork, j.again), (None, true));
         let mut k = j.in_kafka;
-        assert_eq!(k.decide(lsn("0/2000"), Some(800), Some(4_000)).0, Decision::InKafka);
-        assert_eq!(k.decide(lsn("0/3500"), Some(801), Some(9_000)).0, Decision::Publish);
-        assert_eq!(k.decide(lsn("0/4000"), Some(700), Some(1_000)).0, Decision::Publish);
+        assert_eq!(
+            k.decide(lsn("0/2000"), Some(800), Some(4_000)).0,
+            Decision::InKafka
+        );
+        assert_eq!(
+            k.decide(lsn("0/3500"), Some(801), Some(9_000)).0,
+            Decision::Publish
+        );
+        assert_eq!(
+            k.decide(lsn("0/4000"), Some(700), Some(1_000)).0,
+            Decision::Publish
+        );
     }
 
     #[test]
@@ -450,11 +476,17 @@ mod tests {
             None,
         )
         .in_kafka;
-        assert_eq!(k.decide(lsn("0/2000"), Some(800), Some(4_000)).0, Decision::InKafka);
+        assert_eq!(
+            k.decide(lsn("0/2000"), Some(800), Some(4_000)).0,
+            Decision::InKafka
+        );
         let (d, seen) = k.passed(lsn("0/6000")).unwrap();
         assert_eq!(d, None);
         assert_eq!(seen.fork, Fork::AtOrBefore(lsn("0/6000")));
-        assert_eq!(k.decide(lsn("0/7000"), Some(1), Some(1)).0, Decision::Publish);
+        assert_eq!(
+            k.decide(lsn("0/7000"), Some(1), Some(1)).0,
+            Decision::Publish
+        );
         assert!(!k.holds());
     }
 
@@ -469,10 +501,19 @@ mod tests {
         assert_eq!(j.fork, Some(Fork::AtOrBefore(lsn("0/3800"))));
         let mut k = j.in_kafka;
         assert!(!k.holds());
-        assert_eq!(k.decide(lsn("0/2000"), Some(800), Some(4_000)).0, Decision::InKafka);
-        assert_eq!(k.decide(lsn("0/3000"), Some(801), Some(9_000)).0, Decision::Publish);
+        assert_eq!(
+            k.decide(lsn("0/2000"), Some(800), Some(4_000)).0,
+            Decision::InKafka
+        );
+        assert_eq!(
+            k.decide(lsn("0/3000"), Some(801), Some(9_000)).0,
+            Decision::Publish
+        );
         // Once one is new, all after it are.
-        assert_eq!(k.decide(lsn("0/3100"), Some(2), Some(10)).0, Decision::Publish);
+        assert_eq!(
+            k.decide(lsn("0/3100"), Some(2), Some(10)).0,
+            Decision::Publish
+        );
     }
 
     #[test]
@@ -483,8 +524,14 @@ mod tests {
         let j = judge(Some(&record(1, "0/5000")), &s, lsn("0/1000"), None);
         assert_eq!(j.fork, Some(Fork::At(lsn("0/4000"))));
         let mut k = j.in_kafka;
-        assert_eq!(k.decide(lsn("0/3000"), Some(1), Some(9_999)).0, Decision::InKafka);
-        assert_eq!(k.decide(lsn("0/4000"), Some(2), Some(1)).0, Decision::Publish);
+        assert_eq!(
+            k.decide(lsn("0/3000"), Some(1), Some(9_999)).0,
+            Decision::InKafka
+        );
+        assert_eq!(
+            k.decide(lsn("0/4000"), Some(2), Some(1)).0,
+            Decision::Publish
+        );
         // Before the switch point the histories are one: no fork.
         let j = judge(Some(&record(1, "0/3000")), &s, lsn("0/1000"), None);
         assert_eq!(j.fork, None);
@@ -508,8 +555,14 @@ mod tests {
             confirmed: lsn("0/5000"),
         };
         let mut k = judge(Some(&old), &server(1, "0/9000", &[]), lsn("0/1000"), None).in_kafka;
-        assert_eq!(k.decide(lsn("0/5000"), Some(1), Some(1)).0, Decision::InKafka);
-        assert_eq!(k.decide(lsn("0/5001"), Some(1), Some(1)).0, Decision::Publish);
+        assert_eq!(
+            k.decide(lsn("0/5000"), Some(1), Some(1)).0,
+            Decision::InKafka
+        );
+        assert_eq!(
+            k.decide(lsn("0/5001"), Some(1), Some(1)).0,
+            Decision::Publish
+        );
         let j = judge(Some(&old), &server(1, "0/3000", &[]), lsn("0/1000"), None);
         assert_eq!(j.in_kafka, InKafka::Nothing);
         assert!(j.fork.is_some());

@@ -99,7 +99,9 @@ pub(super) async fn postgres_checks(client: &Client, cfg: &RelayConfig) -> Vec<C
 /// For schema patterns: setup's event trigger, without which a table
 /// created later is never in the publication.
 async fn publish_trigger(client: &Client, cfg: &RelayConfig) -> CheckResult {
-    use crate::pg::publish_trigger::{problem, state_sql, trigger_name, TriggerProblem, TriggerRow};
+    use crate::pg::publish_trigger::{
+        problem, state_sql, trigger_name, TriggerProblem, TriggerRow,
+    };
     const NAME: &str = "publication trigger";
     let trigger = trigger_name(&cfg.publication);
     let row = match client.simple_query(&state_sql(&cfg.publication)).await {

@@ -167,7 +167,12 @@ impl State {
         Ok(())
     }
 
-    fn on_begin(&mut self, final_lsn: Lsn, xid: u32, commit_time: i64) -> Result<(), PipelineError> {
+    fn on_begin(
+        &mut self,
+        final_lsn: Lsn,
+        xid: u32,
+        commit_time: i64,
+    ) -> Result<(), PipelineError> {
         self.commit_time = commit_time;
         let in_kafka = self.eos_begin(final_lsn, Some(xid), Some(commit_time))?;
         if !self.first_begin_seen && !in_kafka {

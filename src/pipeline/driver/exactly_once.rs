@@ -108,7 +108,11 @@ impl Transactions {
     /// the slot's progress record names) by registering it once: a relay of
     /// this slot given that id and frozen with a Kafka transaction open can
     /// then never commit it (review N7).
-    pub(super) async fn fence(cfg: &RelayConfig, theirs: &str, ours: &str) -> Result<(), PipelineError> {
+    pub(super) async fn fence(
+        cfg: &RelayConfig,
+        theirs: &str,
+        ours: &str,
+    ) -> Result<(), PipelineError> {
         tracing::warn!(
             fenced = theirs,
             ours,

@@ -130,7 +130,9 @@ async fn warn_if_no_trigger(
     conn: &mut ReplicationConnection,
     cfg: &RelayConfig,
 ) -> Result<(), PipelineError> {
-    use crate::pg::publish_trigger::{problem, state_sql, trigger_name, TriggerProblem, TriggerRow};
+    use crate::pg::publish_trigger::{
+        problem, state_sql, trigger_name, TriggerProblem, TriggerRow,
+    };
     let rows = conn.simple_query(&state_sql(&cfg.publication)).await?;
     let row = rows
         .into_iter()

@@ -16,9 +16,9 @@ use crate::pipeline::source::{ReplicationMessage, ReplicationReader, Replication
 use super::errors::PipelineError;
 use super::exactly_once::{commit_finished, Transactions};
 use super::heartbeat::heartbeat;
-use super::slot_watch::slot_watch;
 use super::open::{open, timed_out, Opened};
 use super::record::Recorder;
+use super::slot_watch::slot_watch;
 use super::state::State;
 use super::{Summary, FEEDBACK_TICK, READ_BURST, REPLAY_SLICE};
 
@@ -67,8 +67,14 @@ pub(super) async fn session(
     let mut state = State::new(cfg, slot.confirmed, protocol, (sink, acks), metrics, carry);
     let result = async {
         let found = slot.confirmed;
-        let recording =
-            start_recording(cfg, &mut state, (&system_id, &history), resume, found, forked);
+        let recording = start_recording(
+            cfg,
+            &mut state,
+            (&system_id, &history),
+            resume,
+            found,
+            forked,
+        );
         let started = while_starting(
             recording,
             &mut writer,
@@ -180,7 +186,12 @@ async fn start_recording(
                 std::time::Duration::from_secs(15),
             )
             .await?;
-            moved_by_us(cfg, resume, found, recorder.at_start.as_ref().map(|p| p.confirmed))?;
+            moved_by_us(
+                cfg,
+                resume,
+                found,
+                recorder.at_start.as_ref().map(|p| p.confirmed),
+            )?;
             // At-least-once publishes whatever the stream sends: a fork
             // changes nothing it does, but is said and counted.
             recorder.judge(
@@ -215,7 +226,12 @@ async fn start_recording(
         recorder = Recorder::start(cfg, topic, system_id, server, found).await?;
     }
     recorder.transactional_id = Some(ours);
-    moved_by_us(cfg, resume, found, recorder.at_start.as_ref().map(|p| p.confirmed))?;
+    moved_by_us(
+        cfg,
+        resume,
+        found,
+        recorder.at_start.as_ref().map(|p| p.confirmed),
+    )?;
     let judged = recorder.judge(
         &state.metrics,
         found,

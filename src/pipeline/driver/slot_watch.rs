@@ -91,7 +91,9 @@ pub(super) async fn slot_watch(cfg: RelayConfig, metrics: Arc<Metrics>) {
                     client = None;
                 }
                 Err(_) => {
-                    tracing::debug!("slot watch: no answer within {QUERY_TIMEOUT:?}; will reconnect");
+                    tracing::debug!(
+                        "slot watch: no answer within {QUERY_TIMEOUT:?}; will reconnect"
+                    );
                     client = None;
                 }
             }
@@ -101,7 +103,11 @@ pub(super) async fn slot_watch(cfg: RelayConfig, metrics: Arc<Metrics>) {
                 coverage_at = Some(Instant::now());
                 let lacking = tokio::time::timeout(
                     QUERY_TIMEOUT,
-                    crate::pg::catalog::unpublished_pattern_tables(c, &cfg.publication, &cfg.tables),
+                    crate::pg::catalog::unpublished_pattern_tables(
+                        c,
+                        &cfg.publication,
+                        &cfg.tables,
+                    ),
                 )
                 .await;
                 if let Ok(Ok(lacking)) = lacking {

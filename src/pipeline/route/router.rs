@@ -352,7 +352,10 @@ impl Router {
             Some(RelationPlan::Outbox(p)) => p,
             Some(RelationPlan::Other(name)) => return Ok(Routed::OtherTable(name.clone())),
             Some(RelationPlan::Unfit {
-                table, pattern, why, ..
+                table,
+                pattern,
+                why,
+                ..
             }) => {
                 return Err(RouteError::Unfit {
                     table: table.clone(),

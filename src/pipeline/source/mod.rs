@@ -329,7 +329,9 @@ impl ReplicationConnection {
     /// The history file of timeline `tli` (TIMELINE_HISTORY): each ancestor
     /// timeline and where it ended. Timeline 1 has none.
     pub async fn timeline_history(&mut self, tli: u32) -> Result<String, ReplicationError> {
-        let rows = self.simple_query(&format!("TIMELINE_HISTORY {tli}")).await?;
+        let rows = self
+            .simple_query(&format!("TIMELINE_HISTORY {tli}"))
+            .await?;
         rows.into_iter()
             .next()
             .and_then(|r| r.into_iter().nth(1).flatten())
