@@ -112,9 +112,14 @@ fn check_delivery(
         .collect();
     assert!(
         missing.is_empty(),
-        "{} events lost, first: id {}",
+        "{} events lost: {:?}; what the partitions hold:{}",
         missing.len(),
-        missing[0].id
+        missing
+            .iter()
+            .take(10)
+            .map(|e| (e.id, &e.event_id, &e.aggregate, &e.payload))
+            .collect::<Vec<_>>(),
+        offset_summary(records)
     );
     let dups = seen.values().filter(|&&n| n > 1).count();
     if !allow_duplicates {
@@ -385,7 +390,14 @@ async fn stop_and_restart(signal: &str) {
     let after = writer.await.unwrap();
     let expected = expected_rows(&db).await;
     assert_eq!(expected.len(), 1500);
-    let records = consume(&brokers(), &topics, 1500, Duration::from_secs(120)).await;
+    // What did arrive, even short of 1500: the check below names what is
+    // missing and where the partitions' offsets stand.
+    let records = consume_or_timeout(&brokers(), &topics, 1500, Duration::from_secs(120))
+        .await
+        .unwrap_or_else(|(why, records)| {
+            eprintln!("{why}");
+            records
+        });
     let dups = check_delivery(&expected, &records, &prefix, 3, signal == "KILL");
     // A repeat may only be an event of a transaction the slot had not
     // confirmed when the relay stopped: transactions whose commit ended

@@ -128,11 +128,56 @@ pub async fn consume(
     at_least: usize,
     timeout: Duration,
 ) -> Vec<Record> {
+    match consume_or_timeout(brokers, topics, at_least, timeout).await {
+        Ok(records) => records,
+        Err((why, _)) => panic!("{why}"),
+    }
+}
+
+/// [`consume`] that, on a timeout, hands back what did arrive with the
+/// reason, so a test can say which events are missing and whether the
+/// partitions' offsets have a hole (the reader skipped) or not (the broker
+/// never had them).
+pub async fn consume_or_timeout(
+    brokers: &str,
+    topics: &[String],
+    at_least: usize,
+    timeout: Duration,
+) -> Result<Vec<Record>, (String, Vec<Record>)> {
     let brokers = brokers.to_string();
     let topics = topics.to_vec();
     tokio::task::spawn_blocking(move || consume_blocking(&brokers, &topics, at_least, timeout))
         .await
         .unwrap()
+}
+
+/// Per partition: how many records were read, the offsets' range, and the
+/// holes in it (offsets never handed out: commit markers, or records the
+/// reader skipped).
+pub fn offset_summary(records: &[Record]) -> String {
+    let mut per: std::collections::BTreeMap<(&str, i32), Vec<i64>> = Default::default();
+    for r in records {
+        per.entry((&r.topic, r.partition))
+            .or_default()
+            .push(r.offset);
+    }
+    let mut out = String::new();
+    for ((t, p), mut offsets) in per {
+        offsets.sort_unstable();
+        let holes: Vec<i64> = offsets
+            .windows(2)
+            .filter(|w| w[1] > w[0] + 1)
+            .map(|w| w[0] + 1)
+            .collect();
+        out.push_str(&format!(
+            "\n  {t}[{p}]: {} records, offsets {}..={}, holes after {:?}",
+            offsets.len(),
+            offsets[0],
+            offsets[offsets.len() - 1],
+            holes
+        ));
+    }
+    out
 }
 
 /// [`consume`] of one topic of the shared broker, waiting up to 60 s.
@@ -151,7 +196,7 @@ fn consume_blocking(
     topics: &[String],
     at_least: usize,
     timeout: Duration,
-) -> Vec<Record> {
+) -> Result<Vec<Record>, (String, Vec<Record>)> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", unique("test"))
@@ -237,14 +282,16 @@ fn consume_blocking(
                 }
             }
             if !behind {
-                return records;
+                return Ok(records);
             }
         }
         if Instant::now() > deadline {
-            panic!(
-                "timed out after {timeout:?}: {} of at least {at_least} records read from {topics:?} (partitions known: {partitions:?})",
-                records.len()
+            let why = format!(
+                "timed out after {timeout:?}: {} of at least {at_least} records read from {topics:?} (partitions known: {partitions:?}){}",
+                records.len(),
+                offset_summary(&records)
             );
+            return Err((why, records));
         }
     }
 }
