@@ -6,3 +6,4 @@
 pub mod announce;
 pub mod http;
 pub mod metrics;
+pub mod progress_line;

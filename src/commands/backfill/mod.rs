@@ -26,25 +26,22 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use tokio_postgres::{Client, SimpleQueryMessage, SimpleQueryRow};
+use tokio_postgres::{Client, SimpleQueryMessage};
 
 use crate::config::{Options, RelayConfig};
 use crate::lsn::Lsn;
 use crate::pg::quote_ident;
 use crate::pg::sql::sql;
-use crate::pipeline::decode::pgoutput::{Column, Insert, Relation, TupleValue};
 use crate::pipeline::route::router::{Routed, Router, RouterConfig, TableName};
 use crate::pipeline::sink::KafkaSink;
+use crate::pipeline::source::table_rows::TableShape;
 
 mod mark;
-mod progress;
-mod publish;
 mod snapshot;
 
+use crate::observe::progress_line::ProgressLine;
+use crate::pipeline::sink::publisher::Publisher;
 use mark::mark_processed;
-use progress::Progress;
-use publish::Publisher;
 use snapshot::create_slot_with_snapshot;
 
 /// `outbox-relay backfill`: the relay's options plus the backfill's own.
@@ -128,52 +125,10 @@ pub struct Summary {
     pub elapsed: Duration,
 }
 
-/// A table column as pgoutput would describe it.
-struct TableColumn {
-    name: String,
-    type_oid: u32,
-    type_modifier: i32,
-    type_name: String,
-}
-
-/// The table's OID and its published columns, in table order (generated
-/// columns are left out, as pgoutput leaves them out).
-async fn table_columns(
-    client: &Client,
-    table: &TableName,
-) -> Result<(u32, Vec<TableColumn>), BackfillError> {
-    let rows = client
-        .query(
-            "SELECT c.oid, a.attname::text, a.atttypid, a.atttypmod,
-                    format_type(a.atttypid, a.atttypmod)
-               FROM pg_class c
-               JOIN pg_namespace n ON n.oid = c.relnamespace
-               JOIN pg_attribute a ON a.attrelid = c.oid
-              WHERE n.nspname = $1 AND c.relname = $2
-                AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
-              ORDER BY a.attnum",
-            &[&table.schema, &table.name],
-        )
-        .await
-        .map_err(sql(format!("reading the columns of {table}")))?;
-    let oid = rows.first().map(|r| r.get::<_, u32>(0)).unwrap_or(0);
-    let columns = rows
-        .iter()
-        .map(|r| TableColumn {
-            name: r.get(1),
-            type_oid: r.get(2),
-            type_modifier: r.get(3),
-            type_name: r.get(4),
-        })
-        .collect();
-    Ok((oid, columns))
-}
-
 /// What the checks before the slot found out about one table.
 struct Plan {
     table: TableName,
-    rel_oid: u32,
-    columns: Vec<TableColumn>,
+    shape: TableShape,
     /// Index of `--order-column` in `columns`.
     order_idx: usize,
     /// `FROM <table> WHERE (<pending condition>)`.
@@ -233,7 +188,7 @@ pub async fn run(
     for t in &tables {
         let plan = plan(&client, t, args).await?;
         router
-            .on_relation(&plan.relation())
+            .on_relation(&plan.shape.relation())
             .map_err(|e| BackfillError::Config(e.to_string()))?;
         plans.push(plan);
     }
@@ -302,7 +257,7 @@ pub async fn run(
             args.mark_processed,
             ack_timeout,
             cfg.max_inflight,
-            Progress::new(in_table, args.progress_every),
+            ProgressLine::new("backfill", in_table, args.progress_every),
         );
         publish_cursor(&client, args, plan, &mut router, &mut publisher)
             .await
@@ -326,7 +281,7 @@ pub async fn run(
     let marked = if args.mark_processed {
         let mut marked = 0;
         for (plan, done) in plans.iter().zip(&delivered) {
-            let order_type = &plan.columns[plan.order_idx].type_name;
+            let order_type = &plan.shape.columns[plan.order_idx].type_name;
             marked += mark_processed(&client, &plan.table, args, order_type, done, say).await?;
         }
         Some(marked)
@@ -353,22 +308,17 @@ async fn plan(
 ) -> Result<Plan, BackfillError> {
     let table = &mapping.table;
     crate::commands::setup::check_table(client, mapping).await?;
-    let (rel_oid, columns) = table_columns(client, table).await?;
-    let order_idx = columns
-        .iter()
-        .position(|c| c.name == args.order_column)
-        .ok_or_else(|| {
-            BackfillError::Config(format!(
-                "--order-column {} is not a column of {table}; its columns are: {}",
-                args.order_column,
-                columns
-                    .iter()
-                    .map(|c| c.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))
-        })?;
-    if args.mark_processed && !columns.iter().any(|c| c.name == args.processed_column) {
+    let shape = TableShape::read(client, table)
+        .await
+        .map_err(sql(format!("reading the columns of {table}")))?;
+    let order_idx = shape.position(&args.order_column).ok_or_else(|| {
+        BackfillError::Config(format!(
+            "--order-column {} is not a column of {table}; its columns are: {}",
+            args.order_column,
+            shape.names()
+        ))
+    })?;
+    if args.mark_processed && shape.position(&args.processed_column).is_none() {
         return Err(BackfillError::Config(format!(
             "--mark-processed: {table} has no column {} (set --processed-column)",
             args.processed_column
@@ -391,35 +341,11 @@ async fn plan(
         })?;
     Ok(Plan {
         table: table.clone(),
-        rel_oid,
-        columns,
+        shape,
         order_idx,
         from_where,
         order_col,
     })
-}
-
-impl Plan {
-    /// The table as pgoutput would describe it, for the router (which
-    /// refuses a shape it cannot route before anything exists).
-    fn relation(&self) -> Relation {
-        Relation {
-            oid: self.rel_oid,
-            namespace: self.table.schema.clone(),
-            name: self.table.name.clone(),
-            replica_identity: b'd',
-            columns: self
-                .columns
-                .iter()
-                .map(|c| Column {
-                    flags: 0,
-                    name: c.name.clone(),
-                    type_oid: c.type_oid,
-                    type_modifier: c.type_modifier,
-                })
-                .collect(),
-        }
-    }
 }
 
 /// Starts the transaction that reads every table in the slot's snapshot.
@@ -442,12 +368,11 @@ async fn open_cursor(client: &Client, plan: &Plan) -> Result<u64, String> {
         .await
         .map_err(|e| format!("counting the pending rows failed: {e}"))?
         .get(0);
-    let select: Vec<String> = plan.columns.iter().map(|c| quote_ident(&c.name)).collect();
     client
         .execute(
             &format!(
                 "DECLARE outbox_backfill NO SCROLL CURSOR FOR SELECT {} {from_where} ORDER BY {}",
-                select.join(", "),
+                plan.shape.select_list(),
                 plan.order_col
             ),
             &[],
@@ -479,7 +404,7 @@ async fn publish_cursor(
             };
             fetched += 1;
             let order_value = row.get(plan.order_idx).unwrap_or("NULL").to_string();
-            let rec = match router.route(&plan.insert(&row)) {
+            let rec = match router.route(&plan.shape.insert(&row)) {
                 Ok(Routed::Record(rec)) => rec,
                 // Backfill reads the outbox table itself: its relation is
                 // always the outbox.
@@ -499,22 +424,6 @@ async fn publish_cursor(
         }
         if fetched == 0 {
             return Ok(());
-        }
-    }
-}
-
-impl Plan {
-    /// A cursor row as the Insert pgoutput would have sent: text format is
-    /// each type's output function, which is what the walsender uses.
-    fn insert(&self, row: &SimpleQueryRow) -> Insert {
-        Insert {
-            relation_oid: self.rel_oid,
-            tuple: (0..self.columns.len())
-                .map(|i| match row.get(i) {
-                    Some(v) => TupleValue::Text(Bytes::copy_from_slice(v.as_bytes())),
-                    None => TupleValue::Null,
-                })
-                .collect(),
         }
     }
 }

@@ -4,7 +4,6 @@
 
 use crate::config::RelayConfig;
 use crate::lsn::Lsn;
-use crate::pg::quote_ident;
 use crate::pipeline::source::{ConnectParams, ReplicationConnection};
 
 use super::BackfillError;
@@ -26,33 +25,15 @@ pub(super) async fn create_slot_with_snapshot(
                 slot: slot.clone(),
                 reason: e.to_string(),
             })?;
-    // The pre-15 spelling: accepted by PostgreSQL 14 to 18.
-    let created = repl
-        .simple_query(&format!(
-            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
-            quote_ident(&slot)
-        ))
-        .await;
-    let row = match created {
-        Ok(rows) => rows.into_iter().next().unwrap_or_default(),
-        Err(e) if e.sqlstate() == Some("42710") => {
-            return Err(BackfillError::SlotExists {
-                slot,
-                confirmed: "-".into(),
-            })
-        }
-        Err(e) => {
-            return Err(BackfillError::CreateSlot {
-                slot,
-                reason: e.to_string(),
-            })
-        }
-    };
-    let field = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
-    let consistent_point: Lsn = field(1).parse().map_err(|e| BackfillError::CreateSlot {
-        slot: slot.clone(),
-        reason: format!("unexpected answer to CREATE_REPLICATION_SLOT: {e}"),
-    })?;
-    let snapshot = field(2);
-    Ok((repl, consistent_point, snapshot))
+    match repl.create_slot_exporting_snapshot(&slot).await {
+        Ok((consistent_point, snapshot)) => Ok((repl, consistent_point, snapshot)),
+        Err(e) if e.sqlstate() == Some("42710") => Err(BackfillError::SlotExists {
+            slot,
+            confirmed: "-".into(),
+        }),
+        Err(e) => Err(BackfillError::CreateSlot {
+            slot,
+            reason: e.to_string(),
+        }),
+    }
 }

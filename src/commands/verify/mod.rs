@@ -26,8 +26,6 @@
 use std::path::Path;
 use std::time::Duration;
 
-use rdkafka::error::KafkaError;
-
 use crate::config::{Options, RelayConfig};
 use crate::pipeline::route::router::RouterConfig;
 
@@ -36,12 +34,13 @@ mod outbox;
 mod report;
 #[cfg(test)]
 mod tests;
-mod topics;
 
+pub use crate::pipeline::sink::read_back::{
+    read_topics, KafkaRecord, ReadBackError, Snapshot, TopicSelection,
+};
 pub use compare::compare;
 pub use outbox::*;
 pub use report::*;
-pub use topics::*;
 
 /// `outbox-relay verify`: the relay's own options plus the checker's.
 #[derive(Debug, Clone, clap::Args)]
@@ -120,21 +119,10 @@ pub enum VerifyError {
         option: &'static str,
         existing: String,
     },
-    #[error("Kafka: {what}: {source}")]
-    Kafka {
-        what: String,
-        #[source]
-        source: KafkaError,
-    },
-    #[error("reading the topics up to their high watermarks took longer than {timeout:?}; still behind: {behind}")]
-    ReadTimeout { timeout: Duration, behind: String },
+    #[error(transparent)]
+    ReadBack(#[from] ReadBackError),
     #[error("the Kafka reader task failed: {0}")]
     Task(String),
-}
-
-fn kafka(what: impl Into<String>) -> impl FnOnce(KafkaError) -> VerifyError {
-    let what = what.into();
-    move |source| VerifyError::Kafka { what, source }
 }
 
 /// Runs the whole check: the table first, then the topics up to the high
@@ -192,10 +180,11 @@ async fn verify_table(
     let brokers = cfg.kafka_brokers.clone();
     let props = cfg.kafka_properties.clone();
     let timeout = settings.read_timeout;
-    let snapshot =
-        tokio::task::spawn_blocking(move || read_topics(&brokers, &props, &selection, timeout))
-            .await
-            .map_err(|e| VerifyError::Task(e.to_string()))??;
+    let snapshot = tokio::task::spawn_blocking(move || {
+        read_topics(&brokers, &props, &selection, None, timeout)
+    })
+    .await
+    .map_err(|e| VerifyError::Task(e.to_string()))??;
     let mut report = compare(&outbox, &snapshot, &settings.order, settings.max_examples);
     if outbox.rows.is_empty() && template.fixed().is_none() {
         report.notes.push(format!(

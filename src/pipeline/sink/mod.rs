@@ -99,6 +99,8 @@ const REQUIRED: &[(&str, &str, &str)] = &[
 pub mod client;
 pub mod inflight;
 pub mod progress;
+pub mod publisher;
+pub mod read_back;
 pub mod transactions;
 
 const ALIASES: &[(&str, &str)] = &[

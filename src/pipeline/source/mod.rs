@@ -26,6 +26,7 @@ mod auth;
 mod codec;
 mod params;
 mod stream;
+pub mod table_rows;
 #[cfg(test)]
 mod tests;
 mod tls;
@@ -324,6 +325,31 @@ impl ReplicationConnection {
             xlogpos,
             dbname: field(3),
         })
+    }
+
+    /// Creates the logical slot `slot` (pgoutput) and exports a snapshot
+    /// that sees exactly the transactions committed before the slot's
+    /// consistent point, where its stream begins. The snapshot lives while
+    /// this connection stays open and runs nothing else. Returns the
+    /// consistent point and the snapshot's name. A slot that exists already
+    /// fails with SQLSTATE 42710.
+    pub async fn create_slot_exporting_snapshot(
+        &mut self,
+        slot: &str,
+    ) -> Result<(Lsn, String), ReplicationError> {
+        // The pre-15 spelling: accepted by PostgreSQL 14 to 18.
+        let rows = self
+            .simple_query(&format!(
+                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
+                crate::pg::quote_ident(slot)
+            ))
+            .await?;
+        let row = rows.into_iter().next().unwrap_or_default();
+        let field = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+        let consistent_point = field(1).parse().map_err(|e| {
+            ReplicationError::Protocol(format!("unexpected answer to CREATE_REPLICATION_SLOT: {e}"))
+        })?;
+        Ok((consistent_point, field(2)))
     }
 
     /// The history file of timeline `tli` (TIMELINE_HISTORY): each ancestor

@@ -1,21 +1,22 @@
-//! Publishing the snapshot's rows: each routed record goes to the producer
-//! with at most `--max-inflight` unacknowledged, and every delivery report is
-//! checked. It keeps its records in flight in the pipeline's [`InFlight`]
-//! tracker, but unlike the pipeline it has no slot position to hold back: a
-//! failed report aborts the backfill, and the cutover is redone.
-//! Owns the producer and its reports; never touches Postgres.
+//! Publishing rows read from the table itself (`backfill`, `recover`): each
+//! routed record goes to the producer with at most `--max-inflight`
+//! unacknowledged, and every delivery report is checked. It keeps its
+//! records in flight in the pipeline's [`InFlight`] tracker, but unlike the
+//! pipeline it has no slot position to hold back: a failed report aborts the
+//! command, which is then run again. Owns the producer and its reports;
+//! never touches Postgres.
 
 use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use crate::observe::progress_line::ProgressLine;
 use crate::pipeline::route::router::OutboxRecord;
 use crate::pipeline::sink::inflight::InFlight;
+use crate::pipeline::sink::transactions::PROGRESS_TAG;
 use crate::pipeline::sink::{Ack, Enqueued, KafkaSink};
 
-use super::progress::Progress;
-
-pub(super) struct Publisher<'a> {
+pub struct Publisher<'a> {
     sink: KafkaSink,
     acks: mpsc::UnboundedReceiver<Ack>,
     /// The order value of each record in flight, for errors and
@@ -27,11 +28,13 @@ pub(super) struct Publisher<'a> {
     ack_timeout: Duration,
     max_inflight: u64,
     acked: u64,
-    progress: Progress,
+    progress: ProgressLine,
+    /// The progress record's report, once it came.
+    recorded: bool,
 }
 
-/// What the backfill published, once every report is in.
-pub(super) struct Published {
+/// What was published, once every report is in.
+pub struct Published {
     pub acked: u64,
     /// Order values of every acknowledged row (empty unless kept).
     pub delivered: Vec<String>,
@@ -39,13 +42,13 @@ pub(super) struct Published {
 
 impl<'a> Publisher<'a> {
     /// `keep_delivered`: remember every acknowledged row's order value.
-    pub(super) fn new(
+    pub fn new(
         (sink, acks): (KafkaSink, mpsc::UnboundedReceiver<Ack>),
         order_column: &'a str,
         keep_delivered: bool,
         ack_timeout: Duration,
         max_inflight: u64,
-        progress: Progress,
+        progress: ProgressLine,
     ) -> Self {
         Publisher {
             sink,
@@ -57,17 +60,14 @@ impl<'a> Publisher<'a> {
             max_inflight: max_inflight.max(1),
             acked: 0,
             progress,
+            recorded: false,
         }
     }
 
     /// Hands `rec` to the producer, first waiting for reports while the
     /// in-flight limit or librdkafka's queue is full; then takes the reports
     /// that already arrived, without waiting.
-    pub(super) async fn publish(
-        &mut self,
-        rec: &OutboxRecord,
-        order_value: String,
-    ) -> Result<(), String> {
+    pub async fn publish(&mut self, rec: &OutboxRecord, order_value: String) -> Result<(), String> {
         while self.in_flight.len() as u64 >= self.max_inflight {
             self.wait_ack().await?;
         }
@@ -95,11 +95,39 @@ impl<'a> Publisher<'a> {
         Ok(())
     }
 
+    /// The producer, for a transaction's begin and commit around the
+    /// records.
+    pub fn sink(&self) -> &KafkaSink {
+        &self.sink
+    }
+
     /// Waits for every report still due.
-    pub(super) async fn finish(mut self) -> Result<Published, String> {
+    pub async fn settle(&mut self) -> Result<(), String> {
         while !self.in_flight.is_empty() {
             self.wait_ack().await?;
         }
+        Ok(())
+    }
+
+    /// Writes a progress record (`sink::progress`) and waits for its report.
+    pub async fn record(&mut self, topic: &str, key: &[u8], value: &[u8]) -> Result<(), String> {
+        self.recorded = false;
+        while !matches!(
+            self.sink.enqueue_progress(topic, key, value),
+            Ok(Enqueued::Yes)
+        ) {
+            self.settle().await?;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        while !self.recorded {
+            self.wait_ack().await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for every report still due.
+    pub async fn finish(mut self) -> Result<Published, String> {
+        self.settle().await?;
         self.progress.finish(self.acked);
         Ok(Published {
             acked: self.acked,
@@ -128,6 +156,12 @@ impl<'a> Publisher<'a> {
 
     /// One report, whether waited for or already there: a failure aborts.
     fn on_ack(&mut self, ack: Ack) -> Result<(), String> {
+        if ack.tag == PROGRESS_TAG {
+            ack.result
+                .map_err(|e| format!("writing the progress record failed: {e}"))?;
+            self.recorded = true;
+            return Ok(());
+        }
         let value = self.in_flight.take(ack.tag).unwrap_or_default();
         if let Err(e) = ack.result {
             return Err(format!(

@@ -1,17 +1,38 @@
-//! The Kafka side: every record of the routed topics, from each partition's
-//! low watermark to the high watermark captured before reading.
+//! Reading back what the relay published: every record of the routed
+//! topics, from each partition's start (or the first record at or after a
+//! time) to the high watermark captured before reading. `verify` compares it
+//! with the outbox table; `recover` publishes only what it lacks.
+//!
+//! The reader is read_committed: records of an open or aborted Kafka
+//! transaction are not "in Kafka" for a consumer, so they are not here.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use crate::pipeline::sink::client::client_config;
+use super::client::client_config;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
-use super::*;
 use crate::pipeline::route::router::TopicTemplate;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadBackError {
+    #[error("Kafka: {what}: {source}")]
+    Kafka {
+        what: String,
+        #[source]
+        source: KafkaError,
+    },
+    #[error("reading the topics up to their high watermarks took longer than {timeout:?}; still behind: {behind}")]
+    ReadTimeout { timeout: Duration, behind: String },
+}
+
+fn kafka(what: impl Into<String>) -> impl FnOnce(KafkaError) -> ReadBackError {
+    let what = what.into();
+    move |source| ReadBackError::Kafka { what, source }
+}
 
 /// One record read from Kafka.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,11 +59,11 @@ impl KafkaRecord {
             .map(|v| String::from_utf8_lossy(v).into_owned())
     }
 
-    pub(super) fn location(&self) -> String {
+    pub fn location(&self) -> String {
         format!("{}[{}]@{}", self.topic, self.partition, self.offset)
     }
 
-    pub(super) fn same_content(&self, other: &KafkaRecord) -> bool {
+    pub fn same_content(&self, other: &KafkaRecord) -> bool {
         self.topic == other.topic
             && self.key == other.key
             && self.payload == other.payload
@@ -68,17 +89,20 @@ pub enum TopicSelection {
     Matching(TopicTemplate),
 }
 
-/// Reads every record of the topics, from each partition's start to the high
-/// watermark captured before reading. Blocking.
+/// Reads every record of the topics, from each partition's start (with
+/// `since`, ms since the epoch: from its first record with a timestamp at or
+/// after it) to the high watermark captured before reading. Blocking.
 pub fn read_topics(
     brokers: &str,
     properties: &[(String, String)],
     selection: &TopicSelection,
+    since: Option<i64>,
     timeout: Duration,
-) -> Result<Snapshot, VerifyError> {
+) -> Result<Snapshot, ReadBackError> {
     let consumer: BaseConsumer = client_config(brokers, "outbox-relay-verify", &[], properties)
         // Required by librdkafka for a consumer; nothing is ever committed.
         .set("group.id", "outbox-relay-verify")
+        .set("isolation.level", "read_committed")
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "true")
@@ -95,7 +119,7 @@ pub fn read_topics(
         .map(|t| (t.name(), t.partitions().iter().map(|p| p.id()).collect()))
         .collect();
     let (topics, absent_topics) = select_topics(&on_broker, selection);
-    let mut ends = Ends::capture(&consumer, &topics, &on_broker)?;
+    let mut ends = Ends::capture(&consumer, &topics, &on_broker, since)?;
     let records = ends.read(&consumer, timeout)?;
     Ok(Snapshot {
         topics,
@@ -138,12 +162,13 @@ struct Ends {
 
 impl Ends {
     /// Captures the watermarks and assigns every non-empty partition from
-    /// its low watermark.
+    /// its low watermark, or from the offset of `since`.
     fn capture(
         consumer: &BaseConsumer,
         topics: &[String],
         on_broker: &HashMap<&str, Vec<i32>>,
-    ) -> Result<Ends, VerifyError> {
+        since: Option<i64>,
+    ) -> Result<Ends, ReadBackError> {
         let mut ends = Ends {
             high: HashMap::new(),
             pending: HashSet::new(),
@@ -164,10 +189,47 @@ impl Ends {
                 }
             }
         }
+        if let (Some(ms), false) = (since, ends.pending.is_empty()) {
+            // A partition with nothing at or after the time is read already.
+            for tp in Self::from_time(consumer, &tpl, ms)? {
+                ends.pending.remove(&tp);
+            }
+            return Ok(ends);
+        }
         if !ends.pending.is_empty() {
             consumer.assign(&tpl).map_err(kafka("assigning"))?;
         }
         Ok(ends)
+    }
+
+    /// Reassigns the partitions of `tpl` from their first records at or
+    /// after `ms`; returns the partitions that have none.
+    fn from_time(
+        consumer: &BaseConsumer,
+        tpl: &TopicPartitionList,
+        ms: i64,
+    ) -> Result<Vec<(String, i32)>, ReadBackError> {
+        let mut asked = TopicPartitionList::new();
+        for e in tpl.elements() {
+            asked
+                .add_partition_offset(e.topic(), e.partition(), Offset::Offset(ms))
+                .map_err(kafka("asking offsets for a time"))?;
+        }
+        let found = consumer
+            .offsets_for_times(asked, Duration::from_secs(10))
+            .map_err(kafka("offsets for a time"))?;
+        let mut assign = TopicPartitionList::new();
+        let mut none = Vec::new();
+        for e in found.elements() {
+            match e.offset() {
+                Offset::Offset(o) if o >= 0 => assign
+                    .add_partition_offset(e.topic(), e.partition(), Offset::Offset(o))
+                    .map_err(kafka("assigning"))?,
+                _ => none.push((e.topic().to_string(), e.partition())),
+            }
+        }
+        consumer.assign(&assign).map_err(kafka("assigning"))?;
+        Ok(none)
     }
 
     /// Polls until every partition reached its end, or `timeout`.
@@ -175,7 +237,7 @@ impl Ends {
         &mut self,
         consumer: &BaseConsumer,
         timeout: Duration,
-    ) -> Result<Vec<KafkaRecord>, VerifyError> {
+    ) -> Result<Vec<KafkaRecord>, ReadBackError> {
         let mut records = Vec::new();
         let deadline = Instant::now() + timeout;
         while !self.pending.is_empty() {
@@ -186,7 +248,7 @@ impl Ends {
                     .map(|(t, p)| format!("{t}[{p}]"))
                     .collect();
                 behind.sort();
-                return Err(VerifyError::ReadTimeout {
+                return Err(ReadBackError::ReadTimeout {
                     timeout,
                     behind: behind.join(", "),
                 });
@@ -215,7 +277,7 @@ impl Ends {
 
     /// An end of partition `p` was reached. The EOF names no topic: ask where
     /// each partition numbered `p` stands.
-    fn at_eof(&mut self, consumer: &BaseConsumer, p: i32) -> Result<(), VerifyError> {
+    fn at_eof(&mut self, consumer: &BaseConsumer, p: i32) -> Result<(), ReadBackError> {
         let pos = consumer.position().map_err(kafka("reading positions"))?;
         for e in pos.elements() {
             let tp = (e.topic().to_string(), e.partition());

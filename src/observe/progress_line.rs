@@ -1,12 +1,13 @@
-//! The backfill's progress on stderr: a line redrawn in place on a terminal,
-//! a plain line every so many rows otherwise (logs, CI). Only output: it
-//! never decides anything.
+//! A long command's progress on stderr (`backfill`, `recover`): a line
+//! redrawn in place on a terminal, a plain line every so many rows otherwise
+//! (logs, CI). Only output: it never decides anything.
 
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
 /// Progress: a line redrawn in place on a terminal, plain lines otherwise.
-pub(super) struct Progress {
+pub struct ProgressLine {
+    what: &'static str,
     terminal: bool,
     every: u64,
     next_line: u64,
@@ -15,9 +16,11 @@ pub(super) struct Progress {
     total: u64,
 }
 
-impl Progress {
-    pub(super) fn new(total: u64, every: u64) -> Progress {
-        Progress {
+impl ProgressLine {
+    /// `what` starts each line (the command's name).
+    pub fn new(what: &'static str, total: u64, every: u64) -> ProgressLine {
+        ProgressLine {
+            what,
             terminal: std::io::stderr().is_terminal(),
             every: every.max(1),
             next_line: every.max(1),
@@ -36,12 +39,12 @@ impl Progress {
             done as f64 * 100.0 / self.total as f64
         };
         format!(
-            "backfill: {done} of {} rows published ({pct:.1}%), {rate:.0} rows/s",
-            self.total
+            "{}: {done} of {} rows published ({pct:.1}%), {rate:.0} rows/s",
+            self.what, self.total
         )
     }
 
-    pub(super) fn update(&mut self, done: u64) {
+    pub fn update(&mut self, done: u64) {
         if self.terminal {
             let due = self
                 .last_draw
@@ -60,7 +63,7 @@ impl Progress {
         }
     }
 
-    pub(super) fn finish(&mut self, done: u64) {
+    pub fn finish(&mut self, done: u64) {
         if self.terminal {
             self.last_draw = None;
             self.update(done);
