@@ -50,6 +50,8 @@ enum Command {
     Check(Options),
     /// Cutover from a polling publisher: create the slot with an exported snapshot and publish the rows still pending in it.
     Backfill(outbox_relay::commands::backfill::BackfillArgs),
+    /// After the slot was lost (invalidated, dropped, missing after a restore or failover): create it again and publish from the outbox table the events Kafka lacks; exit 1 naming any range that cannot be recovered.
+    Recover(outbox_relay::commands::recover::RecoverArgs),
     /// Delete outbox rows already published (confirmed by the slot), or older than a retention; in batches.
     Cleanup(outbox_relay::commands::cleanup::CleanupArgs),
 }
@@ -150,6 +152,11 @@ async fn async_main() -> std::process::ExitCode {
         c @ (Command::Status(_) | Command::Check(_)) => return report(cli.config, c).await,
         Command::Backfill(b) => {
             return outbox_relay::commands::backfill::command(cli.config.as_deref(), b)
+                .await
+                .into()
+        }
+        Command::Recover(r) => {
+            return outbox_relay::commands::recover::command(cli.config.as_deref(), r)
                 .await
                 .into()
         }

@@ -406,3 +406,121 @@ async fn the_time_left_before_the_slot_is_invalidated_is_shown() {
     assert!(line.starts_with("FAIL"), "{line}");
     assert!(line.contains("was invalidated"), "{line}");
 }
+
+/// A database on the shared stack with the classic outbox, its slot set up,
+/// and the relay's arguments (a progress topic of its own; exactly-once
+/// with `eos`). Returns (db, slot, topic, args).
+async fn lost_slot_db(name: &str, eos: bool) -> (TestDb, String, String, Vec<String>) {
+    let db = TestDb::new(name).await;
+    db.exec(CLASSIC_TABLE).await;
+    let slot = format!("s_{}", db.name);
+    relay_setup(&["--database-url", &db.url, "--slot", &slot]);
+    let topic = unique(name);
+    create_topics(&brokers(), &[&topic], 3).await;
+    let progress = unique(&format!("{name}_progress"));
+    let mut extra = vec![
+        "--slot",
+        &slot,
+        "--topic",
+        &topic,
+        "--progress-topic",
+        &progress,
+    ];
+    if eos {
+        extra.extend(["--delivery", "exactly-once"]);
+    }
+    let args = relay_args(&db, &brokers(), &extra);
+    (db, slot, topic, args)
+}
+
+fn recover_cmd(args: &[String]) -> (i32, String, String) {
+    let mut all = vec!["recover"];
+    all.extend(args.iter().map(String::as_str));
+    relay_cmd(&all)
+}
+
+/// 50 events published, the relay stopped, the slot dropped, 100 events
+/// written that no slot will ever stream: recover publishes those 100, and
+/// the relay streams on from the new slot; each event arrives once.
+async fn recover_after_the_slot_was_dropped(eos: bool) {
+    let name = if eos { "recover_eos" } else { "recover_alo" };
+    let (db, slot, topic, args) = lost_slot_db(name, eos).await;
+    let mut relay = Relay::start(&args);
+    let end = write(&db.client, 0, 50).await;
+    db.wait_confirmed_by(&relay, &slot, end, "the first 50 events confirmed")
+        .await;
+    relay.terminate().await;
+    db.exec(&format!("SELECT pg_drop_replication_slot('{slot}')"))
+        .await;
+    write(&db.client, 50, 150).await;
+
+    let (code, out, err) = recover_cmd(&args);
+    assert_eq!(code, 0, "recover: {out}{err}");
+    // Run once more, it refuses: the new slot is usable.
+    let (again, out2, err2) = recover_cmd(&args);
+    assert_eq!(again, 2, "a second recover must refuse: {out2}{err2}");
+
+    let mut relay = Relay::start(&args);
+    let end = write(&db.client, 150, 170).await;
+    db.wait_confirmed_by(&relay, &slot, end, "the events after recover confirmed")
+        .await;
+    relay.terminate().await;
+
+    let records = consume_topic(&topic, 170).await;
+    let seen = arrivals(&records);
+    let missing: Vec<i64> = (0..170).filter(|n| !seen.contains_key(n)).collect();
+    assert!(missing.is_empty(), "never arrived: {missing:?}\n{out}");
+    let twice: Vec<_> = seen.iter().filter(|(_, c)| **c > 1).collect();
+    assert!(twice.is_empty(), "arrived more than once: {twice:?}\n{out}");
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recover_publishes_what_a_dropped_slot_never_streamed_exactly_once() {
+    recover_after_the_slot_was_dropped(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recover_publishes_what_a_dropped_slot_never_streamed_at_least_once() {
+    recover_after_the_slot_was_dropped(false).await;
+}
+
+/// A retention shorter than the gap deleted events before they were
+/// published: recover publishes the rest and exits 1 naming where what it
+/// cannot vouch for ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recover_names_the_range_a_retention_deleted_and_exits_1() {
+    let (db, slot, topic, args) = lost_slot_db("recover_gone", false).await;
+    let mut relay = Relay::start(&args);
+    let end = write(&db.client, 0, 50).await;
+    db.wait_confirmed_by(&relay, &slot, end, "the first 50 events confirmed")
+        .await;
+    relay.terminate().await;
+    db.exec(&format!("SELECT pg_drop_replication_slot('{slot}')"))
+        .await;
+    write(&db.client, 50, 150).await;
+    db.exec("DELETE FROM outbox WHERE (payload->>'n')::int < 80")
+        .await;
+    let oldest: i64 = db
+        .client
+        .query_one("SELECT min(id)::bigint FROM outbox", &[])
+        .await
+        .unwrap()
+        .get(0);
+
+    let (code, out, err) = recover_cmd(&args);
+    assert_eq!(code, 1, "recover must fail: {out}{err}");
+    assert!(
+        err.contains(&format!("id < {oldest}")),
+        "names the range: {err}"
+    );
+
+    let records = consume_topic(&topic, 120).await;
+    let seen = arrivals(&records);
+    let expected: Vec<i64> = (0..50).chain(80..150).collect();
+    let missing: Vec<_> = expected.iter().filter(|n| !seen.contains_key(n)).collect();
+    assert!(missing.is_empty(), "never arrived: {missing:?}");
+    assert_eq!(seen.len(), expected.len(), "nothing else arrived");
+    assert!(seen.values().all(|c| *c == 1), "each once");
+    db.drop().await;
+}

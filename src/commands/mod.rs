@@ -5,6 +5,7 @@
 pub mod backfill;
 pub mod check;
 pub mod cleanup;
+pub mod recover;
 pub mod run;
 pub mod setup;
 pub mod status;

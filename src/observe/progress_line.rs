@@ -13,12 +13,13 @@ pub struct ProgressLine {
     next_line: u64,
     last_draw: Option<Instant>,
     started: Instant,
-    total: u64,
+    /// None when not known in advance.
+    total: Option<u64>,
 }
 
 impl ProgressLine {
     /// `what` starts each line (the command's name).
-    pub fn new(what: &'static str, total: u64, every: u64) -> ProgressLine {
+    pub fn new(what: &'static str, total: Option<u64>, every: u64) -> ProgressLine {
         ProgressLine {
             what,
             terminal: std::io::stderr().is_terminal(),
@@ -33,15 +34,20 @@ impl ProgressLine {
     fn text(&self, done: u64) -> String {
         let secs = self.started.elapsed().as_secs_f64();
         let rate = if secs > 0.0 { done as f64 / secs } else { 0.0 };
-        let pct = if self.total == 0 {
-            100.0
-        } else {
-            done as f64 * 100.0 / self.total as f64
-        };
-        format!(
-            "{}: {done} of {} rows published ({pct:.1}%), {rate:.0} rows/s",
-            self.what, self.total
-        )
+        match self.total {
+            Some(total) => {
+                let pct = if total == 0 {
+                    100.0
+                } else {
+                    done as f64 * 100.0 / total as f64
+                };
+                format!(
+                    "{}: {done} of {total} rows published ({pct:.1}%), {rate:.0} rows/s",
+                    self.what
+                )
+            }
+            None => format!("{}: {done} rows published, {rate:.0} rows/s", self.what),
+        }
     }
 
     pub fn update(&mut self, done: u64) {
@@ -49,7 +55,7 @@ impl ProgressLine {
             let due = self
                 .last_draw
                 .is_none_or(|t| t.elapsed() >= Duration::from_millis(100));
-            if due || done == self.total {
+            if due || Some(done) == self.total {
                 self.last_draw = Some(Instant::now());
                 let mut err = std::io::stderr().lock();
                 let _ = write!(err, "\r{}\x1b[K", self.text(done));

@@ -257,7 +257,7 @@ pub async fn run(
             args.mark_processed,
             ack_timeout,
             cfg.max_inflight,
-            ProgressLine::new("backfill", in_table, args.progress_every),
+            ProgressLine::new("backfill", Some(in_table), args.progress_every),
         );
         publish_cursor(&client, args, plan, &mut router, &mut publisher)
             .await
