@@ -121,7 +121,8 @@ async fn run_without_setup_says_to_run_setup() {
     ]);
     assert_eq!(code, 1);
     assert!(
-        err.contains("replication slot \"nope\" does not exist: run `outbox-relay setup` first"),
+        err.contains("replication slot \"nope\" does not exist: on a new installation run `outbox-relay setup` first")
+            && err.contains("outbox-relay recover"),
         "{err}"
     );
     db.drop().await;

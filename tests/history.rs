@@ -524,3 +524,90 @@ async fn recover_names_the_range_a_retention_deleted_and_exits_1() {
     assert!(seen.values().all(|c| *c == 1), "each once");
     db.drop().await;
 }
+
+/// The slot invalidated by max_slot_wal_keep_size while the relay is
+/// stopped and rows keep coming: recover drops it, creates it again and
+/// publishes the rows the lost slot never streamed; under exactly-once a
+/// read_committed consumer sees every event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recover_after_the_slot_was_invalidated_publishes_every_event_once() {
+    let cluster = TempCluster::start(&[], &["max_slot_wal_keep_size=48MB"]);
+    let url = cluster.url("postgres", None);
+    let client = sql_client(&url).await;
+    client.batch_execute(CLASSIC_TABLE).await.unwrap();
+    client
+        .batch_execute("CREATE TABLE filler (t text)")
+        .await
+        .unwrap();
+    let slot = unique("invalidated").to_lowercase();
+    relay_setup(&["--database-url", &url, "--slot", &slot]);
+    let topic = unique("invalidated");
+    let progress = unique("invalidated_progress");
+    create_topics(&brokers(), &[&topic], 3).await;
+    let args: Vec<String> = [
+        "--database-url",
+        &url,
+        "--kafka-brokers",
+        &brokers(),
+        "--status-interval",
+        "1",
+        "--slot",
+        &slot,
+        "--topic",
+        &topic,
+        "--progress-topic",
+        &progress,
+        "--delivery",
+        "exactly-once",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut relay = Relay::start(&args);
+    let end = write(&client, 0, 50).await;
+    wait_confirmed_by(&client, &relay, &slot, end, "the first 50 events confirmed").await;
+    relay.terminate().await;
+
+    // Events and more WAL than the limit while no relay runs.
+    write(&client, 50, 150).await;
+    for _ in 0..4 {
+        client
+            .batch_execute(
+                "INSERT INTO filler SELECT repeat(md5(g::text), 32) FROM generate_series(1, 20000) g;
+                 SELECT pg_switch_wal();",
+            )
+            .await
+            .unwrap();
+    }
+    client.batch_execute("CHECKPOINT").await.unwrap();
+    wait_for(
+        &client,
+        &format!("SELECT wal_status = 'lost' FROM pg_replication_slots WHERE slot_name = '{slot}'"),
+        "the slot to be invalidated",
+    )
+    .await;
+
+    let mut all = vec!["recover"];
+    all.extend(args.iter().map(String::as_str));
+    let (code, out, err) = relay_cmd(&all);
+    assert_eq!(code, 0, "recover: {out}{err}");
+
+    let mut relay = Relay::start(&args);
+    let end = write(&client, 150, 170).await;
+    wait_confirmed_by(
+        &client,
+        &relay,
+        &slot,
+        end,
+        "the events after recover confirmed",
+    )
+    .await;
+    relay.terminate().await;
+
+    let records = consume_topic(&topic, 170).await;
+    let seen = arrivals(&records);
+    let missing: Vec<i64> = (0..170).filter(|n| !seen.contains_key(n)).collect();
+    assert!(missing.is_empty(), "never arrived: {missing:?}\n{out}");
+    let twice: Vec<_> = seen.iter().filter(|(_, c)| **c > 1).collect();
+    assert!(twice.is_empty(), "arrived more than once: {twice:?}\n{out}");
+}

@@ -41,13 +41,13 @@ pub enum PipelineError {
     Publication(String),
     #[error("streamed transaction: {0}")]
     Stream(#[from] StreamBufferError),
-    #[error("replication slot {slot:?} does not exist: run `outbox-relay setup` first")]
+    #[error("replication slot {slot:?} does not exist: on a new installation run `outbox-relay setup` first; if the relay ran on it before (dropped, or missing after a restore or a failover), run `outbox-relay recover`, which creates it again and publishes from the outbox table the events Kafka lacks")]
     SlotMissing { slot: String },
     #[error("replication slot {slot:?} uses plugin {plugin:?}, not pgoutput: drop it or choose another --slot")]
     WrongPlugin { slot: String, plugin: String },
     #[error("replication slot {slot:?} is at {found}, past {ours}, the position this relay had confirmed: something advanced the slot over events that were never delivered. Check who moved it (pg_replication_slot_advance, another consumer of the slot such as a second relay that took over and released it), publish the events between {ours} and {found} from the table, then restart")]
     SlotMovedAhead { slot: String, found: Lsn, ours: Lsn },
-    #[error("replication slot {slot:?} was invalidated (wal_status = 'lost'): the WAL it needed was removed (max_slot_wal_keep_size). Events committed while it was lost cannot be streamed: drop and recreate the slot (outbox-relay setup), then republish pending rows from the table")]
+    #[error("replication slot {slot:?} was invalidated (wal_status = 'lost'): the WAL it needed was removed (max_slot_wal_keep_size). Events committed while it was lost cannot be streamed: run `outbox-relay recover`, which drops it, creates it again and publishes from the outbox table the events Kafka lacks")]
     SlotInvalidated { slot: String },
     #[error("shutdown timed out with {inflight} events unacknowledged; the slot stays at {confirmed} and they will be sent again")]
     ShutdownTimeout { inflight: u64, confirmed: Lsn },
