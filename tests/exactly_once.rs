@@ -507,6 +507,7 @@ async fn the_furthest_progress_record_counts_not_the_last() {
         timeline: Some(1),
         epoch: 0,
         transactional_id: None,
+        recovering: false,
         confirmed: lsn(confirmed),
     };
     let (taken_over, stale, other) = (

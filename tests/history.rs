@@ -611,3 +611,93 @@ async fn recover_after_the_slot_was_invalidated_publishes_every_event_once() {
     let twice: Vec<_> = seen.iter().filter(|(_, c)| **c > 1).collect();
     assert!(twice.is_empty(), "arrived more than once: {twice:?}\n{out}");
 }
+
+/// A recover interrupted after it created the slot (killed: no chance to
+/// drop it) leaves its marker in the progress topic: `run` refuses to
+/// stream from that slot (the gap would never be published), and recover
+/// run again drops it and publishes the gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_recover_is_finished_by_recover_never_skipped_by_run() {
+    use outbox_relay::pipeline::sink::progress;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let (db, slot, topic, args) = lost_slot_db("recover_cut", false).await;
+    let progress_topic =
+        args[args.iter().position(|a| a == "--progress-topic").unwrap() + 1].clone();
+    let mut relay = Relay::start(&args);
+    let end = write(&db.client, 0, 50).await;
+    db.wait_confirmed_by(&relay, &slot, end, "the first 50 events confirmed")
+        .await;
+    relay.terminate().await;
+    db.exec(&format!("SELECT pg_drop_replication_slot('{slot}')"))
+        .await;
+    write(&db.client, 50, 150).await;
+
+    // What a recover killed after creating the slot leaves: its marker,
+    // and the slot.
+    let system_id: String = db
+        .client
+        .query_one(
+            "SELECT system_identifier::text FROM pg_control_system()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let key = progress::key(&system_id, &slot);
+    let furthest = tokio::task::spawn_blocking({
+        let (t, k) = (progress_topic.clone(), key.clone());
+        move || progress::read_furthest(&brokers(), &[], &t, &k, Duration::from_secs(30))
+    })
+    .await
+    .unwrap()
+    .unwrap()
+    .expect("a progress record");
+    let marker = progress::Progress {
+        epoch: furthest.epoch + 1,
+        recovering: true,
+        ..furthest
+    };
+    let producer: FutureProducer = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    producer
+        .send(
+            FutureRecord::to(&progress_topic)
+                .partition(0)
+                .key(&key)
+                .payload(&progress::value(&marker, &system_id, &slot)),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    relay_setup(&["--database-url", &db.url, "--slot", &slot]);
+    let created_at = db.confirmed_flush_lsn(&slot).await;
+
+    let mut relay = Relay::start(&args);
+    let code = relay.wait(Duration::from_secs(60)).await;
+    assert!(
+        matches!(code, Some(c) if c != 0),
+        "run must refuse the unfinished recover's slot: {code:?}\n{}",
+        relay.log_text()
+    );
+    assert_eq!(
+        db.confirmed_flush_lsn(&slot).await,
+        created_at,
+        "the slot did not move"
+    );
+
+    let (code, out, err) = recover_cmd(&args);
+    assert_eq!(code, 0, "recover: {out}{err}");
+    let mut relay = Relay::start(&args);
+    let end = write(&db.client, 150, 170).await;
+    db.wait_confirmed_by(&relay, &slot, end, "the events after recover confirmed")
+        .await;
+    relay.terminate().await;
+    let records = consume_topic(&topic, 170).await;
+    let seen = arrivals(&records);
+    let missing: Vec<i64> = (0..170).filter(|n| !seen.contains_key(n)).collect();
+    assert!(missing.is_empty(), "never arrived: {missing:?}\n{out}");
+    assert!(seen.values().all(|c| *c == 1), "each once\n{out}");
+    db.drop().await;
+}

@@ -209,35 +209,6 @@ pub async fn run(
     let slot = cfg.slot.clone();
     let (client, _conn) = crate::pg::sql::connect(&cfg.database).await?;
 
-    match OldSlot::read(&client, &slot).await? {
-        None => say(format!(
-            "replication slot {slot} does not exist: the events committed since the last one in Kafka are published from the table"
-        )),
-        Some(OldSlot {
-            active_pid: Some(pid),
-            ..
-        }) => return Err(RecoverError::SlotActive { slot, pid }),
-        Some(old) if !old.lost() => {
-            return Err(RecoverError::SlotUsable {
-                slot,
-                wal_status: old.wal_status.unwrap_or_else(|| "-".into()),
-                confirmed: old.confirmed.unwrap_or_else(|| "-".into()),
-            })
-        }
-        Some(old) => {
-            client
-                .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
-                .await
-                .map_err(sql(format!("dropping the invalidated slot {slot}")))?;
-            say(format!(
-                "dropped replication slot {slot}: it was invalidated ({}) and can never stream again",
-                old.invalidation_reason
-                    .or(old.wal_status)
-                    .unwrap_or_else(|| "lost".into())
-            ));
-        }
-    }
-
     let system_id: String = client
         .query_one(
             "SELECT system_identifier::text FROM pg_control_system()",
@@ -252,18 +223,21 @@ pub async fn run(
             .clone()
             .unwrap_or_else(|| format!("outbox-relay-{system_id}-{slot}"))
     });
+    // The old slot first without Kafka: a relay on it, or a usable slot,
+    // is refused before anything is fenced or written.
+    let old = OldSlot::read(&client, &slot).await?;
+    if let Some(OldSlot {
+        active_pid: Some(pid),
+        ..
+    }) = old
+    {
+        return Err(RecoverError::SlotActive { slot, pid });
+    }
     let (sink, acks) = match &eos_id {
         Some(id) => KafkaSink::transactional(&cfg.kafka_brokers, &cfg.kafka_properties, id),
         None => KafkaSink::new(&cfg.kafka_brokers, &cfg.kafka_properties),
     }
     .map_err(|e| RecoverError::Config(e.to_string()))?;
-    if let Some(id) = &eos_id {
-        // Fences a relay of this id still running somewhere and aborts what
-        // it left open: nothing of it can become visible behind the read.
-        sink.init_transactions(Duration::from_secs(60))
-            .await
-            .map_err(|e| RecoverError::Kafka(format!("registering transactional.id {id}: {e}")))?;
-    }
     let recorded = match &cfg.progress_topic {
         Some(topic) => {
             progress::ensure_topic(&cfg.kafka_brokers, &cfg.kafka_properties, topic).await?;
@@ -281,6 +255,42 @@ pub async fn run(
         }
         None => None,
     };
+    let interrupted = recorded.as_ref().is_some_and(|p| p.recovering);
+    match old {
+        None => say(format!(
+            "replication slot {slot} does not exist: the events committed since the last one in Kafka are published from the table"
+        )),
+        Some(old) if old.lost() || interrupted => {
+            client
+                .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+                .await
+                .map_err(sql(format!("dropping the slot {slot}")))?;
+            say(if interrupted {
+                format!("dropped replication slot {slot}: an earlier recover created it and did not finish")
+            } else {
+                format!(
+                    "dropped replication slot {slot}: it was invalidated ({}) and can never stream again",
+                    old.invalidation_reason
+                        .or(old.wal_status)
+                        .unwrap_or_else(|| "lost".into())
+                )
+            });
+        }
+        Some(old) => {
+            return Err(RecoverError::SlotUsable {
+                slot,
+                wal_status: old.wal_status.unwrap_or_else(|| "-".into()),
+                confirmed: old.confirmed.unwrap_or_else(|| "-".into()),
+            })
+        }
+    }
+    if let Some(id) = &eos_id {
+        // Fences a relay of this id still running somewhere and aborts what
+        // it left open: nothing of it can become visible behind the read.
+        sink.init_transactions(Duration::from_secs(60))
+            .await
+            .map_err(|e| RecoverError::Kafka(format!("registering transactional.id {id}: {e}")))?;
+    }
     let since = match recorded.as_ref().and_then(|p| p.anchor) {
         Some(a) => {
             let since = unix_ms(a.commit_time) - look_back.as_millis() as i64;
@@ -296,6 +306,47 @@ pub async fn run(
             say("no progress record with the last transaction in Kafka: the topics are read back whole".into());
             None
         }
+    };
+    let mut publisher = Publisher::new(
+        (sink, acks),
+        &args.order_column,
+        false,
+        ack_timeout,
+        cfg.max_inflight,
+        ProgressLine::new("recover", None, args.progress_every),
+    );
+    // Said before the slot exists: a relay that finds this record refuses
+    // to stream, and a recover run again knows the slot it finds is the
+    // unfinished one's. It keeps the old record's last transaction, so a
+    // recover run again reads back the same window.
+    let marker = match (&cfg.progress_topic, &recorded) {
+        (Some(topic), recorded) => {
+            let mut p = recorded.clone().unwrap_or(Progress {
+                commit_lsn: None,
+                anchor: None,
+                timeline: None,
+                epoch: 0,
+                transactional_id: None,
+                recovering: false,
+                confirmed: Lsn(0),
+            });
+            if !p.recovering {
+                p.epoch += 1;
+            }
+            p.recovering = true;
+            p.transactional_id = eos_id.clone();
+            write_record(
+                &mut publisher,
+                eos_id.is_some(),
+                topic,
+                &key,
+                &progress::value(&p, &system_id, &slot),
+            )
+            .await
+            .map_err(RecoverError::Kafka)?;
+            Some(p)
+        }
+        (None, _) => None,
     };
 
     // The new slot and its snapshot. From here on a failure drops the slot
@@ -320,14 +371,6 @@ pub async fn run(
     say(format!(
         "created logical replication slot {slot} (pgoutput) at {consistent_point}: rows committed before it are compared with Kafka here, rows committed after it are streamed by `run`"
     ));
-    let mut publisher = Publisher::new(
-        (sink, acks),
-        &args.order_column,
-        false,
-        ack_timeout,
-        cfg.max_inflight,
-        ProgressLine::new("recover", None, args.progress_every),
-    );
     let mut summary = Summary {
         slot: slot.clone(),
         consistent_point,
@@ -365,7 +408,7 @@ pub async fn run(
             .await
             .map_err(|e| format!("closing the snapshot's transaction failed: {e}"))?;
         publisher.settle().await?;
-        if let Some(topic) = &cfg.progress_topic {
+        if let (Some(topic), Some(marker)) = (&cfg.progress_topic, &marker) {
             // A later epoch than any record of the lost slot: `run` takes
             // the new slot's position as what Kafka holds, wherever the old
             // record points.
@@ -373,8 +416,9 @@ pub async fn run(
                 commit_lsn: None,
                 anchor: None,
                 timeline: Some(system.timeline),
-                epoch: recorded.as_ref().map_or(0, |p| p.epoch) + 1,
+                epoch: marker.epoch + 1,
                 transactional_id: eos_id.clone(),
+                recovering: false,
                 confirmed: consistent_point,
             };
             publisher
@@ -382,12 +426,7 @@ pub async fn run(
                 .await?;
         }
         if eos_id.is_some() {
-            publisher
-                .sink()
-                .commit_transaction(Duration::from_secs(60))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
+            commit(&publisher).await?;
         }
         Ok::<_, String>(())
     }
@@ -412,6 +451,37 @@ pub async fn run(
 }
 
 /// Starts the transaction that reads every table in the slot's snapshot.
+/// Writes a progress record and waits for it: under exactly-once in a Kafka
+/// transaction of its own.
+async fn write_record(
+    publisher: &mut Publisher<'_>,
+    transactional: bool,
+    topic: &str,
+    key: &[u8],
+    value: &[u8],
+) -> Result<(), String> {
+    if transactional {
+        publisher
+            .sink()
+            .begin_transaction()
+            .map_err(|e| e.to_string())?;
+    }
+    publisher.record(topic, key, value).await?;
+    if transactional {
+        commit(publisher).await?;
+    }
+    Ok(())
+}
+
+async fn commit(publisher: &Publisher<'_>) -> Result<(), String> {
+    publisher
+        .sink()
+        .commit_transaction(Duration::from_secs(60))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
+}
+
 async fn import_snapshot(client: &Client, snapshot: &str) -> Result<(), String> {
     client
         .batch_execute(&format!(

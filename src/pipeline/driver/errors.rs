@@ -49,6 +49,8 @@ pub enum PipelineError {
     SlotMovedAhead { slot: String, found: Lsn, ours: Lsn },
     #[error("replication slot {slot:?} was invalidated (wal_status = 'lost'): the WAL it needed was removed (max_slot_wal_keep_size). Events committed while it was lost cannot be streamed: run `outbox-relay recover`, which drops it, creates it again and publishes from the outbox table the events Kafka lacks")]
     SlotInvalidated { slot: String },
+    #[error("an `outbox-relay recover` of replication slot {slot:?} did not finish (the progress topic says so): the events between the last one in Kafka and the slot were not all published. Stop, and run `outbox-relay recover` again; it drops the slot it left and publishes what Kafka lacks")]
+    RecoverUnfinished { slot: String },
     #[error("shutdown timed out with {inflight} events unacknowledged; the slot stays at {confirmed} and they will be sent again")]
     ShutdownTimeout { inflight: u64, confirmed: Lsn },
     #[error("the server ended the replication stream")]

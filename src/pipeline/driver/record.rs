@@ -156,7 +156,15 @@ impl Recorder {
         }
     }
 
-    fn started(&mut self, at_start: Option<Progress>) {
+    /// Takes the record read at the start, unless it says a `recover` of
+    /// the slot did not finish: streaming from that slot would leave the
+    /// events of the gap unpublished for good.
+    fn started(&mut self, at_start: Option<Progress>) -> Result<(), PipelineError> {
+        if at_start.as_ref().is_some_and(|p| p.recovering) {
+            return Err(PipelineError::RecoverUnfinished {
+                slot: self.slot.clone(),
+            });
+        }
         if let Some(p) = &at_start {
             self.recorded = self.recorded.max(p.confirmed);
             self.commit_lsn = p.commit_lsn;
@@ -165,6 +173,7 @@ impl Recorder {
             self.restate = true;
         }
         self.at_start = at_start;
+        Ok(())
     }
 
     /// Exactly-once: reads the slot's furthest committed record now (after
@@ -178,7 +187,7 @@ impl Recorder {
     ) -> Result<Recorder, PipelineError> {
         let mut r = Recorder::new(cfg, topic, system_id, server, found);
         let at_start = read(cfg, topic, &r.key).await?;
-        r.started(at_start);
+        r.started(at_start)?;
         Ok(r)
     }
 
@@ -193,7 +202,7 @@ impl Recorder {
         server: &ServerHistory,
         found: Lsn,
         limit: std::time::Duration,
-    ) -> Result<Recorder, ProgressError> {
+    ) -> Result<Recorder, PipelineError> {
         let mut r = Recorder::new(cfg, topic, system_id, server, found);
         let at_start = tokio::time::timeout(limit, read_retrying(cfg, topic, &r.key))
             .await
@@ -201,7 +210,7 @@ impl Recorder {
                 topic: topic.to_string(),
                 timeout: limit,
             })??;
-        r.started(at_start);
+        r.started(at_start)?;
         Ok(r)
     }
 
@@ -286,6 +295,7 @@ impl Recorder {
                 timeline: Some(self.server.timeline),
                 epoch: self.epoch,
                 transactional_id: self.transactional_id.clone(),
+                recovering: false,
                 confirmed: confirmed.max(self.recorded),
             },
             &self.system_id,
@@ -322,7 +332,7 @@ impl State {
                 reading.found,
                 at_start.as_ref().map(|p| p.confirmed),
             )?;
-            r.started(at_start);
+            r.started(at_start)?;
             // At-least-once publishes whatever the stream sends: a fork
             // changes nothing it does, but is said and counted.
             r.judge(

@@ -94,6 +94,10 @@ pub struct Progress {
     /// a relay of the same slot with another id fences before it reads on
     /// (review N7).
     pub transactional_id: Option<String>,
+    /// Written by `recover` before it creates the slot again, replaced by
+    /// its last record: a record still saying so means a recover was
+    /// interrupted, and the slot (if any) lacks the events of the gap.
+    pub recovering: bool,
     /// The most a relay of ours may have confirmed to the slot: a relay
     /// records a position here, in a committed Kafka transaction, before it
     /// sends it to Postgres. A slot found beyond it was moved by someone
@@ -122,6 +126,7 @@ pub fn value(p: &Progress, system_id: &str, slot: &str) -> Vec<u8> {
         "timeline": p.timeline,
         "epoch": p.epoch,
         "transactional_id": p.transactional_id,
+        "recovering": p.recovering,
         "confirmed": p.confirmed.to_string(),
         "system_id": system_id,
         "slot": slot,
@@ -182,6 +187,7 @@ pub fn parse(value: &[u8]) -> Result<Progress, String> {
         timeline,
         epoch,
         transactional_id,
+        recovering: v["recovering"].as_bool().unwrap_or(false),
         confirmed: lsn("confirmed")?.ok_or("no confirmed position")?,
     })
 }
@@ -378,6 +384,7 @@ mod tests {
             timeline: Some(3),
             epoch: 2,
             transactional_id: Some("outbox-relay-7312-outbox_relay".into()),
+            recovering: true,
             confirmed: "16/B374D900".parse().unwrap(),
         };
         assert_eq!(parse(&value(&p, "7312", "outbox_relay")), Ok(p.clone()));
@@ -392,8 +399,14 @@ mod tests {
         let old = br#"{"commit_lsn":"0/10","confirmed":"0/20","system_id":"1","slot":"s"}"#;
         let old = parse(old).unwrap();
         assert_eq!(
-            (old.commit_lsn, old.anchor, old.timeline, old.epoch),
-            (Some(Lsn(16)), None, None, 0)
+            (
+                old.commit_lsn,
+                old.anchor,
+                old.timeline,
+                old.epoch,
+                old.recovering
+            ),
+            (Some(Lsn(16)), None, None, 0, false)
         );
         let later = Progress {
             epoch: 3,
