@@ -701,3 +701,73 @@ async fn an_interrupted_recover_is_finished_by_recover_never_skipped_by_run() {
     assert!(seen.values().all(|c| *c == 1), "each once\n{out}");
     db.drop().await;
 }
+
+/// `run --recover-slot`: the relay finds its slot dropped, recovers it by
+/// itself (the gap from the outbox table, each event once under
+/// exactly-once) and streams on; the metrics count the recovery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_with_recover_slot_recovers_a_dropped_slot_by_itself() {
+    let (db, slot, topic, mut args) = lost_slot_db("recover_run", true).await;
+    let mut relay = Relay::start(&args);
+    let end = write(&db.client, 0, 50).await;
+    db.wait_confirmed_by(&relay, &slot, end, "the first 50 events confirmed")
+        .await;
+    relay.terminate().await;
+    db.exec(&format!("SELECT pg_drop_replication_slot('{slot}')"))
+        .await;
+    write(&db.client, 50, 150).await;
+
+    args.push("--recover-slot".into());
+    let mut relay = Relay::start(&args);
+    let addr = relay.http_address().await;
+    wait_until(Duration::from_secs(60), "the slot recovered", || async {
+        relay_metric(&addr, "outbox_slot_recoveries_total").await == Some(1.0)
+    })
+    .await;
+    let end = write(&db.client, 150, 170).await;
+    db.wait_confirmed_by(
+        &relay,
+        &slot,
+        end,
+        "the events after the recovery confirmed",
+    )
+    .await;
+    assert_eq!(
+        relay_metric(&addr, "outbox_events_recovered_total").await,
+        Some(100.0),
+        "the 100 events of the gap came from the table"
+    );
+    relay.terminate().await;
+    let records = consume_topic(&topic, 170).await;
+    let seen = arrivals(&records);
+    let missing: Vec<i64> = (0..170).filter(|n| !seen.contains_key(n)).collect();
+    assert!(missing.is_empty(), "never arrived: {missing:?}");
+    assert!(seen.values().all(|c| *c == 1), "each once");
+
+    // A slot that never had a relay is a new installation: not recovered.
+    db.exec(&format!("SELECT pg_drop_replication_slot('{slot}')"))
+        .await;
+    let other = format!("{slot}_new");
+    let fresh: Vec<String> = args
+        .iter()
+        .map(|a| if *a == slot { other.clone() } else { a.clone() })
+        .collect();
+    let mut relay = Relay::start(&fresh);
+    let code = relay.wait(Duration::from_secs(60)).await;
+    assert!(
+        matches!(code, Some(c) if c != 0),
+        "{code:?}: {}",
+        relay.log_text()
+    );
+    let exists: bool = db
+        .client
+        .query_one(
+            "SELECT count(*) > 0 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&other],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!exists, "no slot created for a relay that never ran");
+    db.drop().await;
+}

@@ -19,6 +19,10 @@ pub enum RunError {
     },
     #[error("relay stopped")]
     Stopped(#[source] PipelineError),
+    #[error("recovering the slot (--recover-slot) failed: {0}")]
+    Recover(#[source] crate::pipeline::recover::RecoverError),
+    #[error("the slot was recovered (--recover-slot) but some events cannot be: {}; the relay stops so that this is seen. Started again it streams from the new slot", .0.join("; "))]
+    Unrecoverable(Vec<String>),
     #[error("--table {0} picks one of the config file's [[tables]] sections, but run publishes every table of the publication: with one section picked, the rows of the others would be skipped as another table's. Remove --table (and OUTBOX_RELAY_TABLE), or give this relay a file with only the tables it should publish (and a publication and slot of its own)")]
     TablePicked(String),
 }
@@ -37,10 +41,44 @@ pub async fn run(cfg: &RelayConfig) -> Result<(), RunError> {
         tracing::info!(address = %bound, "HTTP endpoint listening (/metrics, /healthz, /readyz)");
         crate::observe::announce::http_listening(bound);
     }
-    crate::supervisor::run(cfg, metrics, shutdown_flag())
-        .await
-        .map(|_| ())
-        .map_err(RunError::Stopped)
+    let shutdown = shutdown_flag();
+    loop {
+        let stopped = match crate::supervisor::run(cfg, metrics.clone(), shutdown.clone()).await {
+            Ok(_) => return Ok(()),
+            Err(e) => e,
+        };
+        let Some(settings) = cfg
+            .recover_slot
+            .as_ref()
+            .filter(|_| stopped.asks_for_recover())
+        else {
+            return Err(RunError::Stopped(stopped));
+        };
+        tracing::warn!(error = %stopped, "recovering the slot from the outbox table (--recover-slot)");
+        let mut say = |line: String| tracing::info!("recover: {line}");
+        match crate::pipeline::recover::run(cfg, settings, &mut say).await {
+            Ok(done) => {
+                metrics.slot_recoveries.inc();
+                metrics.events_recovered.inc_by(done.published);
+                tracing::info!("slot recovered: {done}");
+                if !done.unrecoverable.is_empty() {
+                    return Err(RunError::Unrecoverable(done.unrecoverable));
+                }
+            }
+            // Another relay of the slot recovers it, or just did: stream
+            // from it, or stand by, as usual.
+            Err(e @ crate::pipeline::recover::RecoverError::Running { .. })
+            | Err(e @ crate::pipeline::recover::RecoverError::SlotUsable { .. })
+            | Err(e @ crate::pipeline::recover::RecoverError::SlotActive { .. }) => {
+                tracing::info!("{e}");
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            }
+            Err(e) => return Err(RunError::Recover(e)),
+        }
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+    }
 }
 
 /// Resolves on the first SIGTERM or SIGINT; a second one exits at once.

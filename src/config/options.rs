@@ -172,6 +172,18 @@ pub struct Options {
     #[arg(long, env = "OUTBOX_RELAY_TERMINATE_STALE_WALSENDER", num_args = 0..=1, default_missing_value = "true")]
     pub terminate_stale_walsender: Option<bool>,
 
+    /// When the slot is missing, invalidated, or left by an unfinished
+    /// `recover`: recover it (`outbox-relay recover`: a new slot, and the
+    /// events Kafka lacks published from the outbox table) and stream on,
+    /// instead of stopping. Needs a progress topic to bound what it reads.
+    #[arg(long, env = "OUTBOX_RELAY_RECOVER_SLOT", num_args = 0..=1, default_missing_value = "true")]
+    pub recover_slot: Option<bool>,
+
+    /// `--recover-slot`: the column that grows with commit order, which the
+    /// rows are compared from and published in [default: id].
+    #[arg(long, env = "OUTBOX_RELAY_RECOVER_ORDER_COLUMN")]
+    pub recover_order_column: Option<String>,
+
     /// Longest wait, in seconds, between reconnection attempts after a lost
     /// connection [default: 30].
     #[arg(long, env = "OUTBOX_RELAY_RECONNECT_MAX_BACKOFF")]
@@ -291,6 +303,8 @@ impl Options {
             shutdown_timeout,
             replication_timeout,
             terminate_stale_walsender,
+            recover_slot,
+            recover_order_column,
             reconnect_max_backoff,
             event_type_column,
             http_address,

@@ -91,6 +91,16 @@ impl RelayConfig {
                 v => Some(seconds("replication_timeout", v)?),
             },
             terminate_stale_walsender: o.terminate_stale_walsender.unwrap_or(false),
+            recover_slot: o.recover_slot.unwrap_or(false).then(|| {
+                crate::pipeline::recover::RecoverSettings {
+                    order_column: o
+                        .recover_order_column
+                        .clone()
+                        .unwrap_or_else(|| "id".into()),
+                    only_after_a_relay: true,
+                    ..Default::default()
+                }
+            }),
             reconnect_max_backoff: seconds(
                 "reconnect_max_backoff",
                 o.reconnect_max_backoff.unwrap_or(30.0),

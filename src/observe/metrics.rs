@@ -63,6 +63,10 @@ pub struct Metrics {
     pub transactions_skipped: Counter,
     /// Forks between the progress record's WAL history and the server's.
     pub history_forks: Counter,
+    /// Lost slots recovered by `run --recover-slot`, and the events that
+    /// republished from the outbox table.
+    pub slot_recoveries: Counter,
+    pub events_recovered: Counter,
     /// The slot's `safe_wal_size` (-1: no `max_slot_wal_keep_size`), and
     /// the seconds until the server invalidates it at the current WAL rate
     /// (-1: no limit applies, or not known yet).
@@ -210,6 +214,8 @@ impl Metrics {
         let kafka_commit_duration = Histogram::new(latency_buckets());
         let transactions_skipped = Counter::default();
         let history_forks = Counter::default();
+        let slot_recoveries = Counter::default();
+        let events_recovered = Counter::default();
         let slot_safe_wal_bytes = Gauge::default();
         slot_safe_wal_bytes.set(-1);
         let slot_invalidation_seconds = Gauge::default();
@@ -261,6 +267,16 @@ impl Metrics {
             "Times a session found that the progress record was written on a WAL history the server does not continue (a restore, an asynchronous standby promoted, a slot recreated): transactions past the fork are published, never taken for ones already in Kafka",
             history_forks.clone(),
         );
+        registry.register(
+            "outbox_slot_recoveries",
+            "Times run --recover-slot found the slot missing, invalidated or left by an unfinished recover, created it again and published the gap from the outbox table",
+            slot_recoveries.clone(),
+        );
+        registry.register(
+            "outbox_events_recovered",
+            "Events run --recover-slot published from the outbox table because Kafka lacked them",
+            events_recovered.clone(),
+        );
         Metrics {
             registry,
             kafka_transactions_committed,
@@ -268,6 +284,8 @@ impl Metrics {
             kafka_commit_duration,
             transactions_skipped,
             history_forks,
+            slot_recoveries,
+            events_recovered,
             slot_safe_wal_bytes,
             slot_invalidation_seconds,
             heartbeat_failures,

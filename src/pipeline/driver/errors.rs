@@ -92,6 +92,17 @@ impl PipelineError {
         }
     }
 
+    /// The slot cannot be streamed from, but its gap can be published from
+    /// the outbox table (`pipeline::recover`).
+    pub fn asks_for_recover(&self) -> bool {
+        matches!(
+            self,
+            PipelineError::SlotMissing { .. }
+                | PipelineError::SlotInvalidated { .. }
+                | PipelineError::RecoverUnfinished { .. }
+        )
+    }
+
     pub fn is_retriable(&self) -> bool {
         match self {
             PipelineError::Replication(e) => match e {
