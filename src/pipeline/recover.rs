@@ -288,12 +288,16 @@ pub async fn run(
                 key.clone(),
             );
             tokio::task::spawn_blocking(move || {
-                progress::read_furthest(&brokers, &props, &topic, &key, read_timeout)
+                progress::read_furthest_written(&brokers, &props, &topic, &key, read_timeout)
             })
             .await
             .map_err(|e| RecoverError::Kafka(e.to_string()))??
         }
         None => None,
+    };
+    let (recorded, written_at) = match recorded {
+        Some((p, at)) => (Some(p), at),
+        None => (None, None),
     };
     if args.only_after_a_relay && recorded.is_none() {
         return Err(RecoverError::NeverRan { slot });
@@ -345,10 +349,23 @@ pub async fn run(
             ));
             Some(since)
         }
-        None => {
-            say("no progress record with the last transaction in Kafka: the topics are read back whole".into());
-            None
-        }
+        // At-least-once records name no transaction, but one was written
+        // after everything up to its position was delivered.
+        None => match written_at.filter(|_| recorded.is_some()) {
+            Some(at) => {
+                say(format!(
+                    "the progress record confirming {} was written at {} ms since the epoch: reading the topics back from {} s before it",
+                    recorded.as_ref().map_or(Lsn(0), |p| p.confirmed),
+                    at,
+                    look_back.as_secs()
+                ));
+                Some(at - look_back.as_millis() as i64)
+            }
+            None => {
+                say("no progress record: the topics are read back whole".into());
+                None
+            }
+        },
     };
     let mut publisher = Publisher::new(
         (sink, acks),

@@ -291,6 +291,19 @@ pub fn read_furthest(
     key: &[u8],
     timeout: Duration,
 ) -> Result<Option<Progress>, ProgressError> {
+    read_furthest_written(brokers, properties, topic, key, timeout).map(|r| r.map(|(p, _)| p))
+}
+
+/// [`read_furthest`], with when that record was written (its Kafka
+/// timestamp, ms since the epoch), which says when its position was
+/// confirmed at the latest.
+pub fn read_furthest_written(
+    brokers: &str,
+    properties: &[(String, String)],
+    topic: &str,
+    key: &[u8],
+    timeout: Duration,
+) -> Result<Option<(Progress, Option<i64>)>, ProgressError> {
     let err = |what: &'static str| {
         move |error: KafkaError| ProgressError::Kafka {
             topic: topic.to_string(),
@@ -319,7 +332,7 @@ pub fn read_furthest(
         .map_err(err("assigning"))?;
     consumer.assign(&tpl).map_err(err("assigning"))?;
     let deadline = Instant::now() + timeout;
-    let mut furthest: Option<Progress> = None;
+    let mut furthest: Option<(Progress, Option<i64>)> = None;
     loop {
         if Instant::now() > deadline {
             return Err(ProgressError::ReadTimeout {
@@ -343,9 +356,10 @@ pub fn read_furthest(
                             reason,
                         }
                     })?;
+                    let at = m.timestamp().to_millis();
                     furthest = Some(match furthest.take() {
-                        Some(f) => further(f, p),
-                        None => p,
+                        Some((f, f_at)) if further(f.clone(), p.clone()) == f => (f, f_at),
+                        _ => (p, at),
                     });
                 }
                 if m.offset() + 1 >= high {
