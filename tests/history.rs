@@ -771,3 +771,49 @@ async fn run_with_recover_slot_recovers_a_dropped_slot_by_itself() {
     assert!(!exists, "no slot created for a relay that never ran");
     db.drop().await;
 }
+
+/// Review N10: a slot advanced by hand while no relay ran is found past the
+/// furthest progress record: someone else's move, maybe over events never
+/// delivered. The relay says so and stops, in both delivery modes, and
+/// `recover` (after dropping the slot) publishes what the move skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_moved_while_no_relay_ran_stops_the_relay_and_recover_fills_the_gap() {
+    for eos in [false, true] {
+        let name = if eos {
+            "moved_down_eos"
+        } else {
+            "moved_down_alo"
+        };
+        let (db, slot, topic, args) = lost_slot_db(name, eos).await;
+        let mut relay = Relay::start(&args);
+        let end = write(&db.client, 0, 50).await;
+        db.wait_confirmed_by(&relay, &slot, end, "the first 50 events confirmed")
+            .await;
+        relay.terminate().await;
+        let end = write(&db.client, 50, 70).await;
+        db.exec(&format!(
+            "SELECT pg_replication_slot_advance('{slot}', '{end}'::pg_lsn)"
+        ))
+        .await;
+
+        let mut relay = Relay::start(&args);
+        let code = relay.wait(Duration::from_secs(60)).await;
+        assert!(
+            matches!(code, Some(c) if c != 0),
+            "eos={eos}: the relay must stop on a slot moved while it was down: {code:?}\n{}",
+            relay.log_text()
+        );
+        assert_eq!(db.confirmed_flush_lsn(&slot).await, end, "eos={eos}");
+
+        db.exec(&format!("SELECT pg_drop_replication_slot('{slot}')"))
+            .await;
+        let (code, out, err) = recover_cmd(&args);
+        assert_eq!(code, 0, "eos={eos}: recover: {out}{err}");
+        let records = consume_topic(&topic, 70).await;
+        let seen = arrivals(&records);
+        let missing: Vec<i64> = (0..70).filter(|n| !seen.contains_key(n)).collect();
+        assert!(missing.is_empty(), "eos={eos}: never arrived: {missing:?}");
+        assert!(seen.values().all(|c| *c == 1), "eos={eos}: each once");
+        db.drop().await;
+    }
+}

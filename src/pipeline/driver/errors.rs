@@ -47,6 +47,12 @@ pub enum PipelineError {
     WrongPlugin { slot: String, plugin: String },
     #[error("replication slot {slot:?} is at {found}, past {ours}, the position this relay had confirmed: something advanced the slot over events that were never delivered. Check who moved it (pg_replication_slot_advance, another consumer of the slot such as a second relay that took over and released it), publish the events between {ours} and {found} from the table, then restart")]
     SlotMovedAhead { slot: String, found: Lsn, ours: Lsn },
+    #[error("replication slot {slot:?} is at {found}, past {recorded}, the furthest position the progress topic records for it: it was moved while no relay of ours ran (pg_replication_slot_advance, or a relay with another --progress-topic or none), maybe over events that were never delivered. Drop the slot and run `outbox-relay recover`: it publishes from the outbox table what Kafka lacks. If a relay with another progress topic moved it, give this one that topic")]
+    SlotMovedWhileDown {
+        slot: String,
+        found: Lsn,
+        recorded: Lsn,
+    },
     #[error("replication slot {slot:?} was invalidated (wal_status = 'lost'): the WAL it needed was removed (max_slot_wal_keep_size). Events committed while it was lost cannot be streamed: run `outbox-relay recover`, which drops it, creates it again and publishes from the outbox table the events Kafka lacks")]
     SlotInvalidated { slot: String },
     #[error("an `outbox-relay recover` of replication slot {slot:?} did not finish (the progress topic says so): the events between the last one in Kafka and the slot were not all published. Stop, and run `outbox-relay recover` again; it drops the slot it left and publishes what Kafka lacks")]

@@ -330,7 +330,8 @@ impl State {
                 cfg,
                 reading.resume,
                 reading.found,
-                at_start.as_ref().map(|p| p.confirmed),
+                at_start.as_ref(),
+                r.server.timeline,
             )?;
             r.started(at_start)?;
             // At-least-once publishes whatever the stream sends: a fork

@@ -190,7 +190,8 @@ async fn start_recording(
                 cfg,
                 resume,
                 found,
-                recorder.at_start.as_ref().map(|p| p.confirmed),
+                recorder.at_start.as_ref(),
+                server.timeline,
             )?;
             // At-least-once publishes whatever the stream sends: a fork
             // changes nothing it does, but is said and counted.
@@ -230,7 +231,8 @@ async fn start_recording(
         cfg,
         resume,
         found,
-        recorder.at_start.as_ref().map(|p| p.confirmed),
+        recorder.at_start.as_ref(),
+        server.timeline,
     )?;
     let judged = recorder.judge(
         &state.metrics,
@@ -285,12 +287,26 @@ pub(super) fn moved_by_us(
     cfg: &RelayConfig,
     resume: Option<Lsn>,
     found: Lsn,
-    recorded: Option<Lsn>,
+    recorded: Option<&crate::pipeline::sink::progress::Progress>,
+    timeline: u32,
 ) -> Result<(), PipelineError> {
     let Some(ours) = resume.filter(|ours| found > *ours) else {
-        return Ok(());
+        // Review N10: at a fresh start, a slot past the furthest record
+        // of its own history was moved while no relay of ours ran. (On
+        // another timeline it is the history's doing: `history` judges
+        // that.)
+        return match recorded {
+            Some(p) if p.timeline == Some(timeline) && found > p.confirmed && resume.is_none() => {
+                Err(PipelineError::SlotMovedWhileDown {
+                    slot: cfg.slot.clone(),
+                    found,
+                    recorded: p.confirmed,
+                })
+            }
+            _ => Ok(()),
+        };
     };
-    match recorded {
+    match recorded.map(|p| p.confirmed) {
         Some(r) if found <= r => {
             tracing::info!(
                 slot = %cfg.slot,
