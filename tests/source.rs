@@ -322,7 +322,7 @@ async fn an_invalidated_slot_is_refused_with_a_fix() {
     assert_eq!(code, 1, "{err}");
     assert!(
         err.contains("was invalidated (wal_status = 'lost')")
-            && err.contains("drop and recreate the slot"),
+            && err.contains("run `outbox-relay recover`"),
         "{err}"
     );
 }
