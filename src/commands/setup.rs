@@ -149,7 +149,7 @@ pub async fn publish_tables(
             cfg.tables.iter().filter(|t| t.table.is_pattern()).collect();
         report.extend(ensure_pattern_publication(client, &cfg.publication, &sections).await?);
     }
-    let now = crate::pg::catalog::expand_tables(client, &cfg.tables)
+    let now = crate::pipeline::tables::expand(client, &cfg.tables)
         .await
         .map_err(sql("finding the tables of the schema patterns"))?;
     let tables: Vec<RouterConfig> = tables
@@ -374,7 +374,7 @@ pub async fn run(cfg: &RelayConfig, kind: SlotKind) -> Result<Vec<String>, Setup
     check_wal_level(&client).await?;
     report.push("wal_level is logical".to_string());
 
-    let tables = crate::pg::catalog::expand_tables(&client, &cfg.tables)
+    let tables = crate::pipeline::tables::expand(&client, &cfg.tables)
         .await
         .map_err(sql("finding the tables of the schema patterns"))?;
     for t in &tables {

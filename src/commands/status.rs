@@ -195,7 +195,7 @@ pub async fn collect(client: &Client, cfg: &RelayConfig) -> Result<Status, Statu
         .collect();
     // pg_publication_tables lists a FOR ALL TABLES publication's tables too;
     // a schema pattern stands for the tables that exist now.
-    let tables = crate::pg::catalog::expand_tables(client, &cfg.tables)
+    let tables = crate::pipeline::tables::expand(client, &cfg.tables)
         .await
         .map_err(sql("finding the tables of the schema patterns"))?;
     let table_published = tables

@@ -111,7 +111,7 @@ pub struct RelayConfig {
     pub replication_timeout: Option<Duration>,
     pub terminate_stale_walsender: bool,
     /// Some with `--recover-slot`: how a lost slot is recovered by `run`.
-    pub recover_slot: Option<crate::pipeline::recover::RecoverSettings>,
+    pub recover_slot: Option<crate::pipeline::recover::settings::RecoverSettings>,
     pub reconnect_max_backoff: Duration,
     /// None when the HTTP endpoint is off.
     pub http_address: Option<std::net::SocketAddr>,

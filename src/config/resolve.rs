@@ -92,7 +92,7 @@ impl RelayConfig {
             },
             terminate_stale_walsender: o.terminate_stale_walsender.unwrap_or(false),
             recover_slot: o.recover_slot.unwrap_or(false).then(|| {
-                crate::pipeline::recover::RecoverSettings {
+                crate::pipeline::recover::settings::RecoverSettings {
                     order_column: o
                         .recover_order_column
                         .clone()

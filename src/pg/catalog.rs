@@ -3,7 +3,7 @@
 //! same words.
 
 use super::quote_ident;
-use crate::pipeline::route::router::RouterConfig;
+use super::table_name::TableName;
 
 /// Why a publication without publish_via_partition_root cannot serve a
 /// partitioned outbox table, and the fix.
@@ -19,17 +19,17 @@ pub fn partitions_by_name(publication: &str, table: &str) -> String {
 /// in which its table exists: `(index into tables, schema)` rows, ordinary or
 /// partitioned tables, not partitions (their rows arrive under the root's
 /// name). None when no table is a pattern.
-pub fn pattern_schemas_sql(tables: &[RouterConfig]) -> Option<String> {
+pub fn pattern_schemas_sql(tables: &[TableName]) -> Option<String> {
     let selects: Vec<String> = tables
         .iter()
         .enumerate()
-        .filter(|(_, t)| t.table.is_pattern())
+        .filter(|(_, t)| t.is_pattern())
         .map(|(i, t)| {
             format!(
                 "SELECT {i}::text, n.nspname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                   WHERE c.relname = {} AND n.nspname LIKE {} AND c.relkind IN ('r', 'p') AND NOT c.relispartition",
-                crate::pg::quote_literal(&t.table.name),
-                crate::pg::quote_literal(&t.table.schema_like())
+                crate::pg::quote_literal(&t.name),
+                crate::pg::quote_literal(&t.schema_like())
             )
         })
         .collect();
@@ -39,33 +39,27 @@ pub fn pattern_schemas_sql(tables: &[RouterConfig]) -> Option<String> {
     Some(format!("{} ORDER BY 1, 2", selects.join(" UNION ALL ")))
 }
 
-/// The tables as they exist now: each schema pattern replaced by one mapping
-/// per table it matches (`found`: the rows of [`pattern_schemas_sql`]), in
-/// configuration order. A table that an earlier section already names is
-/// left to that section, as the router does.
-pub fn concrete_tables(tables: &[RouterConfig], found: &[(usize, String)]) -> Vec<RouterConfig> {
-    let mut out: Vec<RouterConfig> = Vec::new();
+/// The tables as they exist now: each schema pattern replaced by each table
+/// it matches (`found`: the rows of [`pattern_schemas_sql`]), in
+/// configuration order, with the index of the name it came from. A table
+/// that an earlier name already covers is left to that one, as the router
+/// does.
+pub fn concrete_tables(tables: &[TableName], found: &[(usize, String)]) -> Vec<(usize, TableName)> {
+    let mut out = Vec::new();
     for (i, t) in tables.iter().enumerate() {
-        if !t.table.is_pattern() {
+        if !t.is_pattern() {
             // Config resolution refuses a table an earlier pattern matches;
             // should one get here, the router's first-section rule decides.
-            let earlier = tables[..i]
-                .iter()
-                .any(|e| e.table.matches(&t.table.schema, &t.table.name));
+            let earlier = tables[..i].iter().any(|e| e.matches(&t.schema, &t.name));
             if !earlier {
-                out.push(t.clone());
+                out.push((i, t.clone()));
             }
             continue;
         }
         for (_, schema) in found.iter().filter(|(j, _)| *j == i) {
-            let earlier = tables[..i]
-                .iter()
-                .any(|e| e.table.matches(schema, &t.table.name));
+            let earlier = tables[..i].iter().any(|e| e.matches(schema, &t.name));
             if !earlier {
-                out.push(RouterConfig {
-                    table: t.table.in_schema(schema),
-                    ..t.clone()
-                });
+                out.push((i, t.in_schema(schema)));
             }
         }
     }
@@ -81,21 +75,24 @@ pub fn pattern_rows(
         .collect()
 }
 
-/// The tables as they exist now, over an ordinary SQL connection.
+/// The tables as they exist now (as [`concrete_tables`]), over an ordinary
+/// SQL connection.
 pub async fn expand_tables(
     client: &tokio_postgres::Client,
-    tables: &[RouterConfig],
-) -> Result<Vec<RouterConfig>, tokio_postgres::Error> {
-    let Some(sql) = pattern_schemas_sql(tables) else {
-        return Ok(tables.to_vec());
-    };
-    let rows = client.simple_query(&sql).await?;
-    let found = pattern_rows(rows.iter().filter_map(|m| match m {
-        tokio_postgres::SimpleQueryMessage::Row(r) => {
-            Some((r.get(0).map(String::from), r.get(1).map(String::from)))
+    tables: &[TableName],
+) -> Result<Vec<(usize, TableName)>, tokio_postgres::Error> {
+    let found = match pattern_schemas_sql(tables) {
+        None => Vec::new(),
+        Some(sql) => {
+            let rows = client.simple_query(&sql).await?;
+            pattern_rows(rows.iter().filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => {
+                    Some((r.get(0).map(String::from), r.get(1).map(String::from)))
+                }
+                _ => None,
+            }))
         }
-        _ => None,
-    }));
+    };
     Ok(concrete_tables(tables, &found))
 }
 
@@ -107,9 +104,9 @@ pub async fn expand_tables(
 pub async fn unpublished_pattern_tables(
     client: &tokio_postgres::Client,
     publication: &str,
-    tables: &[RouterConfig],
+    tables: &[TableName],
 ) -> Result<Vec<String>, tokio_postgres::Error> {
-    if !tables.iter().any(|t| t.table.is_pattern()) {
+    if !tables.iter().any(TableName::is_pattern) {
         return Ok(Vec::new());
     }
     let published: Vec<String> = client
@@ -124,8 +121,8 @@ pub async fn unpublished_pattern_tables(
     Ok(expand_tables(client, tables)
         .await?
         .into_iter()
-        .filter(|t| !tables.iter().any(|c| c.table == t.table))
-        .map(|t| t.table.to_string())
+        .filter(|(_, t)| !tables.contains(t))
+        .map(|(_, t)| t.to_string())
         .filter(|t| !published.contains(t))
         .collect())
 }
@@ -133,29 +130,13 @@ pub async fn unpublished_pattern_tables(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pipeline::route::router::{TableName, TopicTemplate};
-
-    fn mapping(table: &str) -> RouterConfig {
-        RouterConfig {
-            table: TableName::parse(table).unwrap(),
-            id_column: "event_id".into(),
-            key_column: "aggregate_id".into(),
-            key_format: Default::default(),
-            payload_column: "payload".into(),
-            topic: TopicTemplate::parse("{schema}.events").unwrap(),
-            headers: Vec::new(),
-            event_type_column: None,
-            require_json: false,
-        }
-    }
 
     #[test]
     fn patterns_expand_to_the_tables_that_exist_first_section_first() {
-        let tables = [
-            mapping("tenant_a.outbox"),
-            mapping("tenant_*.outbox"),
-            mapping("public.outbox"),
-        ];
+        let tables: Vec<TableName> = ["tenant_a.outbox", "tenant_*.outbox", "public.outbox"]
+            .iter()
+            .map(|t| TableName::parse(t).unwrap())
+            .collect();
         let sql = pattern_schemas_sql(&tables).unwrap();
         assert!(sql.contains("LIKE  E'tenant\\\\_%'"), "{sql}");
         assert!(pattern_schemas_sql(&tables[2..]).is_none());
@@ -164,13 +145,17 @@ mod tests {
             (Some("1".into()), Some("tenant_b".into())),
             (Some("x".into()), Some("bad".into())),
         ]);
-        let names: Vec<String> = concrete_tables(&tables, &found)
+        let names: Vec<(usize, String)> = concrete_tables(&tables, &found)
             .iter()
-            .map(|t| t.table.to_string())
+            .map(|(i, t)| (*i, t.to_string()))
             .collect();
         assert_eq!(
             names,
-            ["tenant_a.outbox", "tenant_b.outbox", "public.outbox"]
+            [
+                (0, "tenant_a.outbox".to_string()),
+                (1, "tenant_b.outbox".to_string()),
+                (2, "public.outbox".to_string())
+            ]
         );
     }
 }

@@ -6,7 +6,8 @@
 //! (`standbys`), the catalog queries and messages several callers share
 //! (`catalog`) and the event trigger that publishes a schema pattern's new
 //! tables (`publish_trigger`), and how close the slot is to being invalidated
-//! (`slot_headroom`). It must not hold pipeline state.
+//! (`slot_headroom`), and table names (`table_name`). It knows Postgres's
+//! names, not the pipeline's types, and holds no pipeline state.
 
 pub mod catalog;
 pub mod config;
@@ -14,6 +15,7 @@ pub mod publish_trigger;
 pub mod slot_headroom;
 pub mod sql;
 pub mod standbys;
+pub mod table_name;
 pub mod tls;
 
 /// A double-quoted identifier, for SQL and for replication commands alike

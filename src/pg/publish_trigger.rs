@@ -26,8 +26,8 @@
 //! refuses, naming the owner, when the schema or the function exists under
 //! any other role, and `check` and `run` report such a function.
 
+use super::table_name::TableName;
 use crate::pg::quote_ident;
-use crate::pipeline::route::router::TableName;
 
 /// The schema of the trigger's function: the relay's own, owned by a
 /// superuser, where no other role may create anything.

@@ -15,3 +15,4 @@ pub mod recover;
 pub mod route;
 pub mod sink;
 pub mod source;
+pub mod tables;

@@ -180,7 +180,7 @@ pub async fn run(
             confirmed: row.get(0),
         });
     }
-    let tables = crate::pg::catalog::expand_tables(&client, &cfg.tables)
+    let tables = crate::pipeline::tables::expand(&client, &cfg.tables)
         .await
         .map_err(sql("finding the tables of the schema patterns"))?;
     let mut router = Router::new(cfg.tables.clone());
@@ -224,7 +224,7 @@ pub async fn run(
     // A tenant table created after the tables were listed, and written to
     // before the slot's consistent point, would be in the snapshot but in
     // no plan: its pending rows would be published by no one.
-    let in_snapshot = crate::pg::catalog::expand_tables(&client, &cfg.tables)
+    let in_snapshot = crate::pipeline::tables::expand(&client, &cfg.tables)
         .await
         .map_err(|e| {
             abort(format!(

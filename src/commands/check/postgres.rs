@@ -46,7 +46,7 @@ pub(super) async fn postgres_checks(client: &Client, cfg: &RelayConfig) -> Vec<C
     // One line per table for what is per table: its columns, its place in
     // the publication, the role's right to read it.
     // A schema pattern stands for the tables that exist now.
-    let tables = match crate::pg::catalog::expand_tables(client, &cfg.tables).await {
+    let tables = match crate::pipeline::tables::expand(client, &cfg.tables).await {
         Ok(t) => t,
         Err(e) => {
             out.push(CheckResult::unknown("outbox table", e));

@@ -195,7 +195,7 @@ pub async fn run(
     // Several tables (a schema pattern's as they exist now): one after the
     // other, each with its own snapshot and wait.
     let tables = if cfg.several_tables() {
-        crate::pg::catalog::expand_tables(&reader, &cfg.tables)
+        crate::pipeline::tables::expand(&reader, &cfg.tables)
             .await
             .map_err(sql("finding the tables of the schema patterns"))?
     } else {

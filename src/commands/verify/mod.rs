@@ -141,7 +141,7 @@ pub async fn verify_all(
     settings: &VerifySettings,
 ) -> Result<Vec<Report>, VerifyError> {
     let (client, conn) = crate::pg::sql::connect(&cfg.database).await?;
-    let tables = crate::pg::catalog::expand_tables(&client, &cfg.tables).await;
+    let tables = crate::pipeline::tables::expand(&client, &cfg.tables).await;
     drop(client);
     let _ = conn.await;
     let tables =

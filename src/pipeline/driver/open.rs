@@ -96,7 +96,8 @@ pub(super) async fn check_publication(
     // A schema pattern stands for the tables that exist now; one created
     // later is added by setup's event trigger (and checked at the next
     // session).
-    let tables = match crate::pg::catalog::pattern_schemas_sql(&cfg.tables) {
+    let names = crate::pipeline::tables::names(&cfg.tables);
+    let tables = match crate::pg::catalog::pattern_schemas_sql(&names) {
         None => cfg.tables.clone(),
         Some(sql) => {
             let rows = conn.simple_query(&sql).await?;
@@ -105,7 +106,10 @@ pub(super) async fn check_publication(
                 let index = r.get_mut(0).and_then(Option::take);
                 (index, schema)
             }));
-            crate::pg::catalog::concrete_tables(&cfg.tables, &found)
+            crate::pipeline::tables::concrete(
+                &cfg.tables,
+                crate::pg::catalog::concrete_tables(&names, &found),
+            )
         }
     };
     for t in &tables {

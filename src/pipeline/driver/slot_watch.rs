@@ -106,7 +106,7 @@ pub(super) async fn slot_watch(cfg: RelayConfig, metrics: Arc<Metrics>) {
                     crate::pg::catalog::unpublished_pattern_tables(
                         c,
                         &cfg.publication,
-                        &cfg.tables,
+                        &crate::pipeline::tables::names(&cfg.tables),
                     ),
                 )
                 .await;
