@@ -13,6 +13,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::lsn::Lsn;
+pub use crate::pipeline::route::router::Failed;
 use crate::pipeline::route::router::{OutboxRecord, RouteError};
 
 /// The kinds of bad event a policy can be set for.
@@ -177,30 +178,6 @@ impl ErrorPolicy {
             .split_once('=')
             .ok_or_else(|| format!("{s:?}: expected KIND=POLICY, e.g. too-large=dead-letter"))?;
         Ok((k.parse()?, p.parse()?))
-    }
-}
-
-/// What is known of an event that could not be published normally.
-#[derive(Debug, Clone, Default)]
-pub struct Failed {
-    pub key: Option<Bytes>,
-    pub payload: Option<Bytes>,
-    pub event_id: Option<Bytes>,
-    pub headers: Vec<(std::sync::Arc<str>, Option<Bytes>)>,
-    pub event_type: Option<Bytes>,
-    pub intended_topic: String,
-}
-
-impl From<&OutboxRecord> for Failed {
-    fn from(r: &OutboxRecord) -> Self {
-        Failed {
-            key: Some(r.key.clone()),
-            payload: r.payload.clone(),
-            event_id: Some(r.event_id.clone()),
-            headers: r.headers.clone(),
-            event_type: r.event_type.clone(),
-            intended_topic: r.topic.to_string(),
-        }
     }
 }
 

@@ -58,6 +58,30 @@ pub struct OutboxRecord {
     pub event_type: Option<Bytes>,
 }
 
+/// What is known of an event that could not be published normally.
+#[derive(Debug, Clone, Default)]
+pub struct Failed {
+    pub key: Option<Bytes>,
+    pub payload: Option<Bytes>,
+    pub event_id: Option<Bytes>,
+    pub headers: Vec<(std::sync::Arc<str>, Option<Bytes>)>,
+    pub event_type: Option<Bytes>,
+    pub intended_topic: String,
+}
+
+impl From<&OutboxRecord> for Failed {
+    fn from(r: &OutboxRecord) -> Self {
+        Failed {
+            key: Some(r.key.clone()),
+            payload: r.payload.clone(),
+            event_id: Some(r.event_id.clone()),
+            headers: r.headers.clone(),
+            event_type: r.event_type.clone(),
+            intended_topic: r.topic.to_string(),
+        }
+    }
+}
+
 impl OutboxRecord {
     /// A copy that owns its bytes. The record's values are slices of the
     /// buffer the WAL message was read into; keeping one alive keeps that
@@ -510,7 +534,7 @@ fn topic_of(
 impl Router {
     /// Whatever can be read from a row that failed to route, for its
     /// dead-letter record: raw values, no validation.
-    pub fn salvage(&self, insert: &Insert) -> crate::pipeline::policy::Failed {
+    pub fn salvage(&self, insert: &Insert) -> Failed {
         let plan = match self.relations.get(&insert.relation_oid) {
             Some(RelationPlan::Outbox(plan)) => plan,
             // The whole row, column by column, so that nothing of it is lost.
@@ -528,13 +552,13 @@ impl Router {
                         (name.clone(), v)
                     })
                     .collect();
-                return crate::pipeline::policy::Failed {
+                return Failed {
                     payload: Some(Bytes::from(serde_json::Value::Object(row).to_string())),
                     intended_topic: format!("table {table}"),
-                    ..crate::pipeline::policy::Failed::default()
+                    ..Failed::default()
                 };
             }
-            _ => return crate::pipeline::policy::Failed::default(),
+            _ => return Failed::default(),
         };
         let value = |i: usize| match insert.tuple.get(i) {
             Some(TupleValue::Text(b)) | Some(TupleValue::Binary(b)) => Some(b.clone()),
@@ -558,7 +582,7 @@ impl Router {
                 }
             }
         }
-        crate::pipeline::policy::Failed {
+        Failed {
             key: value(plan.key),
             payload: value(plan.payload),
             event_id,
