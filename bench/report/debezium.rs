@@ -81,7 +81,7 @@ fn targets(m: &mut String, r: &Value) {
     if x < 0.9 {
         missed.push("drain_recvlogical");
     }
-    let (rr, dr) = (super::markdown::peak_rss(r), debezium_peak_rss(r));
+    let (rr, dr) = (super::peak_rss(r), debezium_peak_rss(r));
     if dr.is_finite() {
         let _ = writeln!(m, "| peak RSS vs Debezium | relay {rr:.1} MB = 1/{:.0} of Debezium's | ≤ 1/20 | Debezium (Connect JVM) {dr:.0} MB; both the highest of their scenarios | {} |", dr / rr, verdict(rr * 20.0 <= dr));
         if rr * 20.0 > dr {
@@ -334,7 +334,7 @@ fn comparison(m: &mut String, r: &Value) {
 
 /// Debezium's peak RSS: the highest of the scenarios it ran in.
 fn debezium_peak_rss(r: &Value) -> f64 {
-    super::markdown::highest(&[
+    super::highest(&[
         &r["drain"]["debezium"]["peak_rss_mb"],
         &r["latency"]["debezium"]["debezium_peak_rss_mb"],
         &r["sustained"]["debezium"]["debezium_peak_rss_mb"],

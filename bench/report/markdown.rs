@@ -65,7 +65,7 @@ fn targets(m: &mut String, r: &Value) {
     target_rows_drain(m, r);
     target_rows_latency(m, r);
     target_rows_pollers(m, r);
-    let rss = peak_rss(r);
+    let rss = super::peak_rss(r);
     let _ = writeln!(
         m,
         "| peak RSS | {:.1} MB (max of the scenarios) | ≤ 32 MB | — | {} |\n",
@@ -135,24 +135,6 @@ fn target_rows_pollers(m: &mut String, r: &Value) {
         yes(relay_rate >= 5.0 * tuned)
     );
     let _ = writeln!(m, "| p50 latency vs tuned poller, commit → consumer | {:.1} × lower | ≥ 100 × lower | tuned poller p50 {:.1} ms | {} |", tuned_p50 / f(&clat["p50"]), tuned_p50, yes(tuned_p50 >= 100.0 * f(&clat["p50"])));
-}
-
-/// The relay's peak RSS: the highest of the scenarios that ran.
-pub(super) fn peak_rss(r: &Value) -> f64 {
-    highest(&[
-        &r["drain"]["relay"]["peak_rss_mb"],
-        &r["latency"]["relay"]["relay_peak_rss_mb"],
-        &r["sustained"]["relay_peak_rss_mb"],
-    ])
-}
-
-/// The highest of the figures present (NaN when none is).
-pub(super) fn highest(figures: &[&Value]) -> f64 {
-    figures
-        .iter()
-        .map(|v| f(v))
-        .filter(|v| v.is_finite())
-        .fold(f64::NAN, f64::max)
 }
 
 fn drain(m: &mut String, r: &Value) {

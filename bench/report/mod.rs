@@ -31,3 +31,21 @@ pub(crate) fn write(out: &Path, report: &Value) -> Result<()> {
 fn f(v: &Value) -> f64 {
     v.as_f64().unwrap_or(f64::NAN)
 }
+
+/// The relay's peak RSS: the highest of the scenarios that ran.
+pub(super) fn peak_rss(r: &Value) -> f64 {
+    highest(&[
+        &r["drain"]["relay"]["peak_rss_mb"],
+        &r["latency"]["relay"]["relay_peak_rss_mb"],
+        &r["sustained"]["relay_peak_rss_mb"],
+    ])
+}
+
+/// The highest of the figures present (NaN when none is).
+pub(super) fn highest(figures: &[&Value]) -> f64 {
+    figures
+        .iter()
+        .map(|v| f(v))
+        .filter(|v| v.is_finite())
+        .fold(f64::NAN, f64::max)
+}

@@ -15,7 +15,6 @@ use rdkafka::error::KafkaError;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde_json::{json, Value};
 
-use super::latency::parse_seq;
 use crate::now_us;
 use crate::report::stats::{histogram_summary, metric_value};
 
@@ -97,4 +96,16 @@ pub(crate) fn exactly_once_figures(metrics: &str, events: u64, out: &mut Value) 
     ));
     out["events_per_kafka_transaction"] = json!(txns.map(|t| events as f64 / t.max(1.0)));
     out["kafka_commit_ms"] = histogram_summary(metrics, "outbox_kafka_commit_duration_seconds");
+}
+
+/// The `seq` of a bench payload (`{"seq": N, …}`), without parsing the JSON.
+pub(crate) fn parse_seq(payload: &[u8]) -> Option<i64> {
+    let s = std::str::from_utf8(payload).ok()?;
+    let i = s.find("\"seq\":")? + 6;
+    let digits: String = s[i..]
+        .trim_start()
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    digits.parse().ok()
 }

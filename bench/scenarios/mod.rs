@@ -15,7 +15,7 @@ pub(crate) use latency::scenario_latency;
 pub(crate) use pollers::scenario_pollers;
 pub(crate) use sustained::scenario_sustained;
 #[cfg(test)]
-pub(crate) use {latency::parse_seq, sustained::wal_age};
+pub(crate) use {committed::parse_seq, sustained::wal_age};
 
 /// `repeat('x', PAD)` in a `{"pad": …, "seq": n}` jsonb gives ~500 B of JSON text.
 pub(crate) const PAD: usize = 473;

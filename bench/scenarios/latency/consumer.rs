@@ -4,6 +4,7 @@
 //! so that runs never see each other's records. It reads `read_committed`, as
 //! the exactly-once relay's consumers must.
 
+use crate::scenarios::committed::parse_seq;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -18,17 +19,6 @@ use crate::now_us;
 
 /// One received record: seq, receive time (epoch µs), record timestamp (epoch ms), kind.
 pub(super) type Received = (i64, i64, i64, &'static str);
-
-pub(crate) fn parse_seq(payload: &[u8]) -> Option<i64> {
-    let s = std::str::from_utf8(payload).ok()?;
-    let i = s.find("\"seq\":")? + 6;
-    let digits: String = s[i..]
-        .trim_start()
-        .chars()
-        .take_while(|c| c.is_ascii_digit())
-        .collect();
-    digits.parse().ok()
-}
 
 pub(super) fn consume_until(
     brokers: String,

@@ -23,7 +23,6 @@ use crate::stack::kafka::{create_topic, hw_sum_async, topic_name};
 use crate::stack::pg::fresh_db;
 use crate::stack::relay::{has_exactly_once, Mode};
 use crate::stack::Cfg;
-pub(crate) use consumer::parse_seq;
 use consumer::{commit_to_consumer, consume_until};
 use publishing::Publishing;
 use writers::spawn_writers;
