@@ -12,7 +12,8 @@
 //! sessions; `pipeline::policy` decides about bad events. Beside them:
 //! `config` (flags, environment, TOML, presets), `pg` (Postgres connection
 //! settings, TLS, identifier quoting), `observe` (metrics, HTTP, stdout
-//! announcements) and the operator commands in `commands`.
+//! announcements), `signals` (SIGTERM and SIGINT) and the operator commands
+//! in `commands`.
 
 pub mod commands;
 pub mod config;
@@ -20,4 +21,5 @@ pub mod lsn;
 pub mod observe;
 pub mod pg;
 pub mod pipeline;
+pub mod signals;
 pub mod supervisor;

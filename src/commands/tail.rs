@@ -221,7 +221,7 @@ pub async fn command(opts: TailOptions) -> u8 {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     tokio::spawn(async move {
-        crate::commands::run::shutdown_signal().await;
+        crate::signals::shutdown_signal().await;
         flag.store(true, Ordering::Relaxed);
     });
     let result = tokio::task::spawn_blocking(move || {
