@@ -4,13 +4,15 @@
 //! the connection settings (`config`), TLS (`tls`), the ordinary SQL
 //! connection and its errors (`sql`), the standbys of a multi-host URL
 //! (`standbys`), the catalog queries and messages several callers share
-//! (`catalog`) and the event trigger that publishes a schema pattern's new
+//! (`catalog`), the objects the relay needs (`objects`: wal_level, the table,
+//! the publication) and the event trigger that publishes a schema pattern's new
 //! tables (`publish_trigger`), and how close the slot is to being invalidated
 //! (`slot_headroom`), and table names (`table_name`). It knows Postgres's
 //! names, not the pipeline's types, and holds no pipeline state.
 
 pub mod catalog;
 pub mod config;
+pub mod objects;
 pub mod publish_trigger;
 pub mod slot_headroom;
 pub mod sql;

@@ -91,7 +91,7 @@ pub enum BackfillError {
     #[error(transparent)]
     Sql(#[from] crate::pg::sql::SqlError),
     #[error(transparent)]
-    Setup(#[from] crate::commands::setup::SetupError),
+    Objects(#[from] crate::pg::objects::ObjectsError),
     #[error("replication slot {slot} already exists (confirmed up to {confirmed}); backfill refuses to use it: a backfill must create the slot itself, so that the snapshot it reads and the stream `run` publishes from meet exactly at the slot's starting point. If no relay has run on it yet and you want to redo the cutover, drop it (SELECT pg_drop_replication_slot('{slot}');) and run backfill again; if the relay is already streaming from it, the cutover is done: do not backfill")]
     SlotExists { slot: String, confirmed: String },
     #[error("the --pending-where condition or --order-column does not work on {table}: {source}")]
@@ -166,7 +166,7 @@ pub async fn run(
 
     // Everything that can be checked is checked before the slot exists, for
     // every table (a schema pattern's as they exist now).
-    crate::commands::setup::check_wal_level(&client).await?;
+    crate::pg::objects::check_wal_level(&client).await?;
     if let Some(row) = client
         .query_opt(
             "SELECT coalesce(confirmed_flush_lsn::text, '-') FROM pg_replication_slots WHERE slot_name = $1",
@@ -204,7 +204,9 @@ pub async fn run(
 
     // The publication must exist before the slot: pgoutput looks it up as of
     // each decoded change.
-    for line in crate::commands::setup::publish_tables(&client, cfg, &tables).await? {
+    for line in
+        crate::pipeline::tables::publish(&client, &cfg.publication, &cfg.tables, &tables).await?
+    {
         say(line);
     }
 
@@ -307,7 +309,7 @@ async fn plan(
     args: &BackfillArgs,
 ) -> Result<Plan, BackfillError> {
     let table = &mapping.table;
-    crate::commands::setup::check_table(client, mapping).await?;
+    crate::pg::objects::check_table(client, &mapping.table, &mapping.referenced_columns()).await?;
     let shape = TableShape::read(client, table)
         .await
         .map_err(sql(format!("reading the columns of {table}")))?;

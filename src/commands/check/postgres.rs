@@ -3,8 +3,8 @@
 
 use tokio_postgres::Client;
 
-use crate::commands::setup::{self, SetupError};
 use crate::config::RelayConfig;
+use crate::pg::objects::{self, ObjectsError};
 use crate::pipeline::route::router::RouterConfig;
 
 use super::*;
@@ -148,7 +148,7 @@ async fn publish_trigger(client: &Client, cfg: &RelayConfig) -> CheckResult {
 
 /// The table exists with every column its mapping names; the bool says so.
 async fn outbox_table(client: &Client, mapping: &RouterConfig) -> (CheckResult, bool) {
-    match setup::check_table(client, mapping).await {
+    match objects::check_table(client, &mapping.table, &mapping.referenced_columns()).await {
         Ok(()) => (
             CheckResult::pass(
                 "outbox table",
@@ -162,11 +162,11 @@ async fn outbox_table(client: &Client, mapping: &RouterConfig) -> (CheckResult, 
         ),
         Err(e) => {
             let fix = match &e {
-                SetupError::NoTable { .. } => format!(
+                ObjectsError::NoTable { .. } => format!(
                     "create {} (sql/01_outbox_classic.sql or sql/02_outbox_debezium.sql), or point --table at the outbox table",
                     mapping.table
                 ),
-                SetupError::NoColumn { option, .. } => format!(
+                ObjectsError::NoColumn { option, .. } => format!(
                     "set {option} to one of the table's columns, or add the column"
                 ),
                 _ => "check --database-url and --table".to_string(),
