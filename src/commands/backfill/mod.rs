@@ -222,7 +222,9 @@ pub async fn run(
 
     // The exported snapshot lives while `repl` stays open and idle; every
     // table is read in it.
-    import_snapshot(&client, &snapshot).await.map_err(abort)?;
+    crate::pipeline::source::table_rows::import_snapshot(&client, &snapshot)
+        .await
+        .map_err(abort)?;
     // A tenant table created after the tables were listed, and written to
     // before the slot's consistent point, would be in the snapshot but in
     // no plan: its pending rows would be published by no one.
@@ -348,17 +350,6 @@ async fn plan(
         from_where,
         order_col,
     })
-}
-
-/// Starts the transaction that reads every table in the slot's snapshot.
-async fn import_snapshot(client: &Client, snapshot: &str) -> Result<(), String> {
-    client
-        .batch_execute(&format!(
-            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
-            snapshot.replace('\'', "''")
-        ))
-        .await
-        .map_err(|e| format!("importing snapshot {snapshot} failed: {e}"))
 }
 
 /// Counts the table's pending rows in the snapshot and opens the cursor

@@ -408,7 +408,7 @@ pub async fn run(
                 .begin_transaction()
                 .map_err(|e| e.to_string())?;
         }
-        import_snapshot(&client, &snapshot).await?;
+        crate::pipeline::source::table_rows::import_snapshot(&client, &snapshot).await?;
         let tables = crate::pipeline::tables::expand(&client, &cfg.tables)
             .await
             .map_err(|e| format!("listing the tables in the slot's snapshot failed: {e}"))?;
@@ -505,16 +505,6 @@ async fn commit(publisher: &Publisher<'_>) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())
-}
-
-async fn import_snapshot(client: &Client, snapshot: &str) -> Result<(), String> {
-    client
-        .batch_execute(&format!(
-            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
-            snapshot.replace('\'', "''")
-        ))
-        .await
-        .map_err(|e| format!("importing snapshot {snapshot} failed: {e}"))
 }
 
 /// One table: what Kafka holds of it, the first row of that still in the

@@ -117,3 +117,16 @@ impl TableShape {
         }
     }
 }
+
+/// Starts, on `client`, the read-only transaction that sees exactly what
+/// the exported snapshot `snapshot` sees (a slot's, from
+/// `create_slot_exporting_snapshot`): every table is then read in it.
+pub async fn import_snapshot(client: &Client, snapshot: &str) -> Result<(), String> {
+    client
+        .batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+            crate::pg::quote_literal(snapshot)
+        ))
+        .await
+        .map_err(|e| format!("importing snapshot {snapshot} failed: {e}"))
+}
