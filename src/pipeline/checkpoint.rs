@@ -39,6 +39,23 @@ pub enum CheckpointError {
     ExtraAck(TxnSeq),
 }
 
+/// What, besides the broker's acknowledgements, holds the confirmed position
+/// back; each part is set by the one who knows it, and the checkpoint alone
+/// combines them ([`Checkpoint::confirmable`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Holds {
+    /// The progress topic records every position before it is confirmed
+    /// (`driver::record`): not past the last recorded one.
+    pub recorded: Option<Lsn>,
+    /// Exactly-once: not past the start of a Kafka transaction that is
+    /// still open (its events are not visible yet).
+    pub open_transaction: Option<Lsn>,
+    /// Exactly-once: transactions taken for ones already in Kafka until the
+    /// stream proves the history (`pipeline::history`) may yet be new: not
+    /// past where the session resumed.
+    pub unproven_from: Option<Lsn>,
+}
+
 /// Tracks transactions from Begin until all their events are acknowledged.
 #[derive(Debug)]
 pub struct Checkpoint {
@@ -66,6 +83,15 @@ impl Checkpoint {
     /// The newest position whose every event is acknowledged.
     pub fn confirmed(&self) -> Lsn {
         self.confirmed
+    }
+
+    /// The position that may be told to the server now: the newest one
+    /// with every event before it acknowledged, and not past any hold.
+    pub fn confirmable(&self, holds: Holds) -> Lsn {
+        [holds.recorded, holds.open_transaction, holds.unproven_from]
+            .into_iter()
+            .flatten()
+            .fold(self.confirmed, Lsn::min)
     }
 
     /// Events handed to the producer and not yet acknowledged.
@@ -239,6 +265,31 @@ mod tests {
         assert_eq!(c.confirmed(), Lsn(0));
         c.commit(Lsn(120)).unwrap();
         assert_eq!(c.confirmed(), Lsn(120));
+    }
+
+    #[test]
+    fn holds_keep_the_confirmable_position_back() {
+        let mut c = Checkpoint::new(Lsn(0));
+        c.begin(Lsn(5)).unwrap();
+        c.commit(Lsn(100)).unwrap();
+        assert_eq!(c.confirmable(Holds::default()), Lsn(100));
+        let recorded = Holds {
+            recorded: Some(Lsn(80)),
+            ..Holds::default()
+        };
+        assert_eq!(c.confirmable(recorded), Lsn(80));
+        let all = Holds {
+            recorded: Some(Lsn(80)),
+            open_transaction: Some(Lsn(60)),
+            unproven_from: Some(Lsn(70)),
+        };
+        assert_eq!(c.confirmable(all), Lsn(60));
+        // A hold beyond what is acknowledged changes nothing.
+        let far = Holds {
+            recorded: Some(Lsn(900)),
+            ..Holds::default()
+        };
+        assert_eq!(c.confirmable(far), Lsn(100));
     }
 
     #[test]

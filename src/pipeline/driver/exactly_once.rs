@@ -163,23 +163,18 @@ impl Transactions {
 }
 
 impl State {
-    /// The most that may be confirmed now: the checkpoint's position, held at
-    /// the gate while a Kafka transaction is open.
+    /// The most that may be confirmed now, as the checkpoint decides it from
+    /// what each part holds back.
     pub(super) fn confirmable(&self) -> Lsn {
-        let mut c = self.checkpoint.confirmed();
-        if let Some(r) = &self.recorder {
-            c = c.min(r.recorded);
-        }
-        if let Some(t) = self.eos.as_ref() {
-            if let Some(gate) = t.gate {
-                c = c.min(gate);
-            }
-            // Transactions held as in Kafka may yet prove to be new.
-            if t.in_kafka.holds() {
-                c = c.min(self.resumed_from);
-            }
-        }
-        c
+        let eos = self.eos.as_ref();
+        self.checkpoint
+            .confirmable(crate::pipeline::checkpoint::Holds {
+                recorded: self.recorder.as_ref().map(|r| r.recorded),
+                open_transaction: eos.and_then(|t| t.gate),
+                unproven_from: eos
+                    .filter(|t| t.in_kafka.holds())
+                    .map(|_| self.resumed_from),
+            })
     }
 
     /// A Postgres transaction begins (a non-transactional message: no xid
