@@ -216,6 +216,9 @@ pub(super) fn delivery_is_retriable(e: &KafkaError) -> bool {
                 | C::NotEnoughReplicasAfterAppend
                 | C::UnknownProducerId
                 | C::OutOfOrderSequenceNumber
+                // A send the broker called a duplicate, unwritten (the sink
+                // says why): sent again by a new session.
+                | C::DuplicateSequenceNumber
                 | C::InvalidProducerEpoch
                 | C::Fatal
                 | C::PurgeQueue

@@ -217,20 +217,6 @@ impl State {
         match ack.result {
             Ok(d) => {
                 tracing::trace!(partition = d.partition, offset = d.offset, "delivered");
-                if d.offset < 0 {
-                    // librdkafka counts a send the broker calls a duplicate
-                    // of an earlier one as delivered, without an offset: a
-                    // retry of a write that did land, or, if the producer's
-                    // sequence numbers went wrong, a record never written.
-                    // Rare enough to say each time, so a missing event can
-                    // be traced to it.
-                    tracing::warn!(
-                        partition = d.partition,
-                        event_type = %label(&pending.event_type),
-                        commit_lsn = ?self.checkpoint.commit_lsn_of(pending.txn),
-                        "the broker acknowledged a record as a duplicate of an earlier send (no offset)"
-                    );
-                }
                 self.checkpoint.ack(pending.txn)?;
                 self.metrics.set_broker_reachable(true);
                 if pending.dead_letter {

@@ -191,6 +191,18 @@ impl ProducerContext for AckContext {
         // The topic is only needed to explain a failure: no allocation per
         // successful delivery.
         let (topic, result) = match result {
+            // librdkafka reports a send the broker called a duplicate of an
+            // earlier one (DUPSEQ) as delivered, without an offset. Seen on a
+            // partition just created: the earlier send was never written,
+            // and the record was lost though reported delivered. Nothing
+            // without an offset counts as written: the session starts again
+            // from the slot, so at worst the record comes twice.
+            Ok(m) if m.offset() < 0 => (
+                m.topic().to_string(),
+                Err(KafkaError::MessageProduction(
+                    RDKafkaErrorCode::DuplicateSequenceNumber,
+                )),
+            ),
             Ok(m) => (
                 String::new(),
                 Ok(Delivered {
