@@ -51,6 +51,17 @@ pub struct ExactlyOnceConfig {
     pub transaction_timeout: Duration,
 }
 
+impl ExactlyOnceConfig {
+    /// The transactional.id: the operator's, or one per database and slot,
+    /// so that a second relay on the same slot (or a `recover` of it)
+    /// fences the first.
+    pub fn transactional_id(&self, system_id: &str, slot: &str) -> String {
+        self.transactional_id
+            .clone()
+            .unwrap_or_else(|| format!("outbox-relay-{system_id}-{slot}"))
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {

@@ -56,14 +56,6 @@ use super::state::State;
 /// status updates still go out meanwhile but reading stops.
 const TXN_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The transactional.id: the operator's, or one per database and slot, so
-/// that a second relay on the same slot fences the first.
-pub(super) fn transactional_id(e: &ExactlyOnceConfig, system_id: &str, slot: &str) -> String {
-    e.transactional_id
-        .clone()
-        .unwrap_or_else(|| format!("outbox-relay-{system_id}-{slot}"))
-}
-
 pub(super) struct Transactions {
     max_duration: Duration,
     /// The commit LSN of the last Postgres transaction known to be in a

@@ -369,7 +369,7 @@ async fn producer(
         )
         .await?;
     }
-    let id = super::exactly_once::transactional_id(e, system_id, &cfg.slot);
+    let id = e.transactional_id(system_id, &cfg.slot);
     Ok(KafkaSink::transactional(
         &cfg.kafka_brokers,
         &cfg.kafka_properties,

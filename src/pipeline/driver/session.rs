@@ -210,7 +210,7 @@ async fn start_recording(
         return Ok(());
     };
     Transactions::register(&state.sink).await?;
-    let ours = super::exactly_once::transactional_id(e, system_id, &cfg.slot);
+    let ours = e.transactional_id(system_id, &cfg.slot);
     let mut recorder = Recorder::start(cfg, topic, system_id, server, found).await?;
     // Review N7: fencing works between producers of one transactional.id,
     // and relays of a slot may have been given different ones. The last

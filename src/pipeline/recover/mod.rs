@@ -166,7 +166,7 @@ impl OldSlot {
 
 /// Microseconds since 2000-01-01 (Postgres) to milliseconds since 1970.
 fn unix_ms(pg_micros: i64) -> i64 {
-    (pg_micros + 946_684_800_000_000) / 1000
+    (pg_micros + crate::pipeline::decode::pgoutput::PG_EPOCH_OFFSET_SECS * 1_000_000) / 1000
 }
 
 /// A Postgres timestamp (µs since 2000) as the server writes it.
@@ -208,11 +208,10 @@ pub async fn run(
         .map_err(sql("reading the system identifier"))?
         .get(0);
     let key = progress::key(&system_id, &slot);
-    let eos_id = cfg.exactly_once.as_ref().map(|e| {
-        e.transactional_id
-            .clone()
-            .unwrap_or_else(|| format!("outbox-relay-{system_id}-{slot}"))
-    });
+    let eos_id = cfg
+        .exactly_once
+        .as_ref()
+        .map(|e| e.transactional_id(&system_id, &slot));
     // One recover of a slot at a time (relays with --recover-slot may all
     // try): held by this connection until it ends, so a killed recover
     // lets go of it. Holding it is also what makes a slot found under an
