@@ -1229,3 +1229,181 @@ async fn the_start_of_a_session_answers_the_server_and_a_stop() {
     proxy.set_mode(Mode::Pass);
     db.drop().await;
 }
+
+// ------------------------------------------------ partitions added under load
+
+/// Review M10: partitions added to a topic while events of an aggregate are
+/// still in flight to its partition. That partition's only replica is on a
+/// node that is stopped, so the relay's records for it wait; the topic then
+/// gains partitions on the other nodes and more events of the same
+/// aggregates follow. Kafka's own partitioner would send those to the new
+/// partitions at once, and they would be written before the older events
+/// still waiting: a consumer would see an aggregate's later events first.
+/// The relay keeps each key on its partition until nothing of the topic is
+/// in flight, and only then maps keys by the new count. The topic stamps
+/// each record with the broker's append time, which shows the order of
+/// writing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_added_while_records_are_held() {
+    let _serial = SERIAL.lock().await;
+    const KEYS: usize = 12;
+    const EACH: usize = 8;
+    let (db, slot) = outbox_db("fault_parts").await;
+    let kafka = Kafka::options().nodes(3).start().await;
+    let topic = unique("fault_parts");
+    // Partition 0 on node 1 alone; the partitions added later on 2 and 3.
+    kafka.topic_tool(&[
+        "--create",
+        "--topic",
+        &topic,
+        "--replica-assignment",
+        "1",
+        "--config",
+        "message.timestamp.type=LogAppendTime",
+        "--config",
+        "min.insync.replicas=1",
+    ]);
+    let relay = Relay::start(&relay_args(
+        &db,
+        &kafka.brokers(),
+        &[
+            "--slot",
+            &slot,
+            "--topic",
+            &topic,
+            // librdkafka learns the new count from its own metadata refresh.
+            "--kafka-property",
+            "topic.metadata.refresh.interval.ms=1000",
+        ],
+    ));
+    let addr = relay.http_address().await;
+    db.wait_streaming(&slot).await;
+    let insert = |seq: std::ops::Range<usize>| {
+        format!(
+            "INSERT INTO outbox (event_type, aggregate_id, payload) \
+             SELECT 'T', 'k' || k, json_build_object('seq', s)::text::jsonb \
+             FROM generate_series({}, {}) s, generate_series(0, {}) k ORDER BY s, k",
+            seq.start,
+            seq.end - 1,
+            KEYS - 1
+        )
+    };
+    let topics = std::slice::from_ref(&topic);
+    db.exec(&insert(0..1)).await;
+    consume(&kafka.brokers(), topics, KEYS, Duration::from_secs(60)).await;
+
+    kafka.stop(1);
+    // One event per transaction, so each is read, enqueued and held alone.
+    for s in 1..EACH {
+        db.exec(&insert(s..s + 1)).await;
+    }
+    let held = (KEYS * (EACH - 1)) as f64;
+    wait_until(
+        Duration::from_secs(30),
+        "the events to be held in flight",
+        || async { relay_metric(&addr, "outbox_inflight_events").await == Some(held) },
+    )
+    .await;
+    kafka.topic_tool(&[
+        "--alter",
+        "--topic",
+        &topic,
+        "--partitions",
+        "6",
+        "--replica-assignment",
+        "1,2,3,2,3,2",
+    ]);
+    let gauge = format!("outbox_topic_partitions{{topic=\"{topic}\"}}");
+    wait_until(
+        Duration::from_secs(60),
+        "the relay to see 6 partitions",
+        || async { relay_metric(&addr, &gauge).await == Some(6.0) },
+    )
+    .await;
+    // librdkafka refreshes its metadata every second: past two refreshes,
+    // its partitioner knows the new count.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for s in EACH..2 * EACH {
+        db.exec(&insert(s..s + 1)).await;
+    }
+    let all = 2 * EACH * KEYS;
+    wait_until(
+        Duration::from_secs(30),
+        "the relay to enqueue every event",
+        || async {
+            let text = http_get(&addr, "/metrics").await.1;
+            let published =
+                metric(&text, "outbox_events_published_total{event_type=\"T\"}").unwrap_or(0.0);
+            let inflight = metric(&text, "outbox_inflight_events").unwrap_or(0.0);
+            published + inflight == all as f64
+        },
+    )
+    .await;
+    kafka.start_node(1, true).await;
+    if let Err((why, got)) =
+        consume_or_timeout(&kafka.brokers(), topics, all, Duration::from_secs(90)).await
+    {
+        panic!("{why}\n{}\n{}", offset_summary(&got), relay.log_text());
+    }
+    // With nothing in flight, the next events of each key follow the new count.
+    db.exec(&insert(2 * EACH..3 * EACH)).await;
+    let total = all + EACH * KEYS;
+    let records = consume(&kafka.brokers(), topics, total, Duration::from_secs(90)).await;
+    assert_eq!(records.len(), total, "{}", offset_summary(&records));
+
+    let mut by_key: HashMap<String, Vec<(i64, i32, u64)>> = HashMap::new();
+    for r in &records {
+        let (ts, kind) = r.timestamp.expect("a timestamp");
+        assert_eq!(kind, "LogAppendTime");
+        let seq = r.payload_json()["seq"].as_u64().expect("seq");
+        by_key
+            .entry(r.key_str())
+            .or_default()
+            .push((ts, r.partition, seq));
+    }
+    let mut moved = 0;
+    for (key, mut events) in by_key {
+        events.sort_by_key(|(_, p, seq)| (*seq, *p));
+        let seqs: Vec<u64> = events.iter().map(|e| e.2).collect();
+        assert_eq!(
+            seqs,
+            (0..3 * EACH as u64).collect::<Vec<_>>(),
+            "{key}: each event once"
+        );
+        let now = murmur2_partition(key.as_bytes(), 6);
+        // One switch, from partition 0 to the key's partition by 6, after
+        // every event written to 0: no later event written first.
+        let partitions: Vec<i32> = events.iter().map(|e| e.1).collect();
+        let switch = partitions
+            .iter()
+            .position(|p| *p != 0)
+            .unwrap_or(events.len());
+        if switch < events.len() {
+            moved += 1;
+        }
+        assert!(
+            partitions[switch..].iter().all(|p| *p == now),
+            "{key}: partitions in seq order {partitions:?}"
+        );
+        let last_old = events[..switch].iter().map(|e| e.0).max();
+        let first_new = events[switch..].iter().map(|e| e.0).min();
+        if let (Some(old), Some(new)) = (last_old, first_new) {
+            assert!(
+                old <= new,
+                "{key}: seq {switch} was written to partition {now} {} ms before seq {} to partition 0; partitions in seq order {partitions:?}",
+                old - new,
+                switch - 1
+            );
+        }
+    }
+    assert!(moved > 0, "no key moved to a new partition");
+    let changes = format!("outbox_partition_count_changes_total{{topic=\"{topic}\"}}");
+    wait_until(
+        Duration::from_secs(30),
+        "the move to be counted",
+        || async { relay_metric(&addr, &changes).await == Some(1.0) },
+    )
+    .await;
+    stop_relay(relay, "partitions added").await;
+    db.drop().await;
+}

@@ -200,9 +200,9 @@ async fn reading_pauses_at_the_in_flight_byte_budget() {
 }
 
 /// M10 of the December 2026 review: partitions added to a topic under the
-/// relay move keys to other partitions. The relay sees it (the probe follows
-/// the partition counts of the topics it writes to), counts it and says
-/// what it means for consumers, and goes on publishing.
+/// relay. The probe follows the partition counts of the topics the relay
+/// writes to; keys move to the new count at the next record sent with
+/// nothing of the topic in flight, and that move is counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn added_partitions_are_seen_and_counted() {
     use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions};
@@ -241,12 +241,14 @@ async fn added_partitions_are_seen_and_counted() {
     wait_until(
         Duration::from_secs(30),
         "the probe to see 3 partitions",
-        || async {
-            let text = http_get(&addr, "/metrics").await.1;
-            metric(&text, &gauge) == Some(3.0) && metric(&text, &changes) == Some(1.0)
-        },
+        || async { metric(&http_get(&addr, "/metrics").await.1, &gauge) == Some(3.0) },
     )
     .await;
+    assert_eq!(
+        relay_metric(&addr, &changes).await,
+        Some(0.0),
+        "no record sent since"
+    );
     db.exec("INSERT INTO outbox (event_type, aggregate_id, payload) SELECT 'T', 'k' || g, '{}' FROM generate_series(1, 20) g").await;
     let records = consume(
         &brokers(),
@@ -256,6 +258,12 @@ async fn added_partitions_are_seen_and_counted() {
     )
     .await;
     assert_eq!(records.len(), 21);
+    wait_until(
+        Duration::from_secs(30),
+        "the move to be counted",
+        || async { relay_metric(&addr, &changes).await == Some(1.0) },
+    )
+    .await;
     drop(relay);
     db.drop().await;
 }

@@ -483,6 +483,16 @@ impl Kafka {
         args
     }
 
+    /// Kafka's topic tool (`kafka-topics.sh` arguments) over the nodes'
+    /// internal listener, which works while a node is down: replica
+    /// assignments, topic settings, partitions added.
+    pub fn topic_tool(&self, args: &[&str]) -> String {
+        let dir = self.dir.display().to_string();
+        let mut all = vec!["kafka", "topics", "--dir", &dir, "--"];
+        all.extend_from_slice(args);
+        stack(&all.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
     /// SIGKILL node `n` (1-based) and wait until it is gone.
     pub fn kill(&self, n: usize) {
         stack(&self.node_args(&["stop", &n.to_string(), "--kill"]));

@@ -341,15 +341,26 @@ fn spawn_probe(mut prober: Prober, metrics: Arc<Metrics>) -> tokio::task::JoinHa
             metrics.set_broker_reachable(report.reachable);
             if let Some((topic, count)) = &report.partitions {
                 metrics.topic_partitions(topic).set(i64::from(*count));
+                // The series exists from the first probe on: an alert's
+                // increase() then sees the first move too.
+                metrics.partition_count_changes(topic);
                 if let Some(before) = report.changed_from {
-                    metrics.partition_count_changes(topic).inc();
                     tracing::warn!(
                         topic = %topic,
                         before,
                         now = count,
-                        "the topic's partition count changed: keys now map to other partitions, so consumers may see an aggregate's new events before its older ones in the partition it used before. Per-aggregate order holds again once consumers have read past the change; to avoid it, add partitions only with the relay stopped and its topics drained"
+                        "the topic's partition count changed: each key stays on its partition until none of the topic's records is in flight, then keys map by the new count (an aggregate's events before the move are all written before any after it). Consumers that read partitions at different speeds may still see an aggregate's newer events first: to avoid that, add partitions with the relay stopped and consumers caught up"
                     );
                 }
+            }
+            for moved in &report.remapped {
+                metrics.partition_count_changes(&moved.topic).inc();
+                tracing::info!(
+                    topic = %moved.topic,
+                    from = moved.from,
+                    to = moved.to,
+                    "keys now map by the topic's new partition count: every earlier record of the topic was written"
+                );
             }
             tokio::time::sleep(Duration::from_secs(5)).await;
         }

@@ -23,6 +23,14 @@ use tokio::sync::mpsc;
 
 use crate::pipeline::route::router::OutboxRecord;
 
+mod partitions;
+use partitions::KeyPartitions;
+pub use partitions::Remapped;
+
+/// The producer every sink builds: delivery reports to the pipeline, keys
+/// mapped by [`KeyPartitions`].
+type RelayProducer = ThreadedProducer<AckContext, KeyPartitions>;
+
 /// A delivery report: the tag the record was enqueued with and the outcome.
 #[derive(Debug)]
 pub struct Ack {
@@ -114,6 +122,7 @@ struct AckContext {
     /// librdkafka reports a down broker many times a second; say it once per
     /// interval, with how many reports were folded into the line.
     quiet: Mutex<HashMap<String, (Instant, u64)>>,
+    partitions: KeyPartitions,
 }
 
 const REPEAT_INTERVAL: Duration = Duration::from_secs(30);
@@ -184,10 +193,19 @@ impl ClientContext for AckContext {
     }
 }
 
-impl ProducerContext for AckContext {
+impl ProducerContext<KeyPartitions> for AckContext {
     type DeliveryOpaque = usize;
 
+    fn get_custom_partitioner(&self) -> Option<&KeyPartitions> {
+        Some(&self.partitions)
+    }
+
     fn delivery(&self, result: &DeliveryResult<'_>, tag: usize) {
+        let settled = match result {
+            Ok(m) => m.topic(),
+            Err((_, m)) => m.topic(),
+        };
+        self.partitions.settled(settled);
         // The topic is only needed to explain a failure: no allocation per
         // successful delivery.
         let (topic, result) = match result {
@@ -273,7 +291,7 @@ pub enum Enqueued {
 }
 
 pub struct KafkaSink {
-    producer: ThreadedProducer<AckContext>,
+    producer: Arc<RelayProducer>,
     /// Topics records were delivered to, for the probe (bounded).
     topics: Arc<Mutex<Vec<String>>>,
 }
@@ -340,11 +358,12 @@ impl KafkaSink {
             .create_with_context(AckContext {
                 acks: tx,
                 quiet: Mutex::new(HashMap::new()),
+                partitions: KeyPartitions::default(),
             })
             .map_err(SinkError::Config)?;
         Ok((
             KafkaSink {
-                producer,
+                producer: Arc::new(producer),
                 topics: Arc::new(Mutex::new(Vec::new())),
             },
             rx,
@@ -366,7 +385,13 @@ impl KafkaSink {
         if let Some(p) = &rec.payload {
             record = record.payload(&p[..]);
         }
-        match self.producer.send(record) {
+        let partitions = &self.producer.context().partitions;
+        partitions.sending(&rec.topic);
+        let sent = self.producer.send(record);
+        if sent.is_err() {
+            partitions.settled(&rec.topic);
+        }
+        match sent {
             Ok(()) => Ok(Enqueued::Yes),
             Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                 Ok(Enqueued::QueueFull)
@@ -416,12 +441,14 @@ pub struct ProbeReport {
     pub partitions: Option<(String, i32)>,
     /// Its count before, when it changed since the last time it was asked.
     pub changed_from: Option<i32>,
+    /// Topics whose keys now map by a new partition count.
+    pub remapped: Vec<Remapped>,
 }
 
 /// Asks the cluster for metadata to tell whether a broker answers. Blocking:
 /// run it off the async runtime.
 pub struct Prober {
-    producer: ThreadedProducer<AckContext>,
+    producer: Arc<RelayProducer>,
     topics: Arc<Mutex<Vec<String>>>,
     partitions: HashMap<String, i32>,
     round: usize,
@@ -435,6 +462,7 @@ impl Prober {
     /// delivered (asking about a topic that does not exist would have some
     /// brokers create it).
     pub fn probe(&mut self, timeout: Duration) -> ProbeReport {
+        let remapped = self.producer.context().partitions.take_remapped();
         let topic = {
             let topics = self.topics.lock().unwrap_or_else(|p| p.into_inner());
             (!topics.is_empty()).then(|| topics[self.round % topics.len()].clone())
@@ -443,11 +471,15 @@ impl Prober {
         let Some(topic) = topic else {
             return ProbeReport {
                 reachable: self.producer.client().fetch_metadata(None, timeout).is_ok(),
+                remapped,
                 ..ProbeReport::default()
             };
         };
         let Ok(md) = self.producer.client().fetch_metadata(Some(&topic), timeout) else {
-            return ProbeReport::default();
+            return ProbeReport {
+                remapped,
+                ..ProbeReport::default()
+            };
         };
         let count = md
             .topics()
@@ -458,6 +490,7 @@ impl Prober {
         let Some(count) = count else {
             return ProbeReport {
                 reachable: true,
+                remapped,
                 ..ProbeReport::default()
             };
         };
@@ -466,6 +499,7 @@ impl Prober {
             reachable: true,
             changed_from: before.filter(|b| *b != count),
             partitions: Some((topic, count)),
+            remapped,
         }
     }
 }
