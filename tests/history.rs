@@ -817,3 +817,106 @@ async fn a_slot_moved_while_no_relay_ran_stops_the_relay_and_recover_fills_the_g
         db.drop().await;
     }
 }
+
+/// Review N8: the relay reads the slot's position when it sets up a session
+/// and takes the slot seconds later (under exactly-once after the progress
+/// topic and the transactional producer are ready). A position confirmed in
+/// between (by a relay that held the slot then, here by hand) must not be
+/// undone: the first status update used to send the older position, and on
+/// PostgreSQL 17 and older the server takes it, moving confirmed_flush_lsn
+/// back. Kafka is held (its proxy stalls) while the relay waits for it with
+/// the slot read; the slot is advanced over writes to a table the
+/// publication does not hold; then Kafka answers. The slot never goes back,
+/// and the relay, finding it past its furthest progress record, stops (N10).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_position_confirmed_while_the_session_was_set_up_is_never_undone() {
+    use support::proxy::{Mode, Proxy};
+    let db = TestDb::new("n8").await;
+    db.exec(CLASSIC_TABLE).await;
+    db.exec("CREATE TABLE unpublished (x int)").await;
+    let slot = format!("s_{}", db.name);
+    relay_setup(&["--database-url", &db.url, "--slot", &slot]);
+    let listen = free_port();
+    let proxy = Proxy::start(format!("127.0.0.1:{listen}").parse().unwrap()).await;
+    let kafka = Kafka::behind_proxy(listen, proxy.port).await;
+    let topic = unique("n8");
+    create_topics(&kafka.brokers(), &[&topic], 1).await;
+    let progress = unique("n8_progress");
+    let args = relay_args(
+        &db,
+        &kafka.brokers(),
+        &[
+            "--slot",
+            &slot,
+            "--topic",
+            &topic,
+            "--progress-topic",
+            &progress,
+            "--delivery",
+            "exactly-once",
+        ],
+    );
+    let mut relay = Relay::start(&args);
+    let end = write(&db.client, 0, 10).await;
+    db.wait_confirmed_by(&relay, &slot, end, "the first 10 events confirmed")
+        .await;
+    relay.terminate().await;
+    let read = db.confirmed_flush_lsn(&slot).await;
+
+    proxy.set_mode(Mode::Stall);
+    let accepted = proxy.accepted();
+    let mut relay = Relay::start(&args);
+    // Its replication connection is open and idle, and it has asked Kafka
+    // (stalled): the slot was read, START_REPLICATION not yet sent.
+    wait_until(Duration::from_secs(30), "the relay to wait for Kafka", || async {
+        let waiting: i64 = db
+            .client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                  WHERE backend_type = 'walsender' AND datname = current_database() AND state = 'idle'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        waiting == 1 && proxy.accepted() > accepted
+    })
+    .await;
+    db.exec("INSERT INTO unpublished SELECT generate_series(1, 1000)")
+        .await;
+    let moved: String = db
+        .client
+        .query_one(
+            &format!("SELECT end_lsn::text FROM pg_replication_slot_advance('{slot}', pg_current_wal_lsn())"),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let moved: Lsn = moved.parse().unwrap();
+    assert!(moved > read, "the slot advanced: {read} -> {moved}");
+    proxy.set_mode(Mode::Pass);
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while relay.is_running() && db.confirmed_flush_lsn(&slot).await >= moved {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the relay neither stopped nor moved the slot in 60 s\n{}",
+            relay.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let now = db.confirmed_flush_lsn(&slot).await;
+    assert!(
+        now >= moved,
+        "confirmed_flush_lsn went back from {moved} to {now} (the position read before the advance)\n{}",
+        relay.log_text()
+    );
+    let code = relay.wait(Duration::from_secs(30)).await;
+    assert!(
+        matches!(code, Some(c) if c != 0),
+        "the relay must stop on a slot past its furthest progress record: {code:?}\n{}",
+        relay.log_text()
+    );
+    db.drop().await;
+}
