@@ -13,7 +13,8 @@ use crate::pipeline::source::ReplicationError;
 
 use super::errors::PipelineError;
 use super::heartbeat::HEARTBEAT_PREFIX;
-use super::state::{label, Replaying, State};
+use super::state::{Replaying, State};
+use super::tally::label;
 
 impl State {
     pub(super) async fn on_xlog(
@@ -202,11 +203,7 @@ impl State {
             Ok(Routed::OtherTable(table)) => {
                 // Not an event (a FOR ALL TABLES or shared publication);
                 // counted so that it is visible.
-                let metrics = &self.metrics;
-                self.skipped
-                    .entry(table)
-                    .or_insert_with_key(|t| metrics.skipped_rows_of(t))
-                    .inc();
+                self.tally.skipped_row(table);
                 return Ok(());
             }
             Err(source) => {

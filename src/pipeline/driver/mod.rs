@@ -31,6 +31,8 @@ mod refused;
 mod session;
 mod slot_watch;
 mod state;
+mod tally;
+mod window;
 
 pub use errors::{BatchTooLarge, DeliveryFailure, PipelineError, RefusedInTransaction};
 pub use heartbeat::HEARTBEAT_PREFIX;

@@ -107,21 +107,21 @@ impl State {
         if self.eos.is_none() || !is_consequence(&first) {
             return first;
         }
-        let mut refused: Vec<(Pending, ErrorKind, String, KafkaError)> =
-            std::mem::take(&mut self.too_large)
-                .into_iter()
-                .map(|(p, topic, e)| (p, ErrorKind::TooLarge, topic, e))
-                .collect();
+        let mut refused: Vec<(Pending, ErrorKind, String, KafkaError)> = self
+            .too_large
+            .take_all()
+            .into_iter()
+            .map(|(p, topic, e)| (p, ErrorKind::TooLarge, topic, e))
+            .collect();
         let mut halted = None;
         let deadline = tokio::time::Instant::now() + CAUSE_WAIT;
-        while !self.pending.is_empty() {
+        while !self.window.is_empty() {
             let Ok(Some(ack)) = tokio::time::timeout_at(deadline, self.acks.recv()).await else {
                 break;
             };
-            let Some(p) = self.pending.take(ack.tag) else {
+            let Some(p) = self.window.take(ack.tag) else {
                 continue; // the progress record's, or one already settled
             };
-            self.inflight_bytes -= p.size;
             let Err(error) = ack.result else {
                 continue;
             };

@@ -645,7 +645,7 @@ pub(super) async fn settle_in_flight(state: &mut State, limit: Duration) {
     let deadline = tokio::time::Instant::now() + limit;
     // Wait for reports still owed; a failed event already reported is not
     // owed one, though the checkpoint still counts it as unconfirmed.
-    while !state.pending.is_empty() {
+    while !state.window.is_empty() {
         match tokio::time::timeout_at(deadline, state.acks.recv()).await {
             Ok(Some(ack)) => {
                 state.refresh_ack_clock();

@@ -1,14 +1,12 @@
 //! The session's state, split by concern in its fields: what is in flight
-//! (`pending`, `waiting`, `inflight_bytes`), what is confirmed
+//! (`window`, `waiting`), what is confirmed
 //! (`checkpoint`), how bad events go (`policy`, `redo`, `too_large`) and the
 //! metrics handles. This file handles delivery reports and enqueueing;
 //! `apply` feeds it decoded messages.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
-
-use prometheus_client::metrics::counter::Counter;
 
 use rdkafka::error::KafkaError;
 use tokio::sync::mpsc;
@@ -22,28 +20,13 @@ use crate::pipeline::decode::stream_buffer::{self, StreamBuffer};
 use crate::pipeline::policy::{self, ErrorKind, ErrorPolicy, Failed, Policy};
 use crate::pipeline::route::messages::MessageConfig;
 use crate::pipeline::route::router::{OutboxRecord, RouteError, Router};
-use crate::pipeline::sink::inflight::InFlight;
 use crate::pipeline::sink::{Ack, Enqueued, KafkaSink, SinkError};
 
 use super::errors::{BatchTooLarge, DeliveryFailure, PipelineError, RefusedInTransaction};
+use super::tally::{label, Tally};
+pub(super) use super::window::Pending;
+use super::window::{record_size, TooLarge, TooLargeVerdict, Window};
 use super::{Summary, TOO_LARGE_SETTLE};
-
-/// An event handed to the producer, until its delivery report arrives.
-pub(super) struct Pending {
-    pub(super) txn: TxnSeq,
-    pub(super) enqueued: Instant,
-    pub(super) commit_time: i64,
-    pub(super) event_type: Option<bytes::Bytes>,
-    /// Position of the change, for dead-letter headers.
-    pub(super) lsn: Lsn,
-    /// Its place among the records enqueued at that position (`refused`).
-    pub(super) nth: u32,
-    /// Kept only while a delivery failure could be dead-lettered.
-    pub(super) record: Option<OutboxRecord>,
-    pub(super) dead_letter: bool,
-    /// Key and payload bytes, for the in-flight byte budget.
-    pub(super) size: u64,
-}
 
 /// A record counted in the checkpoint that librdkafka's full queue could not
 /// take yet.
@@ -80,35 +63,25 @@ pub(super) struct State {
     pub(super) acks: mpsc::UnboundedReceiver<Ack>,
     pub(super) summary: Summary,
     pub(super) metrics: Arc<Metrics>,
-    /// Events in flight by delivery tag. Bounded by `max_inflight`.
-    pub(super) pending: InFlight<Pending>,
+    /// Events in flight by delivery tag, and their bytes. Bounded by
+    /// `max_inflight` and `max_inflight_bytes`.
+    pub(super) window: Window,
     /// Commit timestamp of the open transaction (from Begin).
     pub(super) commit_time: i64,
     /// The newest server WAL position the walsender reported.
     pub(super) server_wal: Lsn,
-    pub(super) published: HashMap<Option<bytes::Bytes>, Counter>,
-    /// The counter of the last event type acknowledged: consecutive events
-    /// mostly share a type, and comparing a few bytes beats hashing them.
-    pub(super) last_published: Option<(Option<bytes::Bytes>, Counter)>,
+    /// Counters, shared event types, topics for the probe.
+    pub(super) tally: Tally,
     /// Clock readings shared by a batch of delivery reports.
     pub(super) ack_clock: (Instant, i64),
     pub(super) decoder: pgoutput::Decoder,
     /// Logical decoding messages as events, when configured.
     pub(super) messages: Option<MessageConfig>,
-    /// Key and payload bytes handed to the producer and not yet acknowledged.
-    pub(super) inflight_bytes: u64,
     pub(super) policy: ErrorPolicy,
     /// Keep records in flight, because a delivery failure may be dead-lettered.
     pub(super) keep_records: bool,
-    /// Event types seen, owned: an in-flight event holds a shared handle to
-    /// its type instead of a copy of its own (which would cost an allocation
-    /// per event; a slice of the WAL buffer would pin the buffer).
-    pub(super) event_types: std::collections::HashSet<bytes::Bytes>,
     /// Dead-letter records waiting to be enqueued (from delivery reports).
     pub(super) redo: Vec<(OutboxRecord, TxnSeq, Lsn)>,
-    /// Skipped-row counters by table (a handful of tables at most: those
-    /// the publication covers).
-    pub(super) skipped: HashMap<Arc<str>, Counter>,
     /// Records the producer's full queue could not take yet, in order;
     /// nothing more is read until they are enqueued.
     pub(super) waiting: VecDeque<Waiting>,
@@ -119,13 +92,7 @@ pub(super) struct State {
     pub(super) at: super::refused::Place,
     /// Records the broker refused as too large, until the reports that came
     /// with them are in (see `settle_too_large`).
-    pub(super) too_large: Vec<(Pending, String, KafkaError)>,
-    pub(super) too_large_since: Instant,
-    /// Topics already handed to the probe, and the last one of them.
-    pub(super) noted_topics: std::collections::HashSet<Arc<str>>,
-    pub(super) last_noted_topic: Option<Arc<str>>,
-    /// Of this session's spilled bytes, those already added to the counter.
-    pub(super) spilled_counted: u64,
+    pub(super) too_large: TooLarge,
 }
 
 impl State {
@@ -150,12 +117,11 @@ impl State {
             summary: Summary::default(),
             resumed_from: confirmed,
             first_begin_seen: false,
+            tally: Tally::new(metrics.clone()),
             metrics,
-            pending: InFlight::default(),
+            window: Window::default(),
             commit_time: 0,
             server_wal: confirmed,
-            published: HashMap::new(),
-            last_published: None,
             ack_clock: (Instant::now(), crate::pipeline::source::pg_now()),
             decoder: pgoutput::Decoder::new(protocol),
             stream: cfg
@@ -164,45 +130,15 @@ impl State {
                 .map(|s| StreamBuffer::new(s.memory_budget, s.spill_dir.join(&cfg.slot))),
             replaying: None,
             messages: cfg.messages.clone(),
-            inflight_bytes: 0,
             policy: cfg.error_policy.clone(),
             // Exactly-once does not keep them: a refused record is dead-lettered
             // when the next session streams it again (`refused`).
             keep_records: cfg.error_policy.may_dead_letter_deliveries()
                 && cfg.exactly_once.is_none(),
             redo: Vec::new(),
-            skipped: HashMap::new(),
             waiting: VecDeque::new(),
-            too_large: Vec::new(),
-            too_large_since: Instant::now(),
-            noted_topics: std::collections::HashSet::new(),
-            last_noted_topic: None,
-            spilled_counted: 0,
-            event_types: std::collections::HashSet::new(),
+            too_large: TooLarge::new(),
         }
-    }
-
-    /// The published-events counter of an event type: the last one used
-    /// (events of one type come in runs), else from the map.
-    fn published_counter(&mut self, event_type: &Option<bytes::Bytes>) -> Counter {
-        if let Some((t, c)) = &self.last_published {
-            if t == event_type {
-                return c.clone();
-            }
-        }
-        let c = match self.published.get(event_type) {
-            Some(c) => c.clone(),
-            None => {
-                let c = self.metrics.published(&label(event_type));
-                // Bounded as the interned types are.
-                if self.published.len() < MAX_EVENT_TYPES {
-                    self.published.insert(event_type.clone(), c.clone());
-                }
-                c
-            }
-        };
-        self.last_published = Some((event_type.clone(), c.clone()));
-        c
     }
 
     pub(super) fn on_ack(&mut self, ack: Ack) -> Result<(), PipelineError> {
@@ -210,10 +146,9 @@ impl State {
             return self.progress_delivered(ack.result);
         }
         let pending = self
-            .pending
+            .window
             .take(ack.tag)
             .ok_or(PipelineError::UnknownDelivery(ack.tag))?;
-        self.inflight_bytes -= pending.size;
         match ack.result {
             Ok(d) => {
                 tracing::trace!(partition = d.partition, offset = d.offset, "delivered");
@@ -223,7 +158,7 @@ impl State {
                     // Counted once, as dead-lettered, not also as published.
                     self.metrics.dead_lettered.inc();
                 } else {
-                    let counter = self.published_counter(&pending.event_type);
+                    let counter = self.tally.published(&pending.event_type);
                     counter.inc();
                 }
                 // Timed at the delivery report, not when the loop got to it:
@@ -257,10 +192,7 @@ impl State {
                         Some(rdkafka::types::RDKafkaErrorCode::MessageSizeTooLarge)
                     )
                 {
-                    if self.too_large.is_empty() {
-                        self.too_large_since = Instant::now();
-                    }
-                    self.too_large.push((pending, ack.topic, error));
+                    self.too_large.hold((pending, ack.topic, error));
                     return Ok(());
                 }
                 if let (Some(kind), false) = (kind, pending.dead_letter) {
@@ -452,45 +384,28 @@ impl State {
             }
         }
         loop {
-            let tag = self.pending.push(Pending {
+            let tag = self.window.push(Pending {
                 txn,
                 enqueued: Instant::now(),
                 commit_time: self.commit_time,
-                event_type: rec
-                    .event_type
-                    .as_deref()
-                    .map(|t| intern(&mut self.event_types, t)),
+                event_type: rec.event_type.as_deref().map(|t| self.tally.event_type(t)),
                 lsn,
                 nth,
                 record: (self.keep_records && !is_dead_letter).then(|| rec.detached()),
                 dead_letter: is_dead_letter,
                 size: record_size(&rec),
             });
-            self.inflight_bytes += record_size(&rec);
             let outcome = self.sink.enqueue(&rec, tag);
             if matches!(outcome, Ok(Enqueued::Yes)) {
                 // The producer has asked about this topic itself by now, so
-                // the probe may too (see Prober::probe). The router shares
-                // one name among a run of records: mostly a pointer check.
-                let same = self
-                    .last_noted_topic
-                    .as_ref()
-                    .is_some_and(|t| Arc::ptr_eq(t, &rec.topic));
-                if !same {
-                    if !self.noted_topics.contains(&rec.topic) {
-                        self.sink.note_topic(&rec.topic);
-                        if self.noted_topics.len() < crate::pipeline::sink::MAX_PROBED_TOPICS {
-                            self.noted_topics.insert(rec.topic.clone());
-                        }
-                    }
-                    self.last_noted_topic = Some(rec.topic.clone());
+                // the probe may too (see Prober::probe).
+                if self.tally.first_record_to(&rec.topic) {
+                    self.sink.note_topic(&rec.topic);
                 }
                 return Ok(None);
             }
             // Not enqueued: forget the tracking entry (it is the newest).
-            if let Some(p) = self.pending.undo_push() {
-                self.inflight_bytes -= p.size;
-            }
+            self.window.undo_push();
             let (topic, error) = match outcome {
                 Ok(Enqueued::Yes) => unreachable!("handled above"),
                 Ok(Enqueued::QueueFull) => {
@@ -567,9 +482,9 @@ impl State {
     pub(super) fn has_room(&self, cfg: &RelayConfig) -> bool {
         let span = 2 * cfg.max_inflight;
         self.checkpoint.inflight() < cfg.max_inflight
-            && self.inflight_bytes < cfg.max_inflight_bytes
+            && self.window.bytes() < cfg.max_inflight_bytes
             && self.waiting.is_empty()
-            && (self.pending.span() as u64) < span
+            && (self.window.span() as u64) < span
             && self.checkpoint.tracked() < span
     }
 
@@ -587,11 +502,7 @@ impl State {
             self.metrics
                 .stream_buffer_bytes
                 .set(b.memory_bytes() as i64);
-            let total = b.spilled_bytes_total();
-            self.metrics
-                .stream_spilled_bytes
-                .inc_by(total.saturating_sub(self.spilled_counted));
-            self.spilled_counted = total;
+            self.tally.spilled(b.spilled_bytes_total());
         }
     }
 
@@ -616,23 +527,20 @@ impl State {
     /// change. A lone report waits `TOO_LARGE_SETTLE` for the rest of its
     /// batch's (librdkafka reports a failed batch's records at once).
     pub(super) fn settle_too_large(&mut self) -> Result<(), PipelineError> {
-        if self.too_large.len() == 1 && self.too_large_since.elapsed() < TOO_LARGE_SETTLE {
-            return Ok(());
-        }
-        if self.too_large.len() > 1 {
-            let n = self.too_large.len();
-            let (pending, topic, error) = self.too_large.swap_remove(0);
-            self.too_large.clear();
-            return Err(self.batch_too_large(pending.txn, topic, error, n));
-        }
-        if let Some((pending, topic, error)) = self.too_large.pop() {
-            if self.eos.is_some() {
-                return Err(self.refuse(&pending, ErrorKind::TooLarge, topic, error));
+        match self.too_large.verdict(TOO_LARGE_SETTLE) {
+            TooLargeVerdict::Wait => Ok(()),
+            TooLargeVerdict::Batch((pending, topic, error), n) => {
+                Err(self.batch_too_large(pending.txn, topic, error, n))
             }
-            // Only records kept for dead-lettering are set aside here.
-            self.dead_letter_delivery(&pending, ErrorKind::TooLarge, &topic, &error)?;
+            TooLargeVerdict::Alone((pending, topic, error)) => {
+                if self.eos.is_some() {
+                    return Err(self.refuse(&pending, ErrorKind::TooLarge, topic, error));
+                }
+                // Only records kept for dead-lettering are set aside here.
+                self.dead_letter_delivery(&pending, ErrorKind::TooLarge, &topic, &error)?;
+                Ok(())
+            }
         }
-        Ok(())
     }
 }
 
@@ -646,34 +554,5 @@ pub(super) fn kafka_code(e: &KafkaError) -> String {
     match e.rdkafka_error_code() {
         Some(code) => format!("{code:?}"),
         None => "Other".to_string(),
-    }
-}
-
-pub(super) fn record_size(r: &OutboxRecord) -> u64 {
-    (r.key.len() + r.payload.as_ref().map_or(0, |p| p.len())) as u64
-}
-
-/// How many distinct event types are kept for sharing and counter lookup:
-/// the metrics' own limit, past which (a column that is not really a type)
-/// each event gets its own copy and its counter is looked up in the metrics.
-pub(super) const MAX_EVENT_TYPES: usize = crate::observe::metrics::MAX_EVENT_TYPE_LABELS;
-
-/// The shared owned copy of an event type, made on first sight.
-pub(super) fn intern(seen: &mut std::collections::HashSet<bytes::Bytes>, t: &[u8]) -> bytes::Bytes {
-    if let Some(known) = seen.get(t) {
-        return known.clone();
-    }
-    let owned = bytes::Bytes::copy_from_slice(t);
-    if seen.len() < MAX_EVENT_TYPES {
-        seen.insert(owned.clone());
-    }
-    owned
-}
-
-/// The metrics label of an event type (`unknown` without a column).
-pub(super) fn label(event_type: &Option<bytes::Bytes>) -> String {
-    match event_type {
-        Some(b) => String::from_utf8_lossy(b).into_owned(),
-        None => "unknown".to_string(),
     }
 }
