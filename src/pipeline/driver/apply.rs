@@ -46,7 +46,7 @@ impl State {
                 LogicalMessage::StreamCommit(c) => {
                     let replay = buffer.commit(c.xid)?;
                     self.commit_time = c.commit_time;
-                    self.eos_begin(c.commit_lsn, Some(c.xid), Some(c.commit_time))?;
+                    self.delivery_begin(c.commit_lsn, Some(c.xid), Some(c.commit_time))?;
                     self.checkpoint.begin(c.commit_lsn)?;
                     self.replaying = Some(Replaying {
                         replay,
@@ -111,7 +111,7 @@ impl State {
                     let end = r.end_lsn;
                     self.replaying = None;
                     self.checkpoint.commit(end)?;
-                    self.eos_commit(end);
+                    self.delivery_commit(end);
                     self.summary.transactions += 1;
                     return Ok(());
                 }
@@ -130,7 +130,7 @@ impl State {
             LogicalMessage::Begin(b) => self.on_begin(b.final_lsn, b.xid, b.commit_time)?,
             LogicalMessage::Commit(c) => {
                 self.checkpoint.commit(c.end_lsn)?;
-                self.eos_commit(c.end_lsn);
+                self.delivery_commit(c.end_lsn);
                 self.summary.transactions += 1;
             }
             LogicalMessage::Relation(rel) => {
@@ -175,7 +175,7 @@ impl State {
         commit_time: i64,
     ) -> Result<(), PipelineError> {
         self.commit_time = commit_time;
-        let in_kafka = self.eos_begin(final_lsn, Some(xid), Some(commit_time))?;
+        let in_kafka = self.delivery_begin(final_lsn, Some(xid), Some(commit_time))?;
         if !self.first_begin_seen && !in_kafka {
             self.first_begin_seen = true;
             // The server resumes after the slot's confirmed position; a
@@ -195,7 +195,7 @@ impl State {
 
     async fn on_insert(&mut self, ins: Insert, wal_start: Lsn) -> Result<(), PipelineError> {
         // Exactly-once: its transaction is in Kafka already.
-        if self.eos_skipping() {
+        if self.skipping() {
             return Ok(());
         }
         let rec = match self.router.route(&ins) {
@@ -221,7 +221,7 @@ impl State {
             since_commit_ms = (crate::pipeline::source::pg_now() - self.commit_time) / 1000,
             "event enqueued"
         );
-        self.eos_before_enqueue()?;
+        self.before_enqueue()?;
         self.enqueue_tracked(rec, txn, wal_start, false).await?;
         self.summary.events += 1;
         Ok(())
@@ -239,7 +239,7 @@ impl State {
         // one byte more would skip a transaction whose commit record starts
         // right there.
         let standalone = !m.transactional();
-        let mut in_kafka = self.eos_skipping();
+        let mut in_kafka = self.skipping();
         if standalone {
             self.checkpoint.begin_standalone(m.lsn)?;
             // No commit time in the WAL for it: it counts from now.
@@ -247,14 +247,14 @@ impl State {
             // Exactly-once: its own unit, ordered by a position inside its
             // record (its LSN is where the next record starts, which may be
             // the commit of the transaction that emitted it).
-            in_kafka = self.eos_begin(Lsn(m.lsn.0.saturating_sub(1)), None, None)?;
+            in_kafka = self.delivery_begin(Lsn(m.lsn.0.saturating_sub(1)), None, None)?;
         }
         let result = match route {
             _ if in_kafka => Ok(()),
             Ok(rec) => {
                 let txn = self.checkpoint.event()?;
                 self.summary.events += 1;
-                self.eos_before_enqueue()?;
+                self.before_enqueue()?;
                 self.enqueue_tracked(rec, txn, m.lsn, false).await
             }
             Err(source) => {
@@ -269,7 +269,7 @@ impl State {
         };
         if standalone {
             self.checkpoint.commit_standalone()?;
-            self.eos_commit(m.lsn);
+            self.delivery_commit(m.lsn);
         }
         result
     }

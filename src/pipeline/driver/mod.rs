@@ -10,8 +10,12 @@
 //! killed for replication timeout.
 //!
 //! `open` sets a session up, `session` runs its loop, `state` and `apply`
-//! hold what the loop works on, `errors` says which failures are retriable,
-//! `heartbeat` keeps an idle database's slot moving.
+//! hold what the loop works on, in owned parts: `window` (what is in
+//! flight), `tally` (counters), `delivery` (the delivery mode, one type, and
+//! the progress record), `refused` (exactly-once's refused records) with
+//! `cause` (what failed a Kafka transaction); `delivering` hands each
+//! delivery hook the parts it may touch. `errors` says which failures are
+//! retriable, `heartbeat` keeps an idle database's slot moving.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -22,11 +26,12 @@ use crate::lsn::Lsn;
 use crate::observe::metrics::Metrics;
 
 mod apply;
+mod cause;
+mod delivering;
+mod delivery;
 mod errors;
-mod exactly_once;
 mod heartbeat;
 mod open;
-mod record;
 mod refused;
 mod session;
 mod slot_watch;

@@ -13,11 +13,12 @@ use crate::pipeline::history::{Forked, ServerHistory};
 use crate::pipeline::sink::Prober;
 use crate::pipeline::source::{ReplicationMessage, ReplicationReader, ReplicationWriter};
 
+use super::delivery::record::moved_by_us;
+use super::delivery::record::Recorder;
+use super::delivery::{Delivery, Transactions};
 use super::errors::PipelineError;
-use super::exactly_once::{commit_finished, Transactions};
 use super::heartbeat::heartbeat;
 use super::open::{open, timed_out, Opened};
-use super::record::Recorder;
 use super::slot_watch::slot_watch;
 use super::state::State;
 use super::{Summary, FEEDBACK_TICK, READ_BURST, REPLAY_SLICE};
@@ -137,7 +138,7 @@ pub(super) async fn session(
 /// What the session's end does with what is in flight, by how it ended.
 async fn settle(cfg: &RelayConfig, state: &mut State, result: &Result<(), PipelineError>) {
     if result.is_err() {
-        state.eos_abandoned();
+        state.delivery_abandoned();
     }
     match result {
         // A delivery failed: records enqueued after it must not reach the
@@ -244,12 +245,12 @@ async fn start_recording(
         // Its notes name positions of the other history.
         state.refused = Default::default();
     }
-    state.eos = Some(Transactions::new(
+    state.delivery = Delivery::ExactlyOnce(Box::new(Transactions::new(
         e,
         recorder.commit_lsn,
         recorder.anchor,
         judged.in_kafka,
-    ));
+    )));
     state.recorder = Some(recorder);
     Ok(())
 }
@@ -276,52 +277,6 @@ async fn while_starting(
             done = &mut recording => return done.map(|()| true),
             _ = tick.tick() => writer.send_status(found, false).await?,
         }
-    }
-}
-
-/// A slot found past the position this process confirmed is fine when the
-/// progress topic records at least that far (a relay of ours
-/// confirmed it, as a standby that took over); beyond that, someone else
-/// moved it over events that may never have been published.
-pub(super) fn moved_by_us(
-    cfg: &RelayConfig,
-    resume: Option<Lsn>,
-    found: Lsn,
-    recorded: Option<&crate::pipeline::sink::progress::Progress>,
-    timeline: u32,
-) -> Result<(), PipelineError> {
-    let Some(ours) = resume.filter(|ours| found > *ours) else {
-        // Review N10: at a fresh start, a slot past the furthest record
-        // of its own history was moved while no relay of ours ran. (On
-        // another timeline it is the history's doing: `history` judges
-        // that.)
-        return match recorded {
-            Some(p) if p.timeline == Some(timeline) && found > p.confirmed && resume.is_none() => {
-                Err(PipelineError::SlotMovedWhileDown {
-                    slot: cfg.slot.clone(),
-                    found,
-                    recorded: p.confirmed,
-                })
-            }
-            _ => Ok(()),
-        };
-    };
-    match recorded.map(|p| p.confirmed) {
-        Some(r) if found <= r => {
-            tracing::info!(
-                slot = %cfg.slot,
-                from = %ours,
-                to = %found,
-                recorded = %r,
-                "the slot moved on under another relay of ours (the progress topic records that position): going on from it"
-            );
-            Ok(())
-        }
-        _ => Err(PipelineError::SlotMovedAhead {
-            slot: cfg.slot.clone(),
-            found,
-            ours,
-        }),
     }
 }
 
@@ -453,7 +408,6 @@ impl Turns {
         state.pump_waiting()?;
         state.settle_too_large()?;
         state.flush_redo().await?;
-        state.eos_watch();
         // On a stop, record at once: the relay exits when the slot has
         // what was delivered.
         let every = if self.shutdown_deadline.is_some() {
@@ -461,8 +415,7 @@ impl Turns {
         } else {
             status_interval
         };
-        state.eos_record_idle(every)?;
-        state.record_progress(cfg).await?;
+        state.delivery_tick(cfg, every).await?;
         state.update_gauges();
         let confirmed = state.confirmable();
         if confirmed != self.last_sent || self.last_sent_at.elapsed() >= status_interval {
@@ -518,7 +471,7 @@ impl Turns {
                     ..
                 } => {
                     state.server_wal = state.server_wal.max(wal_end);
-                    state.eos_passed(wal_end)?;
+                    state.delivery_passed(wal_end)?;
                     // An open streamed transaction commits later and is sent
                     // again whole after a crash, but confirming past its
                     // start would let a restart begin decoding after it.
@@ -580,12 +533,11 @@ pub(super) async fn stream_loop(
         if stopping
             && !state.checkpoint.in_transaction()
             && state.checkpoint.inflight() == 0
-            && state.eos_settled()
-            && state.recorded_all()
+            && state.delivery_settled()
         {
             return Ok(());
         }
-        let committing = state.eos_turn(cfg, turns.stream_idle, stopping)?;
+        let committing = state.delivery_turn(cfg, turns.stream_idle, stopping)?;
         let replaying = state.replaying.is_some();
         let room = state.has_room(cfg);
         let can_read =
@@ -617,8 +569,8 @@ pub(super) async fn stream_loop(
                 state.flush_redo().await?;
                 state.pump_waiting()?;
             }
-            finished = commit_finished(&mut state.eos), if committing => {
-                state.eos_committed(finished)?;
+            finished = state.delivery.commit_finished(), if committing => {
+                state.delivery_committed(finished)?;
                 state.drain_acks()?;
             }
             // Before the WAL: under a continuous stream the read branch is

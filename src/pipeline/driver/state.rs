@@ -22,6 +22,8 @@ use crate::pipeline::route::messages::MessageConfig;
 use crate::pipeline::route::router::{OutboxRecord, RouteError, Router};
 use crate::pipeline::sink::{Ack, Enqueued, KafkaSink, SinkError};
 
+use super::delivery::record::{is_progress, Recorder};
+use super::delivery::Delivery;
 use super::errors::{BatchTooLarge, DeliveryFailure, PipelineError, RefusedInTransaction};
 use super::tally::{label, Tally};
 pub(super) use super::window::Pending;
@@ -47,10 +49,10 @@ pub(super) struct Replaying {
 
 pub(super) struct State {
     /// Kafka transactions, with `--delivery exactly-once`.
-    pub(super) eos: Option<super::exactly_once::Transactions>,
+    pub(super) delivery: Delivery,
     /// Records each position before it is confirmed (unless
     /// `--progress-topic off`).
-    pub(super) recorder: Option<super::record::Recorder>,
+    pub(super) recorder: Option<Recorder>,
     /// Buffers streamed in-progress transactions (with --streaming).
     pub(super) stream: Option<StreamBuffer>,
     pub(super) replaying: Option<Replaying>,
@@ -106,7 +108,7 @@ impl State {
         carry: &mut super::Carry,
     ) -> State {
         State {
-            eos: None,
+            delivery: Delivery::AtLeastOnce,
             recorder: None,
             router: Router::with_column_types(cfg.tables.clone(), carry.column_types.clone()),
             refused: std::mem::take(&mut carry.refused),
@@ -142,7 +144,7 @@ impl State {
     }
 
     pub(super) fn on_ack(&mut self, ack: Ack) -> Result<(), PipelineError> {
-        if super::record::is_progress(ack.tag) {
+        if is_progress(ack.tag) {
             return self.progress_delivered(ack.result);
         }
         let pending = self
@@ -185,7 +187,7 @@ impl State {
                 // (`settle_too_large`): one record alone was too large by
                 // itself; several were a batch.
                 if kind == Some(ErrorKind::TooLarge)
-                    && (pending.record.is_some() || self.eos.is_some())
+                    && (pending.record.is_some() || self.delivery.is_exactly_once())
                     && !pending.dead_letter
                     && matches!(
                         error.rdkafka_error_code(),
@@ -196,7 +198,7 @@ impl State {
                     return Ok(());
                 }
                 if let (Some(kind), false) = (kind, pending.dead_letter) {
-                    if self.eos.is_some() {
+                    if self.delivery.is_exactly_once() {
                         return Err(self.refuse(&pending, kind, ack.topic, error));
                     }
                     if self.dead_letter_delivery(&pending, kind, &ack.topic, &error)? {
@@ -322,7 +324,7 @@ impl State {
         // (a COPY's multi-insert), and the same records come in the same
         // order when streamed again.
         let mut nth = 0;
-        if self.eos.is_some() {
+        if self.delivery.is_exactly_once() {
             let (commit, at, last) = self.at;
             let here = self.place(txn, lsn, 0);
             if (here.0, here.1) == (commit, at) {
@@ -458,7 +460,7 @@ impl State {
         let dlq = policy::dead_letter(failed, kind, &reason, lsn, &self.policy.dead_letter_topic);
         let txn = self.checkpoint.event()?;
         // Exactly-once: in the same Kafka transaction as its neighbours.
-        self.eos_before_enqueue()?;
+        self.before_enqueue()?;
         self.enqueue_tracked(dlq, txn, lsn, true).await
     }
 
@@ -533,7 +535,7 @@ impl State {
                 Err(self.batch_too_large(pending.txn, topic, error, n))
             }
             TooLargeVerdict::Alone((pending, topic, error)) => {
-                if self.eos.is_some() {
+                if self.delivery.is_exactly_once() {
                     return Err(self.refuse(&pending, ErrorKind::TooLarge, topic, error));
                 }
                 // Only records kept for dead-lettering are set aside here.

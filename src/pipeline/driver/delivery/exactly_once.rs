@@ -44,19 +44,20 @@ use tokio::task::JoinHandle;
 
 use crate::config::{ExactlyOnceConfig, RelayConfig};
 use crate::lsn::Lsn;
+use crate::observe::metrics::Metrics;
 use crate::pipeline::history::{Anchor, Decision, Fork, InKafka};
 use crate::pipeline::sink::transactions::{TxnError, TxnFailure};
 use crate::pipeline::sink::{Enqueued, KafkaSink};
 
-use super::errors::PipelineError;
-use super::state::State;
+use super::super::errors::PipelineError;
+use super::Env;
 
 /// How long init_transactions and a commit may take before the session
 /// ends and starts over: under the walsender's default timeout (60 s), since
 /// status updates still go out meanwhile but reading stops.
 const TXN_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
-pub(super) struct Transactions {
+pub(crate) struct Transactions {
     max_duration: Duration,
     /// The commit LSN of the last Postgres transaction known to be in a
     /// committed Kafka transaction: from the progress topic, then ours; with
@@ -92,7 +93,7 @@ impl Transactions {
     /// Call before reading the progress topic: it settles what an earlier
     /// producer with the id left open, which could otherwise commit behind
     /// the read.
-    pub(super) async fn register(sink: &KafkaSink) -> Result<(), PipelineError> {
+    pub(crate) async fn register(sink: &KafkaSink) -> Result<(), PipelineError> {
         Ok(sink.init_transactions(TXN_CALL_TIMEOUT).await?)
     }
 
@@ -100,7 +101,7 @@ impl Transactions {
     /// the slot's progress record names) by registering it once: a relay of
     /// this slot given that id and frozen with a Kafka transaction open can
     /// then never commit it (review N7).
-    pub(super) async fn fence(
+    pub(crate) async fn fence(
         cfg: &RelayConfig,
         theirs: &str,
         ours: &str,
@@ -117,7 +118,7 @@ impl Transactions {
 
     /// `committed`: the last transaction the progress topic holds, on this
     /// history; `in_kafka`: what the history check made of it.
-    pub(super) fn new(
+    pub(crate) fn new(
         e: &ExactlyOnceConfig,
         committed: Option<Lsn>,
         committed_anchor: Option<Anchor>,
@@ -145,7 +146,7 @@ impl Transactions {
         }
     }
 
-    pub(super) fn committing(&self) -> bool {
+    pub(crate) fn committing(&self) -> bool {
         self.committing.is_some()
     }
 
@@ -154,65 +155,53 @@ impl Transactions {
     }
 }
 
-impl State {
-    /// The most that may be confirmed now, as the checkpoint decides it from
-    /// what each part holds back.
-    pub(super) fn confirmable(&self) -> Lsn {
-        let eos = self.eos.as_ref();
-        self.checkpoint
-            .confirmable(crate::pipeline::checkpoint::Holds {
-                recorded: self.recorder.as_ref().map(|r| r.recorded),
-                open_transaction: eos.and_then(|t| t.gate),
-                unproven_from: eos
-                    .filter(|t| t.in_kafka.holds())
-                    .map(|_| self.resumed_from),
-            })
+impl Transactions {
+    /// While a Kafka transaction is open, the checkpoint's position when it
+    /// began; and whether the history check still holds the slot where it
+    /// was found.
+    pub(crate) fn holds(&self) -> (Option<Lsn>, bool) {
+        (self.gate, self.in_kafka.holds())
     }
 
     /// A Postgres transaction begins (a non-transactional message: no xid
     /// and no commit time). Whether it is already in Kafka.
-    pub(super) fn eos_begin(
+    pub(crate) fn begin(
         &mut self,
+        env: &mut Env<'_>,
         commit_lsn: Lsn,
         xid: Option<u32>,
         commit_time: Option<i64>,
     ) -> Result<bool, PipelineError> {
-        let Some(t) = self.eos.as_mut() else {
-            return Ok(false);
-        };
-        let (decision, seen) = t.in_kafka.decide(commit_lsn, xid, commit_time);
+        let (decision, seen) = self.in_kafka.decide(commit_lsn, xid, commit_time);
         if let Some(seen) = seen {
-            self.eos_fork_seen(seen.fork);
+            self.fork_seen(env, seen.fork);
         }
         let skip = match decision {
             Decision::InKafka => true,
             Decision::Publish => false,
             Decision::StartAgain(forked) => return Err(PipelineError::HistoryForked(forked)),
         };
-        if let Some(t) = self.eos.as_mut() {
-            t.current = Some((
-                Anchor {
-                    commit_lsn,
-                    xid: xid.unwrap_or(0),
-                    commit_time: commit_time.unwrap_or(0),
-                },
-                skip,
-            ));
-        }
+        self.current = Some((
+            Anchor {
+                commit_lsn,
+                xid: xid.unwrap_or(0),
+                commit_time: commit_time.unwrap_or(0),
+            },
+            skip,
+        ));
         if skip {
-            self.metrics.transactions_skipped.inc();
+            env.metrics.transactions_skipped.inc();
         }
         Ok(skip)
     }
 
     /// A keepalive: the server's WAL went past `wal_end`, which may show
     /// that the record's anchor is not on this history.
-    pub(super) fn eos_passed(&mut self, wal_end: Lsn) -> Result<(), PipelineError> {
-        let Some((decision, seen)) = self.eos.as_mut().and_then(|t| t.in_kafka.passed(wal_end))
-        else {
+    pub(crate) fn passed(&mut self, env: &mut Env<'_>, wal_end: Lsn) -> Result<(), PipelineError> {
+        let Some((decision, seen)) = self.in_kafka.passed(wal_end) else {
             return Ok(());
         };
-        self.eos_fork_seen(seen.fork);
+        self.fork_seen(env, seen.fork);
         match decision {
             Some(Decision::StartAgain(forked)) => Err(PipelineError::HistoryForked(forked)),
             _ => Ok(()),
@@ -222,52 +211,45 @@ impl State {
     /// The stream showed the record's anchor is not on this history: from
     /// here on nothing is in Kafka that the record says, and the records
     /// say only what this history has.
-    fn eos_fork_seen(&mut self, fork: Fork) {
+    fn fork_seen(&mut self, env: &mut Env<'_>, fork: Fork) {
         let doing = "exactly-once publishes every transaction after it";
-        match self.recorder.as_mut() {
-            Some(r) => r.forked(&self.metrics, fork, self.resumed_from, doing),
-            None => super::record::report_fork(&self.metrics, "", fork, doing),
+        match env.recorder.as_deref_mut() {
+            Some(r) => r.forked(env.metrics, fork, env.resumed_from, doing),
+            None => super::record::report_fork(env.metrics, "", fork, doing),
         }
-        if let Some(t) = self.eos.as_mut() {
-            t.committed = None;
-            t.committed_anchor = None;
-        }
+        self.committed = None;
+        self.committed_anchor = None;
         // Its notes name positions of the other history.
-        self.refused = Default::default();
+        *env.refused = Default::default();
     }
 
     /// The Postgres transaction being decoded is in Kafka already.
-    pub(super) fn eos_skipping(&self) -> bool {
-        self.eos
-            .as_ref()
-            .and_then(|t| t.current)
-            .is_some_and(|(_, skip)| skip)
+    pub(crate) fn skipping(&self) -> bool {
+        self.current.is_some_and(|(_, skip)| skip)
     }
 
     /// Before a record of the current Postgres transaction is enqueued:
     /// opens a Kafka transaction if none is.
-    pub(super) fn eos_before_enqueue(&mut self) -> Result<(), PipelineError> {
-        let confirmed = self.checkpoint.confirmed();
-        let Some(t) = self.eos.as_mut() else {
-            return Ok(());
-        };
-        if t.gate.is_none() {
-            self.sink.begin_transaction()?;
-            t.gate = Some(confirmed);
-            t.opened_at = Instant::now();
+    pub(crate) fn before_enqueue(
+        &mut self,
+        sink: &KafkaSink,
+        confirmed: Lsn,
+    ) -> Result<(), PipelineError> {
+        if self.gate.is_none() {
+            sink.begin_transaction()?;
+            self.gate = Some(confirmed);
+            self.opened_at = Instant::now();
         }
         Ok(())
     }
 
     /// The Postgres transaction being decoded committed: if it published
     /// anything, the open Kafka transaction now holds it whole.
-    pub(super) fn eos_commit(&mut self, end_lsn: Lsn) {
-        if let Some(t) = self.eos.as_mut() {
-            if let Some((anchor, skip)) = t.current.take() {
-                if !skip && t.gate.is_some() {
-                    t.last_in_batch = Some(anchor);
-                    t.confirm_target = Some(end_lsn);
-                }
+    pub(crate) fn commit(&mut self, end_lsn: Lsn) {
+        if let Some((anchor, skip)) = self.current.take() {
+            if !skip && self.gate.is_some() {
+                self.last_in_batch = Some(anchor);
+                self.confirm_target = Some(end_lsn);
             }
         }
     }
@@ -278,87 +260,84 @@ impl State {
     /// recorded, in a Kafka transaction of the progress record alone, at
     /// most once per `every`: so every position a relay of ours confirms is
     /// in Kafka first, and a slot found beyond the record was moved by
-    /// someone else.
-    pub(super) fn eos_record_idle(&mut self, every: Duration) -> Result<(), PipelineError> {
-        let confirmed = self.checkpoint.confirmed();
-        let idle = !self.checkpoint.in_transaction() && self.waiting.is_empty();
-        let (Some(t), Some(r)) = (self.eos.as_mut(), self.recorder.as_ref()) else {
+    /// someone else. `idle`: no Postgres transaction open, nothing waiting.
+    pub(crate) fn record_idle(
+        &mut self,
+        env: &mut Env<'_>,
+        every: Duration,
+        idle: bool,
+        confirmed: Lsn,
+    ) -> Result<(), PipelineError> {
+        let Some(r) = env.recorder.as_deref() else {
             return Ok(());
         };
         if !idle
-            || t.in_kafka.holds()
-            || t.is_open()
-            || t.committing.is_some()
+            || self.in_kafka.holds()
+            || self.is_open()
+            || self.committing.is_some()
             || confirmed <= r.recorded
             || r.last_at.elapsed() < every
         {
             return Ok(());
         }
-        self.sink.begin_transaction()?;
-        t.gate = Some(r.recorded);
-        t.opened_at = Instant::now();
-        t.confirm_target = Some(confirmed);
+        env.sink.begin_transaction()?;
+        self.gate = Some(r.recorded);
+        self.opened_at = Instant::now();
+        self.confirm_target = Some(confirmed);
         Ok(())
     }
 
     /// Whether to commit the open Kafka transaction now: at a Postgres
-    /// transaction boundary, with every record handed to the producer, when
-    /// it has run `--transaction-max-duration`, the stream has nothing more
-    /// ready, reading is blocked, or the relay is stopping.
-    fn eos_commit_due(&self, cfg: &RelayConfig, stream_idle: bool, stopping: bool) -> bool {
-        let Some(t) = self.eos.as_ref() else {
-            return false;
-        };
-        let record_only = t.last_in_batch.is_none();
-        t.is_open()
-            && t.committing.is_none()
-            && t.confirm_target.is_some()
-            && !self.checkpoint.in_transaction()
-            && self.waiting.is_empty()
-            && (record_only
-                || stream_idle
-                || stopping
-                || t.opened_at.elapsed() >= t.max_duration
-                || !self.has_room(cfg))
+    /// transaction boundary with every record handed to the producer
+    /// (`at_boundary`), when it has run `--transaction-max-duration`, or
+    /// when waiting longer gains nothing (`now`: the stream has nothing
+    /// more ready, reading is blocked, or the relay is stopping).
+    fn commit_due(&self, at_boundary: bool, now: bool) -> bool {
+        let record_only = self.last_in_batch.is_none();
+        self.is_open()
+            && self.committing.is_none()
+            && self.confirm_target.is_some()
+            && at_boundary
+            && (record_only || now || self.opened_at.elapsed() >= self.max_duration)
     }
 
     /// At the top of each turn of the loop: starts the commit when it is
     /// due; returns whether a commit is in flight (reading waits for it).
-    pub(super) fn eos_turn(
+    pub(crate) fn turn(
         &mut self,
-        cfg: &RelayConfig,
-        stream_idle: bool,
-        stopping: bool,
+        env: &mut Env<'_>,
+        at_boundary: bool,
+        now: bool,
     ) -> Result<bool, PipelineError> {
-        if self.eos_commit_due(cfg, stream_idle, stopping) {
-            self.eos_start_commit()?;
+        if self.commit_due(at_boundary, now) {
+            self.start_commit(env)?;
         }
-        Ok(self.eos.as_ref().is_some_and(|t| t.committing()))
+        Ok(self.committing())
     }
 
     /// Writes the progress record and starts the commit on a blocking thread.
-    fn eos_start_commit(&mut self) -> Result<(), PipelineError> {
-        let (Some(t), Some(r)) = (self.eos.as_mut(), self.recorder.as_ref()) else {
+    fn start_commit(&mut self, env: &mut Env<'_>) -> Result<(), PipelineError> {
+        let Some(r) = env.recorder.as_deref() else {
             return Ok(());
         };
-        let Some(target) = t.confirm_target else {
+        let Some(target) = self.confirm_target else {
             return Ok(());
         };
-        if t.commit_tries == 0 {
-            let (commit_lsn, anchor) = match t.last_in_batch {
+        if self.commit_tries == 0 {
+            let (commit_lsn, anchor) = match self.last_in_batch {
                 Some(a) => (Some(a.commit_lsn), Some(a)),
-                None => (t.committed, t.committed_anchor),
+                None => (self.committed, self.committed_anchor),
             };
             let value = r.value(commit_lsn, anchor, target);
-            match self.sink.enqueue_progress(&r.topic, r.key(), &value)? {
+            match env.sink.enqueue_progress(&r.topic, r.key(), &value)? {
                 Enqueued::Yes => {}
                 // The queue is full of this transaction's records: the commit
                 // is retried on the next turn, once some are delivered.
                 Enqueued::QueueFull => return Ok(()),
             }
         }
-        t.committing = Some((
-            self.sink.commit_transaction(TXN_CALL_TIMEOUT),
+        self.committing = Some((
+            env.sink.commit_transaction(TXN_CALL_TIMEOUT),
             Instant::now(),
         ));
         Ok(())
@@ -367,14 +346,12 @@ impl State {
     /// The commit finished. A retriable failure commits again; any other ends
     /// the session (the next one aborts what is left and resumes from the
     /// progress topic).
-    pub(super) fn eos_committed(
+    pub(crate) fn committed(
         &mut self,
+        env: &mut Env<'_>,
         result: Result<Result<(), TxnError>, tokio::task::JoinError>,
     ) -> Result<(), PipelineError> {
-        let Some(t) = self.eos.as_mut() else {
-            return Ok(());
-        };
-        let started = t.committing.take().map(|(_, at)| at);
+        let started = self.committing.take().map(|(_, at)| at);
         let outcome = result.unwrap_or_else(|_| {
             Err(TxnError {
                 kind: TxnFailure::Fatal,
@@ -385,29 +362,31 @@ impl State {
         match outcome {
             Ok(()) => {
                 if let Some(at) = started {
-                    self.metrics
+                    env.metrics
                         .kafka_commit_duration
                         .observe(at.elapsed().as_secs_f64());
                 }
-                self.metrics.kafka_transactions_committed.inc();
-                if let Some(a) = t.last_in_batch.take() {
-                    t.committed = Some(a.commit_lsn);
-                    t.committed_anchor = Some(a);
+                env.metrics.kafka_transactions_committed.inc();
+                if let Some(a) = self.last_in_batch.take() {
+                    self.committed = Some(a.commit_lsn);
+                    self.committed_anchor = Some(a);
                 }
-                if let (Some(target), Some(r)) = (t.confirm_target.take(), self.recorder.as_mut()) {
+                if let (Some(target), Some(r)) =
+                    (self.confirm_target.take(), env.recorder.as_deref_mut())
+                {
                     r.recorded = r.recorded.max(target);
-                    r.commit_lsn = t.committed;
-                    r.anchor = t.committed_anchor;
+                    r.commit_lsn = self.committed;
+                    r.anchor = self.committed_anchor;
                     r.last_at = Instant::now();
                 }
-                t.gate = None;
-                t.commit_tries = 0;
+                self.gate = None;
+                self.commit_tries = 0;
                 Ok(())
             }
-            Err(e) if e.kind == TxnFailure::Retriable && t.commit_tries < 10 => {
+            Err(e) if e.kind == TxnFailure::Retriable && self.commit_tries < 10 => {
                 tracing::warn!(error = %e, "committing the Kafka transaction again");
-                t.commit_tries += 1;
-                self.eos_start_commit()
+                self.commit_tries += 1;
+                self.start_commit(env)
             }
             Err(e) => Err(e.into()),
         }
@@ -416,9 +395,9 @@ impl State {
     /// A session that ends on an error drops its producer, and with it the
     /// open Kafka transaction (the next session's init_transactions aborts
     /// it): counted here, whatever the error.
-    pub(super) fn eos_abandoned(&mut self) {
-        if self.eos.as_ref().is_some_and(Transactions::is_open) {
-            self.metrics.kafka_transactions_aborted.inc();
+    pub(crate) fn abandoned(&self, metrics: &Metrics) {
+        if self.is_open() {
+            metrics.kafka_transactions_aborted.inc();
         }
     }
 
@@ -427,40 +406,36 @@ impl State {
     /// never split over Kafka transactions (consumers would see part of
     /// it), so one that takes longer than the timeout to publish cannot be
     /// published: say so while there is time to act.
-    pub(super) fn eos_watch(&mut self) {
-        let in_txn = self.checkpoint.in_transaction();
-        let Some(t) = self.eos.as_mut() else {
-            return;
-        };
-        if !t.is_open() {
-            t.warned_long = false;
+    pub(crate) fn watch(&mut self, in_txn: bool) {
+        if !self.is_open() {
+            self.warned_long = false;
             return;
         }
-        let open_for = t.opened_at.elapsed();
-        if open_for >= t.txn_timeout / 2 && !t.warned_long {
-            t.warned_long = true;
+        let open_for = self.opened_at.elapsed();
+        if open_for >= self.txn_timeout / 2 && !self.warned_long {
+            self.warned_long = true;
             tracing::warn!(
                 open_for_s = open_for.as_secs_f64(),
-                transaction_timeout_s = t.txn_timeout.as_secs_f64(),
-                in_one_postgres_transaction = in_txn && t.last_in_batch.is_none(),
+                transaction_timeout_s = self.txn_timeout.as_secs_f64(),
+                in_one_postgres_transaction = in_txn && self.last_in_batch.is_none(),
                 "a Kafka transaction has been open for half of transaction.timeout.ms; if it is not committed in time the coordinator aborts it and it is published again from the start. A Postgres transaction is never split, so one that takes longer than the timeout to publish needs a larger --kafka-property transaction.timeout.ms (at most the brokers' transaction.max.timeout.ms, 15 min by default)"
             );
         }
     }
 
     /// Whether the session may end now: no Kafka transaction open.
-    pub(super) fn eos_settled(&self) -> bool {
-        self.eos.as_ref().is_none_or(|t| !t.is_open())
+    pub(crate) fn settled(&self) -> bool {
+        !self.is_open()
     }
-}
 
-/// Waits for the commit in progress; pending forever when there is none
-/// (the loop only polls it while committing).
-pub(super) async fn commit_finished(
-    eos: &mut Option<Transactions>,
-) -> Result<Result<(), TxnError>, tokio::task::JoinError> {
-    match eos.as_mut().and_then(|t| t.committing.as_mut()) {
-        Some((handle, _)) => handle.await,
-        None => std::future::pending().await,
+    /// Waits for the commit in progress; pending forever when there is none
+    /// (the loop only polls it while committing).
+    pub(crate) async fn commit_finished(
+        &mut self,
+    ) -> Result<Result<(), TxnError>, tokio::task::JoinError> {
+        match self.committing.as_mut() {
+            Some((handle, _)) => handle.await,
+            None => std::future::pending().await,
+        }
     }
 }

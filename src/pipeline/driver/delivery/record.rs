@@ -21,45 +21,45 @@ use crate::lsn::Lsn;
 use crate::observe::metrics::Metrics;
 use crate::pipeline::history::{self, Anchor, Fork, Forked, Judged, ServerHistory};
 use crate::pipeline::sink::progress::{self, Progress, ProgressError};
-use crate::pipeline::sink::transactions::PROGRESS_TAG;
-use crate::pipeline::sink::Enqueued;
+use crate::pipeline::sink::transactions::{TxnError, TxnFailure, PROGRESS_TAG};
+use crate::pipeline::sink::{Delivered, Enqueued, KafkaSink};
+use rdkafka::error::KafkaError;
 
-use super::errors::PipelineError;
-use super::state::State;
+use super::super::errors::PipelineError;
 
 /// At-least-once: how often the record is written again while the
 /// position stands still: well within the progress topic's hourly segment.
 const RESTATE_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
 
-pub(super) struct Recorder {
-    pub(super) topic: String,
+pub(crate) struct Recorder {
+    pub(crate) topic: String,
     key: Vec<u8>,
     system_id: String,
     slot: String,
     /// The most that may be sent to Postgres: the last position recorded
     /// (or where the slot was when the session started).
-    pub(super) recorded: Lsn,
+    pub(crate) recorded: Lsn,
     /// What the topic held when the session started.
-    pub(super) at_start: Option<Progress>,
+    pub(crate) at_start: Option<Progress>,
     /// The commit LSN the next record carries, and that transaction's
     /// anchor (exactly-once's; carried over unchanged by at-least-once).
-    pub(super) commit_lsn: Option<Lsn>,
-    pub(super) anchor: Option<Anchor>,
+    pub(crate) commit_lsn: Option<Lsn>,
+    pub(crate) anchor: Option<Anchor>,
     /// The server's history as this session found it: the records carry
     /// its timeline, and at-least-once judges the record by it once read.
-    pub(super) server: ServerHistory,
+    pub(crate) server: ServerHistory,
     /// The records' history epoch: one more than the record read when this
     /// session found a fork.
     epoch: u64,
     /// Exactly-once: this relay's transactional.id, which its records name.
-    pub(super) transactional_id: Option<String>,
+    pub(crate) transactional_id: Option<String>,
     /// At-least-once: the position of the record awaiting its report.
     in_flight: Option<Lsn>,
     /// At-least-once: the furthest record read is to be written again, so
     /// that it is also the last (a stale record of a woken relay may follow
     /// it, and compaction keeps only the last); again every `RESTATE_EVERY`.
     restate: bool,
-    pub(super) last_at: Instant,
+    pub(crate) last_at: Instant,
     /// At-least-once: the read of the topic, while it runs; with the
     /// position this process confirmed before and where the slot was found.
     reading: Option<Reading>,
@@ -178,7 +178,7 @@ impl Recorder {
 
     /// Exactly-once: reads the slot's furthest committed record now (after
     /// init_transactions).
-    pub(super) async fn start(
+    pub(crate) async fn start(
         cfg: &RelayConfig,
         topic: &str,
         system_id: &str,
@@ -195,7 +195,7 @@ impl Recorder {
     /// again within `limit`), since only the record can say by whom. Not
     /// read within it is a `ReadTimeout` (retriable: the next session asks
     /// again), never a verdict on the move (review N6).
-    pub(super) async fn start_within(
+    pub(crate) async fn start_within(
         cfg: &RelayConfig,
         topic: &str,
         system_id: &str,
@@ -216,7 +216,7 @@ impl Recorder {
 
     /// At-least-once: creates the topic if missing and reads it in the
     /// background, trying again while Kafka does not answer.
-    pub(super) fn start_in_background(
+    pub(crate) fn start_in_background(
         cfg: &RelayConfig,
         topic: &str,
         system_id: &str,
@@ -235,7 +235,7 @@ impl Recorder {
         r
     }
 
-    pub(super) fn key(&self) -> &[u8] {
+    pub(crate) fn key(&self) -> &[u8] {
         &self.key
     }
 
@@ -244,7 +244,7 @@ impl Recorder {
     /// relay does about it (`doing`), and the records start a new epoch
     /// whenever the record belongs to another history (`forked`: what an
     /// earlier session of this process found, not counted again).
-    pub(super) fn judge(
+    pub(crate) fn judge(
         &mut self,
         metrics: &Metrics,
         found: Lsn,
@@ -263,7 +263,7 @@ impl Recorder {
 
     /// A fork found (at the start or in the stream): said, counted, and the
     /// records start a new history from `found`.
-    pub(super) fn forked(&mut self, metrics: &Metrics, fork: Fork, found: Lsn, doing: &str) {
+    pub(crate) fn forked(&mut self, metrics: &Metrics, fork: Fork, found: Lsn, doing: &str) {
         report_fork(metrics, &self.slot, fork, doing);
         self.new_history(found);
     }
@@ -282,7 +282,7 @@ impl Recorder {
 
     /// A record's value for `confirmed` (never below what is recorded):
     /// the last transaction in Kafka, if any, and the history it is on.
-    pub(super) fn value(
+    pub(crate) fn value(
         &self,
         commit_lsn: Option<Lsn>,
         anchor: Option<Anchor>,
@@ -304,40 +304,87 @@ impl Recorder {
     }
 }
 
-impl State {
-    /// At-least-once, on the status timer: records the checkpoint's
-    /// position when it moved past the last record and none is in flight.
-    pub(super) async fn record_progress(&mut self, cfg: &RelayConfig) -> Result<(), PipelineError> {
-        if self.eos.is_some() {
-            return Ok(());
-        }
-        let confirmed = self.checkpoint.confirmed();
-        let Some(r) = self.recorder.as_mut() else {
-            return Ok(());
+/// A slot found past the position this process confirmed is fine when the
+/// progress topic records at least that far (a relay of ours
+/// confirmed it, as a standby that took over); beyond that, someone else
+/// moved it over events that may never have been published.
+pub(crate) fn moved_by_us(
+    cfg: &RelayConfig,
+    resume: Option<Lsn>,
+    found: Lsn,
+    recorded: Option<&Progress>,
+    timeline: u32,
+) -> Result<(), PipelineError> {
+    let Some(ours) = resume.filter(|ours| found > *ours) else {
+        // Review N10: at a fresh start, a slot past the furthest record
+        // of its own history was moved while no relay of ours ran. (On
+        // another timeline it is the history's doing: `history` judges
+        // that.)
+        return match recorded {
+            Some(p) if p.timeline == Some(timeline) && found > p.confirmed && resume.is_none() => {
+                Err(PipelineError::SlotMovedWhileDown {
+                    slot: cfg.slot.clone(),
+                    found,
+                    recorded: p.confirmed,
+                })
+            }
+            _ => Ok(()),
         };
-        if let Some(mut reading) = r.reading.take() {
+    };
+    match recorded.map(|p| p.confirmed) {
+        Some(r) if found <= r => {
+            tracing::info!(
+                slot = %cfg.slot,
+                from = %ours,
+                to = %found,
+                recorded = %r,
+                "the slot moved on under another relay of ours (the progress topic records that position): going on from it"
+            );
+            Ok(())
+        }
+        _ => Err(PipelineError::SlotMovedAhead {
+            slot: cfg.slot.clone(),
+            found,
+            ours,
+        }),
+    }
+}
+
+impl Recorder {
+    /// At-least-once, on the status timer: finishes the background read of
+    /// the topic when it is done, then records `confirmed` when it moved
+    /// past the last record and none is in flight (or it is time to write
+    /// the record again).
+    pub(crate) async fn tick_at_least_once(
+        &mut self,
+        cfg: &RelayConfig,
+        metrics: &Metrics,
+        sink: &KafkaSink,
+        confirmed: Lsn,
+    ) -> Result<(), PipelineError> {
+        if let Some(mut reading) = self.reading.take() {
             if !reading.task.is_finished() {
-                r.reading = Some(reading);
+                self.reading = Some(reading);
                 return Ok(());
             }
             let at_start = (&mut reading.task).await.unwrap_or_else(|_| {
                 Err(ProgressError::ReadTimeout {
-                    topic: r.topic.clone(),
+                    topic: self.topic.clone(),
                     timeout: std::time::Duration::ZERO,
                 })
             })?;
-            super::session::moved_by_us(
+            moved_by_us(
                 cfg,
                 reading.resume,
                 reading.found,
                 at_start.as_ref(),
-                r.server.timeline,
+                self.server.timeline,
             )?;
-            r.started(at_start)?;
+            self.started(at_start)?;
             // At-least-once publishes whatever the stream sends: a fork
             // changes nothing it does, but is said and counted.
-            r.judge(
-                &self.metrics,
+            self.judge(
+                metrics,
                 reading.found,
                 None,
                 "at-least-once publishes everything the slot sends",
@@ -346,56 +393,50 @@ impl State {
         // Written again now and then even when nothing moved: a stale
         // record of a woken relay may have come after ours, and compaction
         // (hourly segments) would keep only that one.
-        let restate = r.restate || r.last_at.elapsed() >= RESTATE_EVERY;
-        if r.in_flight.is_some() || (confirmed <= r.recorded && !restate) {
+        let restate = self.restate || self.last_at.elapsed() >= RESTATE_EVERY;
+        if self.in_flight.is_some() || (confirmed <= self.recorded && !restate) {
             return Ok(());
         }
-        let value = r.value(r.commit_lsn, r.anchor, confirmed);
-        if let Enqueued::Yes = self.sink.enqueue_progress(&r.topic, &r.key, &value)? {
-            r.in_flight = Some(confirmed.max(r.recorded));
-            r.restate = false;
-            r.last_at = Instant::now();
+        let value = self.value(self.commit_lsn, self.anchor, confirmed);
+        if let Enqueued::Yes = sink.enqueue_progress(&self.topic, &self.key, &value)? {
+            self.in_flight = Some(confirmed.max(self.recorded));
+            self.restate = false;
+            self.last_at = Instant::now();
         }
         Ok(())
     }
 
-    /// Whether every confirmed position is recorded: a clean stop waits
-    /// for it, so that the slot ends where the deliveries did.
-    pub(super) fn recorded_all(&self) -> bool {
-        self.recorder
-            .as_ref()
-            .is_none_or(|r| r.reading.is_some() || r.recorded >= self.checkpoint.confirmed())
+    /// Whether `confirmed` is recorded: a clean stop waits for it, so that
+    /// the slot ends where the deliveries did.
+    pub(crate) fn holds_all(&self, confirmed: Lsn) -> bool {
+        self.reading.is_some() || self.recorded >= confirmed
     }
 
     /// The report of a progress record. With exactly-once the commit says
     /// whether it counts; a failure there fails the commit too, and failing
     /// here names the progress topic.
-    pub(super) fn progress_delivered(
+    pub(crate) fn delivered(
         &mut self,
-        result: Result<crate::pipeline::sink::Delivered, rdkafka::error::KafkaError>,
+        result: Result<Delivered, KafkaError>,
+        exactly_once: bool,
     ) -> Result<(), PipelineError> {
-        let Some(r) = self.recorder.as_mut() else {
-            return Ok(());
-        };
         match result {
             Ok(_) => {
-                if let Some(at) = r.in_flight.take() {
-                    r.recorded = r.recorded.max(at);
-                    r.last_at = Instant::now();
+                if let Some(at) = self.in_flight.take() {
+                    self.recorded = self.recorded.max(at);
+                    self.last_at = Instant::now();
                 }
                 Ok(())
             }
             // Exactly-once: the transaction fails with it; a new session
             // starts over from the progress topic.
-            Err(error) if self.eos.is_some() => Err(PipelineError::Transaction(
-                crate::pipeline::sink::transactions::TxnError {
-                    kind: crate::pipeline::sink::transactions::TxnFailure::Abortable,
-                    what: "writing the progress record",
-                    error,
-                },
-            )),
+            Err(error) if exactly_once => Err(PipelineError::Transaction(TxnError {
+                kind: TxnFailure::Abortable,
+                what: "writing the progress record",
+                error,
+            })),
             Err(error) => Err(PipelineError::Progress(ProgressError::Write {
-                topic: r.topic.clone(),
+                topic: self.topic.clone(),
                 error,
             })),
         }
@@ -404,7 +445,7 @@ impl State {
 
 /// Says and counts a fork between the progress record's history and the
 /// server's, and what the relay does about it.
-pub(super) fn report_fork(metrics: &Metrics, slot: &str, fork: Fork, doing: &str) {
+pub(crate) fn report_fork(metrics: &Metrics, slot: &str, fork: Fork, doing: &str) {
     metrics.history_forks.inc();
     tracing::warn!(
         slot,
@@ -414,6 +455,6 @@ pub(super) fn report_fork(metrics: &Metrics, slot: &str, fork: Fork, doing: &str
 }
 
 /// Whether a report is a progress record's.
-pub(super) fn is_progress(tag: u64) -> bool {
+pub(crate) fn is_progress(tag: u64) -> bool {
     tag == PROGRESS_TAG
 }
