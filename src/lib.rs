@@ -17,6 +17,7 @@
 
 pub mod commands;
 pub mod config;
+pub mod duration;
 pub mod lsn;
 pub mod observe;
 pub mod pg;

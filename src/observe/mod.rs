@@ -7,3 +7,14 @@ pub mod announce;
 pub mod http;
 pub mod metrics;
 pub mod progress_line;
+
+use serde::Deserialize;
+
+/// How the relay writes its log: text for people, JSON for collectors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}

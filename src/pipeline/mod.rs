@@ -13,6 +13,7 @@ pub mod history;
 pub mod policy;
 pub mod recover;
 pub mod route;
+pub mod settings;
 pub mod sink;
 pub mod source;
 pub mod tables;

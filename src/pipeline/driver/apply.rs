@@ -2,13 +2,13 @@
 //! stream buffer for streamed transactions, routing, logical messages and the
 //! error policy for rows that cannot become records.
 
-use crate::config::RelayConfig;
 use crate::lsn::Lsn;
 use crate::pipeline::checkpoint::TxnSeq;
 use crate::pipeline::decode::pgoutput::{self, Insert, LogicalMessage};
 use crate::pipeline::decode::stream_buffer;
 use crate::pipeline::policy::Failed;
 use crate::pipeline::route::router::Routed;
+use crate::pipeline::settings::RelayConfig;
 use crate::pipeline::source::ReplicationError;
 
 use super::errors::PipelineError;

@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use crate::config::RelayConfig;
 use crate::lsn::Lsn;
 use crate::pipeline::checkpoint::Holds;
+use crate::pipeline::settings::RelayConfig;
 use crate::pipeline::sink::transactions::TxnError;
 
 use super::delivery::Env;

@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::RelayConfig;
 use crate::observe::metrics::Metrics;
+use crate::pipeline::settings::RelayConfig;
 
 /// A heartbeat that takes longer than this is a connection to start again
 /// (review N12: a black-holed connection would wait for ever, silently).

@@ -21,9 +21,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::RelayConfig;
 use crate::lsn::Lsn;
 use crate::observe::metrics::Metrics;
+use crate::pipeline::settings::RelayConfig;
 
 mod apply;
 mod cause;

@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
-use crate::config::RelayConfig;
 use crate::lsn::Lsn;
 use crate::pg::quote_ident;
 use crate::pipeline::decode::stream_buffer;
 use crate::pipeline::history::ServerHistory;
+use crate::pipeline::settings::RelayConfig;
 use crate::pipeline::sink::{Ack, KafkaSink};
 use crate::pipeline::source::{
     quote_literal, ConnectParams, ReplicationConnection, ReplicationError,
@@ -20,7 +20,7 @@ use super::errors::PipelineError;
 
 /// Parses a Postgres duration setting (`60s`, `1min`, `500ms`, `0`).
 pub fn parse_pg_duration(s: &str) -> Option<Duration> {
-    crate::config::parse_duration(s, crate::config::BareNumber::Millis).ok()
+    crate::duration::parse_duration(s, crate::duration::BareNumber::Millis).ok()
 }
 
 pub(super) struct Slot {

@@ -6,10 +6,10 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::config::RelayConfig;
 use crate::lsn::Lsn;
 use crate::observe::metrics::Metrics;
 use crate::pipeline::history::{Forked, ServerHistory};
+use crate::pipeline::settings::RelayConfig;
 use crate::pipeline::sink::Prober;
 use crate::pipeline::source::{ReplicationMessage, ReplicationReader, ReplicationWriter};
 

@@ -15,10 +15,10 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::config::RelayConfig;
 use crate::lsn::Lsn;
 use crate::observe::metrics::Metrics;
 use crate::pg::slot_headroom::{current_wal, humanize, Headroom};
+use crate::pipeline::settings::RelayConfig;
 
 const EVERY: Duration = Duration::from_secs(5);
 /// A query that takes longer than this is a connection to start again.

@@ -11,7 +11,6 @@ use std::time::Instant;
 use rdkafka::error::KafkaError;
 use tokio::sync::mpsc;
 
-use crate::config::RelayConfig;
 use crate::lsn::Lsn;
 use crate::observe::metrics::Metrics;
 use crate::pipeline::checkpoint::{Checkpoint, TxnSeq};
@@ -20,6 +19,7 @@ use crate::pipeline::decode::stream_buffer::{self, StreamBuffer};
 use crate::pipeline::policy::{self, ErrorKind, ErrorPolicy, Failed, Policy};
 use crate::pipeline::route::messages::MessageConfig;
 use crate::pipeline::route::router::{OutboxRecord, RouteError, Router};
+use crate::pipeline::settings::RelayConfig;
 use crate::pipeline::sink::{Ack, Enqueued, KafkaSink, SinkError};
 
 use super::delivery::record::{is_progress, Recorder};

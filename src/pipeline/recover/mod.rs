@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::{Client, SimpleQueryMessage};
 
-use crate::config::RelayConfig;
+use crate::pipeline::settings::RelayConfig;
 
 pub mod settings;
 use crate::lsn::Lsn;

@@ -42,10 +42,10 @@ use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
 
-use crate::config::{ExactlyOnceConfig, RelayConfig};
 use crate::lsn::Lsn;
 use crate::observe::metrics::Metrics;
 use crate::pipeline::history::{Anchor, Decision, Fork, InKafka};
+use crate::pipeline::settings::{ExactlyOnceConfig, RelayConfig};
 use crate::pipeline::sink::transactions::{TxnError, TxnFailure};
 use crate::pipeline::sink::{Enqueued, KafkaSink};
 

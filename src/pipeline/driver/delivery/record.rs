@@ -16,10 +16,10 @@
 
 use std::time::Instant;
 
-use crate::config::RelayConfig;
 use crate::lsn::Lsn;
 use crate::observe::metrics::Metrics;
 use crate::pipeline::history::{self, Anchor, Fork, Forked, Judged, ServerHistory};
+use crate::pipeline::settings::RelayConfig;
 use crate::pipeline::sink::progress::{self, Progress, ProgressError};
 use crate::pipeline::sink::transactions::{TxnError, TxnFailure, PROGRESS_TAG};
 use crate::pipeline::sink::{Delivered, Enqueued, KafkaSink};
