@@ -67,11 +67,17 @@ impl RecoverArgs {
 /// a range that cannot be recovered, 2 configuration error or nothing to
 /// recover).
 pub async fn command(config: Option<&Path>, args: RecoverArgs) -> u8 {
-    let loaded = crate::config::load(config, args.options.clone(), true)
-        .map_err(|e| format!("configuration error: {e}"))
-        .and_then(|cfg| Ok((cfg, args.settings()?)));
-    let (cfg, settings) = match loaded {
+    let cfg = match super::load(
+        "recover",
+        config,
+        args.options.clone(),
+        super::Kafka::Required,
+    ) {
         Ok(c) => c,
+        Err(code) => return code,
+    };
+    let settings = match args.settings() {
+        Ok(s) => s,
         Err(e) => {
             eprintln!("outbox-relay recover: {e}");
             return 2;

@@ -27,6 +27,22 @@ pub enum RunError {
     TablePicked(String),
 }
 
+/// `outbox-relay run`: logs as `--log-format` says, info and up by default.
+pub async fn command(config: Option<&std::path::Path>, options: crate::config::Options) -> u8 {
+    let cfg = match super::load("run", config, options, super::Kafka::Required) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    crate::observe::logging::init(cfg.log_format, "info");
+    match run(&cfg).await {
+        Ok(()) => 0,
+        Err(e) => {
+            tracing::error!("{}", super::one_line(&e));
+            1
+        }
+    }
+}
+
 /// Serves /metrics, /healthz and /readyz (unless `--http-address off`), then
 /// runs sessions until a signal or a non-retriable error.
 pub async fn run(cfg: &RelayConfig) -> Result<(), RunError> {

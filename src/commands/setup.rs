@@ -31,6 +31,46 @@ pub enum SetupError {
     Objects(#[from] crate::pg::objects::ObjectsError),
 }
 
+/// `outbox-relay setup` arguments: the relay's options and how to make the
+/// slot.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SetupArgs {
+    #[command(flatten)]
+    pub options: crate::config::Options,
+    /// Create the slot with failover = true (PostgreSQL 17+), so that a physical
+    /// standby with sync_replication_slots = on keeps a copy the relay resumes from
+    /// after a promotion.
+    #[arg(long)]
+    pub failover: bool,
+}
+
+/// `outbox-relay setup`: says what it found and did, one line each; logs
+/// as `--log-format` says.
+pub async fn command(config: Option<&std::path::Path>, args: SetupArgs) -> u8 {
+    let cfg = match super::load("setup", config, args.options, super::Kafka::Optional) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    crate::observe::logging::init(cfg.log_format, "info");
+    match run(
+        &cfg,
+        SlotKind {
+            failover: args.failover,
+        },
+    )
+    .await
+    {
+        Ok(lines) => {
+            lines.iter().for_each(|l| println!("{l}"));
+            0
+        }
+        Err(e) => {
+            tracing::error!("setup failed: {}", super::one_line(&e));
+            1
+        }
+    }
+}
+
 /// How `setup` creates the slot.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SlotKind {

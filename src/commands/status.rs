@@ -494,7 +494,16 @@ pub async fn connect(cfg: &RelayConfig) -> Result<Client, StatusError> {
 /// `outbox-relay status [--json]`: prints the status to stdout and returns
 /// the exit code: 0, or 1 when the slot is missing or unusable, or Postgres
 /// cannot be read.
-pub async fn command(cfg: &RelayConfig, json: bool) -> u8 {
+pub async fn command(config: Option<&std::path::Path>, args: StatusOptions) -> u8 {
+    match super::load("status", config, args.options, super::Kafka::Optional) {
+        Ok(cfg) => report(&cfg, args.json).await,
+        Err(code) => code,
+    }
+}
+
+/// The status of the configured slot and publication, printed; 1 if the
+/// slot is missing.
+pub async fn report(cfg: &RelayConfig, json: bool) -> u8 {
     let status = match connect(cfg).await {
         Ok(client) => match collect(&client, cfg).await {
             Ok(mut s) => {

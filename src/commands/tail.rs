@@ -215,7 +215,9 @@ fn line(m: &BorrowedMessage<'_>) -> String {
 
 /// `outbox-relay tail`: follows the topics on stdout until a signal, `--max`
 /// records, or the reader leaving; the exit code.
-pub async fn command(opts: TailOptions) -> u8 {
+/// Tail reads Kafka alone: it takes no relay options, so the config file
+/// is not read.
+pub async fn command(_config: Option<&std::path::Path>, opts: TailOptions) -> u8 {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     let stop = Arc::new(AtomicBool::new(false));

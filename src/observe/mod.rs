@@ -5,6 +5,7 @@
 
 pub mod announce;
 pub mod http;
+pub mod logging;
 pub mod metrics;
 pub mod progress_line;
 

@@ -424,12 +424,14 @@ async fn publish_cursor(
 /// The `backfill` subcommand; returns the exit code (0 done, 1 failed, 2
 /// configuration error).
 pub async fn command(config: Option<&Path>, args: BackfillArgs) -> u8 {
-    let cfg = match crate::config::load(config, args.options.clone(), true) {
+    let cfg = match super::load(
+        "backfill",
+        config,
+        args.options.clone(),
+        super::Kafka::Required,
+    ) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("outbox-relay backfill: configuration error: {e}");
-            return 2;
-        }
+        Err(code) => return code,
     };
     let mut say = |line: String| println!("{line}");
     match run(&cfg, &args, &mut say).await {

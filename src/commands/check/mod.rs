@@ -220,7 +220,15 @@ pub fn render(results: &[CheckResult]) -> String {
 }
 
 /// `outbox-relay check`: prints the results; exit code 1 if any failed.
-pub async fn command(cfg: &RelayConfig) -> u8 {
+pub async fn command(config: Option<&std::path::Path>, options: crate::config::Options) -> u8 {
+    match super::load("check", config, options, super::Kafka::Optional) {
+        Ok(cfg) => report(&cfg).await,
+        Err(code) => code,
+    }
+}
+
+/// Every check run and printed; 1 on any FAIL.
+pub async fn report(cfg: &RelayConfig) -> u8 {
     let results = run(cfg).await;
     print!("{}", render(&results));
     u8::from(results.iter().any(|r| r.outcome == Outcome::Fail))

@@ -493,12 +493,14 @@ fn humanize(d: Duration) -> String {
 /// The `cleanup` subcommand; returns the exit code (0 done, 1 refused or
 /// failed, 2 configuration error).
 pub async fn command(config: Option<&Path>, args: CleanupArgs) -> u8 {
-    let cfg = match crate::config::load(config, args.options.clone(), false) {
+    let cfg = match super::load(
+        "cleanup",
+        config,
+        args.options.clone(),
+        super::Kafka::Optional,
+    ) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("outbox-relay cleanup: configuration error: {e}");
-            return 2;
-        }
+        Err(code) => return code,
     };
     let mut say = |line: String| println!("{line}");
     match run(&cfg, &args, &mut say).await {

@@ -198,12 +198,14 @@ async fn verify_table(
 /// good, 1 loss/order/mismatch (or duplicates with --fail-on-duplicates), 2
 /// the check could not be made).
 pub async fn command(config: Option<&Path>, args: VerifyArgs) -> u8 {
-    let cfg = match crate::config::load(config, args.options.clone(), true) {
+    let cfg = match super::load(
+        "verify",
+        config,
+        args.options.clone(),
+        super::Kafka::Required,
+    ) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("outbox-relay verify: configuration error: {e}");
-            return 2;
-        }
+        Err(code) => return code,
     };
     let Some(read_timeout) = Duration::try_from_secs_f64(args.read_timeout)
         .ok()
