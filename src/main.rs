@@ -54,7 +54,13 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let code = rt.block_on(async_main());
+    // On a worker, not on this thread: a future block_on runs here is woken
+    // by the worker that polls the sockets, a thread switch per message.
+    let code = rt.block_on(async {
+        tokio::spawn(async_main())
+            .await
+            .unwrap_or(std::process::ExitCode::FAILURE)
+    });
     // The broker probe may be inside a blocking metadata request (up to a
     // few seconds against a broker that is down): a stop does not wait for
     // it, so the shutdown timeout is the whole bound.

@@ -18,7 +18,7 @@ pub(super) async fn mark_processed(
     args: &BackfillArgs,
     order_type: &str,
     done_values: &[String],
-    say: &mut dyn FnMut(String),
+    say: &mut (dyn FnMut(String) + Send),
 ) -> Result<u64, BackfillError> {
     let order_col = quote_ident(&args.order_column);
     let update = format!(

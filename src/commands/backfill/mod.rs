@@ -140,7 +140,7 @@ struct Plan {
 pub async fn run(
     cfg: &RelayConfig,
     args: &BackfillArgs,
-    say: &mut dyn FnMut(String),
+    say: &mut (dyn FnMut(String) + Send),
 ) -> Result<Summary, BackfillError> {
     // The slot backfill creates is the one `run` then streams every table
     // from: with one section picked, the other tables' backlogs would never

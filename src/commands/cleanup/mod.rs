@@ -188,7 +188,7 @@ async fn slot_confirmed(client: &Client, slot: &str) -> Result<Option<Lsn>, Clea
 pub async fn run(
     cfg: &RelayConfig,
     args: &CleanupArgs,
-    say: &mut dyn FnMut(String),
+    say: &mut (dyn FnMut(String) + Send),
 ) -> Result<Summary, CleanupError> {
     let (reader, _c1) = crate::pg::sql::connect(&cfg.database).await?;
     let (writer, _c2) = crate::pg::sql::connect(&cfg.database).await?;
@@ -224,7 +224,7 @@ async fn run_table(
     cfg: &RelayConfig,
     mapping: &RouterConfig,
     args: &CleanupArgs,
-    say: &mut dyn FnMut(String),
+    say: &mut (dyn FnMut(String) + Send),
 ) -> Result<Summary, CleanupError> {
     if let (true, Some(age)) = (args.drop_partitions, args.older_than) {
         return partitions::drop_partitions(
@@ -281,7 +281,7 @@ async fn delete_older_than(
     scope: &Scope,
     args: &CleanupArgs,
     age: Duration,
-    say: &mut dyn FnMut(String),
+    say: &mut (dyn FnMut(String) + Send),
 ) -> Result<Summary, CleanupError> {
     let Scope {
         table,
@@ -344,7 +344,7 @@ async fn delete_published(
     cfg: &RelayConfig,
     args: &CleanupArgs,
     age: Option<Duration>,
-    say: &mut dyn FnMut(String),
+    say: &mut (dyn FnMut(String) + Send),
 ) -> Result<Summary, CleanupError> {
     let Scope {
         table,
@@ -452,7 +452,7 @@ async fn wait_confirmed(
     slot: &str,
     target: Lsn,
     wait: Duration,
-    say: &mut dyn FnMut(String),
+    say: &mut (dyn FnMut(String) + Send),
 ) -> Result<(), CleanupError> {
     let started = Instant::now();
     loop {

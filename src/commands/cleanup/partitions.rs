@@ -100,7 +100,7 @@ pub(super) async fn drop_partitions(
     table: &TableName,
     args: &CleanupArgs,
     age: Duration,
-    say: &mut dyn FnMut(String),
+    say: &mut (dyn FnMut(String) + Send),
 ) -> Result<Summary, CleanupError> {
     check_partitioning(reader, table, &args.time_column).await?;
     if slot_confirmed(reader, slot).await?.is_none() {
@@ -178,7 +178,7 @@ async fn attach_back(
     client: &Client,
     parent: &str,
     detached: &[&Partition],
-    say: &mut dyn FnMut(String),
+    say: &mut (dyn FnMut(String) + Send),
 ) {
     for p in detached {
         match client

@@ -185,7 +185,7 @@ async fn pg_time_text(client: &Client, micros: i64) -> String {
 pub async fn run(
     cfg: &RelayConfig,
     args: &RecoverSettings,
-    say: &mut dyn FnMut(String),
+    say: &mut (dyn FnMut(String) + Send),
 ) -> Result<Summary, RecoverError> {
     if cfg.table_picked {
         return Err(RecoverError::Config(format!(
@@ -519,7 +519,7 @@ async fn recover_table(
     router: &mut Router,
     publisher: &mut Publisher<'_>,
     summary: &mut Summary,
-    say: &mut dyn FnMut(String),
+    say: &mut (dyn FnMut(String) + Send),
 ) -> Result<(), String> {
     let table = &mapping.table;
     let shape = TableShape::read(client, table)
