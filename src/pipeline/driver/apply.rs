@@ -5,15 +5,14 @@
 use crate::lsn::Lsn;
 use crate::pipeline::checkpoint::TxnSeq;
 use crate::pipeline::decode::pgoutput::{self, Insert, LogicalMessage};
-use crate::pipeline::decode::stream_buffer;
 use crate::pipeline::policy::Failed;
 use crate::pipeline::route::router::Routed;
 use crate::pipeline::settings::RelayConfig;
-use crate::pipeline::source::ReplicationError;
 
+use super::decoding::Step;
 use super::errors::PipelineError;
 use super::heartbeat::HEARTBEAT_PREFIX;
-use super::state::{Replaying, State};
+use super::state::State;
 use super::tally::label;
 
 impl State {
@@ -22,64 +21,22 @@ impl State {
         wal_start: Lsn,
         data: bytes::Bytes,
     ) -> Result<(), PipelineError> {
-        let raw = data.clone();
-        let msg = self
-            .decoder
-            .decode(data)
-            .map_err(|source| PipelineError::Decode {
-                lsn: wal_start,
-                source,
-            })?;
-        if let Some(buffer) = self.stream.as_mut() {
-            match &msg {
-                LogicalMessage::StreamStart(s) => {
-                    buffer.start(s.xid, s.first_segment)?;
-                    return Ok(());
-                }
-                LogicalMessage::StreamStop => return Ok(()),
-                LogicalMessage::StreamAbort(a) => {
-                    if let Err(e) = buffer.abort(a.xid, a.subxid) {
-                        tracing::debug!(error = %e, "stream abort of a transaction with nothing buffered");
-                    }
-                    return Ok(());
-                }
-                LogicalMessage::StreamCommit(c) => {
-                    let replay = buffer.commit(c.xid)?;
-                    self.commit_time = c.commit_time;
-                    self.delivery_begin(c.commit_lsn, Some(c.xid), Some(c.commit_time))?;
-                    self.checkpoint.begin(c.commit_lsn)?;
-                    self.replaying = Some(Replaying {
-                        replay,
-                        decoder: stream_buffer::replay_decoder(
-                            self.decoder.protocol_version(),
-                            c.xid,
-                        ),
-                        end_lsn: c.end_lsn,
-                    });
-                    return Ok(());
-                }
-                // Inside a streamed block, keep what makes events until the
-                // transaction commits; the rest (updates, deletes, types)
-                // never does.
-                LogicalMessage::Relation(_)
-                | LogicalMessage::Insert(_)
-                | LogicalMessage::Message(_)
-                    if self.decoder.in_stream() =>
-                {
-                    let top = self.decoder.stream_xid().ok_or_else(|| {
-                        PipelineError::Replication(ReplicationError::Protocol(format!(
-                            "a change at {wal_start} inside a streamed block without the block's transaction id"
-                        )))
-                    })?;
-                    let subxid = self.decoder.last_xid().unwrap_or(top);
-                    buffer.push(top, subxid, wal_start, &raw)?;
-                    return Ok(());
-                }
-                _ if self.decoder.in_stream() => return Ok(()),
-                _ => {}
+        match self.decoding.step(wal_start, data)? {
+            Step::Apply(msg) => self.apply(msg, wal_start).await,
+            Step::Nothing => Ok(()),
+            Step::Committed {
+                commit_lsn,
+                xid,
+                commit_time,
+                replaying,
+            } => {
+                self.commit_time = commit_time;
+                self.delivery_begin(commit_lsn, Some(xid), Some(commit_time))?;
+                self.checkpoint.begin(commit_lsn)?;
+                self.replaying = Some(replaying);
+                Ok(())
             }
         }
-        self.apply(msg, wal_start).await
     }
 
     /// Replays up to `budget` changes of a committed streamed transaction,

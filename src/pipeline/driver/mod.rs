@@ -10,8 +10,8 @@
 //! killed for replication timeout.
 //!
 //! `open` sets a session up, `session` runs its loop, `state` and `apply`
-//! hold what the loop works on, in owned parts: `window` (what is in
-//! flight), `tally` (counters), `delivery` (the delivery mode, one type, and
+//! hold what the loop works on, in owned parts: `decoding` (the decoder and
+//! the stream buffer), `window` (what is in flight), `tally` (counters), `delivery` (the delivery mode, one type, and
 //! the progress record), `refused` (exactly-once's refused records) with
 //! `cause` (what failed a Kafka transaction); `delivering` hands each
 //! delivery hook the parts it may touch. `errors` says which failures are
@@ -27,6 +27,7 @@ use crate::pipeline::settings::RelayConfig;
 
 mod apply;
 mod cause;
+mod decoding;
 mod delivering;
 mod delivery;
 mod errors;

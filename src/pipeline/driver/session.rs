@@ -476,8 +476,8 @@ impl Turns {
                     // again whole after a crash, but confirming past its
                     // start would let a restart begin decoding after it.
                     if state
-                        .stream
-                        .as_ref()
+                        .decoding
+                        .stream()
                         .is_none_or(|b| b.open_transactions() == 0)
                     {
                         state.checkpoint.idle(wal_end);

@@ -14,14 +14,15 @@ use tokio::sync::mpsc;
 use crate::lsn::Lsn;
 use crate::observe::metrics::Metrics;
 use crate::pipeline::checkpoint::{Checkpoint, TxnSeq};
-use crate::pipeline::decode::pgoutput;
-use crate::pipeline::decode::stream_buffer::{self, StreamBuffer};
+use crate::pipeline::decode::stream_buffer::StreamBuffer;
 use crate::pipeline::policy::{self, ErrorKind, ErrorPolicy, Failed, Policy};
 use crate::pipeline::route::messages::MessageConfig;
 use crate::pipeline::route::router::{OutboxRecord, RouteError, Router};
 use crate::pipeline::settings::RelayConfig;
 use crate::pipeline::sink::{Ack, Enqueued, KafkaSink, SinkError};
 
+use super::decoding::Decoding;
+pub(super) use super::decoding::Replaying;
 use super::delivery::record::{is_progress, Recorder};
 use super::delivery::Delivery;
 use super::errors::{BatchTooLarge, DeliveryFailure, PipelineError, RefusedInTransaction};
@@ -41,12 +42,6 @@ pub(super) struct Waiting {
 }
 
 /// A committed streamed transaction being handed to the pipeline.
-pub(super) struct Replaying {
-    pub(super) replay: stream_buffer::Replay,
-    pub(super) decoder: pgoutput::Decoder,
-    pub(super) end_lsn: Lsn,
-}
-
 pub(super) struct State {
     /// Kafka transactions, with `--delivery exactly-once`.
     pub(super) delivery: Delivery,
@@ -54,8 +49,9 @@ pub(super) struct State {
     /// `--progress-topic off`).
     pub(super) recorder: Option<Recorder>,
     /// Buffers streamed in-progress transactions (with --streaming).
-    pub(super) stream: Option<StreamBuffer>,
     pub(super) replaying: Option<Replaying>,
+    /// The decoder, and the buffer of streamed transactions.
+    pub(super) decoding: Decoding,
     /// The slot's confirmed position when this session started.
     pub(super) resumed_from: Lsn,
     pub(super) first_begin_seen: bool,
@@ -76,7 +72,6 @@ pub(super) struct State {
     pub(super) tally: Tally,
     /// Clock readings shared by a batch of delivery reports.
     pub(super) ack_clock: (Instant, i64),
-    pub(super) decoder: pgoutput::Decoder,
     /// Logical decoding messages as events, when configured.
     pub(super) messages: Option<MessageConfig>,
     pub(super) policy: ErrorPolicy,
@@ -125,11 +120,12 @@ impl State {
             commit_time: 0,
             server_wal: confirmed,
             ack_clock: (Instant::now(), crate::pipeline::source::pg_now()),
-            decoder: pgoutput::Decoder::new(protocol),
-            stream: cfg
-                .streaming
-                .as_ref()
-                .map(|s| StreamBuffer::new(s.memory_budget, s.spill_dir.join(&cfg.slot))),
+            decoding: Decoding::new(
+                protocol,
+                cfg.streaming
+                    .as_ref()
+                    .map(|s| StreamBuffer::new(s.memory_budget, s.spill_dir.join(&cfg.slot))),
+            ),
             replaying: None,
             messages: cfg.messages.clone(),
             policy: cfg.error_policy.clone(),
@@ -500,7 +496,7 @@ impl State {
         self.metrics
             .replication_lag_bytes
             .set(self.server_wal.0.saturating_sub(confirmed.0) as i64);
-        if let Some(b) = &self.stream {
+        if let Some(b) = self.decoding.stream() {
             self.metrics
                 .stream_buffer_bytes
                 .set(b.memory_bytes() as i64);
