@@ -9,7 +9,7 @@ use crate::pipeline::policy::Failed;
 use crate::pipeline::route::router::Routed;
 use crate::pipeline::settings::RelayConfig;
 
-use super::decoding::Step;
+use super::decoding::{Replayed, Step};
 use super::errors::PipelineError;
 use super::heartbeat::HEARTBEAT_PREFIX;
 use super::state::State;
@@ -28,12 +28,10 @@ impl State {
                 commit_lsn,
                 xid,
                 commit_time,
-                replaying,
             } => {
-                self.commit_time = commit_time;
+                self.pos.commit_time = commit_time;
                 self.delivery_begin(commit_lsn, Some(xid), Some(commit_time))?;
                 self.checkpoint.begin(commit_lsn)?;
-                self.replaying = Some(replaying);
                 Ok(())
             }
         }
@@ -48,28 +46,14 @@ impl State {
         cfg: &RelayConfig,
     ) -> Result<(), PipelineError> {
         while budget > 0 && self.has_room(cfg) {
-            let Some(r) = self.replaying.as_mut() else {
-                return Ok(());
-            };
-            match r.replay.next() {
-                Some(change) => {
-                    let change = change?;
-                    let msg =
-                        r.decoder
-                            .decode(change.data)
-                            .map_err(|source| PipelineError::Decode {
-                                lsn: change.lsn,
-                                source,
-                            })?;
-                    self.apply(msg, change.lsn).await?;
+            match self.decoding.next_replayed()? {
+                None => return Ok(()),
+                Some(Replayed::Change(msg, lsn)) => {
+                    self.apply(msg, lsn).await?;
                     budget -= 1;
                 }
-                None => {
-                    let end = r.end_lsn;
-                    self.replaying = None;
-                    self.checkpoint.commit(end)?;
-                    self.delivery_commit(end);
-                    self.summary.transactions += 1;
+                Some(Replayed::End(end)) => {
+                    self.on_commit(end)?;
                     return Ok(());
                 }
             }
@@ -85,11 +69,7 @@ impl State {
     ) -> Result<(), PipelineError> {
         match msg {
             LogicalMessage::Begin(b) => self.on_begin(b.final_lsn, b.xid, b.commit_time)?,
-            LogicalMessage::Commit(c) => {
-                self.checkpoint.commit(c.end_lsn)?;
-                self.delivery_commit(c.end_lsn);
-                self.summary.transactions += 1;
-            }
+            LogicalMessage::Commit(c) => self.on_commit(c.end_lsn)?,
             LogicalMessage::Relation(rel) => {
                 self.router
                     .on_relation(&rel)
@@ -131,22 +111,19 @@ impl State {
         xid: u32,
         commit_time: i64,
     ) -> Result<(), PipelineError> {
-        self.commit_time = commit_time;
+        self.pos.commit_time = commit_time;
         let in_kafka = self.delivery_begin(final_lsn, Some(xid), Some(commit_time))?;
-        if !self.first_begin_seen && !in_kafka {
-            self.first_begin_seen = true;
-            // The server resumes after the slot's confirmed position; a
-            // transaction at or before it means the server is resending
-            // confirmed work (duplicates, not loss): say so.
-            if final_lsn <= self.resumed_from {
-                tracing::warn!(
-                    first_commit = %final_lsn,
-                    resumed_from = %self.resumed_from,
-                    "the server sent a transaction at or before the resume position; it will be published again"
-                );
-            }
+        if !in_kafka {
+            self.pos.first_begin(final_lsn);
         }
         self.checkpoint.begin(final_lsn)?;
+        Ok(())
+    }
+
+    fn on_commit(&mut self, end_lsn: Lsn) -> Result<(), PipelineError> {
+        self.checkpoint.commit(end_lsn)?;
+        self.delivery_commit(end_lsn);
+        self.summary.transactions += 1;
         Ok(())
     }
 
@@ -175,7 +152,7 @@ impl State {
             aggregate_id = %String::from_utf8_lossy(&rec.key),
             topic = %rec.topic,
             lsn = %wal_start,
-            since_commit_ms = (crate::pipeline::source::pg_now() - self.commit_time) / 1000,
+            since_commit_ms = (crate::pipeline::source::pg_now() - self.pos.commit_time) / 1000,
             "event enqueued"
         );
         self.before_enqueue()?;
@@ -200,7 +177,7 @@ impl State {
         if standalone {
             self.checkpoint.begin_standalone(m.lsn)?;
             // No commit time in the WAL for it: it counts from now.
-            self.commit_time = crate::pipeline::source::pg_now();
+            self.pos.commit_time = crate::pipeline::source::pg_now();
             // Exactly-once: its own unit, ordered by a position inside its
             // record (its LSN is where the next record starts, which may be
             // the commit of the transaction that emitted it).

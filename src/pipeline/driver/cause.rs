@@ -8,12 +8,13 @@ use std::time::Duration;
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 
-use crate::pipeline::policy::{ErrorKind, Policy};
+use crate::pipeline::policy::ErrorKind;
 use crate::pipeline::sink::transactions::TxnFailure;
 use crate::pipeline::sink::SinkError;
 
 use super::errors::PipelineError;
-use super::state::{Pending, State};
+use super::state::State;
+use super::window::Pending;
 
 /// How long a failed Kafka transaction's remaining delivery reports are
 /// waited for, to find the record that failed it. librdkafka fails them all
@@ -54,6 +55,7 @@ impl State {
             return first;
         }
         let mut refused: Vec<(Pending, ErrorKind, String, KafkaError)> = self
+            .dead
             .too_large
             .take_all()
             .into_iter()
@@ -61,20 +63,19 @@ impl State {
             .collect();
         let mut halted = None;
         let deadline = tokio::time::Instant::now() + CAUSE_WAIT;
-        while !self.window.is_empty() {
-            let Ok(Some(ack)) = tokio::time::timeout_at(deadline, self.acks.recv()).await else {
+        while !self.out.window.is_empty() {
+            let Ok(Some(ack)) = tokio::time::timeout_at(deadline, self.out.acks.recv()).await
+            else {
                 break;
             };
-            let Some(p) = self.window.take(ack.tag) else {
+            let Some(p) = self.out.window.take(ack.tag) else {
                 continue; // the progress record's, or one already settled
             };
             let Err(error) = ack.result else {
                 continue;
             };
             match ErrorKind::of_kafka(&error) {
-                Some(kind)
-                    if !p.dead_letter && self.policy.for_kind(kind) == Policy::DeadLetter =>
-                {
+                Some(kind) if !p.dead_letter && self.dead.wants(kind) => {
                     refused.push((p, kind, ack.topic, error));
                 }
                 Some(_) if halted.is_none() => {

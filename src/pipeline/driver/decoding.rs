@@ -15,14 +15,24 @@ pub(super) struct Decoding {
     decoder: pgoutput::Decoder,
     /// Buffers streamed in-progress transactions (with --streaming).
     stream: Option<StreamBuffer>,
+    /// The committed streamed transaction being handed over, if any.
+    replaying: Option<Replaying>,
 }
 
 /// A streamed transaction that committed: its changes, to replay as if
 /// they had arrived between Begin and Commit.
-pub(super) struct Replaying {
-    pub(super) replay: stream_buffer::Replay,
-    pub(super) decoder: pgoutput::Decoder,
-    pub(super) end_lsn: Lsn,
+struct Replaying {
+    replay: stream_buffer::Replay,
+    decoder: pgoutput::Decoder,
+    end_lsn: Lsn,
+}
+
+/// The next piece of a committed streamed transaction.
+pub(super) enum Replayed {
+    /// A change, decoded, at its position.
+    Change(LogicalMessage, Lsn),
+    /// Every change was handed over: the transaction ends at this LSN.
+    End(Lsn),
 }
 
 /// What to do with one WAL message.
@@ -30,12 +40,12 @@ pub(super) enum Step {
     Apply(LogicalMessage),
     /// Held in the stream buffer, or nothing that makes an event.
     Nothing,
-    /// A streamed transaction committed.
+    /// A streamed transaction committed: its changes follow through
+    /// `next_replayed`.
     Committed {
         commit_lsn: Lsn,
         xid: u32,
         commit_time: i64,
-        replaying: Replaying,
     },
 }
 
@@ -44,7 +54,36 @@ impl Decoding {
         Decoding {
             decoder: pgoutput::Decoder::new(protocol),
             stream,
+            replaying: None,
         }
+    }
+
+    /// A committed streamed transaction is being handed over: nothing new is
+    /// read until it ends.
+    pub(super) fn is_replaying(&self) -> bool {
+        self.replaying.is_some()
+    }
+
+    /// The next change of the committed streamed transaction, or its end
+    /// (`None`: nothing is being replayed).
+    pub(super) fn next_replayed(&mut self) -> Result<Option<Replayed>, PipelineError> {
+        let Some(r) = self.replaying.as_mut() else {
+            return Ok(None);
+        };
+        let Some(change) = r.replay.next() else {
+            let end = r.end_lsn;
+            self.replaying = None;
+            return Ok(Some(Replayed::End(end)));
+        };
+        let change = change?;
+        let msg = r
+            .decoder
+            .decode(change.data)
+            .map_err(|source| PipelineError::Decode {
+                lsn: change.lsn,
+                source,
+            })?;
+        Ok(Some(Replayed::Change(msg, change.lsn)))
     }
 
     pub(super) fn stream(&self) -> Option<&StreamBuffer> {
@@ -81,16 +120,18 @@ impl Decoding {
                 }
                 Ok(Step::Nothing)
             }
-            LogicalMessage::StreamCommit(c) => Ok(Step::Committed {
-                commit_lsn: c.commit_lsn,
-                xid: c.xid,
-                commit_time: c.commit_time,
-                replaying: Replaying {
+            LogicalMessage::StreamCommit(c) => {
+                self.replaying = Some(Replaying {
                     replay: buffer.commit(c.xid)?,
                     decoder: stream_buffer::replay_decoder(self.decoder.protocol_version(), c.xid),
                     end_lsn: c.end_lsn,
-                },
-            }),
+                });
+                Ok(Step::Committed {
+                    commit_lsn: c.commit_lsn,
+                    xid: c.xid,
+                    commit_time: c.commit_time,
+                })
+            }
             // Inside a streamed block, keep what makes events until the
             // transaction commits; the rest (updates, deletes, types)
             // never does.

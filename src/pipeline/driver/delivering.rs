@@ -18,11 +18,11 @@ use super::state::State;
 macro_rules! env {
     ($state:expr) => {
         &mut Env {
-            sink: &$state.sink,
+            sink: &$state.out.sink,
             metrics: &$state.metrics,
             recorder: $state.recorder.as_mut(),
-            resumed_from: $state.resumed_from,
-            refused: &mut $state.refused,
+            resumed_from: $state.pos.resumed_from,
+            refused: &mut $state.dead.refused,
         }
     };
 }
@@ -35,7 +35,7 @@ impl State {
         self.checkpoint.confirmable(Holds {
             recorded: self.recorder.as_ref().map(|r| r.recorded),
             open_transaction,
-            unproven_from: unproven.then_some(self.resumed_from),
+            unproven_from: unproven.then_some(self.pos.resumed_from),
         })
     }
 
@@ -64,7 +64,7 @@ impl State {
     /// Before a record of the current Postgres transaction is enqueued.
     pub(super) fn before_enqueue(&mut self) -> Result<(), PipelineError> {
         let confirmed = self.checkpoint.confirmed();
-        self.delivery.before_enqueue(&self.sink, confirmed)
+        self.delivery.before_enqueue(&self.out.sink, confirmed)
     }
 
     /// The Postgres transaction being decoded committed at `end_lsn`.
@@ -81,7 +81,7 @@ impl State {
         every: Duration,
     ) -> Result<(), PipelineError> {
         let in_transaction = self.checkpoint.in_transaction();
-        let idle = !in_transaction && self.waiting.is_empty();
+        let idle = !in_transaction && self.out.waiting.is_empty();
         let confirmed = self.checkpoint.confirmed();
         self.delivery
             .tick(env!(self), every, idle, in_transaction, confirmed)?;
@@ -90,7 +90,7 @@ impl State {
         }
         match self.recorder.as_mut() {
             Some(r) => {
-                r.tick_at_least_once(cfg, &self.metrics, &self.sink, confirmed)
+                r.tick_at_least_once(cfg, &self.metrics, &self.out.sink, confirmed)
                     .await
             }
             None => Ok(()),
@@ -105,7 +105,7 @@ impl State {
         stream_idle: bool,
         stopping: bool,
     ) -> Result<bool, PipelineError> {
-        let at_boundary = !self.checkpoint.in_transaction() && self.waiting.is_empty();
+        let at_boundary = !self.checkpoint.in_transaction() && self.out.waiting.is_empty();
         let now = stream_idle || stopping || !self.has_room(cfg);
         self.delivery.turn(env!(self), at_boundary, now)
     }

@@ -26,18 +26,28 @@ use crate::observe::metrics::Metrics;
 use crate::pipeline::settings::RelayConfig;
 
 mod apply;
+mod background;
+mod bad_events;
 mod cause;
+mod checks;
+mod dead_letters;
 mod decoding;
 mod delivering;
 mod delivery;
+mod enqueue;
 mod errors;
 mod heartbeat;
 mod open;
+mod outlet;
+mod position;
 mod refused;
+mod reports;
 mod session;
 mod slot_watch;
+mod starting;
 mod state;
 mod tally;
+mod turns;
 mod window;
 
 pub use errors::{BatchTooLarge, DeliveryFailure, PipelineError, RefusedInTransaction};
