@@ -2,7 +2,7 @@
 //! SCRAM-SHA-256 against a real server, and a bad password is a clear error
 //! that never shows the password.
 
-mod support;
+use crate::support;
 
 use outbox_relay::pipeline::source::{ConnectParams, ReplicationConnection};
 use support::*;

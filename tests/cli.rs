@@ -1,6 +1,6 @@
 //! The command line: configuration layering and the errors a user sees.
 
-mod support;
+use crate::support;
 
 use support::*;
 

@@ -2,7 +2,7 @@
 //! real Postgres and broker: a poller stopped mid-backlog, a writer running
 //! through the backfill, then `run`; every event exactly once.
 
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::time::Duration;

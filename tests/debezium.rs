@@ -6,7 +6,7 @@
 //! header and every other header. Every difference found here is either
 //! closed by an option or written down in docs/migrating-from-debezium.md.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::process::Command;

@@ -32,7 +32,7 @@
 //! >1 MB records are accepted), and the relays get `--kafka-property
 //! message.max.bytes=8388608`.
 
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

@@ -1,7 +1,7 @@
 //! End to end: Postgres → relay (the real binary) → broker, read back and
 //! checked event by event.
 
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;

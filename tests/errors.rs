@@ -2,7 +2,7 @@
 //! or goes to the dead-letter topic, and the slot moves past it only once
 //! the dead-letter record is acknowledged. Never a silent skip.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

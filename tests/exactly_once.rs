@@ -4,7 +4,7 @@
 //! Postgres transaction and how many events that transaction wrote, so the
 //! checks can tell a transaction seen in part from one seen whole.
 
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};

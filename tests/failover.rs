@@ -12,7 +12,7 @@
 //! The version matrix runs this file; before 17 there is nothing to fail
 //! over to, and the test says so and returns (e2e.rs tests the refusal).
 
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

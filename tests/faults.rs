@@ -27,7 +27,7 @@
 //! `OUTBOX_RELAY_FAULT_SEED` replays the random choices of a run (each test
 //! prints its seed).
 
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -4,7 +4,7 @@
 //! over becomes the standby rather than stopping with a false "slot moved
 //! ahead". Takeover times are printed for the closing note and bounded here.
 
-mod support;
+use crate::support;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

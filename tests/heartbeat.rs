@@ -2,7 +2,7 @@
 //! writes, the relay's slot keeps up and retained WAL stays bounded; the
 //! heartbeat messages are really written to the relay's database.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 
@@ -148,7 +148,7 @@ async fn retained_wal_stays_bounded_while_another_database_takes_the_writes() {
 /// (the relay confirms the walsender's sent position when idle); the
 /// heartbeat is for servers where that is not enough. Run on demand.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a measurement, not a check: cargo test --test heartbeat -- --ignored --nocapture"]
+#[ignore = "a measurement, not a check: cargo test --test main -- heartbeat:: --ignored --nocapture"]
 async fn without_heartbeats_for_comparison() {
     let (left, written) = run_scenario(false).await;
     eprintln!("without heartbeats: retained {left} bytes, heartbeat written={written}");

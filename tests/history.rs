@@ -8,7 +8,7 @@
 //! had not confirmed are not published again), and both count the fork
 //! they found.
 
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -7,7 +7,7 @@
 //! flight (the slot does not move past them) when it does not; and over
 //! SASL_SSL with SCRAM-SHA-512 credentials.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

@@ -2,7 +2,7 @@
 //! order with the table events of the same transaction; rolled back with
 //! it; non-transactional messages published at once; other prefixes ignored.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

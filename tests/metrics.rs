@@ -1,6 +1,6 @@
 //! /metrics, /healthz and /readyz of a running relay, scraped and asserted.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

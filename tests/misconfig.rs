@@ -2,7 +2,7 @@
 //! fix, and the process behaves as an operator expects on signals and with
 //! machine-readable logs.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

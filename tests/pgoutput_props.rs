@@ -8,9 +8,7 @@
 use bytes::Bytes;
 use outbox_relay::pipeline::decode::pgoutput::{decode, Decoder, LogicalMessage};
 
-#[path = "support/rng.rs"]
-mod rng;
-use rng::Rng;
+use crate::support::rng::Rng;
 
 const FIXTURES: [&str; 4] = [
     include_str!("fixtures/pgoutput_pg15_proto1.txt"),

@@ -3,7 +3,7 @@
 //! slot moved or invalidated behind the relay's back, a mapped column
 //! dropped mid-stream, and a slow broker while wal_sender_timeout runs.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

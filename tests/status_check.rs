@@ -1,7 +1,7 @@
 //! `outbox-relay status` and `outbox-relay check` against a real Postgres and
 //! broker: exact lines, JSON fields and exit codes.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -14,9 +14,7 @@ use outbox_relay::pipeline::decode::stream_buffer::{
     replay_decoder, StreamBuffer, StreamBufferError,
 };
 
-#[path = "support/rng.rs"]
-mod rng;
-use rng::Rng;
+use crate::support::rng::Rng;
 
 /// A fresh directory under the system temp dir, removed on drop.
 struct TempDir(PathBuf);

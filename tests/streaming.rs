@@ -3,7 +3,7 @@
 //! them only at commit and in commit order, and drops aborted transactions
 //! and rolled-back savepoints.
 
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::time::Duration;

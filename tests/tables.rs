@@ -11,7 +11,7 @@
 //! nothing missing in either, and the first copies of the records keep that
 //! order.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -4,7 +4,7 @@
 //! password sources (URL, file, OUTBOX_RELAY_DATABASE_PASSWORD, PGPASSWORD),
 //! with no password ever in the output.
 
-mod support;
+use crate::support;
 
 use std::process::Command;
 use std::time::Duration;

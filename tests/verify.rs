@@ -2,7 +2,7 @@
 //! are produced directly (not by the relay) so each fault is exactly the one
 //! the test means; the last test runs the real relay.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

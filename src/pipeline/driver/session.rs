@@ -13,7 +13,7 @@ use crate::pipeline::source::{ReplicationMessage, ReplicationReader, Replication
 
 use super::background::Background;
 use super::errors::PipelineError;
-use super::open::{open, Opened};
+use super::open::open;
 use super::starting::{start_recording, while_starting, Start};
 use super::state::State;
 use super::turns::stream_loop;
@@ -39,22 +39,14 @@ pub(super) async fn session(
         }
         opened = open(cfg, resume) => opened?,
     };
-    let Opened {
-        stream,
-        slot,
-        status_interval,
-        protocol,
-        sink,
-        acks,
-        system_id,
-        history,
-    } = opened;
-    let mut io = (stream.reader, stream.writer);
+    let (slot, status_interval) = (opened.slot, opened.status_interval);
+    let (system_id, history) = (opened.system_id, opened.history);
+    let mut io = (opened.stream.reader, opened.stream.writer);
     summary.streamed = true;
     crate::observe::announce::streaming(&cfg.slot, slot.confirmed);
     summary.confirmed = slot.confirmed;
     metrics.set_streaming(true);
-    let background = Background::spawn(cfg, sink.prober(), &metrics);
+    let background = Background::spawn(cfg, opened.sink.prober(), &metrics);
     let start = Start {
         system_id: &system_id,
         history: &history,
@@ -62,7 +54,14 @@ pub(super) async fn session(
         found: slot.confirmed,
         forked: carry.forked.take(),
     };
-    let mut state = State::new(cfg, slot.confirmed, protocol, (sink, acks), metrics, carry);
+    let mut state = State::new(
+        cfg,
+        slot.confirmed,
+        opened.protocol,
+        (opened.sink, opened.acks),
+        metrics,
+        carry,
+    );
     let result = run(
         cfg,
         &mut state,

@@ -42,7 +42,7 @@ impl Transactions {
         }
         env.sink.begin_transaction()?;
         self.gate = Some(r.recorded);
-        self.opened_at = Instant::now();
+        self.age.opened();
         self.confirm_target = Some(confirmed);
         Ok(())
     }
@@ -58,7 +58,7 @@ impl Transactions {
             && self.committing.is_none()
             && self.confirm_target.is_some()
             && at_boundary
-            && (record_only || now || self.opened_at.elapsed() >= self.max_duration)
+            && (record_only || now || self.age.over_max())
     }
 
     /// At the top of each turn of the loop: starts the commit when it is
@@ -89,7 +89,7 @@ impl Transactions {
                 None => (self.committed, self.committed_anchor),
             };
             let value = r.value(commit_lsn, anchor, target);
-            match env.sink.enqueue_progress(&r.topic, r.key(), &value)? {
+            match env.sink.enqueue_progress(&r.id.topic, r.key(), &value)? {
                 Enqueued::Yes => {}
                 // The queue is full of this transaction's records: the commit
                 // is retried on the next turn, once some are delivered.
@@ -168,15 +168,13 @@ impl Transactions {
     /// published: say so while there is time to act.
     pub(crate) fn watch(&mut self, in_txn: bool) {
         if !self.is_open() {
-            self.warned_long = false;
+            self.age.closed();
             return;
         }
-        let open_for = self.opened_at.elapsed();
-        if open_for >= self.txn_timeout / 2 && !self.warned_long {
-            self.warned_long = true;
+        if let Some((open_for, timeout)) = self.age.half_timeout_passed() {
             tracing::warn!(
                 open_for_s = open_for.as_secs_f64(),
-                transaction_timeout_s = self.txn_timeout.as_secs_f64(),
+                transaction_timeout_s = timeout.as_secs_f64(),
                 in_one_postgres_transaction = in_txn && self.last_in_batch.is_none(),
                 "a Kafka transaction has been open for half of transaction.timeout.ms; if it is not committed in time the coordinator aborts it and it is published again from the start. A Postgres transaction is never split, so one that takes longer than the timeout to publish needs a larger --kafka-property transaction.timeout.ms (at most the brokers' transaction.max.timeout.ms, 15 min by default)"
             );

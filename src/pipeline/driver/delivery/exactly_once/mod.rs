@@ -57,7 +57,8 @@ use super::Env;
 const TXN_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub(crate) struct Transactions {
-    max_duration: Duration,
+    /// How long the open Kafka transaction has been open, and its limits.
+    age: Age,
     /// The commit LSN of the last Postgres transaction known to be in a
     /// committed Kafka transaction: from the progress topic, then ours; with
     /// its anchor when known (a record of an older relay has none).
@@ -71,7 +72,6 @@ pub(crate) struct Transactions {
     /// While a Kafka transaction is open: the checkpoint's position when it
     /// began, the most that may be confirmed until it commits.
     gate: Option<Lsn>,
-    opened_at: Instant,
     /// The last whole Postgres transaction in the open Kafka transaction.
     last_in_batch: Option<Anchor>,
     /// The position the open Kafka transaction records as confirmable: the
@@ -80,10 +80,6 @@ pub(crate) struct Transactions {
     confirm_target: Option<Lsn>,
     committing: Option<(JoinHandle<Result<(), TxnError>>, Instant)>,
     commit_tries: u32,
-    /// The producer's transaction.timeout.ms: the coordinator aborts a
-    /// transaction open longer.
-    txn_timeout: Duration,
-    warned_long: bool,
 }
 
 impl Transactions {
@@ -129,19 +125,16 @@ impl Transactions {
             "exactly-once: transactions the progress topic shows in Kafka are not published again"
         );
         Transactions {
-            max_duration: e.max_duration,
+            age: Age::new(e.max_duration, e.transaction_timeout),
             committed,
             committed_anchor,
             in_kafka,
             current: None,
             gate: None,
-            opened_at: Instant::now(),
             last_in_batch: None,
             confirm_target: None,
             committing: None,
             commit_tries: 0,
-            txn_timeout: e.transaction_timeout,
-            warned_long: false,
         }
     }
 
@@ -237,7 +230,7 @@ impl Transactions {
         if self.gate.is_none() {
             sink.begin_transaction()?;
             self.gate = Some(confirmed);
-            self.opened_at = Instant::now();
+            self.age.opened();
         }
         Ok(())
     }
@@ -254,4 +247,7 @@ impl Transactions {
     }
 }
 
+mod age;
 mod commit;
+
+use age::Age;

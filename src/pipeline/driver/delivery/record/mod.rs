@@ -28,11 +28,17 @@ use super::super::errors::PipelineError;
 /// position stands still: well within the progress topic's hourly segment.
 const RESTATE_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
 
-pub(crate) struct Recorder {
+/// Where a relay's records go: the topic, and the key that names the
+/// database system and the slot (compaction keeps the last per key).
+pub(crate) struct RecordKey {
     pub(crate) topic: String,
-    key: Vec<u8>,
+    pub(crate) key: Vec<u8>,
     system_id: String,
     slot: String,
+}
+
+pub(crate) struct Recorder {
+    pub(crate) id: RecordKey,
     /// The most that may be sent to Postgres: the last position recorded
     /// (or where the slot was when the session started).
     pub(crate) recorded: Lsn,
@@ -139,10 +145,12 @@ impl Recorder {
             server: server.clone(),
             epoch: 0,
             transactional_id: None,
-            topic: topic.to_string(),
-            key: progress::key(system_id, &cfg.slot),
-            system_id: system_id.to_string(),
-            slot: cfg.slot.clone(),
+            id: RecordKey {
+                topic: topic.to_string(),
+                key: progress::key(system_id, &cfg.slot),
+                system_id: system_id.to_string(),
+                slot: cfg.slot.clone(),
+            },
             recorded: found,
             commit_lsn: None,
             at_start: None,
@@ -159,7 +167,7 @@ impl Recorder {
     fn started(&mut self, at_start: Option<Progress>) -> Result<(), PipelineError> {
         if at_start.as_ref().is_some_and(|p| p.recovering) {
             return Err(PipelineError::RecoverUnfinished {
-                slot: self.slot.clone(),
+                slot: self.id.slot.clone(),
             });
         }
         if let Some(p) = &at_start {
@@ -183,7 +191,7 @@ impl Recorder {
         found: Lsn,
     ) -> Result<Recorder, PipelineError> {
         let mut r = Recorder::new(cfg, topic, system_id, server, found);
-        let at_start = read(cfg, topic, &r.key).await?;
+        let at_start = read(cfg, topic, &r.id.key).await?;
         r.started(at_start)?;
         Ok(r)
     }
@@ -201,7 +209,7 @@ impl Recorder {
         limit: std::time::Duration,
     ) -> Result<Recorder, PipelineError> {
         let mut r = Recorder::new(cfg, topic, system_id, server, found);
-        let at_start = tokio::time::timeout(limit, read_retrying(cfg, topic, &r.key))
+        let at_start = tokio::time::timeout(limit, read_retrying(cfg, topic, &r.id.key))
             .await
             .map_err(|_| ProgressError::ReadTimeout {
                 topic: topic.to_string(),
@@ -222,7 +230,7 @@ impl Recorder {
         found: Lsn,
     ) -> Recorder {
         let mut r = Recorder::new(cfg, topic, system_id, server, found);
-        let (cfg, t, key) = (cfg.clone(), topic.to_string(), r.key.clone());
+        let (cfg, t, key) = (cfg.clone(), topic.to_string(), r.id.key.clone());
         let task = tokio::spawn(async move { read_retrying(&cfg, &t, &key).await });
         r.reading = Some(Reading {
             task,
@@ -233,7 +241,7 @@ impl Recorder {
     }
 
     pub(crate) fn key(&self) -> &[u8] {
-        &self.key
+        &self.id.key
     }
 
     /// Judges the record read at the session's start against the server
@@ -261,7 +269,7 @@ impl Recorder {
     /// A fork found (at the start or in the stream): said, counted, and the
     /// records start a new history from `found`.
     pub(crate) fn forked(&mut self, metrics: &Metrics, fork: Fork, found: Lsn, doing: &str) {
-        report_fork(metrics, &self.slot, fork, doing);
+        report_fork(metrics, &self.id.slot, fork, doing);
         self.new_history(found);
     }
 
@@ -295,8 +303,8 @@ impl Recorder {
                 recovering: false,
                 confirmed: confirmed.max(self.recorded),
             },
-            &self.system_id,
-            &self.slot,
+            &self.id.system_id,
+            &self.id.slot,
         )
     }
 }

@@ -34,7 +34,7 @@ impl Recorder {
             }
             let at_start = (&mut reading.task).await.unwrap_or_else(|_| {
                 Err(ProgressError::ReadTimeout {
-                    topic: self.topic.clone(),
+                    topic: self.id.topic.clone(),
                     timeout: std::time::Duration::ZERO,
                 })
             })?;
@@ -63,7 +63,7 @@ impl Recorder {
             return Ok(());
         }
         let value = self.value(self.commit_lsn, self.anchor, confirmed);
-        if let Enqueued::Yes = sink.enqueue_progress(&self.topic, &self.key, &value)? {
+        if let Enqueued::Yes = sink.enqueue_progress(&self.id.topic, &self.id.key, &value)? {
             self.in_flight = Some(confirmed.max(self.recorded));
             self.restate = false;
             self.last_at = Instant::now();
@@ -101,7 +101,7 @@ impl Recorder {
                 error,
             })),
             Err(error) => Err(PipelineError::Progress(ProgressError::Write {
-                topic: self.topic.clone(),
+                topic: self.id.topic.clone(),
                 error,
             })),
         }
