@@ -221,21 +221,7 @@ async fn after_promotion_the_relay_resumes_from_the_synchronised_slot_and_loses_
     );
     let topic = unique("fo");
     let template = format!("{topic}.{{event_type}}");
-    let args: Vec<String> = [
-        "--database-url",
-        &url,
-        "--kafka-brokers",
-        &brokers(),
-        "--status-interval",
-        "1",
-        "--slot",
-        &slot,
-        "--topic",
-        &template,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args: Vec<String> = url_args(&url, &brokers(), &["--slot", &slot, "--topic", &template]);
     let mut relay = Relay::start(&args);
     let relay_addr = relay.http_address().await;
     wait_until(Duration::from_secs(60), "the relay to stream", || async {

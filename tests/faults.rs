@@ -433,6 +433,20 @@ impl Run {
         (highest, at_cut)
     }
 
+    /// `check`, then the relay stopped gracefully (it must still run and
+    /// exit 0); `survived` opens the summary line.
+    async fn finish(&mut self, brokers: &str, mut relay: Relay, survived: &str) -> Report {
+        let report = self.check(brokers, &mut relay).await;
+        eprintln!(
+            "{}: {survived}{} events checked, {} replication sessions",
+            self.name,
+            report.rows,
+            sessions(&relay)
+        );
+        stop_relay(relay, &self.name).await;
+        report
+    }
+
     /// Stops the load, waits for the relay to catch up, runs the checker and
     /// asserts: nothing lost, nothing out of order or altered, duplicates
     /// only from the faults' windows. Returns the report.
@@ -732,13 +746,8 @@ async fn broker_sigkill_and_restart_scenario(eos: bool) {
         broker.start_node(1, true).await;
         run.resumed_since(&what, &mut relay, restarted).await;
     }
-    let report = run.check(&broker.brokers(), &mut relay).await;
-    eprintln!(
-        "{name}: 2 broker kills survived, {} events checked, {} replication sessions",
-        report.rows,
-        sessions(&relay)
-    );
-    stop_relay(relay, name).await;
+    run.finish(&broker.brokers(), relay, "2 broker kills survived, ")
+        .await;
     db.drop().await;
 }
 
@@ -770,13 +779,7 @@ async fn broker_unreachable_for_a_while() {
     proxy.set_mode(Mode::Pass);
     run.resumed(&what, &mut relay).await;
     eprintln!("{name}: slot held at {highest} (≤ {at_cut}) during the outage; {refused} connections refused");
-    let report = run.check(&broker.brokers(), &mut relay).await;
-    eprintln!(
-        "{name}: {} events checked, {} replication sessions",
-        report.rows,
-        sessions(&relay)
-    );
-    stop_relay(relay, name).await;
+    run.finish(&broker.brokers(), relay, "").await;
     db.drop().await;
 }
 
@@ -840,13 +843,12 @@ async fn postgres_restarted_and_walsender_terminated_scenario(eos: bool) {
         assert_eq!(ended.as_deref(), Some("true"), "terminate walsender {pid}");
         run.resumed(&what, &mut relay).await;
     }
-    let report = run.check(&brokers(), &mut relay).await;
-    eprintln!(
-        "{name}: 2 restarts and 3 terminated walsenders survived, {} events checked, {} replication sessions",
-        report.rows,
-        sessions(&relay)
-    );
-    stop_relay(relay, name).await;
+    run.finish(
+        &brokers(),
+        relay,
+        "2 restarts and 3 terminated walsenders survived, ",
+    )
+    .await;
 }
 
 /// The fault proxy between the relay and Postgres and between the relay and
@@ -964,13 +966,7 @@ async fn cluster_leader_sigkill_and_restart_scenario(eos: bool) {
     let restarted = Instant::now();
     kafka.start_node(leader, true).await;
     run.resumed_since(&back, &mut relay, restarted).await;
-    let report = run.check(&kafka.brokers(), &mut relay).await;
-    eprintln!(
-        "{name}: {} events checked, {} replication sessions",
-        report.rows,
-        sessions(&relay)
-    );
-    stop_relay(relay, name).await;
+    run.finish(&kafka.brokers(), relay, "").await;
     db.drop().await;
 }
 
@@ -1004,13 +1000,7 @@ async fn cluster_two_of_three_nodes_down() {
     kafka.start_node(first, true).await;
     run.resumed_since(&what, &mut relay, restarted).await;
     eprintln!("{name}: slot held at {highest} (≤ {at_cut}) while two nodes were down");
-    let report = run.check(&kafka.brokers(), &mut relay).await;
-    eprintln!(
-        "{name}: {} events checked, {} replication sessions",
-        report.rows,
-        sessions(&relay)
-    );
-    stop_relay(relay, name).await;
+    run.finish(&kafka.brokers(), relay, "").await;
     db.drop().await;
 }
 
@@ -1049,13 +1039,7 @@ async fn cluster_all_nodes_down_scenario(eos: bool) {
     }
     run.resumed_since(&what, &mut relay, restarted).await;
     eprintln!("{name}: slot held at {highest} (≤ {at_cut}) while the cluster was down");
-    let report = run.check(&kafka.brokers(), &mut relay).await;
-    eprintln!(
-        "{name}: {} events checked, {} replication sessions",
-        report.rows,
-        sessions(&relay)
-    );
-    stop_relay(relay, name).await;
+    run.finish(&kafka.brokers(), relay, "").await;
     db.drop().await;
 }
 

@@ -72,23 +72,18 @@ async fn restore_from_a_cold_copy(eos: bool, new: i64) {
     let topic = unique("restore");
     let progress = unique("restore_progress");
     create_topics(&brokers(), &[&topic], 3).await;
-    let mut args: Vec<String> = [
-        "--database-url",
+    let mut args: Vec<String> = url_args(
         &url,
-        "--kafka-brokers",
         &brokers(),
-        "--status-interval",
-        "1",
-        "--slot",
-        &slot,
-        "--topic",
-        &topic,
-        "--progress-topic",
-        &progress,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+        &[
+            "--slot",
+            &slot,
+            "--topic",
+            &topic,
+            "--progress-topic",
+            &progress,
+        ],
+    );
     if eos {
         args.extend(["--delivery".into(), "exactly-once".into()]);
     }
@@ -202,25 +197,20 @@ async fn exactly_once_after_an_asynchronous_promotion_publishes_the_new_primarys
     let progress = unique("promote_progress");
     create_topics(&brokers(), &[&topic], 3).await;
     let args = |url: &str| -> Vec<String> {
-        [
-            "--database-url",
+        url_args(
             url,
-            "--kafka-brokers",
             &brokers(),
-            "--status-interval",
-            "1",
-            "--slot",
-            &slot,
-            "--topic",
-            &topic,
-            "--progress-topic",
-            &progress,
-            "--delivery",
-            "exactly-once",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+            &[
+                "--slot",
+                &slot,
+                "--topic",
+                &topic,
+                "--progress-topic",
+                &progress,
+                "--delivery",
+                "exactly-once",
+            ],
+        )
     };
 
     // 50 events the standby has, then it stops receiving, and 300 more
@@ -544,25 +534,20 @@ async fn recover_after_the_slot_was_invalidated_publishes_every_event_once() {
     let topic = unique("invalidated");
     let progress = unique("invalidated_progress");
     create_topics(&brokers(), &[&topic], 3).await;
-    let args: Vec<String> = [
-        "--database-url",
+    let args: Vec<String> = url_args(
         &url,
-        "--kafka-brokers",
         &brokers(),
-        "--status-interval",
-        "1",
-        "--slot",
-        &slot,
-        "--topic",
-        &topic,
-        "--progress-topic",
-        &progress,
-        "--delivery",
-        "exactly-once",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+        &[
+            "--slot",
+            &slot,
+            "--topic",
+            &topic,
+            "--progress-topic",
+            &progress,
+            "--delivery",
+            "exactly-once",
+        ],
+    );
     let mut relay = Relay::start(&args);
     let end = write(&client, 0, 50).await;
     wait_confirmed_by(&client, &relay, &slot, end, "the first 50 events confirmed").await;

@@ -186,9 +186,14 @@ impl Drop for Relay {
 
 /// Standard relay arguments for a test database.
 pub fn relay_args(db: &TestDb, brokers: &str, extra: &[&str]) -> Vec<String> {
+    url_args(&db.url, brokers, extra)
+}
+
+/// Standard relay arguments for a database URL (a cluster of the test's own).
+pub fn url_args(url: &str, brokers: &str, extra: &[&str]) -> Vec<String> {
     let mut args = vec![
         "--database-url".to_string(),
-        db.url.clone(),
+        url.to_string(),
         "--kafka-brokers".to_string(),
         brokers.to_string(),
         "--status-interval".to_string(),

@@ -9,13 +9,20 @@
 //! — even while reading is paused, so a slow broker never gets the walsender
 //! killed for replication timeout.
 //!
-//! `open` sets a session up, `session` runs its loop, `state` and `apply`
-//! hold what the loop works on, in owned parts: `decoding` (the decoder and
-//! the stream buffer), `window` (what is in flight), `tally` (counters), `delivery` (the delivery mode, one type, and
-//! the progress record), `refused` (exactly-once's refused records) with
-//! `cause` (what failed a Kafka transaction); `delivering` hands each
-//! delivery hook the parts it may touch. `errors` says which failures are
-//! retriable, `heartbeat` keeps an idle database's slot moving.
+//! `open` sets a session up (`checks`: the slot and the publication),
+//! `starting` reads the progress record and picks the delivery mode,
+//! `session` runs it from set-up to teardown and `turns` is its loop. The
+//! loop works on `state`, in owned parts, each a type in its own file:
+//! `decoding` (the decoder, the stream buffer, a committed streamed
+//! transaction being replayed), `outlet` (the sink, its reports, the
+//! `window` in flight, records waiting), `position` (where the stream is),
+//! `dead_letters` (the policy, queued dead letters, `refused`), `tally`
+//! (counters), and `delivery` (the delivery mode, one type, and the
+//! progress record). Methods that need several parts live by concern:
+//! `apply`, `enqueue`, `reports`, `bad_events`, `delivering` (each delivery
+//! hook handed the parts it may touch), `cause` (what failed a Kafka
+//! transaction). `errors` says which failures are retriable; `background`
+//! runs the probe, `slot_watch` and `heartbeat` beside the session.
 
 use std::future::Future;
 use std::sync::Arc;
