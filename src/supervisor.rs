@@ -40,6 +40,16 @@ pub struct Totals {
     pub confirmed: Lsn,
 }
 
+impl Totals {
+    /// One more session's figures.
+    fn add(&mut self, session: &Summary) {
+        self.sessions += 1;
+        self.events += session.events;
+        self.transactions += session.transactions;
+        self.confirmed = session.confirmed;
+    }
+}
+
 /// Doubles up to `max`.
 #[derive(Debug)]
 pub struct Backoff {
@@ -114,10 +124,7 @@ pub async fn run(
         }
         let (summary, result): (Summary, _) =
             driver::run(cfg, resume, &mut carry, metrics.clone(), stop).await;
-        totals.sessions += 1;
-        totals.events += summary.events;
-        totals.transactions += summary.transactions;
-        totals.confirmed = summary.confirmed;
+        totals.add(&summary);
         // Only a session that held the slot knows where it must be found
         // next time; one that never got it has nothing to compare.
         if summary.streamed {
@@ -142,15 +149,7 @@ pub async fn run(
             }
         }
         if !err.is_retriable() || *shutdown.borrow() {
-            if let Some(hint) = err.hint() {
-                tracing::error!("{hint}");
-            }
-            crate::observe::announce::stopped(
-                err.bad_event_kind().map(|k| k.name()),
-                totals.confirmed,
-                &err.to_string(),
-            );
-            return Err(err);
+            return Err(stopped(err, totals.confirmed));
         }
         // A session that streamed and got something done was healthy: the
         // next failure is a new incident, not the same one retried, so the
@@ -166,23 +165,41 @@ pub async fn run(
         } else {
             backoff.next_delay()
         };
-        match err.hint() {
-            // Said once when it becomes a standby, not at every attempt.
-            Some(hint) if standby && was_standby => {
-                tracing::debug!(error = %err, retry_in = ?delay, "{hint}")
-            }
-            Some(hint) => tracing::warn!(error = %err, retry_in = ?delay, "{hint}"),
-            None => tracing::warn!(
-                error = %err,
-                retry_in = ?delay,
-                confirmed = %totals.confirmed,
-                "replication session ended; reconnecting and resuming from the slot"
-            ),
-        }
+        // Said once when it becomes a standby, not at every attempt.
+        say_retry(&err, delay, standby && was_standby, totals.confirmed);
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = shutdown.wait_for(|stop| *stop) => return Ok(totals),
         }
+    }
+}
+
+/// The relay stops on `err`: its hint, and the announcement of where the
+/// slot stands.
+fn stopped(err: PipelineError, confirmed: Lsn) -> PipelineError {
+    if let Some(hint) = err.hint() {
+        tracing::error!("{hint}");
+    }
+    crate::observe::announce::stopped(
+        err.bad_event_kind().map(|k| k.name()),
+        confirmed,
+        &err.to_string(),
+    );
+    err
+}
+
+/// Why the session ended and when the next starts; `quiet` for a standby
+/// that was one already.
+fn say_retry(err: &PipelineError, delay: Duration, quiet: bool, confirmed: Lsn) {
+    match err.hint() {
+        Some(hint) if quiet => tracing::debug!(error = %err, retry_in = ?delay, "{hint}"),
+        Some(hint) => tracing::warn!(error = %err, retry_in = ?delay, "{hint}"),
+        None => tracing::warn!(
+            error = %err,
+            retry_in = ?delay,
+            %confirmed,
+            "replication session ended; reconnecting and resuming from the slot"
+        ),
     }
 }
 

@@ -103,7 +103,12 @@ pub async fn run(cfg: &RelayConfig, kind: SlotKind) -> Result<Vec<String>, Setup
         crate::pipeline::tables::publish(&client, &cfg.publication, &cfg.tables, &tables).await?,
     );
 
-    let slot = &cfg.slot;
+    report.push(slot(&client, &cfg.slot, kind).await?);
+    Ok(report)
+}
+
+/// The slot: created, or the existing one checked. The line that says which.
+async fn slot(client: &Client, slot: &String, kind: SlotKind) -> Result<String, SetupError> {
     let version: i32 = client
         .query_one("SELECT current_setting('server_version_num')::int", &[])
         .await
@@ -147,52 +152,40 @@ pub async fn run(cfg: &RelayConfig, kind: SlotKind) -> Result<Vec<String>, Setup
                 .await
                 .map_err(sql(format!("creating replication slot {slot}")))?;
             let lsn: String = row.get(0);
-            report.push(format!(
+            Ok(format!(
                 "created logical replication slot {slot} (pgoutput{}) at {lsn}: events committed from now on will be published",
                 if kind.failover { ", failover" } else { "" }
-            ));
+            ))
         }
-        Some(row) => {
-            let (slot_type, plugin, db, ours, lsn, failover): (
-                String,
-                String,
-                String,
-                String,
-                String,
-                String,
-            ) = (
-                row.get(0),
-                row.get(1),
-                row.get(2),
-                row.get(3),
-                row.get(4),
-                row.get(5),
-            );
-            if slot_type != "logical" {
-                return Err(SetupError::PhysicalSlot { slot: slot.clone() });
-            }
-            if plugin != "pgoutput" {
-                return Err(SetupError::WrongPlugin {
-                    slot: slot.clone(),
-                    plugin,
-                });
-            }
-            if db != ours {
-                return Err(SetupError::WrongDatabase {
-                    slot: slot.clone(),
-                    other: db,
-                    ours,
-                });
-            }
-            let failover = failover == "true";
-            if kind.failover && !failover {
-                return Err(SetupError::NotFailover { slot: slot.clone() });
-            }
-            report.push(format!(
-                "replication slot {slot} exists (pgoutput{}), confirmed up to {lsn}",
-                if failover { ", failover" } else { "" }
-            ));
-        }
+        Some(row) => existing(slot, kind, &row),
     }
-    Ok(report)
+}
+
+/// A slot of that name exists: it must be a pgoutput slot of this database
+/// (and a failover slot when one was asked for).
+fn existing(slot: &str, kind: SlotKind, row: &tokio_postgres::Row) -> Result<String, SetupError> {
+    let col = |i: usize| -> String { row.get(i) };
+    let (slot_type, plugin, db, ours, lsn) = (col(0), col(1), col(2), col(3), col(4));
+    let failover = col(5) == "true";
+    let slot = slot.to_string();
+    if slot_type != "logical" {
+        return Err(SetupError::PhysicalSlot { slot });
+    }
+    if plugin != "pgoutput" {
+        return Err(SetupError::WrongPlugin { slot, plugin });
+    }
+    if db != ours {
+        return Err(SetupError::WrongDatabase {
+            slot,
+            other: db,
+            ours,
+        });
+    }
+    if kind.failover && !failover {
+        return Err(SetupError::NotFailover { slot });
+    }
+    Ok(format!(
+        "replication slot {slot} exists (pgoutput{}), confirmed up to {lsn}",
+        if failover { ", failover" } else { "" }
+    ))
 }

@@ -51,13 +51,7 @@ impl RelayConfig {
         let messages = messages(&mut o)?;
         let exactly_once = exactly_once(&mut o, &error_policy, &kafka_properties)?;
         let progress_topic = progress_topic(&mut o, exactly_once.is_some())?;
-        if let Some(v) = o.protocol_version.filter(|v| !(1..=4).contains(v)) {
-            return Err(ConfigError::Invalid {
-                option: "protocol_version",
-                value: v.to_string(),
-                reason: "pgoutput knows protocol versions 1 to 4".into(),
-            });
-        }
+        check_protocol_version(o.protocol_version)?;
         Ok(RelayConfig {
             database,
             kafka_brokers,
@@ -73,13 +67,7 @@ impl RelayConfig {
             max_inflight_bytes,
             protocol_version: o.protocol_version,
             messages,
-            streaming: o.streaming.unwrap_or(false).then(|| StreamingConfig {
-                memory_budget: o.stream_memory_budget.unwrap_or(64 << 20) as usize,
-                spill_dir: o
-                    .spill_dir
-                    .clone()
-                    .unwrap_or_else(|| std::env::temp_dir().join("outbox-relay-spill")),
-            }),
+            streaming: streaming(&o),
             heartbeat_interval: o
                 .heartbeat_interval
                 .map(|v| seconds("heartbeat_interval", v))
@@ -91,16 +79,7 @@ impl RelayConfig {
                 v => Some(seconds("replication_timeout", v)?),
             },
             terminate_stale_walsender: o.terminate_stale_walsender.unwrap_or(false),
-            recover_slot: o.recover_slot.unwrap_or(false).then(|| {
-                crate::pipeline::recover::settings::RecoverSettings {
-                    order_column: o
-                        .recover_order_column
-                        .clone()
-                        .unwrap_or_else(|| "id".into()),
-                    only_after_a_relay: true,
-                    ..Default::default()
-                }
-            }),
+            recover_slot: recover_slot(&o),
             reconnect_max_backoff: seconds(
                 "reconnect_max_backoff",
                 o.reconnect_max_backoff.unwrap_or(30.0),
@@ -112,6 +91,42 @@ impl RelayConfig {
             log_format: o.log_format.unwrap_or_default(),
         })
     }
+}
+
+fn check_protocol_version(v: Option<u32>) -> Result<(), ConfigError> {
+    match v.filter(|v| !(1..=4).contains(v)) {
+        Some(v) => Err(ConfigError::Invalid {
+            option: "protocol_version",
+            value: v.to_string(),
+            reason: "pgoutput knows protocol versions 1 to 4".into(),
+        }),
+        None => Ok(()),
+    }
+}
+
+fn streaming(o: &Options) -> Option<StreamingConfig> {
+    o.streaming.unwrap_or(false).then(|| StreamingConfig {
+        memory_budget: o.stream_memory_budget.unwrap_or(64 << 20) as usize,
+        spill_dir: o
+            .spill_dir
+            .clone()
+            .unwrap_or_else(|| std::env::temp_dir().join("outbox-relay-spill")),
+    })
+}
+
+/// `run --recover-slot`: a lost slot is recovered, but only on a slot a
+/// relay ran on before.
+fn recover_slot(o: &Options) -> Option<crate::pipeline::recover::settings::RecoverSettings> {
+    o.recover_slot
+        .unwrap_or(false)
+        .then(|| crate::pipeline::recover::settings::RecoverSettings {
+            order_column: o
+                .recover_order_column
+                .clone()
+                .unwrap_or_else(|| "id".into()),
+            only_after_a_relay: true,
+            ..Default::default()
+        })
 }
 
 fn database(o: &mut Options) -> Result<DatabaseConfig, ConfigError> {
@@ -145,8 +160,6 @@ fn database(o: &mut Options) -> Result<DatabaseConfig, ConfigError> {
     Ok(database)
 }
 
-/// The table, its columns and the topic: the preset's, with each option
-/// given replacing its part.
 /// The outbox tables: the one-table options, or the `[[tables]]` sections
 /// of the file. With sections, `--table` (or `table` at the top level) picks
 /// one of them; the other one-table options are refused, since it would be
@@ -176,6 +189,16 @@ fn tables(o: &mut Options) -> Result<(Vec<RouterConfig>, bool), ConfigError> {
             ),
         });
     }
+    let tables = sections_routed(sections)?;
+    match one.table {
+        None => Ok((tables, false)),
+        Some(pick) => Ok((vec![picked(tables, pick)?], true)),
+    }
+}
+
+/// Each `[[tables]]` section's mapping, refusing sections that name the same
+/// table or that an earlier pattern section would shadow.
+fn sections_routed(sections: Vec<TableOptions>) -> Result<Vec<RouterConfig>, ConfigError> {
     let mut tables: Vec<RouterConfig> = Vec::with_capacity(sections.len());
     for (i, section) in sections.into_iter().enumerate() {
         let Some(name) = section.table.clone() else {
@@ -211,27 +234,26 @@ fn tables(o: &mut Options) -> Result<(Vec<RouterConfig>, bool), ConfigError> {
         }
         tables.push(r);
     }
-    let Some(pick) = one.table else {
-        return Ok((tables, false));
-    };
+    Ok(tables)
+}
+
+/// The section `--table` picks. A table a pattern section stands for is
+/// picked with that section's mapping (`--table tenant_a.outbox` of
+/// `tenant_*.outbox`).
+fn picked(tables: Vec<RouterConfig>, pick: String) -> Result<RouterConfig, ConfigError> {
     let wanted = TableName::parse(&pick).map_err(|reason| ConfigError::Invalid {
         option: "table",
         value: pick.clone(),
         reason,
     })?;
-    // A table a pattern section stands for is picked with that section's
-    // mapping (`--table tenant_a.outbox` of `tenant_*.outbox`).
     let picked = tables
         .into_iter()
         .find(|t| t.table == wanted || t.table.matches(&wanted.schema, &wanted.name));
     match picked {
-        Some(t) => Ok((
-            vec![RouterConfig {
-                table: wanted,
-                ..t
-            }],
-            true,
-        )),
+        Some(t) => Ok(RouterConfig {
+            table: wanted,
+            ..t
+        }),
         None => Err(ConfigError::Invalid {
             option: "table",
             value: pick,

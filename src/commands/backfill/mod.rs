@@ -33,7 +33,7 @@ use crate::lsn::Lsn;
 use crate::pg::quote_ident;
 use crate::pg::sql::sql;
 use crate::pipeline::route::router::{Routed, Router, RouterConfig, TableName};
-use crate::pipeline::sink::KafkaSink;
+use crate::pipeline::sink::{KafkaSink, WithReports};
 use crate::pipeline::source::table_rows::TableShape;
 
 mod mark;
@@ -142,65 +142,20 @@ pub async fn run(
     args: &BackfillArgs,
     say: &mut (dyn FnMut(String) + Send),
 ) -> Result<Summary, BackfillError> {
-    // The slot backfill creates is the one `run` then streams every table
-    // from: with one section picked, the other tables' backlogs would never
-    // be published.
-    if cfg.table_picked {
-        return Err(BackfillError::Config(format!(
-            "--table {} picks one of the config file's [[tables]] sections, but the slot backfill creates serves every table: backfill them all (remove --table), or give this table a configuration (publication and slot) of its own",
-            cfg.table_names()
-        )));
-    }
+    refuse_picked(cfg)?;
     let started = Instant::now();
-    let ack_timeout = Duration::try_from_secs_f64(args.ack_timeout)
-        .ok()
-        .filter(|d| !d.is_zero())
-        .ok_or_else(|| {
-            BackfillError::Config(format!(
-                "--ack-timeout {}: expected a positive number of seconds",
-                args.ack_timeout
-            ))
-        })?;
+    let ack_timeout = ack_timeout(args)?;
     let slot = cfg.slot.clone();
     let (client, _conn) = crate::pg::sql::connect(&cfg.database).await?;
 
     // Everything that can be checked is checked before the slot exists, for
     // every table (a schema pattern's as they exist now).
     crate::pg::objects::check_wal_level(&client).await?;
-    if let Some(row) = client
-        .query_opt(
-            "SELECT coalesce(confirmed_flush_lsn::text, '-') FROM pg_replication_slots WHERE slot_name = $1",
-            &[&cfg.slot],
-        )
-        .await
-        .map_err(sql("reading pg_replication_slots"))?
-    {
-        return Err(BackfillError::SlotExists {
-            slot: cfg.slot.clone(),
-            confirmed: row.get(0),
-        });
-    }
+    refuse_existing_slot(&client, &cfg.slot).await?;
     let tables = crate::pipeline::tables::expand(&client, &cfg.tables)
         .await
         .map_err(sql("finding the tables of the schema patterns"))?;
-    let mut router = Router::new(cfg.tables.clone());
-    let mut plans = Vec::with_capacity(tables.len());
-    for t in &tables {
-        let plan = plan(&client, t, args).await?;
-        router
-            .on_relation(&plan.shape.relation())
-            .map_err(|e| BackfillError::Config(e.to_string()))?;
-        plans.push(plan);
-    }
-    // One producer per table: each table's records are all acknowledged
-    // before the next table's start, and --mark-processed needs them apart.
-    let mut sinks = Vec::with_capacity(plans.len());
-    for _ in &plans {
-        sinks.push(
-            KafkaSink::new(&cfg.kafka_brokers, &cfg.kafka_properties)
-                .map_err(|e| BackfillError::Config(e.to_string()))?,
-        );
-    }
+    let (plans, mut router, sinks) = plans(&client, cfg, args, &tables).await?;
 
     // The publication must exist before the slot: pgoutput looks it up as of
     // each decoded change.
@@ -225,32 +180,86 @@ pub async fn run(
     crate::pipeline::source::table_rows::import_snapshot(&client, &snapshot)
         .await
         .map_err(abort)?;
-    // A tenant table created after the tables were listed, and written to
-    // before the slot's consistent point, would be in the snapshot but in
-    // no plan: its pending rows would be published by no one.
-    let in_snapshot = crate::pipeline::tables::expand(&client, &cfg.tables)
+    all_planned(&client, cfg, &plans).await.map_err(abort)?;
+    let (pending, acked, delivered) = publish_all(
+        &client,
+        (cfg, args, ack_timeout),
+        &plans,
+        sinks,
+        &mut router,
+        say,
+    )
+    .await
+    .map_err(abort)?;
+    client
+        .batch_execute("COMMIT")
         .await
-        .map_err(|e| {
-            abort(format!(
-                "listing the tables in the slot's snapshot failed: {e}"
-            ))
-        })?;
-    let unplanned: Vec<String> = in_snapshot
-        .iter()
-        .filter(|t| !plans.iter().any(|p| p.table == t.table))
-        .map(|t| t.table.to_string())
-        .collect();
-    if !unplanned.is_empty() {
-        return Err(abort(format!(
-            "{} appeared while the backfill was starting",
-            unplanned.join(", ")
-        )));
+        .map_err(|e| abort(format!("closing the snapshot's transaction failed: {e}")))?;
+    // The snapshot is no longer needed: the slot stays.
+    drop(repl);
+
+    let marked = match args.mark_processed {
+        true => Some(mark_all(&client, args, &plans, &delivered, say).await?),
+        false => None,
+    };
+    Ok(Summary {
+        slot,
+        consistent_point,
+        snapshot,
+        pending,
+        published: acked,
+        marked,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Each table's plan (the checks that need no slot), the router that knows
+/// every table, and a producer per table: each table's records are all
+/// acknowledged before the next table's start, and --mark-processed needs
+/// them apart.
+async fn plans(
+    client: &Client,
+    cfg: &RelayConfig,
+    args: &BackfillArgs,
+    tables: &[RouterConfig],
+) -> Result<(Vec<Plan>, Router, Vec<WithReports>), BackfillError> {
+    let mut router = Router::new(cfg.tables.clone());
+    let mut plans = Vec::with_capacity(tables.len());
+    for t in tables {
+        let plan = plan(client, t, args).await?;
+        router
+            .on_relation(&plan.shape.relation())
+            .map_err(|e| BackfillError::Config(e.to_string()))?;
+        plans.push(plan);
     }
+    let mut sinks = Vec::with_capacity(plans.len());
+    for _ in &plans {
+        sinks.push(
+            KafkaSink::new(&cfg.kafka_brokers, &cfg.kafka_properties)
+                .map_err(|e| BackfillError::Config(e.to_string()))?,
+        );
+    }
+
+    Ok((plans, router, sinks))
+}
+
+/// Every table's pending rows published in the slot's snapshot, table after
+/// table: the rows pending, the records acknowledged, and each table's
+/// delivered order values. An error says what failed (the caller adds
+/// what it means for the slot).
+async fn publish_all(
+    client: &Client,
+    (cfg, args, ack_timeout): (&RelayConfig, &BackfillArgs, Duration),
+    plans: &[Plan],
+    sinks: Vec<WithReports>,
+    router: &mut Router,
+    say: &mut (dyn FnMut(String) + Send),
+) -> Result<(u64, u64, Vec<Vec<String>>), String> {
     let mut pending = 0;
     let mut acked = 0;
     let mut delivered = Vec::with_capacity(plans.len());
     for (plan, sink) in plans.iter().zip(sinks) {
-        let in_table = open_cursor(&client, plan).await.map_err(abort)?;
+        let in_table = open_cursor(client, plan).await?;
         say(format!(
             "{in_table} pending row(s) in {} where {} (in the slot's snapshot)",
             plan.table, args.pending_where
@@ -263,44 +272,97 @@ pub async fn run(
             cfg.max_inflight,
             ProgressLine::new("backfill", Some(in_table), args.progress_every),
         );
-        publish_cursor(&client, args, plan, &mut router, &mut publisher)
-            .await
-            .map_err(abort)?;
-        let published = publisher.finish().await.map_err(abort)?;
+        publish_cursor(client, args, plan, router, &mut publisher).await?;
+        let published = publisher.finish().await?;
         client
             .batch_execute("CLOSE outbox_backfill")
             .await
-            .map_err(|e| abort(format!("closing the cursor failed: {e}")))?;
+            .map_err(|e| format!("closing the cursor failed: {e}"))?;
         pending += in_table;
         acked += published.acked;
         delivered.push(published.delivered);
     }
-    client
-        .batch_execute("COMMIT")
-        .await
-        .map_err(|e| abort(format!("closing the snapshot's transaction failed: {e}")))?;
-    // The snapshot is no longer needed: the slot stays.
-    drop(repl);
+    Ok((pending, acked, delivered))
+}
 
-    let marked = if args.mark_processed {
-        let mut marked = 0;
-        for (plan, done) in plans.iter().zip(&delivered) {
-            let order_type = &plan.shape.columns[plan.order_idx].type_name;
-            marked += mark_processed(&client, &plan.table, args, order_type, done, say).await?;
-        }
-        Some(marked)
-    } else {
-        None
-    };
-    Ok(Summary {
-        slot,
-        consistent_point,
-        snapshot,
-        pending,
-        published: acked,
-        marked,
-        elapsed: started.elapsed(),
-    })
+/// The slot backfill creates is the one `run` then streams every table
+/// from: with one section picked, the other tables' backlogs would never be
+/// published.
+fn refuse_picked(cfg: &RelayConfig) -> Result<(), BackfillError> {
+    if !cfg.table_picked {
+        return Ok(());
+    }
+    Err(BackfillError::Config(format!(
+        "--table {} picks one of the config file's [[tables]] sections, but the slot backfill creates serves every table: backfill them all (remove --table), or give this table a configuration (publication and slot) of its own",
+        cfg.table_names()
+    )))
+}
+
+fn ack_timeout(args: &BackfillArgs) -> Result<Duration, BackfillError> {
+    Duration::try_from_secs_f64(args.ack_timeout)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| {
+            BackfillError::Config(format!(
+                "--ack-timeout {}: expected a positive number of seconds",
+                args.ack_timeout
+            ))
+        })
+}
+
+/// Backfill creates the slot: one that exists already is someone's.
+async fn refuse_existing_slot(client: &Client, slot: &str) -> Result<(), BackfillError> {
+    let row = client
+        .query_opt(
+            "SELECT coalesce(confirmed_flush_lsn::text, '-') FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(sql("reading pg_replication_slots"))?;
+    match row {
+        Some(row) => Err(BackfillError::SlotExists {
+            slot: slot.to_string(),
+            confirmed: row.get(0),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// A tenant table created after the tables were listed, and written to
+/// before the slot's consistent point, would be in the snapshot but in no
+/// plan: its pending rows would be published by no one.
+async fn all_planned(client: &Client, cfg: &RelayConfig, plans: &[Plan]) -> Result<(), String> {
+    let in_snapshot = crate::pipeline::tables::expand(client, &cfg.tables)
+        .await
+        .map_err(|e| format!("listing the tables in the slot's snapshot failed: {e}"))?;
+    let unplanned: Vec<String> = in_snapshot
+        .iter()
+        .filter(|t| !plans.iter().any(|p| p.table == t.table))
+        .map(|t| t.table.to_string())
+        .collect();
+    if unplanned.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "{} appeared while the backfill was starting",
+        unplanned.join(", ")
+    ))
+}
+
+/// `--mark-processed` for every table, by what was delivered of each.
+async fn mark_all(
+    client: &Client,
+    args: &BackfillArgs,
+    plans: &[Plan],
+    delivered: &[Vec<String>],
+    say: &mut (dyn FnMut(String) + Send),
+) -> Result<u64, BackfillError> {
+    let mut marked = 0;
+    for (plan, done) in plans.iter().zip(delivered) {
+        let order_type = &plan.shape.columns[plan.order_idx].type_name;
+        marked += mark_processed(client, &plan.table, args, order_type, done, say).await?;
+    }
+    Ok(marked)
 }
 
 /// The checks of one table that need no slot: its columns, the order and

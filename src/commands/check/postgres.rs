@@ -45,35 +45,7 @@ pub(super) async fn postgres_checks(client: &Client, cfg: &RelayConfig) -> Vec<C
 
     // One line per table for what is per table: its columns, its place in
     // the publication, the role's right to read it.
-    // A schema pattern stands for the tables that exist now.
-    let tables = match crate::pipeline::tables::expand(client, &cfg.tables).await {
-        Ok(t) => t,
-        Err(e) => {
-            out.push(CheckResult::unknown("outbox table", e));
-            cfg.tables
-                .iter()
-                .filter(|t| !t.table.is_pattern())
-                .cloned()
-                .collect()
-        }
-    };
-    for p in cfg
-        .tables
-        .iter()
-        .map(|t| &t.table)
-        .filter(|t| t.is_pattern())
-    {
-        if !tables
-            .iter()
-            .any(|t| p.matches(&t.table.schema, &t.table.name))
-        {
-            out.push(CheckResult::warn(
-                "outbox table",
-                format!("no table matches {p} yet: each one created is published from its first row (the event trigger adds it)"),
-                None,
-            ));
-        }
-    }
+    let tables = pattern_tables(client, cfg, &mut out).await;
     let mut tables_ok = Vec::with_capacity(tables.len());
     for mapping in &tables {
         let (line, ok) = outbox_table(client, mapping).await;
@@ -94,6 +66,44 @@ pub(super) async fn postgres_checks(client: &Client, cfg: &RelayConfig) -> Vec<C
     out.extend(super::failover::failover_checks(client, cfg, version_num).await);
     out.extend(privileges(client, &user, &tables_ok).await);
     out
+}
+
+/// The tables to check: a schema pattern stands for the tables that exist
+/// now (a line for a pattern nothing matches yet).
+async fn pattern_tables(
+    client: &Client,
+    cfg: &RelayConfig,
+    out: &mut Vec<CheckResult>,
+) -> Vec<RouterConfig> {
+    let tables = match crate::pipeline::tables::expand(client, &cfg.tables).await {
+        Ok(t) => t,
+        Err(e) => {
+            out.push(CheckResult::unknown("outbox table", e));
+            cfg.tables
+                .iter()
+                .filter(|t| !t.table.is_pattern())
+                .cloned()
+                .collect()
+        }
+    };
+    let patterns = cfg
+        .tables
+        .iter()
+        .map(|t| &t.table)
+        .filter(|t| t.is_pattern());
+    for p in patterns {
+        if !tables
+            .iter()
+            .any(|t| p.matches(&t.table.schema, &t.table.name))
+        {
+            out.push(CheckResult::warn(
+                "outbox table",
+                format!("no table matches {p} yet: each one created is published from its first row (the event trigger adds it)"),
+                None,
+            ));
+        }
+    }
+    tables
 }
 
 /// For schema patterns: setup's event trigger, without which a table

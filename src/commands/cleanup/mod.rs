@@ -349,28 +349,14 @@ async fn delete_published(
     let Scope {
         table,
         quoted_table,
-        col,
         qcol,
-        col_type,
         filter,
-        batch,
+        ..
     } = scope;
     if slot_confirmed(reader, &cfg.slot).await?.is_none() {
         return Err(CleanupError::NoSlot(cfg.slot.clone()));
     }
-    reader
-        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        .await
-        .map_err(sql("starting the snapshot"))?;
-    // The first statement takes the snapshot; the position is read after it,
-    // so every commit the snapshot sees ends at or before it.
-    let target: Lsn = reader
-        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-        .await
-        .map_err(sql("reading the WAL position"))?
-        .get::<_, String>(0)
-        .parse()
-        .map_err(|e| CleanupError::Config(format!("{e}")))?;
+    let target = snapshot(reader).await?;
     let mut summary = Summary {
         confirmed_target: Some(target),
         ..Summary::default()
@@ -380,13 +366,7 @@ async fn delete_published(
     wait_confirmed(writer, &cfg.slot, target, args.wait, say).await?;
     // now() is the snapshot's transaction start.
     let older = age
-        .map(|a| {
-            format!(
-                " AND {} < now() - {}::float8 * interval '1 second'",
-                quote_ident(&args.time_column),
-                a.as_secs_f64()
-            )
-        })
+        .map(|a| older_than(&args.time_column, a))
         .unwrap_or_default();
     // --where is the operator's SQL: one statement only (extended protocol).
     reader
@@ -398,6 +378,40 @@ async fn delete_published(
         )
         .await
         .map_err(sql("opening the cursor over the published rows"))?;
+    let would = delete_batches(reader, writer, scope, args.dry_run, &mut summary, say).await?;
+    let _ = reader.batch_execute("COMMIT").await;
+    if args.dry_run {
+        say(match age {
+            Some(a) => format!(
+                "dry run: would delete {would} row(s) of {table} with {} older than {} (published: confirmed by the slot)",
+                args.time_column,
+                humanize(a)
+            ),
+            None => format!("dry run: would delete {would} published row(s) of {table}"),
+        });
+    }
+    Ok(summary)
+}
+
+/// Deletes the rows the cursor `outbox_cleanup` yields, a batch at a time;
+/// with `dry_run` only counts them (the count is returned).
+async fn delete_batches(
+    reader: &Client,
+    writer: &Client,
+    scope: &Scope,
+    dry_run: bool,
+    summary: &mut Summary,
+    say: &mut (dyn FnMut(String) + Send),
+) -> Result<u64, CleanupError> {
+    let Scope {
+        table,
+        quoted_table,
+        col,
+        qcol,
+        col_type,
+        batch,
+        ..
+    } = scope;
     let delete = format!("DELETE FROM {quoted_table} WHERE {qcol} = ANY($1::text[]::{col_type}[])");
     let fetch = format!("FETCH {batch} FROM outbox_cleanup");
     let mut would = 0u64;
@@ -415,7 +429,7 @@ async fn delete_published(
         let (Some(first), Some(last)) = (keys.first(), keys.last()) else {
             break;
         };
-        if args.dry_run {
+        if dry_run {
             would += keys.len() as u64;
             continue;
         }
@@ -430,20 +444,33 @@ async fn delete_published(
             summary.batches
         ));
     }
-    let _ = reader.batch_execute("COMMIT").await;
-    if args.dry_run {
-        match age {
-            Some(a) => say(format!(
-                "dry run: would delete {would} row(s) of {table} with {} older than {} (published: confirmed by the slot)",
-                args.time_column,
-                humanize(a)
-            )),
-            None => say(format!(
-                "dry run: would delete {would} published row(s) of {table}"
-            )),
-        }
-    }
-    Ok(summary)
+    Ok(would)
+}
+
+/// The condition on the rows' time column for `--older-than`.
+fn older_than(time_column: &str, age: Duration) -> String {
+    format!(
+        " AND {} < now() - {}::float8 * interval '1 second'",
+        quote_ident(time_column),
+        age.as_secs_f64()
+    )
+}
+
+/// Takes the reader's snapshot and returns a WAL position at or after every
+/// commit it sees: the first statement takes the snapshot, the position is
+/// read after it.
+async fn snapshot(reader: &Client) -> Result<Lsn, CleanupError> {
+    reader
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await
+        .map_err(sql("starting the snapshot"))?;
+    reader
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .map_err(sql("reading the WAL position"))?
+        .get::<_, String>(0)
+        .parse()
+        .map_err(|e| CleanupError::Config(format!("{e}")))
 }
 
 /// Waits (up to `wait`) until the slot confirmed `target`.

@@ -290,6 +290,10 @@ pub enum Enqueued {
     QueueFull,
 }
 
+/// A sink and the receiver of its delivery reports, as the constructors
+/// return them.
+pub type WithReports = (KafkaSink, mpsc::UnboundedReceiver<Ack>);
+
 pub struct KafkaSink {
     producer: Arc<RelayProducer>,
     /// Topics records were delivered to, for the probe (bounded).

@@ -20,6 +20,12 @@ impl ReplicationConnection {
         p: &ConnectParams,
         binding: Option<Vec<u8>>,
     ) -> Result<(), ReplicationError> {
+        self.send_startup(p).await?;
+        self.authenticate(p, binding).await?;
+        self.ready_for_query().await
+    }
+
+    async fn send_startup(&mut self, p: &ConnectParams) -> Result<(), ReplicationError> {
         // The walsender renders bytea with this session's setting; a
         // database or role default of 'escape' would change the bytes the
         // router decodes. Startup options outrank those defaults, and the
@@ -37,8 +43,15 @@ impl ReplicationConnection {
             ("client_encoding", "UTF8"),
         ];
         frontend::startup_message(params.iter().copied(), &mut self.out)?;
-        self.flush().await?;
+        self.flush().await
+    }
 
+    /// The server's authentication requests until AuthenticationOk.
+    async fn authenticate(
+        &mut self,
+        p: &ConnectParams,
+        binding: Option<Vec<u8>>,
+    ) -> Result<(), ReplicationError> {
         let password = || password(p);
         let allow = |m: AuthMethod| allow(p, m);
         let mut scram: Option<sasl::ScramSha256> = None;
@@ -55,7 +68,7 @@ impl ReplicationConnection {
                     if !asked {
                         allow(AuthMethod::None)?;
                     }
-                    break;
+                    return Ok(());
                 }
                 Message::AuthenticationCleartextPassword => {
                     allow(AuthMethod::Password)?;
@@ -106,7 +119,6 @@ impl ReplicationConnection {
                 }
             }
         }
-        self.ready_for_query().await
     }
 
     /// ParameterStatus and BackendKeyData follow authentication; waits for
