@@ -383,6 +383,22 @@ mod tests {
         }
     }
 
+    /// The record at 0/5000 on timeline 1, judged against a server of
+    /// timeline 1 at `xlogpos` with the slot found at `found`.
+    fn recorded_at_5000(xlogpos: &str, found: &str, forked: Option<Forked>) -> Judged {
+        judge(
+            Some(&record(1, "0/5000")),
+            &server(1, xlogpos, &[]),
+            lsn(found),
+            forked,
+        )
+    }
+
+    /// What `k` decides for a transaction committed at `at`.
+    fn decided(k: &mut InKafka, at: &str, xid: u32, commit_time: i64) -> Decision {
+        k.decide(lsn(at), Some(xid), Some(commit_time)).0
+    }
+
     fn server(tli: u32, xlogpos: &str, ancestors: &[(u32, &str)]) -> ServerHistory {
         ServerHistory {
             timeline: tli,
@@ -393,50 +409,27 @@ mod tests {
 
     #[test]
     fn the_same_history_skips_up_to_the_anchor_once_it_shows() {
-        let j = judge(
-            Some(&record(1, "0/5000")),
-            &server(1, "0/9000", &[]),
-            lsn("0/1000"),
-            None,
-        );
+        let j = recorded_at_5000("0/9000", "0/1000", None);
         assert_eq!(j.fork, None);
         let mut k = j.in_kafka;
         assert!(k.holds());
         // Held until the anchor shows, then for good.
-        assert_eq!(
-            k.decide(lsn("0/2000"), Some(800), Some(4_000)).0,
-            Decision::InKafka
-        );
+        assert_eq!(decided(&mut k, "0/2000", 800, 4_000), Decision::InKafka);
         assert_eq!(
             k.decide(lsn("0/5000"), Some(900), Some(5_000)),
             (Decision::InKafka, None)
         );
         assert!(!k.holds());
-        assert_eq!(
-            k.decide(lsn("0/6000"), Some(901), Some(6_000)).0,
-            Decision::Publish
-        );
+        assert_eq!(decided(&mut k, "0/6000", 901, 6_000), Decision::Publish);
     }
 
     #[test]
     fn a_restore_whose_new_wal_passed_the_anchor_starts_again_from_the_first_new_transaction() {
         // The copy ends at 0/3000; the old history published up to 0/5000;
         // the restored server wrote past it.
-        let mut k = judge(
-            Some(&record(1, "0/5000")),
-            &server(1, "0/9000", &[]),
-            lsn("0/1000"),
-            None,
-        )
-        .in_kafka;
-        assert_eq!(
-            k.decide(lsn("0/2000"), Some(800), Some(4_000)).0,
-            Decision::InKafka
-        );
-        assert_eq!(
-            k.decide(lsn("0/3500"), Some(801), Some(9_000)).0,
-            Decision::InKafka
-        );
+        let mut k = recorded_at_5000("0/9000", "0/1000", None).in_kafka;
+        assert_eq!(decided(&mut k, "0/2000", 800, 4_000), Decision::InKafka);
+        assert_eq!(decided(&mut k, "0/3500", 801, 9_000), Decision::InKafka);
         let (d, seen) = k.decide(lsn("0/5000"), Some(802), Some(9_500));
         let again = Forked {
             anchor: anchor("0/5000"),
@@ -445,75 +438,35 @@ mod tests {
         assert_eq!(d, Decision::StartAgain(again));
         assert_eq!(seen.unwrap().fork, Fork::AtOrBefore(lsn("0/3500")));
         // The next session skips only the old history, and counts no new fork.
-        let j = judge(
-            Some(&record(1, "0/5000")),
-            &server(1, "0/9000", &[]),
-            lsn("0/1000"),
-            Some(again),
-        );
+        let j = recorded_at_5000("0/9000", "0/1000", Some(again));
         assert_eq!((j.fork, j.again), (None, true));
         let mut k = j.in_kafka;
-        assert_eq!(
-            k.decide(lsn("0/2000"), Some(800), Some(4_000)).0,
-            Decision::InKafka
-        );
-        assert_eq!(
-            k.decide(lsn("0/3500"), Some(801), Some(9_000)).0,
-            Decision::Publish
-        );
-        assert_eq!(
-            k.decide(lsn("0/4000"), Some(700), Some(1_000)).0,
-            Decision::Publish
-        );
+        assert_eq!(decided(&mut k, "0/2000", 800, 4_000), Decision::InKafka);
+        assert_eq!(decided(&mut k, "0/3500", 801, 9_000), Decision::Publish);
+        assert_eq!(decided(&mut k, "0/4000", 700, 1_000), Decision::Publish);
     }
 
     #[test]
     fn an_anchor_passed_without_newer_transactions_publishes_from_there() {
-        let mut k = judge(
-            Some(&record(1, "0/5000")),
-            &server(1, "0/9000", &[]),
-            lsn("0/1000"),
-            None,
-        )
-        .in_kafka;
-        assert_eq!(
-            k.decide(lsn("0/2000"), Some(800), Some(4_000)).0,
-            Decision::InKafka
-        );
+        let mut k = recorded_at_5000("0/9000", "0/1000", None).in_kafka;
+        assert_eq!(decided(&mut k, "0/2000", 800, 4_000), Decision::InKafka);
         let (d, seen) = k.passed(lsn("0/6000")).unwrap();
         assert_eq!(d, None);
         assert_eq!(seen.fork, Fork::AtOrBefore(lsn("0/6000")));
-        assert_eq!(
-            k.decide(lsn("0/7000"), Some(1), Some(1)).0,
-            Decision::Publish
-        );
+        assert_eq!(decided(&mut k, "0/7000", 1, 1), Decision::Publish);
         assert!(!k.holds());
     }
 
     #[test]
     fn a_record_past_the_servers_wal_is_a_fork_judged_by_commit_time() {
-        let j = judge(
-            Some(&record(1, "0/5000")),
-            &server(1, "0/3800", &[]),
-            lsn("0/1000"),
-            None,
-        );
+        let j = recorded_at_5000("0/3800", "0/1000", None);
         assert_eq!(j.fork, Some(Fork::AtOrBefore(lsn("0/3800"))));
         let mut k = j.in_kafka;
         assert!(!k.holds());
-        assert_eq!(
-            k.decide(lsn("0/2000"), Some(800), Some(4_000)).0,
-            Decision::InKafka
-        );
-        assert_eq!(
-            k.decide(lsn("0/3000"), Some(801), Some(9_000)).0,
-            Decision::Publish
-        );
+        assert_eq!(decided(&mut k, "0/2000", 800, 4_000), Decision::InKafka);
+        assert_eq!(decided(&mut k, "0/3000", 801, 9_000), Decision::Publish);
         // Once one is new, all after it are.
-        assert_eq!(
-            k.decide(lsn("0/3100"), Some(2), Some(10)).0,
-            Decision::Publish
-        );
+        assert_eq!(decided(&mut k, "0/3100", 2, 10), Decision::Publish);
     }
 
     #[test]
@@ -524,14 +477,8 @@ mod tests {
         let j = judge(Some(&record(1, "0/5000")), &s, lsn("0/1000"), None);
         assert_eq!(j.fork, Some(Fork::At(lsn("0/4000"))));
         let mut k = j.in_kafka;
-        assert_eq!(
-            k.decide(lsn("0/3000"), Some(1), Some(9_999)).0,
-            Decision::InKafka
-        );
-        assert_eq!(
-            k.decide(lsn("0/4000"), Some(2), Some(1)).0,
-            Decision::Publish
-        );
+        assert_eq!(decided(&mut k, "0/3000", 1, 9_999), Decision::InKafka);
+        assert_eq!(decided(&mut k, "0/4000", 2, 1), Decision::Publish);
         // Before the switch point the histories are one: no fork.
         let j = judge(Some(&record(1, "0/3000")), &s, lsn("0/1000"), None);
         assert_eq!(j.fork, None);
@@ -555,14 +502,8 @@ mod tests {
             confirmed: lsn("0/5000"),
         };
         let mut k = judge(Some(&old), &server(1, "0/9000", &[]), lsn("0/1000"), None).in_kafka;
-        assert_eq!(
-            k.decide(lsn("0/5000"), Some(1), Some(1)).0,
-            Decision::InKafka
-        );
-        assert_eq!(
-            k.decide(lsn("0/5001"), Some(1), Some(1)).0,
-            Decision::Publish
-        );
+        assert_eq!(decided(&mut k, "0/5000", 1, 1), Decision::InKafka);
+        assert_eq!(decided(&mut k, "0/5001", 1, 1), Decision::Publish);
         let j = judge(Some(&old), &server(1, "0/3000", &[]), lsn("0/1000"), None);
         assert_eq!(j.in_kafka, InKafka::Nothing);
         assert!(j.fork.is_some());
@@ -570,12 +511,7 @@ mod tests {
 
     #[test]
     fn an_anchor_behind_the_slot_skips_nothing() {
-        let j = judge(
-            Some(&record(1, "0/5000")),
-            &server(1, "0/9000", &[]),
-            lsn("0/6000"),
-            None,
-        );
+        let j = recorded_at_5000("0/9000", "0/6000", None);
         assert_eq!(j.in_kafka, InKafka::Nothing);
         assert_eq!(j.fork, None);
     }

@@ -112,13 +112,9 @@ pub enum VerifyError {
     Sql(#[from] crate::pg::sql::SqlError),
     #[error("outbox table {0} does not exist (or is not visible to this user)")]
     NoTable(String),
-    #[error("outbox table {table} has no column {missing} (set by {option}); its columns are: {existing}")]
-    MissingColumn {
-        table: String,
-        missing: String,
-        option: &'static str,
-        existing: String,
-    },
+    /// The table lacks a configured column: the relay's own error for it.
+    #[error(transparent)]
+    Columns(#[from] crate::pipeline::route::router::RouteError),
     #[error(transparent)]
     ReadBack(#[from] ReadBackError),
     #[error("the Kafka reader task failed: {0}")]

@@ -6,7 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 use super::*;
 use crate::pg::quote_ident;
 use crate::pg::sql::sql;
-use crate::pipeline::route::router::{RouterConfig, TopicTemplate};
+use crate::pipeline::route::router::{RouteError, RouterConfig, TopicTemplate};
 
 /// Postgres type OIDs the checker cares about.
 pub(super) const BYTEA_OID: u32 = 17;
@@ -109,7 +109,7 @@ async fn table_columns(
     }
     for (col, option) in &wanted {
         if !columns.iter().any(|(c, _)| c == col) {
-            return Err(VerifyError::MissingColumn {
+            return Err(RouteError::MissingColumn {
                 table,
                 missing: col.clone(),
                 option,
@@ -118,7 +118,8 @@ async fn table_columns(
                     .map(|(c, _)| c.as_str())
                     .collect::<Vec<_>>()
                     .join(", "),
-            });
+            }
+            .into());
         }
     }
     Ok(columns)

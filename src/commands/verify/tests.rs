@@ -183,10 +183,5 @@ fn templates_expand_and_match() {
     let bad: HashMap<String, Option<String>> =
         [("event_type".to_string(), Some("a b".to_string()))].into();
     assert!(expand_topic(&t, "public", &bad).is_err());
-    assert!(t.matches("events.X.v1"));
-    assert!(t.matches("events.a.b.v1"));
-    assert!(!t.matches("events..v1"));
-    assert!(!t.matches("other.X.v1"));
-    let f = TopicTemplate::parse("fixed").unwrap();
-    assert!(f.matches("fixed") && !f.matches("fixed2"));
+    // Which topics a template matches: route/template.rs's tests.
 }
