@@ -48,7 +48,7 @@ pub(crate) fn has_exactly_once(cfg: &Cfg) -> bool {
 }
 
 /// An at-least-once relay's progress topic, of the scenario's own (named after
-/// its outbox topic). The default topic would carry one scenario's record into
+/// its outbox topic, or template). The default topic would carry one scenario's record into
 /// the next, whose database (and slot of the same name) is new: a relay that
 /// checks the slot against its record (review N10) would take the new slot for
 /// one moved while no relay ran, and stop. Left out for a relay from before
@@ -65,7 +65,9 @@ fn own_progress_topic(cfg: &Cfg, mode: &Mode, topic: &str) -> Vec<String> {
     if !has || mode.is_exactly_once() {
         return Vec::new();
     }
-    vec!["--progress-topic".into(), format!("{topic}-progress")]
+    // A topic template's braces are not allowed in a topic name.
+    let name: String = topic.chars().filter(|c| !matches!(c, '{' | '}')).collect();
+    vec!["--progress-topic".into(), format!("{name}-progress")]
 }
 
 impl Mode {
