@@ -257,16 +257,14 @@ async fn poller_stopped_mid_backlog_then_backfill_then_run_publishes_each_event_
     assert_eq!(report["rows"], total);
     assert_eq!(report["delivered"], total);
 
-    relay.signal("TERM");
-    assert_eq!(relay.wait(Duration::from_secs(30)).await, Some(0));
+    relay.stop_clean().await;
     db.drop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backfill_refuses_when_the_slot_exists() {
     let (db, slot, _prefix, template) = classic("cut_exists").await;
-    let (code, out, err) = relay_cmd(&["setup", "--database-url", &db.url, "--slot", &slot]);
-    assert_eq!(code, 0, "{out}{err}");
+    db.set_up();
     insert(&db.client, 0, 10, 10).await;
     let (code, out, err) = cmd(args(&db, &slot, &template, "backfill", &[])).await;
     assert_eq!(code, 1, "{out}\n{err}");
@@ -283,16 +281,14 @@ async fn backfill_refuses_when_the_slot_exists() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cleanup_deletes_only_what_the_slot_confirmed_and_old_rows_by_age() {
     let (db, slot, _prefix, template) = classic("cut_clean").await;
-    let (code, out, err) = relay_cmd(&["setup", "--database-url", &db.url, "--slot", &slot]);
-    assert_eq!(code, 0, "{out}{err}");
+    db.set_up();
     let relay_args = relay_args(&db, &brokers(), &["--slot", &slot, "--topic", &template]);
 
     // Published and confirmed, then the relay stops.
     let mut relay = Relay::start(&relay_args);
     insert(&db.client, 0, 50, 10).await;
     wait_caught_up(&db, &slot).await;
-    relay.signal("TERM");
-    assert_eq!(relay.wait(Duration::from_secs(30)).await, Some(0));
+    relay.stop_clean().await;
     // Committed after the relay's last confirmation: not published yet.
     insert(&db.client, 50, 30, 10).await;
 
@@ -380,8 +376,7 @@ async fn cleanup_deletes_only_what_the_slot_confirmed_and_old_rows_by_age() {
         0
     );
 
-    relay.signal("TERM");
-    assert_eq!(relay.wait(Duration::from_secs(30)).await, Some(0));
+    relay.stop_clean().await;
     db.drop().await;
 }
 

@@ -319,7 +319,7 @@ async fn side_by_side(name: &str, debezium_args: &[&str], relay_extra: &[&str]) 
     // Debezium confirms only the position of the last event it published
     // (after an offset flush), never an idle server's: its records are
     // counted instead.
-    db.wait_confirmed(&relay_slot, end, "the relay to pass the workload")
+    db.wait_confirmed_past(&relay_slot, end, "the relay to pass the workload")
         .await;
     let events = 30 + 4 + 5 + 1 + 1 + 10;
     let records = consume(&brokers(), &topics, 2 * events, Duration::from_secs(120)).await;
@@ -338,7 +338,7 @@ async fn side_by_side(name: &str, debezium_args: &[&str], relay_extra: &[&str]) 
     without_context_headers(&mut dbz, extended);
     let pairs = paired(&dbz, &dbz_prefix, &ours, &relay_prefix);
     drop(debezium);
-    relay.terminate().await;
+    relay.stop_clean().await;
     db.drop().await;
     SideBySide {
         pairs,

@@ -12,10 +12,7 @@ use support::*;
 async fn classic_db(name: &str) -> (TestDb, String) {
     let db = TestDb::new(name).await;
     db.exec(CLASSIC_TABLE).await;
-    // Slot names are global to the cluster; the database name is unique.
-    let slot = format!("s_{}", db.name);
-    let (code, out, err) = relay_cmd(&["setup", "--database-url", &db.url, "--slot", &slot]);
-    assert_eq!(code, 0, "setup failed: {out}{err}");
+    let (slot, out) = db.set_up();
     assert!(out.contains("created publication outbox_pub"), "{out}");
     assert!(
         out.contains(&format!("created logical replication slot {slot}")),
@@ -208,20 +205,14 @@ async fn thousand_events_arrive_once_in_order_and_the_slot_follows() {
     assert_eq!(records.len(), 1000, "exactly one record per event");
     check_delivery(&expected, &records, &prefix, 4, false);
 
-    wait_until(
-        Duration::from_secs(30),
+    db.wait_confirmed_past(
+        &slot,
+        after_last_commit,
         "confirmed_flush_lsn to reach the last commit",
-        || async { db.confirmed_flush_lsn(&slot).await >= after_last_commit },
     )
     .await;
     assert!(relay.is_running(), "relay died: {}", relay.log_text());
-    relay.signal("TERM");
-    assert_eq!(
-        relay.wait(Duration::from_secs(30)).await,
-        Some(0),
-        "{}",
-        relay.log_text()
-    );
+    relay.stop_clean().await;
     db.drop().await;
 }
 
@@ -246,12 +237,7 @@ async fn slot_does_not_move_while_the_broker_is_unreachable() {
     insert_events(&db, &aggs, 0, 30).await;
     let after = db.current_wal_lsn().await;
     // The walsender has sent the transaction: the relay holds it in flight.
-    wait_until(
-        Duration::from_secs(30),
-        "the walsender to send the events",
-        || async { db.sent_lsn(&slot).await.is_some_and(|s| s >= after) },
-    )
-    .await;
+    db.wait_sent(&slot, after).await;
     // Several status intervals pass; the confirmed position must not cover
     // the undelivered transaction (bounded by its COMMIT, see the helper);
     // the kill and restart below prove that nothing was skipped.
@@ -263,12 +249,8 @@ async fn slot_does_not_move_while_the_broker_is_unreachable() {
     // is there: the server must send them again.
     relay.signal("KILL");
     relay.wait(Duration::from_secs(30)).await;
-    wait_until(
-        Duration::from_secs(30),
-        "the killed relay's walsender to go",
-        || async { !db.slot_active(&slot).await },
-    )
-    .await;
+    db.wait_slot_free(&slot, "the killed relay's walsender to go")
+        .await;
     let broker = Kafka::start(port).await;
     let mut relay = Relay::start(&relay_args(
         &db,
@@ -280,19 +262,13 @@ async fn slot_does_not_move_while_the_broker_is_unreachable() {
     create_topics(&broker.brokers(), &topic_refs, 2).await;
     let records = consume(&broker.brokers(), &topics, 30, Duration::from_secs(90)).await;
     check_delivery(&expected_rows(&db).await, &records, &prefix, 2, false);
-    wait_until(
-        Duration::from_secs(30),
+    db.wait_confirmed_past(
+        &slot,
+        after,
         "confirmed_flush_lsn to pass the delivered commit",
-        || async { db.confirmed_flush_lsn(&slot).await >= after },
     )
     .await;
-    relay.signal("TERM");
-    assert_eq!(
-        relay.wait(Duration::from_secs(30)).await,
-        Some(0),
-        "{}",
-        relay.log_text()
-    );
+    relay.stop_clean().await;
     db.drop().await;
 }
 
@@ -362,12 +338,8 @@ async fn stop_and_restart(signal: &str) {
     // until the relay is stopped, so the stop is mid-stream however slow
     // the machine.
     let fiftieth = progress.wait_for(|after| after.len() >= 100).await.unwrap()[49];
-    wait_until(
-        Duration::from_secs(30),
-        "the relay to confirm 50 transactions",
-        || async { db.confirmed_flush_lsn(&slot).await >= fiftieth },
-    )
-    .await;
+    db.wait_confirmed_past(&slot, fiftieth, "the relay to confirm 50 transactions")
+        .await;
     let written_at_stop = progress.borrow().len();
     relay.signal(signal);
     resume.send_replace(true);
@@ -419,13 +391,7 @@ async fn stop_and_restart(signal: &str) {
     }
     assert!(confirmed_txns < 300, "stopped mid-stream");
     eprintln!("{signal}: {} records for 1500 events, {dups} duplicated events, {written_at_stop} transactions written and {confirmed_txns} confirmed at the stop", records.len());
-    relay.signal("TERM");
-    assert_eq!(
-        relay.wait(Duration::from_secs(30)).await,
-        Some(0),
-        "{}",
-        relay.log_text()
-    );
+    relay.stop_clean().await;
     db.drop().await;
 }
 
@@ -461,16 +427,15 @@ async fn idle_outbox_keeps_confirming_while_other_tables_take_writes() {
         ))
         .await;
         let target = db.current_wal_lsn().await;
-        wait_until(
-            Duration::from_secs(30),
+        db.wait_confirmed_past(
+            &slot,
+            target,
             "confirmed_flush_lsn to follow writes to another table",
-            || async { db.confirmed_flush_lsn(&slot).await >= target },
         )
         .await;
     }
     assert!(relay.is_running(), "{}", relay.log_text());
-    relay.signal("TERM");
-    assert_eq!(relay.wait(Duration::from_secs(30)).await, Some(0));
+    relay.stop_clean().await;
     db.drop().await;
 }
 
@@ -553,13 +518,7 @@ async fn debezium_preset_end_to_end_with_insert_then_delete() {
         ids.insert(n);
     }
     assert_eq!(ids.len(), 100);
-    relay.signal("TERM");
-    assert_eq!(
-        relay.wait(Duration::from_secs(30)).await,
-        Some(0),
-        "{}",
-        relay.log_text()
-    );
+    relay.stop_clean().await;
     db.drop().await;
 }
 
@@ -584,9 +543,7 @@ async fn a_partitioned_outbox_is_published_under_its_own_name() {
          CREATE TABLE outbox_2026_12 PARTITION OF outbox FOR VALUES FROM ('2026-12-01') TO ('2027-01-01');",
     )
     .await;
-    let slot = format!("s_{}", db.name);
-    let (code, out, err) = relay_cmd(&["setup", "--database-url", &db.url, "--slot", &slot]);
-    assert_eq!(code, 0, "setup failed: {out}{err}");
+    let (slot, out) = db.set_up();
     assert!(out.contains("publish_via_partition_root = true"), "{out}");
     let prefix = unique("partitioned");
     let topic = format!("{prefix}.T");
@@ -649,9 +606,9 @@ async fn a_partitioned_outbox_is_published_under_its_own_name() {
         (0..22).collect::<Vec<u64>>(),
         "every row of both partitions once, in commit order"
     );
-    db.wait_confirmed(&slot, after, "the slot to pass the partitioned rows")
+    db.wait_confirmed_past(&slot, after, "the slot to pass the partitioned rows")
         .await;
-    relay.terminate().await;
+    relay.stop_clean().await;
 
     // Partitions under their own names: refused, with the fix.
     db.exec("CREATE PUBLICATION by_leaf FOR TABLE outbox WITH (publish = 'insert')")

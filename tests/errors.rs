@@ -139,7 +139,7 @@ async fn bad_rows_go_to_the_dead_letter_topic_with_the_reason() {
         format!("{}.bad type", c.prefix)
     );
     assert_eq!(consume_topic(&c.good_topic, 4).await.len(), 4);
-    c.db.wait_confirmed(
+    c.db.wait_confirmed_past(
         &c.slot,
         after,
         "the slot to move past the dead-lettered events",
@@ -152,7 +152,7 @@ async fn bad_rows_go_to_the_dead_letter_topic_with_the_reason() {
         "{text}"
     );
     assert!(relay.is_running());
-    relay.terminate().await;
+    relay.stop_clean().await;
     c.db.drop().await;
 }
 
@@ -185,7 +185,7 @@ async fn an_oversized_record_is_dead_lettered_without_its_value_or_halts() {
             > 1_500_000
     );
     assert_eq!(consume_topic(&c.good_topic, 1).await.len(), 1);
-    relay.terminate().await;
+    relay.stop_clean().await;
 
     // With the producer's limit raised, the broker refuses it (the topic's
     // max.message.bytes): a delivery report, dead-lettered the same way.
@@ -213,7 +213,7 @@ async fn an_oversized_record_is_dead_lettered_without_its_value_or_halts() {
         "{broker_refused:?}"
     );
     assert!(broker_refused.payload.is_none());
-    relay.terminate().await;
+    relay.stop_clean().await;
 
     // The same event under the default policy stops the relay.
     let mut relay = Relay::start(&c.args(&[]));
@@ -238,7 +238,7 @@ async fn an_oversized_record_is_dead_lettered_without_its_value_or_halts() {
                 == Some("00000000-0000-4000-8000-0000000000b2")),
         "the halted event was not sent again: {dead:?}"
     );
-    relay.terminate().await;
+    relay.stop_clean().await;
     c.db.drop().await;
 }
 
@@ -269,7 +269,7 @@ async fn a_payload_that_is_not_json_is_refused_when_json_is_required() {
     let good = consume_topic(&c.good_topic, 1).await;
     assert_eq!(good.len(), 1);
     assert_eq!(good[0].payload.as_deref(), Some(&b"{\"ok\": true}"[..]));
-    relay.terminate().await;
+    relay.stop_clean().await;
     c.db.drop().await;
 }
 
@@ -299,7 +299,7 @@ async fn a_missing_topic_without_auto_creation_is_dead_lettered() {
         format!("{}.Nowhere", c.prefix)
     );
     assert_eq!(dead[0].payload.as_deref(), Some(&b"{\"n\": 1}"[..]));
-    relay.terminate().await;
+    relay.stop_clean().await;
     c.db.drop().await;
 }
 
@@ -350,9 +350,9 @@ async fn an_unauthorised_topic_is_dead_lettered_or_halts() {
         dead[0]
     );
     assert_eq!(dead[0].header("outbox.original.topic").unwrap(), secret);
-    c.db.wait_confirmed(&c.slot, after, "the slot to pass the dead-lettered event")
+    c.db.wait_confirmed_past(&c.slot, after, "the slot to pass the dead-lettered event")
         .await;
-    relay.terminate().await;
+    relay.stop_clean().await;
 
     // Under the default policy the relay stops and the slot stays.
     let mut relay = Relay::start(&c.args_for(&servers, &["--progress-topic", "off"]));
@@ -403,7 +403,7 @@ async fn a_fatal_producer_error_starts_a_new_session_that_resends_in_order() {
     c.db.exec(&insert(6, 10)).await;
     c.db.exec(&insert(11, 15)).await;
     let after = c.db.current_wal_lsn().await;
-    c.db.wait_confirmed(&c.slot, after, "the slot to pass every event")
+    c.db.wait_confirmed_past(&c.slot, after, "the slot to pass every event")
         .await;
     assert!(relay.is_running(), "{}", relay.log_text());
     assert!(
@@ -426,7 +426,7 @@ async fn a_fatal_producer_error_starts_a_new_session_that_resends_in_order() {
         (1..=15).collect::<Vec<u64>>(),
         "every event, first copies in commit order"
     );
-    relay.terminate().await;
+    relay.stop_clean().await;
     c.db.drop().await;
 }
 
@@ -489,7 +489,7 @@ async fn small_records_are_not_failed_by_a_batch_over_the_topic_limit() {
         "--kafka-property",
         "batch.size=1000",
     ]));
-    c.db.wait_confirmed(&c.slot, after, "the slot to pass the small events")
+    c.db.wait_confirmed_past(&c.slot, after, "the slot to pass the small events")
         .await;
     let records = consume(
         &brokers(),
@@ -507,6 +507,6 @@ async fn small_records_are_not_failed_by_a_batch_over_the_topic_limit() {
     )
     .await;
     assert!(dead.is_empty(), "{dead:?}");
-    relay.terminate().await;
+    relay.stop_clean().await;
     c.db.drop().await;
 }

@@ -205,9 +205,9 @@ async fn progress_topic_decides_repeats_even_with_the_slot_behind() {
 
     let after_a = write_txns(&db, 0, 30).await;
     let mut relay = Relay::start(&eos_args(&db, &slot, &topic, &progress));
-    db.wait_confirmed(&slot, after_a, "the first 30 transactions confirmed")
+    db.wait_confirmed_past(&slot, after_a, "the first 30 transactions confirmed")
         .await;
-    relay.terminate().await;
+    relay.stop_clean().await;
 
     // The slot back where it was before the first run.
     put_back(&db, &slot).await;
@@ -247,10 +247,10 @@ async fn progress_topic_decides_repeats_even_with_the_slot_behind() {
 
     let after_b = write_txns(&db, 30, 20).await;
     let mut relay = Relay::start(&eos_args(&db, &slot, &topic, &progress));
-    db.wait_confirmed(&slot, after_b, "all 50 transactions confirmed")
+    db.wait_confirmed_past(&slot, after_b, "all 50 transactions confirmed")
         .await;
     let metrics = http_get(&relay.http_address().await, "/metrics").await.1;
-    relay.terminate().await;
+    relay.stop_clean().await;
 
     let written: u64 = (0..50).map(txn_size).sum();
     let records = consume_topic(&topic, written as usize).await;
@@ -290,19 +290,14 @@ async fn relay_sigkills_under_load_lose_and_repeat_nothing() {
         relay.signal("KILL");
         relay.wait(Duration::from_secs(10)).await;
         // The walsender notices its client is gone within a moment.
-        wait_until(
-            Duration::from_secs(30),
-            "the slot to be released",
-            || async { !db.slot_active(&slot).await },
-        )
-        .await;
+        db.wait_slot_free(&slot, "the slot to be released").await;
     }
     let txns = writer.stop().await;
     let end = db.current_wal_lsn().await;
     let mut relay = Relay::start(&args);
-    db.wait_confirmed(&slot, end, "every transaction confirmed after the kills")
+    db.wait_confirmed_past(&slot, end, "every transaction confirmed after the kills")
         .await;
-    relay.terminate().await;
+    relay.stop_clean().await;
     let written: u64 = (0..txns).map(txn_size).sum();
     let records = consume_topic(&topic, written as usize).await;
     eprintln!(
@@ -345,15 +340,15 @@ async fn dead_letters_are_written_once_in_their_transaction() {
     .await;
     good = good.max(write_txns(&db, 4, 2).await);
     let mut relay = Relay::start(&args);
-    db.wait_confirmed(&slot, good, "the six transactions confirmed")
+    db.wait_confirmed_past(&slot, good, "the six transactions confirmed")
         .await;
-    relay.terminate().await;
+    relay.stop_clean().await;
     put_back(&db, &slot).await;
     let end = write_txns(&db, 6, 1).await;
     let mut relay = Relay::start(&args);
-    db.wait_confirmed(&slot, end, "the seventh transaction confirmed")
+    db.wait_confirmed_past(&slot, end, "the seventh transaction confirmed")
         .await;
-    relay.terminate().await;
+    relay.stop_clean().await;
 
     let written: u64 = (0..7).map(txn_size).sum();
     let records = consume_topic(&topic, written as usize).await;
@@ -399,14 +394,14 @@ async fn a_large_transaction_is_one_kafka_transaction() {
     ))
     .await;
     let end = db.current_wal_lsn().await;
-    db.wait_confirmed(&slot, end, "the large transaction confirmed")
+    db.wait_confirmed_past(&slot, end, "the large transaction confirmed")
         .await;
     assert_eq!(
         committed().await - before,
         1.0,
         "{EVENTS} events of one Postgres transaction in one Kafka transaction"
     );
-    relay.terminate().await;
+    relay.stop_clean().await;
     let records = consume_topic(&topic, EVENTS as usize).await;
     assert_eq!(records.len() as u64, EVENTS);
     assert_exactly_once(&records, 1);
@@ -464,7 +459,7 @@ async fn two_relays_on_one_slot_hand_over_without_duplicates() {
     }
     let txns = writer.stop().await;
     let end = db.current_wal_lsn().await;
-    db.wait_confirmed(&slot, end, "every transaction confirmed")
+    db.wait_confirmed_past(&slot, end, "every transaction confirmed")
         .await;
     let sessions = a.resumed_from().len() + b.resumed_from().len();
     eprintln!(
@@ -472,8 +467,8 @@ async fn two_relays_on_one_slot_hand_over_without_duplicates() {
         a.resumed_from().len(),
         b.resumed_from().len()
     );
-    a.terminate().await;
-    b.terminate().await;
+    a.stop_clean().await;
+    b.stop_clean().await;
     assert!(
         sessions > HANDOVERS,
         "every termination was followed by a new session"
@@ -582,32 +577,20 @@ async fn slot_moved(eos: bool) {
             .collect();
     }
     args.extend(["--reconnect-max-backoff", "1"].map(String::from));
-    let terminate_walsender = || async {
-        db.exec(&format!(
-            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = '{slot}' AND active_pid IS NOT NULL"
-        ))
-        .await;
-        wait_until(
-            Duration::from_secs(30),
-            "the slot to be released",
-            || async { !db.slot_active(&slot).await },
-        )
-        .await;
-    };
 
     let mut a = Relay::start(&args);
     let first = write_txns(&db, 0, 10).await;
-    db.wait_confirmed(&slot, first, "A published the first ten")
+    db.wait_confirmed_past(&slot, first, "A published the first ten")
         .await;
     // A freezes (a long GC pause, a stalled VM): its walsender is ended and
     // B takes over, publishes and confirms further.
     a.signal("STOP");
-    terminate_walsender().await;
+    db.release_slot(&slot).await;
     let mut b = Relay::start(&args);
     let second = write_txns(&db, 10, 10).await;
-    db.wait_confirmed(&slot, second, "B published the next ten")
+    db.wait_confirmed_past(&slot, second, "B published the next ten")
         .await;
-    b.terminate().await;
+    b.stop_clean().await;
     a.signal("CONT");
     let third = write_txns(&db, 20, 10).await;
     db.wait_confirmed_by(&a, &slot, third, "A, back, to publish the last ten")
@@ -618,7 +601,7 @@ async fn slot_moved(eos: bool) {
     // Now by hand: A frozen, its walsender ended, five transactions
     // written and the slot advanced over them.
     a.signal("STOP");
-    terminate_walsender().await;
+    db.release_slot(&slot).await;
     let skipped = write_txns(&db, 30, 5).await;
     db.exec(&format!(
         "SELECT pg_replication_slot_advance('{slot}', '{skipped}')"
@@ -756,7 +739,7 @@ async fn a_record_kafka_refuses_is_dead_lettered_in_a_rewritten_transaction() {
         "{text}"
     );
     assert!(relay.is_running(), "{}", relay.log_text());
-    relay.terminate().await;
+    relay.stop_clean().await;
 
     // Under halt (the default) the relay stops on it, naming the kind,
     // though librdkafka reports the records it purged with the failed
@@ -844,7 +827,7 @@ async fn a_missing_topic_is_dead_lettered_in_a_rewritten_transaction() {
         format!("{prefix}.Nowhere")
     );
     assert_eq!(dead[0].payload.as_deref(), Some(&b"{\"n\": 1}"[..]));
-    relay.terminate().await;
+    relay.stop_clean().await;
     db.drop().await;
 }
 
@@ -907,9 +890,9 @@ async fn logical_messages_are_published_once() {
     db.exec(&sql).await;
     let first = db.current_wal_lsn().await;
     let mut relay = Relay::start(&args);
-    db.wait_confirmed(&slot, first, "the first rounds confirmed")
+    db.wait_confirmed_past(&slot, first, "the first rounds confirmed")
         .await;
-    relay.terminate().await;
+    relay.stop_clean().await;
     put_back(&db, &slot).await;
     let mut sql = String::new();
     for _ in 0..3 {
@@ -918,8 +901,9 @@ async fn logical_messages_are_published_once() {
     db.exec(&sql).await;
     let end = db.current_wal_lsn().await;
     let mut relay = Relay::start(&args);
-    db.wait_confirmed(&slot, end, "every round confirmed").await;
-    relay.terminate().await;
+    db.wait_confirmed_past(&slot, end, "every round confirmed")
+        .await;
+    relay.stop_clean().await;
 
     assert_exactly_once(&consume_topic(&rows, t as usize).await, t);
     let got = consume_topic(&format!("{msgs}.M"), messages as usize).await;
@@ -1110,9 +1094,9 @@ async fn relays_with_different_transactional_ids_still_fence_each_other() {
     let end = db.current_wal_lsn().await;
     db.wait_confirmed_by(&active, &slot, end, "every transaction confirmed")
         .await;
-    active.terminate().await;
+    active.stop_clean().await;
     for mut r in frozen_ones {
-        r.terminate().await;
+        r.stop_clean().await;
     }
     let written: u64 = (0..txns).map(txn_size).sum();
     let records = consume_topic(&topic, written as usize).await;

@@ -416,5 +416,5 @@ async fn after_promotion_the_relay_resumes_from_the_synchronised_slot_and_loses_
         repeated.last()
     );
     assert!(relay.is_running(), "{}", relay.log_text());
-    relay.terminate().await;
+    relay.stop_clean().await;
 }

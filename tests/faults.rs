@@ -611,16 +611,6 @@ impl Run {
     }
 }
 
-/// Classic outbox with its publication and slot in a database of its own.
-async fn outbox_db(name: &str) -> (TestDb, String) {
-    let db = TestDb::new(name).await;
-    db.exec(CLASSIC_TABLE).await;
-    let slot = format!("s_{}", db.name);
-    let (code, out, err) = relay_cmd(&["setup", "--database-url", &db.url, "--slot", &slot]);
-    assert_eq!(code, 0, "setup failed: {out}{err}");
-    (db, slot)
-}
-
 /// Stops the relay gracefully: it must still be running and exit 0.
 async fn stop_relay(mut relay: Relay, name: &str) {
     assert!(
@@ -628,14 +618,9 @@ async fn stop_relay(mut relay: Relay, name: &str) {
         "{name}: relay exited:\n{}",
         relay.log_text()
     );
-    relay.signal("TERM");
-    let code = relay.wait(Duration::from_secs(60)).await;
-    assert_eq!(
-        code,
-        Some(0),
-        "{name}: graceful stop:\n{}",
-        relay.log_text()
-    );
+    relay
+        .stop_expecting("TERM", Duration::from_secs(60), Some(0))
+        .await;
 }
 
 fn sessions(relay: &Relay) -> usize {
@@ -662,7 +647,7 @@ async fn relay_sigkill_at_random_moments_scenario(eos: bool) {
     let name = "relay SIGKILL";
     let kills = env_number("OUTBOX_RELAY_KILLS", 20);
     let mut rng = Rng::for_test(name);
-    let (db, slot) = outbox_db("fault_kill").await;
+    let (db, slot) = TestDb::classic("fault_kill").await;
     let topic = unique("fault_kill");
     create_topics(&brokers(), &[&topic], PARTITIONS).await;
     let mut run = Run::new(name, &db.url, &slot, &topic, &rng).exactly_once(eos);
@@ -721,7 +706,7 @@ async fn broker_sigkill_and_restart_scenario(eos: bool) {
     let _serial = SERIAL.lock().await;
     let name = "broker SIGKILL";
     let mut rng = Rng::for_test(name);
-    let (db, slot) = outbox_db("fault_broker").await;
+    let (db, slot) = TestDb::classic("fault_broker").await;
     let broker = Kafka::start(free_port()).await;
     let topic = unique("fault_broker");
     create_topics(&broker.brokers(), &[&topic], PARTITIONS).await;
@@ -760,7 +745,7 @@ async fn broker_unreachable_for_a_while() {
     let name = "broker outage";
     let outage = Duration::from_secs(env_number("OUTBOX_RELAY_OUTAGE_SECS", 20));
     let rng = Rng::for_test(name);
-    let (db, slot) = outbox_db("fault_outage").await;
+    let (db, slot) = TestDb::classic("fault_outage").await;
     let listen = free_port();
     let proxy = Proxy::start(format!("127.0.0.1:{listen}").parse().unwrap()).await;
     let broker = Kafka::behind_proxy(listen, proxy.port).await;
@@ -859,7 +844,7 @@ async fn proxy_cuts_stalls_and_slows_both_connections() {
     let _serial = SERIAL.lock().await;
     let name = "proxy";
     let mut rng = Rng::for_test(name);
-    let (db, slot) = outbox_db("fault_proxy").await;
+    let (db, slot) = TestDb::classic("fault_proxy").await;
     let pg = Proxy::start(pg_addr(&db.url)).await;
     let listen = free_port();
     let kafka = Proxy::start(format!("127.0.0.1:{listen}").parse().unwrap()).await;
@@ -924,7 +909,7 @@ async fn proxy_cuts_stalls_and_slows_both_connections() {
 /// A three-node Kafka (RF 3, min.insync.replicas=2) with the fault test's
 /// topic on it, and a relay writing to it under load.
 async fn cluster_run(name: &str, rng: &Rng, eos: bool) -> (TestDb, Kafka, Run, Relay) {
-    let (db, slot) = outbox_db(&format!("fault_{}", name.replace(' ', "_"))).await;
+    let (db, slot) = TestDb::classic(&format!("fault_{}", name.replace(' ', "_"))).await;
     let kafka = Kafka::options().nodes(3).start().await;
     let topic = unique("fault_cluster");
     create_replicated_topics(&kafka.brokers(), &[&topic], PARTITIONS, 3).await;
@@ -1055,7 +1040,7 @@ struct MovedWhileFrozen {
 }
 
 async fn moved_while_frozen(name: &str) -> MovedWhileFrozen {
-    let (db, slot) = outbox_db(name).await;
+    let (db, slot) = TestDb::classic(name).await;
     let listen = free_port();
     let proxy = Proxy::start(format!("127.0.0.1:{listen}").parse().unwrap()).await;
     let broker = Kafka::behind_proxy(listen, proxy.port).await;
@@ -1086,21 +1071,12 @@ async fn moved_while_frozen(name: &str) -> MovedWhileFrozen {
     db.wait_confirmed_by(&a, &slot, end, "A published the first ten")
         .await;
     a.signal("STOP");
-    db.exec(&format!(
-        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = '{slot}' AND active_pid IS NOT NULL"
-    ))
-    .await;
-    wait_until(
-        Duration::from_secs(30),
-        "the slot to be released",
-        || async { !db.slot_active(&slot).await },
-    )
-    .await;
+    db.release_slot(&slot).await;
     let mut b = Relay::start(&args);
     let end = write_numbered(&db, 10, 20).await;
     db.wait_confirmed_by(&b, &slot, end, "B published the next ten")
         .await;
-    b.terminate().await;
+    b.stop_clean().await;
     MovedWhileFrozen {
         db,
         slot,
@@ -1159,7 +1135,7 @@ async fn a_moved_slot_while_kafka_is_unreachable_is_asked_again_not_a_stop() {
         .await;
     assert!(a.is_running(), "A stopped:\n{}", a.log_text());
     assert_eq!(a.stopped_for(), None, "A announced a stop");
-    a.terminate().await;
+    a.stop_clean().await;
     db.drop().await;
 }
 
@@ -1232,7 +1208,7 @@ async fn partitions_added_while_records_are_held() {
     let _serial = SERIAL.lock().await;
     const KEYS: usize = 12;
     const EACH: usize = 8;
-    let (db, slot) = outbox_db("fault_parts").await;
+    let (db, slot) = TestDb::classic("fault_parts").await;
     let kafka = Kafka::options().nodes(3).start().await;
     let topic = unique("fault_parts");
     // Partition 0 on node 1 alone; the partitions added later on 2 and 3.

@@ -167,7 +167,7 @@ async fn the_standby_takes_over_within_two_seconds_of_a_sigkill() {
     }
     let written = load.stop().await;
     let end = db.current_wal_lsn().await;
-    db.wait_confirmed(slot, end, "the active relay to confirm the load")
+    db.wait_confirmed_past(slot, end, "the active relay to confirm the load")
         .await;
     let duplicates = all_delivered(topic, written).await;
     eprintln!(
@@ -181,8 +181,8 @@ async fn the_standby_takes_over_within_two_seconds_of_a_sigkill() {
         );
     }
     assert!(active.is_running() && standby.is_running());
-    active.terminate().await;
-    standby.terminate().await;
+    active.stop_clean().await;
+    standby.stop_clean().await;
     o.db.drop().await;
 }
 
@@ -236,7 +236,7 @@ async fn after_a_host_loss_the_standby_takes_over_and_the_lost_relay_stands_by()
     tokio::time::sleep(Duration::from_secs(2)).await;
     let written = load.stop().await;
     let end = db.current_wal_lsn().await;
-    db.wait_confirmed(slot, end, "the survivor to confirm the load")
+    db.wait_confirmed_past(slot, end, "the survivor to confirm the load")
         .await;
     let duplicates = all_delivered(topic, written).await;
     eprintln!(
@@ -253,8 +253,8 @@ async fn after_a_host_loss_the_standby_takes_over_and_the_lost_relay_stands_by()
         took <= Duration::from_secs(5),
         "the standby took {took:?} after the host loss"
     );
-    lost.terminate().await;
-    survivor.terminate().await;
+    lost.stop_clean().await;
+    survivor.stop_clean().await;
     drop(proxy);
     o.db.drop().await;
 }
@@ -283,6 +283,6 @@ async fn a_url_with_several_hosts_connects_to_the_first_that_answers() {
     )
     .await;
     assert_eq!(all_delivered(&o.topic, 10).await, 0);
-    relay.terminate().await;
+    relay.stop_clean().await;
     o.db.drop().await;
 }

@@ -120,13 +120,7 @@ async fn run_scenario(heartbeat: bool) -> (i64, bool) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(relay.is_running(), "{}", relay.log_text());
-    relay.signal("TERM");
-    assert_eq!(
-        relay.wait(Duration::from_secs(30)).await,
-        Some(0),
-        "{}",
-        relay.log_text()
-    );
+    relay.stop_clean().await;
     eprintln!("heartbeat={heartbeat}: retained {left} bytes, bounded={bounded}, heartbeat written={written}");
     (if bounded { left } else { i64::MAX }, written)
 }
@@ -163,21 +157,18 @@ async fn a_stalled_heartbeat_is_counted_not_waited_on_for_ever() {
     let slot = db.classic_outbox().await;
     let proxy = Proxy::start(pg_addr(&db.url)).await;
     let url = via(&db.url, &proxy.addr());
-    let args: Vec<String> = [
-        "--database-url",
+    let args = plain_args(
         &url,
-        "--kafka-brokers",
         &brokers(),
-        "--slot",
-        &slot,
-        "--heartbeat-interval",
-        "1",
-        "--progress-topic",
-        "off",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+        &[
+            "--slot",
+            &slot,
+            "--heartbeat-interval",
+            "1",
+            "--progress-topic",
+            "off",
+        ],
+    );
     let mut relay = Relay::start(&args);
     let addr = relay.http_address().await;
     db.wait_streaming(&slot).await;
@@ -196,6 +187,6 @@ async fn a_stalled_heartbeat_is_counted_not_waited_on_for_ever() {
     )
     .await;
     proxy.set_mode(Mode::Pass);
-    relay.terminate().await;
+    relay.stop_clean().await;
     db.drop().await;
 }

@@ -93,7 +93,7 @@ async fn restore_from_a_cold_copy(eos: bool, new: i64) {
     let mut relay = Relay::start(&args);
     let end = write(&client, 0, 50).await;
     wait_confirmed_by(&client, &relay, &slot, end, "every event confirmed").await;
-    relay.terminate().await;
+    relay.stop_clean().await;
     write(&client, 50, 80).await;
     drop(client);
     cluster.stop("fast");
@@ -106,7 +106,7 @@ async fn restore_from_a_cold_copy(eos: bool, new: i64) {
     let mut relay = Relay::start(&args);
     let end = write(&client, 80, 250).await;
     wait_confirmed_by(&client, &relay, &slot, end, "every event confirmed").await;
-    relay.terminate().await;
+    relay.stop_clean().await;
     drop(client);
 
     // The restore: the old WAL and slot back (the 30 unconfirmed events in
@@ -121,7 +121,7 @@ async fn restore_from_a_cold_copy(eos: bool, new: i64) {
     let mut relay = Relay::start(&args);
     wait_confirmed_by(&client, &relay, &slot, end, "every event confirmed").await;
     let metrics = http_get(&relay.http_address().await, "/metrics").await.1;
-    relay.terminate().await;
+    relay.stop_clean().await;
 
     let records = consume_topic(&topic, 250 + new as usize).await;
     let seen = arrivals(&records);
@@ -238,7 +238,7 @@ async fn exactly_once_after_an_asynchronous_promotion_publishes_the_new_primarys
     .await;
     let end = write(&client, 50, 350).await;
     wait_confirmed_by(&client, &relay, &slot, end, "every event confirmed").await;
-    relay.terminate().await;
+    relay.stop_clean().await;
 
     // The primary is lost; the standby is promoted and given a new slot.
     drop(client);
@@ -250,7 +250,7 @@ async fn exactly_once_after_an_asynchronous_promotion_publishes_the_new_primarys
     let mut relay = Relay::start(&args(&standby_url));
     wait_confirmed_by(&standby_client, &relay, &slot, end, "every event confirmed").await;
     let metrics = http_get(&relay.http_address().await, "/metrics").await.1;
-    relay.terminate().await;
+    relay.stop_clean().await;
 
     let records = consume_topic(&topic, 450).await;
     let seen = arrivals(&records);
@@ -290,19 +290,7 @@ async fn the_time_left_before_the_slot_is_invalidated_is_shown() {
     let slot = unique("headroom").to_lowercase();
     relay_setup(&["--database-url", &url, "--slot", &slot]);
     let topic = unique("headroom");
-    let args: Vec<String> = [
-        "--database-url",
-        &url,
-        "--kafka-brokers",
-        &brokers(),
-        "--slot",
-        &slot,
-        "--topic",
-        &topic,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = plain_args(&url, &brokers(), &["--slot", &slot, "--topic", &topic]);
     // WAL written all along, so that there is a rate to go by.
     let writer = {
         let url = url.clone();
@@ -337,7 +325,7 @@ async fn the_time_left_before_the_slot_is_invalidated_is_shown() {
         },
     )
     .await;
-    relay.terminate().await;
+    relay.stop_clean().await;
 
     let status = |args: &[String]| {
         let mut all: Vec<&str> = vec!["status", "--json"];
@@ -439,7 +427,7 @@ async fn recover_after_the_slot_was_dropped(eos: bool) {
     let end = write(&db.client, 0, 50).await;
     db.wait_confirmed_by(&relay, &slot, end, "the first 50 events confirmed")
         .await;
-    relay.terminate().await;
+    relay.stop_clean().await;
     db.exec(&format!("SELECT pg_drop_replication_slot('{slot}')"))
         .await;
     write(&db.client, 50, 150).await;
@@ -454,7 +442,7 @@ async fn recover_after_the_slot_was_dropped(eos: bool) {
     let end = write(&db.client, 150, 170).await;
     db.wait_confirmed_by(&relay, &slot, end, "the events after recover confirmed")
         .await;
-    relay.terminate().await;
+    relay.stop_clean().await;
 
     let records = consume_topic(&topic, 170).await;
     let seen = arrivals(&records);
@@ -485,7 +473,7 @@ async fn recover_names_the_range_a_retention_deleted_and_exits_1() {
     let end = write(&db.client, 0, 50).await;
     db.wait_confirmed_by(&relay, &slot, end, "the first 50 events confirmed")
         .await;
-    relay.terminate().await;
+    relay.stop_clean().await;
     db.exec(&format!("SELECT pg_drop_replication_slot('{slot}')"))
         .await;
     write(&db.client, 50, 150).await;
@@ -551,7 +539,7 @@ async fn recover_after_the_slot_was_invalidated_publishes_every_event_once() {
     let mut relay = Relay::start(&args);
     let end = write(&client, 0, 50).await;
     wait_confirmed_by(&client, &relay, &slot, end, "the first 50 events confirmed").await;
-    relay.terminate().await;
+    relay.stop_clean().await;
 
     // Events and more WAL than the limit while no relay runs.
     write(&client, 50, 150).await;
@@ -587,7 +575,7 @@ async fn recover_after_the_slot_was_invalidated_publishes_every_event_once() {
         "the events after recover confirmed",
     )
     .await;
-    relay.terminate().await;
+    relay.stop_clean().await;
 
     let records = consume_topic(&topic, 170).await;
     let seen = arrivals(&records);
@@ -612,7 +600,7 @@ async fn an_interrupted_recover_is_finished_by_recover_never_skipped_by_run() {
     let end = write(&db.client, 0, 50).await;
     db.wait_confirmed_by(&relay, &slot, end, "the first 50 events confirmed")
         .await;
-    relay.terminate().await;
+    relay.stop_clean().await;
     db.exec(&format!("SELECT pg_drop_replication_slot('{slot}')"))
         .await;
     write(&db.client, 50, 150).await;
@@ -678,7 +666,7 @@ async fn an_interrupted_recover_is_finished_by_recover_never_skipped_by_run() {
     let end = write(&db.client, 150, 170).await;
     db.wait_confirmed_by(&relay, &slot, end, "the events after recover confirmed")
         .await;
-    relay.terminate().await;
+    relay.stop_clean().await;
     let records = consume_topic(&topic, 170).await;
     let seen = arrivals(&records);
     let missing: Vec<i64> = (0..170).filter(|n| !seen.contains_key(n)).collect();
@@ -697,7 +685,7 @@ async fn run_with_recover_slot_recovers_a_dropped_slot_by_itself() {
     let end = write(&db.client, 0, 50).await;
     db.wait_confirmed_by(&relay, &slot, end, "the first 50 events confirmed")
         .await;
-    relay.terminate().await;
+    relay.stop_clean().await;
     db.exec(&format!("SELECT pg_drop_replication_slot('{slot}')"))
         .await;
     write(&db.client, 50, 150).await;
@@ -722,7 +710,7 @@ async fn run_with_recover_slot_recovers_a_dropped_slot_by_itself() {
         Some(100.0),
         "the 100 events of the gap came from the table"
     );
-    relay.terminate().await;
+    relay.stop_clean().await;
     let records = consume_topic(&topic, 170).await;
     let seen = arrivals(&records);
     let missing: Vec<i64> = (0..170).filter(|n| !seen.contains_key(n)).collect();
@@ -774,7 +762,7 @@ async fn a_slot_moved_while_no_relay_ran_stops_the_relay_and_recover_fills_the_g
         let end = write(&db.client, 0, 50).await;
         db.wait_confirmed_by(&relay, &slot, end, "the first 50 events confirmed")
             .await;
-        relay.terminate().await;
+        relay.stop_clean().await;
         let end = write(&db.client, 50, 70).await;
         db.exec(&format!(
             "SELECT pg_replication_slot_advance('{slot}', '{end}'::pg_lsn)"
@@ -845,7 +833,7 @@ async fn a_position_confirmed_while_the_session_was_set_up_is_never_undone() {
     let end = write(&db.client, 0, 10).await;
     db.wait_confirmed_by(&relay, &slot, end, "the first 10 events confirmed")
         .await;
-    relay.terminate().await;
+    relay.stop_clean().await;
     let read = db.confirmed_flush_lsn(&slot).await;
 
     proxy.set_mode(Mode::Stall);

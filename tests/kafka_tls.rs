@@ -232,14 +232,14 @@ async fn events_arrive_over_tls_when_the_relay_trusts_the_broker_ca() {
         broker.log_text(1)
     );
 
-    db.wait_confirmed(
+    db.wait_confirmed_past(
         &slot,
         after,
         "confirmed_flush_lsn to pass the commit delivered over TLS",
     )
     .await;
     assert!(relay.is_running(), "relay died: {}", relay.log_text());
-    relay.terminate().await;
+    relay.stop_clean().await;
     drop(broker);
     db.drop().await;
 }
@@ -272,12 +272,7 @@ async fn with_a_wrong_ca_nothing_is_delivered_and_the_slot_holds() {
     let before = db.current_wal_lsn().await;
     insert_events(&db, &topic, 10).await;
     let after = db.current_wal_lsn().await;
-    wait_until(
-        Duration::from_secs(30),
-        "the walsender to send the events",
-        || async { db.sent_lsn(&slot).await.is_some_and(|s| s >= after) },
-    )
-    .await;
+    db.wait_sent(&slot, after).await;
     wait_until(
         Duration::from_secs(30),
         "the events to be counted in flight",
@@ -417,7 +412,7 @@ async fn events_arrive_over_sasl_ssl_with_scram_sha_512() {
     .await
     .unwrap();
     assert_eq!(high, 12, "relay log:\n{}", relay.log_text());
-    db.wait_confirmed(
+    db.wait_confirmed_past(
         &slot,
         after,
         "confirmed_flush_lsn to pass the commit delivered over SASL_SSL",
@@ -510,7 +505,7 @@ async fn events_arrive_over_sasl_ssl_with_scram_sha_512() {
     );
     assert_eq!(printed.lines().count(), 12, "{printed}");
 
-    relay.terminate().await;
+    relay.stop_clean().await;
     drop(broker);
     db.drop().await;
 }

@@ -35,11 +35,7 @@ fn message_relay_args(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logical_messages_are_events_in_commit_order() {
-    let db = TestDb::new("msg").await;
-    db.exec(CLASSIC_TABLE).await;
-    let slot = format!("s_{}", db.name);
-    let (code, out, err) = relay_cmd(&["setup", "--database-url", &db.url, "--slot", &slot]);
-    assert_eq!(code, 0, "{out}{err}");
+    let (db, slot) = TestDb::classic("msg").await;
     let prefix = unique("msg");
     let topic = format!("{prefix}.T");
     create_topics(&brokers(), &[&topic], 3).await;
@@ -87,19 +83,9 @@ async fn logical_messages_are_events_in_commit_order() {
     let msg = by_offset[1];
     assert!(msg.header("id").unwrap().starts_with("lsn:"), "{msg:?}");
     assert_eq!(msg.header("type").as_deref(), Some("T"));
-    wait_until(
-        Duration::from_secs(30),
-        "the slot to pass the messages",
-        || async { db.confirmed_flush_lsn(&slot).await >= after },
-    )
-    .await;
-    relay.signal("TERM");
-    assert_eq!(
-        relay.wait(Duration::from_secs(30)).await,
-        Some(0),
-        "{}",
-        relay.log_text()
-    );
+    db.wait_confirmed_past(&slot, after, "the slot to pass the messages")
+        .await;
+    relay.stop_clean().await;
 
     // After a restart nothing is published again (the non-transactional
     // message was confirmed past its position).
@@ -117,8 +103,7 @@ async fn logical_messages_are_events_in_commit_order() {
     )
     .await;
     assert_eq!(records.len(), 5, "no repeats after a restart: {records:?}");
-    relay.signal("TERM");
-    assert_eq!(relay.wait(Duration::from_secs(30)).await, Some(0));
+    relay.stop_clean().await;
     db.drop().await;
 }
 
@@ -173,7 +158,7 @@ async fn a_message_right_before_a_commit_does_not_skip_that_transaction() {
             .get(0);
         let msg: Lsn = msg.parse().unwrap();
         // The relay published the message and confirmed it.
-        db.wait_confirmed(&slot, msg, "the message to be confirmed")
+        db.wait_confirmed_past(&slot, msg, "the message to be confirmed")
             .await;
         // From now on nothing reaches the broker (nothing held to leak
         // through later either).
@@ -196,18 +181,13 @@ async fn a_message_right_before_a_commit_does_not_skip_that_transaction() {
         eprintln!("round {round}: another record came between the message at {msg} and the commit ({commit_start:?}); again");
         proxy.set_mode(Mode::Pass);
         let now = db.current_wal_lsn().await;
-        db.wait_confirmed(&slot, now, "the round to be delivered")
+        db.wait_confirmed_past(&slot, now, "the round to be delivered")
             .await;
     }
     let (round, msg) = adjacent_at.expect("a round where the commit record follows the message");
     // The server sent the transaction; its rows cannot be acknowledged.
     let end = db.current_wal_lsn().await;
-    wait_until(
-        Duration::from_secs(30),
-        "the transaction to be sent",
-        || async { db.sent_lsn(&slot).await.is_some_and(|s| s >= end) },
-    )
-    .await;
+    db.wait_sent(&slot, end).await;
     let confirmed = db.confirmed_flush_lsn(&slot).await;
     assert!(
         confirmed <= msg,
@@ -232,6 +212,6 @@ async fn a_message_right_before_a_commit_does_not_skip_that_transaction() {
         last_round.len() >= 3,
         "rows of the transaction committed right after the message were lost: {got:?}"
     );
-    relay.terminate().await;
+    relay.stop_clean().await;
     db.drop().await;
 }

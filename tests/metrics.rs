@@ -80,8 +80,7 @@ async fn metrics_count_what_was_published_and_follow_the_slot() {
         || async { db.confirmed_flush_lsn(&slot).await.0 >= confirmed },
     )
     .await;
-    relay.signal("TERM");
-    assert_eq!(relay.wait(Duration::from_secs(30)).await, Some(0));
+    relay.stop_clean().await;
     db.drop().await;
 }
 

@@ -8,15 +8,6 @@ use std::time::Duration;
 
 use support::*;
 
-async fn setup_db(name: &str) -> (TestDb, String) {
-    let db = TestDb::new(name).await;
-    db.exec(CLASSIC_TABLE).await;
-    let slot = format!("s_{}", db.name);
-    let (code, out, err) = relay_cmd(&["setup", "--database-url", &db.url, "--slot", &slot]);
-    assert_eq!(code, 0, "{out}{err}");
-    (db, slot)
-}
-
 fn run(db: &TestDb, slot: &str, extra: &[&str]) -> (i32, String) {
     let brokers = brokers();
     let mut args = vec![
@@ -35,7 +26,7 @@ fn run(db: &TestDb, slot: &str, extra: &[&str]) -> (i32, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publication_that_would_stream_nothing_is_refused() {
-    let (db, slot) = setup_db("mis_pub").await;
+    let (db, slot) = TestDb::classic("mis_pub").await;
     let before = db.confirmed_flush_lsn(&slot).await;
     db.exec("ALTER PUBLICATION outbox_pub DROP TABLE outbox")
         .await;
@@ -70,7 +61,7 @@ async fn a_publication_that_would_stream_nothing_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_role_without_replication_gets_the_fix() {
-    let (db, slot) = setup_db("mis_role").await;
+    let (db, slot) = TestDb::classic("mis_role").await;
     db.exec("DO $$ BEGIN CREATE ROLE no_repl_role LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$").await;
     let url = db.url.replacen("postgres@", "no_repl_role@", 1);
     let brokers = brokers();
@@ -108,7 +99,7 @@ async fn setup_on_a_server_without_logical_wal_says_what_to_set() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_carry_the_event_fields() {
-    let (db, slot) = setup_db("mis_json").await;
+    let (db, slot) = TestDb::classic("mis_json").await;
     let prefix = unique("json");
     let template = format!("{prefix}.{{event_type}}");
     let mut relay = Relay::start(&relay_args(
@@ -138,8 +129,7 @@ async fn json_logs_carry_the_event_fields() {
         Duration::from_secs(60),
     )
     .await;
-    relay.signal("TERM");
-    assert_eq!(relay.wait(Duration::from_secs(30)).await, Some(0));
+    relay.stop_clean().await;
     let log = relay.log_text();
     let lines: Vec<serde_json::Value> = log
         .lines()
@@ -163,7 +153,7 @@ async fn json_logs_carry_the_event_fields() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_exits_at_once() {
-    let (db, slot) = setup_db("mis_signal").await;
+    let (db, slot) = TestDb::classic("mis_signal").await;
     // The broker is unreachable, so a graceful stop would wait for the
     // shutdown timeout (60 s here) with the event in flight.
     let mut relay = Relay::start(&relay_args(
@@ -205,14 +195,10 @@ async fn a_second_signal_exits_at_once() {
         || async { http_get(&addr, "/readyz").await == (503, "not ready: stopping\n".to_string()) },
     )
     .await;
-    relay.signal("TERM");
     // 130 is the second signal's own exit code.
-    assert_eq!(
-        relay.wait(Duration::from_secs(10)).await,
-        Some(130),
-        "{}",
-        relay.log_text()
-    );
+    relay
+        .stop_expecting("TERM", Duration::from_secs(10), Some(130))
+        .await;
     db.drop().await;
 }
 
@@ -221,7 +207,7 @@ async fn a_second_signal_exits_at_once() {
 /// are refused by `run` before anything is read, and flagged by `check`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn producer_settings_that_break_order_are_refused() {
-    let (db, slot) = setup_db("mis_producer").await;
+    let (db, slot) = TestDb::classic("mis_producer").await;
     db.exec("INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('E', 'a', '{}')")
         .await;
     let before = db.confirmed_flush_lsn(&slot).await;

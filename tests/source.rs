@@ -67,14 +67,15 @@ async fn reconnects_after_the_walsender_is_terminated_and_loses_nothing() {
     ids.dedup();
     assert_eq!(ids.len(), 150, "every event delivered after the reconnect");
     let after = db.current_wal_lsn().await;
-    db.wait_confirmed(&slot, after, "the slot to follow").await;
+    db.wait_confirmed_past(&slot, after, "the slot to follow")
+        .await;
     assert!(relay.is_running());
     assert!(
         relay.resumed_from().len() >= 2,
         "a second session streamed: {}",
         relay.log_text()
     );
-    relay.terminate().await;
+    relay.stop_clean().await;
     db.drop().await;
 }
 
@@ -105,7 +106,7 @@ async fn a_second_relay_waits_as_a_standby_and_takes_over() {
     );
     insert(&db, 20, "primary").await;
     consume_topic(&format!("{prefix}.T"), 20).await;
-    primary.terminate().await;
+    primary.stop_clean().await;
     wait_until(
         Duration::from_secs(60),
         "the standby to take the slot",
@@ -115,7 +116,7 @@ async fn a_second_relay_waits_as_a_standby_and_takes_over() {
     insert(&db, 20, "standby").await;
     let records = consume_topic(&format!("{prefix}.T"), 40).await;
     assert_eq!(records.len(), 40, "no duplicates after a clean handover");
-    standby.terminate().await;
+    standby.stop_clean().await;
     db.drop().await;
 }
 
@@ -190,7 +191,7 @@ async fn terminate_stale_walsender_takes_the_slot_when_asked() {
     assert_eq!(second.resumed_from().len(), 1, "the second relay streams");
     relay.signal("CONT");
     relay.signal("KILL");
-    second.terminate().await;
+    second.stop_clean().await;
     db.drop().await;
 }
 
@@ -208,7 +209,7 @@ async fn a_dropped_mapped_column_stops_the_relay_and_the_slot_stays() {
     insert(&db, 5, "v2").await;
     consume_topic(&format!("{prefix}.T"), 10).await;
     let delivered = db.current_wal_lsn().await;
-    db.wait_confirmed(&slot, delivered, "the slot to pass the delivered events")
+    db.wait_confirmed_past(&slot, delivered, "the slot to pass the delivered events")
         .await;
     // Dropping a mapped column: the next row cannot be routed.
     db.exec("ALTER TABLE outbox DROP COLUMN aggregate_id").await;
@@ -249,12 +250,7 @@ async fn a_slot_advanced_behind_the_relays_back_is_detected() {
     db.wait_streaming(&slot).await;
     insert(&db, 5, "pending").await;
     let after = db.current_wal_lsn().await;
-    wait_until(
-        Duration::from_secs(30),
-        "the walsender to send them",
-        || async { db.sent_lsn(&slot).await.is_some_and(|s| s >= after) },
-    )
-    .await;
+    db.wait_sent(&slot, after).await;
     let pid = active_pid(&db, &slot).await.unwrap();
     // Someone ends the relay's connection and advances the slot over the
     // undelivered events while it reconnects.
@@ -539,13 +535,14 @@ async fn a_silent_server_is_replaced_within_the_replication_timeout() {
     let records = consume_topic(&format!("{prefix}.T"), 10).await;
     assert!(records.len() >= 10);
     let after = db.current_wal_lsn().await;
-    db.wait_confirmed(&slot, after, "the slot to follow").await;
+    db.wait_confirmed_past(&slot, after, "the slot to follow")
+        .await;
     assert!(
         relay_metric(&addr, "outbox_reconnects_total").await >= Some(1.0),
         "sessions were started again"
     );
     eprintln!("silent server: session replaced after {ended_after:?}");
-    relay.terminate().await;
+    relay.stop_clean().await;
 
     // SIGTERM while set-up waits on a silent server (a long connect timeout).
     proxy.set_mode(Mode::Stall);

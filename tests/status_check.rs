@@ -542,7 +542,7 @@ async fn a_publication_with_other_tables_is_reported_and_their_rows_skipped() {
         (0..2 * TXNS as u64).collect::<Vec<_>>(),
         "every outbox row, in order, nothing else"
     );
-    db.wait_confirmed(
+    db.wait_confirmed_past(
         &slot,
         after,
         "the slot to pass the shared publication's rows",
@@ -555,7 +555,7 @@ async fn a_publication_with_other_tables_is_reported_and_their_rows_skipped() {
         "{text}"
     );
     assert!(relay.is_running(), "{}", relay.log_text());
-    relay.terminate().await;
+    relay.stop_clean().await;
     db.drop().await;
 }
 

@@ -274,6 +274,6 @@ async fn the_stream_budget_bounds_resident_memory() {
         BUDGET >> 20,
         MARGIN >> 20
     );
-    relay.terminate().await;
+    relay.stop_clean().await;
     let _ = std::fs::remove_dir_all(&spill);
 }

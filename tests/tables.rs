@@ -211,9 +211,9 @@ topic = "{topic}"
     let ((), restarted) = tokio::join!(write(&db, 0, TXNS), kill_and_restart);
     let mut relay = restarted;
     let end = db.current_wal_lsn().await;
-    db.wait_confirmed(&slot, end, "every transaction confirmed")
+    db.wait_confirmed_past(&slot, end, "every transaction confirmed")
         .await;
-    relay.terminate().await;
+    relay.stop_clean().await;
 
     // Every row of both tables is in Kafka, by `verify` of each table; the
     // other table's records are unexpected for it, which does not fail it.
@@ -400,9 +400,9 @@ async fn tenant_schemas_one_created_while_the_relay_runs() {
     );
     let mut relay = restarted;
     let end = db.current_wal_lsn().await;
-    db.wait_confirmed(&slot, end, "every transaction confirmed")
+    db.wait_confirmed_past(&slot, end, "every transaction confirmed")
         .await;
-    relay.terminate().await;
+    relay.stop_clean().await;
 
     for (tenant, rows) in [("tenant_a", 2 * N), ("tenant_b", N), ("tenant_c", N)] {
         let table = format!("{tenant}.outbox");
@@ -445,7 +445,7 @@ async fn tenant_schemas_one_created_while_the_relay_runs() {
     let mut relay = Relay::start(&args);
     let (code, out, err) = relay_cmd(&["--config", config, "cleanup", "--published"]);
     assert_eq!(code, 0, "{out}{err}");
-    relay.terminate().await;
+    relay.stop_clean().await;
     for t in ["tenant_a", "tenant_b", "tenant_c"] {
         let n: i64 = db
             .client
@@ -544,9 +544,9 @@ async fn old_partitions_are_dropped_only_once_published() {
     );
     let mut relay = restarted;
     let end = db.current_wal_lsn().await;
-    db.wait_confirmed(&slot, end, "the first rows confirmed")
+    db.wait_confirmed_past(&slot, end, "the first rows confirmed")
         .await;
-    relay.terminate().await;
+    relay.stop_clean().await;
 
     // Late rows in the old partitions while no relay runs: not published,
     // so their partitions must stay.
@@ -576,7 +576,7 @@ async fn old_partitions_are_dropped_only_once_published() {
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("dropped 2 partition(s)"), "{out}");
     assert_eq!(children().await, 1);
-    relay.terminate().await;
+    relay.stop_clean().await;
 
     // Every event, the dropped partitions' included, is in Kafka.
     let records = consume_topic(&topic, ids.len()).await;
@@ -658,9 +658,9 @@ async fn backfill_cuts_over_every_tenant_from_one_snapshot() {
         .await;
     }
     let end = db.current_wal_lsn().await;
-    db.wait_confirmed(&slot, end, "the new rows confirmed")
+    db.wait_confirmed_past(&slot, end, "the new rows confirmed")
         .await;
-    relay.terminate().await;
+    relay.stop_clean().await;
 
     for t in tenants {
         let records = consume_topic(&format!("{prefix}.{t}"), 30).await;
@@ -849,7 +849,7 @@ async fn a_wrong_shaped_tenant_stops_no_other() {
     db.wait_confirmed_by(&relay, &slot, end, "every transaction confirmed")
         .await;
     assert!(relay.is_running(), "{}", relay.log_text());
-    relay.terminate().await;
+    relay.stop_clean().await;
 
     for tenant in ["tenant_a", "tenant_b"] {
         let (code, report) = verify_json(config, &["--table", &format!("{tenant}.outbox")]);
@@ -938,7 +938,7 @@ async fn a_tenant_the_trigger_missed_is_reported_not_a_stop() {
         || async { relay_metric(&addr, "outbox_unpublished_tables").await == Some(0.0) },
     )
     .await;
-    relay.terminate().await;
+    relay.stop_clean().await;
     for (tenant, rows) in [("tenant_a", 60), ("tenant_q", 20)] {
         let (code, report) = verify_json(config, &["--table", &format!("{tenant}.outbox")]);
         assert_eq!(code, 0, "{report:#}");

@@ -305,11 +305,7 @@ async fn altered_payload_bytes_are_a_mismatch() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_real_relay_passes_verification() {
-    let db = TestDb::new("verify_relay").await;
-    db.exec(CLASSIC_TABLE).await;
-    let slot = format!("s_{}", db.name);
-    let (code, out, err) = relay_cmd(&["setup", "--database-url", &db.url, "--slot", &slot]);
-    assert_eq!(code, 0, "setup failed: {out}{err}");
+    let (db, slot) = TestDb::classic("verify_relay").await;
     let prefix = unique("verify_relay");
     let topics: Vec<String> = TYPES.iter().map(|t| format!("{prefix}.{t}")).collect();
     let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
@@ -355,13 +351,7 @@ async fn the_real_relay_passes_verification() {
     assert_eq!(count(&r, "/partitions"), 12);
     assert_eq!(problem_counts(&r), vec![], "{r:#}");
     assert!(relay.is_running(), "relay died: {}", relay.log_text());
-    relay.signal("TERM");
-    assert_eq!(
-        relay.wait(Duration::from_secs(30)).await,
-        Some(0),
-        "{}",
-        relay.log_text()
-    );
+    relay.stop_clean().await;
     db.drop().await;
 }
 

@@ -89,6 +89,35 @@ impl TestDb {
         row.get::<_, Option<String>>(0).and_then(|s| s.parse().ok())
     }
 
+    /// Waits until the walsender of `slot` has sent the WAL up to `lsn`: the
+    /// relay holds those changes, whatever it did with them.
+    pub async fn wait_sent(&self, slot: &str, lsn: Lsn) {
+        wait_until(
+            Duration::from_secs(30),
+            &format!("the walsender of {slot} to send up to {lsn}"),
+            || async { self.sent_lsn(slot).await.is_some_and(|s| s >= lsn) },
+        )
+        .await;
+    }
+
+    /// Ends the walsender that holds `slot` (a dropped connection, as far
+    /// as the relay can tell) and waits until the slot is free.
+    pub async fn release_slot(&self, slot: &str) {
+        self.exec(&format!(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = '{slot}' AND active_pid IS NOT NULL"
+        ))
+        .await;
+        self.wait_slot_free(slot, "the slot to be released").await;
+    }
+
+    /// Waits until no walsender holds `slot`.
+    pub async fn wait_slot_free(&self, slot: &str, what: &str) {
+        wait_until(Duration::from_secs(30), what, || async {
+            !self.slot_active(slot).await
+        })
+        .await;
+    }
+
     pub async fn slot_active(&self, slot: &str) -> bool {
         self.client
             .query_opt(
@@ -104,9 +133,24 @@ impl TestDb {
     /// named after the database through `outbox-relay setup`; returns the slot.
     pub async fn classic_outbox(&self) -> String {
         self.exec(CLASSIC_TABLE).await;
+        self.set_up().0
+    }
+
+    /// A database of its own with the classic outbox, its publication and
+    /// slot: the start of most tests.
+    pub async fn classic(name: &str) -> (TestDb, String) {
+        let db = TestDb::new(name).await;
+        let slot = db.classic_outbox().await;
+        (db, slot)
+    }
+
+    /// Runs `setup` for the tables already created, with a slot named after
+    /// the database (slot names are global to the cluster; the database
+    /// name is unique). Returns the slot and what `setup` printed.
+    pub fn set_up(&self) -> (String, String) {
         let slot = format!("s_{}", self.name);
-        relay_setup(&["--database-url", &self.url, "--slot", &slot]);
-        slot
+        let out = relay_setup(&["--database-url", &self.url, "--slot", &slot]);
+        (slot, out)
     }
 
     /// Waits until a walsender holds `slot`: changes written after this are
@@ -148,14 +192,14 @@ impl TestDb {
         }
     }
 
-    pub async fn wait_confirmed(&self, slot: &str, lsn: Lsn, what: &str) {
+    pub async fn wait_confirmed_past(&self, slot: &str, lsn: Lsn, what: &str) {
         wait_until(Duration::from_secs(30), what, || async {
             self.confirmed_flush_lsn(slot).await >= lsn
         })
         .await;
     }
 
-    /// As [`TestDb::wait_confirmed`] (60 s), and on a timeout the relay's
+    /// As [`TestDb::wait_confirmed_past`] (60 s), and on a timeout the relay's
     /// log without its DEBUG lines: what it did instead.
     pub async fn wait_confirmed_by(
         &self,

@@ -37,12 +37,14 @@ pub fn relay_cmd(args: &[&str]) -> (i32, String, String) {
     )
 }
 
-/// Runs `outbox-relay setup <args>`, which must succeed.
-pub fn relay_setup(args: &[&str]) {
+/// Runs `outbox-relay setup <args>`, which must succeed; returns what it
+/// printed.
+pub fn relay_setup(args: &[&str]) -> String {
     let mut all = vec!["setup"];
     all.extend_from_slice(args);
     let (code, out, err) = relay_cmd(&all);
     assert_eq!(code, 0, "setup {args:?} failed: {out}{err}");
+    out
 }
 
 /// The relay as a child process; killed when dropped. Its log (stderr) and
@@ -131,12 +133,19 @@ impl Relay {
     }
 
     /// SIGTERM: the relay must finish its in-flight work and exit 0.
-    pub async fn terminate(&mut self) {
-        self.signal("TERM");
+    pub async fn stop_clean(&mut self) {
+        self.stop_expecting("TERM", Duration::from_secs(30), Some(0))
+            .await;
+    }
+
+    /// Sends `sig` and asserts the exit code the relay ends with within
+    /// `timeout` (None: killed by a signal), showing its log when it differs.
+    pub async fn stop_expecting(&mut self, sig: &str, timeout: Duration, code: Option<i32>) {
+        self.signal(sig);
         assert_eq!(
-            self.wait(Duration::from_secs(30)).await,
-            Some(0),
-            "exit after SIGTERM; log:\n{}",
+            self.wait(timeout).await,
+            code,
+            "exit after SIG{sig}; log:\n{}",
             self.log_text()
         );
     }
@@ -191,14 +200,19 @@ pub fn relay_args(db: &TestDb, brokers: &str, extra: &[&str]) -> Vec<String> {
 
 /// Standard relay arguments for a database URL (a cluster of the test's own).
 pub fn url_args(url: &str, brokers: &str, extra: &[&str]) -> Vec<String> {
-    let mut args = vec![
-        "--database-url".to_string(),
-        url.to_string(),
-        "--kafka-brokers".to_string(),
-        brokers.to_string(),
-        "--status-interval".to_string(),
-        "1".to_string(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
+    let mut args = plain_args(url, brokers, &["--status-interval", "1"]);
+    args.extend(strings(extra));
     args
+}
+
+/// The two arguments every relay needs, then `extra`; nothing else (the
+/// relay's own defaults, e.g. its status interval).
+pub fn plain_args(url: &str, brokers: &str, extra: &[&str]) -> Vec<String> {
+    let mut args = strings(&["--database-url", url, "--kafka-brokers", brokers]);
+    args.extend(strings(extra));
+    args
+}
+
+pub fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
 }
