@@ -8,6 +8,7 @@ use std::path::Path;
 use anyhow::Result;
 use serde_json::Value;
 
+use super::beside::Beside;
 use super::f;
 use super::svg::fmt_num;
 
@@ -139,7 +140,6 @@ fn target_rows_pollers(m: &mut String, r: &Value) {
 
 fn drain(m: &mut String, r: &Value) {
     let d = &r["drain"];
-    let relay_rate = f(&d["relay"]["events_per_s"]);
     let recv = f(&d["pg_recvlogical"]["events_per_s"]);
     let intake = f(&d["broker_intake"]["events_per_s"]);
     let _ = writeln!(m, "## Backlog drain\n");
@@ -160,38 +160,36 @@ fn drain(m: &mut String, r: &Value) {
         intake / recv,
         d["broker_intake"]["verified_in_kafka"]
     );
-    let _ = writeln!(
-        m,
-        "| **outbox-relay** | {:.2} | {} | {:.2} | {} of {} |",
-        f(&d["relay"]["seconds"]),
-        fmt_num(relay_rate),
-        relay_rate / recv,
-        d["relay"]["verified_in_kafka"],
-        d["events"]
-    );
-    let e = &d["relay_exactly_once"];
-    if !e.is_null() {
+    // A reader of the backlog into Kafka: events/s against pg_recvlogical's, and
+    // how many of the backlog's events a consumer found.
+    let reader = |m: &mut String, label: &str, x: &Value, consumer: &str| {
+        let rate = f(&x["events_per_s"]);
         let _ = writeln!(
             m,
-            "| **outbox-relay, exactly-once** | {:.2} | {} | {:.2} | {} of {} (read_committed) |",
-            f(&e["seconds"]),
-            fmt_num(f(&e["events_per_s"])),
-            f(&e["events_per_s"]) / recv,
-            e["verified_in_kafka"],
+            "| {label} | {:.2} | {} | {:.2} | {} of {}{consumer} |",
+            f(&x["seconds"]),
+            fmt_num(rate),
+            rate / recv,
+            x["verified_in_kafka"],
             d["events"]
         );
-    }
-    let z = &d["debezium"];
-    if !z.is_null() {
-        let _ = writeln!(
-            m,
-            "| Debezium (Kafka Connect, Outbox Event Router), stream only | {:.2} | {} | {:.2} | {} of {} |",
-            f(&z["seconds"]),
-            fmt_num(f(&z["events_per_s"])),
-            f(&z["events_per_s"]) / recv,
-            z["verified_in_kafka"],
-            d["events"]
-        );
+    };
+    reader(m, "**outbox-relay**", &d["relay"], "");
+    for (label, k, consumer) in [
+        (
+            "**outbox-relay, exactly-once**",
+            "relay_exactly_once",
+            " (read_committed)",
+        ),
+        (
+            "Debezium (Kafka Connect, Outbox Event Router), stream only",
+            "debezium",
+            "",
+        ),
+    ] {
+        if !d[k].is_null() {
+            reader(m, label, &d[k], consumer);
+        }
     }
     for k in ["tuned", "classic"] {
         let p = &r["pollers"][k];
@@ -321,70 +319,15 @@ fn exactly_once(m: &mut String, r: &Value) {
         m,
         "| figure | at-least-once | exactly-once | exactly-once / at-least-once |\n|---|---|---|---|"
     );
-    let row = |m: &mut String, label: &str, a: f64, e: f64, unit: &str, prec: usize| {
-        let _ = writeln!(
-            m,
-            "| {label} | {a:.prec$}{unit} | {e:.prec$}{unit} | {:.2} |",
-            e / a
-        );
+    let mut t = Beside {
+        m: &mut *m,
+        skip_unmeasured: false,
     };
     if !de.is_null() {
-        let (a, e) = (f(&da["events_per_s"]), f(&de["events_per_s"]));
-        let _ = writeln!(
-            m,
-            "| drain, events/s | {} | {} | {:.2} |",
-            fmt_num(a),
-            fmt_num(e),
-            e / a
-        );
-        row(
-            m,
-            "drain, CPU µs/event",
-            f(&da["cpu_us_per_event"]),
-            f(&de["cpu_us_per_event"]),
-            "",
-            1,
-        );
-        row(
-            m,
-            "drain, peak RSS",
-            f(&da["peak_rss_mb"]),
-            f(&de["peak_rss_mb"]),
-            " MB",
-            1,
-        );
+        t.drain(da, de);
     }
     if !le.is_null() {
-        let (ca, ce) = (&la["commit_to_consumer_ms"], &le["commit_to_consumer_ms"]);
-        for (q, name) in [("p50", "p50"), ("p99", "p99"), ("p999", "p99.9")] {
-            row(
-                m,
-                &format!(
-                    "latency at {}/s, commit → consumer {name}",
-                    le["rate_target"]
-                ),
-                f(&ca[q]),
-                f(&ce[q]),
-                " ms",
-                2,
-            );
-        }
-        row(
-            m,
-            "latency, CPU µs/event",
-            f(&la["relay_cpu_us_per_event"]),
-            f(&le["relay_cpu_us_per_event"]),
-            "",
-            1,
-        );
-        row(
-            m,
-            "latency, peak RSS",
-            f(&la["relay_peak_rss_mb"]),
-            f(&le["relay_peak_rss_mb"]),
-            " MB",
-            1,
-        );
+        t.latency(la, le, "relay");
     }
     let _ = writeln!(m);
     for (label, x, verified) in [
