@@ -406,49 +406,31 @@ fn resources(m: &mut String, r: &Value) {
         m,
         "| scenario | events | CPU s | CPU µs/event | peak RSS MB |\n|---|---|---|---|---|"
     );
-    let _ = writeln!(
-        m,
-        "| drain | {} | {:.2} | {:.1} | {:.1} |",
-        d["events"],
-        f(&d["relay"]["cpu_s"]),
-        f(&d["relay"]["cpu_us_per_event"]),
-        f(&d["relay"]["peak_rss_mb"])
-    );
-    let e = &d["relay_exactly_once"];
-    if !e.is_null() {
+    // A relay process's figures, named `{prefix}cpu_s`, … in its scenario's report.
+    let row = |m: &mut String, label: &str, events: &Value, x: &Value, prefix: &str| {
+        let figure = |name: &str| f(&x[format!("{prefix}{name}")]);
         let _ = writeln!(
             m,
-            "| drain, exactly-once | {} | {:.2} | {:.1} | {:.1} |",
-            d["events"],
-            f(&e["cpu_s"]),
-            f(&e["cpu_us_per_event"]),
-            f(&e["peak_rss_mb"])
+            "| {label} | {events} | {:.2} | {:.1} | {:.1} |",
+            figure("cpu_s"),
+            figure("cpu_us_per_event"),
+            figure("peak_rss_mb")
         );
-    }
-    for (k, label) in [
-        ("relay", "latency"),
-        ("relay_exactly_once", "latency, exactly-once"),
-    ] {
-        let l = &r["latency"][k];
-        if k != "relay" && l.is_null() {
-            continue;
-        }
-        let _ = writeln!(
-            m,
-            "| {label} | {} | {:.2} | {:.1} | {:.1} |",
-            l["committed"],
-            f(&l["relay_cpu_s"]),
-            f(&l["relay_cpu_us_per_event"]),
-            f(&l["relay_peak_rss_mb"])
-        );
-    }
-    let _ = writeln!(
-        m,
-        "| sustained | {} | {:.2} | {:.1} | {:.1} |\n",
-        s["written"],
-        f(&s["relay_cpu_s"]),
-        f(&s["relay_cpu_us_per_event"]),
-        f(&s["relay_peak_rss_mb"])
+    };
+    let (de, la, le) = (
+        &d["relay_exactly_once"],
+        &r["latency"]["relay"],
+        &r["latency"]["relay_exactly_once"],
     );
+    row(m, "drain", &d["events"], &d["relay"], "");
+    if !de.is_null() {
+        row(m, "drain, exactly-once", &d["events"], de, "");
+    }
+    row(m, "latency", &la["committed"], la, "relay_");
+    if !le.is_null() {
+        row(m, "latency, exactly-once", &le["committed"], le, "relay_");
+    }
+    row(m, "sustained", &s["written"], s, "relay_");
+    let _ = writeln!(m);
     let _ = writeln!(m, "For scale: the plain rdkafka producer used {:.2} s of CPU (whole bench process) for the same {} records.\n", f(&d["broker_intake"]["bench_process_cpu_s"]), d["events"]);
 }
