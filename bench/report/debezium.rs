@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 
 use serde_json::Value;
 
+use super::beside::Beside;
 use super::f;
 use super::svg::fmt_num;
 
@@ -180,139 +181,39 @@ fn comparison(m: &mut String, r: &Value) {
         m,
         "| figure | outbox-relay | Debezium | Debezium / relay |\n|---|---|---|---|"
     );
-    let row = |m: &mut String, label: &str, a: f64, b: f64, unit: &str, prec: usize| {
-        if a.is_finite() || b.is_finite() {
-            let _ = writeln!(
-                m,
-                "| {label} | {a:.prec$}{unit} | {b:.prec$}{unit} | {:.2} |",
-                b / a
-            );
-        }
+    let mut t = Beside {
+        m: &mut *m,
+        skip_unmeasured: true,
     };
     let (dr, dd) = (&r["drain"]["relay"], &r["drain"]["debezium"]);
     if !dd.is_null() {
-        let _ = writeln!(
-            m,
-            "| drain, events/s | {} | {} | {:.2} |",
-            fmt_num(f(&dr["events_per_s"])),
-            fmt_num(f(&dd["events_per_s"])),
-            f(&dd["events_per_s"]) / f(&dr["events_per_s"])
-        );
-        row(
-            m,
-            "drain, CPU µs/event",
-            f(&dr["cpu_us_per_event"]),
-            f(&dd["cpu_us_per_event"]),
-            "",
-            1,
-        );
-        row(
-            m,
-            "drain, peak RSS",
-            f(&dr["peak_rss_mb"]),
-            f(&dd["peak_rss_mb"]),
-            " MB",
-            1,
-        );
+        t.drain(dr, dd);
     }
     let (lr, ld) = (&r["latency"]["relay"], &r["latency"]["debezium"]);
     if !ld.is_null() {
-        for (q, name) in [("p50", "p50"), ("p99", "p99"), ("p999", "p99.9")] {
-            row(
-                m,
-                &format!(
-                    "latency at {}/s, commit → consumer {name}",
-                    ld["rate_target"]
-                ),
-                f(&lr["commit_to_consumer_ms"][q]),
-                f(&ld["commit_to_consumer_ms"][q]),
-                " ms",
-                2,
-            );
-        }
-        row(
-            m,
-            "latency, CPU µs/event",
-            f(&lr["relay_cpu_us_per_event"]),
-            f(&ld["debezium_cpu_us_per_event"]),
-            "",
-            1,
-        );
-        row(
-            m,
-            "latency, peak RSS",
-            f(&lr["relay_peak_rss_mb"]),
-            f(&ld["debezium_peak_rss_mb"]),
-            " MB",
-            1,
-        );
+        t.latency(lr, ld, "debezium");
     }
     let (sr, sd) = (&r["sustained"], &r["sustained"]["debezium"]);
     if !sd.is_null() {
-        row(
-            m,
-            "sustained, inserts/s the writers reached",
-            f(&sr["insert_rate"]),
-            f(&sd["insert_rate"]),
-            "",
-            0,
-        );
-        row(
-            m,
-            "sustained, slot lag p50",
-            f(&sr["lag_s"]["p50"]),
-            f(&sd["lag_s"]["p50"]),
-            " s",
-            2,
-        );
-        row(
-            m,
-            "sustained, slot lag max",
-            f(&sr["lag_s"]["max"]),
-            f(&sd["lag_s"]["max"]),
-            " s",
-            2,
-        );
-        row(
-            m,
-            "sustained, delivery lag p50",
-            f(&sr["delivery_lag_s"]["p50"]),
-            f(&sd["delivery_lag_s"]["p50"]),
-            " s",
-            2,
-        );
-        row(
-            m,
-            "sustained, events/s into Kafka while the writers ran",
-            f(&sr["delivery_rate"]),
-            f(&sd["delivery_rate"]),
-            "",
-            0,
-        );
-        row(
-            m,
-            "sustained, delivery lag max",
-            f(&sr["delivery_lag_s"]["max"]),
-            f(&sd["delivery_lag_s"]["max"]),
-            " s",
-            2,
-        );
-        row(
-            m,
-            "sustained, CPU µs/event",
-            f(&sr["relay_cpu_us_per_event"]),
-            f(&sd["debezium_cpu_us_per_event"]),
-            "",
-            1,
-        );
-        row(
-            m,
-            "sustained, peak RSS",
-            f(&sr["relay_peak_rss_mb"]),
-            f(&sd["debezium_peak_rss_mb"]),
-            " MB",
-            1,
-        );
+        // Rates in whole events, lags in seconds to the hundredth.
+        let (rate, lag) = (("", 0), (" s", 2));
+        for (label, at, (unit, prec)) in [
+            ("inserts/s the writers reached", "/insert_rate", rate),
+            ("slot lag p50", "/lag_s/p50", lag),
+            ("slot lag max", "/lag_s/max", lag),
+            ("delivery lag p50", "/delivery_lag_s/p50", lag),
+            (
+                "events/s into Kafka while the writers ran",
+                "/delivery_rate",
+                rate,
+            ),
+            ("delivery lag max", "/delivery_lag_s/max", lag),
+        ] {
+            let figure = |v: &Value| v.pointer(at).map_or(f64::NAN, f);
+            let label = format!("sustained, {label}");
+            t.row(&label, figure(sr), figure(sd), unit, prec);
+        }
+        t.resources("sustained", (sr, sd), ("relay_", "debezium_"));
     }
     let _ = writeln!(m);
     if !dd.is_null() {

@@ -8,6 +8,7 @@ use std::path::Path;
 use anyhow::Result;
 use serde_json::Value;
 
+use super::beside::Beside;
 use super::f;
 use super::svg::fmt_num;
 
@@ -139,7 +140,6 @@ fn target_rows_pollers(m: &mut String, r: &Value) {
 
 fn drain(m: &mut String, r: &Value) {
     let d = &r["drain"];
-    let relay_rate = f(&d["relay"]["events_per_s"]);
     let recv = f(&d["pg_recvlogical"]["events_per_s"]);
     let intake = f(&d["broker_intake"]["events_per_s"]);
     let _ = writeln!(m, "## Backlog drain\n");
@@ -160,38 +160,36 @@ fn drain(m: &mut String, r: &Value) {
         intake / recv,
         d["broker_intake"]["verified_in_kafka"]
     );
-    let _ = writeln!(
-        m,
-        "| **outbox-relay** | {:.2} | {} | {:.2} | {} of {} |",
-        f(&d["relay"]["seconds"]),
-        fmt_num(relay_rate),
-        relay_rate / recv,
-        d["relay"]["verified_in_kafka"],
-        d["events"]
-    );
-    let e = &d["relay_exactly_once"];
-    if !e.is_null() {
+    // A reader of the backlog into Kafka: events/s against pg_recvlogical's, and
+    // how many of the backlog's events a consumer found.
+    let reader = |m: &mut String, label: &str, x: &Value, consumer: &str| {
+        let rate = f(&x["events_per_s"]);
         let _ = writeln!(
             m,
-            "| **outbox-relay, exactly-once** | {:.2} | {} | {:.2} | {} of {} (read_committed) |",
-            f(&e["seconds"]),
-            fmt_num(f(&e["events_per_s"])),
-            f(&e["events_per_s"]) / recv,
-            e["verified_in_kafka"],
+            "| {label} | {:.2} | {} | {:.2} | {} of {}{consumer} |",
+            f(&x["seconds"]),
+            fmt_num(rate),
+            rate / recv,
+            x["verified_in_kafka"],
             d["events"]
         );
-    }
-    let z = &d["debezium"];
-    if !z.is_null() {
-        let _ = writeln!(
-            m,
-            "| Debezium (Kafka Connect, Outbox Event Router), stream only | {:.2} | {} | {:.2} | {} of {} |",
-            f(&z["seconds"]),
-            fmt_num(f(&z["events_per_s"])),
-            f(&z["events_per_s"]) / recv,
-            z["verified_in_kafka"],
-            d["events"]
-        );
+    };
+    reader(m, "**outbox-relay**", &d["relay"], "");
+    for (label, k, consumer) in [
+        (
+            "**outbox-relay, exactly-once**",
+            "relay_exactly_once",
+            " (read_committed)",
+        ),
+        (
+            "Debezium (Kafka Connect, Outbox Event Router), stream only",
+            "debezium",
+            "",
+        ),
+    ] {
+        if !d[k].is_null() {
+            reader(m, label, &d[k], consumer);
+        }
     }
     for k in ["tuned", "classic"] {
         let p = &r["pollers"][k];
@@ -321,70 +319,15 @@ fn exactly_once(m: &mut String, r: &Value) {
         m,
         "| figure | at-least-once | exactly-once | exactly-once / at-least-once |\n|---|---|---|---|"
     );
-    let row = |m: &mut String, label: &str, a: f64, e: f64, unit: &str, prec: usize| {
-        let _ = writeln!(
-            m,
-            "| {label} | {a:.prec$}{unit} | {e:.prec$}{unit} | {:.2} |",
-            e / a
-        );
+    let mut t = Beside {
+        m: &mut *m,
+        skip_unmeasured: false,
     };
     if !de.is_null() {
-        let (a, e) = (f(&da["events_per_s"]), f(&de["events_per_s"]));
-        let _ = writeln!(
-            m,
-            "| drain, events/s | {} | {} | {:.2} |",
-            fmt_num(a),
-            fmt_num(e),
-            e / a
-        );
-        row(
-            m,
-            "drain, CPU µs/event",
-            f(&da["cpu_us_per_event"]),
-            f(&de["cpu_us_per_event"]),
-            "",
-            1,
-        );
-        row(
-            m,
-            "drain, peak RSS",
-            f(&da["peak_rss_mb"]),
-            f(&de["peak_rss_mb"]),
-            " MB",
-            1,
-        );
+        t.drain(da, de);
     }
     if !le.is_null() {
-        let (ca, ce) = (&la["commit_to_consumer_ms"], &le["commit_to_consumer_ms"]);
-        for (q, name) in [("p50", "p50"), ("p99", "p99"), ("p999", "p99.9")] {
-            row(
-                m,
-                &format!(
-                    "latency at {}/s, commit → consumer {name}",
-                    le["rate_target"]
-                ),
-                f(&ca[q]),
-                f(&ce[q]),
-                " ms",
-                2,
-            );
-        }
-        row(
-            m,
-            "latency, CPU µs/event",
-            f(&la["relay_cpu_us_per_event"]),
-            f(&le["relay_cpu_us_per_event"]),
-            "",
-            1,
-        );
-        row(
-            m,
-            "latency, peak RSS",
-            f(&la["relay_peak_rss_mb"]),
-            f(&le["relay_peak_rss_mb"]),
-            " MB",
-            1,
-        );
+        t.latency(la, le, "relay");
     }
     let _ = writeln!(m);
     for (label, x, verified) in [
@@ -463,49 +406,31 @@ fn resources(m: &mut String, r: &Value) {
         m,
         "| scenario | events | CPU s | CPU µs/event | peak RSS MB |\n|---|---|---|---|---|"
     );
-    let _ = writeln!(
-        m,
-        "| drain | {} | {:.2} | {:.1} | {:.1} |",
-        d["events"],
-        f(&d["relay"]["cpu_s"]),
-        f(&d["relay"]["cpu_us_per_event"]),
-        f(&d["relay"]["peak_rss_mb"])
-    );
-    let e = &d["relay_exactly_once"];
-    if !e.is_null() {
+    // A relay process's figures, named `{prefix}cpu_s`, … in its scenario's report.
+    let row = |m: &mut String, label: &str, events: &Value, x: &Value, prefix: &str| {
+        let figure = |name: &str| f(&x[format!("{prefix}{name}")]);
         let _ = writeln!(
             m,
-            "| drain, exactly-once | {} | {:.2} | {:.1} | {:.1} |",
-            d["events"],
-            f(&e["cpu_s"]),
-            f(&e["cpu_us_per_event"]),
-            f(&e["peak_rss_mb"])
+            "| {label} | {events} | {:.2} | {:.1} | {:.1} |",
+            figure("cpu_s"),
+            figure("cpu_us_per_event"),
+            figure("peak_rss_mb")
         );
-    }
-    for (k, label) in [
-        ("relay", "latency"),
-        ("relay_exactly_once", "latency, exactly-once"),
-    ] {
-        let l = &r["latency"][k];
-        if k != "relay" && l.is_null() {
-            continue;
-        }
-        let _ = writeln!(
-            m,
-            "| {label} | {} | {:.2} | {:.1} | {:.1} |",
-            l["committed"],
-            f(&l["relay_cpu_s"]),
-            f(&l["relay_cpu_us_per_event"]),
-            f(&l["relay_peak_rss_mb"])
-        );
-    }
-    let _ = writeln!(
-        m,
-        "| sustained | {} | {:.2} | {:.1} | {:.1} |\n",
-        s["written"],
-        f(&s["relay_cpu_s"]),
-        f(&s["relay_cpu_us_per_event"]),
-        f(&s["relay_peak_rss_mb"])
+    };
+    let (de, la, le) = (
+        &d["relay_exactly_once"],
+        &r["latency"]["relay"],
+        &r["latency"]["relay_exactly_once"],
     );
+    row(m, "drain", &d["events"], &d["relay"], "");
+    if !de.is_null() {
+        row(m, "drain, exactly-once", &d["events"], de, "");
+    }
+    row(m, "latency", &la["committed"], la, "relay_");
+    if !le.is_null() {
+        row(m, "latency, exactly-once", &le["committed"], le, "relay_");
+    }
+    row(m, "sustained", &s["written"], s, "relay_");
+    let _ = writeln!(m);
     let _ = writeln!(m, "For scale: the plain rdkafka producer used {:.2} s of CPU (whole bench process) for the same {} records.\n", f(&d["broker_intake"]["bench_process_cpu_s"]), d["events"]);
 }

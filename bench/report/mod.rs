@@ -2,6 +2,7 @@
 //! from report.json. Rendering reads only the JSON, so it can be tested (and re-run)
 //! without the stack.
 
+mod beside;
 mod debezium;
 mod markdown;
 mod plots;

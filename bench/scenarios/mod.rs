@@ -23,13 +23,12 @@ pub(crate) const AGGREGATES: i64 = 1000;
 
 /// The headers the relay sends for the classic table: the event id and type.
 pub(crate) fn relay_headers(id: &str, event_type: &str) -> OwnedHeaders {
-    OwnedHeaders::new_with_capacity(2)
-        .insert(Header {
-            key: "id",
-            value: Some(id.as_bytes()),
-        })
-        .insert(Header {
-            key: "event_type",
-            value: Some(event_type.as_bytes()),
-        })
+    let mut headers = OwnedHeaders::new_with_capacity(2);
+    for (key, value) in [("id", id), ("event_type", event_type)] {
+        headers = headers.insert(Header {
+            key,
+            value: Some(value.as_bytes()),
+        });
+    }
+    headers
 }

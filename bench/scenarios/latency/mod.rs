@@ -184,89 +184,39 @@ impl Topics {
 }
 
 pub(crate) async fn scenario_latency(cfg: &Cfg, report: &mut Value) -> Result<()> {
+    let (rate, secs) = (cfg.latency_rate, cfg.a.latency_secs);
+    let at_least_once = || Publisher::Relay(Mode::default());
     let mut out = json!({});
-    out["direct"] = latency_run(
-        cfg,
-        "direct",
-        Publisher::Direct,
-        cfg.latency_rate,
-        cfg.a.latency_secs,
-    )
-    .await?;
-    out["relay"] = latency_run(
-        cfg,
-        "relay",
-        Publisher::Relay(Mode::default()),
-        cfg.latency_rate,
-        cfg.a.latency_secs,
-    )
-    .await?;
+    out["direct"] = latency_run(cfg, "direct", Publisher::Direct, rate, secs).await?;
+    out["relay"] = latency_run(cfg, "relay", at_least_once(), rate, secs).await?;
     // The same run with --delivery exactly-once: records become visible at the
     // Kafka commit (the consumer reads read_committed), after their
     // acknowledgements, so only commit → consumer compares with the relay's.
     if has_exactly_once(cfg) {
-        out["relay_exactly_once"] = latency_run(
-            cfg,
-            "relay_exactly_once",
-            Publisher::Relay(Mode::exactly_once(topic_name(
-                "latency.relay_exactly_once.progress",
-            ))),
-            cfg.latency_rate,
-            cfg.a.latency_secs,
-        )
-        .await?;
+        let progress = topic_name("latency.relay_exactly_once.progress");
+        let exactly_once = Publisher::Relay(Mode::exactly_once(progress));
+        out["relay_exactly_once"] =
+            latency_run(cfg, "relay_exactly_once", exactly_once, rate, secs).await?;
     }
     if !cfg.a.no_debezium {
-        out["debezium"] = latency_run(
-            cfg,
-            "debezium",
-            Publisher::Debezium,
-            cfg.latency_rate,
-            cfg.a.latency_secs,
-        )
-        .await?;
+        out["debezium"] = latency_run(cfg, "debezium", Publisher::Debezium, rate, secs).await?;
     }
     // A lower rate for the relay and Debezium: on a small machine Debezium is
     // saturated at the main rate, where its latency is mostly queueing.
     let low = cfg.a.latency_low_rate;
-    if low > 0 && low != cfg.latency_rate {
-        out["relay_low_rate"] = latency_run(
-            cfg,
-            "relay_low",
-            Publisher::Relay(Mode::default()),
-            low,
-            cfg.a.latency_secs,
-        )
-        .await?;
+    if low > 0 && low != rate {
+        out["relay_low_rate"] = latency_run(cfg, "relay_low", at_least_once(), low, secs).await?;
         if !cfg.a.no_debezium {
-            out["debezium_low_rate"] = latency_run(
-                cfg,
-                "debezium_low",
-                Publisher::Debezium,
-                low,
-                cfg.a.latency_secs,
-            )
-            .await?;
+            out["debezium_low_rate"] =
+                latency_run(cfg, "debezium_low", Publisher::Debezium, low, secs).await?;
         }
     }
     // The tuned poller moves at most 500 rows per 100 ms: the relay's rate is within it.
-    out["tuned_poller"] = latency_run(
-        cfg,
-        "tuned",
-        Publisher::Poller(TUNED),
-        cfg.latency_rate.min(2000),
-        cfg.poll_secs,
-    )
-    .await?;
+    let tuned = Publisher::Poller(TUNED);
+    out["tuned_poller"] = latency_run(cfg, "tuned", tuned, rate.min(2000), cfg.poll_secs).await?;
     // The classic poller moves at most 20 events/s: run it at half that.
-    out["classic_poller"] = latency_run(
-        cfg,
-        "classic",
-        Publisher::Poller(CLASSIC),
-        10,
-        cfg.poll_secs,
-    )
-    .await?;
+    let classic = Publisher::Poller(CLASSIC);
+    out["classic_poller"] = latency_run(cfg, "classic", classic, 10, cfg.poll_secs).await?;
     report["latency"] = out;
     Ok(())
 }
