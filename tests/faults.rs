@@ -37,8 +37,8 @@ use std::time::{Duration, Instant};
 use outbox_relay::commands::verify::{self, OrderBy, Report, VerifySettings};
 use outbox_relay::config::{Options, RelayConfig};
 use outbox_relay::lsn::Lsn;
+use outbox_relay::test_rng::Rng;
 use support::proxy::{Mode, Proxy};
-use support::rng::Rng;
 use support::*;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 

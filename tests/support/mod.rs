@@ -6,8 +6,9 @@
 //! and its own topic names, so tests share the services but not state. What
 //! lives where: `pg` (databases, throwaway clusters), `kafka` (topics, reading
 //! records back, brokers of a test's own), `relay` (the binary under test),
-//! `proxy` (the fault proxy), `certs` (a test CA), `rng` (reproducible
-//! randomness). This file keeps only what all of them share.
+//! `proxy` (the fault proxy), `certs` (a test CA); reproducible randomness
+//! is the library's `outbox_relay::test_rng`, shared with the unit tests.
+//! This file keeps only what all of them share.
 
 #![allow(dead_code)]
 
@@ -19,7 +20,6 @@ pub mod kafka;
 pub mod pg;
 pub mod proxy;
 pub mod relay;
-pub mod rng;
 
 // Most tests want all of it through `use support::*`.
 #[allow(unused_imports)]

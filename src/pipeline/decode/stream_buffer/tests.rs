@@ -1,3 +1,5 @@
+mod props;
+
 use std::fs::OpenOptions;
 
 use super::*;
@@ -24,6 +26,15 @@ impl TempDir {
 
     fn files(&self) -> usize {
         std::fs::read_dir(&self.0).map_or(0, |d| d.count())
+    }
+
+    /// (file count, total size).
+    fn usage(&self) -> (usize, u64) {
+        let Ok(rd) = std::fs::read_dir(&self.0) else {
+            return (0, 0);
+        };
+        rd.map(|e| e.unwrap().metadata().unwrap().len())
+            .fold((0, 0), |(n, s), len| (n + 1, s + len))
     }
 }
 

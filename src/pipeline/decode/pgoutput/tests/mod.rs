@@ -1,3 +1,4 @@
+mod props;
 mod samples;
 
 use super::*;

@@ -6,15 +6,15 @@
 //! state must follow exactly the messages that decoded.
 
 use bytes::Bytes;
-use outbox_relay::pipeline::decode::pgoutput::{decode, Decoder, LogicalMessage};
 
-use crate::support::rng::Rng;
+use crate::pipeline::decode::pgoutput::{decode, Decoder, LogicalMessage};
+use crate::test_rng::Rng;
 
 const FIXTURES: [&str; 4] = [
-    include_str!("fixtures/pgoutput_pg15_proto1.txt"),
-    include_str!("fixtures/pgoutput_pg17_proto2.txt"),
-    include_str!("fixtures/pgoutput_pg17_proto3.txt"),
-    include_str!("fixtures/pgoutput_pg17_proto4.txt"),
+    include_str!("../../../../../tests/fixtures/pgoutput_pg15_proto1.txt"),
+    include_str!("../../../../../tests/fixtures/pgoutput_pg17_proto2.txt"),
+    include_str!("../../../../../tests/fixtures/pgoutput_pg17_proto3.txt"),
+    include_str!("../../../../../tests/fixtures/pgoutput_pg17_proto4.txt"),
 ];
 
 const INPUTS: usize = 200_000;

@@ -1,9 +1,10 @@
-//! Reproducible randomness without a dependency: xorshift64*. Property tests
-//! seed it with a constant, so every run tries the same cases; the fault
-//! tests seed it from the clock and print the seed, and
-//! `OUTBOX_RELAY_FAULT_SEED` replays a run that failed.
-
-#![allow(dead_code)]
+//! For tests only: reproducible randomness without a dependency,
+//! xorshift64*. It lives in the library so that the unit tests (the decoder's
+//! and the stream buffer's property tests) and the integration tests (the
+//! fault tests) share one implementation. Property tests seed it with a
+//! constant, so every run tries the same cases; the fault tests seed it from
+//! the clock and print the seed, and `OUTBOX_RELAY_FAULT_SEED` replays a run
+//! that failed.
 
 use std::time::Duration;
 
@@ -37,7 +38,7 @@ impl Rng {
         Rng::seeded(seed)
     }
 
-    pub fn next(&mut self) -> u64 {
+    fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;

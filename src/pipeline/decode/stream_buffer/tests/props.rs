@@ -5,42 +5,14 @@
 //! is meant to.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use bytes::Bytes;
-use outbox_relay::lsn::Lsn;
-use outbox_relay::pipeline::decode::pgoutput::{Decoder, LogicalMessage, TupleValue};
-use outbox_relay::pipeline::decode::stream_buffer::{
-    replay_decoder, StreamBuffer, StreamBufferError,
-};
 
-use crate::support::rng::Rng;
-
-/// A fresh directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("outbox-relay-sbp-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        TempDir(p)
-    }
-
-    /// (file count, total size).
-    fn usage(&self) -> (usize, u64) {
-        let Ok(rd) = std::fs::read_dir(&self.0) else {
-            return (0, 0);
-        };
-        rd.map(|e| e.unwrap().metadata().unwrap().len())
-            .fold((0, 0), |(n, s), len| (n + 1, s + len))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use super::TempDir;
+use crate::lsn::Lsn;
+use crate::pipeline::decode::pgoutput::{Decoder, LogicalMessage, TupleValue};
+use crate::pipeline::decode::stream_buffer::{replay_decoder, StreamBuffer, StreamBufferError};
+use crate::test_rng::Rng;
 
 /// The model: per open xid, its surviving changes as (subxid, data).
 type Model = HashMap<u32, Vec<(u32, Bytes)>>;
@@ -176,7 +148,7 @@ fn random_interleavings_match_the_model() {
     }
 }
 
-const FIXTURE: &str = include_str!("fixtures/pgoutput_pg17_proto2.txt");
+const FIXTURE: &str = include_str!("../../../../../tests/fixtures/pgoutput_pg17_proto2.txt");
 
 fn unhex(line: &str) -> Bytes {
     (0..line.len())
