@@ -224,10 +224,7 @@ async fn after_promotion_the_relay_resumes_from_the_synchronised_slot_and_loses_
     let args: Vec<String> = url_args(&url, &brokers(), &["--slot", &slot, "--topic", &template]);
     let mut relay = Relay::start(&args);
     let relay_addr = relay.http_address().await;
-    wait_until(Duration::from_secs(60), "the relay to stream", || async {
-        relay_metric(&relay_addr, "outbox_up").await == Some(1.0)
-    })
-    .await;
+    wait_metric(&relay_addr, "outbox_up", |v| v == Some(1.0)).await;
 
     let writer = Writer::start(url.clone(), 500);
     // Without sync_replication_slots the standby keeps no copy, and check

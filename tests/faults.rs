@@ -1117,16 +1117,9 @@ async fn a_moved_slot_while_kafka_is_unreachable_is_asked_again_not_a_stop() {
     // Kafka unreachable as A wakes and finds the slot past where it left it.
     proxy.refuse_and_cut();
     a.signal("CONT");
-    wait_until(
-        Duration::from_secs(60),
-        "A's session to end for the unreadable progress topic and start again",
-        || async {
-            relay_metric(&a_addr, "outbox_reconnects_total")
-                .await
-                .unwrap_or(0.0)
-                >= 2.0
-        },
-    )
+    wait_metric(&a_addr, "outbox_reconnects_total", |v| {
+        v.unwrap_or(0.0) >= 2.0
+    })
     .await;
     assert!(a.is_running(), "A stopped:\n{}", a.log_text());
     proxy.set_mode(Mode::Pass);
@@ -1258,12 +1251,7 @@ async fn partitions_added_while_records_are_held() {
         db.exec(&insert(s..s + 1)).await;
     }
     let held = (KEYS * (EACH - 1)) as f64;
-    wait_until(
-        Duration::from_secs(30),
-        "the events to be held in flight",
-        || async { relay_metric(&addr, "outbox_inflight_events").await == Some(held) },
-    )
-    .await;
+    wait_metric(&addr, "outbox_inflight_events", |v| v == Some(held)).await;
     kafka.topic_tool(&[
         "--alter",
         "--topic",
@@ -1274,12 +1262,7 @@ async fn partitions_added_while_records_are_held() {
         "1,2,3,2,3,2",
     ]);
     let gauge = format!("outbox_topic_partitions{{topic=\"{topic}\"}}");
-    wait_until(
-        Duration::from_secs(60),
-        "the relay to see 6 partitions",
-        || async { relay_metric(&addr, &gauge).await == Some(6.0) },
-    )
-    .await;
+    wait_metric(&addr, &gauge, |v| v == Some(6.0)).await;
     // librdkafka refreshes its metadata every second: past two refreshes,
     // its partitioner knows the new count.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -1358,12 +1341,7 @@ async fn partitions_added_while_records_are_held() {
     }
     assert!(moved > 0, "no key moved to a new partition");
     let changes = format!("outbox_partition_count_changes_total{{topic=\"{topic}\"}}");
-    wait_until(
-        Duration::from_secs(30),
-        "the move to be counted",
-        || async { relay_metric(&addr, &changes).await == Some(1.0) },
-    )
-    .await;
+    wait_metric(&addr, &changes, |v| v == Some(1.0)).await;
     stop_relay(relay, "partitions added").await;
     db.drop().await;
 }

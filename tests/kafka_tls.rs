@@ -273,18 +273,7 @@ async fn with_a_wrong_ca_nothing_is_delivered_and_the_slot_holds() {
     insert_events(&db, &topic, 10).await;
     let after = db.current_wal_lsn().await;
     db.wait_sent(&slot, after).await;
-    wait_until(
-        Duration::from_secs(30),
-        "the events to be counted in flight",
-        || async {
-            metric(
-                &http_get(&addr, "/metrics").await.1,
-                "outbox_inflight_events",
-            )
-            .is_some_and(|v| v == 10.0)
-        },
-    )
-    .await;
+    wait_metric(&addr, "outbox_inflight_events", |v| v == Some(10.0)).await;
     // Several status intervals pass: nothing delivered, nothing confirmed
     // past the commit.
     db.assert_not_confirmed_for_a_while(&slot, before, after, "events the broker never got")

@@ -100,13 +100,7 @@ async fn readiness_and_in_flight_gauge_show_an_unreachable_broker() {
     })
     .await;
     db.exec("INSERT INTO outbox (event_type, aggregate_id, payload) SELECT 'T', 'a', '{}' FROM generate_series(1, 7)").await;
-    wait_until(Duration::from_secs(30), "7 events in flight", || async {
-        metric(
-            &http_get(&addr, "/metrics").await.1,
-            "outbox_inflight_events",
-        ) == Some(7.0)
-    })
-    .await;
+    wait_metric(&addr, "outbox_inflight_events", |v| v == Some(7.0)).await;
     let (status, body) = http_get(&addr, "/readyz").await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("broker_reachable=false"), "{body}");
@@ -144,14 +138,7 @@ async fn reading_pauses_at_the_in_flight_byte_budget() {
         ))
         .await;
     }
-    wait_until(Duration::from_secs(30), "some events in flight", || async {
-        metric(
-            &http_get(&addr, "/metrics").await.1,
-            "outbox_inflight_events",
-        )
-        .is_some_and(|v| v > 0.0)
-    })
-    .await;
+    wait_metric(&addr, "outbox_inflight_events", |v| v > Some(0.0)).await;
     // The walsender has sent far more than the relay took in.
     let after = db.current_wal_lsn().await;
     wait_until(
@@ -222,12 +209,7 @@ async fn added_partitions_are_seen_and_counted() {
         .await;
     let gauge = format!("outbox_topic_partitions{{topic=\"{topic}\"}}");
     let changes = format!("outbox_partition_count_changes_total{{topic=\"{topic}\"}}");
-    wait_until(
-        Duration::from_secs(30),
-        "the probe to see 1 partition",
-        || async { metric(&http_get(&addr, "/metrics").await.1, &gauge) == Some(1.0) },
-    )
-    .await;
+    wait_metric(&addr, &gauge, |v| v == Some(1.0)).await;
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .create()
@@ -237,12 +219,7 @@ async fn added_partitions_are_seen_and_counted() {
         .await
         .unwrap();
     assert!(res.iter().all(|r| r.is_ok()), "{res:?}");
-    wait_until(
-        Duration::from_secs(30),
-        "the probe to see 3 partitions",
-        || async { metric(&http_get(&addr, "/metrics").await.1, &gauge) == Some(3.0) },
-    )
-    .await;
+    wait_metric(&addr, &gauge, |v| v == Some(3.0)).await;
     assert_eq!(
         relay_metric(&addr, &changes).await,
         Some(0.0),
@@ -257,12 +234,7 @@ async fn added_partitions_are_seen_and_counted() {
     )
     .await;
     assert_eq!(records.len(), 21);
-    wait_until(
-        Duration::from_secs(30),
-        "the move to be counted",
-        || async { relay_metric(&addr, &changes).await == Some(1.0) },
-    )
-    .await;
+    wait_metric(&addr, &changes, |v| v == Some(1.0)).await;
     drop(relay);
     db.drop().await;
 }

@@ -168,13 +168,7 @@ async fn a_second_signal_exits_at_once() {
     db.exec("INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('T', 'a', '{}')")
         .await;
     let addr = relay.http_address().await;
-    wait_until(Duration::from_secs(30), "the event in flight", || async {
-        metric(
-            &http_get(&addr, "/metrics").await.1,
-            "outbox_inflight_events",
-        ) == Some(1.0)
-    })
-    .await;
+    wait_metric(&addr, "outbox_inflight_events", |v| v == Some(1.0)).await;
     // An unreachable broker is seen, not a crash loop.
     wait_until(
         Duration::from_secs(30),

@@ -236,10 +236,7 @@ async fn the_stream_budget_bounds_resident_memory() {
     let spill = std::env::temp_dir().join(unique("spill"));
     let mut relay = streaming_relay(&url, &prefix, BUDGET, &spill);
     let addr = relay.http_address().await;
-    wait_until(Duration::from_secs(30), "streaming", || async {
-        metric(&http_get(&addr, "/metrics").await.1, "outbox_up") == Some(1.0)
-    })
-    .await;
+    wait_metric(&addr, "outbox_up", |v| v == Some(1.0)).await;
     a.batch_execute(&format!(
         "DO $$ BEGIN FOR i IN 1..{ROWS} LOOP
            INSERT INTO outbox (event_type, aggregate_id, payload)

@@ -126,6 +126,16 @@ pub async fn relay_metric(addr: &str, sample: &str) -> Option<f64> {
     metric(&http_get(addr, "/metrics").await.1, sample)
 }
 
+/// Waits (60 s) until the relay at `addr` exports `sample` with a value
+/// `ok` accepts (None while it exports none).
+pub async fn wait_metric(addr: &str, sample: &str, ok: impl Fn(Option<f64>) -> bool) {
+    let what = format!("the relay's {sample} to reach the value waited for");
+    wait_until(Duration::from_secs(60), &what, || async {
+        ok(relay_metric(addr, sample).await)
+    })
+    .await;
+}
+
 /// A URL with a query parameter (`key=value`) added.
 pub fn with_param(url: &str, param: &str) -> String {
     let sep = if url.contains('?') { '&' } else { '?' };
