@@ -151,7 +151,7 @@ async fn the_role_script_never_logs_the_password() {
         Some(0),
         "a password in a psql variable was taken: {out}"
     );
-    assert!(out.contains("PGOPTIONS"), "{out}");
+    assert_contains(&out, "PGOPTIONS");
 
     let log = cluster.log_text();
     assert!(

@@ -8,11 +8,9 @@ use support::*;
 fn missing_options_name_flag_env_and_config_key() {
     let (code, _, err) = relay_cmd(&["run", "--kafka-brokers", "x:1"]);
     assert_eq!(code, 2);
-    assert!(
-        err.contains(
-            "database_url is required: pass --database-url or set OUTBOX_RELAY_DATABASE_URL"
-        ),
-        "{err}"
+    assert_contains(
+        &err,
+        "database_url is required: pass --database-url or set OUTBOX_RELAY_DATABASE_URL",
     );
 }
 
@@ -28,9 +26,9 @@ fn invalid_values_are_refused_before_connecting() {
         "linger.ms",
     ]);
     assert_eq!(code, 2);
-    assert!(
-        err.contains("invalid kafka_property \"linger.ms\": expected KEY=VALUE"),
-        "{err}"
+    assert_contains(
+        &err,
+        "invalid kafka_property \"linger.ms\": expected KEY=VALUE",
     );
     let (code, _, err) = relay_cmd(&[
         "run",
@@ -42,7 +40,7 @@ fn invalid_values_are_refused_before_connecting() {
         "bad topic",
     ]);
     assert_eq!(code, 2);
-    assert!(err.contains("invalid topic"), "{err}");
+    assert_contains(&err, "invalid topic");
     let (code, _, err) = relay_cmd(&[
         "run",
         "--database-url",
@@ -83,7 +81,7 @@ fn config_file_is_a_layer_below_env_and_flags() {
     .unwrap();
     let (code, _, err) = relay_cmd(&["--config", file.to_str().unwrap(), "run"]);
     assert_eq!(code, 2);
-    assert!(err.contains("invalid topic \"from file\""), "{err}");
+    assert_contains(&err, "invalid topic \"from file\"");
     let out = std::process::Command::new(relay_bin())
         .args([
             "--config",
@@ -95,7 +93,7 @@ fn config_file_is_a_layer_below_env_and_flags() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("invalid topic \"bad flag\""), "{err}");
+    assert_contains(&err, "invalid topic \"bad flag\"");
     // An environment variable sits between the file and the flags.
     let out = std::process::Command::new(relay_bin())
         .args(["--config", file.to_str().unwrap(), "run"])
@@ -103,7 +101,7 @@ fn config_file_is_a_layer_below_env_and_flags() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("invalid topic \"bad env\""), "{err}");
+    assert_contains(&err, "invalid topic \"bad env\"");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,10 +140,7 @@ async fn setup_names_a_missing_column_and_lists_the_real_ones() {
         "customer_id",
     ]);
     assert_eq!(code, 1);
-    assert!(
-        err.contains("table public.outbox has no column customer_id (set by --key-column); its columns are: id, event_id, event_type, aggregate_id, payload"),
-        "{err}"
-    );
+    assert_contains(&err, "table public.outbox has no column customer_id (set by --key-column); its columns are: id, event_id, event_type, aggregate_id, payload");
     let (code, _, err) = relay_cmd(&[
         "setup",
         "--database-url",
@@ -156,17 +151,14 @@ async fn setup_names_a_missing_column_and_lists_the_real_ones() {
         "missing",
     ]);
     assert_eq!(code, 1);
-    assert!(err.contains("table public.missing does not exist"), "{err}");
+    assert_contains(&err, "table public.missing does not exist");
     // Nothing was created by the failed runs.
-    let n: i64 = db
-        .client
-        .query_one(
-            "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let n: i64 = scalar(
+        &db.client,
+        "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()",
+        &[],
+    )
+    .await;
     assert_eq!(n, 0);
     db.drop().await;
 }

@@ -48,7 +48,7 @@ async fn insert(client: &tokio_postgres::Client, first: usize, n: usize, per_txn
 }
 
 async fn count(db: &TestDb, sql: &str) -> i64 {
-    db.client.query_one(sql, &[]).await.unwrap().get(0)
+    scalar(&db.client, sql, &[]).await
 }
 
 /// A polling publisher as people write them: oldest pending rows first,
@@ -197,13 +197,10 @@ async fn poller_stopped_mid_backlog_then_backfill_then_run_publishes_each_event_
     .await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let written = writing.await.unwrap();
-    assert!(out.contains("created publication outbox_pub"), "{out}");
-    assert!(
-        out.contains(&format!("created logical replication slot {slot}")),
-        "{out}"
-    );
+    assert_contains(&out, "created publication outbox_pub");
+    assert_contains(&out, &format!("created logical replication slot {slot}"));
     // Progress without a terminal: plain lines.
-    assert!(err.contains("backfill: 100 of "), "{err}");
+    assert_contains(&err, "backfill: 100 of ");
     assert!(
         !err.contains('\r'),
         "no redraws without a terminal: {err:?}"
@@ -313,10 +310,7 @@ async fn cleanup_deletes_only_what_the_slot_confirmed_and_old_rows_by_age() {
     wait_caught_up(&db, &slot).await;
     let (code, out, err) = cmd(args(&db, &slot, &template, "cleanup", &["--dry-run"])).await;
     assert_eq!(code, 0, "{out}\n{err}");
-    assert!(
-        out.contains("dry run: would delete 80 published row(s)"),
-        "{out}"
-    );
+    assert_contains(&out, "dry run: would delete 80 published row(s)");
     assert_eq!(count(&db, "SELECT count(*) FROM outbox").await, 80);
     let (code, out, err) = cmd(args(
         &db,
@@ -337,7 +331,7 @@ async fn cleanup_deletes_only_what_the_slot_confirmed_and_old_rows_by_age() {
         batches[3].starts_with("batch 4: deleted 5 row(s) (id 76 … 80)"),
         "{out}"
     );
-    assert!(out.contains("cleanup done: deleted 80 row(s)"), "{out}");
+    assert_contains(&out, "cleanup done: deleted 80 row(s)");
     assert_eq!(count(&db, "SELECT count(*) FROM outbox").await, 0);
 
     // By age: only rows whose created_at is older than the retention.
@@ -353,7 +347,7 @@ async fn cleanup_deletes_only_what_the_slot_confirmed_and_old_rows_by_age() {
     ))
     .await;
     assert_eq!(code, 0, "{out}\n{err}");
-    assert!(out.contains("would delete 4 row(s)"), "{out}");
+    assert_contains(&out, "would delete 4 row(s)");
     let (code, out, err) = cmd(args(
         &db,
         &slot,
@@ -363,9 +357,9 @@ async fn cleanup_deletes_only_what_the_slot_confirmed_and_old_rows_by_age() {
     ))
     .await;
     assert_eq!(code, 0, "{out}\n{err}");
-    assert!(out.contains("batch 1: deleted 3 row(s)"), "{out}");
-    assert!(out.contains("batch 2: deleted 1 row(s)"), "{out}");
-    assert!(out.contains("cleanup done: deleted 4 row(s)"), "{out}");
+    assert_contains(&out, "batch 1: deleted 3 row(s)");
+    assert_contains(&out, "batch 2: deleted 1 row(s)");
+    assert_contains(&out, "cleanup done: deleted 4 row(s)");
     assert_eq!(count(&db, "SELECT count(*) FROM outbox").await, 6);
     assert_eq!(
         count(
@@ -398,10 +392,7 @@ async fn backfill_gives_up_on_an_unreachable_broker() {
         took < Duration::from_secs(30),
         "backfill took {took:?} to give up"
     );
-    assert!(
-        err.contains("no delivery report from Kafka within 3 s"),
-        "{err}"
-    );
+    assert_contains(&err, "no delivery report from Kafka within 3 s");
     db.drop().await;
 }
 
@@ -482,10 +473,7 @@ async fn mark_processed_sets_the_column_of_every_backfilled_row_only() {
     ))
     .await;
     assert_eq!(code, 0, "backfill failed:\n{out}\n{err}");
-    assert!(
-        out.contains("marked 30 backfilled row(s) processed"),
-        "{out}"
-    );
+    assert_contains(&out, "marked 30 backfilled row(s) processed");
     assert_eq!(
         count(
             &db,
@@ -536,7 +524,7 @@ async fn retention_keeps_rows_the_slot_has_not_confirmed() {
     ))
     .await;
     assert_ne!(code, 0, "deleted rows the slot never confirmed: {out}");
-    assert!(err.contains("nothing was deleted"), "{err}");
+    assert_contains(&err, "nothing was deleted");
     assert_eq!(count(&db, "SELECT count(*) FROM outbox").await, 6);
     let (code, out, err) = cmd(args(
         &db,

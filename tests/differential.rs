@@ -738,33 +738,18 @@ async fn published_records_equal_a_select_of_the_same_rows() {
     }
 
     // The big payloads really are out of line.
-    let toasted: i64 = db
-        .client
-        .query_one(
-            &format!(
-                "SELECT count(*) FROM {TABLE} WHERE octet_length(p_text) > 1000000 \
+    let toasted: i64 = scalar(
+        &db.client,
+        &format!(
+            "SELECT count(*) FROM {TABLE} WHERE octet_length(p_text) > 1000000 \
                    AND pg_column_size(p_text) > 8000 AND pg_column_size(p_bytea) > 8000"
-            ),
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+        ),
+        &[],
+    )
+    .await;
     let toast_chunks: i64 = {
-        let toast: String = db
-            .client
-            .query_one(
-                &format!("SELECT reltoastrelid::regclass::text FROM pg_class WHERE oid = '{TABLE}'::regclass"),
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        db.client
-            .query_one(&format!("SELECT count(*) FROM {toast}"), &[])
-            .await
-            .unwrap()
-            .get(0)
+        let toast: String = scalar(&db.client, &format!("SELECT reltoastrelid::regclass::text FROM pg_class WHERE oid = '{TABLE}'::regclass"), &[]).await;
+        scalar(&db.client, &format!("SELECT count(*) FROM {toast}"), &[]).await
     };
     // Two incompressible ones, and 1 MiB of 'y' (compressed, still out of line).
     assert_eq!(toasted, 3, "payloads over 1 MB stored out of line");

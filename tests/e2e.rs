@@ -13,11 +13,8 @@ async fn classic_db(name: &str) -> (TestDb, String) {
     let db = TestDb::new(name).await;
     db.exec(CLASSIC_TABLE).await;
     let (slot, out) = db.set_up();
-    assert!(out.contains("created publication outbox_pub"), "{out}");
-    assert!(
-        out.contains(&format!("created logical replication slot {slot}")),
-        "{out}"
-    );
+    assert_contains(&out, "created publication outbox_pub");
+    assert_contains(&out, &format!("created logical replication slot {slot}"));
     (db, slot)
 }
 
@@ -305,11 +302,7 @@ fn spawn_writer(
             }
             sql.push_str("COMMIT;");
             client.batch_execute(&sql).await.unwrap();
-            let lsn: String = client
-                .query_one("SELECT pg_current_wal_lsn()::text", &[])
-                .await
-                .unwrap()
-                .get(0);
+            let lsn: String = scalar(&client, "SELECT pg_current_wal_lsn()::text", &[]).await;
             after.push(lsn.parse().unwrap());
             tx.send_replace(after.clone());
             // Pace the load so the relay is stopped while events are still
@@ -353,7 +346,7 @@ async fn stop_and_restart(signal: &str) {
     let confirmed_at_stop = db.confirmed_flush_lsn(&slot).await;
     if signal == "TERM" {
         assert_eq!(code, Some(0), "graceful stop exits 0: {log}");
-        assert!(log.contains("replication stopped"), "{log}");
+        assert_contains(&log, "replication stopped");
     } else {
         assert_eq!(code, None, "killed by the signal");
     }
@@ -460,9 +453,9 @@ async fn debezium_preset_end_to_end_with_insert_then_delete() {
     };
     let (code, out, err) = setup();
     assert_eq!(code, 0, "{out}{err}");
-    assert!(
-        out.contains("created publication dbz_pub for table public.outboxevent"),
-        "{out}"
+    assert_contains(
+        &out,
+        "created publication dbz_pub for table public.outboxevent",
     );
     // Idempotent: a second run changes nothing and says so.
     let (code, out, _) = setup();
@@ -544,7 +537,7 @@ async fn a_partitioned_outbox_is_published_under_its_own_name() {
     )
     .await;
     let (slot, out) = db.set_up();
-    assert!(out.contains("publish_via_partition_root = true"), "{out}");
+    assert_contains(&out, "publish_via_partition_root = true");
     let prefix = unique("partitioned");
     let topic = format!("{prefix}.T");
     create_topics(&brokers(), &[&topic], 1).await;
@@ -594,13 +587,7 @@ async fn a_partitioned_outbox_is_published_under_its_own_name() {
     )
     .await;
     let after = db.current_wal_lsn().await;
-    let records = consume(
-        &brokers(),
-        std::slice::from_ref(&topic),
-        22,
-        Duration::from_secs(60),
-    )
-    .await;
+    let records = consume_topic(&topic, 22).await;
     assert_eq!(
         payload_numbers_by_offset(&records, "n"),
         (0..22).collect::<Vec<u64>>(),
@@ -615,7 +602,7 @@ async fn a_partitioned_outbox_is_published_under_its_own_name() {
         .await;
     let (code, out, _) = check("by_leaf");
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains("publish_via_partition_root = true"), "{out}");
+    assert_contains(&out, "publish_via_partition_root = true");
     let mut relay = Relay::start(&relay_args(
         &db,
         &brokers(),
@@ -648,12 +635,12 @@ async fn a_partitioned_outbox_is_published_under_its_own_name() {
 async fn setup_failover_creates_a_failover_slot_or_says_what_is_missing() {
     let db = TestDb::new("e2e_failover").await;
     db.exec(CLASSIC_TABLE).await;
-    let version: i32 = db
-        .client
-        .query_one("SELECT current_setting('server_version_num')::int", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let version: i32 = scalar(
+        &db.client,
+        "SELECT current_setting('server_version_num')::int",
+        &[],
+    )
+    .await;
     let slot = format!("f_{}", db.name);
     let setup = |slot: &str, failover: bool| {
         let mut args = vec!["setup", "--database-url", &db.url, "--slot", slot];
@@ -698,21 +685,16 @@ async fn setup_failover_creates_a_failover_slot_or_says_what_is_missing() {
         return;
     }
     assert_eq!(code, 0, "{out}{err}");
-    assert!(
-        out.contains(&format!(
-            "created logical replication slot {slot} (pgoutput, failover)"
-        )),
-        "{out}"
+    assert_contains(
+        &out,
+        &format!("created logical replication slot {slot} (pgoutput, failover)"),
     );
-    let failover: bool = db
-        .client
-        .query_one(
-            "SELECT failover FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let failover: bool = scalar(
+        &db.client,
+        "SELECT failover FROM pg_replication_slots WHERE slot_name = $1",
+        &[&slot],
+    )
+    .await;
     assert!(failover, "the slot's failover flag");
     let status = |slot: &str| {
         let (code, out, err) = relay_cmd(&[
@@ -734,11 +716,9 @@ async fn setup_failover_creates_a_failover_slot_or_says_what_is_missing() {
     );
     let (code, out, err) = setup(&slot, true);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(
-        out.contains(&format!(
-            "replication slot {slot} exists (pgoutput, failover)"
-        )),
-        "{out}"
+    assert_contains(
+        &out,
+        &format!("replication slot {slot} exists (pgoutput, failover)"),
     );
     // A slot made without it.
     let plain = format!("p_{}", db.name);

@@ -75,11 +75,8 @@ async fn a_null_key_halts_by_default_and_the_slot_stays_before_it() {
     assert_eq!(relay.wait(Duration::from_secs(60)).await, Some(1));
     assert_eq!(relay.stopped_for(), Some(Some("key".into())));
     let log = relay.log_text();
-    assert!(
-        log.contains("column aggregate_id (the key) is NULL"),
-        "{log}"
-    );
-    assert!(log.contains("cannot route the change at"), "{log}");
+    assert_contains(&log, "column aggregate_id (the key) is NULL");
+    assert_contains(&log, "cannot route the change at");
     c.db.assert_not_confirmed(&c.slot, before, after, "the bad event")
         .await;
     // The good events before it were delivered.
@@ -491,13 +488,7 @@ async fn small_records_are_not_failed_by_a_batch_over_the_topic_limit() {
     ]));
     c.db.wait_confirmed_past(&c.slot, after, "the slot to pass the small events")
         .await;
-    let records = consume(
-        &brokers(),
-        std::slice::from_ref(&topic),
-        10,
-        Duration::from_secs(30),
-    )
-    .await;
+    let records = consume_topic(&topic, 10).await;
     assert_eq!(records.len(), 10, "{records:?}");
     let dead = consume(
         &brokers(),

@@ -429,14 +429,12 @@ async fn two_relays_on_one_slot_hand_over_without_duplicates() {
     let mut b = Relay::start(&args);
     const HANDOVERS: usize = 6;
     let holder = || async {
-        db.client
-            .query_one(
-                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot],
-            )
-            .await
-            .unwrap()
-            .get::<_, Option<i32>>(0)
+        scalar::<Option<i32>>(
+            &db.client,
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
     };
     for _ in 0..HANDOVERS {
         tokio::time::sleep(Duration::from_millis(800)).await;
@@ -1051,14 +1049,12 @@ async fn relays_with_different_transactional_ids_still_fence_each_other() {
         a
     };
     let holder = || async {
-        db.client
-            .query_one(
-                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot],
-            )
-            .await
-            .unwrap()
-            .get::<_, Option<i32>>(0)
+        scalar::<Option<i32>>(
+            &db.client,
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
     };
 
     let writer = Writer::start(&db.url);

@@ -118,12 +118,13 @@ impl Writer {
 }
 
 async fn server_version(url: &str) -> i32 {
-    sql_client(url)
-        .await
-        .query_one("SELECT current_setting('server_version_num')::int", &[])
-        .await
-        .unwrap()
-        .get(0)
+    let client = sql_client(url).await;
+    scalar(
+        &client,
+        "SELECT current_setting('server_version_num')::int",
+        &[],
+    )
+    .await
 }
 
 /// The standby's copy of `slot`: (synced and persistent, confirmed_flush_lsn).
@@ -277,14 +278,12 @@ async fn after_promotion_the_relay_resumes_from_the_synchronised_slot_and_loses_
     // stops (fast: it sends the standby all its WAL first) and the standby
     // is promoted.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let primary_confirmed: String = admin
-        .query_one(
-            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let primary_confirmed: String = scalar(
+        &admin,
+        "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+        &[&slot],
+    )
+    .await;
     let copy_at_stop = standby_copy(&standby_client, &slot).await.unwrap().1;
     drop(admin);
     primary.stop("fast");
@@ -324,11 +323,7 @@ async fn after_promotion_the_relay_resumes_from_the_synchronised_slot_and_loses_
     tokio::time::sleep(Duration::from_secs(5)).await;
     let (acknowledged, writer_reconnects) = writer.stop().await;
 
-    let end: String = new_primary
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let end: String = scalar(&new_primary, "SELECT pg_current_wal_lsn()::text", &[]).await;
     let end: outbox_relay::lsn::Lsn = end.parse().unwrap();
     let confirmed_on_new = || async {
         let row = new_primary
@@ -356,11 +351,7 @@ async fn after_promotion_the_relay_resumes_from_the_synchronised_slot_and_loses_
 
     // Every commit the writer saw survived the switchover (a fast stop),
     // so the table on the new primary is the whole truth.
-    let rows: i64 = new_primary
-        .query_one("SELECT count(*) FROM outbox", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let rows: i64 = scalar(&new_primary, "SELECT count(*) FROM outbox", &[]).await;
     assert_eq!(rows as usize, acknowledged.len(), "rows on the new primary");
 
     let mut verify_args = vec!["verify".to_string(), "--json".to_string()];

@@ -10,14 +10,7 @@ use support::proxy::{Mode, Proxy};
 use support::*;
 
 async fn retained(client: &tokio_postgres::Client) -> i64 {
-    client
-        .query_one(
-            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint FROM pg_replication_slots WHERE slot_name = 'outbox_relay'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0)
+    scalar(&client, "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint FROM pg_replication_slots WHERE slot_name = 'outbox_relay'", &[]).await
 }
 
 async fn run_scenario(heartbeat: bool) -> (i64, bool) {
@@ -53,14 +46,12 @@ async fn run_scenario(heartbeat: bool) -> (i64, bool) {
     }
     let mut relay = Relay::start(&args);
     wait_until(Duration::from_secs(30), "streaming", || async {
-        client
-            .query_one(
-                "SELECT active FROM pg_replication_slots WHERE slot_name = 'outbox_relay'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get::<_, bool>(0)
+        scalar::<bool>(
+            &client,
+            "SELECT active FROM pg_replication_slots WHERE slot_name = 'outbox_relay'",
+            &[],
+        )
+        .await
     })
     .await;
     let busy = sql_client(&format!(
@@ -76,11 +67,7 @@ async fn run_scenario(heartbeat: bool) -> (i64, bool) {
             .await
             .unwrap();
     }
-    let target = client
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get::<_, String>(0);
+    let target = scalar::<String>(&client, "SELECT pg_current_wal_lsn()::text", &[]).await;
     // Let the relay report, then checkpoint so restart_lsn can be used.
     let mut bounded = false;
     for _ in 0..100 {
@@ -101,15 +88,8 @@ async fn run_scenario(heartbeat: bool) -> (i64, bool) {
     }
     let left = retained(&client).await;
     let heartbeat_seen = || async {
-        client
-            .query_one(
-                "SELECT count(*) > 0 FROM pg_logical_slot_peek_binary_changes('probe', NULL, NULL, 'proto_version', '1', 'publication_names', 'outbox_pub', 'messages', 'true')
-                  WHERE position('outbox-relay-heartbeat' in encode(data, 'escape')) > 0",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get::<_, bool>(0)
+        scalar::<bool>(&client, "SELECT count(*) > 0 FROM pg_logical_slot_peek_binary_changes('probe', NULL, NULL, 'proto_version', '1', 'publication_names', 'outbox_pub', 'messages', 'true')
+                  WHERE position('outbox-relay-heartbeat' in encode(data, 'escape')) > 0", &[]).await
     };
     let mut written = false;
     for _ in 0..50 {

@@ -29,11 +29,7 @@ async fn write(client: &tokio_postgres::Client, from: i64, to: i64) -> Lsn {
             .await
             .unwrap();
     }
-    let lsn: String = client
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let lsn: String = scalar(&client, "SELECT pg_current_wal_lsn()::text", &[]).await;
     lsn.parse().unwrap()
 }
 
@@ -358,10 +354,7 @@ async fn the_time_left_before_the_slot_is_invalidated_is_shown() {
     })
     .await
     .unwrap();
-    assert!(
-        line.contains("max_slot_wal_keep_size invalidates"),
-        "{line}"
-    );
+    assert_contains(&line, "max_slot_wal_keep_size invalidates");
     writer.abort();
 
     // More WAL than the limit while no relay runs: the slot is lost.
@@ -382,7 +375,7 @@ async fn the_time_left_before_the_slot_is_invalidated_is_shown() {
     .await
     .unwrap();
     assert!(line.starts_with("FAIL"), "{line}");
-    assert!(line.contains("was invalidated"), "{line}");
+    assert_contains(&line, "was invalidated");
 }
 
 /// A database on the shared stack with the classic outbox, its slot set up,
@@ -479,12 +472,7 @@ async fn recover_names_the_range_a_retention_deleted_and_exits_1() {
     write(&db.client, 50, 150).await;
     db.exec("DELETE FROM outbox WHERE (payload->>'n')::int < 80")
         .await;
-    let oldest: i64 = db
-        .client
-        .query_one("SELECT min(id)::bigint FROM outbox", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let oldest: i64 = scalar(&db.client, "SELECT min(id)::bigint FROM outbox", &[]).await;
 
     let (code, out, err) = recover_cmd(&args);
     assert_eq!(code, 1, "recover must fail: {out}{err}");
@@ -607,15 +595,12 @@ async fn an_interrupted_recover_is_finished_by_recover_never_skipped_by_run() {
 
     // What a recover killed after creating the slot leaves: its marker,
     // and the slot.
-    let system_id: String = db
-        .client
-        .query_one(
-            "SELECT system_identifier::text FROM pg_control_system()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let system_id: String = scalar(
+        &db.client,
+        "SELECT system_identifier::text FROM pg_control_system()",
+        &[],
+    )
+    .await;
     let key = progress::key(&system_id, &slot);
     let furthest = tokio::task::spawn_blocking({
         let (t, k) = (progress_topic.clone(), key.clone());
@@ -729,15 +714,12 @@ async fn run_with_recover_slot_recovers_a_dropped_slot_by_itself() {
         "{code:?}: {}",
         relay.log_text()
     );
-    let exists: bool = db
-        .client
-        .query_one(
-            "SELECT count(*) > 0 FROM pg_replication_slots WHERE slot_name = $1",
-            &[&other],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let exists: bool = scalar(
+        &db.client,
+        "SELECT count(*) > 0 FROM pg_replication_slots WHERE slot_name = $1",
+        &[&other],
+    )
+    .await;
     assert!(!exists, "no slot created for a relay that never ran");
     db.drop().await;
 }

@@ -60,13 +60,7 @@ async fn logical_messages_are_events_in_commit_order() {
     )
     .await;
     let after = db.current_wal_lsn().await;
-    let records = consume(
-        &brokers(),
-        std::slice::from_ref(&topic),
-        4,
-        Duration::from_secs(60),
-    )
-    .await;
+    let records = consume_topic(&topic, 4).await;
     assert_eq!(records.len(), 4, "{records:?}");
     let mut by_offset: Vec<&Record> = records.iter().collect();
     by_offset.sort_by_key(|r| r.offset);
@@ -95,13 +89,7 @@ async fn logical_messages_are_events_in_commit_order() {
     })
     .await;
     db.exec("INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('T', 'a1', '{\"step\": 5}')").await;
-    let records = consume(
-        &brokers(),
-        std::slice::from_ref(&topic),
-        5,
-        Duration::from_secs(60),
-    )
-    .await;
+    let records = consume_topic(&topic, 5).await;
     assert_eq!(records.len(), 5, "no repeats after a restart: {records:?}");
     relay.stop_clean().await;
     db.drop().await;
@@ -147,15 +135,12 @@ async fn a_message_right_before_a_commit_does_not_skip_that_transaction() {
             ))
             .await
             .unwrap();
-        let msg: String = db
-            .client
-            .query_one(
-                "SELECT pg_logical_emit_message(false, 'outbox:T:m1', '{}')::text",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
+        let msg: String = scalar(
+            &db.client,
+            "SELECT pg_logical_emit_message(false, 'outbox:T:m1', '{}')::text",
+            &[],
+        )
+        .await;
         let msg: Lsn = msg.parse().unwrap();
         // The relay published the message and confirmed it.
         db.wait_confirmed_past(&slot, msg, "the message to be confirmed")

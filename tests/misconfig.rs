@@ -32,24 +32,19 @@ async fn a_publication_that_would_stream_nothing_is_refused() {
         .await;
     let (code, err) = run(&db, &slot, &[]);
     assert_eq!(code, 1);
-    assert!(
-        err.contains("publication \"outbox_pub\" does not cover the outbox table public.outbox: ALTER PUBLICATION \"outbox_pub\" ADD TABLE \"public\".\"outbox\""),
-        "{err}"
-    );
+    assert_contains(&err, "publication \"outbox_pub\" does not cover the outbox table public.outbox: ALTER PUBLICATION \"outbox_pub\" ADD TABLE \"public\".\"outbox\"");
     db.exec("ALTER PUBLICATION outbox_pub ADD TABLE outbox; ALTER PUBLICATION outbox_pub SET (publish = 'delete')").await;
     let (code, err) = run(&db, &slot, &[]);
     assert_eq!(code, 1);
-    assert!(
-        err.contains(
-            "does not publish inserts: ALTER PUBLICATION \"outbox_pub\" SET (publish = 'insert')"
-        ),
-        "{err}"
+    assert_contains(
+        &err,
+        "does not publish inserts: ALTER PUBLICATION \"outbox_pub\" SET (publish = 'insert')",
     );
     let (code, err) = run(&db, &slot, &["--publication", "nope"]);
     assert_eq!(code, 1);
-    assert!(
-        err.contains("publication \"nope\" does not exist: run `outbox-relay setup`"),
-        "{err}"
+    assert_contains(
+        &err,
+        "publication \"nope\" does not exist: run `outbox-relay setup`",
     );
     assert_eq!(
         db.confirmed_flush_lsn(&slot).await,
@@ -75,7 +70,7 @@ async fn a_role_without_replication_gets_the_fix() {
         &slot,
     ]);
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("ALTER ROLE <role> REPLICATION"), "{err}");
+    assert_contains(&err, "ALTER ROLE <role> REPLICATION");
     db.drop().await;
 }
 

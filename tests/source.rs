@@ -20,14 +20,12 @@ async fn insert(db: &TestDb, n: usize, tag: &str) {
 }
 
 async fn active_pid(db: &TestDb, slot: &str) -> Option<i32> {
-    db.client
-        .query_one(
-            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await
-        .unwrap()
-        .get(0)
+    scalar(
+        &db.client,
+        "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+        &[&slot],
+    )
+    .await
 }
 
 fn topic_args(prefix: &str, slot: &str) -> Vec<String> {
@@ -225,10 +223,7 @@ async fn a_dropped_mapped_column_stops_the_relay_and_the_slot_stays() {
     // A schema problem, not a bad event: no policy would let it pass.
     assert_eq!(relay.stopped_for(), Some(None));
     let log = relay.log_text();
-    assert!(
-        log.contains("has no column aggregate_id (set by --key-column); its columns are: id, event_id, event_type, payload"),
-        "{log}"
-    );
+    assert_contains(&log, "has no column aggregate_id (set by --key-column); its columns are: id, event_id, event_type, payload");
     db.assert_not_confirmed(&slot, before_bad, after_bad, "the unroutable row")
         .await;
     db.drop().await;
@@ -271,9 +266,9 @@ async fn a_slot_advanced_behind_the_relays_back_is_detected() {
         relay.log_text()
     );
     let log = relay.log_text();
-    assert!(
-        log.contains("something advanced the slot over events that were never delivered"),
-        "{log}"
+    assert_contains(
+        &log,
+        "something advanced the slot over events that were never delivered",
     );
     db.drop().await;
 }
@@ -305,14 +300,12 @@ async fn an_invalidated_slot_is_refused_with_a_fix() {
             .unwrap();
     }
     client.batch_execute("CHECKPOINT").await.unwrap();
-    let status: String = client
-        .query_one(
-            "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'outbox_relay'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let status: String = scalar(
+        &client,
+        "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'outbox_relay'",
+        &[],
+    )
+    .await;
     assert_eq!(status, "lost", "the test needs an invalidated slot");
     let (code, _, err) = relay_cmd(&["run", "--database-url", &url, "--kafka-brokers", &brokers()]);
     assert_eq!(code, 1, "{err}");
@@ -367,14 +360,12 @@ async fn broker_down_with(extra: &[&str]) {
     let mut relay = Relay::start(&args);
     let addr = relay.http_address().await;
     let pid_of = || async {
-        client
-            .query_one(
-                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'outbox_relay'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get::<_, Option<i32>>(0)
+        scalar::<Option<i32>>(
+            &client,
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'outbox_relay'",
+            &[],
+        )
+        .await
     };
     wait_until(Duration::from_secs(30), "streaming", || async {
         pid_of().await.is_some()
@@ -458,10 +449,7 @@ async fn type_change_with(reconnect: bool) {
         "the relay stops"
     );
     let log = relay.log_text();
-    assert!(
-        log.contains("the type of column payload of public.outbox (set by --payload-column) changed under the running relay"),
-        "{log}"
-    );
+    assert_contains(&log, "the type of column payload of public.outbox (set by --payload-column) changed under the running relay");
     db.assert_not_confirmed(&slot, before, after, "the row with a changed payload type")
         .await;
     db.drop().await;

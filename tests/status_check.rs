@@ -140,7 +140,7 @@ async fn status_before_setup_says_the_slot_is_missing() {
     assert_eq!(v["confirmed_flush_lsn"], serde_json::Value::Null);
     assert_eq!(v["retained_wal_bytes"], serde_json::Value::Null);
     assert_eq!(v["publication_exists"], false);
-    assert!(err.contains("does not exist"), "{err}");
+    assert_contains(&err, "does not exist");
     db.drop().await;
 }
 

@@ -106,20 +106,10 @@ async fn published_at_commit_in_commit_order(eos: bool) {
         .await
         .unwrap();
     b.batch_execute(&insert("C", 2)).await.unwrap();
-    let after = a
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get::<_, String>(0);
+    let after = scalar::<String>(&a, "SELECT pg_current_wal_lsn()::text", &[]).await;
 
     let expected = 3 + 1500 + 500 + 2;
-    let records = consume(
-        &brokers(),
-        std::slice::from_ref(&topic),
-        expected,
-        Duration::from_secs(120),
-    )
-    .await;
+    let records = consume_topic(&topic, expected).await;
     assert_eq!(
         records.len(),
         expected,
@@ -175,11 +165,7 @@ async fn published_at_commit_in_commit_order(eos: bool) {
     }
     let target: outbox_relay::lsn::Lsn = after.parse().unwrap();
     wait_until(Duration::from_secs(30), "the slot to pass everything", || async {
-        let c: String = a
-            .query_one("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'outbox_relay'", &[])
-            .await
-            .unwrap()
-            .get(0);
+        let c: String = scalar(&a, "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'outbox_relay'", &[]).await;
         c.parse::<outbox_relay::lsn::Lsn>().unwrap() >= target
     })
     .await;
@@ -246,13 +232,7 @@ async fn the_stream_budget_bounds_resident_memory() {
     ))
     .await
     .unwrap();
-    let records = consume(
-        &brokers(),
-        std::slice::from_ref(&topic),
-        ROWS,
-        Duration::from_secs(300),
-    )
-    .await;
+    let records = consume_topic(&topic, ROWS).await;
     assert_eq!(records.len(), ROWS);
     let text = http_get(&addr, "/metrics").await.1;
     let spilled = metric(&text, "outbox_stream_spilled_bytes_total").unwrap_or(0.0);

@@ -75,7 +75,7 @@ async fn sigkill_once(
     at_least: i64,
 ) -> Relay {
     wait_until(Duration::from_secs(60), count_sql, || async {
-        let n: i64 = db.client.query_one(count_sql, &[]).await.unwrap().get(0);
+        let n: i64 = scalar(&db.client, count_sql, &[]).await;
         n >= at_least
     })
     .await;
@@ -172,19 +172,13 @@ topic = "{topic}"
         assert_eq!(lines.len(), count, "{name}:\n{out}");
         assert!(lines.iter().all(|l| l.starts_with("PASS")), "{out}");
     }
-    assert!(
-        out.contains("billing.events has every configured column"),
-        "{out}"
-    );
+    assert_contains(&out, "billing.events has every configured column");
 
     // run refuses --table beside sections: the other tables' rows would be
     // skipped.
     let (code, _, err) = relay_cmd(&["--config", config, "run", "--table", "billing.events"]);
     assert_eq!(code, 1, "{err}");
-    assert!(
-        err.contains("picks one of the config file's [[tables]] sections"),
-        "{err}"
-    );
+    assert_contains(&err, "picks one of the config file's [[tables]] sections");
 
     let args = vec!["--config".to_string(), config.to_string()];
     // status names both tables, both published.
@@ -333,7 +327,7 @@ async fn tenant_schemas_one_created_while_the_relay_runs() {
 
     let (code, out, err) = relay_cmd(&["--config", config, "setup"]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("event trigger"), "{out}");
+    assert_contains(&out, "event trigger");
     assert_eq!(published(&db).await, ["tenant_a.outbox", "tenant_b.outbox"]);
     let (code, out, err) = relay_cmd(&["--config", config, "check"]);
     assert_eq!(code, 0, "{out}{err}");
@@ -447,12 +441,7 @@ async fn tenant_schemas_one_created_while_the_relay_runs() {
     assert_eq!(code, 0, "{out}{err}");
     relay.stop_clean().await;
     for t in ["tenant_a", "tenant_b", "tenant_c"] {
-        let n: i64 = db
-            .client
-            .query_one(&format!("SELECT count(*) FROM {t}.outbox"), &[])
-            .await
-            .unwrap()
-            .get(0);
+        let n: i64 = scalar(&db.client, &format!("SELECT count(*) FROM {t}.outbox"), &[]).await;
         assert_eq!(n, 0, "{t}: {out}");
     }
 }
@@ -510,14 +499,12 @@ async fn old_partitions_are_dropped_only_once_published() {
         }
     };
     let children = || async {
-        db.client
-            .query_one(
-                "SELECT count(*) FROM pg_inherits WHERE inhparent = 'public.outbox'::regclass",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
+        scalar::<i64>(
+            &db.client,
+            "SELECT count(*) FROM pg_inherits WHERE inhparent = 'public.outbox'::regclass",
+            &[],
+        )
+        .await
     };
     let cleanup = |wait: &'static str| {
         relay_cmd(&[
@@ -553,14 +540,9 @@ async fn old_partitions_are_dropped_only_once_published() {
     write(60, 65, &["2020-01-20", "2020-02-20"]).await;
     let (code, out, err) = cleanup("2s");
     assert_eq!(code, 1, "{out}{err}");
-    assert!(err.contains("did not confirm"), "{err}");
+    assert_contains(&err, "did not confirm");
     assert_eq!(children().await, 3, "partitions attached again:\n{out}");
-    let rows: i64 = db
-        .client
-        .query_one("SELECT count(*) FROM public.outbox", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let rows: i64 = scalar(&db.client, "SELECT count(*) FROM public.outbox", &[]).await;
     assert_eq!(rows, 60 * 3 + 5 * 2);
     let ids: std::collections::BTreeSet<String> = db
         .client
@@ -574,7 +556,7 @@ async fn old_partitions_are_dropped_only_once_published() {
     let mut relay = Relay::start(&args);
     let (code, out, err) = cleanup("60s");
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("dropped 2 partition(s)"), "{out}");
+    assert_contains(&out, "dropped 2 partition(s)");
     assert_eq!(children().await, 1);
     relay.stop_clean().await;
 
@@ -628,19 +610,13 @@ async fn backfill_cuts_over_every_tenant_from_one_snapshot() {
     let (code, out, err) = relay_cmd(&["--config", config, "backfill", "--mark-processed"]);
     assert_eq!(code, 0, "{out}{err}");
     for t in tenants {
-        assert!(
-            out.contains(&format!("20 pending row(s) in {t}.outbox")),
-            "{out}"
-        );
-        let pending: i64 = db
-            .client
-            .query_one(
-                &format!("SELECT count(*) FROM {t}.outbox WHERE processed_at IS NULL"),
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
+        assert_contains(&out, &format!("20 pending row(s) in {t}.outbox"));
+        let pending: i64 = scalar(
+            &db.client,
+            &format!("SELECT count(*) FROM {t}.outbox WHERE processed_at IS NULL"),
+            &[],
+        )
+        .await;
         assert_eq!(pending, 0, "{t}: {out}");
     }
     assert_eq!(published(&db).await, ["tenant_a.outbox", "tenant_b.outbox"]);
@@ -708,11 +684,12 @@ async fn a_role_that_is_not_a_superuser_cannot_plant_the_trigger_function() {
         path.display().to_string()
     };
     let is_superuser = || async {
-        admin
-            .query_one("SELECT rolsuper FROM pg_roles WHERE rolname = 'app'", &[])
-            .await
-            .unwrap()
-            .get::<_, bool>(0)
+        scalar::<bool>(
+            &admin,
+            "SELECT rolsuper FROM pg_roles WHERE rolname = 'app'",
+            &[],
+        )
+        .await
     };
 
     // The database's owner may create functions in public (on every
@@ -742,16 +719,14 @@ async fn a_role_that_is_not_a_superuser_cannot_plant_the_trigger_function() {
         .await
         .unwrap();
     assert!(!is_superuser().await, "app ran its code as a superuser");
-    let owner: String = superuser
-        .query_one(
-            "SELECT p.proowner::regrole::text || ' ' || p.pronamespace::regnamespace::text
+    let owner: String = scalar(
+        &superuser,
+        "SELECT p.proowner::regrole::text || ' ' || p.pronamespace::regnamespace::text
                FROM pg_event_trigger t JOIN pg_proc p ON p.oid = t.evtfoid
               WHERE t.evtname = 'outbox_relay_publish_outbox_pub'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+        &[],
+    )
+    .await;
     assert_eq!(owner, "postgres outbox_relay");
     let (_, out, err) = relay_cmd(&["--config", &outbox_pub, "check"]);
     let lines = check_lines(&out, "publication trigger");
@@ -782,11 +757,7 @@ async fn a_role_that_is_not_a_superuser_cannot_plant_the_trigger_function() {
         err.contains("schema outbox_relay by app"),
         "the refusal names the schema and its owner: {err}"
     );
-    let triggers: i64 = superuser
-        .query_one("SELECT count(*) FROM pg_event_trigger", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let triggers: i64 = scalar(&superuser, "SELECT count(*) FROM pg_event_trigger", &[]).await;
     assert_eq!(triggers, 0, "setup installed a trigger");
     superuser
         .batch_execute("CREATE TABLE another_table (i int)")
@@ -860,7 +831,7 @@ async fn a_wrong_shaped_tenant_stops_no_other() {
     let letters = consume_topic(&dead, 1).await;
     assert_eq!(letters.len(), 1, "{letters:?}");
     let reason = letters[0].header("outbox.error").unwrap_or_default();
-    assert!(reason.contains("tenant_zz.outbox"), "{reason}");
+    assert_contains(&reason, "tenant_zz.outbox");
     assert!(
         String::from_utf8_lossy(letters[0].payload.as_deref().unwrap_or_default())
             .contains("\"x\":\"2\""),

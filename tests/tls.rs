@@ -366,7 +366,7 @@ async fn passwords_from_a_file_and_the_environment() {
     .await
     .unwrap();
     let e = with(Overrides::default()).await.unwrap_err();
-    assert!(e.contains("requires a password"), "{e}");
+    assert_contains(&e, "requires a password");
 
     // SQL connection, through the binary's options and environment.
     let ok = |args: &[&str], env: &[(&str, &str)]| {
@@ -403,7 +403,7 @@ async fn passwords_from_a_file_and_the_environment() {
         &[("PGPASSWORD", "pw from the file")],
     )
     .unwrap_err();
-    assert!(e.contains("password authentication failed"), "{e}");
+    assert_contains(&e, "password authentication failed");
     assert!(!e.contains("Wr0ngPassw0rd"), "{e}");
 
     let e = setup(
@@ -411,7 +411,7 @@ async fn passwords_from_a_file_and_the_environment() {
         &[],
     )
     .unwrap_err();
-    assert!(e.contains("password authentication failed"), "{e}");
+    assert_contains(&e, "password authentication failed");
     assert!(!e.contains("Wr0ngPassw0rd"), "{e}");
 
     let missing = dir.join("missing").display().to_string();

@@ -185,8 +185,8 @@ async fn all_delivered_passes_with_exact_counts() {
         &s.template,
     ]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("delivered:       30 of 30 events"), "{out}");
-    assert!(out.contains("OK: no loss"), "{out}");
+    assert_contains(&out, "delivered:       30 of 30 events");
+    assert_contains(&out, "OK: no loss");
     s.db.drop().await;
 }
 
@@ -274,7 +274,7 @@ async fn two_swapped_events_of_an_aggregate_are_an_order_violation() {
         &s.template,
     ]);
     assert_eq!(code, 1);
-    assert!(out.contains("aggregate agg-2 in"), "{out}");
+    assert_contains(&out, "aggregate agg-2 in");
     s.db.drop().await;
 }
 

@@ -122,6 +122,12 @@ pub fn run_ok(cmd: &mut std::process::Command, what: &str) -> String {
 }
 
 /// The relay's value of one metric, read over HTTP from its endpoint at `addr`.
+/// Asserts that `text` (an error, a log, a report) says `needle`.
+#[track_caller]
+pub fn assert_contains(text: &str, needle: &str) {
+    assert!(text.contains(needle), "expected {needle:?} in:\n{text}");
+}
+
 pub async fn relay_metric(addr: &str, sample: &str) -> Option<f64> {
     metric(&http_get(addr, "/metrics").await.1, sample)
 }

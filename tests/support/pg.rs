@@ -230,6 +230,19 @@ impl TestDb {
     }
 }
 
+/// The first column of the one row `sql` returns.
+pub async fn scalar<T: tokio_postgres::types::FromSqlOwned>(
+    client: &Client,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> T {
+    client
+        .query_one(sql, params)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
+}
+
 /// The slot's confirmed_flush_lsn (0/0 when it has none), on any server.
 pub async fn confirmed_flush_lsn(client: &Client, slot: &str) -> Lsn {
     let row = client
