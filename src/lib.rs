@@ -13,7 +13,7 @@
 //! `config` (flags, environment, TOML, presets), `pg` (Postgres connection
 //! settings, TLS, identifier quoting), `observe` (metrics, HTTP, stdout
 //! announcements), `signals` (SIGTERM and SIGINT) and the operator commands
-//! in `commands`. `test_rng` is for tests only (unit and integration).
+//! in `commands`. `testing` is for tests only (unit and integration).
 
 pub mod commands;
 pub mod config;
@@ -25,4 +25,4 @@ pub mod pipeline;
 pub mod signals;
 pub mod supervisor;
 #[doc(hidden)]
-pub mod test_rng;
+pub mod testing;

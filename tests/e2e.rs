@@ -224,10 +224,7 @@ async fn slot_does_not_move_while_the_broker_is_unreachable() {
         &format!("127.0.0.1:{port}"),
         &["--slot", &slot, "--topic", &template],
     ));
-    wait_until(Duration::from_secs(30), "the relay to stream", || async {
-        db.slot_active(&slot).await
-    })
-    .await;
+    db.wait_streaming(&slot).await;
 
     let before = db.current_wal_lsn().await;
     let aggs = aggregates(6);
@@ -410,10 +407,7 @@ async fn idle_outbox_keeps_confirming_while_other_tables_take_writes() {
         &brokers(),
         &["--slot", &slot, "--topic", &template],
     ));
-    wait_until(Duration::from_secs(30), "the relay to stream", || async {
-        db.slot_active(&slot).await
-    })
-    .await;
+    db.wait_streaming(&slot).await;
     for round in 0..3 {
         db.exec(&format!(
             "INSERT INTO busy (note) SELECT 'round {round} ' || g FROM generate_series(1, 200) g"

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use outbox_relay::lsn::Lsn;
-use outbox_relay::test_rng::Rng;
+use outbox_relay::testing::Rng;
 use support::*;
 
 const PARTITIONS: i32 = 3;

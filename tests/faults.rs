@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use outbox_relay::commands::verify::{self, OrderBy, Report, VerifySettings};
 use outbox_relay::config::{Options, RelayConfig};
 use outbox_relay::lsn::Lsn;
-use outbox_relay::test_rng::Rng;
+use outbox_relay::testing::Rng;
 use support::proxy::{Mode, Proxy};
 use support::*;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};

@@ -265,7 +265,7 @@ async fn after_a_host_loss_the_standby_takes_over_and_the_lost_relay_stands_by()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_url_with_several_hosts_connects_to_the_first_that_answers() {
     let o = Outbox::new("ha_hosts").await;
-    let gone = format!("127.0.0.1:{}", free_port());
+    let gone = no_broker();
     let url = via(&o.db.url, &format!("{gone},{}", pg_addr(&o.db.url)));
     let url = with_param(&url, "target_session_attrs=read-write&connect_timeout=2");
     let args = o.args(&url, &[]);

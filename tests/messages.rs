@@ -42,10 +42,7 @@ async fn logical_messages_are_events_in_commit_order() {
     let rows = format!("{prefix}.{{event_type}}");
     let msgs = format!("{prefix}.{{type}}");
     let mut relay = Relay::start(&message_relay_args(&db, &brokers(), &slot, &rows, &msgs));
-    wait_until(Duration::from_secs(30), "streaming", || async {
-        db.slot_active(&slot).await
-    })
-    .await;
+    db.wait_streaming(&slot).await;
     db.exec(
         "BEGIN;
          INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('T', 'a1', '{\"step\": 1}');
@@ -84,10 +81,7 @@ async fn logical_messages_are_events_in_commit_order() {
     // After a restart nothing is published again (the non-transactional
     // message was confirmed past its position).
     let mut relay = Relay::start(&message_relay_args(&db, &brokers(), &slot, &rows, &msgs));
-    wait_until(Duration::from_secs(30), "streaming again", || async {
-        db.slot_active(&slot).await
-    })
-    .await;
+    db.wait_streaming(&slot).await;
     db.exec("INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('T', 'a1', '{\"step\": 5}')").await;
     let records = consume_topic(&topic, 5).await;
     assert_eq!(records.len(), 5, "no repeats after a restart: {records:?}");

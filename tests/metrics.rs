@@ -6,17 +6,9 @@ use std::time::Duration;
 
 use support::*;
 
-async fn setup(db: &TestDb, slot: &str) {
-    db.exec(CLASSIC_TABLE).await;
-    let (code, out, err) = relay_cmd(&["setup", "--database-url", &db.url, "--slot", slot]);
-    assert_eq!(code, 0, "{out}{err}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_what_was_published_and_follow_the_slot() {
-    let db = TestDb::new("metrics_ok").await;
-    let slot = format!("s_{}", db.name);
-    setup(&db, &slot).await;
+    let (db, slot) = TestDb::classic("metrics_ok").await;
     let prefix = unique("metrics");
     let template = format!("{prefix}.{{event_type}}");
     let mut relay = Relay::start(&relay_args(
@@ -86,19 +78,10 @@ async fn metrics_count_what_was_published_and_follow_the_slot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_and_in_flight_gauge_show_an_unreachable_broker() {
-    let db = TestDb::new("metrics_down").await;
-    let slot = format!("s_{}", db.name);
-    setup(&db, &slot).await;
-    let relay = Relay::start(&relay_args(
-        &db,
-        &format!("127.0.0.1:{}", free_port()),
-        &["--slot", &slot],
-    ));
+    let (db, slot) = TestDb::classic("metrics_down").await;
+    let relay = Relay::start(&relay_args(&db, &no_broker(), &["--slot", &slot]));
     let addr = relay.http_address().await;
-    wait_until(Duration::from_secs(30), "streaming", || async {
-        db.slot_active(&slot).await
-    })
-    .await;
+    db.wait_streaming(&slot).await;
     db.exec("INSERT INTO outbox (event_type, aggregate_id, payload) SELECT 'T', 'a', '{}' FROM generate_series(1, 7)").await;
     wait_metric(&addr, "outbox_inflight_events", |v| v == Some(7.0)).await;
     let (status, body) = http_get(&addr, "/readyz").await;
@@ -116,21 +99,16 @@ async fn readiness_and_in_flight_gauge_show_an_unreachable_broker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reading_pauses_at_the_in_flight_byte_budget() {
-    let db = TestDb::new("metrics_bytes").await;
-    let slot = format!("s_{}", db.name);
-    setup(&db, &slot).await;
+    let (db, slot) = TestDb::classic("metrics_bytes").await;
     // No broker: nothing is acknowledged, so in-flight only grows until the
     // budget stops the reading of the WAL.
     let relay = Relay::start(&relay_args(
         &db,
-        &format!("127.0.0.1:{}", free_port()),
+        &no_broker(),
         &["--slot", &slot, "--max-inflight-bytes", "2000"],
     ));
     let addr = relay.http_address().await;
-    wait_until(Duration::from_secs(30), "streaming", || async {
-        db.slot_active(&slot).await
-    })
-    .await;
+    db.wait_streaming(&slot).await;
     // 50 events of about 500 bytes each, one transaction each.
     for i in 0..50 {
         db.exec(&format!(
@@ -241,9 +219,7 @@ async fn added_partitions_are_seen_and_counted() {
 /// bound, and goes on once the event is delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transactions_behind_a_stuck_event_are_bounded() {
-    let db = TestDb::new("metrics_m1").await;
-    let slot = format!("s_{}", db.name);
-    setup(&db, &slot).await;
+    let (db, slot) = TestDb::classic("metrics_m1").await;
     db.exec(
         "CREATE TABLE busy (id serial PRIMARY KEY); ALTER PUBLICATION outbox_pub ADD TABLE busy",
     )

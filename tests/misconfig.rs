@@ -109,10 +109,7 @@ async fn json_logs_carry_the_event_fields() {
             "json",
         ],
     ));
-    wait_until(Duration::from_secs(30), "streaming", || async {
-        db.slot_active(&slot).await
-    })
-    .await;
+    db.wait_streaming(&slot).await;
     db.exec(
         "INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('T', 'agg-json', '{}')",
     )
@@ -153,13 +150,10 @@ async fn a_second_signal_exits_at_once() {
     // shutdown timeout (60 s here) with the event in flight.
     let mut relay = Relay::start(&relay_args(
         &db,
-        &format!("127.0.0.1:{}", free_port()),
+        &no_broker(),
         &["--slot", &slot, "--shutdown-timeout", "60"],
     ));
-    wait_until(Duration::from_secs(30), "streaming", || async {
-        db.slot_active(&slot).await
-    })
-    .await;
+    db.wait_streaming(&slot).await;
     db.exec("INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('T', 'a', '{}')")
         .await;
     let addr = relay.http_address().await;

@@ -27,22 +27,9 @@ const VARCHAR: u32 = 1043;
 /// `VARCHAR(255)`: the type modifier is the length plus the 4-byte header.
 const VARCHAR_255_TYPMOD: i32 = 255 + 4;
 
-fn unhex(line: &str) -> Vec<u8> {
-    assert_eq!(line.len() % 2, 0, "odd hex length: {line}");
-    (0..line.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&line[i..i + 2], 16).expect("hex digit"))
-        .collect()
-}
-
 /// The captured messages, in stream order.
 fn captured() -> Vec<Bytes> {
-    FIXTURE
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(|l| Bytes::from(unhex(l)))
-        .collect()
+    outbox_relay::testing::captured(FIXTURE)
 }
 
 fn decoded() -> Vec<LogicalMessage> {

@@ -19,27 +19,11 @@ use outbox_relay::lsn::Lsn;
 use outbox_relay::pipeline::decode::pgoutput::{
     DecodeError, Decoder, LogicalMessage as M, OldTupleKind, TupleValue,
 };
+use outbox_relay::testing::captured;
 
 const PROTO2: &str = include_str!("fixtures/pgoutput_pg17_proto2.txt");
 const PROTO3: &str = include_str!("fixtures/pgoutput_pg17_proto3.txt");
 const PROTO4: &str = include_str!("fixtures/pgoutput_pg17_proto4.txt");
-
-fn unhex(line: &str) -> Vec<u8> {
-    assert_eq!(line.len() % 2, 0, "odd hex length: {line}");
-    (0..line.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&line[i..i + 2], 16).expect("hex digit"))
-        .collect()
-}
-
-fn captured(fixture: &str) -> Vec<Bytes> {
-    fixture
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(|l| Bytes::from(unhex(l)))
-        .collect()
-}
 
 /// One decoded message with the decoder's view around it.
 #[derive(Debug)]

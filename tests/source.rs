@@ -241,7 +241,7 @@ async fn a_slot_advanced_behind_the_relays_back_is_detected() {
     // exactly_once.rs covers that case with the broker up.
     let mut extra = topic_args(&prefix, &slot);
     extra.extend(["--progress-topic".to_string(), "off".to_string()]);
-    let mut relay = Relay::start(&args(&db, &format!("127.0.0.1:{}", free_port()), &extra));
+    let mut relay = Relay::start(&args(&db, &no_broker(), &extra));
     db.wait_streaming(&slot).await;
     insert(&db, 5, "pending").await;
     let after = db.current_wal_lsn().await;
@@ -352,7 +352,7 @@ async fn broker_down_with(extra: &[&str]) {
         "--database-url".into(),
         url.clone(),
         "--kafka-brokers".into(),
-        format!("127.0.0.1:{}", free_port()),
+        no_broker(),
         "--shutdown-timeout".into(),
         "2".into(),
     ];

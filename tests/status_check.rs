@@ -319,7 +319,7 @@ async fn check_fails_on_an_unreachable_broker() {
     let slot = slot_name();
     db.exec(CLASSIC_TABLE).await;
     setup(&db, &slot);
-    let dead = format!("127.0.0.1:{}", free_port());
+    let dead = no_broker();
     let (code, out, err) = check(&db.url, &dead, &slot, &[]);
     assert_eq!(code, 1, "{out}{err}");
     let line = check_line(&out, "kafka brokers");

@@ -7,7 +7,7 @@
 //! lives where: `pg` (databases, throwaway clusters), `kafka` (topics, reading
 //! records back, brokers of a test's own), `relay` (the binary under test),
 //! `proxy` (the fault proxy), `certs` (a test CA); reproducible randomness
-//! is the library's `outbox_relay::test_rng`, shared with the unit tests.
+//! is the library's `outbox_relay::testing`, shared with the unit tests.
 //! This file keeps only what all of them share.
 
 #![allow(dead_code)]
@@ -75,6 +75,11 @@ where
 }
 
 /// A free loopback port (bound then released).
+/// A broker address nothing listens on.
+pub fn no_broker() -> String {
+    format!("127.0.0.1:{}", free_port())
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -8,7 +8,7 @@
 use bytes::Bytes;
 
 use crate::pipeline::decode::pgoutput::{decode, Decoder, LogicalMessage};
-use crate::test_rng::Rng;
+use crate::testing::{captured, Rng};
 
 const FIXTURES: [&str; 4] = [
     include_str!("../../../../../tests/fixtures/pgoutput_pg15_proto1.txt"),
@@ -22,15 +22,8 @@ const INPUTS: usize = 200_000;
 fn seeds() -> Vec<Vec<u8>> {
     FIXTURES
         .iter()
-        .flat_map(|f| f.lines())
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(|l| {
-            (0..l.len())
-                .step_by(2)
-                .map(|i| u8::from_str_radix(&l[i..i + 2], 16).unwrap())
-                .collect()
-        })
+        .flat_map(|f| captured(f))
+        .map(|m| m.to_vec())
         .collect()
 }
 

@@ -12,7 +12,7 @@ use super::TempDir;
 use crate::lsn::Lsn;
 use crate::pipeline::decode::pgoutput::{Decoder, LogicalMessage, TupleValue};
 use crate::pipeline::decode::stream_buffer::{replay_decoder, StreamBuffer, StreamBufferError};
-use crate::test_rng::Rng;
+use crate::testing::{captured, Rng};
 
 /// The model: per open xid, its surviving changes as (subxid, data).
 type Model = HashMap<u32, Vec<(u32, Bytes)>>;
@@ -150,14 +150,6 @@ fn random_interleavings_match_the_model() {
 
 const FIXTURE: &str = include_str!("../../../../../tests/fixtures/pgoutput_pg17_proto2.txt");
 
-fn unhex(line: &str) -> Bytes {
-    (0..line.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&line[i..i + 2], 16).expect("hex"))
-        .collect::<Vec<u8>>()
-        .into()
-}
-
 fn text(v: &TupleValue) -> String {
     match v {
         TupleValue::Text(b) => String::from_utf8_lossy(b).into_owned(),
@@ -192,12 +184,7 @@ fn publish(budget: usize) -> (Vec<String>, usize) {
         }
     }
 
-    let lines = FIXTURE
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'));
-    for (i, line) in lines.enumerate() {
-        let raw = unhex(line);
+    for (i, raw) in captured(FIXTURE).into_iter().enumerate() {
         let msg = decoder.decode(raw.clone()).expect("decodes");
         match msg {
             LogicalMessage::StreamStart(s) => buf.start(s.xid, s.first_segment).unwrap(),

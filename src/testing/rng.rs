@@ -1,10 +1,4 @@
-//! For tests only: reproducible randomness without a dependency,
-//! xorshift64*. It lives in the library so that the unit tests (the decoder's
-//! and the stream buffer's property tests) and the integration tests (the
-//! fault tests) share one implementation. Property tests seed it with a
-//! constant, so every run tries the same cases; the fault tests seed it from
-//! the clock and print the seed, and `OUTBOX_RELAY_FAULT_SEED` replays a run
-//! that failed.
+//! xorshift64*: reproducible randomness without a dependency.
 
 use std::time::Duration;
 
