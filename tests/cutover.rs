@@ -216,7 +216,7 @@ async fn poller_stopped_mid_backlog_then_backfill_then_run_publishes_each_event_
         "the backfill should take the 300 pending rows plus the writer's rows committed before the slot (of {written}): {published}\n{out}"
     );
 
-    let relay_args = relay_args(&db, &brokers(), &["--slot", &slot, "--topic", &template]);
+    let relay_args = slot_args(&db, &slot, &template, &[]);
     let mut relay = Relay::start(&relay_args);
     db.wait_streaming(&slot).await;
     insert(&db.client, 2000, 5, 1).await;
@@ -276,7 +276,7 @@ async fn backfill_refuses_when_the_slot_exists() {
 async fn cleanup_deletes_only_what_the_slot_confirmed_and_old_rows_by_age() {
     let (db, slot, _prefix, template) = classic("cut_clean").await;
     db.set_up();
-    let relay_args = relay_args(&db, &brokers(), &["--slot", &slot, "--topic", &template]);
+    let relay_args = slot_args(&db, &slot, &template, &[]);
 
     // Published and confirmed, then the relay stops.
     let mut relay = Relay::start(&relay_args);

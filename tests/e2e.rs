@@ -179,11 +179,7 @@ async fn thousand_events_arrive_once_in_order_and_the_slot_follows() {
     let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
     create_topics(&brokers(), &topic_refs, 4).await;
     let template = format!("{prefix}.{{event_type}}");
-    let mut relay = Relay::start(&relay_args(
-        &db,
-        &brokers(),
-        &["--slot", &slot, "--topic", &template],
-    ));
+    let mut relay = Relay::start(&slot_args(&db, &slot, &template, &[]));
 
     // 1,000 events in 100 transactions of mixed size (1..19) over 20 aggregates.
     let aggs = aggregates(20);
@@ -216,8 +212,7 @@ async fn thousand_events_arrive_once_in_order_and_the_slot_follows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slot_does_not_move_while_the_broker_is_unreachable() {
     let (db, slot) = classic_db("e2e_unreachable").await;
-    let prefix = unique("unreach");
-    let template = format!("{prefix}.{{event_type}}");
+    let (prefix, template) = templated("unreach");
     let port = free_port();
     let mut relay = Relay::start(&relay_args(
         &db,
@@ -318,7 +313,7 @@ async fn stop_and_restart(signal: &str) {
     let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
     create_topics(&brokers(), &topic_refs, 3).await;
     let template = format!("{prefix}.{{event_type}}");
-    let args = relay_args(&db, &brokers(), &["--slot", &slot, "--topic", &template]);
+    let args = slot_args(&db, &slot, &template, &[]);
     let mut relay = Relay::start(&args);
 
     let (resume, paused) = tokio::sync::watch::channel(false);
@@ -400,13 +395,8 @@ async fn idle_outbox_keeps_confirming_while_other_tables_take_writes() {
     let (db, slot) = classic_db("e2e_idle").await;
     db.exec("CREATE TABLE busy (id serial PRIMARY KEY, note text)")
         .await;
-    let prefix = unique("idle");
-    let template = format!("{prefix}.{{event_type}}");
-    let mut relay = Relay::start(&relay_args(
-        &db,
-        &brokers(),
-        &["--slot", &slot, "--topic", &template],
-    ));
+    let (_, template) = templated("idle");
+    let mut relay = Relay::start(&slot_args(&db, &slot, &template, &[]));
     db.wait_streaming(&slot).await;
     for round in 0..3 {
         db.exec(&format!(
@@ -556,11 +546,7 @@ async fn a_partitioned_outbox_is_published_under_its_own_name() {
     assert!(line.starts_with("PASS"), "{out}");
 
     let template = format!("{prefix}.{{event_type}}");
-    let mut relay = Relay::start(&relay_args(
-        &db,
-        &brokers(),
-        &["--slot", &slot, "--topic", &template],
-    ));
+    let mut relay = Relay::start(&slot_args(&db, &slot, &template, &[]));
     db.wait_streaming(&slot).await;
     for i in 0..20 {
         let month = if i % 2 == 0 {
@@ -597,17 +583,11 @@ async fn a_partitioned_outbox_is_published_under_its_own_name() {
     let (code, out, _) = check("by_leaf");
     assert_eq!(code, 1, "{out}");
     assert_contains(&out, "publish_via_partition_root = true");
-    let mut relay = Relay::start(&relay_args(
+    let mut relay = Relay::start(&slot_args(
         &db,
-        &brokers(),
-        &[
-            "--slot",
-            &slot,
-            "--topic",
-            &template,
-            "--publication",
-            "by_leaf",
-        ],
+        &slot,
+        &template,
+        &["--publication", "by_leaf"],
     ));
     assert_eq!(relay.wait(Duration::from_secs(30)).await, Some(1));
     assert!(

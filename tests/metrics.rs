@@ -9,13 +9,8 @@ use support::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_what_was_published_and_follow_the_slot() {
     let (db, slot) = TestDb::classic("metrics_ok").await;
-    let prefix = unique("metrics");
-    let template = format!("{prefix}.{{event_type}}");
-    let mut relay = Relay::start(&relay_args(
-        &db,
-        &brokers(),
-        &["--slot", &slot, "--topic", &template],
-    ));
+    let (prefix, template) = templated("metrics");
+    let mut relay = Relay::start(&slot_args(&db, &slot, &template, &[]));
     let addr = relay.http_address().await;
     assert_eq!(http_get(&addr, "/healthz").await, (200, "ok\n".to_string()));
     wait_until(Duration::from_secs(30), "/readyz to say ready", || async {
@@ -176,11 +171,7 @@ async fn added_partitions_are_seen_and_counted() {
     let slot = db.classic_outbox().await;
     let topic = unique("parts");
     create_topics(&brokers(), &[&topic], 1).await;
-    let relay = Relay::start(&relay_args(
-        &db,
-        &brokers(),
-        &["--slot", &slot, "--topic", &topic],
-    ));
+    let relay = Relay::start(&slot_args(&db, &slot, &topic, &[]));
     let addr = relay.http_address().await;
     db.wait_streaming(&slot).await;
     db.exec("INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('T', 'a', '{}')")

@@ -95,20 +95,8 @@ async fn setup_on_a_server_without_logical_wal_says_what_to_set() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_carry_the_event_fields() {
     let (db, slot) = TestDb::classic("mis_json").await;
-    let prefix = unique("json");
-    let template = format!("{prefix}.{{event_type}}");
-    let mut relay = Relay::start(&relay_args(
-        &db,
-        &brokers(),
-        &[
-            "--slot",
-            &slot,
-            "--topic",
-            &template,
-            "--log-format",
-            "json",
-        ],
-    ));
+    let (prefix, template) = templated("json");
+    let mut relay = Relay::start(&slot_args(&db, &slot, &template, &["--log-format", "json"]));
     db.wait_streaming(&slot).await;
     db.exec(
         "INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('T', 'agg-json', '{}')",

@@ -508,11 +508,7 @@ async fn a_publication_with_other_tables_is_reported_and_their_rows_skipped() {
         "{line}"
     );
 
-    let mut relay = Relay::start(&relay_args(
-        &db,
-        &brokers(),
-        &["--slot", &slot, "--topic", &topic],
-    ));
+    let mut relay = Relay::start(&slot_args(&db, &slot, &topic, &[]));
     let addr = relay.http_address().await;
     db.wait_streaming(&slot).await;
     const TXNS: usize = 20;

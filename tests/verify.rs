@@ -311,11 +311,7 @@ async fn the_real_relay_passes_verification() {
     let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
     create_topics(&brokers(), &refs, 4).await;
     let template = format!("{prefix}.{{event_type}}");
-    let mut relay = Relay::start(&relay_args(
-        &db,
-        &brokers(),
-        &["--slot", &slot, "--topic", &template],
-    ));
+    let mut relay = Relay::start(&slot_args(&db, &slot, &template, &[]));
     // 400 events in 40 transactions over 25 aggregates.
     for t in 0..40 {
         let mut sql = String::from("BEGIN;");

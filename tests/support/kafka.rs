@@ -16,8 +16,9 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Headers;
 use rdkafka::{Message, Offset, Timestamp, TopicPartitionList};
+
+use outbox_relay::pipeline::sink::read_back::KafkaRecord;
 
 use super::{brokers, unique};
 
@@ -72,18 +73,28 @@ pub async fn create_topics_with(
     }
 }
 
-/// One record read back from the broker.
+/// One record read back from the broker: the relay's own read-back copy
+/// (topic, partition, offset, key, payload, headers), and its timestamp.
 #[derive(Debug, Clone)]
 pub struct Record {
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
-    pub key: Option<Vec<u8>>,
-    pub payload: Option<Vec<u8>>,
-    pub headers: Vec<(String, Option<Vec<u8>>)>,
+    pub record: KafkaRecord,
     /// The record's timestamp: (ms since the epoch, "CreateTime" or
     /// "LogAppendTime"), None when the record has none.
     pub timestamp: Option<(i64, &'static str)>,
+}
+
+impl std::ops::Deref for Record {
+    type Target = KafkaRecord;
+
+    fn deref(&self) -> &KafkaRecord {
+        &self.record
+    }
+}
+
+impl std::ops::DerefMut for Record {
+    fn deref_mut(&mut self) -> &mut KafkaRecord {
+        &mut self.record
+    }
 }
 
 impl Record {
@@ -236,19 +247,7 @@ fn consume_blocking(
         while let Some(m) = consumer.poll(Duration::from_millis(100)) {
             let m = m.expect("consume");
             records.push(Record {
-                topic: m.topic().to_string(),
-                partition: m.partition(),
-                offset: m.offset(),
-                key: m.key().map(<[u8]>::to_vec),
-                payload: m.payload().map(<[u8]>::to_vec),
-                headers: m
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
+                record: KafkaRecord::of(&m),
                 timestamp: match m.timestamp() {
                     Timestamp::CreateTime(t) => Some((t, "CreateTime")),
                     Timestamp::LogAppendTime(t) => Some((t, "LogAppendTime")),

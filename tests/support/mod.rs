@@ -48,6 +48,14 @@ pub fn brokers() -> String {
 }
 
 /// A name unique to this test run, usable in SQL and topic names.
+/// A unique topic prefix and the template `{prefix}.{event_type}` that
+/// routes each event type to a topic of its own under it.
+pub fn templated(name: &str) -> (String, String) {
+    let prefix = unique(name);
+    let template = format!("{prefix}.{{event_type}}");
+    (prefix, template)
+}
+
 pub fn unique(name: &str) -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

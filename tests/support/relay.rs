@@ -198,6 +198,14 @@ pub fn relay_args(db: &TestDb, brokers: &str, extra: &[&str]) -> Vec<String> {
     url_args(&db.url, brokers, extra)
 }
 
+/// Standard relay arguments for a test database, its slot and one topic
+/// (or topic template), then `extra`.
+pub fn slot_args(db: &TestDb, slot: &str, topic: &str, extra: &[&str]) -> Vec<String> {
+    let mut args = relay_args(db, &super::brokers(), &["--slot", slot, "--topic", topic]);
+    args.extend(strings(extra));
+    args
+}
+
 /// Standard relay arguments for a database URL (a cluster of the test's own).
 pub fn url_args(url: &str, brokers: &str, extra: &[&str]) -> Vec<String> {
     let mut args = plain_args(url, brokers, &["--status-interval", "1"]);

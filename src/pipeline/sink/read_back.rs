@@ -46,6 +46,25 @@ pub struct KafkaRecord {
 }
 
 impl KafkaRecord {
+    /// The owned copy of a record a consumer handed out.
+    pub fn of(m: &BorrowedMessage<'_>) -> KafkaRecord {
+        KafkaRecord {
+            topic: m.topic().to_string(),
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(<[u8]>::to_vec),
+            payload: m.payload().map(<[u8]>::to_vec),
+            headers: m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+
     pub fn header(&self, name: &str) -> Option<&[u8]> {
         self.headers
             .iter()
@@ -267,7 +286,7 @@ impl Ends {
                     }
                     // Beyond the end: written after the check started.
                     if m.offset() < hi {
-                        records.push(record_of(&m));
+                        records.push(KafkaRecord::of(&m));
                     }
                 }
             }
@@ -291,23 +310,5 @@ impl Ends {
             }
         }
         Ok(())
-    }
-}
-
-fn record_of(m: &BorrowedMessage<'_>) -> KafkaRecord {
-    KafkaRecord {
-        topic: m.topic().to_string(),
-        partition: m.partition(),
-        offset: m.offset(),
-        key: m.key().map(<[u8]>::to_vec),
-        payload: m.payload().map(<[u8]>::to_vec),
-        headers: m
-            .headers()
-            .map(|h| {
-                h.iter()
-                    .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec)))
-                    .collect()
-            })
-            .unwrap_or_default(),
     }
 }
