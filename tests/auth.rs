@@ -85,9 +85,7 @@ async fn the_role_script_never_logs_the_password() {
         &["host all outbox_relay 127.0.0.1/32 scram-sha-256"],
         &["log_statement=all"],
     );
-    let url = cluster.url("postgres", None);
-    let admin = sql_client(&url).await;
-    admin.batch_execute(CLASSIC_TABLE).await.unwrap();
+    let (_, admin) = cluster.with_outbox().await;
     admin
         .batch_execute("CREATE ROLE limited LOGIN; GRANT CREATE ON DATABASE postgres TO limited")
         .await

@@ -204,7 +204,6 @@ async fn thousand_events_arrive_once_in_order_and_the_slot_follows() {
         "confirmed_flush_lsn to reach the last commit",
     )
     .await;
-    assert!(relay.is_running(), "relay died: {}", relay.log_text());
     relay.stop_clean().await;
     db.drop().await;
 }
@@ -411,7 +410,6 @@ async fn idle_outbox_keeps_confirming_while_other_tables_take_writes() {
         )
         .await;
     }
-    assert!(relay.is_running(), "{}", relay.log_text());
     relay.stop_clean().await;
     db.drop().await;
 }

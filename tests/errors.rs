@@ -462,12 +462,7 @@ async fn small_records_are_not_failed_by_a_batch_over_the_topic_limit() {
     )
     .await;
     let after = c.db.current_wal_lsn().await;
-    assert_eq!(
-        relay.wait(Duration::from_secs(60)).await,
-        Some(1),
-        "{}",
-        relay.log_text()
-    );
+    relay.expect_exit(Duration::from_secs(60), Some(1)).await;
     c.db.assert_not_confirmed(&c.slot, before, after, "the refused batch")
         .await;
     let dead = consume(

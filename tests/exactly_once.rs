@@ -606,12 +606,7 @@ async fn slot_moved(eos: bool) {
     ))
     .await;
     a.signal("CONT");
-    assert_eq!(
-        a.wait(Duration::from_secs(60)).await,
-        Some(1),
-        "A stops on a slot moved by hand:\n{}",
-        a.log_text()
-    );
+    a.expect_exit(Duration::from_secs(60), Some(1)).await;
     let stopped = a.announced("stopped");
     let error = stopped
         .last()
@@ -736,7 +731,6 @@ async fn a_record_kafka_refuses_is_dead_lettered_in_a_rewritten_transaction() {
         metric(&text, "outbox_kafka_transactions_aborted_total").unwrap_or(0.0) >= 1.0,
         "{text}"
     );
-    assert!(relay.is_running(), "{}", relay.log_text());
     relay.stop_clean().await;
 
     // Under halt (the default) the relay stops on it, naming the kind,
@@ -749,16 +743,14 @@ async fn a_record_kafka_refuses_is_dead_lettered_in_a_rewritten_transaction() {
         .collect();
     let mut relay = Relay::start(&halting);
     write_txns(&db, 25, 3).await;
-    let before = db.current_wal_lsn().await;
-    db.exec(&txn_sql(28).replacen("INSERT", &format!("{} INSERT", big.replace("b1", "b2")), 1))
+    let (before, after) = db
+        .exec_between(&txn_sql(28).replacen(
+            "INSERT",
+            &format!("{} INSERT", big.replace("b1", "b2")),
+            1,
+        ))
         .await;
-    let after = db.current_wal_lsn().await;
-    assert_eq!(
-        relay.wait(Duration::from_secs(60)).await,
-        Some(1),
-        "{}",
-        relay.log_text()
-    );
+    relay.expect_exit(Duration::from_secs(60), Some(1)).await;
     assert_eq!(
         relay.stopped_for(),
         Some(Some("too-large".into())),
@@ -971,18 +963,8 @@ async fn a_topic_the_relay_may_not_write_to_stops_it_naming_authorization() {
     let first = write_txns(&db, 0, 3).await;
     db.wait_confirmed_by(&relay, &slot, first, "the first three")
         .await;
-    let before = db.current_wal_lsn().await;
-    db.exec(
-        "INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('Secret', 'agg-1', '{}')",
-    )
-    .await;
-    let after = db.current_wal_lsn().await;
-    assert_eq!(
-        relay.wait(Duration::from_secs(90)).await,
-        Some(1),
-        "{}",
-        relay.log_text()
-    );
+    let (before, after) = db.exec_between("INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('Secret', 'agg-1', '{}')").await;
+    relay.expect_exit(Duration::from_secs(90), Some(1)).await;
     assert_eq!(
         relay.stopped_for(),
         Some(Some("authorization".into())),

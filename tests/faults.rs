@@ -791,9 +791,7 @@ async fn postgres_restarted_and_walsender_terminated_scenario(eos: bool) {
     let name = "postgres restart";
     let mut rng = Rng::for_test(name);
     let cluster = TempCluster::start(&[], &["wal_sender_timeout=60s"]);
-    let url = cluster.url("postgres", None);
-    let admin = sql_client(&url).await;
-    admin.batch_execute(CLASSIC_TABLE).await.unwrap();
+    let (url, admin) = cluster.with_outbox().await;
     let slot = "fault_pg".to_string();
     let (code, out, err) = relay_cmd(&["setup", "--database-url", &url, "--slot", &slot]);
     assert_eq!(code, 0, "setup failed: {out}{err}");

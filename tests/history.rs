@@ -60,9 +60,7 @@ fn arrivals(records: &[Record]) -> HashMap<i64, usize> {
 /// 400 take it past, so that the stream itself must show the fork.
 async fn restore_from_a_cold_copy(eos: bool, new: i64) {
     let cluster = TempCluster::start(&[], &[]);
-    let url = cluster.url("postgres", None);
-    let client = sql_client(&url).await;
-    client.batch_execute(CLASSIC_TABLE).await.unwrap();
+    let (url, client) = cluster.with_outbox().await;
     let slot = unique("restore").to_lowercase();
     relay_setup(&["--database-url", &url, "--slot", &slot]);
     let topic = unique("restore");
@@ -181,9 +179,7 @@ async fn wait_for(client: &tokio_postgres::Client, sql: &str, what: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_once_after_an_asynchronous_promotion_publishes_the_new_primarys_events_once() {
     let primary = TempCluster::start(&[], &[]);
-    let primary_url = primary.url("postgres", None);
-    let client = sql_client(&primary_url).await;
-    client.batch_execute(CLASSIC_TABLE).await.unwrap();
+    let (primary_url, client) = primary.with_outbox().await;
     let slot = unique("promote").to_lowercase();
     relay_setup(&["--database-url", &primary_url, "--slot", &slot]);
     let standby = TempCluster::standby_of(&primary, "standby1", &[]);
@@ -276,9 +272,7 @@ async fn exactly_once_after_an_asynchronous_promotion_publishes_the_new_primarys
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_time_left_before_the_slot_is_invalidated_is_shown() {
     let cluster = TempCluster::start(&[], &["max_slot_wal_keep_size=48MB"]);
-    let url = cluster.url("postgres", None);
-    let client = sql_client(&url).await;
-    client.batch_execute(CLASSIC_TABLE).await.unwrap();
+    let (url, client) = cluster.with_outbox().await;
     client
         .batch_execute("CREATE TABLE filler (t text)")
         .await
@@ -498,9 +492,7 @@ async fn recover_names_the_range_a_retention_deleted_and_exits_1() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recover_after_the_slot_was_invalidated_publishes_every_event_once() {
     let cluster = TempCluster::start(&[], &["max_slot_wal_keep_size=48MB"]);
-    let url = cluster.url("postgres", None);
-    let client = sql_client(&url).await;
-    client.batch_execute(CLASSIC_TABLE).await.unwrap();
+    let (url, client) = cluster.with_outbox().await;
     client
         .batch_execute("CREATE TABLE filler (t text)")
         .await

@@ -238,7 +238,6 @@ async fn events_arrive_over_tls_when_the_relay_trusts_the_broker_ca() {
         "confirmed_flush_lsn to pass the commit delivered over TLS",
     )
     .await;
-    assert!(relay.is_running(), "relay died: {}", relay.log_text());
     relay.stop_clean().await;
     drop(broker);
     db.drop().await;

@@ -197,11 +197,7 @@ async fn producer_settings_that_break_order_are_refused() {
             &brokers,
             &["--slot", &slot, "--kafka-property", property],
         ));
-        assert_eq!(
-            relay.wait(Duration::from_secs(30)).await,
-            Some(1),
-            "{property}"
-        );
+        relay.expect_exit(Duration::from_secs(30), Some(1)).await;
         let err = relay.log_text();
         assert!(
             err.contains(&format!(

@@ -215,11 +215,7 @@ async fn a_dropped_mapped_column_stops_the_relay_and_the_slot_stays() {
     db.exec("INSERT INTO outbox (event_type, payload) VALUES ('T', '{}')")
         .await;
     let after_bad = db.current_wal_lsn().await;
-    assert_eq!(
-        relay.wait(Duration::from_secs(30)).await,
-        Some(1),
-        "the relay stops"
-    );
+    relay.expect_exit(Duration::from_secs(30), Some(1)).await;
     // A schema problem, not a bad event: no policy would let it pass.
     assert_eq!(relay.stopped_for(), Some(None));
     let log = relay.log_text();
@@ -259,12 +255,7 @@ async fn a_slot_advanced_behind_the_relays_back_is_detected() {
         "SELECT pg_replication_slot_advance('{slot}', pg_current_wal_lsn())"
     ))
     .await;
-    assert_eq!(
-        relay.wait(Duration::from_secs(60)).await,
-        Some(1),
-        "{}",
-        relay.log_text()
-    );
+    relay.expect_exit(Duration::from_secs(60), Some(1)).await;
     let log = relay.log_text();
     assert_contains(
         &log,
@@ -283,9 +274,7 @@ async fn an_invalidated_slot_is_refused_with_a_fix() {
             "min_wal_size=32MB",
         ],
     );
-    let url = cluster.url("postgres", None);
-    let client = sql_client(&url).await;
-    client.batch_execute(CLASSIC_TABLE).await.unwrap();
+    let (url, client) = cluster.with_outbox().await;
     relay_setup(&["--database-url", &url]);
     // Write and switch past several segments, then checkpoint: the slot's
     // WAL is removed and the slot is marked lost.
@@ -344,9 +333,7 @@ async fn broker_down_with(extra: &[&str]) {
     // A short wal_sender_timeout: without feedback during backpressure the
     // server would end the connection within 2 s.
     let cluster = TempCluster::start(&[], &["wal_sender_timeout=2s"]);
-    let url = cluster.url("postgres", None);
-    let client = sql_client(&url).await;
-    client.batch_execute(CLASSIC_TABLE).await.unwrap();
+    let (url, client) = cluster.with_outbox().await;
     relay_setup(&["--database-url", &url]);
     let mut args: Vec<String> = vec![
         "--database-url".into(),
@@ -437,17 +424,8 @@ async fn type_change_with(reconnect: bool) {
         })
         .await;
     }
-    let before = db.current_wal_lsn().await;
-    db.exec(
-        "INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('T', 'a', 'plain text')",
-    )
-    .await;
-    let after = db.current_wal_lsn().await;
-    assert_eq!(
-        relay.wait(Duration::from_secs(30)).await,
-        Some(1),
-        "the relay stops"
-    );
+    let (before, after) = db.exec_between("INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('T', 'a', 'plain text')").await;
+    relay.expect_exit(Duration::from_secs(30), Some(1)).await;
     let log = relay.log_text();
     assert_contains(&log, "the type of column payload of public.outbox (set by --payload-column) changed under the running relay");
     db.assert_not_confirmed(&slot, before, after, "the row with a changed payload type")

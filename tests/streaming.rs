@@ -203,9 +203,7 @@ async fn the_stream_budget_bounds_resident_memory() {
     const MARGIN: u64 = 64 << 20;
     const ROWS: usize = 3000;
     let cluster = TempCluster::start(&[], &["logical_decoding_work_mem=64kB"]);
-    let url = cluster.url("postgres", None);
-    let a = sql_client(&url).await;
-    a.batch_execute(CLASSIC_TABLE).await.unwrap();
+    let (url, a) = cluster.with_outbox().await;
     relay_setup(&["--database-url", &url]);
     a.batch_execute(
         "CREATE TABLE bulk (id int PRIMARY KEY, data text);

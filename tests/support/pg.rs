@@ -61,6 +61,14 @@ impl TestDb {
             .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
     }
 
+    /// Runs `sql`; returns the WAL positions before and after it (its
+    /// commit is at or before the second).
+    pub async fn exec_between(&self, sql: &str) -> (Lsn, Lsn) {
+        let before = self.current_wal_lsn().await;
+        self.exec(sql).await;
+        (before, self.current_wal_lsn().await)
+    }
+
     pub async fn lsn(&self, sql: &str) -> Lsn {
         let s: String = self.client.query_one(sql, &[]).await.unwrap().get(0);
         s.parse().unwrap()
@@ -438,6 +446,15 @@ impl TempCluster {
             Some(p) => format!("postgres://{user}:{p}@127.0.0.1:{}/postgres", self.port),
             None => format!("postgres://{user}@127.0.0.1:{}/postgres", self.port),
         }
+    }
+
+    /// The classic outbox in the cluster's `postgres` database: its URL (as
+    /// the superuser) and a client to it.
+    pub async fn with_outbox(&self) -> (String, Client) {
+        let url = self.url("postgres", None);
+        let client = sql_client(&url).await;
+        client.batch_execute(CLASSIC_TABLE).await.unwrap();
+        (url, client)
     }
 }
 

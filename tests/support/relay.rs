@@ -132,8 +132,14 @@ impl Relay {
         }
     }
 
-    /// SIGTERM: the relay must finish its in-flight work and exit 0.
+    /// SIGTERM: the relay, still running, must finish its in-flight work
+    /// and exit 0.
     pub async fn stop_clean(&mut self) {
+        assert!(
+            self.is_running(),
+            "the relay stopped before it was asked to; log:\n{}",
+            self.log_text()
+        );
         self.stop_expecting("TERM", Duration::from_secs(30), Some(0))
             .await;
     }
@@ -142,12 +148,13 @@ impl Relay {
     /// `timeout` (None: killed by a signal), showing its log when it differs.
     pub async fn stop_expecting(&mut self, sig: &str, timeout: Duration, code: Option<i32>) {
         self.signal(sig);
-        assert_eq!(
-            self.wait(timeout).await,
-            code,
-            "exit after SIG{sig}; log:\n{}",
-            self.log_text()
-        );
+        self.expect_exit(timeout, code).await;
+    }
+
+    /// Asserts the exit code the relay ends with, on its own, within
+    /// `timeout` (None: killed by a signal), showing its log when it differs.
+    pub async fn expect_exit(&mut self, timeout: Duration, code: Option<i32>) {
+        assert_eq!(self.wait(timeout).await, code, "log:\n{}", self.log_text());
     }
 
     /// The address of the relay's HTTP endpoint, once it announced it.
