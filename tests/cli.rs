@@ -16,38 +16,21 @@ fn missing_options_name_flag_env_and_config_key() {
 
 #[test]
 fn invalid_values_are_refused_before_connecting() {
-    let (code, _, err) = relay_cmd(&[
+    let (code, _, err) = relay_cmd_on(
         "run",
-        "--database-url",
         "postgres://u@h/db",
-        "--kafka-brokers",
         "x:1",
-        "--kafka-property",
-        "linger.ms",
-    ]);
+        &["--kafka-property", "linger.ms"],
+    );
     assert_eq!(code, 2);
     assert_contains(
         &err,
         "invalid kafka_property \"linger.ms\": expected KEY=VALUE",
     );
-    let (code, _, err) = relay_cmd(&[
-        "run",
-        "--database-url",
-        "postgres://u@h/db",
-        "--kafka-brokers",
-        "x:1",
-        "--topic",
-        "bad topic",
-    ]);
+    let (code, _, err) = relay_cmd_on("run", "postgres://u@h/db", "x:1", &["--topic", "bad topic"]);
     assert_eq!(code, 2);
     assert_contains(&err, "invalid topic");
-    let (code, _, err) = relay_cmd(&[
-        "run",
-        "--database-url",
-        "postgres://u:hunter2@h:notaport/db",
-        "--kafka-brokers",
-        "x:1",
-    ]);
+    let (code, _, err) = relay_cmd_on("run", "postgres://u:hunter2@h:notaport/db", "x:1", &[]);
     assert_eq!(code, 2);
     assert!(
         err.contains("invalid database_url") && !err.contains("hunter2"),
@@ -108,15 +91,7 @@ fn config_file_is_a_layer_below_env_and_flags() {
 async fn run_without_setup_says_to_run_setup() {
     let db = TestDb::new("cli_noslot").await;
     db.exec(CLASSIC_TABLE).await;
-    let (code, _, err) = relay_cmd(&[
-        "run",
-        "--database-url",
-        &db.url,
-        "--kafka-brokers",
-        &brokers(),
-        "--slot",
-        "nope",
-    ]);
+    let (code, _, err) = relay_cmd_on("run", &db.url, &brokers(), &["--slot", "nope"]);
     assert_eq!(code, 1);
     assert!(
         err.contains("replication slot \"nope\" does not exist: on a new installation run `outbox-relay setup` first")
@@ -130,26 +105,10 @@ async fn run_without_setup_says_to_run_setup() {
 async fn setup_names_a_missing_column_and_lists_the_real_ones() {
     let db = TestDb::new("cli_nocol").await;
     db.exec(CLASSIC_TABLE).await;
-    let (code, _, err) = relay_cmd(&[
-        "setup",
-        "--database-url",
-        &db.url,
-        "--kafka-brokers",
-        "x:1",
-        "--key-column",
-        "customer_id",
-    ]);
+    let (code, _, err) = relay_cmd_on("setup", &db.url, "x:1", &["--key-column", "customer_id"]);
     assert_eq!(code, 1);
     assert_contains(&err, "table public.outbox has no column customer_id (set by --key-column); its columns are: id, event_id, event_type, aggregate_id, payload");
-    let (code, _, err) = relay_cmd(&[
-        "setup",
-        "--database-url",
-        &db.url,
-        "--kafka-brokers",
-        "x:1",
-        "--table",
-        "missing",
-    ]);
+    let (code, _, err) = relay_cmd_on("setup", &db.url, "x:1", &["--table", "missing"]);
     assert_eq!(code, 1);
     assert_contains(&err, "table public.missing does not exist");
     // Nothing was created by the failed runs.

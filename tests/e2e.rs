@@ -524,19 +524,19 @@ async fn a_partitioned_outbox_is_published_under_its_own_name() {
     let topic = format!("{prefix}.T");
     create_topics(&brokers(), &[&topic], 1).await;
     let check = |publication: &str| {
-        relay_cmd(&[
+        relay_cmd_on(
             "check",
-            "--database-url",
             &db.url,
-            "--kafka-brokers",
             &brokers(),
-            "--slot",
-            &slot,
-            "--topic",
-            &topic,
-            "--publication",
-            publication,
-        ])
+            &[
+                "--slot",
+                &slot,
+                "--topic",
+                &topic,
+                "--publication",
+                publication,
+            ],
+        )
     };
     let (code, out, err) = check("outbox_pub");
     assert_eq!(code, 0, "{out}{err}");

@@ -273,14 +273,7 @@ async fn a_payload_that_is_not_json_is_refused_when_json_is_required() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_topic_without_auto_creation_is_dead_lettered() {
     let c = case("err_notopic").await;
-    let mut relay = Relay::start(&c.args(&[
-        "--on-error-override",
-        "topic-missing=dead-letter",
-        "--kafka-property",
-        "allow.auto.create.topics=false",
-        "--kafka-property",
-        "topic.metadata.propagation.max.ms=2000",
-    ]));
+    let mut relay = Relay::start(&c.args(MISSING_TOPIC_DEAD_LETTERED));
     c.db.wait_streaming(&c.slot).await;
     c.db.exec("INSERT INTO outbox (event_type, aggregate_id, payload) VALUES ('Nowhere', 'a', '{\"n\": 1}')").await;
     c.good(1).await;

@@ -777,19 +777,8 @@ async fn a_missing_topic_is_dead_lettered_in_a_rewritten_transaction() {
         .into_iter()
         .map(|a| if a == good { template.clone() } else { a })
         .collect();
-    args.extend(
-        [
-            "--dead-letter-topic",
-            &dlq,
-            "--on-error-override",
-            "topic-missing=dead-letter",
-            "--kafka-property",
-            "allow.auto.create.topics=false",
-            "--kafka-property",
-            "topic.metadata.propagation.max.ms=2000",
-        ]
-        .map(String::from),
-    );
+    args.extend(strings(&["--dead-letter-topic", &dlq]));
+    args.extend(strings(MISSING_TOPIC_DEAD_LETTERED));
     let mut relay = Relay::start(&args);
     write_txns(&db, 0, 5).await;
     let nowhere = "INSERT INTO outbox (event_id, event_type, aggregate_id, payload) VALUES \

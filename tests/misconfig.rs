@@ -60,15 +60,7 @@ async fn a_role_without_replication_gets_the_fix() {
     db.exec("DO $$ BEGIN CREATE ROLE no_repl_role LOGIN; EXCEPTION WHEN duplicate_object THEN NULL; END $$").await;
     let url = db.url.replacen("postgres@", "no_repl_role@", 1);
     let brokers = brokers();
-    let (code, _, err) = relay_cmd(&[
-        "run",
-        "--database-url",
-        &url,
-        "--kafka-brokers",
-        &brokers,
-        "--slot",
-        &slot,
-    ]);
+    let (code, _, err) = relay_cmd_on("run", &url, &brokers, &["--slot", &slot]);
     assert_eq!(code, 1, "{err}");
     assert_contains(&err, "ALTER ROLE <role> REPLICATION");
     db.drop().await;
@@ -205,17 +197,12 @@ async fn producer_settings_that_break_order_are_refused() {
             )) && err.contains("remove that property"),
             "{property}: {err}"
         );
-        let (code, out, err) = relay_cmd(&[
+        let (code, out, err) = relay_cmd_on(
             "check",
-            "--database-url",
             &db.url,
-            "--kafka-brokers",
             &brokers,
-            "--slot",
-            &slot,
-            "--kafka-property",
-            property,
-        ]);
+            &["--slot", &slot, "--kafka-property", property],
+        );
         assert_ne!(code, 0, "{property}: check passed:\n{out}{err}");
         assert!(
             out.contains("kafka producer settings") && out.contains(named),

@@ -175,15 +175,7 @@ async fn all_delivered_passes_with_exact_counts() {
 
     // The text summary says the same.
     let brokers = brokers();
-    let (code, out, err) = relay_cmd(&[
-        "verify",
-        "--database-url",
-        &s.db.url,
-        "--kafka-brokers",
-        &brokers,
-        "--topic",
-        &s.template,
-    ]);
+    let (code, out, err) = relay_cmd_on("verify", &s.db.url, &brokers, &["--topic", &s.template]);
     assert_eq!(code, 0, "{out}{err}");
     assert_contains(&out, "delivered:       30 of 30 events");
     assert_contains(&out, "OK: no loss");
@@ -264,15 +256,7 @@ async fn two_swapped_events_of_an_aggregate_are_an_order_violation() {
 
     // The text summary names the aggregate.
     let brokers = brokers();
-    let (code, out, _) = relay_cmd(&[
-        "verify",
-        "--database-url",
-        &s.db.url,
-        "--kafka-brokers",
-        &brokers,
-        "--topic",
-        &s.template,
-    ]);
+    let (code, out, _) = relay_cmd_on("verify", &s.db.url, &brokers, &["--topic", &s.template]);
     assert_eq!(code, 1);
     assert_contains(&out, "aggregate agg-2 in");
     s.db.drop().await;
@@ -329,16 +313,12 @@ async fn the_real_relay_passes_verification() {
     // Wait until the relay delivered everything, then verify.
     consume(&brokers(), &topics, 400, Duration::from_secs(90)).await;
     let brokers = brokers();
-    let (code, out, err) = relay_cmd(&[
+    let (code, out, err) = relay_cmd_on(
         "verify",
-        "--database-url",
         &db.url,
-        "--kafka-brokers",
         &brokers,
-        "--topic",
-        &template,
-        "--json",
-    ]);
+        &["--topic", &template, "--json"],
+    );
     let r: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"));
     assert_eq!(code, 0, "{r:#}");
     assert_eq!(count(&r, "/rows"), 400);

@@ -37,6 +37,30 @@ pub fn relay_cmd(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// Runs `outbox-relay COMMAND --database-url URL --kafka-brokers BROKERS
+/// <extra>`: (exit code, stdout, stderr).
+pub fn relay_cmd_on(
+    command: &str,
+    url: &str,
+    brokers: &str,
+    extra: &[&str],
+) -> (i32, String, String) {
+    let mut args = vec![command, "--database-url", url, "--kafka-brokers", brokers];
+    args.extend_from_slice(extra);
+    relay_cmd(&args)
+}
+
+/// A missing topic dead-lettered, and found missing within 2 s: with
+/// automatic topic creation off, the broker never creates it.
+pub const MISSING_TOPIC_DEAD_LETTERED: &[&str] = &[
+    "--on-error-override",
+    "topic-missing=dead-letter",
+    "--kafka-property",
+    "allow.auto.create.topics=false",
+    "--kafka-property",
+    "topic.metadata.propagation.max.ms=2000",
+];
+
 /// Runs `outbox-relay setup <args>`, which must succeed; returns what it
 /// printed.
 pub fn relay_setup(args: &[&str]) -> String {
