@@ -196,8 +196,7 @@ fn eos_args(db: &TestDb, slot: &str, topic: &str, progress: &str) -> Vec<String>
 /// committed, and publishes only what is new.
 #[tokio::test]
 async fn progress_topic_decides_repeats_even_with_the_slot_behind() {
-    let db = TestDb::new("eos_behind").await;
-    let slot = db.classic_outbox().await;
+    let (db, slot) = TestDb::classic("eos_behind").await;
     let topic = unique("eos_behind");
     let progress = unique("eos_progress");
     create_topics(&brokers(), &[&topic], PARTITIONS).await;
@@ -272,8 +271,7 @@ async fn relay_sigkills_under_load_lose_and_repeat_nothing() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
-    let db = TestDb::new("eos_kills").await;
-    let slot = db.classic_outbox().await;
+    let (db, slot) = TestDb::classic("eos_kills").await;
     let topic = unique("eos_kills");
     let progress = unique("eos_progress");
     create_topics(&brokers(), &[&topic], PARTITIONS).await;
@@ -314,8 +312,7 @@ async fn relay_sigkills_under_load_lose_and_repeat_nothing() {
 /// transaction is sent again.
 #[tokio::test]
 async fn dead_letters_are_written_once_in_their_transaction() {
-    let db = TestDb::new("eos_dlq").await;
-    let slot = db.classic_outbox().await;
+    let (db, slot) = TestDb::classic("eos_dlq").await;
     let topic = unique("eos_dlq");
     let dlq = unique("eos_dlq_dead");
     let progress = unique("eos_progress");
@@ -367,8 +364,7 @@ async fn dead_letters_are_written_once_in_their_transaction() {
 /// all of it or none of it.
 #[tokio::test]
 async fn a_large_transaction_is_one_kafka_transaction() {
-    let db = TestDb::new("eos_large").await;
-    let slot = db.classic_outbox().await;
+    let (db, slot) = TestDb::classic("eos_large").await;
     let topic = unique("eos_large");
     let progress = unique("eos_progress");
     create_topics(&brokers(), &[&topic], PARTITIONS).await;
@@ -415,8 +411,7 @@ async fn a_large_transaction_is_one_kafka_transaction() {
 /// from the progress topic, and nothing arrives twice.
 #[tokio::test]
 async fn two_relays_on_one_slot_hand_over_without_duplicates() {
-    let db = TestDb::new("eos_pair").await;
-    let slot = db.classic_outbox().await;
+    let (db, slot) = TestDb::classic("eos_pair").await;
     let topic = unique("eos_pair");
     let progress = unique("eos_progress");
     create_topics(&brokers(), &[&topic], PARTITIONS).await;
@@ -556,8 +551,7 @@ async fn at_least_once_a_slot_moved_by_another_relay_is_followed() {
 }
 
 async fn slot_moved(eos: bool) {
-    let db = TestDb::new("eos_moved").await;
-    let slot = db.classic_outbox().await;
+    let (db, slot) = TestDb::classic("eos_moved").await;
     let topic = unique("eos_moved");
     let progress = unique("eos_progress");
     create_topics(&brokers(), &[&topic], PARTITIONS).await;
@@ -634,8 +628,7 @@ async fn slot_moved(eos: bool) {
 /// every other event of the transaction once, and the dead letter once.
 #[tokio::test]
 async fn a_record_kafka_refuses_is_dead_lettered_in_a_rewritten_transaction() {
-    let db = TestDb::new("eos_refused").await;
-    let slot = db.classic_outbox().await;
+    let (db, slot) = TestDb::classic("eos_refused").await;
     let topic = unique("eos_refused");
     let dlq = unique("eos_refused_dlq");
     let progress = unique("eos_progress");
@@ -766,8 +759,7 @@ async fn a_record_kafka_refuses_is_dead_lettered_in_a_rewritten_transaction() {
 /// record is dead-lettered in the transaction written again.
 #[tokio::test]
 async fn a_missing_topic_is_dead_lettered_in_a_rewritten_transaction() {
-    let db = TestDb::new("eos_notopic").await;
-    let slot = db.classic_outbox().await;
+    let (db, slot) = TestDb::classic("eos_notopic").await;
     let prefix = unique("eos_notopic");
     let (good, dlq) = (format!("{prefix}.Tested"), format!("{prefix}.dlq"));
     let progress = unique("eos_progress");
@@ -818,8 +810,7 @@ async fn a_missing_topic_is_dead_lettered_in_a_rewritten_transaction() {
 /// one is skipped.
 #[tokio::test]
 async fn logical_messages_are_published_once() {
-    let db = TestDb::new("eos_messages").await;
-    let slot = db.classic_outbox().await;
+    let (db, slot) = TestDb::classic("eos_messages").await;
     let rows = unique("eos_msg_rows");
     let msgs = unique("eos_msg");
     let progress = unique("eos_progress");
@@ -908,8 +899,7 @@ async fn a_topic_the_relay_may_not_write_to_stops_it_naming_authorization() {
         .config("allow.everyone.if.no.acl.found=true")
         .start()
         .await;
-    let db = TestDb::new("eos_acl").await;
-    let slot = db.classic_outbox().await;
+    let (db, slot) = TestDb::classic("eos_acl").await;
     let prefix = unique("eos_acl");
     let (good, secret) = (format!("{prefix}.Tested"), format!("{prefix}.Secret"));
     create_topics(&kafka.brokers(), &[&good, &secret], 1).await;
@@ -999,8 +989,7 @@ async fn a_progress_topic_that_also_deletes_is_refused() {
 /// open never commits, and a read_committed consumer sees no duplicate.
 #[tokio::test]
 async fn relays_with_different_transactional_ids_still_fence_each_other() {
-    let db = TestDb::new("eos_ids").await;
-    let slot = db.classic_outbox().await;
+    let (db, slot) = TestDb::classic("eos_ids").await;
     let topic = unique("eos_ids");
     let progress = unique("eos_progress");
     create_topics(&brokers(), &[&topic], PARTITIONS).await;

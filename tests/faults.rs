@@ -1168,14 +1168,10 @@ async fn the_start_of_a_session_answers_the_server_and_a_stop() {
         replied,
     )
     .await;
-    let asked = std::time::Instant::now();
-    a.signal("TERM");
-    let code = a.wait(Duration::from_secs(10)).await;
-    assert_eq!(code, Some(0), "A did not stop cleanly:\n{}", a.log_text());
+    let took = a.timed_stop(Some(0)).await;
     assert!(
-        asked.elapsed() < Duration::from_secs(5),
-        "the stop waited {:?} for the start to finish",
-        asked.elapsed()
+        took < Duration::from_secs(5),
+        "the stop waited {took:?} for the start to finish"
     );
     proxy.set_mode(Mode::Pass);
     db.drop().await;

@@ -130,8 +130,7 @@ async fn without_heartbeats_for_comparison() {
 /// instead of waiting for ever without a word.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_heartbeat_is_counted_not_waited_on_for_ever() {
-    let db = TestDb::new("hb_stall").await;
-    let slot = db.classic_outbox().await;
+    let (db, slot) = TestDb::classic("hb_stall").await;
     let proxy = Proxy::start(pg_addr(&db.url)).await;
     let url = via(&db.url, &proxy.addr());
     let args = plain_args(

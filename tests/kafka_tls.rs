@@ -186,8 +186,7 @@ async fn events_arrive_over_tls_when_the_relay_trusts_the_broker_ca() {
         "a plaintext client must not get through a TLS-only listener"
     );
 
-    let db = TestDb::new("kafka_tls_ok").await;
-    let slot = db.classic_outbox().await;
+    let (db, slot) = TestDb::classic("kafka_tls_ok").await;
     let topic = unique("tls_ok");
     create_tls_topic(&broker.brokers(), &ca, &topic, 2).await;
     let mut relay = Relay::start(&relay_args(
@@ -247,8 +246,7 @@ async fn events_arrive_over_tls_when_the_relay_trusts_the_broker_ca() {
 async fn with_a_wrong_ca_nothing_is_delivered_and_the_slot_holds() {
     let pki = Pki::new();
     let broker = tls_kafka(&pki, "SSL").start().await;
-    let db = TestDb::new("kafka_tls_bad_ca").await;
-    let slot = db.classic_outbox().await;
+    let (db, slot) = TestDb::classic("kafka_tls_bad_ca").await;
     let topic = unique("tls_bad");
     create_tls_topic(&broker.brokers(), &pki.path("ca.crt"), &topic, 1).await;
     let mut relay = Relay::start(&relay_args(
@@ -358,8 +356,7 @@ async fn events_arrive_over_sasl_ssl_with_scram_sha_512() {
         r.unwrap_or_else(|(t, e)| panic!("create topic {t}: {e}"));
     }
 
-    let db = TestDb::new("kafka_scram").await;
-    let slot = db.classic_outbox().await;
+    let (db, slot) = TestDb::classic("kafka_scram").await;
     let mut relay = Relay::start(&relay_args(
         &db,
         &broker.brokers(),

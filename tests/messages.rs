@@ -100,8 +100,7 @@ async fn logical_messages_are_events_in_commit_order() {
 async fn a_message_right_before_a_commit_does_not_skip_that_transaction() {
     use support::proxy::{Mode, Proxy};
 
-    let db = TestDb::new("msg_c1").await;
-    let slot = db.classic_outbox().await;
+    let (db, slot) = TestDb::classic("msg_c1").await;
     // To prove the message's record and the commit record are adjacent.
     db.exec("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
         .await;

@@ -167,8 +167,7 @@ async fn added_partitions_are_seen_and_counted() {
     use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions};
     use rdkafka::client::DefaultClientContext;
     use rdkafka::config::ClientConfig;
-    let db = TestDb::new("metrics_parts").await;
-    let slot = db.classic_outbox().await;
+    let (db, slot) = TestDb::classic("metrics_parts").await;
     let topic = unique("parts");
     create_topics(&brokers(), &[&topic], 1).await;
     let relay = Relay::start(&slot_args(&db, &slot, &topic, &[]));

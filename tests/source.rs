@@ -44,8 +44,7 @@ fn args(db: &TestDb, brokers: &str, extra: &[String]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnects_after_the_walsender_is_terminated_and_loses_nothing() {
-    let db = TestDb::new("src_terminate").await;
-    let slot = db.classic_outbox().await;
+    let (db, slot) = TestDb::classic("src_terminate").await;
     let prefix = unique("term");
     let mut relay = Relay::start(&args(&db, &brokers(), &topic_args(&prefix, &slot)));
     db.wait_streaming(&slot).await;
@@ -79,8 +78,7 @@ async fn reconnects_after_the_walsender_is_terminated_and_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_relay_waits_as_a_standby_and_takes_over() {
-    let db = TestDb::new("src_standby").await;
-    let slot = db.classic_outbox().await;
+    let (db, slot) = TestDb::classic("src_standby").await;
     let prefix = unique("standby");
     let a = args(&db, &brokers(), &topic_args(&prefix, &slot));
     let mut primary = Relay::start(&a);
@@ -120,8 +118,7 @@ async fn a_second_relay_waits_as_a_standby_and_takes_over() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminate_stale_walsender_takes_the_slot_when_asked() {
-    let db = TestDb::new("src_stale").await;
-    let slot = db.classic_outbox().await;
+    let (db, slot) = TestDb::classic("src_stale").await;
     // A stale holder: a replication connection that started streaming and
     // then stopped reading, as a hung client would.
     let cfg: tokio_postgres::Config = db.url.parse().unwrap();
@@ -195,8 +192,7 @@ async fn terminate_stale_walsender_takes_the_slot_when_asked() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_mapped_column_stops_the_relay_and_the_slot_stays() {
-    let db = TestDb::new("src_ddl").await;
-    let slot = db.classic_outbox().await;
+    let (db, slot) = TestDb::classic("src_ddl").await;
     let prefix = unique("ddl");
     let mut relay = Relay::start(&args(&db, &brokers(), &topic_args(&prefix, &slot)));
     db.wait_streaming(&slot).await;
@@ -227,8 +223,7 @@ async fn a_dropped_mapped_column_stops_the_relay_and_the_slot_stays() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slot_advanced_behind_the_relays_back_is_detected() {
-    let db = TestDb::new("src_moved").await;
-    let slot = db.classic_outbox().await;
+    let (db, slot) = TestDb::classic("src_moved").await;
     let prefix = unique("moved");
     // The broker is unreachable, so the events stay in flight and the slot
     // stays before them. Without a progress topic any move stops the relay
@@ -381,13 +376,10 @@ async fn broker_down_with(extra: &[&str]) {
         Some(0.0),
         "one session throughout"
     );
-    relay.signal("TERM");
-    let asked = std::time::Instant::now();
-    assert_eq!(relay.wait(Duration::from_secs(30)).await, Some(1));
+    let took = relay.timed_stop(Some(1)).await;
     assert!(
-        asked.elapsed() < Duration::from_millis(3500),
-        "a stop with a 2 s shutdown timeout took {:?}",
-        asked.elapsed()
+        took < Duration::from_millis(3500),
+        "a stop with a 2 s shutdown timeout took {took:?}"
     );
 }
 
@@ -405,8 +397,7 @@ async fn a_type_change_is_caught_across_a_reconnect() {
 }
 
 async fn type_change_with(reconnect: bool) {
-    let db = TestDb::new("src_type").await;
-    let slot = db.classic_outbox().await;
+    let (db, slot) = TestDb::classic("src_type").await;
     let prefix = unique("type");
     let mut relay = Relay::start(&args(&db, &brokers(), &topic_args(&prefix, &slot)));
     db.wait_streaming(&slot).await;
@@ -444,8 +435,7 @@ async fn a_silent_server_is_replaced_within_the_replication_timeout() {
     use support::proxy::{Mode, Proxy};
     const TIMEOUT_SECS: u64 = 3;
 
-    let db = TestDb::new("src_silent").await;
-    let slot = db.classic_outbox().await;
+    let (db, slot) = TestDb::classic("src_silent").await;
     let prefix = unique("silent");
     let proxy = Proxy::start(pg_addr(&db.url)).await;
     let url = with_param(&via(&db.url, &proxy.addr()), "connect_timeout=2");
@@ -515,14 +505,10 @@ async fn a_silent_server_is_replaced_within_the_replication_timeout() {
         proxy.accepted() > before
     })
     .await;
-    relay.signal("TERM");
-    let asked = std::time::Instant::now();
-    let code = relay.wait(Duration::from_secs(30)).await;
-    assert_eq!(code, Some(0), "{}", relay.log_text());
+    let took = relay.timed_stop(Some(0)).await;
     assert!(
-        asked.elapsed() < Duration::from_secs(3),
-        "SIGTERM during set-up took {:?}",
-        asked.elapsed()
+        took < Duration::from_secs(3),
+        "SIGTERM during set-up took {took:?}"
     );
     proxy.set_mode(Mode::Pass);
     db.drop().await;

@@ -175,6 +175,15 @@ impl Relay {
         self.expect_exit(timeout, code).await;
     }
 
+    /// SIGTERM, and the exit code it must end with within 30 s; returns how
+    /// long the stop took.
+    pub async fn timed_stop(&mut self, code: Option<i32>) -> Duration {
+        let asked = Instant::now();
+        self.stop_expecting("TERM", Duration::from_secs(30), code)
+            .await;
+        asked.elapsed()
+    }
+
     /// Asserts the exit code the relay ends with, on its own, within
     /// `timeout` (None: killed by a signal), showing its log when it differs.
     pub async fn expect_exit(&mut self, timeout: Duration, code: Option<i32>) {
