@@ -43,12 +43,13 @@ fn config_file_is_a_layer_below_env_and_flags() {
     let dir = std::env::temp_dir().join(unique("cfg"));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("relay.toml");
-    std::fs::write(
-        &file,
-        "database_url = \"postgres://u@h/db\"\nkafka_brokers = \"x:1\"\nnot_an_option = 1\n",
-    )
-    .unwrap();
-    let (code, _, err) = relay_cmd(&["--config", file.to_str().unwrap(), "run"]);
+    // `run` with a config file of the two settings every relay needs and `line`.
+    let run_with = |line: &str| {
+        let base = "database_url = \"postgres://u@h/db\"\nkafka_brokers = \"x:1\"\n";
+        std::fs::write(&file, format!("{base}{line}\n")).unwrap();
+        relay_cmd(&["--config", file.to_str().unwrap(), "run"])
+    };
+    let (code, _, err) = run_with("not_an_option = 1");
     assert_eq!(code, 2);
     assert!(
         err.contains(&format!("config file {}", file.display())) && err.contains("not_an_option"),
@@ -57,12 +58,7 @@ fn config_file_is_a_layer_below_env_and_flags() {
 
     // The file supplies what flags do not; a flag overrides the file. The
     // relay then fails on the (bad) value from the file, proving it was read.
-    std::fs::write(
-        &file,
-        "database_url = \"postgres://u@h/db\"\nkafka_brokers = \"x:1\"\ntopic = \"from file\"\n",
-    )
-    .unwrap();
-    let (code, _, err) = relay_cmd(&["--config", file.to_str().unwrap(), "run"]);
+    let (code, _, err) = run_with("topic = \"from file\"");
     assert_eq!(code, 2);
     assert_contains(&err, "invalid topic \"from file\"");
     let out = std::process::Command::new(relay_bin())

@@ -208,12 +208,7 @@ async fn after_a_host_loss_the_standby_takes_over_and_the_lost_relay_stands_by()
 
     let mut lost = Relay::start(&lost_args);
     let lost_addr = lost.http_address().await;
-    until_streaming(
-        &lost_addr,
-        Instant::now(),
-        "the relay behind the proxy to stream",
-    )
-    .await;
+    until_streaming(&lost_addr, Instant::now(), "the proxied relay to stream").await;
     let mut survivor = Relay::start(&survivor_args);
     let survivor_addr = survivor.http_address().await;
     until_standby(&survivor_addr, "the other relay to stand by").await;
@@ -271,12 +266,7 @@ async fn a_url_with_several_hosts_connects_to_the_first_that_answers() {
     let args = o.args(&url, &[]);
     let mut relay = Relay::start(&args);
     let addr = relay.http_address().await;
-    until_streaming(
-        &addr,
-        Instant::now(),
-        "the relay to stream from the second host",
-    )
-    .await;
+    until_streaming(&addr, Instant::now(), "streaming from the second host").await;
     o.db.exec(
         "INSERT INTO outbox (event_type, aggregate_id, payload) \
          SELECT 'T', 'a', jsonb_build_object('n', g) FROM generate_series(0, 9) g",

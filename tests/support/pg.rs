@@ -421,19 +421,16 @@ impl TempCluster {
     /// `pg_ctl stop -m <mode>`: `fast` (a planned switchover: the server
     /// sends its standbys all its WAL before it goes) or `immediate` (a crash).
     pub fn stop(&self, mode: &str) {
+        self.pg_ctl(&["-m", mode, "stop"]);
+    }
+
+    /// `pg_ctl -D <data> -w <args>` as the postgres user, which must succeed.
+    fn pg_ctl(&self, args: &[&str]) {
         let data = self.dir.join("data").display().to_string();
-        let ok = run_as_postgres(
-            &self.bin.join("pg_ctl"),
-            &[
-                "-D".into(),
-                data,
-                "-w".into(),
-                "-m".into(),
-                mode.into(),
-                "stop".into(),
-            ],
-        );
-        assert!(ok, "pg_ctl stop -m {mode}; log in {}", self.dir.display());
+        let mut all = vec!["-D".to_string(), data, "-w".to_string()];
+        all.extend(args.iter().map(|a| a.to_string()));
+        let ok = run_as_postgres(&self.bin.join("pg_ctl"), &all);
+        assert!(ok, "pg_ctl {args:?} failed; log in {}", self.dir.display());
     }
 
     /// Where the server's Unix socket is (outside the data directory).
@@ -535,28 +532,8 @@ impl TempCluster {
     /// older confirmed position than its consumer reported: PostgreSQL
     /// before 17 writes the slot to disk only when more than that changed.
     pub fn restart(&self, mode: &str) {
-        let data = self.dir.join("data").display().to_string();
         let log = self.dir.join("pg.log").display().to_string();
-        let ok = run_as_postgres(
-            &self.bin.join("pg_ctl"),
-            &[
-                "-D".into(),
-                data,
-                "-w".into(),
-                "-t".into(),
-                "60".into(),
-                "-m".into(),
-                mode.into(),
-                "-l".into(),
-                log,
-                "restart".into(),
-            ],
-        );
-        assert!(
-            ok,
-            "pg_ctl restart -m {mode} failed; log in {}",
-            self.dir.display()
-        );
+        self.pg_ctl(&["-t", "60", "-m", mode, "-l", &log, "restart"]);
     }
 
     pub fn log_text(&self) -> String {
