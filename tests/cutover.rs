@@ -450,17 +450,11 @@ async fn mark_processed_sets_the_column_of_every_backfilled_row_only() {
         .await,
         10
     );
-    let before: Vec<String> = db
-        .client
-        .query(
-            "SELECT processed_at::text FROM outbox WHERE processed_at IS NOT NULL ORDER BY id",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let before: Vec<String> = column(
+        &db.client,
+        "SELECT processed_at::text FROM outbox WHERE processed_at IS NOT NULL ORDER BY id",
+    )
+    .await;
     let (code, out, err) = cmd(args(
         &db,
         &slot,
@@ -479,17 +473,11 @@ async fn mark_processed_sets_the_column_of_every_backfilled_row_only() {
         .await,
         0
     );
-    let after: Vec<String> = db
-        .client
-        .query(
-            "SELECT processed_at::text FROM outbox WHERE id <= 10 ORDER BY id",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let after: Vec<String> = column(
+        &db.client,
+        "SELECT processed_at::text FROM outbox WHERE id <= 10 ORDER BY id",
+    )
+    .await;
     assert_eq!(after, before, "rows the poller marked keep their time");
     let topics: Vec<String> = TYPES.iter().map(|t| format!("{prefix}.{t}")).collect();
     let records = consume(&brokers(), &topics, 40, Duration::from_secs(60)).await;

@@ -22,9 +22,7 @@ use support::certs::Pki;
 use support::*;
 
 fn props(kv: &[(&str, &str)]) -> Vec<(String, String)> {
-    kv.iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
+    kv.iter().map(|&(k, v)| (k.into(), v.into())).collect()
 }
 
 /// Needs no broker and no database: the producer configuration accepts the
@@ -212,14 +210,8 @@ async fn events_arrive_over_tls_when_the_relay_trusts_the_broker_ca() {
     })
     .await
     .unwrap();
-    let expected: Vec<String> = db
-        .client
-        .query("SELECT event_id::text FROM outbox ORDER BY id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let expected: Vec<String> =
+        column(&db.client, "SELECT event_id::text FROM outbox ORDER BY id").await;
     let mut got: Vec<String> = records.iter().map(|(_, id)| id.clone()).collect();
     let mut want = expected.clone();
     got.sort();

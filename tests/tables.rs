@@ -52,16 +52,7 @@ async fn write(db: &TestDb, from: u64, to: u64) {
 
 /// The tables publication outbox_pub covers, `schema.table`, sorted.
 async fn published(db: &TestDb) -> Vec<String> {
-    db.client
-        .query(
-            "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = 'outbox_pub' ORDER BY 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
+    column(&db.client, "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = 'outbox_pub' ORDER BY 1").await
 }
 
 /// SIGKILLs `relay` once `count_sql` (a `count(*)`) reaches `at_least`,
@@ -544,14 +535,11 @@ async fn old_partitions_are_dropped_only_once_published() {
     assert_eq!(children().await, 3, "partitions attached again:\n{out}");
     let rows: i64 = scalar(&db.client, "SELECT count(*) FROM public.outbox", &[]).await;
     assert_eq!(rows, 60 * 3 + 5 * 2);
-    let ids: std::collections::BTreeSet<String> = db
-        .client
-        .query("SELECT event_id::text FROM public.outbox", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let ids: std::collections::BTreeSet<String> =
+        column(&db.client, "SELECT event_id::text FROM public.outbox")
+            .await
+            .into_iter()
+            .collect();
 
     let mut relay = Relay::start(&args);
     let (code, out, err) = cleanup("60s");

@@ -251,6 +251,15 @@ pub async fn scalar<T: tokio_postgres::types::FromSqlOwned>(
         .get(0)
 }
 
+/// The first column of every row `sql` returns, in its order.
+pub async fn column<T: tokio_postgres::types::FromSqlOwned>(client: &Client, sql: &str) -> Vec<T> {
+    let rows = client
+        .query(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    rows.iter().map(|r| r.get(0)).collect()
+}
+
 /// The slot's confirmed_flush_lsn (0/0 when it has none), on any server.
 pub async fn confirmed_flush_lsn(client: &Client, slot: &str) -> Lsn {
     let row = client
