@@ -71,8 +71,19 @@ fn slot_name() -> String {
 }
 
 fn setup(db: &TestDb, slot: &str) {
-    let (code, out, err) = relay_cmd(&["setup", "--database-url", &db.url, "--slot", slot]);
-    assert_eq!(code, 0, "{out}{err}");
+    relay_setup(&["--database-url", &db.url, "--slot", slot]);
+}
+
+/// A database of the test's own with the classic outbox, and a slot name of
+/// its own; `setup` run for both when `set_up`.
+async fn classic(name: &str, set_up: bool) -> (TestDb, String) {
+    let db = TestDb::new(name).await;
+    let slot = slot_name();
+    db.exec(CLASSIC_TABLE).await;
+    if set_up {
+        setup(&db, &slot);
+    }
+    (db, slot)
 }
 
 const STATUS_KEYS: [&str; 29] = [
@@ -110,9 +121,7 @@ const STATUS_KEYS: [&str; 29] = [
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_before_setup_says_the_slot_is_missing() {
     let _turn = SHARED.lock().await;
-    let db = TestDb::new("status_noslot").await;
-    let slot = slot_name();
-    db.exec(CLASSIC_TABLE).await;
+    let (db, slot) = classic("status_noslot", false).await;
 
     let (code, out, err) = status(&db, &slot, &[]);
     assert_eq!(code, 1, "{out}{err}");
@@ -147,10 +156,7 @@ async fn status_before_setup_says_the_slot_is_missing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_after_setup_shows_the_slot_and_retained_wal_grows() {
     let _turn = SHARED.lock().await;
-    let db = TestDb::new("status_slot").await;
-    let slot = slot_name();
-    db.exec(CLASSIC_TABLE).await;
-    setup(&db, &slot);
+    let (db, slot) = classic("status_slot", true).await;
 
     // Right after setup nothing is unconfirmed. Background processes may
     // write a WAL record now and then: allow a few attempts.
@@ -226,10 +232,7 @@ async fn status_after_setup_shows_the_slot_and_retained_wal_grows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_passes_on_a_good_setup() {
     let _turn = SHARED.lock().await;
-    let db = TestDb::new("check_good").await;
-    let slot = slot_name();
-    db.exec(CLASSIC_TABLE).await;
-    setup(&db, &slot);
+    let (db, slot) = classic("check_good", true).await;
 
     let (code, out, err) = check(&db.url, &brokers(), &slot, &[]);
     assert_eq!(code, 0, "{out}{err}");
@@ -315,10 +318,7 @@ async fn check_passes_on_a_good_setup() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_fails_on_an_unreachable_broker() {
     let _turn = SHARED.lock().await;
-    let db = TestDb::new("check_nobroker").await;
-    let slot = slot_name();
-    db.exec(CLASSIC_TABLE).await;
-    setup(&db, &slot);
+    let (db, slot) = classic("check_nobroker", true).await;
     let dead = no_broker();
     let (code, out, err) = check(&db.url, &dead, &slot, &[]);
     assert_eq!(code, 1, "{out}{err}");
@@ -366,10 +366,7 @@ async fn check_fails_when_wal_level_is_replica() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_fails_for_a_role_without_replication() {
     let _turn = SHARED.lock().await;
-    let db = TestDb::new("check_role").await;
-    let slot = slot_name();
-    db.exec(CLASSIC_TABLE).await;
-    setup(&db, &slot);
+    let (db, slot) = classic("check_role", true).await;
     let role = unique("norepl").to_lowercase();
     db.exec(&format!(
         "CREATE ROLE {role} LOGIN; GRANT USAGE ON SCHEMA public TO {role}; GRANT SELECT ON public.outbox TO {role};"
@@ -424,9 +421,7 @@ async fn check_fails_for_a_role_without_replication() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_fails_when_the_publication_lacks_the_table() {
     let _turn = SHARED.lock().await;
-    let db = TestDb::new("check_pub").await;
-    let slot = slot_name();
-    db.exec(CLASSIC_TABLE).await;
+    let (db, slot) = classic("check_pub", false).await;
     db.exec(
         "CREATE TABLE other (id int PRIMARY KEY);
          CREATE PUBLICATION outbox_pub FOR TABLE other WITH (publish = 'insert');",
@@ -487,10 +482,7 @@ async fn check_fails_when_the_publication_lacks_the_table() {
 /// confirming.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publication_with_other_tables_is_reported_and_their_rows_skipped() {
-    let db = TestDb::new("pub_shared").await;
-    let slot = slot_name();
-    db.exec(CLASSIC_TABLE).await;
-    setup(&db, &slot);
+    let (db, slot) = classic("pub_shared", true).await;
     db.exec(
         "CREATE TABLE orders (id serial PRIMARY KEY, note text);
          ALTER PUBLICATION outbox_pub ADD TABLE orders;",
@@ -559,10 +551,7 @@ async fn a_publication_with_other_tables_is_reported_and_their_rows_skipped() {
 /// a transactional producer started under a throwaway id.
 #[tokio::test]
 async fn check_exactly_once_reports_transactions_and_the_progress_topic() {
-    let db = TestDb::new("check_eos").await;
-    db.exec(CLASSIC_TABLE).await;
-    let slot = slot_name();
-    setup(&db, &slot);
+    let (db, slot) = classic("check_eos", true).await;
     let progress = unique("check_progress");
     let eos = [
         "--delivery",
