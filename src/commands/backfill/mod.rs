@@ -483,37 +483,27 @@ async fn publish_cursor(
     }
 }
 
+const BACKFILL: super::Entry = super::Entry::new("backfill", super::Kafka::Required);
+
 /// The `backfill` subcommand; returns the exit code (0 done, 1 failed, 2
 /// configuration error).
 pub async fn command(config: Option<&Path>, args: BackfillArgs) -> u8 {
-    let cfg = match super::load(
-        "backfill",
-        config,
-        args.options.clone(),
-        super::Kafka::Required,
-    ) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let mut say = |line: String| println!("{line}");
-    match run(&cfg, &args, &mut say).await {
-        Ok(s) => {
-            println!(
-                "backfill done: {} row(s) published in {:.1} s; slot {} starts at {}: start `outbox-relay run` now, it publishes everything committed after that point",
-                s.published,
-                s.elapsed.as_secs_f64(),
-                s.slot,
-                s.consistent_point
-            );
-            0
-        }
-        Err(BackfillError::Config(e)) => {
-            eprintln!("outbox-relay backfill: {e}");
-            2
-        }
-        Err(e) => {
-            eprintln!("outbox-relay backfill: {e}");
-            1
-        }
-    }
+    BACKFILL
+        .with_config(config, args.options.clone(), |cfg| async move {
+            match run(&cfg, &args, &mut super::say).await {
+                Ok(s) => {
+                    println!(
+                        "backfill done: {} row(s) published in {:.1} s; slot {} starts at {}: start `outbox-relay run` now, it publishes everything committed after that point",
+                        s.published,
+                        s.elapsed.as_secs_f64(),
+                        s.slot,
+                        s.consistent_point
+                    );
+                    0
+                }
+                Err(BackfillError::Config(e)) => BACKFILL.fail(e, 2),
+                Err(e) => BACKFILL.fail(e, 1),
+            }
+        })
+        .await
 }

@@ -517,56 +517,46 @@ fn humanize(d: Duration) -> String {
     }
 }
 
+const CLEANUP: super::Entry = super::Entry::new("cleanup", super::Kafka::Optional);
+
 /// The `cleanup` subcommand; returns the exit code (0 done, 1 refused or
 /// failed, 2 configuration error).
 pub async fn command(config: Option<&Path>, args: CleanupArgs) -> u8 {
-    let cfg = match super::load(
-        "cleanup",
-        config,
-        args.options.clone(),
-        super::Kafka::Optional,
-    ) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let mut say = |line: String| println!("{line}");
-    match run(&cfg, &args, &mut say).await {
-        Ok(s) if !args.dry_run && args.drop_partitions => {
-            println!(
-                "cleanup done: dropped {} partition(s) of {} ({} row(s), published: confirmed by slot {})",
-                s.dropped_partitions.len(),
-                cfg.table_names(),
-                s.deleted,
-                cfg.slot
-            );
-            0
-        }
-        Ok(s) if !args.dry_run => {
-            println!(
-                "cleanup done: deleted {} row(s) of {} in {} batch(es){}",
-                s.deleted,
-                cfg.table_names(),
-                s.batches,
-                match s.confirmed_target {
-                    Some(t) => format!(
-                        " (published: committed before {t}, confirmed by slot {})",
+    CLEANUP
+        .with_config(config, args.options.clone(), |cfg| async move {
+            match run(&cfg, &args, &mut super::say).await {
+                Ok(s) if !args.dry_run && args.drop_partitions => {
+                    println!(
+                        "cleanup done: dropped {} partition(s) of {} ({} row(s), published: confirmed by slot {})",
+                        s.dropped_partitions.len(),
+                        cfg.table_names(),
+                        s.deleted,
                         cfg.slot
-                    ),
-                    None => String::new(),
+                    );
+                    0
                 }
-            );
-            0
-        }
-        Ok(_) => 0,
-        Err(CleanupError::Config(e)) => {
-            eprintln!("outbox-relay cleanup: {e}");
-            2
-        }
-        Err(e) => {
-            eprintln!("outbox-relay cleanup: {e}");
-            1
-        }
-    }
+                Ok(s) if !args.dry_run => {
+                    println!(
+                        "cleanup done: deleted {} row(s) of {} in {} batch(es){}",
+                        s.deleted,
+                        cfg.table_names(),
+                        s.batches,
+                        match s.confirmed_target {
+                            Some(t) => format!(
+                                " (published: committed before {t}, confirmed by slot {})",
+                                cfg.slot
+                            ),
+                            None => String::new(),
+                        }
+                    );
+                    0
+                }
+                Ok(_) => 0,
+                Err(CleanupError::Config(e)) => CLEANUP.fail(e, 2),
+                Err(e) => CLEANUP.fail(e, 1),
+            }
+        })
+        .await
 }
 
 #[cfg(test)]
