@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::lsn::Lsn;
 use crate::pipeline::checkpoint::Holds;
+use crate::pipeline::history::Begins;
 use crate::pipeline::settings::RelayConfig;
 use crate::pipeline::sink::transactions::TxnError;
 
@@ -41,14 +42,8 @@ impl State {
 
     /// A Postgres transaction begins (a non-transactional message: no xid
     /// and no commit time). Whether it is already in Kafka.
-    pub(super) fn delivery_begin(
-        &mut self,
-        commit_lsn: Lsn,
-        xid: Option<u32>,
-        commit_time: Option<i64>,
-    ) -> Result<bool, PipelineError> {
-        self.delivery
-            .begin(env!(self), commit_lsn, xid, commit_time)
+    pub(super) fn delivery_begin(&mut self, begins: Begins) -> Result<bool, PipelineError> {
+        self.delivery.begin(env!(self), begins)
     }
 
     /// A keepalive: the server's WAL went past `wal_end`.

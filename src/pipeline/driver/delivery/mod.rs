@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use crate::lsn::Lsn;
 use crate::observe::metrics::Metrics;
+use crate::pipeline::history::Begins;
 use crate::pipeline::sink::transactions::TxnError;
 use crate::pipeline::sink::KafkaSink;
 
@@ -62,13 +63,11 @@ impl Delivery {
     pub(super) fn begin(
         &mut self,
         env: &mut Env<'_>,
-        commit_lsn: Lsn,
-        xid: Option<u32>,
-        commit_time: Option<i64>,
+        begins: Begins,
     ) -> Result<bool, PipelineError> {
         match self {
             Delivery::AtLeastOnce => Ok(false),
-            Delivery::ExactlyOnce(t) => t.begin(env, commit_lsn, xid, commit_time),
+            Delivery::ExactlyOnce(t) => t.begin(env, begins),
         }
     }
 
