@@ -142,7 +142,11 @@ pub async fn run(
     args: &BackfillArgs,
     say: &mut (dyn FnMut(String) + Send),
 ) -> Result<Summary, BackfillError> {
-    refuse_picked(cfg)?;
+    // The slot backfill creates is the one `run` then streams every table
+    // from: with one section picked, the other tables' backlogs would never
+    // be published.
+    cfg.refuse_picked("the slot backfill creates serves every table: backfill them all (remove --table), or give this table a configuration (publication and slot) of its own")
+        .map_err(BackfillError::Config)?;
     let started = Instant::now();
     let ack_timeout = ack_timeout(args)?;
     let slot = cfg.slot.clone();
@@ -283,19 +287,6 @@ async fn publish_all(
         delivered.push(published.delivered);
     }
     Ok((pending, acked, delivered))
-}
-
-/// The slot backfill creates is the one `run` then streams every table
-/// from: with one section picked, the other tables' backlogs would never be
-/// published.
-fn refuse_picked(cfg: &RelayConfig) -> Result<(), BackfillError> {
-    if !cfg.table_picked {
-        return Ok(());
-    }
-    Err(BackfillError::Config(format!(
-        "--table {} picks one of the config file's [[tables]] sections, but the slot backfill creates serves every table: backfill them all (remove --table), or give this table a configuration (publication and slot) of its own",
-        cfg.table_names()
-    )))
 }
 
 fn ack_timeout(args: &BackfillArgs) -> Result<Duration, BackfillError> {
