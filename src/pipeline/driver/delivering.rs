@@ -10,7 +10,7 @@ use crate::pipeline::history::Begins;
 use crate::pipeline::settings::RelayConfig;
 use crate::pipeline::sink::transactions::TxnError;
 
-use super::delivery::Env;
+use super::delivery::{Env, Turn};
 use super::errors::PipelineError;
 use super::state::State;
 
@@ -100,9 +100,11 @@ impl State {
         stream_idle: bool,
         stopping: bool,
     ) -> Result<bool, PipelineError> {
-        let at_boundary = !self.checkpoint.in_transaction() && self.out.waiting.is_empty();
-        let now = stream_idle || stopping || !self.has_room(cfg);
-        self.delivery.turn(env!(self), at_boundary, now)
+        let turn = Turn {
+            at_boundary: !self.checkpoint.in_transaction() && self.out.waiting.is_empty(),
+            now: stream_idle || stopping || !self.has_room(cfg),
+        };
+        self.delivery.turn(env!(self), turn)
     }
 
     /// A commit in flight finished.
