@@ -63,42 +63,29 @@ impl RecoverArgs {
     }
 }
 
+const RECOVER: super::Entry = super::Entry::new("recover", super::Kafka::Required);
+
 /// The `recover` subcommand; returns the exit code (0 recovered, 1 failed or
 /// a range that cannot be recovered, 2 configuration error or nothing to
 /// recover).
 pub async fn command(config: Option<&Path>, args: RecoverArgs) -> u8 {
-    let cfg = match super::load(
-        "recover",
-        config,
-        args.options.clone(),
-        super::Kafka::Required,
-    ) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let settings = match args.settings() {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("outbox-relay recover: {e}");
-            return 2;
-        }
-    };
-    let mut say = |line: String| println!("{line}");
-    match crate::pipeline::recover::run(&cfg, &settings, &mut say).await {
-        Ok(s) => {
-            println!("recover done: {s}: start `outbox-relay run` now");
-            for u in &s.unrecoverable {
-                eprintln!("outbox-relay recover: cannot recover: {u}");
+    RECOVER
+        .with_config(config, args.options.clone(), |cfg| async move {
+            let settings = match args.settings() {
+                Ok(s) => s,
+                Err(e) => return RECOVER.fail(e, 2),
+            };
+            match crate::pipeline::recover::run(&cfg, &settings, &mut super::say).await {
+                Ok(s) => {
+                    println!("recover done: {s}: start `outbox-relay run` now");
+                    for u in &s.unrecoverable {
+                        eprintln!("outbox-relay recover: cannot recover: {u}");
+                    }
+                    u8::from(!s.unrecoverable.is_empty())
+                }
+                Err(e) if e.is_usage() => RECOVER.fail(e, 2),
+                Err(e) => RECOVER.fail(e, 1),
             }
-            u8::from(!s.unrecoverable.is_empty())
-        }
-        Err(e) if e.is_usage() => {
-            eprintln!("outbox-relay recover: {e}");
-            2
-        }
-        Err(e) => {
-            eprintln!("outbox-relay recover: {e}");
-            1
-        }
-    }
+        })
+        .await
 }

@@ -29,18 +29,18 @@ pub enum RunError {
 
 /// `outbox-relay run`: logs as `--log-format` says, info and up by default.
 pub async fn command(config: Option<&std::path::Path>, options: crate::config::Options) -> u8 {
-    let cfg = match super::load("run", config, options, super::Kafka::Required) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    crate::observe::logging::init(cfg.log_format, "info");
-    match run(&cfg).await {
-        Ok(()) => 0,
-        Err(e) => {
-            tracing::error!("{}", super::one_line(&e));
-            1
-        }
-    }
+    super::Entry::new("run", super::Kafka::Required)
+        .with_config(config, options, |cfg| async move {
+            crate::observe::logging::init(cfg.log_format, "info");
+            match run(&cfg).await {
+                Ok(()) => 0,
+                Err(e) => {
+                    tracing::error!("{}", super::one_line(&e));
+                    1
+                }
+            }
+        })
+        .await
 }
 
 /// Serves /metrics, /healthz and /readyz (unless `--http-address off`), then

@@ -47,28 +47,24 @@ pub struct SetupArgs {
 /// `outbox-relay setup`: says what it found and did, one line each; logs
 /// as `--log-format` says.
 pub async fn command(config: Option<&std::path::Path>, args: SetupArgs) -> u8 {
-    let cfg = match super::load("setup", config, args.options, super::Kafka::Optional) {
-        Ok(c) => c,
-        Err(code) => return code,
+    let kind = SlotKind {
+        failover: args.failover,
     };
-    crate::observe::logging::init(cfg.log_format, "info");
-    match run(
-        &cfg,
-        SlotKind {
-            failover: args.failover,
-        },
-    )
-    .await
-    {
-        Ok(lines) => {
-            lines.iter().for_each(|l| println!("{l}"));
-            0
-        }
-        Err(e) => {
-            tracing::error!("setup failed: {}", super::one_line(&e));
-            1
-        }
-    }
+    super::Entry::new("setup", super::Kafka::Optional)
+        .with_config(config, args.options, |cfg| async move {
+            crate::observe::logging::init(cfg.log_format, "info");
+            match run(&cfg, kind).await {
+                Ok(lines) => {
+                    lines.iter().for_each(|l| println!("{l}"));
+                    0
+                }
+                Err(e) => {
+                    tracing::error!("setup failed: {}", super::one_line(&e));
+                    1
+                }
+            }
+        })
+        .await
 }
 
 /// How `setup` creates the slot.

@@ -495,10 +495,11 @@ pub async fn connect(cfg: &RelayConfig) -> Result<Client, StatusError> {
 /// the exit code: 0, or 1 when the slot is missing or unusable, or Postgres
 /// cannot be read.
 pub async fn command(config: Option<&std::path::Path>, args: StatusOptions) -> u8 {
-    match super::load("status", config, args.options, super::Kafka::Optional) {
-        Ok(cfg) => report(&cfg, args.json).await,
-        Err(code) => code,
-    }
+    super::Entry::new("status", super::Kafka::Optional)
+        .with_config(config, args.options, |cfg| async move {
+            report(&cfg, args.json).await
+        })
+        .await
 }
 
 /// The status of the configured slot and publication, printed; 1 if the

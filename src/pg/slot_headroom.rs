@@ -159,6 +159,14 @@ pub fn humanize(d: Duration) -> String {
 mod tests {
     use super::*;
 
+    /// `secs` left until the limit `by` invalidates the slot.
+    fn left(secs: u64, by: &'static str) -> Option<TimeLeft> {
+        Some(TimeLeft {
+            left: Duration::from_secs(secs),
+            by,
+        })
+    }
+
     #[test]
     fn the_first_limit_decides() {
         let h = Headroom {
@@ -168,10 +176,7 @@ mod tests {
         assert_eq!(h.time_left(None), None, "no WAL rate, no time");
         assert_eq!(
             h.time_left(Some(1000.0)),
-            Some(TimeLeft {
-                left: Duration::from_secs(1000),
-                by: "max_slot_wal_keep_size"
-            })
+            left(1000, "max_slot_wal_keep_size")
         );
         let idle = Headroom {
             idle_timeout: Some(Duration::from_secs(600)),
@@ -180,10 +185,7 @@ mod tests {
         };
         assert_eq!(
             idle.time_left(Some(1000.0)),
-            Some(TimeLeft {
-                left: Duration::from_secs(100),
-                by: "idle_replication_slot_timeout"
-            })
+            left(100, "idle_replication_slot_timeout")
         );
         let spent = Headroom {
             safe_wal_size: Some(-5),

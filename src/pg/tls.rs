@@ -219,7 +219,7 @@ impl TlsSettings {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let verify_chain = self.root_cert.is_some()
             || matches!(self.mode, SslMode::VerifyCa | SslMode::VerifyFull);
-        let verifier: Arc<dyn ServerCertVerifier> = if verify_chain {
+        let chain = if verify_chain {
             let path = self.root_cert.as_ref().ok_or_else(|| {
                 TlsError(format!(
                     "sslmode={} needs the CA certificate that signed the server's certificate: set sslrootcert in the database URL or --ssl-root-cert",
@@ -241,15 +241,17 @@ impl TlsSettings {
                 WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                     .build()
                     .map_err(|e| TlsError(format!("sslrootcert {}: {e}", path.display())))?;
-            Arc::new(ChainVerifier {
-                inner: webpki,
-                check_name: self.mode == SslMode::VerifyFull,
-            })
+            Some(webpki)
         } else {
             // prefer/require without a root certificate: encrypted, not
             // authenticated (libpq's semantics).
-            Arc::new(NoServerVerification(provider.clone()))
+            None
         };
+        let verifier = Arc::new(ServerCheck {
+            chain,
+            check_name: self.mode == SslMode::VerifyFull,
+            provider: provider.clone(),
+        });
         let builder = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError(format!("TLS setup: {e}")))?
@@ -357,15 +359,19 @@ fn read_certs(what: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, T
     Ok(certs)
 }
 
-/// webpki chain verification, with the host name check optional
-/// (verify-ca, and require/prefer with a root certificate).
+/// The server certificate check of an sslmode: webpki's chain verification
+/// with the host name check optional (verify-ca, and require/prefer with a
+/// root certificate), or none (prefer/require without one: encrypted, not
+/// authenticated). The handshake signatures are checked either way, with the
+/// provider's algorithms (what webpki's verifier checks them with).
 #[derive(Debug)]
-struct ChainVerifier {
-    inner: Arc<WebPkiServerVerifier>,
+struct ServerCheck {
+    chain: Option<Arc<WebPkiServerVerifier>>,
     check_name: bool,
+    provider: Arc<CryptoProvider>,
 }
 
-impl ServerCertVerifier for ChainVerifier {
+impl ServerCertVerifier for ServerCheck {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -374,12 +380,12 @@ impl ServerCertVerifier for ChainVerifier {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let Some(chain) = &self.chain else {
+            return Ok(ServerCertVerified::assertion());
+        };
         // webpki checks the chain first and the name last: a name error
         // means the chain was good.
-        match self
-            .inner
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-        {
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) if !self.check_name => Ok(ServerCertVerified::assertion()),
@@ -393,51 +399,11 @@ impl ServerCertVerifier for ChainVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
-}
-
-/// Accepts any server certificate (sslmode prefer/require without a root
-/// certificate), still checking the handshake signatures.
-#[derive(Debug)]
-struct NoServerVerification(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for NoServerVerification {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls12_signature(
             message,
             cert,
             dss,
-            &self.0.signature_verification_algorithms,
+            &self.provider.signature_verification_algorithms,
         )
     }
 
@@ -451,12 +417,14 @@ impl ServerCertVerifier for NoServerVerification {
             message,
             cert,
             dss,
-            &self.0.signature_verification_algorithms,
+            &self.provider.signature_verification_algorithms,
         )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 

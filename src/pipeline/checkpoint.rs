@@ -311,17 +311,22 @@ mod tests {
         assert_eq!(c.ack(t), Err(CheckpointError::ExtraAck(t)));
     }
 
-    /// Random interleavings against a model: the confirmed position never
-    /// passes a transaction with an unacknowledged event.
-    #[test]
-    fn never_confirms_past_an_unacknowledged_event() {
-        let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
-        let mut rand = move |n: u64| {
+    /// A seeded xorshift generator of numbers below `n`: the property tests
+    /// repeat the same runs everywhere.
+    fn xorshift(mut seed: u64) -> impl FnMut(u64) -> u64 {
+        move |n| {
             seed ^= seed << 13;
             seed ^= seed >> 7;
             seed ^= seed << 17;
             seed % n
-        };
+        }
+    }
+
+    /// Random interleavings against a model: the confirmed position never
+    /// passes a transaction with an unacknowledged event.
+    #[test]
+    fn never_confirms_past_an_unacknowledged_event() {
+        let mut rand = xorshift(0x9E37_79B9_7F4A_7C15);
         for _ in 0..200 {
             let mut c = Checkpoint::new(Lsn(0));
             // (seq, end_lsn) of every event not yet acknowledged.
@@ -370,13 +375,7 @@ mod tests {
     /// keepalive's `wal_end` when nothing is outstanding) either.
     #[test]
     fn confirmed_never_passes_the_record_of_an_unacknowledged_unit() {
-        let mut seed: u64 = 0x2545_F491_4F6C_DD1D;
-        let mut rand = move |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut rand = xorshift(0x2545_F491_4F6C_DD1D);
         struct Unit {
             seq: TxnSeq,
             /// Where the unit's record starts: a restart at or before it

@@ -50,6 +50,44 @@ pub struct Anchor {
     pub commit_time: i64,
 }
 
+/// A Postgres transaction's start as the stream shows it: where it commits,
+/// and its xid and commit time, which a non-transactional logical message
+/// has not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Begins {
+    pub commit_lsn: Lsn,
+    pub xid: Option<u32>,
+    pub commit_time: Option<i64>,
+}
+
+impl Begins {
+    pub fn transaction(commit_lsn: Lsn, xid: u32, commit_time: i64) -> Begins {
+        Begins {
+            commit_lsn,
+            xid: Some(xid),
+            commit_time: Some(commit_time),
+        }
+    }
+
+    /// A non-transactional message, ordered at `at`.
+    pub fn message(at: Lsn) -> Begins {
+        Begins {
+            commit_lsn: at,
+            xid: None,
+            commit_time: None,
+        }
+    }
+
+    /// The anchor a record names it by (a message's xid and time are 0).
+    pub fn anchor(self) -> Anchor {
+        Anchor {
+            commit_lsn: self.commit_lsn,
+            xid: self.xid.unwrap_or(0),
+            commit_time: self.commit_time.unwrap_or(0),
+        }
+    }
+}
+
 /// What a progress record says about the history it was written on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Recorded {
@@ -277,12 +315,12 @@ pub struct Seen {
 impl InKafka {
     /// A transaction (or a non-transactional message: no xid, no commit
     /// time) begins at `commit_lsn`.
-    pub fn decide(
-        &mut self,
-        commit_lsn: Lsn,
-        xid: Option<u32>,
-        commit_time: Option<i64>,
-    ) -> (Decision, Option<Seen>) {
+    pub fn decide(&mut self, begins: Begins) -> (Decision, Option<Seen>) {
+        let Begins {
+            commit_lsn,
+            commit_time,
+            ..
+        } = begins;
         match self {
             InKafka::Nothing => (Decision::Publish, None),
             InKafka::Before(bound) => {
@@ -313,10 +351,7 @@ impl InKafka {
                     }
                     return (Decision::InKafka, None);
                 }
-                let same = commit_lsn == anchor.commit_lsn
-                    && xid.unwrap_or(0) == anchor.xid
-                    && commit_time.unwrap_or(0) == anchor.commit_time;
-                if same {
+                if begins.anchor() == anchor {
                     *self = InKafka::Before(Lsn(anchor.commit_lsn.0.saturating_add(1)));
                     return (Decision::InKafka, None);
                 }
@@ -396,7 +431,7 @@ mod tests {
 
     /// What `k` decides for a transaction committed at `at`.
     fn decided(k: &mut InKafka, at: &str, xid: u32, commit_time: i64) -> Decision {
-        k.decide(lsn(at), Some(xid), Some(commit_time)).0
+        k.decide(Begins::transaction(lsn(at), xid, commit_time)).0
     }
 
     fn server(tli: u32, xlogpos: &str, ancestors: &[(u32, &str)]) -> ServerHistory {
@@ -416,7 +451,7 @@ mod tests {
         // Held until the anchor shows, then for good.
         assert_eq!(decided(&mut k, "0/2000", 800, 4_000), Decision::InKafka);
         assert_eq!(
-            k.decide(lsn("0/5000"), Some(900), Some(5_000)),
+            k.decide(Begins::transaction(lsn("0/5000"), 900, 5_000)),
             (Decision::InKafka, None)
         );
         assert!(!k.holds());
@@ -430,7 +465,7 @@ mod tests {
         let mut k = recorded_at_5000("0/9000", "0/1000", None).in_kafka;
         assert_eq!(decided(&mut k, "0/2000", 800, 4_000), Decision::InKafka);
         assert_eq!(decided(&mut k, "0/3500", 801, 9_000), Decision::InKafka);
-        let (d, seen) = k.decide(lsn("0/5000"), Some(802), Some(9_500));
+        let (d, seen) = k.decide(Begins::transaction(lsn("0/5000"), 802, 9_500));
         let again = Forked {
             anchor: anchor("0/5000"),
             before: lsn("0/3500"),

@@ -133,4 +133,16 @@ impl RelayConfig {
             .collect::<Vec<_>>()
             .join(", ")
     }
+    /// For a command whose slot serves every table (backfill, recover): a
+    /// `--table` pick refused, the message ending in `but` and the
+    /// command's own reason and fix.
+    pub fn refuse_picked(&self, but: &str) -> Result<(), String> {
+        if !self.table_picked {
+            return Ok(());
+        }
+        Err(format!(
+            "--table {} picks one of the config file's [[tables]] sections, but {but}",
+            self.table_names()
+        ))
+    }
 }

@@ -142,7 +142,11 @@ pub async fn run(
     args: &BackfillArgs,
     say: &mut (dyn FnMut(String) + Send),
 ) -> Result<Summary, BackfillError> {
-    refuse_picked(cfg)?;
+    // The slot backfill creates is the one `run` then streams every table
+    // from: with one section picked, the other tables' backlogs would never
+    // be published.
+    cfg.refuse_picked("the slot backfill creates serves every table: backfill them all (remove --table), or give this table a configuration (publication and slot) of its own")
+        .map_err(BackfillError::Config)?;
     let started = Instant::now();
     let ack_timeout = ack_timeout(args)?;
     let slot = cfg.slot.clone();
@@ -283,19 +287,6 @@ async fn publish_all(
         delivered.push(published.delivered);
     }
     Ok((pending, acked, delivered))
-}
-
-/// The slot backfill creates is the one `run` then streams every table
-/// from: with one section picked, the other tables' backlogs would never be
-/// published.
-fn refuse_picked(cfg: &RelayConfig) -> Result<(), BackfillError> {
-    if !cfg.table_picked {
-        return Ok(());
-    }
-    Err(BackfillError::Config(format!(
-        "--table {} picks one of the config file's [[tables]] sections, but the slot backfill creates serves every table: backfill them all (remove --table), or give this table a configuration (publication and slot) of its own",
-        cfg.table_names()
-    )))
 }
 
 fn ack_timeout(args: &BackfillArgs) -> Result<Duration, BackfillError> {
@@ -483,37 +474,27 @@ async fn publish_cursor(
     }
 }
 
+const BACKFILL: super::Entry = super::Entry::new("backfill", super::Kafka::Required);
+
 /// The `backfill` subcommand; returns the exit code (0 done, 1 failed, 2
 /// configuration error).
 pub async fn command(config: Option<&Path>, args: BackfillArgs) -> u8 {
-    let cfg = match super::load(
-        "backfill",
-        config,
-        args.options.clone(),
-        super::Kafka::Required,
-    ) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let mut say = |line: String| println!("{line}");
-    match run(&cfg, &args, &mut say).await {
-        Ok(s) => {
-            println!(
-                "backfill done: {} row(s) published in {:.1} s; slot {} starts at {}: start `outbox-relay run` now, it publishes everything committed after that point",
-                s.published,
-                s.elapsed.as_secs_f64(),
-                s.slot,
-                s.consistent_point
-            );
-            0
-        }
-        Err(BackfillError::Config(e)) => {
-            eprintln!("outbox-relay backfill: {e}");
-            2
-        }
-        Err(e) => {
-            eprintln!("outbox-relay backfill: {e}");
-            1
-        }
-    }
+    BACKFILL
+        .with_config(config, args.options.clone(), |cfg| async move {
+            match run(&cfg, &args, &mut super::say).await {
+                Ok(s) => {
+                    println!(
+                        "backfill done: {} row(s) published in {:.1} s; slot {} starts at {}: start `outbox-relay run` now, it publishes everything committed after that point",
+                        s.published,
+                        s.elapsed.as_secs_f64(),
+                        s.slot,
+                        s.consistent_point
+                    );
+                    0
+                }
+                Err(BackfillError::Config(e)) => BACKFILL.fail(e, 2),
+                Err(e) => BACKFILL.fail(e, 1),
+            }
+        })
+        .await
 }

@@ -221,10 +221,9 @@ pub fn render(results: &[CheckResult]) -> String {
 
 /// `outbox-relay check`: prints the results; exit code 1 if any failed.
 pub async fn command(config: Option<&std::path::Path>, options: crate::config::Options) -> u8 {
-    match super::load("check", config, options, super::Kafka::Optional) {
-        Ok(cfg) => report(&cfg).await,
-        Err(code) => code,
-    }
+    super::Entry::new("check", super::Kafka::Optional)
+        .with_config(config, options, |cfg| async move { report(&cfg).await })
+        .await
 }
 
 /// Every check run and printed; 1 on any FAIL.

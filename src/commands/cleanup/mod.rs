@@ -192,6 +192,10 @@ pub async fn run(
 ) -> Result<Summary, CleanupError> {
     let (reader, _c1) = crate::pg::sql::connect(&cfg.database).await?;
     let (writer, _c2) = crate::pg::sql::connect(&cfg.database).await?;
+    let db = Db {
+        reader: &reader,
+        writer: &writer,
+    };
     // Several tables (a schema pattern's as they exist now): one after the
     // other, each with its own snapshot and wait.
     let tables = if cfg.several_tables() {
@@ -209,7 +213,7 @@ pub async fn run(
         if tables.len() > 1 {
             say(format!("table {}:", mapping.table));
         }
-        let s = run_table(&reader, &writer, cfg, mapping, args, say).await?;
+        let s = run_table(db, cfg, mapping, args, say).await?;
         total.deleted += s.deleted;
         total.batches += s.batches;
         total.confirmed_target = s.confirmed_target.or(total.confirmed_target);
@@ -219,26 +223,16 @@ pub async fn run(
 }
 
 async fn run_table(
-    reader: &Client,
-    writer: &Client,
+    db: Db<'_>,
     cfg: &RelayConfig,
     mapping: &RouterConfig,
     args: &CleanupArgs,
     say: &mut (dyn FnMut(String) + Send),
 ) -> Result<Summary, CleanupError> {
     if let (true, Some(age)) = (args.drop_partitions, args.older_than) {
-        return partitions::drop_partitions(
-            reader,
-            writer,
-            &cfg.slot,
-            &mapping.table,
-            args,
-            age,
-            say,
-        )
-        .await;
+        return partitions::drop_partitions(db, &cfg.slot, &mapping.table, args, age, say).await;
     }
-    let (col, col_type) = row_column(reader, &mapping.table, args).await?;
+    let (col, col_type) = row_column(db.reader, &mapping.table, args).await?;
     let scope = Scope {
         table: mapping.table.to_string(),
         quoted_table: mapping.table.quoted(),
@@ -253,11 +247,18 @@ async fn run_table(
         batch: args.batch_size.max(1) as usize,
     };
     match args.older_than {
-        Some(age) if args.even_unconfirmed => {
-            delete_older_than(reader, writer, &scope, args, age, say).await
-        }
-        age => delete_published(reader, writer, &scope, cfg, args, age, say).await,
+        Some(age) if args.even_unconfirmed => delete_older_than(db, &scope, args, age, say).await,
+        age => delete_published(db, &scope, cfg, args, age, say).await,
     }
+}
+
+/// The two connections a cleanup works over: the reader holds the snapshot
+/// (and the cursor over its rows), the writer deletes, and reads the slot as
+/// it is now.
+#[derive(Clone, Copy)]
+struct Db<'a> {
+    reader: &'a Client,
+    writer: &'a Client,
 }
 
 /// The rows a cleanup may touch, and how to name them in SQL.
@@ -276,29 +277,25 @@ struct Scope {
 /// `--older-than --even-unconfirmed`: rows whose time column is older,
 /// published or not.
 async fn delete_older_than(
-    reader: &Client,
-    writer: &Client,
+    db: Db<'_>,
     scope: &Scope,
     args: &CleanupArgs,
     age: Duration,
     say: &mut (dyn FnMut(String) + Send),
 ) -> Result<Summary, CleanupError> {
-    let Scope {
-        table,
-        quoted_table,
-        qcol,
-        filter,
-        batch,
-        ..
-    } = scope;
+    let table = &scope.table;
     let mut summary = Summary::default();
-    let tcol = quote_ident(&args.time_column);
     let secs = age.as_secs_f64();
-    let cond = format!("{tcol} < now() - $1::float8 * interval '1 second'{filter}");
+    let cond = format!(
+        "{} < now() - $1::float8 * interval '1 second'{}",
+        quote_ident(&args.time_column),
+        scope.filter
+    );
     if args.dry_run {
-        let n: i64 = reader
+        let n: i64 = db
+            .reader
             .query_one(
-                &format!("SELECT count(*) FROM {quoted_table} WHERE {cond}"),
+                &format!("SELECT count(*) FROM {} WHERE {cond}", scope.quoted_table),
                 &[&secs],
             )
             .await
@@ -312,11 +309,14 @@ async fn delete_older_than(
         return Ok(summary);
     }
     let sql_batch = format!(
-        "DELETE FROM {t} WHERE {qcol} IN (SELECT {qcol} FROM {t} WHERE {cond} LIMIT {batch})",
-        t = quoted_table
+        "DELETE FROM {t} WHERE {c} IN (SELECT {c} FROM {t} WHERE {cond} LIMIT {n})",
+        t = scope.quoted_table,
+        c = scope.qcol,
+        n = scope.batch
     );
     loop {
-        let n = writer
+        let n = db
+            .writer
             .execute(&sql_batch, &[&secs])
             .await
             .map_err(sql(format!("deleting old rows of {table}")))?;
@@ -338,48 +338,44 @@ async fn delete_older_than(
 /// position after every commit that snapshot sees; with `--older-than`,
 /// those of them older than `age`.
 async fn delete_published(
-    reader: &Client,
-    writer: &Client,
+    db: Db<'_>,
     scope: &Scope,
     cfg: &RelayConfig,
     args: &CleanupArgs,
     age: Option<Duration>,
     say: &mut (dyn FnMut(String) + Send),
 ) -> Result<Summary, CleanupError> {
-    let Scope {
-        table,
-        quoted_table,
-        qcol,
-        filter,
-        ..
-    } = scope;
-    if slot_confirmed(reader, &cfg.slot).await?.is_none() {
+    let table = &scope.table;
+    if slot_confirmed(db.reader, &cfg.slot).await?.is_none() {
         return Err(CleanupError::NoSlot(cfg.slot.clone()));
     }
-    let target = snapshot(reader).await?;
+    let target = snapshot(db.reader).await?;
     let mut summary = Summary {
         confirmed_target: Some(target),
         ..Summary::default()
     };
     // Read on the other connection: the reader's snapshot would show the
     // slot as it was.
-    wait_confirmed(writer, &cfg.slot, target, args.wait, say).await?;
+    wait_confirmed(db.writer, &cfg.slot, target, args.wait, say).await?;
     // now() is the snapshot's transaction start.
     let older = age
         .map(|a| older_than(&args.time_column, a))
         .unwrap_or_default();
     // --where is the operator's SQL: one statement only (extended protocol).
-    reader
+    db.reader
         .execute(
             &format!(
-                "DECLARE outbox_cleanup NO SCROLL CURSOR FOR SELECT {qcol}::text AS cleanup_key FROM {quoted_table} WHERE true{older}{filter} ORDER BY {qcol}"
+                "DECLARE outbox_cleanup NO SCROLL CURSOR FOR SELECT {c}::text AS cleanup_key FROM {t} WHERE true{older}{filter} ORDER BY {c}",
+                c = scope.qcol,
+                t = scope.quoted_table,
+                filter = scope.filter
             ),
             &[],
         )
         .await
         .map_err(sql("opening the cursor over the published rows"))?;
-    let would = delete_batches(reader, writer, scope, args.dry_run, &mut summary, say).await?;
-    let _ = reader.batch_execute("COMMIT").await;
+    let would = delete_batches(db, scope, args.dry_run, &mut summary, say).await?;
+    let _ = db.reader.batch_execute("COMMIT").await;
     if args.dry_run {
         say(match age {
             Some(a) => format!(
@@ -396,8 +392,7 @@ async fn delete_published(
 /// Deletes the rows the cursor `outbox_cleanup` yields, a batch at a time;
 /// with `dry_run` only counts them (the count is returned).
 async fn delete_batches(
-    reader: &Client,
-    writer: &Client,
+    db: Db<'_>,
     scope: &Scope,
     dry_run: bool,
     summary: &mut Summary,
@@ -416,7 +411,8 @@ async fn delete_batches(
     let fetch = format!("FETCH {batch} FROM outbox_cleanup");
     let mut would = 0u64;
     loop {
-        let keys: Vec<String> = reader
+        let keys: Vec<String> = db
+            .reader
             .simple_query(&fetch)
             .await
             .map_err(sql("reading the published rows"))?
@@ -433,7 +429,8 @@ async fn delete_batches(
             would += keys.len() as u64;
             continue;
         }
-        let n = writer
+        let n = db
+            .writer
             .execute(&delete, &[&keys])
             .await
             .map_err(sql(format!("deleting published rows of {table}")))?;
@@ -517,56 +514,46 @@ fn humanize(d: Duration) -> String {
     }
 }
 
+const CLEANUP: super::Entry = super::Entry::new("cleanup", super::Kafka::Optional);
+
 /// The `cleanup` subcommand; returns the exit code (0 done, 1 refused or
 /// failed, 2 configuration error).
 pub async fn command(config: Option<&Path>, args: CleanupArgs) -> u8 {
-    let cfg = match super::load(
-        "cleanup",
-        config,
-        args.options.clone(),
-        super::Kafka::Optional,
-    ) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let mut say = |line: String| println!("{line}");
-    match run(&cfg, &args, &mut say).await {
-        Ok(s) if !args.dry_run && args.drop_partitions => {
-            println!(
-                "cleanup done: dropped {} partition(s) of {} ({} row(s), published: confirmed by slot {})",
-                s.dropped_partitions.len(),
-                cfg.table_names(),
-                s.deleted,
-                cfg.slot
-            );
-            0
-        }
-        Ok(s) if !args.dry_run => {
-            println!(
-                "cleanup done: deleted {} row(s) of {} in {} batch(es){}",
-                s.deleted,
-                cfg.table_names(),
-                s.batches,
-                match s.confirmed_target {
-                    Some(t) => format!(
-                        " (published: committed before {t}, confirmed by slot {})",
+    CLEANUP
+        .with_config(config, args.options.clone(), |cfg| async move {
+            match run(&cfg, &args, &mut super::say).await {
+                Ok(s) if !args.dry_run && args.drop_partitions => {
+                    println!(
+                        "cleanup done: dropped {} partition(s) of {} ({} row(s), published: confirmed by slot {})",
+                        s.dropped_partitions.len(),
+                        cfg.table_names(),
+                        s.deleted,
                         cfg.slot
-                    ),
-                    None => String::new(),
+                    );
+                    0
                 }
-            );
-            0
-        }
-        Ok(_) => 0,
-        Err(CleanupError::Config(e)) => {
-            eprintln!("outbox-relay cleanup: {e}");
-            2
-        }
-        Err(e) => {
-            eprintln!("outbox-relay cleanup: {e}");
-            1
-        }
-    }
+                Ok(s) if !args.dry_run => {
+                    println!(
+                        "cleanup done: deleted {} row(s) of {} in {} batch(es){}",
+                        s.deleted,
+                        cfg.table_names(),
+                        s.batches,
+                        match s.confirmed_target {
+                            Some(t) => format!(
+                                " (published: committed before {t}, confirmed by slot {})",
+                                cfg.slot
+                            ),
+                            None => String::new(),
+                        }
+                    );
+                    0
+                }
+                Ok(_) => 0,
+                Err(CleanupError::Config(e)) => CLEANUP.fail(e, 2),
+                Err(e) => CLEANUP.fail(e, 1),
+            }
+        })
+        .await
 }
 
 #[cfg(test)]

@@ -94,14 +94,14 @@ async fn old_partitions(
 /// Detaches, waits for the slot, drops; attaches back if the slot does not
 /// get there.
 pub(super) async fn drop_partitions(
-    reader: &Client,
-    writer: &Client,
+    db: super::Db<'_>,
     slot: &str,
     table: &TableName,
     args: &CleanupArgs,
     age: Duration,
     say: &mut (dyn FnMut(String) + Send),
 ) -> Result<Summary, CleanupError> {
+    let super::Db { reader, writer } = db;
     check_partitioning(reader, table, &args.time_column).await?;
     if slot_confirmed(reader, slot).await?.is_none() {
         return Err(CleanupError::NoSlot(slot.to_string()));

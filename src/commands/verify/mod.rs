@@ -190,65 +190,55 @@ async fn verify_table(
     Ok(report)
 }
 
+const VERIFY: super::Entry = super::Entry::new("verify", super::Kafka::Required);
+
 /// The `verify` subcommand: prints the report; returns the exit code (0 all
 /// good, 1 loss/order/mismatch (or duplicates with --fail-on-duplicates), 2
 /// the check could not be made).
 pub async fn command(config: Option<&Path>, args: VerifyArgs) -> u8 {
-    let cfg = match super::load(
-        "verify",
-        config,
-        args.options.clone(),
-        super::Kafka::Required,
-    ) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let Some(read_timeout) = Duration::try_from_secs_f64(args.read_timeout)
-        .ok()
-        .filter(|d| !d.is_zero())
-    else {
-        eprintln!("outbox-relay verify: --read-timeout must be a positive number of seconds");
-        return 2;
-    };
-    let settings = VerifySettings {
-        order: match (args.order_column.clone(), args.order_header.clone()) {
-            (Some(c), _) => OrderBy::Column(c),
-            (None, Some(h)) => OrderBy::Header(h),
-            (None, None) => OrderBy::Default,
-        },
-        max_examples: args.max_examples,
-        read_timeout,
-    };
-    if cfg.several_tables() {
-        return match verify_all(&cfg, &settings).await {
-            Ok(reports) => print_all(&reports, &args),
-            Err(e) => {
-                eprintln!("outbox-relay verify: {e}");
-                2
+    VERIFY
+        .with_config(config, args.options.clone(), |cfg| async move {
+            let Some(read_timeout) = Duration::try_from_secs_f64(args.read_timeout)
+                .ok()
+                .filter(|d| !d.is_zero())
+            else {
+                return VERIFY.fail("--read-timeout must be a positive number of seconds", 2);
+            };
+            let settings = VerifySettings {
+                order: match (args.order_column.clone(), args.order_header.clone()) {
+                    (Some(c), _) => OrderBy::Column(c),
+                    (None, Some(h)) => OrderBy::Header(h),
+                    (None, None) => OrderBy::Default,
+                },
+                max_examples: args.max_examples,
+                read_timeout,
+            };
+            if cfg.several_tables() {
+                return match verify_all(&cfg, &settings).await {
+                    Ok(reports) => print_all(&reports, &args),
+                    Err(e) => VERIFY.fail(e, 2),
+                };
             }
-        };
-    }
-    match verify(&cfg, &settings).await {
-        Ok(report) => {
-            if args.json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report.to_json(args.fail_on_duplicates))
-                        .unwrap_or_default()
-                );
-            } else {
-                println!("{report}");
-                if args.fail_on_duplicates && report.duplicates.events > 0 {
-                    println!("FAILED: duplicates (--fail-on-duplicates)");
+            match verify(&cfg, &settings).await {
+                Ok(report) => {
+                    if args.json {
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&report.to_json(args.fail_on_duplicates))
+                                .unwrap_or_default()
+                        );
+                    } else {
+                        println!("{report}");
+                        if args.fail_on_duplicates && report.duplicates.events > 0 {
+                            println!("FAILED: duplicates (--fail-on-duplicates)");
+                        }
+                    }
+                    u8::from(!report.passed(args.fail_on_duplicates))
                 }
+                Err(e) => VERIFY.fail(e, 2),
             }
-            u8::from(!report.passed(args.fail_on_duplicates))
-        }
-        Err(e) => {
-            eprintln!("outbox-relay verify: {e}");
-            2
-        }
-    }
+        })
+        .await
 }
 
 /// Several tables' reports: each in turn (text), or one JSON object with

@@ -80,6 +80,23 @@ fn read_error(what: &str) -> impl FnOnce(tokio_postgres::Error) -> VerifyError {
     move |e| adapt(e).into()
 }
 
+/// The columns (name, type OID) the catalog query `sql` finds for the
+/// table, `$1` its quoted name; `what` they are, for an error.
+async fn catalog_columns(
+    client: &tokio_postgres::Client,
+    router: &RouterConfig,
+    sql: &str,
+    what: &str,
+) -> Result<Vec<(String, u32)>, VerifyError> {
+    Ok(client
+        .query(sql, &[&router.table.quoted()])
+        .await
+        .map_err(read_error(what))?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}
+
 /// The table's columns and their types; an error names a column the
 /// configuration refers to that the table lacks.
 async fn table_columns(
@@ -88,18 +105,15 @@ async fn table_columns(
     order: &OrderBy,
 ) -> Result<Vec<(String, u32)>, VerifyError> {
     let table = router.table.to_string();
-    let columns: Vec<(String, u32)> = client
-        .query(
-            "SELECT a.attname::text, a.atttypid FROM pg_attribute a
-              WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
-              ORDER BY a.attnum",
-            &[&router.table.quoted()],
-        )
-        .await
-        .map_err(read_error("columns"))?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let columns = catalog_columns(
+        client,
+        router,
+        "SELECT a.attname::text, a.atttypid FROM pg_attribute a
+          WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
+          ORDER BY a.attnum",
+        "columns",
+    )
+    .await?;
     if columns.is_empty() {
         return Err(VerifyError::NoTable(table));
     }
@@ -132,18 +146,15 @@ async fn default_order_column(
     router: &RouterConfig,
     notes: &mut Vec<String>,
 ) -> Result<Option<String>, VerifyError> {
-    let pk: Vec<(String, u32)> = client
-        .query(
-            "SELECT a.attname::text, a.atttypid FROM pg_index i
-               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
-              WHERE i.indrelid = to_regclass($1) AND i.indisprimary",
-            &[&router.table.quoted()],
-        )
-        .await
-        .map_err(read_error("primary key"))?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let pk = catalog_columns(
+        client,
+        router,
+        "SELECT a.attname::text, a.atttypid FROM pg_index i
+           JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+          WHERE i.indrelid = to_regclass($1) AND i.indisprimary",
+        "primary key",
+    )
+    .await?;
     Ok(match pk.as_slice() {
         [(c, t)] if INTEGER_OIDS.contains(t) => Some(c.clone()),
         _ => {

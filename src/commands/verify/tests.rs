@@ -55,15 +55,20 @@ fn rows3() -> Vec<OutboxRow> {
     ]
 }
 
+/// The three rows of [`rows3`] compared with records of them in Kafka:
+/// (row, partition, offset) each.
+fn delivered(records: &[(usize, i32, i64)]) -> Report {
+    let rows = rows3();
+    let recs = records
+        .iter()
+        .map(|&(i, partition, offset)| rec(&rows[i], partition, offset))
+        .collect();
+    compare(&outbox(rows), &snap(recs), &OrderBy::Default, 5)
+}
+
 #[test]
 fn all_delivered_passes() {
-    let rows = rows3();
-    let recs = vec![
-        rec(&rows[0], 0, 0),
-        rec(&rows[1], 0, 1),
-        rec(&rows[2], 1, 0),
-    ];
-    let r = compare(&outbox(rows), &snap(recs), &OrderBy::Default, 5);
+    let r = delivered(&[(0, 0, 0), (1, 0, 1), (2, 1, 0)]);
     assert!(r.passed(true), "{r}");
     assert_eq!((r.rows, r.records, r.delivered), (3, 3, 3));
     assert!(r
@@ -73,13 +78,7 @@ fn all_delivered_passes() {
 
 #[test]
 fn swapped_events_of_one_key_are_an_order_violation() {
-    let rows = rows3();
-    let recs = vec![
-        rec(&rows[1], 0, 0),
-        rec(&rows[0], 0, 1),
-        rec(&rows[2], 0, 2),
-    ];
-    let r = compare(&outbox(rows), &snap(recs), &OrderBy::Default, 5);
+    let r = delivered(&[(1, 0, 0), (0, 0, 1), (2, 0, 2)]);
     assert_eq!(r.order_violations.count, 1, "{r}");
     let v = &r.order_violations.examples[0];
     assert_eq!(
@@ -95,15 +94,7 @@ fn swapped_events_of_one_key_are_an_order_violation() {
 
 #[test]
 fn redelivered_suffix_is_not_an_order_violation_but_a_duplicate() {
-    let rows = rows3();
-    let recs = vec![
-        rec(&rows[0], 0, 0),
-        rec(&rows[1], 0, 1),
-        rec(&rows[0], 0, 2),
-        rec(&rows[1], 0, 3),
-        rec(&rows[2], 1, 0),
-    ];
-    let r = compare(&outbox(rows), &snap(recs), &OrderBy::Default, 5);
+    let r = delivered(&[(0, 0, 0), (1, 0, 1), (0, 0, 2), (1, 0, 3), (2, 1, 0)]);
     assert_eq!(r.order_violations.count, 0, "{r}");
     assert_eq!((r.duplicates.events, r.duplicates.redeliveries), (2, 2));
     assert!(r.passed(false) && !r.passed(true));

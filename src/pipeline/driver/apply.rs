@@ -5,6 +5,7 @@
 use crate::lsn::Lsn;
 use crate::pipeline::checkpoint::TxnSeq;
 use crate::pipeline::decode::pgoutput::{self, Insert, LogicalMessage};
+use crate::pipeline::history::Begins;
 use crate::pipeline::policy::Failed;
 use crate::pipeline::route::router::Routed;
 use crate::pipeline::settings::RelayConfig;
@@ -30,7 +31,7 @@ impl State {
                 commit_time,
             } => {
                 self.pos.commit_time = commit_time;
-                self.delivery_begin(commit_lsn, Some(xid), Some(commit_time))?;
+                self.delivery_begin(Begins::transaction(commit_lsn, xid, commit_time))?;
                 self.checkpoint.begin(commit_lsn)?;
                 Ok(())
             }
@@ -112,7 +113,7 @@ impl State {
         commit_time: i64,
     ) -> Result<(), PipelineError> {
         self.pos.commit_time = commit_time;
-        let in_kafka = self.delivery_begin(final_lsn, Some(xid), Some(commit_time))?;
+        let in_kafka = self.delivery_begin(Begins::transaction(final_lsn, xid, commit_time))?;
         if !in_kafka {
             self.pos.first_begin(final_lsn);
         }
@@ -181,7 +182,7 @@ impl State {
             // Exactly-once: its own unit, ordered by a position inside its
             // record (its LSN is where the next record starts, which may be
             // the commit of the transaction that emitted it).
-            in_kafka = self.delivery_begin(Lsn(m.lsn.0.saturating_sub(1)), None, None)?;
+            in_kafka = self.delivery_begin(Begins::message(Lsn(m.lsn.0.saturating_sub(1))))?;
         }
         let result = match route {
             _ if in_kafka => Ok(()),

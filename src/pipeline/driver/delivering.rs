@@ -6,10 +6,11 @@ use std::time::Duration;
 
 use crate::lsn::Lsn;
 use crate::pipeline::checkpoint::Holds;
+use crate::pipeline::history::Begins;
 use crate::pipeline::settings::RelayConfig;
 use crate::pipeline::sink::transactions::TxnError;
 
-use super::delivery::Env;
+use super::delivery::{Env, Turn};
 use super::errors::PipelineError;
 use super::state::State;
 
@@ -41,14 +42,8 @@ impl State {
 
     /// A Postgres transaction begins (a non-transactional message: no xid
     /// and no commit time). Whether it is already in Kafka.
-    pub(super) fn delivery_begin(
-        &mut self,
-        commit_lsn: Lsn,
-        xid: Option<u32>,
-        commit_time: Option<i64>,
-    ) -> Result<bool, PipelineError> {
-        self.delivery
-            .begin(env!(self), commit_lsn, xid, commit_time)
+    pub(super) fn delivery_begin(&mut self, begins: Begins) -> Result<bool, PipelineError> {
+        self.delivery.begin(env!(self), begins)
     }
 
     /// A keepalive: the server's WAL went past `wal_end`.
@@ -105,9 +100,11 @@ impl State {
         stream_idle: bool,
         stopping: bool,
     ) -> Result<bool, PipelineError> {
-        let at_boundary = !self.checkpoint.in_transaction() && self.out.waiting.is_empty();
-        let now = stream_idle || stopping || !self.has_room(cfg);
-        self.delivery.turn(env!(self), at_boundary, now)
+        let turn = Turn {
+            at_boundary: !self.checkpoint.in_transaction() && self.out.waiting.is_empty(),
+            now: stream_idle || stopping || !self.has_room(cfg),
+        };
+        self.delivery.turn(env!(self), turn)
     }
 
     /// A commit in flight finished.

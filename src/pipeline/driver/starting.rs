@@ -10,7 +10,7 @@ use crate::pipeline::history::{Forked, ServerHistory};
 use crate::pipeline::settings::{ExactlyOnceConfig, RelayConfig};
 use crate::pipeline::source::ReplicationWriter;
 
-use super::delivery::record::{moved_by_us, Recorder};
+use super::delivery::record::Recorder;
 use super::delivery::{Delivery, Transactions};
 use super::errors::PipelineError;
 use super::state::State;
@@ -83,21 +83,16 @@ async fn at_least_once(
         Duration::from_secs(15),
     )
     .await?;
-    moved_by_us(
-        cfg,
-        resume,
-        found,
-        recorder.at_start.as_ref(),
-        server.timeline,
-    )?;
     // At-least-once publishes whatever the stream sends: a fork
     // changes nothing it does, but is said and counted.
-    recorder.judge(
+    recorder.settle(
+        cfg,
         &state.metrics,
+        resume,
         found,
         None,
         "at-least-once publishes everything the slot sends",
-    );
+    )?;
     Ok(recorder)
 }
 
@@ -133,19 +128,14 @@ async fn exactly_once(
         recorder = Recorder::start(cfg, topic, system_id, server, found).await?;
     }
     recorder.transactional_id = Some(ours);
-    moved_by_us(
+    let judged = recorder.settle(
         cfg,
-        resume,
-        found,
-        recorder.at_start.as_ref(),
-        server.timeline,
-    )?;
-    let judged = recorder.judge(
         &state.metrics,
+        resume,
         found,
         forked,
         "exactly-once publishes every transaction of the new history",
-    );
+    )?;
     if judged.fork.is_some() {
         // Its notes name positions of the other history.
         state.dead.refused = Default::default();

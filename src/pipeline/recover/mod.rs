@@ -135,7 +135,8 @@ pub async fn run(
     args: &RecoverSettings,
     say: &mut (dyn FnMut(String) + Send),
 ) -> Result<Summary, RecoverError> {
-    refuse_picked(cfg)?;
+    cfg.refuse_picked("the new slot serves every table: recover them all (remove --table)")
+        .map_err(RecoverError::Config)?;
     let started = Instant::now();
     let slot = cfg.slot.clone();
     let (client, _conn) = crate::pg::sql::connect(&cfg.database).await?;
@@ -209,14 +210,4 @@ pub async fn run(
     summary.published = published.acked;
     summary.elapsed = started.elapsed();
     Ok(summary)
-}
-
-fn refuse_picked(cfg: &RelayConfig) -> Result<(), RecoverError> {
-    if !cfg.table_picked {
-        return Ok(());
-    }
-    Err(RecoverError::Config(format!(
-        "--table {} picks one of the config file's [[tables]] sections, but the new slot serves every table: recover them all (remove --table)",
-        cfg.table_names()
-    )))
 }

@@ -16,7 +16,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 
-use super::{Enqueued, KafkaSink, SinkError};
+use super::{Enqueued, KafkaSink, RelayProducer, SinkError};
 
 /// The delivery tag of progress records: never a tag of the in-flight
 /// tracker, whose tags count up from 0.
@@ -77,12 +77,8 @@ impl KafkaSink {
     /// Registers the transactional.id with its coordinator, fencing any
     /// earlier producer with the same id and aborting what it left open.
     pub async fn init_transactions(&self, timeout: Duration) -> Result<(), TxnError> {
-        let producer = self.producer.clone();
-        blocking(
-            move || producer.init_transactions(timeout),
-            "init_transactions",
-        )
-        .await
+        self.blocking("init_transactions", move |p| p.init_transactions(timeout))
+            .await
     }
 
     /// Starts a transaction: a local state change, it does not block.
@@ -109,12 +105,8 @@ impl KafkaSink {
     /// Aborts the open transaction: its records are never shown to
     /// read_committed consumers.
     pub async fn abort_transaction(&self, timeout: Duration) -> Result<(), TxnError> {
-        let producer = self.producer.clone();
-        blocking(
-            move || producer.abort_transaction(timeout),
-            "abort_transaction",
-        )
-        .await
+        self.blocking("abort_transaction", move |p| p.abort_transaction(timeout))
+            .await
     }
 
     /// The progress record of the open transaction, to partition 0 of the
@@ -143,16 +135,22 @@ impl KafkaSink {
     }
 }
 
-async fn blocking(
-    call: impl FnOnce() -> Result<(), KafkaError> + Send + 'static,
-    what: &'static str,
-) -> Result<(), TxnError> {
-    match tokio::task::spawn_blocking(call).await {
-        Ok(r) => r.map_err(|e| TxnError::of(what, e)),
-        Err(_) => Err(TxnError {
-            kind: TxnFailure::Fatal,
-            what,
-            error: KafkaError::Canceled,
-        }),
+impl KafkaSink {
+    /// A blocking call of the producer's, on a blocking thread; `what` names
+    /// it in an error.
+    async fn blocking(
+        &self,
+        what: &'static str,
+        call: impl FnOnce(&RelayProducer) -> Result<(), KafkaError> + Send + 'static,
+    ) -> Result<(), TxnError> {
+        let producer = self.producer.clone();
+        match tokio::task::spawn_blocking(move || call(&producer)).await {
+            Ok(r) => r.map_err(|e| TxnError::of(what, e)),
+            Err(_) => Err(TxnError {
+                kind: TxnFailure::Fatal,
+                what,
+                error: KafkaError::Canceled,
+            }),
+        }
     }
 }

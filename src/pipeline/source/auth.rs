@@ -94,18 +94,14 @@ impl ReplicationConnection {
                     scram = Some(s);
                 }
                 Message::AuthenticationSaslContinue(body) => {
-                    let s = scram.as_mut().ok_or_else(|| {
-                        ReplicationError::Protocol("SASL continue before SASL start".into())
-                    })?;
+                    let s = scram_started(&mut scram, "continue")?;
                     s.update(body.data())
                         .map_err(|e| ReplicationError::Auth(format!("SCRAM: {e}")))?;
                     frontend::sasl_response(s.message(), &mut self.out)?;
                     self.flush().await?;
                 }
                 Message::AuthenticationSaslFinal(body) => {
-                    let s = scram.as_mut().ok_or_else(|| {
-                        ReplicationError::Protocol("SASL final before SASL start".into())
-                    })?;
+                    let s = scram_started(&mut scram, "final")?;
                     s.finish(body.data())
                         .map_err(|e| ReplicationError::Auth(format!("SCRAM server signature: {e}")))?;
                     scram_finished = true;
@@ -199,4 +195,15 @@ fn allow(p: &ConnectParams, m: AuthMethod) -> Result<(), ReplicationError> {
             require.describe()
         )))
     }
+}
+
+/// The SCRAM exchange a later SASL message (`step`) belongs to: a protocol
+/// error when the server sends one before SASL started.
+fn scram_started<'s>(
+    scram: &'s mut Option<sasl::ScramSha256>,
+    step: &str,
+) -> Result<&'s mut sasl::ScramSha256, ReplicationError> {
+    scram
+        .as_mut()
+        .ok_or_else(|| ReplicationError::Protocol(format!("SASL {step} before SASL start")))
 }

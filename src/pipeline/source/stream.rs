@@ -101,23 +101,24 @@ impl ReplicationWriter {
         self.out.put_u64(confirmed.0);
         self.out.put_i64(pg_now());
         self.out.put_u8(u8::from(reply));
-        self.w.write_all(&self.out).await?;
-        self.w.flush().await?;
-        Ok(())
+        self.send().await
     }
 
     /// Ends the copy from our side (CopyDone) so the server can finish cleanly.
     pub async fn send_copy_done(&mut self) -> Result<(), ReplicationError> {
         self.out.clear();
         frontend::copy_done(&mut self.out);
-        self.w.write_all(&self.out).await?;
-        self.w.flush().await?;
-        Ok(())
+        self.send().await
     }
 
     pub async fn send_terminate(&mut self) -> Result<(), ReplicationError> {
         self.out.clear();
         frontend::terminate(&mut self.out);
+        self.send().await
+    }
+
+    /// Writes the message built in `out` and flushes it.
+    async fn send(&mut self) -> Result<(), ReplicationError> {
         self.w.write_all(&self.out).await?;
         self.w.flush().await?;
         Ok(())

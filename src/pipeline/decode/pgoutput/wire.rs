@@ -26,38 +26,28 @@ pub(super) fn need(r: &Bytes, n: usize, what: &'static str) -> Result<(), Decode
     }
 }
 
-pub(super) fn read_u8(r: &mut Bytes, what: &'static str) -> Result<u8, DecodeError> {
-    need(r, 1, what)?;
-    Ok(r.get_u8())
+/// A reader for each big-endian integer type the protocol uses, named
+/// after it (`read_u8`, ...): the field's width checked, then read.
+macro_rules! read_ints {
+    ($($name:ident: $t:ty => $get:ident),*) => {$(
+        pub(super) fn $name(r: &mut Bytes, what: &'static str) -> Result<$t, DecodeError> {
+            need(r, std::mem::size_of::<$t>(), what)?;
+            Ok(r.$get())
+        }
+    )*};
 }
 
-pub(super) fn read_i16(r: &mut Bytes, what: &'static str) -> Result<i16, DecodeError> {
-    need(r, 2, what)?;
-    Ok(r.get_i16())
-}
-
-pub(super) fn read_u32(r: &mut Bytes, what: &'static str) -> Result<u32, DecodeError> {
-    need(r, 4, what)?;
-    Ok(r.get_u32())
-}
-
-pub(super) fn read_i32(r: &mut Bytes, what: &'static str) -> Result<i32, DecodeError> {
-    need(r, 4, what)?;
-    Ok(r.get_i32())
-}
-
-pub(super) fn read_u64(r: &mut Bytes, what: &'static str) -> Result<u64, DecodeError> {
-    need(r, 8, what)?;
-    Ok(r.get_u64())
-}
+read_ints!(
+    read_u8: u8 => get_u8,
+    read_i16: i16 => get_i16,
+    read_u32: u32 => get_u32,
+    read_i32: i32 => get_i32,
+    read_u64: u64 => get_u64,
+    read_i64: i64 => get_i64
+);
 
 pub(super) fn read_lsn(r: &mut Bytes, what: &'static str) -> Result<Lsn, DecodeError> {
     read_u64(r, what).map(Lsn)
-}
-
-pub(super) fn read_i64(r: &mut Bytes, what: &'static str) -> Result<i64, DecodeError> {
-    need(r, 8, what)?;
-    Ok(r.get_i64())
 }
 
 pub(super) fn read_len_prefixed(r: &mut Bytes, what: &'static str) -> Result<Bytes, DecodeError> {

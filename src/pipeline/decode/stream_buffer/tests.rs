@@ -44,6 +44,14 @@ impl Drop for TempDir {
     }
 }
 
+/// A buffer holding `memory` bytes in memory, spilling into a fresh
+/// directory (removed when the `TempDir` is dropped).
+fn buffer(tag: &str, memory: usize) -> (TempDir, StreamBuffer) {
+    let dir = TempDir::new(tag);
+    let b = StreamBuffer::new(memory, dir.0.clone());
+    (dir, b)
+}
+
 fn msg(tag: &str, size: usize) -> Bytes {
     let mut v = tag.as_bytes().to_vec();
     v.resize(size.max(v.len()), b'.');
@@ -62,8 +70,7 @@ fn tags(v: &[Bytes]) -> Vec<String> {
 
 #[test]
 fn interleaved_transactions_stay_apart_and_in_order() {
-    let dir = TempDir::new("interleave");
-    let mut b = StreamBuffer::new(1 << 20, dir.0.clone());
+    let (dir, mut b) = buffer("interleave", 1 << 20);
     b.start(10, true).unwrap();
     b.push(10, 10, Lsn(1), &msg("a1", 4)).unwrap();
     b.start(20, true).unwrap();
@@ -92,8 +99,7 @@ fn interleaved_transactions_stay_apart_and_in_order() {
 
 #[test]
 fn subtransaction_abort_drops_only_its_changes() {
-    let dir = TempDir::new("subabort");
-    let mut b = StreamBuffer::new(1 << 20, dir.0.clone());
+    let (_dir, mut b) = buffer("subabort", 1 << 20);
     b.start(100, true).unwrap();
     b.push(100, 100, Lsn(1), &msg("kept", 4)).unwrap();
     b.push(100, 101, Lsn(2), &msg("sub1", 4)).unwrap();
@@ -112,8 +118,7 @@ fn subtransaction_abort_drops_only_its_changes() {
 
 #[test]
 fn whole_abort_drops_the_transaction_and_its_file() {
-    let dir = TempDir::new("abort");
-    let mut b = StreamBuffer::new(10, dir.0.clone());
+    let (dir, mut b) = buffer("abort", 10);
     b.start(7, true).unwrap();
     b.start(8, true).unwrap();
     for i in 0..5 {
@@ -194,8 +199,7 @@ fn file_io_lets_a_task_queued_on_the_same_worker_run() {
 /// the file.
 #[test]
 fn a_record_larger_than_the_read_chunk_reads_back_whole() {
-    let dir = TempDir::new("bigrec");
-    let mut b = StreamBuffer::new(1024, dir.0.clone());
+    let (_dir, mut b) = buffer("bigrec", 1024);
     b.start(1, true).unwrap();
     let big = msg("big", REPLAY_READ_CHUNK * 2 + 7);
     b.push(1, 1, Lsn(1), &msg("small", 10)).unwrap();
@@ -208,8 +212,7 @@ fn a_record_larger_than_the_read_chunk_reads_back_whole() {
 }
 
 fn spill_round_trip(tag: &str) {
-    let dir = TempDir::new(tag);
-    let mut b = StreamBuffer::new(1024, dir.0.clone());
+    let (dir, mut b) = buffer(tag, 1024);
     b.start(1, true).unwrap();
     b.start(2, true).unwrap();
     for i in 0..100u64 {
@@ -302,8 +305,7 @@ fn spill_files_are_private_and_a_foreign_directory_is_refused() {
 
 #[test]
 fn budget_is_respected_and_the_largest_spills_first() {
-    let dir = TempDir::new("budget");
-    let mut b = StreamBuffer::new(300, dir.0.clone());
+    let (dir, mut b) = buffer("budget", 300);
     b.start(1, true).unwrap();
     b.start(2, true).unwrap();
     b.push(1, 1, Lsn(1), &msg("big", 200)).unwrap();
@@ -334,8 +336,7 @@ fn budget_is_respected_and_the_largest_spills_first() {
 
 #[test]
 fn a_dropped_replay_removes_its_file() {
-    let dir = TempDir::new("dropreplay");
-    let mut b = StreamBuffer::new(0, dir.0.clone());
+    let (dir, mut b) = buffer("dropreplay", 0);
     b.start(1, true).unwrap();
     b.push(1, 1, Lsn(1), &msg("a", 10)).unwrap();
     b.push(1, 1, Lsn(2), &msg("b", 10)).unwrap();
@@ -348,8 +349,7 @@ fn a_dropped_replay_removes_its_file() {
 
 #[test]
 fn odd_sequences_are_errors_not_panics() {
-    let dir = TempDir::new("odd");
-    let mut b = StreamBuffer::new(100, dir.0.clone());
+    let (_dir, mut b) = buffer("odd", 100);
     assert!(matches!(
         b.push(1, 1, Lsn(0), &msg("x", 1)),
         Err(StreamBufferError::UnknownTransaction { xid: 1 })

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use crate::lsn::Lsn;
 use crate::observe::metrics::Metrics;
+use crate::pipeline::history::Begins;
 use crate::pipeline::sink::transactions::TxnError;
 use crate::pipeline::sink::KafkaSink;
 
@@ -23,6 +24,17 @@ pub(super) mod record;
 
 pub(super) use exactly_once::Transactions;
 use record::Recorder;
+
+/// Where the loop stands at the top of a turn, for the commit decision:
+/// at a Postgres transaction boundary with every record handed to the
+/// producer (`at_boundary`), and whether waiting longer gains nothing
+/// (`now`: the stream has nothing more ready, reading is blocked, or the
+/// relay is stopping).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Turn {
+    pub(super) at_boundary: bool,
+    pub(super) now: bool,
+}
 
 /// What a hook may touch besides the mode's own state.
 pub(super) struct Env<'a> {
@@ -62,13 +74,11 @@ impl Delivery {
     pub(super) fn begin(
         &mut self,
         env: &mut Env<'_>,
-        commit_lsn: Lsn,
-        xid: Option<u32>,
-        commit_time: Option<i64>,
+        begins: Begins,
     ) -> Result<bool, PipelineError> {
         match self {
             Delivery::AtLeastOnce => Ok(false),
-            Delivery::ExactlyOnce(t) => t.begin(env, commit_lsn, xid, commit_time),
+            Delivery::ExactlyOnce(t) => t.begin(env, begins),
         }
     }
 
@@ -130,15 +140,10 @@ impl Delivery {
 
     /// At the top of each turn of the loop; whether reading must wait (a
     /// commit is in flight).
-    pub(super) fn turn(
-        &mut self,
-        env: &mut Env<'_>,
-        at_boundary: bool,
-        now: bool,
-    ) -> Result<bool, PipelineError> {
+    pub(super) fn turn(&mut self, env: &mut Env<'_>, turn: Turn) -> Result<bool, PipelineError> {
         match self {
             Delivery::AtLeastOnce => Ok(false),
-            Delivery::ExactlyOnce(t) => t.turn(env, at_boundary, now),
+            Delivery::ExactlyOnce(t) => t.turn(env, turn),
         }
     }
 

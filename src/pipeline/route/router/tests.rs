@@ -82,24 +82,30 @@ fn t(s: &str) -> TupleValue {
     TupleValue::Text(Bytes::copy_from_slice(s.as_bytes()))
 }
 
+/// A row of relation `oid`, its values as text.
+fn row(oid: u32, values: &[&str]) -> Insert {
+    Insert {
+        relation_oid: oid,
+        tuple: values.iter().map(|v| t(v)).collect(),
+    }
+}
+
+/// What `r` routes a row of relation `oid` to, which must be a record.
+fn record(r: &mut Router, oid: u32, values: &[&str]) -> OutboxRecord {
+    match r.route(&row(oid, values)) {
+        Ok(Routed::Record(rec)) => rec,
+        other => panic!("relation {oid} is an outbox table: {other:?}"),
+    }
+}
+
 #[test]
 fn routes_a_debezium_row() {
     let mut r = debezium_router();
-    let Routed::Record(rec) = r
-        .route(&Insert {
-            relation_oid: 7,
-            tuple: vec![
-                t("u-1"),
-                t("Order"),
-                t("o-9"),
-                t("OrderCreated"),
-                t("{\"a\": 1}"),
-            ],
-        })
-        .unwrap()
-    else {
-        panic!("an outbox row is a record");
-    };
+    let rec = record(
+        &mut r,
+        7,
+        &["u-1", "Order", "o-9", "OrderCreated", "{\"a\": 1}"],
+    );
     assert_eq!(&*rec.topic, "outbox.event.Order");
     assert_eq!(rec.key, "o-9");
     assert_eq!(rec.payload.as_deref(), Some(&b"{\"a\": 1}"[..]));
@@ -122,14 +128,11 @@ fn routes_a_debezium_row() {
 fn topics_are_shared_within_a_run_and_rendered_on_change() {
     let mut r = debezium_router();
     let mut topic = |agg_type: &str| {
-        r.route(&Insert {
-            relation_oid: 7,
-            tuple: vec![t("u"), t(agg_type), t("k"), t("E"), t("{}")],
-        })
-        .map(|routed| match routed {
-            Routed::Record(rec) => rec.topic,
-            Routed::OtherTable(t) => panic!("not the outbox: {t}"),
-        })
+        r.route(&row(7, &["u", agg_type, "k", "E", "{}"]))
+            .map(|routed| match routed {
+                Routed::Record(rec) => rec.topic,
+                Routed::OtherTable(t) => panic!("not the outbox: {t}"),
+            })
     };
     let a1 = topic("Order").unwrap();
     let a2 = topic("Order").unwrap();
@@ -207,19 +210,16 @@ fn missing_column_lists_the_existing_ones() {
 #[test]
 fn a_mapped_column_changing_type_is_refused_an_unmapped_one_is_not() {
     let mut r = debezium_router();
-    let rel = |payload_type: u32, extra: u32| Relation {
-        oid: 7,
-        namespace: "public".into(),
-        name: "outboxevent".into(),
-        replica_identity: b'd',
-        columns: vec![
-            col("id", 2950),
-            col("aggregatetype", 1043),
-            col("aggregateid", 1043),
-            col("type", 1043),
-            col("payload", payload_type),
-            col("note", extra),
-        ],
+    // The router's table, with the payload's type and a column it does not
+    // map as given.
+    let rel = |payload_type: u32, extra: u32| {
+        let mut rel = debezium_relation(7);
+        rel.columns
+            .iter_mut()
+            .filter(|c| c.name == "payload")
+            .for_each(|c| c.type_oid = payload_type);
+        rel.columns.push(col("note", extra));
+        rel
     };
     // An unmapped column may come and change.
     r.on_relation(&rel(3802, 25)).unwrap();
@@ -244,10 +244,7 @@ fn rows_of_other_tables_are_skipped_by_name() {
         columns: vec![col("id", 20)],
     })
     .unwrap();
-    match r.route(&Insert {
-        relation_oid: 9,
-        tuple: vec![t("1")],
-    }) {
+    match r.route(&row(9, &["1"])) {
         Ok(Routed::OtherTable(name)) => assert_eq!(&*name, "public.orders"),
         other => panic!("{other:?}"),
     }
@@ -290,37 +287,15 @@ fn several_tables_route_each_by_its_own_mapping() {
     r.on_relation(&debezium_relation(2)).unwrap();
     r.on_relation(&classic_relation(3, "shipping.outbox", 3802))
         .unwrap();
-    let Routed::Record(a) = r
-        .route(&Insert {
-            relation_oid: 1,
-            tuple: vec![t("1"), t("e-1"), t("Invoiced"), t("inv-7"), t("{}")],
-        })
-        .unwrap()
-    else {
-        panic!("billing.outbox is an outbox table")
-    };
+    let a = record(&mut r, 1, &["1", "e-1", "Invoiced", "inv-7", "{}"]);
     assert_eq!(&*a.topic, "billing.Invoiced");
     assert_eq!(&a.key[..], b"inv-7");
     assert_eq!(&a.event_id[..], b"e-1");
-    let Routed::Record(b) = r
-        .route(&Insert {
-            relation_oid: 2,
-            tuple: vec![t("u-1"), t("Order"), t("o-9"), t("OrderCreated"), t("{}")],
-        })
-        .unwrap()
-    else {
-        panic!("public.outboxevent is an outbox table")
-    };
+    let b = record(&mut r, 2, &["u-1", "Order", "o-9", "OrderCreated", "{}"]);
     assert_eq!(&*b.topic, "outbox.event.Order");
     assert_eq!(&b.key[..], b"o-9");
     // A table no section names is skipped, by name.
-    match r
-        .route(&Insert {
-            relation_oid: 3,
-            tuple: vec![t("1"), t("e-2"), t("X"), t("k"), t("{}")],
-        })
-        .unwrap()
-    {
+    match r.route(&row(3, &["1", "e-2", "X", "k", "{}"])).unwrap() {
         Routed::OtherTable(name) => assert_eq!(&*name, "shipping.outbox"),
         other => panic!("{other:?}"),
     }

@@ -6,6 +6,16 @@ use bytes::{BufMut, Bytes, BytesMut};
 use super::super::*;
 use crate::lsn::Lsn;
 
+/// A builder method for each fixed-width field type, named after it:
+/// written big-endian, as pgoutput writes them.
+macro_rules! int_fields {
+    ($($t:ident),*) => {$(
+        pub(super) fn $t(self, v: $t) -> Self {
+            self.raw(&v.to_be_bytes())
+        }
+    )*};
+}
+
 /// Builds synthetic messages field by field.
 #[derive(Default)]
 pub(super) struct W(pub(super) BytesMut);
@@ -16,30 +26,7 @@ impl W {
         w.0.put_u8(t);
         w
     }
-    pub(super) fn u8(mut self, v: u8) -> Self {
-        self.0.put_u8(v);
-        self
-    }
-    pub(super) fn i16(mut self, v: i16) -> Self {
-        self.0.put_i16(v);
-        self
-    }
-    pub(super) fn u32(mut self, v: u32) -> Self {
-        self.0.put_u32(v);
-        self
-    }
-    pub(super) fn i32(mut self, v: i32) -> Self {
-        self.0.put_i32(v);
-        self
-    }
-    pub(super) fn u64(mut self, v: u64) -> Self {
-        self.0.put_u64(v);
-        self
-    }
-    pub(super) fn i64(mut self, v: i64) -> Self {
-        self.0.put_i64(v);
-        self
-    }
+    int_fields!(u8, i16, u32, i32, u64, i64);
     pub(super) fn str(mut self, s: &str) -> Self {
         self.0.put_slice(s.as_bytes());
         self.0.put_u8(0);
@@ -60,6 +47,12 @@ impl W {
             .u8(b'b')
             .i32(1)
             .raw(&[0xff])
+    }
+    /// The fields Begin Prepare, Prepare, Commit Prepared and Stream Prepare
+    /// share (after the flags, which Begin Prepare has not): two LSNs, a
+    /// time, the xid and the gid.
+    pub(super) fn prepared(self, lsn: u64, end_lsn: u64, time: i64, xid: u32, gid: &str) -> Self {
+        self.u64(lsn).u64(end_lsn).i64(time).u32(xid).str(gid)
     }
     pub(super) fn bytes(self) -> Bytes {
         self.0.freeze()
@@ -298,13 +291,7 @@ pub(super) fn plain_samples() -> Vec<(Bytes, LogicalMessage)> {
             }),
         ),
         (
-            W::tag(b'b')
-                .u64(0x60)
-                .u64(0x68)
-                .i64(12)
-                .u32(901)
-                .str("gid-1")
-                .bytes(),
+            W::tag(b'b').prepared(0x60, 0x68, 12, 901, "gid-1").bytes(),
             M::BeginPrepare(BeginPrepare {
                 prepare_lsn: Lsn(0x60),
                 end_lsn: Lsn(0x68),
@@ -316,11 +303,7 @@ pub(super) fn plain_samples() -> Vec<(Bytes, LogicalMessage)> {
         (
             W::tag(b'P')
                 .u8(0)
-                .u64(0x60)
-                .u64(0x68)
-                .i64(12)
-                .u32(901)
-                .str("gid-1")
+                .prepared(0x60, 0x68, 12, 901, "gid-1")
                 .bytes(),
             M::Prepare(Prepare {
                 flags: 0,
@@ -334,11 +317,7 @@ pub(super) fn plain_samples() -> Vec<(Bytes, LogicalMessage)> {
         (
             W::tag(b'K')
                 .u8(0)
-                .u64(0x70)
-                .u64(0x78)
-                .i64(13)
-                .u32(901)
-                .str("gid-1")
+                .prepared(0x70, 0x78, 13, 901, "gid-1")
                 .bytes(),
             M::CommitPrepared(CommitPrepared {
                 flags: 0,
@@ -372,11 +351,7 @@ pub(super) fn plain_samples() -> Vec<(Bytes, LogicalMessage)> {
         (
             W::tag(b'p')
                 .u8(0)
-                .u64(0x90)
-                .u64(0x98)
-                .i64(15)
-                .u32(903)
-                .str("gid-3")
+                .prepared(0x90, 0x98, 15, 903, "gid-3")
                 .bytes(),
             M::StreamPrepare(Prepare {
                 flags: 0,
@@ -396,34 +371,19 @@ pub(super) fn streamed_samples(xid: u32) -> Vec<(Bytes, LogicalMessage)> {
     plain_samples()
         .into_iter()
         .filter(|(b, _)| b"RYIUDTM".contains(&b[0]))
-        .map(|(b, m)| {
+        .map(|(b, mut m)| {
             let mut s = BytesMut::new();
             s.put_u8(b[0]);
             s.put_u32(xid);
             s.put_slice(&b[1..]);
-            let m = match m {
-                LogicalMessage::Type(t) => LogicalMessage::Type(Type {
-                    xid: Some(xid),
-                    ..t
-                }),
-                LogicalMessage::Update(u) => LogicalMessage::Update(Update {
-                    xid: Some(xid),
-                    ..u
-                }),
-                LogicalMessage::Delete(d) => LogicalMessage::Delete(Delete {
-                    xid: Some(xid),
-                    ..d
-                }),
-                LogicalMessage::Truncate(t) => LogicalMessage::Truncate(Truncate {
-                    xid: Some(xid),
-                    ..t
-                }),
-                LogicalMessage::Message(m) => LogicalMessage::Message(Message {
-                    xid: Some(xid),
-                    ..m
-                }),
-                other => other,
-            };
+            if let LogicalMessage::Type(Type { xid: x, .. })
+            | LogicalMessage::Update(Update { xid: x, .. })
+            | LogicalMessage::Delete(Delete { xid: x, .. })
+            | LogicalMessage::Truncate(Truncate { xid: x, .. })
+            | LogicalMessage::Message(Message { xid: x, .. }) = &mut m
+            {
+                *x = Some(xid);
+            }
             (s.freeze(), m)
         })
         .collect()

@@ -10,7 +10,7 @@ use crate::pipeline::sink::transactions::{TxnError, TxnFailure};
 use crate::pipeline::sink::Enqueued;
 
 use super::super::super::errors::PipelineError;
-use super::super::Env;
+use super::super::{Env, Turn};
 use super::{Transactions, TXN_CALL_TIMEOUT};
 
 impl Transactions {
@@ -48,28 +48,22 @@ impl Transactions {
     }
 
     /// Whether to commit the open Kafka transaction now: at a Postgres
-    /// transaction boundary with every record handed to the producer
-    /// (`at_boundary`), when it has run `--transaction-max-duration`, or
-    /// when waiting longer gains nothing (`now`: the stream has nothing
-    /// more ready, reading is blocked, or the relay is stopping).
-    fn commit_due(&self, at_boundary: bool, now: bool) -> bool {
+    /// transaction boundary with every record handed to the producer, when
+    /// it has run `--transaction-max-duration` or when waiting longer gains
+    /// nothing ([`Turn`]).
+    fn commit_due(&self, turn: Turn) -> bool {
         let record_only = self.last_in_batch.is_none();
         self.is_open()
             && self.committing.is_none()
             && self.confirm_target.is_some()
-            && at_boundary
-            && (record_only || now || self.age.over_max())
+            && turn.at_boundary
+            && (record_only || turn.now || self.age.over_max())
     }
 
     /// At the top of each turn of the loop: starts the commit when it is
     /// due; returns whether a commit is in flight (reading waits for it).
-    pub(crate) fn turn(
-        &mut self,
-        env: &mut Env<'_>,
-        at_boundary: bool,
-        now: bool,
-    ) -> Result<bool, PipelineError> {
-        if self.commit_due(at_boundary, now) {
+    pub(crate) fn turn(&mut self, env: &mut Env<'_>, turn: Turn) -> Result<bool, PipelineError> {
+        if self.commit_due(turn) {
             self.start_commit(env)?;
         }
         Ok(self.committing())

@@ -43,7 +43,7 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 
 use crate::lsn::Lsn;
-use crate::pipeline::history::{Anchor, Decision, Fork, InKafka};
+use crate::pipeline::history::{Anchor, Begins, Decision, Fork, InKafka};
 use crate::pipeline::settings::{ExactlyOnceConfig, RelayConfig};
 use crate::pipeline::sink::transactions::TxnError;
 use crate::pipeline::sink::KafkaSink;
@@ -160,11 +160,9 @@ impl Transactions {
     pub(crate) fn begin(
         &mut self,
         env: &mut Env<'_>,
-        commit_lsn: Lsn,
-        xid: Option<u32>,
-        commit_time: Option<i64>,
+        begins: Begins,
     ) -> Result<bool, PipelineError> {
-        let (decision, seen) = self.in_kafka.decide(commit_lsn, xid, commit_time);
+        let (decision, seen) = self.in_kafka.decide(begins);
         if let Some(seen) = seen {
             self.fork_seen(env, seen.fork);
         }
@@ -173,14 +171,7 @@ impl Transactions {
             Decision::Publish => false,
             Decision::StartAgain(forked) => return Err(PipelineError::HistoryForked(forked)),
         };
-        self.current = Some((
-            Anchor {
-                commit_lsn,
-                xid: xid.unwrap_or(0),
-                commit_time: commit_time.unwrap_or(0),
-            },
-            skip,
-        ));
+        self.current = Some((begins.anchor(), skip));
         if skip {
             env.metrics.transactions_skipped.inc();
         }

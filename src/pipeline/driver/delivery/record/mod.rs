@@ -244,6 +244,28 @@ impl Recorder {
         &self.id.key
     }
 
+    /// The record read at the session's start weighed, once it is read: a
+    /// slot someone else moved is refused ([`moved_by_us`]), then the record
+    /// is judged against the server's history ([`Recorder::judge`]).
+    pub(crate) fn settle(
+        &mut self,
+        cfg: &RelayConfig,
+        metrics: &Metrics,
+        resume: Option<Lsn>,
+        found: Lsn,
+        forked: Option<Forked>,
+        doing: &str,
+    ) -> Result<Judged, PipelineError> {
+        moved_by_us(
+            cfg,
+            resume,
+            found,
+            self.at_start.as_ref(),
+            self.server.timeline,
+        )?;
+        Ok(self.judge(metrics, found, forked, doing))
+    }
+
     /// Judges the record read at the session's start against the server
     /// (`pipeline::history`): a fork is said and counted, with what the
     /// relay does about it (`doing`), and the records start a new epoch
