@@ -51,10 +51,8 @@ fn config_file_is_a_layer_below_env_and_flags() {
     };
     let (code, _, err) = run_with("not_an_option = 1");
     assert_eq!(code, 2);
-    assert!(
-        err.contains(&format!("config file {}", file.display())) && err.contains("not_an_option"),
-        "{err}"
-    );
+    assert_contains(&err, &format!("config file {}", file.display()));
+    assert_contains(&err, "not_an_option");
 
     // The file supplies what flags do not; a flag overrides the file. The
     // relay then fails on the (bad) value from the file, proving it was read.
@@ -89,11 +87,8 @@ async fn run_without_setup_says_to_run_setup() {
     db.exec(CLASSIC_TABLE).await;
     let (code, _, err) = relay_cmd_on("run", &db.url, &brokers(), &["--slot", "nope"]);
     assert_eq!(code, 1);
-    assert!(
-        err.contains("replication slot \"nope\" does not exist: on a new installation run `outbox-relay setup` first")
-            && err.contains("outbox-relay recover"),
-        "{err}"
-    );
+    assert_contains(&err, "replication slot \"nope\" does not exist: on a new installation run `outbox-relay setup` first");
+    assert_contains(&err, "outbox-relay recover");
     db.drop().await;
 }
 

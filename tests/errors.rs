@@ -136,12 +136,8 @@ async fn bad_rows_go_to_the_dead_letter_topic_with_the_reason() {
         format!("{}.bad type", c.prefix)
     );
     assert_eq!(consume_topic(&c.good_topic, 4).await.len(), 4);
-    c.db.wait_confirmed_past(
-        &c.slot,
-        after,
-        "the slot to move past the dead-lettered events",
-    )
-    .await;
+    c.db.wait_confirmed_past(&c.slot, after, "the dead-lettered events")
+        .await;
     let text = http_get(&relay.http_address().await, "/metrics").await.1;
     assert_eq!(
         metric(&text, "outbox_dead_lettered_total"),

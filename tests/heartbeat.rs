@@ -14,18 +14,15 @@ async fn retained(client: &tokio_postgres::Client) -> i64 {
 }
 
 async fn run_scenario(heartbeat: bool) -> (i64, bool) {
-    let cluster = TempCluster::start(
-        &[],
-        &[
-            "max_wal_size=64MB",
-            "min_wal_size=32MB",
-            "checkpoint_timeout=30s",
-        ],
-    );
+    let wal = [
+        "max_wal_size=64MB",
+        "min_wal_size=32MB",
+        "checkpoint_timeout=30s",
+    ];
+    let cluster = TempCluster::start(&[], &wal);
     let (url, client) = cluster.with_outbox().await;
     client.batch_execute("CREATE DATABASE busy").await.unwrap();
-    let (code, out, err) = relay_cmd(&["setup", "--database-url", &url]);
-    assert_eq!(code, 0, "{out}{err}");
+    relay_setup(&["--database-url", &url]);
     // A second slot that keeps messages, to see what was written.
     client
         .batch_execute("SELECT pg_create_logical_replication_slot('probe', 'pgoutput')")

@@ -66,18 +66,15 @@ async fn restore_from_a_cold_copy(eos: bool, new: i64) {
     let topic = unique("restore");
     let progress = unique("restore_progress");
     create_topics(&brokers(), &[&topic], 3).await;
-    let mut args: Vec<String> = url_args(
-        &url,
-        &brokers(),
-        &[
-            "--slot",
-            &slot,
-            "--topic",
-            &topic,
-            "--progress-topic",
-            &progress,
-        ],
-    );
+    let to = [
+        "--slot",
+        &slot,
+        "--topic",
+        &topic,
+        "--progress-topic",
+        &progress,
+    ];
+    let mut args: Vec<String> = url_args(&url, &brokers(), &to);
     if eos {
         args.extend(["--delivery".into(), "exactly-once".into()]);
     }
@@ -786,19 +783,12 @@ async fn a_position_confirmed_while_the_session_was_set_up_is_never_undone() {
     let topic = unique("n8");
     create_topics(&kafka.brokers(), &[&topic], 1).await;
     let progress = unique("n8_progress");
-    let args = relay_args(
-        &db,
+    let args = slot_args_via(
         &kafka.brokers(),
-        &[
-            "--slot",
-            &slot,
-            "--topic",
-            &topic,
-            "--progress-topic",
-            &progress,
-            "--delivery",
-            "exactly-once",
-        ],
+        &db,
+        &slot,
+        &topic,
+        &["--progress-topic", &progress, "--delivery", "exactly-once"],
     );
     let mut relay = Relay::start(&args);
     let end = write(&db.client, 0, 10).await;

@@ -25,6 +25,28 @@ fn props(kv: &[(&str, &str)]) -> Vec<(String, String)> {
     kv.iter().map(|&(k, v)| (k.into(), v.into())).collect()
 }
 
+/// A relay on the test database's slot writing to `{event_type}` topics of
+/// `broker`, whose certificate `ca` must have signed, over `protocol` (`ssl`
+/// or `sasl_ssl`), with `extra` Kafka properties.
+fn tls_relay(
+    db: &TestDb,
+    slot: &str,
+    broker: &Kafka,
+    protocol: &str,
+    ca: &str,
+    extra: &[&str],
+) -> Relay {
+    let mut args = slot_args_via(&broker.brokers(), db, slot, "{event_type}", &[]);
+    let (protocol, ca) = (
+        format!("security.protocol={protocol}"),
+        format!("ssl.ca.location={ca}"),
+    );
+    for property in [protocol.as_str(), ca.as_str()].iter().chain(extra) {
+        args.extend(strings(&["--kafka-property", property]));
+    }
+    Relay::start(&args)
+}
+
 /// Needs no broker and no database: the producer configuration accepts the
 /// TLS and SASL/SCRAM properties. Without OpenSSL in librdkafka this fails
 /// with `Unsupported value "ssl" for configuration property
@@ -187,20 +209,7 @@ async fn events_arrive_over_tls_when_the_relay_trusts_the_broker_ca() {
     let (db, slot) = TestDb::classic("kafka_tls_ok").await;
     let topic = unique("tls_ok");
     create_tls_topic(&broker.brokers(), &ca, &topic, 2).await;
-    let mut relay = Relay::start(&relay_args(
-        &db,
-        &broker.brokers(),
-        &[
-            "--slot",
-            &slot,
-            "--topic",
-            "{event_type}",
-            "--kafka-property",
-            "security.protocol=ssl",
-            "--kafka-property",
-            &format!("ssl.ca.location={ca}"),
-        ],
-    ));
+    let mut relay = tls_relay(&db, &slot, &broker, "ssl", &ca, &[]);
     insert_events(&db, &topic, 25).await;
     let after = db.current_wal_lsn().await;
 
@@ -223,12 +232,7 @@ async fn events_arrive_over_tls_when_the_relay_trusts_the_broker_ca() {
         broker.log_text(1)
     );
 
-    db.wait_confirmed_past(
-        &slot,
-        after,
-        "confirmed_flush_lsn to pass the commit delivered over TLS",
-    )
-    .await;
+    db.wait_confirmed_past(&slot, after, "over TLS").await;
     relay.stop_clean().await;
     drop(broker);
     db.drop().await;
@@ -241,20 +245,8 @@ async fn with_a_wrong_ca_nothing_is_delivered_and_the_slot_holds() {
     let (db, slot) = TestDb::classic("kafka_tls_bad_ca").await;
     let topic = unique("tls_bad");
     create_tls_topic(&broker.brokers(), &pki.path("ca.crt"), &topic, 1).await;
-    let mut relay = Relay::start(&relay_args(
-        &db,
-        &broker.brokers(),
-        &[
-            "--slot",
-            &slot,
-            "--topic",
-            "{event_type}",
-            "--kafka-property",
-            "security.protocol=ssl",
-            "--kafka-property",
-            &format!("ssl.ca.location={}", pki.path("other_ca.crt")),
-        ],
-    ));
+    let other_ca = pki.path("other_ca.crt");
+    let mut relay = tls_relay(&db, &slot, &broker, "ssl", &other_ca, &[]);
     let addr = relay.http_address().await;
     db.wait_streaming(&slot).await;
 
@@ -349,26 +341,12 @@ async fn events_arrive_over_sasl_ssl_with_scram_sha_512() {
     }
 
     let (db, slot) = TestDb::classic("kafka_scram").await;
-    let mut relay = Relay::start(&relay_args(
-        &db,
-        &broker.brokers(),
-        &[
-            "--slot",
-            &slot,
-            "--topic",
-            "{event_type}",
-            "--kafka-property",
-            "security.protocol=sasl_ssl",
-            "--kafka-property",
-            &format!("ssl.ca.location={ca}"),
-            "--kafka-property",
-            "sasl.mechanism=SCRAM-SHA-512",
-            "--kafka-property",
-            "sasl.username=relay",
-            "--kafka-property",
-            "sasl.password=s3cret pass",
-        ],
-    ));
+    let scram = [
+        "sasl.mechanism=SCRAM-SHA-512",
+        "sasl.username=relay",
+        "sasl.password=s3cret pass",
+    ];
+    let mut relay = tls_relay(&db, &slot, &broker, "sasl_ssl", &ca, &scram);
     insert_events(&db, &topic, 12).await;
     let after = db.current_wal_lsn().await;
     let t = topic.clone();
@@ -389,12 +367,7 @@ async fn events_arrive_over_sasl_ssl_with_scram_sha_512() {
     .await
     .unwrap();
     assert_eq!(high, 12, "relay log:\n{}", relay.log_text());
-    db.wait_confirmed_past(
-        &slot,
-        after,
-        "confirmed_flush_lsn to pass the commit delivered over SASL_SSL",
-    )
-    .await;
+    db.wait_confirmed_past(&slot, after, "over SASL_SSL").await;
     assert!(
         !relay.log_text().contains("s3cret"),
         "the SASL password is never logged"

@@ -217,10 +217,12 @@ async fn transactions_behind_a_stuck_event_are_bounded() {
     // No broker yet on this port: the first event cannot be acknowledged.
     let port = free_port();
     let topic = unique("m1");
-    let relay = Relay::start(&relay_args(
-        &db,
+    let relay = Relay::start(&slot_args_via(
         &format!("127.0.0.1:{port}"),
-        &["--slot", &slot, "--topic", &topic, "--max-inflight", "20"],
+        &db,
+        &slot,
+        &topic,
+        &["--max-inflight", "20"],
     ));
     let addr = relay.http_address().await;
     db.wait_streaming(&slot).await;

@@ -77,11 +77,11 @@ async fn setup_on_a_server_without_logical_wal_says_what_to_set() {
         .unwrap();
     let (code, _, err) = relay_cmd(&["setup", "--database-url", &url]);
     assert_eq!(code, 1);
-    assert!(
-        err.contains("wal_level is \"replica\" but logical replication needs 'logical'")
-            && err.contains("restart Postgres"),
-        "{err}"
+    assert_contains(
+        &err,
+        "wal_level is \"replica\" but logical replication needs 'logical'",
     );
+    assert_contains(&err, "restart Postgres");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -195,8 +195,7 @@ topic = "{topic}"
     );
     let ((), restarted) = tokio::join!(write(&db, 0, TXNS), kill_and_restart);
     let mut relay = restarted;
-    let end = db.current_wal_lsn().await;
-    db.wait_confirmed_past(&slot, end, "every transaction confirmed")
+    db.wait_confirmed_now(&slot, "every transaction confirmed")
         .await;
     relay.stop_clean().await;
 
@@ -384,8 +383,7 @@ async fn tenant_schemas_one_created_while_the_relay_runs() {
         kill_and_restart
     );
     let mut relay = restarted;
-    let end = db.current_wal_lsn().await;
-    db.wait_confirmed_past(&slot, end, "every transaction confirmed")
+    db.wait_confirmed_now(&slot, "every transaction confirmed")
         .await;
     relay.stop_clean().await;
 
@@ -521,8 +519,7 @@ async fn old_partitions_are_dropped_only_once_published() {
         kill_and_restart
     );
     let mut relay = restarted;
-    let end = db.current_wal_lsn().await;
-    db.wait_confirmed_past(&slot, end, "the first rows confirmed")
+    db.wait_confirmed_now(&slot, "the first rows confirmed")
         .await;
     relay.stop_clean().await;
 
@@ -621,9 +618,7 @@ async fn backfill_cuts_over_every_tenant_from_one_snapshot() {
         ))
         .await;
     }
-    let end = db.current_wal_lsn().await;
-    db.wait_confirmed_past(&slot, end, "the new rows confirmed")
-        .await;
+    db.wait_confirmed_now(&slot, "the new rows confirmed").await;
     relay.stop_clean().await;
 
     for t in tenants {

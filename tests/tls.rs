@@ -14,21 +14,29 @@ use outbox_relay::pipeline::source::{ConnectParams, ReplicationConnection};
 use support::certs::Pki;
 use support::*;
 
+/// The settings of a server with the test CA's server certificate, then
+/// `extra`.
+fn ssl_settings(pki: &Pki, extra: &[&str]) -> Vec<String> {
+    let mut all = vec![
+        "ssl=on".to_string(),
+        format!("ssl_cert_file={}", pki.path("server.crt")),
+        format!("ssl_key_file={}", pki.path("server.key")),
+    ];
+    all.extend(strings(extra));
+    all
+}
+
 /// A cluster that rejects every connection without TLS.
 fn tls_cluster(pki: &Pki) -> TempCluster {
+    let ca = format!("ssl_ca_file={}", pki.path("ca.crt"));
+    let settings = ssl_settings(pki, &["listen_addresses=127.0.0.1,127.0.0.2", &ca]);
     TempCluster::start(
         &[
             "hostnossl all,replication all 127.0.0.0/8 reject",
             "hostssl all,replication relay_cert 127.0.0.0/8 cert",
             "hostssl all,replication all 127.0.0.0/8 trust",
         ],
-        &[
-            "listen_addresses=127.0.0.1,127.0.0.2",
-            "ssl=on",
-            &format!("ssl_cert_file={}", pki.path("server.crt")),
-            &format!("ssl_key_file={}", pki.path("server.key")),
-            &format!("ssl_ca_file={}", pki.path("ca.crt")),
-        ],
+        &settings.iter().map(String::as_str).collect::<Vec<_>>(),
     )
 }
 
@@ -542,17 +550,14 @@ async fn passwords_never_reach_the_output() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scram_over_tls_uses_channel_binding_and_require_auth_holds() {
     let pki = Pki::new();
+    let settings = ssl_settings(&pki, &[]);
     let cluster = TempCluster::start(
         &[
             "hostssl all,replication scram_user 127.0.0.0/8 scram-sha-256",
             "hostnossl all,replication scram_user 127.0.0.0/8 scram-sha-256",
             "host all,replication md5_user 127.0.0.0/8 md5",
         ],
-        &[
-            "ssl=on",
-            &format!("ssl_cert_file={}", pki.path("server.crt")),
-            &format!("ssl_key_file={}", pki.path("server.key")),
-        ],
+        &settings.iter().map(String::as_str).collect::<Vec<_>>(),
     );
     admin(&cluster)
         .await

@@ -200,8 +200,16 @@ impl TestDb {
         }
     }
 
+    /// Waits until `slot` confirmed all the WAL written so far.
+    pub async fn wait_confirmed_now(&self, slot: &str, what: &str) {
+        let end = self.current_wal_lsn().await;
+        self.wait_confirmed_past(slot, end, what).await;
+    }
+
+    /// Waits until `slot` confirmed `lsn`; `what` says what that position is.
     pub async fn wait_confirmed_past(&self, slot: &str, lsn: Lsn, what: &str) {
-        wait_until(Duration::from_secs(30), what, || async {
+        let what = format!("{slot} to confirm {lsn} ({what})");
+        wait_until(Duration::from_secs(30), &what, || async {
             self.confirmed_flush_lsn(slot).await >= lsn
         })
         .await;
