@@ -10,7 +10,7 @@ use support::proxy::{Mode, Proxy};
 use support::*;
 
 async fn retained(client: &tokio_postgres::Client) -> i64 {
-    scalar(&client, "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint FROM pg_replication_slots WHERE slot_name = 'outbox_relay'", &[]).await
+    scalar(client, "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint FROM pg_replication_slots WHERE slot_name = 'outbox_relay'", &[]).await
 }
 
 async fn run_scenario(heartbeat: bool) -> (i64, bool) {

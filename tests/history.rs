@@ -29,7 +29,7 @@ async fn write(client: &tokio_postgres::Client, from: i64, to: i64) -> Lsn {
             .await
             .unwrap();
     }
-    let lsn: String = scalar(&client, "SELECT pg_current_wal_lsn()::text", &[]).await;
+    let lsn: String = scalar(client, "SELECT pg_current_wal_lsn()::text", &[]).await;
     lsn.parse().unwrap()
 }
 
