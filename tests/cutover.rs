@@ -51,6 +51,16 @@ async fn count(db: &TestDb, sql: &str) -> i64 {
     scalar(&db.client, sql, &[]).await
 }
 
+/// Rows the old scheme would still publish, or has marked published.
+async fn rows_processed(db: &TestDb, processed: bool) -> i64 {
+    let not = if processed { "NOT " } else { "" };
+    count(
+        db,
+        &format!("SELECT count(*) FROM outbox WHERE processed_at IS {not}NULL"),
+    )
+    .await
+}
+
 /// A polling publisher as people write them: oldest pending rows first,
 /// produced with the relay's topic/key/header layout, then marked processed.
 async fn poll_once(db: &TestDb, prefix: &str, limit: i64) -> usize {
@@ -145,17 +155,11 @@ fn args(db: &TestDb, slot: &str, template: &str, command: &str, extra: &[&str]) 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poller_stopped_mid_backlog_then_backfill_then_run_publishes_each_event_once() {
     let (db, slot, prefix, template) = classic("cut_mid").await;
+    let run = |command: &str, extra: &[&str]| cmd(args(&db, &slot, &template, command, extra));
     insert(&db.client, 0, 500, 50).await;
     assert_eq!(poll_once(&db, &prefix, 200).await, 200);
     // The poller is stopped: 300 rows pending under the old scheme.
-    assert_eq!(
-        count(
-            &db,
-            "SELECT count(*) FROM outbox WHERE processed_at IS NULL"
-        )
-        .await,
-        300
-    );
+    assert_eq!(rows_processed(&db, false).await, 300);
 
     // A writer that keeps inserting, in small transactions, through the
     // backfill: some of its rows land before the slot's consistent point
@@ -179,13 +183,10 @@ async fn poller_stopped_mid_backlog_then_backfill_then_run_publishes_each_event_
         count(&db, "SELECT count(*) FROM outbox").await >= 510
     })
     .await;
-    let (code, out, err) = cmd(args(
-        &db,
-        &slot,
-        &template,
+    let (code, out, err) = run(
         "backfill",
         &["--batch-size", "64", "--progress-every", "100"],
-    ))
+    )
     .await;
     assert_eq!(code, 0, "backfill failed:\n{out}\n{err}");
     // A few more of the writer's transactions, now certainly after the
@@ -237,14 +238,7 @@ async fn poller_stopped_mid_backlog_then_backfill_then_run_publishes_each_event_
 
     // The relay's own checker agrees: nothing missing, reordered, altered or
     // duplicated.
-    let (code, out, err) = cmd(args(
-        &db,
-        &slot,
-        &template,
-        "verify",
-        &["--json", "--fail-on-duplicates"],
-    ))
-    .await;
+    let (code, out, err) = run("verify", &["--json", "--fail-on-duplicates"]).await;
     let report: Value =
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("verify: {e}: {out}\n{err}"));
     assert_eq!(code, 0, "{report:#}");
@@ -258,9 +252,10 @@ async fn poller_stopped_mid_backlog_then_backfill_then_run_publishes_each_event_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backfill_refuses_when_the_slot_exists() {
     let (db, slot, _prefix, template) = classic("cut_exists").await;
+    let run = |command: &str, extra: &[&str]| cmd(args(&db, &slot, &template, command, extra));
     db.set_up();
     insert(&db.client, 0, 10, 10).await;
-    let (code, out, err) = cmd(args(&db, &slot, &template, "backfill", &[])).await;
+    let (code, out, err) = run("backfill", &[]).await;
     assert_eq!(code, 1, "{out}\n{err}");
     assert!(
         err.contains(&format!("replication slot {slot} already exists"))
@@ -275,6 +270,7 @@ async fn backfill_refuses_when_the_slot_exists() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cleanup_deletes_only_what_the_slot_confirmed_and_old_rows_by_age() {
     let (db, slot, _prefix, template) = classic("cut_clean").await;
+    let run = |command: &str, extra: &[&str]| cmd(args(&db, &slot, &template, command, extra));
     db.set_up();
     let relay_args = slot_args(&db, &slot, &template, &[]);
 
@@ -286,14 +282,7 @@ async fn cleanup_deletes_only_what_the_slot_confirmed_and_old_rows_by_age() {
     // Committed after the relay's last confirmation: not published yet.
     insert(&db.client, 50, 30, 10).await;
 
-    let (code, out, err) = cmd(args(
-        &db,
-        &slot,
-        &template,
-        "cleanup",
-        &["--published", "--wait", "2s"],
-    ))
-    .await;
+    let (code, out, err) = run("cleanup", &["--published", "--wait", "2s"]).await;
     assert_eq!(code, 1, "cleanup must refuse:\n{out}\n{err}");
     assert_contains(&err, "did not confirm");
     assert_contains(&err, "nothing was deleted");
@@ -303,18 +292,11 @@ async fn cleanup_deletes_only_what_the_slot_confirmed_and_old_rows_by_age() {
     // Running and caught up: everything is published, deleted in batches.
     let mut relay = Relay::start(&relay_args);
     wait_caught_up(&db, &slot).await;
-    let (code, out, err) = cmd(args(&db, &slot, &template, "cleanup", &["--dry-run"])).await;
+    let (code, out, err) = run("cleanup", &["--dry-run"]).await;
     assert_eq!(code, 0, "{out}\n{err}");
     assert_contains(&out, "dry run: would delete 80 published row(s)");
     assert_eq!(count(&db, "SELECT count(*) FROM outbox").await, 80);
-    let (code, out, err) = cmd(args(
-        &db,
-        &slot,
-        &template,
-        "cleanup",
-        &["--batch-size", "25"],
-    ))
-    .await;
+    let (code, out, err) = run("cleanup", &["--batch-size", "25"]).await;
     assert_eq!(code, 0, "{out}\n{err}");
     let batches: Vec<&str> = out.lines().filter(|l| l.starts_with("batch ")).collect();
     assert_eq!(batches.len(), 4, "{out}");
@@ -333,24 +315,10 @@ async fn cleanup_deletes_only_what_the_slot_confirmed_and_old_rows_by_age() {
     insert(&db.client, 100, 10, 10).await;
     db.exec("UPDATE outbox SET created_at = now() - interval '8 days' WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT 4)")
         .await;
-    let (code, out, err) = cmd(args(
-        &db,
-        &slot,
-        &template,
-        "cleanup",
-        &["--older-than", "7d", "--dry-run"],
-    ))
-    .await;
+    let (code, out, err) = run("cleanup", &["--older-than", "7d", "--dry-run"]).await;
     assert_eq!(code, 0, "{out}\n{err}");
     assert_contains(&out, "would delete 4 row(s)");
-    let (code, out, err) = cmd(args(
-        &db,
-        &slot,
-        &template,
-        "cleanup",
-        &["--older-than", "7d", "--batch-size", "3"],
-    ))
-    .await;
+    let (code, out, err) = run("cleanup", &["--older-than", "7d", "--batch-size", "3"]).await;
     assert_eq!(code, 0, "{out}\n{err}");
     assert_contains(&out, "batch 1: deleted 3 row(s)");
     assert_contains(&out, "batch 2: deleted 1 row(s)");
@@ -396,23 +364,18 @@ async fn backfill_gives_up_on_an_unreachable_broker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conditions_cannot_smuggle_in_a_second_statement() {
     let (db, slot, _prefix, template) = classic("cut_inject").await;
+    let run = |command: &str, extra: &[&str]| cmd(args(&db, &slot, &template, command, extra));
     insert(&db.client, 0, 5, 5).await;
-    let (code, out, err) = cmd(args(
-        &db,
-        &slot,
-        &template,
+    let (code, out, err) = run(
         "backfill",
         &[
             "--pending-where",
             "true); DROP TABLE outbox; SELECT 1 FROM (SELECT 1 AS id) s WHERE (true",
         ],
-    ))
+    )
     .await;
     assert_eq!(code, 1, "{out}\n{err}");
-    let (code, out, err) = cmd(args(
-        &db,
-        &slot,
-        &template,
+    let (code, out, err) = run(
         "cleanup",
         &[
             "--older-than",
@@ -420,7 +383,7 @@ async fn conditions_cannot_smuggle_in_a_second_statement() {
             "--where",
             "true); DROP TABLE outbox; SELECT 1 FROM (SELECT 1 AS id) s WHERE (true",
         ],
-    ))
+    )
     .await;
     assert_ne!(code, 0, "{out}\n{err}");
     assert_eq!(
@@ -438,39 +401,19 @@ async fn conditions_cannot_smuggle_in_a_second_statement() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mark_processed_sets_the_column_of_every_backfilled_row_only() {
     let (db, slot, prefix, template) = classic("cut_mark").await;
+    let run = |command: &str, extra: &[&str]| cmd(args(&db, &slot, &template, command, extra));
     insert(&db.client, 0, 40, 8).await;
     assert_eq!(poll_once(&db, &prefix, 10).await, 10);
-    assert_eq!(
-        count(
-            &db,
-            "SELECT count(*) FROM outbox WHERE processed_at IS NOT NULL"
-        )
-        .await,
-        10
-    );
+    assert_eq!(rows_processed(&db, true).await, 10);
     let before: Vec<String> = column(
         &db.client,
         "SELECT processed_at::text FROM outbox WHERE processed_at IS NOT NULL ORDER BY id",
     )
     .await;
-    let (code, out, err) = cmd(args(
-        &db,
-        &slot,
-        &template,
-        "backfill",
-        &["--mark-processed", "--batch-size", "7"],
-    ))
-    .await;
+    let (code, out, err) = run("backfill", &["--mark-processed", "--batch-size", "7"]).await;
     assert_eq!(code, 0, "backfill failed:\n{out}\n{err}");
     assert_contains(&out, "marked 30 backfilled row(s) processed");
-    assert_eq!(
-        count(
-            &db,
-            "SELECT count(*) FROM outbox WHERE processed_at IS NULL"
-        )
-        .await,
-        0
-    );
+    assert_eq!(rows_processed(&db, false).await, 0);
     let after: Vec<String> = column(
         &db.client,
         "SELECT processed_at::text FROM outbox WHERE id <= 10 ORDER BY id",
@@ -494,29 +437,16 @@ async fn mark_processed_sets_the_column_of_every_backfilled_row_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_keeps_rows_the_slot_has_not_confirmed() {
     let (db, slot, _prefix, template) = classic("cut_retention").await;
+    let run = |command: &str, extra: &[&str]| cmd(args(&db, &slot, &template, command, extra));
     relay_setup(&["--database-url", &db.url, "--slot", &slot]);
     insert(&db.client, 0, 6, 2).await;
     db.exec("UPDATE outbox SET created_at = now() - interval '8 days'")
         .await;
-    let (code, out, err) = cmd(args(
-        &db,
-        &slot,
-        &template,
-        "cleanup",
-        &["--older-than", "7d", "--wait", "2"],
-    ))
-    .await;
+    let (code, out, err) = run("cleanup", &["--older-than", "7d", "--wait", "2"]).await;
     assert_ne!(code, 0, "deleted rows the slot never confirmed: {out}");
     assert_contains(&err, "nothing was deleted");
     assert_eq!(count(&db, "SELECT count(*) FROM outbox").await, 6);
-    let (code, out, err) = cmd(args(
-        &db,
-        &slot,
-        &template,
-        "cleanup",
-        &["--older-than", "7d", "--even-unconfirmed"],
-    ))
-    .await;
+    let (code, out, err) = run("cleanup", &["--older-than", "7d", "--even-unconfirmed"]).await;
     assert_eq!(code, 0, "{out}\n{err}");
     assert_eq!(count(&db, "SELECT count(*) FROM outbox").await, 0);
     db.drop().await;

@@ -621,19 +621,18 @@ fn sessions(relay: &Relay) -> usize {
 
 // ---------------------------------------------------------------- scenarios
 
+// Each scenario runs twice: at least once, and with `--delivery exactly-once`
+// (the test named exactly_once_…), where no duplicate at all may arrive.
+both_deliveries! {
+    relay_sigkill_at_random_moments_scenario => relay_sigkill_at_random_moments, exactly_once_relay_sigkill_at_random_moments;
+    broker_sigkill_and_restart_scenario => broker_sigkill_and_restart, exactly_once_broker_sigkill_and_restart;
+    postgres_restarted_and_walsender_terminated_scenario => postgres_restarted_and_walsender_terminated, exactly_once_postgres_restarted_and_walsender_terminated;
+    cluster_leader_sigkill_and_restart_scenario => cluster_leader_sigkill_and_restart, exactly_once_cluster_leader_sigkill_and_restart;
+    cluster_all_nodes_down_scenario => cluster_all_nodes_down, exactly_once_cluster_all_nodes_down;
+}
+
 /// SIGKILL at random moments: mostly while streaming under load, one time in
 /// four while the previous relay is still starting or catching up.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn relay_sigkill_at_random_moments() {
-    relay_sigkill_at_random_moments_scenario(false).await
-}
-
-/// The same with `--delivery exactly-once`: no duplicate at all.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exactly_once_relay_sigkill_at_random_moments() {
-    relay_sigkill_at_random_moments_scenario(true).await
-}
-
 async fn relay_sigkill_at_random_moments_scenario(eos: bool) {
     let _serial = SERIAL.lock().await;
     let name = "relay SIGKILL";
@@ -683,17 +682,6 @@ async fn relay_sigkill_at_random_moments_scenario(eos: bool) {
 /// relay refuses a finite message.timeout.ms: librdkafka would skip the
 /// timed-out records and write later ones first), so the same producer
 /// reconnects and retries in order, however long the broker is away.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn broker_sigkill_and_restart() {
-    broker_sigkill_and_restart_scenario(false).await
-}
-
-/// The same with `--delivery exactly-once`: no duplicate at all.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exactly_once_broker_sigkill_and_restart() {
-    broker_sigkill_and_restart_scenario(true).await
-}
-
 async fn broker_sigkill_and_restart_scenario(eos: bool) {
     let _serial = SERIAL.lock().await;
     let name = "broker SIGKILL";
@@ -767,17 +755,6 @@ async fn broker_unreachable_for_a_while() {
 /// with other changes to the slot; 17 saves it at shutdown): more repeats,
 /// never a loss. The duplicate bound follows the position the relay resumed
 /// from.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_restarted_and_walsender_terminated() {
-    postgres_restarted_and_walsender_terminated_scenario(false).await
-}
-
-/// The same with `--delivery exactly-once`: no duplicate at all.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exactly_once_postgres_restarted_and_walsender_terminated() {
-    postgres_restarted_and_walsender_terminated_scenario(true).await
-}
-
 async fn postgres_restarted_and_walsender_terminated_scenario(eos: bool) {
     let _serial = SERIAL.lock().await;
     let name = "postgres restart";
@@ -912,17 +889,6 @@ async fn cluster_run(name: &str, rng: &Rng, eos: bool) -> (TestDb, Kafka, Run, R
 /// The leader of the partition being written is SIGKILLed, and restarted
 /// 10 s later. The other two nodes elect a new leader from the in-sync
 /// replicas; the relay's idempotent producer follows it without a gap.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cluster_leader_sigkill_and_restart() {
-    cluster_leader_sigkill_and_restart_scenario(false).await
-}
-
-/// The same with `--delivery exactly-once`: no duplicate at all.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exactly_once_cluster_leader_sigkill_and_restart() {
-    cluster_leader_sigkill_and_restart_scenario(true).await
-}
-
 async fn cluster_leader_sigkill_and_restart_scenario(eos: bool) {
     let _serial = SERIAL.lock().await;
     let name = "cluster leader SIGKILL";
@@ -982,17 +948,6 @@ async fn cluster_two_of_three_nodes_down() {
 /// Every node down (SIGKILL) for OUTBOX_RELAY_CLUSTER_OUTAGE_SECS (default
 /// 60): the relay keeps running, the slot holds, and the same producer
 /// delivers everything once the cluster is back.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cluster_all_nodes_down() {
-    cluster_all_nodes_down_scenario(false).await
-}
-
-/// The same with `--delivery exactly-once`: no duplicate at all.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exactly_once_cluster_all_nodes_down() {
-    cluster_all_nodes_down_scenario(true).await
-}
-
 async fn cluster_all_nodes_down_scenario(eos: bool) {
     let _serial = SERIAL.lock().await;
     let name = "cluster all down";

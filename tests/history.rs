@@ -437,14 +437,8 @@ async fn recover_after_the_slot_was_dropped(eos: bool) {
     db.drop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn recover_publishes_what_a_dropped_slot_never_streamed_exactly_once() {
-    recover_after_the_slot_was_dropped(true).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn recover_publishes_what_a_dropped_slot_never_streamed_at_least_once() {
-    recover_after_the_slot_was_dropped(false).await;
+both_deliveries! {
+    recover_after_the_slot_was_dropped => recover_publishes_what_a_dropped_slot_never_streamed_at_least_once, recover_publishes_what_a_dropped_slot_never_streamed_exactly_once;
 }
 
 /// A retention shorter than the gap deleted events before they were

@@ -7,6 +7,7 @@
 //! they were written to: some share cluster-wide state (WAL, slots) and
 //! take turns through a lock of their module.
 
+#[macro_use]
 mod support;
 
 mod auth;

@@ -167,3 +167,20 @@ pub fn metric(text: &str, sample: &str) -> Option<f64> {
         .find(|l| l.starts_with(sample) && l[sample.len()..].starts_with(' '))
         .and_then(|l| l[sample.len()..].trim().parse().ok())
 }
+
+/// A scenario written once for both deliveries, as two tests: the first
+/// name runs `scenario(false)` (at least once), the second `scenario(true)`
+/// (`--delivery exactly-once`). A module lists its pairs in one table.
+macro_rules! both_deliveries {
+    ($($scenario:ident => $at_least_once:ident, $exactly_once:ident;)*) => {$(
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $at_least_once() {
+            $scenario(false).await
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $exactly_once() {
+            $scenario(true).await
+        }
+    )*};
+}
