@@ -213,20 +213,13 @@ async fn progress_topic_decides_repeats_even_with_the_slot_behind() {
     assert!(db.confirmed_flush_lsn(&slot).await < after_a);
     // `status` shows both: the slot behind, the progress topic at the last
     // transaction Kafka holds.
-    let (code, out, err) = relay_cmd(&[
+    let eos = ["--delivery", "exactly-once", "--progress-topic", &progress];
+    let (code, out, err) = relay_cmd_on(
         "status",
-        "--json",
-        "--database-url",
         &db.url,
-        "--kafka-brokers",
         &brokers(),
-        "--slot",
-        &slot,
-        "--delivery",
-        "exactly-once",
-        "--progress-topic",
-        &progress,
-    ]);
+        &[&["--json", "--slot", &slot], &eos[..]].concat(),
+    );
     assert_eq!(code, 0, "{out}{err}");
     let status: serde_json::Value = serde_json::from_str(&out).unwrap();
     let in_kafka: Lsn = status["progress"]

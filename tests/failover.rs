@@ -325,18 +325,7 @@ async fn after_promotion_the_relay_resumes_from_the_synchronised_slot_and_loses_
 
     let end: String = scalar(&new_primary, "SELECT pg_current_wal_lsn()::text", &[]).await;
     let end: outbox_relay::lsn::Lsn = end.parse().unwrap();
-    let confirmed_on_new = || async {
-        let row = new_primary
-            .query_one(
-                "SELECT coalesce(confirmed_flush_lsn::text, '0/0') FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot],
-            )
-            .await
-            .unwrap();
-        row.get::<_, String>(0)
-            .parse::<outbox_relay::lsn::Lsn>()
-            .unwrap()
-    };
+    let confirmed_on_new = || confirmed_flush_lsn(&new_primary, &slot);
     let deadline = Instant::now() + Duration::from_secs(60);
     while confirmed_on_new().await < end {
         assert!(

@@ -55,6 +55,24 @@ fn arrivals(records: &[Record]) -> HashMap<i64, usize> {
     seen
 }
 
+/// The relay's arguments on `url`: the slot, its topic and progress topic,
+/// and exactly-once when `eos`.
+fn history_args(url: &str, slot: &str, topic: &str, progress: &str, eos: bool) -> Vec<String> {
+    let to = [
+        "--slot",
+        slot,
+        "--topic",
+        topic,
+        "--progress-topic",
+        progress,
+    ];
+    let mut args = url_args(url, &brokers(), &to);
+    if eos {
+        args.extend(strings(&["--delivery", "exactly-once"]));
+    }
+    args
+}
+
 /// `new`: how many events the restored server writes before the relay
 /// starts: 100 leave its WAL short of where the old history's record is,
 /// 400 take it past, so that the stream itself must show the fork.
@@ -66,18 +84,7 @@ async fn restore_from_a_cold_copy(eos: bool, new: i64) {
     let topic = unique("restore");
     let progress = unique("restore_progress");
     create_topics(&brokers(), &[&topic], 3).await;
-    let to = [
-        "--slot",
-        &slot,
-        "--topic",
-        &topic,
-        "--progress-topic",
-        &progress,
-    ];
-    let mut args: Vec<String> = url_args(&url, &brokers(), &to);
-    if eos {
-        args.extend(["--delivery".into(), "exactly-once".into()]);
-    }
+    let args = history_args(&url, &slot, &topic, &progress, eos);
 
     // 50 events published and confirmed, 30 more written while the relay
     // is down, then a cold copy (the slot in it before those 30).
@@ -185,22 +192,7 @@ async fn exactly_once_after_an_asynchronous_promotion_publishes_the_new_primarys
     let topic = unique("promote");
     let progress = unique("promote_progress");
     create_topics(&brokers(), &[&topic], 3).await;
-    let args = |url: &str| -> Vec<String> {
-        url_args(
-            url,
-            &brokers(),
-            &[
-                "--slot",
-                &slot,
-                "--topic",
-                &topic,
-                "--progress-topic",
-                &progress,
-                "--delivery",
-                "exactly-once",
-            ],
-        )
-    };
+    let args = |url: &str| history_args(url, &slot, &topic, &progress, true);
 
     // 50 events the standby has, then it stops receiving, and 300 more
     // that only the old primary ever had are published.
@@ -380,18 +372,7 @@ async fn lost_slot_db(name: &str, eos: bool) -> (TestDb, String, String, Vec<Str
     let topic = unique(name);
     create_topics(&brokers(), &[&topic], 3).await;
     let progress = unique(&format!("{name}_progress"));
-    let mut extra = vec![
-        "--slot",
-        &slot,
-        "--topic",
-        &topic,
-        "--progress-topic",
-        &progress,
-    ];
-    if eos {
-        extra.extend(["--delivery", "exactly-once"]);
-    }
-    let args = relay_args(&db, &brokers(), &extra);
+    let args = history_args(&db.url, &slot, &topic, &progress, eos);
     (db, slot, topic, args)
 }
 
@@ -493,20 +474,7 @@ async fn recover_after_the_slot_was_invalidated_publishes_every_event_once() {
     let topic = unique("invalidated");
     let progress = unique("invalidated_progress");
     create_topics(&brokers(), &[&topic], 3).await;
-    let args: Vec<String> = url_args(
-        &url,
-        &brokers(),
-        &[
-            "--slot",
-            &slot,
-            "--topic",
-            &topic,
-            "--progress-topic",
-            &progress,
-            "--delivery",
-            "exactly-once",
-        ],
-    );
+    let args = history_args(&url, &slot, &topic, &progress, true);
     let mut relay = Relay::start(&args);
     let end = write(&client, 0, 50).await;
     wait_confirmed_by(&client, &relay, &slot, end, "the first 50 events confirmed").await;
@@ -796,32 +764,28 @@ async fn a_position_confirmed_while_the_session_was_set_up_is_never_undone() {
     let mut relay = Relay::start(&args);
     // Its replication connection is open and idle, and it has asked Kafka
     // (stalled): the slot was read, START_REPLICATION not yet sent.
-    wait_until(Duration::from_secs(30), "the relay to wait for Kafka", || async {
-        let waiting: i64 = db
-            .client
-            .query_one(
+    wait_until(
+        Duration::from_secs(30),
+        "the relay to wait for Kafka",
+        || async {
+            let waiting: i64 = scalar(
+                &db.client,
                 "SELECT count(*) FROM pg_stat_activity \
-                  WHERE backend_type = 'walsender' AND datname = current_database() AND state = 'idle'",
+              WHERE backend_type = 'walsender' AND datname = current_database() AND state = 'idle'",
                 &[],
             )
-            .await
-            .unwrap()
-            .get(0);
-        waiting == 1 && proxy.accepted() > accepted
-    })
+            .await;
+            waiting == 1 && proxy.accepted() > accepted
+        },
+    )
     .await;
     db.exec("INSERT INTO unpublished SELECT generate_series(1, 1000)")
         .await;
-    let moved: String = db
-        .client
-        .query_one(
-            &format!("SELECT end_lsn::text FROM pg_replication_slot_advance('{slot}', pg_current_wal_lsn())"),
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    let moved: Lsn = moved.parse().unwrap();
+    let moved = db
+        .lsn(&format!(
+            "SELECT end_lsn::text FROM pg_replication_slot_advance('{slot}', pg_current_wal_lsn())"
+        ))
+        .await;
     assert!(moved > read, "the slot advanced: {read} -> {moved}");
     proxy.set_mode(Mode::Pass);
 

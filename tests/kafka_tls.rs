@@ -389,36 +389,16 @@ async fn events_arrive_over_sasl_ssl_with_scram_sha_512() {
         "sasl.password=s3cret pass",
     ];
     let brokers = broker.brokers();
-    let mut verify = vec![
-        "verify",
-        "--database-url",
-        &db.url,
-        "--kafka-brokers",
-        &brokers,
-        "--topic",
-        "{event_type}",
-        "--json",
-    ];
-    verify.extend_from_slice(&sasl_args);
-    let (code, out, err) = relay_cmd(&verify);
+    let topics = ["--topic", "{event_type}"];
+    let verify = [&topics[..], &["--json"], &sasl_args].concat();
+    let (code, out, err) = relay_cmd_on("verify", &db.url, &brokers, &verify);
     let report: serde_json::Value = serde_json::from_str(&out)
         .unwrap_or_else(|e| panic!("verify printed no JSON report ({e}): {out}\n{err}"));
     assert_eq!(code, 0, "verify over SASL_SSL: {out}\n{err}");
     assert_eq!(report["delivered"].as_u64(), Some(12), "{report:#}");
 
-    let mut check = vec![
-        "check",
-        "--database-url",
-        &db.url,
-        "--slot",
-        &slot,
-        "--kafka-brokers",
-        &brokers,
-        "--topic",
-        "{event_type}",
-    ];
-    check.extend_from_slice(&sasl_args);
-    let (_, out, err) = relay_cmd(&check);
+    let check = [&["--slot", &slot], &topics[..], &sasl_args].concat();
+    let (_, out, err) = relay_cmd_on("check", &db.url, &brokers, &check);
     let brokers_line = out
         .lines()
         .find(|l| l.contains("kafka brokers"))

@@ -9,18 +9,8 @@ use std::time::Duration;
 use support::*;
 
 fn run(db: &TestDb, slot: &str, extra: &[&str]) -> (i32, String) {
-    let brokers = brokers();
-    let mut args = vec![
-        "run",
-        "--database-url",
-        &db.url,
-        "--kafka-brokers",
-        &brokers,
-        "--slot",
-        slot,
-    ];
-    args.extend_from_slice(extra);
-    let (code, _, err) = relay_cmd(&args);
+    let args = [&["--slot", slot], extra].concat();
+    let (code, _, err) = relay_cmd_on("run", &db.url, &brokers(), &args);
     (code, err)
 }
 

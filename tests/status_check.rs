@@ -52,17 +52,7 @@ fn status_json(db: &TestDb, slot: &str) -> serde_json::Value {
 }
 
 fn check(url: &str, brokers: &str, slot: &str, extra: &[&str]) -> (i32, String, String) {
-    let mut args = vec![
-        "check",
-        "--database-url",
-        url,
-        "--kafka-brokers",
-        brokers,
-        "--slot",
-        slot,
-    ];
-    args.extend_from_slice(extra);
-    relay_cmd(&args)
+    relay_cmd_on("check", url, brokers, &[&["--slot", slot], extra].concat())
 }
 
 /// Slot names are per cluster: each test has its own.

@@ -116,19 +116,8 @@ async fn produce(records: &[Rec]) {
 
 /// Runs `outbox-relay verify --json`: (exit code, report).
 fn verify(s: &Scenario, extra: &[&str]) -> (i32, Value) {
-    let brokers = brokers();
-    let mut args = vec![
-        "verify",
-        "--database-url",
-        &s.db.url,
-        "--kafka-brokers",
-        &brokers,
-        "--topic",
-        &s.template,
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    let (code, out, err) = relay_cmd(&args);
+    let args = [&["--topic", &s.template, "--json"], extra].concat();
+    let (code, out, err) = relay_cmd_on("verify", &s.db.url, &brokers(), &args);
     let report: Value = serde_json::from_str(&out)
         .unwrap_or_else(|e| panic!("verify printed no JSON report ({e}): {out}\n{err}"));
     (code, report)

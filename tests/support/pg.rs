@@ -70,7 +70,7 @@ impl TestDb {
     }
 
     pub async fn lsn(&self, sql: &str) -> Lsn {
-        let s: String = self.client.query_one(sql, &[]).await.unwrap().get(0);
+        let s: String = scalar(&self.client, sql, &[]).await;
         s.parse().unwrap()
     }
 
@@ -270,14 +270,13 @@ pub async fn column<T: tokio_postgres::types::FromSqlOwned>(client: &Client, sql
 
 /// The slot's confirmed_flush_lsn (0/0 when it has none), on any server.
 pub async fn confirmed_flush_lsn(client: &Client, slot: &str) -> Lsn {
-    let row = client
-        .query_one(
-            "SELECT coalesce(confirmed_flush_lsn::text, '0/0') FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await
-        .unwrap();
-    row.get::<_, String>(0).parse().unwrap()
+    let lsn: String = scalar(
+        client,
+        "SELECT coalesce(confirmed_flush_lsn::text, '0/0') FROM pg_replication_slots WHERE slot_name = $1",
+        &[&slot],
+    )
+    .await;
+    lsn.parse().unwrap()
 }
 
 /// Waits (60 s) until the slot confirmed `lsn`, on any server; on a timeout
