@@ -226,6 +226,7 @@ impl Checkpoint {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::Rng;
 
     #[test]
     fn confirms_only_a_contiguous_prefix() {
@@ -311,22 +312,11 @@ mod tests {
         assert_eq!(c.ack(t), Err(CheckpointError::ExtraAck(t)));
     }
 
-    /// A seeded xorshift generator of numbers below `n`: the property tests
-    /// repeat the same runs everywhere.
-    fn xorshift(mut seed: u64) -> impl FnMut(u64) -> u64 {
-        move |n| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        }
-    }
-
     /// Random interleavings against a model: the confirmed position never
     /// passes a transaction with an unacknowledged event.
     #[test]
     fn never_confirms_past_an_unacknowledged_event() {
-        let mut rand = xorshift(0x9E37_79B9_7F4A_7C15);
+        let mut rng = Rng::seeded(0x9E37_79B9_7F4A_7C15);
         for _ in 0..200 {
             let mut c = Checkpoint::new(Lsn(0));
             // (seq, end_lsn) of every event not yet acknowledged.
@@ -335,7 +325,7 @@ mod tests {
             for _ in 0..50 {
                 lsn += 10;
                 let t = c.begin(Lsn(lsn)).unwrap();
-                let n = rand(4);
+                let n = rng.below(4);
                 for _ in 0..n {
                     c.event().unwrap();
                 }
@@ -345,11 +335,11 @@ mod tests {
                     pending.push((t, lsn));
                 }
                 // Acknowledge a random subset, in random order.
-                for _ in 0..rand(4) {
+                for _ in 0..rng.below(4) {
                     if pending.is_empty() {
                         break;
                     }
-                    let i = rand(pending.len() as u64) as usize;
+                    let i = rng.index(pending.len());
                     let (seq, _) = pending.swap_remove(i);
                     c.ack(seq).unwrap();
                 }
@@ -375,7 +365,7 @@ mod tests {
     /// keepalive's `wal_end` when nothing is outstanding) either.
     #[test]
     fn confirmed_never_passes_the_record_of_an_unacknowledged_unit() {
-        let mut rand = xorshift(0x2545_F491_4F6C_DD1D);
+        let mut rng = Rng::seeded(0x2545_F491_4F6C_DD1D);
         struct Unit {
             seq: TxnSeq,
             /// Where the unit's record starts: a restart at or before it
@@ -390,10 +380,10 @@ mod tests {
             let mut highest_end = 16u64; // newest position the server reported
             for _ in 0..60 {
                 // Sometimes records of other tables or databases in between.
-                if rand(3) == 0 {
-                    wal += 8 * (1 + rand(4));
+                if rng.below(3) == 0 {
+                    wal += 8 * (1 + rng.below(4));
                 }
-                match rand(10) {
+                match rng.below(10) {
                     // A non-transactional message, published at once.
                     0..=2 => {
                         let start = wal;
@@ -419,7 +409,7 @@ mod tests {
                         let end = final_lsn + 32;
                         wal = end;
                         let seq = c.begin(Lsn(final_lsn)).unwrap();
-                        let n = rand(4);
+                        let n = rng.below(4);
                         for _ in 0..n {
                             c.event().unwrap();
                         }
@@ -433,14 +423,14 @@ mod tests {
                     }
                 }
                 // Acknowledge a random subset, in random order.
-                for _ in 0..rand(4) {
+                for _ in 0..rng.below(4) {
                     let open: Vec<usize> = (0..units.len())
                         .filter(|&i| units[i].outstanding > 0)
                         .collect();
                     if open.is_empty() {
                         break;
                     }
-                    let i = open[rand(open.len() as u64) as usize];
+                    let i = open[rng.index(open.len())];
                     c.ack(units[i].seq).unwrap();
                     units[i].outstanding -= 1;
                 }
